@@ -1,0 +1,488 @@
+//! `Integration` (hookfleet.io/v1alpha1): one RabbitMQ queue delivered to one webhook destination by a
+//! fleet of workers.
+//!
+//! Everything the API server can check is in the schema (types, ranges, enums, CEL rules), so a bad
+//! manifest is refused at `kubectl apply` time with a message that names the field. What only the
+//! operator can check (a missing Secret, an unreachable broker) becomes a status condition.
+//!
+//! Every `Option` carries `skip_serializing_if`, so server-side apply never sends `null`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::core::Duration;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Desired state of an Integration.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "hookfleet.io",
+    version = "v1alpha1",
+    kind = "Integration",
+    namespaced,
+    status = "IntegrationStatus",
+    derive = "PartialEq",
+    shortname = "intg",
+    category = "hookfleet",
+    doc = "An Integration delivers the messages of one RabbitMQ queue to one HTTP webhook destination, \
+           acknowledging each message only after its delivery succeeded.",
+    scale(
+        spec_replicas_path = ".spec.workers.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
+    printcolumn(name = "Ready-Pods", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Consumers", type_ = "integer", json_path = ".status.consumers"),
+    printcolumn(name = "Backlog", type_ = "integer", json_path = ".status.backlog"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IntegrationSpec {
+    /// The RabbitMQ queue to consume.
+    pub source: SourceSpec,
+    /// The HTTP endpoint each message is delivered to.
+    pub destination: DestinationSpec,
+    /// Retries, backoff, concurrency, rate limit and dead letters.
+    #[serde(default)]
+    pub delivery: DeliverySpec,
+    /// The worker fleet: replicas or autoscaling, disruption budget, file-descriptor limit, resources.
+    #[serde(default)]
+    pub workers: WorkersSpec,
+    /// When true the operator leaves the fleet as it is and applies no changes.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// Where messages come from.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceSpec {
+    /// Secret key holding the broker URI (amqp:// or amqps://, with credentials). Never inline.
+    pub connection_secret_ref: SecretKeyRef,
+    /// Durable queue to consume; the worker declares it with its retry and dead-letter topology.
+    #[schemars(length(min = 1, max = 255))]
+    pub queue: String,
+    /// Exchange bindings the worker declares for the queue.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub bindings: Vec<Binding>,
+    /// Unacknowledged messages the broker hands one worker at a time (`basic.qos`).
+    #[serde(default = "default_prefetch")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub prefetch: u32,
+}
+
+fn default_prefetch() -> u32 {
+    64
+}
+
+/// A reference to one key of a Secret in the Integration's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// An exchange binding of the work queue.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Binding {
+    /// Exchange to bind to; it must exist (the worker does not declare it).
+    #[schemars(length(min = 1, max = 255))]
+    pub exchange: String,
+    /// Routing key pattern, e.g. `orders.#`.
+    #[serde(default)]
+    #[schemars(length(max = 255))]
+    pub routing_key: String,
+}
+
+/// The webhook endpoint.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationSpec {
+    /// Absolute http:// or https:// URL.
+    #[x_kube(validation = kube::core::Rule::new(
+        "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''"
+    ).message("must be an absolute http:// or https:// URL with a host"))]
+    #[schemars(length(min = 1, max = 2048))]
+    pub url: String,
+    /// HTTP method.
+    #[serde(default)]
+    pub method: HttpMethod,
+    /// Extra request headers. The Standard Webhooks headers are set by the worker and cannot be overridden.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    #[x_kube(validation = kube::core::Rule::new(
+        "self.all(k, k.matches('^[A-Za-z0-9!#$%&*+.^_`|~-]+$') && !(k.lowerAscii() in \
+         ['webhook-id', 'webhook-timestamp', 'webhook-signature', 'content-length', 'host']))"
+    ).message("header names must be HTTP tokens and must not be webhook-id, webhook-timestamp, \
+               webhook-signature, content-length or host"))]
+    pub headers: BTreeMap<String, String>,
+    /// Headers whose values come from Secrets (tokens, API keys).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["name".into()]))]
+    pub headers_from: Vec<HeaderFromSecret>,
+    /// Time allowed for one request, connect to last byte (Go duration, e.g. `10s`).
+    #[serde(default = "default_timeout")]
+    #[x_kube(validation = kube::core::Rule::new(
+        "duration(self) >= duration('100ms') && duration(self) <= duration('10m')"
+    ).message("must be a duration between 100ms and 10m"))]
+    pub timeout: Duration,
+    /// Optional transform of the message into the request body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<BodySpec>,
+    /// Standard Webhooks signing (`webhook-signature: v1,<HMAC-SHA256>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing: Option<SigningSpec>,
+    /// Allow private, loopback and link-local destination addresses (refused by default against SSRF).
+    #[serde(default)]
+    pub allow_private_networks: bool,
+}
+
+fn default_timeout() -> Duration {
+    std::time::Duration::from_secs(10).into()
+}
+
+/// HTTP method of a delivery.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpMethod {
+    #[default]
+    Post,
+    Put,
+    Patch,
+}
+
+impl HttpMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpMethod::Post => "POST",
+            HttpMethod::Put => "PUT",
+            HttpMethod::Patch => "PATCH",
+        }
+    }
+}
+
+/// A request header whose value is read from a Secret.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderFromSecret {
+    /// Header name.
+    #[schemars(length(min = 1, max = 256))]
+    pub name: String,
+    /// Secret key holding the header value.
+    pub secret_key_ref: SecretKeyRef,
+}
+
+/// Request body transform.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BodySpec {
+    /// Template rendered with the message's JSON fields as variables; a message it cannot render is
+    /// dead-lettered.
+    #[schemars(length(min = 1, max = 65536))]
+    pub template: String,
+}
+
+/// Standard Webhooks signing.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SigningSpec {
+    /// Secret key holding the signing secret (`whsec_<base64>` or raw bytes).
+    pub secret_ref: SecretKeyRef,
+}
+
+/// How deliveries are retried, paced and given up on.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliverySpec {
+    /// Attempts before a message is dead-lettered (the first delivery counts).
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_attempts: u32,
+    /// Delay between attempts.
+    #[serde(default)]
+    pub backoff: BackoffSpec,
+    /// Deliveries in flight per worker.
+    #[serde(default = "default_concurrency")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub concurrency: u32,
+    /// Requests per second per worker to the destination; unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// Where messages go that cannot be delivered; defaults to `<queue>.dead`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetterSpec>,
+}
+
+impl Default for DeliverySpec {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            backoff: BackoffSpec::default(),
+            concurrency: default_concurrency(),
+            rate_limit: None,
+            dead_letter: None,
+        }
+    }
+}
+
+fn default_max_attempts() -> u32 {
+    10
+}
+
+fn default_concurrency() -> u32 {
+    128
+}
+
+/// Exponential backoff between attempts.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("duration(self.initial) <= duration(self.max)")
+    .message("backoff.initial must not exceed backoff.max")
+    .field_path(".initial"))]
+pub struct BackoffSpec {
+    /// Delay before the second attempt.
+    #[serde(default = "default_backoff_initial")]
+    #[x_kube(validation = kube::core::Rule::new(
+        "duration(self) >= duration('100ms') && duration(self) <= duration('24h')"
+    ).message("must be a duration between 100ms and 24h"))]
+    pub initial: Duration,
+    /// Longest delay between two attempts.
+    #[serde(default = "default_backoff_max")]
+    #[x_kube(validation = kube::core::Rule::new(
+        "duration(self) >= duration('100ms') && duration(self) <= duration('24h')"
+    ).message("must be a duration between 100ms and 24h"))]
+    pub max: Duration,
+    /// Growth factor of the delay per attempt.
+    #[serde(default = "default_backoff_multiplier")]
+    #[schemars(range(min = 1.0, max = 10.0))]
+    pub multiplier: f64,
+    /// Randomisation of each delay, so recovering endpoints are not hit by a synchronised wave.
+    #[serde(default)]
+    pub jitter: Jitter,
+}
+
+impl Default for BackoffSpec {
+    fn default() -> Self {
+        Self {
+            initial: default_backoff_initial(),
+            max: default_backoff_max(),
+            multiplier: default_backoff_multiplier(),
+            jitter: Jitter::default(),
+        }
+    }
+}
+
+fn default_backoff_initial() -> Duration {
+    std::time::Duration::from_secs(1).into()
+}
+
+fn default_backoff_max() -> Duration {
+    std::time::Duration::from_secs(600).into()
+}
+
+fn default_backoff_multiplier() -> f64 {
+    2.0
+}
+
+/// Jitter applied to a backoff delay `d`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Jitter {
+    /// Uniform in `[0, d]`.
+    #[default]
+    Full,
+    /// Uniform in `[d/2, d]`.
+    Equal,
+    /// Exactly `d`.
+    None,
+}
+
+/// Per-worker request rate towards the destination.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    /// Sustained requests per second.
+    #[schemars(range(min = 1, max = 100000))]
+    pub per_second: u32,
+    /// Requests allowed in a burst; defaults to `perSecond`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub burst: Option<u32>,
+}
+
+/// Dead-letter queue.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterSpec {
+    /// Durable queue the worker declares and publishes undeliverable messages to.
+    #[schemars(length(min = 1, max = 255))]
+    pub queue: String,
+}
+
+/// The worker fleet.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!(has(self.replicas) && has(self.autoscale))")
+    .message("set either replicas or autoscale, not both")
+    .field_path(".autoscale"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.disruption) || self.disruption.minAvailable < \
+     (has(self.replicas) ? self.replicas : (has(self.autoscale) ? self.autoscale.min : 2))"
+).message("disruption.minAvailable must be less than replicas (or autoscale.min; 2 when neither is set), \
+           or no pod could ever be evicted")
+    .field_path(".disruption.minAvailable"))]
+pub struct WorkersSpec {
+    /// Fixed number of workers; 2 when neither this nor `autoscale` is set. 1 is allowed but warned about:
+    /// a single worker is a single point of failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub replicas: Option<i32>,
+    /// Scale the fleet on queue backlog instead of a fixed count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleSpec>,
+    /// PodDisruptionBudget; `minAvailable` defaults to replicas − 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disruption: Option<DisruptionSpec>,
+    /// Soft `RLIMIT_NOFILE` each worker raises itself to at start (capped at the hard limit); a worker
+    /// that cannot get enough for its concurrency refuses to start and says why.
+    #[serde(default = "default_fd_limit")]
+    #[schemars(range(min = 1024, max = 1073741816))]
+    pub file_descriptor_limit: i64,
+    /// Compute resources of the worker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for WorkersSpec {
+    fn default() -> Self {
+        Self {
+            replicas: None,
+            autoscale: None,
+            disruption: None,
+            file_descriptor_limit: default_fd_limit(),
+            resources: None,
+        }
+    }
+}
+
+fn default_fd_limit() -> i64 {
+    1_048_576
+}
+
+/// Replicas that follow the queue backlog.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.min <= self.max")
+    .message("autoscale.min must not exceed autoscale.max")
+    .field_path(".min"))]
+pub struct AutoscaleSpec {
+    /// Fewest workers.
+    #[serde(default = "default_autoscale_min")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub min: i32,
+    /// Most workers.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max: i32,
+    /// Ready messages per worker the fleet is sized for.
+    #[serde(default = "default_target_backlog")]
+    #[schemars(range(min = 1))]
+    pub target_backlog_per_replica: i64,
+    /// How long the backlog must stay low before the fleet shrinks.
+    #[serde(default = "default_scale_down_stabilization")]
+    #[x_kube(validation = kube::core::Rule::new(
+        "duration(self) >= duration('0s') && duration(self) <= duration('24h')"
+    ).message("must be a duration between 0s and 24h"))]
+    pub scale_down_stabilization: Duration,
+}
+
+fn default_autoscale_min() -> i32 {
+    2
+}
+
+fn default_target_backlog() -> i64 {
+    1000
+}
+
+fn default_scale_down_stabilization() -> Duration {
+    std::time::Duration::from_secs(300).into()
+}
+
+/// PodDisruptionBudget settings.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DisruptionSpec {
+    /// Workers that must stay up during voluntary disruptions (node drains).
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_available: i32,
+}
+
+/// Observed state of an Integration, written by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IntegrationStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Desired number of workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Workers whose pods are Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Consumers attached to the queue, as the broker reports them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumers: Option<i32>,
+    /// Messages ready in the queue, as the broker reports them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<i64>,
+    /// Label selector of the worker pods (for the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// `Ready`, `Progressing`, `Degraded` (and `Paused`), each with a reason and a message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// Condition types set on an Integration.
+pub mod condition {
+    /// Workers are delivering: desired replicas ready and consuming.
+    pub const READY: &str = "Ready";
+    /// A rollout or scale is under way.
+    pub const PROGRESSING: &str = "Progressing";
+    /// Something is wrong that the fleet does not repair by itself (pods ready but not consuming,
+    /// crash-looping workers, an fd limit that could not be met, a destination that is gone).
+    pub const DEGRADED: &str = "Degraded";
+    /// `spec.paused` is true.
+    pub const PAUSED: &str = "Paused";
+}
+
+impl Integration {
+    /// The condition of type `type_`, if set.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+    }
+}

@@ -1,0 +1,21 @@
+//! The hookfleet API, shared by the operator and the worker.
+//!
+//! The CRD YAML under `crds/` is generated from these types (`cargo run -p hookfleet-crds --bin crdgen`),
+//! never edited by hand; `tests/crd_yaml.rs` fails when it is out of date.
+
+pub mod integration;
+
+pub use integration::{Integration, IntegrationSpec, IntegrationStatus};
+
+use kube::CustomResourceExt;
+
+/// Path of the generated CRD, relative to the `crds/` directory.
+pub const CRD_FILE: &str = "integrations.hookfleet.io.yaml";
+
+/// The CRD as YAML, exactly as committed under `crds/`.
+pub fn crd_yaml() -> String {
+    let body = serde_yaml::to_string(&Integration::crd()).expect("the CRD serializes to YAML");
+    format!(
+        "# Generated from crds/src/integration.rs by `make crds`; do not edit.\n---\n{body}"
+    )
+}
