@@ -7,6 +7,9 @@
 //!
 //! Every `Option` carries `skip_serializing_if`, so server-side apply never sends `null`.
 
+// Several `printcolumn(type_ = …)` entries on one derive read to clippy as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;

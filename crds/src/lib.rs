@@ -15,7 +15,5 @@ pub const CRD_FILE: &str = "integrations.hookfleet.io.yaml";
 /// The CRD as YAML, exactly as committed under `crds/`.
 pub fn crd_yaml() -> String {
     let body = serde_yaml::to_string(&Integration::crd()).expect("the CRD serializes to YAML");
-    format!(
-        "# Generated from crds/src/integration.rs by `make crds`; do not edit.\n---\n{body}"
-    )
+    format!("# Generated from crds/src/integration.rs by `make crds`; do not edit.\n---\n{body}")
 }

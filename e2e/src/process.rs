@@ -1,0 +1,192 @@
+//! Child processes that cannot outlive the harness.
+//!
+//! Each child runs in its own process group, under `setpriv --pdeathsig KILL` where available (so a
+//! test binary killed with SIGKILL still takes its children with it), with stdout and stderr in a log
+//! file. Dropping a [`Process`] sends SIGTERM to the whole group, waits a little, then SIGKILLs it.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+/// A running child process (and its process group), stopped on drop.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `program args…` with its output in `log`.
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        envs: &[(String, String)],
+        log: &Path,
+    ) -> Result<Self> {
+        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut cmd = match setpriv() {
+            Some(setpriv) => {
+                let mut c = Command::new(setpriv);
+                c.arg("--pdeathsig").arg("KILL").arg("--").arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.args(args)
+            .envs(envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", program.display()))?;
+        tracing::debug!(name, pid = child.id(), log = %log.display(), "started");
+        Ok(Self {
+            name: name.to_owned(),
+            child: Some(child),
+            log: log.to_owned(),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The last `lines` lines of the log, for error messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log, lines)
+    }
+
+    /// Whether the process has exited (it may not be reaped yet: a zombie counts as exited).
+    pub fn exited(&self) -> bool {
+        let Some(pid) = self.pid() else { return true };
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // The state follows the parenthesised command name: "pid (comm) S ...".
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+            Err(_) => true,
+        }
+    }
+
+    /// Fails with the log tail if the process has exited.
+    pub fn check_running(&self) -> Result<()> {
+        if self.exited() {
+            anyhow::bail!(
+                "{} exited; last lines of {}:\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail(30)
+            );
+        }
+        Ok(())
+    }
+
+    /// Sends `signal` to the process group without waiting.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        if let Some(pid) = self.pid() {
+            killpg(Pid::from_raw(pid as i32), signal).with_context(|| format!("signalling {}", self.name))?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM to the group, up to `grace` for it to exit, then SIGKILL. Idempotent.
+    pub fn stop(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pgid = Pid::from_raw(child.id() as i32);
+        let _ = killpg(pgid, Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The leader may be gone while others in its group linger (e.g. an Erlang VM's helpers).
+        let _ = killpg(pgid, Signal::SIGKILL);
+        let _ = child.wait();
+        tracing::debug!(name = %self.name, "stopped");
+    }
+
+    /// SIGKILL to the group at once (a crash, not a shutdown).
+    pub fn kill(&mut self) {
+        self.stop(Duration::ZERO);
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+fn setpriv() -> Option<&'static Path> {
+    static SETPRIV: OnceLock<Option<PathBuf>> = OnceLock::new();
+    SETPRIV
+        .get_or_init(|| {
+            ["/usr/bin/setpriv", "/bin/setpriv"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| {
+                    // Older util-linux has setpriv without --pdeathsig.
+                    Command::new(p)
+                        .args(["--pdeathsig", "KILL", "--", "true"])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+                })
+        })
+        .as_deref()
+}
+
+/// The last `lines` lines of a file ("" when unreadable).
+pub fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A free TCP port on 127.0.0.1 (the OS picks it; a small race with other processes remains).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Polls `f` every `every` until it returns `Ok(Some(v))`, or fails with its last error after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, every: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("no answer yet");
+    loop {
+        match f().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}: {last}");
+        }
+        tokio::time::sleep(every).await;
+    }
+}

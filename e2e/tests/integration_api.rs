@@ -1,0 +1,225 @@
+//! The generated CRD on a real kube-apiserver: it becomes Established, the examples are accepted with
+//! their defaults filled in, and bad manifests are refused with an error that names the field.
+
+use hookfleet_crds::Integration;
+use hookfleet_e2e::ControlPlane;
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+
+fn integration_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk("hookfleet.io", "v1alpha1", "Integration"))
+}
+
+/// Applies `yaml` the way `kubectl apply --server-side` does (strict field validation).
+async fn apply(cp: &ControlPlane, yaml: &str) -> Result<DynamicObject, kube::Error> {
+    let obj: DynamicObject = serde_yaml::from_str(yaml).expect("test manifest is YAML");
+    let api: Api<DynamicObject> = Api::namespaced_with(cp.client(), "default", &integration_resource());
+    let name = obj.metadata.name.clone().expect("test manifest has a name");
+    api.patch(
+        &name,
+        &PatchParams::apply("e2e-test").validation_strict(),
+        &Patch::Apply(&obj),
+    )
+    .await
+}
+
+const VALID_BASE: &str = r#"
+apiVersion: hookfleet.io/v1alpha1
+kind: Integration
+metadata: {name: NAME}
+spec:
+  source: {connectionSecretRef: {name: rabbitmq, key: uri}, queue: q}
+  destination: {url: "https://hooks.example.com/x"}
+"#;
+
+/// A manifest from the valid base with `spec` replaced by `spec_yaml`.
+fn with_spec(name: &str, spec_yaml: &str) -> String {
+    format!(
+        "apiVersion: hookfleet.io/v1alpha1\nkind: Integration\nmetadata: {{name: {name}}}\nspec:\n{spec_yaml}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crd_is_established_and_validates_integrations() -> anyhow::Result<()> {
+    hookfleet_e2e::init_tracing();
+    let cp = ControlPlane::start().await?;
+    cp.install_crds().await?;
+
+    // Valid examples are accepted, and the schema's defaults are filled in by the API server.
+    let examples = hookfleet_e2e::tools::repo_root().join("crds/examples");
+    for entry in std::fs::read_dir(&examples)? {
+        let path = entry?.path();
+        let yaml = std::fs::read_to_string(&path)?.replace("namespace: team-a", "namespace: default");
+        let applied = apply(&cp, &yaml)
+            .await
+            .map_err(|e| anyhow::anyhow!("{} refused: {e}", path.display()))?;
+        let typed: Integration = serde_json::from_value(serde_json::to_value(&applied)?)?;
+        assert!(
+            typed.spec.delivery.max_attempts >= 1,
+            "{}: defaults missing",
+            path.display()
+        );
+    }
+    let minimal = apply(&cp, &VALID_BASE.replace("NAME", "defaults")).await?;
+    let minimal: Integration = serde_json::from_value(serde_json::to_value(&minimal)?)?;
+    assert_eq!(minimal.spec.source.prefetch, 64);
+    assert_eq!(minimal.spec.delivery.max_attempts, 10);
+    assert_eq!(minimal.spec.delivery.concurrency, 128);
+    assert_eq!(minimal.spec.workers.file_descriptor_limit, 1_048_576);
+    assert_eq!(
+        minimal.spec.destination.timeout,
+        std::time::Duration::from_secs(10)
+    );
+    assert_eq!(
+        minimal.spec.workers.replicas, None,
+        "replicas has no schema default (the operator picks 2)"
+    );
+
+    let src = "  source: {connectionSecretRef: {name: rabbitmq, key: uri}, queue: q}\n";
+    let dst = "  destination: {url: \"https://hooks.example.com/x\"}\n";
+    // (name, spec, text the API server's error must contain)
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "negative-replicas",
+            format!("{src}{dst}  workers: {{replicas: -1}}\n"),
+            "spec.workers.replicas",
+        ),
+        (
+            "min-available-not-below-replicas",
+            format!("{src}{dst}  workers: {{replicas: 3, disruption: {{minAvailable: 3}}}}\n"),
+            "spec.workers.disruption.minAvailable",
+        ),
+        (
+            "min-available-with-default-replicas",
+            format!("{src}{dst}  workers: {{disruption: {{minAvailable: 2}}}}\n"),
+            "spec.workers.disruption.minAvailable",
+        ),
+        (
+            "ftp-url",
+            format!("{src}  destination: {{url: \"ftp://files.example.com/x\"}}\n"),
+            "spec.destination.url",
+        ),
+        (
+            "relative-url",
+            format!("{src}  destination: {{url: \"/hooks\"}}\n"),
+            "spec.destination.url",
+        ),
+        (
+            "missing-queue",
+            format!("  source: {{connectionSecretRef: {{name: rabbitmq, key: uri}}}}\n{dst}"),
+            "spec.source.queue",
+        ),
+        ("missing-destination", src.to_owned(), "spec.destination"),
+        (
+            "unknown-field",
+            format!(
+                "  source: {{connectionSecretRef: {{name: rabbitmq, key: uri}}, queue: q, queueName: q}}\n{dst}"
+            ),
+            "spec.source.queueName",
+        ),
+        (
+            "autoscale-min-above-max",
+            format!("{src}{dst}  workers: {{autoscale: {{min: 5, max: 3}}}}\n"),
+            "spec.workers.autoscale.min",
+        ),
+        (
+            "replicas-and-autoscale",
+            format!("{src}{dst}  workers: {{replicas: 2, autoscale: {{min: 2, max: 4}}}}\n"),
+            "spec.workers.autoscale",
+        ),
+        (
+            "bad-timeout",
+            format!("{src}  destination: {{url: \"https://h.example.com\", timeout: \"ten seconds\"}}\n"),
+            "spec.destination.timeout",
+        ),
+        (
+            "backoff-initial-above-max",
+            format!("{src}{dst}  delivery: {{backoff: {{initial: 5m, max: 1m}}}}\n"),
+            "spec.delivery.backoff.initial",
+        ),
+        (
+            "reserved-header",
+            format!("{src}  destination: {{url: \"https://h.example.com\", headers: {{webhook-id: x}}}}\n"),
+            "spec.destination.headers",
+        ),
+        (
+            "bad-method",
+            format!("{src}  destination: {{url: \"https://h.example.com\", method: GET}}\n"),
+            "spec.destination.method",
+        ),
+        (
+            "fd-limit-too-low",
+            format!("{src}{dst}  workers: {{fileDescriptorLimit: 256}}\n"),
+            "spec.workers.fileDescriptorLimit",
+        ),
+        (
+            "zero-prefetch",
+            format!("  source: {{connectionSecretRef: {{name: r, key: uri}}, queue: q, prefetch: 0}}\n{dst}"),
+            "spec.source.prefetch",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, spec, field) in &cases {
+        match apply(&cp, &with_spec(name, spec)).await {
+            Ok(_) => failures.push(format!("{name}: accepted, expected a refusal naming {field}")),
+            Err(kube::Error::Api(status)) if status.code == 422 || status.code == 400 => {
+                if !status.message.contains(field) {
+                    failures.push(format!(
+                        "{name}: refused, but the message does not name {field}: {}",
+                        status.message
+                    ));
+                } else {
+                    eprintln!("{name}: refused: {}", status.message);
+                }
+            }
+            Err(e) => failures.push(format!("{name}: unexpected error {e}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} invalid manifests not refused as expected:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+
+    // What an application team reads: printer columns through the pinned kubectl, and the scale subresource.
+    let out = cp
+        .kubectl()?
+        .args(["get", "integrations", "-o", "wide"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "kubectl get failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    for column in [
+        "READY",
+        "REPLICAS",
+        "CONSUMERS",
+        "BACKLOG",
+        "REASON",
+        "AGE",
+        "defaults",
+    ] {
+        assert!(
+            table.contains(column),
+            "`kubectl get integrations -o wide` lacks {column}:\n{table}"
+        );
+    }
+    let out = cp
+        .kubectl()?
+        .args(["scale", "intg/defaults", "--replicas=4"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "kubectl scale failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scaled = Api::<Integration>::namespaced(cp.client(), "default")
+        .get("defaults")
+        .await?;
+    assert_eq!(scaled.spec.workers.replicas, Some(4));
+    Ok(())
+}

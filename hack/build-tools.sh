@@ -1,0 +1,272 @@
+#!/usr/bin/env bash
+# Builds the pinned binaries of the local control plane (etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, kwok, helm) from the Go module proxy into a cache outside the repository, keyed by
+# version. Idempotent: with everything cached it only rewrites tools.env and prints, in well under a second.
+#
+#   hack/build-tools.sh                  build every tool that is missing; the last stdout line is
+#                                        `export HOOKFLEET_ETCD=… HOOKFLEET_KUBE_APISERVER=… …` (eval-able)
+#   hack/build-tools.sh etcd kubectl     build only those (same output, for the named tools)
+#   hack/build-tools.sh --print-dir NAME print the directory holding NAME (built first if missing)
+#
+# Cache: ${HOOKFLEET_CACHE:-$HOME/.cache/hookfleet}
+#   bin/<name>-<version>/<name>      the binaries (written under a temporary name, checked, then renamed)
+#   bin/tools.env                    HOOKFLEET_<NAME>=<absolute path> for every pinned tool present in the cache
+#   src/<module>-<version>/          throwaway Go modules the binaries are built from
+# Module downloads and compiled packages go to Go's own caches (GOMODCACHE, GOCACHE).
+#
+# KUBEBUILDER_ASSETS: etcd, kube-apiserver and kubectl found there are used instead of being built (--print-dir
+# prints that directory); tools.env still lists only binaries of this cache.
+#
+# Versions can be overridden from the environment (HOOKFLEET_KUBE_VERSION, …); Go is used as installed
+# (GOTOOLCHAIN=local unless set), so no toolchain is ever downloaded.
+set -euo pipefail
+
+KUBE_VERSION="${HOOKFLEET_KUBE_VERSION:-v1.34.4}"   # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl
+ETCD_VERSION="${HOOKFLEET_ETCD_VERSION:-v3.6.16}"   # go.etcd.io/etcd/server/v3
+KWOK_VERSION="${HOOKFLEET_KWOK_VERSION:-v0.8.0}"    # sigs.k8s.io/kwok (its supported_releases.txt lists 1.34)
+HELM_VERSION="${HOOKFLEET_HELM_VERSION:-v3.19.5}"   # helm.sh/helm/v3 (built against k8s.io/* v0.34)
+
+ROOT="${HOOKFLEET_CACHE:-${HOME:-/tmp}/.cache/hookfleet}"
+TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
+
+export CGO_ENABLED=0
+export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+export GOWORK=off GO111MODULE=on
+export GOFLAGS="${GOFLAGS:-} -modcacherw"   # lets `rm -rf`/`go clean -modcache` remove what we downloaded
+
+log() { printf '%(%F %T)T build-tools: %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+now() { local t=${EPOCHREALTIME/,/.}; echo "${t%???}"; }           # seconds with milliseconds
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1fs", b - a }'; }
+
+usage() {
+    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+}
+
+version_of() {
+    case "$1" in
+        etcd) echo "$ETCD_VERSION" ;;
+        kube-apiserver | kube-controller-manager | kube-scheduler | kubectl) echo "$KUBE_VERSION" ;;
+        kwok) echo "$KWOK_VERSION" ;;
+        helm) echo "$HELM_VERSION" ;;
+        *) die "unknown tool '$1' (known: ${TOOLS[*]})" ;;
+    esac
+}
+
+env_var_of() { local n="${1^^}"; echo "HOOKFLEET_${n//-/_}"; }
+cached_path() { echo "$ROOT/bin/$1-$(version_of "$1")/$1"; }
+
+# The binary of KUBEBUILDER_ASSETS to use for $1, if any.
+assets_path() {
+    case "$1" in etcd | kube-apiserver | kubectl) ;; *) return 1 ;; esac
+    [[ -n "${KUBEBUILDER_ASSETS:-}" && -x "$KUBEBUILDER_ASSETS/$1" ]] || return 1
+    echo "$KUBEBUILDER_ASSETS/$1"
+}
+
+# Where $1 is taken from: KUBEBUILDER_ASSETS, else the cache (whether or not it is there yet).
+resolved_path() { assets_path "$1" || cached_path "$1"; }
+
+# ---- building -----------------------------------------------------------------------------------------------
+
+# The go.mod of module $1 at version $2 (downloaded into the module cache).
+module_gomod() {
+    local json
+    mkdir -p "$ROOT"
+    json=$(cd "$ROOT" && go mod download -json "$1@$2") || die "go mod download $1@$2 failed"
+    sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p' <<<"$json" | head -n1
+}
+
+# Prepares (once) a throwaway module under $ROOT/src that requires $1@$2 and can build packages $4… of it.
+# $3 is a space-separated list of extra `go mod edit` flags (replacements). The go/godebug lines of the target's
+# own go.mod are copied so the binaries get the GODEBUG defaults their authors chose. Prints the directory.
+prepare_module() {
+    local mod="$1" ver="$2" edits="$3"
+    shift 3
+    local dir="$ROOT/src/${mod//\//_}-$ver"
+    if [[ -f "$dir/.ready" ]]; then echo "$dir"; return; fi
+    local t0 gomod tmp pkgs=()
+    t0=$(now)
+    log "preparing module $mod@$ver in $dir"
+    gomod=$(module_gomod "$mod" "$ver")
+    [[ -f "$gomod" ]] || die "no go.mod found for $mod@$ver"
+    mkdir -p "$ROOT/src"
+    tmp=$(mktemp -d "$ROOT/src/.tmp.XXXXXX")
+    {
+        echo "module hookfleet.local/build-tools/${mod//\//_}"
+        echo
+        grep -E '^(go|godebug)[[:space:]]' "$gomod" || true
+    } >"$tmp/go.mod"
+    # shellcheck disable=SC2086 # $edits is a list of flags
+    (cd "$tmp" && go mod edit -require="$mod@$ver" $edits) || die "go mod edit failed for $mod@$ver"
+    for p in "$@"; do pkgs+=("$p@$ver"); done
+    (cd "$tmp" && go get "${pkgs[@]}" >&2) || { rm -rf "$tmp"; die "go get ${pkgs[*]} failed"; }
+    touch "$tmp/.ready"
+    rm -rf "$dir"
+    mv "$tmp" "$dir"
+    log "prepared $mod@$ver in $(elapsed "$t0")"
+    echo "$dir"
+}
+
+# Replacements for the staging modules of k8s.io/kubernetes, read from the replace block of its own go.mod
+# (`k8s.io/<x> => ./staging/src/k8s.io/<x>`), each pointed at its published v0.<minor>.<patch> release.
+kube_staging_edits() {
+    local gomod staging_ver="v0.${KUBE_VERSION#v1.}" edits=() m
+    gomod=$(module_gomod k8s.io/kubernetes "$KUBE_VERSION")
+    while read -r m; do
+        edits+=("-replace=$m=$m@$staging_ver")
+    done < <(sed -nE 's#^[[:space:]]*(replace[[:space:]]+)?(k8s\.io/[^[:space:]]+)[[:space:]]+=>[[:space:]]+\./staging/.*#\2#p' "$gomod")
+    ((${#edits[@]} > 0)) || die "no staging replacements found in $gomod"
+    echo "${edits[*]}"
+}
+
+kube_ldflags() {
+    local v="$KUBE_VERSION" major minor pkg flags=()
+    major="${v#v}"; major="${major%%.*}"
+    minor="${v#v*.}"; minor="${minor%%.*}"
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        flags+=("-X $pkg.gitVersion=$v" "-X $pkg.gitMajor=$major" "-X $pkg.gitMinor=$minor"
+            "-X $pkg.gitTreeState=clean")
+    done
+    echo "${flags[*]}"
+}
+
+helm_ldflags() {
+    # helm's Makefile derives the Kubernetes version it assumes (default capabilities, deprecation lint) from
+    # the k8s.io/client-go it is built with: v0.34.x -> 1.34.
+    local gomod client_go major minor p flags=()
+    gomod=$(module_gomod helm.sh/helm/v3 "$HELM_VERSION")
+    client_go=$(sed -nE 's#^[[:space:]]*k8s\.io/client-go[[:space:]]+(v[0-9.]+).*#\1#p' "$gomod" | head -n1)
+    [[ "$client_go" =~ ^v0\.([0-9]+)\. ]] || die "cannot read the k8s.io/client-go version of helm $HELM_VERSION"
+    major=1 minor="${BASH_REMATCH[1]}"
+    flags+=("-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "-X helm.sh/helm/v3/internal/version.gitTreeState=clean")
+    for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+        flags+=("-X $p.k8sVersionMajor=$major" "-X $p.k8sVersionMinor=$minor")
+    done
+    echo "${flags[*]}"
+}
+
+# The command that checks a fresh binary, and what its output must contain.
+smoke() {
+    local name="$1" bin="$2" ver out
+    ver=$(version_of "$name")
+    case "$name" in
+        kubectl) out=$("$bin" version --client 2>&1) ;;
+        helm) out=$("$bin" version 2>&1) ;;
+        *) out=$("$bin" --version 2>&1) ;;
+    esac || die "$bin does not run: $out"
+    [[ "$out" == *"${ver#v}"* ]] || die "$bin reports the wrong version (want $ver): $out"
+    log "  $(head -n1 <<<"$out")"
+}
+
+build() {
+    local name="$1" ver dst tmp t0 dir pkg ldflags edits
+    ver=$(version_of "$name")
+    dst=$(cached_path "$name")
+    command -v go >/dev/null || die "Go is needed to build $name (https://go.dev/dl; Go >= 1.24)"
+    t0=$(now)
+    log "building $name $ver ($(go version | cut -d' ' -f3), GOTOOLCHAIN=$GOTOOLCHAIN)"
+    case "$name" in
+        kube-apiserver | kube-controller-manager | kube-scheduler | kubectl)
+            edits=$(kube_staging_edits)
+            dir=$(prepare_module k8s.io/kubernetes "$KUBE_VERSION" "$edits" \
+                k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+                k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+            pkg="k8s.io/kubernetes/cmd/$name"
+            ldflags=$(kube_ldflags) ;;
+        etcd)
+            # server/v3's go.mod replaces its sibling modules with local paths; a dependency's replacements are
+            # ignored, and its requirements name the matching published releases.
+            dir=$(prepare_module go.etcd.io/etcd/server/v3 "$ETCD_VERSION" "" go.etcd.io/etcd/server/v3)
+            pkg=go.etcd.io/etcd/server/v3
+            ldflags="" ;;
+        kwok)
+            dir=$(prepare_module sigs.k8s.io/kwok "$KWOK_VERSION" "" sigs.k8s.io/kwok/cmd/kwok)
+            pkg=sigs.k8s.io/kwok/cmd/kwok
+            ldflags="-X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" ;;
+        helm)
+            dir=$(prepare_module helm.sh/helm/v3 "$HELM_VERSION" "" helm.sh/helm/v3/cmd/helm)
+            pkg=helm.sh/helm/v3/cmd/helm
+            ldflags=$(helm_ldflags) ;;
+    esac
+    mkdir -p "$(dirname "$dst")"
+    tmp="$dst.tmp.$$"
+    trap "rm -f $(printf '%q' "$tmp")" EXIT
+    (cd "$dir" && go build -trimpath -ldflags "-s -w $ldflags" -o "$tmp" "$pkg") || die "go build $pkg failed"
+    smoke "$name" "$tmp"
+    mv -f "$tmp" "$dst"
+    trap - EXIT
+    log "built $name $ver in $(elapsed "$t0"): $dst ($(du -h "$dst" | cut -f1))"
+}
+
+# ---- main ---------------------------------------------------------------------------------------------------
+
+write_env() {
+    local name p tmp
+    mkdir -p "$ROOT/bin"
+    tmp=$(mktemp "$ROOT/bin/.tools.env.XXXXXX")
+    {
+        echo "# Written by hack/build-tools.sh: the pinned tools present in this cache."
+        for name in "${TOOLS[@]}"; do
+            p=$(cached_path "$name")
+            if [[ -x "$p" ]]; then echo "$(env_var_of "$name")=$p"; fi
+        done
+    } >"$tmp"
+    mv -f "$tmp" "$ROOT/bin/tools.env"
+}
+
+ensure() {
+    local missing=() name p t0
+    for name in "$@"; do
+        if p=$(assets_path "$name"); then
+            log "using $name from KUBEBUILDER_ASSETS: $p"
+        elif [[ ! -x "$(cached_path "$name")" ]]; then
+            missing+=("$name")
+        fi
+    done
+    if ((${#missing[@]} > 0)); then
+        t0=$(now)
+        mkdir -p "$ROOT"
+        # One build at a time per cache (tests may start the script concurrently); re-check after waiting.
+        exec 9>"$ROOT/.lock"
+        if command -v flock >/dev/null; then
+            flock -n 9 || { log "waiting for another build-tools.sh run to finish"; flock 9; }
+        fi
+        log "cache $ROOT: building ${missing[*]}"
+        for name in "${missing[@]}"; do
+            [[ -x "$(cached_path "$name")" ]] || build "$name"
+        done
+        exec 9>&-
+        log "done in $(elapsed "$t0")"
+    fi
+    write_env
+}
+
+main() {
+    local print_dir="" names=() name
+    while (($#)); do
+        case "$1" in
+            -h | --help) usage; exit 0 ;;
+            --print-dir) (($# >= 2)) || die "--print-dir needs a tool name"; print_dir="$2"; shift ;;
+            -*) die "unknown option $1 (see --help)" ;;
+            *) names+=("$1") ;;
+        esac
+        shift
+    done
+    if [[ -n "$print_dir" ]]; then
+        ((${#names[@]} == 0)) || die "--print-dir takes exactly one tool"
+        version_of "$print_dir" >/dev/null
+        ensure "$print_dir"
+        dirname "$(resolved_path "$print_dir")"
+        return
+    fi
+    ((${#names[@]} > 0)) || names=("${TOOLS[@]}")
+    for name in "${names[@]}"; do version_of "$name" >/dev/null; done
+    ensure "${names[@]}"
+    local exports=()
+    for name in "${names[@]}"; do
+        exports+=("$(env_var_of "$name")=$(printf '%q' "$(resolved_path "$name")")")
+    done
+    echo "export ${exports[*]}"
+}
+
+main "$@"
