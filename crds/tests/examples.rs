@@ -8,7 +8,8 @@ use hookfleet_crds::integration::{HttpMethod, Jitter};
 
 fn example(name: &str) -> Integration {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(name);
-    serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 #[test]
@@ -33,10 +34,16 @@ fn minimal_example_takes_the_documented_defaults() {
 fn full_example_round_trips_without_nulls() {
     let i = example("orders-to-erp.yaml");
     assert_eq!(i.spec.workers.replicas, Some(3));
-    assert_eq!(i.spec.delivery.rate_limit.as_ref().map(|r| r.per_second), Some(200));
+    assert_eq!(
+        i.spec.delivery.rate_limit.as_ref().map(|r| r.per_second),
+        Some(200)
+    );
     assert_eq!(i.spec.destination.headers_from[0].name, "Authorization");
     let json = serde_json::to_string(&i).unwrap();
-    assert!(!json.contains("null"), "serialized Integration contains null: {json}");
+    assert!(
+        !json.contains("null"),
+        "serialized Integration contains null: {json}"
+    );
     let back: Integration = serde_json::from_str(&json).unwrap();
     assert_eq!(back.spec, i.spec);
 }
