@@ -151,6 +151,7 @@ pub struct DestinationSpec {
     #[x_kube(validation = kube::core::Rule::new(
         "duration(self) >= duration('100ms') && duration(self) <= duration('10m')"
     ).message("must be a duration between 100ms and 10m"))]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     pub timeout: Duration,
     /// Optional transform of the message into the request body.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -271,12 +272,14 @@ pub struct BackoffSpec {
     #[x_kube(validation = kube::core::Rule::new(
         "duration(self) >= duration('100ms') && duration(self) <= duration('24h')"
     ).message("must be a duration between 100ms and 24h"))]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     pub initial: Duration,
     /// Longest delay between two attempts.
     #[serde(default = "default_backoff_max")]
     #[x_kube(validation = kube::core::Rule::new(
         "duration(self) >= duration('100ms') && duration(self) <= duration('24h')"
     ).message("must be a duration between 100ms and 24h"))]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     pub max: Duration,
     /// Growth factor of the delay per attempt.
     #[serde(default = "default_backoff_multiplier")]
@@ -418,6 +421,7 @@ pub struct AutoscaleSpec {
     #[x_kube(validation = kube::core::Rule::new(
         "duration(self) >= duration('0s') && duration(self) <= duration('24h')"
     ).message("must be a duration between 0s and 24h"))]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     pub scale_down_stabilization: Duration,
 }
 
