@@ -20,6 +20,7 @@
 # Versions can be overridden from the environment (HOOKFLEET_KUBE_VERSION, …); Go is used as installed
 # (GOTOOLCHAIN=local unless set), so no toolchain is ever downloaded.
 set -euo pipefail
+shopt -s inherit_errexit   # also inside $(…)
 
 KUBE_VERSION="${HOOKFLEET_KUBE_VERSION:-v1.34.4}"   # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl
 ETCD_VERSION="${HOOKFLEET_ETCD_VERSION:-v3.6.16}"   # go.etcd.io/etcd/server/v3
@@ -68,13 +69,15 @@ resolved_path() { assets_path "$1" || cached_path "$1"; }
 
 # ---- building -----------------------------------------------------------------------------------------------
 
-# The go.mod of module $1 at version $2 (downloaded into the module cache).
-module_gomod() {
+# Field $3 (GoMod, Info, Dir) of module $1 at version $2, downloaded into the module cache.
+module_file() {
     local json
     mkdir -p "$ROOT"
-    json=$(cd "$ROOT" && go mod download -json "$1@$2") || die "go mod download $1@$2 failed"
-    sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p' <<<"$json" | head -n1
+    json=$(cd "$ROOT" && go mod download -json "$1@$2") ||
+        die "go mod download $1@$2 failed: $(sed -n 's/^[[:space:]]*"Error": "\(.*\)",\{0,1\}$/\1/p' <<<"$json")"
+    sed -n "s/^[[:space:]]*\"$3\": \"\\(.*\\)\",\\{0,1\\}\$/\\1/p" <<<"$json" | head -n1
 }
+module_gomod() { module_file "$1" "$2" GoMod; }
 
 # Prepares (once) a throwaway module under $ROOT/src that requires $1@$2 and can build packages $4… of it.
 # $3 is a space-separated list of extra `go mod edit` flags (replacements). The go/godebug lines of the target's
@@ -97,7 +100,7 @@ prepare_module() {
         grep -E '^(go|godebug)[[:space:]]' "$gomod" || true
     } >"$tmp/go.mod"
     # shellcheck disable=SC2086 # $edits is a list of flags
-    (cd "$tmp" && go mod edit -require="$mod@$ver" $edits) || die "go mod edit failed for $mod@$ver"
+    (cd "$tmp" && go mod edit -require="$mod@$ver" $edits) || { rm -rf "$tmp"; die "go mod edit failed for $mod@$ver"; }
     for p in "$@"; do pkgs+=("$p@$ver"); done
     (cd "$tmp" && go get "${pkgs[@]}" >&2) || { rm -rf "$tmp"; die "go get ${pkgs[*]} failed"; }
     touch "$tmp/.ready"
@@ -120,12 +123,15 @@ kube_staging_edits() {
 }
 
 kube_ldflags() {
-    local v="$KUBE_VERSION" major minor pkg flags=()
+    local v="$KUBE_VERSION" major minor pkg date flags=()
     major="${v#v}"; major="${major%%.*}"
     minor="${v#v*.}"; minor="${minor%%.*}"
+    # The release time the module proxy records, as buildDate (reproducible, and closer than the epoch).
+    date=$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$(module_file k8s.io/kubernetes "$v" Info)")
     for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
         flags+=("-X $pkg.gitVersion=$v" "-X $pkg.gitMajor=$major" "-X $pkg.gitMinor=$minor"
             "-X $pkg.gitTreeState=clean")
+        if [[ -n "$date" ]]; then flags+=("-X $pkg.buildDate=$date"); fi
     done
     echo "${flags[*]}"
 }
@@ -231,9 +237,13 @@ ensure() {
         if command -v flock >/dev/null; then
             flock -n 9 || { log "waiting for another build-tools.sh run to finish"; flock 9; }
         fi
-        log "cache $ROOT: building ${missing[*]}"
         for name in "${missing[@]}"; do
-            [[ -x "$(cached_path "$name")" ]] || build "$name"
+            if [[ -x "$(cached_path "$name")" ]]; then
+                log "$name was built meanwhile"
+            else
+                log "cache $ROOT: building $name"
+                build "$name"
+            fi
         done
         exec 9>&-
         log "done in $(elapsed "$t0")"
