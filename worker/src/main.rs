@@ -1,1 +1,132 @@
-fn main() {}
+//! Entry point: flags → config → fd limit → metrics server → delivery loop until SIGTERM/SIGINT.
+//!
+//! Exit codes: 0 after a clean shutdown; 2 for invalid configuration; 3 when the file-descriptor limit
+//! cannot be met; 1 for other start-up failures. Each failure is one line on stderr and in the
+//! termination-message file, so `kubectl describe pod` (and the operator) shows it.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use hookfleet_worker::config::{Args, Config, LogFormat};
+use hookfleet_worker::fdlimit;
+use hookfleet_worker::metrics::{self, Metrics};
+use hookfleet_worker::worker::Worker;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+const DEFAULT_TERMINATION_LOG: &str = "/dev/termination-log";
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let path = std::env::var_os("HOOKFLEET_TERMINATION_LOG")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_TERMINATION_LOG));
+            let rendered = e.render().to_string();
+            let line = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments");
+            let line = line.trim_start_matches("error: ");
+            return fatal(&path, &format!("invalid configuration: {line}"), 2);
+        }
+    };
+    let termination_log = args.termination_log.clone();
+    let cfg = match Config::from_args(args, &|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => return fatal(&termination_log, &e.to_string(), 2),
+    };
+    init_tracing(cfg.log_format);
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let needed = fdlimit::required(cfg.concurrency);
+    let limits = match fdlimit::raise(cfg.fd_limit, needed, cfg.concurrency) {
+        Ok(l) => l,
+        Err(msg) => return fatal(&termination_log, &msg, 3),
+    };
+    info!(
+        soft = limits.soft,
+        hard = limits.hard,
+        needed,
+        "file-descriptor limit"
+    );
+
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fatal(&termination_log, &format!("starting the runtime: {e}"), 1),
+    };
+    rt.block_on(run(cfg, limits, termination_log))
+}
+
+async fn run(cfg: Config, limits: fdlimit::Limits, termination_log: PathBuf) -> ExitCode {
+    let metrics = Arc::new(Metrics::new(&cfg.integration));
+    metrics.max_fds.set(limits.soft.min(i64::MAX as u64) as i64);
+    let addr = match metrics::serve(cfg.metrics_addr, metrics.clone()).await {
+        Ok(a) => a,
+        Err(e) => {
+            return fatal(
+                &termination_log,
+                &format!(
+                    "--metrics-addr (HOOKFLEET_METRICS_ADDR): cannot listen on {}: {e}",
+                    cfg.metrics_addr
+                ),
+                1,
+            );
+        }
+    };
+    info!(metrics = %addr, config = ?cfg, "hookfleet-worker starting");
+
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            error!("cannot install signal handlers");
+            return;
+        };
+        let name = tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" };
+        info!(signal = name, "shutting down");
+        let _ = tx.send(true);
+        // A second signal means "now": unacked messages go back to the queue by the broker's rules.
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        warn!("second signal: exiting without waiting");
+        std::process::exit(130);
+    });
+
+    let worker = match Worker::new(cfg, metrics) {
+        Ok(w) => w,
+        Err(e) => return fatal(&termination_log, &format!("building the HTTP client: {e}"), 1),
+    };
+    worker.run(rx).await;
+    info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// One line to stderr and to the termination-message file (best effort: outside Kubernetes the file
+/// may not be writable).
+fn fatal(termination_log: &Path, line: &str, code: u8) -> ExitCode {
+    eprintln!("hookfleet-worker: {line}");
+    let _ = std::fs::write(termination_log, format!("{line}\n"));
+    ExitCode::from(code)
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("HOOKFLEET_LOG").unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,211 @@
+//! Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` server.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Static label pairs (result, reason).
+pub type Labels = Vec<(&'static str, &'static str)>;
+
+pub struct Metrics {
+    registry: Registry,
+    /// Attempts by result (`delivered`, `retried`, `dead_lettered`, `handed_back`) and reason.
+    pub deliveries: Family<Labels, Counter>,
+    pub latency: Histogram,
+    pub in_flight: Gauge,
+    pub retries: Counter,
+    /// By reason.
+    pub dead_letters: Family<Labels, Counter>,
+    pub broker_connected: Gauge,
+    pub consuming: Gauge,
+    pub reconnects: Counter,
+    pub open_fds: Gauge,
+    pub max_fds: Gauge<i64, AtomicI64>,
+    pub fd_exhausted: Counter,
+    pub publish_failures: Counter,
+    pub rate_limited_seconds: Counter<f64, AtomicU64>,
+}
+
+impl Metrics {
+    pub fn new(integration: &str) -> Self {
+        let mut registry = if integration.is_empty() {
+            Registry::with_prefix("hookfleet")
+        } else {
+            Registry::with_prefix_and_labels(
+                "hookfleet",
+                [(Cow::Borrowed("integration"), Cow::Owned(integration.to_owned()))].into_iter(),
+            )
+        };
+        let m = Self {
+            deliveries: Family::default(),
+            latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            in_flight: Gauge::default(),
+            retries: Counter::default(),
+            dead_letters: Family::default(),
+            broker_connected: Gauge::default(),
+            consuming: Gauge::default(),
+            reconnects: Counter::default(),
+            open_fds: Gauge::default(),
+            max_fds: Gauge::default(),
+            fd_exhausted: Counter::default(),
+            publish_failures: Counter::default(),
+            rate_limited_seconds: Counter::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "deliveries",
+            "Delivery attempts by result and reason",
+            m.deliveries.clone(),
+        );
+        r.register(
+            "delivery_duration_seconds",
+            "Time of one HTTP attempt, request to response",
+            m.latency.clone(),
+        );
+        r.register("in_flight", "Deliveries in progress", m.in_flight.clone());
+        r.register(
+            "retries",
+            "Messages published to a delay queue for another attempt",
+            m.retries.clone(),
+        );
+        r.register(
+            "dead_letters",
+            "Messages published to the dead-letter queue, by reason",
+            m.dead_letters.clone(),
+        );
+        r.register(
+            "broker_connected",
+            "1 while connected to the broker",
+            m.broker_connected.clone(),
+        );
+        r.register(
+            "consuming",
+            "1 while consuming the queue (readiness)",
+            m.consuming.clone(),
+        );
+        r.register(
+            "broker_reconnects",
+            "Broker sessions that ended and were retried",
+            m.reconnects.clone(),
+        );
+        r.register(
+            "open_fds",
+            "Open file descriptors of the worker",
+            m.open_fds.clone(),
+        );
+        r.register("max_fds", "Soft RLIMIT_NOFILE of the worker", m.max_fds.clone());
+        r.register(
+            "fd_exhausted",
+            "Connect attempts that failed with EMFILE/ENFILE (retried)",
+            m.fd_exhausted.clone(),
+        );
+        r.register(
+            "publish_failures",
+            "Retry or dead-letter publishes the broker did not confirm (message handed back)",
+            m.publish_failures.clone(),
+        );
+        r.register(
+            "rate_limited_seconds",
+            "Time deliveries waited for the rate limit",
+            m.rate_limited_seconds.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    pub fn delivery(&self, result: &'static str, reason: &'static str) {
+        self.deliveries
+            .get_or_create(&vec![("result", result), ("reason", reason)])
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        if let Some(n) = crate::fdlimit::open_fds() {
+            self.open_fds.set(n as i64);
+        }
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.consuming.get() == 1 {
+        (StatusCode::OK, "consuming\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not consuming\n")
+    }
+}
+
+/// Binds the server (failing now, not later, when the address is taken) and serves it in the background.
+pub async fn serve(addr: SocketAddr, m: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(m);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_the_documented_series() {
+        let m = Metrics::new("team-a/orders");
+        m.delivery("delivered", "ok");
+        m.dead_letters
+            .get_or_create(&vec![("reason", "http_status")])
+            .inc();
+        m.latency.observe(0.02);
+        let text = m.encode();
+        for series in [
+            "hookfleet_deliveries_total{integration=\"team-a/orders\",result=\"delivered\",reason=\"ok\"} 1",
+            "hookfleet_delivery_duration_seconds_bucket",
+            "hookfleet_in_flight",
+            "hookfleet_retries_total",
+            "hookfleet_dead_letters_total",
+            "hookfleet_broker_connected",
+            "hookfleet_consuming",
+            "hookfleet_open_fds",
+            "hookfleet_max_fds",
+            "hookfleet_fd_exhausted_total",
+        ] {
+            assert!(text.contains(series), "{series} missing in:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! What an attempt's result means for the message: delivered, retried later, or dead-lettered.
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+/// The fate of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx: ack.
+    Delivered { status: u16 },
+    /// Worth another attempt (through a delay queue), unless attempts are exhausted.
+    Retry {
+        reason: &'static str,
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+    },
+    /// Retrying cannot help: dead-letter now.
+    Reject {
+        reason: &'static str,
+        status: Option<u16>,
+    },
+}
+
+/// Classifies an HTTP status. 408, 425, 429 and 5xx are transient; other 4xx (410 Gone included)
+/// are the receiver refusing this message. A 3xx is a failure too (redirects are not followed, so a
+/// destination cannot bounce deliveries elsewhere); it is retried, as a moved endpoint is usually a
+/// configuration being fixed, and dead-lettered when attempts run out.
+pub fn classify_status(status: u16, retry_after: Option<Duration>) -> Outcome {
+    match status {
+        200..=299 => Outcome::Delivered { status },
+        408 | 425 | 429 => Outcome::Retry {
+            reason: "http_status",
+            status: Some(status),
+            retry_after,
+        },
+        300..=399 => Outcome::Retry {
+            reason: "redirect",
+            status: Some(status),
+            retry_after: None,
+        },
+        400..=499 => Outcome::Reject {
+            reason: "http_status",
+            status: Some(status),
+        },
+        _ => Outcome::Retry {
+            reason: "http_status",
+            status: Some(status),
+            retry_after,
+        },
+    }
+}
+
+/// Classifies a transport error (no response). All are transient; the reason tells them apart in
+/// metrics, and `fd_exhausted` (EMFILE/ENFILE while connecting) has its own.
+pub fn classify_error(err: &reqwest::Error) -> Outcome {
+    let reason = if is_fd_exhaustion(err) {
+        "fd_exhausted"
+    } else if err.is_timeout() {
+        "timeout"
+    } else if err.is_connect() {
+        "connect"
+    } else {
+        "transport"
+    };
+    Outcome::Retry {
+        reason,
+        status: None,
+        retry_after: None,
+    }
+}
+
+/// Whether an error chain holds EMFILE (process out of descriptors) or ENFILE (system out of them).
+pub fn is_fd_exhaustion(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(code) if code == nix::libc::EMFILE || code == nix::libc::ENFILE)
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        assert_eq!(classify_status(200, None), Outcome::Delivered { status: 200 });
+        assert_eq!(classify_status(204, None), Outcome::Delivered { status: 204 });
+        for s in [408, 425, 429, 500, 502, 503, 504] {
+            assert!(
+                matches!(classify_status(s, None), Outcome::Retry { status: Some(x), .. } if x == s),
+                "{s}"
+            );
+        }
+        for s in [400, 401, 403, 404, 410, 413, 422] {
+            assert!(matches!(classify_status(s, None), Outcome::Reject { .. }), "{s}");
+        }
+        assert!(matches!(
+            classify_status(301, None),
+            Outcome::Retry {
+                reason: "redirect",
+                ..
+            }
+        ));
+        let ra = Some(Duration::from_secs(5));
+        assert!(matches!(
+            classify_status(429, ra),
+            Outcome::Retry {
+                retry_after: Some(_),
+                ..
+            }
+        ));
+    }
+
+    #[derive(Debug)]
+    struct Wrap(std::io::Error);
+    impl std::fmt::Display for Wrap {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("connect failed")
+        }
+    }
+    impl StdError for Wrap {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn finds_emfile_in_a_chain() {
+        let emfile = Wrap(std::io::Error::from_raw_os_error(nix::libc::EMFILE));
+        let enfile = Wrap(std::io::Error::from_raw_os_error(nix::libc::ENFILE));
+        let refused = Wrap(std::io::Error::from_raw_os_error(nix::libc::ECONNREFUSED));
+        assert!(is_fd_exhaustion(&emfile));
+        assert!(is_fd_exhaustion(&enfile));
+        assert!(!is_fd_exhaustion(&refused));
+    }
+}
