@@ -10,6 +10,7 @@ pub mod control_plane;
 pub mod pki;
 pub mod process;
 pub mod rabbitmq;
+pub mod sink;
 pub mod tools;
 
 pub use control_plane::ControlPlane;

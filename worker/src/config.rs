@@ -216,10 +216,10 @@ pub fn parse_duration(setting: &str, s: &str) -> Result<Duration, ConfigError> {
     if t.is_empty() {
         return Err(bad(setting, "empty duration (expected e.g. 10s, 250ms, 1m30s)"));
     }
-    let d = kube::core::Duration::from_str(t).map_err(|e| {
+    let d = kube::core::Duration::from_str(t).map_err(|_| {
         bad(
             setting,
-            format!("cannot parse {s:?} as a duration ({e}; expected e.g. 10s, 250ms, 1m30s)"),
+            format!("cannot parse {s:?} as a duration (expected e.g. 10s, 250ms, 1m30s)"),
         )
     })?;
     if d.is_negative() {

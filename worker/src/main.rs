@@ -28,8 +28,8 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            let path = std::env::var_os("HOOKFLEET_TERMINATION_LOG")
-                .map(PathBuf::from)
+            let path = termination_log_from_raw_args()
+                .or_else(|| std::env::var_os("HOOKFLEET_TERMINATION_LOG").map(PathBuf::from))
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_TERMINATION_LOG));
             let rendered = e.render().to_string();
             let line = rendered
@@ -108,6 +108,18 @@ async fn run(cfg: Config, limits: fdlimit::Limits, termination_log: PathBuf) -> 
     worker.run(rx).await;
     info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// `--termination-log` from the command line when the flags as a whole did not parse.
+fn termination_log_from_raw_args() -> Option<PathBuf> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .enumerate()
+        .find_map(|(i, a)| match a.strip_prefix("--termination-log") {
+            Some("") => args.get(i + 1).map(PathBuf::from),
+            Some(v) => v.strip_prefix('=').map(PathBuf::from),
+            None => None,
+        })
 }
 
 /// One line to stderr and to the termination-message file (best effort: outside Kubernetes the file

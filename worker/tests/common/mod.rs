@@ -1,0 +1,281 @@
+//! Shared by the worker's integration tests: a real RabbitMQ node from the harness, the harness's
+//! webhook sink, and the real worker binary as a child process.
+
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures::future::try_join_all;
+use hookfleet_e2e::RabbitMq;
+use hookfleet_e2e::process::{Process, free_port, wait_for};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+pub const WORKER: &str = env!("CARGO_BIN_EXE_hookfleet-worker");
+
+/// One broker-heavy test at a time per test binary: two cores, each test with its own node.
+pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub fn init() {
+    hookfleet_e2e::init_tracing();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Ids `prefix-0 … prefix-(n-1)`.
+pub fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// Declares `queue` (durable, as the worker does) and publishes one persistent message per id, with
+/// publisher confirms; returns once the broker confirmed them all.
+pub async fn publish(rmq: &RabbitMq, queue: &str, ids: &[String]) -> Result<()> {
+    let conn = Connection::connect(&rmq.amqp_uri(), ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.into(), durable, FieldTable::default())
+        .await?;
+    for chunk in ids.chunks(500) {
+        let mut pending = Vec::with_capacity(chunk.len());
+        for id in chunk {
+            let body = format!(r#"{{"id":"{id}","data":{{"n":1}}}}"#);
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(id.as_str().into())
+                .with_content_type("application/json".into());
+            pending.push(
+                ch.basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    props,
+                )
+                .await?,
+            );
+        }
+        for c in try_join_all(pending).await? {
+            anyhow::ensure!(c.is_ack(), "publish not confirmed: {c:?}");
+        }
+    }
+    let _ = conn.close(200, "published".into()).await;
+    Ok(())
+}
+
+/// (ready, unacked, consumers) of a queue, from `rabbitmqctl list_queues`.
+pub fn queue_stats(rmq: &RabbitMq, queue: &str) -> Result<(u64, u64, u64)> {
+    let out = rmq.ctl(&[
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+        "consumers",
+    ])?;
+    for line in out.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() == 4 && f[0] == queue {
+            return Ok((f[1].parse()?, f[2].parse()?, f[3].parse()?));
+        }
+    }
+    anyhow::bail!("queue {queue} not in list_queues:\n{out}")
+}
+
+/// Total ready + unacked messages over every queue whose name starts with `prefix`.
+pub fn messages_under(rmq: &RabbitMq, prefix: &str) -> Result<u64> {
+    let out = rmq.ctl(&["list_queues", "-q", "--no-table-headers", "name", "messages"])?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 2 && f[0].starts_with(prefix)).then(|| f[1].parse::<u64>().unwrap_or(0))
+        })
+        .sum())
+}
+
+/// A dead letter as read back from the queue.
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub id: String,
+    pub headers: FieldTable,
+}
+
+/// Drains `queue` with basic.get (acking), returning each message's id and headers.
+pub async fn drain(rmq: &RabbitMq, queue: &str) -> Result<Vec<DeadLetter>> {
+    let conn = Connection::connect(&rmq.amqp_uri(), ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await?
+    {
+        let d = m.delivery;
+        out.push(DeadLetter {
+            id: d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default(),
+            headers: d.properties.headers().clone().unwrap_or_default(),
+        });
+    }
+    let _ = conn.close(200, "drained".into()).await;
+    Ok(out)
+}
+
+/// A worker child process and its metrics port.
+pub struct Worker {
+    pub process: Process,
+    pub metrics_port: u16,
+    pub dir: PathBuf,
+}
+
+/// The flags every test worker gets: broker, queue, sink, loopback allowed, text logs.
+pub fn base_args(rmq: &RabbitMq, queue: &str, url: &str, metrics_port: u16, dir: &Path) -> Vec<String> {
+    [
+        "--amqp-uri",
+        &rmq.amqp_uri(),
+        "--queue",
+        queue,
+        "--destination-url",
+        url,
+        "--allow-private-networks",
+        "--log-format",
+        "text",
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics_port}"),
+        "--termination-log",
+        &dir.join("termination-log").display().to_string(),
+        "--integration",
+        "test/worker",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Starts the worker binary (optionally under `prlimit`) and waits until it is ready (consuming).
+pub async fn start_worker(
+    rmq: &RabbitMq,
+    queue: &str,
+    url: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+    dir: &Path,
+    log_name: &str,
+) -> Result<Worker> {
+    let port = free_port()?;
+    let mut args = base_args(rmq, queue, url, port, dir);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let envs: Vec<(String, String)> = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let process = Process::spawn(
+        log_name,
+        Path::new(WORKER),
+        &args,
+        &envs,
+        &dir.join(format!("{log_name}.log")),
+    )?;
+    let w = Worker {
+        process,
+        metrics_port: port,
+        dir: dir.to_owned(),
+    };
+    w.wait_ready(true, Duration::from_secs(30)).await?;
+    Ok(w)
+}
+
+impl Worker {
+    pub fn pid(&self) -> u32 {
+        self.process.pid().expect("running")
+    }
+
+    /// Waits for `/readyz` to say `ready`.
+    pub async fn wait_ready(&self, ready: bool, timeout: Duration) -> Result<()> {
+        let port = self.metrics_port;
+        let what = if ready { "worker ready" } else { "worker not ready" };
+        wait_for(what, timeout, Duration::from_millis(100), || {
+            let running = self.process.check_running();
+            async move {
+                running?;
+                let code = http_get(port, "/readyz").await.map(|(c, _)| c).unwrap_or(0);
+                Ok(((code == 200) == ready && code != 0).then_some(()))
+            }
+        })
+        .await
+        .with_context(|| format!("worker log:\n{}", self.process.log_tail(30)))
+    }
+
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(http_get(self.metrics_port, "/metrics").await?.1)
+    }
+
+    /// Open descriptors of the worker process.
+    pub fn open_fds(&self) -> Option<usize> {
+        Some(
+            std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                .ok()?
+                .count(),
+        )
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback: (status, body).
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    let resp = client
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .send()
+        .await?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.text().await?))
+}
+
+/// The value of a metric line that starts with `prefix` (labels included), summed over matches.
+pub fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every published id reached the sink (2xx) at least once or sits in `dead`; none vanished; and the
+/// sink saw no id that was never published. Returns the number of duplicate deliveries.
+pub fn account(
+    published: &[String],
+    delivered: &HashMap<String, usize>,
+    dead: &HashSet<String>,
+) -> Result<usize> {
+    let published_set: HashSet<&String> = published.iter().collect();
+    let lost: Vec<&String> = published
+        .iter()
+        .filter(|id| !delivered.contains_key(*id) && !dead.contains(*id))
+        .collect();
+    anyhow::ensure!(
+        lost.is_empty(),
+        "{} ids vanished, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    let unknown: Vec<&String> = delivered
+        .keys()
+        .filter(|id| !published_set.contains(id))
+        .collect();
+    anyhow::ensure!(
+        unknown.is_empty(),
+        "sink saw unknown ids: {:?}",
+        &unknown[..unknown.len().min(5)]
+    );
+    Ok(delivered.values().map(|n| n - 1).sum())
+}
