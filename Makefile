@@ -28,3 +28,11 @@ fmt: ## Format the code
 
 crds: ## Regenerate crds/integrations.hookfleet.io.yaml from the Rust types
 	$(CARGO) run -q -p hookfleet-crds --bin crdgen -- --write
+
+.PHONY: test-worker-faults bench-worker
+
+test-worker-faults: ## Worker fault scenarios: kill -9, broker restart, fd limit, SIGTERM (real RabbitMQ)
+	$(CARGO) test -p hookfleet-worker --test faults -- --nocapture
+
+bench-worker: ## Worker throughput beside its baselines (raw broker consume+ack, raw sink), one run
+	$(CARGO) bench -p hookfleet-worker --bench throughput

@@ -1,0 +1,313 @@
+//! Fault scenarios of issue 3 (run them with `make test-worker-faults`): kill -9 of the worker mid-stream
+//! (2), a broker restart mid-stream (3), a stalling endpoint under a low descriptor limit and a limit
+//! the concurrency cannot fit (6), and SIGTERM under load (7). Each counts ids: every published id
+//! reaches the sink at least once or sits in the dead-letter queue; duplicates are reported.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use common::*;
+use hookfleet_e2e::RabbitMq;
+use hookfleet_e2e::process::{Process, free_port, wait_for};
+use hookfleet_e2e::sink::{Mode, Sink};
+
+async fn wait_count(sink: &Sink, n: usize, timeout: Duration) -> Result<()> {
+    wait_for("deliveries", timeout, Duration::from_millis(20), || {
+        let got = sink.delivered().len();
+        async move { Ok((got >= n).then_some(())) }
+    })
+    .await
+}
+
+fn dead_ids(dead: &[DeadLetter]) -> HashSet<String> {
+    dead.iter().map(|d| d.id.clone()).collect()
+}
+
+/// Scenario 2: kill -9 of the worker in the middle of the stream, then a new worker: all N delivered;
+/// duplicates (messages in flight at the kill) are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s2_kill_9_mid_stream_loses_nothing() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 2000;
+    let rmq = RabbitMq::start().await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    sink.set_mode(Mode::delayed(200, Duration::from_millis(5)));
+    let published = ids("s2", N);
+    publish(&rmq, "s2.q", &published).await?;
+    let args = ["--concurrency", "32", "--prefetch", "64"];
+    let mut w = start_worker(&rmq, "s2.q", &sink.url(), &args, &[], dir.path(), "worker-1").await?;
+    wait_count(&sink, N / 4, Duration::from_secs(60)).await?;
+    w.process.kill();
+    let at_kill = sink.delivered().len();
+    assert!(at_kill < N, "the kill came too late to be mid-stream");
+
+    let _w2 = start_worker(&rmq, "s2.q", &sink.url(), &args, &[], dir.path(), "worker-2").await?;
+    let want: HashSet<String> = published.iter().cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(120)).await?;
+    let dead = drain(&rmq, "s2.q.dead").await?;
+    let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
+    assert!(dead.is_empty(), "nothing should be dead-lettered");
+    // At most what the killed worker held unacked (prefetch) can come twice.
+    assert!(dups <= 64, "{dups} duplicates for a prefetch of 64");
+    eprintln!("s2: N={N}, killed after {at_kill} delivered, all delivered, duplicates={dups}");
+    Ok(())
+}
+
+/// Scenario 3: the broker is stopped and started mid-stream; the worker reports not-ready while it is
+/// gone, reconnects by itself, and all N are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_broker_restart_mid_stream_reconnects() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 2000;
+    let mut rmq = RabbitMq::start().await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    // ~160 deliveries/s: stopping the node (a few seconds) lands mid-stream.
+    sink.set_mode(Mode::delayed(200, Duration::from_millis(50)));
+    let published = ids("s3", N);
+    publish(&rmq, "s3.q", &published).await?;
+    let w = start_worker(
+        &rmq,
+        "s3.q",
+        &sink.url(),
+        &["--concurrency", "8", "--prefetch", "16"],
+        &[],
+        dir.path(),
+        "worker",
+    )
+    .await?;
+    wait_count(&sink, N / 5, Duration::from_secs(60)).await?;
+    rmq.stop_node();
+    let at_stop = sink.delivered().len();
+    assert!(at_stop < N, "the broker stopped too late to be mid-stream");
+    w.wait_ready(false, Duration::from_secs(10)).await?;
+    let down = w.metrics().await?;
+    assert_eq!(metric(&down, "hookfleet_broker_connected{"), 0.0, "{down}");
+    rmq.start_node().await?;
+    w.wait_ready(true, Duration::from_secs(60)).await?;
+    let want: HashSet<String> = published.iter().cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(120)).await?;
+    let dead = drain(&rmq, "s3.q.dead").await?;
+    let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
+    assert!(dead.is_empty());
+    let m = w.metrics().await?;
+    assert!(metric(&m, "hookfleet_broker_reconnects_total{") >= 1.0);
+    w.process.check_running()?;
+    eprintln!(
+        "s3: N={N}, broker stopped after {at_stop} delivered, all delivered after restart, duplicates={dups}"
+    );
+    Ok(())
+}
+
+/// Scenario 6: under a 256 descriptor limit with a sink that stalls every connection, the worker keeps
+/// its open descriptors under the limit, neither crashes nor loses a message, and delivers everything
+/// once the sink recovers. With a concurrency that cannot fit, it refuses to start and says the numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s6_stalling_endpoint_under_a_low_fd_limit() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 500;
+    let rmq = RabbitMq::start().await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    sink.set_mode(Mode::Stall);
+    let published = ids("s6", N);
+    publish(&rmq, "s6.q", &published).await?;
+
+    let port = free_port()?;
+    let mut args = vec!["--nofile=256:256".to_owned(), "--".into(), WORKER.into()];
+    args.extend(base_args(&rmq, "s6.q", &sink.url(), port, dir.path()));
+    args.extend(
+        [
+            "--concurrency",
+            "96",
+            "--prefetch",
+            "200",
+            "--timeout",
+            "1s",
+            "--backoff-initial",
+            "200ms",
+            "--backoff-max",
+            "1s",
+            "--max-attempts",
+            "100",
+        ]
+        .map(String::from),
+    );
+    let process = Process::spawn(
+        "worker",
+        Path::new("/usr/bin/prlimit"),
+        &args,
+        &[],
+        &dir.path().join("worker.log"),
+    )?;
+    let w = Worker {
+        process,
+        metrics_port: port,
+        dir: dir.path().to_owned(),
+    };
+    w.wait_ready(true, Duration::from_secs(30)).await?;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", w.pid()))?;
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.split_whitespace().nth(3) == Some("256")),
+        "{limits}"
+    );
+
+    // Stalled for 6 s: every attempt times out and is retried; watch the descriptors.
+    let mut peak = 0;
+    let stall_until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < stall_until {
+        peak = peak.max(w.open_fds().context("worker gone")?);
+        w.process.check_running()?;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (_, sink_peak_conns) = sink.open_connections();
+    assert!(peak < 256, "open descriptors reached {peak} of 256");
+    assert!(
+        sink_peak_conns <= 96 + 8,
+        "{sink_peak_conns} connections open at once for a concurrency of 96"
+    );
+    let m = w.metrics().await?;
+    assert_eq!(metric(&m, "hookfleet_max_fds{"), 256.0);
+    assert!(
+        metric(&m, "hookfleet_retries_total{") > 0.0,
+        "stalled attempts should be retried"
+    );
+
+    sink.set_mode(Mode::ok());
+    let want: HashSet<String> = published.iter().cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(60)).await?;
+    let dead = drain(&rmq, "s6.q.dead").await?;
+    let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
+    assert!(dead.is_empty());
+    w.process.check_running()?;
+    eprintln!(
+        "s6: N={N}, peak open fds {peak} (limit 256), peak sink connections {sink_peak_conns}, all delivered after recovery, duplicates={dups}"
+    );
+
+    // A limit the concurrency cannot fit: refused at start, with the numbers.
+    let out = std::process::Command::new("/usr/bin/prlimit")
+        .arg("--nofile=256:256")
+        .arg("--")
+        .arg(WORKER)
+        .args(base_args(&rmq, "s6.q", &sink.url(), free_port()?, dir.path()))
+        .args(["--concurrency", "200"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let line = stderr.lines().last().unwrap_or("");
+    for n in ["256", "464", "200"] {
+        assert!(line.contains(n), "{n} missing: {line}");
+    }
+    let term = std::fs::read_to_string(dir.path().join("termination-log"))?;
+    assert!(term.contains("file-descriptor limit too low"), "{term}");
+    eprintln!("s6 refusal: {line}");
+    Ok(())
+}
+
+/// Scenario 7: SIGTERM under load. In-flight deliveries finish and are acked, the rest go back to the
+/// queue, the worker exits 0 within the grace period; a second worker delivers the rest, without a
+/// single duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s7_sigterm_drains_in_flight_and_exits_0() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 400;
+    let rmq = RabbitMq::start().await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    sink.set_mode(Mode::delayed(200, Duration::from_millis(300)));
+    let published = ids("s7", N);
+    publish(&rmq, "s7.q", &published).await?;
+
+    let port = free_port()?;
+    let mut args = base_args(&rmq, "s7.q", &sink.url(), port, dir.path());
+    args.extend(
+        [
+            "--concurrency",
+            "32",
+            "--prefetch",
+            "64",
+            "--shutdown-grace",
+            "10s",
+        ]
+        .map(String::from),
+    );
+    let log = std::fs::File::create(dir.path().join("worker-1.log"))?;
+    let mut child = tokio::process::Command::new(WORKER)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("no pid")?;
+    wait_for("worker ready", Duration::from_secs(30), Duration::from_millis(100), || async move {
+        Ok((http_get(port, "/readyz").await.map(|r| r.0).unwrap_or(0) == 200).then_some(()))
+    })
+    .await?;
+    wait_count(&sink, 64, Duration::from_secs(30)).await?;
+
+    let term_at = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await??;
+    let took = term_at.elapsed();
+    let worker_log = std::fs::read_to_string(dir.path().join("worker-1.log"))?;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status:?}; log:\n{worker_log}"
+    );
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+
+    // Requests that were in flight at SIGTERM were answered (after the signal) and acked.
+    let finished_after = sink.hits().iter().filter(|h| h.at > term_at).count();
+    assert!(
+        finished_after > 0,
+        "no delivery was in flight at SIGTERM: the test proves nothing"
+    );
+    let delivered_first = sink.delivered().len();
+    let (ready, unacked, consumers) = queue_stats(&rmq, "s7.q")?;
+    assert_eq!((unacked, consumers), (0, 0));
+    assert_eq!(
+        ready as usize + delivered_first,
+        N,
+        "each message is delivered or back in the queue"
+    );
+
+    let dir2 = tempfile::tempdir()?;
+    let _w2 = start_worker(
+        &rmq,
+        "s7.q",
+        &sink.url(),
+        &["--concurrency", "64"],
+        &[],
+        dir2.path(),
+        "worker-2",
+    )
+    .await?;
+    let want: HashSet<String> = published.iter().cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(60)).await?;
+    let dups = account(&published, &sink.delivered(), &HashSet::new())?;
+    assert_eq!(
+        dups, 0,
+        "in-flight deliveries were acked before exit, so nothing comes twice"
+    );
+    eprintln!(
+        "s7: N={N}, SIGTERM after {delivered_first} delivered minus in-flight, {finished_after} in-flight finished after the signal, exit 0 in {took:?}, rest delivered by a second worker, duplicates={dups}"
+    );
+    Ok(())
+}
