@@ -1,1 +1,126 @@
-fn main() {}
+//! `hookfleet-operator`: flags (each with an env equivalent) around [`hookfleet_operator::Operator`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use hookfleet_operator::{Config, LeaderElection, Operator};
+use tracing_subscriber::EnvFilter;
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("not a duration: {s}"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("not a duration (use 500ms, 30s or 5m): {s}")),
+    }
+}
+
+/// Reconciles hookfleet Integrations into worker fleets.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Image of the hookfleet-worker container.
+    #[arg(long, env = "HOOKFLEET_WORKER_IMAGE", default_value = concat!("ghcr.io/hookfleet/worker:", env!("CARGO_PKG_VERSION")))]
+    worker_image: String,
+    /// imagePullPolicy of the worker container (Always, IfNotPresent, Never); the cluster default when unset.
+    #[arg(long, env = "HOOKFLEET_WORKER_IMAGE_PULL_POLICY")]
+    worker_image_pull_policy: Option<String>,
+    /// Watch this namespace only (default: all namespaces).
+    #[arg(long, env = "HOOKFLEET_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Integrations reconciled concurrently.
+    #[arg(long, env = "HOOKFLEET_CONCURRENCY", default_value_t = 8)]
+    concurrency: u16,
+    /// Refresh interval of a healthy Integration's status (consumers, backlog).
+    #[arg(long, env = "HOOKFLEET_RESYNC", default_value = "30s", value_parser = parse_secs)]
+    resync: Duration,
+    /// Requeue interval while an Integration has a problem (missing Secret, broker refusing login).
+    #[arg(long, env = "HOOKFLEET_RETRY", default_value = "15s", value_parser = parse_secs)]
+    retry: Duration,
+    /// An autoscaled fleet grows at most ×2 per period.
+    #[arg(long, env = "HOOKFLEET_SCALE_UP_PERIOD", default_value = "15s", value_parser = parse_secs)]
+    scale_up_period: Duration,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "HOOKFLEET_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Run without leader election (a single instance, development only).
+    #[arg(long, env = "HOOKFLEET_NO_LEADER_ELECTION")]
+    no_leader_election: bool,
+    /// Name of the leader Lease.
+    #[arg(long, env = "HOOKFLEET_LEASE_NAME", default_value = "hookfleet-operator")]
+    lease_name: String,
+    /// Namespace of the leader Lease (the operator's own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "hookfleet-system")]
+    lease_namespace: String,
+    /// Seconds the lease stays valid without renewal (failover time after a crash).
+    #[arg(long, env = "HOOKFLEET_LEASE_DURATION", default_value_t = 15)]
+    lease_duration: u64,
+    /// This instance's identity (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Log format.
+    #[arg(long, env = "HOOKFLEET_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
+    if args.log_format == "json" {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "hookfleet-operator".into()),
+            std::process::id()
+        )
+    });
+    let mut config = Config::new(args.worker_image);
+    config.worker.image_pull_policy = args.worker_image_pull_policy;
+    config.namespace = args.namespace;
+    config.concurrency = args.concurrency.max(1);
+    config.resync = args.resync;
+    config.retry = args.retry;
+    config.scale_up_period = args.scale_up_period;
+    config.http_addr = Some(args.http_addr);
+    config.instance = identity.clone();
+    if !args.no_leader_election {
+        config.leader_election = Some(LeaderElection {
+            lease_name: args.lease_name,
+            lease_namespace: args.lease_namespace,
+            identity,
+            lease_duration_secs: args.lease_duration.max(2),
+            renew_grace_secs: (args.lease_duration / 3).max(1),
+        });
+    }
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "no Kubernetes client configuration (in-cluster or KUBECONFIG)");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    match Operator::new(config).run(client, shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "hookfleet-operator stopped");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

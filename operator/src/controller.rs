@@ -1,0 +1,533 @@
+//! The reconcile pipeline: dereference (Secret, broker, cached children) → validate → build desired
+//! objects → apply what changed → status (written only when it changed; Events only on transitions).
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::StreamExt;
+use hookfleet_crds::Integration;
+use hookfleet_crds::integration::SecretKeyRef;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::{debug, info, instrument, warn};
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::desired::{self, INTEGRATION_LABEL, MANAGED_BY};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::replicas::{self, Autoscaler};
+use crate::status::{self, DeploymentObs, Observed, SourceObs, reason};
+
+/// State shared by all reconciles.
+pub struct Context {
+    pub client: Client,
+    pub config: Config,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub broker: Broker,
+    deployments: Store<Deployment>,
+    pdbs: Store<PodDisruptionBudget>,
+    services: Store<Service>,
+    pods: Store<Pod>,
+    /// What was last applied per child: (hash of the desired object, fingerprint of the object the API
+    /// server returned). An apply is skipped while both still match, so a steady state makes no request.
+    applied: Mutex<HashMap<String, (u64, String)>>,
+    autoscalers: Mutex<HashMap<String, Autoscaler>>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+fn key(kind: &str, ns: &str, name: &str) -> String {
+    format!("{kind}/{ns}/{name}")
+}
+
+/// Changes with every spec change of the object (generation), or with every change when it has none.
+fn fingerprint<K: Resource>(obj: &K) -> String {
+    match obj.meta().generation {
+        Some(g) => format!("g{g}"),
+        None => format!("rv{}", obj.meta().resource_version.clone().unwrap_or_default()),
+    }
+}
+
+fn hash_of<T: Serialize>(obj: &T) -> u64 {
+    let mut h = DefaultHasher::new();
+    serde_json::to_vec(obj).unwrap_or_default().hash(&mut h);
+    h.finish()
+}
+
+impl Context {
+    /// Server-side applies `desired` unless the cached object is what we last applied and the desired
+    /// object has not changed since.
+    async fn apply<K>(&self, desired: &K, cached: Option<Arc<K>>) -> Result<()>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + Serialize
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let kind = K::kind(&());
+        let ns = desired.meta().namespace.clone().unwrap_or_default();
+        let name = desired.meta().name.clone().unwrap_or_default();
+        let k = key(&kind, &ns, &name);
+        let h = hash_of(desired);
+        if let Some(c) = &cached {
+            let applied = self.applied.lock().expect("lock").get(&k).cloned();
+            if applied == Some((h, fingerprint(c.as_ref()))) {
+                self.metrics.applies_skipped.inc();
+                return Ok(());
+            }
+        }
+        // apiVersion and kind are part of the apply body.
+        let mut body = serde_json::to_value(desired).expect("k8s objects serialize");
+        body["apiVersion"] = K::api_version(&()).into();
+        body["kind"] = kind.as_ref().into();
+        let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
+        let pp = PatchParams::apply(&self.config.field_manager).force();
+        let before = cached.as_ref().map(|c| c.meta().resource_version.clone());
+        let out = api
+            .patch(&name, &pp, &Patch::Apply(&body))
+            .await
+            .map_err(|source| Error::Apply {
+                kind: kind.to_string(),
+                name: name.clone(),
+                source,
+            })?;
+        if before != Some(out.meta().resource_version.clone()) {
+            self.metrics.write(&kind);
+            debug!(%kind, %name, "applied");
+        }
+        self.applied
+            .lock()
+            .expect("lock")
+            .insert(k, (h, fingerprint(&out)));
+        Ok(())
+    }
+
+    fn forget(&self, ns: &str, name: &str) {
+        let svc = desired::service_name(name);
+        let mut applied = self.applied.lock().expect("lock");
+        for (kind, n) in [
+            ("Deployment", name),
+            ("PodDisruptionBudget", name),
+            ("Service", svc.as_str()),
+        ] {
+            applied.remove(&key(kind, ns, n));
+        }
+        self.autoscalers
+            .lock()
+            .expect("lock")
+            .remove(&key("Integration", ns, name));
+    }
+
+    async fn event(&self, intg: &Integration, warning: bool, reason: &str, note: String) {
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        match self.recorder.publish(&ev, &intg.object_ref(&())).await {
+            Ok(()) => self.metrics.write("Event"),
+            // An Event is best effort: losing one must not fail the reconcile.
+            Err(e) => warn!(error = %e, "publishing an Event"),
+        }
+    }
+}
+
+/// Reads one Secret key; `Ok(Err(problem))` when the team must fix something.
+async fn secret_value(
+    client: &Client,
+    ns: &str,
+    r: &SecretKeyRef,
+    field: &str,
+) -> Result<std::result::Result<Vec<u8>, SourceObs>> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret = api.get_opt(&r.name).await.map_err(|source| Error::ReadSecret {
+        name: r.name.clone(),
+        source,
+    })?;
+    let Some(secret) = secret else {
+        return Ok(Err(SourceObs::Problem {
+            reason: reason::SECRET_NOT_FOUND,
+            message: format!("Secret {:?} ({field}) not found in namespace {ns}", r.name),
+        }));
+    };
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&r.key))
+        .map(|b| b.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(&r.key))
+                .map(|s| s.clone().into_bytes())
+        });
+    Ok(value.ok_or_else(|| SourceObs::Problem {
+        reason: reason::SECRET_KEY_NOT_FOUND,
+        message: format!("Secret {:?} ({field}) has no key {:?}", r.name, r.key),
+    }))
+}
+
+/// Dereference: the broker URI from its Secret (and that every other referenced Secret key exists), then
+/// the queue as the broker sees it.
+async fn observe_source(intg: &Integration, ctx: &Context, ns: &str) -> Result<SourceObs> {
+    let spec = &intg.spec;
+    let uri = match secret_value(
+        &ctx.client,
+        ns,
+        &spec.source.connection_secret_ref,
+        "spec.source.connectionSecretRef",
+    )
+    .await?
+    {
+        Ok(v) => v,
+        Err(problem) => return Ok(problem),
+    };
+    let mut refs: Vec<(&SecretKeyRef, String)> = spec
+        .destination
+        .headers_from
+        .iter()
+        .map(|h| {
+            (
+                &h.secret_key_ref,
+                format!("spec.destination.headersFrom[{}]", h.name),
+            )
+        })
+        .collect();
+    if let Some(s) = &spec.destination.signing {
+        refs.push((&s.secret_ref, "spec.destination.signing.secretRef".into()));
+    }
+    for (r, field) in refs {
+        if let Err(problem) = secret_value(&ctx.client, ns, r, &field).await? {
+            return Ok(problem);
+        }
+    }
+    let Ok(uri) = String::from_utf8(uri) else {
+        return Ok(SourceObs::Problem {
+            reason: reason::INVALID_BROKER_URI,
+            message: "the broker URI in spec.source.connectionSecretRef is not UTF-8".into(),
+        });
+    };
+    Ok(ctx.broker.observe(uri.trim(), &spec.source.queue).await)
+}
+
+#[instrument(skip_all, fields(integration = %format!("{}/{}", intg.namespace().unwrap_or_default(), intg.name_any())))]
+async fn reconcile(intg: Arc<Integration>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.timer();
+    ctx.metrics.reconciles.inc();
+    let ns = intg
+        .namespace()
+        .ok_or(Error::InvalidObject("metadata.namespace is missing"))?;
+    let name = intg.name_any();
+    if intg.metadata.deletion_timestamp.is_some() {
+        // The garbage collector removes the children through their owner references.
+        ctx.forget(&ns, &name);
+        return Ok(Action::await_change());
+    }
+    let spec = &intg.spec;
+
+    // Dereference.
+    let source = observe_source(&intg, &ctx, &ns).await?;
+    let cached_deployment = ctx.deployments.get(&ObjectRef::new(&name).within(&ns));
+    let current = cached_deployment
+        .as_ref()
+        .and_then(|d| d.spec.as_ref())
+        .and_then(|s| s.replicas);
+    let backlog = match source {
+        SourceObs::Queue { backlog, .. } => Some(backlog),
+        SourceObs::QueueMissing => Some(0),
+        SourceObs::Problem { .. } => None,
+    };
+
+    // Validate and decide the replica count.
+    let fixed = replicas::fixed(&spec.workers);
+    let desired_replicas = match (&spec.workers.autoscale, fixed) {
+        (_, Some(n)) => n,
+        (Some(auto), None) if !spec.paused => {
+            let decision = ctx
+                .autoscalers
+                .lock()
+                .expect("lock")
+                .entry(key("Integration", &ns, &name))
+                .or_default()
+                .next(auto, current, backlog, Instant::now(), ctx.config.scale_up_period);
+            decision.replicas
+        }
+        (Some(auto), None) => current.unwrap_or(auto.min),
+        (None, None) => replicas::DEFAULT_REPLICAS,
+    };
+
+    // Build and apply.
+    if !spec.paused {
+        let deployment = desired::deployment(&intg, &ctx.config.worker, desired_replicas)?;
+        let pdb = desired::pod_disruption_budget(&intg)?;
+        let service = desired::metrics_service(&intg)?;
+        ctx.apply(&deployment, cached_deployment.clone()).await?;
+        ctx.apply(&pdb, ctx.pdbs.get(&ObjectRef::new(&name).within(&ns)))
+            .await?;
+        ctx.apply(
+            &service,
+            ctx.services
+                .get(&ObjectRef::new(&desired::service_name(&name)).within(&ns)),
+        )
+        .await?;
+        if let (Some(auto), Some(cur)) = (&spec.workers.autoscale, current)
+            && cur != desired_replicas
+        {
+            ctx.event(
+                &intg,
+                false,
+                "Scaled",
+                format!(
+                    "{cur} → {desired_replicas} workers (backlog {}, target {} per worker)",
+                    backlog.map(|b| b.to_string()).unwrap_or_else(|| "unknown".into()),
+                    auto.target_backlog_per_replica
+                ),
+            )
+            .await;
+        }
+    }
+
+    // Status.
+    let pod_problems = ctx
+        .pods
+        .state()
+        .iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(ns.as_str()) && p.labels().get(INTEGRATION_LABEL) == Some(&name)
+        })
+        .filter_map(|p| status::pod_problem(p))
+        .collect();
+    let observed = Observed {
+        generation: intg.metadata.generation,
+        paused: spec.paused,
+        queue: spec.source.queue.clone(),
+        desired: desired_replicas,
+        single_replica: fixed == Some(1),
+        deployment: cached_deployment.as_deref().map(DeploymentObs::from_deployment),
+        pod_problems,
+        source,
+        selector: desired::selector_string(&name),
+    };
+    let old = intg.status.clone().unwrap_or_default();
+    let mut new = status::compute(&observed);
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    new.conditions = status::merge_conditions(&old.conditions, new.conditions, &now);
+    let has_problem = new
+        .conditions
+        .iter()
+        .any(|c| c.type_ == hookfleet_crds::integration::condition::DEGRADED && c.status == "True");
+    if new != old {
+        for t in status::transitions(&old.conditions, &new.conditions) {
+            ctx.event(&intg, t.warning, &t.reason, t.note).await;
+        }
+        if fixed == Some(1) && old.replicas != Some(1) {
+            ctx.event(
+                &intg,
+                true,
+                reason::SINGLE_REPLICA,
+                "spec.workers.replicas is 1: a single worker is a single point of failure; use 2 or more"
+                    .into(),
+            )
+            .await;
+        }
+        let body = serde_json::json!({
+            "apiVersion": Integration::api_version(&()),
+            "kind": Integration::kind(&()),
+            "status": new,
+        });
+        let api: Api<Integration> = Api::namespaced(ctx.client.clone(), &ns);
+        api.patch_status(
+            &name,
+            &PatchParams::apply(&ctx.config.field_manager).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map_err(Error::WriteStatus)?;
+        ctx.metrics.write("IntegrationStatus");
+        info!(
+            ready = new.ready_replicas,
+            consumers = new.consumers,
+            backlog = new.backlog,
+            "status updated"
+        );
+    }
+    ctx.failures
+        .lock()
+        .expect("lock")
+        .remove(&key("Integration", &ns, &name));
+
+    let next = if has_problem {
+        ctx.config.retry
+    } else if spec.workers.autoscale.is_some() {
+        ctx.config.resync.min(ctx.config.scale_up_period)
+    } else {
+        ctx.config.resync
+    };
+    Ok(Action::requeue(next))
+}
+
+fn error_policy(intg: Arc<Integration>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.error(err.metric_label());
+    let k = key(
+        "Integration",
+        &intg.namespace().unwrap_or_default(),
+        &intg.name_any(),
+    );
+    let n = {
+        let mut f = ctx.failures.lock().expect("lock");
+        let n = f.entry(k).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = ctx
+        .config
+        .retry
+        .checked_mul(1u32 << n.min(10).saturating_sub(1))
+        .unwrap_or(ctx.config.max_backoff)
+        .min(ctx.config.max_backoff);
+    warn!(error = %err, attempt = n, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+fn child_api<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs the controller until `stop` resolves. Marks `metrics.ready` once every cache has synced.
+pub async fn run(
+    client: Client,
+    config: Config,
+    metrics: Arc<Metrics>,
+    stop: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let children = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let (deployments, dw) = reflector::store::<Deployment>();
+    let (pdbs, pw) = reflector::store::<PodDisruptionBudget>();
+    let (services, sw) = reflector::store::<Service>();
+    let (pods, podw) = reflector::store::<Pod>();
+    let dep_stream = reflector::reflector(
+        dw,
+        watcher(child_api(&client, &config.namespace), children.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let pdb_stream = reflector::reflector(
+        pw,
+        watcher(child_api(&client, &config.namespace), children.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let svc_stream = reflector::reflector(
+        sw,
+        watcher(child_api(&client, &config.namespace), children.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let pod_stream = reflector::reflector(podw, watcher(child_api(&client, &config.namespace), children))
+        .default_backoff()
+        .touched_objects();
+
+    let integrations: Api<Integration> = child_api(&client, &config.namespace);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "hookfleet-operator".into(),
+            instance: Some(config.instance.clone()),
+        },
+    );
+    let concurrency = config.concurrency;
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        config,
+        recorder,
+        metrics: metrics.clone(),
+        broker: Broker::default(),
+        deployments: deployments.clone(),
+        pdbs: pdbs.clone(),
+        services: services.clone(),
+        pods: pods.clone(),
+        applied: Mutex::default(),
+        autoscalers: Mutex::default(),
+        failures: Mutex::default(),
+    });
+
+    let controller = Controller::new(integrations, watcher::Config::default().any_semantic())
+        .owns_stream(dep_stream)
+        .owns_stream(pdb_stream)
+        .owns_stream(svc_stream)
+        .watches_stream(pod_stream, |pod: Pod| {
+            let ns = pod.namespace();
+            pod.labels()
+                .get(INTEGRATION_LABEL)
+                .cloned()
+                .zip(ns)
+                .map(|(name, ns)| ObjectRef::<Integration>::new(&name).within(&ns))
+        })
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(stop);
+    let store = controller.store();
+
+    let ready_metrics = metrics.clone();
+    let ready = async move {
+        let _ = futures::join!(
+            store.wait_until_ready(),
+            deployments.wait_until_ready(),
+            pdbs.wait_until_ready(),
+            services.wait_until_ready(),
+            pods.wait_until_ready()
+        );
+        ready_metrics.ready.set(1);
+        info!("caches synced; reconciling");
+        futures::future::pending::<()>().await
+    };
+    let run = controller
+        .run(reconcile, error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                debug!(error = %e, "controller");
+            }
+        });
+    tokio::select! {
+        () = run => {}
+        () = ready => {}
+    }
+    ctx.broker.close().await;
+    metrics.ready.set(0);
+}
+
+/// Fails with a message that says how to install the CRD when it is missing.
+pub async fn check_crd(client: &Client) -> Result<()> {
+    let api: Api<Integration> = Api::all(client.clone());
+    match api.list(&kube::api::ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Err(Error::CrdNotInstalled),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}

@@ -1,0 +1,395 @@
+//! Desired child objects of an Integration: pure functions of the spec and the operator's settings, so
+//! they are tested from YAML fixtures without an API server.
+//!
+//! Every object is minimal (only the fields we mean to own) because it is server-side applied: a field we
+//! send is a field we own, and `Default` structs of k8s-openapi would claim empty atomic fields.
+
+use std::collections::BTreeMap;
+
+use hookfleet_crds::Integration;
+use hookfleet_crds::integration::Jitter;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext,
+    Service, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+
+use crate::error::{Error, Result};
+
+/// Port of the worker's `/metrics`, `/healthz` and `/readyz`.
+pub const METRICS_PORT: i32 = 9090;
+/// Name of the worker container (status reads its container statuses by this name).
+pub const CONTAINER: &str = "worker";
+/// Label carrying the owning Integration's name; selects its pods.
+pub const INTEGRATION_LABEL: &str = "hookfleet.io/integration";
+/// Label value of `app.kubernetes.io/name` on every worker object.
+pub const APP_NAME: &str = "hookfleet-worker";
+/// `app.kubernetes.io/managed-by` value: the operator's caches watch only objects carrying it.
+pub const MANAGED_BY: &str = "hookfleet-operator";
+/// Env var the worker reads the broker URI from.
+pub const ENV_AMQP_URI: &str = "HOOKFLEET_AMQP_URI";
+/// Env var the worker reads the signing secret from.
+pub const ENV_SIGNING_SECRET: &str = "HOOKFLEET_SIGNING_SECRET";
+/// Time a worker gets after its delivery timeout to hand back in-flight work and close cleanly.
+const DRAIN_SECONDS: i64 = 15;
+/// Margin between the worker's own shutdown deadline and the kubelet's SIGKILL.
+const KILL_MARGIN_SECONDS: i64 = 5;
+/// Non-root uid/gid of the worker (distroless `nonroot`).
+const NONROOT_ID: i64 = 65532;
+
+/// Operator-wide settings that shape the worker pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerSettings {
+    /// Container image of `hookfleet-worker`.
+    pub image: String,
+    /// `imagePullPolicy`, when set.
+    pub image_pull_policy: Option<String>,
+}
+
+/// Labels every child carries; the first two also select the pods.
+pub fn labels(name: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(name);
+    l.insert("app.kubernetes.io/instance".into(), name.into());
+    l.insert("app.kubernetes.io/managed-by".into(), MANAGED_BY.into());
+    l.insert("app.kubernetes.io/component".into(), "worker".into());
+    l
+}
+
+/// Labels that select the worker pods of one Integration (stable: a selector is immutable).
+pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), APP_NAME.into()),
+        (INTEGRATION_LABEL.into(), name.into()),
+    ])
+}
+
+/// The pod selector as a string (`status.selector`, for the scale subresource and `kubectl`).
+pub fn selector_string(name: &str) -> String {
+    selector_labels(name)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn meta(intg: &Integration) -> Result<ObjectMeta> {
+    let name = intg
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::InvalidObject("metadata.name is missing"))?;
+    let owner = intg
+        .controller_owner_ref(&())
+        .ok_or(Error::InvalidObject("metadata.uid is missing"))?;
+    Ok(ObjectMeta {
+        name: Some(name.clone()),
+        namespace: intg.metadata.namespace.clone(),
+        labels: Some(labels(&name)),
+        owner_references: Some(vec![owner]),
+        ..ObjectMeta::default()
+    })
+}
+
+/// Go-style duration for a worker flag (`10s`, `1500ms`).
+fn go_duration(d: std::time::Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+fn secret_env(name: &str, secret: &hookfleet_crds::integration::SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.name.clone(),
+                key: secret.key.clone(),
+                optional: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+/// Seconds the worker gets to finish in-flight deliveries after SIGTERM: one delivery timeout plus drain.
+pub fn shutdown_grace_seconds(intg: &Integration) -> i64 {
+    let timeout: std::time::Duration = intg.spec.destination.timeout.into();
+    (timeout.as_millis() as u64).div_ceil(1000) as i64 + DRAIN_SECONDS
+}
+
+/// The worker's command line and environment. Secret values never appear here: they are
+/// `secretKeyRef`s the kubelet resolves.
+pub fn worker_args_env(intg: &Integration) -> Result<(Vec<String>, Vec<EnvVar>)> {
+    let spec = &intg.spec;
+    let ns = intg.metadata.namespace.as_deref().unwrap_or("default");
+    let name = intg
+        .metadata
+        .name
+        .as_deref()
+        .ok_or(Error::InvalidObject("metadata.name is missing"))?;
+    let mut args: Vec<String> = Vec::new();
+    let mut flag = |k: &str, v: String| {
+        args.push(format!("--{k}"));
+        args.push(v);
+    };
+    flag("integration", format!("{ns}/{name}"));
+    flag("queue", spec.source.queue.clone());
+    for b in &spec.source.bindings {
+        flag("binding", format!("{}={}", b.exchange, b.routing_key));
+    }
+    flag("prefetch", spec.source.prefetch.to_string());
+    flag("destination-url", spec.destination.url.clone());
+    flag("method", spec.destination.method.as_str().into());
+    for (k, v) in &spec.destination.headers {
+        flag("header", format!("{k}: {v}"));
+    }
+    let mut env = vec![secret_env(ENV_AMQP_URI, &spec.source.connection_secret_ref)];
+    for (i, h) in spec.destination.headers_from.iter().enumerate() {
+        let var = format!("HOOKFLEET_HEADER_{i}");
+        flag("header-from-env", format!("{}={var}", h.name));
+        env.push(secret_env(&var, &h.secret_key_ref));
+    }
+    if let Some(signing) = &spec.destination.signing {
+        env.push(secret_env(ENV_SIGNING_SECRET, &signing.secret_ref));
+    }
+    if let Some(body) = &spec.destination.body {
+        flag("body-template", body.template.clone());
+    }
+    flag("timeout", go_duration(spec.destination.timeout.into()));
+    let d = &spec.delivery;
+    flag("max-attempts", d.max_attempts.to_string());
+    flag("backoff-initial", go_duration(d.backoff.initial.into()));
+    flag("backoff-max", go_duration(d.backoff.max.into()));
+    flag("backoff-multiplier", d.backoff.multiplier.to_string());
+    let jitter = match d.backoff.jitter {
+        Jitter::Full => "full",
+        Jitter::Equal => "equal",
+        Jitter::None => "none",
+    };
+    flag("backoff-jitter", jitter.into());
+    flag("concurrency", d.concurrency.to_string());
+    if let Some(rl) = &d.rate_limit {
+        flag("rate-limit", rl.per_second.to_string());
+        flag("rate-limit-burst", rl.burst.unwrap_or(rl.per_second).to_string());
+    }
+    let dlq = d
+        .dead_letter
+        .as_ref()
+        .map(|dl| dl.queue.clone())
+        .unwrap_or_else(|| format!("{}.dead", spec.source.queue));
+    flag("dead-letter-queue", dlq);
+    flag("fd-limit", spec.workers.file_descriptor_limit.to_string());
+    flag("metrics-addr", format!("0.0.0.0:{METRICS_PORT}"));
+    flag("shutdown-grace", format!("{}s", shutdown_grace_seconds(intg)));
+    flag("termination-log", "/dev/termination-log".into());
+    flag("log-format", "json".into());
+    if spec.destination.allow_private_networks {
+        args.push("--allow-private-networks".into());
+    }
+    Ok((args, env))
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("metrics".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+/// The worker Deployment with `replicas` pods.
+pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) -> Result<Deployment> {
+    let meta = meta(intg)?;
+    let name = meta.name.clone().unwrap_or_default();
+    let (args, env) = worker_args_env(intg)?;
+    let pod_labels = labels(&name);
+    let container = Container {
+        name: CONTAINER.into(),
+        image: Some(settings.image.clone()),
+        image_pull_policy: settings.image_pull_policy.clone(),
+        args: Some(args),
+        env: Some(env),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: METRICS_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        resources: intg.spec.workers.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        termination_message_path: Some("/dev/termination-log".into()),
+        // The worker writes why it refused to start; a panic's last log line is the fallback.
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..VolumeMount::default()
+        }]),
+        ..Container::default()
+    };
+    let spread = |key: &str| TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: key.into(),
+        // A preference: a single-node or single-zone cluster still schedules every worker.
+        when_unsatisfiable: "ScheduleAnyway".into(),
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(&name)),
+            ..LabelSelector::default()
+        }),
+        ..TopologySpreadConstraint::default()
+    };
+    let pod = PodSpec {
+        containers: vec![container],
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(NONROOT_ID),
+            run_as_group: Some(NONROOT_ID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
+            ..PodSecurityContext::default()
+        }),
+        termination_grace_period_seconds: Some(shutdown_grace_seconds(intg) + KILL_MARGIN_SECONDS),
+        topology_spread_constraints: Some(vec![
+            spread("kubernetes.io/hostname"),
+            spread("topology.kubernetes.io/zone"),
+        ]),
+        volumes: Some(vec![Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                    "64Mi".into(),
+                )),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        }]),
+        ..PodSpec::default()
+    };
+    let annotations = BTreeMap::from([
+        ("prometheus.io/scrape".to_string(), "true".to_string()),
+        ("prometheus.io/port".to_string(), METRICS_PORT.to_string()),
+        ("prometheus.io/path".to_string(), "/metrics".to_string()),
+    ]);
+    Ok(Deployment {
+        metadata: meta,
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            revision_history_limit: Some(3),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&name)),
+                ..LabelSelector::default()
+            },
+            // Surge first: a rollout never takes a consuming worker away before its successor is Ready.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// `minAvailable` of the PodDisruptionBudget: from the spec, else one less than the fleet's floor
+/// (fixed replicas or autoscale.min), so a drain can always evict one pod; never negative.
+pub fn min_available(intg: &Integration) -> i32 {
+    let w = &intg.spec.workers;
+    if let Some(d) = &w.disruption {
+        return d.min_available;
+    }
+    let floor = w
+        .replicas
+        .or(w.autoscale.as_ref().map(|a| a.min))
+        .unwrap_or(crate::replicas::DEFAULT_REPLICAS);
+    (floor - 1).max(0)
+}
+
+/// The PodDisruptionBudget of the workers.
+pub fn pod_disruption_budget(intg: &Integration) -> Result<PodDisruptionBudget> {
+    let meta = meta(intg)?;
+    let name = meta.name.clone().unwrap_or_default();
+    Ok(PodDisruptionBudget {
+        metadata: meta,
+        spec: Some(PodDisruptionBudgetSpec {
+            min_available: Some(IntOrString::Int(min_available(intg))),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&name)),
+                ..LabelSelector::default()
+            }),
+            // A crash-looping or unready worker must not block a node drain forever.
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// Headless metrics Service: one scrape target per worker pod (a ServiceMonitor selects it by label).
+pub fn metrics_service(intg: &Integration) -> Result<Service> {
+    let mut meta = meta(intg)?;
+    let name = meta.name.clone().unwrap_or_default();
+    meta.name = Some(format!("{name}-metrics"));
+    Ok(Service {
+        metadata: meta,
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(selector_labels(&name)),
+            ports: Some(vec![ServicePort {
+                name: Some("metrics".into()),
+                port: METRICS_PORT,
+                target_port: Some(IntOrString::String("metrics".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            // Scrape pods that are not Ready too: an unready worker's metrics say why.
+            publish_not_ready_addresses: Some(true),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// Name of the metrics Service of an Integration.
+pub fn service_name(name: &str) -> String {
+    format!("{name}-metrics")
+}

@@ -1,0 +1,62 @@
+//! One error enum; each variant names the step that failed and gives the metric label.
+
+/// Errors of the operator. Problems an application team must fix (a missing Secret, a broker that refuses
+/// the login) are not errors: they are conditions (see `status`). These are the operator's own failures,
+/// retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the Integration is malformed: {0}")]
+    InvalidObject(&'static str),
+    #[error("reading Secret {name}: {source}")]
+    ReadSecret {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("applying {kind} {name}: {source}")]
+    Apply {
+        kind: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("writing the Integration status: {0}")]
+    WriteStatus(#[source] kube::Error),
+    #[error(
+        "the Integration CRD (integrations.hookfleet.io) is not installed in this cluster; install it with \
+         `kubectl apply -f crds/integrations.hookfleet.io.yaml` (or `helm install hookfleet charts/hookfleet`) \
+         and start the operator again"
+    )]
+    CrdNotInstalled,
+    #[error("talking to the API server: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("leader election: {0}")]
+    LeaderElection(String),
+    #[error("lost the leader lease; stopping so that only one operator writes")]
+    LostLeadership,
+    #[error("serving HTTP on {addr}: {source}")]
+    Http {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Label of `hookfleet_operator_reconcile_errors_total{reason}`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::InvalidObject(_) => "invalid_object",
+            Error::ReadSecret { .. } => "read_secret",
+            Error::Apply { .. } => "apply",
+            Error::WriteStatus(_) => "write_status",
+            Error::CrdNotInstalled => "crd_not_installed",
+            Error::Kube(_) => "kube",
+            Error::LeaderElection(_) => "leader_election",
+            Error::LostLeadership => "lost_leadership",
+            Error::Http { .. } => "http",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

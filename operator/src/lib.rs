@@ -1,0 +1,169 @@
+//! hookfleet-operator: reconciles `Integration`s (hookfleet.io/v1alpha1) into worker Deployments,
+//! PodDisruptionBudgets and metrics Services, and reports on each whether its workers really consume.
+//!
+//! [`Operator::run`] is the whole operator (the binary is flags around it), so tests run it in-process.
+
+pub mod broker;
+pub mod config;
+pub mod controller;
+pub mod desired;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod replicas;
+pub mod status;
+
+use std::sync::Arc;
+
+use kube::Client;
+use kube_lease_manager::LeaseManagerBuilder;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+pub use config::{Config, LeaderElection};
+pub use error::{Error, Result};
+pub use metrics::Metrics;
+
+/// Aborts a spawned task when dropped: when the operator's future is dropped (a crash, in tests an
+/// aborted task), its lease renewals and HTTP server stop with it.
+struct AbortOnDrop<T>(Option<JoinHandle<T>>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
+    }
+}
+
+pub struct Operator {
+    config: Config,
+    metrics: Arc<Metrics>,
+}
+
+impl Operator {
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Checks the CRD, serves HTTP, waits for the leader lease (when configured) and reconciles until
+    /// `shutdown` resolves (Ok) or the lease is lost (Err: exit and let the Deployment restart us, so two
+    /// instances never write at once).
+    pub async fn run(
+        self,
+        client: Client,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let Operator { config, metrics } = self;
+        controller::check_crd(&client).await?;
+        let _http = match config.http_addr {
+            Some(addr) => {
+                let server = http::serve(addr, metrics.clone()).await?;
+                info!(%addr, "serving /healthz /readyz /metrics");
+                AbortOnDrop(Some(tokio::spawn(server)))
+            }
+            None => AbortOnDrop(None),
+        };
+        let mut shutdown = Box::pin(shutdown);
+
+        let Some(le) = config.leader_election.clone() else {
+            metrics.leader.set(1);
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let ctl = controller::run(client, config, metrics, async move {
+                let _ = stop_rx.await;
+            });
+            tokio::pin!(ctl);
+            tokio::select! {
+                () = &mut ctl => {}
+                () = &mut shutdown => {
+                    let _ = stop_tx.send(());
+                    ctl.await;
+                }
+            }
+            return Ok(());
+        };
+
+        let manager = LeaseManagerBuilder::new(client.clone(), &le.lease_name)
+            .with_namespace(&le.lease_namespace)
+            .with_identity(&le.identity)
+            .with_duration(le.lease_duration_secs)
+            .with_grace(le.renew_grace_secs)
+            .build()
+            .await
+            .map_err(|e| Error::LeaderElection(e.to_string()))?;
+        let (mut leader, task) = manager.watch().await;
+        let mut lease_task = AbortOnDrop(Some(task));
+        // A standby is ready: it serves, and takes over when the lease frees.
+        metrics.ready.set(1);
+        info!(identity = %le.identity, lease = %le.lease_name, "waiting for the leader lease");
+        loop {
+            if *leader.borrow_and_update() {
+                break;
+            }
+            tokio::select! {
+                changed = leader.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::LeaderElection("the lease manager stopped".into()));
+                    }
+                }
+                () = &mut shutdown => {
+                    release(leader, &mut lease_task).await;
+                    return Ok(());
+                }
+            }
+        }
+        info!(identity = %le.identity, "acquired the leader lease");
+        metrics.leader.set(1);
+        metrics.ready.set(0);
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = async move {
+            let _ = stop_rx.await;
+        };
+        let mut ctl = Box::pin(controller::run(client, config, metrics.clone(), stop));
+        let mut stop_tx = Some(stop_tx);
+        let result = loop {
+            tokio::select! {
+                () = &mut ctl => break Ok(()),
+                () = &mut shutdown, if stop_tx.is_some() => {
+                    if let Some(tx) = stop_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                changed = leader.changed() => {
+                    if changed.is_err() || !*leader.borrow_and_update() {
+                        warn!("lost the leader lease");
+                        break Err(Error::LostLeadership);
+                    }
+                }
+            }
+        };
+        metrics.leader.set(0);
+        drop(ctl);
+        release(leader, &mut lease_task).await;
+        result
+    }
+}
+
+/// Closing the channel makes the lease manager release the lease, so a standby takes over at once.
+async fn release(
+    leader: tokio::sync::watch::Receiver<bool>,
+    task: &mut AbortOnDrop<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+) {
+    drop(leader);
+    if let Some(h) = task.0.take() {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), h).await {
+            Ok(Ok(Ok(_))) => info!("released the leader lease"),
+            Ok(Ok(Err(e))) => warn!(error = %e, "releasing the leader lease"),
+            Ok(Err(e)) => warn!(error = %e, "lease task"),
+            Err(_) => warn!("releasing the leader lease timed out"),
+        }
+    }
+}

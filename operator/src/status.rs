@@ -1,0 +1,451 @@
+//! Status from observations: pure, so every condition and transition is unit-tested.
+//!
+//! `Ready` means the desired workers are Ready *and* consuming; `Degraded` names what the fleet will not
+//! repair by itself; `Progressing` is a rollout or scale under way; `Paused` is present while
+//! `spec.paused` is true. `lastTransitionTime` moves only when a condition's status flips, and Events
+//! are derived from flips, so a steady state writes nothing and says nothing.
+
+use hookfleet_crds::IntegrationStatus;
+use hookfleet_crds::integration::condition;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::desired::CONTAINER;
+
+/// Condition reasons.
+pub mod reason {
+    pub const CONSUMING: &str = "Consuming";
+    pub const SINGLE_REPLICA: &str = "SingleReplica";
+    pub const WORKERS_NOT_READY: &str = "WorkersNotReady";
+    pub const NOT_CONSUMING: &str = "NotConsuming";
+    pub const CRASH_LOOPING: &str = "CrashLooping";
+    pub const FD_LIMIT_NOT_MET: &str = "FileDescriptorLimitNotMet";
+    pub const CONTAINER_NOT_STARTING: &str = "ContainerNotStarting";
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    pub const SECRET_KEY_NOT_FOUND: &str = "SecretKeyNotFound";
+    pub const INVALID_BROKER_URI: &str = "InvalidBrokerUri";
+    pub const BROKER_AUTH_FAILED: &str = "BrokerAuthFailed";
+    pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";
+    pub const AS_EXPECTED: &str = "AsExpected";
+    pub const ROLLING_OUT: &str = "RollingOut";
+    pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
+    pub const PAUSED: &str = "Paused";
+}
+
+/// The worker Deployment as observed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeploymentObs {
+    pub spec_replicas: i32,
+    pub replicas: i32,
+    pub ready: i32,
+    pub updated: i32,
+    /// The Deployment controller has seen the current Deployment spec.
+    pub observed: bool,
+}
+
+impl DeploymentObs {
+    pub fn from_deployment(d: &Deployment) -> Self {
+        let st = d.status.clone().unwrap_or_default();
+        Self {
+            spec_replicas: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+            replicas: st.replicas.unwrap_or(0),
+            ready: st.ready_replicas.unwrap_or(0),
+            updated: st.updated_replicas.unwrap_or(0),
+            observed: st.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0),
+        }
+    }
+}
+
+/// What the broker said about the queue, or why it could not be asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceObs {
+    Queue {
+        consumers: i32,
+        backlog: i64,
+    },
+    /// The queue does not exist yet (workers declare it when they start).
+    QueueMissing,
+    /// A Secret, URI or broker problem; `reason` is one of the [`reason`] constants.
+    Problem {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodProblemKind {
+    FdLimit,
+    CrashLoop,
+    NotStarting,
+}
+
+/// A worker pod in trouble.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodProblem {
+    pub pod: String,
+    pub kind: PodProblemKind,
+    pub message: String,
+}
+
+/// Restarts after which a worker that is not Ready counts as crash-looping even before the kubelet
+/// reports `CrashLoopBackOff`.
+const CRASH_RESTARTS: i32 = 3;
+
+fn is_fd_message(m: &str) -> bool {
+    let m = m.to_ascii_lowercase();
+    ["file descriptor", "rlimit_nofile", "fd limit", "nofile"]
+        .iter()
+        .any(|k| m.contains(k))
+}
+
+/// The trouble a worker pod is in, if any, quoting its last termination message.
+pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let cs = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == CONTAINER)?;
+    let last = cs
+        .last_state
+        .as_ref()
+        .and_then(|s| s.terminated.as_ref())
+        .or_else(|| cs.state.as_ref().and_then(|s| s.terminated.as_ref()));
+    let waiting = cs.state.as_ref().and_then(|s| s.waiting.as_ref());
+    let waiting_reason = waiting.and_then(|w| w.reason.as_deref()).unwrap_or("");
+    let termination = last.map(|t| {
+        let msg = t.message.as_deref().map(str::trim).unwrap_or("");
+        if msg.is_empty() {
+            format!(
+                "exit code {}{}",
+                t.exit_code,
+                t.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
+            )
+        } else {
+            msg.lines().last().unwrap_or(msg).to_string()
+        }
+    });
+    if let Some(t) = &termination
+        && is_fd_message(t)
+        && !cs.ready
+    {
+        return Some(PodProblem {
+            pod: name,
+            kind: PodProblemKind::FdLimit,
+            message: t.clone(),
+        });
+    }
+    if waiting_reason == "CrashLoopBackOff" || (cs.restart_count >= CRASH_RESTARTS && !cs.ready) {
+        return Some(PodProblem {
+            pod: name,
+            kind: PodProblemKind::CrashLoop,
+            message: format!(
+                "restarted {} times, last termination: {}",
+                cs.restart_count,
+                termination.unwrap_or_else(|| "unknown".into())
+            ),
+        });
+    }
+    if matches!(
+        waiting_reason,
+        "CreateContainerConfigError"
+            | "CreateContainerError"
+            | "InvalidImageName"
+            | "ErrImagePull"
+            | "ImagePullBackOff"
+    ) {
+        return Some(PodProblem {
+            pod: name,
+            kind: PodProblemKind::NotStarting,
+            message: format!(
+                "{waiting_reason}: {}",
+                waiting.and_then(|w| w.message.as_deref()).unwrap_or("")
+            ),
+        });
+    }
+    None
+}
+
+/// Everything status is computed from.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    pub generation: Option<i64>,
+    pub paused: bool,
+    pub queue: String,
+    /// Workers wanted now (fixed or autoscaled).
+    pub desired: i32,
+    /// The spec asks for exactly one fixed worker.
+    pub single_replica: bool,
+    pub deployment: Option<DeploymentObs>,
+    pub pod_problems: Vec<PodProblem>,
+    pub source: SourceObs,
+    pub selector: String,
+}
+
+fn cond(type_: &str, status: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        // Replaced by `merge_conditions`.
+        last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    }
+}
+
+/// The first problem (by precedence) as `(reason, message)`.
+fn problem(o: &Observed, ready: i32) -> Option<(&'static str, String)> {
+    if let SourceObs::Problem { reason, message } = &o.source {
+        return Some((reason, message.clone()));
+    }
+    for (kind, reason) in [
+        (PodProblemKind::FdLimit, reason::FD_LIMIT_NOT_MET),
+        (PodProblemKind::CrashLoop, reason::CRASH_LOOPING),
+        (PodProblemKind::NotStarting, reason::CONTAINER_NOT_STARTING),
+    ] {
+        let hits: Vec<&PodProblem> = o.pod_problems.iter().filter(|p| p.kind == kind).collect();
+        if let Some(first) = hits.first() {
+            let more = if hits.len() > 1 {
+                format!(" (and {} more pods)", hits.len() - 1)
+            } else {
+                String::new()
+            };
+            return Some((
+                reason,
+                format!("worker pod {}: \"{}\"{more}", first.pod, first.message),
+            ));
+        }
+    }
+    let consumers = match o.source {
+        SourceObs::Queue { consumers, .. } => consumers,
+        SourceObs::QueueMissing => 0,
+        SourceObs::Problem { .. } => unreachable!("handled above"),
+    };
+    if ready > consumers {
+        let queue_note = if o.source == SourceObs::QueueMissing {
+            " (the queue does not exist on the broker)"
+        } else {
+            ""
+        };
+        return Some((
+            reason::NOT_CONSUMING,
+            format!(
+                "{ready} worker pods are Ready but only {consumers} consumers are attached to queue {}{queue_note}",
+                o.queue
+            ),
+        ));
+    }
+    None
+}
+
+/// The status the observations describe, with conditions not yet merged (see [`merge_conditions`]).
+pub fn compute(o: &Observed) -> IntegrationStatus {
+    let g = o.generation;
+    let dep = o.deployment.clone().unwrap_or_default();
+    let ready = dep.ready;
+    let (consumers, backlog) = match o.source {
+        SourceObs::Queue { consumers, backlog } => (Some(consumers), Some(backlog)),
+        SourceObs::QueueMissing => (Some(0), None),
+        SourceObs::Problem { .. } => (None, None),
+    };
+    let problem = problem(o, ready);
+    let mut conditions = Vec::with_capacity(4);
+
+    let ready_cond = match &problem {
+        Some((r, m)) => cond(condition::READY, false, r, m.clone(), g),
+        None if ready < o.desired => cond(
+            condition::READY,
+            false,
+            reason::WORKERS_NOT_READY,
+            format!("{ready} of {} workers Ready", o.desired),
+            g,
+        ),
+        None => {
+            let summary = format!(
+                "{ready} of {} workers Ready, {} consumers on queue {}, backlog {}",
+                o.desired,
+                consumers.unwrap_or(0),
+                o.queue,
+                backlog.map(|b| b.to_string()).unwrap_or_else(|| "unknown".into())
+            );
+            if o.single_replica {
+                cond(
+                    condition::READY,
+                    true,
+                    reason::SINGLE_REPLICA,
+                    format!("{summary}; a single worker is a single point of failure, use 2 or more"),
+                    g,
+                )
+            } else {
+                cond(condition::READY, true, reason::CONSUMING, summary, g)
+            }
+        }
+    };
+    conditions.push(ready_cond);
+
+    let progressing = if o.paused {
+        cond(
+            condition::PROGRESSING,
+            false,
+            reason::PAUSED,
+            "spec.paused is true: changes are not applied".into(),
+            g,
+        )
+    } else if o.deployment.is_none() {
+        cond(
+            condition::PROGRESSING,
+            true,
+            reason::ROLLING_OUT,
+            "creating the worker Deployment".into(),
+            g,
+        )
+    } else if !dep.observed
+        || dep.spec_replicas != o.desired
+        || dep.updated < o.desired
+        || dep.replicas > o.desired
+    {
+        cond(
+            condition::PROGRESSING,
+            true,
+            reason::ROLLING_OUT,
+            format!(
+                "{} of {} workers updated, {} running",
+                dep.updated, o.desired, dep.replicas
+            ),
+            g,
+        )
+    } else {
+        cond(
+            condition::PROGRESSING,
+            false,
+            reason::ROLLOUT_COMPLETE,
+            format!("{} workers up to date", o.desired),
+            g,
+        )
+    };
+    conditions.push(progressing);
+
+    conditions.push(match &problem {
+        Some((r, m)) => cond(condition::DEGRADED, true, r, m.clone(), g),
+        None => cond(
+            condition::DEGRADED,
+            false,
+            reason::AS_EXPECTED,
+            "no problems observed".into(),
+            g,
+        ),
+    });
+    if o.paused {
+        conditions.push(cond(
+            condition::PAUSED,
+            true,
+            reason::PAUSED,
+            "spec.paused is true: the operator applies no changes to the workers".into(),
+            g,
+        ));
+    }
+
+    IntegrationStatus {
+        observed_generation: g,
+        replicas: Some(o.desired),
+        ready_replicas: Some(ready),
+        consumers,
+        backlog,
+        selector: Some(o.selector.clone()),
+        conditions,
+    }
+}
+
+/// Carries `lastTransitionTime` over from `old` for every condition whose status did not flip; flipped
+/// or new conditions get `now`.
+pub fn merge_conditions(old: &[Condition], new: Vec<Condition>, now: &Time) -> Vec<Condition> {
+    new.into_iter()
+        .map(|mut c| {
+            c.last_transition_time = match old.iter().find(|o| o.type_ == c.type_) {
+                Some(o) if o.status == c.status => o.last_transition_time.clone(),
+                _ => now.clone(),
+            };
+            c
+        })
+        .collect()
+}
+
+/// An Event to publish about a transition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub warning: bool,
+    pub reason: String,
+    pub note: String,
+}
+
+fn find<'a>(cs: &'a [Condition], t: &str) -> Option<&'a Condition> {
+    cs.iter().find(|c| c.type_ == t)
+}
+
+/// Events for the changes between `old` and `new` conditions (none in a steady state).
+pub fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
+    let mut out = Vec::new();
+    let key = |c: Option<&Condition>| c.map(|c| (c.status.clone(), c.reason.clone()));
+    let (od, nd) = (find(old, condition::DEGRADED), find(new, condition::DEGRADED));
+    if key(od) != key(nd)
+        && let Some(n) = nd
+    {
+        if n.status == "True" {
+            out.push(Transition {
+                warning: true,
+                reason: n.reason.clone(),
+                note: n.message.clone(),
+            });
+        } else if od.is_some_and(|o| o.status == "True") {
+            out.push(Transition {
+                warning: false,
+                reason: "Recovered".into(),
+                note: format!(
+                    "no longer degraded (was {})",
+                    od.map(|o| o.reason.as_str()).unwrap_or("")
+                ),
+            });
+        }
+    }
+    let (or, nr) = (find(old, condition::READY), find(new, condition::READY));
+    if key(or) != key(nr)
+        && let Some(n) = nr
+    {
+        let degraded = nd.is_some_and(|d| d.status == "True");
+        if n.status == "True" {
+            out.push(Transition {
+                warning: n.reason == reason::SINGLE_REPLICA,
+                reason: n.reason.clone(),
+                note: n.message.clone(),
+            });
+        } else if !degraded && or.is_some_and(|o| o.status == "True") {
+            out.push(Transition {
+                warning: true,
+                reason: "NotReady".into(),
+                note: n.message.clone(),
+            });
+        }
+    }
+    let (op, np) = (find(old, condition::PAUSED), find(new, condition::PAUSED));
+    match (op.is_some(), np.is_some()) {
+        (false, true) => out.push(Transition {
+            warning: false,
+            reason: "Paused".into(),
+            note: "spec.paused is true: changes are not applied".into(),
+        }),
+        (true, false) => out.push(Transition {
+            warning: false,
+            reason: "Resumed".into(),
+            note: "spec.paused is false: reconciling again".into(),
+        }),
+        _ => {}
+    }
+    out
+}

@@ -1,0 +1,221 @@
+//! Desired objects from YAML fixtures (pure: no API server).
+
+use hookfleet_crds::Integration;
+use hookfleet_operator::desired::{self, WorkerSettings};
+use k8s_openapi::api::core::v1::Container;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+fn fixture(name: &str) -> Integration {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+fn settings() -> WorkerSettings {
+    WorkerSettings {
+        image: "ghcr.io/hookfleet/worker:test".into(),
+        image_pull_policy: None,
+    }
+}
+
+fn container(intg: &Integration, replicas: i32) -> (Container, k8s_openapi::api::core::v1::PodSpec) {
+    let d = desired::deployment(intg, &settings(), replicas).unwrap();
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    (pod.containers[0].clone(), pod)
+}
+
+/// The value following `--flag` (all values when repeated).
+fn flag(args: &[String], f: &str) -> Vec<String> {
+    args.windows(2)
+        .filter(|w| w[0] == format!("--{f}"))
+        .map(|w| w[1].clone())
+        .collect()
+}
+
+#[test]
+fn deployment_renders_the_worker_contract() {
+    let intg = fixture("full.yaml");
+    let d = desired::deployment(&intg, &settings(), 3).unwrap();
+    let spec = d.spec.clone().unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(owner.kind, "Integration");
+    assert_eq!(owner.name, "orders-to-erp");
+    assert_eq!(owner.controller, Some(true));
+    assert_eq!(owner.uid, "6f1c0a8e-0000-4000-8000-000000000001");
+
+    let (c, pod) = container(&intg, 3);
+    assert_eq!(c.image.as_deref(), Some("ghcr.io/hookfleet/worker:test"));
+    let args = c.args.clone().unwrap();
+    assert_eq!(flag(&args, "integration"), ["team-a/orders-to-erp"]);
+    assert_eq!(flag(&args, "queue"), ["orders.erp"]);
+    assert_eq!(flag(&args, "binding"), ["device-events=orders.#"]);
+    assert_eq!(flag(&args, "prefetch"), ["64"]);
+    assert_eq!(
+        flag(&args, "destination-url"),
+        ["https://erp.example.com/hooks/orders"]
+    );
+    assert_eq!(flag(&args, "method"), ["PUT"]);
+    assert_eq!(flag(&args, "header"), ["X-Source: hookfleet"]);
+    assert_eq!(
+        flag(&args, "header-from-env"),
+        ["Authorization=HOOKFLEET_HEADER_0"]
+    );
+    assert_eq!(flag(&args, "timeout"), ["10s"]);
+    assert_eq!(flag(&args, "max-attempts"), ["7"]);
+    assert_eq!(flag(&args, "backoff-initial"), ["500ms"]);
+    assert_eq!(flag(&args, "backoff-max"), ["600s"]);
+    assert_eq!(flag(&args, "backoff-multiplier"), ["3"]);
+    assert_eq!(flag(&args, "backoff-jitter"), ["equal"]);
+    assert_eq!(flag(&args, "concurrency"), ["128"]);
+    assert_eq!(flag(&args, "rate-limit"), ["200"]);
+    assert_eq!(flag(&args, "rate-limit-burst"), ["200"]);
+    assert_eq!(flag(&args, "dead-letter-queue"), ["orders.erp.dead"]);
+    assert_eq!(flag(&args, "fd-limit"), ["65536"]);
+    assert_eq!(flag(&args, "metrics-addr"), ["0.0.0.0:9090"]);
+    assert_eq!(flag(&args, "shutdown-grace"), ["25s"]);
+    assert_eq!(flag(&args, "termination-log"), ["/dev/termination-log"]);
+    assert_eq!(flag(&args, "log-format"), ["json"]);
+    assert!(!args.contains(&"--allow-private-networks".to_string()));
+
+    // Secrets only by reference.
+    let env = c.env.clone().unwrap();
+    for (var, secret, key) in [
+        ("HOOKFLEET_AMQP_URI", "rabbitmq", "uri"),
+        ("HOOKFLEET_HEADER_0", "erp-token", "header"),
+        ("HOOKFLEET_SIGNING_SECRET", "erp-signing", "secret"),
+    ] {
+        let e = env
+            .iter()
+            .find(|e| e.name == var)
+            .unwrap_or_else(|| panic!("{var}"));
+        assert!(e.value.is_none(), "{var} must not carry a value");
+        let r = e.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!((r.name.as_str(), r.key.as_str()), (secret, key));
+    }
+    let yaml = serde_yaml::to_string(&d).unwrap();
+    assert!(!yaml.contains("amqp://"));
+
+    // Restricted security context.
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.capabilities.unwrap().drop.unwrap(), ["ALL"]);
+    let psc = pod.security_context.clone().unwrap();
+    assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    assert_eq!(psc.run_as_non_root, Some(true));
+
+    // Probes on the worker's endpoints, termination, spread, resources.
+    let port = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        let h = p.as_ref().unwrap().http_get.clone().unwrap();
+        (h.path.unwrap(), h.port)
+    };
+    assert_eq!(
+        port(&c.liveness_probe),
+        ("/healthz".into(), IntOrString::String("metrics".into()))
+    );
+    assert_eq!(
+        port(&c.readiness_probe),
+        ("/readyz".into(), IntOrString::String("metrics".into()))
+    );
+    assert_eq!(c.ports.as_ref().unwrap()[0].container_port, 9090);
+    assert_eq!(
+        c.termination_message_policy.as_deref(),
+        Some("FallbackToLogsOnError")
+    );
+    assert_eq!(
+        pod.termination_grace_period_seconds,
+        Some(30),
+        "10s timeout + 15s drain + 5s margin"
+    );
+    let keys: Vec<_> = pod
+        .topology_spread_constraints
+        .unwrap()
+        .iter()
+        .map(|t| t.topology_key.clone())
+        .collect();
+    assert_eq!(keys, ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]);
+    assert_eq!(c.resources.unwrap().requests.unwrap()["cpu"].0, "100m");
+    assert_eq!(pod.automount_service_account_token, Some(false));
+
+    // Scrape annotations and the selector.
+    let tmeta = spec.template.metadata.unwrap();
+    assert_eq!(tmeta.annotations.unwrap()["prometheus.io/port"], "9090");
+    let sel = spec.selector.match_labels.unwrap();
+    for (k, v) in &sel {
+        assert_eq!(
+            tmeta.labels.as_ref().unwrap().get(k),
+            Some(v),
+            "template carries selector label {k}"
+        );
+    }
+    assert_eq!(
+        desired::selector_string("orders-to-erp"),
+        "app.kubernetes.io/name=hookfleet-worker,hookfleet.io/integration=orders-to-erp"
+    );
+}
+
+#[test]
+fn defaults_render_and_nothing_optional_is_sent_as_null() {
+    let intg = fixture("minimal.yaml");
+    let d = desired::deployment(&intg, &settings(), 2).unwrap();
+    let json = serde_json::to_string(&d).unwrap();
+    assert!(
+        !json.contains("null"),
+        "server-side apply must not send nulls: {json}"
+    );
+    assert!(!json.contains("\"status\""));
+    let (c, _) = container(&intg, 2);
+    let args = c.args.unwrap();
+    assert_eq!(flag(&args, "dead-letter-queue"), ["q.dead"]);
+    assert_eq!(flag(&args, "fd-limit"), ["1048576"]);
+    assert_eq!(flag(&args, "method"), ["POST"]);
+    assert!(flag(&args, "rate-limit").is_empty());
+    assert!(flag(&args, "header-from-env").is_empty());
+    assert_eq!(c.env.unwrap().len(), 1, "only the broker URI");
+    for obj in [
+        serde_json::to_string(&desired::pod_disruption_budget(&intg).unwrap()).unwrap(),
+        serde_json::to_string(&desired::metrics_service(&intg).unwrap()).unwrap(),
+    ] {
+        assert!(!obj.contains("null"), "{obj}");
+    }
+}
+
+#[test]
+fn pdb_min_available_defaults_to_replicas_minus_one_and_never_blocks_a_single_worker() {
+    let pdb = |f: &str| desired::pod_disruption_budget(&fixture(f)).unwrap().spec.unwrap();
+    let full = pdb("full.yaml");
+    assert_eq!(full.min_available, Some(IntOrString::Int(2)), "from spec");
+    assert_eq!(full.unhealthy_pod_eviction_policy.as_deref(), Some("AlwaysAllow"));
+    assert_eq!(pdb("minimal.yaml").min_available, Some(IntOrString::Int(1)));
+    assert_eq!(pdb("single.yaml").min_available, Some(IntOrString::Int(0)));
+    let mut auto = fixture("minimal.yaml");
+    auto.spec.workers.autoscale = Some(serde_yaml::from_str("{min: 4, max: 9}").unwrap());
+    assert_eq!(
+        desired::pod_disruption_budget(&auto)
+            .unwrap()
+            .spec
+            .unwrap()
+            .min_available,
+        Some(IntOrString::Int(3))
+    );
+}
+
+#[test]
+fn grace_period_follows_the_delivery_timeout() {
+    let (c, pod) = container(&fixture("single.yaml"), 1);
+    assert_eq!(pod.termination_grace_period_seconds, Some(110), "90s + 15s + 5s");
+    assert_eq!(flag(&c.args.unwrap(), "shutdown-grace"), ["105s"]);
+}
+
+#[test]
+fn metrics_service_selects_the_workers_and_is_owned() {
+    let intg = fixture("full.yaml");
+    let svc = desired::metrics_service(&intg).unwrap();
+    assert_eq!(svc.metadata.name.as_deref(), Some("orders-to-erp-metrics"));
+    assert_eq!(svc.metadata.owner_references.unwrap()[0].name, "orders-to-erp");
+    let spec = svc.spec.unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(spec.selector.unwrap(), desired::selector_labels("orders-to-erp"));
+    assert_eq!(spec.ports.unwrap()[0].port, 9090);
+}

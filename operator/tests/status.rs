@@ -1,0 +1,225 @@
+//! Status from observations (pure): conditions, reasons, transitions, lastTransitionTime.
+
+use hookfleet_crds::integration::condition::{DEGRADED, PAUSED, PROGRESSING, READY};
+use hookfleet_operator::status::{self, DeploymentObs, Observed, PodProblemKind, SourceObs, reason};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+fn pod(name: &str) -> Pod {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+fn healthy() -> Observed {
+    Observed {
+        generation: Some(3),
+        paused: false,
+        queue: "orders.erp".into(),
+        desired: 3,
+        single_replica: false,
+        deployment: Some(DeploymentObs {
+            spec_replicas: 3,
+            replicas: 3,
+            ready: 3,
+            updated: 3,
+            observed: true,
+        }),
+        pod_problems: vec![],
+        source: SourceObs::Queue {
+            consumers: 3,
+            backlog: 12,
+        },
+        selector: "a=b".into(),
+    }
+}
+
+fn get<'a>(cs: &'a [Condition], t: &str) -> &'a Condition {
+    cs.iter()
+        .find(|c| c.type_ == t)
+        .unwrap_or_else(|| panic!("no {t}"))
+}
+
+fn at(secs: i64) -> Time {
+    Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap())
+}
+
+#[test]
+fn healthy_fleet_is_ready_not_progressing_not_degraded() {
+    let s = status::compute(&healthy());
+    assert_eq!(s.observed_generation, Some(3));
+    assert_eq!(
+        (s.replicas, s.ready_replicas, s.consumers, s.backlog),
+        (Some(3), Some(3), Some(3), Some(12))
+    );
+    let r = get(&s.conditions, READY);
+    assert_eq!(
+        (r.status.as_str(), r.reason.as_str()),
+        ("True", reason::CONSUMING)
+    );
+    assert_eq!(get(&s.conditions, PROGRESSING).status, "False");
+    assert_eq!(get(&s.conditions, DEGRADED).status, "False");
+    assert!(s.conditions.iter().all(|c| c.type_ != PAUSED));
+}
+
+#[test]
+fn ready_pods_that_do_not_consume_degrade_with_the_counts() {
+    let mut o = healthy();
+    o.source = SourceObs::Queue {
+        consumers: 2,
+        backlog: 0,
+    };
+    let s = status::compute(&o);
+    let d = get(&s.conditions, DEGRADED);
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("True", reason::NOT_CONSUMING)
+    );
+    assert!(
+        d.message.contains("3 worker pods are Ready but only 2 consumers"),
+        "{}",
+        d.message
+    );
+    assert!(d.message.contains("orders.erp"));
+    assert_eq!(get(&s.conditions, READY).status, "False");
+
+    o.source = SourceObs::QueueMissing;
+    let d = status::compute(&o);
+    assert!(get(&d.conditions, DEGRADED).message.contains("does not exist"));
+}
+
+#[test]
+fn fd_limit_and_crash_loops_quote_the_termination_message() {
+    let p = status::pod_problem(&pod("pod-fd-limit.yaml")).unwrap();
+    assert_eq!(p.kind, PodProblemKind::FdLimit);
+    let p2 = status::pod_problem(&pod("pod-crashloop.yaml")).unwrap();
+    assert_eq!(p2.kind, PodProblemKind::CrashLoop);
+    assert!(
+        p2.message.contains("panicked at worker/src/main.rs:10: boom"),
+        "{}",
+        p2.message
+    );
+    assert!(p2.message.contains("restarted 5 times"));
+
+    let mut o = healthy();
+    o.pod_problems = vec![p2, p];
+    let s = status::compute(&o);
+    let d = get(&s.conditions, DEGRADED);
+    assert_eq!(
+        d.reason,
+        reason::FD_LIMIT_NOT_MET,
+        "fd limit outranks a generic crash loop"
+    );
+    assert!(
+        d.message
+            .contains("cannot raise RLIMIT_NOFILE to 65536: hard limit is 4096"),
+        "{}",
+        d.message
+    );
+    assert!(d.message.contains("orders-to-erp-5d8f7-abcde"));
+}
+
+#[test]
+fn a_healthy_pod_is_no_problem() {
+    let mut p = pod("pod-crashloop.yaml");
+    let cs = &mut p.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0];
+    cs.ready = true;
+    cs.restart_count = 1;
+    cs.state = None;
+    assert_eq!(status::pod_problem(&p), None);
+}
+
+#[test]
+fn secret_problem_is_ready_false_and_degraded_naming_it() {
+    let mut o = healthy();
+    o.source = SourceObs::Problem {
+        reason: reason::SECRET_NOT_FOUND,
+        message: "Secret \"rabbitmq\" (spec.source.connectionSecretRef) not found in namespace team-a".into(),
+    };
+    let s = status::compute(&o);
+    for t in [READY, DEGRADED] {
+        let c = get(&s.conditions, t);
+        assert_eq!(c.reason, reason::SECRET_NOT_FOUND);
+        assert!(c.message.contains("\"rabbitmq\""));
+    }
+    assert_eq!((s.consumers, s.backlog), (None, None));
+}
+
+#[test]
+fn rollout_and_unready_workers() {
+    let mut o = healthy();
+    o.desired = 5;
+    let s = status::compute(&o);
+    assert_eq!(get(&s.conditions, PROGRESSING).status, "True");
+    let r = get(&s.conditions, READY);
+    assert_eq!(
+        (r.status.as_str(), r.reason.as_str()),
+        ("False", reason::WORKERS_NOT_READY)
+    );
+    assert!(r.message.contains("3 of 5"));
+    assert_eq!(get(&s.conditions, DEGRADED).status, "False");
+}
+
+#[test]
+fn single_replica_and_paused() {
+    let mut o = healthy();
+    o.desired = 1;
+    o.single_replica = true;
+    o.deployment = Some(DeploymentObs {
+        spec_replicas: 1,
+        replicas: 1,
+        ready: 1,
+        updated: 1,
+        observed: true,
+    });
+    o.source = SourceObs::Queue {
+        consumers: 1,
+        backlog: 0,
+    };
+    let s = status::compute(&o);
+    assert_eq!(get(&s.conditions, READY).reason, reason::SINGLE_REPLICA);
+    o.paused = true;
+    let s = status::compute(&o);
+    assert_eq!(get(&s.conditions, PAUSED).status, "True");
+    assert_eq!(get(&s.conditions, PROGRESSING).reason, reason::PAUSED);
+}
+
+#[test]
+fn last_transition_time_moves_only_on_flips_and_events_only_on_transitions() {
+    let t0 = at(1_000);
+    let t1 = at(2_000);
+    let first = status::merge_conditions(&[], status::compute(&healthy()).conditions, &t0);
+    assert!(first.iter().all(|c| c.last_transition_time == t0));
+    // Unchanged: same times, no events, equal status (so no write).
+    let again = status::merge_conditions(&first, status::compute(&healthy()).conditions, &t1);
+    assert_eq!(again, first);
+    assert!(status::transitions(&first, &again).is_empty());
+    // Degraded flips: only Ready and Degraded move.
+    let mut o = healthy();
+    o.source = SourceObs::Queue {
+        consumers: 2,
+        backlog: 0,
+    };
+    let degraded = status::merge_conditions(&first, status::compute(&o).conditions, &t1);
+    assert_eq!(get(&degraded, DEGRADED).last_transition_time, t1);
+    assert_eq!(get(&degraded, READY).last_transition_time, t1);
+    assert_eq!(get(&degraded, PROGRESSING).last_transition_time, t0);
+    let ev = status::transitions(&first, &degraded);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert!(ev[0].warning);
+    assert_eq!(ev[0].reason, reason::NOT_CONSUMING);
+    // A changed message without a flip keeps the time.
+    o.source = SourceObs::Queue {
+        consumers: 1,
+        backlog: 0,
+    };
+    let worse = status::merge_conditions(&degraded, status::compute(&o).conditions, &at(3_000));
+    assert_eq!(get(&worse, DEGRADED).last_transition_time, t1);
+    assert!(status::transitions(&degraded, &worse).is_empty());
+    // Recovery: Recovered + Ready events.
+    let back = status::merge_conditions(&worse, status::compute(&healthy()).conditions, &at(4_000));
+    let reasons: Vec<_> = status::transitions(&worse, &back)
+        .into_iter()
+        .map(|t| t.reason)
+        .collect();
+    assert_eq!(reasons, ["Recovered", reason::CONSUMING]);
+}
