@@ -136,7 +136,8 @@ fn init_tracing(format: LogFormat) {
         EnvFilter::try_from_env("HOOKFLEET_LOG").unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
         LogFormat::Text => builder.init(),

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -54,6 +54,8 @@ pub enum SessionError {
     Consumer(#[source] lapin::Error),
     #[error("the broker cancelled the consumer")]
     ConsumerEnded,
+    #[error("the broker refused or returned a retry/dead-letter publish; re-declaring the topology")]
+    PublishRefused,
 }
 
 /// Everything a delivery task needs; shared by all sessions.
@@ -71,6 +73,9 @@ pub struct Worker {
 /// Per-session state: the confirm-mode channel that retries and dead letters are published on.
 struct Session {
     publish: Channel,
+    /// Signalled when the broker refused or returned a publish (e.g. a delay queue was deleted): the
+    /// session ends and the reconnect re-declares the topology, with backoff, instead of looping.
+    publish_failed: tokio::sync::Notify,
 }
 
 impl Worker {
@@ -204,12 +209,16 @@ impl Worker {
             .map_err(SessionError::Consume)?;
         self.metrics.consuming.set(1);
         info!(queue = %cfg.queue, prefetch = cfg.prefetch, concurrency = cfg.concurrency, "consuming");
-        let session = Arc::new(Session { publish });
+        let session = Arc::new(Session {
+            publish,
+            publish_failed: tokio::sync::Notify::new(),
+        });
 
         loop {
             let delivery = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => break,
+                _ = session.publish_failed.notified() => return Err(SessionError::PublishRefused),
                 next = consumer.next() => match next {
                     Some(Ok(d)) => d,
                     Some(Err(e)) => return Err(SessionError::Consumer(e)),
@@ -445,7 +454,7 @@ impl Worker {
                     info!(reason, status, next_in = ?ttl, "attempt failed; retry scheduled");
                     ack(d).await;
                 } else {
-                    hand_back(d, &self.metrics).await;
+                    hand_back(&self.metrics);
                 }
             }
             Outcome::Retry { reason, status, .. } => {
@@ -500,7 +509,7 @@ impl Worker {
             );
             ack(d).await;
         } else {
-            hand_back(d, &self.metrics).await;
+            hand_back(&self.metrics);
         }
     }
 
@@ -524,15 +533,18 @@ impl Worker {
                 Ok(lapin::Confirmation::Ack(None)) => true,
                 Ok(c) => {
                     error!(queue, confirm = ?c, "broker refused or returned the publish");
+                    session.publish_failed.notify_one();
                     false
                 }
                 Err(e) => {
                     warn!(queue, error = %e, "publish not confirmed");
+                    session.publish_failed.notify_one();
                     false
                 }
             },
             Err(e) => {
                 warn!(queue, error = %e, "publish failed");
+                session.publish_failed.notify_one();
                 false
             }
         }
@@ -547,18 +559,12 @@ async fn ack(d: &Delivery) {
     }
 }
 
-/// The copy could not be stored: give the original back to the broker (it is redelivered; nothing is
-/// lost). Only reached when the broker refuses publishes or the channel is gone.
-async fn hand_back(d: &Delivery, metrics: &Metrics) {
+/// The copy could not be stored, so the original stays unacked: the session ends (see
+/// `Session::publish_failed`) and closing its connection hands the message back to the queue. Nacking
+/// it here instead would redeliver it at once on a session that cannot publish: a requeue loop.
+fn hand_back(metrics: &Metrics) {
     metrics.publish_failures.inc();
     metrics.delivery("handed_back", "publish_failed");
-    let requeue = BasicNackOptions {
-        requeue: true,
-        ..Default::default()
-    };
-    if let Err(e) = d.acker.nack(requeue).await {
-        debug!(error = %e, "nack failed; the broker requeues on channel close");
-    }
 }
 
 /// Delay before reconnect attempt `n` (1-based): equal jitter over 0.5 s × 2^(n−1), at most 30 s, so

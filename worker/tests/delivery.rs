@@ -411,3 +411,64 @@ fn s8_invalid_config_exits_with_one_line() -> Result<()> {
     }
     Ok(())
 }
+
+/// A delay queue deleted behind the worker's back: the retry publish is returned as unroutable, the
+/// original stays unacked, the session ends and the reconnect re-declares the topology. Nothing is lost
+/// and the worker does not loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_delay_queue_is_redeclared_and_nothing_is_lost() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 20;
+    let rmq = RabbitMq::start().await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    sink.set_mode(Mode::status(503));
+    let w = start_worker(
+        &rmq,
+        "dq.q",
+        &sink.url(),
+        &[
+            "--backoff-initial",
+            "200ms",
+            "--backoff-jitter",
+            "none",
+            "--backoff-max",
+            "1s",
+        ],
+        &[],
+        dir.path(),
+        "worker",
+    )
+    .await?;
+    rmq.ctl(&["delete_queue", "dq.q.retry.200ms"])?;
+    let published = ids("dq", N);
+    publish(&rmq, "dq.q", &published).await?;
+    // The first retries are returned; the worker reconnects and re-declares.
+    hookfleet_e2e::process::wait_for(
+        "publish failure seen",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || {
+            let w = &w;
+            async move {
+                let m = w.metrics().await.unwrap_or_default();
+                Ok((metric(&m, "hookfleet_publish_failures_total{") >= 1.0).then_some(()))
+            }
+        },
+    )
+    .await?;
+    w.wait_ready(true, Duration::from_secs(20)).await?;
+    assert!(
+        queue_stats(&rmq, "dq.q.retry.200ms").is_ok(),
+        "the delay queue was re-declared"
+    );
+    sink.set_mode(Mode::ok());
+    let want: HashSet<String> = published.iter().cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(30)).await?;
+    account(&published, &sink.delivered(), &HashSet::new())?;
+    let m = w.metrics().await?;
+    assert!(metric(&m, "hookfleet_broker_reconnects_total{") >= 1.0);
+    assert!(metric(&m, "hookfleet_publish_failures_total{") <= N as f64, "{m}");
+    Ok(())
+}

@@ -307,7 +307,7 @@ async fn s7_sigterm_drains_in_flight_and_exits_0() -> Result<()> {
         "in-flight deliveries were acked before exit, so nothing comes twice"
     );
     eprintln!(
-        "s7: N={N}, SIGTERM after {delivered_first} delivered minus in-flight, {finished_after} in-flight finished after the signal, exit 0 in {took:?}, rest delivered by a second worker, duplicates={dups}"
+        "s7: N={N}, first worker delivered {delivered_first} ({finished_after} of them in flight at SIGTERM, finished after it), exit 0 in {took:?}, rest delivered by a second worker, duplicates={dups}"
     );
     Ok(())
 }
