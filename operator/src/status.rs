@@ -92,11 +92,20 @@ pub struct PodProblem {
 /// reports `CrashLoopBackOff`.
 const CRASH_RESTARTS: i32 = 3;
 
+/// Exit code of a worker that could not raise its file-descriptor limit enough (docs/worker.md).
+const WORKER_EXIT_FD_LIMIT: i32 = 3;
+
 fn is_fd_message(m: &str) -> bool {
     let m = m.to_ascii_lowercase();
-    ["file descriptor", "rlimit_nofile", "fd limit", "nofile"]
-        .iter()
-        .any(|k| m.contains(k))
+    [
+        "file descriptor",
+        "file-descriptor",
+        "rlimit_nofile",
+        "fd limit",
+        "nofile",
+    ]
+    .iter()
+    .any(|k| m.contains(k))
 }
 
 /// The trouble a worker pod is in, if any, quoting its last termination message.
@@ -131,8 +140,10 @@ pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
             msg.lines().last().unwrap_or(msg).to_string()
         }
     });
+    // docs/worker.md: exit code 3 is "fd limit cannot be met".
+    let fd_exit = last.is_some_and(|t| t.exit_code == WORKER_EXIT_FD_LIMIT);
     if let Some(t) = &termination
-        && is_fd_message(t)
+        && (fd_exit || is_fd_message(t))
         && !cs.ready
     {
         return Some(PodProblem {

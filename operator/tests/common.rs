@@ -1,0 +1,196 @@
+//! Shared helpers of the operator's integration tests (included with `mod common;`).
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hookfleet_crds::Integration;
+use hookfleet_e2e::ControlPlane;
+use hookfleet_e2e::process::{free_port, wait_for};
+use hookfleet_operator::{Config, LeaderElection, Metrics, Operator};
+use k8s_openapi::api::core::v1::Secret;
+use kube::Client;
+use kube::api::{Api, PostParams};
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use tokio::task::JoinHandle;
+
+pub const NS: &str = "default";
+
+/// An operator running in this test process.
+pub struct Running {
+    pub task: JoinHandle<hookfleet_operator::Result<()>>,
+    pub metrics: Arc<Metrics>,
+    pub http: std::net::SocketAddr,
+}
+
+impl Running {
+    pub fn leader(&self) -> bool {
+        self.metrics.leader.get() == 1
+    }
+    pub fn reconciles(&self) -> u64 {
+        self.metrics.reconciles.get()
+    }
+}
+
+/// Short intervals so the suite stays quick; lease of 3 s.
+pub fn config(identity: &str) -> Config {
+    let mut c = Config::new("ghcr.io/hookfleet/worker:test");
+    c.resync = Duration::from_secs(1);
+    c.retry = Duration::from_secs(1);
+    c.max_backoff = Duration::from_secs(2);
+    c.scale_up_period = Duration::from_secs(1);
+    c.http_addr = Some(format!("127.0.0.1:{}", free_port().unwrap()).parse().unwrap());
+    c.instance = identity.into();
+    c.leader_election = Some(LeaderElection {
+        lease_name: "hookfleet-operator".into(),
+        lease_namespace: NS.into(),
+        identity: identity.into(),
+        lease_duration_secs: 3,
+        renew_grace_secs: 1,
+    });
+    c
+}
+
+pub fn spawn(client: Client, config: Config) -> Running {
+    let http = config.http_addr.unwrap();
+    let op = Operator::new(config);
+    let metrics = op.metrics();
+    let task = tokio::spawn(op.run(client, futures::future::pending::<()>()));
+    Running { task, metrics, http }
+}
+
+pub async fn secret(cp: &ControlPlane, name: &str, uri: &str) -> anyhow::Result<()> {
+    let api: Api<Secret> = Api::namespaced(cp.client(), NS);
+    let s: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+        "stringData": {"uri": uri}
+    }))?;
+    let _ = api.delete(name, &Default::default()).await;
+    wait_for(
+        "old secret gone",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            let api = api.clone();
+            async move { Ok(api.get_opt(name).await?.is_none().then_some(())) }
+        },
+    )
+    .await?;
+    api.create(&PostParams::default(), &s).await?;
+    Ok(())
+}
+
+pub async fn create(cp: &ControlPlane, body: serde_json::Value) -> anyhow::Result<Integration> {
+    let api: Api<Integration> = Api::namespaced(cp.client(), NS);
+    let mut body = body;
+    body["apiVersion"] = "hookfleet.io/v1alpha1".into();
+    body["kind"] = "Integration".into();
+    let intg: Integration = serde_json::from_value(body)?;
+    Ok(api.create(&PostParams::default(), &intg).await?)
+}
+
+/// Declares `queue` durable (the worker would) and attaches `n` consumers, one channel each; a
+/// consumer goes away when its channel is dropped/closed.
+pub async fn consumers(
+    conn: &Connection,
+    queue: &str,
+    n: usize,
+) -> anyhow::Result<Vec<(Channel, lapin::Consumer)>> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let ch = conn.create_channel().await?;
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        let tag = format!("test-{queue}-{i}-{}", free_port()?);
+        // The Consumer is kept: dropping it cancels the subscription.
+        let consumer = ch
+            .basic_consume(
+                queue.into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        out.push((ch, consumer));
+    }
+    Ok(out)
+}
+
+pub async fn connect(uri: &str) -> anyhow::Result<Connection> {
+    Ok(Connection::connect(uri, ConnectionProperties::default()).await?)
+}
+
+/// Waits until the Integration satisfies `f`; the error shows the last status seen.
+pub async fn until<F>(
+    cp: &ControlPlane,
+    name: &str,
+    what: &str,
+    secs: u64,
+    f: F,
+) -> anyhow::Result<Integration>
+where
+    F: Fn(&Integration) -> bool,
+{
+    let api: Api<Integration> = Api::namespaced(cp.client(), NS);
+    let f = &f;
+    wait_for(
+        what,
+        Duration::from_secs(secs),
+        Duration::from_millis(200),
+        || {
+            let api = api.clone();
+            async move {
+                let i = api.get(name).await?;
+                if f(&i) {
+                    Ok(Some(i))
+                } else {
+                    anyhow::bail!("status now: {}", serde_json::to_string(&i.status)?)
+                }
+            }
+        },
+    )
+    .await
+}
+
+pub fn cond<'a>(i: &'a Integration, t: &str) -> (&'a str, &'a str, &'a str) {
+    i.condition(t)
+        .map(|c| (c.status.as_str(), c.reason.as_str(), c.message.as_str()))
+        .unwrap_or(("", "", ""))
+}
+
+/// A plain HTTP/1.0 GET (status line and body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+/// The NodeTaint admission plugin gives every new node `node.kubernetes.io/not-ready:NoSchedule`, which
+/// only the node-lifecycle controller removes; when the harness runs without that controller the fake
+/// node keeps it and nothing schedules. Removing it here works with and without that controller.
+pub async fn untaint_fake_node(cp: &ControlPlane) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::{Patch, PatchParams};
+    let nodes: Api<Node> = Api::all(cp.client());
+    nodes
+        .patch(
+            hookfleet_e2e::control_plane::FAKE_NODE,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"taints": null}})),
+        )
+        .await?;
+    Ok(())
+}
