@@ -88,6 +88,12 @@ pub struct Args {
     /// Burst of the rate limit; defaults to --rate-limit.
     #[arg(long, env = "HOOKFLEET_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
+    /// Consecutive retryable failures that open the circuit breaker (0 disables it).
+    #[arg(long, env = "HOOKFLEET_CIRCUIT_BREAKER_THRESHOLD", default_value_t = 20)]
+    pub circuit_breaker_threshold: u32,
+    /// How long an open breaker defers deliveries before one probe is let through (Go duration).
+    #[arg(long, env = "HOOKFLEET_CIRCUIT_BREAKER_COOLDOWN", default_value = "10s")]
+    pub circuit_breaker_cooldown: String,
     /// Dead-letter queue; defaults to <queue>.dead.
     #[arg(long, env = "HOOKFLEET_DEAD_LETTER_QUEUE")]
     pub dead_letter_queue: Option<String>,
@@ -160,6 +166,8 @@ pub struct Config {
     pub concurrency: usize,
     /// (per second, burst).
     pub rate_limit: Option<(u32, u32)>,
+    /// (consecutive failures, cooldown); a threshold of 0 disables the breaker.
+    pub circuit_breaker: (u32, Duration),
     pub dead_letter_queue: String,
     pub fd_limit: u64,
     pub allow_private_networks: bool,
@@ -189,6 +197,7 @@ impl fmt::Debug for Config {
             .field("backoff", &self.backoff)
             .field("concurrency", &self.concurrency)
             .field("rate_limit", &self.rate_limit)
+            .field("circuit_breaker", &self.circuit_breaker)
             .field("dead_letter_queue", &self.dead_letter_queue)
             .field("fd_limit", &self.fd_limit)
             .field("allow_private_networks", &self.allow_private_networks)
@@ -459,6 +468,15 @@ impl Config {
             (Some(r), b) => Some((r, b.unwrap_or(r))),
         };
 
+        let cooldown_setting = "--circuit-breaker-cooldown (HOOKFLEET_CIRCUIT_BREAKER_COOLDOWN)";
+        let cooldown = check_range(
+            cooldown_setting,
+            parse_duration(cooldown_setting, &args.circuit_breaker_cooldown)?,
+            tenth,
+            Duration::from_secs(3600),
+        )?;
+        let circuit_breaker = (args.circuit_breaker_threshold, cooldown);
+
         let dead_letter_queue = match args.dead_letter_queue.map(|q| q.trim().to_owned()) {
             Some(q) if !q.is_empty() => q,
             _ => format!("{queue}.dead"),
@@ -520,6 +538,7 @@ impl Config {
             },
             concurrency: concurrency as usize,
             rate_limit,
+            circuit_breaker,
             dead_letter_queue,
             fd_limit: args.fd_limit,
             allow_private_networks: args.allow_private_networks,

@@ -4,6 +4,7 @@
 //! are unit-tested in isolation. The flag contract is in `docs/worker.md`.
 
 pub mod backoff;
+pub mod breaker;
 pub mod config;
 pub mod fdlimit;
 pub mod message;

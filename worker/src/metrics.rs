@@ -21,7 +21,7 @@ pub type Labels = Vec<(&'static str, &'static str)>;
 
 pub struct Metrics {
     registry: Registry,
-    /// Attempts by result (`delivered`, `retried`, `dead_lettered`, `handed_back`) and reason.
+    /// Attempts by result (`delivered`, `retried`, `deferred`, `dead_lettered`, `handed_back`) and reason.
     pub deliveries: Family<Labels, Counter>,
     pub latency: Histogram,
     pub in_flight: Gauge,
@@ -35,6 +35,7 @@ pub struct Metrics {
     pub max_fds: Gauge<i64, AtomicI64>,
     pub fd_exhausted: Counter,
     pub publish_failures: Counter,
+    pub circuit_open: Gauge,
     pub rate_limited_seconds: Counter<f64, AtomicU64>,
 }
 
@@ -61,6 +62,7 @@ impl Metrics {
             max_fds: Gauge::default(),
             fd_exhausted: Counter::default(),
             publish_failures: Counter::default(),
+            circuit_open: Gauge::default(),
             rate_limited_seconds: Counter::default(),
             registry: Registry::default(),
         };
@@ -116,6 +118,11 @@ impl Metrics {
             "publish_failures",
             "Retry or dead-letter publishes the broker did not confirm (message handed back)",
             m.publish_failures.clone(),
+        );
+        r.register(
+            "circuit_open",
+            "1 while the destination's circuit breaker is open or probing",
+            m.circuit_open.clone(),
         );
         r.register(
             "rate_limited_seconds",

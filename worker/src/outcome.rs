@@ -14,6 +14,9 @@ pub enum Outcome {
         status: Option<u16>,
         retry_after: Option<Duration>,
     },
+    /// Not attempted: the circuit breaker is open. Deferred through a delay queue of about `delay`
+    /// without spending an attempt.
+    Deferred { delay: Duration },
     /// Retrying cannot help: dead-letter now.
     Reject {
         reason: &'static str,

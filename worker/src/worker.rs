@@ -23,6 +23,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use tokio::sync::{Semaphore, watch};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::breaker::{Admit, Breaker, Transition};
 use crate::config::{Config, redact_uri};
 use crate::message::{self, Failure, Meta};
 use crate::metrics::Metrics;
@@ -64,6 +65,7 @@ pub struct Worker {
     http: reqwest::Client,
     metrics: Arc<Metrics>,
     limiter: Option<RateLimiter>,
+    breaker: Breaker,
     permits: Arc<Semaphore>,
     ladder: Vec<Duration>,
     /// Static headers, built once.
@@ -101,6 +103,7 @@ impl Worker {
         }
         Ok(Arc::new(Self {
             limiter: cfg.rate_limit.map(|(r, b)| RateLimiter::new(r, b)),
+            breaker: Breaker::new(cfg.circuit_breaker.0, cfg.circuit_breaker.1),
             permits: Arc::new(Semaphore::new(cfg.concurrency)),
             ladder: cfg.backoff.ladder(),
             http,
@@ -337,9 +340,36 @@ impl Worker {
         let attempt = meta.attempts + 1;
         let span = info_span!("delivery", id = %meta.id, attempt, redelivered = d.redelivered);
         async {
-            self.metrics.in_flight.inc();
-            let outcome = self.attempt(&d, &meta).await;
-            self.metrics.in_flight.dec();
+            let admit = self.breaker.admit();
+            let outcome = match admit {
+                Admit::Defer(remaining) => {
+                    // Spread the deferred messages over half a cooldown so they do not return in one wave.
+                    let spread = remaining.mul_f64(1.0 + rand::rng().random_range(0.0..0.5));
+                    Outcome::Deferred { delay: spread }
+                }
+                Admit::Go | Admit::Probe => {
+                    self.metrics.in_flight.inc();
+                    let outcome = self.attempt(&d, &meta).await;
+                    self.metrics.in_flight.dec();
+                    let healthy = !matches!(outcome, Outcome::Retry { .. });
+                    match self.breaker.record(healthy, admit == Admit::Probe) {
+                        Some(Transition::Opened) => {
+                            self.metrics.circuit_open.set(1);
+                            warn!(
+                                threshold = self.cfg.circuit_breaker.0,
+                                cooldown = ?self.cfg.circuit_breaker.1,
+                                "circuit breaker opened: deferring deliveries"
+                            );
+                        }
+                        Some(Transition::Closed) => {
+                            self.metrics.circuit_open.set(0);
+                            info!("circuit breaker closed: the destination recovered");
+                        }
+                        None => {}
+                    }
+                    outcome
+                }
+            };
             self.settle(session, &d, &meta, attempt, outcome).await;
         }
         .instrument(span)
@@ -452,6 +482,30 @@ impl Worker {
                     self.metrics.retries.inc();
                     self.metrics.delivery("retried", reason);
                     info!(reason, status, next_in = ?ttl, "attempt failed; retry scheduled");
+                    ack(d).await;
+                } else {
+                    hand_back(&self.metrics);
+                }
+            }
+            Outcome::Deferred { delay } => {
+                // Not attempted: the attempt count stays as it was.
+                let ttl = self.cfg.backoff.bucket(delay.min(self.cfg.backoff.max));
+                let failure = Failure {
+                    reason: "circuit_open",
+                    status: None,
+                };
+                let props = message::retry_properties(
+                    &d.properties,
+                    exchange,
+                    rk,
+                    meta,
+                    meta.attempts,
+                    failure,
+                    ttl.as_millis() as u64,
+                );
+                if self.publish(session, &self.retry_queue(ttl), d, props).await {
+                    self.metrics.delivery("deferred", "circuit_open");
+                    debug!(next_in = ?ttl, "circuit open; deferred");
                     ack(d).await;
                 } else {
                     hand_back(&self.metrics);

@@ -139,6 +139,9 @@ async fn s6_stalling_endpoint_under_a_low_fd_limit() -> Result<()> {
             "1s",
             "--max-attempts",
             "100",
+            // Every attempt should really hit the stalling sink: that is the descriptor stress.
+            "--circuit-breaker-threshold",
+            "0",
         ]
         .map(String::from),
     );
