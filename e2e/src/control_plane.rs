@@ -45,6 +45,9 @@ pub struct ControlPlane {
     client: Client,
 }
 
+/// kwok's stages: node Ready, pod Running and Ready, deleted pod removed (see the file's header).
+const KWOK_STAGES: &str = include_str!("../kwok/stages.yaml");
+
 /// Name of the fake node kwok manages.
 pub const FAKE_NODE: &str = "kwok-node-0";
 
@@ -199,9 +202,10 @@ impl ControlPlane {
             format!("--service-account-private-key-file={}", pki.sa_key.display()),
             format!("--root-ca-file={}", pki.ca_cert.display()),
             "--use-service-account-credentials=false".into(),
-            // No cloud, no node IPAM, no bootstrap tokens; everything else (deployments, replicasets,
+            // No cloud, no node IPAM, no bootstrap tokens, and no node lifecycle (kwok's node sends no
+            // heartbeats, and nothing here tests evictions); everything else (deployments, replicasets,
             // garbage collector, service accounts, endpoints, disruption) runs.
-            "--controllers=*,-nodeipam,-bootstrapsigner,-tokencleaner".into(),
+            "--controllers=*,-nodeipam,-nodelifecycle,-bootstrapsigner,-tokencleaner".into(),
             "--concurrent-deployment-syncs=10".into(),
             "--v=1".into(),
         ]);
@@ -223,11 +227,14 @@ impl ControlPlane {
             &self.dir.path().join("kube-scheduler.log"),
         )?);
 
+        let stages = self.dir.path().join("kwok-stages.yaml");
+        std::fs::write(&stages, KWOK_STAGES)?;
         self.kwok = Some(Process::spawn(
             "kwok",
             kwok,
             &[
                 format!("--kubeconfig={kubeconfig}"),
+                format!("--config={}", stages.display()),
                 "--manage-all-nodes=false".into(),
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
                 "--node-ip=10.244.0.1".into(),
@@ -309,7 +316,14 @@ impl ControlPlane {
                 .as_ref()
                 .map(|k| format!("kwok log:\n{}", k.log_tail(20)))
                 .unwrap_or_default()
-        })
+        })?;
+        // Admission gives a new node the not-ready taint; the node-lifecycle controller would lift it,
+        // but it is off here (it would mark the heartbeat-less node NotReady again), so lift it ourselves.
+        let untaint = serde_json::json!({"spec": {"taints": null}});
+        nodes
+            .patch(name, &PatchParams::default(), &kube::api::Patch::Merge(&untaint))
+            .await?;
+        Ok(())
     }
 
     /// A client authenticated as a cluster admin.

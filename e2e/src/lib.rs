@@ -16,11 +16,15 @@ pub mod tools;
 pub use control_plane::ControlPlane;
 pub use rabbitmq::RabbitMq;
 
-/// Logs from the harness to the test's output, once per process (`RUST_LOG` filters; default `info`).
+/// Logs from the harness to the test's output, once per process (`RUST_LOG` filters; default `info`, without kube's
+/// per-request errors while the API server is still starting).
 pub fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,kube_client::client::builder=off")),
+        )
         .with_test_writer()
         .try_init();
 }
