@@ -16,8 +16,8 @@ tools: ## Build the pinned control-plane binaries into ~/.cache/hookfleet (cache
 demo: deps tools ## Bring up the local stack (control plane + RabbitMQ), install the CRD, apply a sample; Ctrl-C ends it
 	$(CARGO) run -q -p hookfleet-e2e --bin hookfleet-env -- up
 
-test: deps tools lint ## The whole test suite: lints, unit tests, and integration tests on the real stack
-	$(CARGO) test --workspace --all-targets
+test: deps tools lint ## The whole test suite: lints, unit tests, and integration tests on the real stack (benches: bench-*)
+	$(CARGO) test --workspace --lib --bins --tests
 
 lint: ## rustfmt and clippy (warnings are errors); the generated CRD is checked by a test
 	$(CARGO) fmt --all --check

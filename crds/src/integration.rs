@@ -55,6 +55,13 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+// The worker's fd budget (worker/src/fdlimit.rs `required`): one socket per in-flight delivery, as many idle
+// pooled ones, and a reserve of 64 for the broker, the metrics server and the runtime.
+#[x_kube(validation = kube::core::Rule::new(
+    "self.workers.fileDescriptorLimit >= 2 * self.delivery.concurrency + 64"
+).message("workers.fileDescriptorLimit must be at least 2 × delivery.concurrency + 64, or the workers \
+           refuse to start")
+    .field_path(".workers.fileDescriptorLimit"))]
 pub struct IntegrationSpec {
     /// The RabbitMQ queue to consume.
     pub source: SourceSpec,

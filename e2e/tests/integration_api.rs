@@ -163,6 +163,13 @@ async fn crd_is_established_and_validates_integrations() -> anyhow::Result<()> {
             "spec.workers.fileDescriptorLimit",
         ),
         (
+            "fd-limit-below-concurrency-budget",
+            format!(
+                "{src}{dst}  delivery: {{concurrency: 1000}}\n  workers: {{fileDescriptorLimit: 2000}}\n"
+            ),
+            "spec.workers.fileDescriptorLimit",
+        ),
+        (
             "zero-prefetch",
             format!("  source: {{connectionSecretRef: {{name: r, key: uri}}, queue: q, prefetch: 0}}\n{dst}"),
             "spec.source.prefetch",
