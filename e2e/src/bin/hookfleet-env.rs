@@ -102,6 +102,11 @@ async fn run() -> Result<()> {
 
     let env_file = cp.dir().join("env");
     let mut env = format!("export KUBECONFIG={}\n", cp.kubeconfig().display());
+    // The pinned kubectl (and helm) first on PATH, matching the API server's version.
+    let kubectl = hookfleet_e2e::tools::path(hookfleet_e2e::tools::Tool::Kubectl)?;
+    if let Some(dir) = kubectl.parent() {
+        env.push_str(&format!("export PATH={}:$PATH\n", dir.display()));
+    }
     if let Some(rmq) = &rmq {
         env.push_str(&format!("export HOOKFLEET_AMQP_URI={}\n", rmq.amqp_uri()));
     }
