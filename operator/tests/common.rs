@@ -177,20 +177,3 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<
     s.read_to_string(&mut out).await?;
     Ok(out)
 }
-
-/// The NodeTaint admission plugin gives every new node `node.kubernetes.io/not-ready:NoSchedule`, which
-/// only the node-lifecycle controller removes; when the harness runs without that controller the fake
-/// node keeps it and nothing schedules. Removing it here works with and without that controller.
-pub async fn untaint_fake_node(cp: &ControlPlane) -> anyhow::Result<()> {
-    use k8s_openapi::api::core::v1::Node;
-    use kube::api::{Patch, PatchParams};
-    let nodes: Api<Node> = Api::all(cp.client());
-    nodes
-        .patch(
-            hookfleet_e2e::control_plane::FAKE_NODE,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"spec": {"taints": null}})),
-        )
-        .await?;
-    Ok(())
-}

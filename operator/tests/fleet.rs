@@ -29,7 +29,6 @@ async fn backlog_scales_up_at_most_doubling_and_down_after_the_window() -> anyho
     hookfleet_e2e::init_tracing();
     let cp = ControlPlane::start_with_workloads().await?;
     cp.install_crds().await?;
-    untaint_fake_node(&cp).await?;
     let rmq = hookfleet_e2e::RabbitMq::start().await?;
     secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
     let conn = connect(&rmq.amqp_uri()).await?;
@@ -125,7 +124,6 @@ async fn one_leader_failover_and_restart_mid_reconcile() -> anyhow::Result<()> {
     hookfleet_e2e::init_tracing();
     let cp = ControlPlane::start_with_workloads().await?;
     cp.install_crds().await?;
-    untaint_fake_node(&cp).await?;
     let rmq = hookfleet_e2e::RabbitMq::start().await?;
     secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
 

@@ -39,7 +39,6 @@ async fn lifecycle_status_and_zero_write_steady_state() -> anyhow::Result<()> {
     hookfleet_e2e::init_tracing();
     let cp = ControlPlane::start_with_workloads().await?;
     cp.install_crds().await?;
-    untaint_fake_node(&cp).await?;
     let rmq = hookfleet_e2e::RabbitMq::start().await?;
     let conn = connect(&rmq.amqp_uri()).await?;
     secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
