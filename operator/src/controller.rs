@@ -10,10 +10,12 @@ use futures::StreamExt;
 use hookfleet_crds::Integration;
 use hookfleet_crds::integration::SecretKeyRef;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -132,7 +134,7 @@ impl Context {
             .remove(&key("Integration", ns, name));
     }
 
-    async fn event(&self, intg: &Integration, warning: bool, reason: &str, note: String) {
+    async fn event(&self, regarding: &ObjectReference, warning: bool, reason: &str, note: String) {
         let ev = Event {
             type_: if warning {
                 EventType::Warning
@@ -144,7 +146,7 @@ impl Context {
             action: "Reconcile".into(),
             secondary: None,
         };
-        match self.recorder.publish(&ev, &intg.object_ref(&())).await {
+        match self.recorder.publish(&ev, regarding).await {
             Ok(()) => self.metrics.write("Event"),
             // An Event is best effort: losing one must not fail the reconcile.
             Err(e) => warn!(error = %e, "publishing an Event"),
@@ -231,23 +233,32 @@ async fn observe_source(intg: &Integration, ctx: &Context, ns: &str) -> Result<S
     Ok(ctx.broker.observe(uri.trim(), &spec.source.queue).await)
 }
 
-#[instrument(skip_all, fields(integration = %format!("{}/{}", intg.namespace().unwrap_or_default(), intg.name_any())))]
-async fn reconcile(intg: Arc<Integration>, ctx: Arc<Context>) -> Result<Action> {
+/// Integrations are watched through a [`DeserializeGuard`]: one stored object that does not fit the Rust
+/// types (written under an older or looser CRD; stored objects are not re-validated) reaches `reconcile`
+/// as an error instead of failing the list/watch of every Integration.
+type Watched = DeserializeGuard<Integration>;
+
+#[instrument(skip_all, fields(integration = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
+async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.timer();
     ctx.metrics.reconciles.inc();
-    let ns = intg
+    let ns = obj
         .namespace()
         .ok_or(Error::InvalidObject("metadata.namespace is missing"))?;
-    let name = intg.name_any();
-    if intg.metadata.deletion_timestamp.is_some() {
+    let name = obj.name_any();
+    if obj.meta().deletion_timestamp.is_some() {
         // The garbage collector removes the children through their owner references.
         ctx.forget(&ns, &name);
         return Ok(Action::await_change());
     }
+    let intg = match &obj.0 {
+        Ok(intg) => intg,
+        Err(invalid) => return Err(malformed(invalid, &ctx, &ns, &name).await),
+    };
     let spec = &intg.spec;
 
     // Dereference.
-    let source = observe_source(&intg, &ctx, &ns).await?;
+    let source = observe_source(intg, &ctx, &ns).await?;
     let cached_deployment = ctx.deployments.get(&ObjectRef::new(&name).within(&ns));
     let current = cached_deployment
         .as_ref()
@@ -279,9 +290,9 @@ async fn reconcile(intg: Arc<Integration>, ctx: Arc<Context>) -> Result<Action> 
 
     // Build and apply.
     if !spec.paused {
-        let deployment = desired::deployment(&intg, &ctx.config.worker, desired_replicas)?;
-        let pdb = desired::pod_disruption_budget(&intg)?;
-        let service = desired::metrics_service(&intg)?;
+        let deployment = desired::deployment(intg, &ctx.config.worker, desired_replicas)?;
+        let pdb = desired::pod_disruption_budget(intg)?;
+        let service = desired::metrics_service(intg)?;
         ctx.apply(&deployment, cached_deployment.clone()).await?;
         ctx.apply(&pdb, ctx.pdbs.get(&ObjectRef::new(&name).within(&ns)))
             .await?;
@@ -295,7 +306,7 @@ async fn reconcile(intg: Arc<Integration>, ctx: Arc<Context>) -> Result<Action> 
             && cur != desired_replicas
         {
             ctx.event(
-                &intg,
+                &intg.object_ref(&()),
                 false,
                 "Scaled",
                 format!(
@@ -339,11 +350,12 @@ async fn reconcile(intg: Arc<Integration>, ctx: Arc<Context>) -> Result<Action> 
         .any(|c| c.type_ == hookfleet_crds::integration::condition::DEGRADED && c.status == "True");
     if new != old {
         for t in status::transitions(&old.conditions, &new.conditions) {
-            ctx.event(&intg, t.warning, &t.reason, t.note).await;
+            ctx.event(&intg.object_ref(&()), t.warning, &t.reason, t.note)
+                .await;
         }
         if fixed == Some(1) && old.replicas != Some(1) {
             ctx.event(
-                &intg,
+                &intg.object_ref(&()),
                 true,
                 reason::SINGLE_REPLICA,
                 "spec.workers.replicas is 1: a single worker is a single point of failure; use 2 or more"
@@ -387,8 +399,115 @@ async fn reconcile(intg: Arc<Integration>, ctx: Arc<Context>) -> Result<Action> 
     Ok(Action::requeue(next))
 }
 
-fn error_policy(intg: Arc<Integration>, err: &Error, ctx: Arc<Context>) -> Action {
+/// Where a stored Integration does not fit the types, with the field: `spec.workers.replicas: invalid
+/// type: string "three", expected i32`. The guard's own error has no path, so the raw object is read
+/// once more (only for malformed objects, once per change) and deserialized with path tracking.
+async fn deserialize_error(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    invalid: &InvalidObject,
+) -> (String, serde_json::Value) {
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(ctx.client.clone(), ns, &ApiResource::erase::<Integration>(&()));
+    let raw = match api.get(name).await.map(serde_json::to_value) {
+        Ok(Ok(raw)) => raw,
+        _ => return (invalid.error.clone(), serde_json::Value::Null),
+    };
+    let message = match serde_path_to_error::deserialize::<_, Integration>(raw.clone()) {
+        Err(e) if e.path().to_string() != "." => format!("{}: {}", e.path(), e.inner()),
+        Err(e) => e.inner().to_string(),
+        // Changed in between: the next watch event brings the new object.
+        Ok(_) => invalid.error.clone(),
+    };
+    (message, raw)
+}
+
+/// A stored Integration that does not deserialize: nothing is applied; Ready=False/Degraded=True with
+/// reason `InvalidSpec` quoting the error (the field named) and a Warning Event when that changes. The
+/// caller's error policy then waits for the object to change: retrying cannot fix it.
+async fn malformed(invalid: &InvalidObject, ctx: &Context, ns: &str, name: &str) -> Error {
+    let (message, raw) = deserialize_error(ctx, ns, name, invalid).await;
+    let message = format!("the Integration does not match hookfleet.io/v1alpha1: {message}; fix the object");
+    let generation = invalid.metadata.generation;
+    // The old conditions, read leniently: the status may be as wrong as the spec.
+    let old: Vec<Condition> = raw
+        .pointer("/status/conditions")
+        .cloned()
+        .and_then(|c| serde_json::from_value(c).ok())
+        .unwrap_or_default();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let cond = |type_: &str| Condition {
+        type_: type_.into(),
+        status: if type_ == hookfleet_crds::integration::condition::DEGRADED {
+            "True"
+        } else {
+            "False"
+        }
+        .into(),
+        reason: reason::INVALID_SPEC.into(),
+        message: message.clone(),
+        observed_generation: generation,
+        last_transition_time: now.clone(),
+    };
+    let new = status::merge_conditions(
+        &old,
+        vec![
+            cond(hookfleet_crds::integration::condition::READY),
+            cond(hookfleet_crds::integration::condition::DEGRADED),
+        ],
+        &now,
+    );
+    let unchanged = |t: &str| {
+        let find = |cs: &[Condition]| {
+            cs.iter()
+                .find(|c| c.type_ == t)
+                .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        };
+        find(&old) == find(&new)
+    };
+    let regarding = ObjectReference {
+        api_version: Some(Integration::api_version(&()).into()),
+        kind: Some(Integration::kind(&()).into()),
+        name: Some(name.into()),
+        namespace: Some(ns.into()),
+        uid: invalid.metadata.uid.clone(),
+        resource_version: invalid.metadata.resource_version.clone(),
+        ..Default::default()
+    };
+    if !(unchanged(hookfleet_crds::integration::condition::READY)
+        && unchanged(hookfleet_crds::integration::condition::DEGRADED))
+    {
+        ctx.event(&regarding, true, reason::INVALID_SPEC, message.clone())
+            .await;
+        // A merge patch, not server-side apply: apply must convert the live object to its schema type, which
+        // fails on exactly the fields that are wrong (500 "failed to create typed live object").
+        let body = serde_json::json!({
+            "status": {"observedGeneration": generation, "conditions": new},
+        });
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), ns, &ApiResource::erase::<Integration>(&()));
+        let pp = PatchParams {
+            field_manager: Some(ctx.config.field_manager.clone()),
+            ..Default::default()
+        };
+        match api.patch_status(name, &pp, &Patch::Merge(&body)).await {
+            Ok(_) => ctx.metrics.write("IntegrationStatus"),
+            // The Event already says it; a status the API server refuses must not hide the cause.
+            Err(e) => warn!(error = %e, "writing the status of a malformed Integration"),
+        }
+    }
+    Error::InvalidSpec(message)
+}
+
+fn error_policy(obj: Arc<Watched>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.error(err.metric_label());
+    if let Error::InvalidSpec(_) = err {
+        // Retrying cannot fix a malformed object; its next change triggers a reconcile.
+        warn!(error = %err, "malformed Integration; waiting for it to change");
+        return Action::await_change();
+    }
+    let intg = obj;
     let k = key(
         "Integration",
         &intg.namespace().unwrap_or_default(),
@@ -454,7 +573,7 @@ pub async fn run(
         .default_backoff()
         .touched_objects();
 
-    let integrations: Api<Integration> = child_api(&client, &config.namespace);
+    let integrations: Api<Watched> = child_api(&client, &config.namespace);
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -488,7 +607,7 @@ pub async fn run(
                 .get(INTEGRATION_LABEL)
                 .cloned()
                 .zip(ns)
-                .map(|(name, ns)| ObjectRef::<Integration>::new(&name).within(&ns))
+                .map(|(name, ns)| ObjectRef::<Watched>::new(&name).within(&ns))
         })
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(stop);
@@ -524,8 +643,12 @@ pub async fn run(
 
 /// Fails with a message that says how to install the CRD when it is missing.
 pub async fn check_crd(client: &Client) -> Result<()> {
+    // Metadata only: a malformed Integration must not make the operator refuse to start.
     let api: Api<Integration> = Api::all(client.clone());
-    match api.list(&kube::api::ListParams::default().limit(1)).await {
+    match api
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await
+    {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Err(Error::CrdNotInstalled),
         Err(e) => Err(Error::Kube(e)),

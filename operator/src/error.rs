@@ -7,6 +7,9 @@
 pub enum Error {
     #[error("the Integration is malformed: {0}")]
     InvalidObject(&'static str),
+    /// A stored Integration that does not deserialize into the types; waits for a change, no retry.
+    #[error("{0}")]
+    InvalidSpec(String),
     #[error("reading Secret {name}: {source}")]
     ReadSecret {
         name: String,
@@ -47,6 +50,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::InvalidObject(_) => "invalid_object",
+            Error::InvalidSpec(_) => "invalid_spec",
             Error::ReadSecret { .. } => "read_secret",
             Error::Apply { .. } => "apply",
             Error::WriteStatus(_) => "write_status",

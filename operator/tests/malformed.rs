@@ -1,0 +1,196 @@
+//! A stored Integration that does not fit the Rust types (created under a looser CRD; stored objects are not
+//! re-validated when the CRD tightens) does not wedge the controller: the others reconcile, the bad one gets
+//! a Warning Event and a condition naming the field, and it is not retried until it changes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hookfleet_crds::Integration;
+use hookfleet_e2e::ControlPlane;
+use hookfleet_e2e::process::wait_for;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams};
+
+/// The real CRD with `spec` accepting anything.
+fn permissive_crd() -> anyhow::Result<CustomResourceDefinition> {
+    let mut crd: serde_json::Value = serde_yaml::from_str(&hookfleet_crds::crd_yaml())?;
+    for v in crd["spec"]["versions"].as_array_mut().unwrap() {
+        v["schema"]["openAPIV3Schema"]["properties"]["spec"] =
+            serde_json::json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+        if let Some(root) = v["schema"]["openAPIV3Schema"].as_object_mut() {
+            root.remove("x-kubernetes-validations");
+        }
+        // The scale subresource type-checks spec.workers.replicas on create.
+        if let Some(sub) = v["subresources"].as_object_mut() {
+            sub.remove("scale");
+        }
+    }
+    Ok(serde_json::from_value(crd)?)
+}
+
+fn metric(text: &str, line_prefix: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn events_for(cp: &ControlPlane, name: &str) -> anyhow::Result<Vec<Event>> {
+    let events: Api<Event> = Api::namespaced(cp.client(), NS);
+    Ok(events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_integration_does_not_wedge_the_controller() -> anyhow::Result<()> {
+    hookfleet_e2e::init_tracing();
+    let cp = ControlPlane::start_with_workloads().await?;
+    let rmq = hookfleet_e2e::RabbitMq::start().await?;
+    secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
+
+    // Two objects stored under a permissive CRD, then the real CRD back.
+    hookfleet_e2e::control_plane::install_crd(&cp.client(), &permissive_crd()?).await?;
+    let raw: Api<DynamicObject> =
+        Api::namespaced_with(cp.client(), NS, &ApiResource::erase::<Integration>(&()));
+    let source = serde_json::json!({"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "q"});
+    let destination = serde_json::json!({"url": "https://erp.example.com/hooks"});
+    for (name, spec) in [
+        (
+            "three",
+            serde_json::json!({"source": source, "destination": destination, "workers": {"replicas": "three"}}),
+        ),
+        ("sourceless", serde_json::json!({"destination": destination})),
+    ] {
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hookfleet.io/v1alpha1", "kind": "Integration",
+            "metadata": {"name": name}, "spec": spec
+        }))?;
+        raw.create(&PostParams::default(), &obj).await?;
+    }
+    cp.install_crds().await?;
+    let typed: Api<Integration> = Api::namespaced(cp.client(), NS);
+    assert!(
+        typed.list(&ListParams::default()).await.is_err(),
+        "a typed list fails on the stored objects (what would wedge a typed watch)"
+    );
+
+    let op = spawn(cp.client(), config("solo"));
+    create(
+        &cp,
+        serde_json::json!({"metadata": {"name": "orders"}, "spec": {
+            "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "orders"},
+            "destination": {"url": "https://erp.example.com/hooks"},
+            "workers": {"replicas": 2}
+        }}),
+    )
+    .await?;
+
+    // The good one reconciles: children and status.
+    let deployments: Api<Deployment> = Api::namespaced(cp.client(), NS);
+    wait_for(
+        "Deployment orders",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let api = deployments.clone();
+            async move { Ok(api.get_opt("orders").await?) }
+        },
+    )
+    .await?;
+    let st = wait_for(
+        "status of orders",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let raw = raw.clone();
+            async move {
+                let o = raw.get("orders").await?;
+                Ok(o.data
+                    .get("status")
+                    .filter(|s| s.get("observedGeneration").is_some())
+                    .cloned())
+            }
+        },
+    )
+    .await?;
+    eprintln!("orders status: {st}");
+
+    // The bad ones: a Warning Event and a condition naming the problem, nothing applied.
+    for (name, needle) in [
+        ("three", "spec.workers.replicas: invalid type: string \"three\""),
+        ("sourceless", "missing field `source`"),
+    ] {
+        let cp = &cp;
+        let evs = wait_for(
+            &format!("InvalidSpec Event on {name}"),
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+            || async move {
+                let evs: Vec<Event> = events_for(cp, name)
+                    .await?
+                    .into_iter()
+                    .filter(|e| e.reason.as_deref() == Some("InvalidSpec"))
+                    .collect();
+                Ok((!evs.is_empty()).then_some(evs))
+            },
+        )
+        .await?;
+        let note = evs[0].note.clone().unwrap_or_default();
+        eprintln!("{name}: Event {note}");
+        assert_eq!(evs[0].type_.as_deref(), Some("Warning"));
+        assert!(note.contains(needle), "{name}: {note}");
+        let o = raw.get(name).await?;
+        let degraded = o.data["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Degraded"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            (degraded["status"].as_str(), degraded["reason"].as_str()),
+            (Some("True"), Some("InvalidSpec")),
+            "{name}: {degraded}"
+        );
+        assert!(degraded["message"].as_str().unwrap_or("").contains(needle));
+        assert!(
+            deployments.get_opt(name).await?.is_none(),
+            "nothing applied for {name}"
+        );
+    }
+
+    // Not retried hot: with a 1 s retry/resync, the error count and the Events stay put.
+    let text = http_get(op.http, "/metrics").await?;
+    let key = "hookfleet_operator_reconcile_errors_total{reason=\"invalid_spec\"}";
+    let before = metric(&text, key);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = metric(&http_get(op.http, "/metrics").await?, key);
+    eprintln!("invalid_spec errors: {before} → {after} in 5 s");
+    assert!(before >= 2, "{text}");
+    assert_eq!(before, after, "a malformed object is not requeued");
+    for name in ["three", "sourceless"] {
+        let evs = events_for(&cp, name).await?;
+        assert_eq!(evs.len(), 1, "one Event for {name}: {evs:?}");
+        assert!(evs[0].series.is_none(), "published once: {:?}", evs[0].series);
+    }
+
+    // The operator is healthy and keeps reconciling the good one.
+    assert!(!op.task.is_finished(), "the operator is still running");
+    for path in ["/readyz", "/healthz"] {
+        let r = http_get(op.http, path).await?;
+        assert!(r.lines().next().unwrap_or("").contains(" 200 "), "{path}: {r}");
+    }
+    let r0 = op.reconciles();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(op.reconciles() > r0, "still reconciling");
+    op.task.abort();
+    Ok(())
+}
