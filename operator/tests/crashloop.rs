@@ -1,0 +1,166 @@
+//! A worker pod in a crash loop (exit 3, the fd-limit line in its termination message) on the real API server:
+//! Degraded quoting the message, one Warning Event, and Ready again once the pod recovers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hookfleet_crds::integration::condition::{DEGRADED, READY};
+use hookfleet_e2e::ControlPlane;
+use hookfleet_e2e::process::wait_for;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+
+/// What the worker writes to its termination log when the fd limit cannot be met (docs/worker.md).
+const FD_LINE: &str = "file-descriptor limit too low: RLIMIT_NOFILE is 256 (hard limit 256, --fd-limit asked for \
+                       1048576) but --concurrency 128 needs 320 (128 in flight + 128 idle pooled + 64 reserve); \
+                       raise the pod's nofile limit or lower --concurrency";
+
+async fn events(cp: &ControlPlane, name: &str, reason: &str) -> anyhow::Result<Vec<Event>> {
+    let api: Api<Event> = Api::namespaced(cp.client(), NS);
+    Ok(api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                && e.reason.as_deref() == Some(reason)
+        })
+        .collect())
+}
+
+/// `status` of a pod as the kubelet reports a crash-looping worker.
+fn crash_looping(status: &serde_json::Value) -> serde_json::Value {
+    let mut conditions = status["conditions"].clone();
+    for c in conditions.as_array_mut().unwrap() {
+        if c["type"] == "Ready" || c["type"] == "ContainersReady" {
+            c["status"] = "False".into();
+            c["reason"] = "ContainersNotReady".into();
+            c["message"] = "containers with unready status: [worker]".into();
+        }
+    }
+    let mut cs = status["containerStatuses"].clone();
+    for c in cs.as_array_mut().unwrap() {
+        c["ready"] = false.into();
+        c["started"] = false.into();
+        c["restartCount"] = 5.into();
+        c["state"] = serde_json::json!({"waiting": {
+            "reason": "CrashLoopBackOff",
+            "message": "back-off 2m40s restarting failed container=worker"
+        }});
+        c["lastState"] = serde_json::json!({"terminated": {
+            "exitCode": 3, "reason": "Error", "message": format!("{FD_LINE}\n"),
+            "startedAt": "2025-01-01T00:00:00Z", "finishedAt": "2025-01-01T00:00:01Z"
+        }});
+    }
+    serde_json::json!({"status": {"conditions": conditions, "containerStatuses": cs}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_looping_worker_degrades_quoting_the_termination_message() -> anyhow::Result<()> {
+    hookfleet_e2e::init_tracing();
+    let cp = ControlPlane::start_with_workloads().await?;
+    cp.install_crds().await?;
+    let rmq = hookfleet_e2e::RabbitMq::start().await?;
+    let conn = connect(&rmq.amqp_uri()).await?;
+    secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
+    let op = spawn(cp.client(), config("solo"));
+    create(
+        &cp,
+        serde_json::json!({"metadata": {"name": "orders"}, "spec": {
+            "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "orders"},
+            "destination": {"url": "https://erp.example.com/hooks"},
+            "workers": {"replicas": 2}
+        }}),
+    )
+    .await?;
+    let _chans = consumers(&conn, "orders", 2).await?;
+    until(&cp, "orders", "Ready", 90, |i| cond(i, READY).0 == "True").await?;
+
+    // One worker crash-loops: status subresource, as the kubelet would write it.
+    let pods: Api<Pod> = Api::namespaced(cp.client(), NS);
+    let pod = pods
+        .list(&ListParams::default().labels("hookfleet.io/integration=orders"))
+        .await?
+        .items
+        .into_iter()
+        .next()
+        .expect("a worker pod");
+    let name = pod.metadata.name.clone().unwrap();
+    let original = serde_json::to_value(&pod.status)?;
+    pods.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(crash_looping(&original)),
+    )
+    .await?;
+
+    let i = until(&cp, "orders", "Degraded: fd limit", 30, |i| {
+        cond(i, DEGRADED).0 == "True"
+    })
+    .await?;
+    let (_, reason, message) = cond(&i, DEGRADED);
+    eprintln!("Degraded {reason}: {message}");
+    assert_eq!(reason, "FileDescriptorLimitNotMet");
+    assert!(message.contains(&name), "names the pod: {message}");
+    assert!(
+        message.contains(&format!("\"{FD_LINE}\"")),
+        "quotes the termination message: {message}"
+    );
+    assert_eq!(cond(&i, READY), ("False", reason, message));
+
+    // The Event once, also after more reconciles (resync is 1 s here).
+    let r0 = op.reconciles();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(op.reconciles() >= r0 + 2, "reconciled meanwhile");
+    let evs = events(&cp, "orders", "FileDescriptorLimitNotMet").await?;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0].type_.as_deref(), Some("Warning"));
+    assert!(evs[0].series.is_none(), "published once: {:?}", evs[0].series);
+    assert!(
+        evs[0].note.as_deref().unwrap_or("").contains(FD_LINE),
+        "{:?}",
+        evs[0].note
+    );
+    let i = until(&cp, "orders", "still Degraded", 5, |i| {
+        cond(i, DEGRADED).0 == "True"
+    })
+    .await?;
+    assert_eq!(cond(&i, DEGRADED).1, "FileDescriptorLimitNotMet");
+
+    // The pod recovers → Ready again, one Recovered Event.
+    pods.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {
+            "conditions": original["conditions"],
+            "containerStatuses": original["containerStatuses"],
+        }})),
+    )
+    .await?;
+    let i = until(&cp, "orders", "Ready again", 30, |i| {
+        cond(i, READY).0 == "True" && cond(i, DEGRADED).0 == "False"
+    })
+    .await?;
+    assert_eq!(cond(&i, READY).1, "Consuming");
+    let recovered = wait_for(
+        "Recovered Event",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || {
+            let cp = &cp;
+            async move {
+                let evs = events(cp, "orders", "Recovered").await?;
+                Ok((!evs.is_empty()).then_some(evs))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    assert_eq!(events(&cp, "orders", "FileDescriptorLimitNotMet").await?.len(), 1);
+    op.task.abort();
+    Ok(())
+}
