@@ -502,17 +502,17 @@ async fn malformed(invalid: &InvalidObject, ctx: &Context, ns: &str, name: &str)
 
 fn error_policy(obj: Arc<Watched>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.error(err.metric_label());
+    let k = key(
+        "Integration",
+        &obj.namespace().unwrap_or_default(),
+        &obj.name_any(),
+    );
     if let Error::InvalidSpec(_) = err {
         // Retrying cannot fix a malformed object; its next change triggers a reconcile.
+        ctx.failures.lock().expect("lock").remove(&k);
         warn!(error = %err, "malformed Integration; waiting for it to change");
         return Action::await_change();
     }
-    let intg = obj;
-    let k = key(
-        "Integration",
-        &intg.namespace().unwrap_or_default(),
-        &intg.name_any(),
-    );
     let n = {
         let mut f = ctx.failures.lock().expect("lock");
         let n = f.entry(k).or_insert(0);

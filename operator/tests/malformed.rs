@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use common::*;
 use hookfleet_crds::Integration;
+use hookfleet_crds::integration::condition::DEGRADED;
 use hookfleet_e2e::ControlPlane;
 use hookfleet_e2e::process::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 
 /// The real CRD with `spec` accepting anything.
 fn permissive_crd() -> anyhow::Result<CustomResourceDefinition> {
@@ -191,6 +192,30 @@ async fn a_malformed_integration_does_not_wedge_the_controller() -> anyhow::Resu
     let r0 = op.reconciles();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(op.reconciles() > r0, "still reconciling");
+
+    // A change is what retries it: fixed, it reconciles like any other.
+    raw.patch(
+        "three",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"workers": {"replicas": 3}}})),
+    )
+    .await?;
+    let d = wait_for(
+        "Deployment three",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let api = deployments.clone();
+            async move { Ok(api.get_opt("three").await?) }
+        },
+    )
+    .await?;
+    assert_eq!(d.spec.and_then(|s| s.replicas), Some(3));
+    let i = until(&cp, "three", "no longer InvalidSpec", 30, |i| {
+        cond(i, DEGRADED).1 != "InvalidSpec" && !cond(i, DEGRADED).1.is_empty()
+    })
+    .await?;
+    eprintln!("three fixed: Degraded {:?}", cond(&i, DEGRADED));
     op.task.abort();
     Ok(())
 }
