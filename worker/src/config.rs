@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -17,6 +18,7 @@ use reqwest::header::{HeaderName, HeaderValue};
 
 use crate::backoff::Backoff;
 use crate::ssrf;
+use crate::template::BodyTemplate;
 
 /// Flags; each has an environment variable of the same meaning (flag wins).
 #[derive(Parser, Debug)]
@@ -61,6 +63,10 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub header_from_env: Vec<String>,
+    /// MiniJinja template of the request body, rendered with the message's JSON fields as variables;
+    /// the body is forwarded unchanged when absent.
+    #[arg(long, env = "HOOKFLEET_BODY_TEMPLATE")]
+    pub body_template: Option<String>,
     /// Time for one request, connect to last byte (Go duration).
     #[arg(long, env = "HOOKFLEET_TIMEOUT", default_value = "10s")]
     pub timeout: String,
@@ -160,6 +166,8 @@ pub struct Config {
     /// Plain headers and headers from Secrets (the latter marked sensitive).
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub signing_secrets: Vec<Vec<u8>>,
+    /// Compiled `--body-template`; `None` forwards the body unchanged.
+    pub body_template: Option<Arc<BodyTemplate>>,
     pub timeout: Duration,
     pub max_attempts: u32,
     pub backoff: Backoff,
@@ -192,6 +200,7 @@ impl fmt::Debug for Config {
                 &self.headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
             )
             .field("signing_secrets", &self.signing_secrets.len())
+            .field("body_template", &self.body_template.is_some())
             .field("timeout", &self.timeout)
             .field("max_attempts", &self.max_attempts)
             .field("backoff", &self.backoff)
@@ -385,6 +394,15 @@ impl Config {
             _ => Vec::new(),
         };
 
+        let body_template = match args.body_template.as_deref() {
+            Some(t) if !t.trim().is_empty() => {
+                Some(Arc::new(BodyTemplate::compile(t).map_err(|e| {
+                    bad("--body-template (HOOKFLEET_BODY_TEMPLATE)", e)
+                })?))
+            }
+            _ => None,
+        };
+
         let timeout = check_range(
             "--timeout (HOOKFLEET_TIMEOUT)",
             parse_duration("--timeout (HOOKFLEET_TIMEOUT)", &args.timeout)?,
@@ -528,6 +546,7 @@ impl Config {
             method,
             headers,
             signing_secrets,
+            body_template,
             timeout,
             max_attempts,
             backoff: Backoff {
@@ -672,6 +691,7 @@ mod tests {
             (&["--method", "GET"], "--method"),
             (&["--rate-limit-burst", "5"], "--rate-limit-burst"),
             (&["--metrics-addr", "nowhere"], "--metrics-addr"),
+            (&["--body-template", "{{ data | tojson }"], "--body-template"),
         ];
         for (extra, setting) in cases {
             let err = parse(extra).expect_err(&format!("{extra:?} should be refused"));
@@ -745,6 +765,21 @@ mod tests {
         assert!(!format!("{c:?}").contains("t0ken"));
         let err = parse_env(&["--header-from-env", "Authorization=MISSING"], &env).unwrap_err();
         assert!(err.message.contains("MISSING"));
+    }
+
+    #[test]
+    fn body_template_is_compiled_once_or_absent() {
+        assert!(parse(&[]).unwrap().body_template.is_none());
+        assert!(parse(&["--body-template", " "]).unwrap().body_template.is_none());
+        let c = parse(&["--body-template", "{\"order\": {{ data | tojson }}}"]).unwrap();
+        let t = c.body_template.expect("compiled");
+        let extras = crate::template::Extras {
+            routing_key: "rk",
+            webhook_id: "id",
+        };
+        assert_eq!(t.render(br#"{"data": [1]}"#, extras).unwrap(), "{\"order\": [1]}");
+        let err = parse(&["--body-template", "{% if %}"]).unwrap_err();
+        assert!(err.to_string().contains("syntax error"), "{err}");
     }
 
     #[test]

@@ -13,4 +13,5 @@ pub mod outcome;
 pub mod ratelimit;
 pub mod signing;
 pub mod ssrf;
+pub mod template;
 pub mod worker;

@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::outcome::{Outcome, classify_error, classify_status};
 use crate::ratelimit::RateLimiter;
 use crate::ssrf::GuardedResolver;
+use crate::template::Extras;
 
 /// How long one connection attempt (TCP, TLS, AMQP handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -340,6 +341,35 @@ impl Worker {
         let attempt = meta.attempts + 1;
         let span = info_span!("delivery", id = %meta.id, attempt, redelivered = d.redelivered);
         async {
+            // The request body: the message's, or the template's rendering of it. A message the
+            // template cannot render never will: dead-letter it now, before the breaker or the rate
+            // limit spend anything on it.
+            let rendered;
+            let body: &[u8] = match &self.cfg.body_template {
+                None => &d.data,
+                Some(t) => {
+                    let extras = Extras {
+                        routing_key: original_routing_key(&d),
+                        webhook_id: &meta.id,
+                    };
+                    match t.render(&d.data, extras) {
+                        Ok(b) => {
+                            rendered = b;
+                            rendered.as_bytes()
+                        }
+                        Err(e) => {
+                            let failure = Failure {
+                                reason: "template",
+                                status: None,
+                            };
+                            let detail = format!("template: {e}");
+                            self.dead_letter(session, &d, &meta, attempt, failure, "template", Some(&detail))
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            };
             let admit = self.breaker.admit();
             let outcome = match admit {
                 Admit::Defer(remaining) => {
@@ -349,7 +379,7 @@ impl Worker {
                 }
                 Admit::Go | Admit::Probe => {
                     self.metrics.in_flight.inc();
-                    let outcome = self.attempt(&d, &meta).await;
+                    let outcome = self.attempt(&d, &meta, body).await;
                     self.metrics.in_flight.dec();
                     let healthy = !matches!(outcome, Outcome::Retry { .. });
                     match self.breaker.record(healthy, admit == Admit::Probe) {
@@ -376,8 +406,8 @@ impl Worker {
         .await
     }
 
-    /// One HTTP attempt.
-    async fn attempt(&self, d: &Delivery, meta: &Meta) -> Outcome {
+    /// One HTTP attempt with `body` (the message's, or its rendering).
+    async fn attempt(&self, d: &Delivery, meta: &Meta, body: &[u8]) -> Outcome {
         if let Some(limiter) = &self.limiter {
             let waited = Instant::now();
             limiter.acquire().await;
@@ -407,11 +437,11 @@ impl Worker {
         if !self.cfg.signing_secrets.is_empty() {
             req = req.header(
                 "webhook-signature",
-                crate::signing::signature(&self.cfg.signing_secrets, &meta.id, ts, &d.data),
+                crate::signing::signature(&self.cfg.signing_secrets, &meta.id, ts, body),
             );
         }
         let started = Instant::now();
-        let result = req.body(d.data.clone()).send().await;
+        let result = req.body(body.to_vec()).send().await;
         let outcome = match result {
             Ok(mut resp) => {
                 let status = resp.status().as_u16();
@@ -519,16 +549,28 @@ impl Worker {
                     attempt,
                     Failure { reason, status },
                     "attempts_exhausted",
+                    None,
                 )
                 .await;
             }
             Outcome::Reject { reason, status } => {
-                self.dead_letter(session, d, meta, attempt, Failure { reason, status }, reason)
-                    .await;
+                self.dead_letter(
+                    session,
+                    d,
+                    meta,
+                    attempt,
+                    Failure { reason, status },
+                    reason,
+                    None,
+                )
+                .await;
             }
         }
     }
 
+    /// Publishes the dead letter, waits for its confirm, acks. `dead_reason` is the metric label;
+    /// the `x-hookfleet-dead-reason` header is `detail` when given (e.g. `template: <error>`).
+    #[allow(clippy::too_many_arguments)]
     async fn dead_letter(
         &self,
         session: &Session,
@@ -537,6 +579,7 @@ impl Worker {
         attempt: u32,
         failure: Failure,
         dead_reason: &'static str,
+        detail: Option<&str>,
     ) {
         let props = message::dead_letter_properties(
             &d.properties,
@@ -545,7 +588,7 @@ impl Worker {
             meta,
             attempt,
             failure,
-            dead_reason,
+            detail.unwrap_or(dead_reason),
         );
         if self.publish(session, &self.cfg.dead_letter_queue, d, props).await {
             self.metrics.delivery("dead_lettered", dead_reason);
@@ -555,6 +598,7 @@ impl Worker {
                 .inc();
             warn!(
                 reason = dead_reason,
+                detail,
                 last_error = failure.reason,
                 status = failure.status,
                 attempts = attempt,
@@ -602,6 +646,21 @@ impl Worker {
                 false
             }
         }
+    }
+}
+
+/// The routing key the message was published with (a retry comes back through the default exchange
+/// with the queue's name as its key; the original is kept in a header).
+fn original_routing_key(d: &Delivery) -> &str {
+    match d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(message::H_ROUTING_KEY))
+    {
+        Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes()).unwrap_or(""),
+        Some(AMQPValue::ShortString(s)) => s.as_str(),
+        _ => d.routing_key.as_str(),
     }
 }
 
