@@ -331,6 +331,173 @@ async fn s5_dead_letters_carry_reason_status_and_attempts() -> Result<()> {
     Ok(())
 }
 
+/// Body templates: every renderable message reaches the sink as the template's rendering (signed
+/// over the rendered body); a message missing a variable, one that is not a JSON object and one that
+/// is not JSON are dead-lettered at once with a `template: …` reason, after one handling, never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_template_renders_and_dead_letters_what_it_cannot() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 200;
+    let rmq = RabbitMq::start().await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+
+    let good = ids("tpl", N);
+    let mut messages: Vec<(String, Vec<u8>)> = good
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let body = serde_json::json!({
+                "id": id,
+                "device_id": format!("dev-{i}"),
+                "data": {"n": i, "items": ["a", "b\"c"], "paid": i.is_multiple_of(2), "note": null},
+            });
+            (id.clone(), body.to_string().into_bytes())
+        })
+        .collect();
+    let bad: Vec<(String, Vec<u8>, &str)> = vec![
+        (
+            "tpl-bad-missing-0".into(),
+            br#"{"data": {"n": 1}}"#.to_vec(),
+            "device_id",
+        ),
+        (
+            "tpl-bad-missing-1".into(),
+            br#"{"device_id": "d", "extra": 1}"#.to_vec(),
+            "data",
+        ),
+        ("tpl-bad-array".into(), b"[1, 2, 3]".to_vec(), "array"),
+        ("tpl-bad-json".into(), b"not json".to_vec(), "not JSON"),
+    ];
+    // Interleaved, so the bad ones sit among good ones in flight.
+    for (k, (id, body, _)) in bad.iter().enumerate() {
+        messages.insert(k * 40, (id.clone(), body.clone()));
+    }
+    publish_bodies(&rmq, "tpl.q", &messages).await?;
+
+    let secret = "whsec_c2VjcmV0LWZvci10ZXN0cw==";
+    let template = r#"{"order": {{ data | tojson }}, "device": "{{ device_id }}", "rk": "{{ routing_key }}", "id": "{{ webhook_id }}", "n": {{ message.data.n }}}"#;
+    let w = start_worker(
+        &rmq,
+        "tpl.q",
+        &sink.url(),
+        &["--concurrency", "16"],
+        &[
+            ("HOOKFLEET_SIGNING_SECRET", secret),
+            ("HOOKFLEET_BODY_TEMPLATE", template),
+        ],
+        dir.path(),
+        "worker",
+    )
+    .await?;
+
+    let want: HashSet<String> = good.iter().cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(60)).await?;
+    let dead = wait_dead(&rmq, "tpl.q.dead", bad.len()).await?;
+
+    // Every good id delivered once, with the rendered body, signed over what was sent.
+    let dead_ids: HashSet<String> = dead.iter().map(|d| d.id.clone()).collect();
+    let published: Vec<String> = messages.iter().map(|(id, _)| id.clone()).collect();
+    let dups = account(&published, &sink.delivered(), &dead_ids)?;
+    assert_eq!(dups, 0);
+    let secrets = hookfleet_worker::signing::parse_secrets(secret).unwrap();
+    let hits = sink.hits();
+    assert_eq!(
+        hits.len(),
+        N,
+        "one request per renderable message, none for the others"
+    );
+    for hit in &hits {
+        let id = hit.id.as_deref().expect("webhook-id");
+        let i: usize = id.strip_prefix("tpl-").unwrap().parse()?;
+        let got: serde_json::Value = serde_json::from_slice(&hit.body)
+            .map_err(|e| anyhow::anyhow!("{id}: {e}: {}", String::from_utf8_lossy(&hit.body)))?;
+        assert_eq!(
+            got,
+            serde_json::json!({
+                "order": {"n": i, "items": ["a", "b\"c"], "paid": i.is_multiple_of(2), "note": null},
+                "device": format!("dev-{i}"),
+                "rk": "tpl.q",
+                "id": id,
+                "n": i,
+            }),
+            "{id}"
+        );
+        let ts: i64 = hit.headers["webhook-timestamp"].parse()?;
+        assert_eq!(
+            hit.headers["webhook-signature"],
+            hookfleet_worker::signing::signature(&secrets, id, ts, &hit.body),
+            "the signature covers the rendered body"
+        );
+        assert_eq!(hit.headers["content-type"], "application/json");
+    }
+
+    // The unrenderable ones: dead-lettered after one handling, with the reason, the original body.
+    assert_eq!(dead.len(), bad.len());
+    for (id, body, says) in &bad {
+        let d = dead.iter().find(|d| &d.id == id).expect("dead-lettered");
+        let h = Some(&d.headers);
+        let reason = header_str(h, H_DEAD_REASON).unwrap_or_default();
+        assert!(reason.starts_with("template: "), "{id}: {reason}");
+        assert!(reason.contains(says), "{id}: {reason:?} does not mention {says}");
+        assert_eq!(header_int(h, H_ATTEMPTS), Some(1), "{id}");
+        assert_eq!(header_int(h, H_LAST_STATUS), None, "{id}");
+        assert_eq!(&d.body, body, "{id}: the dead letter keeps the original body");
+        eprintln!("template dead letter {id}: {reason}");
+    }
+    assert_eq!(queue_stats(&rmq, "tpl.q")?.0, 0);
+    assert_eq!(messages_under(&rmq, "tpl.q.retry.")?, 0, "nothing was retried");
+    let m = w.metrics().await?;
+    assert_eq!(
+        metric(
+            &m,
+            "hookfleet_deliveries_total{integration=\"test/worker\",result=\"dead_lettered\",reason=\"template\"}"
+        ),
+        bad.len() as f64,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "hookfleet_retries_total{"), 0.0, "{m}");
+    Ok(())
+}
+
+/// A template that does not compile is bad configuration: exit 2, one line naming --body-template.
+#[test]
+fn body_template_that_does_not_compile_exits_2() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let term = dir.path().join("termination-log");
+    for template in [r#"{"a": {{ data | tojson }"#, "{{ data | no_such_filter }}"] {
+        let out = std::process::Command::new(WORKER)
+            .args([
+                "--amqp-uri",
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "--queue",
+                "q",
+                "--destination-url",
+                "http://127.0.0.1:1/hook",
+                "--allow-private-networks",
+                "--termination-log",
+            ])
+            .arg(&term)
+            .env("HOOKFLEET_BODY_TEMPLATE", template)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "not one line: {stderr}");
+        assert!(
+            stderr.contains("invalid configuration: --body-template (HOOKFLEET_BODY_TEMPLATE): "),
+            "{stderr}"
+        );
+        let written = std::fs::read_to_string(&term)?;
+        assert_eq!(
+            format!("hookfleet-worker: {}", written.trim_end()),
+            stderr.trim_end()
+        );
+        eprintln!("bad template: {}", stderr.trim_end());
+    }
+    Ok(())
+}
+
 /// Waits until `queue` holds `n` messages, then drains them.
 async fn wait_dead(rmq: &RabbitMq, queue: &str, n: usize) -> Result<Vec<DeadLetter>> {
     hookfleet_e2e::process::wait_for(

@@ -33,6 +33,20 @@ pub fn ids(prefix: &str, n: usize) -> Vec<String> {
 /// Declares `queue` (durable, as the worker does) and publishes one persistent message per id, with
 /// publisher confirms; returns once the broker confirmed them all.
 pub async fn publish(rmq: &RabbitMq, queue: &str, ids: &[String]) -> Result<()> {
+    let messages: Vec<(String, Vec<u8>)> = ids
+        .iter()
+        .map(|id| {
+            (
+                id.clone(),
+                format!(r#"{{"id":"{id}","data":{{"n":1}}}}"#).into_bytes(),
+            )
+        })
+        .collect();
+    publish_bodies(rmq, queue, &messages).await
+}
+
+/// Like [`publish`], with a body of the caller's per id.
+pub async fn publish_bodies(rmq: &RabbitMq, queue: &str, messages: &[(String, Vec<u8>)]) -> Result<()> {
     let conn = Connection::connect(&rmq.amqp_uri(), ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -42,10 +56,9 @@ pub async fn publish(rmq: &RabbitMq, queue: &str, ids: &[String]) -> Result<()> 
     };
     ch.queue_declare(queue.into(), durable, FieldTable::default())
         .await?;
-    for chunk in ids.chunks(500) {
+    for chunk in messages.chunks(500) {
         let mut pending = Vec::with_capacity(chunk.len());
-        for id in chunk {
-            let body = format!(r#"{{"id":"{id}","data":{{"n":1}}}}"#);
+        for (id, body) in chunk {
             let props = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_message_id(id.as_str().into())
@@ -55,7 +68,7 @@ pub async fn publish(rmq: &RabbitMq, queue: &str, ids: &[String]) -> Result<()> 
                     "".into(),
                     queue.into(),
                     BasicPublishOptions::default(),
-                    body.as_bytes(),
+                    body,
                     props,
                 )
                 .await?,
@@ -106,6 +119,7 @@ pub fn messages_under(rmq: &RabbitMq, prefix: &str) -> Result<u64> {
 pub struct DeadLetter {
     pub id: String,
     pub headers: FieldTable,
+    pub body: Vec<u8>,
 }
 
 /// Drains `queue` with basic.get (acking), returning each message's id and headers.
@@ -126,6 +140,7 @@ pub async fn drain(rmq: &RabbitMq, queue: &str) -> Result<Vec<DeadLetter>> {
                 .map(|s| s.as_str().to_owned())
                 .unwrap_or_default(),
             headers: d.properties.headers().clone().unwrap_or_default(),
+            body: d.data,
         });
     }
     let _ = conn.close(200, "drained".into()).await;
