@@ -160,9 +160,6 @@ pub fn worker_args_env(intg: &Integration) -> Result<(Vec<String>, Vec<EnvVar>)>
     if let Some(signing) = &spec.destination.signing {
         env.push(secret_env(ENV_SIGNING_SECRET, &signing.secret_ref));
     }
-    // Rendered although the worker does not implement templates yet (docs/worker.md, "Not done yet"):
-    // it then refuses to start with exit 2, and the condition quotes why, instead of silently sending
-    // untransformed bodies.
     if let Some(body) = &spec.destination.body {
         flag("body-template", body.template.clone());
     }

@@ -65,7 +65,8 @@ pub struct Args {
     pub header_from_env: Vec<String>,
     /// MiniJinja template of the request body, rendered with the message's JSON fields as variables;
     /// the body is forwarded unchanged when absent.
-    #[arg(long, env = "HOOKFLEET_BODY_TEMPLATE")]
+    /// (A value may start with `-`: the operator passes it as the next argument.)
+    #[arg(long, env = "HOOKFLEET_BODY_TEMPLATE", allow_hyphen_values = true)]
     pub body_template: Option<String>,
     /// Time for one request, connect to last byte (Go duration).
     #[arg(long, env = "HOOKFLEET_TIMEOUT", default_value = "10s")]
@@ -778,6 +779,11 @@ mod tests {
             webhook_id: "id",
         };
         assert_eq!(t.render(br#"{"data": [1]}"#, extras).unwrap(), "{\"order\": [1]}");
+        let c = parse(&["--body-template", "-{{ n }}"]).unwrap();
+        assert_eq!(
+            c.body_template.unwrap().render(br#"{"n": 1}"#, extras).unwrap(),
+            "-1"
+        );
         let err = parse(&["--body-template", "{% if %}"]).unwrap_err();
         assert!(err.to_string().contains("syntax error"), "{err}");
     }
