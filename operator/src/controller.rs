@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::StreamExt;
-use hookfleet_crds::Integration;
 use hookfleet_crds::integration::SecretKeyRef;
+use hookfleet_crds::{Integration, IntegrationStatus};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -49,6 +49,10 @@ pub struct Context {
     applied: Mutex<HashMap<String, (u64, String)>>,
     autoscalers: Mutex<HashMap<String, Autoscaler>>,
     failures: Mutex<HashMap<String, u32>>,
+    /// The status this leader last wrote, per Integration (with its uid). Only the leader writes status, so
+    /// this is fresher than the watch cache, which can lag behind our own write when reconciles come in
+    /// quick succession: comparing against a stale cached status would publish a transition's Event twice.
+    written: Mutex<HashMap<String, (String, IntegrationStatus)>>,
 }
 
 fn key(kind: &str, ns: &str, name: &str) -> String {
@@ -128,6 +132,10 @@ impl Context {
         ] {
             applied.remove(&key(kind, ns, n));
         }
+        self.written
+            .lock()
+            .expect("lock")
+            .remove(&key("Integration", ns, name));
         self.autoscalers
             .lock()
             .expect("lock")
@@ -340,7 +348,16 @@ async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action> {
         source,
         selector: desired::selector_string(&name),
     };
-    let old = intg.status.clone().unwrap_or_default();
+    let cached_status = intg.status.clone().unwrap_or_default();
+    let uid = intg.metadata.uid.clone().unwrap_or_default();
+    let old = ctx
+        .written
+        .lock()
+        .expect("lock")
+        .get(&key("Integration", &ns, &name))
+        .filter(|(written_uid, _)| *written_uid == uid)
+        .map(|(_, st)| st.clone())
+        .unwrap_or_else(|| cached_status.clone());
     let mut new = status::compute(&observed);
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     new.conditions = status::merge_conditions(&old.conditions, new.conditions, &now);
@@ -348,7 +365,9 @@ async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action> {
         .conditions
         .iter()
         .any(|c| c.type_ == hookfleet_crds::integration::condition::DEGRADED && c.status == "True");
-    if new != old {
+    // Write when either our last write or the cached object differs (someone may have edited the status);
+    // in a steady state all three agree and nothing is written.
+    if new != old || new != cached_status {
         for t in status::transitions(&old.conditions, &new.conditions) {
             ctx.event(&intg.object_ref(&()), t.warning, &t.reason, t.note)
                 .await;
@@ -376,6 +395,10 @@ async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action> {
         )
         .await
         .map_err(Error::WriteStatus)?;
+        ctx.written
+            .lock()
+            .expect("lock")
+            .insert(key("Integration", &ns, &name), (uid, new.clone()));
         ctx.metrics.write("IntegrationStatus");
         info!(
             ready = new.ready_replicas,
@@ -595,6 +618,7 @@ pub async fn run(
         applied: Mutex::default(),
         autoscalers: Mutex::default(),
         failures: Mutex::default(),
+        written: Mutex::default(),
     });
 
     let controller = Controller::new(integrations, watcher::Config::default().any_semantic())
