@@ -388,17 +388,20 @@ async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action> {
             "status": new,
         });
         let api: Api<Integration> = Api::namespaced(ctx.client.clone(), &ns);
-        api.patch_status(
-            &name,
-            &PatchParams::apply(&ctx.config.field_manager).force(),
-            &Patch::Apply(&body),
-        )
-        .await
-        .map_err(Error::WriteStatus)?;
-        ctx.written
-            .lock()
-            .expect("lock")
-            .insert(key("Integration", &ns, &name), (uid, new.clone()));
+        let written = api
+            .patch_status(
+                &name,
+                &PatchParams::apply(&ctx.config.field_manager).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map_err(Error::WriteStatus)?;
+        // Remember the status as the API server stored it (timestamps at its precision), so it compares
+        // equal to what the watch cache later shows.
+        ctx.written.lock().expect("lock").insert(
+            key("Integration", &ns, &name),
+            (uid, written.status.unwrap_or_else(|| new.clone())),
+        );
         ctx.metrics.write("IntegrationStatus");
         info!(
             ready = new.ready_replicas,
