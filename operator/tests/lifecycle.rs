@@ -71,8 +71,27 @@ async fn lifecycle_status_and_zero_write_steady_state() -> anyhow::Result<()> {
         },
     )
     .await?;
-    let pdb = pdbs.get("orders").await?;
-    let svc = services.get("orders-metrics").await?;
+    // The children are applied one after the other: wait for each, not just the first.
+    let pdb = wait_for(
+        "PodDisruptionBudget",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let api = pdbs.clone();
+            async move { Ok(api.get_opt("orders").await?) }
+        },
+    )
+    .await?;
+    let svc = wait_for(
+        "metrics Service",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let api = services.clone();
+            async move { Ok(api.get_opt("orders-metrics").await?) }
+        },
+    )
+    .await?;
     for owners in [
         d.metadata.owner_references.clone(),
         pdb.metadata.owner_references.clone(),
