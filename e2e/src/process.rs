@@ -4,12 +4,13 @@
 //! test binary killed with SIGKILL still takes its children with it), with stdout and stderr in a log
 //! file. Dropping a [`Process`] sends SIGTERM to the whole group, waits a little, then SIGKILLs it.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -165,9 +166,35 @@ pub fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// A free TCP port on 127.0.0.1 (the OS picks it; a small race with other processes remains).
+/// A free TCP port on 127.0.0.1 for a server the harness starts.
+///
+/// Picked at random *below* the kernel's ephemeral range: a port the OS hands out for `bind(0)` comes from
+/// the same range as the source ports of outgoing connections, so between our check and the server's own
+/// bind a client socket (a worker's HTTP or AMQP connection) can take it (seen: RabbitMQ failing with
+/// `dist_port_already_used`). Ports handed out in this process are never handed out twice.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use rand::Rng;
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (lo, hi) = (10_000u16, ephemeral_start.saturating_sub(1));
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    if hi > lo + 1000 {
+        let mut rng = rand::rng();
+        for _ in 0..1000 {
+            let port = rng.random_range(lo..=hi);
+            if !handed_out.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                handed_out.insert(port);
+                return Ok(port);
+            }
+        }
+    }
+    // No room below the ephemeral range: let the OS pick.
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    handed_out.insert(port);
+    Ok(port)
 }
 
 /// Polls `f` every `every` until it returns `Ok(Some(v))`, or fails with its last error after `timeout`.
