@@ -72,6 +72,8 @@ impl RabbitMq {
             ("RABBITMQ_PID_FILE", p("rabbitmq.pid")),
             ("RABBITMQ_CONF_ENV_FILE", p("rabbitmq-env.conf")),
             ("HOME", p("home")),
+            // A node that fails to boot writes a crash dump; keep it with the node's logs, not in the cwd.
+            ("ERL_CRASH_DUMP", p("log/erl_crash.dump")),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
