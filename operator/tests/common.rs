@@ -177,3 +177,22 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<
     s.read_to_string(&mut out).await?;
     Ok(out)
 }
+
+/// Waits (up to 30 s) until `name` exists in `api` and returns it: the operator applies an Integration's
+/// children one after the other, a few milliseconds apart.
+pub async fn wait_exists<K>(api: &Api<K>, name: &str) -> anyhow::Result<K>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    wait_for(
+        &format!("{name} to exist"),
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let api = api.clone();
+            let name = name.to_owned();
+            async move { Ok(api.get_opt(&name).await?) }
+        },
+    )
+    .await
+}

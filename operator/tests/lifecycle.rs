@@ -61,37 +61,10 @@ async fn lifecycle_status_and_zero_write_steady_state() -> anyhow::Result<()> {
     )
     .await?;
     let uid = intg.metadata.uid.clone().unwrap();
-    let d = wait_for(
-        "Deployment",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || {
-            let api = deployments.clone();
-            async move { Ok(api.get_opt("orders").await?) }
-        },
-    )
-    .await?;
+    let d = wait_exists(&deployments, "orders").await?;
     // The children are applied one after the other: wait for each, not just the first.
-    let pdb = wait_for(
-        "PodDisruptionBudget",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || {
-            let api = pdbs.clone();
-            async move { Ok(api.get_opt("orders").await?) }
-        },
-    )
-    .await?;
-    let svc = wait_for(
-        "metrics Service",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || {
-            let api = services.clone();
-            async move { Ok(api.get_opt("orders-metrics").await?) }
-        },
-    )
-    .await?;
+    let pdb = wait_exists(&pdbs, "orders").await?;
+    let svc = wait_exists(&services, "orders-metrics").await?;
     for owners in [
         d.metadata.owner_references.clone(),
         pdb.metadata.owner_references.clone(),

@@ -98,16 +98,7 @@ async fn a_malformed_integration_does_not_wedge_the_controller() -> anyhow::Resu
 
     // The good one reconciles: children and status.
     let deployments: Api<Deployment> = Api::namespaced(cp.client(), NS);
-    wait_for(
-        "Deployment orders",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || {
-            let api = deployments.clone();
-            async move { Ok(api.get_opt("orders").await?) }
-        },
-    )
-    .await?;
+    wait_exists(&deployments, "orders").await?;
     let st = wait_for(
         "status of orders",
         Duration::from_secs(30),
@@ -200,16 +191,7 @@ async fn a_malformed_integration_does_not_wedge_the_controller() -> anyhow::Resu
         &Patch::Merge(serde_json::json!({"spec": {"workers": {"replicas": 3}}})),
     )
     .await?;
-    let d = wait_for(
-        "Deployment three",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || {
-            let api = deployments.clone();
-            async move { Ok(api.get_opt("three").await?) }
-        },
-    )
-    .await?;
+    let d = wait_exists(&deployments, "three").await?;
     assert_eq!(d.spec.and_then(|s| s.replicas), Some(3));
     let i = until(&cp, "three", "no longer InvalidSpec", 30, |i| {
         cond(i, DEGRADED).1 != "InvalidSpec" && !cond(i, DEGRADED).1.is_empty()
