@@ -5,7 +5,7 @@
 //! [`RabbitMq::stop_node`], [`RabbitMq::start_node`]) to test reconnects; durable queues and persistent
 //! messages survive that, as they would in production.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -234,9 +234,4 @@ fn ensure_installed() -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Log file of the current node (for failure messages).
-pub fn node_log(rmq: &RabbitMq) -> Option<PathBuf> {
-    rmq.node.as_ref().map(|n| n.log_path().to_owned())
 }
