@@ -7,6 +7,7 @@
 //! is dropped, also when a test panics.
 
 pub mod control_plane;
+pub mod messages;
 pub mod pki;
 pub mod process;
 pub mod rabbitmq;
