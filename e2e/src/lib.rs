@@ -7,6 +7,8 @@
 //! is dropped, also when a test panics.
 
 pub mod control_plane;
+pub mod images;
+pub mod oci;
 pub mod pki;
 pub mod process;
 pub mod rabbitmq;
