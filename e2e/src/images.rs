@@ -71,7 +71,9 @@ pub fn release_binaries() -> Result<Binaries> {
     // Inside `cargo test`, CARGO names the cargo that runs us: the same toolchain builds the binaries.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let root = crate::tools::repo_root();
-    eprintln!("hookfleet-e2e: cargo build --release of hookfleet-worker and hookfleet-operator (no-op when fresh)");
+    eprintln!(
+        "hookfleet-e2e: cargo build --release of hookfleet-worker and hookfleet-operator (no-op when fresh)"
+    );
     let out = Command::new(&cargo)
         .current_dir(&root)
         .args([
@@ -92,7 +94,10 @@ pub fn release_binaries() -> Result<Binaries> {
         .output()
         .with_context(|| format!("running {} build in {}", cargo.to_string_lossy(), root.display()))?;
     if !out.status.success() {
-        bail!("cargo build --release of the worker and operator failed ({}); its errors are above", out.status);
+        bail!(
+            "cargo build --release of the worker and operator failed ({}); its errors are above",
+            out.status
+        );
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let find = |name: &str| {
@@ -151,7 +156,9 @@ pub fn service_image(name: &str, bin_name: &str, binary: &Path, description: &st
         image.add(Entry::host_file(&path, &lib).mode(0o755));
     }
     if !Path::new(CA_BUNDLE).is_file() {
-        bail!("{name}: CA bundle {CA_BUNDLE} missing on this machine (Debian: apt-get install ca-certificates)");
+        bail!(
+            "{name}: CA bundle {CA_BUNDLE} missing on this machine (Debian: apt-get install ca-certificates)"
+        );
     }
     image.add(Entry::host_file(CA_BUNDLE, CA_BUNDLE));
     add_users(&mut image);
@@ -193,7 +200,11 @@ fn add_users(image: &mut Image) {
             format!("root:x:0:\nnogroup:x:65534:\nnonroot:x:{NONROOT_ID}:\n"),
         ))
         .add(Entry::dir("/root").mode(0o700))
-        .add(Entry::dir("/home/nonroot").mode(0o700).owner(NONROOT_ID, NONROOT_ID));
+        .add(
+            Entry::dir("/home/nonroot")
+                .mode(0o700)
+                .owner(NONROOT_ID, NONROOT_ID),
+        );
 }
 
 /// The shared libraries `binary` loads, dynamic loader included, as `ldd` resolves them on this machine
@@ -213,7 +224,12 @@ pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
         {
             return Ok(Vec::new());
         }
-        bail!("ldd {} failed ({}): {}", binary.display(), out.status, stderr.trim());
+        bail!(
+            "ldd {} failed ({}): {}",
+            binary.display(),
+            out.status,
+            stderr.trim()
+        );
     }
     parse_ldd(&stdout).with_context(|| format!("ldd {}", binary.display()))
 }
@@ -365,7 +381,10 @@ mod tests {
     fn image_names_match_the_operator_default() {
         // operator/src/main.rs: --worker-image defaults to ghcr.io/hookfleet/worker:<crate version>; both
         // crates take the workspace version.
-        assert_eq!(WORKER_IMAGE, format!("ghcr.io/hookfleet/worker:{}", env!("CARGO_PKG_VERSION")));
+        assert_eq!(
+            WORKER_IMAGE,
+            format!("ghcr.io/hookfleet/worker:{}", env!("CARGO_PKG_VERSION"))
+        );
         let main = std::fs::read_to_string(crate::tools::repo_root().join("operator/src/main.rs")).unwrap();
         assert!(main.contains(r#"concat!("ghcr.io/hookfleet/worker:", env!("CARGO_PKG_VERSION"))"#));
     }

@@ -195,7 +195,10 @@ impl Image {
     /// the layer while it is built).
     pub fn write_archive(&self, path: &Path) -> Result<ImageArchive> {
         check_reference(&self.name)?;
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut layer = tempfile::tempfile_in(dir)
             .with_context(|| format!("creating a temporary layer file in {}", dir.display()))?;
@@ -352,7 +355,9 @@ fn layer_entries(entries: &[Entry]) -> Result<BTreeMap<String, Entry>> {
         if let Some(file) = k.strip_suffix('/')
             && out.contains_key(file)
         {
-            bail!("image entry /{file}: both a directory and a file or symlink (or the parent of another entry)");
+            bail!(
+                "image entry /{file}: both a directory and a file or symlink (or the parent of another entry)"
+            );
         }
     }
     Ok(out)
@@ -422,9 +427,8 @@ fn append<W: Write>(tar: &mut tar::Builder<W>, rel: &str, e: &Entry) -> Result<(
             tar.append_data(&mut h, rel, b.as_slice())
         }
         Content::HostFile(host) => {
-            let f = File::open(host).with_context(|| {
-                format!("image entry {}: opening host file {}", e.path, host.display())
-            })?;
+            let f = File::open(host)
+                .with_context(|| format!("image entry {}: opening host file {}", e.path, host.display()))?;
             let size = f.metadata()?.len();
             h.set_size(size);
             // `take` guards against a file that grows while it is read: the header's size is what counts.
@@ -545,14 +549,20 @@ mod tests {
         let mut image = Image::new("ghcr.io/hookfleet/test:1.2.3");
         image
             .add(Entry::host_file("/usr/local/bin/hello", &host).mode(0o755))
-            .add(Entry::file("/etc/passwd", "nonroot:x:65532:65532::/home/nonroot:/sbin/nologin\n"))
+            .add(Entry::file(
+                "/etc/passwd",
+                "nonroot:x:65532:65532::/home/nonroot:/sbin/nologin\n",
+            ))
             .add(Entry::dir("/tmp").mode(0o1777))
             .add(Entry::dir("/home/nonroot").mode(0o700).owner(65532, 65532))
             .add(Entry::symlink("/bin/hello", "../usr/local/bin/hello"));
         image.config.entrypoint = vec!["/usr/local/bin/hello".into()];
         image.config.user = Some("65532:65532".into());
         image.config.env = vec!["PATH=/usr/local/bin:/bin".into()];
-        image.config.labels.insert("org.opencontainers.image.version".into(), "1.2.3".into());
+        image
+            .config
+            .labels
+            .insert("org.opencontainers.image.version".into(), "1.2.3".into());
         image
     }
 
@@ -572,7 +582,9 @@ mod tests {
 
     fn blob<'a>(files: &'a BTreeMap<String, Vec<u8>>, digest: &str) -> &'a [u8] {
         let name = format!("blobs/sha256/{}", digest.strip_prefix("sha256:").unwrap());
-        files.get(&name).unwrap_or_else(|| panic!("{name} missing from the archive"))
+        files
+            .get(&name)
+            .unwrap_or_else(|| panic!("{name} missing from the archive"))
     }
 
     #[test]
@@ -593,7 +605,10 @@ mod tests {
         let index: Value = serde_json::from_slice(&files["index.json"]).unwrap();
         let desc = &index["manifests"][0];
         assert_eq!(desc["digest"], out.manifest_digest.as_str());
-        assert_eq!(desc["annotations"][ANNOTATION_CONTAINERD_NAME], "ghcr.io/hookfleet/test:1.2.3");
+        assert_eq!(
+            desc["annotations"][ANNOTATION_CONTAINERD_NAME],
+            "ghcr.io/hookfleet/test:1.2.3"
+        );
         assert_eq!(desc["annotations"][ANNOTATION_REF_NAME], "1.2.3");
         let manifest_bytes = blob(&files, &out.manifest_digest);
         assert_eq!(desc["size"], manifest_bytes.len() as u64);
@@ -611,7 +626,10 @@ mod tests {
         assert_eq!(config["rootfs"]["diff_ids"][0], out.diff_id.as_str());
         assert_eq!(config["config"]["User"], "65532:65532");
         assert_eq!(config["config"]["Entrypoint"][0], "/usr/local/bin/hello");
-        assert_eq!(config["config"]["Labels"]["org.opencontainers.image.version"], "1.2.3");
+        assert_eq!(
+            config["config"]["Labels"]["org.opencontainers.image.version"],
+            "1.2.3"
+        );
         assert!(config["config"].get("Cmd").is_none(), "empty Cmd is left out");
         assert_eq!(config["os"], "linux");
     }
@@ -662,8 +680,12 @@ mod tests {
     #[test]
     fn same_inputs_give_the_same_digests() {
         let dir = tempfile::tempdir().unwrap();
-        let a = sample(dir.path()).write_archive(&dir.path().join("a.tar")).unwrap();
-        let b = sample(dir.path()).write_archive(&dir.path().join("b.tar")).unwrap();
+        let a = sample(dir.path())
+            .write_archive(&dir.path().join("a.tar"))
+            .unwrap();
+        let b = sample(dir.path())
+            .write_archive(&dir.path().join("b.tar"))
+            .unwrap();
         assert_eq!(a.manifest_digest, b.manifest_digest);
         assert_eq!(std::fs::read(&a.path).unwrap(), std::fs::read(&b.path).unwrap());
         // And a change in content changes them.
@@ -677,7 +699,12 @@ mod tests {
     #[test]
     fn bad_entries_and_names_are_refused_with_the_path() {
         let dir = tempfile::tempdir().unwrap();
-        let err = |image: Image| format!("{:#}", image.write_archive(&dir.path().join("x.tar")).unwrap_err());
+        let err = |image: Image| {
+            format!(
+                "{:#}",
+                image.write_archive(&dir.path().join("x.tar")).unwrap_err()
+            )
+        };
         let one = |e: Entry| {
             let mut i = Image::new("ghcr.io/a/b:1");
             i.add(e);
@@ -694,6 +721,10 @@ mod tests {
         assert!(err(clash).contains("/a: both a directory and a file"));
         assert!(err(Image::new("worker:1")).contains("not fully qualified"));
         assert!(err(Image::new("ghcr.io/a/b")).contains("needs a tag"));
-        assert!(Image::new("localhost:5000/a/b:1").write_archive(&dir.path().join("ok.tar")).is_ok());
+        assert!(
+            Image::new("localhost:5000/a/b:1")
+                .write_archive(&dir.path().join("ok.tar"))
+                .is_ok()
+        );
     }
 }

@@ -54,7 +54,10 @@ fn run() -> Result<()> {
         println!("{}\t{}\t{}", a.name, a.manifest_digest, a.path.display());
     }
     if let Some(socket) = import {
-        eprintln!("hookfleet-images: imported into {} (namespace k8s.io)", socket.display());
+        eprintln!(
+            "hookfleet-images: imported into {} (namespace k8s.io)",
+            socket.display()
+        );
     }
     Ok(())
 }
