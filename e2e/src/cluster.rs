@@ -74,14 +74,16 @@ impl Cluster {
             advertise_address: Some(network.gateway()),
         })
         .await?;
+        // Under the node prefix, so that the sweep removes it with the rest.
         let images = std::env::temp_dir().join(format!("{}{id}-images", node::PREFIX));
-        let sandbox_image = crate::images::sandbox_image(&images)?;
+        std::fs::create_dir(&images).with_context(|| format!("creating {}", images.display()))?;
+        let pause = crate::images::pause(&images)?;
         let node = Node::start(
             &control_plane,
             &network,
             &NodeOptions {
                 nofile: options.nofile,
-                sandbox_image,
+                sandbox_image: (pause.path, pause.name),
             },
         )
         .await?;

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod control_plane;
 pub mod images;
 pub mod node;
+pub mod oci;
 pub mod pki;
 pub mod process;
 pub mod rabbitmq;

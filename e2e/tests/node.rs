@@ -27,7 +27,8 @@ async fn pods_on_the_real_node_reach_the_host_and_the_api_and_leave_nothing_behi
     let images_dir = tempfile::Builder::new()
         .prefix("hookfleet-test-images-")
         .tempdir()?;
-    let (tools_archive, tools_image) = images::tools_image(images_dir.path())?;
+    let tools = images::tools(images_dir.path())?;
+    let (tools_archive, tools_image) = (tools.path, tools.name);
 
     // The incident's server: soft 1024, hard 4096.
     let t0 = Instant::now();
