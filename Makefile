@@ -7,10 +7,10 @@ CARGO ?= cargo
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-deps: ## Install system packages the tests use (Debian: rabbitmq-server), when missing
+deps: ## Install system packages the tests use (Debian: rabbitmq-server, prometheus; containerd etc. for the node), when missing
 	hack/deps.sh
 
-tools: ## Build the pinned control-plane binaries into ~/.cache/hookfleet (cached by version)
+tools: ## Build the pinned control-plane and node binaries into ~/.cache/hookfleet (cached by version)
 	hack/build-tools.sh
 
 demo: deps tools ## Bring up the local stack (control plane + RabbitMQ), install the CRD, apply a sample; Ctrl-C ends it

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the pinned binaries of the local control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok, helm) from the Go module proxy into a cache outside the repository, keyed by
+# kube-scheduler, kubectl, kwok, helm) and of the local node (kubelet, kube-proxy) from the Go module proxy into a cache outside the repository, keyed by
 # version. Idempotent: with everything cached it only rewrites tools.env and prints, in well under a second.
 #
 #   hack/build-tools.sh                  build every tool that is missing; the last stdout line is
@@ -11,7 +11,8 @@
 # Cache: ${HOOKFLEET_CACHE:-$HOME/.cache/hookfleet}
 #   bin/<name>-<version>/<name>      the binaries (written under a temporary name, checked, then renamed)
 #   bin/tools.env                    HOOKFLEET_<NAME>=<absolute path> for every pinned tool present in the cache
-#   src/<module>-<version>/          throwaway Go modules the binaries are built from
+#   src/<module>-<version>/          throwaway Go modules the binaries are built from (`.packages` lists the
+#                                    main packages already resolved in it; a new one is added with `go get`)
 # Module downloads and compiled packages go to Go's own caches (GOMODCACHE, GOCACHE).
 #
 # KUBEBUILDER_ASSETS: etcd, kube-apiserver and kubectl found there are used instead of being built (--print-dir
@@ -22,13 +23,15 @@
 set -euo pipefail
 shopt -s inherit_errexit   # also inside $(…)
 
-KUBE_VERSION="${HOOKFLEET_KUBE_VERSION:-v1.34.4}"   # kube-apiserver, kube-controller-manager, kube-scheduler, kubectl
+KUBE_VERSION="${HOOKFLEET_KUBE_VERSION:-v1.34.4}"   # kube-apiserver, -controller-manager, -scheduler, kubectl, kubelet, kube-proxy
 ETCD_VERSION="${HOOKFLEET_ETCD_VERSION:-v3.6.16}"   # go.etcd.io/etcd/server/v3
 KWOK_VERSION="${HOOKFLEET_KWOK_VERSION:-v0.8.0}"    # sigs.k8s.io/kwok (its supported_releases.txt lists 1.34)
 HELM_VERSION="${HOOKFLEET_HELM_VERSION:-v3.19.5}"   # helm.sh/helm/v3 (built against k8s.io/* v0.34)
 
 ROOT="${HOOKFLEET_CACHE:-${HOME:-/tmp}/.cache/hookfleet}"
-TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm)
+TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubelet kube-proxy)
+# The k8s.io/kubernetes main packages built from one throwaway module.
+KUBE_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
 
 export CGO_ENABLED=0
 export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
@@ -47,7 +50,7 @@ usage() {
 version_of() {
     case "$1" in
         etcd) echo "$ETCD_VERSION" ;;
-        kube-apiserver | kube-controller-manager | kube-scheduler | kubectl) echo "$KUBE_VERSION" ;;
+        kube-apiserver | kube-controller-manager | kube-scheduler | kubectl | kubelet | kube-proxy) echo "$KUBE_VERSION" ;;
         kwok) echo "$KWOK_VERSION" ;;
         helm) echo "$HELM_VERSION" ;;
         *) die "unknown tool '$1' (known: ${TOOLS[*]})" ;;
@@ -82,11 +85,28 @@ module_gomod() { module_file "$1" "$2" GoMod; }
 # Prepares (once) a throwaway module under $ROOT/src that requires $1@$2 and can build packages $4… of it.
 # $3 is a space-separated list of extra `go mod edit` flags (replacements). The go/godebug lines of the target's
 # own go.mod are copied so the binaries get the GODEBUG defaults their authors chose. Prints the directory.
+# A module prepared earlier for fewer packages (a cache from before kubelet was added) gets the new ones with
+# `go get` in place: each main package can need go.sum entries the others did not (kubelet needs three).
 prepare_module() {
     local mod="$1" ver="$2" edits="$3"
     shift 3
-    local dir="$ROOT/src/${mod//\//_}-$ver"
-    if [[ -f "$dir/.ready" ]]; then echo "$dir"; return; fi
+    local dir="$ROOT/src/${mod//\//_}-$ver" p
+    if [[ -f "$dir/.ready" ]]; then
+        local missing=()
+        for p in "$@"; do
+            grep -qxF "$p" "$dir/.packages" 2>/dev/null || missing+=("$p")
+        done
+        if ((${#missing[@]} > 0)); then
+            local t0
+            t0=$(now)
+            log "adding ${missing[*]} to the prepared module in $dir"
+            (cd "$dir" && go get "${missing[@]/%/@$ver}" >&2) || die "go get ${missing[*]} (@$ver) failed in $dir"
+            printf '%s\n' "${missing[@]}" >>"$dir/.packages"
+            log "added in $(elapsed "$t0")"
+        fi
+        echo "$dir"
+        return
+    fi
     local t0 gomod tmp pkgs=()
     t0=$(now)
     log "preparing module $mod@$ver in $dir"
@@ -103,6 +123,7 @@ prepare_module() {
     (cd "$tmp" && go mod edit -require="$mod@$ver" $edits) || { rm -rf "$tmp"; die "go mod edit failed for $mod@$ver"; }
     for p in "$@"; do pkgs+=("$p@$ver"); done
     (cd "$tmp" && go get "${pkgs[@]}" >&2) || { rm -rf "$tmp"; die "go get ${pkgs[*]} failed"; }
+    printf '%s\n' "$@" >"$tmp/.packages"
     touch "$tmp/.ready"
     rm -rf "$dir"
     mv "$tmp" "$dir"
@@ -172,11 +193,9 @@ build() {
     t0=$(now)
     log "building $name $ver ($(go version | cut -d' ' -f3), GOTOOLCHAIN=$GOTOOLCHAIN)"
     case "$name" in
-        kube-apiserver | kube-controller-manager | kube-scheduler | kubectl)
+        kube-apiserver | kube-controller-manager | kube-scheduler | kubectl | kubelet | kube-proxy)
             edits=$(kube_staging_edits)
-            dir=$(prepare_module k8s.io/kubernetes "$KUBE_VERSION" "$edits" \
-                k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-                k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+            dir=$(prepare_module k8s.io/kubernetes "$KUBE_VERSION" "$edits" "${KUBE_CMDS[@]/#/k8s.io/kubernetes/cmd/}")
             pkg="k8s.io/kubernetes/cmd/$name"
             ldflags=$(kube_ldflags) ;;
         etcd)

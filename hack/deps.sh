@@ -1,15 +1,40 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the test stack runs, when missing: rabbitmq-server (a throwaway node per
-# test, started by the harness in e2e/). Needs root (or sudo) and apt-get.
+# Installs the Debian packages the test stack runs, when missing. Needs root (or sudo) and apt-get.
+#   rabbitmq-server   a throwaway broker per test (started by the harness in e2e/)
+#   util-linux        setpriv (children die with the harness), prlimit (containerd's nofile limits)
+#   prometheus        promtool, for the chart's alert-rule tests
+#   containerd runc containernetworking-plugins iptables busybox-static
+#                     the real node (e2e/src/node.rs), which only runs as root anyway
+# As a user without password-less sudo, missing node packages are reported, not installed: the rootless stack
+# (control plane, kwok, RabbitMQ) does not need them, and its tests still run.
 set -euo pipefail
 
-need=()
-[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
-command -v setpriv >/dev/null || need+=(util-linux)
-[ ${#need[@]} -eq 0 ] && exit 0
+have() { command -v "$1" >/dev/null; }
+core=() node=()
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || core+=(rabbitmq-server)
+{ have setpriv && have prlimit; } || core+=(util-linux)
+have promtool || core+=(prometheus)
+have containerd && have ctr || node+=(containerd)
+have runc || node+=(runc)
+for p in bridge host-local portmap loopback; do
+    [ -x "/usr/lib/cni/$p" ] || { node+=(containernetworking-plugins); break; }
+done
+{ have iptables && have iptables-save && have iptables-restore; } || node+=(iptables)
+# The static build: it has the ssl_client applet busybox's wget needs for https.
+{ [ -x /bin/busybox ] && /bin/busybox --list | grep -qx ssl_client; } || node+=(busybox-static)
 
 sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
+if [ "$(id -u)" -ne 0 ]; then
+    sudo="sudo"
+    if ((${#node[@]} > 0)) && ! { have sudo && sudo -n true 2>/dev/null; }; then
+        echo "deps: the real node needs ${node[*]} (and root to run); not installing them without root." >&2
+        echo "deps: the rootless stack works without them. For the node: sudo apt-get install ${node[*]}" >&2
+        node=()
+    fi
+fi
+need=("${core[@]}" "${node[@]}")
+[ ${#need[@]} -eq 0 ] && exit 0
+
 echo "deps: installing ${need[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null \

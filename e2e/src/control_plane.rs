@@ -1,12 +1,14 @@
 //! A local Kubernetes control plane on real binaries, the way controller-runtime's envtest runs one:
 //! etcd and kube-apiserver on free loopback ports in a temporary directory, and on request
 //! kube-controller-manager, kube-scheduler and kwok (with a fake node), so that Deployments get Pods
-//! that reach Running and garbage collection works. There is no kubelet: pods never run a container.
+//! that reach Running and garbage collection works. There is no kubelet here: pods never run a container
+//! unless a real node joins ([`crate::node`], started with it by [`crate::Cluster`]).
 //!
 //! Everything is stopped when the [`ControlPlane`] is dropped (also on a panic). Children are tied to the
 //! thread that started them (`PR_SET_PDEATHSIG`), so start it from a thread that outlives it (a test's
 //! own thread or a runtime worker, not `spawn_blocking`).
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -29,7 +31,19 @@ pub struct Options {
     /// kube-controller-manager, kube-scheduler and kwok with one fake node: Deployments get Pods that
     /// kwok marks Running and Ready; owner references are garbage collected.
     pub workloads: bool,
+    /// With `workloads`: no kwok and no fake node, because a real node joins (and the node-lifecycle
+    /// controller runs, as the real node heartbeats).
+    pub no_fake_node: bool,
+    /// Serve the API on this address instead of 127.0.0.1 and advertise it as the endpoint of the
+    /// `kubernetes` Service: a real node's bridge gateway, so that pods reach the API server through the
+    /// Service IP ([`SERVICE_IP`], also in the serving certificate).
+    pub advertise_address: Option<Ipv4Addr>,
 }
+
+/// The Service IP range of the local control plane.
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The `kubernetes` Service's ClusterIP (the first address of [`SERVICE_CIDR`]).
+pub const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 
 /// A running local control plane.
 pub struct ControlPlane {
@@ -43,6 +57,7 @@ pub struct ControlPlane {
     kubeconfig: PathBuf,
     server: String,
     client: Client,
+    pki: Pki,
 }
 
 /// kwok's stages: node Ready, pod Running and Ready, deleted pod removed (see the file's header).
@@ -59,7 +74,11 @@ impl ControlPlane {
 
     /// etcd + kube-apiserver + controller-manager + scheduler + kwok.
     pub async fn start_with_workloads() -> Result<Self> {
-        Self::start_with(Options { workloads: true }).await
+        Self::start_with(Options {
+            workloads: true,
+            ..Options::default()
+        })
+        .await
     }
 
     pub async fn start_with(options: Options) -> Result<Self> {
@@ -69,14 +88,23 @@ impl ControlPlane {
             Some((
                 tools::path(Tool::KubeControllerManager)?,
                 tools::path(Tool::KubeScheduler)?,
-                tools::path(Tool::Kwok)?,
+                if options.no_fake_node {
+                    None
+                } else {
+                    Some(tools::path(Tool::Kwok)?)
+                },
             ))
         } else {
             None
         };
 
         let dir = tempfile::Builder::new().prefix("hookfleet-cp-").tempdir()?;
-        let pki = Pki::write(&dir.path().join("pki"))?;
+        let extra_ips: Vec<IpAddr> = options
+            .advertise_address
+            .map(|a| vec![IpAddr::V4(a), IpAddr::V4(SERVICE_IP)])
+            .unwrap_or_default();
+        let pki = Pki::write_with(&dir.path().join("pki"), &extra_ips)?;
+        let api_addr = options.advertise_address.unwrap_or(Ipv4Addr::LOCALHOST);
 
         let etcd_port = free_port()?;
         let etcd_peer_port = free_port()?;
@@ -120,28 +148,32 @@ impl ControlPlane {
             &apiserver_bin,
             &[
                 format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1".into(),
-                "--advertise-address=127.0.0.1".into(),
+                format!("--bind-address={api_addr}"),
+                format!("--advertise-address={api_addr}"),
                 format!("--secure-port={api_port}"),
                 format!("--cert-dir={}", dir.path().join("pki").display()),
                 format!("--tls-cert-file={}", pki.serving_cert.display()),
                 format!("--tls-private-key-file={}", pki.serving_key.display()),
                 format!("--client-ca-file={}", pki.ca_cert.display()),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
                 format!("--service-account-key-file={}", pki.sa_pub.display()),
                 format!("--service-account-signing-key-file={}", pki.sa_key.display()),
                 "--authorization-mode=RBAC".into(),
                 "--allow-privileged=true".into(),
                 "--profiling=false".into(),
-                // No kubelet answers the apiserver, and nothing here needs logs/exec.
+                // For `kubectl logs`/`exec` on a real node: the kubelet's serving certificate is signed by
+                // this CA for the node's InternalIP, and the admin identity may use the kubelet's API.
                 "--kubelet-preferred-address-types=InternalIP".into(),
+                format!("--kubelet-certificate-authority={}", pki.ca_cert.display()),
+                format!("--kubelet-client-certificate={}", pki.admin_cert.display()),
+                format!("--kubelet-client-key={}", pki.admin_key.display()),
                 "--v=1".into(),
             ],
             &[],
             &dir.path().join("kube-apiserver.log"),
         )?;
-        let server = format!("https://127.0.0.1:{api_port}");
+        let server = format!("https://{api_addr}:{api_port}");
 
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(&server, &pki))?;
@@ -180,14 +212,16 @@ impl ControlPlane {
             kubeconfig,
             server,
             client,
+            pki,
         };
         if let Some((kcm, scheduler, kwok)) = workload_bins {
-            cp.start_workloads(&pki, &kcm, &scheduler, &kwok).await?;
+            cp.start_workloads(&kcm, &scheduler, kwok.as_deref()).await?;
         }
         Ok(cp)
     }
 
-    async fn start_workloads(&mut self, pki: &Pki, kcm: &Path, scheduler: &Path, kwok: &Path) -> Result<()> {
+    async fn start_workloads(&mut self, kcm: &Path, scheduler: &Path, kwok: Option<&Path>) -> Result<()> {
+        let pki = &self.pki;
         let kubeconfig = self.kubeconfig.display().to_string();
         let auth = [
             format!("--kubeconfig={kubeconfig}"),
@@ -202,10 +236,16 @@ impl ControlPlane {
             format!("--service-account-private-key-file={}", pki.sa_key.display()),
             format!("--root-ca-file={}", pki.ca_cert.display()),
             "--use-service-account-credentials=false".into(),
-            // No cloud, no node IPAM, no bootstrap tokens, and no node lifecycle (kwok's node sends no
-            // heartbeats, and nothing here tests evictions); everything else (deployments, replicasets,
-            // garbage collector, service accounts, endpoints, disruption) runs.
-            "--controllers=*,-nodeipam,-nodelifecycle,-bootstrapsigner,-tokencleaner".into(),
+            // No cloud, no node IPAM (the node's CNI config owns its pod range), no bootstrap tokens, and
+            // with kwok no node lifecycle (kwok's node sends no heartbeats, and would be marked NotReady);
+            // everything else (deployments, replicasets, garbage collector, service accounts, endpoints,
+            // disruption) runs. A real node heartbeats, so there the lifecycle controller lifts its
+            // not-ready taint as in any cluster.
+            if kwok.is_some() {
+                "--controllers=*,-nodeipam,-nodelifecycle,-bootstrapsigner,-tokencleaner".into()
+            } else {
+                "--controllers=*,-nodeipam,-bootstrapsigner,-tokencleaner".into()
+            },
             "--concurrent-deployment-syncs=10".into(),
             "--v=1".into(),
         ]);
@@ -227,24 +267,26 @@ impl ControlPlane {
             &self.dir.path().join("kube-scheduler.log"),
         )?);
 
-        let stages = self.dir.path().join("kwok-stages.yaml");
-        std::fs::write(&stages, KWOK_STAGES)?;
-        self.kwok = Some(Process::spawn(
-            "kwok",
-            kwok,
-            &[
-                format!("--kubeconfig={kubeconfig}"),
-                format!("--config={}", stages.display()),
-                "--manage-all-nodes=false".into(),
-                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
-                "--node-ip=10.244.0.1".into(),
-                "--cidr=10.244.0.0/16".into(),
-                format!("--server-address=127.0.0.1:{}", free_port()?),
-            ],
-            &[],
-            &self.dir.path().join("kwok.log"),
-        )?);
-        self.add_fake_node(FAKE_NODE).await?;
+        if let Some(kwok) = kwok {
+            let stages = self.dir.path().join("kwok-stages.yaml");
+            std::fs::write(&stages, KWOK_STAGES)?;
+            self.kwok = Some(Process::spawn(
+                "kwok",
+                kwok,
+                &[
+                    format!("--kubeconfig={kubeconfig}"),
+                    format!("--config={}", stages.display()),
+                    "--manage-all-nodes=false".into(),
+                    "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
+                    "--node-ip=10.244.0.1".into(),
+                    "--cidr=10.244.0.0/16".into(),
+                    format!("--server-address=127.0.0.1:{}", free_port()?),
+                ],
+                &[],
+                &self.dir.path().join("kwok.log"),
+            )?);
+            self.add_fake_node(FAKE_NODE).await?;
+        }
 
         // Pods are admitted only once the namespace has its default ServiceAccount.
         let sa: Api<ServiceAccount> = Api::namespaced(self.client(), "default");
@@ -336,9 +378,14 @@ impl ControlPlane {
         &self.kubeconfig
     }
 
-    /// `https://127.0.0.1:<port>`.
+    /// `https://127.0.0.1:<port>` (or the advertise address, see [`Options::advertise_address`]).
     pub fn server(&self) -> &str {
         &self.server
+    }
+
+    /// The CA and the certificates the API server uses (a node signs its kubelet's certificate with it).
+    pub fn pki(&self) -> &Pki {
+        &self.pki
     }
 
     /// The temporary directory holding logs, certificates and etcd's data.

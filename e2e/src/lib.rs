@@ -1,19 +1,25 @@
 //! The local test stack for hookfleet, on real parts: a Kubernetes control plane built from the Go module
 //! proxy (etcd, kube-apiserver, and on request kube-controller-manager, kube-scheduler and kwok) and a
-//! throwaway RabbitMQ node. Usable from `cargo test` (this crate's `tests/`) and from the shell
-//! (`hookfleet-env up`).
+//! throwaway RabbitMQ node; as root, also a real node (containerd, kubelet, kube-proxy, a bridge pod network:
+//! [`Cluster`]). Usable from `cargo test` (this crate's `tests/`) and from the shell (`hookfleet-env up`,
+//! `hookfleet-env up --node`).
 //!
 //! Every process runs on free loopback ports in a temporary directory and is stopped when its handle
 //! is dropped, also when a test panics.
 
+pub mod cluster;
 pub mod control_plane;
 pub mod messages;
+pub mod images;
+pub mod node;
+pub mod oci;
 pub mod pki;
 pub mod process;
 pub mod rabbitmq;
 pub mod sink;
 pub mod tools;
 
+pub use cluster::{Cluster, ClusterOptions};
 pub use control_plane::ControlPlane;
 pub use rabbitmq::RabbitMq;
 

@@ -1,10 +1,12 @@
 //! A throwaway RabbitMQ node (Debian's `rabbitmq-server`) on free loopback ports in a temporary
-//! directory, with its own epmd, stopped on drop.
+//! directory, with its own epmd, stopped on drop. [`RabbitMq::start_on`] also listens on a node's bridge
+//! gateway so that workers in pods reach it ([`RabbitMq::amqp_uri_for_pods`]).
 //!
 //! The node can be stopped and started again on the same ports and data directory ([`RabbitMq::restart`],
 //! [`RabbitMq::stop_node`], [`RabbitMq::start_node`]) to test reconnects; durable queues and persistent
 //! messages survive that, as they would in production.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -27,12 +29,20 @@ pub struct RabbitMq {
     env: Vec<(String, String)>,
     nodename: String,
     port: u16,
+    pod_addr: Option<IpAddr>,
 }
 
 impl RabbitMq {
     /// Starts a node and waits until it accepts AMQP connections (installs the Debian package first when
     /// it is missing and this process may).
     pub async fn start() -> Result<Self> {
+        Self::start_on(None).await
+    }
+
+    /// Like [`RabbitMq::start`]; with `pod_addr` (e.g. [`crate::Cluster::host_addr`]) the node also
+    /// listens there, on the same port, and `guest` may log in from any address: it is loopback-only by
+    /// default, and a pod's connection comes from the pod network.
+    pub async fn start_on(pod_addr: Option<IpAddr>) -> Result<Self> {
         ensure_installed()?;
         let dir = tempfile::Builder::new().prefix("hookfleet-rmq-").tempdir()?;
         let port = free_port()?;
@@ -43,22 +53,19 @@ impl RabbitMq {
         for sub in ["mnesia", "log", "home"] {
             std::fs::create_dir_all(base.join(sub))?;
         }
-        std::fs::write(
-            base.join("rabbitmq.conf"),
-            format!(
-                "listeners.tcp.1 = 127.0.0.1:{port}\n\
-                 loopback_users.guest = true\n\
-                 log.console = true\n\
-                 log.console.level = warning\n\
-                 log.file = false\n"
-            ),
-        )?;
+        let mut conf = format!("listeners.tcp.1 = 127.0.0.1:{port}\n");
+        match pod_addr {
+            Some(addr) => conf.push_str(&format!(
+                "listeners.tcp.2 = {addr}:{port}\nloopback_users = none\n"
+            )),
+            None => conf.push_str("loopback_users.guest = true\n"),
+        }
+        conf.push_str("log.console = true\nlog.console.level = warning\nlog.file = false\n");
+        std::fs::write(base.join("rabbitmq.conf"), conf)?;
         std::fs::write(base.join("enabled_plugins"), "[].\n")?;
         let p = |sub: &str| base.join(sub).display().to_string();
-        let env: Vec<(String, String)> = [
+        let mut env: Vec<(String, String)> = [
             ("RABBITMQ_NODENAME", nodename.clone()),
-            ("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".into()),
-            ("RABBITMQ_NODE_PORT", port.to_string()),
             ("RABBITMQ_DIST_PORT", dist_port.to_string()),
             ("ERL_EPMD_PORT", epmd_port.to_string()),
             ("ERL_EPMD_ADDRESS", "127.0.0.1".into()),
@@ -78,6 +85,11 @@ impl RabbitMq {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
+        if pod_addr.is_none() {
+            // These two override the config file's listeners with a single one.
+            env.push(("RABBITMQ_NODE_IP_ADDRESS".into(), "127.0.0.1".into()));
+            env.push(("RABBITMQ_NODE_PORT".into(), port.to_string()));
+        }
 
         let epmd = Process::spawn(
             "epmd",
@@ -98,6 +110,7 @@ impl RabbitMq {
             env,
             nodename,
             port,
+            pod_addr,
         };
         rmq.start_node().await?;
         Ok(rmq)
@@ -106,6 +119,13 @@ impl RabbitMq {
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
     pub fn amqp_uri(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// The URI for workers in pods: `amqp://guest:guest@<pod address>:<port>/%2f` (the loopback URI when
+    /// started without one).
+    pub fn amqp_uri_for_pods(&self) -> String {
+        let host = self.pod_addr.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        format!("amqp://guest:guest@{host}:{}/%2f", self.port)
     }
 
     pub fn port(&self) -> u16 {

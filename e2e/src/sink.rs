@@ -1,4 +1,5 @@
-//! A webhook sink for tests and benchmarks: a small HTTP/1.1 server on a free loopback port that records
+//! A webhook sink for tests and benchmarks: a small HTTP/1.1 server on a free loopback port (or on a
+//! node's bridge gateway, [`Sink::start_on`], for workers running in pods) that records
 //! every request (its `webhook-id`, headers and arrival time) and answers as told: 200, a status (with
 //! an optional `Retry-After`), after a delay, or not at all (a stalled endpoint that holds the
 //! connection open).
@@ -7,12 +8,12 @@
 //! that it counts connections as the worker opens them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -90,7 +91,15 @@ impl Sink {
 
     /// A sink that records ids and headers but not bodies (for benchmarks).
     pub async fn start_with(record_bodies: bool) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(IpAddr::V4(Ipv4Addr::LOCALHOST), record_bodies).await
+    }
+
+    /// A sink listening on `ip` (a free port): with [`crate::Cluster::host_addr`], pods reach it, and
+    /// [`Sink::url`] names that address.
+    pub async fn start_on(ip: IpAddr, record_bodies: bool) -> Result<Self> {
+        let listener = TcpListener::bind((ip, 0))
+            .await
+            .with_context(|| format!("binding the sink to {ip}"))?;
         let addr = listener.local_addr()?;
         let (mode, rx) = watch::channel(Mode::ok());
         let stats = Arc::new(Stats::default());
@@ -127,7 +136,7 @@ impl Sink {
         self.addr
     }
 
-    /// `http://127.0.0.1:<port>/hook`.
+    /// `http://<address>:<port>/hook` (127.0.0.1 unless started with [`Sink::start_on`]).
     pub fn url(&self) -> String {
         format!("http://{}/hook", self.addr)
     }

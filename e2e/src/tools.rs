@@ -1,4 +1,4 @@
-//! Where the control-plane binaries come from.
+//! Where the binaries of the local stack (control plane and node) come from.
 //!
 //! In order: `HOOKFLEET_<NAME>` (a path), `KUBEBUILDER_ASSETS` (envtest's etcd, kube-apiserver, kubectl),
 //! the version-keyed cache written by `hack/build-tools.sh` (its `tools.env`), and finally a build by that
@@ -21,6 +21,10 @@ pub enum Tool {
     Kubectl,
     Kwok,
     Helm,
+    /// The node agent of [`crate::node`] (root only).
+    Kubelet,
+    /// Service IPs on the node, in iptables mode (root only).
+    KubeProxy,
 }
 
 impl Tool {
@@ -34,6 +38,8 @@ impl Tool {
             Tool::Kubectl => "kubectl",
             Tool::Kwok => "kwok",
             Tool::Helm => "helm",
+            Tool::Kubelet => "kubelet",
+            Tool::KubeProxy => "kube-proxy",
         }
     }
 

@@ -1,0 +1,175 @@
+//! The real node (root only; skipped with a message otherwise): a pod runs a real container that reaches a
+//! sink on the host and the API server through the `kubernetes` Service IP with its ServiceAccount token,
+//! sees containerd's nofile limits, and has its output read through `kubectl logs` (the API server calling
+//! the kubelet). After the cluster is dropped nothing of the node is left on the host.
+//!
+//! Both node configurations (1024:4096 and 1024:1024) run in one test, one after the other: a node owns
+//! host-wide iptables chains, so clusters take turns, and the "nothing left" check must run before the next
+//! cluster starts.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hookfleet_e2e::control_plane::SERVICE_IP;
+use hookfleet_e2e::process::wait_for;
+use hookfleet_e2e::sink::Sink;
+use hookfleet_e2e::{Cluster, ClusterOptions, cluster, images, node};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, PostParams};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_on_the_real_node_reach_the_host_and_the_api_and_leave_nothing_behind() -> Result<()> {
+    hookfleet_e2e::init_tracing();
+    if !cluster::is_root() {
+        eprintln!("SKIPPED: the real node needs root (bridge, iptables, mounts, cgroups); CI runs as root");
+        return Ok(());
+    }
+    let images_dir = tempfile::Builder::new()
+        .prefix("hookfleet-test-images-")
+        .tempdir()?;
+    let tools = images::tools(images_dir.path())?;
+    let (tools_archive, tools_image) = (tools.path, tools.name);
+
+    // The incident's server: soft 1024, hard 4096.
+    let t0 = Instant::now();
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    eprintln!("node cluster (1024:4096) up in {:.1?}", t0.elapsed());
+    let sink = Sink::start_on(cluster.host_addr().into(), true).await?;
+    cluster.node().import_image(&tools_archive)?;
+
+    let script = format!(
+        r#"set -e
+echo "nofile $(ulimit -n) $(ulimit -Hn)"
+wget -q -O /dev/null --header 'webhook-id: from-pod' {sink}
+token=$(cat /var/run/secrets/kubernetes.io/serviceaccount/token)
+wget -q -O - --no-check-certificate --header "Authorization: Bearer $token" \
+  --header 'Content-Type: application/json' \
+  --post-data '{{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}}' \
+  https://{SERVICE_IP}:443/apis/authentication.k8s.io/v1/selfsubjectreviews
+echo
+echo done"#,
+        sink = sink.url()
+    );
+    let t1 = Instant::now();
+    let logs = run_pod(&cluster, "probe", &tools_image, &script).await?;
+    eprintln!("probe pod ran to completion in {:.1?}", t1.elapsed());
+
+    assert!(
+        logs.lines().any(|l| l.trim() == "nofile 1024 4096"),
+        "the container inherits containerd's 1024:4096; logs:\n{logs}"
+    );
+    assert!(
+        logs.contains("system:serviceaccount:default:default"),
+        "the API server, through the Service IP, authenticated the pod's ServiceAccount token; logs:\n{logs}"
+    );
+    assert!(
+        logs.trim_end().ends_with("done"),
+        "the script ran to its end; logs:\n{logs}"
+    );
+    let hits: Vec<_> = sink
+        .hits()
+        .into_iter()
+        .filter(|h| h.id.as_deref() == Some("from-pod"))
+        .collect();
+    assert_eq!(hits.len(), 1, "the sink on the host got the pod's request once");
+
+    drop(sink);
+    let t2 = Instant::now();
+    drop(cluster);
+    eprintln!("teardown in {:.1?}", t2.elapsed());
+    assert_nothing_left();
+
+    // A node that cannot give more than 1024.
+    let t0 = Instant::now();
+    let cluster = Cluster::start(ClusterOptions {
+        nofile: (1024, 1024),
+        ..ClusterOptions::default()
+    })
+    .await?;
+    eprintln!("node cluster (1024:1024) up in {:.1?}", t0.elapsed());
+    cluster.node().import_image(&tools_archive)?;
+    let logs = run_pod(
+        &cluster,
+        "limits",
+        &tools_image,
+        r#"echo "nofile $(ulimit -n) $(ulimit -Hn)""#,
+    )
+    .await?;
+    assert_eq!(logs.trim(), "nofile 1024 1024");
+    drop(cluster);
+    assert_nothing_left();
+    Ok(())
+}
+
+/// Runs `script` with `sh` in a pod of `image` to completion and returns its output as `kubectl logs`
+/// reads it (through the API server and the kubelet).
+async fn run_pod(cluster: &Cluster, name: &str, image: &str, script: &str) -> Result<String> {
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), "default");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "main",
+                "image": image,
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-c", script]
+            }]
+        }
+    }))?;
+    pods.create(&PostParams::default(), &pod).await?;
+    let phase = wait_for(
+        &format!("pod {name} to finish"),
+        Duration::from_secs(120),
+        Duration::from_millis(250),
+        || {
+            let pods = pods.clone();
+            let running = cluster.check_running();
+            async move {
+                running?;
+                let phase = pods
+                    .get(name)
+                    .await?
+                    .status
+                    .and_then(|s| s.phase)
+                    .unwrap_or_default();
+                Ok(matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase))
+            }
+        },
+    )
+    .await
+    .with_context(|| describe(cluster, name))?;
+    let out = cluster.control_plane().kubectl()?.args(["logs", name]).output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl logs {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let logs = String::from_utf8_lossy(&out.stdout).into_owned();
+    if phase != "Succeeded" {
+        bail!("pod {name} {phase}; logs:\n{logs}\n{}", describe(cluster, name));
+    }
+    Ok(logs)
+}
+
+fn describe(cluster: &Cluster, pod: &str) -> String {
+    cluster
+        .control_plane()
+        .kubectl()
+        .and_then(|mut c| Ok(c.args(["describe", "pod", pod]).output()?))
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn assert_nothing_left() {
+    let left = node::leftovers();
+    assert!(
+        left.is_empty(),
+        "the node left things on the host:\n{}",
+        left.join("\n")
+    );
+}
