@@ -65,3 +65,35 @@ app.kubernetes.io/component: operator
 {{- define "hookfleet.namespace" -}}
 {{- .Release.Namespace }}
 {{- end }}
+
+{{/*
+  The operator's rules, least privilege, in step with docs/operator.md ("RBAC it needs"; a test compares the
+  two). Secrets: get only, the operator reads the ones an Integration references and never lists them. The
+  workers get no rules at all: their pods mount no service-account token.
+*/}}
+{{- define "hookfleet.operatorRules" -}}
+- apiGroups: [hookfleet.io]
+  resources: [integrations]
+  verbs: [get, list, watch]
+- apiGroups: [hookfleet.io]
+  resources: [integrations/status]
+  verbs: [get, patch]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end }}
