@@ -55,7 +55,12 @@ pub fn template_text(home: &Path, release: &str, namespace: &str, args: &[&str])
 }
 
 /// `helm template …` as parsed objects (empty documents skipped).
-pub fn template(home: &Path, release: &str, namespace: &str, args: &[&str]) -> Result<Vec<serde_json::Value>> {
+pub fn template(
+    home: &Path,
+    release: &str,
+    namespace: &str,
+    args: &[&str],
+) -> Result<Vec<serde_json::Value>> {
     let text = template_text(home, release, namespace, args)?;
     let mut objects = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(&text) {

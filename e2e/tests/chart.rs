@@ -18,9 +18,9 @@ use hookfleet_operator::{Config, LeaderElection, Operator};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::{Value, json};
@@ -28,7 +28,10 @@ use serde_json::{Value, json};
 const FULL_VALUES: &str = "ci/full-values.yaml";
 
 fn home() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("hookfleet-helm-").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("hookfleet-helm-")
+        .tempdir()
+        .unwrap()
 }
 
 fn full_values() -> String {
@@ -61,9 +64,7 @@ fn env_of(deployment: &Value) -> BTreeMap<String, Value> {
 #[test]
 fn lint_and_template_with_default_and_full_values() -> Result<()> {
     let home = home();
-    run(helm(home.path())?
-        .args(["lint", "--strict"])
-        .arg(chart::dir()))?;
+    run(helm(home.path())?.args(["lint", "--strict"]).arg(chart::dir()))?;
     run(helm(home.path())?
         .args(["lint", "--strict", "-f", &full_values()])
         .arg(chart::dir()))?;
@@ -103,20 +104,34 @@ fn lint_and_template_with_default_and_full_values() -> Result<()> {
     assert_eq!(pod["topologySpreadConstraints"].as_array().unwrap().len(), 2);
     assert_eq!(pod["serviceAccountName"], "hookfleet-operator");
     let env = env_of(d);
-    assert_eq!(env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+    assert_eq!(
+        env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
     assert_eq!(
         env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"],
         "metadata.namespace"
     );
-    assert_eq!(env["HOOKFLEET_WORKER_IMAGE"]["value"], "ghcr.io/hookfleet/worker:0.1.0");
+    assert_eq!(
+        env["HOOKFLEET_WORKER_IMAGE"]["value"],
+        "ghcr.io/hookfleet/worker:0.1.0"
+    );
     assert_eq!(env["HOOKFLEET_WORKER_IMAGE_PULL_POLICY"]["value"], "IfNotPresent");
     assert_eq!(env["HOOKFLEET_LEASE_NAME"]["value"], "hookfleet-operator");
-    assert!(!env.contains_key("HOOKFLEET_WATCH_NAMESPACE"), "cluster-wide by default");
+    assert!(
+        !env.contains_key("HOOKFLEET_WATCH_NAMESPACE"),
+        "cluster-wide by default"
+    );
     assert!(!env.contains_key("HOOKFLEET_NO_LEADER_ELECTION"));
     assert_eq!(find(&objects, "PodDisruptionBudget")["spec"]["minAvailable"], 1);
 
     // Full values: every optional part, and the values reach the objects.
-    let objects = template(home.path(), "hookfleet", "hookfleet-system", &["-f", &full_values()])?;
+    let objects = template(
+        home.path(),
+        "hookfleet",
+        "hookfleet-system",
+        &["-f", &full_values()],
+    )?;
     for kind in [
         "ServiceMonitor",
         "PodMonitor",
@@ -154,10 +169,16 @@ fn lint_and_template_with_default_and_full_values() -> Result<()> {
         let runbook = hookfleet_e2e::tools::repo_root().join("docs/runbooks").join(file);
         assert!(runbook.is_file(), "{name}: {} missing", runbook.display());
     }
-    let dead = alerts.iter().find(|a| a["alert"] == "HookfleetDeadLetterRate").unwrap();
+    let dead = alerts
+        .iter()
+        .find(|a| a["alert"] == "HookfleetDeadLetterRate")
+        .unwrap();
     assert_eq!(dead["labels"]["severity"], "page", "severity from values");
     assert_eq!(dead["for"], "1m", "for: from values");
-    assert!(dead["expr"].as_str().unwrap().ends_with("> 0.5"), "threshold from values");
+    assert!(
+        dead["expr"].as_str().unwrap().ends_with("> 0.5"),
+        "threshold from values"
+    );
 
     // The dashboard: JSON in a ConfigMap with the sidecar label, with the panels on-call needs.
     let cm = find(&objects, "ConfigMap");
@@ -198,7 +219,10 @@ fn schema_refuses_a_wrong_type_and_an_unknown_key_naming_it() -> Result<()> {
     let e = refused(&["--set", "replicaCont=3"])?;
     assert!(e.contains("'replicaCont' not allowed"), "{e}");
     let e = refused(&["--set", "prometheusRule.alerts.FileDescriptorsHigh.ratio=high"])?;
-    assert!(e.contains("/prometheusRule/alerts/FileDescriptorsHigh/ratio"), "{e}");
+    assert!(
+        e.contains("/prometheusRule/alerts/FileDescriptorsHigh/ratio"),
+        "{e}"
+    );
     let e = refused(&["--set", "prometheusRule.alerts.FileDescriptorsHigh.treshold=1"])?;
     assert!(e.contains("'treshold' not allowed"), "{e}");
     let e = refused(&["--set", "operator.resync=soon"])?;
@@ -217,9 +241,10 @@ fn alert_rules_pass_promtool() -> Result<()> {
     let promtool = std::env::var("HOOKFLEET_PROMTOOL").unwrap_or_else(|_| "/usr/bin/promtool".into());
     let check = run(Command::new(&promtool).args(["check", "rules"]).arg(&rules))?;
     assert!(String::from_utf8_lossy(&check.stdout).contains("SUCCESS: 15 rules found"));
-    let out = run(Command::new(&promtool)
-        .current_dir(dir.path())
-        .args(["test", "rules", "alerts.test.yaml"]))?;
+    let out =
+        run(Command::new(&promtool)
+            .current_dir(dir.path())
+            .args(["test", "rules", "alerts.test.yaml"]))?;
     assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS"));
 
     // Every alert of the chart has a firing case in the test file.
@@ -229,7 +254,9 @@ fn alert_rules_pass_promtool() -> Result<()> {
         for rule in group["rules"].as_array().unwrap() {
             if let Some(name) = rule["alert"].as_str() {
                 assert!(
-                    test_text.contains(&format!("alertname: {name}\n        exp_alerts:\n          - exp_labels")),
+                    test_text.contains(&format!(
+                        "alertname: {name}\n        exp_alerts:\n          - exp_labels"
+                    )),
                     "{name} has no firing case in {}",
                     tests.display()
                 );
@@ -249,7 +276,13 @@ fn grants(rules: &Value) -> Grants {
             for res in r["resources"].as_array().unwrap() {
                 out.entry((g.as_str().unwrap().into(), res.as_str().unwrap().into()))
                     .or_default()
-                    .extend(r["verbs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()));
+                    .extend(
+                        r["verbs"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.as_str().unwrap().to_owned()),
+                    );
             }
         }
     }
@@ -382,7 +415,8 @@ fn kubectl_apply_dry_run(cp: &ControlPlane, manifests: &str) -> Result<String> {
 async fn client_as_service_account(kubeconfig: &Path, ns: &str, name: &str) -> Result<kube::Client> {
     let text = std::fs::read_to_string(kubeconfig)?;
     let mut config =
-        kube::Config::from_custom_kubeconfig(Kubeconfig::from_yaml(&text)?, &KubeConfigOptions::default()).await?;
+        kube::Config::from_custom_kubeconfig(Kubeconfig::from_yaml(&text)?, &KubeConfigOptions::default())
+            .await?;
     config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{name}"));
     config.auth_info.impersonate_groups = Some(vec![
         "system:serviceaccounts".into(),
@@ -479,8 +513,12 @@ async fn reconciles_as(
         Duration::from_secs(30),
         Duration::from_millis(300),
         || {
-            let (deployments, pdbs, services, events) =
-                (deployments.clone(), pdbs.clone(), services.clone(), events.clone());
+            let (deployments, pdbs, services, events) = (
+                deployments.clone(),
+                pdbs.clone(),
+                services.clone(),
+                events.clone(),
+            );
             async move {
                 let d = deployments.get_opt("orders").await?;
                 let p = pdbs.get_opt("orders").await?;
@@ -498,7 +536,13 @@ async fn reconciles_as(
     .await?;
     let worker = deployments.get("orders").await?;
     assert_eq!(
-        worker.spec.unwrap().template.spec.unwrap().automount_service_account_token,
+        worker
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .automount_service_account_token,
         Some(false),
         "workers mount no service-account token"
     );
@@ -513,6 +557,9 @@ async fn reconciles_as(
         "reconcile errors as {sa}:\n{text}"
     );
     assert!(text.contains("hookfleet_operator_leader 1"), "{text}");
+    // Ready only once every cache (Integrations, Deployments, PDBs, Services, Pods) has listed and watches:
+    // a missing list/watch grant would keep it at 0.
+    assert!(text.contains("hookfleet_operator_ready 1"), "{text}");
     assert!(
         text.contains(&format!(
             "hookfleet_operator_integration_desired_workers{{integration=\"{intg_ns}/orders\"}} 2"
@@ -573,16 +620,30 @@ async fn dry_run_install_and_operator_rbac_on_the_local_control_plane() -> Resul
     // 3. The operator as the chart's ServiceAccount, cluster-wide.
     reconciles_as(&cp, "hookfleet-system", "hookfleet-operator", None, "team-a").await?;
 
-    // 4. Namespaced mode: a second release watching team-b only (the CRD is there already).
+    // 4. Namespaced mode: a second release watching team-b only (the CRD is there already; the watched
+    // namespace must exist: the Role lives there).
+    cp.create_namespace("team-b").await?;
     run(helm(home.path())?
         .args(["install", "scoped"])
         .arg(chart::dir())
-        .args(["--namespace", "scoped-system", "--create-namespace", "--skip-crds"])
+        .args([
+            "--namespace",
+            "scoped-system",
+            "--create-namespace",
+            "--skip-crds",
+        ])
         .args(["--set", "watchNamespace=team-b", "--kubeconfig", &kubeconfig]))?;
-    cp.create_namespace("team-b").await?;
-    reconciles_as(&cp, "scoped-system", "scoped-hookfleet-operator", Some("team-b"), "team-b").await?;
+    reconciles_as(
+        &cp,
+        "scoped-system",
+        "scoped-hookfleet-operator",
+        Some("team-b"),
+        "team-b",
+    )
+    .await?;
     // …and it can do nothing outside team-b.
-    let scoped = client_as_service_account(cp.kubeconfig(), "scoped-system", "scoped-hookfleet-operator").await?;
+    let scoped =
+        client_as_service_account(cp.kubeconfig(), "scoped-system", "scoped-hookfleet-operator").await?;
     let err = Api::<Pod>::namespaced(scoped.clone(), "team-a")
         .list(&ListParams::default())
         .await
@@ -594,7 +655,21 @@ async fn dry_run_install_and_operator_rbac_on_the_local_control_plane() -> Resul
         .expect_err("a namespaced operator must not list Integrations cluster-wide");
     assert!(matches!(err, kube::Error::Api(ref s) if s.code == 403), "{err}");
 
-    run(helm(home.path())?.args(["uninstall", "scoped", "--namespace", "scoped-system", "--kubeconfig", &kubeconfig]))?;
-    run(helm(home.path())?.args(["uninstall", "hookfleet", "--namespace", "hookfleet-system", "--kubeconfig", &kubeconfig]))?;
+    run(helm(home.path())?.args([
+        "uninstall",
+        "scoped",
+        "--namespace",
+        "scoped-system",
+        "--kubeconfig",
+        &kubeconfig,
+    ]))?;
+    run(helm(home.path())?.args([
+        "uninstall",
+        "hookfleet",
+        "--namespace",
+        "hookfleet-system",
+        "--kubeconfig",
+        &kubeconfig,
+    ]))?;
     Ok(())
 }
