@@ -26,7 +26,7 @@ lint: ## rustfmt and clippy (warnings are errors); the generated CRD is checked 
 fmt: ## Format the code
 	$(CARGO) fmt --all
 
-crds: ## Regenerate crds/integrations.hookfleet.io.yaml from the Rust types
+crds: ## Regenerate crds/integrations.hookfleet.io.yaml and the chart's copy from the Rust types
 	$(CARGO) run -q -p hookfleet-crds --bin crdgen -- --write
 
 .PHONY: test-worker-faults bench-worker

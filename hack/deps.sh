@@ -13,7 +13,7 @@ have() { command -v "$1" >/dev/null; }
 core=() node=()
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || core+=(rabbitmq-server)
 { have setpriv && have prlimit; } || core+=(util-linux)
-have promtool || core+=(prometheus)
+{ have promtool && [ -x /usr/bin/prometheus ]; } || core+=(prometheus)
 have containerd && have ctr || node+=(containerd)
 have runc || node+=(runc)
 for p in bridge host-local portmap loopback; do

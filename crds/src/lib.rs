@@ -12,6 +12,10 @@ use kube::CustomResourceExt;
 /// Path of the generated CRD, relative to the `crds/` directory.
 pub const CRD_FILE: &str = "integrations.hookfleet.io.yaml";
 
+/// The Helm chart's copy of the same CRD, relative to the `crds/` directory (Helm installs a chart's `crds/`
+/// before its templates; `make crds` writes both, and a test fails when either is stale).
+pub const CHART_CRD_FILE: &str = "../charts/hookfleet/crds/integrations.hookfleet.io.yaml";
+
 /// The CRD as YAML, exactly as committed under `crds/`.
 pub fn crd_yaml() -> String {
     let body = serde_yaml::to_string(&Integration::crd()).expect("the CRD serializes to YAML");

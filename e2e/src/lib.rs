@@ -7,14 +7,17 @@
 //! Every process runs on free loopback ports in a temporary directory and is stopped when its handle
 //! is dropped, also when a test panics.
 
+pub mod chart;
 pub mod cluster;
 pub mod control_plane;
-pub mod messages;
+
 pub mod images;
+pub mod messages;
 pub mod node;
 pub mod oci;
 pub mod pki;
 pub mod process;
+pub mod prometheus;
 pub mod rabbitmq;
 pub mod sink;
 pub mod tools;

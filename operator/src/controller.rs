@@ -140,6 +140,7 @@ impl Context {
             .lock()
             .expect("lock")
             .remove(&key("Integration", ns, name));
+        self.metrics.forget_integration(&format!("{ns}/{name}"));
     }
 
     async fn event(&self, regarding: &ObjectReference, warning: bool, reason: &str, note: String) {
@@ -328,15 +329,16 @@ async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action> {
     }
 
     // Status.
-    let pod_problems = ctx
+    let pods: Vec<Arc<Pod>> = ctx
         .pods
         .state()
-        .iter()
+        .into_iter()
         .filter(|p| {
             p.namespace().as_deref() == Some(ns.as_str()) && p.labels().get(INTEGRATION_LABEL) == Some(&name)
         })
-        .filter_map(|p| status::pod_problem(p))
         .collect();
+    let pod_problems = pods.iter().filter_map(|p| status::pod_problem(p)).collect();
+    let restarts = pods.iter().map(|p| status::worker_restarts(p)).sum::<i64>();
     let observed = Observed {
         generation: intg.metadata.generation,
         paused: spec.paused,
@@ -361,6 +363,9 @@ async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action> {
     let mut new = status::compute(&observed);
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     new.conditions = status::merge_conditions(&old.conditions, new.conditions, &now);
+    // Metrics mirror the status on every pass (in memory: the steady state still writes nothing).
+    ctx.metrics
+        .integration_status(&format!("{ns}/{name}"), &new, restarts);
     let has_problem = new
         .conditions
         .iter()
@@ -501,6 +506,7 @@ async fn malformed(invalid: &InvalidObject, ctx: &Context, ns: &str, name: &str)
         resource_version: invalid.metadata.resource_version.clone(),
         ..Default::default()
     };
+    ctx.metrics.integration_conditions(&format!("{ns}/{name}"), &new);
     if !(unchanged(hookfleet_crds::integration::condition::READY)
         && unchanged(hookfleet_crds::integration::condition::DEGRADED))
     {
@@ -669,9 +675,15 @@ pub async fn run(
 }
 
 /// Fails with a message that says how to install the CRD when it is missing.
-pub async fn check_crd(client: &Client) -> Result<()> {
+///
+/// With `namespace` set (namespaced mode) the list is in that namespace: the operator's Role grants no
+/// cluster-wide list there.
+pub async fn check_crd(client: &Client, namespace: Option<&str>) -> Result<()> {
     // Metadata only: a malformed Integration must not make the operator refuse to start.
-    let api: Api<Integration> = Api::all(client.clone());
+    let api: Api<Integration> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     match api
         .list_metadata(&kube::api::ListParams::default().limit(1))
         .await

@@ -62,7 +62,7 @@ impl Operator {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let Operator { config, metrics } = self;
-        controller::check_crd(&client).await?;
+        controller::check_crd(&client, config.namespace.as_deref()).await?;
         let _http = match config.http_addr {
             Some(addr) => {
                 let server = http::serve(addr, metrics.clone()).await?;

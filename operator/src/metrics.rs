@@ -1,7 +1,17 @@
 //! The operator's own Prometheus metrics (one registry per operator instance, so tests can run two).
+//!
+//! Besides its own health (reconciles, writes, leader) the operator exports, per Integration, what its
+//! status says (desired and ready workers, consumers, backlog, conditions): the alert rules in
+//! `charts/hookfleet` are written against these series (docs/metrics.md lists them all). Only the leader
+//! reconciles, so only the leader exports per-Integration series; they live in memory (no API writes).
 
-use std::sync::atomic::AtomicU64;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Instant;
+
+use hookfleet_crds::IntegrationStatus;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -20,6 +30,46 @@ pub struct KindLabels {
     pub kind: String,
 }
 
+/// One Integration, as `namespace/name`: the same `integration` label the worker puts on its own series
+/// (`--integration`), so rules can join operator and worker series on it. A single label rather than
+/// `namespace` + `name`: Prometheus sets `namespace` itself from the scrape target (the operator's).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IntegrationLabels {
+    pub integration: String,
+}
+
+/// One condition of an Integration (kube-state-metrics style: value 1 for the condition as it is now).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub integration: String,
+    #[prometheus(flatten)]
+    pub condition: ConditionKey,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionKey {
+    pub r#type: String,
+    pub status: String,
+    pub reason: String,
+}
+
+type IntGauge = Gauge<i64, AtomicI64>;
+
+/// Per-Integration gauges, mirroring the status the operator computed.
+pub struct IntegrationMetrics {
+    pub desired_workers: Family<IntegrationLabels, IntGauge>,
+    pub ready_workers: Family<IntegrationLabels, IntGauge>,
+    /// Absent while the broker cannot be asked (a Degraded reason says why).
+    pub consumers: Family<IntegrationLabels, IntGauge>,
+    /// Absent while the broker cannot be asked or the queue does not exist.
+    pub backlog: Family<IntegrationLabels, IntGauge>,
+    pub worker_restarts: Family<IntegrationLabels, IntGauge>,
+    pub conditions: Family<ConditionLabels, IntGauge>,
+    /// The condition series exported per Integration, so a changed reason replaces the old series instead
+    /// of leaving it behind at 1.
+    exported: Mutex<HashMap<String, Vec<ConditionKey>>>,
+}
+
 pub struct Metrics {
     pub reconciles: Counter,
     pub reconcile_errors: Family<ReasonLabels, Counter>,
@@ -31,6 +81,7 @@ pub struct Metrics {
     pub applies_skipped: Counter,
     pub leader: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub ready: Gauge<i64, std::sync::atomic::AtomicI64>,
+    pub integrations: IntegrationMetrics,
     registry: Registry,
 }
 
@@ -78,6 +129,46 @@ impl Metrics {
             "1 once this instance is ready (standby, or leader with caches synced)",
             ready.clone(),
         );
+        let integrations = IntegrationMetrics {
+            desired_workers: Family::default(),
+            ready_workers: Family::default(),
+            consumers: Family::default(),
+            backlog: Family::default(),
+            worker_restarts: Family::default(),
+            conditions: Family::default(),
+            exported: Mutex::default(),
+        };
+        let i = &integrations;
+        registry.register(
+            "integration_desired_workers",
+            "Workers the Integration should run now (fixed or autoscaled)",
+            i.desired_workers.clone(),
+        );
+        registry.register(
+            "integration_ready_workers",
+            "Worker pods of the Integration that are Ready",
+            i.ready_workers.clone(),
+        );
+        registry.register(
+            "integration_consumers",
+            "Consumers attached to the Integration's queue, as the broker reports them",
+            i.consumers.clone(),
+        );
+        registry.register(
+            "integration_backlog_messages",
+            "Messages ready in the Integration's queue, as the broker reports them",
+            i.backlog.clone(),
+        );
+        registry.register(
+            "integration_worker_restarts",
+            "Container restarts summed over the Integration's current worker pods",
+            i.worker_restarts.clone(),
+        );
+        registry.register(
+            "integration_condition",
+            "1 for each condition of the Integration as it is now (type, status, reason)",
+            i.conditions.clone(),
+        );
         Self {
             reconciles,
             reconcile_errors,
@@ -86,8 +177,83 @@ impl Metrics {
             applies_skipped,
             leader,
             ready,
+            integrations,
             registry,
         }
+    }
+
+    /// Exports what `status` says about Integration `integration` (`namespace/name`); `restarts` is the
+    /// restart count summed over its worker pods.
+    pub fn integration_status(&self, integration: &str, status: &IntegrationStatus, restarts: i64) {
+        let i = &self.integrations;
+        let l = IntegrationLabels {
+            integration: integration.into(),
+        };
+        let set = |f: &Family<IntegrationLabels, IntGauge>, v: Option<i64>| match v {
+            Some(v) => {
+                f.get_or_create(&l).set(v);
+            }
+            // Unknown is absent, not 0: a 0 would claim "no consumers" when the broker was not asked.
+            None => {
+                f.remove(&l);
+            }
+        };
+        set(&i.desired_workers, status.replicas.map(i64::from));
+        set(&i.ready_workers, status.ready_replicas.map(i64::from));
+        set(&i.consumers, status.consumers.map(i64::from));
+        set(&i.backlog, status.backlog);
+        set(&i.worker_restarts, Some(restarts));
+        self.integration_conditions(integration, &status.conditions);
+    }
+
+    /// Exports `conditions` of Integration `integration`, replacing the series of its previous ones.
+    pub fn integration_conditions(&self, integration: &str, conditions: &[Condition]) {
+        let i = &self.integrations;
+        let now: Vec<ConditionKey> = conditions
+            .iter()
+            .map(|c| ConditionKey {
+                r#type: c.type_.clone(),
+                status: c.status.clone(),
+                reason: c.reason.clone(),
+            })
+            .collect();
+        let mut exported = i.exported.lock().expect("lock");
+        let before = exported
+            .insert(integration.into(), now.clone())
+            .unwrap_or_default();
+        for old in before.into_iter().filter(|k| !now.contains(k)) {
+            i.conditions.remove(&ConditionLabels {
+                integration: integration.into(),
+                condition: old,
+            });
+        }
+        for key in now {
+            i.conditions
+                .get_or_create(&ConditionLabels {
+                    integration: integration.into(),
+                    condition: key,
+                })
+                .set(1);
+        }
+    }
+
+    /// Drops every series of a deleted Integration.
+    pub fn forget_integration(&self, integration: &str) {
+        let i = &self.integrations;
+        let l = IntegrationLabels {
+            integration: integration.into(),
+        };
+        for f in [
+            &i.desired_workers,
+            &i.ready_workers,
+            &i.consumers,
+            &i.backlog,
+            &i.worker_restarts,
+        ] {
+            f.remove(&l);
+        }
+        self.integration_conditions(integration, &[]);
+        i.exported.lock().expect("lock").remove(integration);
     }
 
     pub fn write(&self, kind: &str) {
@@ -142,5 +308,110 @@ impl Drop for ReconcileTimer<'_> {
         self.metrics
             .reconcile_duration
             .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn cond(t: &str, status: &str, reason: &str) -> Condition {
+        Condition {
+            type_: t.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        }
+    }
+
+    fn lines(m: &Metrics, prefix: &str) -> Vec<String> {
+        let mut v: Vec<String> = m
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(str::to_owned)
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn integration_series_follow_the_status() {
+        let m = Metrics::new();
+        let st = IntegrationStatus {
+            replicas: Some(3),
+            ready_replicas: Some(3),
+            consumers: Some(2),
+            backlog: Some(40),
+            conditions: vec![
+                cond("Ready", "False", "NotConsuming"),
+                cond("Degraded", "True", "NotConsuming"),
+            ],
+            ..IntegrationStatus::default()
+        };
+        m.integration_status("team-a/orders", &st, 4);
+        let l = r#"{integration="team-a/orders"}"#;
+        assert_eq!(
+            lines(&m, "hookfleet_operator_integration_")
+                .into_iter()
+                .filter(|s| !s.contains("_condition"))
+                .collect::<Vec<_>>(),
+            vec![
+                format!("hookfleet_operator_integration_backlog_messages{l} 40"),
+                format!("hookfleet_operator_integration_consumers{l} 2"),
+                format!("hookfleet_operator_integration_desired_workers{l} 3"),
+                format!("hookfleet_operator_integration_ready_workers{l} 3"),
+                format!("hookfleet_operator_integration_worker_restarts{l} 4"),
+            ]
+        );
+        assert_eq!(
+            lines(&m, "hookfleet_operator_integration_condition{"),
+            vec![
+                r#"hookfleet_operator_integration_condition{integration="team-a/orders",type="Degraded",status="True",reason="NotConsuming"} 1"#,
+                r#"hookfleet_operator_integration_condition{integration="team-a/orders",type="Ready",status="False",reason="NotConsuming"} 1"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn a_changed_condition_replaces_its_series_and_unknowns_are_absent() {
+        let m = Metrics::new();
+        let degraded = IntegrationStatus {
+            replicas: Some(2),
+            ready_replicas: Some(2),
+            consumers: Some(1),
+            backlog: Some(5),
+            conditions: vec![cond("Ready", "False", "NotConsuming")],
+            ..IntegrationStatus::default()
+        };
+        m.integration_status("a/x", &degraded, 0);
+        // The broker became unreachable: consumers and backlog are unknown, the reason changed.
+        let unreachable = IntegrationStatus {
+            consumers: None,
+            backlog: None,
+            conditions: vec![cond("Ready", "False", "BrokerUnreachable")],
+            ..degraded
+        };
+        m.integration_status("a/x", &unreachable, 0);
+        let text = m.encode();
+        assert!(
+            !text.contains("NotConsuming"),
+            "stale condition series left:\n{text}"
+        );
+        assert!(text.contains(r#"reason="BrokerUnreachable"} 1"#), "{text}");
+        assert!(
+            !text.contains("hookfleet_operator_integration_consumers{"),
+            "unknown consumers must be absent, not 0:\n{text}"
+        );
+        assert!(
+            !text.contains("hookfleet_operator_integration_backlog_messages{"),
+            "{text}"
+        );
+
+        m.forget_integration("a/x");
+        assert_eq!(lines(&m, "hookfleet_operator_integration_"), Vec::<String>::new());
     }
 }

@@ -185,6 +185,19 @@ pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
     None
 }
 
+/// Restarts of the worker container of `pod` (0 for a pod being deleted: its successor counts).
+pub fn worker_restarts(pod: &Pod) -> i64 {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return 0;
+    }
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == CONTAINER))
+        .map(|c| i64::from(c.restart_count))
+        .unwrap_or(0)
+}
+
 /// Everything status is computed from.
 #[derive(Clone, Debug)]
 pub struct Observed {

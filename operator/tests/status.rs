@@ -223,3 +223,26 @@ fn last_transition_time_moves_only_on_flips_and_events_only_on_transitions() {
         .collect();
     assert_eq!(reasons, ["Recovered", reason::CONSUMING]);
 }
+
+#[test]
+fn worker_restarts_count_the_worker_container_of_live_pods() {
+    let p = pod("pod-crashloop.yaml");
+    assert_eq!(status::worker_restarts(&p), 5);
+    let mut deleting = p.clone();
+    deleting.metadata.deletion_timestamp = Some(at(10));
+    assert_eq!(
+        status::worker_restarts(&deleting),
+        0,
+        "a terminating pod's successor counts"
+    );
+    let mut other = p;
+    other
+        .status
+        .as_mut()
+        .unwrap()
+        .container_statuses
+        .as_mut()
+        .unwrap()[0]
+        .name = "sidecar".into();
+    assert_eq!(status::worker_restarts(&other), 0);
+}
