@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod control_plane;
 
 pub mod images;
+pub mod install;
 pub mod messages;
 pub mod node;
 pub mod oci;

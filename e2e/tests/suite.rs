@@ -20,19 +20,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use hookfleet_crds::Integration;
+use hookfleet_e2e::install::{self, NAMESPACE as SYSTEM_NS};
 use hookfleet_e2e::messages::{self, Account};
 use hookfleet_e2e::process::wait_for;
 use hookfleet_e2e::sink::{Mode, Sink};
 use hookfleet_e2e::tools::{self, Tool};
-use hookfleet_e2e::{Cluster, ClusterOptions, RabbitMq, chart, images, prometheus};
+use hookfleet_e2e::{Cluster, ClusterOptions, RabbitMq, chart, prometheus};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::api::{Api, DeleteParams, EvictParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 
 const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
-const RELEASE: &str = "hookfleet";
-const SYSTEM_NS: &str = "hookfleet-system";
 
 /// Everything the scenarios share.
 struct Stack {
@@ -71,14 +70,10 @@ impl Stack {
                     return Ok(None);
                 }
                 let t0 = Instant::now();
-                let archives = images::build(&dir.path().join("images"))?;
-                println!("images built in {:.1?}", t0.elapsed());
-                let t0 = Instant::now();
                 let cluster = Cluster::start(ClusterOptions::default()).await?;
-                for a in &archives {
-                    cluster.node().import_image(&a.path)?;
-                }
-                println!("node up and images imported in {:.1?}", t0.elapsed());
+                println!("node up in {:.1?}", t0.elapsed());
+                let took = install::load_images(&cluster, &dir.path().join("images"))?;
+                println!("images built and imported in {took:.1?}");
                 let client = cluster.client();
                 let kubeconfig = cluster.control_plane().kubeconfig().to_path_buf();
                 let host = IpAddr::V4(cluster.host_addr());
@@ -103,68 +98,26 @@ impl Stack {
         self.cluster.is_some()
     }
 
-    /// `helm install` of the chart, with the images the build wrote (never pulled) and short operator
-    /// intervals so status follows within seconds.
+    /// `helm install` of the chart, with the images the build wrote and short operator intervals so status
+    /// follows within seconds.
     async fn install(&self) -> Result<()> {
         let t0 = Instant::now();
-        let out = self
-            .helm()?
-            .args(["install", RELEASE])
-            .arg(chart::dir())
-            .args(["-n", SYSTEM_NS, "--create-namespace", "--wait", "--timeout", "5m"])
-            .args([
-                "--set",
-                "image.pullPolicy=Never",
-                "--set",
-                "worker.image.pullPolicy=Never",
-            ])
-            .args([
-                "--set",
+        let leader = install::helm_install(
+            &self.client,
+            &self.kubeconfig,
+            self.dir.path(),
+            &[
                 "operator.resync=2s",
-                "--set",
                 "operator.retry=2s",
-                "--set",
                 "operator.logFormat=text",
-            ])
-            .args(["--set", "prometheusRule.enabled=false"])
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "helm install failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // One of the two operator replicas leads: its Lease names a holder.
-        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-            Api::namespaced(self.client.clone(), SYSTEM_NS);
-        let holder = wait_for(
-            "an operator to lead",
-            Duration::from_secs(90),
-            Duration::from_millis(500),
-            || {
-                let leases = leases.clone();
-                async move {
-                    Ok(leases
-                        .list(&ListParams::default())
-                        .await?
-                        .items
-                        .into_iter()
-                        .find_map(|l| l.spec.and_then(|s| s.holder_identity)))
-                }
-            },
+            ],
         )
         .await?;
         println!(
-            "hookfleet installed with helm in {:.1?}; leader {holder}",
+            "hookfleet installed with helm in {:.1?}; leader {leader}",
             t0.elapsed()
         );
         Ok(())
-    }
-
-    fn helm(&self) -> Result<Command> {
-        let mut c = chart::helm(self.dir.path())?;
-        c.env("KUBECONFIG", &self.kubeconfig);
-        Ok(c)
     }
 
     fn kubectl(&self, args: &[&str]) -> Result<String> {
