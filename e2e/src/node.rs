@@ -40,6 +40,8 @@ const POD_POOL: (u8, u8) = (10, 213);
 const CNI_CACHE: &str = "/var/lib/cni/results";
 /// Where the kubelet links container logs, whatever its configuration says.
 const CONTAINER_LOG_LINKS: &str = "/var/log/containers";
+/// The kubelet's device manager socket directory (not under its root dir).
+const DEVICE_PLUGINS: &str = "/var/lib/kubelet/device-plugins";
 /// The node's name in the API.
 pub const NODE_NAME: &str = "hookfleet-node";
 
@@ -150,10 +152,12 @@ impl Node {
         let cni_conf = dir.join("cni/net.d");
         std::fs::create_dir_all(&cni_conf)?;
         std::fs::write(cni_conf.join("10-hookfleet.conflist"), cni_conflist(net, &dir))?;
+        let base_spec = dir.join("base-spec.json");
+        std::fs::write(&base_spec, base_runtime_spec(options.nofile)?)?;
         let config = dir.join("containerd.toml");
         std::fs::write(
             &config,
-            containerd_config(&dir, &socket, &cni_conf, &options.sandbox_image.1),
+            containerd_config(&dir, &socket, &cni_conf, &base_spec, &options.sandbox_image.1),
         )?;
         let containerd = Process::spawn(
             "containerd",
@@ -401,7 +405,31 @@ fn cni_conflist(net: &PodNetwork, dir: &Path) -> String {
     .expect("a JSON value serialises")
 }
 
-fn containerd_config(dir: &Path, socket: &Path, cni_conf: &Path, sandbox_image: &str) -> String {
+/// containerd's default OCI spec (`ctr oci spec`) with `RLIMIT_NOFILE` at (soft, hard): the CRI's base for
+/// every container. Starting containerd with those limits is not enough: containerd, its shim and runc are
+/// Go programs, and Go raises its own soft limit to the hard one at start, so a container that inherited
+/// them would start at hard:hard (seen: 4096:4096 under `prlimit --nofile=1024:4096`).
+fn base_runtime_spec((soft, hard): (u64, u64)) -> Result<String> {
+    let spec = output("/usr/bin/ctr", &["oci", "spec"])?;
+    let mut spec: serde_json::Value = serde_json::from_str(&spec).context("parsing `ctr oci spec`")?;
+    let process = spec
+        .get_mut("process")
+        .and_then(|p| p.as_object_mut())
+        .context("`ctr oci spec` has no process object")?;
+    process.insert(
+        "rlimits".into(),
+        serde_json::json!([{"type": "RLIMIT_NOFILE", "soft": soft, "hard": hard}]),
+    );
+    Ok(serde_json::to_string_pretty(&spec)?)
+}
+
+fn containerd_config(
+    dir: &Path,
+    socket: &Path,
+    cni_conf: &Path,
+    base_spec: &Path,
+    sandbox_image: &str,
+) -> String {
     let d = |sub: &str| dir.join(sub).display().to_string();
     format!(
         r#"# Written by hookfleet-e2e (e2e/src/node.rs): a containerd 1.6 confined to this directory.
@@ -438,6 +466,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+      # The containers' nofile limits (see base_runtime_spec in e2e/src/node.rs).
+      base_runtime_spec = "{base_spec}"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
         Root = "{runc}"
@@ -452,6 +482,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         runc = d("runc"),
         socket = socket.display(),
         cni_conf = cni_conf.display(),
+        base_spec = base_spec.display(),
     )
 }
 
@@ -662,6 +693,7 @@ pub fn clean_up() -> Result<()> {
         }),
     );
     step("removing node directories", remove_node_dirs(&tmp, &dir_prefix));
+    step("removing the kubelet's fixed paths", remove_fixed_paths());
     if errors.is_empty() {
         Ok(())
     } else {
@@ -888,6 +920,27 @@ fn remove_matching(dir: &Path, matches: impl Fn(&str, &Path) -> bool) -> Result<
         if matches(&name, &e.path()) {
             std::fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
         }
+    }
+    Ok(())
+}
+
+/// What the kubelet and libcni create at fixed paths whatever their configuration says: the kubelet's
+/// device-plugin socket, and the directories of that, of container log links and of CNI's cache, when empty
+/// (a directory with anything else in it is not ours to remove).
+fn remove_fixed_paths() -> Result<()> {
+    let sock = Path::new(DEVICE_PLUGINS).join("kubelet.sock");
+    if sock.exists() {
+        std::fs::remove_file(&sock).with_context(|| format!("removing {}", sock.display()))?;
+    }
+    for dir in [
+        DEVICE_PLUGINS,
+        "/var/lib/kubelet",
+        CONTAINER_LOG_LINKS,
+        CNI_CACHE,
+        "/var/lib/cni",
+    ] {
+        // Fails when not empty or absent: both mean there is nothing of ours to remove.
+        let _ = std::fs::remove_dir(dir);
     }
     Ok(())
 }
