@@ -624,13 +624,14 @@ fn pick_subnet() -> Result<Ipv4Addr> {
     )
 }
 
+/// Every mounted cgroup hierarchy: the v1 controllers, named ones, and the v2 `unified` one of a hybrid
+/// setup (where runc creates the containers' cgroups too).
 fn cgroup_hierarchies() -> Vec<PathBuf> {
     std::fs::read_dir("/sys/fs/cgroup")
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.path())
-                // v1 controllers (and named hierarchies) only: the kubelet uses cgroupfs on v1 here.
-                .filter(|p| p.join("cgroup.procs").exists() && p.file_name().is_some_and(|n| n != "unified"))
+                .filter(|p| p.join("cgroup.procs").exists())
                 .collect()
         })
         .unwrap_or_default()
@@ -639,7 +640,11 @@ fn cgroup_hierarchies() -> Vec<PathBuf> {
 /// The kubelet requires its cgroup root to exist in every hierarchy. A new cpuset cgroup starts with no
 /// CPUs or memory nodes (tasks could not join it), so it gets its parent's.
 fn create_cgroup_root(name: &str) -> Result<()> {
-    for h in cgroup_hierarchies() {
+    // The v1 hierarchies: the kubelet uses cgroupfs on v1 here (runc adds the unified ones it needs).
+    for h in cgroup_hierarchies()
+        .into_iter()
+        .filter(|h| !h.ends_with("unified"))
+    {
         let dir = h.join(name.trim_start_matches('/'));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
         if h.ends_with("cpuset") {
