@@ -723,10 +723,10 @@ fn kill_node_processes(dir_prefix: &str) -> Result<()> {
                 let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                     continue;
                 };
-                if let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) {
-                    if String::from_utf8_lossy(&cmdline).contains(dir_prefix) {
-                        pids.insert(pid);
-                    }
+                if let Ok(cmdline) = std::fs::read(e.path().join("cmdline"))
+                    && String::from_utf8_lossy(&cmdline).contains(dir_prefix)
+                {
+                    pids.insert(pid);
                 }
             }
         }
