@@ -48,9 +48,9 @@ pub const NODE_NAME: &str = "hookfleet-node";
 /// What the node runs with.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
-    /// containerd's `RLIMIT_NOFILE` (soft, hard). Containers started through the CRI inherit containerd's
-    /// own limits (containerd 1.6 sets none in their spec), so this is what a worker starts with:
-    /// 1024:4096 like the incident's server by default.
+    /// `RLIMIT_NOFILE` (soft, hard) of containerd and of every container (through its base runtime spec,
+    /// see `base_runtime_spec` below): what a worker starts with. 1024:4096 like the incident's server by
+    /// default.
     pub nofile: (u64, u64),
     /// The sandbox ("pause") image: an OCI archive and the name it is imported under, which containerd is
     /// told to use as `sandbox_image` (nothing can be pulled here).

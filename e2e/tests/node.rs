@@ -87,6 +87,25 @@ echo done"#,
         .collect();
     assert_eq!(hits.len(), 1, "the sink on the host got the pod's request once");
 
+    // Pods reach the host and each other, nothing else: the bridge's forward-drop chain is in place (after
+    // kube-proxy's and the kubelet's own rules were installed).
+    let filter = std::process::Command::new("iptables-save")
+        .args(["-t", "filter"])
+        .output()?;
+    let filter = String::from_utf8_lossy(&filter.stdout);
+    let bridge = cluster.bridge();
+    let chain = format!("HOOKFLEET-{}", bridge.trim_start_matches("hfn"));
+    for rule in [
+        format!("-A FORWARD -j {chain}"),
+        format!("-A {chain} -i {bridge} ! -o {bridge} -j DROP"),
+        format!("-A {chain} ! -i {bridge} -o {bridge} -j DROP"),
+    ] {
+        assert!(
+            filter.lines().any(|l| l == rule),
+            "missing `{rule}` in:\n{filter}"
+        );
+    }
+
     drop(rmq);
     drop(sink);
     let t2 = Instant::now();
