@@ -29,7 +29,10 @@ fmt: ## Format the code
 crds: ## Regenerate crds/integrations.hookfleet.io.yaml and the chart's copy from the Rust types
 	$(CARGO) run -q -p hookfleet-crds --bin crdgen -- --write
 
-.PHONY: test-worker-faults bench-worker
+.PHONY: test-worker-faults bench-worker test-node
+
+test-node: ## The real node (root): a pod reaches the host's sink, RabbitMQ and the API; nofile limits; clean teardown
+	$(CARGO) test -p hookfleet-e2e --test node -- --nocapture
 
 test-worker-faults: ## Worker fault scenarios: kill -9, broker restart, fd limit, SIGTERM (real RabbitMQ)
 	$(CARGO) test -p hookfleet-worker --test faults -- --nocapture

@@ -40,15 +40,17 @@ const POD_POOL: (u8, u8) = (10, 213);
 const CNI_CACHE: &str = "/var/lib/cni/results";
 /// Where the kubelet links container logs, whatever its configuration says.
 const CONTAINER_LOG_LINKS: &str = "/var/log/containers";
+/// The kubelet's device manager socket directory (not under its root dir).
+const DEVICE_PLUGINS: &str = "/var/lib/kubelet/device-plugins";
 /// The node's name in the API.
 pub const NODE_NAME: &str = "hookfleet-node";
 
 /// What the node runs with.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
-    /// containerd's `RLIMIT_NOFILE` (soft, hard). Containers started through the CRI inherit containerd's
-    /// own limits (containerd 1.6 sets none in their spec), so this is what a worker starts with:
-    /// 1024:4096 like the incident's server by default.
+    /// `RLIMIT_NOFILE` (soft, hard) of containerd and of every container (through its base runtime spec,
+    /// see `base_runtime_spec` below): what a worker starts with. 1024:4096 like the incident's server by
+    /// default.
     pub nofile: (u64, u64),
     /// The sandbox ("pause") image: an OCI archive and the name it is imported under, which containerd is
     /// told to use as `sandbox_image` (nothing can be pulled here).
@@ -150,10 +152,12 @@ impl Node {
         let cni_conf = dir.join("cni/net.d");
         std::fs::create_dir_all(&cni_conf)?;
         std::fs::write(cni_conf.join("10-hookfleet.conflist"), cni_conflist(net, &dir))?;
+        let base_spec = dir.join("base-spec.json");
+        std::fs::write(&base_spec, base_runtime_spec(options.nofile)?)?;
         let config = dir.join("containerd.toml");
         std::fs::write(
             &config,
-            containerd_config(&dir, &socket, &cni_conf, &options.sandbox_image.1),
+            containerd_config(&dir, &socket, &cni_conf, &base_spec, &options.sandbox_image.1),
         )?;
         let containerd = Process::spawn(
             "containerd",
@@ -401,7 +405,31 @@ fn cni_conflist(net: &PodNetwork, dir: &Path) -> String {
     .expect("a JSON value serialises")
 }
 
-fn containerd_config(dir: &Path, socket: &Path, cni_conf: &Path, sandbox_image: &str) -> String {
+/// containerd's default OCI spec (`ctr oci spec`) with `RLIMIT_NOFILE` at (soft, hard): the CRI's base for
+/// every container. Starting containerd with those limits is not enough: containerd, its shim and runc are
+/// Go programs, and Go raises its own soft limit to the hard one at start, so a container that inherited
+/// them would start at hard:hard (seen: 4096:4096 under `prlimit --nofile=1024:4096`).
+fn base_runtime_spec((soft, hard): (u64, u64)) -> Result<String> {
+    let spec = output("/usr/bin/ctr", &["oci", "spec"])?;
+    let mut spec: serde_json::Value = serde_json::from_str(&spec).context("parsing `ctr oci spec`")?;
+    let process = spec
+        .get_mut("process")
+        .and_then(|p| p.as_object_mut())
+        .context("`ctr oci spec` has no process object")?;
+    process.insert(
+        "rlimits".into(),
+        serde_json::json!([{"type": "RLIMIT_NOFILE", "soft": soft, "hard": hard}]),
+    );
+    Ok(serde_json::to_string_pretty(&spec)?)
+}
+
+fn containerd_config(
+    dir: &Path,
+    socket: &Path,
+    cni_conf: &Path,
+    base_spec: &Path,
+    sandbox_image: &str,
+) -> String {
     let d = |sub: &str| dir.join(sub).display().to_string();
     format!(
         r#"# Written by hookfleet-e2e (e2e/src/node.rs): a containerd 1.6 confined to this directory.
@@ -438,6 +466,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+      # The containers' nofile limits (see base_runtime_spec in e2e/src/node.rs).
+      base_runtime_spec = "{base_spec}"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
         Root = "{runc}"
@@ -452,6 +482,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         runc = d("runc"),
         socket = socket.display(),
         cni_conf = cni_conf.display(),
+        base_spec = base_spec.display(),
     )
 }
 
@@ -593,13 +624,14 @@ fn pick_subnet() -> Result<Ipv4Addr> {
     )
 }
 
+/// Every mounted cgroup hierarchy: the v1 controllers, named ones, and the v2 `unified` one of a hybrid
+/// setup (where runc creates the containers' cgroups too).
 fn cgroup_hierarchies() -> Vec<PathBuf> {
     std::fs::read_dir("/sys/fs/cgroup")
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.path())
-                // v1 controllers (and named hierarchies) only: the kubelet uses cgroupfs on v1 here.
-                .filter(|p| p.join("cgroup.procs").exists() && p.file_name().is_some_and(|n| n != "unified"))
+                .filter(|p| p.join("cgroup.procs").exists())
                 .collect()
         })
         .unwrap_or_default()
@@ -608,7 +640,11 @@ fn cgroup_hierarchies() -> Vec<PathBuf> {
 /// The kubelet requires its cgroup root to exist in every hierarchy. A new cpuset cgroup starts with no
 /// CPUs or memory nodes (tasks could not join it), so it gets its parent's.
 fn create_cgroup_root(name: &str) -> Result<()> {
-    for h in cgroup_hierarchies() {
+    // The v1 hierarchies: the kubelet uses cgroupfs on v1 here (runc adds the unified ones it needs).
+    for h in cgroup_hierarchies()
+        .into_iter()
+        .filter(|h| !h.ends_with("unified"))
+    {
         let dir = h.join(name.trim_start_matches('/'));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
         if h.ends_with("cpuset") {
@@ -662,6 +698,7 @@ pub fn clean_up() -> Result<()> {
         }),
     );
     step("removing node directories", remove_node_dirs(&tmp, &dir_prefix));
+    step("removing the kubelet's fixed paths", remove_fixed_paths());
     if errors.is_empty() {
         Ok(())
     } else {
@@ -686,10 +723,10 @@ fn kill_node_processes(dir_prefix: &str) -> Result<()> {
                 let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                     continue;
                 };
-                if let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) {
-                    if String::from_utf8_lossy(&cmdline).contains(dir_prefix) {
-                        pids.insert(pid);
-                    }
+                if let Ok(cmdline) = std::fs::read(e.path().join("cmdline"))
+                    && String::from_utf8_lossy(&cmdline).contains(dir_prefix)
+                {
+                    pids.insert(pid);
                 }
             }
         }
@@ -888,6 +925,27 @@ fn remove_matching(dir: &Path, matches: impl Fn(&str, &Path) -> bool) -> Result<
         if matches(&name, &e.path()) {
             std::fs::remove_file(e.path()).with_context(|| format!("removing {}", e.path().display()))?;
         }
+    }
+    Ok(())
+}
+
+/// What the kubelet and libcni create at fixed paths whatever their configuration says: the kubelet's
+/// device-plugin socket, and the directories of that, of container log links and of CNI's cache, when empty
+/// (a directory with anything else in it is not ours to remove).
+fn remove_fixed_paths() -> Result<()> {
+    let sock = Path::new(DEVICE_PLUGINS).join("kubelet.sock");
+    if sock.exists() {
+        std::fs::remove_file(&sock).with_context(|| format!("removing {}", sock.display()))?;
+    }
+    for dir in [
+        DEVICE_PLUGINS,
+        "/var/lib/kubelet",
+        CONTAINER_LOG_LINKS,
+        CNI_CACHE,
+        "/var/lib/cni",
+    ] {
+        // Fails when not empty or absent: both mean there is nothing of ours to remove.
+        let _ = std::fs::remove_dir(dir);
     }
     Ok(())
 }

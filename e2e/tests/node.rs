@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use hookfleet_e2e::control_plane::SERVICE_IP;
 use hookfleet_e2e::process::wait_for;
 use hookfleet_e2e::sink::Sink;
-use hookfleet_e2e::{Cluster, ClusterOptions, cluster, images, node};
+use hookfleet_e2e::{Cluster, ClusterOptions, RabbitMq, cluster, images, node};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, PostParams};
 
@@ -35,12 +35,20 @@ async fn pods_on_the_real_node_reach_the_host_and_the_api_and_leave_nothing_behi
     let cluster = Cluster::start(ClusterOptions::default()).await?;
     eprintln!("node cluster (1024:4096) up in {:.1?}", t0.elapsed());
     let sink = Sink::start_on(cluster.host_addr().into(), true).await?;
+    let rmq = RabbitMq::start_on(Some(cluster.host_addr().into())).await?;
+    // guest logs in from an address that is not loopback (the host's own gateway address is not 127.0.0.1).
+    let conn = lapin::Connection::connect(&rmq.amqp_uri_for_pods(), Default::default())
+        .await
+        .context("guest login at the pod address")?;
+    conn.close(200, "ok".into()).await?;
     cluster.node().import_image(&tools_archive)?;
 
     let script = format!(
         r#"set -e
 echo "nofile $(ulimit -n) $(ulimit -Hn)"
 wget -q -O /dev/null --header 'webhook-id: from-pod' {sink}
+# AMQP 0-9-1 protocol header: the broker answers with Connection.Start, which names the product.
+echo "amqp $(printf 'AMQP\0\0\11\1' | nc -w 2 {host} {amqp_port} | tr -cd 'A-Za-z' | grep -o RabbitMQ | head -n1)"
 token=$(cat /var/run/secrets/kubernetes.io/serviceaccount/token)
 wget -q -O - --no-check-certificate --header "Authorization: Bearer $token" \
   --header 'Content-Type: application/json' \
@@ -48,7 +56,9 @@ wget -q -O - --no-check-certificate --header "Authorization: Bearer $token" \
   https://{SERVICE_IP}:443/apis/authentication.k8s.io/v1/selfsubjectreviews
 echo
 echo done"#,
-        sink = sink.url()
+        sink = sink.url(),
+        host = cluster.host_addr(),
+        amqp_port = rmq.port(),
     );
     let t1 = Instant::now();
     let logs = run_pod(&cluster, "probe", &tools_image, &script).await?;
@@ -63,6 +73,10 @@ echo done"#,
         "the API server, through the Service IP, authenticated the pod's ServiceAccount token; logs:\n{logs}"
     );
     assert!(
+        logs.lines().any(|l| l.trim() == "amqp RabbitMQ"),
+        "the pod reached RabbitMQ at the host address; logs:\n{logs}"
+    );
+    assert!(
         logs.trim_end().ends_with("done"),
         "the script ran to its end; logs:\n{logs}"
     );
@@ -73,6 +87,26 @@ echo done"#,
         .collect();
     assert_eq!(hits.len(), 1, "the sink on the host got the pod's request once");
 
+    // Pods reach the host and each other, nothing else: the bridge's forward-drop chain is in place (after
+    // kube-proxy's and the kubelet's own rules were installed).
+    let filter = std::process::Command::new("iptables-save")
+        .args(["-t", "filter"])
+        .output()?;
+    let filter = String::from_utf8_lossy(&filter.stdout);
+    let bridge = cluster.bridge();
+    let chain = format!("HOOKFLEET-{}", bridge.trim_start_matches("hfn"));
+    for rule in [
+        format!("-A FORWARD -j {chain}"),
+        format!("-A {chain} -i {bridge} ! -o {bridge} -j DROP"),
+        format!("-A {chain} ! -i {bridge} -o {bridge} -j DROP"),
+    ] {
+        assert!(
+            filter.lines().any(|l| l == rule),
+            "missing `{rule}` in:\n{filter}"
+        );
+    }
+
+    drop(rmq);
     drop(sink);
     let t2 = Instant::now();
     drop(cluster);
