@@ -616,6 +616,22 @@ async fn dry_run_install_and_operator_rbac_on_the_local_control_plane() -> Resul
     assert_eq!(pods.items.len(), 2);
     // The CRD came from the chart and is served.
     run(cp.kubectl()?.args(["get", "integrations", "-A"]))?;
+    // The documented upgrade path: the CRD applied server-side over Helm's copy, then `helm upgrade`.
+    run(cp
+        .kubectl()?
+        .args(["apply", "--server-side", "--force-conflicts", "-f"])
+        .arg(chart::dir().join("crds")))?;
+    let upgraded = run(helm(home.path())?
+        .args(["upgrade", "hookfleet"])
+        .arg(chart::dir())
+        .args([
+            "--namespace",
+            "hookfleet-system",
+            "--reuse-values",
+            "--kubeconfig",
+            &kubeconfig,
+        ]))?;
+    assert!(String::from_utf8_lossy(&upgraded.stdout).contains("REVISION: 2"));
 
     // 3. The operator as the chart's ServiceAccount, cluster-wide.
     reconciles_as(&cp, "hookfleet-system", "hookfleet-operator", None, "team-a").await?;
