@@ -227,6 +227,26 @@ fn schema_refuses_a_wrong_type_and_an_unknown_key_naming_it() -> Result<()> {
     assert!(e.contains("'treshold' not allowed"), "{e}");
     let e = refused(&["--set", "operator.resync=soon"])?;
     assert!(e.contains("/operator/resync"), "{e}");
+    // Checks across keys, which a schema cannot express, fail in the templates with the keys named.
+    let e = refused(&["--set", "leaderElection.enabled=false"])?;
+    assert!(
+        e.contains("leaderElection.enabled=false with replicaCount 2"),
+        "{e}"
+    );
+    let single = template(
+        home.path(),
+        "hookfleet",
+        "hookfleet-system",
+        &["--set", "leaderElection.enabled=false,replicaCount=1"],
+    )?;
+    assert!(
+        !kinds(&single).contains("PodDisruptionBudget"),
+        "a PDB over one replica would block drains"
+    );
+    assert_eq!(
+        env_of(find(&single, "Deployment"))["HOOKFLEET_NO_LEADER_ELECTION"]["value"],
+        "true"
+    );
     Ok(())
 }
 
