@@ -1,6 +1,7 @@
 //! The local test stack for hookfleet, on real parts: a Kubernetes control plane built from the Go module
 //! proxy (etcd, kube-apiserver, and on request kube-controller-manager, kube-scheduler and kwok) and a
-//! throwaway RabbitMQ node. Usable from `cargo test` (this crate's `tests/`) and from the shell
+//! throwaway RabbitMQ node; the Helm chart rendered and installed with the pinned helm ([`chart`]), and a
+//! throwaway Prometheus evaluating the chart's alert rules ([`prometheus`]). Usable from `cargo test` (this crate's `tests/`) and from the shell
 //! (`hookfleet-env up`).
 //!
 //! Every process runs on free loopback ports in a temporary directory and is stopped when its handle
