@@ -1,8 +1,9 @@
 //! The local test stack for hookfleet, on real parts: a Kubernetes control plane built from the Go module
 //! proxy (etcd, kube-apiserver, and on request kube-controller-manager, kube-scheduler and kwok) and a
 //! throwaway RabbitMQ node; as root, also a real node (containerd, kubelet, kube-proxy, a bridge pod network:
-//! [`Cluster`]). Usable from `cargo test` (this crate's `tests/`) and from the shell (`hookfleet-env up`,
-//! `hookfleet-env up --node`).
+//! [`Cluster`]); the Helm chart rendered and installed with the pinned helm ([`chart`], [`install`]), and a
+//! throwaway Prometheus evaluating the chart's alert rules ([`prometheus`]). Usable from `cargo test` (this
+//! crate's `tests/`) and from the shell (`hookfleet-env up`, `hookfleet-env up --node`).
 //!
 //! Every process runs on free loopback ports in a temporary directory and is stopped when its handle
 //! is dropped, also when a test panics.

@@ -227,6 +227,26 @@ fn schema_refuses_a_wrong_type_and_an_unknown_key_naming_it() -> Result<()> {
     assert!(e.contains("'treshold' not allowed"), "{e}");
     let e = refused(&["--set", "operator.resync=soon"])?;
     assert!(e.contains("/operator/resync"), "{e}");
+    // Checks across keys, which a schema cannot express, fail in the templates with the keys named.
+    let e = refused(&["--set", "leaderElection.enabled=false"])?;
+    assert!(
+        e.contains("leaderElection.enabled=false with replicaCount 2"),
+        "{e}"
+    );
+    let single = template(
+        home.path(),
+        "hookfleet",
+        "hookfleet-system",
+        &["--set", "leaderElection.enabled=false,replicaCount=1"],
+    )?;
+    assert!(
+        !kinds(&single).contains("PodDisruptionBudget"),
+        "a PDB over one replica would block drains"
+    );
+    assert_eq!(
+        env_of(find(&single, "Deployment"))["HOOKFLEET_NO_LEADER_ELECTION"]["value"],
+        "true"
+    );
     Ok(())
 }
 
@@ -616,6 +636,22 @@ async fn dry_run_install_and_operator_rbac_on_the_local_control_plane() -> Resul
     assert_eq!(pods.items.len(), 2);
     // The CRD came from the chart and is served.
     run(cp.kubectl()?.args(["get", "integrations", "-A"]))?;
+    // The documented upgrade path: the CRD applied server-side over Helm's copy, then `helm upgrade`.
+    run(cp
+        .kubectl()?
+        .args(["apply", "--server-side", "--force-conflicts", "-f"])
+        .arg(chart::dir().join("crds")))?;
+    let upgraded = run(helm(home.path())?
+        .args(["upgrade", "hookfleet"])
+        .arg(chart::dir())
+        .args([
+            "--namespace",
+            "hookfleet-system",
+            "--reuse-values",
+            "--kubeconfig",
+            &kubeconfig,
+        ]))?;
+    assert!(String::from_utf8_lossy(&upgraded.stdout).contains("REVISION: 2"));
 
     // 3. The operator as the chart's ServiceAccount, cluster-wide.
     reconciles_as(&cp, "hookfleet-system", "hookfleet-operator", None, "team-a").await?;

@@ -153,6 +153,15 @@ async fn lifecycle_status_and_zero_write_steady_state() -> anyhow::Result<()> {
     })
     .await?;
     assert_eq!(cond(&i, DEGRADED).1, "NotConsuming");
+    // /metrics shows what HookfleetConsumersBelowReadyWorkers compares (charts/hookfleet): 1 consumer < 2 ready.
+    let metrics = http_get(op.http, "/metrics").await?;
+    for series in [
+        r#"hookfleet_operator_integration_ready_workers{integration="default/orders"} 2"#,
+        r#"hookfleet_operator_integration_consumers{integration="default/orders"} 1"#,
+        r#"hookfleet_operator_integration_condition{integration="default/orders",type="Degraded",status="True",reason="NotConsuming"} 1"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing in:\n{metrics}");
+    }
     let degraded_since = i.condition(DEGRADED).unwrap().last_transition_time.clone();
     chans.extend(consumers(&conn, "orders", 1).await?);
     let i = until(&cp, "orders", "Ready", 30, |i| cond(i, READY).0 == "True").await?;
@@ -170,6 +179,15 @@ async fn lifecycle_status_and_zero_write_steady_state() -> anyhow::Result<()> {
         "Degraded flipped"
     );
     assert_eq!(st.observed_generation, i.metadata.generation);
+    let metrics = http_get(op.http, "/metrics").await?;
+    assert!(
+        metrics.contains(r#"hookfleet_operator_integration_consumers{integration="default/orders"} 2"#)
+            && metrics.contains(
+                r#"hookfleet_operator_integration_condition{integration="default/orders",type="Degraded",status="False",reason="AsExpected"} 1"#
+            )
+            && !metrics.contains(r#"reason="NotConsuming""#),
+        "metrics do not follow the recovery:\n{metrics}"
+    );
     eprintln!("create → Ready (pods ready, consumers attached) in {ready_after:?}");
 
     // Steady state: several reconciles, zero writes.
