@@ -1,7 +1,8 @@
 //! The local test stack for hookfleet, on real parts: a Kubernetes control plane built from the Go module
 //! proxy (etcd, kube-apiserver, and on request kube-controller-manager, kube-scheduler and kwok) and a
 //! throwaway RabbitMQ node. Usable from `cargo test` (this crate's `tests/`) and from the shell
-//! (`hookfleet-env up`).
+//! (`hookfleet-env up`). Container images without Docker: [`oci`] (the OCI archive writer) and [`images`]
+//! (the worker, operator, pause and tools images; `hookfleet-images`).
 //!
 //! Every process runs on free loopback ports in a temporary directory and is stopped when its handle
 //! is dropped, also when a test panics.
