@@ -298,6 +298,31 @@ fn worker_and_operator_images_run_from_their_own_root() -> Result<()> {
             a.name
         );
     }
+    // The image config as containerd reads it into a container's OCI spec (what the CRI starts from too):
+    // entrypoint, user 65532, working dir and environment.
+    for (image, bin) in [
+        (images::WORKER_IMAGE, "hookfleet-worker"),
+        (images::OPERATOR_IMAGE, "hookfleet-operator"),
+    ] {
+        let id = format!("{bin}-spec");
+        ctd.ctr(&["containers", "create", image, &id])?;
+        let info: serde_json::Value = serde_json::from_str(&ctd.ctr(&["containers", "info", &id])?)?;
+        let process = &info["Spec"]["process"];
+        assert_eq!(
+            process["args"],
+            serde_json::json!([format!("/usr/local/bin/{bin}")]),
+            "{info}"
+        );
+        assert_eq!(process["user"]["uid"], 65532, "{info}");
+        assert_eq!(process["user"]["gid"], 65532, "{info}");
+        assert_eq!(process["cwd"], "/home/nonroot", "{info}");
+        let env = process["env"].to_string();
+        assert!(
+            env.contains("SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"),
+            "{env}"
+        );
+        ctd.ctr(&["containers", "delete", &id])?;
+    }
     // ctr run takes the entrypoint from the image only with no command given; --version prints and exits.
     let version = ctd.ctr(&[
         "run",
