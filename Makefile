@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help deps tools demo test lint fmt crds clean-cache
+.PHONY: help deps tools demo test lint fmt crds clean-cache images
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -25,6 +25,9 @@ lint: ## rustfmt and clippy (warnings are errors); the generated CRD is checked 
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
+
+images: ## Worker and operator images as OCI archives in target/images (cargo build --release; no Docker)
+	$(CARGO) run -q -p hookfleet-e2e --bin hookfleet-images -- --out $(CURDIR)/target/images
 
 crds: ## Regenerate crds/integrations.hookfleet.io.yaml and the chart's copy from the Rust types
 	$(CARGO) run -q -p hookfleet-crds --bin crdgen -- --write

@@ -2,6 +2,7 @@
 # Installs the Debian packages the test stack runs, when missing. Needs root (or sudo) and apt-get.
 #   rabbitmq-server   a throwaway broker per test (started by the harness in e2e/)
 #   util-linux        setpriv (children die with the harness), prlimit (containerd's nofile limits)
+#   ca-certificates   the CA bundle the worker and operator images carry
 #   prometheus        promtool, for the chart's alert-rule tests
 #   containerd runc containernetworking-plugins iptables busybox-static
 #                     the real node (e2e/src/node.rs), which only runs as root anyway
@@ -22,6 +23,7 @@ done
 { have iptables && have iptables-save && have iptables-restore; } || node+=(iptables)
 # The static build: it has the ssl_client applet busybox's wget needs for https.
 { [ -x /bin/busybox ] && /bin/busybox --list | grep -qx ssl_client; } || node+=(busybox-static)
+[ -f /etc/ssl/certs/ca-certificates.crt ] || core+=(ca-certificates)
 
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then

@@ -4,6 +4,8 @@
 //! [`Cluster`]); the Helm chart rendered and installed with the pinned helm ([`chart`], [`install`]), and a
 //! throwaway Prometheus evaluating the chart's alert rules ([`prometheus`]). Usable from `cargo test` (this
 //! crate's `tests/`) and from the shell (`hookfleet-env up`, `hookfleet-env up --node`).
+//! Container images without Docker: [`oci`] (the OCI archive writer) and [`images`] (the worker, operator,
+//! pause and tools images; `hookfleet-images`).
 //!
 //! Every process runs on free loopback ports in a temporary directory and is stopped when its handle
 //! is dropped, also when a test panics.

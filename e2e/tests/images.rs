@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use hookfleet_e2e::images;
-use hookfleet_e2e::oci::ImageArchive;
+use hookfleet_e2e::oci::{Entry, Image, ImageArchive};
 use hookfleet_e2e::process::Process;
 
 fn is_root() -> bool {
@@ -225,6 +225,19 @@ fn unpack(archive: &ImageArchive, root: &Path) -> Result<()> {
     bail!("{want} not in {}", archive.path.display())
 }
 
+/// `chroot ROOT PROGRAM ARGS…` with a clean environment (no LD_LIBRARY_PATH or LD_PRELOAD from the host).
+fn chroot(root: &Path, program: &str, args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new("chroot")
+        .arg(root)
+        .arg(program)
+        .args(args)
+        .env_clear()
+        // Only to find chroot itself.
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(Stdio::null())
+        .output()?)
+}
+
 #[test]
 fn worker_and_operator_images_run_from_their_own_root() -> Result<()> {
     if !is_root() {
@@ -240,12 +253,7 @@ fn worker_and_operator_images_run_from_their_own_root() -> Result<()> {
         // binary loads has to be in the image.
         let root = out.path().join(format!("{bin}-root"));
         unpack(archive, &root)?;
-        let run = Command::new("chroot")
-            .arg(&root)
-            .arg(format!("/usr/local/bin/{bin}"))
-            .arg("--help")
-            .env_clear()
-            .output()?;
+        let run = chroot(&root, &format!("/usr/local/bin/{bin}"), &["--help"])?;
         let stdout = String::from_utf8_lossy(&run.stdout);
         assert!(
             run.status.success() && stdout.contains("Usage:"),
@@ -264,6 +272,21 @@ fn worker_and_operator_images_run_from_their_own_root() -> Result<()> {
         }
     }
 
+    // The check above can fail: the worker binary alone, without the libraries ldd named, does not start.
+    let mut bare = Image::new("ghcr.io/hookfleet/bare-worker:test");
+    let worker_bin = out
+        .path()
+        .join("hookfleet-worker-root/usr/local/bin/hookfleet-worker");
+    bare.add(Entry::host_file("/usr/local/bin/hookfleet-worker", &worker_bin).mode(0o755));
+    let bare = bare.write_archive(&out.path().join("bare.tar"))?;
+    let bare_root = out.path().join("bare-root");
+    unpack(&bare, &bare_root)?;
+    let run = chroot(&bare_root, "/usr/local/bin/hookfleet-worker", &["--help"])?;
+    assert!(
+        !run.status.success(),
+        "a worker without its libraries ran: {run:?}"
+    );
+
     // Through containerd and runc, with the image's own config: user 65532, entrypoint the binary.
     let ctd = Containerd::start()?;
     images::import(&ctd.socket(), &archives)?;
@@ -274,6 +297,31 @@ fn worker_and_operator_images_run_from_their_own_root() -> Result<()> {
             "{} not in `ctr images ls`: {listed:?}",
             a.name
         );
+    }
+    // The image config as containerd reads it into a container's OCI spec (what the CRI starts from too):
+    // entrypoint, user 65532, working dir and environment.
+    for (image, bin) in [
+        (images::WORKER_IMAGE, "hookfleet-worker"),
+        (images::OPERATOR_IMAGE, "hookfleet-operator"),
+    ] {
+        let id = format!("{bin}-spec");
+        ctd.ctr(&["containers", "create", image, &id])?;
+        let info: serde_json::Value = serde_json::from_str(&ctd.ctr(&["containers", "info", &id])?)?;
+        let process = &info["Spec"]["process"];
+        assert_eq!(
+            process["args"],
+            serde_json::json!([format!("/usr/local/bin/{bin}")]),
+            "{info}"
+        );
+        assert_eq!(process["user"]["uid"], 65532, "{info}");
+        assert_eq!(process["user"]["gid"], 65532, "{info}");
+        assert_eq!(process["cwd"], "/home/nonroot", "{info}");
+        let env = process["env"].to_string();
+        assert!(
+            env.contains("SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"),
+            "{env}"
+        );
+        ctd.ctr(&["containers", "delete", &id])?;
     }
     // ctr run takes the entrypoint from the image only with no command given; --version prints and exits.
     let version = ctd.ctr(&[
