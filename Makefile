@@ -13,8 +13,10 @@ deps: ## Install system packages the tests use (Debian: rabbitmq-server, prometh
 tools: ## Build the pinned control-plane and node binaries into ~/.cache/hookfleet (cached by version)
 	hack/build-tools.sh
 
-demo: deps tools ## Bring up the local stack (control plane + RabbitMQ), install the CRD, apply a sample; Ctrl-C ends it
-	$(CARGO) run -q -p hookfleet-e2e --bin hookfleet-env -- up
+demo: deps tools ## hookfleet at work: real node, chart install, sample Integration, live delivered count (root; else the rootless stack); Ctrl-C ends it
+	@if [ "$$(id -u)" -eq 0 ]; then $(CARGO) run -q -p hookfleet-e2e --bin hookfleet-env -- demo; \
+	else echo "make demo: not root, so no real node: the rootless stack (API only) instead" >&2; \
+	$(CARGO) run -q -p hookfleet-e2e --bin hookfleet-env -- up; fi
 
 test: deps tools lint ## The whole test suite: lints, unit tests, and integration tests on the real stack (benches: bench-*)
 	$(CARGO) test --workspace --lib --bins --tests
@@ -32,7 +34,10 @@ images: ## Worker and operator images as OCI archives in target/images (cargo bu
 crds: ## Regenerate crds/integrations.hookfleet.io.yaml and the chart's copy from the Rust types
 	$(CARGO) run -q -p hookfleet-crds --bin crdgen -- --write
 
-.PHONY: test-worker-faults bench-worker test-node
+.PHONY: test-worker-faults bench-worker test-node test-e2e
+
+test-e2e: ## The e2e suite on the local real node (root): chart install, real worker pods, every scenario's account
+	$(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
 
 test-node: ## The real node (root): a pod reaches the host's sink, RabbitMQ and the API; nofile limits; clean teardown
 	$(CARGO) test -p hookfleet-e2e --test node -- --nocapture

@@ -8,6 +8,14 @@
 //! Integration, prints what it started and `export KUBECONFIG=…`, and keeps running until Ctrl-C (or exits
 //! at once after the checks with `--exit`). Everything is torn down on exit.
 //!
+//! ```text
+//! hookfleet-env demo
+//! ```
+//! (root only; `make demo`) shows hookfleet doing its job: a control plane with a real node, RabbitMQ and a
+//! webhook sink on the host, hookfleet installed with its Helm chart from images built here, the sample
+//! Integration pointed at the sink, and a stream of device events published to its queue, with a live count of
+//! what arrived, until Ctrl-C.
+//!
 //! `--node` (root only) runs a real node instead of kwok ([`hookfleet_e2e::Cluster`]): containerd, kubelet,
 //! kube-proxy and a bridge pod network; RabbitMQ then also listens on the bridge's gateway, and the sample's
 //! Secret names that address so that workers in pods reach it.
@@ -22,7 +30,8 @@ use hookfleet_e2e::{Cluster, ClusterOptions, ControlPlane, RabbitMq};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 
-const USAGE: &str = "usage: hookfleet-env up [--node | --no-workloads] [--no-rabbitmq] [--exit]";
+const USAGE: &str =
+    "usage: hookfleet-env up [--node | --no-workloads] [--no-rabbitmq] [--exit]\n       hookfleet-env demo";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -38,6 +47,9 @@ async fn main() -> ExitCode {
 async fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, flags) = args.split_first().context(USAGE)?;
+    if cmd == "demo" && flags.is_empty() {
+        return demo().await;
+    }
     if cmd != "up" {
         bail!("unknown command {cmd:?}\n{USAGE}");
     }
@@ -168,6 +180,174 @@ async fn run() -> Result<()> {
         env_file.display()
     ));
     wait_for_signal().await?;
+    say("tearing down");
+    Ok(())
+}
+
+/// `make demo`: webhooks delivered by a fleet the operator runs on a real node.
+async fn demo() -> Result<()> {
+    use hookfleet_e2e::process::wait_for;
+    use hookfleet_e2e::sink::Sink;
+    use hookfleet_e2e::{install, messages};
+    use std::time::{Duration, Instant};
+
+    if !hookfleet_e2e::cluster::is_root() {
+        bail!(
+            "the demo runs a real node (containerd, kubelet) and needs root; without root, `hookfleet-env up` \
+             brings up the rootless stack (control plane + kwok + RabbitMQ) with the sample Integration"
+        );
+    }
+    let dir = tempfile::Builder::new().prefix("hookfleet-demo-").tempdir()?;
+    say(
+        "starting a control plane and a real node (first run on a machine builds them from the Go module proxy)",
+    );
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let cp = cluster.control_plane();
+    say(
+        "building the worker and operator images (first run: a release build) and importing them into the node",
+    );
+    install::load_images(&cluster, &dir.path().join("images"))?;
+    let host = std::net::IpAddr::V4(cluster.host_addr());
+    let rmq = RabbitMq::start_on(Some(host)).await?;
+    let sink = Sink::start_on(host, false).await?;
+    say(&format!(
+        "RabbitMQ {} and a webhook sink {} on the host",
+        rmq.amqp_uri_for_pods(),
+        sink.url()
+    ));
+    say(
+        "installing hookfleet: helm install hookfleet charts/hookfleet -n hookfleet-system --create-namespace",
+    );
+    let leader = install::helm_install(
+        &cp.client(),
+        cp.kubeconfig(),
+        dir.path(),
+        &["operator.logFormat=text"],
+    )
+    .await?;
+    say(&format!("operator running (2 replicas, {leader} leads)"));
+
+    let ssa = PatchParams::apply("hookfleet-demo").force();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "rabbitmq", "namespace": "default"},
+        "stringData": {"uri": rmq.amqp_uri_for_pods()}
+    }))?;
+    Api::<Secret>::namespaced(cp.client(), "default")
+        .patch("rabbitmq", &ssa, &Patch::Apply(&secret))
+        .await?;
+    // The sample, delivering to the sink on the host (a private address: allowed explicitly).
+    let sample_path = hookfleet_e2e::tools::repo_root().join("crds/examples/minimal.yaml");
+    let mut sample: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(&sample_path)?)?;
+    sample["spec"]["destination"]["url"] = format!("{}/devices", sink.url()).into();
+    sample["spec"]["destination"]["allowPrivateNetworks"] = true.into();
+    let name = sample["metadata"]["name"]
+        .as_str()
+        .context("the sample has a name")?
+        .to_string();
+    let queue = sample["spec"]["source"]["queue"]
+        .as_str()
+        .context("the sample has a queue")?
+        .to_string();
+    let intgs = Api::<Integration>::namespaced(cp.client(), "default");
+    intgs.patch(&name, &ssa, &Patch::Apply(&sample)).await?;
+    say(&format!(
+        "applied {} (destination: the sink); waiting for its workers",
+        sample_path.display()
+    ));
+    wait_for(
+        "the sample Ready with 2 consumers",
+        Duration::from_secs(300),
+        Duration::from_secs(1),
+        || {
+            let intgs = intgs.clone();
+            let name = name.clone();
+            async move {
+                let i = intgs.get(&name).await?;
+                let ok = i.condition("Ready").is_some_and(|c| c.status == "True")
+                    && i.status.as_ref().is_some_and(|s| s.consumers == Some(2));
+                Ok(ok.then_some(()))
+            }
+        },
+    )
+    .await?;
+    let table = cp
+        .kubectl()?
+        .args(["get", "integrations", "-o", "wide"])
+        .output()?;
+    std::io::stdout().write_all(&table.stdout)?;
+
+    let env_file = dir.path().join("env");
+    let kubectl = hookfleet_e2e::tools::path(hookfleet_e2e::tools::Tool::Kubectl)?;
+    let env = format!(
+        "export KUBECONFIG={}\nexport PATH={}:$PATH\n",
+        cp.kubeconfig().display(),
+        kubectl
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default()
+    );
+    std::fs::write(&env_file, &env)?;
+    say(&format!(
+        "publishing device events to queue {queue} at 20/s; in another shell: source {}",
+        env_file.display()
+    ));
+    say(&format!(
+        "  kubectl get integrations -w                          # Ready, 2 ready pods, 2 consumers"
+    ));
+    say(&format!(
+        "  kubectl delete pod -l hookfleet.io/integration={name}   # kill a worker: nothing is lost"
+    ));
+    say("Ctrl-C tears everything down");
+
+    let uri = rmq.amqp_uri();
+    let published = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let publisher = {
+        let (published, queue) = (published.clone(), queue.clone());
+        tokio::spawn(async move {
+            for batch in 0.. {
+                let ids = messages::ids(&format!("device-event-{batch}"), 20);
+                if let Err(e) = messages::publish(&uri, &queue, &ids, Some(20)).await {
+                    say(&format!("publishing: {e:#}"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                published.fetch_add(ids.len(), std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    let t0 = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            r = &mut signal => { r?; break; }
+            _ = tick.tick() => {}
+        }
+        let delivered = sink.delivered();
+        let dup: usize = delivered.values().map(|n| n - 1).sum();
+        let p = published.load(std::sync::atomic::Ordering::Relaxed);
+        let status = intgs.get(&name).await.ok().and_then(|i| {
+            let ready = i
+                .condition("Ready")
+                .map(|c| format!("{} ({})", c.status, c.reason))?;
+            let s = i.status?;
+            Some(format!(
+                "Ready {ready}, pods ready {}/{}, consumers {}",
+                s.ready_replicas.unwrap_or(0),
+                s.replicas.unwrap_or(0),
+                s.consumers.map_or("?".into(), |c| c.to_string())
+            ))
+        });
+        println!(
+            "{:>5}s  published {p:>6}  delivered {:>6}  duplicates {dup:>3}  |  {}",
+            t0.elapsed().as_secs(),
+            delivered.len(),
+            status.unwrap_or_default()
+        );
+    }
+    publisher.abort();
     say("tearing down");
     Ok(())
 }
