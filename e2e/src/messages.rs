@@ -13,7 +13,7 @@ use futures::future::try_join_all;
 use hmac::{Hmac, Mac};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use sha2::Sha256;
 
 use crate::sink::Hit;
@@ -32,19 +32,20 @@ pub fn body(id: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Declares `queue` durable (as the worker does) and publishes one persistent message per id (body from
-/// [`body`], `message_id` = the id) with publisher confirms, `per_second` at most when given; returns once the
-/// broker confirmed every message.
+/// Publishes one persistent message per id (body from [`body`], `message_id` = the id) to `queue`, which must
+/// exist (the workers declare it, with their queue type), with publisher confirms and `mandatory`, `per_second`
+/// at most when given; returns once the broker confirmed every message.
 pub async fn publish(uri: &str, queue: &str, ids: &[String], per_second: Option<u32>) -> Result<()> {
     let conn = Connection::connect(uri, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let durable = QueueDeclareOptions {
-        durable: true,
+    let passive = QueueDeclareOptions {
+        passive: true,
         ..Default::default()
     };
-    ch.queue_declare(queue.into(), durable, FieldTable::default())
-        .await?;
+    ch.queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .with_context(|| format!("queue {queue} (the workers declare it)"))?;
     // Paced publishing goes in batches of a tenth of a second's worth.
     let batch = per_second.map_or(500, |r| (r as usize / 10).max(1));
     let mut tick = per_second.map(|_| tokio::time::interval(Duration::from_millis(100)));
@@ -70,7 +71,11 @@ pub async fn publish(uri: &str, queue: &str, ids: &[String], per_second: Option<
             );
         }
         for c in try_join_all(pending).await? {
-            anyhow::ensure!(c.is_ack(), "publish not confirmed: {c:?}");
+            // Ack(Some(_)) is a message the broker returned (unroutable): not published.
+            anyhow::ensure!(
+                matches!(c, Confirmation::Ack(None)),
+                "publish not confirmed: {c:?}"
+            );
         }
     }
     let _ = conn.close(200, "published".into()).await;

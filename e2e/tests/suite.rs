@@ -606,22 +606,22 @@ async fn not_consuming(s: &Stack) -> Outcome {
     } else {
         None
     };
-    // The broker's view of the two connections: name, peer host and port.
+    // The broker's view of the workers' connections (the operator's own probe connection is there too).
     let conns = s.rmq.ctl(&[
         "list_connections",
         "-q",
         "--no-table-headers",
         "name",
+        "user_provided_name",
         "peer_host",
         "peer_port",
     ])?;
     let victim = conns
         .lines()
-        .find(|l| l.split('\t').count() == 3)
-        .context("no worker connection")?
-        .to_string();
-    let f: Vec<&str> = victim.split('\t').collect();
-    let (name, peer, port) = (f[0], f[1], f[2]);
+        .map(|l| l.split('\t').collect::<Vec<_>>())
+        .find(|f| f.len() == 4 && f[1].starts_with("hookfleet-worker"))
+        .with_context(|| format!("no worker connection in:\n{conns}"))?;
+    let (name, peer, port) = (victim[0], victim[2], victim[3]);
     // Drop everything the broker sends to that worker, then close its connection on the broker.
     let rule = [
         "-p",
