@@ -313,6 +313,11 @@ impl Node {
         import(&self.socket, oci_archive)
     }
 
+    /// Imports archives written by [`crate::images`] (e.g. `images::build`'s worker and operator images).
+    pub fn import(&self, archives: &[crate::oci::ImageArchive]) -> Result<()> {
+        crate::images::import(&self.socket, archives)
+    }
+
     /// A `ctr` command bound to the node's containerd, in the CRI's namespace (`k8s.io`).
     pub fn ctr(&self) -> Command {
         let mut cmd = ctr(&self.socket);
