@@ -384,6 +384,8 @@ fn ctr(socket: &Path) -> Command {
 
 // ---- configuration files -------------------------------------------------------------------------------
 
+/// The pod network: bridge + host-local IPAM + portmap. Each pod's `lo` is brought up by containerd's CRI
+/// itself with the `loopback` plugin from the same bin dir, so it is not listed here.
 fn cni_conflist(net: &PodNetwork, dir: &Path) -> String {
     serde_json::to_string_pretty(&serde_json::json!({
         "cniVersion": "1.0.0",
