@@ -313,6 +313,11 @@ impl Node {
         import(&self.socket, oci_archive)
     }
 
+    /// Imports archives written by [`crate::images`] (e.g. `images::build`'s worker and operator images).
+    pub fn import(&self, archives: &[crate::oci::ImageArchive]) -> Result<()> {
+        crate::images::import(&self.socket, archives)
+    }
+
     /// A `ctr` command bound to the node's containerd, in the CRI's namespace (`k8s.io`).
     pub fn ctr(&self) -> Command {
         let mut cmd = ctr(&self.socket);
@@ -379,6 +384,8 @@ fn ctr(socket: &Path) -> Command {
 
 // ---- configuration files -------------------------------------------------------------------------------
 
+/// The pod network: bridge + host-local IPAM + portmap. Each pod's `lo` is brought up by containerd's CRI
+/// itself with the `loopback` plugin from the same bin dir, so it is not listed here.
 fn cni_conflist(net: &PodNetwork, dir: &Path) -> String {
     serde_json::to_string_pretty(&serde_json::json!({
         "cniVersion": "1.0.0",
