@@ -483,6 +483,8 @@ async fn kill(s: &Stack) -> Outcome {
     )
     .await?;
     s.ready_with_consumers(&api, "k", 3).await?;
+    // Each request takes 50 ms, so every worker has deliveries in flight when it dies.
+    s.sink.set_mode(Mode::delayed(200, Duration::from_millis(50)));
     let ids = messages::ids("kill", 6000);
     let publisher = s.publish("e2e.kill", &ids, Some(1500));
     let chaos = async {
@@ -499,13 +501,38 @@ async fn kill(s: &Stack) -> Outcome {
                 .context("no worker process for the pod")?;
             signal(pid, nix::sys::signal::Signal::SIGKILL)?;
             note.push_str(&format!(", SIGKILL to the worker of {}", pods[1].name_any()));
+            // The kubelet restarts the killed container in place.
+            let name = pods[1].name_any();
+            wait_for(
+                "the killed worker's container to restart",
+                Duration::from_secs(60),
+                Duration::from_millis(500),
+                || {
+                    let (api, name) = (api.clone(), name.clone());
+                    async move {
+                        let statuses = api
+                            .get(&name)
+                            .await?
+                            .status
+                            .and_then(|s| s.container_statuses)
+                            .unwrap_or_default();
+                        Ok(statuses.iter().any(|c| c.restart_count > 0).then_some(()))
+                    }
+                },
+            )
+            .await?;
+            note.push_str(" (its container restarted)");
         }
         anyhow::Ok(note)
     };
     let (published, note) = tokio::join!(publisher, chaos);
-    published?;
-    let note = note?;
-    let account = s.settle("e2e.kill", &ids, 240).await?;
+    let account = async {
+        published?;
+        s.settle("e2e.kill", &ids, 240).await
+    }
+    .await;
+    s.sink.set_mode(Mode::ok());
+    let (note, account) = (note?, account?);
     s.ready_with_consumers(&api, "k", 3).await?;
     s.drop_namespace(ns).await;
     Ok((Some(account), note))
@@ -523,6 +550,8 @@ async fn scale_down(s: &Stack) -> Outcome {
     )
     .await?;
     s.ready_with_consumers(&api, "sc", 3).await?;
+    // Each request takes 50 ms, so the workers scaled away have deliveries in flight when SIGTERM comes.
+    s.sink.set_mode(Mode::delayed(200, Duration::from_millis(50)));
     let ids = messages::ids("scale", 6000);
     let publisher = s.publish("e2e.scale", &ids, Some(1500));
     let scale = async {
@@ -532,7 +561,9 @@ async fn scale_down(s: &Stack) -> Outcome {
     let (published, scaled) = tokio::join!(publisher, scale);
     published?;
     scaled?;
-    let account = s.settle("e2e.scale", &ids, 240).await?;
+    let account = s.settle("e2e.scale", &ids, 240).await;
+    s.sink.set_mode(Mode::ok());
+    let account = account?;
     s.ready_with_consumers(&api, "sc", 1).await?;
     s.drop_namespace(ns).await;
     Ok((
@@ -611,17 +642,18 @@ async fn not_consuming(s: &Stack) -> Outcome {
         "list_connections",
         "-q",
         "--no-table-headers",
-        "name",
-        "user_provided_name",
+        "pid",
         "peer_host",
         "peer_port",
+        "client_properties",
     ])?;
     let victim = conns
         .lines()
+        .find(|l| l.contains("hookfleet-worker"))
         .map(|l| l.split('\t').collect::<Vec<_>>())
-        .find(|f| f.len() == 4 && f[1].starts_with("hookfleet-worker"))
+        .filter(|f| f.len() >= 3)
         .with_context(|| format!("no worker connection in:\n{conns}"))?;
-    let (name, peer, port) = (victim[0], victim[2], victim[3]);
+    let (pid, peer, port) = (victim[0], victim[1], victim[2]);
     // Drop everything the broker sends to that worker, then close its connection on the broker.
     let rule = [
         "-p",
@@ -638,7 +670,22 @@ async fn not_consuming(s: &Stack) -> Outcome {
     iptables("-I", &rule)?;
     let result = async {
         s.rmq
-            .ctl(&["close_connection", name, "e2e: half-open connection"])?;
+            .ctl(&["close_connection", pid, "e2e: half-open connection"])?;
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let q = s
+                .rmq
+                .ctl(&["list_queues", "-q", "--no-table-headers", "name", "consumers"])?;
+            let c = s.rmq.ctl(&[
+                "list_connections",
+                "-q",
+                "--no-table-headers",
+                "pid",
+                "peer_host",
+                "state",
+            ])?;
+            println!("after close_connection: queues {q:?} connections {c:?}");
+        }
         let t0 = Instant::now();
         let i = s
             .until(&api, "nc", "Degraded NotConsuming", 60, |i| {
@@ -740,7 +787,7 @@ async fn bad_input(s: &Stack) -> Outcome {
     )?;
     let refused = match s.kubectl(&["apply", "-f", manifest.to_str().unwrap_or_default()]) {
         Ok(out) => bail!("the API server accepted a bad manifest: {out}"),
-        Err(e) => e.to_string(),
+        Err(e) => e.to_string().replace('\n', " "),
     };
     ensure!(
         refused.contains("spec.destination.url") && refused.contains("spec.workers.disruption.minAvailable"),
@@ -790,7 +837,15 @@ async fn evictions(s: &Stack) -> Outcome {
     let publisher = s.publish("e2e.pdb", &ids, Some(1000));
     let evict = async {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let pods: Api<Pod> = Api::namespaced(s.client.clone(), ns);
+        // kube's client retries a 429 by default (until the PDB allows the eviction): count refusals with one that
+        // does not.
+        let mut config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&s.kubeconfig)?,
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await?;
+        config.default_retry = false;
+        let pods: Api<Pod> = Api::namespaced(Client::try_from(config)?, ns);
         let (mut allowed, mut refused) = (0, 0);
         for p in s.running_pods(ns, "ev").await? {
             match pods.evict(&p.name_any(), &EvictParams::default()).await {
