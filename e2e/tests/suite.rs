@@ -649,7 +649,9 @@ async fn not_consuming(s: &Stack) -> Outcome {
     ])?;
     let victim = conns
         .lines()
-        .find(|l| l.contains("hookfleet-worker"))
+        // The connection name is "hookfleet-worker <namespace>/<name> <pid>"; workers of earlier scenarios may still
+        // be draining.
+        .find(|l| l.contains(&format!("hookfleet-worker {ns}/nc ")))
         .map(|l| l.split('\t').collect::<Vec<_>>())
         .filter(|f| f.len() >= 3)
         .with_context(|| format!("no worker connection in:\n{conns}"))?;
@@ -671,21 +673,6 @@ async fn not_consuming(s: &Stack) -> Outcome {
     let result = async {
         s.rmq
             .ctl(&["close_connection", pid, "e2e: half-open connection"])?;
-        for _ in 0..5 {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let q = s
-                .rmq
-                .ctl(&["list_queues", "-q", "--no-table-headers", "name", "consumers"])?;
-            let c = s.rmq.ctl(&[
-                "list_connections",
-                "-q",
-                "--no-table-headers",
-                "pid",
-                "peer_host",
-                "state",
-            ])?;
-            println!("after close_connection: queues {q:?} connections {c:?}");
-        }
         let t0 = Instant::now();
         let i = s
             .until(&api, "nc", "Degraded NotConsuming", 60, |i| {
