@@ -798,13 +798,11 @@ async fn bad_input(s: &Stack) -> Outcome {
         "the condition does not name the Secret: {msg}"
     );
     s.drop_namespace(ns).await;
-    Ok((
-        None,
-        format!(
-            "refused: {}; missing Secret: {msg}",
-            refused.lines().next().unwrap_or("")
-        ),
-    ))
+    let refused = refused
+        .split_once("is invalid: ")
+        .map_or(refused.as_str(), |(_, r)| r)
+        .trim();
+    Ok((None, format!("refused: {refused}; missing Secret: {msg}")))
 }
 
 /// The PodDisruptionBudget at work: with 3 workers and minAvailable 2, evicting all three at once under load
