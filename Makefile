@@ -31,7 +31,7 @@ crds: ## Regenerate crds/integrations.hookfleet.io.yaml from the Rust types
 
 .PHONY: test-worker-faults bench-worker
 
-test-worker-faults: ## Worker fault scenarios: kill -9, broker restart, fd limit, SIGTERM (real RabbitMQ)
+test-worker-faults: ## Worker fault scenarios: kill -9, broker restart, fd limit, SIGTERM, deleted queue, poison message, full queue, memory alarm (real RabbitMQ)
 	$(CARGO) test -p hookfleet-worker --test faults -- --nocapture
 
 bench-worker: ## Worker throughput beside its baselines (raw broker consume+ack, raw sink), one run

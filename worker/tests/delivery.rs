@@ -757,7 +757,8 @@ async fn queue_type_mismatch_exits_4_naming_queue_and_argument() -> Result<()> {
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     let term = std::fs::read_to_string(dir.path().join("termination-log"))?;
     for part in [
-        "queue mm.q exists on the broker with other arguments (x-queue-type)",
+        "queue mm.q exists on the broker with other arguments than the quorum queue this worker declares (differs at least in x-",
+        "inequivalent arg",
         "--queue-type",
     ] {
         assert!(
@@ -767,6 +768,12 @@ async fn queue_type_mismatch_exits_4_naming_queue_and_argument() -> Result<()> {
     }
     assert_eq!(term.lines().count(), 1, "{term}");
     assert!(sink.hits().is_empty());
+    let names = rmq.ctl(&["list_queues", "-q", "--no-table-headers", "name"])?;
+    assert_eq!(
+        names.split_whitespace().collect::<Vec<_>>(),
+        ["mm.q"],
+        "the refused worker left no queue of the wrong type behind"
+    );
     eprintln!("mismatch: exit 4 after {:?}: {}", started.elapsed(), term.trim());
 
     // With the queue's own type the worker consumes it.

@@ -43,12 +43,16 @@ pub enum SessionError {
     },
     /// Not retried: the queue will not change by itself (see [`Fatal`]).
     #[error(
-        "queue {queue} exists on the broker with other arguments ({argument}): {detail}; set \
-         --queue-type/--delivery-limit (spec.source.queueType/deliveryLimit) to match the queue, or \
-         drain and delete it so the worker can declare it"
+        "queue {queue} exists on the broker with other arguments than the {wanted} queue this worker \
+         declares (differs at least in {argument}): {detail}; set --queue-type/--delivery-limit \
+         (spec.source.queueType/deliveryLimit) to match the queue, or drain and delete it so the \
+         worker can declare it"
     )]
     QueueMismatch {
         queue: String,
+        /// `classic` or `quorum`: what the worker asked for.
+        wanted: &'static str,
+        /// The argument the broker named (it names the first difference it finds).
         argument: String,
         detail: String,
     },

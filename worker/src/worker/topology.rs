@@ -112,7 +112,7 @@ pub fn mismatch(err: &lapin::Error) -> Option<(String, String)> {
     Some((argument, detail))
 }
 
-async fn declare_queue(ch: &Channel, name: &str, args: FieldTable) -> Result<(), SessionError> {
+async fn declare_queue(ch: &Channel, name: &str, t: QueueType, args: FieldTable) -> Result<(), SessionError> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..Default::default()
@@ -123,6 +123,7 @@ async fn declare_queue(ch: &Channel, name: &str, args: FieldTable) -> Result<(),
         .map_err(|source| match mismatch(&source) {
             Some((argument, detail)) => SessionError::QueueMismatch {
                 queue: name.to_owned(),
+                wanted: t.as_str(),
                 argument,
                 detail,
             },
@@ -136,11 +137,12 @@ async fn declare_queue(ch: &Channel, name: &str, args: FieldTable) -> Result<(),
 /// Declares the work queue and its bindings, the dead-letter queue and the delay queues of `ladder`.
 pub async fn declare(ch: &Channel, cfg: &Config, ladder: &[Duration]) -> Result<(), SessionError> {
     let t = cfg.queue_type;
-    // The dead-letter queue first: the work queue dead-letters into it.
-    declare_queue(ch, &cfg.dead_letter_queue, dead_letter_queue_args(t)).await?;
+    // The work queue first: it is the one most likely to exist already, and a mismatch there must not
+    // leave queues of the wrong type behind (the dead-letter target need not exist yet).
     declare_queue(
         ch,
         &cfg.queue,
+        t,
         work_queue_args(t, &cfg.dead_letter_queue, cfg.delivery_limit),
     )
     .await?;
@@ -158,9 +160,10 @@ pub async fn declare(ch: &Channel, cfg: &Config, ladder: &[Duration]) -> Result<
             source,
         })?;
     }
+    declare_queue(ch, &cfg.dead_letter_queue, t, dead_letter_queue_args(t)).await?;
     for ttl in ladder {
         let name = retry_queue(&cfg.queue, *ttl);
-        declare_queue(ch, &name, delay_queue_args(t, &cfg.queue, *ttl)).await?;
+        declare_queue(ch, &name, t, delay_queue_args(t, &cfg.queue, *ttl)).await?;
     }
     debug!(
         delay_queues = ladder.len(),

@@ -19,6 +19,14 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 pub const WORKER: &str = env!("CARGO_BIN_EXE_hookfleet-worker");
 
+/// The worker binary [`start_worker`] runs: this build's, or `HOOKFLEET_TEST_WORKER_BIN` (to show that
+/// a test fails on an older build).
+pub fn worker_bin() -> PathBuf {
+    std::env::var_os("HOOKFLEET_TEST_WORKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(WORKER))
+}
+
 /// One broker-heavy test at a time per test binary: two cores, each test with its own node.
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -255,7 +263,7 @@ pub async fn start_worker(
     let envs: Vec<(String, String)> = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let process = Process::spawn(
         log_name,
-        Path::new(WORKER),
+        &worker_bin(),
         &args,
         &envs,
         &dir.join(format!("{log_name}.log")),
