@@ -582,7 +582,21 @@ async fn retries_wait_while_the_work_queue_is_full() -> Result<()> {
     sink.set_mode(Mode::ok());
     w = start_worker(&rmq, "ml.q", &sink.url(), &args, &[], dir.path(), "worker-2").await?;
     let want: HashSet<String> = published.iter().cloned().collect();
-    sink.wait_delivered(&want, Duration::from_secs(240)).await?;
+    if let Err(e) = sink.wait_delivered(&want, Duration::from_secs(240)).await {
+        let queues = rmq.ctl(&["list_queues", "name", "messages", "messages_ready"])?;
+        let dead = drain(&rmq, "ml.q.dead").await?;
+        anyhow::bail!(
+            "{e:#}\nqueues:\n{}\ndead letters: {:?}",
+            queues
+                .lines()
+                .filter(|l| !l.ends_with("\t0\t0"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            dead.iter()
+                .map(|d| (&d.id, format!("{:?}", d.headers)))
+                .collect::<Vec<_>>()
+        );
+    }
     let dead = drain(&rmq, "ml.q.dead").await?;
     let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
     assert!(dead.is_empty());
