@@ -42,7 +42,7 @@ test-e2e: ## The e2e suite on the local real node (root): chart install, real wo
 test-node: ## The real node (root): a pod reaches the host's sink, RabbitMQ and the API; nofile limits; clean teardown
 	$(CARGO) test -p hookfleet-e2e --test node -- --nocapture
 
-test-worker-faults: ## Worker fault scenarios: kill -9, broker restart, fd limit, SIGTERM (real RabbitMQ)
+test-worker-faults: ## Worker fault scenarios: kill -9, broker restart, fd limit, SIGTERM, deleted queue, poison message, full queue, memory alarm (real RabbitMQ)
 	$(CARGO) test -p hookfleet-worker --test faults -- --nocapture
 
 bench-worker: ## Worker throughput beside its baselines (raw broker consume+ack, raw sink), one run

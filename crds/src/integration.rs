@@ -95,10 +95,48 @@ pub struct SourceSpec {
     #[serde(default = "default_prefetch")]
     #[schemars(range(min = 1, max = 65535))]
     pub prefetch: u32,
+    /// Type of the work queue, its delay queues and its dead-letter queue. `quorum` (the default) is
+    /// the only type on which nothing is lost at any hop: it is replicated, its `deliveryLimit`
+    /// dead-letters a message that crashes workers instead of redelivering it forever, and retries
+    /// return from the delay queues by at-least-once dead-lettering (broker-confirmed). `classic`
+    /// is for queues that already exist as classic queues (a queue's type cannot change in place);
+    /// there a retry's return to the work queue is at-most-once and a poison message is redelivered
+    /// until someone removes it. A queue that exists with another type is reported as `QueueMismatch`.
+    #[serde(default)]
+    pub queue_type: QueueType,
+    /// Quorum queues: deliveries of one message (including redeliveries after a worker crash or
+    /// shutdown) before the broker dead-letters it with reason `delivery_limit`. Ignored for classic.
+    #[serde(default = "default_delivery_limit")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub delivery_limit: u32,
 }
 
 fn default_prefetch() -> u32 {
     64
+}
+
+/// Generous, because the count also grows when a worker is stopped or crashes with the message
+/// prefetched but not yet attempted: a rolling update must not dead-letter innocent messages.
+pub fn default_delivery_limit() -> u32 {
+    20
+}
+
+/// RabbitMQ queue type of the work, delay and dead-letter queues.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Classic,
+    #[default]
+    Quorum,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
 }
 
 /// A reference to one key of a Secret in the Integration's namespace.

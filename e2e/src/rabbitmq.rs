@@ -63,6 +63,12 @@ impl RabbitMq {
         conf.push_str("log.console = true\nlog.console.level = warning\nlog.file = false\n");
         std::fs::write(base.join("rabbitmq.conf"), conf)?;
         std::fs::write(base.join("enabled_plugins"), "[].\n")?;
+        // At-least-once dead-lettering (quorum queues) re-sends a message its target refused (say a
+        // full work queue) only after this timeout, 3 minutes by default; 5 s keeps tests short.
+        std::fs::write(
+            base.join("advanced.config"),
+            "[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 5000}]}].\n",
+        )?;
         let p = |sub: &str| base.join(sub).display().to_string();
         let mut env: Vec<(String, String)> = [
             ("RABBITMQ_NODENAME", nodename.clone()),

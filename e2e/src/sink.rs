@@ -72,6 +72,10 @@ struct Stats {
     peak_open: AtomicUsize,
     connections: AtomicU64,
     requests: AtomicU64,
+    /// Requests with this `webhook-id` are never answered (a *poison* message: one the worker cannot
+    /// get past); each arrival is counted.
+    poison: Mutex<Option<String>>,
+    poison_arrivals: AtomicU64,
 }
 
 /// A running sink; stops when dropped.
@@ -150,6 +154,16 @@ impl Sink {
     }
 
     /// Every request so far, in arrival order.
+    /// Never answer requests whose `webhook-id` is `id` (hold them until the peer goes away).
+    pub fn set_poison(&self, id: Option<&str>) {
+        *self.stats.poison.lock().unwrap() = id.map(str::to_owned);
+    }
+
+    /// Requests that carried the poison id so far.
+    pub fn poison_arrivals(&self) -> u64 {
+        self.stats.poison_arrivals.load(Ordering::SeqCst)
+    }
+
     pub fn hits(&self) -> Vec<Hit> {
         self.stats.hits.lock().unwrap().clone()
     }
@@ -268,6 +282,22 @@ async fn serve(sock: TcpStream, st: Arc<Stats>, mut mode: watch::Receiver<Mode>,
         let close = headers
             .get("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+
+        let poisoned = {
+            let p = st.poison.lock().unwrap();
+            p.is_some() && p.as_deref() == headers.get("webhook-id").map(String::as_str)
+        };
+        if poisoned {
+            st.poison_arrivals.fetch_add(1, Ordering::SeqCst);
+            // Hold it until the worker goes away.
+            let mut probe = [0u8; 1];
+            loop {
+                match sock.peek(&mut probe).await {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        }
 
         // Decide, stalling while told to.
         let (status, delay, retry_after) = loop {

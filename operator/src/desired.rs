@@ -146,6 +146,8 @@ pub fn worker_args_env(intg: &Integration) -> Result<(Vec<String>, Vec<EnvVar>)>
         flag("binding", format!("{}={}", b.exchange, b.routing_key));
     }
     flag("prefetch", spec.source.prefetch.to_string());
+    flag("queue-type", spec.source.queue_type.as_str().into());
+    flag("delivery-limit", spec.source.delivery_limit.to_string());
     flag("destination-url", spec.destination.url.clone());
     flag("method", spec.destination.method.as_str().into());
     for (k, v) in &spec.destination.headers {

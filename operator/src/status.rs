@@ -6,6 +6,7 @@
 //! are derived from flips, so a steady state writes nothing and says nothing.
 
 use hookfleet_crds::IntegrationStatus;
+use hookfleet_crds::contract::exit;
 use hookfleet_crds::integration::condition;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
@@ -21,6 +22,8 @@ pub mod reason {
     pub const NOT_CONSUMING: &str = "NotConsuming";
     pub const CRASH_LOOPING: &str = "CrashLooping";
     pub const FD_LIMIT_NOT_MET: &str = "FileDescriptorLimitNotMet";
+    /// A queue exists on the broker with other arguments than the workers declare (worker exit 4).
+    pub const QUEUE_MISMATCH: &str = "QueueMismatch";
     pub const CONTAINER_NOT_STARTING: &str = "ContainerNotStarting";
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const SECRET_KEY_NOT_FOUND: &str = "SecretKeyNotFound";
@@ -78,6 +81,7 @@ pub enum SourceObs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PodProblemKind {
     FdLimit,
+    QueueMismatch,
     CrashLoop,
     NotStarting,
 }
@@ -93,9 +97,6 @@ pub struct PodProblem {
 /// Restarts after which a worker that is not Ready counts as crash-looping even before the kubelet
 /// reports `CrashLoopBackOff`.
 const CRASH_RESTARTS: i32 = 3;
-
-/// Exit code of a worker that could not raise its file-descriptor limit enough (docs/worker.md).
-const WORKER_EXIT_FD_LIMIT: i32 = 3;
 
 fn is_fd_message(m: &str) -> bool {
     let m = m.to_ascii_lowercase();
@@ -142,8 +143,18 @@ pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
             msg.lines().last().unwrap_or(msg).to_string()
         }
     });
-    // docs/worker.md: exit code 3 is "fd limit cannot be met".
-    let fd_exit = last.is_some_and(|t| t.exit_code == WORKER_EXIT_FD_LIMIT);
+    // docs/worker.md: exit code 3 is "fd limit cannot be met", 4 "a queue exists with other arguments".
+    let fd_exit = last.is_some_and(|t| t.exit_code == exit::FD_LIMIT);
+    if let (Some(t), Some(term)) = (last, &termination)
+        && t.exit_code == exit::QUEUE_MISMATCH
+        && !cs.ready
+    {
+        return Some(PodProblem {
+            pod: name,
+            kind: PodProblemKind::QueueMismatch,
+            message: term.clone(),
+        });
+    }
     if let Some(t) = &termination
         && (fd_exit || is_fd_message(t))
         && !cs.ready
@@ -233,6 +244,7 @@ fn problem(o: &Observed, ready: i32) -> Option<(&'static str, String)> {
     }
     for (kind, reason) in [
         (PodProblemKind::FdLimit, reason::FD_LIMIT_NOT_MET),
+        (PodProblemKind::QueueMismatch, reason::QUEUE_MISMATCH),
         (PodProblemKind::CrashLoop, reason::CRASH_LOOPING),
         (PodProblemKind::NotStarting, reason::CONTAINER_NOT_STARTING),
     ] {

@@ -50,6 +50,8 @@ fn deployment_renders_the_worker_contract() {
     assert_eq!(flag(&args, "queue"), ["orders.erp"]);
     assert_eq!(flag(&args, "binding"), ["device-events=orders.#"]);
     assert_eq!(flag(&args, "prefetch"), ["64"]);
+    assert_eq!(flag(&args, "queue-type"), ["quorum"]);
+    assert_eq!(flag(&args, "delivery-limit"), ["20"]);
     assert_eq!(
         flag(&args, "destination-url"),
         ["https://erp.example.com/hooks/orders"]

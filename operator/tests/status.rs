@@ -119,6 +119,27 @@ fn fd_limit_and_crash_loops_quote_the_termination_message() {
 }
 
 #[test]
+fn queue_mismatch_is_its_own_reason_naming_queue_and_argument() {
+    let p = status::pod_problem(&pod("pod-queue-mismatch.yaml")).unwrap();
+    assert_eq!(p.kind, PodProblemKind::QueueMismatch);
+    let crash = status::pod_problem(&pod("pod-crashloop.yaml")).unwrap();
+    let mut o = healthy();
+    o.pod_problems = vec![crash, p];
+    let s = status::compute(&o);
+    let d = get(&s.conditions, DEGRADED);
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("True", reason::QUEUE_MISMATCH),
+        "a queue mismatch outranks a generic crash loop: {}",
+        d.message
+    );
+    for part in ["orders-to-erp-5d8f7-klmno", "queue orders.erp", "x-queue-type"] {
+        assert!(d.message.contains(part), "{part} missing: {}", d.message);
+    }
+    assert_eq!(get(&s.conditions, READY).reason, reason::QUEUE_MISMATCH);
+}
+
+#[test]
 fn a_healthy_pod_is_no_problem() {
     let mut p = pod("pod-crashloop.yaml");
     let cs = &mut p.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0];

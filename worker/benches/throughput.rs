@@ -161,6 +161,9 @@ async fn hookfleet(
         "--destination-url",
         &sink.url(),
         "--allow-private-networks",
+        // Like for like: the baseline consumes a classic queue, so hookfleet does too here.
+        "--queue-type",
+        "classic",
         "--concurrency",
         &concurrency.to_string(),
         "--prefetch",

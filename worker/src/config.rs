@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use hookfleet_crds::integration::{DeliverySpec, HttpMethod, Jitter};
+use hookfleet_crds::integration::{DeliverySpec, HttpMethod, Jitter, QueueType, default_delivery_limit};
 use reqwest::Url;
 use reqwest::header::{HeaderName, HeaderValue};
 
@@ -46,6 +46,12 @@ pub struct Args {
     /// Unacknowledged messages the broker hands this worker at a time (basic.qos).
     #[arg(long, env = "HOOKFLEET_PREFETCH", default_value_t = 64)]
     pub prefetch: u16,
+    /// classic or quorum: type of the work, delay and dead-letter queues. Default quorum.
+    #[arg(long, env = "HOOKFLEET_QUEUE_TYPE")]
+    pub queue_type: Option<String>,
+    /// Quorum queues: deliveries of one message before the broker dead-letters it. Default 20.
+    #[arg(long, env = "HOOKFLEET_DELIVERY_LIMIT")]
+    pub delivery_limit: Option<u32>,
     /// Webhook URL (http:// or https://).
     #[arg(long, env = "HOOKFLEET_DESTINATION_URL")]
     pub destination_url: Option<String>,
@@ -101,6 +107,10 @@ pub struct Args {
     /// How long an open breaker defers deliveries before one probe is let through (Go duration).
     #[arg(long, env = "HOOKFLEET_CIRCUIT_BREAKER_COOLDOWN", default_value = "10s")]
     pub circuit_breaker_cooldown: String,
+    /// Longest wait for the broker's confirm of a retry or dead-letter copy (Go duration); past it the
+    /// message is handed back and the session reconnects.
+    #[arg(long, env = "HOOKFLEET_CONFIRM_TIMEOUT", default_value = "30s")]
+    pub confirm_timeout: String,
     /// Dead-letter queue; defaults to <queue>.dead.
     #[arg(long, env = "HOOKFLEET_DEAD_LETTER_QUEUE")]
     pub dead_letter_queue: Option<String>,
@@ -162,6 +172,9 @@ pub struct Config {
     pub queue: String,
     pub bindings: Vec<(String, String)>,
     pub prefetch: u16,
+    pub queue_type: QueueType,
+    /// `x-delivery-limit` of a quorum work queue.
+    pub delivery_limit: u32,
     pub destination: Url,
     pub method: HttpMethod,
     /// Plain headers and headers from Secrets (the latter marked sensitive).
@@ -178,6 +191,7 @@ pub struct Config {
     /// (consecutive failures, cooldown); a threshold of 0 disables the breaker.
     pub circuit_breaker: (u32, Duration),
     pub dead_letter_queue: String,
+    pub confirm_timeout: Duration,
     pub fd_limit: u64,
     pub allow_private_networks: bool,
     pub metrics_addr: SocketAddr,
@@ -194,6 +208,8 @@ impl fmt::Debug for Config {
             .field("queue", &self.queue)
             .field("bindings", &self.bindings)
             .field("prefetch", &self.prefetch)
+            .field("queue_type", &self.queue_type)
+            .field("delivery_limit", &self.delivery_limit)
             .field("destination", &self.destination.as_str())
             .field("method", &self.method)
             .field(
@@ -209,6 +225,7 @@ impl fmt::Debug for Config {
             .field("rate_limit", &self.rate_limit)
             .field("circuit_breaker", &self.circuit_breaker)
             .field("dead_letter_queue", &self.dead_letter_queue)
+            .field("confirm_timeout", &self.confirm_timeout)
             .field("fd_limit", &self.fd_limit)
             .field("allow_private_networks", &self.allow_private_networks)
             .field("metrics_addr", &self.metrics_addr)
@@ -496,6 +513,25 @@ impl Config {
         )?;
         let circuit_breaker = (args.circuit_breaker_threshold, cooldown);
 
+        let queue_type = match args.queue_type.as_deref().map(str::trim) {
+            None | Some("") => QueueType::default(),
+            Some("classic") => QueueType::Classic,
+            Some("quorum") => QueueType::Quorum,
+            Some(other) => {
+                return Err(bad(
+                    "--queue-type (HOOKFLEET_QUEUE_TYPE)",
+                    format!("{other:?} is not classic or quorum"),
+                ));
+            }
+        };
+        let delivery_limit = args.delivery_limit.unwrap_or_else(default_delivery_limit);
+        if !(1..=1000).contains(&delivery_limit) {
+            return Err(bad(
+                "--delivery-limit (HOOKFLEET_DELIVERY_LIMIT)",
+                format!("{delivery_limit} is outside [1, 1000]"),
+            ));
+        }
+
         let dead_letter_queue = match args.dead_letter_queue.map(|q| q.trim().to_owned()) {
             Some(q) if !q.is_empty() => q,
             _ => format!("{queue}.dead"),
@@ -506,6 +542,14 @@ impl Config {
                 "must differ from --queue",
             ));
         }
+
+        let confirm_setting = "--confirm-timeout (HOOKFLEET_CONFIRM_TIMEOUT)";
+        let confirm_timeout = check_range(
+            confirm_setting,
+            parse_duration(confirm_setting, &args.confirm_timeout)?,
+            tenth,
+            Duration::from_secs(600),
+        )?;
 
         if args.fd_limit < 64 {
             return Err(bad(
@@ -543,6 +587,8 @@ impl Config {
             queue,
             bindings,
             prefetch: args.prefetch,
+            queue_type,
+            delivery_limit,
             destination,
             method,
             headers,
@@ -560,6 +606,7 @@ impl Config {
             rate_limit,
             circuit_breaker,
             dead_letter_queue,
+            confirm_timeout,
             fd_limit: args.fd_limit,
             allow_private_networks: args.allow_private_networks,
             metrics_addr,
@@ -637,6 +684,19 @@ mod tests {
         assert_eq!(c.fd_limit, 1_048_576);
         assert_eq!(c.shutdown_grace, Duration::from_secs(25));
         assert_eq!(c.method, HttpMethod::Post);
+        assert_eq!(c.queue_type, QueueType::Quorum);
+        assert_eq!(c.delivery_limit, 20);
+    }
+
+    #[test]
+    fn queue_type_and_delivery_limit() {
+        let c = parse(&["--queue-type", "classic", "--delivery-limit", "3"]).unwrap();
+        assert_eq!((c.queue_type, c.delivery_limit), (QueueType::Classic, 3));
+        let e = parse(&["--queue-type", "stream"]).unwrap_err();
+        assert_eq!(e.setting, "--queue-type (HOOKFLEET_QUEUE_TYPE)");
+        assert!(e.message.contains("\"stream\" is not classic or quorum"), "{e}");
+        let e = parse(&["--delivery-limit", "0"]).unwrap_err();
+        assert_eq!(e.setting, "--delivery-limit (HOOKFLEET_DELIVERY_LIMIT)");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Entry point: flags → config → fd limit → metrics server → delivery loop until SIGTERM/SIGINT.
 //!
 //! Exit codes: 0 after a clean shutdown; 2 for invalid configuration; 3 when the file-descriptor limit
-//! cannot be met; 1 for other start-up failures. Each failure is one line on stderr and in the
+//! cannot be met; 4 when a queue exists on the broker with other arguments (PRECONDITION_FAILED);
+//! 1 for other start-up failures. Each failure is one line on stderr and in the
 //! termination-message file, so `kubectl describe pod` (and the operator) shows it.
 
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use hookfleet_crds::contract::exit;
 use hookfleet_worker::config::{Args, Config, LogFormat};
 use hookfleet_worker::fdlimit;
 use hookfleet_worker::metrics::{self, Metrics};
@@ -37,13 +39,17 @@ fn main() -> ExitCode {
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or("invalid arguments");
             let line = line.trim_start_matches("error: ");
-            return fatal(&path, &format!("invalid configuration: {line}"), 2);
+            return fatal(
+                &path,
+                &format!("invalid configuration: {line}"),
+                exit::INVALID_CONFIG,
+            );
         }
     };
     let termination_log = args.termination_log.clone();
     let cfg = match Config::from_args(args, &|k| std::env::var(k).ok()) {
         Ok(c) => c,
-        Err(e) => return fatal(&termination_log, &e.to_string(), 2),
+        Err(e) => return fatal(&termination_log, &e.to_string(), exit::INVALID_CONFIG),
     };
     init_tracing(cfg.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -51,7 +57,7 @@ fn main() -> ExitCode {
     let needed = fdlimit::required(cfg.concurrency);
     let limits = match fdlimit::raise(cfg.fd_limit, needed, cfg.concurrency) {
         Ok(l) => l,
-        Err(msg) => return fatal(&termination_log, &msg, 3),
+        Err(msg) => return fatal(&termination_log, &msg, exit::FD_LIMIT),
     };
     info!(
         soft = limits.soft,
@@ -105,9 +111,13 @@ async fn run(cfg: Config, limits: fdlimit::Limits, termination_log: PathBuf) -> 
         Ok(w) => w,
         Err(e) => return fatal(&termination_log, &format!("building the HTTP client: {e}"), 1),
     };
-    worker.run(rx).await;
-    info!("stopped");
-    ExitCode::SUCCESS
+    match worker.run(rx).await {
+        Ok(()) => {
+            info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Err(f) => fatal(&termination_log, &f.message, f.code),
+    }
 }
 
 /// `--termination-log` from the command line when the flags as a whole did not parse.
@@ -124,10 +134,10 @@ fn termination_log_from_raw_args() -> Option<PathBuf> {
 
 /// One line to stderr and to the termination-message file (best effort: outside Kubernetes the file
 /// may not be writable).
-fn fatal(termination_log: &Path, line: &str, code: u8) -> ExitCode {
+fn fatal(termination_log: &Path, line: &str, code: i32) -> ExitCode {
     eprintln!("hookfleet-worker: {line}");
     let _ = std::fs::write(termination_log, format!("{line}\n"));
-    ExitCode::from(code)
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 fn init_tracing(format: LogFormat) {

@@ -173,7 +173,49 @@ pub fn retry_properties(
         ShortString::from(H_NEXT_DELAY),
         AMQPValue::LongLongInt(next_delay_ms as i64),
     );
-    props.clone().with_headers(h).with_delivery_mode(2)
+    copy_properties(props).with_headers(h)
+}
+
+/// The publisher's properties for a copy the worker stores (retry or dead letter), persistent, without
+/// the two that would break the copy: `expiration` (the publisher's per-message TTL would expire it in
+/// the delay queue before its delay, or drop it from the dead-letter queue) and `user_id` (the broker
+/// refuses a publish whose `user_id` is not the worker's own user).
+pub fn copy_properties(props: &BasicProperties) -> BasicProperties {
+    let mut p = BasicProperties::default().with_delivery_mode(2);
+    if let Some(v) = props.content_type() {
+        p = p.with_content_type(v.clone());
+    }
+    if let Some(v) = props.content_encoding() {
+        p = p.with_content_encoding(v.clone());
+    }
+    if let Some(v) = props.headers() {
+        p = p.with_headers(v.clone());
+    }
+    if let Some(v) = props.priority() {
+        p = p.with_priority(*v);
+    }
+    if let Some(v) = props.correlation_id() {
+        p = p.with_correlation_id(v.clone());
+    }
+    if let Some(v) = props.reply_to() {
+        p = p.with_reply_to(v.clone());
+    }
+    if let Some(v) = props.message_id() {
+        p = p.with_message_id(v.clone());
+    }
+    if let Some(v) = props.timestamp() {
+        p = p.with_timestamp(*v);
+    }
+    if let Some(v) = props.kind() {
+        p = p.with_type(v.clone());
+    }
+    if let Some(v) = props.app_id() {
+        p = p.with_app_id(v.clone());
+    }
+    if let Some(v) = props.cluster_id() {
+        p = p.with_cluster_id(v.clone());
+    }
+    p
 }
 
 /// Properties of the copy published to the dead-letter queue.
@@ -192,20 +234,7 @@ pub fn dead_letter_properties(
         AMQPValue::LongString(LongString::from(dead_reason.as_bytes().to_vec())),
     );
     h.insert(ShortString::from(H_DEAD_AT), AMQPValue::LongLongInt(now_ms()));
-    // A per-message TTL set by the publisher must not expire the dead letter.
-    let mut p = props.clone().with_headers(h).with_delivery_mode(2);
-    if p.expiration().is_some() {
-        p = BasicProperties::default()
-            .with_headers(p.headers().clone().unwrap_or_default())
-            .with_delivery_mode(2);
-        if let Some(ct) = props.content_type() {
-            p = p.with_content_type(ct.clone());
-        }
-        if let Some(id) = props.message_id() {
-            p = p.with_message_id(id.clone());
-        }
-    }
-    p
+    copy_properties(props).with_headers(h)
 }
 
 #[cfg(test)]
@@ -236,6 +265,36 @@ mod tests {
         assert_eq!(back.id, a.id);
         assert_eq!(back.attempts, 1);
         assert_eq!(back.first_seen_ms, 5);
+    }
+
+    #[test]
+    fn a_retry_copy_drops_expiration_and_user_id_and_keeps_the_rest() {
+        let props = BasicProperties::default()
+            .with_message_id("m-2".into())
+            .with_expiration("500".into())
+            .with_user_id("publisher".into())
+            .with_correlation_id("c-1".into())
+            .with_content_type("application/json".into())
+            .with_timestamp(42);
+        let m = meta(&props, "ex", "rk", b"x", 7);
+        let fail = Failure {
+            reason: "http_status",
+            status: Some(503),
+        };
+        let p = retry_properties(&props, "ex", "rk", &m, 1, fail, 10_000);
+        assert!(
+            p.expiration().is_none(),
+            "a 500 ms TTL would cut a 10 s delay short"
+        );
+        assert!(p.user_id().is_none());
+        assert_eq!(p.correlation_id().as_ref().map(|s| s.as_str()), Some("c-1"));
+        assert_eq!(
+            p.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(*p.timestamp(), Some(42));
+        assert_eq!(*p.delivery_mode(), Some(2));
+        assert_eq!(header_int(p.headers().as_ref(), H_NEXT_DELAY), Some(10_000));
     }
 
     #[test]

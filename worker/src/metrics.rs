@@ -37,6 +37,14 @@ pub struct Metrics {
     pub publish_failures: Counter,
     pub circuit_open: Gauge,
     pub rate_limited_seconds: Counter<f64, AtomicU64>,
+    /// 1 while the broker blocks the connection (flow control): nothing is confirmed or acked.
+    pub broker_blocked: Gauge,
+    /// Messages the consumer yielded (each redelivery again).
+    pub consumed: Counter,
+    /// Messages whose fate is settled, by fate (`delivered`, `retried`, `dead_lettered`, `handed_back`).
+    pub settled: Family<Labels, Counter>,
+    /// Messages consumed and not yet settled.
+    pub unsettled: Gauge,
 }
 
 impl Metrics {
@@ -64,6 +72,10 @@ impl Metrics {
             publish_failures: Counter::default(),
             circuit_open: Gauge::default(),
             rate_limited_seconds: Counter::default(),
+            broker_blocked: Gauge::default(),
+            consumed: Counter::default(),
+            settled: Family::default(),
+            unsettled: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -129,6 +141,29 @@ impl Metrics {
             "Time deliveries waited for the rate limit",
             m.rate_limited_seconds.clone(),
         );
+        r.register(
+            "broker_blocked",
+            "1 while the broker blocks the connection (memory or disk alarm): not ready",
+            m.broker_blocked.clone(),
+        );
+        r.register(
+            "messages_consumed",
+            "Messages received from the queue (redeliveries included); equals the sum of \
+             messages_settled_total and messages_unsettled",
+            m.consumed.clone(),
+        );
+        r.register(
+            "messages_settled",
+            "Messages whose fate is settled: delivered (acked after 2xx), retried (copy confirmed in a \
+             delay queue, then acked; deferrals included), dead_lettered (copy confirmed in the \
+             dead-letter queue, then acked), handed_back (left to the broker unacked or nacked)",
+            m.settled.clone(),
+        );
+        r.register(
+            "messages_unsettled",
+            "Messages received and not yet settled",
+            m.unsettled.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -163,7 +198,12 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    if m.consuming.get() == 1 {
+    if m.consuming.get() == 1 && m.broker_blocked.get() == 1 {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the broker blocks the connection (flow control)\n",
+        )
+    } else if m.consuming.get() == 1 {
         (StatusCode::OK, "consuming\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not consuming\n")
@@ -211,6 +251,9 @@ mod tests {
             "hookfleet_open_fds",
             "hookfleet_max_fds",
             "hookfleet_fd_exhausted_total",
+            "hookfleet_broker_blocked",
+            "hookfleet_messages_consumed_total",
+            "hookfleet_messages_unsettled",
         ] {
             assert!(text.contains(series), "{series} missing in:\n{text}");
         }

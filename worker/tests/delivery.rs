@@ -1,6 +1,6 @@
 //! Delivery scenarios of issue 3 against a real RabbitMQ node, the harness's sink and the real worker
 //! binary: a healthy stream (1), an endpoint that fails then recovers (4, and Retry-After), dead
-//! letters (5), and invalid configuration (8). Each test counts ids: every published id reaches the
+//! letters (5), invalid configuration (8), and a queue that exists with another type. Each test counts ids: every published id reaches the
 //! sink or the dead-letter queue; none vanishes.
 
 mod common;
@@ -8,9 +8,11 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use common::*;
+use hookfleet_crds::integration::QueueType;
 use hookfleet_e2e::RabbitMq;
+use hookfleet_e2e::process::free_port;
 use hookfleet_e2e::sink::{Mode, Sink};
 use hookfleet_worker::message::{
     H_ATTEMPTS, H_DEAD_REASON, H_FIRST_SEEN, H_LAST_STATUS, header_int, header_str,
@@ -83,7 +85,9 @@ async fn s1_healthy_stream_delivers_every_message_once() -> Result<()> {
     )
     .await;
     settled?;
-    assert_eq!(queue_stats(&rmq, "s1.q")?.2, 1, "one consumer attached");
+    // A passive declare, as the operator counts consumers (`list_queues` reports a quorum queue's
+    // consumers only with the next statistics emission).
+    assert_eq!(consumers(&rmq, "s1.q").await?, 1, "one consumer attached");
     assert_eq!(queue_stats(&rmq, "s1.q.dead")?.0, 0);
     assert_eq!(messages_under(&rmq, "s1.q.retry.")?, 0);
     let m = w.metrics().await?;
@@ -716,5 +720,77 @@ async fn circuit_breaker_stops_hammering_a_failing_endpoint() -> Result<()> {
     eprintln!(
         "breaker: {N} ids, {during} requests during a {outage:?} outage, all delivered after, duplicates={dups}"
     );
+    Ok(())
+}
+
+/// A work queue that exists as a classic queue while the worker asks for quorum (the default): the
+/// broker refuses the declaration and the worker exits 4 at once with one line naming the queue and the
+/// differing argument (before: a silent reconnect loop, 0 messages delivered). The same queue works
+/// with `--queue-type classic`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_type_mismatch_exits_4_naming_queue_and_argument() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 50;
+    let rmq = RabbitMq::start().await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    // An existing classic queue holding messages.
+    let published = ids("mm", N);
+    {
+        let conn = lapin::Connection::connect(&rmq.amqp_uri(), Default::default()).await?;
+        let ch = conn.create_channel().await?;
+        declare_work_queue(&ch, "mm.q", QueueType::Classic).await?;
+        let _ = conn.close(200, "declared".into()).await;
+    }
+    publish_existing(&rmq, "mm.q", &published).await?;
+
+    let started = std::time::Instant::now();
+    let out = tokio::process::Command::new(WORKER)
+        .args(base_args(&rmq, "mm.q", &sink.url(), free_port()?, dir.path()))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .context("the worker did not exit: a reconnect loop")??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    let term = std::fs::read_to_string(dir.path().join("termination-log"))?;
+    for part in [
+        "queue mm.q exists on the broker with other arguments than the quorum queue this worker declares (differs at least in x-",
+        "inequivalent arg",
+        "--queue-type",
+    ] {
+        assert!(
+            term.contains(part),
+            "{part:?} missing in the termination message: {term}"
+        );
+    }
+    assert_eq!(term.lines().count(), 1, "{term}");
+    assert!(sink.hits().is_empty());
+    let names = rmq.ctl(&["list_queues", "-q", "--no-table-headers", "name"])?;
+    assert_eq!(
+        names.split_whitespace().collect::<Vec<_>>(),
+        ["mm.q"],
+        "the refused worker left no queue of the wrong type behind"
+    );
+    eprintln!("mismatch: exit 4 after {:?}: {}", started.elapsed(), term.trim());
+
+    // With the queue's own type the worker consumes it.
+    let w = start_worker(
+        &rmq,
+        "mm.q",
+        &sink.url(),
+        &["--queue-type", "classic"],
+        &[],
+        dir.path(),
+        "worker-classic",
+    )
+    .await?;
+    let want: HashSet<String> = published.iter().cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(30)).await?;
+    account(&published, &sink.delivered(), &HashSet::new())?;
+    let a = settled_accounting(&w).await?;
+    assert_eq!(a.delivered, N as f64, "{a:?}");
     Ok(())
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use common::*;
+use hookfleet_crds::integration::QueueType;
 use hookfleet_e2e::RabbitMq;
 use hookfleet_e2e::process::{Process, free_port, wait_for};
 use hookfleet_e2e::sink::{Mode, Sink};
@@ -48,11 +49,13 @@ async fn s2_kill_9_mid_stream_loses_nothing() -> Result<()> {
     let at_kill = sink.delivered().len();
     assert!(at_kill < N, "the kill came too late to be mid-stream");
 
-    let _w2 = start_worker(&rmq, "s2.q", &sink.url(), &args, &[], dir.path(), "worker-2").await?;
+    let w2 = start_worker(&rmq, "s2.q", &sink.url(), &args, &[], dir.path(), "worker-2").await?;
     let want: HashSet<String> = published.iter().cloned().collect();
     sink.wait_delivered(&want, Duration::from_secs(120)).await?;
     let dead = drain(&rmq, "s2.q.dead").await?;
     let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
+    let a = settled_accounting(&w2).await?;
+    eprintln!("s2 accounting (second worker): {a:?}");
     assert!(dead.is_empty(), "nothing should be dead-lettered");
     // At most what the killed worker held unacked (prefetch) can come twice.
     assert!(dups <= 64, "{dups} duplicates for a prefetch of 64");
@@ -101,6 +104,8 @@ async fn s3_broker_restart_mid_stream_reconnects() -> Result<()> {
     let m = w.metrics().await?;
     assert!(metric(&m, "hookfleet_broker_reconnects_total{") >= 1.0);
     w.process.check_running()?;
+    let a = settled_accounting(&w).await?;
+    eprintln!("s3 accounting: {a:?}");
     eprintln!(
         "s3: N={N}, broker stopped after {at_stop} delivered, all delivered after restart, duplicates={dups}"
     );
@@ -194,6 +199,8 @@ async fn s6_stalling_endpoint_under_a_low_fd_limit() -> Result<()> {
     let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
     assert!(dead.is_empty());
     w.process.check_running()?;
+    let a = settled_accounting(&w).await?;
+    eprintln!("s6 accounting: {a:?}");
     eprintln!(
         "s6: N={N}, peak open fds {peak} (limit 256), peak sink connections {sink_peak_conns}, all delivered after recovery, duplicates={dups}"
     );
@@ -283,8 +290,9 @@ async fn s7_sigterm_drains_in_flight_and_exits_0() -> Result<()> {
         "no delivery was in flight at SIGTERM: the test proves nothing"
     );
     let delivered_first = sink.delivered().len();
-    let (ready, unacked, consumers) = queue_stats(&rmq, "s7.q")?;
-    assert_eq!((unacked, consumers), (0, 0));
+    // The worker's connection is closed: nothing is unacked any more, so ready is all that is left.
+    let (ready, consumers) = queue_counts(&rmq, "s7.q").await?;
+    assert_eq!(consumers, 0);
     assert_eq!(
         ready as usize + delivered_first,
         N,
@@ -292,7 +300,7 @@ async fn s7_sigterm_drains_in_flight_and_exits_0() -> Result<()> {
     );
 
     let dir2 = tempfile::tempdir()?;
-    let _w2 = start_worker(
+    let w2 = start_worker(
         &rmq,
         "s7.q",
         &sink.url(),
@@ -305,12 +313,383 @@ async fn s7_sigterm_drains_in_flight_and_exits_0() -> Result<()> {
     let want: HashSet<String> = published.iter().cloned().collect();
     sink.wait_delivered(&want, Duration::from_secs(60)).await?;
     let dups = account(&published, &sink.delivered(), &HashSet::new())?;
+    let a = settled_accounting(&w2).await?;
+    eprintln!("s7 accounting (second worker): {a:?}");
     assert_eq!(
         dups, 0,
         "in-flight deliveries were acked before exit, so nothing comes twice"
     );
     eprintln!(
         "s7: N={N}, first worker delivered {delivered_first} ({finished_after} of them in flight at SIGTERM, finished after it), exit 0 in {took:?}, rest delivered by a second worker, duplicates={dups}"
+    );
+    Ok(())
+}
+
+/// Waits until `queue` holds every id of `want` (ids may come more than once), draining it as it goes;
+/// returns all dead letters read.
+async fn wait_dead_ids(
+    rmq: &RabbitMq,
+    queue: &str,
+    want: &HashSet<String>,
+    timeout: Duration,
+) -> Result<Vec<DeadLetter>> {
+    let mut all = Vec::new();
+    let deadline = Instant::now() + timeout;
+    loop {
+        // A queue being re-declared may be missing for a moment.
+        all.extend(drain(rmq, queue).await.unwrap_or_default());
+        let got = dead_ids(&all);
+        if want.iter().all(|id| got.contains(id)) {
+            return Ok(all);
+        }
+        if Instant::now() > deadline {
+            let missing: Vec<&String> = want.iter().filter(|id| !got.contains(*id)).take(5).collect();
+            anyhow::bail!(
+                "{} of {} ids not in {queue} after {timeout:?}, e.g. {missing:?}",
+                want.len() - want.iter().filter(|id| got.contains(*id)).count(),
+                want.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Finding 1, exact confirms: retries and dead letters are published concurrently on the worker's
+/// publish channels while the dead-letter queue keeps disappearing (the test drains it and deletes it
+/// whenever it is empty, so the deletion itself drops nothing). Dead letters published meanwhile are
+/// returned; a return must fail *its own* publish, never let another task ack its original. The sink
+/// always answers 503 with `--max-attempts 2`, so every message ends in the dead-letter queue: each
+/// id must get there, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_queue_deleted_under_load_loses_nothing() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 3000;
+    let rmq = RabbitMq::start().await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    // ~300 answers/s for 2 N attempts: the load lasts about 20 s.
+    sink.set_mode(Mode::delayed(503, Duration::from_millis(100)));
+    let published = ids("dl", N);
+    let messages: Vec<(String, Vec<u8>)> = published
+        .iter()
+        .map(|id| (id.clone(), format!(r#"{{"id":"{id}"}}"#).into_bytes()))
+        .collect();
+    publish_to(&rmq, "dl.q", &messages, Some(QueueType::Classic)).await?;
+    let w = start_worker(
+        &rmq,
+        "dl.q",
+        &sink.url(),
+        &[
+            "--concurrency",
+            "32",
+            "--prefetch",
+            "64",
+            "--max-attempts",
+            "2",
+            "--backoff-initial",
+            "100ms",
+            "--backoff-max",
+            "200ms",
+            "--circuit-breaker-threshold",
+            "0",
+        ],
+        // Classic: quorum queues cannot be deleted only-if-empty. (The variable, not the flag, so
+        // the test also runs against builds that predate it: HOOKFLEET_TEST_WORKER_BIN.)
+        &[("HOOKFLEET_QUEUE_TYPE", "classic")],
+        dir.path(),
+        "worker",
+    )
+    .await?;
+    let mut dead = Vec::new();
+    let mut deletions = 0;
+    let until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < until {
+        // The queue is missing until the worker re-declares it.
+        dead.extend(drain(&rmq, "dl.q.dead").await.unwrap_or_default());
+        if rmq
+            .ctl(&["delete_queue", "--if-empty", "dl.q.dead"])
+            .is_ok_and(|out| out.contains("successfully deleted"))
+        {
+            deletions += 1;
+        }
+    }
+    let want: HashSet<String> = published.iter().cloned().collect();
+    let got = dead_ids(&dead);
+    let rest: HashSet<String> = want.difference(&got).cloned().collect();
+    dead.extend(wait_dead_ids(&rmq, "dl.q.dead", &rest, Duration::from_secs(180)).await?);
+    let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
+    let m = w.metrics().await?;
+    let returned = metric(&m, "hookfleet_publish_failures_total{");
+    let a = settled_accounting(&w).await?;
+    eprintln!(
+        "dead-letter queue deletions: N={N}, {deletions} deletions, {returned} copies returned/refused, {} dead letters for {N} ids ({} extra), duplicate deliveries {dups}, lost 0; accounting {a:?}",
+        dead.len(),
+        dead.len() - N
+    );
+    assert!(
+        deletions >= 1 && returned >= 1.0,
+        "no publish was returned: the test proved nothing\n{m}"
+    );
+    Ok(())
+}
+
+/// Finding 3, poison messages on a quorum queue: a message that takes the worker down every time (here
+/// the endpoint never answers it and the test kills the worker with SIGKILL while it waits) is
+/// dead-lettered by the broker after `--delivery-limit`, with reason `delivery_limit`, instead of
+/// being redelivered forever; other messages are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_message_is_dead_lettered_after_the_delivery_limit() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const LIMIT: u64 = 3;
+    let rmq = RabbitMq::start().await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    sink.set_poison(Some("poison-0"));
+    let args = ["--delivery-limit", "3"];
+    let before = ids("ok", 100);
+    // The worker declares the queue with its delivery limit; the test publishes into it.
+    let mut w = start_worker(&rmq, "pm.q", &sink.url(), &args, &[], dir.path(), "worker-0").await?;
+    publish_existing(&rmq, "pm.q", &before).await?;
+    sink.wait_delivered(&before.iter().cloned().collect(), Duration::from_secs(30))
+        .await?;
+    publish_existing(&rmq, "pm.q", &ids("poison", 1)).await?;
+
+    let mut kills = 0u64;
+    let dead = loop {
+        // The poison reached the endpoint: the worker "crashes" on it.
+        wait_for(
+            "poison delivery",
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            || {
+                let n = sink.poison_arrivals();
+                async move { Ok((n > kills).then_some(())) }
+            },
+        )
+        .await?;
+        w.process.kill();
+        kills += 1;
+        anyhow::ensure!(
+            kills <= LIMIT + 2,
+            "poison delivered {kills} times with a delivery limit of {LIMIT}"
+        );
+        w = start_worker(
+            &rmq,
+            "pm.q",
+            &sink.url(),
+            &args,
+            &[],
+            dir.path(),
+            &format!("worker-{kills}"),
+        )
+        .await?;
+        // The broker dead-letters it when the killed worker's channel goes.
+        if let Ok(d) = wait_dead_ids(
+            &rmq,
+            "pm.q.dead",
+            &HashSet::from(["poison-0".to_owned()]),
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            break d;
+        }
+    };
+    assert_eq!(
+        dead_ids(&dead),
+        HashSet::from(["poison-0".to_owned()]),
+        "only the poison is dead-lettered"
+    );
+    let reason = hookfleet_worker::message::header_str(Some(&dead[0].headers), "x-first-death-reason");
+    assert_eq!(reason.as_deref(), Some("delivery_limit"), "{:?}", dead[0].headers);
+    assert!(
+        kills <= LIMIT + 1,
+        "{kills} deliveries of the poison for a limit of {LIMIT}"
+    );
+
+    // The worker carries on: later messages are delivered, and its accounting adds up.
+    let after = ids("after", 50);
+    publish_existing(&rmq, "pm.q", &after).await?;
+    sink.wait_delivered(&after.iter().cloned().collect(), Duration::from_secs(30))
+        .await?;
+    let all: Vec<String> = before.iter().chain(&after).cloned().collect();
+    let delivered: std::collections::HashMap<String, usize> = sink
+        .delivered()
+        .into_iter()
+        .filter(|(id, _)| id != "poison-0")
+        .collect();
+    let dups = account(&all, &delivered, &HashSet::new())?;
+    let a = settled_accounting(&w).await?;
+    eprintln!(
+        "poison: delivery limit {LIMIT}, the poison reached the endpoint {} times ({kills} kills), then dead-lettered (delivery_limit); 150 others delivered, duplicates={dups}; accounting {a:?}",
+        sink.poison_arrivals()
+    );
+    Ok(())
+}
+
+/// Finding 2, the delay-queue hop: retries come back while the work queue refuses everything
+/// (`max-length 0` with `reject-publish`). On quorum queues the broker dead-letters at least once: the
+/// retries wait in their delay queue until the work queue takes them again. (Classic delay queues
+/// drop them: at-most-once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_wait_while_the_work_queue_is_full() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 200;
+    let rmq = RabbitMq::start().await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    sink.set_mode(Mode::status(503));
+    let published = ids("ml", N);
+    publish(&rmq, "ml.q", &published).await?;
+    let args = [
+        "--backoff-initial",
+        "2s",
+        "--backoff-max",
+        "2s",
+        "--backoff-jitter",
+        "none",
+        "--circuit-breaker-threshold",
+        "0",
+    ];
+    let mut w = start_worker(&rmq, "ml.q", &sink.url(), &args, &[], dir.path(), "worker-1").await?;
+    // Every message failed once and waits in a delay queue; then the work queue refuses everything.
+    wait_for(
+        "first attempts",
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        || {
+            let n = sink.attempts().len();
+            async move { Ok((n >= N).then_some(())) }
+        },
+    )
+    .await?;
+    rmq.ctl(&[
+        "set_policy",
+        "--apply-to",
+        "queues",
+        "full",
+        "^ml\\.q$",
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+    ])?;
+    // The retries' TTL (2 s) passes several times while the work queue is full.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let waiting = messages_under(&rmq, "ml.q.retry.")?;
+    w.process.stop(Duration::from_secs(10));
+    rmq.ctl(&["clear_policy", "full"])?;
+    sink.set_mode(Mode::ok());
+    w = start_worker(&rmq, "ml.q", &sink.url(), &args, &[], dir.path(), "worker-2").await?;
+    let want: HashSet<String> = published.iter().cloned().collect();
+    if let Err(e) = sink.wait_delivered(&want, Duration::from_secs(240)).await {
+        let queues = rmq.ctl(&["list_queues", "name", "messages", "messages_ready"])?;
+        let dead = drain(&rmq, "ml.q.dead").await?;
+        anyhow::bail!(
+            "{e:#}\nqueues:\n{}\ndead letters: {:?}",
+            queues
+                .lines()
+                .filter(|l| !l.ends_with("\t0\t0"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            dead.iter()
+                .map(|d| (&d.id, format!("{:?}", d.headers)))
+                .collect::<Vec<_>>()
+        );
+    }
+    let dead = drain(&rmq, "ml.q.dead").await?;
+    let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
+    assert!(dead.is_empty());
+    let a = settled_accounting(&w).await?;
+    eprintln!(
+        "work queue full: N={N}, {waiting} retries held in delay queues while the work queue refused, all delivered after, duplicates={dups}; accounting {a:?}"
+    );
+    assert!(waiting > 0, "no retry waited: the test proved nothing");
+    Ok(())
+}
+
+/// Finding 4, broker flow control: under a memory alarm the broker blocks the worker's connection once
+/// it publishes (retries of a 503ing endpoint). The worker reports not-ready while blocked, no copy
+/// waits beyond `--confirm-timeout`, and once the alarm clears everything is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_alarm_makes_the_worker_unready_without_hanging() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 200;
+    let rmq = RabbitMq::start().await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    let published = ids("fc", N);
+    publish(&rmq, "fc.q", &published).await?;
+    sink.set_mode(Mode::delayed(503, Duration::from_millis(20)));
+    rmq.ctl(&["set_vm_memory_high_watermark", "0"])?;
+    let args = [
+        "--confirm-timeout",
+        "2s",
+        "--shutdown-grace",
+        "3s",
+        "--backoff-initial",
+        "200ms",
+        "--backoff-max",
+        "1s",
+        "--circuit-breaker-threshold",
+        "0",
+        "--max-attempts",
+        "100",
+    ];
+    // The alarm is on before the worker publishes anything: it connects and consumes (ready), then its
+    // first retry publish gets its connection blocked.
+    let port = free_port()?;
+    let mut argv = base_args(&rmq, "fc.q", &sink.url(), port, dir.path());
+    argv.extend(args.iter().map(|s| s.to_string()));
+    let process = Process::spawn(
+        "worker",
+        Path::new(WORKER),
+        &argv,
+        &[],
+        &dir.path().join("worker.log"),
+    )?;
+    let w = Worker {
+        process,
+        metrics_port: port,
+        dir: dir.path().to_owned(),
+    };
+    w.wait_ready(false, Duration::from_secs(30)).await?;
+    let alarm_at = Instant::now();
+    wait_for("a confirm timeout", Duration::from_secs(20), Duration::from_millis(100), || {
+        let w = &w;
+        async move {
+            let m = w.metrics().await.unwrap_or_default();
+            Ok((metric(&m, "hookfleet_deliveries_total{integration=\"test/worker\",result=\"handed_back\",reason=\"confirm_timeout\"}") >= 1.0).then_some(()))
+        }
+    })
+    .await
+    .with_context(|| w.process.log_tail(30))?;
+    let timed_out_after = alarm_at.elapsed();
+    // Not ready while the alarm lasts (sampled for 4 s; it may flip to ready briefly between sessions).
+    let mut ready_samples = 0;
+    for _ in 0..40 {
+        if http_get(port, "/readyz").await.map(|r| r.0).unwrap_or(0) == 200 {
+            ready_samples += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.process.check_running()?;
+    rmq.ctl(&["set_vm_memory_high_watermark", "0.4"])?;
+    sink.set_mode(Mode::ok());
+    w.wait_ready(true, Duration::from_secs(60)).await?;
+    let want: HashSet<String> = published.iter().cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(120)).await?;
+    let dead = drain(&rmq, "fc.q.dead").await?;
+    let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
+    assert!(dead.is_empty());
+    let a = settled_accounting(&w).await?;
+    eprintln!(
+        "memory alarm: N={N}, first confirm timeout (2 s) after {timed_out_after:?}, ready in {ready_samples} of 40 samples during the alarm, all delivered after, duplicates={dups}; accounting {a:?}"
+    );
+    assert!(
+        ready_samples <= 10,
+        "ready in {ready_samples} of 40 samples while blocked"
     );
     Ok(())
 }

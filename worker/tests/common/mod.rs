@@ -9,13 +9,23 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::future::try_join_all;
+use hookfleet_crds::integration::{QueueType, default_delivery_limit};
 use hookfleet_e2e::RabbitMq;
 use hookfleet_e2e::process::{Process, free_port, wait_for};
+use hookfleet_worker::worker::topology;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 pub const WORKER: &str = env!("CARGO_BIN_EXE_hookfleet-worker");
+
+/// The worker binary [`start_worker`] runs: this build's, or `HOOKFLEET_TEST_WORKER_BIN` (to show that
+/// a test fails on an older build).
+pub fn worker_bin() -> PathBuf {
+    std::env::var_os("HOOKFLEET_TEST_WORKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(WORKER))
+}
 
 /// One broker-heavy test at a time per test binary: two cores, each test with its own node.
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -30,7 +40,19 @@ pub fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
 
-/// Declares `queue` (durable, as the worker does) and publishes one persistent message per id, with
+/// Declares `queue` exactly as a worker with the default `--queue-type` (quorum) and delivery limit
+/// does, so a test may publish before the worker starts.
+pub async fn declare_work_queue(ch: &lapin::Channel, queue: &str, queue_type: QueueType) -> Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let args = topology::work_queue_args(queue_type, &format!("{queue}.dead"), default_delivery_limit());
+    ch.queue_declare(queue.into(), durable, args).await?;
+    Ok(())
+}
+
+/// Declares `queue` (as the worker does by default: quorum) and publishes one persistent message per id, with
 /// publisher confirms; returns once the broker confirmed them all.
 pub async fn publish(rmq: &RabbitMq, queue: &str, ids: &[String]) -> Result<()> {
     let messages: Vec<(String, Vec<u8>)> = ids
@@ -45,17 +67,33 @@ pub async fn publish(rmq: &RabbitMq, queue: &str, ids: &[String]) -> Result<()> 
     publish_bodies(rmq, queue, &messages).await
 }
 
+/// Like [`publish`], to a queue that exists already (of whatever type), without declaring it.
+pub async fn publish_existing(rmq: &RabbitMq, queue: &str, ids: &[String]) -> Result<()> {
+    let messages: Vec<(String, Vec<u8>)> = ids
+        .iter()
+        .map(|id| (id.clone(), format!(r#"{{"id":"{id}"}}"#).into_bytes()))
+        .collect();
+    publish_to(rmq, queue, &messages, None).await
+}
+
 /// Like [`publish`], with a body of the caller's per id.
 pub async fn publish_bodies(rmq: &RabbitMq, queue: &str, messages: &[(String, Vec<u8>)]) -> Result<()> {
+    publish_to(rmq, queue, messages, Some(QueueType::Quorum)).await
+}
+
+/// Publishes with confirms, declaring `queue` first as a worker of `declare` type would.
+pub async fn publish_to(
+    rmq: &RabbitMq,
+    queue: &str,
+    messages: &[(String, Vec<u8>)],
+    declare: Option<QueueType>,
+) -> Result<()> {
     let conn = Connection::connect(&rmq.amqp_uri(), ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    ch.queue_declare(queue.into(), durable, FieldTable::default())
-        .await?;
+    if let Some(t) = declare {
+        declare_work_queue(&ch, queue, t).await?;
+    }
     for chunk in messages.chunks(500) {
         let mut pending = Vec::with_capacity(chunk.len());
         for (id, body) in chunk {
@@ -100,6 +138,37 @@ pub fn queue_stats(rmq: &RabbitMq, queue: &str) -> Result<(u64, u64, u64)> {
         }
     }
     anyhow::bail!("queue {queue} not in list_queues:\n{out}")
+}
+
+/// (ready messages, consumers) of `queue` from a passive declare, which asks the queue itself
+/// (`list_queues` reports a quorum queue's counts only with the next statistics emission).
+pub async fn queue_counts(rmq: &RabbitMq, queue: &str) -> Result<(u32, u32)> {
+    let conn = Connection::connect(&rmq.amqp_uri(), ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let q = ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await?;
+    let _ = conn.close(200, "counted".into()).await;
+    Ok((q.message_count(), q.consumer_count()))
+}
+
+/// Consumers attached to `queue`, from a passive declare (what the operator reads too).
+pub async fn consumers(rmq: &RabbitMq, queue: &str) -> Result<u32> {
+    let conn = Connection::connect(&rmq.amqp_uri(), ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let q = ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await?;
+    let _ = conn.close(200, "counted".into()).await;
+    Ok(q.consumer_count())
 }
 
 /// Total ready + unacked messages over every queue whose name starts with `prefix`.
@@ -194,7 +263,7 @@ pub async fn start_worker(
     let envs: Vec<(String, String)> = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let process = Process::spawn(
         log_name,
-        Path::new(WORKER),
+        &worker_bin(),
         &args,
         &envs,
         &dir.join(format!("{log_name}.log")),
@@ -263,6 +332,61 @@ pub fn metric(text: &str, prefix: &str) -> f64 {
         .filter(|l| l.starts_with(prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The worker's message accounting from `/metrics`.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Accounting {
+    pub consumed: f64,
+    pub delivered: f64,
+    pub retried: f64,
+    pub dead_lettered: f64,
+    pub handed_back: f64,
+    pub unsettled: f64,
+}
+
+/// Reads the accounting and checks the invariant consumed = delivered + retried + dead-lettered +
+/// handed back + unsettled, and that nothing is left unsettled (call it once the worker is idle).
+pub fn accounting(metrics: &str) -> Result<Accounting> {
+    let fate = |f: &str| {
+        metric(
+            metrics,
+            &format!("hookfleet_messages_settled_total{{integration=\"test/worker\",fate=\"{f}\"}}"),
+        )
+    };
+    let a = Accounting {
+        consumed: metric(metrics, "hookfleet_messages_consumed_total{"),
+        delivered: fate("delivered"),
+        retried: fate("retried"),
+        dead_lettered: fate("dead_lettered"),
+        handed_back: fate("handed_back"),
+        unsettled: metric(metrics, "hookfleet_messages_unsettled{"),
+    };
+    anyhow::ensure!(a.consumed > 0.0, "nothing consumed: {a:?}");
+    anyhow::ensure!(
+        a.consumed == a.delivered + a.retried + a.dead_lettered + a.handed_back + a.unsettled,
+        "accounting does not add up: {a:?}"
+    );
+    anyhow::ensure!(
+        a.unsettled == 0.0,
+        "messages left unsettled on an idle worker: {a:?}"
+    );
+    Ok(a)
+}
+
+/// Waits until the worker is idle (nothing unsettled, the queue and delay queues empty) and checks
+/// its accounting.
+pub async fn settled_accounting(w: &Worker) -> Result<Accounting> {
+    let mut last = Err(anyhow::anyhow!("not read"));
+    for _ in 0..100 {
+        let m = w.metrics().await?;
+        last = accounting(&m);
+        if last.is_ok() {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
 }
 
 /// Every published id reached the sink (2xx) at least once or sits in `dead`; none vanished; and the

@@ -1,0 +1,204 @@
+//! One message from received to its outcome: the body (or its template rendering), the circuit
+//! breaker, the rate limit and the HTTP attempt. What the outcome means is settlement's business.
+
+use std::panic::AssertUnwindSafe;
+use std::time::{Instant, SystemTime};
+
+use futures::FutureExt;
+use lapin::message::Delivery;
+use lapin::types::AMQPValue;
+use rand::Rng;
+use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use super::Worker;
+use super::settlement::{Accounted, Fate, Session};
+use crate::breaker::{Admit, Transition};
+use crate::message::{self, Failure, Meta};
+use crate::outcome::{Outcome, classify_error, classify_status};
+use crate::template::Extras;
+
+impl Worker {
+    /// One message, start to settled. A panic anywhere in its handling hands the message back to the
+    /// broker at once (nack with requeue) instead of leaving it unacked until the next reconnect; on a
+    /// quorum queue the delivery limit then dead-letters a message that panics every time.
+    pub(super) async fn deliver(&self, session: &Session, d: Delivery, mut acct: Accounted) {
+        let meta = message::meta(
+            &d.properties,
+            d.exchange.as_str(),
+            d.routing_key.as_str(),
+            &d.data,
+            message::now_ms(),
+        );
+        let attempt = meta.attempts + 1;
+        let span = info_span!("delivery", id = %meta.id, attempt, redelivered = d.redelivered);
+        let handled = AssertUnwindSafe(
+            async {
+                let fate = self.fate(&d, &meta, attempt).await;
+                self.settle(session, &d, fate, &mut acct).await;
+            }
+            .instrument(span.clone()),
+        )
+        .catch_unwind()
+        .await;
+        if handled.is_err() && !acct.is_settled() {
+            let _enter = span.enter();
+            error!("delivery task panicked; handing the message back");
+            let back = Fate::HandBack {
+                reason: "panic",
+                requeue_now: true,
+            };
+            self.settle(session, &d, back, &mut acct).await;
+        }
+    }
+
+    /// Renders, admits, attempts: the fate of this delivery.
+    async fn fate(&self, d: &Delivery, meta: &Meta, attempt: u32) -> Fate {
+        // The request body: the message's, or the template's rendering of it. A message the
+        // template cannot render never will: dead-letter it now, before the breaker or the rate
+        // limit spend anything on it.
+        let rendered;
+        let body: &[u8] = match &self.cfg.body_template {
+            None => &d.data,
+            Some(t) => {
+                let extras = Extras {
+                    routing_key: original_routing_key(d),
+                    webhook_id: &meta.id,
+                };
+                match t.render(&d.data, extras) {
+                    Ok(b) => {
+                        rendered = b;
+                        rendered.as_bytes()
+                    }
+                    Err(e) => {
+                        let failure = Failure {
+                            reason: "template",
+                            status: None,
+                        };
+                        let detail = format!("template: {e}");
+                        return self.dead_letter(d, meta, attempt, failure, "template", Some(detail));
+                    }
+                }
+            }
+        };
+        let admit = self.breaker.admit();
+        let outcome = match admit {
+            Admit::Defer(remaining) => {
+                // Spread the deferred messages over half a cooldown so they do not return in one wave.
+                let spread = remaining.mul_f64(1.0 + rand::rng().random_range(0.0..0.5));
+                Outcome::Deferred { delay: spread }
+            }
+            Admit::Go | Admit::Probe => {
+                self.metrics.in_flight.inc();
+                let outcome = self.attempt(d, meta, body).await;
+                self.metrics.in_flight.dec();
+                let healthy = !matches!(outcome, Outcome::Retry { .. });
+                match self.breaker.record(healthy, admit == Admit::Probe) {
+                    Some(Transition::Opened) => {
+                        self.metrics.circuit_open.set(1);
+                        warn!(
+                            threshold = self.cfg.circuit_breaker.0,
+                            cooldown = ?self.cfg.circuit_breaker.1,
+                            "circuit breaker opened: deferring deliveries"
+                        );
+                    }
+                    Some(Transition::Closed) => {
+                        self.metrics.circuit_open.set(0);
+                        info!("circuit breaker closed: the destination recovered");
+                    }
+                    None => {}
+                }
+                outcome
+            }
+        };
+        self.decide(d, meta, attempt, outcome)
+    }
+
+    /// One HTTP attempt with `body` (the message's, or its rendering).
+    async fn attempt(&self, d: &Delivery, meta: &Meta, body: &[u8]) -> Outcome {
+        if let Some(limiter) = &self.limiter {
+            let waited = Instant::now();
+            limiter.acquire().await;
+            self.metrics
+                .rate_limited_seconds
+                .inc_by(waited.elapsed().as_secs_f64());
+        }
+        let ts = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let method =
+            reqwest::Method::from_bytes(self.cfg.method.as_str().as_bytes()).expect("a valid method");
+        let content_type = d
+            .properties
+            .content_type()
+            .as_ref()
+            .and_then(|c| HeaderValue::from_str(c.as_str()).ok())
+            .unwrap_or(HeaderValue::from_static("application/json"));
+        let mut req = self
+            .http
+            .request(method, self.cfg.destination.clone())
+            .headers(self.headers.clone())
+            .header(CONTENT_TYPE, content_type)
+            .header("webhook-id", meta.id.as_str())
+            .header("webhook-timestamp", ts.to_string());
+        if !self.cfg.signing_secrets.is_empty() {
+            req = req.header(
+                "webhook-signature",
+                crate::signing::signature(&self.cfg.signing_secrets, &meta.id, ts, body),
+            );
+        }
+        let started = Instant::now();
+        let result = req.body(body.to_vec()).send().await;
+        let outcome = match result {
+            Ok(mut resp) => {
+                let status = resp.status().as_u16();
+                let retry_after = resp
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| crate::backoff::parse_retry_after(v, SystemTime::now()));
+                // Read (a bounded part of) the body so the connection can be reused.
+                let mut read = 0usize;
+                while read < 64 * 1024 {
+                    match resp.chunk().await {
+                        Ok(Some(c)) => read += c.len(),
+                        _ => break,
+                    }
+                }
+                classify_status(status, retry_after)
+            }
+            Err(e) => {
+                let o = classify_error(&e);
+                if matches!(
+                    o,
+                    Outcome::Retry {
+                        reason: "fd_exhausted",
+                        ..
+                    }
+                ) {
+                    self.metrics.fd_exhausted.inc();
+                }
+                debug!(error = %e, "request failed");
+                o
+            }
+        };
+        self.metrics.latency.observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+}
+
+/// The routing key the message was published with (a retry comes back through the default exchange
+/// with the queue's name as its key; the original is kept in a header).
+fn original_routing_key(d: &Delivery) -> &str {
+    match d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(message::H_ROUTING_KEY))
+    {
+        Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes()).unwrap_or(""),
+        Some(AMQPValue::ShortString(s)) => s.as_str(),
+        _ => d.routing_key.as_str(),
+    }
+}

@@ -1,0 +1,86 @@
+//! The delivery loop, by concern:
+//!
+//! - [`session`]: one broker connection at a time (connect, declare, consume), reconnecting with
+//!   jittered backoff, draining in-flight deliveries before a connection is closed;
+//! - [`topology`]: the queues and their arguments (classic or quorum), and a declaration the broker
+//!   refuses because the queue exists with other arguments;
+//! - [`delivery`]: one message from received to an [`Outcome`](crate::outcome::Outcome) (template,
+//!   circuit breaker, rate limit, the HTTP attempt);
+//! - [`settlement`]: the outcome's *fate* (ack; store a copy in a queue, then ack; hand back) and
+//!   the one function that carries out every fate, with the message accounting.
+//!
+//! The rule everything here serves: a message is acked only after its fate is settled somewhere
+//! durable: the endpoint answered 2xx, or a copy sits in a delay queue or the dead-letter queue
+//! and the broker confirmed it. Whatever happens in between (crash, kill -9, broker restart), the
+//! broker still holds the original and redelivers it; the receiver may see a duplicate, with the same
+//! `webhook-id`.
+
+mod delivery;
+mod session;
+mod settlement;
+pub mod topology;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::breaker::Breaker;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
+use crate::ssrf::GuardedResolver;
+
+pub use session::{Fatal, SessionError, reconnect_delay};
+pub use settlement::Fate;
+
+/// Everything a delivery task needs; shared by all sessions.
+pub struct Worker {
+    cfg: Config,
+    http: reqwest::Client,
+    metrics: Arc<Metrics>,
+    limiter: Option<RateLimiter>,
+    breaker: Breaker,
+    permits: Arc<Semaphore>,
+    ladder: Vec<Duration>,
+    /// Static headers, built once.
+    headers: reqwest::header::HeaderMap,
+}
+
+impl Worker {
+    pub fn new(cfg: Config, metrics: Arc<Metrics>) -> Result<Arc<Self>, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .tls_backend_rustls()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
+            // In-flight requests are bounded by the semaphore; idle keep-alive connections by this.
+            // Together they are the fd budget of `fdlimit::required`.
+            .pool_max_idle_per_host(cfg.concurrency)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .dns_resolver(GuardedResolver {
+                allow_private: cfg.allow_private_networks,
+            })
+            .no_proxy()
+            .user_agent(concat!("hookfleet-worker/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (n, v) in &cfg.headers {
+            headers.append(n.clone(), v.clone());
+        }
+        Ok(Arc::new(Self {
+            limiter: cfg.rate_limit.map(|(r, b)| RateLimiter::new(r, b)),
+            breaker: Breaker::new(cfg.circuit_breaker.0, cfg.circuit_breaker.1),
+            permits: Arc::new(Semaphore::new(cfg.concurrency)),
+            ladder: cfg.backoff.ladder(),
+            http,
+            metrics,
+            headers,
+            cfg,
+        }))
+    }
+
+    fn retry_queue(&self, ttl: Duration) -> String {
+        topology::retry_queue(&self.cfg.queue, ttl)
+    }
+}

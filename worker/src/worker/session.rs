@@ -1,0 +1,328 @@
+//! Broker sessions: connect, declare, consume until shutdown or until the session fails; reconnect
+//! with jittered backoff. A session that ends for any reason first lets its in-flight deliveries
+//! finish (within the grace period), then closes its connection, which hands every unacked message
+//! back to the queue.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hookfleet_crds::contract::exit;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use rand::Rng;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use super::Worker;
+use super::settlement::{Accounted, Publisher, Session};
+use super::topology;
+use crate::config::redact_uri;
+
+/// How long one connection attempt (TCP, TLS, AMQP handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often the consume loop looks at whether the broker blocked the connection (flow control).
+const BLOCKED_POLL: Duration = Duration::from_millis(250);
+
+/// Why a broker session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connecting to the broker: {0}")]
+    Connect(#[source] lapin::Error),
+    #[error("connecting to the broker: no answer within {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout,
+    #[error("opening a channel: {0}")]
+    Channel(#[source] lapin::Error),
+    #[error("declaring {what}: {source}")]
+    Declare {
+        what: String,
+        #[source]
+        source: lapin::Error,
+    },
+    /// Not retried: the queue will not change by itself (see [`Fatal`]).
+    #[error(
+        "queue {queue} exists on the broker with other arguments than the {wanted} queue this worker \
+         declares (differs at least in {argument}): {detail}; set --queue-type/--delivery-limit \
+         (spec.source.queueType/deliveryLimit) to match the queue, or drain and delete it so the \
+         worker can declare it"
+    )]
+    QueueMismatch {
+        queue: String,
+        /// `classic` or `quorum`: what the worker asked for.
+        wanted: &'static str,
+        /// The argument the broker named (it names the first difference it finds).
+        argument: String,
+        detail: String,
+    },
+    #[error("starting the consumer: {0}")]
+    Consume(#[source] lapin::Error),
+    #[error("consumer failed: {0}")]
+    Consumer(#[source] lapin::Error),
+    #[error("the broker cancelled the consumer")]
+    ConsumerEnded,
+    #[error(
+        "a retry or dead-letter copy was not stored (refused, returned or unconfirmed); re-declaring the topology"
+    )]
+    PublishFailed,
+}
+
+/// An error that stops the worker: its exit code and the line for the termination message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fatal {
+    pub code: i32,
+    pub message: String,
+}
+
+impl SessionError {
+    /// Errors a reconnect cannot fix.
+    fn fatal(&self) -> Option<Fatal> {
+        match self {
+            SessionError::QueueMismatch { .. } => Some(Fatal {
+                code: exit::QUEUE_MISMATCH,
+                message: self.to_string(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl Worker {
+    /// Runs until `shutdown` turns true (Ok) or an error a reconnect cannot fix (Err): sessions,
+    /// reconnects, then the drain.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), Fatal> {
+        let mut failures: u32 = 0;
+        loop {
+            let started = Instant::now();
+            match self.clone().session(shutdown.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.metrics.consuming.set(0);
+                    self.metrics.broker_connected.set(0);
+                    if let Some(fatal) = e.fatal() {
+                        error!(error = %e, "cannot consume; exiting");
+                        return Err(fatal);
+                    }
+                    self.metrics.reconnects.inc();
+                    // A session that ran a while was healthy: start the backoff over.
+                    if started.elapsed() > Duration::from_secs(30) {
+                        failures = 0;
+                    }
+                    failures = failures.saturating_add(1);
+                    let delay = reconnect_delay(failures, &mut rand::rng());
+                    warn!(error = %e, retry_in = ?delay, "broker session ended; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.wait_for(|s| *s) => {
+                            self.drain().await;
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One connection: declare, consume until shutdown (Ok) or until the session fails (Err).
+    async fn session(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), SessionError> {
+        let cfg = &self.cfg;
+        let props = ConnectionProperties::default().with_connection_name(
+            format!("hookfleet-worker {} {}", cfg.integration, std::process::id()).into(),
+        );
+        info!(broker = %redact_uri(&cfg.amqp_uri), "connecting to the broker");
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&cfg.amqp_uri, props));
+        let conn = tokio::select! {
+            c = connect => match c {
+                Ok(c) => c.map_err(SessionError::Connect)?,
+                Err(_) => return Err(SessionError::ConnectTimeout),
+            },
+            _ = shutdown.wait_for(|s| *s) => {
+                self.drain().await;
+                return Ok(());
+            }
+        };
+        self.metrics.broker_connected.set(1);
+        let mut session = None;
+        let result = self.consume(&conn, &mut shutdown, &mut session).await;
+        self.metrics.consuming.set(0);
+        self.metrics.broker_blocked.set(0);
+        // Shutdown or failure alike: in-flight deliveries finish and settle (those that can still
+        // ack do), then the connection closes and the broker requeues whatever is left unacked.
+        if result.is_err()
+            && let Some(s) = &session
+        {
+            // Tasks waiting for a publish channel give up at once: the session is over.
+            s.publisher.close();
+        }
+        match result {
+            Ok(consume_ch) => {
+                self.drain().await;
+                close(&conn, Some(&consume_ch), 200, "worker shutting down").await;
+                self.metrics.broker_connected.set(0);
+                info!("closed the broker connection");
+                Ok(())
+            }
+            Err(e) => {
+                if e.fatal().is_none() {
+                    self.drain().await;
+                }
+                close(&conn, None, 320, "worker reconnecting").await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn consume(
+        self: &Arc<Self>,
+        conn: &Connection,
+        shutdown: &mut watch::Receiver<bool>,
+        session_out: &mut Option<Arc<Session>>,
+    ) -> Result<Channel, SessionError> {
+        let cfg = &self.cfg;
+        let ch = conn.create_channel().await.map_err(SessionError::Channel)?;
+        topology::declare(&ch, cfg, &self.ladder).await?;
+        let publisher = Publisher::open(conn, cfg.confirm_timeout).await?;
+        ch.basic_qos(cfg.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(SessionError::Consume)?;
+        let tag = format!("hookfleet-{}", std::process::id());
+        let mut consumer = ch
+            .basic_consume(
+                cfg.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(SessionError::Consume)?;
+        self.metrics.consuming.set(1);
+        info!(queue = %cfg.queue, queue_type = cfg.queue_type.as_str(), prefetch = cfg.prefetch,
+              concurrency = cfg.concurrency, "consuming");
+        let session = Arc::new(Session {
+            publisher,
+            publish_failed: tokio::sync::Notify::new(),
+        });
+        *session_out = Some(session.clone());
+        let mut blocked_poll = tokio::time::interval(BLOCKED_POLL);
+
+        loop {
+            let delivery = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => break,
+                _ = session.publish_failed.notified() => return Err(SessionError::PublishFailed),
+                _ = blocked_poll.tick() => {
+                    // Under flow control (a memory or disk alarm) the broker stops reading this
+                    // connection: no confirm, no ack gets through. Not ready meanwhile.
+                    let blocked = conn.status().blocked();
+                    if blocked != (self.metrics.broker_blocked.get() == 1) {
+                        if blocked {
+                            warn!("the broker blocked the connection (flow control): not ready");
+                        } else {
+                            info!("the broker unblocked the connection");
+                        }
+                    }
+                    self.metrics.broker_blocked.set(i64::from(blocked));
+                    continue;
+                }
+                next = consumer.next() => match next {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => return Err(SessionError::Consumer(e)),
+                    None => return Err(SessionError::ConsumerEnded),
+                },
+            };
+            let acct = Accounted::new(self.metrics.clone());
+            // Backpressure: no new task until a slot is free. A delivery waiting here is still
+            // unacked, so when the session ends it goes back to the queue with the channel (and
+            // `acct`, dropped, counts it as handed back).
+            let permit = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => break,
+                _ = session.publish_failed.notified() => return Err(SessionError::PublishFailed),
+                p = self.permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            };
+            let worker = self.clone();
+            let session = session.clone();
+            tokio::spawn(async move {
+                worker.deliver(&session, delivery, acct).await;
+                drop(permit);
+            });
+        }
+        info!("shutdown: cancelling the consumer");
+        self.metrics.consuming.set(0);
+        if let Err(e) = ch
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await
+        {
+            warn!(error = %e, "cancelling the consumer");
+        }
+        Ok(ch)
+    }
+
+    /// Waits up to the grace period for in-flight deliveries to finish and settle.
+    async fn drain(&self) {
+        let all = self.cfg.concurrency as u32;
+        let grace = self.cfg.shutdown_grace;
+        let in_flight = self.cfg.concurrency - self.permits.available_permits();
+        if in_flight == 0 {
+            return;
+        }
+        info!(in_flight, grace = ?grace, "draining in-flight deliveries");
+        match tokio::time::timeout(grace, self.permits.acquire_many(all)).await {
+            Ok(_) => info!("in-flight deliveries finished"),
+            Err(_) => {
+                let left = self.cfg.concurrency - self.permits.available_permits();
+                warn!(
+                    left,
+                    "grace period over; unfinished deliveries go back to the queue"
+                );
+            }
+        }
+    }
+}
+
+/// How long closing a channel or the connection may take: a connection the broker blocks (flow
+/// control) writes nothing, so a close would wait for ever.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes `ch` (if given), then `conn`, each bounded by [`CLOSE_TIMEOUT`]. A connection that cannot be
+/// closed cleanly is dropped; the broker requeues its unacked messages when the socket goes.
+async fn close(conn: &Connection, ch: Option<&Channel>, code: u16, why: &str) {
+    if let Some(ch) = ch
+        && tokio::time::timeout(CLOSE_TIMEOUT, ch.close(code, why.into()))
+            .await
+            .is_err()
+    {
+        warn!("closing the channel timed out");
+    }
+    if tokio::time::timeout(CLOSE_TIMEOUT, conn.close(code, why.into()))
+        .await
+        .is_err()
+    {
+        warn!("closing the connection timed out; dropping it");
+    }
+}
+
+/// Delay before reconnect attempt `n` (1-based): equal jitter over 0.5 s × 2^(n−1), at most 30 s, so
+/// a fleet that lost its broker does not come back in one wave.
+pub fn reconnect_delay(n: u32, rng: &mut impl Rng) -> Duration {
+    let base = Duration::from_millis(500)
+        .saturating_mul(1u32 << n.saturating_sub(1).min(10))
+        .min(Duration::from_secs(30));
+    base / 2 + (base / 2).mul_f64(rng.random_range(0.0..=1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_backoff_grows_with_jitter_and_is_capped() {
+        let mut rng = rand::rng();
+        for n in 1..20 {
+            let d = reconnect_delay(n, &mut rng);
+            let base = Duration::from_millis(500 * (1u64 << (n - 1).min(10))).min(Duration::from_secs(30));
+            assert!(d >= base / 2 && d <= base, "{n}: {d:?}");
+        }
+    }
+}

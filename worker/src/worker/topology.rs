@@ -1,0 +1,224 @@
+//! The queues the worker declares at every connect, their arguments, and what a refused declaration
+//! means.
+//!
+//! Classic (`--queue-type classic`): the work queue and the dead-letter queue have no arguments
+//! (as every earlier version declared them, so existing queues keep matching); delay queues carry a
+//! TTL and dead-letter back to the work queue, which RabbitMQ does without confirms for classic
+//! queues: that hop is at-most-once.
+//!
+//! Quorum (the default): every queue is a quorum queue (replicated, fsynced before the confirm).
+//! The work queue gets the broker's delivery limit, dead-lettering to the dead-letter queue; delay
+//! queues and the work queue dead-letter with `x-dead-letter-strategy: at-least-once`, which makes
+//! the broker hold a message in the source queue until the target confirmed it (RabbitMQ ≥ 3.10;
+//! it requires `x-overflow: reject-publish` on the source queue). Quorum queues need RabbitMQ ≥ 3.8;
+//! TTLs on quorum queues ≥ 3.10.
+
+use std::time::Duration;
+
+use hookfleet_crds::integration::QueueType;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ErrorKind};
+use tracing::debug;
+
+use super::SessionError;
+use crate::config::Config;
+
+/// AMQP reply code of `PRECONDITION_FAILED`: a queue exists with other arguments.
+const PRECONDITION_FAILED: u16 = 406;
+
+/// Name of the delay queue of `ttl`.
+pub fn retry_queue(queue: &str, ttl: Duration) -> String {
+    format!("{queue}.retry.{}ms", ttl.as_millis())
+}
+
+fn text(v: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
+}
+
+/// Arguments every quorum queue of ours carries.
+fn quorum(args: &mut FieldTable) {
+    args.insert("x-queue-type".into(), text("quorum"));
+}
+
+/// Dead-lettering to `queue` through the default exchange; at-least-once on quorum queues.
+fn dead_letter_to(args: &mut FieldTable, queue: &str, queue_type: QueueType) {
+    args.insert("x-dead-letter-exchange".into(), text(""));
+    args.insert("x-dead-letter-routing-key".into(), text(queue));
+    if queue_type == QueueType::Quorum {
+        args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+        args.insert("x-overflow".into(), text("reject-publish"));
+    }
+}
+
+/// Arguments of the work queue. Public so tests (and anyone pre-declaring the queue) declare it
+/// exactly as the worker does.
+pub fn work_queue_args(queue_type: QueueType, dead_letter_queue: &str, delivery_limit: u32) -> FieldTable {
+    let mut args = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        quorum(&mut args);
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(delivery_limit.into()),
+        );
+        dead_letter_to(&mut args, dead_letter_queue, queue_type);
+    }
+    args
+}
+
+/// Arguments of the dead-letter queue.
+pub fn dead_letter_queue_args(queue_type: QueueType) -> FieldTable {
+    let mut args = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        quorum(&mut args);
+    }
+    args
+}
+
+/// Arguments of the delay queue of `ttl`: no consumer; each message waits the TTL, then the broker
+/// dead-letters it through the default exchange back to the work queue.
+pub fn delay_queue_args(queue_type: QueueType, work_queue: &str, ttl: Duration) -> FieldTable {
+    let mut args = FieldTable::default();
+    if queue_type == QueueType::Quorum {
+        quorum(&mut args);
+    }
+    args.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(ttl.as_millis() as i64),
+    );
+    dead_letter_to(&mut args, work_queue, queue_type);
+    args
+}
+
+/// The broker's explanation when `err` is a refused declaration of a queue that exists with other
+/// arguments (`PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue …`), and the argument.
+pub fn mismatch(err: &lapin::Error) -> Option<(String, String)> {
+    let ErrorKind::ProtocolError(e) = err.kind() else {
+        return None;
+    };
+    if e.get_id() != PRECONDITION_FAILED {
+        return None;
+    }
+    let msg = e.get_message().as_str();
+    let detail = msg
+        .strip_prefix("PRECONDITION_FAILED - ")
+        .unwrap_or(msg)
+        .to_owned();
+    let argument = detail
+        .split_once("inequivalent arg '")
+        .and_then(|(_, rest)| rest.split_once('\''))
+        .map(|(arg, _)| arg.to_owned())
+        .unwrap_or_else(|| "unknown argument".into());
+    Some((argument, detail))
+}
+
+async fn declare_queue(ch: &Channel, name: &str, t: QueueType, args: FieldTable) -> Result<(), SessionError> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(name.into(), durable, args)
+        .await
+        .map(|_| ())
+        .map_err(|source| match mismatch(&source) {
+            Some((argument, detail)) => SessionError::QueueMismatch {
+                queue: name.to_owned(),
+                wanted: t.as_str(),
+                argument,
+                detail,
+            },
+            None => SessionError::Declare {
+                what: format!("queue {name}"),
+                source,
+            },
+        })
+}
+
+/// Declares the work queue and its bindings, the dead-letter queue and the delay queues of `ladder`.
+pub async fn declare(ch: &Channel, cfg: &Config, ladder: &[Duration]) -> Result<(), SessionError> {
+    let t = cfg.queue_type;
+    // The work queue first: it is the one most likely to exist already, and a mismatch there must not
+    // leave queues of the wrong type behind (the dead-letter target need not exist yet).
+    declare_queue(
+        ch,
+        &cfg.queue,
+        t,
+        work_queue_args(t, &cfg.dead_letter_queue, cfg.delivery_limit),
+    )
+    .await?;
+    for (exchange, key) in &cfg.bindings {
+        ch.queue_bind(
+            cfg.queue.as_str().into(),
+            exchange.as_str().into(),
+            key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| SessionError::Declare {
+            what: format!("binding {exchange}={key}"),
+            source,
+        })?;
+    }
+    declare_queue(ch, &cfg.dead_letter_queue, t, dead_letter_queue_args(t)).await?;
+    for ttl in ladder {
+        let name = retry_queue(&cfg.queue, *ttl);
+        declare_queue(ch, &name, t, delay_queue_args(t, &cfg.queue, *ttl)).await?;
+    }
+    debug!(
+        delay_queues = ladder.len(),
+        queue_type = t.as_str(),
+        "topology declared"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(t: &FieldTable) -> Vec<&str> {
+        t.inner().keys().map(|k| k.as_str()).collect()
+    }
+
+    #[test]
+    fn classic_queues_keep_their_old_arguments() {
+        assert!(
+            work_queue_args(QueueType::Classic, "q.dead", 20)
+                .inner()
+                .is_empty()
+        );
+        assert!(dead_letter_queue_args(QueueType::Classic).inner().is_empty());
+        let d = delay_queue_args(QueueType::Classic, "q", Duration::from_millis(800));
+        assert_eq!(
+            keys(&d),
+            [
+                "x-dead-letter-exchange",
+                "x-dead-letter-routing-key",
+                "x-message-ttl"
+            ]
+        );
+    }
+
+    #[test]
+    fn quorum_queues_have_a_delivery_limit_and_at_least_once_dead_lettering() {
+        let w = work_queue_args(QueueType::Quorum, "q.dead", 7);
+        let w = w.inner();
+        assert_eq!(w.get("x-queue-type"), Some(&text("quorum")));
+        assert_eq!(w.get("x-delivery-limit"), Some(&AMQPValue::LongLongInt(7)));
+        assert_eq!(w.get("x-dead-letter-routing-key"), Some(&text("q.dead")));
+        assert_eq!(w.get("x-dead-letter-strategy"), Some(&text("at-least-once")));
+        assert_eq!(w.get("x-overflow"), Some(&text("reject-publish")));
+        let d = delay_queue_args(QueueType::Quorum, "q", Duration::from_secs(2));
+        let d = d.inner();
+        assert_eq!(d.get("x-message-ttl"), Some(&AMQPValue::LongLongInt(2000)));
+        assert_eq!(d.get("x-dead-letter-routing-key"), Some(&text("q")));
+        assert_eq!(d.get("x-dead-letter-strategy"), Some(&text("at-least-once")));
+        assert_eq!(
+            dead_letter_queue_args(QueueType::Quorum)
+                .inner()
+                .get("x-queue-type"),
+            Some(&text("quorum"))
+        );
+    }
+}
