@@ -306,7 +306,8 @@ async fn demo() -> Result<()> {
         let (published, queue) = (published.clone(), queue.clone());
         tokio::spawn(async move {
             for batch in 0.. {
-                let ids = messages::ids(&format!("device-event-{batch}"), 20);
+                // Small batches, so the published count (confirmed by the broker) keeps up with the sink's.
+                let ids = messages::ids(&format!("device-event-{batch}"), 4);
                 if let Err(e) = messages::publish(&uri, &queue, &ids, Some(20)).await {
                     say(&format!("publishing: {e:#}"));
                     tokio::time::sleep(Duration::from_secs(1)).await;
