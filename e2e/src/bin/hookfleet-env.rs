@@ -292,9 +292,7 @@ async fn demo() -> Result<()> {
         "publishing device events to queue {queue} at 20/s; in another shell: source {}",
         env_file.display()
     ));
-    say(&format!(
-        "  kubectl get integrations -w                          # Ready, 2 ready pods, 2 consumers"
-    ));
+    say("  kubectl get integrations -w                          # Ready, 2 ready pods, 2 consumers");
     say(&format!(
         "  kubectl delete pod -l hookfleet.io/integration={name}   # kill a worker: nothing is lost"
     ));
