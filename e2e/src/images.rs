@@ -320,24 +320,29 @@ pub fn tools(out_dir: &Path) -> Result<ImageArchive> {
 /// where the CRI (kubelet) finds them by name. Unpacked for the default snapshotter.
 pub fn import(address: &Path, archives: &[ImageArchive]) -> Result<()> {
     for a in archives {
-        let out = Command::new("ctr")
-            .arg("--address")
-            .arg(address)
-            .args(["-n", "k8s.io", "images", "import"])
-            .arg(&a.path)
-            .stdin(Stdio::null())
-            .output()
-            .context("running ctr (Debian: apt-get install containerd)")?;
-        if !out.status.success() {
-            bail!(
-                "ctr images import of {} ({}) into {} failed ({}): {}",
-                a.name,
-                a.path.display(),
-                address.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        import_archive(address, &a.path).with_context(|| format!("image {}", a.name))?;
+    }
+    Ok(())
+}
+
+/// Imports one OCI archive (an `oci-layout` tar whose index names the image) like [`import`].
+pub fn import_archive(address: &Path, archive: &Path) -> Result<()> {
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(address)
+        .args(["-n", "k8s.io", "images", "import"])
+        .arg(archive)
+        .stdin(Stdio::null())
+        .output()
+        .context("running ctr (Debian: apt-get install containerd)")?;
+    if !out.status.success() {
+        bail!(
+            "ctr images import of {} into {} failed ({}): {}",
+            archive.display(),
+            address.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }

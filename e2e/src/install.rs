@@ -21,9 +21,7 @@ pub const NAMESPACE: &str = "hookfleet-system";
 /// imports them into the node's containerd.
 pub fn load_images(cluster: &Cluster, dir: &Path) -> Result<Duration> {
     let t0 = Instant::now();
-    for a in images::build(dir)? {
-        cluster.node().import_image(&a.path)?;
-    }
+    cluster.node().import(&images::build(dir)?)?;
     Ok(t0.elapsed())
 }
 

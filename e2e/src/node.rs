@@ -189,7 +189,7 @@ impl Node {
             },
         )
         .await?;
-        import(&socket, &options.sandbox_image.0)?;
+        crate::images::import_archive(&socket, &options.sandbox_image.0)?;
         tracing::debug!(elapsed = ?t0.elapsed(), "containerd up");
 
         // The kubelet: its own root dir, pod logs and cgroup root; serving on the gateway with a
@@ -310,7 +310,7 @@ impl Node {
     /// containerd, where pods find it by that name (use `imagePullPolicy: Never` or `IfNotPresent`:
     /// nothing can be pulled).
     pub fn import_image(&self, oci_archive: &Path) -> Result<()> {
-        import(&self.socket, oci_archive)
+        crate::images::import_archive(&self.socket, oci_archive)
     }
 
     /// Imports archives written by [`crate::images`] (e.g. `images::build`'s worker and operator images).
@@ -358,22 +358,6 @@ impl Node {
         self.kubelet.stop(Duration::from_secs(5));
         self.containerd.stop(Duration::from_secs(5));
     }
-}
-
-fn import(socket: &Path, archive: &Path) -> Result<()> {
-    let out = ctr(socket)
-        .args(["-n", "k8s.io", "images", "import"])
-        .arg(archive)
-        .output()
-        .context("running ctr images import")?;
-    if !out.status.success() {
-        bail!(
-            "importing the image {} into the node's containerd failed: {}",
-            archive.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 fn ctr(socket: &Path) -> Command {
