@@ -342,13 +342,7 @@ impl ControlPlane {
                 let name = name.to_owned();
                 async move {
                     let node = nodes.get(&name).await?;
-                    let ready = node
-                        .status
-                        .and_then(|s| s.conditions)
-                        .unwrap_or_default()
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True");
-                    Ok(ready.then_some(()))
+                    Ok(node_ready(&node).then_some(()))
                 }
             },
         )
@@ -473,6 +467,14 @@ pub async fn install_crd(client: &Client, crd: &CustomResourceDefinition) -> Res
 }
 
 /// A client from a kubeconfig file.
+/// Whether a Node reports the condition Ready=True.
+pub fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 pub async fn client_for(kubeconfig: &Path) -> Result<Client> {
     let text = std::fs::read_to_string(kubeconfig)?;
     let config =

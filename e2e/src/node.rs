@@ -247,13 +247,7 @@ impl Node {
                     let Some(n) = nodes.get_opt(NODE_NAME).await? else {
                         return Ok(None);
                     };
-                    let ready = n
-                        .status
-                        .and_then(|s| s.conditions)
-                        .unwrap_or_default()
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True");
-                    Ok(ready.then_some(()))
+                    Ok(crate::control_plane::node_ready(&n).then_some(()))
                 }
             },
         )
