@@ -167,6 +167,11 @@ pub struct Binding {
 /// The webhook endpoint.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.auth) || ((!has(self.headers) || !self.headers.exists(k, k.lowerAscii() == 'authorization')) \
+     && (!has(self.headersFrom) || !self.headersFrom.exists(h, h.name.lowerAscii() == 'authorization')))"
+).message("auth sets the Authorization header: remove Authorization from headers and headersFrom")
+    .field_path(".auth"))]
 pub struct DestinationSpec {
     /// Absolute http:// or https:// URL.
     #[x_kube(validation = kube::core::Rule::new(
@@ -204,6 +209,14 @@ pub struct DestinationSpec {
     /// Standard Webhooks signing (`webhook-signature: v1,<HMAC-SHA256>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing: Option<SigningSpec>,
+    /// Authentication of each request (basic, bearer or OAuth2 client credentials), with every credential
+    /// read from a Secret. Sets the `Authorization` header, so `headers` and `headersFrom` must not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+    /// TLS towards the destination: a CA bundle to trust besides the system roots, and a client
+    /// certificate (mTLS), each from a Secret the operator mounts into the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
     /// Allow private, loopback and link-local destination addresses (refused by default against SSRF).
     #[serde(default)]
     pub allow_private_networks: bool,
@@ -254,12 +267,109 @@ pub struct BodySpec {
     pub template: String,
 }
 
-/// Standard Webhooks signing.
+/// Standard Webhooks signing. Every secret signs every request (`webhook-signature` carries one
+/// `v1,<signature>` per secret, space-separated), so a key is rotated without downtime: add the new
+/// secret, let receivers switch, remove the old one.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.secretRef) || (has(self.secretRefs) && size(self.secretRefs) > 0)")
+    .message("set signing.secretRef or signing.secretRefs"))]
 pub struct SigningSpec {
-    /// Secret key holding the signing secret (`whsec_<base64>` or raw bytes).
-    pub secret_ref: SecretKeyRef,
+    /// Secret key holding the signing secret (`whsec_<base64>` or raw bytes; several space-separated
+    /// secrets in one key sign with each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+    /// More signing secrets, each signing every request too (key rotation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub secret_refs: Vec<SecretKeyRef>,
+}
+
+impl SigningSpec {
+    /// Every referenced secret key: `secretRef` first, then `secretRefs` in order.
+    pub fn refs(&self) -> impl Iterator<Item = &SecretKeyRef> {
+        self.secret_ref.iter().chain(self.secret_refs.iter())
+    }
+}
+
+/// How each request authenticates; exactly one of `basic`, `bearer` and `oauth2`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.basic) ? 1 : 0) + (has(self.bearer) ? 1 : 0) + (has(self.oauth2) ? 1 : 0) == 1"
+).message("set exactly one of auth.basic, auth.bearer and auth.oauth2"))]
+pub struct AuthSpec {
+    /// HTTP Basic authentication (`Authorization: Basic …`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic: Option<BasicAuthSpec>,
+    /// A static bearer token (`Authorization: Bearer …`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer: Option<BearerAuthSpec>,
+    /// OAuth2 client credentials: the worker fetches a token from `tokenUrl`, caches it until shortly
+    /// before it expires, and sends it as a bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<OAuth2Spec>,
+}
+
+/// HTTP Basic credentials.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BasicAuthSpec {
+    /// Secret key holding the user name.
+    pub username_from: SecretKeyRef,
+    /// Secret key holding the password.
+    pub password_from: SecretKeyRef,
+}
+
+/// A static bearer token.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BearerAuthSpec {
+    /// Secret key holding the token (without the `Bearer ` prefix).
+    pub token_from: SecretKeyRef,
+}
+
+/// OAuth2 client credentials grant (RFC 6749 §4.4).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2Spec {
+    /// Token endpoint (absolute http:// or https:// URL). The client authenticates with HTTP Basic
+    /// (`client_secret_basic`).
+    #[x_kube(validation = kube::core::Rule::new(
+        "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHostname() != ''"
+    ).message("must be an absolute http:// or https:// URL with a host"))]
+    #[schemars(length(min = 1, max = 2048))]
+    pub token_url: String,
+    /// Secret key holding the client id.
+    pub client_id_from: SecretKeyRef,
+    /// Secret key holding the client secret.
+    pub client_secret_from: SecretKeyRef,
+    /// Scopes requested (sent space-separated as `scope`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub scopes: Vec<String>,
+}
+
+/// TLS settings towards the destination (and the OAuth2 token endpoint).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Secret key holding PEM CA certificates trusted besides the system roots (a private CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_from: Option<SecretKeyRef>,
+    /// A `kubernetes.io/tls` Secret (keys `tls.crt` and `tls.key`, PEM) whose certificate the worker
+    /// presents when the destination asks for one (mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_secret: Option<SecretRef>,
+}
+
+/// A reference to a whole Secret in the Integration's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Secret name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// How deliveries are retried, paced and given up on.

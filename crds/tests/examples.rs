@@ -38,7 +38,16 @@ fn full_example_round_trips_without_nulls() {
         i.spec.delivery.rate_limit.as_ref().map(|r| r.per_second),
         Some(200)
     );
-    assert_eq!(i.spec.destination.headers_from[0].name, "Authorization");
+    assert_eq!(i.spec.destination.headers_from[0].name, "X-Api-Key");
+    let signing = i.spec.destination.signing.as_ref().unwrap();
+    let keys: Vec<&str> = signing.refs().map(|r| r.name.as_str()).collect();
+    assert_eq!(keys, ["erp-signing", "erp-signing-next"]);
+    let oauth2 = i.spec.destination.auth.as_ref().unwrap().oauth2.as_ref().unwrap();
+    assert_eq!(oauth2.token_url, "https://login.example.com/oauth2/token");
+    assert_eq!(oauth2.scopes, ["orders.write"]);
+    let tls = i.spec.destination.tls.as_ref().unwrap();
+    assert_eq!(tls.ca_from.as_ref().unwrap().key, "ca.crt");
+    assert_eq!(tls.client_cert_secret.as_ref().unwrap().name, "erp-client-cert");
     let json = serde_json::to_string(&i).unwrap();
     assert!(
         !json.contains("null"),
@@ -46,4 +55,14 @@ fn full_example_round_trips_without_nulls() {
     );
     let back: Integration = serde_json::from_str(&json).unwrap();
     assert_eq!(back.spec, i.spec);
+}
+
+#[test]
+fn auth_examples_set_one_method_each() {
+    let basic = example("auth-basic.yaml").spec.destination.auth.unwrap();
+    let b = basic.basic.unwrap();
+    assert_eq!((b.username_from.key.as_str(), b.password_from.key.as_str()), ("username", "password"));
+    assert!(basic.bearer.is_none() && basic.oauth2.is_none());
+    let bearer = example("auth-bearer.yaml").spec.destination.auth.unwrap();
+    assert_eq!(bearer.bearer.unwrap().token_from.name, "partner-token");
 }

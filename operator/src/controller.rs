@@ -7,14 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::StreamExt;
-use hookfleet_crds::integration::SecretKeyRef;
 use hookfleet_crds::{Integration, IntegrationStatus};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
-use kube::core::DeserializeGuard;
+use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::core::error_boundary::InvalidObject;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -31,6 +30,7 @@ use crate::desired::{self, INTEGRATION_LABEL, MANAGED_BY};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::replicas::{self, Autoscaler};
+use crate::secrets;
 use crate::status::{self, DeploymentObs, Observed, SourceObs, reason};
 
 /// State shared by all reconciles.
@@ -163,83 +163,27 @@ impl Context {
     }
 }
 
-/// Reads one Secret key; `Ok(Err(problem))` when the team must fix something.
-async fn secret_value(
-    client: &Client,
-    ns: &str,
-    r: &SecretKeyRef,
-    field: &str,
-) -> Result<std::result::Result<Vec<u8>, SourceObs>> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let secret = api.get_opt(&r.name).await.map_err(|source| Error::ReadSecret {
-        name: r.name.clone(),
-        source,
-    })?;
-    let Some(secret) = secret else {
-        return Ok(Err(SourceObs::Problem {
-            reason: reason::SECRET_NOT_FOUND,
-            message: format!("Secret {:?} ({field}) not found in namespace {ns}", r.name),
-        }));
-    };
-    let value = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&r.key))
-        .map(|b| b.0.clone())
-        .or_else(|| {
-            secret
-                .string_data
-                .as_ref()
-                .and_then(|d| d.get(&r.key))
-                .map(|s| s.clone().into_bytes())
-        });
-    Ok(value.ok_or_else(|| SourceObs::Problem {
-        reason: reason::SECRET_KEY_NOT_FOUND,
-        message: format!("Secret {:?} ({field}) has no key {:?}", r.name, r.key),
-    }))
-}
-
-/// Dereference: the broker URI from its Secret (and that every other referenced Secret key exists), then
-/// the queue as the broker sees it.
-async fn observe_source(intg: &Integration, ctx: &Context, ns: &str) -> Result<SourceObs> {
+/// Dereference: the referenced Secrets (the broker URI, that every other key exists, the checksum of
+/// their versions), then the queue as the broker sees it.
+async fn observe_source(intg: &Integration, ctx: &Context, ns: &str) -> Result<(SourceObs, Option<String>)> {
     let spec = &intg.spec;
-    let uri = match secret_value(
-        &ctx.client,
-        ns,
-        &spec.source.connection_secret_ref,
-        "spec.source.connectionSecretRef",
-    )
-    .await?
-    {
-        Ok(v) => v,
-        Err(problem) => return Ok(problem),
+    let secrets = match secrets::dereference(&ctx.client, ns, spec).await? {
+        Ok(d) => d,
+        Err(problem) => return Ok((problem, None)),
     };
-    let mut refs: Vec<(&SecretKeyRef, String)> = spec
-        .destination
-        .headers_from
-        .iter()
-        .map(|h| {
-            (
-                &h.secret_key_ref,
-                format!("spec.destination.headersFrom[{}]", h.name),
-            )
-        })
-        .collect();
-    if let Some(s) = &spec.destination.signing {
-        refs.push((&s.secret_ref, "spec.destination.signing.secretRef".into()));
-    }
-    for (r, field) in refs {
-        if let Err(problem) = secret_value(&ctx.client, ns, r, &field).await? {
-            return Ok(problem);
-        }
-    }
-    let Ok(uri) = String::from_utf8(uri) else {
-        return Ok(SourceObs::Problem {
-            reason: reason::INVALID_BROKER_URI,
-            message: "the broker URI in spec.source.connectionSecretRef is not UTF-8".into(),
-        });
+    let Ok(uri) = String::from_utf8(secrets.amqp_uri) else {
+        return Ok((
+            SourceObs::Problem {
+                reason: reason::INVALID_BROKER_URI,
+                message: "the broker URI in spec.source.connectionSecretRef is not UTF-8".into(),
+            },
+            Some(secrets.checksum),
+        ));
     };
-    Ok(ctx.broker.observe(uri.trim(), &spec.source.queue).await)
+    Ok((
+        ctx.broker.observe(uri.trim(), &spec.source.queue).await,
+        Some(secrets.checksum),
+    ))
 }
 
 /// Integrations are watched through a [`DeserializeGuard`]: one stored object that does not fit the Rust
@@ -267,7 +211,7 @@ async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action> {
     let spec = &intg.spec;
 
     // Dereference.
-    let source = observe_source(intg, &ctx, &ns).await?;
+    let (source, secrets_checksum) = observe_source(intg, &ctx, &ns).await?;
     let cached_deployment = ctx.deployments.get(&ObjectRef::new(&name).within(&ns));
     let current = cached_deployment
         .as_ref()
@@ -299,7 +243,17 @@ async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action> {
 
     // Build and apply.
     if !spec.paused {
-        let deployment = desired::deployment(intg, &ctx.config.worker, desired_replicas)?;
+        let mut deployment = desired::deployment(intg, &ctx.config.worker, desired_replicas)?;
+        // A Secret that cannot be read keeps the checksum the pods run with: no roll into pods that
+        // would not start.
+        let checksum = secrets_checksum.or_else(|| {
+            cached_deployment
+                .as_deref()
+                .and_then(desired::secrets_checksum)
+        });
+        if let Some(c) = checksum {
+            desired::set_secrets_checksum(&mut deployment, c);
+        }
         let pdb = desired::pod_disruption_budget(intg)?;
         let service = desired::metrics_service(intg)?;
         ctx.apply(&deployment, cached_deployment.clone()).await?;
@@ -605,6 +559,16 @@ pub async fn run(
         .default_backoff()
         .touched_objects();
 
+    // Secrets by metadata only (the operator never caches Secret data): a change to one that an
+    // Integration references reconciles that Integration now, which rolls its workers through the
+    // checksum annotation, instead of at the next resync.
+    let secret_stream = watcher(
+        child_api::<PartialObjectMeta<Secret>>(&client, &config.namespace),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
+
     let integrations: Api<Watched> = child_api(&client, &config.namespace);
     let recorder = Recorder::new(
         client.clone(),
@@ -630,7 +594,24 @@ pub async fn run(
         written: Mutex::default(),
     });
 
-    let controller = Controller::new(integrations, watcher::Config::default().any_semantic())
+    let controller = Controller::new(integrations, watcher::Config::default().any_semantic());
+    let integration_store = controller.store();
+    let controller = controller
+        .watches_stream(secret_stream, move |secret| {
+            let (Some(ns), name) = (secret.namespace(), secret.name_any()) else {
+                return Vec::new();
+            };
+            integration_store
+                .state()
+                .into_iter()
+                .filter(|w| w.namespace().as_deref() == Some(ns.as_str()))
+                .filter(|w| {
+                    w.0.as_ref()
+                        .is_ok_and(|i| secrets::referenced_names(&i.spec).contains(&name))
+                })
+                .map(|w| ObjectRef::from_obj(&*w))
+                .collect()
+        })
         .owns_stream(dep_stream)
         .owns_stream(pdb_stream)
         .owns_stream(svc_stream)

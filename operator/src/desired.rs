@@ -11,8 +11,9 @@ use hookfleet_crds::integration::Jitter;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext,
-    Service, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
+    KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -35,6 +36,16 @@ pub const MANAGED_BY: &str = "hookfleet-operator";
 pub const ENV_AMQP_URI: &str = "HOOKFLEET_AMQP_URI";
 /// Env var the worker reads the signing secret from.
 pub const ENV_SIGNING_SECRET: &str = "HOOKFLEET_SIGNING_SECRET";
+/// Env vars the worker reads outgoing credentials from (each a `secretKeyRef`, never a literal).
+pub const ENV_BASIC_AUTH_USERNAME: &str = "HOOKFLEET_BASIC_AUTH_USERNAME";
+pub const ENV_BASIC_AUTH_PASSWORD: &str = "HOOKFLEET_BASIC_AUTH_PASSWORD";
+pub const ENV_BEARER_TOKEN: &str = "HOOKFLEET_BEARER_TOKEN";
+pub const ENV_OAUTH2_CLIENT_ID: &str = "HOOKFLEET_OAUTH2_CLIENT_ID";
+pub const ENV_OAUTH2_CLIENT_SECRET: &str = "HOOKFLEET_OAUTH2_CLIENT_SECRET";
+/// Where the CA bundle of `destination.tls.caFrom` is mounted (read-only Secret volume).
+pub const TLS_CA_DIR: &str = "/etc/hookfleet/tls/ca";
+/// Where the client certificate Secret of `destination.tls.clientCertSecret` is mounted.
+pub const TLS_CLIENT_DIR: &str = "/etc/hookfleet/tls/client";
 /// Time a worker gets after its delivery timeout to hand back in-flight work and close cleanly.
 const DRAIN_SECONDS: i64 = 15;
 /// Margin between the worker's own shutdown deadline and the kubelet's SIGKILL.
@@ -160,7 +171,46 @@ pub fn worker_args_env(intg: &Integration) -> Result<(Vec<String>, Vec<EnvVar>)>
         env.push(secret_env(&var, &h.secret_key_ref));
     }
     if let Some(signing) = &spec.destination.signing {
-        env.push(secret_env(ENV_SIGNING_SECRET, &signing.secret_ref));
+        if let Some(r) = &signing.secret_ref {
+            env.push(secret_env(ENV_SIGNING_SECRET, r));
+        }
+        for (i, r) in signing.secret_refs.iter().enumerate() {
+            let var = format!("{ENV_SIGNING_SECRET}_{i}");
+            flag("signing-secret-env", var.clone());
+            env.push(secret_env(&var, r));
+        }
+    }
+    if let Some(auth) = &spec.destination.auth {
+        if let Some(b) = &auth.basic {
+            env.push(secret_env(ENV_BASIC_AUTH_USERNAME, &b.username_from));
+            env.push(secret_env(ENV_BASIC_AUTH_PASSWORD, &b.password_from));
+        }
+        if let Some(b) = &auth.bearer {
+            env.push(secret_env(ENV_BEARER_TOKEN, &b.token_from));
+        }
+        if let Some(o) = &auth.oauth2 {
+            flag("oauth2-token-url", o.token_url.clone());
+            for scope in &o.scopes {
+                flag("oauth2-scope", scope.clone());
+            }
+            env.push(secret_env(ENV_OAUTH2_CLIENT_ID, &o.client_id_from));
+            env.push(secret_env(ENV_OAUTH2_CLIENT_SECRET, &o.client_secret_from));
+        }
+    }
+    if let Some(tls) = &spec.destination.tls {
+        if tls.ca_from.is_some() {
+            flag("tls-ca-file", format!("{TLS_CA_DIR}/ca.crt"));
+        }
+        if tls.client_cert_secret.is_some() {
+            flag(
+                "tls-client-cert-file",
+                format!("{TLS_CLIENT_DIR}/{}", crate::secrets::TLS_CERT_KEY),
+            );
+            flag(
+                "tls-client-key-file",
+                format!("{TLS_CLIENT_DIR}/{}", crate::secrets::TLS_KEY_KEY),
+            );
+        }
     }
     if let Some(body) = &spec.destination.body {
         flag("body-template", body.template.clone());
@@ -213,12 +263,79 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// The pod's volumes and the worker's mounts: `/tmp`, and the TLS Secrets of `destination.tls`
+/// (mounted, not in env: a PEM bundle is a file, and a mounted key never shows in `kubectl describe`).
+fn volumes(intg: &Integration) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let mut volumes = vec![Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                "64Mi".into(),
+            )),
+            ..EmptyDirVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "tmp".into(),
+        mount_path: "/tmp".into(),
+        ..VolumeMount::default()
+    }];
+    let mut secret_volume = |volume: &str, dir: &str, secret: &str, items: Vec<(String, String)>| {
+        volumes.push(Volume {
+            name: volume.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.into()),
+                items: Some(
+                    items
+                        .into_iter()
+                        .map(|(key, path)| KeyToPath {
+                            key,
+                            path,
+                            mode: None,
+                        })
+                        .collect(),
+                ),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: volume.into(),
+            mount_path: dir.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    };
+    if let Some(tls) = &intg.spec.destination.tls {
+        if let Some(ca) = &tls.ca_from {
+            secret_volume(
+                "tls-ca",
+                TLS_CA_DIR,
+                &ca.name,
+                vec![(ca.key.clone(), "ca.crt".into())],
+            );
+        }
+        if let Some(client) = &tls.client_cert_secret {
+            let (crt, key) = (crate::secrets::TLS_CERT_KEY, crate::secrets::TLS_KEY_KEY);
+            secret_volume(
+                "tls-client",
+                TLS_CLIENT_DIR,
+                &client.name,
+                vec![(crt.into(), crt.into()), (key.into(), key.into())],
+            );
+        }
+    }
+    (volumes, mounts)
+}
+
 /// The worker Deployment with `replicas` pods.
 pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) -> Result<Deployment> {
     let meta = meta(intg)?;
     let name = meta.name.clone().unwrap_or_default();
     let (args, env) = worker_args_env(intg)?;
     let pod_labels = labels(&name);
+    let (volumes, mounts) = volumes(intg);
     let container = Container {
         name: CONTAINER.into(),
         image: Some(settings.image.clone()),
@@ -247,11 +364,7 @@ pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) 
         termination_message_path: Some("/dev/termination-log".into()),
         // The worker writes why it refused to start; a panic's last log line is the fallback.
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "tmp".into(),
-            mount_path: "/tmp".into(),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     };
     let spread = |key: &str| TopologySpreadConstraint {
@@ -284,16 +397,7 @@ pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) 
             spread("kubernetes.io/hostname"),
             spread("topology.kubernetes.io/zone"),
         ]),
-        volumes: Some(vec![Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
-                    "64Mi".into(),
-                )),
-                ..EmptyDirVolumeSource::default()
-            }),
-            ..Volume::default()
-        }]),
+        volumes: Some(volumes),
         ..PodSpec::default()
     };
     let annotations = BTreeMap::from([
@@ -330,6 +434,34 @@ pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) 
         }),
         status: None,
     })
+}
+
+/// Puts the checksum of the referenced Secrets ([`crate::secrets::checksum`]) on the pod template, so a
+/// changed Secret rolls the workers (env from `secretKeyRef` is read only when a container starts).
+pub fn set_secrets_checksum(deployment: &mut Deployment, checksum: String) {
+    if let Some(meta) = deployment
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.metadata.as_mut())
+    {
+        meta.annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(crate::secrets::CHECKSUM_ANNOTATION.into(), checksum);
+    }
+}
+
+/// The Secrets checksum on a Deployment's pod template, if any.
+pub fn secrets_checksum(deployment: &Deployment) -> Option<String> {
+    deployment
+        .spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(crate::secrets::CHECKSUM_ANNOTATION)
+        .cloned()
 }
 
 /// `minAvailable` of the PodDisruptionBudget: from the spec, else one less than the fleet's floor

@@ -11,6 +11,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod replicas;
+pub mod secrets;
 pub mod status;
 
 use std::sync::Arc;

@@ -221,3 +221,110 @@ fn metrics_service_selects_the_workers_and_is_owned() {
     assert_eq!(spec.selector.unwrap(), desired::selector_labels("orders-to-erp"));
     assert_eq!(spec.ports.unwrap()[0].port, 9090);
 }
+
+/// Auth, TLS and several signing keys: every credential a `secretKeyRef` or a mounted Secret file,
+/// never a literal in the pod spec.
+#[test]
+fn auth_tls_and_signing_keys_come_from_secrets() {
+    let intg = fixture("auth-tls.yaml");
+    let (c, pod) = container(&intg, 2);
+    let args = c.args.clone().unwrap();
+    assert_eq!(
+        flag(&args, "signing-secret-env"),
+        ["HOOKFLEET_SIGNING_SECRET_0", "HOOKFLEET_SIGNING_SECRET_1"]
+    );
+    assert_eq!(flag(&args, "oauth2-token-url"), ["https://login.example.com/token"]);
+    assert_eq!(flag(&args, "oauth2-scope"), ["hooks.write", "hooks.read"]);
+    assert_eq!(flag(&args, "tls-ca-file"), ["/etc/hookfleet/tls/ca/ca.crt"]);
+    assert_eq!(
+        flag(&args, "tls-client-cert-file"),
+        ["/etc/hookfleet/tls/client/tls.crt"]
+    );
+    assert_eq!(
+        flag(&args, "tls-client-key-file"),
+        ["/etc/hookfleet/tls/client/tls.key"]
+    );
+
+    let env = c.env.clone().unwrap();
+    for (var, secret, key) in [
+        ("HOOKFLEET_SIGNING_SECRET", "signing-old", "secret"),
+        ("HOOKFLEET_SIGNING_SECRET_0", "signing-new", "secret"),
+        ("HOOKFLEET_SIGNING_SECRET_1", "signing-next", "secret"),
+        ("HOOKFLEET_OAUTH2_CLIENT_ID", "partner-oauth", "id"),
+        ("HOOKFLEET_OAUTH2_CLIENT_SECRET", "partner-oauth", "secret"),
+    ] {
+        let e = env
+            .iter()
+            .find(|e| e.name == var)
+            .unwrap_or_else(|| panic!("{var}"));
+        assert!(e.value.is_none(), "{var} must not carry a value");
+        let r = e.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+        assert_eq!((r.name.as_str(), r.key.as_str()), (secret, key));
+    }
+    assert!(env.iter().all(|e| e.value.is_none()), "no literal env: {env:?}");
+
+    let volumes = pod.volumes.clone().unwrap();
+    let secret_of = |name: &str| {
+        volumes
+            .iter()
+            .find(|v| v.name == name)
+            .and_then(|v| v.secret.clone())
+            .unwrap_or_else(|| panic!("volume {name}"))
+    };
+    let ca = secret_of("tls-ca");
+    assert_eq!(ca.secret_name.as_deref(), Some("partner-ca"));
+    let items = ca.items.unwrap();
+    assert_eq!((items[0].key.as_str(), items[0].path.as_str()), ("bundle.pem", "ca.crt"));
+    let client = secret_of("tls-client");
+    assert_eq!(client.secret_name.as_deref(), Some("partner-client"));
+    let keys: Vec<String> = client.items.unwrap().into_iter().map(|i| i.key).collect();
+    assert_eq!(keys, ["tls.crt", "tls.key"]);
+    let mounts = c.volume_mounts.clone().unwrap();
+    for (name, dir) in [
+        ("tls-ca", "/etc/hookfleet/tls/ca"),
+        ("tls-client", "/etc/hookfleet/tls/client"),
+    ] {
+        let m = mounts.iter().find(|m| m.name == name).unwrap();
+        assert_eq!((m.mount_path.as_str(), m.read_only), (dir, Some(true)));
+    }
+
+    // Every referenced Secret is known to the Secret watch.
+    let names = hookfleet_operator::secrets::referenced_names(&intg.spec);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "partner-ca",
+            "partner-client",
+            "partner-oauth",
+            "rabbitmq",
+            "signing-new",
+            "signing-next",
+            "signing-old"
+        ]
+    );
+}
+
+#[test]
+fn basic_and_bearer_credentials_are_secret_refs() {
+    let mut intg = fixture("auth-tls.yaml");
+    let auth: hookfleet_crds::integration::AuthSpec = serde_yaml::from_str(
+        "basic: {usernameFrom: {name: creds, key: user}, passwordFrom: {name: creds, key: pass}}",
+    )
+    .unwrap();
+    intg.spec.destination.auth = Some(auth);
+    let env = container(&intg, 2).0.env.unwrap();
+    let refd = |var: &str| {
+        let e = env.iter().find(|e| e.name == var).unwrap();
+        assert!(e.value.is_none());
+        let r = e.value_from.clone().unwrap().secret_key_ref.unwrap();
+        (r.name, r.key)
+    };
+    assert_eq!(refd("HOOKFLEET_BASIC_AUTH_USERNAME"), ("creds".into(), "user".into()));
+    assert_eq!(refd("HOOKFLEET_BASIC_AUTH_PASSWORD"), ("creds".into(), "pass".into()));
+    intg.spec.destination.auth =
+        Some(serde_yaml::from_str("bearer: {tokenFrom: {name: tok, key: t}}").unwrap());
+    let env = container(&intg, 2).0.env.unwrap();
+    let e = env.iter().find(|e| e.name == "HOOKFLEET_BEARER_TOKEN").unwrap();
+    assert_eq!(e.value_from.clone().unwrap().secret_key_ref.unwrap().name, "tok");
+}

@@ -90,9 +90,11 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
+# get: the referenced keys exist and the broker URI for status; list/watch: metadata only, so a changed
+# Secret rolls the workers that reference it (checksum annotation) without waiting for a resync.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get]
+  verbs: [get, list, watch]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]

@@ -1,0 +1,212 @@
+//! The Secrets an Integration references: which keys (for the existence check and the Secret watch),
+//! reading them, and the checksum that rolls the workers when one changes.
+//!
+//! The checksum is a SHA-256 of each referenced Secret's name, uid and `resourceVersion`, not of its data:
+//! it lands in an annotation anyone who can read Deployments sees, and a hash of a short password is a
+//! guessable hash. The price is that a metadata-only edit of a referenced Secret (a label) also rolls the
+//! workers; a rollout surges first, so that costs time, not deliveries.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use hookfleet_crds::IntegrationSpec;
+use hookfleet_crds::integration::SecretKeyRef;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::{Client, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::status::{SourceObs, reason};
+
+/// Pod-template annotation holding [`Dereferenced::checksum`]: when it changes, the Deployment rolls.
+pub const CHECKSUM_ANNOTATION: &str = "hookfleet.io/secrets-checksum";
+
+/// Key of the client certificate in a `kubernetes.io/tls` Secret.
+pub const TLS_CERT_KEY: &str = "tls.crt";
+/// Key of the client key in a `kubernetes.io/tls` Secret.
+pub const TLS_KEY_KEY: &str = "tls.key";
+
+/// One referenced Secret key and the spec field that names it (for conditions).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRef {
+    pub name: String,
+    pub key: String,
+    pub field: String,
+}
+
+fn key_ref(r: &SecretKeyRef, field: impl Into<String>) -> KeyRef {
+    KeyRef {
+        name: r.name.clone(),
+        key: r.key.clone(),
+        field: field.into(),
+    }
+}
+
+/// Every Secret key the workers read, the broker URI first.
+pub fn referenced_keys(spec: &IntegrationSpec) -> Vec<KeyRef> {
+    let d = &spec.destination;
+    let mut refs = vec![key_ref(
+        &spec.source.connection_secret_ref,
+        "spec.source.connectionSecretRef",
+    )];
+    for h in &d.headers_from {
+        refs.push(key_ref(
+            &h.secret_key_ref,
+            format!("spec.destination.headersFrom[{}]", h.name),
+        ));
+    }
+    if let Some(s) = &d.signing {
+        if let Some(r) = &s.secret_ref {
+            refs.push(key_ref(r, "spec.destination.signing.secretRef"));
+        }
+        for (i, r) in s.secret_refs.iter().enumerate() {
+            refs.push(key_ref(r, format!("spec.destination.signing.secretRefs[{i}]")));
+        }
+    }
+    if let Some(a) = &d.auth {
+        if let Some(b) = &a.basic {
+            refs.push(key_ref(&b.username_from, "spec.destination.auth.basic.usernameFrom"));
+            refs.push(key_ref(&b.password_from, "spec.destination.auth.basic.passwordFrom"));
+        }
+        if let Some(b) = &a.bearer {
+            refs.push(key_ref(&b.token_from, "spec.destination.auth.bearer.tokenFrom"));
+        }
+        if let Some(o) = &a.oauth2 {
+            refs.push(key_ref(&o.client_id_from, "spec.destination.auth.oauth2.clientIdFrom"));
+            refs.push(key_ref(
+                &o.client_secret_from,
+                "spec.destination.auth.oauth2.clientSecretFrom",
+            ));
+        }
+    }
+    if let Some(t) = &d.tls {
+        if let Some(r) = &t.ca_from {
+            refs.push(key_ref(r, "spec.destination.tls.caFrom"));
+        }
+        if let Some(s) = &t.client_cert_secret {
+            for key in [TLS_CERT_KEY, TLS_KEY_KEY] {
+                refs.push(KeyRef {
+                    name: s.name.clone(),
+                    key: key.into(),
+                    field: "spec.destination.tls.clientCertSecret".into(),
+                });
+            }
+        }
+    }
+    refs
+}
+
+/// Names of the Secrets an Integration references (the Secret watch maps a change to these).
+pub fn referenced_names(spec: &IntegrationSpec) -> BTreeSet<String> {
+    referenced_keys(spec).into_iter().map(|k| k.name).collect()
+}
+
+/// What dereferencing the Secrets found: the broker URI and the checksum of the Secrets' versions.
+#[derive(Clone, Debug)]
+pub struct Dereferenced {
+    /// The value of `spec.source.connectionSecretRef`.
+    pub amqp_uri: Vec<u8>,
+    pub checksum: String,
+}
+
+/// The checksum of `(name, uid, resourceVersion)` of each Secret, in name order.
+pub fn checksum<'a>(secrets: impl IntoIterator<Item = &'a Secret>) -> String {
+    let versions: BTreeMap<String, (String, String)> = secrets
+        .into_iter()
+        .map(|s| {
+            (
+                s.name_any(),
+                (
+                    s.metadata.uid.clone().unwrap_or_default(),
+                    s.metadata.resource_version.clone().unwrap_or_default(),
+                ),
+            )
+        })
+        .collect();
+    let mut h = Sha256::new();
+    for (name, (uid, rv)) in versions {
+        h.update(format!("{name}\0{uid}\0{rv}\n").as_bytes());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.clone())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|s| s.clone().into_bytes())
+        })
+}
+
+/// Reads every referenced Secret once; `Ok(Err(problem))` when the team must fix something (a Secret or a
+/// key that is missing).
+pub async fn dereference(
+    client: &Client,
+    ns: &str,
+    spec: &IntegrationSpec,
+) -> Result<std::result::Result<Dereferenced, SourceObs>> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let mut read: BTreeMap<String, Secret> = BTreeMap::new();
+    let mut amqp_uri = None;
+    for r in referenced_keys(spec) {
+        if !read.contains_key(&r.name) {
+            let secret = api.get_opt(&r.name).await.map_err(|source| Error::ReadSecret {
+                name: r.name.clone(),
+                source,
+            })?;
+            let Some(secret) = secret else {
+                return Ok(Err(SourceObs::Problem {
+                    reason: reason::SECRET_NOT_FOUND,
+                    message: format!("Secret {:?} ({}) not found in namespace {ns}", r.name, r.field),
+                }));
+            };
+            read.insert(r.name.clone(), secret);
+        }
+        let Some(v) = value(&read[&r.name], &r.key) else {
+            return Ok(Err(SourceObs::Problem {
+                reason: reason::SECRET_KEY_NOT_FOUND,
+                message: format!("Secret {:?} ({}) has no key {:?}", r.name, r.field, r.key),
+            }));
+        };
+        amqp_uri.get_or_insert(v);
+    }
+    Ok(Ok(Dereferenced {
+        amqp_uri: amqp_uri.unwrap_or_default(),
+        checksum: checksum(read.values()),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn secret(name: &str, rv: &str) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                uid: Some(format!("uid-{name}")),
+                resource_version: Some(rv.into()),
+                ..ObjectMeta::default()
+            },
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn checksum_follows_versions_not_order() {
+        let (a, b) = (secret("a", "1"), secret("b", "7"));
+        let c = checksum([&a, &b]);
+        assert_eq!(c.len(), 64);
+        assert_eq!(c, checksum([&b, &a]));
+        assert_ne!(c, checksum([&a, &secret("b", "8")]));
+        assert_ne!(c, checksum([&a]));
+    }
+}
