@@ -24,6 +24,7 @@ pub mod process;
 pub mod prometheus;
 pub mod rabbitmq;
 pub mod sink;
+pub mod token;
 pub mod tools;
 
 pub use cluster::{Cluster, ClusterOptions};

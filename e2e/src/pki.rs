@@ -145,3 +145,39 @@ fn name(cn: &str, org: Option<&str>) -> DistinguishedName {
     }
     dn
 }
+
+/// A certificate authority of its own for a test's TLS endpoints (a webhook sink, a token endpoint):
+/// serving certificates for the endpoints and client certificates for mTLS, as PEM.
+pub struct TestCa {
+    pub ca_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(cn: &str) -> Result<Self> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = name(cn, None);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_pem = params.self_signed(&key)?.pem();
+        Ok(Self {
+            ca_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// A serving certificate for `sans` (IP addresses or DNS names): (certificate, key) PEM.
+    pub fn server(&self, sans: &[String]) -> Result<(String, String)> {
+        sign(&self.issuer, sans.to_vec(), "hookfleet-test-server", None, true)
+    }
+
+    /// A client certificate (mTLS) for `cn`: (certificate, key) PEM.
+    pub fn client(&self, cn: &str) -> Result<(String, String)> {
+        sign(&self.issuer, vec![], cn, None, false)
+    }
+}

@@ -6,6 +6,10 @@
 //!
 //! Written on plain tokio sockets so that it can misbehave in ways a framework would not let it, and so
 //! that it counts connections as the worker opens them.
+//!
+//! [`Sink::start_tls`] serves HTTPS with a certificate from a test CA ([`crate::pki::TestCa`]), and with
+//! a client CA it requires a client certificate (mTLS): a TLS front terminates each connection with
+//! rustls and relays the plain bytes to the same recorder, counting the handshakes it refused.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -76,6 +80,23 @@ struct Stats {
     /// get past); each arrival is counted.
     poison: Mutex<Option<String>>,
     poison_arrivals: AtomicU64,
+    /// When set, a request whose `Authorization` is not one of these is answered 401.
+    accepted_authorization: Mutex<Option<HashSet<String>>>,
+}
+
+/// What an HTTPS sink presents and asks for (PEM).
+#[derive(Clone, Debug)]
+pub struct SinkTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// Require a client certificate signed by this CA (mTLS).
+    pub client_ca_pem: Option<String>,
+}
+
+struct TlsFront {
+    addr: SocketAddr,
+    refused: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// A running sink; stops when dropped.
@@ -85,6 +106,7 @@ pub struct Sink {
     stats: Arc<Stats>,
     record_bodies: bool,
     task: tokio::task::JoinHandle<()>,
+    tls: Option<TlsFront>,
 }
 
 impl Sink {
@@ -133,16 +155,79 @@ impl Sink {
             stats,
             record_bodies,
             task,
+            tls: None,
         })
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    /// An HTTPS sink on `ip` (a free port): TLS with `tls`, the requests recorded as by any sink.
+    pub async fn start_tls(ip: IpAddr, record_bodies: bool, tls: SinkTls) -> Result<Self> {
+        let mut sink = Self::start_on(IpAddr::V4(Ipv4Addr::LOCALHOST), record_bodies).await?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(&tls)?));
+        let listener = TcpListener::bind((ip, 0))
+            .await
+            .with_context(|| format!("binding the TLS sink to {ip}"))?;
+        let addr = listener.local_addr()?;
+        let inner = sink.addr;
+        let refused = Arc::new(AtomicU64::new(0));
+        let refused_count = refused.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let _ = sock.set_nodelay(true);
+                let (acceptor, refused) = (acceptor.clone(), refused_count.clone());
+                tokio::spawn(async move {
+                    let mut tls = match acceptor.accept(sock).await {
+                        Ok(t) => t,
+                        Err(_) => {
+                            refused.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                    };
+                    let Ok(mut plain) = TcpStream::connect(inner).await else {
+                        return;
+                    };
+                    let _ = plain.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+        sink.tls = Some(TlsFront {
+            addr,
+            refused,
+            task,
+        });
+        Ok(sink)
     }
 
-    /// `http://<address>:<port>/hook` (127.0.0.1 unless started with [`Sink::start_on`]).
+    /// The address the worker connects to (the TLS front's for an HTTPS sink).
+    pub fn addr(&self) -> SocketAddr {
+        self.tls.as_ref().map_or(self.addr, |t| t.addr)
+    }
+
+    /// `http://<address>:<port>/hook` (127.0.0.1 unless started with [`Sink::start_on`]), or
+    /// `https://…` for a sink started with [`Sink::start_tls`].
     pub fn url(&self) -> String {
-        format!("http://{}/hook", self.addr)
+        match &self.tls {
+            Some(t) => format!("https://{}/hook", t.addr),
+            None => format!("http://{}/hook", self.addr),
+        }
+    }
+
+    /// TLS handshakes the HTTPS sink refused (no client certificate, or one it does not trust; or a
+    /// client that gave up on the sink's certificate).
+    pub fn tls_refused(&self) -> u64 {
+        self.tls
+            .as_ref()
+            .map_or(0, |t| t.refused.load(Ordering::SeqCst))
+    }
+
+    /// Answer 401 to requests whose `Authorization` is not one of `values` (`None`: accept any).
+    pub fn set_accepted_authorization(&self, values: Option<&[&str]>) {
+        *self.stats.accepted_authorization.lock().unwrap() =
+            values.map(|v| v.iter().map(|s| s.to_string()).collect());
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -233,7 +318,38 @@ impl Sink {
 impl Drop for Sink {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(t) = &self.tls {
+            t.task.abort();
+        }
     }
+}
+
+fn server_config(tls: &SinkTls) -> Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = CertificateDer::pem_slice_iter(tls.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .context("the sink's certificate PEM")?;
+    let key = PrivateKeyDer::from_pem_slice(tls.key_pem.as_bytes()).context("the sink's key PEM")?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match &tls.client_ca_pem {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                roots.add(c.context("the client CA PEM")?)?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 async fn serve(sock: TcpStream, st: Arc<Stats>, mut mode: watch::Receiver<Mode>, bodies: bool) -> Result<()> {
@@ -299,8 +415,18 @@ async fn serve(sock: TcpStream, st: Arc<Stats>, mut mode: watch::Receiver<Mode>,
             }
         }
 
+        let unauthorized = match st.accepted_authorization.lock().unwrap().as_ref() {
+            Some(accepted) => !headers
+                .get("authorization")
+                .is_some_and(|a| accepted.contains(a)),
+            None => false,
+        };
+
         // Decide, stalling while told to.
         let (status, delay, retry_after) = loop {
+            if unauthorized {
+                break (401, Duration::ZERO, None);
+            }
             let current = mode.borrow_and_update().clone();
             match current {
                 Mode::Answer {
@@ -378,6 +504,7 @@ fn reason(status: u16) -> &'static str {
         204 => "No Content",
         301 => "Moved Permanently",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         429 => "Too Many Requests",
         500 => "Internal Server Error",

@@ -69,6 +69,30 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub header_from_env: Vec<String>,
+    /// Variable holding more signing secrets (from a Secret; never logged): each signs every request
+    /// too. Repeatable (variable: comma-separated).
+    #[arg(
+        long = "signing-secret-env",
+        env = "HOOKFLEET_SIGNING_SECRET_ENVS",
+        value_delimiter = ','
+    )]
+    pub signing_secret_env: Vec<String>,
+    /// OAuth2 client credentials: the token endpoint. The client id and secret are read from
+    /// HOOKFLEET_OAUTH2_CLIENT_ID and HOOKFLEET_OAUTH2_CLIENT_SECRET.
+    #[arg(long, env = "HOOKFLEET_OAUTH2_TOKEN_URL")]
+    pub oauth2_token_url: Option<String>,
+    /// OAuth2 scope to request; repeatable (variable: comma-separated).
+    #[arg(long = "oauth2-scope", env = "HOOKFLEET_OAUTH2_SCOPES", value_delimiter = ',')]
+    pub oauth2_scopes: Vec<String>,
+    /// PEM file of CA certificates trusted for the destination besides the system roots.
+    #[arg(long, env = "HOOKFLEET_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) presented when the destination asks for one (mTLS).
+    #[arg(long, env = "HOOKFLEET_TLS_CLIENT_CERT_FILE")]
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-client-cert-file.
+    #[arg(long, env = "HOOKFLEET_TLS_CLIENT_KEY_FILE")]
+    pub tls_client_key_file: Option<PathBuf>,
     /// MiniJinja template of the request body, rendered with the message's JSON fields as variables;
     /// the body is forwarded unchanged when absent.
     /// (A value may start with `-`: the operator passes it as the next argument.)
@@ -142,6 +166,22 @@ pub struct Args {
 /// space-separated, sign with each (key rotation).
 pub const SIGNING_SECRET_ENV: &str = "HOOKFLEET_SIGNING_SECRET";
 
+/// Variables holding outgoing credentials (filled from Secrets by the kubelet; never logged).
+pub const BASIC_AUTH_USERNAME_ENV: &str = "HOOKFLEET_BASIC_AUTH_USERNAME";
+pub const BASIC_AUTH_PASSWORD_ENV: &str = "HOOKFLEET_BASIC_AUTH_PASSWORD";
+pub const BEARER_TOKEN_ENV: &str = "HOOKFLEET_BEARER_TOKEN";
+pub const OAUTH2_CLIENT_ID_ENV: &str = "HOOKFLEET_OAUTH2_CLIENT_ID";
+pub const OAUTH2_CLIENT_SECRET_ENV: &str = "HOOKFLEET_OAUTH2_CLIENT_SECRET";
+
+/// TLS material for the destination, as PEM (checked when the configuration is read).
+#[derive(Clone, Default)]
+pub struct TlsFiles {
+    /// CA certificates trusted besides the system roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate chain and key, concatenated (what `reqwest::Identity::from_pem` reads).
+    pub identity_pem: Option<Vec<u8>>,
+}
+
 /// A setting that cannot be used, named by its flag and variable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration: {setting}: {message}")]
@@ -180,6 +220,9 @@ pub struct Config {
     /// Plain headers and headers from Secrets (the latter marked sensitive).
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub signing_secrets: Vec<Vec<u8>>,
+    /// OAuth2 client credentials (basic and bearer auth are plain sensitive `headers`).
+    pub oauth2: Option<crate::auth::OAuth2Config>,
+    pub tls: TlsFiles,
     /// Compiled `--body-template`; `None` forwards the body unchanged.
     pub body_template: Option<Arc<BodyTemplate>>,
     pub timeout: Duration,
@@ -217,6 +260,9 @@ impl fmt::Debug for Config {
                 &self.headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
             )
             .field("signing_secrets", &self.signing_secrets.len())
+            .field("oauth2", &self.oauth2)
+            .field("tls_ca", &self.tls.ca_pem.is_some())
+            .field("tls_client_cert", &self.tls.identity_pem.is_some())
             .field("body_template", &self.body_template.is_some())
             .field("timeout", &self.timeout)
             .field("max_attempts", &self.max_attempts)
@@ -405,12 +451,49 @@ impl Config {
             headers.push((name, value));
         }
 
-        let signing_secrets = match env(SIGNING_SECRET_ENV) {
+        let mut signing_secrets = match env(SIGNING_SECRET_ENV) {
             Some(s) if !s.trim().is_empty() => {
                 crate::signing::parse_secrets(&s).map_err(|e| bad(SIGNING_SECRET_ENV, e))?
             }
             _ => Vec::new(),
         };
+        for var in args
+            .signing_secret_env
+            .iter()
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+        {
+            let setting = "--signing-secret-env (HOOKFLEET_SIGNING_SECRET_ENVS)";
+            let value = env(var).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
+                bad(setting, format!("variable {var} is not set or empty"))
+            })?;
+            signing_secrets.extend(
+                crate::signing::parse_secrets(&value)
+                    .map_err(|e| bad(setting, format!("variable {var}: {e}")))?,
+            );
+        }
+
+        let (auth_header, oauth2) = auth_from(&args.oauth2_token_url, &args.oauth2_scopes, env)?;
+        if let Some(value) = auth_header {
+            headers.push((reqwest::header::AUTHORIZATION, value));
+        }
+        if headers
+            .iter()
+            .filter(|(n, _)| *n == reqwest::header::AUTHORIZATION)
+            .count()
+            + usize::from(oauth2.is_some())
+            > 1
+        {
+            return Err(bad(
+                "auth",
+                "Authorization is set twice: by a header and by basic, bearer or OAuth2 auth; keep one",
+            ));
+        }
+        let tls = tls_files(
+            args.tls_ca_file.as_deref(),
+            args.tls_client_cert_file.as_deref(),
+            args.tls_client_key_file.as_deref(),
+        )?;
 
         let body_template = match args.body_template.as_deref() {
             Some(t) if !t.trim().is_empty() => {
@@ -593,6 +676,8 @@ impl Config {
             method,
             headers,
             signing_secrets,
+            oauth2,
+            tls,
             body_template,
             timeout,
             max_attempts,
@@ -615,6 +700,124 @@ impl Config {
             log_format,
         })
     }
+}
+
+/// Basic or bearer auth as an `Authorization` value, or OAuth2 client credentials: from the variables
+/// the operator fills from Secrets. Messages name variables, never their values.
+#[allow(clippy::type_complexity)]
+fn auth_from(
+    token_url: &Option<String>,
+    scopes: &[String],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Option<HeaderValue>, Option<crate::auth::OAuth2Config>), ConfigError> {
+    let var = |name: &str| env(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    let (user, pass, token) = (
+        var(BASIC_AUTH_USERNAME_ENV),
+        var(BASIC_AUTH_PASSWORD_ENV),
+        var(BEARER_TOKEN_ENV),
+    );
+    let setting = "auth";
+    let basic = match (user, pass) {
+        (Some(u), Some(p)) => Some(crate::auth::basic(&u, &p).map_err(|e| bad(setting, e))?),
+        (None, None) => None,
+        _ => {
+            return Err(bad(
+                setting,
+                format!("basic auth needs both {BASIC_AUTH_USERNAME_ENV} and {BASIC_AUTH_PASSWORD_ENV}"),
+            ));
+        }
+    };
+    let bearer = token
+        .map(|t| crate::auth::bearer(&t).map_err(|e| bad(setting, format!("{BEARER_TOKEN_ENV}: {e}"))))
+        .transpose()?;
+    let oauth2 = match token_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+        None => None,
+        Some(u) => {
+            let url_setting = "--oauth2-token-url (HOOKFLEET_OAUTH2_TOKEN_URL)";
+            let token_url = Url::parse(u).map_err(|e| bad(url_setting, format!("{u:?}: {e}")))?;
+            if !matches!(token_url.scheme(), "http" | "https") || token_url.host_str().is_none() {
+                return Err(bad(
+                    url_setting,
+                    "must be an absolute http:// or https:// URL with a host",
+                ));
+            }
+            let (Some(client_id), Some(client_secret)) =
+                (var(OAUTH2_CLIENT_ID_ENV), var(OAUTH2_CLIENT_SECRET_ENV))
+            else {
+                return Err(bad(
+                    url_setting,
+                    format!("needs {OAUTH2_CLIENT_ID_ENV} and {OAUTH2_CLIENT_SECRET_ENV}"),
+                ));
+            };
+            Some(crate::auth::OAuth2Config {
+                token_url,
+                client_id,
+                client_secret,
+                scopes: scopes
+                    .iter()
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect(),
+            })
+        }
+    };
+    let methods = usize::from(basic.is_some()) + usize::from(bearer.is_some()) + usize::from(oauth2.is_some());
+    if methods > 1 {
+        return Err(bad(setting, "set one of basic, bearer and OAuth2 auth"));
+    }
+    Ok((basic.or(bearer), oauth2))
+}
+
+/// Reads and checks the TLS files now, so a bad PEM is a start-up error naming its flag rather than a
+/// failure on every delivery.
+fn tls_files(
+    ca: Option<&std::path::Path>,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> Result<TlsFiles, ConfigError> {
+    let read = |setting: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| bad(setting, format!("{}: {e}", path.display())))
+    };
+    let ca_setting = "--tls-ca-file (HOOKFLEET_TLS_CA_FILE)";
+    let ca_pem = match ca {
+        None => None,
+        Some(p) => {
+            let pem = read(ca_setting, p)?;
+            match reqwest::Certificate::from_pem_bundle(&pem) {
+                Ok(certs) if !certs.is_empty() => Some(pem),
+                _ => {
+                    return Err(bad(
+                        ca_setting,
+                        format!("{}: no PEM certificate in it", p.display()),
+                    ));
+                }
+            }
+        }
+    };
+    let cert_setting = "--tls-client-cert-file (HOOKFLEET_TLS_CLIENT_CERT_FILE)";
+    let key_setting = "--tls-client-key-file (HOOKFLEET_TLS_CLIENT_KEY_FILE)";
+    let identity_pem = match (cert, key) {
+        (None, None) => None,
+        (Some(c), Some(k)) => {
+            let mut pem = read(cert_setting, c)?;
+            pem.push(b'\n');
+            pem.extend(read(key_setting, k)?);
+            // The key's bytes stay out of the message.
+            reqwest::Identity::from_pem(&pem).map_err(|_| {
+                bad(
+                    cert_setting,
+                    format!(
+                        "{} and {} are not a PEM certificate and its private key",
+                        c.display(),
+                        k.display()
+                    ),
+                )
+            })?;
+            Some(pem)
+        }
+        _ => return Err(bad(cert_setting, "set both the client certificate and its key")),
+    };
+    Ok(TlsFiles { ca_pem, identity_pem })
 }
 
 fn validate_amqp_uri(uri: &str) -> Result<(), ConfigError> {

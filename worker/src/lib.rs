@@ -3,6 +3,7 @@
 //! queue with a publisher confirm). The binary is `main.rs`; the modules are here so the pure parts
 //! are unit-tested in isolation. The flag contract is in `docs/worker.md`.
 
+pub mod auth;
 pub mod backoff;
 pub mod breaker;
 pub mod config;

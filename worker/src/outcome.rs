@@ -58,6 +58,10 @@ pub fn classify_status(status: u16, retry_after: Option<Duration>) -> Outcome {
 pub fn classify_error(err: &reqwest::Error) -> Outcome {
     let reason = if is_fd_exhaustion(err) {
         "fd_exhausted"
+    } else if is_tls(err) {
+        // The certificate is not trusted, the destination wants a client certificate, … : retried
+        // (a CA or certificate Secret being fixed), and logged with the TLS error's own words.
+        "tls"
     } else if err.is_timeout() {
         "timeout"
     } else if err.is_connect() {
@@ -84,6 +88,40 @@ pub fn is_fd_exhaustion(err: &(dyn StdError + 'static)) -> bool {
         cur = e.source();
     }
     false
+}
+
+/// Whether an error chain holds a TLS error (rustls's; hyper-rustls hands it up inside an io::Error,
+/// whose `source` skips the error it wraps, so that one is looked into too).
+pub fn is_tls(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref())
+            && is_tls(inner)
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// An error and its causes on one line (`a: b: c`): reqwest's own message alone says only "error
+/// sending request".
+pub fn error_chain(err: &(dyn StdError + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !out.ends_with(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = e.source();
+    }
+    out
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::Worker;
 use super::settlement::{Accounted, Fate, Session};
+use crate::auth::SendError;
 use crate::breaker::{Admit, Transition};
 use crate::message::{self, Failure, Meta};
 use crate::outcome::{Outcome, classify_error, classify_status};
@@ -149,7 +150,7 @@ impl Worker {
             );
         }
         let started = Instant::now();
-        let result = req.body(body.to_vec()).send().await;
+        let result = crate::auth::send(&self.http, self.tokens.as_ref(), req.body(body.to_vec())).await;
         let outcome = match result {
             Ok(mut resp) => {
                 let status = resp.status().as_u16();
@@ -168,8 +169,19 @@ impl Worker {
                 }
                 classify_status(status, retry_after)
             }
-            Err(e) => {
+            Err(SendError::Token(e)) => {
+                warn!(error = %e, "no OAuth2 token; the message is retried later");
+                Outcome::Retry {
+                    reason: "oauth2_token",
+                    status: None,
+                    retry_after: None,
+                }
+            }
+            Err(SendError::Http(e)) => {
                 let o = classify_error(&e);
+                if let Outcome::Retry { reason: "tls", .. } = o {
+                    warn!(error = %crate::outcome::error_chain(&e), "TLS with the destination failed");
+                }
                 if matches!(
                     o,
                     Outcome::Retry {

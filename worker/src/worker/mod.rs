@@ -45,12 +45,20 @@ pub struct Worker {
     ladder: Vec<Duration>,
     /// Static headers, built once.
     headers: reqwest::header::HeaderMap,
+    /// The OAuth2 token cache, when the destination wants one.
+    tokens: Option<crate::auth::TokenSource>,
 }
 
 impl Worker {
     pub fn new(cfg: Config, metrics: Arc<Metrics>) -> Result<Arc<Self>, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .tls_backend_rustls()
+        let mut builder = reqwest::Client::builder().tls_backend_rustls();
+        if let Some(pem) = &cfg.tls.ca_pem {
+            builder = builder.tls_certs_merge(reqwest::Certificate::from_pem_bundle(pem)?);
+        }
+        if let Some(pem) = &cfg.tls.identity_pem {
+            builder = builder.identity(reqwest::Identity::from_pem(pem)?);
+        }
+        let http = builder
             .redirect(reqwest::redirect::Policy::none())
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
@@ -76,6 +84,7 @@ impl Worker {
             http,
             metrics,
             headers,
+            tokens: cfg.oauth2.clone().map(crate::auth::TokenSource::new),
             cfg,
         }))
     }
