@@ -1032,6 +1032,80 @@ mod tests {
     }
 
     #[test]
+    fn auth_from_variables_is_sensitive_and_exclusive() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        let basic = vars(&[
+            (BASIC_AUTH_USERNAME_ENV, "svc"),
+            (BASIC_AUTH_PASSWORD_ENV, "pa55"),
+        ]);
+        let c = parse_env(&[], &basic).unwrap();
+        let (name, value) = c.headers.last().unwrap();
+        assert_eq!(name, reqwest::header::AUTHORIZATION);
+        assert!(value.is_sensitive());
+        assert_eq!(value.to_str().unwrap(), "Basic c3ZjOnBhNTU=");
+        assert!(!format!("{c:?}").contains("c3ZjOnBhNTU"));
+
+        let half = vars(&[(BASIC_AUTH_USERNAME_ENV, "svc")]);
+        assert!(parse_env(&[], &half).unwrap_err().message.contains("needs both"));
+
+        let bearer = vars(&[(BEARER_TOKEN_ENV, "t0ken")]);
+        let c = parse_env(&[], &bearer).unwrap();
+        assert_eq!(c.headers.last().unwrap().1.to_str().unwrap(), "Bearer t0ken");
+        let twice = parse_env(&["--header", "Authorization: x"], &bearer).unwrap_err();
+        assert!(twice.message.contains("Authorization is set twice"), "{twice}");
+
+        let oauth = vars(&[
+            (OAUTH2_CLIENT_ID_ENV, "id"),
+            (OAUTH2_CLIENT_SECRET_ENV, "sec"),
+        ]);
+        let url = ["--oauth2-token-url", "https://login.example/token", "--oauth2-scope", "a"];
+        let c = parse_env(&url, &oauth).unwrap();
+        let o = c.oauth2.as_ref().unwrap();
+        assert_eq!((o.client_id.as_str(), o.scopes.clone()), ("id", vec!["a".to_owned()]));
+        let shown = format!("{c:?}");
+        assert!(shown.contains("login.example") && !shown.contains("sec\""), "{shown}");
+        let e = parse_env(&url, &|_| None).unwrap_err();
+        assert!(e.message.contains(OAUTH2_CLIENT_ID_ENV), "{e}");
+        let both = vars(&[
+            (OAUTH2_CLIENT_ID_ENV, "id"),
+            (OAUTH2_CLIENT_SECRET_ENV, "sec"),
+            (BEARER_TOKEN_ENV, "t"),
+        ]);
+        assert!(parse_env(&url, &both).is_err());
+    }
+
+    #[test]
+    fn extra_signing_secrets_add_up() {
+        let env = |k: &str| match k {
+            SIGNING_SECRET_ENV => Some("one".to_owned()),
+            "NEXT" => Some("whsec_dHdv three".to_owned()),
+            _ => None,
+        };
+        let c = parse_env(&["--signing-secret-env", "NEXT"], &env).unwrap();
+        assert_eq!(c.signing_secrets, [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+        let e = parse_env(&["--signing-secret-env", "MISSING"], &env).unwrap_err();
+        assert!(e.message.contains("MISSING"), "{e}");
+    }
+
+    #[test]
+    fn tls_files_are_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let junk = junk.display().to_string();
+        let e = parse(&["--tls-ca-file", &junk]).unwrap_err();
+        assert!(e.setting.starts_with("--tls-ca-file"), "{e}");
+        let e = parse(&["--tls-client-cert-file", &junk]).unwrap_err();
+        assert!(e.message.contains("both"), "{e}");
+        let e = parse(&["--tls-client-cert-file", &junk, "--tls-client-key-file", &junk]).unwrap_err();
+        assert!(e.setting.starts_with("--tls-client-cert-file"), "{e}");
+        let e = parse(&["--tls-ca-file", "/nonexistent/ca.pem"]).unwrap_err();
+        assert!(e.message.contains("/nonexistent/ca.pem"), "{e}");
+    }
+
+    #[test]
     fn body_template_is_compiled_once_or_absent() {
         assert!(parse(&[]).unwrap().body_template.is_none());
         assert!(parse(&["--body-template", " "]).unwrap().body_template.is_none());
