@@ -179,6 +179,15 @@ pub fn verify_signature(hit: &Hit, secret: &str) -> Result<()> {
     Ok(())
 }
 
+/// Which of `secrets` (`whsec_<base64>` or raw) a hit's `webhook-signature` verifies with: the index of the
+/// first one any of its space-separated signatures matches (a receiver rotating keys accepts any), or `None`
+/// when it is unsigned or none matches.
+pub fn verify_with_any(hit: &Hit, secrets: &[&str]) -> Option<usize> {
+    secrets
+        .iter()
+        .position(|secret| verify_signature(hit, secret).is_ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +235,17 @@ mod tests {
         };
         verify_signature(&hit, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
         assert!(verify_signature(&hit, "whsec_c2Vjb25k").is_err());
+        let keys = ["whsec_c2Vjb25k", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"];
+        assert_eq!(verify_with_any(&hit, &keys), Some(1));
+        assert_eq!(verify_with_any(&hit, &keys[..1]), None);
+        // Several signatures, one per key: any one that verifies will do.
+        let mut two = hit.clone();
+        two.headers.insert(
+            "webhook-signature".into(),
+            format!("v1,AAAA {}", hit.headers["webhook-signature"]),
+        );
+        assert_eq!(verify_with_any(&two, &keys), Some(1));
+        two.headers.remove("webhook-signature");
+        assert_eq!(verify_with_any(&two, &keys), None);
     }
 }

@@ -8,7 +8,8 @@
 //! - against any cluster: `HOOKFLEET_E2E_KUBECONFIG=<path> HOOKFLEET_E2E_HOST_ADDR=<host address pods reach>`
 //!   with the images already loaded (`e2e/kind/` does this for kind).
 //!
-//! `HOOKFLEET_E2E_SCENARIOS=deliver,kill` runs a subset. The scenarios share one installation and run one after
+//! `HOOKFLEET_E2E_SCENARIOS=deliver,kill` runs a subset (names: deliver, fds, kill, scale, sinkdown,
+//! notconsuming, bad, pdb, rotate). The scenarios share one installation and run one after
 //! the other, each in a namespace of its own; a failed scenario does not stop the others, and the suite ends with
 //! a table of every scenario's figures.
 
@@ -260,6 +261,21 @@ impl Stack {
     /// Waits until every id reached the sink or the dead-letter queue, then accounts for them and checks the
     /// signature of every delivery.
     async fn settle(&self, queue: &str, ids: &[String], secs: u64) -> Result<Account> {
+        let account = self.account_for(queue, ids, secs).await?;
+        let want: HashSet<&String> = ids.iter().collect();
+        for hit in self
+            .sink
+            .hits()
+            .iter()
+            .filter(|h| h.id.as_ref().is_some_and(|id| want.contains(id)))
+        {
+            messages::verify_signature(hit, SIGNING_SECRET)?;
+        }
+        Ok(account)
+    }
+
+    /// Waits until every id reached the sink or the dead-letter queue (at most `secs`), then accounts for them.
+    async fn account_for(&self, queue: &str, ids: &[String], secs: u64) -> Result<Account> {
         let want: HashSet<String> = ids.iter().cloned().collect();
         let dlq = format!("{queue}.dead");
         let mut dead = HashSet::new();
@@ -284,16 +300,7 @@ impl Stack {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         let delivered = self.delivered(&want);
-        let account = messages::account(ids, &delivered, &dead)?;
-        for hit in self
-            .sink
-            .hits()
-            .iter()
-            .filter(|h| h.id.as_ref().is_some_and(|id| want.contains(id)))
-        {
-            messages::verify_signature(hit, SIGNING_SECRET)?;
-        }
-        Ok(account)
+        messages::account(ids, &delivered, &dead)
     }
 
     fn delivered(&self, ids: &HashSet<String>) -> HashMap<String, usize> {
@@ -415,6 +422,99 @@ async fn deliver(s: &Stack) -> Outcome {
         ready_after,
         t0.elapsed()
     );
+    s.drop_namespace(ns).await;
+    Ok((Some(account), note))
+}
+
+/// Key rotation without downtime: the signing Secret changes mid-stream; the operator notices (Secret watch),
+/// the checksum on the pod template changes and the Deployment rolls (surge first). Every delivery verifies
+/// with the old key (pods started before the change) or the new one (pods started after); after the roll
+/// only the new key signs; nothing is lost.
+async fn rotate(s: &Stack) -> Outcome {
+    const NEW_SECRET: &str = "whsec_cm90YXRlZC1zaWduaW5nLWtleS0y";
+    let ns = "e2e-rotate";
+    let api = s.namespace(ns, "").await?;
+    s.integration(&api, "rotating", "e2e.rotate", serde_json::json!({}))
+        .await?;
+    s.ready_with_consumers(&api, "rotating", 2).await?;
+    let pods_before: HashSet<String> = s
+        .running_pods(ns, "rotating")
+        .await?
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+
+    let ids = messages::ids("rotate", 4000);
+    let uri = s.rmq.amqp_uri();
+    let publishing = {
+        let ids = ids.clone();
+        tokio::spawn(async move { messages::publish(&uri, "e2e.rotate", &ids, Some(100)).await })
+    };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), ns);
+    secrets
+        .patch(
+            "signing",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"stringData": {"secret": NEW_SECRET}})),
+        )
+        .await?;
+    let changed = Instant::now();
+    // Rolled: 2 Ready workers consuming, none of them from before the change.
+    let rolled = wait_for(
+        "the workers to roll",
+        Duration::from_secs(240),
+        Duration::from_millis(500),
+        || async {
+            let running = s.running_pods(ns, "rotating").await?;
+            let fresh = running.len() == 2
+                && running.iter().all(|p| !pods_before.contains(&p.name_any()))
+                && s.worker_pods(ns, "rotating").await?.len() == 2;
+            let i = api.get("rotating").await?;
+            let consuming = i
+                .status
+                .as_ref()
+                .is_some_and(|st| st.ready_replicas == Some(2) && st.consumers == Some(2));
+            Ok((fresh && consuming).then_some(()))
+        },
+    )
+    .await;
+    let rolled_after = changed.elapsed();
+    publishing.await??;
+    rolled?;
+    // After the roll only the new key signs.
+    let after = messages::ids("rotate-after", 200);
+    s.publish("e2e.rotate", &after, None).await?;
+    let all: Vec<String> = ids.iter().chain(after.iter()).cloned().collect();
+    let account = s.account_for("e2e.rotate", &all, 240).await?;
+
+    let want: HashSet<&String> = all.iter().collect();
+    let after_set: HashSet<&String> = after.iter().collect();
+    let (mut old, mut new, mut unsigned, mut after_old) = (0usize, 0usize, 0usize, 0usize);
+    for hit in s.sink.hits().iter().filter(|h| {
+        (200..300).contains(&h.status) && h.id.as_ref().is_some_and(|id| want.contains(id))
+    }) {
+        match messages::verify_with_any(hit, &[SIGNING_SECRET, NEW_SECRET]) {
+            Some(0) => {
+                old += 1;
+                if hit.id.as_ref().is_some_and(|id| after_set.contains(id)) {
+                    after_old += 1;
+                }
+            }
+            Some(_) => new += 1,
+            None => unsigned += 1,
+        }
+    }
+    let note = format!(
+        "N {}, signed-old {old}, signed-new {new}, unsigned {unsigned}, lost {}; rolled {rolled_after:.1?} after          the Secret changed; after the roll {} of {} signed with the new key",
+        all.len(),
+        account.lost,
+        after.len() - after_old,
+        after.len()
+    );
+    ensure!(unsigned == 0, "deliveries that verify with neither key: {note}");
+    ensure!(old > 0 && new > 0, "both keys should have signed during the roll: {note}");
+    ensure!(after_old == 0, "an old-key signature after the roll: {note}");
     s.drop_namespace(ns).await;
     Ok((Some(account), note))
 }
@@ -910,6 +1010,7 @@ async fn suite() -> Result<()> {
     scenario!("notconsuming", not_consuming);
     scenario!("bad", bad_input);
     scenario!("pdb", evictions);
+    scenario!("rotate", rotate);
 
     println!(
         "\n{:<13} {:>9} {:>9} {:>7} {:>5} {:>5} {:>8}  notes",
