@@ -170,6 +170,35 @@ async fn crd_is_established_and_validates_integrations() -> anyhow::Result<()> {
             "spec.workers.fileDescriptorLimit",
         ),
         (
+            "two-auth-methods",
+            format!(
+                "{src}  destination: {{url: \"https://h.example.com\", auth: {{bearer: {{tokenFrom: {{name: t, key: t}}}}, \
+                 basic: {{usernameFrom: {{name: b, key: u}}, passwordFrom: {{name: b, key: p}}}}}}}}\n"
+            ),
+            "spec.destination.auth",
+        ),
+        (
+            "auth-and-an-authorization-header",
+            format!(
+                "{src}  destination: {{url: \"https://h.example.com\", headers: {{authorization: x}}, \
+                 auth: {{bearer: {{tokenFrom: {{name: t, key: t}}}}}}}}\n"
+            ),
+            "spec.destination.auth",
+        ),
+        (
+            "signing-without-a-key",
+            format!("{src}  destination: {{url: \"https://h.example.com\", signing: {{}}}}\n"),
+            "spec.destination.signing",
+        ),
+        (
+            "oauth2-ftp-token-url",
+            format!(
+                "{src}  destination: {{url: \"https://h.example.com\", auth: {{oauth2: {{tokenUrl: \"ftp://x.example\", \
+                 clientIdFrom: {{name: o, key: i}}, clientSecretFrom: {{name: o, key: s}}}}}}}}\n"
+            ),
+            "spec.destination.auth.oauth2.tokenUrl",
+        ),
+        (
             "zero-prefetch",
             format!("  source: {{connectionSecretRef: {{name: r, key: uri}}, queue: q, prefetch: 0}}\n{dst}"),
             "spec.source.prefetch",

@@ -506,7 +506,8 @@ async fn rotate(s: &Stack) -> Outcome {
         }
     }
     let note = format!(
-        "N {}, signed-old {old}, signed-new {new}, unsigned {unsigned}, lost {}; rolled {rolled_after:.1?} after          the Secret changed; after the roll {} of {} signed with the new key",
+        "N {}, signed-old {old}, signed-new {new}, unsigned {unsigned}, lost {}; rolled {rolled_after:.1?} after \
+         the Secret changed; after the roll {} of {} signed with the new key",
         all.len(),
         account.lost,
         after.len() - after_old,
