@@ -61,7 +61,10 @@ fn full_example_round_trips_without_nulls() {
 fn auth_examples_set_one_method_each() {
     let basic = example("auth-basic.yaml").spec.destination.auth.unwrap();
     let b = basic.basic.unwrap();
-    assert_eq!((b.username_from.key.as_str(), b.password_from.key.as_str()), ("username", "password"));
+    assert_eq!(
+        (b.username_from.key.as_str(), b.password_from.key.as_str()),
+        ("username", "password")
+    );
     assert!(basic.bearer.is_none() && basic.oauth2.is_none());
     let bearer = example("auth-bearer.yaml").spec.destination.auth.unwrap();
     assert_eq!(bearer.bearer.unwrap().token_from.name, "partner-token");

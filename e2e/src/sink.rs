@@ -194,11 +194,7 @@ impl Sink {
                 });
             }
         });
-        sink.tls = Some(TlsFront {
-            addr,
-            refused,
-            task,
-        });
+        sink.tls = Some(TlsFront { addr, refused, task });
         Ok(sink)
     }
 
@@ -219,9 +215,7 @@ impl Sink {
     /// TLS handshakes the HTTPS sink refused (no client certificate, or one it does not trust; or a
     /// client that gave up on the sink's certificate).
     pub fn tls_refused(&self) -> u64 {
-        self.tls
-            .as_ref()
-            .map_or(0, |t| t.refused.load(Ordering::SeqCst))
+        self.tls.as_ref().map_or(0, |t| t.refused.load(Ordering::SeqCst))
     }
 
     /// Answer 401 to requests whose `Authorization` is not one of `values` (`None`: accept any).
@@ -416,9 +410,7 @@ async fn serve(sock: TcpStream, st: Arc<Stats>, mut mode: watch::Receiver<Mode>,
         }
 
         let unauthorized = match st.accepted_authorization.lock().unwrap().as_ref() {
-            Some(accepted) => !headers
-                .get("authorization")
-                .is_some_and(|a| accepted.contains(a)),
+            Some(accepted) => !headers.get("authorization").is_some_and(|a| accepted.contains(a)),
             None => false,
         };
 

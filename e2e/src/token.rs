@@ -123,9 +123,7 @@ async fn serve(mut sock: TcpStream, st: Arc<Mutex<State>>) -> Result<()> {
         let (status, json) = match answer {
             Some(TokenAnswer::Token { token, expires_in }) => (
                 200,
-                format!(
-                    r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":{expires_in}}}"#
-                ),
+                format!(r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":{expires_in}}}"#),
             ),
             Some(TokenAnswer::Status(s)) => (s, r#"{"error":"temporarily_unavailable"}"#.to_owned()),
             None => (500, "{}".to_owned()),

@@ -491,9 +491,12 @@ async fn rotate(s: &Stack) -> Outcome {
     let want: HashSet<&String> = all.iter().collect();
     let after_set: HashSet<&String> = after.iter().collect();
     let (mut old, mut new, mut unsigned, mut after_old) = (0usize, 0usize, 0usize, 0usize);
-    for hit in s.sink.hits().iter().filter(|h| {
-        (200..300).contains(&h.status) && h.id.as_ref().is_some_and(|id| want.contains(id))
-    }) {
+    for hit in s
+        .sink
+        .hits()
+        .iter()
+        .filter(|h| (200..300).contains(&h.status) && h.id.as_ref().is_some_and(|id| want.contains(id)))
+    {
         match messages::verify_with_any(hit, &[SIGNING_SECRET, NEW_SECRET]) {
             Some(0) => {
                 old += 1;
@@ -514,7 +517,10 @@ async fn rotate(s: &Stack) -> Outcome {
         after.len()
     );
     ensure!(unsigned == 0, "deliveries that verify with neither key: {note}");
-    ensure!(old > 0 && new > 0, "both keys should have signed during the roll: {note}");
+    ensure!(
+        old > 0 && new > 0,
+        "both keys should have signed during the roll: {note}"
+    );
     ensure!(after_old == 0, "an old-key signature after the roll: {note}");
     s.drop_namespace(ns).await;
     Ok((Some(account), note))

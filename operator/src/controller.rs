@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
-use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::core::error_boundary::InvalidObject;
+use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -246,11 +246,8 @@ async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action> {
         let mut deployment = desired::deployment(intg, &ctx.config.worker, desired_replicas)?;
         // A Secret that cannot be read keeps the checksum the pods run with: no roll into pods that
         // would not start.
-        let checksum = secrets_checksum.or_else(|| {
-            cached_deployment
-                .as_deref()
-                .and_then(desired::secrets_checksum)
-        });
+        let checksum =
+            secrets_checksum.or_else(|| cached_deployment.as_deref().and_then(desired::secrets_checksum));
         if let Some(c) = checksum {
             desired::set_secrets_checksum(&mut deployment, c);
         }

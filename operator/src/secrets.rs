@@ -65,14 +65,23 @@ pub fn referenced_keys(spec: &IntegrationSpec) -> Vec<KeyRef> {
     }
     if let Some(a) = &d.auth {
         if let Some(b) = &a.basic {
-            refs.push(key_ref(&b.username_from, "spec.destination.auth.basic.usernameFrom"));
-            refs.push(key_ref(&b.password_from, "spec.destination.auth.basic.passwordFrom"));
+            refs.push(key_ref(
+                &b.username_from,
+                "spec.destination.auth.basic.usernameFrom",
+            ));
+            refs.push(key_ref(
+                &b.password_from,
+                "spec.destination.auth.basic.passwordFrom",
+            ));
         }
         if let Some(b) = &a.bearer {
             refs.push(key_ref(&b.token_from, "spec.destination.auth.bearer.tokenFrom"));
         }
         if let Some(o) = &a.oauth2 {
-            refs.push(key_ref(&o.client_id_from, "spec.destination.auth.oauth2.clientIdFrom"));
+            refs.push(key_ref(
+                &o.client_id_from,
+                "spec.destination.auth.oauth2.clientIdFrom",
+            ));
             refs.push(key_ref(
                 &o.client_secret_from,
                 "spec.destination.auth.oauth2.clientSecretFrom",

@@ -233,7 +233,10 @@ fn auth_tls_and_signing_keys_come_from_secrets() {
         flag(&args, "signing-secret-env"),
         ["HOOKFLEET_SIGNING_SECRET_0", "HOOKFLEET_SIGNING_SECRET_1"]
     );
-    assert_eq!(flag(&args, "oauth2-token-url"), ["https://login.example.com/token"]);
+    assert_eq!(
+        flag(&args, "oauth2-token-url"),
+        ["https://login.example.com/token"]
+    );
     assert_eq!(flag(&args, "oauth2-scope"), ["hooks.write", "hooks.read"]);
     assert_eq!(flag(&args, "tls-ca-file"), ["/etc/hookfleet/tls/ca/ca.crt"]);
     assert_eq!(
@@ -274,7 +277,10 @@ fn auth_tls_and_signing_keys_come_from_secrets() {
     let ca = secret_of("tls-ca");
     assert_eq!(ca.secret_name.as_deref(), Some("partner-ca"));
     let items = ca.items.unwrap();
-    assert_eq!((items[0].key.as_str(), items[0].path.as_str()), ("bundle.pem", "ca.crt"));
+    assert_eq!(
+        (items[0].key.as_str(), items[0].path.as_str()),
+        ("bundle.pem", "ca.crt")
+    );
     let client = secret_of("tls-client");
     assert_eq!(client.secret_name.as_deref(), Some("partner-client"));
     let keys: Vec<String> = client.items.unwrap().into_iter().map(|i| i.key).collect();
@@ -320,8 +326,14 @@ fn basic_and_bearer_credentials_are_secret_refs() {
         let r = e.value_from.clone().unwrap().secret_key_ref.unwrap();
         (r.name, r.key)
     };
-    assert_eq!(refd("HOOKFLEET_BASIC_AUTH_USERNAME"), ("creds".into(), "user".into()));
-    assert_eq!(refd("HOOKFLEET_BASIC_AUTH_PASSWORD"), ("creds".into(), "pass".into()));
+    assert_eq!(
+        refd("HOOKFLEET_BASIC_AUTH_USERNAME"),
+        ("creds".into(), "user".into())
+    );
+    assert_eq!(
+        refd("HOOKFLEET_BASIC_AUTH_PASSWORD"),
+        ("creds".into(), "pass".into())
+    );
     intg.spec.destination.auth =
         Some(serde_yaml::from_str("bearer: {tokenFrom: {name: tok, key: t}}").unwrap());
     let env = container(&intg, 2).0.env.unwrap();

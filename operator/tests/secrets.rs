@@ -29,10 +29,15 @@ async fn checksum_change(
     within: Duration,
 ) -> anyhow::Result<(String, Duration)> {
     let t0 = Instant::now();
-    let c = wait_for("the checksum to change", within, Duration::from_millis(100), || async {
-        let d = deployments.get("rotating").await?;
-        Ok(desired::secrets_checksum(&d).filter(|c| c != from))
-    })
+    let c = wait_for(
+        "the checksum to change",
+        within,
+        Duration::from_millis(100),
+        || async {
+            let d = deployments.get("rotating").await?;
+            Ok(desired::secrets_checksum(&d).filter(|c| c != from))
+        },
+    )
     .await?;
     Ok((c, t0.elapsed()))
 }
@@ -47,7 +52,12 @@ async fn changing_a_referenced_secret_changes_the_pod_template() -> anyhow::Resu
     // No broker: the Secrets are all this test is about (the broker is reported unreachable).
     secret(&cp, "rabbitmq", "amqp://guest:guest@127.0.0.1:1/%2f").await?;
     put_secret(&secrets, "signing", serde_json::json!({"secret": "old-key"})).await?;
-    put_secret(&secrets, "signing-next", serde_json::json!({"secret": "next-key"})).await?;
+    put_secret(
+        &secrets,
+        "signing-next",
+        serde_json::json!({"secret": "next-key"}),
+    )
+    .await?;
     put_secret(&secrets, "unrelated", serde_json::json!({"x": "1"})).await?;
     // A resync far beyond the test's waits: what it sees comes from the Secret watch.
     let mut cfg = config("secrets");

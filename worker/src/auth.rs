@@ -31,8 +31,8 @@ pub fn bearer(token: &str) -> Result<HeaderValue, String> {
 }
 
 fn sensitive(value: &str) -> Result<HeaderValue, String> {
-    let mut v = HeaderValue::from_str(value)
-        .map_err(|_| "the credential is not a valid header value".to_owned())?;
+    let mut v =
+        HeaderValue::from_str(value).map_err(|_| "the credential is not a valid header value".to_owned())?;
     v.set_sensitive(true);
     Ok(v)
 }
@@ -94,7 +94,9 @@ pub struct TokenSource {
 
 impl fmt::Debug for TokenSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenSource").field("cfg", &self.cfg).finish_non_exhaustive()
+        f.debug_struct("TokenSource")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
     }
 }
 
@@ -211,10 +213,9 @@ impl TokenSource {
         {
             return Err(fail(format!("token_type {kind:?} is not Bearer")));
         }
-        let expires_in = json.get("expires_in").and_then(|e| {
-            e.as_u64()
-                .or_else(|| e.as_str().and_then(|s| s.parse().ok()))
-        });
+        let expires_in = json
+            .get("expires_in")
+            .and_then(|e| e.as_u64().or_else(|| e.as_str().and_then(|s| s.parse().ok())));
         Ok(Token {
             value: bearer(token).map_err(fail)?,
             valid_until: started + usable_for(expires_in),

@@ -464,9 +464,9 @@ impl Config {
             .filter(|v| !v.is_empty())
         {
             let setting = "--signing-secret-env (HOOKFLEET_SIGNING_SECRET_ENVS)";
-            let value = env(var).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
-                bad(setting, format!("variable {var} is not set or empty"))
-            })?;
+            let value = env(var)
+                .filter(|v| !v.trim().is_empty())
+                .ok_or_else(|| bad(setting, format!("variable {var} is not set or empty")))?;
             signing_secrets.extend(
                 crate::signing::parse_secrets(&value)
                     .map_err(|e| bad(setting, format!("variable {var}: {e}")))?,
@@ -761,7 +761,8 @@ fn auth_from(
             })
         }
     };
-    let methods = usize::from(basic.is_some()) + usize::from(bearer.is_some()) + usize::from(oauth2.is_some());
+    let methods =
+        usize::from(basic.is_some()) + usize::from(bearer.is_some()) + usize::from(oauth2.is_some());
     if methods > 1 {
         return Err(bad(setting, "set one of basic, bearer and OAuth2 auth"));
     }
@@ -1056,16 +1057,24 @@ mod tests {
         let twice = parse_env(&["--header", "Authorization: x"], &bearer).unwrap_err();
         assert!(twice.message.contains("Authorization is set twice"), "{twice}");
 
-        let oauth = vars(&[
-            (OAUTH2_CLIENT_ID_ENV, "id"),
-            (OAUTH2_CLIENT_SECRET_ENV, "sec"),
-        ]);
-        let url = ["--oauth2-token-url", "https://login.example/token", "--oauth2-scope", "a"];
+        let oauth = vars(&[(OAUTH2_CLIENT_ID_ENV, "id"), (OAUTH2_CLIENT_SECRET_ENV, "sec")]);
+        let url = [
+            "--oauth2-token-url",
+            "https://login.example/token",
+            "--oauth2-scope",
+            "a",
+        ];
         let c = parse_env(&url, &oauth).unwrap();
         let o = c.oauth2.as_ref().unwrap();
-        assert_eq!((o.client_id.as_str(), o.scopes.clone()), ("id", vec!["a".to_owned()]));
+        assert_eq!(
+            (o.client_id.as_str(), o.scopes.clone()),
+            ("id", vec!["a".to_owned()])
+        );
         let shown = format!("{c:?}");
-        assert!(shown.contains("login.example") && !shown.contains("sec\""), "{shown}");
+        assert!(
+            shown.contains("login.example") && !shown.contains("sec\""),
+            "{shown}"
+        );
         let e = parse_env(&url, &|_| None).unwrap_err();
         assert!(e.message.contains(OAUTH2_CLIENT_ID_ENV), "{e}");
         let both = vars(&[
@@ -1084,7 +1093,10 @@ mod tests {
             _ => None,
         };
         let c = parse_env(&["--signing-secret-env", "NEXT"], &env).unwrap();
-        assert_eq!(c.signing_secrets, [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+        assert_eq!(
+            c.signing_secrets,
+            [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+        );
         let e = parse_env(&["--signing-secret-env", "MISSING"], &env).unwrap_err();
         assert!(e.message.contains("MISSING"), "{e}");
     }

@@ -76,7 +76,16 @@ async fn https_with_a_custom_ca_and_a_clear_tls_error_without() -> Result<()> {
     let published = ids("tls", 40);
     publish(&rmq, "tls.q", &published).await?;
 
-    let mut without = start_worker(&rmq, "tls.q", &sink.url(), &FAST_RETRIES, &[], dir.path(), "no-ca").await?;
+    let mut without = start_worker(
+        &rmq,
+        "tls.q",
+        &sink.url(),
+        &FAST_RETRIES,
+        &[],
+        dir.path(),
+        "no-ca",
+    )
+    .await?;
     let n = wait_retried(&without, "tls", 5.0).await?;
     without.process.stop(Duration::from_secs(10));
     let log = std::fs::read_to_string(without.process.log_path())?;
@@ -87,7 +96,11 @@ async fn https_with_a_custom_ca_and_a_clear_tls_error_without() -> Result<()> {
     );
     assert!(sink.hits().is_empty(), "nothing reached the sink without the CA");
     assert!(sink.tls_refused() > 0);
-    assert_eq!(queue_stats(&rmq, "tls.q.dead")?.0, 0, "a TLS error is never dead-lettered");
+    assert_eq!(
+        queue_stats(&rmq, "tls.q.dead")?.0,
+        0,
+        "a TLS error is never dead-lettered"
+    );
 
     let with = start_worker(
         &rmq,
@@ -169,7 +182,9 @@ async fn mtls_delivers_with_the_client_certificate_and_is_refused_without() -> R
         assert!(sink.hits().is_empty(), "{name}: no request got through");
         let refused = sink.tls_refused() - refused_before;
         assert!(refused > 0, "{name}: the sink refused the handshake");
-        eprintln!("mtls: {name}: {n} attempts retried (reason tls), {refused} handshakes refused by the sink");
+        eprintln!(
+            "mtls: {name}: {n} attempts retried (reason tls), {refused} handshakes refused by the sink"
+        );
     }
     assert_eq!(queue_stats(&rmq, "mtls.q.dead")?.0, 0);
 
@@ -179,7 +194,12 @@ async fn mtls_delivers_with_the_client_certificate_and_is_refused_without() -> R
         &sink.url(),
         &[
             &trust[..],
-            &["--tls-client-cert-file", &cert_file, "--tls-client-key-file", &key_file],
+            &[
+                "--tls-client-cert-file",
+                &cert_file,
+                "--tls-client-key-file",
+                &key_file,
+            ],
         ]
         .concat(),
         &[],
@@ -251,7 +271,10 @@ async fn oauth2_token_is_cached_refreshed_and_its_failure_retried() -> Result<()
     let reqs = tokens.requests();
     assert_eq!(reqs.len(), 1, "one token request for 50 deliveries");
     let basic = base64::engine::general_purpose::STANDARD.encode("hookfleet-client:s3cret%2Fwith%2Bsymbols");
-    assert_eq!(reqs[0].authorization.as_deref(), Some(format!("Basic {basic}").as_str()));
+    assert_eq!(
+        reqs[0].authorization.as_deref(),
+        Some(format!("Basic {basic}").as_str())
+    );
     assert_eq!(
         reqs[0].body,
         "grant_type=client_credentials&scope=hooks.write+hooks.read"
@@ -321,7 +344,15 @@ async fn oauth2_token_is_cached_refreshed_and_its_failure_retried() -> Result<()
     let dups = account(&all, &sink.delivered(), &HashSet::new())?;
 
     let log = std::fs::read_to_string(w.process.log_path())?;
-    for secret in [client_secret, "s3cret", "tok-1", "tok-2", "tok-3", "tok-4", &basic] {
+    for secret in [
+        client_secret,
+        "s3cret",
+        "tok-1",
+        "tok-2",
+        "tok-3",
+        "tok-4",
+        &basic,
+    ] {
         assert!(!log.contains(secret), "the log shows {secret:?}");
     }
     eprintln!(
@@ -399,7 +430,11 @@ async fn basic_auth_and_two_signing_keys_never_leak() -> Result<()> {
     for d in &dead {
         let shown = format!("{:?} {}", d.headers, String::from_utf8_lossy(&d.body));
         for secret in ["pa55word", authorization.as_str(), "b2xkLWtleS1vbGQta2V5", new] {
-            assert!(!shown.contains(secret), "dead letter {} carries {secret:?}: {shown}", d.id);
+            assert!(
+                !shown.contains(secret),
+                "dead letter {} carries {secret:?}: {shown}",
+                d.id
+            );
         }
     }
     drop(w);
