@@ -54,7 +54,13 @@ async fn s2_kill_9_mid_stream_loses_nothing() -> Result<()> {
     sink.wait_delivered(&want, Duration::from_secs(120)).await?;
     let dead = drain(&rmq, "s2.q.dead").await?;
     let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
-    fault_table("kill-9-worker", &published, &sink.delivered(), &dead_ids(&dead), 0);
+    fault_table(
+        "kill-9-worker",
+        &published,
+        &sink.delivered(),
+        &dead_ids(&dead),
+        0,
+    );
     let a = settled_accounting(&w2).await?;
     eprintln!("s2 accounting (second worker): {a:?}");
     assert!(dead.is_empty(), "nothing should be dead-lettered");
@@ -101,7 +107,13 @@ async fn s3_broker_restart_mid_stream_reconnects() -> Result<()> {
     sink.wait_delivered(&want, Duration::from_secs(120)).await?;
     let dead = drain(&rmq, "s3.q.dead").await?;
     let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
-    fault_table("broker-restart", &published, &sink.delivered(), &dead_ids(&dead), 0);
+    fault_table(
+        "broker-restart",
+        &published,
+        &sink.delivered(),
+        &dead_ids(&dead),
+        0,
+    );
     assert!(dead.is_empty());
     let m = w.metrics().await?;
     assert!(metric(&m, "hookfleet_broker_reconnects_total{") >= 1.0);
@@ -322,7 +334,13 @@ async fn s7_sigterm_drains_in_flight_and_exits_0() -> Result<()> {
     let want: HashSet<String> = published.iter().cloned().collect();
     sink.wait_delivered(&want, Duration::from_secs(60)).await?;
     let dups = account(&published, &sink.delivered(), &HashSet::new())?;
-    fault_table("sigterm-under-load", &published, &sink.delivered(), &HashSet::new(), 0);
+    fault_table(
+        "sigterm-under-load",
+        &published,
+        &sink.delivered(),
+        &HashSet::new(),
+        0,
+    );
     let a = settled_accounting(&w2).await?;
     eprintln!("s7 accounting (second worker): {a:?}");
     assert_eq!(
