@@ -317,3 +317,46 @@ async fn killing_the_leader_node_mid_stream_loses_nothing() -> Result<()> {
     );
     Ok(())
 }
+
+/// Several URIs, the first of them a node that is down (nothing listens on its port): the worker logs the
+/// refusal, connects to the next, and delivers; the URI's password never shows in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_is_down_is_skipped() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    let rmq = hookfleet_e2e::RabbitMq::start().await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    let down = hookfleet_e2e::process::free_port()?;
+    let live = rmq.amqp_uri();
+    // The same node twice after the dead one: whichever entry the random start picks, the worker ends on
+    // the live node, trying the dead one at most once.
+    let uris = format!("amqp://guest:guest@127.0.0.1:{down}/%2f, {live}\n{live}");
+    let published = ids("skip", 200);
+    publish(&rmq, "skip.q", &published).await?;
+    let w = start_worker_uri(&uris, "skip.q", &sink.url(), &[], &[], dir.path(), "worker").await?;
+    sink.wait_delivered(&published.iter().cloned().collect(), Duration::from_secs(60))
+        .await?;
+    let ports = connected_ports(&w);
+    assert_eq!(ports, [rmq.port()], "connected to {ports:?}");
+    let log = std::fs::read_to_string(w.process.log_path())?;
+    assert!(!log.contains("guest:guest"), "the password is in the log");
+    let refused = log
+        .lines()
+        .filter(|l| l.contains("broker node did not answer") && l.contains(&format!(":{down}/")))
+        .count();
+    assert!(refused <= 1, "the dead node was tried {refused} times");
+    let a = settled_accounting(&w).await?;
+    let row = fault_table(
+        "first-uri-down",
+        &published,
+        &sink.delivered(),
+        &HashSet::new(),
+        0,
+    );
+    assert_eq!(row.lost, 0);
+    eprintln!(
+        "first URI down: dead node tried {refused} time(s), connected to port {ports:?}; accounting {a:?}"
+    );
+    Ok(())
+}
