@@ -34,7 +34,7 @@ images: ## Worker and operator images as OCI archives in target/images (cargo bu
 crds: ## Regenerate crds/integrations.hookfleet.io.yaml and the chart's copy from the Rust types
 	$(CARGO) run -q -p hookfleet-crds --bin crdgen -- --write
 
-.PHONY: test-worker-faults bench-worker test-node test-e2e
+.PHONY: test-worker-faults test-broker-cluster bench-worker test-node test-e2e
 
 test-e2e: ## The e2e suite on the local real node (root): chart install, real worker pods, every scenario's account
 	$(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
@@ -44,6 +44,9 @@ test-node: ## The real node (root): a pod reaches the host's sink, RabbitMQ and 
 
 test-worker-faults: ## Worker fault scenarios: kill -9, broker restart, fd limit, SIGTERM, deleted queue, poison message, full queue, memory alarm (real RabbitMQ)
 	$(CARGO) test -p hookfleet-worker --test faults -- --nocapture
+
+test-broker-cluster: ## 3-node RabbitMQ cluster: kill -9 of the work queue's leader node under load (10,000 msgs, two workers, flaky sink), 0 lost, node rejoins
+	$(CARGO) test -p hookfleet-worker --test cluster -- --nocapture
 
 bench-worker: ## Worker throughput beside its baselines (raw broker consume+ack, raw sink), one run
 	$(CARGO) bench -p hookfleet-worker --bench throughput

@@ -82,7 +82,8 @@ pub struct IntegrationSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SourceSpec {
-    /// Secret key holding the broker URI (amqp:// or amqps://, with credentials). Never inline.
+    /// Secret key holding the broker URI (amqp:// or amqps://, with credentials), or several separated by
+    /// commas or whitespace, one per node of a RabbitMQ cluster (workers try them in turn). Never inline.
     pub connection_secret_ref: SecretKeyRef,
     /// Durable queue to consume; the worker declares it with its retry and dead-letter topology.
     #[schemars(length(min = 1, max = 255))]

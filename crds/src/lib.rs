@@ -3,6 +3,7 @@
 //! The CRD YAML under `crds/` is generated from these types (`cargo run -p hookfleet-crds --bin crdgen`),
 //! never edited by hand; `tests/crd_yaml.rs` fails when it is out of date.
 
+pub mod broker;
 pub mod contract;
 pub mod integration;
 

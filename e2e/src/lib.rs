@@ -29,7 +29,7 @@ pub mod tools;
 
 pub use cluster::{Cluster, ClusterOptions};
 pub use control_plane::ControlPlane;
-pub use rabbitmq::RabbitMq;
+pub use rabbitmq::{RabbitCluster, RabbitMq};
 
 /// Logs from the harness to the test's output, once per process (`RUST_LOG` filters; default `info`, without kube's
 /// per-request errors while the API server is still starting).

@@ -5,9 +5,11 @@
 //! The node can be stopped and started again on the same ports and data directory ([`RabbitMq::restart`],
 //! [`RabbitMq::stop_node`], [`RabbitMq::start_node`]) to test reconnects; durable queues and persistent
 //! messages survive that, as they would in production.
+//!
+//! [`RabbitCluster`] is several such nodes joined into one cluster, for tests of node loss.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -20,38 +22,27 @@ use crate::process::{Process, free_port, wait_for};
 /// `su`, which cannot write a root-owned temporary directory.
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
+/// The Erlang cookie every node of one harness shares (and `rabbitmqctl` presents).
+const COOKIE: &str = "HOOKFLEETTESTCOOKIE";
 
-/// A running RabbitMQ node.
-pub struct RabbitMq {
-    node: Option<Process>,
-    epmd: Process,
-    dir: tempfile::TempDir,
+/// One node: its directory, environment and (while it runs) its Erlang VM.
+struct Node {
+    process: Option<Process>,
     env: Vec<(String, String)>,
     nodename: String,
     port: u16,
-    pod_addr: Option<IpAddr>,
+    dir: PathBuf,
 }
 
-impl RabbitMq {
-    /// Starts a node and waits until it accepts AMQP connections (installs the Debian package first when
-    /// it is missing and this process may).
-    pub async fn start() -> Result<Self> {
-        Self::start_on(None).await
-    }
-
-    /// Like [`RabbitMq::start`]; with `pod_addr` (e.g. [`crate::Cluster::host_addr`]) the node also
-    /// listens there, on the same port, and `guest` may log in from any address: it is loopback-only by
-    /// default, and a pod's connection comes from the pod network.
-    pub async fn start_on(pod_addr: Option<IpAddr>) -> Result<Self> {
-        ensure_installed()?;
-        let dir = tempfile::Builder::new().prefix("hookfleet-rmq-").tempdir()?;
+impl Node {
+    /// Writes the node's configuration under `dir`; the node registers with the epmd on `epmd_port` and
+    /// reads its cookie from `home`.
+    fn prepare(dir: &Path, home: &Path, epmd_port: u16, pod_addr: Option<IpAddr>) -> Result<Self> {
         let port = free_port()?;
         let dist_port = free_port()?;
-        let epmd_port = free_port()?;
         let nodename = format!("hookfleet-{port}@localhost");
-        let base = dir.path();
-        for sub in ["mnesia", "log", "home"] {
-            std::fs::create_dir_all(base.join(sub))?;
+        for sub in ["mnesia", "log"] {
+            std::fs::create_dir_all(dir.join(sub))?;
         }
         let mut conf = format!("listeners.tcp.1 = 127.0.0.1:{port}\n");
         match pod_addr {
@@ -61,15 +52,15 @@ impl RabbitMq {
             None => conf.push_str("loopback_users.guest = true\n"),
         }
         conf.push_str("log.console = true\nlog.console.level = warning\nlog.file = false\n");
-        std::fs::write(base.join("rabbitmq.conf"), conf)?;
-        std::fs::write(base.join("enabled_plugins"), "[].\n")?;
+        std::fs::write(dir.join("rabbitmq.conf"), conf)?;
+        std::fs::write(dir.join("enabled_plugins"), "[].\n")?;
         // At-least-once dead-lettering (quorum queues) re-sends a message its target refused (say a
         // full work queue) only after this timeout, 3 minutes by default; 5 s keeps tests short.
         std::fs::write(
-            base.join("advanced.config"),
+            dir.join("advanced.config"),
             "[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 5000}]}].\n",
         )?;
-        let p = |sub: &str| base.join(sub).display().to_string();
+        let p = |sub: &str| dir.join(sub).display().to_string();
         let mut env: Vec<(String, String)> = [
             ("RABBITMQ_NODENAME", nodename.clone()),
             ("RABBITMQ_DIST_PORT", dist_port.to_string()),
@@ -84,9 +75,14 @@ impl RabbitMq {
             ("RABBITMQ_ADVANCED_CONFIG_FILE", p("advanced.config")),
             ("RABBITMQ_PID_FILE", p("rabbitmq.pid")),
             ("RABBITMQ_CONF_ENV_FILE", p("rabbitmq-env.conf")),
-            ("HOME", p("home")),
+            ("HOME", home.display().to_string()),
             // A node that fails to boot writes a crash dump; keep it with the node's logs, not in the cwd.
             ("ERL_CRASH_DUMP", p("log/erl_crash.dump")),
+            // The script then `exec`s the VM instead of running it as a background child: the VM is the
+            // process the harness started, so its parent-death signal (SIGKILL, see `process`) and a kill
+            // of its process group reach the VM itself. As a child of the script it outlived a harness
+            // killed with SIGKILL.
+            ("RUNNING_UNDER_SYSTEMD", "true".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -96,58 +92,25 @@ impl RabbitMq {
             env.push(("RABBITMQ_NODE_IP_ADDRESS".into(), "127.0.0.1".into()));
             env.push(("RABBITMQ_NODE_PORT".into(), port.to_string()));
         }
-
-        let epmd = Process::spawn(
-            "epmd",
-            Path::new("/usr/bin/epmd"),
-            &[
-                "-port".into(),
-                epmd_port.to_string(),
-                "-address".into(),
-                "127.0.0.1".into(),
-            ],
-            &[],
-            &base.join("epmd.log"),
-        )?;
-        let mut rmq = Self {
-            node: None,
-            epmd,
-            dir,
+        Ok(Self {
+            process: None,
             env,
             nodename,
             port,
-            pod_addr,
-        };
-        rmq.start_node().await?;
-        Ok(rmq)
+            dir: dir.to_owned(),
+        })
     }
 
-    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
-    pub fn amqp_uri(&self) -> String {
+    fn amqp_uri(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
-    /// The URI for workers in pods: `amqp://guest:guest@<pod address>:<port>/%2f` (the loopback URI when
-    /// started without one).
-    pub fn amqp_uri_for_pods(&self) -> String {
-        let host = self.pod_addr.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        format!("amqp://guest:guest@{host}:{}/%2f", self.port)
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Starts the node (after [`RabbitMq::stop_node`]) and waits until it accepts AMQP connections.
-    pub async fn start_node(&mut self) -> Result<()> {
-        if self.node.is_some() {
+    /// Starts the VM (if stopped) and waits until it accepts AMQP connections.
+    async fn start(&mut self) -> Result<()> {
+        if self.process.is_some() {
             return Ok(());
         }
-        let log = self.dir.path().join(format!("node-{}.log", std::process::id()));
+        let log = self.dir.join(format!("node-{}.log", std::process::id()));
         let node = Process::spawn("rabbitmq-server", Path::new(SERVER), &[], &self.env, &log)?;
         let uri = self.amqp_uri();
         let port = self.port;
@@ -173,34 +136,36 @@ impl RabbitMq {
         if let Err(e) = started {
             bail!("{e:#}\nlast lines of {}:\n{}", log.display(), node.log_tail(40));
         }
-        self.node = Some(node);
+        self.process = Some(node);
         Ok(())
     }
 
-    /// Stops the node the way an operator's `rabbitmqctl stop` would (connections are closed by the
-    /// broker; durable state is kept).
-    pub fn stop_node(&mut self) {
-        if let Some(mut node) = self.node.take() {
+    fn stop(&mut self) {
+        if let Some(mut node) = self.process.take() {
             let _ = self.ctl(&["stop"]);
             node.stop(Duration::from_secs(20));
         }
     }
 
-    /// Kills the node with SIGKILL (a crash: no clean shutdown).
-    pub fn kill_node(&mut self) {
-        if let Some(mut node) = self.node.take() {
+    /// SIGKILL to the VM's process group; fails if anything of the VM is still alive a few seconds later.
+    fn kill(&mut self) -> Result<()> {
+        if let Some(mut node) = self.process.take() {
             node.kill();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = vm_pids(&self.nodename);
+            if left.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("the VM of {} survived SIGKILL: pids {left:?}", self.nodename);
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// Stops and starts the node on the same ports and data.
-    pub async fn restart(&mut self) -> Result<()> {
-        self.stop_node();
-        self.start_node().await
-    }
-
-    /// Runs `rabbitmqctl -n <node> args…` and returns its stdout.
-    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+    fn ctl(&self, args: &[&str]) -> Result<String> {
         let out = Command::new(CTL)
             .arg("-n")
             .arg(&self.nodename)
@@ -218,11 +183,363 @@ impl RabbitMq {
     }
 }
 
+/// Processes of the Erlang VM of node `nodename`, from `/proc` (a `beam.smp` whose environment names the
+/// node: the node name is not among its arguments).
+pub fn vm_pids(nodename: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let wanted = format!("RABBITMQ_NODENAME={nodename}");
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let is_vm = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.split(|b| *b == 0)
+                    .next()
+                    .is_some_and(|a| a.ends_with(b"beam.smp"))
+            });
+            is_vm
+                && std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|e| e.split(|b| *b == 0).any(|v| v == wanted.as_bytes()))
+        })
+        .collect()
+}
+
+/// The epmd of one harness (each node registers there; nodes of one cluster find each other through it).
+fn start_epmd(dir: &Path) -> Result<(Process, u16)> {
+    let epmd_port = free_port()?;
+    let epmd = Process::spawn(
+        "epmd",
+        Path::new("/usr/bin/epmd"),
+        &[
+            "-port".into(),
+            epmd_port.to_string(),
+            "-address".into(),
+            "127.0.0.1".into(),
+        ],
+        &[],
+        &dir.join("epmd.log"),
+    )?;
+    Ok((epmd, epmd_port))
+}
+
+/// A home directory holding the shared Erlang cookie (the VM refuses a cookie file others may read).
+fn cookie_home(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home)?;
+    let cookie = home.join(".erlang.cookie");
+    std::fs::write(&cookie, COOKIE)?;
+    std::fs::set_permissions(&cookie, std::fs::Permissions::from_mode(0o400))?;
+    Ok(home)
+}
+
+/// A running RabbitMQ node.
+pub struct RabbitMq {
+    // Dropped in this order: the node, its epmd, then the directory.
+    node: Node,
+    epmd: Process,
+    dir: tempfile::TempDir,
+    pod_addr: Option<IpAddr>,
+}
+
+impl RabbitMq {
+    /// Starts a node and waits until it accepts AMQP connections (installs the Debian package first when
+    /// it is missing and this process may).
+    pub async fn start() -> Result<Self> {
+        Self::start_on(None).await
+    }
+
+    /// Like [`RabbitMq::start`]; with `pod_addr` (e.g. [`crate::Cluster::host_addr`]) the node also
+    /// listens there, on the same port, and `guest` may log in from any address: it is loopback-only by
+    /// default, and a pod's connection comes from the pod network.
+    pub async fn start_on(pod_addr: Option<IpAddr>) -> Result<Self> {
+        ensure_installed()?;
+        let dir = tempfile::Builder::new().prefix("hookfleet-rmq-").tempdir()?;
+        let base = dir.path();
+        let home = cookie_home(base)?;
+        let (epmd, epmd_port) = start_epmd(base)?;
+        let node = Node::prepare(base, &home, epmd_port, pod_addr)?;
+        let mut rmq = Self {
+            node,
+            epmd,
+            dir,
+            pod_addr,
+        };
+        rmq.start_node().await?;
+        Ok(rmq)
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
+    pub fn amqp_uri(&self) -> String {
+        self.node.amqp_uri()
+    }
+
+    /// The URI for workers in pods: `amqp://guest:guest@<pod address>:<port>/%2f` (the loopback URI when
+    /// started without one).
+    pub fn amqp_uri_for_pods(&self) -> String {
+        let host = self.pod_addr.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        format!("amqp://guest:guest@{host}:{}/%2f", self.node.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.node.port
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts the node (after [`RabbitMq::stop_node`]) and waits until it accepts AMQP connections.
+    pub async fn start_node(&mut self) -> Result<()> {
+        self.node.start().await
+    }
+
+    /// Stops the node the way an operator's `rabbitmqctl stop` would (connections are closed by the
+    /// broker; durable state is kept).
+    pub fn stop_node(&mut self) {
+        self.node.stop();
+    }
+
+    /// Kills the node with SIGKILL (a crash: no clean shutdown).
+    pub fn kill_node(&mut self) {
+        if let Err(e) = self.node.kill() {
+            tracing::error!("{e:#}");
+        }
+    }
+
+    /// Stops and starts the node on the same ports and data.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop_node();
+        self.start_node().await
+    }
+
+    /// Runs `rabbitmqctl -n <node> args…` and returns its stdout.
+    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        self.node.ctl(args)
+    }
+}
+
 impl Drop for RabbitMq {
     fn drop(&mut self) {
-        if let Some(mut node) = self.node.take() {
+        if let Some(mut node) = self.node.process.take() {
             // A clean stop is quick; the Process drop SIGKILLs whatever is left of the VM.
             node.stop(Duration::from_secs(10));
+        }
+        self.epmd.stop(Duration::from_secs(1));
+    }
+}
+
+/// A RabbitMQ cluster on loopback: `n` nodes of Debian's server, each on its own ports and data
+/// directory, sharing one epmd and Erlang cookie, joined with `rabbitmqctl join_cluster` to the first.
+/// Nodes can be killed (SIGKILL of the VM) and started again, which rejoins them; every process and the
+/// temporary directory go on drop.
+pub struct RabbitCluster {
+    nodes: Vec<Node>,
+    epmd: Process,
+    dir: tempfile::TempDir,
+}
+
+impl RabbitCluster {
+    /// Starts `n` nodes and clusters them; returns once every node accepts AMQP connections and the
+    /// cluster lists all `n` as running.
+    pub async fn start(n: usize) -> Result<Self> {
+        anyhow::ensure!(n >= 1, "a cluster needs a node");
+        ensure_installed()?;
+        let dir = tempfile::Builder::new()
+            .prefix("hookfleet-rmq-cluster-")
+            .tempdir()?;
+        let base = dir.path();
+        let home = cookie_home(base)?;
+        let (epmd, epmd_port) = start_epmd(base)?;
+        let nodes = (0..n)
+            .map(|i| Node::prepare(&base.join(format!("node-{i}")), &home, epmd_port, None))
+            .collect::<Result<Vec<_>>>()?;
+        let mut cluster = Self { nodes, epmd, dir };
+        // One at a time: three VMs booting at once on a loaded two-core machine time out.
+        for i in 0..n {
+            cluster.nodes[i].start().await?;
+            if i > 0 {
+                let first = cluster.nodes[0].nodename.clone();
+                let node = &cluster.nodes[i];
+                node.ctl(&["stop_app"])?;
+                node.ctl(&["reset"])?;
+                node.ctl(&["join_cluster", &first])?;
+                node.ctl(&["start_app"])?;
+            }
+        }
+        cluster.wait_running(n, Duration::from_secs(60)).await?;
+        Ok(cluster)
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port of node i>/%2f`.
+    pub fn amqp_uri(&self, i: usize) -> String {
+        self.nodes[i].amqp_uri()
+    }
+
+    /// Every node's URI, comma-separated: a connection Secret's value for the whole cluster.
+    pub fn amqp_uris(&self) -> String {
+        self.nodes
+            .iter()
+            .map(Node::amqp_uri)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn port(&self, i: usize) -> u16 {
+        self.nodes[i].port
+    }
+
+    /// The Erlang node name of node `i` (`hookfleet-<port>@localhost`).
+    pub fn nodename(&self, i: usize) -> &str {
+        &self.nodes[i].nodename
+    }
+
+    /// The index of the node named `nodename`.
+    pub fn index_of(&self, nodename: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.nodename == nodename)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Whether node `i`'s VM was started by this harness and not stopped or killed since.
+    pub fn is_up(&self, i: usize) -> bool {
+        self.nodes[i].process.is_some()
+    }
+
+    /// Runs `rabbitmqctl args…` against node `i`.
+    pub fn ctl(&self, i: usize, args: &[&str]) -> Result<String> {
+        self.nodes[i].ctl(args)
+    }
+
+    /// Runs `rabbitmqctl args…` against the first node that is up.
+    pub fn ctl_any(&self, args: &[&str]) -> Result<String> {
+        let i = (0..self.nodes.len())
+            .find(|&i| self.is_up(i))
+            .context("no node is up")?;
+        self.ctl(i, args)
+    }
+
+    /// Kills node `i`'s VM with SIGKILL (a crash: no clean shutdown) and checks that no process of it is
+    /// left.
+    pub fn kill_node(&mut self, i: usize) -> Result<()> {
+        self.nodes[i].kill()
+    }
+
+    /// Stops node `i` with `rabbitmqctl stop`.
+    pub fn stop_node(&mut self, i: usize) {
+        self.nodes[i].stop();
+    }
+
+    /// Starts node `i` again on its ports and data: it rejoins the cluster by itself. Returns once it
+    /// accepts AMQP connections and the cluster lists it as running.
+    pub async fn restart_node(&mut self, i: usize) -> Result<()> {
+        self.nodes[i].stop();
+        self.nodes[i].start().await?;
+        let want = (0..self.nodes.len()).filter(|&j| self.is_up(j)).count();
+        self.wait_running(want, Duration::from_secs(60)).await
+    }
+
+    /// The running nodes' names as node `i` sees them (`rabbitmqctl cluster_status`).
+    pub fn running_nodes(&self, i: usize) -> Result<Vec<String>> {
+        let out = self.ctl(i, &["cluster_status", "--formatter", "json"])?;
+        let v: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("cluster_status: {out}"))?;
+        let mut nodes: Vec<String> = v["running_nodes"]
+            .as_array()
+            .context("cluster_status has no running_nodes")?
+            .iter()
+            .filter_map(|n| n.as_str().map(str::to_owned))
+            .collect();
+        nodes.sort();
+        Ok(nodes)
+    }
+
+    /// Waits until the first node that is up lists `n` running nodes.
+    async fn wait_running(&self, n: usize, timeout: Duration) -> Result<()> {
+        wait_for(
+            "the cluster's nodes to run",
+            timeout,
+            Duration::from_millis(500),
+            || {
+                let running = (0..self.nodes.len())
+                    .find(|&i| self.is_up(i))
+                    .context("no node is up")
+                    .and_then(|i| self.running_nodes(i));
+                async move {
+                    let running = running?;
+                    if running.len() == n {
+                        Ok(Some(()))
+                    } else {
+                        anyhow::bail!("running: {running:?}")
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// A quorum queue's leader node and members, each with whether it is online, as a running node sees
+    /// them (`rabbitmqctl list_queues name leader members online`).
+    pub fn quorum_queue(&self, queue: &str) -> Result<QuorumQueue> {
+        let out = self.ctl_any(&[
+            "list_queues",
+            "--formatter",
+            "json",
+            "name",
+            "leader",
+            "members",
+            "online",
+        ])?;
+        let v: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("list_queues: {out}"))?;
+        let q = v
+            .as_array()
+            .context("list_queues is not a list")?
+            .iter()
+            .find(|q| q["name"] == queue)
+            .with_context(|| format!("queue {queue} not listed: {out}"))?;
+        let names = |key: &str| -> Vec<String> {
+            let mut v: Vec<String> = q[key]
+                .as_array()
+                .map(|a| a.iter().filter_map(|n| n.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+            v.sort();
+            v
+        };
+        Ok(QuorumQueue {
+            leader: q["leader"].as_str().unwrap_or("").to_owned(),
+            members: names("members"),
+            online: names("online"),
+        })
+    }
+}
+
+/// A quorum queue's replicas, by Erlang node name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuorumQueue {
+    pub leader: String,
+    pub members: Vec<String>,
+    pub online: Vec<String>,
+}
+
+impl Drop for RabbitCluster {
+    fn drop(&mut self) {
+        // The nodes first (a clean stop each, SIGKILL after), then epmd; the directory goes last.
+        for node in &mut self.nodes {
+            if let Some(mut p) = node.process.take() {
+                p.stop(Duration::from_secs(10));
+            }
         }
         self.epmd.stop(Duration::from_secs(1));
     }

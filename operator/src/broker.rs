@@ -13,6 +13,11 @@
 //! channels are parked on their connection, and a connection is retired — closed, its parked handles with
 //! it — once it has opened half of its negotiated `channel_max`, before lapin's sequential ids could wrap.
 //! Whatever lapin leaked on a connection leaves with it.
+//!
+//! A connection Secret may name several nodes of one broker (a RabbitMQ cluster: URIs separated by commas or
+//! whitespace, as the worker reads them). A probe asks the first node that answers, starting with the one that
+//! answered last for that Secret value, so a node that is down costs one connect attempt per [`FAILURE_HOLD`]
+//! at most, and only while the node before it in the list is down too. Each node is an endpoint of its own.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -41,6 +46,8 @@ pub struct Broker {
     // Keyed by the URI itself (it holds credentials: kept in memory only, never logged). The lock is held only
     // to look an entry up, never across I/O.
     endpoints: SyncMutex<HashMap<String, Arc<Endpoint>>>,
+    /// For a Secret value with several URIs: the index of the node that answered last.
+    preferred: SyncMutex<HashMap<String, usize>>,
     generations: AtomicU64,
 }
 
@@ -83,6 +90,26 @@ pub fn parse_uri(uri: &str) -> Result<AMQPUri, String> {
     }
     uri.parse::<AMQPUri>()
         .map_err(|e| format!("the broker URI does not parse: {}", redact(&e, uri)))
+}
+
+/// Splits a connection Secret's value into its broker URIs (one, or several separated by commas or whitespace)
+/// and checks each; a message names the entry, never the URI.
+pub fn parse_uris(value: &str) -> Result<Vec<&str>, String> {
+    let uris = hookfleet_crds::broker::split_uris(value);
+    if uris.is_empty() {
+        return Err("the broker URI is empty".into());
+    }
+    let n = uris.len();
+    for (i, uri) in uris.iter().enumerate() {
+        parse_uri(uri).map_err(|e| {
+            if n == 1 {
+                e
+            } else {
+                format!("entry {} of {n}: {e}", i + 1)
+            }
+        })?;
+    }
+    Ok(uris)
 }
 
 /// Removes any occurrence of the URI (and so its password) from an error message.
@@ -320,15 +347,72 @@ impl Broker {
             .clone()
     }
 
-    /// Consumers and ready messages of `queue`, or the problem that prevented reading them.
-    pub async fn observe(&self, uri: &str, queue: &str) -> SourceObs {
-        if let Err(message) = parse_uri(uri) {
-            return SourceObs::Problem {
-                reason: reason::INVALID_BROKER_URI,
-                message,
-            };
+    /// Consumers and ready messages of `queue`, or the problem that prevented reading them. `value` is the
+    /// connection Secret's value: one broker URI or several nodes of one broker (see [`parse_uris`]).
+    pub async fn observe(&self, value: &str, queue: &str) -> SourceObs {
+        let uris = match parse_uris(value) {
+            Ok(uris) => uris,
+            Err(message) => {
+                return SourceObs::Problem {
+                    reason: reason::INVALID_BROKER_URI,
+                    message,
+                };
+            }
+        };
+        let n = uris.len();
+        if n == 1 {
+            return self
+                .endpoint(uris[0])
+                .probe(uris[0], queue, &self.generations)
+                .await;
         }
-        self.endpoint(uri).probe(uri, queue, &self.generations).await
+        // The node that answered last first, then the others in their order.
+        let first = self
+            .preferred
+            .lock()
+            .expect("preferred nodes")
+            .get(value)
+            .copied()
+            .unwrap_or(0)
+            % n;
+        let order = std::iter::once(first).chain((0..n).filter(|&i| i != first));
+        let mut problems: Vec<(usize, Problem)> = Vec::new();
+        for i in order {
+            match self
+                .endpoint(uris[i])
+                .probe(uris[i], queue, &self.generations)
+                .await
+            {
+                SourceObs::Problem { reason, message } => problems.push((i, (reason, message))),
+                obs => {
+                    if i != first {
+                        self.preferred
+                            .lock()
+                            .expect("preferred nodes")
+                            .insert(value.to_owned(), i);
+                    }
+                    return obs;
+                }
+            }
+        }
+        // Every node failed: a login refusal is the more useful reason (the same credentials serve every node).
+        problems.sort_by_key(|(i, _)| *i);
+        let reason = if problems
+            .iter()
+            .any(|(_, (r, _))| *r == reason::BROKER_AUTH_FAILED)
+        {
+            reason::BROKER_AUTH_FAILED
+        } else {
+            reason::BROKER_UNREACHABLE
+        };
+        let detail: Vec<String> = problems
+            .iter()
+            .map(|(i, (_, m))| format!("node {}: {m}", i + 1))
+            .collect();
+        SourceObs::Problem {
+            reason,
+            message: format!("none of the broker's {n} nodes answered: {}", detail.join("; ")),
+        }
     }
 
     /// Closes every connection (each closes as its last probe lets go of it).
@@ -356,5 +440,21 @@ mod tests {
         assert!(!e.contains("secret"), "{e}");
         let e = parse_uri("amqp://u:secret@host:notaport").unwrap_err();
         assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn several_uris_are_split_and_each_checked() {
+        assert_eq!(
+            parse_uris("amqp://u:p@a:1/%2f, amqp://u:p@b:2/%2f\namqps://u:p@c/").unwrap(),
+            ["amqp://u:p@a:1/%2f", "amqp://u:p@b:2/%2f", "amqps://u:p@c/"]
+        );
+        assert_eq!(parse_uris(" amqp://h/ ").unwrap(), ["amqp://h/"]);
+        let e = parse_uris("amqp://u:secret@a/,http://u:secret@b/").unwrap_err();
+        assert!(e.starts_with("entry 2 of 2: "), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+        let e = parse_uris("amqp://a/ amqp://b/ amqp://u:secret@c:port/").unwrap_err();
+        assert!(e.starts_with("entry 3 of 3: "), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+        assert!(parse_uris(" , ").is_err());
     }
 }

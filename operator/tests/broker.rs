@@ -127,6 +127,71 @@ async fn an_unreachable_broker_does_not_hold_up_another() {
     broker.close().await;
 }
 
+/// A Secret naming several nodes of one broker: the probe answers from the first node that answers (a
+/// refused one, a silent one, then a live one), stays with that node afterwards (no wait on the silent one
+/// again), and reports every node when none answers.
+#[tokio::test]
+async fn several_uris_probe_the_first_node_that_answers() {
+    hookfleet_e2e::init_tracing();
+    let rmq = RabbitMq::start().await.unwrap();
+    declare(&rmq.amqp_uri(), "present").await;
+    let refused = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        hookfleet_e2e::process::free_port().unwrap()
+    );
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_uri = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
+    let _accept = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let broker = Broker::default();
+    let value = format!("{refused}, {silent_uri}\n{}", rmq.amqp_uri());
+    let obs = broker.observe(&value, "present").await;
+    assert!(matches!(obs, SourceObs::Queue { .. }), "{obs:?}");
+    assert_eq!(broker.observe(&value, "absent").await, SourceObs::QueueMissing);
+    let t0 = Instant::now();
+    for _ in 0..5 {
+        let obs = broker.observe(&value, "present").await;
+        assert!(matches!(obs, SourceObs::Queue { .. }), "{obs:?}");
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "later probes waited on the silent node: {:?}",
+        t0.elapsed()
+    );
+
+    let none = format!("{refused},{silent_uri}");
+    match broker.observe(&none, "present").await {
+        SourceObs::Problem { reason, message } => {
+            assert_eq!(reason, "BrokerUnreachable", "{message}");
+            assert!(
+                message.starts_with("none of the broker's 2 nodes answered: node 1: ")
+                    && message.contains("; node 2: "),
+                "{message}"
+            );
+            assert!(!message.contains("guest:guest"), "{message}");
+        }
+        obs => panic!("{obs:?}"),
+    }
+    match broker
+        .observe(
+            &format!("{},amqp://guest:guest@h:port/", rmq.amqp_uri()),
+            "present",
+        )
+        .await
+    {
+        SourceObs::Problem { reason, message } => {
+            assert_eq!(reason, "InvalidBrokerUri", "{message}");
+            assert!(message.starts_with("entry 2 of 2: "), "{message}");
+        }
+        obs => panic!("{obs:?}"),
+    }
+    broker.close().await;
+}
+
 /// The seed's scenario at a small scale: many Integrations whose queues do not exist yet (workers not running),
 /// on a broker connection with a small channel limit. Every probe is a 404 that closes its channel; none may
 /// turn any Integration `BrokerUnreachable`, and once settled a resync writes nothing.

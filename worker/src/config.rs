@@ -31,10 +31,11 @@ pub struct Args {
     /// NAMESPACE/NAME of the Integration, for logs and metric labels.
     #[arg(long, env = "HOOKFLEET_INTEGRATION", default_value = "")]
     pub integration: String,
-    /// Broker URI (amqp:// or amqps://). Prefer --amqp-uri-file or the variable: flags show in `ps`.
+    /// Broker URI (amqp:// or amqps://), or several (the nodes of a cluster), comma- or
+    /// whitespace-separated. Prefer --amqp-uri-file or the variable: flags show in `ps`.
     #[arg(long, env = "HOOKFLEET_AMQP_URI", hide_env_values = true)]
     pub amqp_uri: Option<String>,
-    /// File holding the broker URI (a mounted Secret key).
+    /// File holding the broker URI or URIs (a mounted Secret key).
     #[arg(long, env = "HOOKFLEET_AMQP_URI_FILE")]
     pub amqp_uri_file: Option<PathBuf>,
     /// Durable queue to consume (declared with its retry and dead-letter queues).
@@ -207,8 +208,9 @@ pub enum LogFormat {
 #[derive(Clone)]
 pub struct Config {
     pub integration: String,
-    /// Carries credentials: never logged (see the `Debug` impl).
-    pub amqp_uri: String,
+    /// The broker's nodes, tried in turn (at least one). Carry credentials: never logged (see the
+    /// `Debug` impl and [`redact_uri`]).
+    pub amqp_uris: Vec<String>,
     pub queue: String,
     pub bindings: Vec<(String, String)>,
     pub prefetch: u16,
@@ -247,7 +249,10 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("integration", &self.integration)
-            .field("amqp_uri", &redact_uri(&self.amqp_uri))
+            .field(
+                "amqp_uris",
+                &self.amqp_uris.iter().map(|u| redact_uri(u)).collect::<Vec<_>>(),
+            )
             .field("queue", &self.queue)
             .field("bindings", &self.bindings)
             .field("prefetch", &self.prefetch)
@@ -322,23 +327,23 @@ impl Config {
     pub fn from_args(args: Args, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let defaults = DeliverySpec::default();
 
-        let amqp_uri = match (args.amqp_uri, args.amqp_uri_file) {
+        let (amqp_uri_setting, amqp_uri) = match (args.amqp_uri, args.amqp_uri_file) {
             (Some(_), Some(_)) => {
                 return Err(bad(
                     "--amqp-uri/--amqp-uri-file",
                     "set one of HOOKFLEET_AMQP_URI and HOOKFLEET_AMQP_URI_FILE, not both",
                 ));
             }
-            (Some(uri), None) => uri,
-            (None, Some(path)) => std::fs::read_to_string(&path)
-                .map_err(|e| {
+            (Some(uri), None) => ("--amqp-uri (HOOKFLEET_AMQP_URI)", uri),
+            (None, Some(path)) => (
+                "--amqp-uri-file (HOOKFLEET_AMQP_URI_FILE)",
+                std::fs::read_to_string(&path).map_err(|e| {
                     bad(
                         "--amqp-uri-file (HOOKFLEET_AMQP_URI_FILE)",
                         format!("{}: {e}", path.display()),
                     )
-                })?
-                .trim()
-                .to_owned(),
+                })?,
+            ),
             (None, None) => {
                 return Err(bad(
                     "--amqp-uri (HOOKFLEET_AMQP_URI)",
@@ -346,7 +351,7 @@ impl Config {
                 ));
             }
         };
-        validate_amqp_uri(&amqp_uri)?;
+        let amqp_uris = parse_amqp_uris(amqp_uri_setting, &amqp_uri)?;
 
         let queue = match args.queue.map(|q| q.trim().to_owned()) {
             Some(q) if !q.is_empty() => q,
@@ -666,7 +671,7 @@ impl Config {
 
         Ok(Self {
             integration: args.integration,
-            amqp_uri,
+            amqp_uris,
             queue,
             bindings,
             prefetch: args.prefetch,
@@ -821,14 +826,35 @@ fn tls_files(
     Ok(TlsFiles { ca_pem, identity_pem })
 }
 
-fn validate_amqp_uri(uri: &str) -> Result<(), ConfigError> {
-    let setting = "--amqp-uri (HOOKFLEET_AMQP_URI)";
-    // Messages name the scheme and the parser's complaint, never the URI (it holds the password).
-    if !(uri.starts_with("amqp://") || uri.starts_with("amqps://")) {
-        return Err(bad(setting, "must start with amqp:// or amqps://"));
+/// The broker URIs of `value` (one, or several separated by commas or whitespace), each checked. A
+/// message names the setting and the entry, never the URI (it holds the password).
+fn parse_amqp_uris(setting: &str, value: &str) -> Result<Vec<String>, ConfigError> {
+    let uris = hookfleet_crds::broker::split_uris(value);
+    if uris.is_empty() {
+        return Err(bad(setting, "empty: set an amqp:// or amqps:// URI"));
     }
-    lapin::uri::AMQPUri::from_str(uri).map_err(|e| bad(setting, format!("not a valid AMQP URI: {e}")))?;
-    Ok(())
+    let n = uris.len();
+    let entry = |i: usize| {
+        if n == 1 {
+            String::new()
+        } else {
+            format!("entry {} of {n}: ", i + 1)
+        }
+    };
+    for (i, uri) in uris.iter().enumerate() {
+        if !(uri.starts_with("amqp://") || uri.starts_with("amqps://")) {
+            return Err(bad(
+                setting,
+                format!("{}must start with amqp:// or amqps://", entry(i)),
+            ));
+        }
+        lapin::uri::AMQPUri::from_str(uri).map_err(|e| {
+            // The parser may quote its input.
+            let e = e.replace(uri, "<uri>");
+            bad(setting, format!("{}not a valid AMQP URI: {e}", entry(i)))
+        })?;
+    }
+    Ok(uris.into_iter().map(str::to_owned).collect())
 }
 
 fn header_name(setting: &str, name: &str) -> Result<HeaderName, ConfigError> {
@@ -1135,6 +1161,75 @@ mod tests {
         );
         let err = parse(&["--body-template", "{% if %}"]).unwrap_err();
         assert!(err.to_string().contains("syntax error"), "{err}");
+    }
+
+    #[test]
+    fn several_broker_uris_each_checked() {
+        let argv = |uri: &str| {
+            Args::try_parse_from([
+                "w",
+                "--amqp-uri",
+                uri,
+                "--queue",
+                "q",
+                "--destination-url",
+                "https://x.example",
+            ])
+            .unwrap()
+        };
+        let c = Config::from_args(
+            argv("amqp://u:p@a:1/%2f,amqp://u:p@b:2/%2f\n amqps://u:p@c/"),
+            &|_| None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.amqp_uris,
+            ["amqp://u:p@a:1/%2f", "amqp://u:p@b:2/%2f", "amqps://u:p@c/"]
+        );
+        assert!(!format!("{c:?}").contains(":p@"), "{c:?}");
+        let c = Config::from_args(argv(" amqp://h/ "), &|_| None).unwrap();
+        assert_eq!(c.amqp_uris, ["amqp://h/"]);
+
+        let err = Config::from_args(argv("amqp://u:s3cret@a/,http://u:s3cret@b/"), &|_| None).unwrap_err();
+        assert_eq!(err.setting, "--amqp-uri (HOOKFLEET_AMQP_URI)");
+        assert!(
+            err.message.starts_with("entry 2 of 2: must start with amqp://"),
+            "{err}"
+        );
+        let err =
+            Config::from_args(argv("amqp://a/ amqp://u:s3cret@b:port/ amqp://c/"), &|_| None).unwrap_err();
+        assert!(
+            err.message.starts_with("entry 2 of 3: not a valid AMQP URI"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+        let err = Config::from_args(argv(" , "), &|_| None).unwrap_err();
+        assert!(err.message.starts_with("empty"), "{err}");
+    }
+
+    #[test]
+    fn broker_uris_from_a_file_name_the_file_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("uri");
+        std::fs::write(&path, "amqp://u:p@a:1/%2f\namqp://u:p@b:2/%2f\n").unwrap();
+        let args = |path: &std::path::Path| {
+            Args::try_parse_from([
+                "w",
+                "--amqp-uri-file",
+                path.to_str().unwrap(),
+                "--queue",
+                "q",
+                "--destination-url",
+                "https://x.example",
+            ])
+            .unwrap()
+        };
+        let c = Config::from_args(args(&path), &|_| None).unwrap();
+        assert_eq!(c.amqp_uris.len(), 2);
+        std::fs::write(&path, "amqp://u:p@a:1/%2f\nrabbit://b\n").unwrap();
+        let err = Config::from_args(args(&path), &|_| None).unwrap_err();
+        assert_eq!(err.setting, "--amqp-uri-file (HOOKFLEET_AMQP_URI_FILE)");
+        assert!(err.message.starts_with("entry 2 of 2"), "{err}");
     }
 
     #[test]

@@ -54,6 +54,13 @@ async fn s2_kill_9_mid_stream_loses_nothing() -> Result<()> {
     sink.wait_delivered(&want, Duration::from_secs(120)).await?;
     let dead = drain(&rmq, "s2.q.dead").await?;
     let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
+    fault_table(
+        "kill-9-worker",
+        &published,
+        &sink.delivered(),
+        &dead_ids(&dead),
+        0,
+    );
     let a = settled_accounting(&w2).await?;
     eprintln!("s2 accounting (second worker): {a:?}");
     assert!(dead.is_empty(), "nothing should be dead-lettered");
@@ -100,6 +107,13 @@ async fn s3_broker_restart_mid_stream_reconnects() -> Result<()> {
     sink.wait_delivered(&want, Duration::from_secs(120)).await?;
     let dead = drain(&rmq, "s3.q.dead").await?;
     let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
+    fault_table(
+        "broker-restart",
+        &published,
+        &sink.delivered(),
+        &dead_ids(&dead),
+        0,
+    );
     assert!(dead.is_empty());
     let m = w.metrics().await?;
     assert!(metric(&m, "hookfleet_broker_reconnects_total{") >= 1.0);
@@ -197,6 +211,13 @@ async fn s6_stalling_endpoint_under_a_low_fd_limit() -> Result<()> {
     sink.wait_delivered(&want, Duration::from_secs(60)).await?;
     let dead = drain(&rmq, "s6.q.dead").await?;
     let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
+    fault_table(
+        "stalling-sink-fd-limit-256",
+        &published,
+        &sink.delivered(),
+        &dead_ids(&dead),
+        0,
+    );
     assert!(dead.is_empty());
     w.process.check_running()?;
     let a = settled_accounting(&w).await?;
@@ -313,6 +334,13 @@ async fn s7_sigterm_drains_in_flight_and_exits_0() -> Result<()> {
     let want: HashSet<String> = published.iter().cloned().collect();
     sink.wait_delivered(&want, Duration::from_secs(60)).await?;
     let dups = account(&published, &sink.delivered(), &HashSet::new())?;
+    fault_table(
+        "sigterm-under-load",
+        &published,
+        &sink.delivered(),
+        &HashSet::new(),
+        0,
+    );
     let a = settled_accounting(&w2).await?;
     eprintln!("s7 accounting (second worker): {a:?}");
     assert_eq!(
@@ -419,6 +447,13 @@ async fn dead_letter_queue_deleted_under_load_loses_nothing() -> Result<()> {
     let rest: HashSet<String> = want.difference(&got).cloned().collect();
     dead.extend(wait_dead_ids(&rmq, "dl.q.dead", &rest, Duration::from_secs(180)).await?);
     let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
+    fault_table(
+        "dead-letter-queue-deleted-under-load",
+        &published,
+        &sink.delivered(),
+        &dead_ids(&dead),
+        0,
+    );
     let m = w.metrics().await?;
     let returned = metric(&m, "hookfleet_publish_failures_total{");
     let a = settled_accounting(&w).await?;
@@ -521,6 +556,14 @@ async fn poison_message_is_dead_lettered_after_the_delivery_limit() -> Result<()
         .filter(|(id, _)| id != "poison-0")
         .collect();
     let dups = account(&all, &delivered, &HashSet::new())?;
+    let with_poison: Vec<String> = all.iter().cloned().chain(["poison-0".to_owned()]).collect();
+    fault_table(
+        "poison-message-delivery-limit",
+        &with_poison,
+        &sink.delivered(),
+        &dead_ids(&dead),
+        0,
+    );
     let a = settled_accounting(&w).await?;
     eprintln!(
         "poison: delivery limit {LIMIT}, the poison reached the endpoint {} times ({kills} kills), then dead-lettered (delivery_limit); 150 others delivered, duplicates={dups}; accounting {a:?}",
@@ -601,6 +644,13 @@ async fn retries_wait_while_the_work_queue_is_full() -> Result<()> {
         "{missing} ids neither delivered nor held in a queue (held: {held}): lost"
     );
     let dups = delivered.values().map(|n| n - 1).sum::<usize>();
+    fault_table(
+        "work-queue-full-retries-held",
+        &published,
+        &delivered,
+        &dead_ids(&dead),
+        missing,
+    );
     let a = settled_accounting(&w).await?;
     eprintln!(
         "work queue full: N={N}, {waiting} retries held in delay queues while the work queue refused; after it freed up {} delivered within 90 s, {missing} still held by the broker ({held} in queues), 0 lost, duplicates={dups}; accounting {a:?}",
@@ -684,6 +734,7 @@ async fn memory_alarm_makes_the_worker_unready_without_hanging() -> Result<()> {
     sink.wait_delivered(&want, Duration::from_secs(120)).await?;
     let dead = drain(&rmq, "fc.q.dead").await?;
     let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
+    fault_table("memory-alarm", &published, &sink.delivered(), &dead_ids(&dead), 0);
     assert!(dead.is_empty());
     let a = settled_accounting(&w).await?;
     eprintln!(

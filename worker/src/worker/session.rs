@@ -1,5 +1,7 @@
 //! Broker sessions: connect, declare, consume until shutdown or until the session fails; reconnect
-//! with jittered backoff. A session that ends for any reason first lets its in-flight deliveries
+//! with jittered backoff. With several broker URIs (the nodes of a cluster) a connect tries them in
+//! turn, starting at a random one (so a fleet spreads over the nodes) and, after a session ends, at the
+//! node after the one it was on; the backoff comes between full rounds. A session that ends for any reason first lets its in-flight deliveries
 //! finish (within the grace period), then closes its connection, which hands every unacked message
 //! back to the queue.
 
@@ -18,7 +20,9 @@ use tracing::{error, info, warn};
 use super::Worker;
 use super::settlement::{Accounted, Publisher, Session};
 use super::topology;
+use crate::backoff::Backoff;
 use crate::config::redact_uri;
+use hookfleet_crds::integration::Jitter;
 
 /// How long one connection attempt (TCP, TLS, AMQP handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -33,6 +37,10 @@ pub enum SessionError {
     Connect(#[source] lapin::Error),
     #[error("connecting to the broker: no answer within {CONNECT_TIMEOUT:?}")]
     ConnectTimeout,
+    /// Every node of a several-URI broker refused or timed out (one round); each error follows its
+    /// redacted URI.
+    #[error("connecting to the broker: none of its {nodes} nodes answered: {errors}")]
+    NoNodeAnswered { nodes: usize, errors: String },
     #[error("opening a channel: {0}")]
     Channel(#[source] lapin::Error),
     #[error("declaring {what}: {source}")]
@@ -93,9 +101,11 @@ impl Worker {
     /// reconnects, then the drain.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), Fatal> {
         let mut failures: u32 = 0;
+        // The node the next round of connects tries first.
+        let mut first = rand::rng().random_range(0..self.cfg.amqp_uris.len().max(1));
         loop {
             let started = Instant::now();
-            match self.clone().session(shutdown.clone()).await {
+            match self.clone().session(shutdown.clone(), &mut first).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     self.metrics.consuming.set(0);
@@ -124,19 +134,15 @@ impl Worker {
         }
     }
 
-    /// One connection: declare, consume until shutdown (Ok) or until the session fails (Err).
-    async fn session(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), SessionError> {
-        let cfg = &self.cfg;
-        let props = ConnectionProperties::default().with_connection_name(
-            format!("hookfleet-worker {} {}", cfg.integration, std::process::id()).into(),
-        );
-        info!(broker = %redact_uri(&cfg.amqp_uri), "connecting to the broker");
-        let connect = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&cfg.amqp_uri, props));
+    /// One connection: declare, consume until shutdown (Ok) or until the session fails (Err). `first`
+    /// is the node to try first; it is left at the node after the one this session connected to.
+    async fn session(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+        first: &mut usize,
+    ) -> Result<(), SessionError> {
         let conn = tokio::select! {
-            c = connect => match c {
-                Ok(c) => c.map_err(SessionError::Connect)?,
-                Err(_) => return Err(SessionError::ConnectTimeout),
-            },
+            c = self.connect_any(first) => c?,
             _ = shutdown.wait_for(|s| *s) => {
                 self.drain().await;
                 return Ok(());
@@ -170,6 +176,44 @@ impl Worker {
                 close(&conn, None, 320, "worker reconnecting").await;
                 Err(e)
             }
+        }
+    }
+
+    /// One round of connects: each node once, from `*first` on, until one accepts. On success `*first`
+    /// moves past the node connected to, so the next round (after this session ends) starts elsewhere.
+    async fn connect_any(&self, first: &mut usize) -> Result<Connection, SessionError> {
+        let cfg = &self.cfg;
+        let n = cfg.amqp_uris.len();
+        let mut errors = Vec::new();
+        let mut last = None;
+        for k in 0..n {
+            let i = (*first + k) % n;
+            let uri = &cfg.amqp_uris[i];
+            let props = ConnectionProperties::default().with_connection_name(
+                format!("hookfleet-worker {} {}", cfg.integration, std::process::id()).into(),
+            );
+            info!(broker = %redact_uri(uri), node = i + 1, nodes = n, "connecting to the broker");
+            let e = match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(uri, props)).await {
+                Ok(Ok(conn)) => {
+                    info!(broker = %redact_uri(uri), node = i + 1, nodes = n, "connected to the broker");
+                    *first = (i + 1) % n;
+                    return Ok(conn);
+                }
+                Ok(Err(e)) => SessionError::Connect(e),
+                Err(_) => SessionError::ConnectTimeout,
+            };
+            if n > 1 {
+                warn!(broker = %redact_uri(uri), node = i + 1, nodes = n, error = %e, "broker node did not answer; trying the next");
+            }
+            errors.push(format!("{}: {e}", redact_uri(uri)));
+            last = Some(e);
+        }
+        match last {
+            Some(e) if n == 1 => Err(e),
+            _ => Err(SessionError::NoNodeAnswered {
+                nodes: n,
+                errors: errors.join("; "),
+            }),
         }
     }
 
@@ -303,13 +347,16 @@ async fn close(conn: &Connection, ch: Option<&Channel>, code: u16, why: &str) {
     }
 }
 
-/// Delay before reconnect attempt `n` (1-based): equal jitter over 0.5 s × 2^(n−1), at most 30 s, so
+/// Delay before reconnect round `n` (1-based): equal jitter over 0.5 s × 2^(n−1), at most 30 s, so
 /// a fleet that lost its broker does not come back in one wave.
 pub fn reconnect_delay(n: u32, rng: &mut impl Rng) -> Duration {
-    let base = Duration::from_millis(500)
-        .saturating_mul(1u32 << n.saturating_sub(1).min(10))
-        .min(Duration::from_secs(30));
-    base / 2 + (base / 2).mul_f64(rng.random_range(0.0..=1.0))
+    const RECONNECT: Backoff = Backoff {
+        initial: Duration::from_millis(500),
+        max: Duration::from_secs(30),
+        multiplier: 2.0,
+        jitter: Jitter::Equal,
+    };
+    RECONNECT.jittered(n, rng)
 }
 
 #[cfg(test)]

@@ -88,7 +88,17 @@ pub async fn publish_to(
     messages: &[(String, Vec<u8>)],
     declare: Option<QueueType>,
 ) -> Result<()> {
-    let conn = Connection::connect(&rmq.amqp_uri(), ConnectionProperties::default()).await?;
+    publish_uri(&rmq.amqp_uri(), queue, messages, declare).await
+}
+
+/// [`publish_to`] through the broker (node) at `uri`.
+pub async fn publish_uri(
+    uri: &str,
+    queue: &str,
+    messages: &[(String, Vec<u8>)],
+    declare: Option<QueueType>,
+) -> Result<()> {
+    let conn = Connection::connect(uri, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     if let Some(t) = declare {
@@ -193,7 +203,12 @@ pub struct DeadLetter {
 
 /// Drains `queue` with basic.get (acking), returning each message's id and headers.
 pub async fn drain(rmq: &RabbitMq, queue: &str) -> Result<Vec<DeadLetter>> {
-    let conn = Connection::connect(&rmq.amqp_uri(), ConnectionProperties::default()).await?;
+    drain_uri(&rmq.amqp_uri(), queue).await
+}
+
+/// [`drain`] through the broker (node) at `uri`.
+pub async fn drain_uri(uri: &str, queue: &str) -> Result<Vec<DeadLetter>> {
+    let conn = Connection::connect(uri, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     let mut out = Vec::new();
     while let Some(m) = ch
@@ -225,9 +240,14 @@ pub struct Worker {
 
 /// The flags every test worker gets: broker, queue, sink, loopback allowed, text logs.
 pub fn base_args(rmq: &RabbitMq, queue: &str, url: &str, metrics_port: u16, dir: &Path) -> Vec<String> {
+    base_args_uri(&rmq.amqp_uri(), queue, url, metrics_port, dir)
+}
+
+/// [`base_args`] with the broker given as its `--amqp-uri` value (one URI or several).
+pub fn base_args_uri(amqp_uri: &str, queue: &str, url: &str, metrics_port: u16, dir: &Path) -> Vec<String> {
     [
         "--amqp-uri",
-        &rmq.amqp_uri(),
+        amqp_uri,
         "--queue",
         queue,
         "--destination-url",
@@ -257,8 +277,21 @@ pub async fn start_worker(
     dir: &Path,
     log_name: &str,
 ) -> Result<Worker> {
+    start_worker_uri(&rmq.amqp_uri(), queue, url, extra, envs, dir, log_name).await
+}
+
+/// [`start_worker`] with the broker given as its `--amqp-uri` value (one URI or several).
+pub async fn start_worker_uri(
+    amqp_uri: &str,
+    queue: &str,
+    url: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+    dir: &Path,
+    log_name: &str,
+) -> Result<Worker> {
     let port = free_port()?;
-    let mut args = base_args(rmq, queue, url, port, dir);
+    let mut args = base_args_uri(amqp_uri, queue, url, port, dir);
     args.extend(extra.iter().map(|s| s.to_string()));
     let envs: Vec<(String, String)> = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let process = Process::spawn(
@@ -417,4 +450,57 @@ pub fn account(
         &unknown[..unknown.len().min(5)]
     );
     Ok(delivered.values().map(|n| n - 1).sum())
+}
+
+/// One row of the fault-scenario table (docs/faults.md), from a test's own per-id accounting:
+/// `delivered` ids reached the sink with a 2xx at least once, `dead_lettered` ids (not delivered) sit in
+/// the dead-letter queue, `held` ids are still in a broker queue when the test ends (counted, not lost),
+/// `lost = N − delivered − dead_lettered − held`, and `duplicates` are the 2xx deliveries beyond the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultRow {
+    pub n: usize,
+    pub delivered: usize,
+    pub dead_lettered: usize,
+    pub held: usize,
+    pub duplicates: usize,
+    pub lost: usize,
+}
+
+/// Computes the row for `published`, prints it as one `fault-table:` line and returns it.
+pub fn fault_table(
+    scenario: &str,
+    published: &[String],
+    delivered: &HashMap<String, usize>,
+    dead: &HashSet<String>,
+    held: usize,
+) -> FaultRow {
+    let ids: HashSet<&String> = published.iter().collect();
+    let delivered_ids = ids.iter().filter(|id| delivered.contains_key(**id)).count();
+    let dead_only = ids
+        .iter()
+        .filter(|id| !delivered.contains_key(**id) && dead.contains(**id))
+        .count();
+    let duplicates = ids
+        .iter()
+        .filter_map(|id| delivered.get(*id))
+        .map(|n| n.saturating_sub(1))
+        .sum();
+    let row = FaultRow {
+        n: ids.len(),
+        delivered: delivered_ids,
+        dead_lettered: dead_only,
+        held,
+        duplicates,
+        lost: ids.len().saturating_sub(delivered_ids + dead_only + held),
+    };
+    let held = if row.held > 0 {
+        format!(" held={}", row.held)
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "fault-table: {scenario} N={} delivered={} dead_lettered={} duplicates={} lost={}{held}",
+        row.n, row.delivered, row.dead_lettered, row.duplicates, row.lost
+    );
+    row
 }
