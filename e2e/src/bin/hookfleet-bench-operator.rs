@@ -14,7 +14,7 @@
 //! the one beside this binary).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -166,7 +166,7 @@ struct Figures {
     change: f64,
 }
 
-async fn one(cp: &ControlPlane, rmq: &RabbitMq, bin: &PathBuf, n: usize, resync: u64) -> Result<Figures> {
+async fn one(cp: &ControlPlane, rmq: &RabbitMq, bin: &Path, n: usize, resync: u64) -> Result<Figures> {
     let client = cp.client();
     let ns = format!("op-{n}");
     let ns0 = format!("t0-{n}");
@@ -311,6 +311,14 @@ async fn one(cp: &ControlPlane, rmq: &RabbitMq, bin: &PathBuf, n: usize, resync:
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // On Ctrl-C the run is dropped, which stops the control plane, the broker and the operator.
+    tokio::select! {
+        r = run() => r,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+    }
+}
+
+async fn run() -> Result<()> {
     let quick = std::env::var("HOOKFLEET_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
     let counts = env_list(
         "HOOKFLEET_BENCH_OPERATOR_COUNTS",

@@ -129,7 +129,13 @@ fn main() -> Result<()> {
     if let Some(role) = roles::role() {
         return rt.block_on(roles::child(&role));
     }
-    rt.block_on(run())
+    // On Ctrl-C the run is dropped, which stops the broker, the workers and the baselines.
+    rt.block_on(async {
+        tokio::select! {
+            r = run() => r,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+        }
+    })
 }
 
 fn qt_name(t: QueueType) -> &'static str {
@@ -909,6 +915,7 @@ async fn run() -> Result<()> {
     let cfg = Cfg::from_env();
     let load_start = measure::loadavg();
     let started = now_utc();
+    let rev = git_rev();
     let t0 = Instant::now();
     eprintln!(
         "bench: {} run, sections {:?}; starting RabbitMQ",
@@ -946,7 +953,7 @@ async fn run() -> Result<()> {
             "hookfleet bench ({} run), {started}, {}, git {}",
             if cfg.quick { "quick" } else { "full" },
             measure::machine(),
-            git_rev()
+            rev
         ),
         format!(
             "load average (1 min) at start {load_start}, at end {}; {:.0} s in all; broker, worker, sink and publisher share these cores",
