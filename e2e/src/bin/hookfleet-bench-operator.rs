@@ -1,5 +1,6 @@
 //! `hookfleet-bench-operator` (`make bench-operator`): the operator binary against the local control plane
-//! (etcd + kube-apiserver, no nodes: the Deployments are written, no pods run) with 100 and 1,000
+//! (etcd, kube-apiserver, controller-manager, scheduler and kwok's fake node, so the workers' pods exist and
+//! "run"; `HOOKFLEET_BENCH_OPERATOR_WORKLOADS=0`: API server only, no pods) with 100 and 1,000
 //! Integrations, beside T₀, a bare client's server-side apply of the same child objects (docs/benchmarks.md).
 //!
 //! For each count: the Integrations (queues that do not exist yet, on a real RabbitMQ node) are created, the
@@ -23,7 +24,7 @@ use hookfleet_crds::Integration;
 use hookfleet_e2e::process::{Process, free_port};
 use hookfleet_e2e::{ControlPlane, RabbitMq};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, Resource};
@@ -164,9 +165,20 @@ struct Figures {
     writes_per_resync: f64,
     reconciles_per_resync: f64,
     change: f64,
+    pods_running: usize,
+    pods: usize,
+    /// Seconds from the operator's start until every fleet had all its workers ready (with pods).
+    fleets_ready: Option<f64>,
 }
 
-async fn one(cp: &ControlPlane, rmq: &RabbitMq, bin: &Path, n: usize, resync: u64) -> Result<Figures> {
+async fn one(
+    cp: &ControlPlane,
+    rmq: &RabbitMq,
+    bin: &Path,
+    n: usize,
+    resync: u64,
+    workloads: bool,
+) -> Result<Figures> {
     let client = cp.client();
     let ns = format!("op-{n}");
     let ns0 = format!("t0-{n}");
@@ -245,6 +257,31 @@ async fn one(cp: &ControlPlane, rmq: &RabbitMq, bin: &Path, n: usize, resync: u6
     };
     let cpu = cpu_secs(pid);
 
+    // With pods: wait (up to 5 minutes) until every fleet has all its workers ready, so the steady state is
+    // one.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let mut fleets_ready = None;
+    if workloads {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(300) {
+            let ready = deployments
+                .list(&ListParams::default().labels(MANAGED))
+                .await?
+                .items
+                .iter()
+                .filter(|d| {
+                    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                    d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0) == want
+                })
+                .count();
+            if ready == n {
+                fleets_ready = Some(start.elapsed().as_secs_f64());
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     // Steady state: writes and reconciles over three resync periods, after one to settle.
     tokio::time::sleep(Duration::from_secs(resync)).await;
     let (w0, r0) = (
@@ -257,6 +294,15 @@ async fn one(cp: &ControlPlane, rmq: &RabbitMq, bin: &Path, n: usize, resync: u6
         metric(port, "hookfleet_operator_reconciles_total").await?,
     );
     let (rss, hwm) = (rss_mib(pid, "VmRSS"), rss_mib(pid, "VmHWM"));
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let pods_running = pods
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .count();
+    let pods = pods.len();
 
     // One change while all exist: the destination of intg-0, until its Deployment carries it.
     let url = "https://erp.example.com/changed";
@@ -267,7 +313,6 @@ async fn one(cp: &ControlPlane, rmq: &RabbitMq, bin: &Path, n: usize, resync: u6
         &Patch::Merge(serde_json::json!({"spec": {"destination": {"url": url}}})),
     )
     .await?;
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let change = loop {
         let d = deployments.get("intg-0").await;
         if let Ok(d) = d
@@ -306,6 +351,9 @@ async fn one(cp: &ControlPlane, rmq: &RabbitMq, bin: &Path, n: usize, resync: u6
         writes_per_resync: (w1 - w0) / 3.0,
         reconciles_per_resync: (r1 - r0) / 3.0,
         change,
+        pods_running,
+        pods,
+        fleets_ready,
     })
 }
 
@@ -348,17 +396,29 @@ async fn run() -> Result<()> {
         bin.display()
     );
     let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let cp = ControlPlane::start().await?;
+    // With kwok (a fake node with room for 5,000 pods, controller-manager and scheduler) the workers'
+    // pods exist and run, and their status changes reach the operator as they would in a cluster.
+    let workloads = std::env::var("HOOKFLEET_BENCH_OPERATOR_WORKLOADS").map_or(true, |v| v != "0");
+    let cp = if workloads {
+        ControlPlane::start_with_workloads().await?
+    } else {
+        ControlPlane::start().await?
+    };
     cp.install_crds().await?;
     let rmq = RabbitMq::start().await?;
     let mut rows = Vec::new();
     for n in counts {
-        rows.push(one(&cp, &rmq, &bin, n, resync).await?);
+        rows.push(one(&cp, &rmq, &bin, n, resync, workloads).await?);
     }
     let load_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "\nOperator at scale ({}; etcd + kube-apiserver, no nodes; resync {resync} s, concurrency {CONCURRENCY}); load average at start {}, at end {}",
+        "\nOperator at scale ({}; etcd + kube-apiserver{}; resync {resync} s, concurrency {CONCURRENCY}); load average at start {}, at end {}",
         bin.display(),
+        if workloads {
+            " + controller-manager, scheduler, kwok (pods run)"
+        } else {
+            ", no nodes (no pods)"
+        },
         load_start.split_whitespace().next().unwrap_or("?"),
         load_end.split_whitespace().next().unwrap_or("?")
     );
@@ -380,10 +440,15 @@ async fn run() -> Result<()> {
                     f.rss, f.hwm, f.cpu
                 ),
                 format!(
-                    "  steady state per resync: {:.1} API writes (target 0), {:.0} reconciles",
-                    f.writes_per_resync, f.reconciles_per_resync
+                    "  steady state per resync: {:.1} API writes (target 0), {:.0} reconciles; worker pods Running {} of {}",
+                    f.writes_per_resync, f.reconciles_per_resync, f.pods_running, f.pods
                 ),
                 format!("  one Integration's change reached its Deployment in {:.2} s", f.change),
+                match (workloads, f.fleets_ready) {
+                    (false, _) => "  no pods (API server only)".into(),
+                    (true, Some(t)) => format!("  every fleet's workers ready {t:.1} s after the operator started"),
+                    (true, None) => "  not every fleet's workers ready 300 s after convergence".into(),
+                },
             ],
         );
     }
