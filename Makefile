@@ -34,7 +34,7 @@ images: ## Worker and operator images as OCI archives in target/images (cargo bu
 crds: ## Regenerate crds/integrations.hookfleet.io.yaml and the chart's copy from the Rust types
 	$(CARGO) run -q -p hookfleet-crds --bin crdgen -- --write
 
-.PHONY: test-worker-faults test-broker-cluster bench-worker test-node test-e2e
+.PHONY: test-worker-faults test-broker-cluster bench bench-worker bench-operator test-node test-e2e
 
 test-e2e: ## The e2e suite on the local real node (root): chart install, real worker pods, every scenario's account
 	$(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
@@ -48,5 +48,13 @@ test-worker-faults: ## Worker fault scenarios: kill -9, broker restart, fd limit
 test-broker-cluster: ## 3-node RabbitMQ cluster: kill -9 of the work queue's leader node under load (10,000 msgs, two workers, flaky sink), 0 lost, node rejoins
 	$(CARGO) test -p hookfleet-worker --test cluster -- --nocapture
 
-bench-worker: ## Worker throughput beside its baselines (raw broker consume+ack, raw sink), one run
-	$(CARGO) bench -p hookfleet-worker --bench throughput
+bench: ## The benchmark suite (docs/benchmarks.md): figures beside same-run baselines, a table at the end; HOOKFLEET_BENCH_QUICK=1: a few minutes
+	$(CARGO) bench -p hookfleet-worker --bench suite
+	$(MAKE) bench-operator
+
+bench-operator: ## Operator at scale: 100 and 1,000 Integrations on the local control plane beside a bare client's server-side apply (T0)
+	$(CARGO) build --release -p hookfleet-operator
+	$(CARGO) run -q -p hookfleet-e2e --bin hookfleet-bench-operator
+
+bench-worker: ## Only the suite's throughput section: B, H, L and hookfleet end to end (classic/quorum, 200 B/8 KiB, plain/signed+template)
+	HOOKFLEET_BENCH_SECTIONS=throughput $(CARGO) bench -p hookfleet-worker --bench suite

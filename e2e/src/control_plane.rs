@@ -323,9 +323,11 @@ impl ControlPlane {
                 }
             },
             "spec": {},
+            // Room for the fleets of 1,000 Integrations (3 workers each by default; `make bench-operator`):
+            // kwok's pods cost nothing, and a kubelet's default of 110 would leave most of them Pending.
             "status": {
-                "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
-                "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"}
+                "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "5000"},
+                "capacity": {"cpu": "32", "memory": "256Gi", "pods": "5000"}
             }
         }))?;
         let nodes: Api<Node> = Api::all(self.client());

@@ -1,0 +1,462 @@
+//! `hookfleet-bench-operator` (`make bench-operator`): the operator binary against the local control plane
+//! (etcd, kube-apiserver, controller-manager, scheduler and kwok's fake node, so the workers' pods exist and
+//! "run"; `HOOKFLEET_BENCH_OPERATOR_WORKLOADS=0`: API server only, no pods) with 100 and 1,000
+//! Integrations, beside T₀, a bare client's server-side apply of the same child objects (docs/benchmarks.md).
+//!
+//! For each count: the Integrations (queues that do not exist yet, on a real RabbitMQ node) are created, the
+//! operator is started, and the run measures the seconds until every Integration has a status (observed
+//! generation) against T₀ (the operator's own Deployments, PodDisruptionBudgets and Services copied into
+//! another namespace with server-side apply at the operator's concurrency, 8); the operator's RSS and CPU
+//! seconds; API writes and reconciles per resync at steady state (target 0 writes); and the seconds from a
+//! change of one Integration's destination until its Deployment carries it.
+//!
+//! `HOOKFLEET_BENCH_OPERATOR_COUNTS` (`100,1000`; `100` with `HOOKFLEET_BENCH_QUICK=1`), `HOOKFLEET_BENCH_OPERATOR_RESYNC` (seconds, 5),
+//! `HOOKFLEET_BENCH_OPERATOR_BIN` (default: the release `hookfleet-operator` of this target directory, else
+//! the one beside this binary).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::{StreamExt, TryStreamExt};
+use hookfleet_crds::Integration;
+use hookfleet_e2e::process::{Process, free_port};
+use hookfleet_e2e::{ControlPlane, RabbitMq};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, Resource};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+const CONCURRENCY: usize = 8;
+const MANAGED: &str = "app.kubernetes.io/managed-by=hookfleet-operator";
+
+fn env_list(name: &str, default: &str) -> Vec<usize> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+fn cpu_secs(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let f: Vec<String> = s
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .map(String::from)
+                .collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+fn rss_mib(pid: u32, key: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Sum of a metric's samples (`name` followed by labels or a space).
+async fn metric(port: u16, name: &str) -> Result<f64> {
+    let text = reqwest_free_get(port).await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// GET /metrics over a plain socket (this crate has no HTTP client).
+async fn reqwest_free_get(port: u16) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+async fn with_status(api: &Api<Integration>) -> Result<usize> {
+    Ok(api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|i| i.status.as_ref().and_then(|s| s.observed_generation).is_some())
+        .count())
+}
+
+/// Copies every `K` the operator made in `from` into `to` with server-side apply, `CONCURRENCY` at a time;
+/// returns how many.
+async fn copy_all<K>(client: &Client, from: &str, to: &str, strip: impl Fn(&mut K)) -> Result<usize>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
+{
+    let src: Api<K> = Api::namespaced(client.clone(), from);
+    let dst: Api<K> = Api::namespaced(client.clone(), to);
+    let items: Vec<K> = src.list(&ListParams::default().labels(MANAGED)).await?.items;
+    let n = items.len();
+    let objs: Vec<K> = items
+        .into_iter()
+        .map(|mut o| {
+            let m = o.meta();
+            let meta = ObjectMeta {
+                name: m.name.clone(),
+                namespace: Some(to.into()),
+                labels: m.labels.clone(),
+                annotations: m.annotations.clone(),
+                ..Default::default()
+            };
+            *o.meta_mut() = meta;
+            strip(&mut o);
+            o
+        })
+        .collect();
+    let pp = PatchParams::apply("bench-bare-client").force();
+    futures::stream::iter(objs)
+        .map(|o| {
+            let (dst, pp) = (dst.clone(), pp.clone());
+            async move {
+                let name = o.meta().name.clone().unwrap_or_default();
+                let mut v = serde_json::to_value(&o)?;
+                v["apiVersion"] = K::api_version(&()).into();
+                v["kind"] = K::kind(&()).into();
+                if let Some(m) = v.as_object_mut() {
+                    m.remove("status");
+                }
+                dst.patch(&name, &pp, &Patch::Apply(&v)).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(n)
+}
+
+struct Figures {
+    n: usize,
+    converge: f64,
+    t0: f64,
+    children: usize,
+    rss: f64,
+    hwm: f64,
+    cpu: f64,
+    writes_per_resync: f64,
+    reconciles_per_resync: f64,
+    change: f64,
+    pods_running: usize,
+    pods: usize,
+    /// Seconds from the operator's start until every fleet had all its workers ready (with pods).
+    fleets_ready: Option<f64>,
+}
+
+async fn one(
+    cp: &ControlPlane,
+    rmq: &RabbitMq,
+    bin: &Path,
+    n: usize,
+    resync: u64,
+    workloads: bool,
+) -> Result<Figures> {
+    let client = cp.client();
+    let ns = format!("op-{n}");
+    let ns0 = format!("t0-{n}");
+    cp.create_namespace(&ns).await?;
+    cp.create_namespace(&ns0).await?;
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "rabbitmq"},
+        "stringData": {"uri": rmq.amqp_uri()},
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &secret)
+        .await?;
+    let api: Api<Integration> = Api::namespaced(client.clone(), &ns);
+    eprintln!("bench-operator: creating {n} Integrations");
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let intg: Integration = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "hookfleet.io/v1alpha1", "kind": "Integration",
+                    "metadata": {"name": format!("intg-{i}")},
+                    "spec": {
+                        "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": format!("q-{i}")},
+                        "destination": {"url": "https://erp.example.com/hooks"},
+                    }
+                }))?;
+                api.create(&PostParams::default(), &intg).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await?;
+
+    let port = free_port()?;
+    let dir = tempfile::tempdir()?;
+    let args: Vec<String> = [
+        "--no-leader-election",
+        "--namespace",
+        &ns,
+        "--resync",
+        &format!("{resync}s"),
+        "--http-addr",
+        &format!("127.0.0.1:{port}"),
+        "--log-format",
+        "text",
+        "--worker-image",
+        "ghcr.io/hookfleet/worker:bench",
+    ]
+    .map(String::from)
+    .to_vec();
+    let envs = vec![("KUBECONFIG".to_owned(), cp.kubeconfig().display().to_string())];
+    let start = Instant::now();
+    let op = Process::spawn("operator", bin, &args, &envs, &dir.path().join("operator.log"))?;
+    let pid = op.pid().context("operator pid")?;
+    eprintln!("bench-operator: operator started; waiting for {n} statuses");
+    let mut last_report = Instant::now();
+    let converge = loop {
+        op.check_running().with_context(|| op.log_tail(20))?;
+        let done = with_status(&api).await?;
+        if done == n {
+            break start.elapsed().as_secs_f64();
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            eprintln!(
+                "bench-operator: {done}/{n} with a status after {:.0} s",
+                start.elapsed().as_secs_f64()
+            );
+            last_report = Instant::now();
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(600),
+            "{done} of {n} with a status after 600 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let cpu = cpu_secs(pid);
+
+    // With pods: wait (up to 5 minutes) until every fleet has all its workers ready, so the steady state is
+    // one.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let mut fleets_ready = None;
+    if workloads {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(300) {
+            let ready = deployments
+                .list(&ListParams::default().labels(MANAGED))
+                .await?
+                .items
+                .iter()
+                .filter(|d| {
+                    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                    d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0) == want
+                })
+                .count();
+            if ready == n {
+                fleets_ready = Some(start.elapsed().as_secs_f64());
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    // Steady state: writes and reconciles over three resync periods, after one to settle.
+    tokio::time::sleep(Duration::from_secs(resync)).await;
+    let (w0, r0) = (
+        metric(port, "hookfleet_operator_writes_total").await?,
+        metric(port, "hookfleet_operator_reconciles_total").await?,
+    );
+    tokio::time::sleep(Duration::from_secs(3 * resync)).await;
+    let (w1, r1) = (
+        metric(port, "hookfleet_operator_writes_total").await?,
+        metric(port, "hookfleet_operator_reconciles_total").await?,
+    );
+    let (rss, hwm) = (rss_mib(pid, "VmRSS"), rss_mib(pid, "VmHWM"));
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    let pods_running = pods
+        .iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .count();
+    let pods = pods.len();
+
+    // One change while all exist: the destination of intg-0, until its Deployment carries it.
+    let url = "https://erp.example.com/changed";
+    let t = Instant::now();
+    api.patch(
+        "intg-0",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"destination": {"url": url}}})),
+    )
+    .await?;
+    let change = loop {
+        let d = deployments.get("intg-0").await;
+        if let Ok(d) = d
+            && serde_json::to_string(&d.spec)?.contains(url)
+        {
+            break t.elapsed().as_secs_f64();
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(120),
+            "the change never reached the Deployment"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    drop(op);
+
+    eprintln!("bench-operator: T0, the same children by a bare client");
+    let t = Instant::now();
+    let mut children = copy_all::<Deployment>(&client, &ns, &ns0, |_| {}).await?;
+    children += copy_all::<PodDisruptionBudget>(&client, &ns, &ns0, |_| {}).await?;
+    children += copy_all::<Service>(&client, &ns, &ns0, |s: &mut Service| {
+        if let Some(spec) = s.spec.as_mut() {
+            spec.cluster_ip = None;
+            spec.cluster_ips = None;
+        }
+    })
+    .await?;
+    let t0 = t.elapsed().as_secs_f64();
+    Ok(Figures {
+        n,
+        converge,
+        t0,
+        children,
+        rss,
+        hwm,
+        cpu,
+        writes_per_resync: (w1 - w0) / 3.0,
+        reconciles_per_resync: (r1 - r0) / 3.0,
+        change,
+        pods_running,
+        pods,
+        fleets_ready,
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    // On Ctrl-C the run is dropped, which stops the control plane, the broker and the operator.
+    tokio::select! {
+        r = run() => r,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+    }
+}
+
+async fn run() -> Result<()> {
+    let quick = std::env::var("HOOKFLEET_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+    let counts = env_list(
+        "HOOKFLEET_BENCH_OPERATOR_COUNTS",
+        if quick { "100" } else { "100,1000" },
+    );
+    let resync = env_list("HOOKFLEET_BENCH_OPERATOR_RESYNC", "5")
+        .first()
+        .copied()
+        .unwrap_or(5) as u64;
+    // The release build when there is one (`make bench-operator` builds it), else the one beside this binary.
+    let exe = std::env::current_exe()?;
+    let bin = std::env::var_os("HOOKFLEET_BENCH_OPERATOR_BIN")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let dir = exe.parent()?;
+            [
+                dir.join("../release/hookfleet-operator"),
+                dir.join("hookfleet-operator"),
+            ]
+            .into_iter()
+            .find(|p| p.exists())
+        })
+        .unwrap_or_else(|| exe.with_file_name("hookfleet-operator"));
+    anyhow::ensure!(
+        bin.exists(),
+        "no operator binary at {} (cargo build -p hookfleet-operator)",
+        bin.display()
+    );
+    let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    // With kwok (a fake node with room for 5,000 pods, controller-manager and scheduler) the workers'
+    // pods exist and run, and their status changes reach the operator as they would in a cluster.
+    let workloads = std::env::var("HOOKFLEET_BENCH_OPERATOR_WORKLOADS").map_or(true, |v| v != "0");
+    let cp = if workloads {
+        ControlPlane::start_with_workloads().await?
+    } else {
+        ControlPlane::start().await?
+    };
+    cp.install_crds().await?;
+    let rmq = RabbitMq::start().await?;
+    let mut rows = Vec::new();
+    for n in counts {
+        rows.push(one(&cp, &rmq, &bin, n, resync, workloads).await?);
+    }
+    let load_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "\nOperator at scale ({}; etcd + kube-apiserver{}; resync {resync} s, concurrency {CONCURRENCY}); load average at start {}, at end {}",
+        bin.display(),
+        if workloads {
+            " + controller-manager, scheduler, kwok (pods run)"
+        } else {
+            ", no nodes (no pods)"
+        },
+        load_start.split_whitespace().next().unwrap_or("?"),
+        load_end.split_whitespace().next().unwrap_or("?")
+    );
+    let mut table: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for f in &rows {
+        table.insert(
+            f.n,
+            vec![
+                format!(
+                    "  all {} reconciled (a status each) in {:.1} s; T₀ (bare SSA of the same {} children) {:.1} s; ratio {:.2} (target ≤ 2)",
+                    f.n,
+                    f.converge,
+                    f.children,
+                    f.t0,
+                    f.converge / f.t0
+                ),
+                format!(
+                    "  operator RSS {:.1} MiB (peak {:.1} MiB, target ≤ 150 with 1,000); CPU {:.1} s until converged",
+                    f.rss, f.hwm, f.cpu
+                ),
+                format!(
+                    "  steady state per resync: {:.1} API writes (target 0), {:.0} reconciles; worker pods Running {} of {}",
+                    f.writes_per_resync, f.reconciles_per_resync, f.pods_running, f.pods
+                ),
+                format!("  one Integration's change reached its Deployment in {:.2} s", f.change),
+                match (workloads, f.fleets_ready) {
+                    (false, _) => "  no pods (API server only)".into(),
+                    (true, Some(t)) => format!("  every fleet's workers ready {t:.1} s after the operator started"),
+                    (true, None) => "  not every fleet's workers ready 300 s after convergence".into(),
+                },
+            ],
+        );
+    }
+    for (n, lines) in table {
+        println!("{n} Integrations");
+        for l in lines {
+            println!("{l}");
+        }
+    }
+    Ok(())
+}

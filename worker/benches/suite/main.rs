@@ -1,0 +1,982 @@
+//! `make bench`: the worker against the machine's own limits, every figure beside a baseline measured in
+//! the same run (docs/benchmarks.md says what each figure means and holds a committed run).
+//!
+//! Sections (`HOOKFLEET_BENCH_SECTIONS`, comma-separated, default all):
+//! - `throughput`: bare consumer B, bare HTTP client H, the serial limit L = 1/(1/B + 1/H), and hookfleet end
+//!   to end (persistent, ack after 2xx) for classic and quorum queues, 200 B and 8 KiB bodies, plain and
+//!   signed + body template; CPU-µs per message of each (from `/proc/<pid>/stat`).
+//! - `latency`: publish → sink p50/p99/p99.9 with an open-loop publisher at fractions of the measured max
+//!   rate, beside the bare consumer's publish → consume at the same rate; the SVG plot.
+//! - `memory`: worker RSS idle and over a soak.
+//! - `fd`: soft and hard limit 256, a sink that stalls every connection for a while.
+//! - `load`: 5× a stated base rate over two workers, with the per-message account.
+//!
+//! `HOOKFLEET_BENCH_QUICK=1` makes every default small (a few minutes in all); each `HOOKFLEET_BENCH_*`
+//! variable read below overrides one figure.
+
+mod load;
+mod measure;
+mod report;
+mod roles;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use base64::Engine;
+use hookfleet_crds::integration::QueueType;
+use hookfleet_e2e::RabbitMq;
+use hookfleet_e2e::messages;
+use hookfleet_e2e::process::{Process, free_port};
+use hookfleet_e2e::sink::{Mode, Sink};
+
+use report::{Point, Section, row};
+use roles::{Child, Figures};
+
+const WORKER: &str = env!("CARGO_BIN_EXE_hookfleet-worker");
+const TEMPLATE: &str = r#"{"id":{{ id|tojson }},"data":{{ pad|tojson }}}"#;
+
+fn var<T: std::str::FromStr>(name: &str, quick: T, full: T, is_quick: bool) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if is_quick { quick } else { full })
+}
+
+fn list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_owned())
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Everything a run is told, from the environment.
+struct Cfg {
+    quick: bool,
+    sections: HashSet<String>,
+    /// Messages per throughput run.
+    n: usize,
+    concurrency: usize,
+    prefetch: usize,
+    sizes: Vec<usize>,
+    queue_types: Vec<QueueType>,
+    /// Offered loads of the latency sweep, as fractions of the measured max rate.
+    loads: Vec<f64>,
+    latency_secs: f64,
+    soak_secs: f64,
+    soak_rate: f64,
+    fd_rate: f64,
+    stall_secs: f64,
+    base_rate: f64,
+    load_secs: f64,
+    out: PathBuf,
+}
+
+impl Cfg {
+    fn from_env() -> Self {
+        let q = std::env::var("HOOKFLEET_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+        let concurrency = var("HOOKFLEET_BENCH_CONCURRENCY", 128, 128, q);
+        let loads_default = if q { "0.5,0.9" } else { "0.25,0.5,0.75,0.9,1.0" };
+        Cfg {
+            quick: q,
+            sections: list("HOOKFLEET_BENCH_SECTIONS", "throughput,latency,memory,fd,load")
+                .into_iter()
+                .collect(),
+            n: var("HOOKFLEET_BENCH_N", 5_000, 30_000, q),
+            concurrency,
+            prefetch: var("HOOKFLEET_BENCH_PREFETCH", 2 * concurrency, 2 * concurrency, q).min(65_535),
+            sizes: list("HOOKFLEET_BENCH_SIZES", "200,8192")
+                .iter()
+                .filter_map(|s| s.parse().ok())
+                .collect(),
+            queue_types: list("HOOKFLEET_BENCH_QUEUE_TYPES", "classic,quorum")
+                .iter()
+                .filter_map(|s| match s.as_str() {
+                    "classic" => Some(QueueType::Classic),
+                    "quorum" => Some(QueueType::Quorum),
+                    _ => None,
+                })
+                .collect(),
+            loads: list("HOOKFLEET_BENCH_LOADS", loads_default)
+                .iter()
+                .filter_map(|s| s.parse().ok())
+                .collect(),
+            latency_secs: var("HOOKFLEET_BENCH_LATENCY_SECS", 5.0, 20.0, q),
+            soak_secs: var("HOOKFLEET_BENCH_SOAK_SECS", 20.0, 600.0, q),
+            soak_rate: var("HOOKFLEET_BENCH_SOAK_RATE", 1000.0, 1000.0, q),
+            fd_rate: var("HOOKFLEET_BENCH_FD_RATE", 1000.0, 1000.0, q),
+            stall_secs: var("HOOKFLEET_BENCH_STALL_SECS", 5.0, 15.0, q),
+            base_rate: var("HOOKFLEET_BENCH_BASE_RATE", 400.0, 400.0, q),
+            load_secs: var("HOOKFLEET_BENCH_LOAD_SECS", 20.0, 300.0, q),
+            out: std::env::var_os("HOOKFLEET_BENCH_OUT")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench")),
+        }
+    }
+
+    fn on(&self, section: &str) -> bool {
+        self.sections.contains(section)
+    }
+}
+
+fn main() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Some(role) = roles::role() {
+        return rt.block_on(roles::child(&role));
+    }
+    // On Ctrl-C the run is dropped, which stops the broker, the workers and the baselines.
+    rt.block_on(async {
+        tokio::select! {
+            r = run() => r,
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+        }
+    })
+}
+
+fn qt_name(t: QueueType) -> &'static str {
+    match t {
+        QueueType::Classic => "classic",
+        QueueType::Quorum => "quorum",
+    }
+}
+
+fn size_name(size: usize) -> String {
+    if size >= 1024 && size.is_multiple_of(1024) {
+        format!("{} KiB", size / 1024)
+    } else {
+        format!("{size} B")
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn verdict(ok: bool, target: &str) -> String {
+    format!("{target} {}", if ok { "ok" } else { "MISSED" })
+}
+
+/// A worker child process with its metrics port.
+struct Worker {
+    process: Process,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+/// How a worker is started beyond the broker, queue and sink.
+#[derive(Default, Clone)]
+struct Opts {
+    queue_type: Option<QueueType>,
+    signed: bool,
+    template: bool,
+    extra: Vec<String>,
+    /// Instead of the run's concurrency and prefetch.
+    concurrency: Option<usize>,
+    prefetch: Option<usize>,
+    /// Soft and hard RLIMIT_NOFILE (through prlimit).
+    nofile: Option<u64>,
+}
+
+impl Worker {
+    async fn start(cfg: &Cfg, uri: &str, queue: &str, url: &str, o: &Opts) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let mut args: Vec<String> = vec![
+            "--amqp-uri".into(),
+            uri.into(),
+            "--queue".into(),
+            queue.into(),
+            "--destination-url".into(),
+            url.into(),
+            "--allow-private-networks".into(),
+            "--queue-type".into(),
+            qt_name(o.queue_type.unwrap_or(QueueType::Classic)).into(),
+            "--concurrency".into(),
+            o.concurrency.unwrap_or(cfg.concurrency).to_string(),
+            "--prefetch".into(),
+            o.prefetch.unwrap_or(cfg.prefetch).to_string(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--termination-log".into(),
+            dir.path().join("termination-log").display().to_string(),
+            "--integration".into(),
+            "bench/worker".into(),
+        ];
+        if o.template {
+            args.extend(["--body-template".into(), TEMPLATE.into()]);
+        }
+        args.extend(o.extra.iter().cloned());
+        let mut envs = vec![("HOOKFLEET_LOG".to_owned(), "warn".to_owned())];
+        if o.signed {
+            let secret =
+                base64::engine::general_purpose::STANDARD.encode(b"hookfleet-bench-signing-secret!!");
+            envs.push(("HOOKFLEET_SIGNING_SECRET".into(), format!("whsec_{secret}")));
+        }
+        let (program, args) = match o.nofile {
+            Some(n) => {
+                let mut a = vec![format!("--nofile={n}:{n}"), "--".into(), WORKER.into()];
+                a.extend(args);
+                (PathBuf::from("/usr/bin/prlimit"), a)
+            }
+            None => (PathBuf::from(WORKER), args),
+        };
+        let process = Process::spawn("worker", &program, &args, &envs, &dir.path().join("worker.log"))?;
+        let w = Worker {
+            process,
+            port,
+            _dir: dir,
+        };
+        Ok(w)
+    }
+
+    fn pid(&self) -> u32 {
+        self.process.pid().unwrap_or(0)
+    }
+
+    async fn wait_ready(&self) -> Result<()> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(2))
+            .build()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            self.process
+                .check_running()
+                .with_context(|| self.process.log_tail(20))?;
+            if let Ok(r) = http
+                .get(format!("http://127.0.0.1:{}/readyz", self.port))
+                .send()
+                .await
+                && r.status().as_u16() == 200
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "worker not ready after 30 s: {}",
+                self.process.log_tail(20)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn cpu(&self) -> Duration {
+        measure::cpu_time(self.pid()).unwrap_or_default()
+    }
+
+    fn kib(&self, key: &str) -> u64 {
+        measure::status_kib(self.pid(), key).unwrap_or(0)
+    }
+}
+
+/// Waits until the sink answered `n` requests 2xx (or more: duplicates), polling cheaply.
+async fn wait_requests(sink: &Sink, n: usize, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while (sink.requests() as usize) < n {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {n} requests reached the sink in {timeout:?}",
+            sink.requests()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// One hookfleet drain of a prefilled queue.
+struct Drain {
+    rate: f64,
+    cpu_us: f64,
+    hwm_kib: u64,
+    duplicates: usize,
+}
+
+async fn hookfleet_drain(
+    cfg: &Cfg,
+    rmq: &RabbitMq,
+    queue_type: QueueType,
+    size: usize,
+    o: &Opts,
+    tag: &str,
+) -> Result<Drain> {
+    let queue = format!("bench.hf.{tag}");
+    load::prefill(&rmq.amqp_uri(), &queue, queue_type, &queue, cfg.n, size).await?;
+    let sink = Sink::start_with(false).await?;
+    let o = Opts {
+        queue_type: Some(queue_type),
+        ..o.clone()
+    };
+    let w = Worker::start(cfg, &rmq.amqp_uri(), &queue, &sink.url(), &o).await?;
+    // CPU from the first delivery on (startup and the broker connection are not per-message costs).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sink.requests() == 0 {
+        w.process
+            .check_running()
+            .with_context(|| w.process.log_tail(20))?;
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no delivery in 30 s: {}",
+            w.process.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let c0 = w.cpu();
+    wait_requests(&sink, cfg.n, Duration::from_secs(600)).await?;
+    let c1 = w.cpu();
+    let hits = sink.hits();
+    let first = hits.iter().map(|h| h.at).min().context("no hits")?;
+    let last = hits.iter().map(|h| h.at).max().context("no hits")?;
+    let unique: HashSet<&str> = hits.iter().filter_map(|h| h.id.as_deref()).collect();
+    anyhow::ensure!(
+        unique.len() == cfg.n,
+        "{} distinct ids of {}",
+        unique.len(),
+        cfg.n
+    );
+    if o.signed {
+        // The sink keeps no bodies here (it would cost the sink more than in the plain runs): the
+        // signature is checked by the worker's tests; here only that one was sent.
+        anyhow::ensure!(
+            hits[0]
+                .headers
+                .get("webhook-signature")
+                .is_some_and(|s| s.starts_with("v1,")),
+            "no webhook-signature on a signed run"
+        );
+    }
+    Ok(Drain {
+        rate: (cfg.n - 1) as f64 / (last - first).as_secs_f64(),
+        cpu_us: (c1 - c0).as_secs_f64() * 1e6 / cfg.n as f64,
+        hwm_kib: w.kib("VmHWM"),
+        duplicates: hits.len() - unique.len(),
+    })
+}
+
+async fn bare_consumer(
+    cfg: &Cfg,
+    rmq: &RabbitMq,
+    queue_type: QueueType,
+    size: usize,
+    tag: &str,
+) -> Result<Figures> {
+    let queue = format!("bench.bare.{tag}");
+    load::prefill(&rmq.amqp_uri(), &queue, queue_type, &queue, cfg.n, size).await?;
+    let child = Child::start(
+        "consumer",
+        &[
+            ("HF_BENCH_URI", rmq.amqp_uri()),
+            ("HF_BENCH_QUEUE", queue),
+            ("HF_BENCH_PREFETCH", cfg.prefetch.to_string()),
+            ("HF_BENCH_N", cfg.n.to_string()),
+        ],
+    )
+    .await?;
+    child.figures(Duration::from_secs(600)).await
+}
+
+async fn bare_client(cfg: &Cfg, size: usize) -> Result<Figures> {
+    let sink = Sink::start_with(false).await?;
+    let child = Child::start(
+        "client",
+        &[
+            ("HF_BENCH_URL", sink.url()),
+            ("HF_BENCH_N", cfg.n.to_string()),
+            ("HF_BENCH_CONCURRENCY", cfg.concurrency.to_string()),
+            ("HF_BENCH_SIZE", size.to_string()),
+        ],
+    )
+    .await?;
+    child.figures(Duration::from_secs(600)).await
+}
+
+/// What later sections take from the throughput section.
+#[derive(Default)]
+struct Found {
+    /// hookfleet's drain rate, classic, smallest body, plain: the latency sweep's 100%.
+    max_rate: f64,
+    limit: f64,
+    bare_cpu: f64,
+    peak_hwm_kib: u64,
+}
+
+async fn throughput(cfg: &Cfg, rmq: &RabbitMq, found: &mut Found) -> Result<(Section, Section)> {
+    let mut tput = Vec::new();
+    let mut cpu = Vec::new();
+    let mut clients: Vec<(usize, Figures)> = Vec::new();
+    let variants = [
+        ("plain", Opts::default()),
+        (
+            "signed+template",
+            Opts {
+                signed: true,
+                template: true,
+                ..Opts::default()
+            },
+        ),
+    ];
+    for &qt in &cfg.queue_types {
+        for &size in &cfg.sizes {
+            let what = format!("{} {}", qt_name(qt), size_name(size));
+            let tag = format!("{}.{size}", qt_name(qt));
+            eprintln!("bench: throughput {what}: bare consumer");
+            let b = bare_consumer(cfg, rmq, qt, size, &tag).await?;
+            let h = match clients.iter().find(|(s, _)| *s == size) {
+                Some((_, h)) => *h,
+                None => {
+                    eprintln!("bench: throughput {what}: bare client");
+                    let h = bare_client(cfg, size).await?;
+                    clients.push((size, h));
+                    h
+                }
+            };
+            let l = 1.0 / (1.0 / b.rate + 1.0 / h.rate);
+            tput.push(row(format!("B bare consumer, {what}"), format!("{:.0}", b.rate)));
+            tput.push(row(
+                format!("H bare client, {}", size_name(size)),
+                format!("{:.0}", h.rate),
+            ));
+            tput.push(row(format!("L = 1/(1/B+1/H), {what}"), format!("{l:.0}")));
+            let bare_cpu = b.cpu_us + h.cpu_us;
+            cpu.push(
+                row(
+                    format!("bare consumer + bare client, {what}"),
+                    format!("{bare_cpu:.1}"),
+                )
+                .against(format!("{:.1} + {:.1}", b.cpu_us, h.cpu_us), 1.0),
+            );
+            for (name, o) in &variants {
+                eprintln!("bench: throughput {what}: hookfleet {name}");
+                let d = hookfleet_drain(cfg, rmq, qt, size, o, &format!("{tag}.{name}")).await?;
+                found.peak_hwm_kib = found.peak_hwm_kib.max(d.hwm_kib);
+                if qt == QueueType::Classic && size == cfg.sizes[0] && *name == "plain" {
+                    found.max_rate = d.rate;
+                    found.limit = l;
+                    found.bare_cpu = bare_cpu;
+                }
+                tput.push(
+                    row(
+                        format!("hookfleet {name}, {what} (dups {})", d.duplicates),
+                        format!("{:.0}", d.rate),
+                    )
+                    .against(format!("L {l:.0}"), d.rate / l)
+                    .target(verdict(d.rate >= 0.9 * l, "≥ 0.90 L")),
+                );
+                tput.push(
+                    row("  same, against B", format!("{:.0}", d.rate))
+                        .against(format!("B {:.0}", b.rate), d.rate / b.rate),
+                );
+                cpu.push(
+                    row(
+                        format!("hookfleet worker {name}, {what}"),
+                        format!("{:.1}", d.cpu_us),
+                    )
+                    .against(format!("{bare_cpu:.1}"), d.cpu_us / bare_cpu)
+                    .target(verdict(d.cpu_us <= 1.25 * bare_cpu, "≤ 1.25×")),
+                );
+            }
+        }
+    }
+    Ok((
+        Section {
+            title: format!(
+                "Throughput, msg/s ({} persistent messages a run, concurrency {}, prefetch {})",
+                cfg.n, cfg.concurrency, cfg.prefetch
+            ),
+            rows: tput,
+        },
+        Section {
+            title: "CPU-µs per delivered message (utime+stime of the process, from first to last delivery)"
+                .into(),
+            rows: cpu,
+        },
+    ))
+}
+
+/// Latencies (ms) of each published id's first 2xx at the sink, from its due time.
+fn sink_latencies(sink: &Sink, p: &load::Published) -> Vec<f64> {
+    let mut first: Vec<Option<Instant>> = vec![None; p.due.len()];
+    for h in sink.hits() {
+        if let Some(i) = h.id.as_deref().and_then(|id| p.index(id))
+            && (200..300).contains(&h.status)
+            && first[i].is_none_or(|t| h.at < t)
+        {
+            first[i] = Some(h.at);
+        }
+    }
+    first
+        .iter()
+        .zip(&p.due)
+        .filter_map(|(a, d)| Some(a.as_ref()?.saturating_duration_since(*d).as_secs_f64() * 1e3))
+        .collect()
+}
+
+fn ms3(v: [f64; 3]) -> String {
+    format!("{:.1}/{:.1}/{:.1}", v[0], v[1], v[2])
+}
+
+async fn latency(cfg: &Cfg, rmq: &RabbitMq, found: &Found) -> Result<(Section, Vec<Point>)> {
+    let mut rows = Vec::new();
+    let mut points = Vec::new();
+    let size = cfg.sizes[0];
+    for (k, &f) in cfg.loads.iter().enumerate() {
+        let rate = f * found.max_rate;
+        let pct = (f * 100.0).round();
+        eprintln!("bench: latency at {pct}% ({rate:.0} msg/s), hookfleet");
+        let queue = format!("bench.lat.{k}");
+        load::prefill(&rmq.amqp_uri(), &queue, QueueType::Classic, &queue, 0, size).await?;
+        let sink = Sink::start_with(false).await?;
+        let w = Worker::start(cfg, &rmq.amqp_uri(), &queue, &sink.url(), &Opts::default()).await?;
+        w.wait_ready().await?;
+        let c0 = w.cpu();
+        let p = load::open_loop(
+            &rmq.amqp_uri(),
+            &queue,
+            &queue,
+            size,
+            rate,
+            cfg.latency_secs,
+            false,
+        )
+        .await?;
+        wait_requests(&sink, p.confirmed, Duration::from_secs(120)).await?;
+        let cpu_us = (w.cpu() - c0).as_secs_f64() * 1e6 / p.confirmed as f64;
+        let lat = sink_latencies(&sink, &p);
+        anyhow::ensure!(
+            lat.len() == p.confirmed,
+            "{} of {} delivered",
+            lat.len(),
+            p.confirmed
+        );
+        let hits = sink.hits();
+        let span = hits
+            .iter()
+            .map(|h| h.at)
+            .max()
+            .zip(hits.iter().map(|h| h.at).min());
+        let delivered = span.map_or(0.0, |(b, a)| (p.confirmed - 1) as f64 / (b - a).as_secs_f64());
+        let hf = measure::p50_p99_p999(lat);
+        drop(w);
+
+        eprintln!("bench: latency at {pct}% ({rate:.0} msg/s), bare consumer");
+        let queue = format!("bench.latbare.{k}");
+        load::prefill(&rmq.amqp_uri(), &queue, QueueType::Classic, &queue, 0, size).await?;
+        let n = (rate * cfg.latency_secs).round() as usize;
+        let child = Child::start(
+            "consumer",
+            &[
+                ("HF_BENCH_URI", rmq.amqp_uri()),
+                ("HF_BENCH_QUEUE", queue.clone()),
+                ("HF_BENCH_PREFETCH", cfg.prefetch.to_string()),
+                ("HF_BENCH_N", n.to_string()),
+            ],
+        )
+        .await?;
+        let pb = load::open_loop(
+            &rmq.amqp_uri(),
+            &queue,
+            &queue,
+            size,
+            rate,
+            cfg.latency_secs,
+            true,
+        )
+        .await?;
+        anyhow::ensure!(
+            pb.refused.is_empty(),
+            "broker refused {} messages",
+            pb.refused.len()
+        );
+        let bare = child.figures(Duration::from_secs(120)).await?;
+
+        let target = 5.0f64.max(2.0 * bare.lat_ms[1]);
+        let mut r = row(
+            format!(
+                "p50/p99/p99.9 ms at {pct}% = {rate:.0} msg/s (publisher lag ≤ {:.0} ms)",
+                p.max_lag * 1e3
+            ),
+            ms3(hf),
+        )
+        .against(ms3(bare.lat_ms), hf[1] / bare.lat_ms[1]);
+        if (f - 0.5).abs() < 1e-9 {
+            r = r.target(verdict(hf[1] <= target, &format!("p99 ≤ {target:.1} ms")));
+        }
+        rows.push(r);
+        rows.push(
+            row(format!("  worker CPU-µs/msg at {pct}%"), format!("{cpu_us:.1}"))
+                .against(format!("{:.1}", bare.cpu_us), cpu_us / bare.cpu_us),
+        );
+        points.push(Point {
+            offered: rate,
+            delivered,
+            hf_ms: hf,
+            bare_ms: bare.lat_ms,
+        });
+    }
+    Ok((
+        Section {
+            title: format!(
+                "Latency publish → sink (bare: publish → consume), open-loop publisher, {} B bodies, classic queue, {} s a point; ratio = p99 / bare p99; CPU baseline = bare consumer's",
+                size, cfg.latency_secs
+            ),
+            rows,
+        },
+        points,
+    ))
+}
+
+async fn memory(cfg: &Cfg, rmq: &RabbitMq, found: &Found) -> Result<Section> {
+    let mut rows = Vec::new();
+    let size = cfg.sizes[0];
+    let queue = "bench.soak".to_owned();
+    load::prefill(&rmq.amqp_uri(), &queue, QueueType::Classic, &queue, 0, size).await?;
+    let sink = Sink::start_with(false).await?;
+    let w = Worker::start(cfg, &rmq.amqp_uri(), &queue, &sink.url(), &Opts::default()).await?;
+    w.wait_ready().await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = w.kib("VmRSS");
+    rows.push(
+        row("worker RSS idle (ready, 2 s after start)", mib(idle))
+            .target(verdict(idle <= 30 * 1024, "≤ 30 MiB")),
+    );
+    if found.peak_hwm_kib > 0 {
+        rows.push(row(
+            "worker peak RSS over the throughput runs (VmHWM)",
+            mib(found.peak_hwm_kib),
+        ));
+    }
+    eprintln!("bench: soak at {} msg/s for {} s", cfg.soak_rate, cfg.soak_secs);
+    let uri = rmq.amqp_uri();
+    let (rate, secs) = (cfg.soak_rate, cfg.soak_secs);
+    let publisher = tokio::spawn({
+        let queue = queue.clone();
+        async move { load::open_loop(&uri, &queue, &queue, size, rate, secs, false).await }
+    });
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    while !publisher.is_finished() {
+        samples.push((start.elapsed().as_secs_f64(), w.kib("VmRSS")));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let p = publisher.await??;
+    wait_requests(&sink, p.confirmed, Duration::from_secs(120)).await?;
+    let max = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    let tenth = samples.len() / 10;
+    let avg = |s: &[(f64, u64)]| s.iter().map(|x| x.1 as f64).sum::<f64>() / s.len().max(1) as f64;
+    let early = avg(&samples[tenth.min(samples.len())..(2 * tenth).max(tenth + 1).min(samples.len())]);
+    let late = avg(&samples[samples.len() - tenth.max(1).min(samples.len())..]);
+    rows.push(row(
+        format!("worker RSS over a {secs:.0} s soak at {rate:.0} msg/s: max"),
+        mib(max),
+    ));
+    rows.push(
+        row(
+            "  soak: last tenth's mean against the second tenth's",
+            mib(late as u64),
+        )
+        .against(mib(early as u64), late / early),
+    );
+    rows.push(row(
+        "  bound: prefetch × body (messages held at most)",
+        format!("{:.2} MiB", (cfg.prefetch * size) as f64 / 1048576.0),
+    ));
+    Ok(Section {
+        title: "Memory (VmRSS of the worker process)".into(),
+        rows,
+    })
+}
+
+async fn fd_pressure(cfg: &Cfg, rmq: &RabbitMq) -> Result<Section> {
+    let size = cfg.sizes[0];
+    let queue = "bench.fd".to_owned();
+    load::prefill(&rmq.amqp_uri(), &queue, QueueType::Classic, &queue, 0, size).await?;
+    let sink = Arc::new(Sink::start_with(false).await?);
+    let o = Opts {
+        nofile: Some(256),
+        concurrency: Some(96),
+        prefetch: Some(192),
+        extra: [
+            "--timeout",
+            "1s",
+            "--backoff-initial",
+            "200ms",
+            "--backoff-max",
+            "1s",
+            "--max-attempts",
+            "100",
+            "--circuit-breaker-threshold",
+            "0",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Opts::default()
+    };
+    let w = Worker::start(cfg, &rmq.amqp_uri(), &queue, &sink.url(), &o).await?;
+    w.wait_ready().await?;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", w.pid()))?;
+    anyhow::ensure!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.split_whitespace().nth(3) == Some("256")),
+        "the worker's fd limit is not 256: {limits}"
+    );
+    let pre = 5.0;
+    let stall = cfg.stall_secs;
+    let post = stall.max(10.0);
+    let (uri, rate) = (rmq.amqp_uri(), cfg.fd_rate);
+    eprintln!("bench: fd pressure: {rate} msg/s, the sink stalls for {stall} s after {pre} s");
+    let publisher = tokio::spawn({
+        let queue = queue.clone();
+        async move { load::open_loop(&uri, &queue, &queue, size, rate, pre + stall + post, false).await }
+    });
+    let start = Instant::now();
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    let (mut peak, mut stalled, mut recovered) = (0usize, false, None);
+    let mut crashed = false;
+    while !publisher.is_finished() {
+        let t = start.elapsed().as_secs_f64();
+        if !stalled && t >= pre {
+            sink.set_mode(Mode::Stall);
+            stalled = true;
+        }
+        if stalled && recovered.is_none() && t >= pre + stall {
+            sink.set_mode(Mode::ok());
+            recovered = Some(t);
+        }
+        if w.process.check_running().is_err() {
+            crashed = true;
+            break;
+        }
+        peak = peak.max(measure::open_fds(w.pid()).unwrap_or(0));
+        samples.push((t, sink.requests()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sink.set_mode(Mode::ok());
+    anyhow::ensure!(
+        !crashed,
+        "the worker died under fd pressure: {}",
+        w.process.log_tail(20)
+    );
+    let p = publisher.await??;
+    let at = |t: f64| samples.iter().take_while(|s| s.0 <= t).last().map_or(0, |s| s.1) as f64;
+    let before = (at(pre) - at(1.0)) / (pre - 1.0);
+    let recovered = recovered.unwrap_or(pre + stall);
+    let back = samples
+        .iter()
+        // A window reaching back into the stall only undercounts: the figure errs long.
+        .filter(|s| s.0 >= recovered + 0.1)
+        .find(|s| s.1 as f64 - at(s.0 - 1.0) >= 0.9 * before)
+        .map(|s| s.0 - recovered);
+    let wait = wait_requests(&sink, p.confirmed, Duration::from_secs(180)).await;
+    peak = peak.max(measure::open_fds(w.pid()).unwrap_or(0));
+    let dead = messages::drain_ids(&rmq.amqp_uri(), &format!("{queue}.dead")).await?;
+    let account = messages::account(&p.ids(), &sink.delivered(), &dead)?;
+    let alive = w.process.check_running().is_ok();
+    let mut rows = vec![
+        row(
+            "peak open fds of the worker (soft = hard limit 256)",
+            peak.to_string(),
+        )
+        .against("256", peak as f64 / 256.0)
+        .target(verdict(peak < 256, "< 256")),
+        row("worker alive after the stall", if alive { "yes" } else { "no" }).target(verdict(alive, "yes")),
+        row("published / delivered / dead-lettered / lost / dups", {
+            let a = &account;
+            format!(
+                "{}/{}/{}/{}/{}",
+                a.published, a.delivered, a.dead_lettered, a.lost, a.duplicates
+            )
+        })
+        .target(verdict(account.lost == 0 && wait.is_ok(), "lost 0")),
+        row(
+            format!("seconds after recovery until ≥ 90% of the pre-stall {before:.0} msg/s"),
+            back.map_or("never".into(), |s| format!("{s:.1}")),
+        ),
+    ];
+    if let Err(e) = wait {
+        rows.push(row("  not all delivered", e.to_string()));
+    }
+    Ok(Section {
+        title: format!(
+            "fd pressure: open-loop {rate:.0} msg/s, sink stalls every connection for {stall:.0} s (concurrency 96, timeout 1 s, breaker off)"
+        ),
+        rows,
+    })
+}
+
+async fn five_x(cfg: &Cfg, rmq: &RabbitMq) -> Result<Section> {
+    let size = cfg.sizes[0];
+    let queue = "bench.5x".to_owned();
+    let rate = 5.0 * cfg.base_rate;
+    load::prefill(&rmq.amqp_uri(), &queue, QueueType::Quorum, &queue, 0, size).await?;
+    let sink = Sink::start_with(false).await?;
+    let o = Opts {
+        queue_type: Some(QueueType::Quorum),
+        ..Opts::default()
+    };
+    let workers = [
+        Worker::start(cfg, &rmq.amqp_uri(), &queue, &sink.url(), &o).await?,
+        Worker::start(cfg, &rmq.amqp_uri(), &queue, &sink.url(), &o).await?,
+    ];
+    for w in &workers {
+        w.wait_ready().await?;
+    }
+    eprintln!(
+        "bench: 5× load: {rate} msg/s for {} s over 2 workers (quorum)",
+        cfg.load_secs
+    );
+    let p = load::open_loop(&rmq.amqp_uri(), &queue, &queue, size, rate, cfg.load_secs, false).await?;
+    let wait = wait_requests(&sink, p.confirmed, Duration::from_secs(300)).await;
+    let dead = messages::drain_ids(&rmq.amqp_uri(), &format!("{queue}.dead")).await?;
+    let account = messages::account(&p.ids(), &sink.delivered(), &dead)?;
+    let lat = measure::p50_p99_p999(sink_latencies(&sink, &p));
+    let alive = workers.iter().all(|w| w.process.check_running().is_ok());
+    let rss: Vec<String> = workers.iter().map(|w| mib(w.kib("VmHWM"))).collect();
+    let mut rows = vec![
+        row(
+            "published / delivered / dead-lettered / lost / dups",
+            format!(
+                "{}/{}/{}/{}/{}",
+                account.published, account.delivered, account.dead_lettered, account.lost, account.duplicates
+            ),
+        )
+        .target(verdict(
+            account.lost == 0 && account.published == account.delivered + account.dead_lettered,
+            "published = delivered + dead, lost 0",
+        )),
+        row(
+            "refused by the broker (not counted as published)",
+            p.refused.len().to_string(),
+        ),
+        row(
+            format!(
+                "latency p50/p99/p99.9 ms (publisher lag ≤ {:.0} ms)",
+                p.max_lag * 1e3
+            ),
+            ms3(lat),
+        ),
+        row(
+            "workers alive; peak RSS each",
+            format!("{}; {}", if alive { "yes" } else { "no" }, rss.join(", ")),
+        ),
+    ];
+    if let Err(e) = wait {
+        rows.push(row("  not all delivered", e.to_string()));
+    }
+    Ok(Section {
+        title: format!(
+            "5× load: {rate:.0} msg/s = 5 × base {:.0} msg/s for {:.0} s over 2 workers, quorum queue, {size} B",
+            cfg.base_rate, cfg.load_secs
+        ),
+        rows,
+    })
+}
+
+/// A section that failed still leaves the others' figures in the table, with its error.
+fn or_failed(title: &str, r: Result<Section>) -> Section {
+    r.unwrap_or_else(|e| {
+        eprintln!("bench: {title} failed: {e:#}");
+        Section {
+            title: format!("{title}: FAILED"),
+            rows: vec![row("error", format!("{e:#}"))],
+        }
+    })
+}
+
+fn git_rev() -> String {
+    std::process::Command::new("git")
+        .args([
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "describe",
+            "--always",
+            "--dirty",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "?".into())
+}
+
+fn now_utc() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+async fn run() -> Result<()> {
+    let cfg = Cfg::from_env();
+    let load_start = measure::loadavg();
+    let started = now_utc();
+    let rev = git_rev();
+    let t0 = Instant::now();
+    eprintln!(
+        "bench: {} run, sections {:?}; starting RabbitMQ",
+        if cfg.quick { "quick" } else { "full" },
+        cfg.sections
+    );
+    let rmq = RabbitMq::start().await?;
+    let mut found = Found::default();
+    let mut sections = Vec::new();
+    if cfg.on("throughput") {
+        let (t, c) = throughput(&cfg, &rmq, &mut found).await?;
+        sections.push(t);
+        sections.push(c);
+    } else {
+        found.max_rate = var("HOOKFLEET_BENCH_MAX_RATE", 10_000.0, 10_000.0, cfg.quick);
+    }
+    let mut points = Vec::new();
+    if cfg.on("latency") {
+        let (s, p) = latency(&cfg, &rmq, &found).await?;
+        sections.push(s);
+        points = p;
+    }
+    if cfg.on("memory") {
+        sections.push(or_failed("Memory", memory(&cfg, &rmq, &found).await));
+    }
+    if cfg.on("fd") {
+        sections.push(or_failed("fd pressure", fd_pressure(&cfg, &rmq).await));
+    }
+    if cfg.on("load") {
+        sections.push(or_failed("5× load", five_x(&cfg, &rmq).await));
+    }
+    drop(rmq);
+    let header = vec![
+        format!(
+            "hookfleet bench ({} run), {started}, {}, git {}",
+            if cfg.quick { "quick" } else { "full" },
+            measure::machine(),
+            rev
+        ),
+        format!(
+            "load average (1 min) at start {load_start}, at end {}; {:.0} s in all; broker, worker, sink and publisher share these cores",
+            measure::loadavg(),
+            t0.elapsed().as_secs_f64()
+        ),
+    ];
+    let table = report::table(&header, &sections);
+    println!("\n{table}");
+    std::fs::create_dir_all(&cfg.out)?;
+    std::fs::write(cfg.out.join("bench.txt"), &table)?;
+    if !points.is_empty() {
+        let svg = report::svg(
+            &points,
+            found.limit,
+            found.max_rate,
+            &format!(
+                "hookfleet worker, classic queue, {} B: delivered and latency vs offered load ({started})",
+                cfg.sizes[0]
+            ),
+        );
+        std::fs::write(cfg.out.join("bench.svg"), svg)?;
+    }
+    eprintln!("bench: table and plot in {}", cfg.out.display());
+    Ok(())
+}
