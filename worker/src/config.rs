@@ -542,6 +542,12 @@ impl Config {
                 "must differ from --queue",
             ));
         }
+        if dead_letter_queue == crate::worker::topology::retry_ready_queue(&queue) {
+            return Err(bad(
+                "--dead-letter-queue (HOOKFLEET_DEAD_LETTER_QUEUE)",
+                format!("{dead_letter_queue} is the retry-ready queue of --queue"),
+            ));
+        }
 
         let confirm_setting = "--confirm-timeout (HOOKFLEET_CONFIRM_TIMEOUT)";
         let confirm_timeout = check_range(

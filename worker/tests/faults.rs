@@ -529,10 +529,10 @@ async fn poison_message_is_dead_lettered_after_the_delivery_limit() -> Result<()
     Ok(())
 }
 
-/// Finding 2, the delay-queue hop: retries come back while the work queue refuses everything
-/// (`max-length 0` with `reject-publish`). On quorum queues the broker dead-letters at least once: the
-/// retries wait in their delay queue until the work queue takes them again. (Classic delay queues
-/// drop them: at-most-once.)
+/// Finding 2, the delay-queue hop: retries come back while their target, the retry-ready queue,
+/// refuses everything (`max-length 0` with `reject-publish`). On quorum queues the broker dead-letters
+/// at least once: the retries wait in their delay queue until the retry-ready queue takes them again.
+/// (Classic delay queues drop them: at-most-once.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_wait_while_the_work_queue_is_full() -> Result<()> {
     init();
@@ -571,12 +571,12 @@ async fn retries_wait_while_the_work_queue_is_full() -> Result<()> {
         "--apply-to",
         "queues",
         "full",
-        "^ml\\.q$",
+        "^ml\\.q\\.retries$",
         r#"{"max-length":0,"overflow":"reject-publish"}"#,
     ])?;
     // The retries' TTL (2 s) passes several times while the work queue is full.
     tokio::time::sleep(Duration::from_secs(8)).await;
-    let waiting = messages_under(&rmq, "ml.q.retry.")?;
+    let waiting = messages_under(&rmq, "ml.q.delay.")?;
     w.process.stop(Duration::from_secs(10));
     rmq.ctl(&["clear_policy", "full"])?;
     sink.set_mode(Mode::ok());
@@ -592,7 +592,7 @@ async fn retries_wait_while_the_work_queue_is_full() -> Result<()> {
     } else {
         // Counts from `list_queues` lag by one statistics emission (5 s).
         tokio::time::sleep(Duration::from_secs(6)).await;
-        messages_under(&rmq, "ml.q.retry.")? + queue_counts(&rmq, "ml.q").await?.0 as u64
+        messages_under(&rmq, "ml.q.delay.")? + queue_counts(&rmq, "ml.q.retries").await?.0 as u64
     };
     let dead = drain(&rmq, "ml.q.dead").await?;
     assert!(dead.is_empty());

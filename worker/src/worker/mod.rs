@@ -2,6 +2,8 @@
 //!
 //! - [`session`]: one broker connection at a time (connect, declare, consume), reconnecting with
 //!   jittered backoff, draining in-flight deliveries before a connection is closed;
+//! - [`lanes`]: the concurrency split between fresh messages and due retries, and the retry lane's
+//!   consume loop;
 //! - [`topology`]: the queues and their arguments (classic or quorum), and a declaration the broker
 //!   refuses because the queue exists with other arguments;
 //! - [`delivery`]: one message from received to an [`Outcome`](crate::outcome::Outcome) (template,
@@ -16,6 +18,7 @@
 //! `webhook-id`.
 
 mod delivery;
+mod lanes;
 mod session;
 mod settlement;
 pub mod topology;
@@ -23,14 +26,13 @@ pub mod topology;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-
 use crate::breaker::Breaker;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::ssrf::GuardedResolver;
 
+pub use lanes::{Lane, Lanes};
 pub use session::{Fatal, SessionError, reconnect_delay};
 pub use settlement::Fate;
 
@@ -41,7 +43,8 @@ pub struct Worker {
     metrics: Arc<Metrics>,
     limiter: Option<RateLimiter>,
     breaker: Breaker,
-    permits: Arc<Semaphore>,
+    /// Concurrency slots, split between fresh messages and retries.
+    lanes: Lanes,
     ladder: Vec<Duration>,
     /// Static headers, built once.
     headers: reqwest::header::HeaderMap,
@@ -71,7 +74,7 @@ impl Worker {
         Ok(Arc::new(Self {
             limiter: cfg.rate_limit.map(|(r, b)| RateLimiter::new(r, b)),
             breaker: Breaker::new(cfg.circuit_breaker.0, cfg.circuit_breaker.1),
-            permits: Arc::new(Semaphore::new(cfg.concurrency)),
+            lanes: Lanes::new(cfg.concurrency),
             ladder: cfg.backoff.ladder(),
             http,
             metrics,
@@ -80,7 +83,7 @@ impl Worker {
         }))
     }
 
-    fn retry_queue(&self, ttl: Duration) -> String {
-        topology::retry_queue(&self.cfg.queue, ttl)
+    fn delay_queue(&self, ttl: Duration) -> String {
+        topology::delay_queue(&self.cfg.queue, ttl)
     }
 }

@@ -251,7 +251,7 @@ impl Worker {
                 let ttl = self.cfg.backoff.bucket(delay);
                 let failure = Failure { reason, status };
                 Fate::Store {
-                    queue: self.retry_queue(ttl),
+                    queue: self.delay_queue(ttl),
                     props: Box::new(message::retry_properties(
                         &d.properties,
                         exchange,
@@ -276,7 +276,7 @@ impl Worker {
                     status: None,
                 };
                 Fate::Store {
-                    queue: self.retry_queue(ttl),
+                    queue: self.delay_queue(ttl),
                     props: Box::new(message::retry_properties(
                         &d.properties,
                         exchange,
