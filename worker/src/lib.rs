@@ -14,4 +14,5 @@ pub mod ratelimit;
 pub mod signing;
 pub mod ssrf;
 pub mod template;
+pub mod throttle;
 pub mod worker;

@@ -18,6 +18,8 @@
 //! `webhook-id`.
 
 mod delivery;
+mod fleet;
+mod gone;
 mod lanes;
 mod session;
 mod settlement;
@@ -31,7 +33,9 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::ssrf::GuardedResolver;
+use crate::throttle::Throttle;
 
+pub use gone::{Gone, redact_userinfo};
 pub use lanes::{Lane, Lanes};
 pub use session::{Fatal, SessionError, reconnect_delay};
 pub use settlement::Fate;
@@ -48,6 +52,10 @@ pub struct Worker {
     ladder: Vec<Duration>,
     /// Static headers, built once.
     headers: reqwest::header::HeaderMap,
+    /// Set by the first 410 Gone (see `gone`).
+    gone: tokio::sync::watch::Sender<Option<Gone>>,
+    /// `--adaptive-throttle`: a limit on attempts in flight that follows the failure ratio.
+    throttle: Option<Throttle>,
 }
 
 impl Worker {
@@ -61,9 +69,7 @@ impl Worker {
             // Together they are the fd budget of `fdlimit::required`.
             .pool_max_idle_per_host(cfg.concurrency)
             .pool_idle_timeout(Duration::from_secs(30))
-            .dns_resolver(GuardedResolver {
-                allow_private: cfg.allow_private_networks,
-            })
+            .dns_resolver(GuardedResolver::new(cfg.allow_private_networks))
             .no_proxy()
             .user_agent(concat!("hookfleet-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
@@ -71,8 +77,18 @@ impl Worker {
         for (n, v) in &cfg.headers {
             headers.append(n.clone(), v.clone());
         }
+        if let Some((r, _)) = cfg.rate_limit {
+            metrics.rate_limit.set(f64::from(r));
+        }
+        if cfg.adaptive_throttle.is_some() {
+            metrics.throttle_limit.set(cfg.concurrency as i64);
+        }
         Ok(Arc::new(Self {
             limiter: cfg.rate_limit.map(|(r, b)| RateLimiter::new(r, b)),
+            gone: tokio::sync::watch::Sender::new(None),
+            throttle: cfg
+                .adaptive_throttle
+                .map(|(min, window)| Throttle::new(min as usize, cfg.concurrency, window)),
             breaker: Breaker::new(cfg.circuit_breaker.0, cfg.circuit_breaker.1),
             lanes: Lanes::new(cfg.concurrency),
             ladder: cfg.backoff.ladder(),

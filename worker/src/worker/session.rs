@@ -207,6 +207,7 @@ impl Worker {
         let mut retry_lane = self
             .start_retry_lane(conn, shutdown.clone(), session.clone())
             .await?;
+        let _fleet_share = self.start_fleet_share(conn).await?;
         let mut blocked_poll = tokio::time::interval(BLOCKED_POLL);
 
         loop {

@@ -300,6 +300,11 @@ impl Worker {
             Outcome::Reject { reason, status } => {
                 self.dead_letter(d, meta, attempt, Failure { reason, status }, reason, None)
             }
+            // Left unacked: the session ends (the worker stops) and the broker requeues it.
+            Outcome::Gone => Fate::HandBack {
+                reason: "gone",
+                requeue_now: false,
+            },
         }
     }
 
