@@ -232,7 +232,8 @@ impl fmt::Debug for Config {
             .field("prefetch", &self.prefetch)
             .field("queue_type", &self.queue_type)
             .field("delivery_limit", &self.delivery_limit)
-            .field("destination", &self.destination.as_str())
+            // Userinfo in the URL is a credential: never logged.
+            .field("destination", &crate::worker::redact_userinfo(&self.destination))
             .field("method", &self.method)
             .field(
                 "headers",
@@ -956,6 +957,18 @@ mod tests {
         assert_eq!(c.headers[0].0.as_str(), "authorization");
         assert!(c.headers[0].1.is_sensitive());
         assert!(!format!("{c:?}").contains("t0ken"));
+        let args = Args::try_parse_from([
+            "w",
+            "--amqp-uri",
+            "amqp://127.0.0.1/",
+            "--queue",
+            "q",
+            "--destination-url",
+            "https://u:pw-s3cret@erp.example.com/hook",
+        ])
+        .unwrap();
+        let c = Config::from_args(args, &|_| None).unwrap();
+        assert!(!format!("{c:?}").contains("pw-s3cret"), "{c:?}");
         let err = parse_env(&["--header-from-env", "Authorization=MISSING"], &env).unwrap_err();
         assert!(err.message.contains("MISSING"));
     }
