@@ -48,7 +48,12 @@ fn full_example_round_trips_without_nulls() {
         i.spec.delivery.rate_limit.as_ref().map(|r| r.scope),
         Some(RateLimitScope::Fleet)
     );
-    let throttle = i.spec.delivery.adaptive_throttle.as_ref().expect("adaptiveThrottle");
+    let throttle = i
+        .spec
+        .delivery
+        .adaptive_throttle
+        .as_ref()
+        .expect("adaptiveThrottle");
     assert_eq!(throttle.min_concurrency, 4);
     assert_eq!(i.spec.destination.headers_from[0].name, "Authorization");
     let json = serde_json::to_string(&i).unwrap();

@@ -552,7 +552,10 @@ impl Config {
             .circuit_breaker_threshold
             .unwrap_or(defaults.circuit_breaker.failure_threshold);
         if threshold > 10_000 {
-            return Err(bad(threshold_setting, format!("{threshold} is outside [0, 10000]")));
+            return Err(bad(
+                threshold_setting,
+                format!("{threshold} is outside [0, 10000]"),
+            ));
         }
         let cooldown_setting = "--circuit-breaker-cooldown (HOOKFLEET_CIRCUIT_BREAKER_COOLDOWN)";
         let cooldown = match &args.circuit_breaker_cooldown {
@@ -872,11 +875,23 @@ mod tests {
             (&["--rate-limit-burst", "5"], "--rate-limit-burst"),
             (&["--metrics-addr", "nowhere"], "--metrics-addr"),
             (&["--body-template", "{{ data | tojson }"], "--body-template"),
-            (&["--circuit-breaker-cooldown", "1ms"], "--circuit-breaker-cooldown"),
-            (&["--circuit-breaker-threshold", "10001"], "--circuit-breaker-threshold"),
+            (
+                &["--circuit-breaker-cooldown", "1ms"],
+                "--circuit-breaker-cooldown",
+            ),
+            (
+                &["--circuit-breaker-threshold", "10001"],
+                "--circuit-breaker-threshold",
+            ),
             (&["--adaptive-throttle-min", "2"], "--adaptive-throttle-min"),
             (
-                &["--adaptive-throttle", "--adaptive-throttle-min", "500", "--concurrency", "100"],
+                &[
+                    "--adaptive-throttle",
+                    "--adaptive-throttle-min",
+                    "500",
+                    "--concurrency",
+                    "100",
+                ],
                 "--adaptive-throttle-min",
             ),
             (
@@ -884,7 +899,10 @@ mod tests {
                 "--adaptive-throttle-window",
             ),
             (&["--rate-limit-scope", "fleet"], "--rate-limit-scope"),
-            (&["--rate-limit", "5", "--rate-limit-scope", "pod"], "--rate-limit-scope"),
+            (
+                &["--rate-limit", "5", "--rate-limit-scope", "pod"],
+                "--rate-limit-scope",
+            ),
             (&["--dead-letter-queue", "orders.retries"], "--dead-letter-queue"),
         ];
         for (extra, setting) in cases {

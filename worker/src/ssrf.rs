@@ -255,7 +255,11 @@ mod tests {
         fn resolve(&self, _name: Name) -> Resolving {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let mut a = self.answers.lock().unwrap();
-            let ips = if a.len() > 1 { a.pop_front().unwrap() } else { a[0].clone() };
+            let ips = if a.len() > 1 {
+                a.pop_front().unwrap()
+            } else {
+                a[0].clone()
+            };
             let addrs: Vec<SocketAddr> = ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect();
             Box::pin(async move { Ok(Box::new(addrs.into_iter()) as Addrs) })
         }
@@ -284,10 +288,16 @@ mod tests {
         ] {
             let r = GuardedResolver::with_inner(false, Scripted::new(&[&[ip]]));
             let err = resolve(&r, "hooks.example.com").await.expect_err(ip);
-            assert!(err.contains("SSRF guard") && err.contains("hooks.example.com"), "{ip}: {err}");
+            assert!(
+                err.contains("SSRF guard") && err.contains("hooks.example.com"),
+                "{ip}: {err}"
+            );
             // Allowed with the setting.
             let r = GuardedResolver::with_inner(true, Scripted::new(&[&[ip]]));
-            assert_eq!(resolve(&r, "hooks.example.com").await.unwrap(), [ip.parse::<IpAddr>().unwrap()]);
+            assert_eq!(
+                resolve(&r, "hooks.example.com").await.unwrap(),
+                [ip.parse::<IpAddr>().unwrap()]
+            );
         }
         // A mixed answer keeps only the public addresses: those are what reqwest connects to.
         let r = GuardedResolver::with_inner(false, Scripted::new(&[&["127.0.0.1", "93.184.216.34", "::1"]]));
@@ -311,7 +321,9 @@ mod tests {
         let acc = accepted.clone();
         let server = tokio::spawn(async move {
             loop {
-                let Ok((mut sock, _)) = listener.accept().await else { return };
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
                 acc.fetch_add(1, Ordering::SeqCst);
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 let mut buf = [0u8; 4096];
@@ -333,12 +345,20 @@ mod tests {
         // 192.0.2.1 (TEST-NET-1) passes the guard and is unreachable here: the attempt fails to connect.
         let inner = Scripted::new(&[&["192.0.2.1"], &["127.0.0.1"]]);
         let c = client(false, inner.clone());
-        let first = c.post(&url).send().await.expect_err("nothing listens on 192.0.2.1");
+        let first = c
+            .post(&url)
+            .send()
+            .await
+            .expect_err("nothing listens on 192.0.2.1");
         assert!(first.is_connect() || first.is_timeout(), "{first:?}");
         let second = c.post(&url).send().await.expect_err("refused by the guard");
         let chain = format!("{:?}", second);
         assert!(chain.contains("SSRF guard"), "{chain}");
-        assert_eq!(inner.calls.load(Ordering::SeqCst), 2, "one resolution per connection");
+        assert_eq!(
+            inner.calls.load(Ordering::SeqCst),
+            2,
+            "one resolution per connection"
+        );
         assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing reached 127.0.0.1");
 
         let inner = Scripted::new(&[&["127.0.0.1"]]);

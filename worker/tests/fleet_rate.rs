@@ -14,7 +14,14 @@ use hookfleet_e2e::process::wait_for;
 use hookfleet_e2e::sink::Sink;
 
 const LIMIT: f64 = 20.0;
-const ARGS: &[&str] = &["--rate-limit", "20", "--rate-limit-burst", "1", "--rate-limit-scope", "fleet"];
+const ARGS: &[&str] = &[
+    "--rate-limit",
+    "20",
+    "--rate-limit-burst",
+    "1",
+    "--rate-limit-scope",
+    "fleet",
+];
 
 async fn wait_share(w: &Worker, want: f64) -> Result<()> {
     wait_for(
@@ -53,7 +60,12 @@ async fn two_workers_share_the_fleet_limit() -> Result<()> {
     let last = *hits.iter().max().unwrap();
     // N requests, the first free (burst 1 each): N − 2 intervals at the fleet's rate.
     let rate = (N - 2) as f64 / last.duration_since(first).as_secs_f64();
-    let delivered = |m: &str| metric(m, "hookfleet_messages_settled_total{integration=\"test/worker\",fate=\"delivered\"}");
+    let delivered = |m: &str| {
+        metric(
+            m,
+            "hookfleet_messages_settled_total{integration=\"test/worker\",fate=\"delivered\"}",
+        )
+    };
     let (da, db) = (delivered(&a.metrics().await?), delivered(&b.metrics().await?));
     eprintln!(
         "fleet rate limit {LIMIT}/s over 2 workers: {rate:.1} req/s measured ({N} msgs; worker a delivered {da}, b {db})"

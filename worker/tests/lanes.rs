@@ -26,7 +26,10 @@ const WORKER_ARGS: &[&str] = &["--concurrency", "16", "--prefetch", "32"];
 fn first_hit(sink: &Sink, prefixes: &[&str]) -> Instant {
     sink.hits()
         .into_iter()
-        .filter(|h| h.id.as_deref().is_some_and(|i| prefixes.iter().any(|p| i.starts_with(p))))
+        .filter(|h| {
+            h.id.as_deref()
+                .is_some_and(|i| prefixes.iter().any(|p| i.starts_with(p)))
+        })
         .map(|h| h.at)
         .min()
         .expect("a request arrived")
@@ -41,7 +44,10 @@ fn rate(sink: &Sink, prefix: &str, from: Instant) -> (usize, f64) {
         .map(|h| h.at)
         .collect();
     let last = hits.iter().max().copied().unwrap_or(from);
-    (hits.len(), hits.len() as f64 / last.duration_since(from).as_secs_f64())
+    (
+        hits.len(),
+        hits.len() as f64 / last.duration_since(from).as_secs_f64(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,7 +62,16 @@ async fn fresh_traffic_keeps_half_its_rate_behind_10000_due_retries() -> Result<
     // Unloaded: FRESH messages waiting in the work queue, nothing else.
     let unloaded_ids = ids("unloaded", FRESH);
     publish(&rmq, "ln1.q", &unloaded_ids).await?;
-    let mut w = start_worker(&rmq, "ln1.q", &sink.url(), WORKER_ARGS, &[], dir.path(), "worker-1").await?;
+    let mut w = start_worker(
+        &rmq,
+        "ln1.q",
+        &sink.url(),
+        WORKER_ARGS,
+        &[],
+        dir.path(),
+        "worker-1",
+    )
+    .await?;
     let want: HashSet<String> = unloaded_ids.iter().cloned().collect();
     sink.wait_delivered(&want, Duration::from_secs(120)).await?;
     let (n, unloaded) = rate(&sink, "unloaded-", first_hit(&sink, &["unloaded-"]));
@@ -74,7 +89,8 @@ async fn fresh_traffic_keeps_half_its_rate_behind_10000_due_retries() -> Result<
             ..Default::default()
         };
         declare_work_queue(&ch, "ln2.q", QueueType::Quorum).await?;
-        let args = topology::retry_ready_queue_args(QueueType::Quorum, "ln2.q.dead", default_delivery_limit());
+        let args =
+            topology::retry_ready_queue_args(QueueType::Quorum, "ln2.q.dead", default_delivery_limit());
         ch.queue_declare("ln2.q.retries".into(), durable, args).await?;
         let _ = conn.close(200, "declared".into()).await;
     }
@@ -84,7 +100,16 @@ async fn fresh_traffic_keeps_half_its_rate_behind_10000_due_retries() -> Result<
     publish_existing(&rmq, "ln2.q", &fresh_ids).await?;
     assert_eq!(queue_counts(&rmq, "ln2.q.retries").await?.0 as usize, LATE);
 
-    let w = start_worker(&rmq, "ln2.q", &sink.url(), WORKER_ARGS, &[], dir.path(), "worker-2").await?;
+    let w = start_worker(
+        &rmq,
+        "ln2.q",
+        &sink.url(),
+        WORKER_ARGS,
+        &[],
+        dir.path(),
+        "worker-2",
+    )
+    .await?;
     let want: HashSet<String> = fresh_ids.iter().cloned().collect();
     sink.wait_delivered(&want, Duration::from_secs(120)).await?;
     let from = first_hit(&sink, &["fresh-", "late-"]);
@@ -125,7 +150,11 @@ async fn fresh_traffic_keeps_half_its_rate_behind_10000_due_retries() -> Result<
     assert_eq!(a.delivered as usize, FRESH + LATE, "{a:?}");
     assert_eq!(queue_counts(&rmq, "ln2.q").await?.0, 0);
     assert_eq!(queue_counts(&rmq, "ln2.q.retries").await?.0, 0);
-    assert_eq!(consumers(&rmq, "ln2.q").await?, 1, "one consumer on the work queue per worker");
+    assert_eq!(
+        consumers(&rmq, "ln2.q").await?,
+        1,
+        "one consumer on the work queue per worker"
+    );
     eprintln!(
         "priority lane: the remaining retries drained in {:?}; duplicates={dups}; accounting {a:?}",
         drained.elapsed()

@@ -112,7 +112,10 @@ impl Worker {
                     && let Some(limit) = t.record(healthy)
                 {
                     self.metrics.throttle_limit.set(limit as i64);
-                    info!(limit, "adaptive throttle: deliveries in flight now limited to {limit}");
+                    info!(
+                        limit,
+                        "adaptive throttle: deliveries in flight now limited to {limit}"
+                    );
                 }
                 match self.breaker.record(healthy, admit == Admit::Probe) {
                     Some(Transition::Opened) => {

@@ -39,7 +39,10 @@ pub fn share(limit: (u32, u32), consumers: u32) -> (f64, f64) {
 impl Worker {
     /// With a fleet-wide rate limit: opens a channel on `conn` and keeps this worker's share current
     /// for as long as the session lasts. `None` otherwise.
-    pub(super) async fn start_fleet_share(self: &Arc<Self>, conn: &Connection) -> Result<Option<FleetShare>, SessionError> {
+    pub(super) async fn start_fleet_share(
+        self: &Arc<Self>,
+        conn: &Connection,
+    ) -> Result<Option<FleetShare>, SessionError> {
         let (Some(limit), RateLimitScope::Fleet) = (self.cfg.rate_limit, self.cfg.rate_limit_scope) else {
             return Ok(None);
         };
@@ -64,7 +67,10 @@ impl Worker {
                                 l.set_rate(per_second, burst).await;
                             }
                             worker.metrics.rate_limit.set(per_second);
-                            info!(consumers = n, per_second, burst, "fleet-wide rate limit: this worker's share");
+                            info!(
+                                consumers = n,
+                                per_second, burst, "fleet-wide rate limit: this worker's share"
+                            );
                             last = n;
                         }
                     }

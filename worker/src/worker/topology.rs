@@ -92,7 +92,11 @@ pub fn dead_letter_queue_args(queue_type: QueueType) -> FieldTable {
 
 /// Arguments of the retry-ready queue: those of the work queue (a retry that crashes every worker
 /// meets the same delivery limit as a fresh message).
-pub fn retry_ready_queue_args(queue_type: QueueType, dead_letter_queue: &str, delivery_limit: u32) -> FieldTable {
+pub fn retry_ready_queue_args(
+    queue_type: QueueType,
+    dead_letter_queue: &str,
+    delivery_limit: u32,
+) -> FieldTable {
     work_queue_args(queue_type, dead_letter_queue, delivery_limit)
 }
 
