@@ -29,6 +29,14 @@ pub enum Mode {
     /// Read the request, then answer nothing and keep the connection open until the mode changes
     /// (then answer per the new mode).
     Stall,
+    /// Of every `failures + 1` requests (counted across connections), the first `failures` answer
+    /// `status` and the last 200, each after `delay`: an endpoint whose failures outnumber its
+    /// successes without ever failing many times in a row (a circuit breaker never opens on it).
+    Flaky {
+        status: u16,
+        failures: u32,
+        delay: Duration,
+    },
 }
 
 impl Mode {
@@ -49,6 +57,14 @@ impl Mode {
             status,
             delay,
             retry_after: None,
+        }
+    }
+
+    pub fn flaky(status: u16, failures: u32, delay: Duration) -> Self {
+        Mode::Flaky {
+            status,
+            failures,
+            delay,
         }
     }
 }
@@ -76,6 +92,8 @@ struct Stats {
     /// get past); each arrival is counted.
     poison: Mutex<Option<String>>,
     poison_arrivals: AtomicU64,
+    /// Requests answered in [`Mode::Flaky`], to pick failure or success.
+    flaky_seq: AtomicU64,
 }
 
 /// A running sink; stops when dropped.
@@ -308,6 +326,19 @@ async fn serve(sock: TcpStream, st: Arc<Stats>, mut mode: watch::Receiver<Mode>,
                     delay,
                     retry_after,
                 } => break (status, delay, retry_after),
+                Mode::Flaky {
+                    status,
+                    failures,
+                    delay,
+                } => {
+                    let n = st.flaky_seq.fetch_add(1, Ordering::SeqCst);
+                    let status = if n % (u64::from(failures) + 1) < u64::from(failures) {
+                        status
+                    } else {
+                        200
+                    };
+                    break (status, delay, None);
+                }
                 Mode::Stall => {
                     // Hold the connection open; a closed peer ends the wait too.
                     let mut probe = [0u8; 1];

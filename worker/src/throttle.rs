@@ -17,6 +17,8 @@ use tokio::time::Instant;
 
 struct State {
     limit: usize,
+    /// The limit [`Throttle::record`] last reported (a window may end in `acquire` too).
+    reported: usize,
     in_use: usize,
     ok: u32,
     failed: u32,
@@ -55,6 +57,7 @@ impl Throttle {
             window,
             state: Mutex::new(State {
                 limit: max,
+                reported: max,
                 in_use: 0,
                 ok: 0,
                 failed: 0,
@@ -91,23 +94,27 @@ impl Throttle {
         }
     }
 
-    /// Records an attempt's result (`healthy`: not a retryable failure). Returns the new limit when a
-    /// window just ended with a change.
+    /// Records an attempt's result (`healthy`: not a retryable failure). Returns the limit when it
+    /// changed since the last call that returned one (for the gauge and the log).
     pub fn record(&self, healthy: bool) -> Option<usize> {
         let mut s = self.lock();
-        let changed = self.roll(&mut s);
+        self.roll(&mut s);
         if healthy {
             s.ok += 1;
         } else {
             s.failed += 1;
         }
-        changed
+        if s.limit != s.reported {
+            s.reported = s.limit;
+            return Some(s.limit);
+        }
+        None
     }
 
     /// Ends the window if it is over: adjusts the limit, starts a new one.
-    fn roll(&self, s: &mut State) -> Option<usize> {
+    fn roll(&self, s: &mut State) {
         if s.window_start.elapsed() < self.window {
-            return None;
+            return;
         }
         let before = s.limit;
         if s.failed > s.ok {
@@ -121,7 +128,6 @@ impl Throttle {
         if s.limit > before {
             self.freed.notify_waiters();
         }
-        (s.limit != before).then_some(s.limit)
     }
 }
 
@@ -155,10 +161,18 @@ mod tests {
         tokio::time::advance(Duration::from_secs(10)).await;
         drop(t.acquire().await);
         assert_eq!(t.limit(), 14);
+        assert_eq!(
+            t.record(true),
+            Some(14),
+            "a window that ended in acquire is reported too"
+        );
+        assert_eq!(t.record(true), None);
         // A quiet window (nothing recorded) changes nothing.
         tokio::time::advance(Duration::from_secs(10)).await;
         drop(t.acquire().await);
-        assert_eq!(t.limit(), 14);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        drop(t.acquire().await);
+        assert_eq!(t.limit(), 18, "one window had successes (+4), the next none (+0)");
     }
 
     #[tokio::test(start_paused = true)]
