@@ -387,10 +387,15 @@ async fn dead_letter_queue_deleted_under_load_loses_nothing() -> Result<()> {
             "64",
             "--max-attempts",
             "2",
+            // Dead letters (second attempts) start after 5 s: retries run in their own lane beside
+            // the first attempts, so without that pause the dead-letter queue is never empty long
+            // enough for `delete_queue --if-empty` (a rabbitmqctl run takes about a second).
             "--backoff-initial",
-            "100ms",
+            "5s",
             "--backoff-max",
-            "200ms",
+            "5s",
+            "--backoff-jitter",
+            "none",
             "--circuit-breaker-threshold",
             "0",
         ],
@@ -603,7 +608,7 @@ async fn retries_wait_while_the_work_queue_is_full() -> Result<()> {
     let dups = delivered.values().map(|n| n - 1).sum::<usize>();
     let a = settled_accounting(&w).await?;
     eprintln!(
-        "work queue full: N={N}, {waiting} retries held in delay queues while the work queue refused; after it freed up {} delivered within 90 s, {missing} still held by the broker ({held} in queues), 0 lost, duplicates={dups}; accounting {a:?}",
+        "work queue full: N={N}, {waiting} retries held in delay queues while the retry-ready queue refused; after it freed up {} delivered within 90 s, {missing} still held by the broker ({held} in queues), 0 lost, duplicates={dups}; accounting {a:?}",
         N - missing
     );
     assert!(waiting > 0, "no retry waited: the test proved nothing");

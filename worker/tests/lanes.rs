@@ -161,3 +161,48 @@ async fn fresh_traffic_keeps_half_its_rate_behind_10000_due_retries() -> Result<
     );
     Ok(())
 }
+
+/// An upgrade from a version without lanes: the old delay queues (`<queue>.retry.<ms>ms`, dead-lettering
+/// into the work queue) exist and hold retries. The new worker declares its own ladder beside them (no
+/// `PRECONDITION_FAILED`), and the old retries come back through the work queue and are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_leaves_the_old_delay_queues_draining_into_the_work_queue() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 20;
+    let rmq = RabbitMq::start().await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    // The topology of the previous version: work queue, and a delay queue back into it.
+    {
+        let conn = lapin::Connection::connect(&rmq.amqp_uri(), Default::default()).await?;
+        let ch = conn.create_channel().await?;
+        declare_work_queue(&ch, "up.q", QueueType::Quorum).await?;
+        let old = topology::delay_queue_args(QueueType::Quorum, "up.q", Duration::from_secs(2));
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare("up.q.retry.2000ms".into(), durable, old).await?;
+        let _ = conn.close(200, "declared".into()).await;
+    }
+    let old_retries = ids("old-retry", N);
+    publish_existing(&rmq, "up.q.retry.2000ms", &old_retries).await?;
+    let fresh = ids("up-fresh", N);
+    publish_existing(&rmq, "up.q", &fresh).await?;
+
+    let w = start_worker(&rmq, "up.q", &sink.url(), &[], &[], dir.path(), "worker").await?;
+    let all: Vec<String> = fresh.iter().chain(old_retries.iter()).cloned().collect();
+    let want: HashSet<String> = all.iter().cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(60)).await?;
+    let dups = account(&all, &sink.delivered(), &HashSet::new())?;
+    let a = settled_accounting(&w).await?;
+    assert_eq!(a.delivered as usize, 2 * N, "{a:?}");
+    assert_eq!(queue_counts(&rmq, "up.q.retry.2000ms").await?.0, 0, "the old delay queue drained");
+    w.process.check_running()?;
+    eprintln!(
+        "upgrade: {N} retries in an old delay queue and {N} fresh messages, all delivered by the new worker \
+         beside its new ladder (no PRECONDITION_FAILED), duplicates={dups}"
+    );
+    Ok(())
+}
