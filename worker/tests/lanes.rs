@@ -198,7 +198,11 @@ async fn upgrade_leaves_the_old_delay_queues_draining_into_the_work_queue() -> R
     let dups = account(&all, &sink.delivered(), &HashSet::new())?;
     let a = settled_accounting(&w).await?;
     assert_eq!(a.delivered as usize, 2 * N, "{a:?}");
-    assert_eq!(queue_counts(&rmq, "up.q.retry.2000ms").await?.0, 0, "the old delay queue drained");
+    assert_eq!(
+        queue_counts(&rmq, "up.q.retry.2000ms").await?.0,
+        0,
+        "the old delay queue drained"
+    );
     w.process.check_running()?;
     eprintln!(
         "upgrade: {N} retries in an old delay queue and {N} fresh messages, all delivered by the new worker \
