@@ -36,7 +36,7 @@ use crate::ssrf::GuardedResolver;
 use crate::throttle::Throttle;
 
 pub use gone::{Gone, redact_userinfo};
-pub use lanes::{Lane, Lanes};
+pub use lanes::{FreshWait, Lanes};
 pub use session::{Fatal, SessionError, reconnect_delay};
 pub use settlement::Fate;
 

@@ -208,6 +208,7 @@ impl Worker {
             .start_retry_lane(conn, shutdown.clone(), session.clone())
             .await?;
         let _fleet_share = self.start_fleet_share(conn).await?;
+        let mut fresh_wait = super::FreshWait::default();
         let mut blocked_poll = tokio::time::interval(BLOCKED_POLL);
 
         loop {
@@ -245,7 +246,7 @@ impl Worker {
                 _ = shutdown.wait_for(|s| *s) => break,
                 _ = session.publish_failed.notified() => return Err(SessionError::PublishFailed),
                 r = retry_lane.ended() => { r?; break }
-                p = self.lanes.acquire(super::Lane::Fresh) => p,
+                p = self.lanes.acquire_fresh(&mut fresh_wait) => p,
             };
             let worker = self.clone();
             let session = session.clone();
