@@ -10,4 +10,8 @@ pub mod exit {
     /// A queue exists on the broker with other arguments than the worker declares (type, delivery
     /// limit, dead-letter settings): the broker refused the declaration with PRECONDITION_FAILED.
     pub const QUEUE_MISMATCH: i32 = 4;
+    /// The destination answered 410 Gone: the worker handed the message back, stopped taking work,
+    /// drained its in-flight deliveries and exited; the termination message names the URL (userinfo
+    /// redacted) and the time.
+    pub const DESTINATION_GONE: i32 = 5;
 }

@@ -376,6 +376,10 @@ pub struct SecretRef {
 /// How deliveries are retried, paced and given up on.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.adaptiveThrottle) || self.adaptiveThrottle.minConcurrency <= self.concurrency"
+).message("delivery.adaptiveThrottle.minConcurrency must not exceed delivery.concurrency")
+    .field_path(".adaptiveThrottle.minConcurrency"))]
 pub struct DeliverySpec {
     /// Attempts before a message is dead-lettered (the first delivery counts).
     #[serde(default = "default_max_attempts")]
@@ -384,13 +388,25 @@ pub struct DeliverySpec {
     /// Delay between attempts.
     #[serde(default)]
     pub backoff: BackoffSpec,
-    /// Deliveries in flight per worker.
+    /// Deliveries in flight per worker. Half of them (rounded down) are reserved for first attempts,
+    /// so a backlog of due retries never starves fresh messages; with no retries due, fresh messages
+    /// use them all.
     #[serde(default = "default_concurrency")]
     #[schemars(range(min = 1, max = 10000))]
     pub concurrency: u32,
-    /// Requests per second per worker to the destination; unlimited when absent.
+    /// Requests per second to the destination; unlimited when absent. Per worker unless
+    /// `scope: fleet` (see `scope`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
+    /// Stops calling a destination that keeps failing: after `failureThreshold` consecutive retryable
+    /// failures (timeouts, connection errors, 5xx, 408/425/429) messages are deferred, without
+    /// spending an attempt, for `cooldown`; then one probe decides whether to close it again.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerSpec,
+    /// Lowers the deliveries in flight while failures outnumber successes, and raises them again as
+    /// the destination recovers. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_throttle: Option<AdaptiveThrottleSpec>,
     /// Where messages go that cannot be delivered; defaults to `<queue>.dead`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<DeadLetterSpec>,
@@ -403,9 +419,81 @@ impl Default for DeliverySpec {
             backoff: BackoffSpec::default(),
             concurrency: default_concurrency(),
             rate_limit: None,
+            circuit_breaker: CircuitBreakerSpec::default(),
+            adaptive_throttle: None,
             dead_letter: None,
         }
     }
+}
+
+/// The destination's circuit breaker (per worker).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CircuitBreakerSpec {
+    /// Consecutive retryable failures that open the breaker; 0 disables it.
+    #[serde(default = "default_failure_threshold")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub failure_threshold: u32,
+    /// How long an open breaker defers deliveries before one probe goes through (100ms–1h).
+    #[serde(default = "default_breaker_cooldown")]
+    #[x_kube(validation = kube::core::Rule::new(
+        "duration(self) >= duration('100ms') && duration(self) <= duration('1h')"
+    ).message("must be a duration between 100ms and 1h"))]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub cooldown: Duration,
+}
+
+impl Default for CircuitBreakerSpec {
+    fn default() -> Self {
+        Self {
+            failure_threshold: default_failure_threshold(),
+            cooldown: default_breaker_cooldown(),
+        }
+    }
+}
+
+fn default_failure_threshold() -> u32 {
+    20
+}
+
+fn default_breaker_cooldown() -> Duration {
+    std::time::Duration::from_secs(10).into()
+}
+
+/// Adaptive throttling (per worker): at the end of each `window`, if retryable failures outnumbered
+/// successes the worker halves the deliveries it lets run at once (not below `minConcurrency`);
+/// otherwise it raises them by a tenth of `concurrency`, up to `concurrency`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AdaptiveThrottleSpec {
+    /// Fewest deliveries in flight the throttle goes down to.
+    #[serde(default = "default_throttle_min")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub min_concurrency: u32,
+    /// How often successes and failures are compared (1s–10m).
+    #[serde(default = "default_throttle_window")]
+    #[x_kube(validation = kube::core::Rule::new(
+        "duration(self) >= duration('1s') && duration(self) <= duration('10m')"
+    ).message("must be a duration between 1s and 10m"))]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub window: Duration,
+}
+
+impl Default for AdaptiveThrottleSpec {
+    fn default() -> Self {
+        Self {
+            min_concurrency: default_throttle_min(),
+            window: default_throttle_window(),
+        }
+    }
+}
+
+fn default_throttle_min() -> u32 {
+    1
+}
+
+fn default_throttle_window() -> Duration {
+    std::time::Duration::from_secs(10).into()
 }
 
 fn default_max_attempts() -> u32 {
@@ -482,17 +570,46 @@ pub enum Jitter {
     None,
 }
 
-/// Per-worker request rate towards the destination.
+/// Request rate towards the destination: a token bucket in each worker.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimitSpec {
-    /// Sustained requests per second.
+    /// Sustained requests per second. With `scope: worker` (the default) this is each worker's own
+    /// limit: a fleet of N workers sends up to N × perSecond. With `scope: fleet` it is the whole
+    /// fleet's limit.
     #[schemars(range(min = 1, max = 100000))]
     pub per_second: u32,
-    /// Requests allowed in a burst; defaults to `perSecond`.
+    /// Requests allowed in a burst; defaults to `perSecond`. Divided like `perSecond` when
+    /// `scope: fleet`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
     pub burst: Option<u32>,
+    /// `worker` (default): the limit applies to each worker. `fleet`: the limit applies to the fleet;
+    /// each worker takes `perSecond / consumers` (the consumers attached to the work queue, one per
+    /// running worker, re-read every 5 s), so scaling the fleet, by hand or by autoscaling, changes
+    /// each worker's share without a rollout.
+    #[serde(default)]
+    pub scope: RateLimitScope,
+}
+
+/// What a rate limit applies to.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitScope {
+    /// Each worker.
+    #[default]
+    Worker,
+    /// The whole fleet, divided among the workers consuming the queue.
+    Fleet,
+}
+
+impl RateLimitScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RateLimitScope::Worker => "worker",
+            RateLimitScope::Fleet => "fleet",
+        }
+    }
 }
 
 /// Dead-letter queue.

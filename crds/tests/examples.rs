@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use hookfleet_crds::Integration;
-use hookfleet_crds::integration::{HttpMethod, Jitter};
+use hookfleet_crds::integration::{HttpMethod, Jitter, RateLimitScope};
 
 fn example(name: &str) -> Integration {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(name);
@@ -25,6 +25,12 @@ fn minimal_example_takes_the_documented_defaults() {
     assert_eq!(i.spec.delivery.backoff.initial, std::time::Duration::from_secs(1));
     assert_eq!(i.spec.delivery.backoff.max, std::time::Duration::from_secs(600));
     assert_eq!(i.spec.delivery.backoff.jitter, Jitter::Full);
+    assert_eq!(i.spec.delivery.circuit_breaker.failure_threshold, 20);
+    assert_eq!(
+        i.spec.delivery.circuit_breaker.cooldown,
+        std::time::Duration::from_secs(10)
+    );
+    assert_eq!(i.spec.delivery.adaptive_throttle, None);
     assert_eq!(i.spec.workers.replicas, None);
     assert_eq!(i.spec.workers.file_descriptor_limit, 1_048_576);
     assert!(!i.spec.paused);
@@ -48,6 +54,17 @@ fn full_example_round_trips_without_nulls() {
     let tls = i.spec.destination.tls.as_ref().unwrap();
     assert_eq!(tls.ca_from.as_ref().unwrap().key, "ca.crt");
     assert_eq!(tls.client_cert_secret.as_ref().unwrap().name, "erp-client-cert");
+    assert_eq!(
+        i.spec.delivery.rate_limit.as_ref().map(|r| r.scope),
+        Some(RateLimitScope::Fleet)
+    );
+    let throttle = i
+        .spec
+        .delivery
+        .adaptive_throttle
+        .as_ref()
+        .expect("adaptiveThrottle");
+    assert_eq!(throttle.min_concurrency, 4);
     let json = serde_json::to_string(&i).unwrap();
     assert!(
         !json.contains("null"),

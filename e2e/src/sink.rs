@@ -33,6 +33,14 @@ pub enum Mode {
     /// Read the request, then answer nothing and keep the connection open until the mode changes
     /// (then answer per the new mode).
     Stall,
+    /// Of every `failures + 1` requests (counted across connections), the first `failures` answer
+    /// `status` and the last 200, each after `delay`: an endpoint whose failures outnumber its
+    /// successes without ever failing many times in a row (a circuit breaker never opens on it).
+    Flaky {
+        status: u16,
+        failures: u32,
+        delay: Duration,
+    },
 }
 
 impl Mode {
@@ -53,6 +61,14 @@ impl Mode {
             status,
             delay,
             retry_after: None,
+        }
+    }
+
+    pub fn flaky(status: u16, failures: u32, delay: Duration) -> Self {
+        Mode::Flaky {
+            status,
+            failures,
+            delay,
         }
     }
 }
@@ -82,6 +98,8 @@ struct Stats {
     poison_arrivals: AtomicU64,
     /// When set, a request whose `Authorization` is not one of these is answered 401.
     accepted_authorization: Mutex<Option<HashSet<String>>>,
+    /// Requests answered in [`Mode::Flaky`], to pick failure or success.
+    flaky_seq: AtomicU64,
 }
 
 /// What an HTTPS sink presents and asks for (PEM).
@@ -426,6 +444,19 @@ async fn serve(sock: TcpStream, st: Arc<Stats>, mut mode: watch::Receiver<Mode>,
                     delay,
                     retry_after,
                 } => break (status, delay, retry_after),
+                Mode::Flaky {
+                    status,
+                    failures,
+                    delay,
+                } => {
+                    let n = st.flaky_seq.fetch_add(1, Ordering::SeqCst);
+                    let status = if n % (u64::from(failures) + 1) < u64::from(failures) {
+                        status
+                    } else {
+                        200
+                    };
+                    break (status, delay, None);
+                }
                 Mode::Stall => {
                     // Hold the connection open; a closed peer ends the wait too.
                     let mut probe = [0u8; 1];

@@ -231,6 +231,19 @@ pub fn worker_args_env(intg: &Integration) -> Result<(Vec<String>, Vec<EnvVar>)>
     if let Some(rl) = &d.rate_limit {
         flag("rate-limit", rl.per_second.to_string());
         flag("rate-limit-burst", rl.burst.unwrap_or(rl.per_second).to_string());
+        flag("rate-limit-scope", rl.scope.as_str().into());
+    }
+    flag(
+        "circuit-breaker-threshold",
+        d.circuit_breaker.failure_threshold.to_string(),
+    );
+    flag(
+        "circuit-breaker-cooldown",
+        go_duration(d.circuit_breaker.cooldown.into()),
+    );
+    if let Some(t) = &d.adaptive_throttle {
+        flag("adaptive-throttle-min", t.min_concurrency.to_string());
+        flag("adaptive-throttle-window", go_duration(t.window.into()));
     }
     let dlq = d
         .dead_letter
@@ -245,6 +258,9 @@ pub fn worker_args_env(intg: &Integration) -> Result<(Vec<String>, Vec<EnvVar>)>
     flag("log-format", "json".into());
     if spec.destination.allow_private_networks {
         args.push("--allow-private-networks".into());
+    }
+    if d.adaptive_throttle.is_some() {
+        args.push("--adaptive-throttle".into());
     }
     Ok((args, env))
 }

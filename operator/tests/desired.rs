@@ -173,6 +173,9 @@ fn defaults_render_and_nothing_optional_is_sent_as_null() {
     assert_eq!(flag(&args, "fd-limit"), ["1048576"]);
     assert_eq!(flag(&args, "method"), ["POST"]);
     assert!(flag(&args, "rate-limit").is_empty());
+    assert_eq!(flag(&args, "circuit-breaker-threshold"), ["20"]);
+    assert_eq!(flag(&args, "circuit-breaker-cooldown"), ["10s"]);
+    assert!(!args.contains(&"--adaptive-throttle".to_string()));
     assert!(flag(&args, "header-from-env").is_empty());
     assert_eq!(c.env.unwrap().len(), 1, "only the broker URI");
     for obj in [

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use hookfleet_crds::integration::{DeliverySpec, HttpMethod, Jitter, QueueType, default_delivery_limit};
+use hookfleet_crds::integration::{
+    AdaptiveThrottleSpec, DeliverySpec, HttpMethod, Jitter, QueueType, RateLimitScope, default_delivery_limit,
+};
 use reqwest::Url;
 use reqwest::header::{HeaderName, HeaderValue};
 
@@ -120,18 +122,34 @@ pub struct Args {
     /// Deliveries in flight (and so HTTP connections in use) at most. Default 128.
     #[arg(long, env = "HOOKFLEET_CONCURRENCY")]
     pub concurrency: Option<u32>,
-    /// Requests per second to the destination; unlimited when absent.
+    /// Requests per second to the destination (per worker, or per fleet with --rate-limit-scope
+    /// fleet); unlimited when absent.
     #[arg(long, env = "HOOKFLEET_RATE_LIMIT")]
     pub rate_limit: Option<u32>,
     /// Burst of the rate limit; defaults to --rate-limit.
     #[arg(long, env = "HOOKFLEET_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
-    /// Consecutive retryable failures that open the circuit breaker (0 disables it).
-    #[arg(long, env = "HOOKFLEET_CIRCUIT_BREAKER_THRESHOLD", default_value_t = 20)]
-    pub circuit_breaker_threshold: u32,
+    /// worker (default: the limit is this worker's) or fleet (the limit is divided by the consumers
+    /// attached to the work queue).
+    #[arg(long, env = "HOOKFLEET_RATE_LIMIT_SCOPE")]
+    pub rate_limit_scope: Option<String>,
+    /// Consecutive retryable failures that open the circuit breaker (0 disables it). Default 20.
+    #[arg(long, env = "HOOKFLEET_CIRCUIT_BREAKER_THRESHOLD")]
+    pub circuit_breaker_threshold: Option<u32>,
     /// How long an open breaker defers deliveries before one probe is let through (Go duration).
-    #[arg(long, env = "HOOKFLEET_CIRCUIT_BREAKER_COOLDOWN", default_value = "10s")]
-    pub circuit_breaker_cooldown: String,
+    /// Default 10s.
+    #[arg(long, env = "HOOKFLEET_CIRCUIT_BREAKER_COOLDOWN")]
+    pub circuit_breaker_cooldown: Option<String>,
+    /// Halve the deliveries in flight while retryable failures outnumber successes (per window), and
+    /// raise them again as the destination recovers.
+    #[arg(long, env = "HOOKFLEET_ADAPTIVE_THROTTLE")]
+    pub adaptive_throttle: bool,
+    /// Fewest deliveries in flight the throttle goes down to. Default 1.
+    #[arg(long, env = "HOOKFLEET_ADAPTIVE_THROTTLE_MIN")]
+    pub adaptive_throttle_min: Option<u32>,
+    /// How often the throttle compares failures and successes (Go duration). Default 10s.
+    #[arg(long, env = "HOOKFLEET_ADAPTIVE_THROTTLE_WINDOW")]
+    pub adaptive_throttle_window: Option<String>,
     /// Longest wait for the broker's confirm of a retry or dead-letter copy (Go duration); past it the
     /// message is handed back and the session reconnects.
     #[arg(long, env = "HOOKFLEET_CONFIRM_TIMEOUT", default_value = "30s")]
@@ -233,8 +251,12 @@ pub struct Config {
     pub concurrency: usize,
     /// (per second, burst).
     pub rate_limit: Option<(u32, u32)>,
+    /// What `rate_limit` applies to: this worker, or the fleet (divided among the consumers).
+    pub rate_limit_scope: RateLimitScope,
     /// (consecutive failures, cooldown); a threshold of 0 disables the breaker.
     pub circuit_breaker: (u32, Duration),
+    /// (minimum in flight, window) of the adaptive throttle; `None` when off.
+    pub adaptive_throttle: Option<(u32, Duration)>,
     pub dead_letter_queue: String,
     pub confirm_timeout: Duration,
     pub fd_limit: u64,
@@ -258,7 +280,8 @@ impl fmt::Debug for Config {
             .field("prefetch", &self.prefetch)
             .field("queue_type", &self.queue_type)
             .field("delivery_limit", &self.delivery_limit)
-            .field("destination", &self.destination.as_str())
+            // Userinfo in the URL is a credential: never logged.
+            .field("destination", &crate::worker::redact_userinfo(&self.destination))
             .field("method", &self.method)
             .field(
                 "headers",
@@ -274,7 +297,9 @@ impl fmt::Debug for Config {
             .field("backoff", &self.backoff)
             .field("concurrency", &self.concurrency)
             .field("rate_limit", &self.rate_limit)
+            .field("rate_limit_scope", &self.rate_limit_scope)
             .field("circuit_breaker", &self.circuit_breaker)
+            .field("adaptive_throttle", &self.adaptive_throttle)
             .field("dead_letter_queue", &self.dead_letter_queue)
             .field("confirm_timeout", &self.confirm_timeout)
             .field("fd_limit", &self.fd_limit)
@@ -363,7 +388,7 @@ impl Config {
             }
         };
         if queue.len() > 200 {
-            // Retry queues are named `<queue>.retry.<ms>ms` and must stay under AMQP's 255 bytes.
+            // Delay queues are named `<queue>.delay.<ms>ms` and must stay under AMQP's 255 bytes.
             return Err(bad("--queue (HOOKFLEET_QUEUE)", "longer than 200 bytes"));
         }
 
@@ -592,14 +617,75 @@ impl Config {
             (Some(r), b) => Some((r, b.unwrap_or(r))),
         };
 
+        let rate_limit_scope = match args.rate_limit_scope.as_deref().map(str::trim) {
+            None | Some("") => RateLimitScope::default(),
+            Some("worker") => RateLimitScope::Worker,
+            Some("fleet") => RateLimitScope::Fleet,
+            Some(other) => {
+                return Err(bad(
+                    "--rate-limit-scope (HOOKFLEET_RATE_LIMIT_SCOPE)",
+                    format!("{other:?} is not worker or fleet"),
+                ));
+            }
+        };
+        if rate_limit_scope == RateLimitScope::Fleet && rate_limit.is_none() {
+            return Err(bad(
+                "--rate-limit-scope (HOOKFLEET_RATE_LIMIT_SCOPE)",
+                "fleet needs --rate-limit",
+            ));
+        }
+
+        let threshold_setting = "--circuit-breaker-threshold (HOOKFLEET_CIRCUIT_BREAKER_THRESHOLD)";
+        let threshold = args
+            .circuit_breaker_threshold
+            .unwrap_or(defaults.circuit_breaker.failure_threshold);
+        if threshold > 10_000 {
+            return Err(bad(
+                threshold_setting,
+                format!("{threshold} is outside [0, 10000]"),
+            ));
+        }
         let cooldown_setting = "--circuit-breaker-cooldown (HOOKFLEET_CIRCUIT_BREAKER_COOLDOWN)";
-        let cooldown = check_range(
-            cooldown_setting,
-            parse_duration(cooldown_setting, &args.circuit_breaker_cooldown)?,
-            tenth,
-            Duration::from_secs(3600),
-        )?;
-        let circuit_breaker = (args.circuit_breaker_threshold, cooldown);
+        let cooldown = match &args.circuit_breaker_cooldown {
+            Some(s) => parse_duration(cooldown_setting, s)?,
+            None => defaults.circuit_breaker.cooldown.into(),
+        };
+        let cooldown = check_range(cooldown_setting, cooldown, tenth, Duration::from_secs(3600))?;
+        let circuit_breaker = (threshold, cooldown);
+
+        let throttle_defaults = AdaptiveThrottleSpec::default();
+        let min_setting = "--adaptive-throttle-min (HOOKFLEET_ADAPTIVE_THROTTLE_MIN)";
+        let window_setting = "--adaptive-throttle-window (HOOKFLEET_ADAPTIVE_THROTTLE_WINDOW)";
+        let adaptive_throttle = if args.adaptive_throttle {
+            let min = args
+                .adaptive_throttle_min
+                .unwrap_or(throttle_defaults.min_concurrency);
+            if min < 1 || min > concurrency {
+                return Err(bad(
+                    min_setting,
+                    format!("{min} is outside [1, --concurrency {concurrency}]"),
+                ));
+            }
+            let window = match &args.adaptive_throttle_window {
+                Some(s) => parse_duration(window_setting, s)?,
+                None => throttle_defaults.window.into(),
+            };
+            let window = check_range(
+                window_setting,
+                window,
+                Duration::from_secs(1),
+                Duration::from_secs(600),
+            )?;
+            Some((min, window))
+        } else {
+            if args.adaptive_throttle_min.is_some() {
+                return Err(bad(min_setting, "needs --adaptive-throttle"));
+            }
+            if args.adaptive_throttle_window.is_some() {
+                return Err(bad(window_setting, "needs --adaptive-throttle"));
+            }
+            None
+        };
 
         let queue_type = match args.queue_type.as_deref().map(str::trim) {
             None | Some("") => QueueType::default(),
@@ -628,6 +714,12 @@ impl Config {
             return Err(bad(
                 "--dead-letter-queue (HOOKFLEET_DEAD_LETTER_QUEUE)",
                 "must differ from --queue",
+            ));
+        }
+        if dead_letter_queue == crate::worker::topology::retry_ready_queue(&queue) {
+            return Err(bad(
+                "--dead-letter-queue (HOOKFLEET_DEAD_LETTER_QUEUE)",
+                format!("{dead_letter_queue} is the retry-ready queue of --queue"),
             ));
         }
 
@@ -694,7 +786,9 @@ impl Config {
             },
             concurrency: concurrency as usize,
             rate_limit,
+            rate_limit_scope,
             circuit_breaker,
+            adaptive_throttle,
             dead_letter_queue,
             confirm_timeout,
             fd_limit: args.fd_limit,
@@ -916,6 +1010,34 @@ mod tests {
         assert_eq!(c.method, HttpMethod::Post);
         assert_eq!(c.queue_type, QueueType::Quorum);
         assert_eq!(c.delivery_limit, 20);
+        assert_eq!(c.circuit_breaker, (20, Duration::from_secs(10)));
+        assert_eq!(c.adaptive_throttle, None);
+        assert_eq!(c.rate_limit_scope, RateLimitScope::Worker);
+    }
+
+    #[test]
+    fn breaker_throttle_and_fleet_rate_limit() {
+        let c = parse(&[
+            "--circuit-breaker-threshold",
+            "5",
+            "--circuit-breaker-cooldown",
+            "30s",
+            "--adaptive-throttle",
+            "--adaptive-throttle-min",
+            "4",
+            "--adaptive-throttle-window",
+            "5s",
+            "--rate-limit",
+            "100",
+            "--rate-limit-scope",
+            "fleet",
+        ])
+        .unwrap();
+        assert_eq!(c.circuit_breaker, (5, Duration::from_secs(30)));
+        assert_eq!(c.adaptive_throttle, Some((4, Duration::from_secs(5))));
+        assert_eq!(c.rate_limit_scope, RateLimitScope::Fleet);
+        let c = parse(&["--adaptive-throttle"]).unwrap();
+        assert_eq!(c.adaptive_throttle, Some((1, Duration::from_secs(10))));
     }
 
     #[test]
@@ -983,6 +1105,35 @@ mod tests {
             (&["--rate-limit-burst", "5"], "--rate-limit-burst"),
             (&["--metrics-addr", "nowhere"], "--metrics-addr"),
             (&["--body-template", "{{ data | tojson }"], "--body-template"),
+            (
+                &["--circuit-breaker-cooldown", "1ms"],
+                "--circuit-breaker-cooldown",
+            ),
+            (
+                &["--circuit-breaker-threshold", "10001"],
+                "--circuit-breaker-threshold",
+            ),
+            (&["--adaptive-throttle-min", "2"], "--adaptive-throttle-min"),
+            (
+                &[
+                    "--adaptive-throttle",
+                    "--adaptive-throttle-min",
+                    "500",
+                    "--concurrency",
+                    "100",
+                ],
+                "--adaptive-throttle-min",
+            ),
+            (
+                &["--adaptive-throttle", "--adaptive-throttle-window", "100ms"],
+                "--adaptive-throttle-window",
+            ),
+            (&["--rate-limit-scope", "fleet"], "--rate-limit-scope"),
+            (
+                &["--rate-limit", "5", "--rate-limit-scope", "pod"],
+                "--rate-limit-scope",
+            ),
+            (&["--dead-letter-queue", "orders.retries"], "--dead-letter-queue"),
         ];
         for (extra, setting) in cases {
             let err = parse(extra).expect_err(&format!("{extra:?} should be refused"));
@@ -1054,6 +1205,18 @@ mod tests {
         assert_eq!(c.headers[0].0.as_str(), "authorization");
         assert!(c.headers[0].1.is_sensitive());
         assert!(!format!("{c:?}").contains("t0ken"));
+        let args = Args::try_parse_from([
+            "w",
+            "--amqp-uri",
+            "amqp://127.0.0.1/",
+            "--queue",
+            "q",
+            "--destination-url",
+            "https://u:pw-s3cret@erp.example.com/hook",
+        ])
+        .unwrap();
+        let c = Config::from_args(args, &|_| None).unwrap();
+        assert!(!format!("{c:?}").contains("pw-s3cret"), "{c:?}");
         let err = parse_env(&["--header-from-env", "Authorization=MISSING"], &env).unwrap_err();
         assert!(err.message.contains("MISSING"));
     }

@@ -15,4 +15,5 @@ pub mod ratelimit;
 pub mod signing;
 pub mod ssrf;
 pub mod template;
+pub mod throttle;
 pub mod worker;

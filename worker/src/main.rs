@@ -2,7 +2,7 @@
 //!
 //! Exit codes: 0 after a clean shutdown; 2 for invalid configuration; 3 when the file-descriptor limit
 //! cannot be met; 4 when a queue exists on the broker with other arguments (PRECONDITION_FAILED);
-//! 1 for other start-up failures. Each failure is one line on stderr and in the
+//! 5 when the destination answered 410 Gone (after the drain); 1 for other start-up failures. Each failure is one line on stderr and in the
 //! termination-message file, so `kubectl describe pod` (and the operator) shows it.
 
 use std::path::{Path, PathBuf};
@@ -111,7 +111,7 @@ async fn run(cfg: Config, limits: fdlimit::Limits, termination_log: PathBuf) -> 
         Ok(w) => w,
         Err(e) => return fatal(&termination_log, &format!("building the HTTP client: {e}"), 1),
     };
-    match worker.run(rx).await {
+    match worker.serve(rx).await {
         Ok(()) => {
             info!("stopped");
             ExitCode::SUCCESS

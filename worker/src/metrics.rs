@@ -45,6 +45,12 @@ pub struct Metrics {
     pub settled: Family<Labels, Counter>,
     /// Messages consumed and not yet settled.
     pub unsettled: Gauge,
+    /// 1 once the destination answered 410 Gone (the worker then drains and exits 5).
+    pub destination_gone: Gauge,
+    /// Deliveries the adaptive throttle lets run at once (absent without it).
+    pub throttle_limit: Gauge,
+    /// This worker's rate limit in requests/s (its share of a fleet-wide limit); 0 when unlimited.
+    pub rate_limit: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -76,6 +82,9 @@ impl Metrics {
             consumed: Counter::default(),
             settled: Family::default(),
             unsettled: Gauge::default(),
+            destination_gone: Gauge::default(),
+            throttle_limit: Gauge::default(),
+            rate_limit: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -163,6 +172,21 @@ impl Metrics {
             "messages_unsettled",
             "Messages received and not yet settled",
             m.unsettled.clone(),
+        );
+        r.register(
+            "destination_gone",
+            "1 once the destination answered 410 Gone: the worker stops taking messages and exits 5",
+            m.destination_gone.clone(),
+        );
+        r.register(
+            "throttle_limit",
+            "Deliveries the adaptive throttle lets run at once",
+            m.throttle_limit.clone(),
+        );
+        r.register(
+            "rate_limit_per_second",
+            "This worker's request rate limit (its share of a fleet-wide limit); 0 when unlimited",
+            m.rate_limit.clone(),
         );
         Self { registry, ..m }
     }
@@ -254,6 +278,8 @@ mod tests {
             "hookfleet_broker_blocked",
             "hookfleet_messages_consumed_total",
             "hookfleet_messages_unsettled",
+            "hookfleet_destination_gone{",
+            "hookfleet_rate_limit_per_second",
         ] {
             assert!(text.contains(series), "{series} missing in:\n{text}");
         }

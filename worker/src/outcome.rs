@@ -22,10 +22,14 @@ pub enum Outcome {
         reason: &'static str,
         status: Option<u16>,
     },
+    /// 410 Gone: the destination itself is gone, not this message. The message is handed back and the
+    /// worker stops (exit `DESTINATION_GONE`): dead-lettering every message of the queue one by one
+    /// would empty it into the dead-letter queue for a URL that will never answer again.
+    Gone,
 }
 
-/// Classifies an HTTP status. 408, 425, 429 and 5xx are transient; other 4xx (410 Gone included)
-/// are the receiver refusing this message. A 3xx is a failure too (redirects are not followed, so a
+/// Classifies an HTTP status. 408, 425, 429 and 5xx are transient; 410 means the destination is gone
+/// (Standard Webhooks); other 4xx are the receiver refusing this message. A 3xx is a failure too (redirects are not followed, so a
 /// destination cannot bounce deliveries elsewhere); it is retried, as a moved endpoint is usually a
 /// configuration being fixed, and dead-lettered when attempts run out.
 pub fn classify_status(status: u16, retry_after: Option<Duration>) -> Outcome {
@@ -41,6 +45,7 @@ pub fn classify_status(status: u16, retry_after: Option<Duration>) -> Outcome {
             status: Some(status),
             retry_after: None,
         },
+        410 => Outcome::Gone,
         400..=499 => Outcome::Reject {
             reason: "http_status",
             status: Some(status),
@@ -138,9 +143,10 @@ mod tests {
                 "{s}"
             );
         }
-        for s in [400, 401, 403, 404, 410, 413, 422] {
+        for s in [400, 401, 403, 404, 413, 422] {
             assert!(matches!(classify_status(s, None), Outcome::Reject { .. }), "{s}");
         }
+        assert_eq!(classify_status(410, None), Outcome::Gone);
         assert!(matches!(
             classify_status(301, None),
             Outcome::Retry {

@@ -1,4 +1,5 @@
-//! A token bucket: at most `burst` requests at once, refilled at `per_second`.
+//! A token bucket: at most `burst` requests at once, refilled at `per_second`. Both can change while
+//! it runs ([`RateLimiter::set_rate`]: a worker's share of a fleet-wide limit).
 
 use std::time::Duration;
 
@@ -6,19 +7,39 @@ use tokio::time::Instant;
 
 use tokio::sync::Mutex;
 
-pub struct RateLimiter {
+struct Bucket {
+    tokens: f64,
+    last: Instant,
     per_second: f64,
     burst: f64,
-    state: Mutex<(f64, Instant)>,
+}
+
+pub struct RateLimiter {
+    state: Mutex<Bucket>,
 }
 
 impl RateLimiter {
     pub fn new(per_second: u32, burst: u32) -> Self {
         Self {
-            per_second: per_second as f64,
-            burst: burst as f64,
-            state: Mutex::new((burst as f64, Instant::now())),
+            state: Mutex::new(Bucket {
+                tokens: burst as f64,
+                last: Instant::now(),
+                per_second: per_second as f64,
+                burst: burst as f64,
+            }),
         }
+    }
+
+    /// Changes the rate and the burst (each at least 1 token's worth: `burst ≥ 1`, `per_second > 0`);
+    /// tokens above the new burst are dropped.
+    pub async fn set_rate(&self, per_second: f64, burst: f64) {
+        let mut s = self.state.lock().await;
+        let now = Instant::now();
+        s.tokens = (s.tokens + now.duration_since(s.last).as_secs_f64() * s.per_second).min(s.burst);
+        s.last = now;
+        s.per_second = per_second.max(0.001);
+        s.burst = burst.max(1.0);
+        s.tokens = s.tokens.min(s.burst);
     }
 
     /// Waits for a token. Callers hold no unacked-message state beyond their prefetch slot while
@@ -28,13 +49,13 @@ impl RateLimiter {
             let wait = {
                 let mut s = self.state.lock().await;
                 let now = Instant::now();
-                s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.per_second).min(self.burst);
-                s.1 = now;
-                if s.0 >= 1.0 {
-                    s.0 -= 1.0;
+                s.tokens = (s.tokens + now.duration_since(s.last).as_secs_f64() * s.per_second).min(s.burst);
+                s.last = now;
+                if s.tokens >= 1.0 {
+                    s.tokens -= 1.0;
                     return;
                 }
-                Duration::from_secs_f64((1.0 - s.0) / self.per_second)
+                Duration::from_secs_f64((1.0 - s.tokens) / s.per_second)
             };
             tokio::time::sleep(wait).await;
         }
@@ -56,6 +77,23 @@ mod tests {
         let took = start.elapsed();
         assert!(
             took >= Duration::from_millis(950) && took <= Duration::from_millis(1100),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_share_takes_effect_at_once() {
+        let rl = RateLimiter::new(10, 10);
+        // Two workers share a fleet limit of 10/s: 5/s each, burst 5.
+        rl.set_rate(5.0, 5.0).await;
+        let start = tokio::time::Instant::now();
+        for _ in 0..15 {
+            rl.acquire().await;
+        }
+        // 5 at once (the burst, cut to the new one), then 10 at 5/s.
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(1950) && took <= Duration::from_millis(2100),
             "{took:?}"
         );
     }

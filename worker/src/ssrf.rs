@@ -1,70 +1,168 @@
 //! SSRF protection: destinations that resolve to private, loopback, link-local (cloud metadata) or
-//! other non-public addresses are refused unless `--allow-private-networks`. The check runs at DNS
-//! resolution, for every new connection, so a name that later resolves somewhere private is caught.
+//! other non-public addresses are refused unless `--allow-private-networks`.
+//!
+//! The check is a DNS resolver ([`GuardedResolver`]) that wraps the real one: reqwest asks it for the
+//! addresses of every new connection and connects to exactly the addresses it returns, so the
+//! addresses checked are the addresses connected to. A name whose answer changes between a check and
+//! a connect (DNS rebinding: public for the check, 127.0.0.1 for the connect) cannot slip through,
+//! because there is no second resolution: each connection's one answer is filtered before use.
+//! IP literals in the URL never reach a resolver: the configuration refuses them at start.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 /// Why `ip` may not be a destination, if it may not.
 pub fn forbidden(ip: IpAddr) -> Option<&'static str> {
     match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            if v4.is_loopback() {
-                Some("loopback")
-            } else if v4.is_private() || (o[0] == 100 && (o[1] & 0xc0) == 64) {
-                Some("private")
-            } else if v4.is_link_local() {
-                Some("link-local")
-            } else if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || o[0] == 0 {
-                Some("non-routable")
-            } else {
-                None
-            }
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return forbidden(IpAddr::V4(v4));
-            }
-            let s = v6.segments();
-            if v6.is_loopback() {
-                Some("loopback")
-            } else if (s[0] & 0xfe00) == 0xfc00 {
-                Some("private")
-            } else if (s[0] & 0xffc0) == 0xfe80 {
-                Some("link-local")
-            } else if v6.is_unspecified() || v6.is_multicast() {
-                Some("non-routable")
-            } else {
-                None
-            }
-        }
+        IpAddr::V4(v4) => forbidden_v4(v4),
+        IpAddr::V6(v6) => forbidden_v6(v6),
     }
 }
 
-/// A resolver that drops forbidden addresses and fails when none is left.
-#[derive(Clone, Copy, Debug)]
+fn forbidden_v4(v4: Ipv4Addr) -> Option<&'static str> {
+    let o = v4.octets();
+    if v4.is_loopback() {
+        Some("loopback")
+    } else if v4.is_private() || (o[0] == 100 && (o[1] & 0xc0) == 64) {
+        // RFC 1918 and CGNAT (100.64.0.0/10).
+        Some("private")
+    } else if v4.is_link_local() {
+        // 169.254.0.0/16, cloud metadata (169.254.169.254) included.
+        Some("link-local")
+    } else if o[0] == 198 && (o[1] & 0xfe) == 18 {
+        // 198.18.0.0/15: benchmarking, used inside some clouds and proxies.
+        Some("benchmarking")
+    } else if o[0] >= 240 {
+        // 240.0.0.0/4 (reserved) and the broadcast address.
+        Some("reserved")
+    } else if o[0] == 0 || v4.is_multicast() || (o[0] == 192 && o[1] == 0 && o[2] == 0) {
+        // 0.0.0.0/8 ("this network"; 0.0.0.0 reaches the local host), multicast, 192.0.0.0/24
+        // (IETF protocol assignments).
+        Some("non-routable")
+    } else {
+        None
+    }
+}
+
+/// The IPv4 address an IPv6 address carries, in the forms that reach it: IPv4-mapped
+/// (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64 (`64:ff9b::/96`) and 6to4
+/// (`2002:aabb:ccdd::/16`).
+fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = v6.segments();
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    if s[..6] == [0; 6] && !(s[6] == 0 && s[7] <= 1) {
+        // IPv4-compatible (not :: or ::1, which are IPv6's own).
+        return Some(v4(s[6], s[7]));
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return Some(v4(s[6], s[7]));
+    }
+    if s[0] == 0x2002 {
+        return Some(v4(s[1], s[2]));
+    }
+    None
+}
+
+fn forbidden_v6(v6: Ipv6Addr) -> Option<&'static str> {
+    if let Some(v4) = embedded_v4(v6) {
+        return forbidden_v4(v4);
+    }
+    let s = v6.segments();
+    if v6.is_loopback() {
+        Some("loopback")
+    } else if (s[0] & 0xfe00) == 0xfc00 {
+        // fc00::/7, unique local.
+        Some("private")
+    } else if (s[0] & 0xffc0) == 0xfe80 || (s[0] & 0xffc0) == 0xfec0 {
+        // fe80::/10 link-local, fec0::/10 (deprecated site-local).
+        Some("link-local")
+    } else if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
+        // 64:ff9b:1::/48, local-use NAT64 (RFC 8215): translates into the operator's own network.
+        Some("private")
+    } else if v6.is_unspecified() || v6.is_multicast() {
+        Some("non-routable")
+    } else {
+        None
+    }
+}
+
+/// The system's resolver (getaddrinfo on a blocking thread, through tokio).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            Ok(Box::new(addrs.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// A resolver that drops forbidden addresses from `inner`'s answer and fails when none is left.
+#[derive(Clone)]
 pub struct GuardedResolver {
     pub allow_private: bool,
+    inner: Arc<dyn Resolve>,
+}
+
+impl GuardedResolver {
+    /// Guards the system resolver.
+    pub fn new(allow_private: bool) -> Self {
+        Self::with_inner(allow_private, Arc::new(SystemResolver))
+    }
+
+    /// Guards `inner` (tests pass one whose answers they control).
+    pub fn with_inner(allow_private: bool, inner: Arc<dyn Resolve>) -> Self {
+        Self { allow_private, inner }
+    }
+}
+
+impl std::fmt::Debug for GuardedResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardedResolver")
+            .field("allow_private", &self.allow_private)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let allow = self.allow_private;
+        let host = name.as_str().to_owned();
+        let answer = self.inner.resolve(name);
         Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let addrs: Vec<SocketAddr> = answer.await?.collect();
             let total = addrs.len();
+            let mut refused = None;
             let allowed: Vec<SocketAddr> = addrs
                 .into_iter()
-                .filter(|a| allow || forbidden(a.ip()).is_none())
+                .filter(|a| {
+                    if allow {
+                        return true;
+                    }
+                    match forbidden(a.ip()) {
+                        Some(kind) => {
+                            refused.get_or_insert((a.ip(), kind));
+                            false
+                        }
+                        None => true,
+                    }
+                })
                 .collect();
             if allowed.is_empty() {
-                let msg = if total == 0 {
-                    format!("{host} has no addresses")
-                } else {
-                    format!("{host} resolves only to private/loopback/link-local addresses (SSRF guard)")
+                let msg = match refused {
+                    None if total == 0 => format!("{host} has no addresses"),
+                    Some((ip, kind)) => format!(
+                        "{host} resolves only to addresses the SSRF guard refuses (e.g. {ip}, {kind}); \
+                         set --allow-private-networks to allow them"
+                    ),
+                    None => format!("{host} has no usable address"),
                 };
                 return Err(msg.into());
             }
@@ -76,22 +174,197 @@ impl Resolve for GuardedResolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
     fn classifies_addresses() {
         let f = |s: &str| forbidden(s.parse().unwrap());
-        assert_eq!(f("127.0.0.1"), Some("loopback"));
-        assert_eq!(f("10.1.2.3"), Some("private"));
-        assert_eq!(f("172.16.0.1"), Some("private"));
-        assert_eq!(f("192.168.1.1"), Some("private"));
-        assert_eq!(f("100.64.0.1"), Some("private"));
-        assert_eq!(f("169.254.169.254"), Some("link-local"));
-        assert_eq!(f("0.0.0.0"), Some("non-routable"));
-        assert_eq!(f("::1"), Some("loopback"));
-        assert_eq!(f("fd00::1"), Some("private"));
-        assert_eq!(f("fe80::1"), Some("link-local"));
-        assert_eq!(f("::ffff:127.0.0.1"), Some("loopback"));
-        assert_eq!(f("93.184.216.34"), None);
-        assert_eq!(f("2606:2800:220:1::1"), None);
+        for (ip, kind) in [
+            ("127.0.0.1", "loopback"),
+            ("127.255.0.9", "loopback"),
+            ("10.1.2.3", "private"),
+            ("172.16.0.1", "private"),
+            ("172.31.255.255", "private"),
+            ("192.168.1.1", "private"),
+            ("100.64.0.1", "private"),
+            ("169.254.169.254", "link-local"),
+            ("198.18.0.1", "benchmarking"),
+            ("198.19.255.255", "benchmarking"),
+            ("240.0.0.1", "reserved"),
+            ("255.255.255.255", "reserved"),
+            ("0.0.0.0", "non-routable"),
+            ("0.1.2.3", "non-routable"),
+            ("224.0.0.1", "non-routable"),
+            ("::1", "loopback"),
+            ("::", "non-routable"),
+            ("fd00::1", "private"),
+            ("fc00::1", "private"),
+            ("fe80::1", "link-local"),
+            ("ff02::1", "non-routable"),
+            // IPv4 inside IPv6: mapped, compatible, NAT64, 6to4.
+            ("::ffff:127.0.0.1", "loopback"),
+            ("::ffff:169.254.169.254", "link-local"),
+            ("::10.0.0.1", "private"),
+            ("64:ff9b::7f00:1", "loopback"),
+            ("64:ff9b::a9fe:a9fe", "link-local"),
+            ("64:ff9b::c612:1", "benchmarking"),
+            ("64:ff9b:1::1", "private"),
+            ("2002:7f00:1::1", "loopback"),
+            ("2002:a00:1::", "private"),
+            ("2002:a9fe:a9fe::1", "link-local"),
+        ] {
+            assert_eq!(f(ip), Some(kind), "{ip}");
+        }
+        for ip in [
+            "93.184.216.34",
+            "172.32.0.1",
+            "198.20.0.1",
+            "100.128.0.1",
+            "2606:2800:220:1::1",
+            "64:ff9b::5db8:d822",
+            "2002:5db8:d822::1",
+            "::ffff:93.184.216.34",
+        ] {
+            assert_eq!(f(ip), None, "{ip} is public");
+        }
+    }
+
+    /// Answers each resolution with the next of its answers (the last one for ever), counting calls.
+    struct Scripted {
+        answers: Mutex<VecDeque<Vec<IpAddr>>>,
+        calls: AtomicUsize,
+    }
+
+    impl Scripted {
+        fn new(answers: &[&[&str]]) -> Arc<Self> {
+            Arc::new(Self {
+                answers: Mutex::new(
+                    answers
+                        .iter()
+                        .map(|a| a.iter().map(|s| s.parse().unwrap()).collect())
+                        .collect(),
+                ),
+                calls: AtomicUsize::new(0),
+            })
+        }
+    }
+
+    impl Resolve for Scripted {
+        fn resolve(&self, _name: Name) -> Resolving {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let mut a = self.answers.lock().unwrap();
+            let ips = if a.len() > 1 {
+                a.pop_front().unwrap()
+            } else {
+                a[0].clone()
+            };
+            let addrs: Vec<SocketAddr> = ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect();
+            Box::pin(async move { Ok(Box::new(addrs.into_iter()) as Addrs) })
+        }
+    }
+
+    async fn resolve(r: &GuardedResolver, host: &str) -> Result<Vec<IpAddr>, String> {
+        match r.resolve(host.parse().unwrap()).await {
+            Ok(a) => Ok(a.map(|a| a.ip()).collect()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_resolver_refuses_names_that_resolve_to_forbidden_addresses() {
+        for ip in [
+            "127.0.0.1",
+            "10.0.0.7",
+            "169.254.169.254",
+            "::1",
+            "64:ff9b::7f00:1",
+            "2002:7f00:1::1",
+            "198.18.0.1",
+            "240.0.0.1",
+            "0.0.0.0",
+            "fd12::1",
+        ] {
+            let r = GuardedResolver::with_inner(false, Scripted::new(&[&[ip]]));
+            let err = resolve(&r, "hooks.example.com").await.expect_err(ip);
+            assert!(
+                err.contains("SSRF guard") && err.contains("hooks.example.com"),
+                "{ip}: {err}"
+            );
+            // Allowed with the setting.
+            let r = GuardedResolver::with_inner(true, Scripted::new(&[&[ip]]));
+            assert_eq!(
+                resolve(&r, "hooks.example.com").await.unwrap(),
+                [ip.parse::<IpAddr>().unwrap()]
+            );
+        }
+        // A mixed answer keeps only the public addresses: those are what reqwest connects to.
+        let r = GuardedResolver::with_inner(false, Scripted::new(&[&["127.0.0.1", "93.184.216.34", "::1"]]));
+        assert_eq!(
+            resolve(&r, "mixed.example.com").await.unwrap(),
+            ["93.184.216.34".parse::<IpAddr>().unwrap()]
+        );
+    }
+
+    /// DNS rebinding: the name answers a public address first and 127.0.0.1 second. A guard that
+    /// checked one resolution and let the connector resolve again would connect to the loopback
+    /// listener; here every connection's addresses come from one guarded resolution, so the second
+    /// attempt is refused and the listener never sees a connection. With `allow_private` the same
+    /// client does reach it (the test can fail).
+    #[tokio::test]
+    async fn an_answer_that_changes_between_check_and_connect_cannot_bypass_it() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let acc = accepted.clone();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                acc.fetch_add(1, Ordering::SeqCst);
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            }
+        });
+        let client = |allow: bool, inner: Arc<Scripted>| {
+            reqwest::Client::builder()
+                .dns_resolver(GuardedResolver::with_inner(allow, inner))
+                .no_proxy()
+                .connect_timeout(std::time::Duration::from_millis(300))
+                .build()
+                .unwrap()
+        };
+        let url = format!("http://rebind.example.com:{port}/hook");
+        // 192.0.2.1 (TEST-NET-1) passes the guard and is unreachable here: the attempt fails to connect.
+        let inner = Scripted::new(&[&["192.0.2.1"], &["127.0.0.1"]]);
+        let c = client(false, inner.clone());
+        let first = c
+            .post(&url)
+            .send()
+            .await
+            .expect_err("nothing listens on 192.0.2.1");
+        assert!(first.is_connect() || first.is_timeout(), "{first:?}");
+        let second = c.post(&url).send().await.expect_err("refused by the guard");
+        let chain = format!("{:?}", second);
+        assert!(chain.contains("SSRF guard"), "{chain}");
+        assert_eq!(
+            inner.calls.load(Ordering::SeqCst),
+            2,
+            "one resolution per connection"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 0, "nothing reached 127.0.0.1");
+
+        let inner = Scripted::new(&[&["127.0.0.1"]]);
+        let resp = client(true, inner).post(&url).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        server.abort();
     }
 }

@@ -89,7 +89,7 @@ async fn s1_healthy_stream_delivers_every_message_once() -> Result<()> {
     // consumers only with the next statistics emission).
     assert_eq!(consumers(&rmq, "s1.q").await?, 1, "one consumer attached");
     assert_eq!(queue_stats(&rmq, "s1.q.dead")?.0, 0);
-    assert_eq!(messages_under(&rmq, "s1.q.retry.")?, 0);
+    assert_eq!(messages_under(&rmq, "s1.q.delay.")?, 0);
     let m = w.metrics().await?;
     assert_eq!(
         metric(
@@ -331,7 +331,7 @@ async fn s5_dead_letters_carry_reason_status_and_attempts() -> Result<()> {
         "a 500 is attempted max-attempts times"
     );
     assert_eq!(queue_stats(&rmq, "s5b.q")?.0, 0);
-    assert_eq!(messages_under(&rmq, "s5b.q.retry.")?, 0);
+    assert_eq!(messages_under(&rmq, "s5b.q.delay.")?, 0);
     Ok(())
 }
 
@@ -451,7 +451,7 @@ async fn body_template_renders_and_dead_letters_what_it_cannot() -> Result<()> {
         eprintln!("template dead letter {id}: {reason}");
     }
     assert_eq!(queue_stats(&rmq, "tpl.q")?.0, 0);
-    assert_eq!(messages_under(&rmq, "tpl.q.retry.")?, 0, "nothing was retried");
+    assert_eq!(messages_under(&rmq, "tpl.q.delay.")?, 0, "nothing was retried");
     let m = w.metrics().await?;
     assert_eq!(
         metric(
@@ -619,7 +619,7 @@ async fn deleted_delay_queue_is_redeclared_and_nothing_is_lost() -> Result<()> {
         "worker",
     )
     .await?;
-    rmq.ctl(&["delete_queue", "dq.q.retry.200ms"])?;
+    rmq.ctl(&["delete_queue", "dq.q.delay.200ms"])?;
     let published = ids("dq", N);
     publish(&rmq, "dq.q", &published).await?;
     // The first retries are returned; the worker reconnects and re-declares.
@@ -638,7 +638,7 @@ async fn deleted_delay_queue_is_redeclared_and_nothing_is_lost() -> Result<()> {
     .await?;
     w.wait_ready(true, Duration::from_secs(20)).await?;
     assert!(
-        queue_stats(&rmq, "dq.q.retry.200ms").is_ok(),
+        queue_stats(&rmq, "dq.q.delay.200ms").is_ok(),
         "the delay queue was re-declared"
     );
     sink.set_mode(Mode::ok());

@@ -415,10 +415,15 @@ async fn dead_letter_queue_deleted_under_load_loses_nothing() -> Result<()> {
             "64",
             "--max-attempts",
             "2",
+            // Dead letters (second attempts) start after 5 s: retries run in their own lane beside
+            // the first attempts, so without that pause the dead-letter queue is never empty long
+            // enough for `delete_queue --if-empty` (a rabbitmqctl run takes about a second).
             "--backoff-initial",
-            "100ms",
+            "5s",
             "--backoff-max",
-            "200ms",
+            "5s",
+            "--backoff-jitter",
+            "none",
             "--circuit-breaker-threshold",
             "0",
         ],
@@ -572,10 +577,10 @@ async fn poison_message_is_dead_lettered_after_the_delivery_limit() -> Result<()
     Ok(())
 }
 
-/// Finding 2, the delay-queue hop: retries come back while the work queue refuses everything
-/// (`max-length 0` with `reject-publish`). On quorum queues the broker dead-letters at least once: the
-/// retries wait in their delay queue until the work queue takes them again. (Classic delay queues
-/// drop them: at-most-once.)
+/// Finding 2, the delay-queue hop: retries come back while their target, the retry-ready queue,
+/// refuses everything (`max-length 0` with `reject-publish`). On quorum queues the broker dead-letters
+/// at least once: the retries wait in their delay queue until the retry-ready queue takes them again.
+/// (Classic delay queues drop them: at-most-once.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_wait_while_the_work_queue_is_full() -> Result<()> {
     init();
@@ -614,12 +619,12 @@ async fn retries_wait_while_the_work_queue_is_full() -> Result<()> {
         "--apply-to",
         "queues",
         "full",
-        "^ml\\.q$",
+        "^ml\\.q\\.retries$",
         r#"{"max-length":0,"overflow":"reject-publish"}"#,
     ])?;
     // The retries' TTL (2 s) passes several times while the work queue is full.
     tokio::time::sleep(Duration::from_secs(8)).await;
-    let waiting = messages_under(&rmq, "ml.q.retry.")?;
+    let waiting = messages_under(&rmq, "ml.q.delay.")?;
     w.process.stop(Duration::from_secs(10));
     rmq.ctl(&["clear_policy", "full"])?;
     sink.set_mode(Mode::ok());
@@ -635,7 +640,7 @@ async fn retries_wait_while_the_work_queue_is_full() -> Result<()> {
     } else {
         // Counts from `list_queues` lag by one statistics emission (5 s).
         tokio::time::sleep(Duration::from_secs(6)).await;
-        messages_under(&rmq, "ml.q.retry.")? + queue_counts(&rmq, "ml.q").await?.0 as u64
+        messages_under(&rmq, "ml.q.delay.")? + queue_counts(&rmq, "ml.q.retries").await?.0 as u64
     };
     let dead = drain(&rmq, "ml.q.dead").await?;
     assert!(dead.is_empty());
@@ -653,7 +658,7 @@ async fn retries_wait_while_the_work_queue_is_full() -> Result<()> {
     );
     let a = settled_accounting(&w).await?;
     eprintln!(
-        "work queue full: N={N}, {waiting} retries held in delay queues while the work queue refused; after it freed up {} delivered within 90 s, {missing} still held by the broker ({held} in queues), 0 lost, duplicates={dups}; accounting {a:?}",
+        "work queue full: N={N}, {waiting} retries held in delay queues while the retry-ready queue refused; after it freed up {} delivered within 90 s, {missing} still held by the broker ({held} in queues), 0 lost, duplicates={dups}; accounting {a:?}",
         N - missing
     );
     assert!(waiting > 0, "no retry waited: the test proved nothing");

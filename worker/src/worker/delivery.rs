@@ -55,6 +55,13 @@ impl Worker {
 
     /// Renders, admits, attempts: the fate of this delivery.
     async fn fate(&self, d: &Delivery, meta: &Meta, attempt: u32) -> Fate {
+        // The destination is gone (an earlier 410): no more requests; the message waits in its queue.
+        if self.gone.borrow().is_some() {
+            return Fate::HandBack {
+                reason: "gone",
+                requeue_now: false,
+            };
+        }
         // The request body: the message's, or the template's rendering of it. A message the
         // template cannot render never will: dead-letter it now, before the breaker or the rate
         // limit spend anything on it.
@@ -90,10 +97,27 @@ impl Worker {
                 Outcome::Deferred { delay: spread }
             }
             Admit::Go | Admit::Probe => {
+                let pass = match &self.throttle {
+                    Some(t) => Some(t.acquire().await),
+                    None => None,
+                };
                 self.metrics.in_flight.inc();
                 let outcome = self.attempt(d, meta, body).await;
                 self.metrics.in_flight.dec();
+                drop(pass);
+                if outcome == Outcome::Gone {
+                    self.destination_gone();
+                }
                 let healthy = !matches!(outcome, Outcome::Retry { .. });
+                if let Some(t) = &self.throttle
+                    && let Some(limit) = t.record(healthy)
+                {
+                    self.metrics.throttle_limit.set(limit as i64);
+                    info!(
+                        limit,
+                        "adaptive throttle: deliveries in flight now limited to {limit}"
+                    );
+                }
                 match self.breaker.record(healthy, admit == Admit::Probe) {
                     Some(Transition::Opened) => {
                         self.metrics.circuit_open.set(1);

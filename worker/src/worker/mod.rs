@@ -2,6 +2,8 @@
 //!
 //! - [`session`]: one broker connection at a time (connect, declare, consume), reconnecting with
 //!   jittered backoff, draining in-flight deliveries before a connection is closed;
+//! - [`lanes`]: the concurrency split between fresh messages and due retries, and the retry lane's
+//!   consume loop;
 //! - [`topology`]: the queues and their arguments (classic or quorum), and a declaration the broker
 //!   refuses because the queue exists with other arguments;
 //! - [`delivery`]: one message from received to an [`Outcome`](crate::outcome::Outcome) (template,
@@ -16,6 +18,9 @@
 //! `webhook-id`.
 
 mod delivery;
+mod fleet;
+mod gone;
+mod lanes;
 mod session;
 mod settlement;
 pub mod topology;
@@ -23,14 +28,15 @@ pub mod topology;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-
 use crate::breaker::Breaker;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::ssrf::GuardedResolver;
+use crate::throttle::Throttle;
 
+pub use gone::{Gone, redact_userinfo};
+pub use lanes::{FreshWait, Lanes};
 pub use session::{Fatal, SessionError, reconnect_delay};
 pub use settlement::Fate;
 
@@ -41,12 +47,17 @@ pub struct Worker {
     metrics: Arc<Metrics>,
     limiter: Option<RateLimiter>,
     breaker: Breaker,
-    permits: Arc<Semaphore>,
+    /// Concurrency slots, split between fresh messages and retries.
+    lanes: Lanes,
     ladder: Vec<Duration>,
     /// Static headers, built once.
     headers: reqwest::header::HeaderMap,
     /// The OAuth2 token cache, when the destination wants one.
     tokens: Option<crate::auth::TokenSource>,
+    /// Set by the first 410 Gone (see `gone`).
+    gone: tokio::sync::watch::Sender<Option<Gone>>,
+    /// `--adaptive-throttle`: a limit on attempts in flight that follows the failure ratio.
+    throttle: Option<Throttle>,
 }
 
 impl Worker {
@@ -66,9 +77,7 @@ impl Worker {
             // Together they are the fd budget of `fdlimit::required`.
             .pool_max_idle_per_host(cfg.concurrency)
             .pool_idle_timeout(Duration::from_secs(30))
-            .dns_resolver(GuardedResolver {
-                allow_private: cfg.allow_private_networks,
-            })
+            .dns_resolver(GuardedResolver::new(cfg.allow_private_networks))
             .no_proxy()
             .user_agent(concat!("hookfleet-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
@@ -76,10 +85,20 @@ impl Worker {
         for (n, v) in &cfg.headers {
             headers.append(n.clone(), v.clone());
         }
+        if let Some((r, _)) = cfg.rate_limit {
+            metrics.rate_limit.set(f64::from(r));
+        }
+        if cfg.adaptive_throttle.is_some() {
+            metrics.throttle_limit.set(cfg.concurrency as i64);
+        }
         Ok(Arc::new(Self {
             limiter: cfg.rate_limit.map(|(r, b)| RateLimiter::new(r, b)),
+            gone: tokio::sync::watch::Sender::new(None),
+            throttle: cfg
+                .adaptive_throttle
+                .map(|(min, window)| Throttle::new(min as usize, cfg.concurrency, window)),
             breaker: Breaker::new(cfg.circuit_breaker.0, cfg.circuit_breaker.1),
-            permits: Arc::new(Semaphore::new(cfg.concurrency)),
+            lanes: Lanes::new(cfg.concurrency),
             ladder: cfg.backoff.ladder(),
             http,
             metrics,
@@ -89,7 +108,7 @@ impl Worker {
         }))
     }
 
-    fn retry_queue(&self, ttl: Duration) -> String {
-        topology::retry_queue(&self.cfg.queue, ttl)
+    fn delay_queue(&self, ttl: Duration) -> String {
+        topology::delay_queue(&self.cfg.queue, ttl)
     }
 }

@@ -248,6 +248,11 @@ impl Worker {
             publish_failed: tokio::sync::Notify::new(),
         });
         *session_out = Some(session.clone());
+        let mut retry_lane = self
+            .start_retry_lane(conn, shutdown.clone(), session.clone())
+            .await?;
+        let _fleet_share = self.start_fleet_share(conn).await?;
+        let mut fresh_wait = super::FreshWait::default();
         let mut blocked_poll = tokio::time::interval(BLOCKED_POLL);
 
         loop {
@@ -255,6 +260,7 @@ impl Worker {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => break,
                 _ = session.publish_failed.notified() => return Err(SessionError::PublishFailed),
+                r = retry_lane.ended() => { r?; break }
                 _ = blocked_poll.tick() => {
                     // Under flow control (a memory or disk alarm) the broker stops reading this
                     // connection: no confirm, no ack gets through. Not ready meanwhile.
@@ -283,7 +289,8 @@ impl Worker {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => break,
                 _ = session.publish_failed.notified() => return Err(SessionError::PublishFailed),
-                p = self.permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                r = retry_lane.ended() => { r?; break }
+                p = self.lanes.acquire_fresh(&mut fresh_wait) => p,
             };
             let worker = self.clone();
             let session = session.clone();
@@ -300,22 +307,22 @@ impl Worker {
         {
             warn!(error = %e, "cancelling the consumer");
         }
+        retry_lane.finish().await;
         Ok(ch)
     }
 
     /// Waits up to the grace period for in-flight deliveries to finish and settle.
     async fn drain(&self) {
-        let all = self.cfg.concurrency as u32;
         let grace = self.cfg.shutdown_grace;
-        let in_flight = self.cfg.concurrency - self.permits.available_permits();
+        let in_flight = self.lanes.in_flight();
         if in_flight == 0 {
             return;
         }
         info!(in_flight, grace = ?grace, "draining in-flight deliveries");
-        match tokio::time::timeout(grace, self.permits.acquire_many(all)).await {
-            Ok(_) => info!("in-flight deliveries finished"),
-            Err(_) => {
-                let left = self.cfg.concurrency - self.permits.available_permits();
+        match self.lanes.wait_idle(grace).await {
+            true => info!("in-flight deliveries finished"),
+            false => {
+                let left = self.lanes.in_flight();
                 warn!(
                     left,
                     "grace period over; unfinished deliveries go back to the queue"

@@ -251,7 +251,7 @@ impl Worker {
                 let ttl = self.cfg.backoff.bucket(delay);
                 let failure = Failure { reason, status };
                 Fate::Store {
-                    queue: self.retry_queue(ttl),
+                    queue: self.delay_queue(ttl),
                     props: Box::new(message::retry_properties(
                         &d.properties,
                         exchange,
@@ -276,7 +276,7 @@ impl Worker {
                     status: None,
                 };
                 Fate::Store {
-                    queue: self.retry_queue(ttl),
+                    queue: self.delay_queue(ttl),
                     props: Box::new(message::retry_properties(
                         &d.properties,
                         exchange,
@@ -300,6 +300,11 @@ impl Worker {
             Outcome::Reject { reason, status } => {
                 self.dead_letter(d, meta, attempt, Failure { reason, status }, reason, None)
             }
+            // Left unacked: the session ends (the worker stops) and the broker requeues it.
+            Outcome::Gone => Fate::HandBack {
+                reason: "gone",
+                requeue_now: false,
+            },
         }
     }
 

@@ -1,17 +1,26 @@
 //! The queues the worker declares at every connect, their arguments, and what a refused declaration
 //! means.
 //!
-//! Classic (`--queue-type classic`): the work queue and the dead-letter queue have no arguments
-//! (as every earlier version declared them, so existing queues keep matching); delay queues carry a
-//! TTL and dead-letter back to the work queue, which RabbitMQ does without confirms for classic
-//! queues: that hop is at-most-once.
+//! Two lanes: fresh messages arrive in the work queue; retries wait in delay queues
+//! (`<queue>.delay.<ms>ms`, one TTL each) and then dead-letter into the *retry-ready* queue
+//! (`<queue>.retries`), which the worker consumes on a channel of its own with its own share of the
+//! concurrency (see `lanes`), so a backlog of due retries never sits in front of fresh traffic.
+//! Earlier versions named the delay queues `<queue>.retry.<ms>ms` and dead-lettered them into the
+//! work queue; those are no longer declared (their arguments cannot change in place), but whatever
+//! they hold still returns to the work queue when its TTL expires, so an upgrade loses nothing and
+//! meets no `PRECONDITION_FAILED`. Delete them once empty.
+//!
+//! Classic (`--queue-type classic`): the work queue, the retry-ready queue and the dead-letter queue
+//! have no arguments (as every earlier version declared the work queue, so existing queues keep
+//! matching); delay queues carry a TTL and dead-letter to the retry-ready queue, which RabbitMQ does
+//! without confirms for classic queues: that hop is at-most-once.
 //!
 //! Quorum (the default): every queue is a quorum queue (replicated, fsynced before the confirm).
-//! The work queue gets the broker's delivery limit, dead-lettering to the dead-letter queue; delay
-//! queues and the work queue dead-letter with `x-dead-letter-strategy: at-least-once`, which makes
-//! the broker hold a message in the source queue until the target confirmed it (RabbitMQ ≥ 3.10;
-//! it requires `x-overflow: reject-publish` on the source queue). Quorum queues need RabbitMQ ≥ 3.8;
-//! TTLs on quorum queues ≥ 3.10.
+//! The work queue and the retry-ready queue get the broker's delivery limit, dead-lettering to the
+//! dead-letter queue; delay queues and the consumed queues dead-letter with
+//! `x-dead-letter-strategy: at-least-once`, which makes the broker hold a message in the source queue
+//! until the target confirmed it (RabbitMQ ≥ 3.10; it requires `x-overflow: reject-publish` on the
+//! source queue). Quorum queues need RabbitMQ ≥ 3.8; TTLs on quorum queues ≥ 3.10.
 
 use std::time::Duration;
 
@@ -28,8 +37,14 @@ use crate::config::Config;
 const PRECONDITION_FAILED: u16 = 406;
 
 /// Name of the delay queue of `ttl`.
-pub fn retry_queue(queue: &str, ttl: Duration) -> String {
-    format!("{queue}.retry.{}ms", ttl.as_millis())
+pub fn delay_queue(queue: &str, ttl: Duration) -> String {
+    format!("{queue}.delay.{}ms", ttl.as_millis())
+}
+
+/// Name of the retry-ready queue: where retries land when their delay is over, consumed in the
+/// retry lane.
+pub fn retry_ready_queue(queue: &str) -> String {
+    format!("{queue}.retries")
 }
 
 fn text(v: &str) -> AMQPValue {
@@ -75,9 +90,19 @@ pub fn dead_letter_queue_args(queue_type: QueueType) -> FieldTable {
     args
 }
 
+/// Arguments of the retry-ready queue: those of the work queue (a retry that crashes every worker
+/// meets the same delivery limit as a fresh message).
+pub fn retry_ready_queue_args(
+    queue_type: QueueType,
+    dead_letter_queue: &str,
+    delivery_limit: u32,
+) -> FieldTable {
+    work_queue_args(queue_type, dead_letter_queue, delivery_limit)
+}
+
 /// Arguments of the delay queue of `ttl`: no consumer; each message waits the TTL, then the broker
-/// dead-letters it through the default exchange back to the work queue.
-pub fn delay_queue_args(queue_type: QueueType, work_queue: &str, ttl: Duration) -> FieldTable {
+/// dead-letters it through the default exchange to `target` (the retry-ready queue).
+pub fn delay_queue_args(queue_type: QueueType, target: &str, ttl: Duration) -> FieldTable {
     let mut args = FieldTable::default();
     if queue_type == QueueType::Quorum {
         quorum(&mut args);
@@ -86,7 +111,7 @@ pub fn delay_queue_args(queue_type: QueueType, work_queue: &str, ttl: Duration) 
         "x-message-ttl".into(),
         AMQPValue::LongLongInt(ttl.as_millis() as i64),
     );
-    dead_letter_to(&mut args, work_queue, queue_type);
+    dead_letter_to(&mut args, target, queue_type);
     args
 }
 
@@ -134,7 +159,8 @@ async fn declare_queue(ch: &Channel, name: &str, t: QueueType, args: FieldTable)
         })
 }
 
-/// Declares the work queue and its bindings, the dead-letter queue and the delay queues of `ladder`.
+/// Declares the work queue and its bindings, the dead-letter queue, the retry-ready queue and the
+/// delay queues of `ladder`.
 pub async fn declare(ch: &Channel, cfg: &Config, ladder: &[Duration]) -> Result<(), SessionError> {
     let t = cfg.queue_type;
     // The work queue first: it is the one most likely to exist already, and a mismatch there must not
@@ -161,9 +187,17 @@ pub async fn declare(ch: &Channel, cfg: &Config, ladder: &[Duration]) -> Result<
         })?;
     }
     declare_queue(ch, &cfg.dead_letter_queue, t, dead_letter_queue_args(t)).await?;
+    let ready = retry_ready_queue(&cfg.queue);
+    declare_queue(
+        ch,
+        &ready,
+        t,
+        retry_ready_queue_args(t, &cfg.dead_letter_queue, cfg.delivery_limit),
+    )
+    .await?;
     for ttl in ladder {
-        let name = retry_queue(&cfg.queue, *ttl);
-        declare_queue(ch, &name, t, delay_queue_args(t, &cfg.queue, *ttl)).await?;
+        let name = delay_queue(&cfg.queue, *ttl);
+        declare_queue(ch, &name, t, delay_queue_args(t, &ready, *ttl)).await?;
     }
     debug!(
         delay_queues = ladder.len(),
@@ -209,11 +243,15 @@ mod tests {
         assert_eq!(w.get("x-dead-letter-routing-key"), Some(&text("q.dead")));
         assert_eq!(w.get("x-dead-letter-strategy"), Some(&text("at-least-once")));
         assert_eq!(w.get("x-overflow"), Some(&text("reject-publish")));
-        let d = delay_queue_args(QueueType::Quorum, "q", Duration::from_secs(2));
+        let d = delay_queue_args(QueueType::Quorum, "q.retries", Duration::from_secs(2));
         let d = d.inner();
         assert_eq!(d.get("x-message-ttl"), Some(&AMQPValue::LongLongInt(2000)));
-        assert_eq!(d.get("x-dead-letter-routing-key"), Some(&text("q")));
+        assert_eq!(d.get("x-dead-letter-routing-key"), Some(&text("q.retries")));
         assert_eq!(d.get("x-dead-letter-strategy"), Some(&text("at-least-once")));
+        assert_eq!(
+            retry_ready_queue_args(QueueType::Quorum, "q.dead", 7),
+            work_queue_args(QueueType::Quorum, "q.dead", 7)
+        );
         assert_eq!(
             dead_letter_queue_args(QueueType::Quorum)
                 .inner()

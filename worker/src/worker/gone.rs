@@ -1,0 +1,119 @@
+//! 410 Gone: the destination says it will never take a message again (Standard Webhooks). The worker
+//! hands the message back (it stays in the queue: nothing is lost, nothing dead-lettered), stops taking
+//! new messages, lets its in-flight deliveries settle as usual (within `--shutdown-grace`), and exits
+//! with `DESTINATION_GONE` and a termination message naming the URL (userinfo redacted) and the time.
+//! The operator turns that into `Degraded`/`DestinationGone` and scales the fleet to 0 until the URL
+//! changes or someone asks to retry.
+//!
+//! Why not dead-letter with reason `gone`: every message of the queue would follow, one request each,
+//! into the dead-letter queue for a URL that no longer exists; when the endpoint is restored (or the
+//! URL fixed) they would have to be shovelled back by hand. Left in the queue they are simply
+//! delivered later.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use hookfleet_crds::contract::exit;
+use reqwest::Url;
+use tokio::sync::watch;
+use tracing::error;
+
+use super::{Fatal, Worker};
+
+/// When and where the destination answered 410.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gone {
+    /// The destination URL without its userinfo.
+    pub url: String,
+    pub at: SystemTime,
+}
+
+impl Gone {
+    pub fn new(url: &Url, at: SystemTime) -> Self {
+        Self {
+            url: redact_userinfo(url),
+            at,
+        }
+    }
+
+    /// The line of the termination message.
+    pub fn message(&self) -> String {
+        format!(
+            "destination gone: {} answered 410 Gone at {}; stopped taking messages (they stay in the \
+             queue); change spec.destination.url or annotate the Integration to retry",
+            self.url,
+            httpdate::fmt_http_date(self.at)
+        )
+    }
+}
+
+/// `https://***@host/path` for a URL with a user or password; the URL as is otherwise.
+pub fn redact_userinfo(url: &Url) -> String {
+    if url.username().is_empty() && url.password().is_none() {
+        return url.to_string();
+    }
+    let mut u = url.clone();
+    let _ = u.set_password(None);
+    let _ = u.set_username("***");
+    u.to_string()
+}
+
+impl Worker {
+    /// Records the first 410: the gauge, the log line, and the signal that stops consuming.
+    pub(super) fn destination_gone(&self) {
+        let gone = Gone::new(&self.cfg.destination, SystemTime::now());
+        let first = self.gone.send_if_modified(|g| {
+            if g.is_some() {
+                return false;
+            }
+            *g = Some(gone.clone());
+            true
+        });
+        if first {
+            self.metrics.destination_gone.set(1);
+            error!(url = %gone.url, "the destination answered 410 Gone: draining and exiting");
+        }
+    }
+
+    /// [`Worker::run`] until `shutdown`, or until the destination is gone: then the same drain as a
+    /// shutdown, and `Err` with exit code `DESTINATION_GONE`.
+    pub async fn serve(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), Fatal> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut gone = self.gone.subscribe();
+        let forward = tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => {}
+                _ = gone.wait_for(|g| g.is_some()) => {}
+            }
+            let _ = stop_tx.send(true);
+        });
+        let result = self.clone().run(stop_rx).await;
+        forward.abort();
+        result?;
+        match self.gone.borrow().as_ref() {
+            Some(g) => Err(Fatal {
+                code: exit::DESTINATION_GONE,
+                message: g.message(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_names_the_url_without_userinfo_and_the_time() {
+        let url = Url::parse("https://user:s3cret@erp.example.com/hooks?x=1").unwrap();
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let m = Gone::new(&url, at).message();
+        assert!(m.contains("https://***@erp.example.com/hooks?x=1"), "{m}");
+        assert!(m.contains("Tue, 14 Nov 2023 22:13:20 GMT"), "{m}");
+        assert!(!m.contains("s3cret") && !m.contains("user"), "{m}");
+        assert!(!m.contains('\n'));
+        let plain = Url::parse("http://hooks.example.com/a").unwrap();
+        assert_eq!(redact_userinfo(&plain), "http://hooks.example.com/a");
+    }
+}
