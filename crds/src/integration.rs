@@ -84,8 +84,9 @@ pub struct IntegrationSpec {
 pub struct SourceSpec {
     /// Secret key holding the broker URI (amqp:// or amqps://, with credentials). Never inline.
     pub connection_secret_ref: SecretKeyRef,
-    /// Durable queue to consume; the worker declares it with its retry and dead-letter topology.
-    #[schemars(length(min = 1, max = 255))]
+    /// Durable queue to consume; the worker declares it with its retry and dead-letter topology. At most
+    /// 200 bytes: its delay queues are named `<queue>.retry.<ms>ms` and must stay under AMQP's 255.
+    #[schemars(length(min = 1, max = 200))]
     pub queue: String,
     /// Exchange bindings the worker declares for the queue.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -155,12 +156,13 @@ pub struct SecretKeyRef {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Binding {
-    /// Exchange to bind to; it must exist (the worker does not declare it).
-    #[schemars(length(min = 1, max = 255))]
+    /// Exchange to bind to; it must exist (the worker does not declare it). No `,` or `=`: the worker
+    /// reads bindings as `EXCHANGE=ROUTING_KEY`, comma-separated.
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[^,=]+$"))]
     pub exchange: String,
-    /// Routing key pattern, e.g. `orders.#`.
+    /// Routing key pattern, e.g. `orders.#`. No `,`: the worker reads bindings comma-separated.
     #[serde(default)]
-    #[schemars(length(max = 255))]
+    #[schemars(length(max = 255), regex(pattern = r"^[^,]*$"))]
     pub routing_key: String,
 }
 

@@ -6,7 +6,7 @@
 //! are derived from flips, so a steady state writes nothing and says nothing.
 
 use hookfleet_crds::IntegrationStatus;
-use hookfleet_crds::contract::exit;
+use hookfleet_crds::contract::{self, exit};
 use hookfleet_crds::integration::condition;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
@@ -101,6 +101,7 @@ const CRASH_RESTARTS: i32 = 3;
 fn is_fd_message(m: &str) -> bool {
     let m = m.to_ascii_lowercase();
     [
+        contract::FD_LIMIT_MESSAGE,
         "file descriptor",
         "file-descriptor",
         "rlimit_nofile",

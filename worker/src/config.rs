@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use hookfleet_crds::contract;
 use hookfleet_crds::integration::{DeliverySpec, HttpMethod, Jitter, QueueType, default_delivery_limit};
 use reqwest::Url;
 use reqwest::header::{HeaderName, HeaderValue};
@@ -29,118 +30,118 @@ use crate::template::BodyTemplate;
 )]
 pub struct Args {
     /// NAMESPACE/NAME of the Integration, for logs and metric labels.
-    #[arg(long, env = "HOOKFLEET_INTEGRATION", default_value = "")]
+    #[arg(long = contract::flag::INTEGRATION, env = contract::env::INTEGRATION, default_value = "")]
     pub integration: String,
     /// Broker URI (amqp:// or amqps://). Prefer --amqp-uri-file or the variable: flags show in `ps`.
-    #[arg(long, env = "HOOKFLEET_AMQP_URI", hide_env_values = true)]
+    #[arg(long = contract::flag::AMQP_URI, env = contract::env::AMQP_URI, hide_env_values = true)]
     pub amqp_uri: Option<String>,
     /// File holding the broker URI (a mounted Secret key).
-    #[arg(long, env = "HOOKFLEET_AMQP_URI_FILE")]
+    #[arg(long = contract::flag::AMQP_URI_FILE, env = contract::env::AMQP_URI_FILE)]
     pub amqp_uri_file: Option<PathBuf>,
     /// Durable queue to consume (declared with its retry and dead-letter queues).
-    #[arg(long, env = "HOOKFLEET_QUEUE")]
+    #[arg(long = contract::flag::QUEUE, env = contract::env::QUEUE)]
     pub queue: Option<String>,
     /// EXCHANGE=ROUTING_KEY binding of the queue; repeatable (variable: comma-separated).
-    #[arg(long = "binding", env = "HOOKFLEET_BINDINGS", value_delimiter = ',')]
+    #[arg(long = contract::flag::BINDING, env = contract::env::BINDINGS, value_delimiter = ',')]
     pub bindings: Vec<String>,
     /// Unacknowledged messages the broker hands this worker at a time (basic.qos).
-    #[arg(long, env = "HOOKFLEET_PREFETCH", default_value_t = 64)]
+    #[arg(long = contract::flag::PREFETCH, env = contract::env::PREFETCH, default_value_t = 64)]
     pub prefetch: u16,
     /// classic or quorum: type of the work, delay and dead-letter queues. Default quorum.
-    #[arg(long, env = "HOOKFLEET_QUEUE_TYPE")]
+    #[arg(long = contract::flag::QUEUE_TYPE, env = contract::env::QUEUE_TYPE)]
     pub queue_type: Option<String>,
     /// Quorum queues: deliveries of one message before the broker dead-letters it. Default 20.
-    #[arg(long, env = "HOOKFLEET_DELIVERY_LIMIT")]
+    #[arg(long = contract::flag::DELIVERY_LIMIT, env = contract::env::DELIVERY_LIMIT)]
     pub delivery_limit: Option<u32>,
     /// Webhook URL (http:// or https://).
-    #[arg(long, env = "HOOKFLEET_DESTINATION_URL")]
+    #[arg(long = contract::flag::DESTINATION_URL, env = contract::env::DESTINATION_URL)]
     pub destination_url: Option<String>,
     /// POST, PUT or PATCH.
-    #[arg(long, env = "HOOKFLEET_METHOD", default_value = "POST")]
+    #[arg(long = contract::flag::METHOD, env = contract::env::METHOD, default_value = "POST")]
     pub method: String,
     /// "Name: value" request header; repeatable (variable: newline-separated).
-    #[arg(long = "header", env = "HOOKFLEET_HEADERS", value_delimiter = '\n')]
+    #[arg(long = contract::flag::HEADER, env = contract::env::HEADERS, value_delimiter = '\n')]
     pub headers: Vec<String>,
     /// NAME=ENV_VAR: header NAME gets the value of variable ENV_VAR (from a Secret; never logged).
     /// Repeatable (variable: comma-separated).
     #[arg(
-        long = "header-from-env",
-        env = "HOOKFLEET_HEADERS_FROM_ENV",
+        long = contract::flag::HEADER_FROM_ENV,
+        env = contract::env::HEADERS_FROM_ENV,
         value_delimiter = ','
     )]
     pub header_from_env: Vec<String>,
     /// MiniJinja template of the request body, rendered with the message's JSON fields as variables;
     /// the body is forwarded unchanged when absent.
     /// (A value may start with `-`: the operator passes it as the next argument.)
-    #[arg(long, env = "HOOKFLEET_BODY_TEMPLATE", allow_hyphen_values = true)]
+    #[arg(long = contract::flag::BODY_TEMPLATE, env = contract::env::BODY_TEMPLATE, allow_hyphen_values = true)]
     pub body_template: Option<String>,
     /// Time for one request, connect to last byte (Go duration).
-    #[arg(long, env = "HOOKFLEET_TIMEOUT", default_value = "10s")]
+    #[arg(long = contract::flag::TIMEOUT, env = contract::env::TIMEOUT, default_value = "10s")]
     pub timeout: String,
     /// Attempts before a message is dead-lettered (the first delivery counts). Default 10.
-    #[arg(long, env = "HOOKFLEET_MAX_ATTEMPTS")]
+    #[arg(long = contract::flag::MAX_ATTEMPTS, env = contract::env::MAX_ATTEMPTS)]
     pub max_attempts: Option<u32>,
     /// Delay before the second attempt (Go duration). Default 1s.
-    #[arg(long, env = "HOOKFLEET_BACKOFF_INITIAL")]
+    #[arg(long = contract::flag::BACKOFF_INITIAL, env = contract::env::BACKOFF_INITIAL)]
     pub backoff_initial: Option<String>,
     /// Longest delay between attempts, also the cap on Retry-After (Go duration). Default 10m.
-    #[arg(long, env = "HOOKFLEET_BACKOFF_MAX")]
+    #[arg(long = contract::flag::BACKOFF_MAX, env = contract::env::BACKOFF_MAX)]
     pub backoff_max: Option<String>,
     /// Growth of the delay per attempt. Default 2.
-    #[arg(long, env = "HOOKFLEET_BACKOFF_MULTIPLIER")]
+    #[arg(long = contract::flag::BACKOFF_MULTIPLIER, env = contract::env::BACKOFF_MULTIPLIER)]
     pub backoff_multiplier: Option<f64>,
     /// full, equal or none. Default full.
-    #[arg(long, env = "HOOKFLEET_BACKOFF_JITTER")]
+    #[arg(long = contract::flag::BACKOFF_JITTER, env = contract::env::BACKOFF_JITTER)]
     pub backoff_jitter: Option<String>,
     /// Deliveries in flight (and so HTTP connections in use) at most. Default 128.
-    #[arg(long, env = "HOOKFLEET_CONCURRENCY")]
+    #[arg(long = contract::flag::CONCURRENCY, env = contract::env::CONCURRENCY)]
     pub concurrency: Option<u32>,
     /// Requests per second to the destination; unlimited when absent.
-    #[arg(long, env = "HOOKFLEET_RATE_LIMIT")]
+    #[arg(long = contract::flag::RATE_LIMIT, env = contract::env::RATE_LIMIT)]
     pub rate_limit: Option<u32>,
     /// Burst of the rate limit; defaults to --rate-limit.
-    #[arg(long, env = "HOOKFLEET_RATE_LIMIT_BURST")]
+    #[arg(long = contract::flag::RATE_LIMIT_BURST, env = contract::env::RATE_LIMIT_BURST)]
     pub rate_limit_burst: Option<u32>,
     /// Consecutive retryable failures that open the circuit breaker (0 disables it).
-    #[arg(long, env = "HOOKFLEET_CIRCUIT_BREAKER_THRESHOLD", default_value_t = 20)]
+    #[arg(long = contract::flag::CIRCUIT_BREAKER_THRESHOLD, env = contract::env::CIRCUIT_BREAKER_THRESHOLD, default_value_t = 20)]
     pub circuit_breaker_threshold: u32,
     /// How long an open breaker defers deliveries before one probe is let through (Go duration).
-    #[arg(long, env = "HOOKFLEET_CIRCUIT_BREAKER_COOLDOWN", default_value = "10s")]
+    #[arg(long = contract::flag::CIRCUIT_BREAKER_COOLDOWN, env = contract::env::CIRCUIT_BREAKER_COOLDOWN, default_value = "10s")]
     pub circuit_breaker_cooldown: String,
     /// Longest wait for the broker's confirm of a retry or dead-letter copy (Go duration); past it the
     /// message is handed back and the session reconnects.
-    #[arg(long, env = "HOOKFLEET_CONFIRM_TIMEOUT", default_value = "30s")]
+    #[arg(long = contract::flag::CONFIRM_TIMEOUT, env = contract::env::CONFIRM_TIMEOUT, default_value = "30s")]
     pub confirm_timeout: String,
     /// Dead-letter queue; defaults to <queue>.dead.
-    #[arg(long, env = "HOOKFLEET_DEAD_LETTER_QUEUE")]
+    #[arg(long = contract::flag::DEAD_LETTER_QUEUE, env = contract::env::DEAD_LETTER_QUEUE)]
     pub dead_letter_queue: Option<String>,
     /// Soft RLIMIT_NOFILE to raise to at start (capped at the hard limit).
-    #[arg(long, env = "HOOKFLEET_FD_LIMIT", default_value_t = 1_048_576)]
+    #[arg(long = contract::flag::FD_LIMIT, env = contract::env::FD_LIMIT, default_value_t = 1_048_576)]
     pub fd_limit: u64,
     /// Allow private, loopback and link-local destination addresses (refused by default: SSRF).
-    #[arg(long, env = "HOOKFLEET_ALLOW_PRIVATE_NETWORKS")]
+    #[arg(long = contract::flag::ALLOW_PRIVATE_NETWORKS, env = contract::env::ALLOW_PRIVATE_NETWORKS)]
     pub allow_private_networks: bool,
     /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "HOOKFLEET_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    #[arg(long = contract::flag::METRICS_ADDR, env = contract::env::METRICS_ADDR, default_value = contract::DEFAULT_METRICS_ADDR)]
     pub metrics_addr: String,
     /// Time in-flight deliveries get to finish after SIGTERM (Go duration).
-    #[arg(long, env = "HOOKFLEET_SHUTDOWN_GRACE", default_value = "25s")]
+    #[arg(long = contract::flag::SHUTDOWN_GRACE, env = contract::env::SHUTDOWN_GRACE, default_value = "25s")]
     pub shutdown_grace: String,
     /// Where a fatal error is written for Kubernetes (terminationMessagePath).
     #[arg(
-        long,
-        env = "HOOKFLEET_TERMINATION_LOG",
-        default_value = "/dev/termination-log"
+        long = contract::flag::TERMINATION_LOG,
+        env = contract::env::TERMINATION_LOG,
+        default_value = contract::TERMINATION_LOG
     )]
     pub termination_log: PathBuf,
     /// json or text.
-    #[arg(long, env = "HOOKFLEET_LOG_FORMAT", default_value = "json")]
+    #[arg(long = contract::flag::LOG_FORMAT, env = contract::env::LOG_FORMAT, default_value = "json")]
     pub log_format: String,
 }
 
 /// Variable holding the Standard Webhooks signing secret(s): `whsec_<base64>` or raw bytes; several,
 /// space-separated, sign with each (key rotation).
-pub const SIGNING_SECRET_ENV: &str = "HOOKFLEET_SIGNING_SECRET";
+pub const SIGNING_SECRET_ENV: &str = contract::env::SIGNING_SECRET;
 
 /// A setting that cannot be used, named by its flag and variable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -279,15 +280,23 @@ impl Config {
         let amqp_uri = match (args.amqp_uri, args.amqp_uri_file) {
             (Some(_), Some(_)) => {
                 return Err(bad(
-                    "--amqp-uri/--amqp-uri-file",
-                    "set one of HOOKFLEET_AMQP_URI and HOOKFLEET_AMQP_URI_FILE, not both",
+                    &format!(
+                        "--{}/--{}",
+                        contract::flag::AMQP_URI,
+                        contract::flag::AMQP_URI_FILE
+                    ),
+                    format!(
+                        "set one of {} and {}, not both",
+                        contract::env::AMQP_URI,
+                        contract::env::AMQP_URI_FILE
+                    ),
                 ));
             }
             (Some(uri), None) => uri,
             (None, Some(path)) => std::fs::read_to_string(&path)
                 .map_err(|e| {
                     bad(
-                        "--amqp-uri-file (HOOKFLEET_AMQP_URI_FILE)",
+                        &contract::setting(contract::flag::AMQP_URI_FILE, contract::env::AMQP_URI_FILE),
                         format!("{}: {e}", path.display()),
                     )
                 })?
@@ -295,8 +304,12 @@ impl Config {
                 .to_owned(),
             (None, None) => {
                 return Err(bad(
-                    "--amqp-uri (HOOKFLEET_AMQP_URI)",
-                    "missing: set HOOKFLEET_AMQP_URI or HOOKFLEET_AMQP_URI_FILE",
+                    &contract::setting(contract::flag::AMQP_URI, contract::env::AMQP_URI),
+                    format!(
+                        "missing: set {} or {}",
+                        contract::env::AMQP_URI,
+                        contract::env::AMQP_URI_FILE
+                    ),
                 ));
             }
         };
@@ -306,14 +319,17 @@ impl Config {
             Some(q) if !q.is_empty() => q,
             _ => {
                 return Err(bad(
-                    "--queue (HOOKFLEET_QUEUE)",
+                    &contract::setting(contract::flag::QUEUE, contract::env::QUEUE),
                     "missing: name the queue to consume",
                 ));
             }
         };
         if queue.len() > 200 {
             // Retry queues are named `<queue>.retry.<ms>ms` and must stay under AMQP's 255 bytes.
-            return Err(bad("--queue (HOOKFLEET_QUEUE)", "longer than 200 bytes"));
+            return Err(bad(
+                &contract::setting(contract::flag::QUEUE, contract::env::QUEUE),
+                "longer than 200 bytes",
+            ));
         }
 
         let mut bindings = Vec::new();
@@ -324,7 +340,7 @@ impl Config {
                 }
                 _ => {
                     return Err(bad(
-                        "--binding (HOOKFLEET_BINDINGS)",
+                        &contract::setting(contract::flag::BINDING, contract::env::BINDINGS),
                         format!("{b:?} is not EXCHANGE=ROUTING_KEY"),
                     ));
                 }
@@ -332,10 +348,13 @@ impl Config {
         }
 
         if args.prefetch == 0 {
-            return Err(bad("--prefetch (HOOKFLEET_PREFETCH)", "must be at least 1"));
+            return Err(bad(
+                &contract::setting(contract::flag::PREFETCH, contract::env::PREFETCH),
+                "must be at least 1",
+            ));
         }
 
-        let url_setting = "--destination-url (HOOKFLEET_DESTINATION_URL)";
+        let url_setting = &contract::setting(contract::flag::DESTINATION_URL, contract::env::DESTINATION_URL);
         let destination = match args.destination_url {
             Some(u) if !u.trim().is_empty() => {
                 Url::parse(u.trim()).map_err(|e| bad(url_setting, format!("{u:?}: {e}")))?
@@ -354,7 +373,10 @@ impl Config {
         {
             return Err(bad(
                 url_setting,
-                format!("{ip} is a {kind} address; pass --allow-private-networks to allow it"),
+                format!(
+                    "{ip} is a {kind} address; pass --{} to allow it",
+                    contract::flag::ALLOW_PRIVATE_NETWORKS
+                ),
             ));
         }
 
@@ -364,7 +386,7 @@ impl Config {
             "PATCH" => HttpMethod::Patch,
             other => {
                 return Err(bad(
-                    "--method (HOOKFLEET_METHOD)",
+                    &contract::setting(contract::flag::METHOD, contract::env::METHOD),
                     format!("{other:?} is not POST, PUT or PATCH"),
                 ));
             }
@@ -372,7 +394,7 @@ impl Config {
 
         let mut headers = Vec::new();
         for h in args.headers.iter().map(|h| h.trim()).filter(|h| !h.is_empty()) {
-            let setting = "--header (HOOKFLEET_HEADERS)";
+            let setting = &contract::setting(contract::flag::HEADER, contract::env::HEADERS);
             let (name, value) = h
                 .split_once(':')
                 .ok_or_else(|| bad(setting, format!("{h:?} is not \"Name: value\"")))?;
@@ -387,7 +409,8 @@ impl Config {
             .map(|h| h.trim())
             .filter(|h| !h.is_empty())
         {
-            let setting = "--header-from-env (HOOKFLEET_HEADERS_FROM_ENV)";
+            let setting =
+                &contract::setting(contract::flag::HEADER_FROM_ENV, contract::env::HEADERS_FROM_ENV);
             let (name, var) = h
                 .split_once('=')
                 .ok_or_else(|| bad(setting, format!("{h:?} is not NAME=ENV_VAR")))?;
@@ -413,17 +436,21 @@ impl Config {
         };
 
         let body_template = match args.body_template.as_deref() {
-            Some(t) if !t.trim().is_empty() => {
-                Some(Arc::new(BodyTemplate::compile(t).map_err(|e| {
-                    bad("--body-template (HOOKFLEET_BODY_TEMPLATE)", e)
-                })?))
-            }
+            Some(t) if !t.trim().is_empty() => Some(Arc::new(BodyTemplate::compile(t).map_err(|e| {
+                bad(
+                    &contract::setting(contract::flag::BODY_TEMPLATE, contract::env::BODY_TEMPLATE),
+                    e,
+                )
+            })?)),
             _ => None,
         };
 
         let timeout = check_range(
-            "--timeout (HOOKFLEET_TIMEOUT)",
-            parse_duration("--timeout (HOOKFLEET_TIMEOUT)", &args.timeout)?,
+            &contract::setting(contract::flag::TIMEOUT, contract::env::TIMEOUT),
+            parse_duration(
+                &contract::setting(contract::flag::TIMEOUT, contract::env::TIMEOUT),
+                &args.timeout,
+            )?,
             Duration::from_millis(100),
             Duration::from_secs(600),
         )?;
@@ -431,37 +458,51 @@ impl Config {
         let max_attempts = args.max_attempts.unwrap_or(defaults.max_attempts);
         if !(1..=100).contains(&max_attempts) {
             return Err(bad(
-                "--max-attempts (HOOKFLEET_MAX_ATTEMPTS)",
+                &contract::setting(contract::flag::MAX_ATTEMPTS, contract::env::MAX_ATTEMPTS),
                 format!("{max_attempts} is outside [1, 100]"),
             ));
         }
         let day = Duration::from_secs(86_400);
         let tenth = Duration::from_millis(100);
         let initial = match &args.backoff_initial {
-            Some(s) => parse_duration("--backoff-initial (HOOKFLEET_BACKOFF_INITIAL)", s)?,
+            Some(s) => parse_duration(
+                &contract::setting(contract::flag::BACKOFF_INITIAL, contract::env::BACKOFF_INITIAL),
+                s,
+            )?,
             None => defaults.backoff.initial.into(),
         };
         let initial = check_range(
-            "--backoff-initial (HOOKFLEET_BACKOFF_INITIAL)",
+            &contract::setting(contract::flag::BACKOFF_INITIAL, contract::env::BACKOFF_INITIAL),
             initial,
             tenth,
             day,
         )?;
         let max = match &args.backoff_max {
-            Some(s) => parse_duration("--backoff-max (HOOKFLEET_BACKOFF_MAX)", s)?,
+            Some(s) => parse_duration(
+                &contract::setting(contract::flag::BACKOFF_MAX, contract::env::BACKOFF_MAX),
+                s,
+            )?,
             None => defaults.backoff.max.into(),
         };
-        let max = check_range("--backoff-max (HOOKFLEET_BACKOFF_MAX)", max, tenth, day)?;
+        let max = check_range(
+            &contract::setting(contract::flag::BACKOFF_MAX, contract::env::BACKOFF_MAX),
+            max,
+            tenth,
+            day,
+        )?;
         if initial > max {
             return Err(bad(
-                "--backoff-initial (HOOKFLEET_BACKOFF_INITIAL)",
-                format!("{initial:?} exceeds --backoff-max {max:?}"),
+                &contract::setting(contract::flag::BACKOFF_INITIAL, contract::env::BACKOFF_INITIAL),
+                format!("{initial:?} exceeds --{} {max:?}", contract::flag::BACKOFF_MAX),
             ));
         }
         let multiplier = args.backoff_multiplier.unwrap_or(defaults.backoff.multiplier);
         if !(1.0..=10.0).contains(&multiplier) {
             return Err(bad(
-                "--backoff-multiplier (HOOKFLEET_BACKOFF_MULTIPLIER)",
+                &contract::setting(
+                    contract::flag::BACKOFF_MULTIPLIER,
+                    contract::env::BACKOFF_MULTIPLIER,
+                ),
                 format!("{multiplier} is outside [1, 10]"),
             ));
         }
@@ -472,7 +513,7 @@ impl Config {
             Some("none") => Jitter::None,
             Some(other) => {
                 return Err(bad(
-                    "--backoff-jitter (HOOKFLEET_BACKOFF_JITTER)",
+                    &contract::setting(contract::flag::BACKOFF_JITTER, contract::env::BACKOFF_JITTER),
                     format!("{other:?} is not full, equal or none"),
                 ));
             }
@@ -481,7 +522,7 @@ impl Config {
         let concurrency = args.concurrency.unwrap_or(defaults.concurrency);
         if !(1..=10_000).contains(&concurrency) {
             return Err(bad(
-                "--concurrency (HOOKFLEET_CONCURRENCY)",
+                &contract::setting(contract::flag::CONCURRENCY, contract::env::CONCURRENCY),
                 format!("{concurrency} is outside [1, 10000]"),
             ));
         }
@@ -490,21 +531,29 @@ impl Config {
             (None, None) => None,
             (None, Some(_)) => {
                 return Err(bad(
-                    "--rate-limit-burst (HOOKFLEET_RATE_LIMIT_BURST)",
-                    "needs --rate-limit",
+                    &contract::setting(contract::flag::RATE_LIMIT_BURST, contract::env::RATE_LIMIT_BURST),
+                    format!("needs --{}", contract::flag::RATE_LIMIT),
                 ));
             }
-            (Some(0), _) => return Err(bad("--rate-limit (HOOKFLEET_RATE_LIMIT)", "must be at least 1")),
+            (Some(0), _) => {
+                return Err(bad(
+                    &contract::setting(contract::flag::RATE_LIMIT, contract::env::RATE_LIMIT),
+                    "must be at least 1",
+                ));
+            }
             (Some(_), Some(0)) => {
                 return Err(bad(
-                    "--rate-limit-burst (HOOKFLEET_RATE_LIMIT_BURST)",
+                    &contract::setting(contract::flag::RATE_LIMIT_BURST, contract::env::RATE_LIMIT_BURST),
                     "must be at least 1",
                 ));
             }
             (Some(r), b) => Some((r, b.unwrap_or(r))),
         };
 
-        let cooldown_setting = "--circuit-breaker-cooldown (HOOKFLEET_CIRCUIT_BREAKER_COOLDOWN)";
+        let cooldown_setting = &contract::setting(
+            contract::flag::CIRCUIT_BREAKER_COOLDOWN,
+            contract::env::CIRCUIT_BREAKER_COOLDOWN,
+        );
         let cooldown = check_range(
             cooldown_setting,
             parse_duration(cooldown_setting, &args.circuit_breaker_cooldown)?,
@@ -519,7 +568,7 @@ impl Config {
             Some("quorum") => QueueType::Quorum,
             Some(other) => {
                 return Err(bad(
-                    "--queue-type (HOOKFLEET_QUEUE_TYPE)",
+                    &contract::setting(contract::flag::QUEUE_TYPE, contract::env::QUEUE_TYPE),
                     format!("{other:?} is not classic or quorum"),
                 ));
             }
@@ -527,7 +576,7 @@ impl Config {
         let delivery_limit = args.delivery_limit.unwrap_or_else(default_delivery_limit);
         if !(1..=1000).contains(&delivery_limit) {
             return Err(bad(
-                "--delivery-limit (HOOKFLEET_DELIVERY_LIMIT)",
+                &contract::setting(contract::flag::DELIVERY_LIMIT, contract::env::DELIVERY_LIMIT),
                 format!("{delivery_limit} is outside [1, 1000]"),
             ));
         }
@@ -538,12 +587,16 @@ impl Config {
         };
         if dead_letter_queue == queue {
             return Err(bad(
-                "--dead-letter-queue (HOOKFLEET_DEAD_LETTER_QUEUE)",
-                "must differ from --queue",
+                &contract::setting(
+                    contract::flag::DEAD_LETTER_QUEUE,
+                    contract::env::DEAD_LETTER_QUEUE,
+                ),
+                format!("must differ from --{}", contract::flag::QUEUE),
             ));
         }
 
-        let confirm_setting = "--confirm-timeout (HOOKFLEET_CONFIRM_TIMEOUT)";
+        let confirm_setting =
+            &contract::setting(contract::flag::CONFIRM_TIMEOUT, contract::env::CONFIRM_TIMEOUT);
         let confirm_timeout = check_range(
             confirm_setting,
             parse_duration(confirm_setting, &args.confirm_timeout)?,
@@ -553,20 +606,20 @@ impl Config {
 
         if args.fd_limit < 64 {
             return Err(bad(
-                "--fd-limit (HOOKFLEET_FD_LIMIT)",
+                &contract::setting(contract::flag::FD_LIMIT, contract::env::FD_LIMIT),
                 format!("{} is below 64", args.fd_limit),
             ));
         }
 
         let metrics_addr = args.metrics_addr.trim().parse().map_err(|_| {
             bad(
-                "--metrics-addr (HOOKFLEET_METRICS_ADDR)",
+                &contract::setting(contract::flag::METRICS_ADDR, contract::env::METRICS_ADDR),
                 format!("{:?} is not HOST:PORT", args.metrics_addr),
             )
         })?;
 
         let shutdown_grace = parse_duration(
-            "--shutdown-grace (HOOKFLEET_SHUTDOWN_GRACE)",
+            &contract::setting(contract::flag::SHUTDOWN_GRACE, contract::env::SHUTDOWN_GRACE),
             &args.shutdown_grace,
         )?;
 
@@ -575,7 +628,7 @@ impl Config {
             "text" => LogFormat::Text,
             other => {
                 return Err(bad(
-                    "--log-format (HOOKFLEET_LOG_FORMAT)",
+                    &contract::setting(contract::flag::LOG_FORMAT, contract::env::LOG_FORMAT),
                     format!("{other:?} is not json or text"),
                 ));
             }
@@ -618,7 +671,7 @@ impl Config {
 }
 
 fn validate_amqp_uri(uri: &str) -> Result<(), ConfigError> {
-    let setting = "--amqp-uri (HOOKFLEET_AMQP_URI)";
+    let setting = &contract::setting(contract::flag::AMQP_URI, contract::env::AMQP_URI);
     // Messages name the scheme and the parser's complaint, never the URI (it holds the password).
     if !(uri.starts_with("amqp://") || uri.starts_with("amqps://")) {
         return Err(bad(setting, "must start with amqp:// or amqps://"));
