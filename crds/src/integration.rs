@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::core::Duration;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -519,6 +519,30 @@ pub struct IntegrationStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+    /// Set while the destination is gone (a worker got HTTP 410 and exited with code 5): the workers are
+    /// scaled to 0 and messages wait in the queue. Cleared when `spec.destination.url` changes or the
+    /// annotation `hookfleet.io/retry-destination` is set to a new value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_gone: Option<DestinationGone>,
+}
+
+/// A destination that answered HTTP 410 Gone.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationGone {
+    /// The destination URL that answered 410 (userinfo redacted).
+    pub url: String,
+    /// When the first worker stopped on it (its container's `finishedAt`).
+    pub since: Time,
+    /// The value of `hookfleet.io/retry-destination` then; setting another value retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_annotation: Option<String>,
+}
+
+/// Annotations a user sets on an Integration.
+pub mod annotation {
+    /// Set (or change) to any new value to retry a destination the operator stopped on after HTTP 410.
+    pub const RETRY_DESTINATION: &str = "hookfleet.io/retry-destination";
 }
 
 /// Condition types set on an Integration.

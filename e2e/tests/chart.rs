@@ -156,7 +156,7 @@ fn lint_and_template_with_default_and_full_values() -> Result<()> {
         .flat_map(|g| g["rules"].as_array().unwrap())
         .filter(|r| r.get("alert").is_some())
         .collect();
-    assert_eq!(alerts.len(), 13, "every alert of docs/runbooks");
+    assert_eq!(alerts.len(), 14, "every alert of docs/runbooks");
     for a in &alerts {
         let name = a["alert"].as_str().unwrap();
         let severity = a["labels"]["severity"].as_str().unwrap();

@@ -102,9 +102,9 @@ fn go_duration(d: std::time::Duration) -> String {
     let n = d.subsec_nanos();
     if n == 0 {
         format!("{}s", d.as_secs())
-    } else if n % 1_000_000 == 0 {
+    } else if n.is_multiple_of(1_000_000) {
         format!("{}ms", d.as_millis())
-    } else if n % 1_000 == 0 {
+    } else if n.is_multiple_of(1_000) {
         format!("{}us", d.as_micros())
     } else {
         format!("{}ns", d.as_nanos())

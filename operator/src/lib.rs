@@ -9,7 +9,9 @@ pub mod controller;
 pub mod desired;
 pub mod error;
 pub mod http;
+pub mod memory;
 pub mod metrics;
+pub mod reconcile;
 pub mod replicas;
 pub mod status;
 
