@@ -260,7 +260,7 @@ fn alert_rules_pass_promtool() -> Result<()> {
     std::fs::copy(&tests, dir.path().join("alerts.test.yaml"))?;
     let promtool = std::env::var("HOOKFLEET_PROMTOOL").unwrap_or_else(|_| "/usr/bin/promtool".into());
     let check = run(Command::new(&promtool).args(["check", "rules"]).arg(&rules))?;
-    assert!(String::from_utf8_lossy(&check.stdout).contains("SUCCESS: 15 rules found"));
+    assert!(String::from_utf8_lossy(&check.stdout).contains("SUCCESS: 16 rules found"));
     let out =
         run(Command::new(&promtool)
             .current_dir(dir.path())
