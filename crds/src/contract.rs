@@ -1,5 +1,142 @@
-//! What the operator and the worker must agree on beyond the flags: the worker's exit codes. The
-//! operator reads a crashed worker's exit code to choose the condition reason it reports.
+//! What the operator and the worker must agree on, in one place: the worker's flag names and their
+//! environment variables (the operator renders them into the pod spec, the worker's clap parser reads
+//! them), the metrics port, the exit codes the operator reads from a crashed worker, and the line the
+//! worker writes when the fd limit cannot be met. Both binaries use these constants; no flag or variable
+//! name is spelled out anywhere else. `operator/tests/contract.rs` renders every example and fixture
+//! Integration through the operator's pod builder and parses the result with the worker's own parser.
+
+/// Port of the worker's `/metrics`, `/healthz` and `/readyz`.
+pub const METRICS_PORT: u16 = 9090;
+
+/// The worker's default `--metrics-addr`: every interface, [`METRICS_PORT`] (a test checks they agree).
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9090";
+
+/// Where the worker writes why it stopped (the container's `terminationMessagePath`).
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
+
+/// Start of the line the worker writes (termination message, log) when the file-descriptor limit
+/// cannot be raised to what its concurrency needs; the operator recognises it with or without exit 3.
+pub const FD_LIMIT_MESSAGE: &str = "file-descriptor limit too low";
+
+/// Long names of the worker's flags (without the leading `--`).
+pub mod flag {
+    pub const INTEGRATION: &str = "integration";
+    pub const AMQP_URI: &str = "amqp-uri";
+    pub const AMQP_URI_FILE: &str = "amqp-uri-file";
+    pub const QUEUE: &str = "queue";
+    pub const BINDING: &str = "binding";
+    pub const PREFETCH: &str = "prefetch";
+    pub const QUEUE_TYPE: &str = "queue-type";
+    pub const DELIVERY_LIMIT: &str = "delivery-limit";
+    pub const DESTINATION_URL: &str = "destination-url";
+    pub const METHOD: &str = "method";
+    pub const HEADER: &str = "header";
+    pub const HEADER_FROM_ENV: &str = "header-from-env";
+    pub const BODY_TEMPLATE: &str = "body-template";
+    pub const TIMEOUT: &str = "timeout";
+    pub const MAX_ATTEMPTS: &str = "max-attempts";
+    pub const BACKOFF_INITIAL: &str = "backoff-initial";
+    pub const BACKOFF_MAX: &str = "backoff-max";
+    pub const BACKOFF_MULTIPLIER: &str = "backoff-multiplier";
+    pub const BACKOFF_JITTER: &str = "backoff-jitter";
+    pub const CONCURRENCY: &str = "concurrency";
+    pub const RATE_LIMIT: &str = "rate-limit";
+    pub const RATE_LIMIT_BURST: &str = "rate-limit-burst";
+    pub const CIRCUIT_BREAKER_THRESHOLD: &str = "circuit-breaker-threshold";
+    pub const CIRCUIT_BREAKER_COOLDOWN: &str = "circuit-breaker-cooldown";
+    pub const CONFIRM_TIMEOUT: &str = "confirm-timeout";
+    pub const DEAD_LETTER_QUEUE: &str = "dead-letter-queue";
+    pub const FD_LIMIT: &str = "fd-limit";
+    pub const ALLOW_PRIVATE_NETWORKS: &str = "allow-private-networks";
+    pub const METRICS_ADDR: &str = "metrics-addr";
+    pub const SHUTDOWN_GRACE: &str = "shutdown-grace";
+    pub const TERMINATION_LOG: &str = "termination-log";
+    pub const LOG_FORMAT: &str = "log-format";
+    pub const RATE_LIMIT_SCOPE: &str = "rate-limit-scope";
+    pub const ADAPTIVE_THROTTLE: &str = "adaptive-throttle";
+    pub const ADAPTIVE_THROTTLE_MIN: &str = "adaptive-throttle-min";
+    pub const ADAPTIVE_THROTTLE_WINDOW: &str = "adaptive-throttle-window";
+    pub const SIGNING_SECRET_ENV: &str = "signing-secret-env";
+    pub const OAUTH2_TOKEN_URL: &str = "oauth2-token-url";
+    pub const OAUTH2_SCOPE: &str = "oauth2-scope";
+    pub const TLS_CA_FILE: &str = "tls-ca-file";
+    pub const TLS_CLIENT_CERT_FILE: &str = "tls-client-cert-file";
+    pub const TLS_CLIENT_KEY_FILE: &str = "tls-client-key-file";
+}
+
+/// Environment variables of the worker: one per flag (the flag wins), plus those only the environment
+/// carries (values from Secrets).
+pub mod env {
+    pub const INTEGRATION: &str = "HOOKFLEET_INTEGRATION";
+    pub const AMQP_URI: &str = "HOOKFLEET_AMQP_URI";
+    pub const AMQP_URI_FILE: &str = "HOOKFLEET_AMQP_URI_FILE";
+    pub const QUEUE: &str = "HOOKFLEET_QUEUE";
+    /// Comma-separated.
+    pub const BINDINGS: &str = "HOOKFLEET_BINDINGS";
+    pub const PREFETCH: &str = "HOOKFLEET_PREFETCH";
+    pub const QUEUE_TYPE: &str = "HOOKFLEET_QUEUE_TYPE";
+    pub const DELIVERY_LIMIT: &str = "HOOKFLEET_DELIVERY_LIMIT";
+    pub const DESTINATION_URL: &str = "HOOKFLEET_DESTINATION_URL";
+    pub const METHOD: &str = "HOOKFLEET_METHOD";
+    /// Newline-separated.
+    pub const HEADERS: &str = "HOOKFLEET_HEADERS";
+    /// Comma-separated.
+    pub const HEADERS_FROM_ENV: &str = "HOOKFLEET_HEADERS_FROM_ENV";
+    pub const BODY_TEMPLATE: &str = "HOOKFLEET_BODY_TEMPLATE";
+    pub const TIMEOUT: &str = "HOOKFLEET_TIMEOUT";
+    pub const MAX_ATTEMPTS: &str = "HOOKFLEET_MAX_ATTEMPTS";
+    pub const BACKOFF_INITIAL: &str = "HOOKFLEET_BACKOFF_INITIAL";
+    pub const BACKOFF_MAX: &str = "HOOKFLEET_BACKOFF_MAX";
+    pub const BACKOFF_MULTIPLIER: &str = "HOOKFLEET_BACKOFF_MULTIPLIER";
+    pub const BACKOFF_JITTER: &str = "HOOKFLEET_BACKOFF_JITTER";
+    pub const CONCURRENCY: &str = "HOOKFLEET_CONCURRENCY";
+    pub const RATE_LIMIT: &str = "HOOKFLEET_RATE_LIMIT";
+    pub const RATE_LIMIT_BURST: &str = "HOOKFLEET_RATE_LIMIT_BURST";
+    pub const CIRCUIT_BREAKER_THRESHOLD: &str = "HOOKFLEET_CIRCUIT_BREAKER_THRESHOLD";
+    pub const CIRCUIT_BREAKER_COOLDOWN: &str = "HOOKFLEET_CIRCUIT_BREAKER_COOLDOWN";
+    pub const CONFIRM_TIMEOUT: &str = "HOOKFLEET_CONFIRM_TIMEOUT";
+    pub const DEAD_LETTER_QUEUE: &str = "HOOKFLEET_DEAD_LETTER_QUEUE";
+    pub const FD_LIMIT: &str = "HOOKFLEET_FD_LIMIT";
+    pub const ALLOW_PRIVATE_NETWORKS: &str = "HOOKFLEET_ALLOW_PRIVATE_NETWORKS";
+    pub const METRICS_ADDR: &str = "HOOKFLEET_METRICS_ADDR";
+    pub const SHUTDOWN_GRACE: &str = "HOOKFLEET_SHUTDOWN_GRACE";
+    pub const TERMINATION_LOG: &str = "HOOKFLEET_TERMINATION_LOG";
+    pub const LOG_FORMAT: &str = "HOOKFLEET_LOG_FORMAT";
+    pub const RATE_LIMIT_SCOPE: &str = "HOOKFLEET_RATE_LIMIT_SCOPE";
+    pub const ADAPTIVE_THROTTLE: &str = "HOOKFLEET_ADAPTIVE_THROTTLE";
+    pub const ADAPTIVE_THROTTLE_MIN: &str = "HOOKFLEET_ADAPTIVE_THROTTLE_MIN";
+    pub const ADAPTIVE_THROTTLE_WINDOW: &str = "HOOKFLEET_ADAPTIVE_THROTTLE_WINDOW";
+    /// Comma-separated names of variables holding more signing secrets.
+    pub const SIGNING_SECRET_ENVS: &str = "HOOKFLEET_SIGNING_SECRET_ENVS";
+    pub const OAUTH2_TOKEN_URL: &str = "HOOKFLEET_OAUTH2_TOKEN_URL";
+    /// Comma-separated.
+    pub const OAUTH2_SCOPES: &str = "HOOKFLEET_OAUTH2_SCOPES";
+    pub const TLS_CA_FILE: &str = "HOOKFLEET_TLS_CA_FILE";
+    pub const TLS_CLIENT_CERT_FILE: &str = "HOOKFLEET_TLS_CLIENT_CERT_FILE";
+    pub const TLS_CLIENT_KEY_FILE: &str = "HOOKFLEET_TLS_CLIENT_KEY_FILE";
+    /// Outgoing auth, only from the environment (Secrets), never flags.
+    pub const BASIC_AUTH_USERNAME: &str = "HOOKFLEET_BASIC_AUTH_USERNAME";
+    pub const BASIC_AUTH_PASSWORD: &str = "HOOKFLEET_BASIC_AUTH_PASSWORD";
+    pub const BEARER_TOKEN: &str = "HOOKFLEET_BEARER_TOKEN";
+    pub const OAUTH2_CLIENT_ID: &str = "HOOKFLEET_OAUTH2_CLIENT_ID";
+    pub const OAUTH2_CLIENT_SECRET: &str = "HOOKFLEET_OAUTH2_CLIENT_SECRET";
+    /// The Standard Webhooks signing secret(s): `whsec_<base64>` or raw bytes; several, space-separated,
+    /// sign with each (key rotation). Only from the environment (a Secret), never a flag.
+    pub const SIGNING_SECRET: &str = "HOOKFLEET_SIGNING_SECRET";
+    /// Prefix of the variables the operator fills from `headersFrom` Secrets (`HOOKFLEET_HEADER_0`, …),
+    /// named to the worker by `--header-from-env NAME=VAR`.
+    pub const HEADER_PREFIX: &str = "HOOKFLEET_HEADER_";
+
+    /// The variable of the `i`-th `headersFrom` entry.
+    pub fn header(i: usize) -> String {
+        format!("{HEADER_PREFIX}{i}")
+    }
+}
+
+/// `--flag (VARIABLE)`: how the worker names a setting in an error, so the line is enough to fix it.
+pub fn setting(flag: &str, env: &str) -> String {
+    format!("--{flag} ({env})")
+}
 
 /// Exit codes of `hookfleet-worker` (docs/worker.md, "Exit codes and the termination message").
 pub mod exit {
@@ -10,8 +147,16 @@ pub mod exit {
     /// A queue exists on the broker with other arguments than the worker declares (type, delivery
     /// limit, dead-letter settings): the broker refused the declaration with PRECONDITION_FAILED.
     pub const QUEUE_MISMATCH: i32 = 4;
-    /// The destination answered 410 Gone: the worker handed the message back, stopped taking work,
-    /// drained its in-flight deliveries and exited; the termination message names the URL (userinfo
-    /// redacted) and the time.
+    /// The destination answered HTTP 410 Gone: the worker handed the message back (requeued, nothing
+    /// lost), drained, and stopped. The operator reports `DestinationGone` and scales the workers to 0.
     pub const DESTINATION_GONE: i32 = 5;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn default_metrics_addr_uses_the_metrics_port() {
+        let addr: std::net::SocketAddr = super::DEFAULT_METRICS_ADDR.parse().unwrap();
+        assert_eq!(addr.port(), super::METRICS_PORT);
+    }
 }

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::core::Duration;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -85,8 +85,9 @@ pub struct SourceSpec {
     /// Secret key holding the broker URI (amqp:// or amqps://, with credentials), or several separated by
     /// commas or whitespace, one per node of a RabbitMQ cluster (workers try them in turn). Never inline.
     pub connection_secret_ref: SecretKeyRef,
-    /// Durable queue to consume; the worker declares it with its retry and dead-letter topology.
-    #[schemars(length(min = 1, max = 255))]
+    /// Durable queue to consume; the worker declares it with its retry and dead-letter topology. At most
+    /// 200 bytes: its delay queues are named `<queue>.retry.<ms>ms` and must stay under AMQP's 255.
+    #[schemars(length(min = 1, max = 200))]
     pub queue: String,
     /// Exchange bindings the worker declares for the queue.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -156,12 +157,13 @@ pub struct SecretKeyRef {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Binding {
-    /// Exchange to bind to; it must exist (the worker does not declare it).
-    #[schemars(length(min = 1, max = 255))]
+    /// Exchange to bind to; it must exist (the worker does not declare it). No `,` or `=`: the worker
+    /// reads bindings as `EXCHANGE=ROUTING_KEY`, comma-separated.
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^[^,=]+$"))]
     pub exchange: String,
-    /// Routing key pattern, e.g. `orders.#`.
+    /// Routing key pattern, e.g. `orders.#`. No `,`: the worker reads bindings comma-separated.
     #[serde(default)]
-    #[schemars(length(max = 255))]
+    #[schemars(length(max = 255), regex(pattern = r"^[^,]*$"))]
     pub routing_key: String,
 }
 
@@ -745,6 +747,30 @@ pub struct IntegrationStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+    /// Set while the destination is gone (a worker got HTTP 410 and exited with code 5): the workers are
+    /// scaled to 0 and messages wait in the queue. Cleared when `spec.destination.url` changes or the
+    /// annotation `hookfleet.io/retry-destination` is set to a new value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_gone: Option<DestinationGone>,
+}
+
+/// A destination that answered HTTP 410 Gone.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationGone {
+    /// The destination URL that answered 410 (userinfo redacted).
+    pub url: String,
+    /// When the first worker stopped on it (its container's `finishedAt`).
+    pub since: Time,
+    /// The value of `hookfleet.io/retry-destination` then; setting another value retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_annotation: Option<String>,
+}
+
+/// Annotations a user sets on an Integration.
+pub mod annotation {
+    /// Set (or change) to any new value to retry a destination the operator stopped on after HTTP 410.
+    pub const RETRY_DESTINATION: &str = "hookfleet.io/retry-destination";
 }
 
 /// Condition types set on an Integration.

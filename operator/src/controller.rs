@@ -1,13 +1,11 @@
-//! The reconcile pipeline: dereference (Secret, broker, cached children) → validate → build desired
-//! objects → apply what changed → status (written only when it changed; Events only on transitions).
+//! The controller: watches Integrations and their children, runs the reconcile (`crate::reconcile`:
+//! dereference → build → apply → status) for each, and keeps one memory per Integration
+//! (`crate::memory`), dropped when the Integration is deleted.
 
-use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
-use futures::StreamExt;
-use hookfleet_crds::{Integration, IntegrationStatus};
+use futures::{StreamExt, TryStreamExt};
+use hookfleet_crds::Integration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -20,18 +18,17 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use tracing::{debug, info, instrument, warn};
+use tracing::{debug, info, warn};
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::desired::{self, INTEGRATION_LABEL, MANAGED_BY};
+use crate::desired::{INTEGRATION_LABEL, MANAGED_BY};
 use crate::error::{Error, Result};
+use crate::memory::Memories;
 use crate::metrics::Metrics;
-use crate::replicas::{self, Autoscaler};
+use crate::reconcile::reconcile;
 use crate::secrets;
-use crate::status::{self, DeploymentObs, Observed, SourceObs, reason};
+use crate::status::{self, reason};
 
 /// State shared by all reconciles.
 pub struct Context {
@@ -40,110 +37,38 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub broker: Broker,
-    deployments: Store<Deployment>,
-    pdbs: Store<PodDisruptionBudget>,
-    services: Store<Service>,
-    pods: Store<Pod>,
-    /// What was last applied per child: (hash of the desired object, fingerprint of the object the API
-    /// server returned). An apply is skipped while both still match, so a steady state makes no request.
-    applied: Mutex<HashMap<String, (u64, String)>>,
-    autoscalers: Mutex<HashMap<String, Autoscaler>>,
-    failures: Mutex<HashMap<String, u32>>,
-    /// The status this leader last wrote, per Integration (with its uid). Only the leader writes status, so
-    /// this is fresher than the watch cache, which can lag behind our own write when reconciles come in
-    /// quick succession: comparing against a stale cached status would publish a transition's Event twice.
-    written: Mutex<HashMap<String, (String, IntegrationStatus)>>,
-}
-
-fn key(kind: &str, ns: &str, name: &str) -> String {
-    format!("{kind}/{ns}/{name}")
-}
-
-/// Changes with every spec change of the object (generation), or with every change when it has none.
-fn fingerprint<K: Resource>(obj: &K) -> String {
-    match obj.meta().generation {
-        Some(g) => format!("g{g}"),
-        None => format!("rv{}", obj.meta().resource_version.clone().unwrap_or_default()),
-    }
-}
-
-fn hash_of<T: Serialize>(obj: &T) -> u64 {
-    let mut h = DefaultHasher::new();
-    serde_json::to_vec(obj).unwrap_or_default().hash(&mut h);
-    h.finish()
+    pub(crate) deployments: Store<Deployment>,
+    pub(crate) pdbs: Store<PodDisruptionBudget>,
+    pub(crate) services: Store<Service>,
+    pub(crate) pods: Store<Pod>,
+    /// The Integrations as the controller's cache holds them.
+    pub(crate) integrations: Store<Watched>,
+    /// One memory per Integration (see `crate::memory`).
+    pub(crate) memory: Arc<Memories>,
 }
 
 impl Context {
-    /// Server-side applies `desired` unless the cached object is what we last applied and the desired
-    /// object has not changed since.
-    async fn apply<K>(&self, desired: &K, cached: Option<Arc<K>>) -> Result<()>
-    where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + Serialize
-            + DeserializeOwned
-            + std::fmt::Debug,
-    {
-        let kind = K::kind(&());
-        let ns = desired.meta().namespace.clone().unwrap_or_default();
-        let name = desired.meta().name.clone().unwrap_or_default();
-        let k = key(&kind, &ns, &name);
-        let h = hash_of(desired);
-        if let Some(c) = &cached {
-            let applied = self.applied.lock().expect("lock").get(&k).cloned();
-            if applied == Some((h, fingerprint(c.as_ref()))) {
-                self.metrics.applies_skipped.inc();
-                return Ok(());
-            }
-        }
-        // apiVersion and kind are part of the apply body.
-        let mut body = serde_json::to_value(desired).expect("k8s objects serialize");
-        body["apiVersion"] = K::api_version(&()).into();
-        body["kind"] = kind.as_ref().into();
-        let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
-        let pp = PatchParams::apply(&self.config.field_manager).force();
-        let before = cached.as_ref().map(|c| c.meta().resource_version.clone());
-        let out = api
-            .patch(&name, &pp, &Patch::Apply(&body))
-            .await
-            .map_err(|source| Error::Apply {
-                kind: kind.to_string(),
-                name: name.clone(),
-                source,
-            })?;
-        if before != Some(out.meta().resource_version.clone()) {
-            self.metrics.write(&kind);
-            debug!(%kind, %name, "applied");
-        }
-        self.applied
-            .lock()
-            .expect("lock")
-            .insert(k, (h, fingerprint(&out)));
-        Ok(())
-    }
-
-    fn forget(&self, ns: &str, name: &str) {
-        let svc = desired::service_name(name);
-        let mut applied = self.applied.lock().expect("lock");
-        for (kind, n) in [
-            ("Deployment", name),
-            ("PodDisruptionBudget", name),
-            ("Service", svc.as_str()),
-        ] {
-            applied.remove(&key(kind, ns, n));
-        }
-        self.written
-            .lock()
-            .expect("lock")
-            .remove(&key("Integration", ns, name));
-        self.autoscalers
-            .lock()
-            .expect("lock")
-            .remove(&key("Integration", ns, name));
+    /// Drops everything remembered about Integration `ns/name`, and its metric series.
+    pub(crate) fn forget(&self, ns: &str, name: &str) {
+        self.memory.forget(ns, name);
         self.metrics.forget_integration(&format!("{ns}/{name}"));
     }
 
-    async fn event(&self, regarding: &ObjectReference, warning: bool, reason: &str, note: String) {
+    /// Forgets `ns/name` if the cache no longer holds it (with this uid): the last thing a reconcile or the
+    /// error policy does, so one that was in flight while the Integration was deleted (its Delete event
+    /// already handled) does not leave a memory behind. True when forgotten.
+    pub(crate) fn forget_if_deleted(&self, ns: &str, name: &str, uid: &str) -> bool {
+        let exists = self
+            .integrations
+            .get(&ObjectRef::new(name).within(ns))
+            .is_some_and(|o| o.meta().uid.as_deref().unwrap_or_default() == uid);
+        if !exists {
+            self.forget(ns, name);
+        }
+        !exists
+    }
+
+    pub(crate) async fn event(&self, regarding: &ObjectReference, warning: bool, reason: &str, note: String) {
         let ev = Event {
             type_: if warning {
                 EventType::Warning
@@ -163,223 +88,10 @@ impl Context {
     }
 }
 
-/// Dereference: the referenced Secrets (the broker URI, that every other key exists, the checksum of
-/// their versions), then the queue as the broker sees it.
-async fn observe_source(intg: &Integration, ctx: &Context, ns: &str) -> Result<(SourceObs, Option<String>)> {
-    let spec = &intg.spec;
-    let secrets = match secrets::dereference(&ctx.client, ns, spec).await? {
-        Ok(d) => d,
-        Err(problem) => return Ok((problem, None)),
-    };
-    let Ok(uri) = String::from_utf8(secrets.amqp_uri) else {
-        return Ok((
-            SourceObs::Problem {
-                reason: reason::INVALID_BROKER_URI,
-                message: "the broker URI in spec.source.connectionSecretRef is not UTF-8".into(),
-            },
-            Some(secrets.checksum),
-        ));
-    };
-    Ok((
-        ctx.broker.observe(uri.trim(), &spec.source.queue).await,
-        Some(secrets.checksum),
-    ))
-}
-
 /// Integrations are watched through a [`DeserializeGuard`]: one stored object that does not fit the Rust
 /// types (written under an older or looser CRD; stored objects are not re-validated) reaches `reconcile`
 /// as an error instead of failing the list/watch of every Integration.
-type Watched = DeserializeGuard<Integration>;
-
-#[instrument(skip_all, fields(integration = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
-async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action> {
-    let _timer = ctx.metrics.timer();
-    ctx.metrics.reconciles.inc();
-    let ns = obj
-        .namespace()
-        .ok_or(Error::InvalidObject("metadata.namespace is missing"))?;
-    let name = obj.name_any();
-    if obj.meta().deletion_timestamp.is_some() {
-        // The garbage collector removes the children through their owner references.
-        ctx.forget(&ns, &name);
-        return Ok(Action::await_change());
-    }
-    let intg = match &obj.0 {
-        Ok(intg) => intg,
-        Err(invalid) => return Err(malformed(invalid, &ctx, &ns, &name).await),
-    };
-    let spec = &intg.spec;
-
-    // Dereference.
-    let (source, secrets_checksum) = observe_source(intg, &ctx, &ns).await?;
-    let cached_deployment = ctx.deployments.get(&ObjectRef::new(&name).within(&ns));
-    let current = cached_deployment
-        .as_ref()
-        .and_then(|d| d.spec.as_ref())
-        .and_then(|s| s.replicas);
-    let backlog = match source {
-        SourceObs::Queue { backlog, .. } => Some(backlog),
-        SourceObs::QueueMissing => Some(0),
-        SourceObs::Problem { .. } => None,
-    };
-
-    // Validate and decide the replica count.
-    let fixed = replicas::fixed(&spec.workers);
-    let desired_replicas = match (&spec.workers.autoscale, fixed) {
-        (_, Some(n)) => n,
-        (Some(auto), None) if !spec.paused => {
-            let decision = ctx
-                .autoscalers
-                .lock()
-                .expect("lock")
-                .entry(key("Integration", &ns, &name))
-                .or_default()
-                .next(auto, current, backlog, Instant::now(), ctx.config.scale_up_period);
-            decision.replicas
-        }
-        (Some(auto), None) => current.unwrap_or(auto.min),
-        (None, None) => replicas::DEFAULT_REPLICAS,
-    };
-
-    // Build and apply.
-    if !spec.paused {
-        let mut deployment = desired::deployment(intg, &ctx.config.worker, desired_replicas)?;
-        // A Secret that cannot be read keeps the checksum the pods run with: no roll into pods that
-        // would not start.
-        let checksum =
-            secrets_checksum.or_else(|| cached_deployment.as_deref().and_then(desired::secrets_checksum));
-        if let Some(c) = checksum {
-            desired::set_secrets_checksum(&mut deployment, c);
-        }
-        let pdb = desired::pod_disruption_budget(intg)?;
-        let service = desired::metrics_service(intg)?;
-        ctx.apply(&deployment, cached_deployment.clone()).await?;
-        ctx.apply(&pdb, ctx.pdbs.get(&ObjectRef::new(&name).within(&ns)))
-            .await?;
-        ctx.apply(
-            &service,
-            ctx.services
-                .get(&ObjectRef::new(&desired::service_name(&name)).within(&ns)),
-        )
-        .await?;
-        if let (Some(auto), Some(cur)) = (&spec.workers.autoscale, current)
-            && cur != desired_replicas
-        {
-            ctx.event(
-                &intg.object_ref(&()),
-                false,
-                "Scaled",
-                format!(
-                    "{cur} → {desired_replicas} workers (backlog {}, target {} per worker)",
-                    backlog.map(|b| b.to_string()).unwrap_or_else(|| "unknown".into()),
-                    auto.target_backlog_per_replica
-                ),
-            )
-            .await;
-        }
-    }
-
-    // Status.
-    let pods: Vec<Arc<Pod>> = ctx
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| {
-            p.namespace().as_deref() == Some(ns.as_str()) && p.labels().get(INTEGRATION_LABEL) == Some(&name)
-        })
-        .collect();
-    let pod_problems = pods.iter().filter_map(|p| status::pod_problem(p)).collect();
-    let restarts = pods.iter().map(|p| status::worker_restarts(p)).sum::<i64>();
-    let observed = Observed {
-        generation: intg.metadata.generation,
-        paused: spec.paused,
-        queue: spec.source.queue.clone(),
-        desired: desired_replicas,
-        single_replica: fixed == Some(1),
-        deployment: cached_deployment.as_deref().map(DeploymentObs::from_deployment),
-        pod_problems,
-        source,
-        selector: desired::selector_string(&name),
-    };
-    let cached_status = intg.status.clone().unwrap_or_default();
-    let uid = intg.metadata.uid.clone().unwrap_or_default();
-    let old = ctx
-        .written
-        .lock()
-        .expect("lock")
-        .get(&key("Integration", &ns, &name))
-        .filter(|(written_uid, _)| *written_uid == uid)
-        .map(|(_, st)| st.clone())
-        .unwrap_or_else(|| cached_status.clone());
-    let mut new = status::compute(&observed);
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    new.conditions = status::merge_conditions(&old.conditions, new.conditions, &now);
-    // Metrics mirror the status on every pass (in memory: the steady state still writes nothing).
-    ctx.metrics
-        .integration_status(&format!("{ns}/{name}"), &new, restarts);
-    let has_problem = new
-        .conditions
-        .iter()
-        .any(|c| c.type_ == hookfleet_crds::integration::condition::DEGRADED && c.status == "True");
-    // Write when either our last write or the cached object differs (someone may have edited the status);
-    // in a steady state all three agree and nothing is written.
-    if new != old || new != cached_status {
-        for t in status::transitions(&old.conditions, &new.conditions) {
-            ctx.event(&intg.object_ref(&()), t.warning, &t.reason, t.note)
-                .await;
-        }
-        if fixed == Some(1) && old.replicas != Some(1) {
-            ctx.event(
-                &intg.object_ref(&()),
-                true,
-                reason::SINGLE_REPLICA,
-                "spec.workers.replicas is 1: a single worker is a single point of failure; use 2 or more"
-                    .into(),
-            )
-            .await;
-        }
-        let body = serde_json::json!({
-            "apiVersion": Integration::api_version(&()),
-            "kind": Integration::kind(&()),
-            "status": new,
-        });
-        let api: Api<Integration> = Api::namespaced(ctx.client.clone(), &ns);
-        let written = api
-            .patch_status(
-                &name,
-                &PatchParams::apply(&ctx.config.field_manager).force(),
-                &Patch::Apply(&body),
-            )
-            .await
-            .map_err(Error::WriteStatus)?;
-        // Remember the status as the API server stored it (timestamps at its precision), so it compares
-        // equal to what the watch cache later shows.
-        ctx.written.lock().expect("lock").insert(
-            key("Integration", &ns, &name),
-            (uid, written.status.unwrap_or_else(|| new.clone())),
-        );
-        ctx.metrics.write("IntegrationStatus");
-        info!(
-            ready = new.ready_replicas,
-            consumers = new.consumers,
-            backlog = new.backlog,
-            "status updated"
-        );
-    }
-    ctx.failures
-        .lock()
-        .expect("lock")
-        .remove(&key("Integration", &ns, &name));
-
-    let next = if has_problem {
-        ctx.config.retry
-    } else if spec.workers.autoscale.is_some() {
-        ctx.config.resync.min(ctx.config.scale_up_period)
-    } else {
-        ctx.config.resync
-    };
-    Ok(Action::requeue(next))
-}
+pub(crate) type Watched = DeserializeGuard<Integration>;
 
 /// Where a stored Integration does not fit the types, with the field: `spec.workers.replicas: invalid
 /// type: string "three", expected i32`. The guard's own error has no path, so the raw object is read
@@ -408,7 +120,7 @@ async fn deserialize_error(
 /// A stored Integration that does not deserialize: nothing is applied; Ready=False/Degraded=True with
 /// reason `InvalidSpec` quoting the error (the field named) and a Warning Event when that changes. The
 /// caller's error policy then waits for the object to change: retrying cannot fix it.
-async fn malformed(invalid: &InvalidObject, ctx: &Context, ns: &str, name: &str) -> Error {
+pub(crate) async fn malformed(invalid: &InvalidObject, ctx: &Context, ns: &str, name: &str) -> Error {
     let (message, raw) = deserialize_error(ctx, ns, name, invalid).await;
     let message = format!("the Integration does not match hookfleet.io/v1alpha1: {message}; fix the object");
     let generation = invalid.metadata.generation;
@@ -485,23 +197,23 @@ async fn malformed(invalid: &InvalidObject, ctx: &Context, ns: &str, name: &str)
 
 fn error_policy(obj: Arc<Watched>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.error(err.metric_label());
-    let k = key(
-        "Integration",
-        &obj.namespace().unwrap_or_default(),
-        &obj.name_any(),
-    );
+    let ns = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    let uid = obj.meta().uid.clone().unwrap_or_default();
     if let Error::InvalidSpec(_) = err {
         // Retrying cannot fix a malformed object; its next change triggers a reconcile.
-        ctx.failures.lock().expect("lock").remove(&k);
+        ctx.memory.with(&ns, &name, &uid, |m| m.failures = 0);
+        ctx.forget_if_deleted(&ns, &name, &uid);
         warn!(error = %err, "malformed Integration; waiting for it to change");
         return Action::await_change();
     }
-    let n = {
-        let mut f = ctx.failures.lock().expect("lock");
-        let n = f.entry(k).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
+    let n = ctx.memory.with(&ns, &name, &uid, |m| {
+        m.failures = m.failures.saturating_add(1);
+        m.failures
+    });
+    if ctx.forget_if_deleted(&ns, &name, &uid) {
+        return Action::await_change();
+    }
     let delay = ctx
         .config
         .retry
@@ -510,6 +222,31 @@ fn error_policy(obj: Arc<Watched>, err: &Error, ctx: Arc<Context>) -> Action {
         .min(ctx.config.max_backoff);
     warn!(error = %err, attempt = n, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
+}
+
+/// Keeps the memories in step with the Integrations that exist: a deleted Integration (no finalizer: the
+/// controller never reconciles it again) is forgotten on its Delete event, and after a re-list (a watch that
+/// restarted may have missed Deletes) whatever the store no longer holds is forgotten too.
+fn follow_deletions(ctx: &Context, event: &watcher::Event<Watched>) {
+    match event {
+        watcher::Event::Delete(obj) => {
+            ctx.forget(&obj.namespace().unwrap_or_default(), &obj.name_any());
+        }
+        watcher::Event::InitDone => {
+            let dropped = ctx.memory.retain(|key, uid| {
+                let Some((ns, name)) = key.split_once('/') else {
+                    return false;
+                };
+                ctx.integrations
+                    .get(&ObjectRef::new(name).within(ns))
+                    .is_some_and(|o| o.meta().uid.as_deref() == Some(uid) || uid.is_empty())
+            });
+            for key in dropped {
+                ctx.metrics.forget_integration(&key);
+            }
+        }
+        _ => {}
+    }
 }
 
 fn child_api<K>(client: &Client, ns: &Option<String>) -> Api<K>
@@ -567,6 +304,7 @@ pub async fn run(
     .touched_objects();
 
     let integrations: Api<Watched> = child_api(&client, &config.namespace);
+    let (store, store_writer) = reflector::store::<Watched>();
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -585,20 +323,24 @@ pub async fn run(
         pdbs: pdbs.clone(),
         services: services.clone(),
         pods: pods.clone(),
-        applied: Mutex::default(),
-        autoscalers: Mutex::default(),
-        failures: Mutex::default(),
-        written: Mutex::default(),
+        integrations: store.clone(),
+        memory: Arc::new(Memories::new(metrics.remembered.clone())),
     });
+    // What `Controller::new` builds, plus a look at each event to drop the memory of deleted Integrations.
+    let follow = ctx.clone();
+    let integration_stream = watcher(integrations, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(store_writer)
+        .inspect_ok(move |event| follow_deletions(&follow, event))
+        .applied_objects();
 
-    let controller = Controller::new(integrations, watcher::Config::default().any_semantic());
-    let integration_store = controller.store();
-    let controller = controller
+    let secret_store = store.clone();
+    let controller = Controller::for_stream(integration_stream, store)
         .watches_stream(secret_stream, move |secret| {
             let (Some(ns), name) = (secret.namespace(), secret.name_any()) else {
                 return Vec::new();
             };
-            integration_store
+            secret_store
                 .state()
                 .into_iter()
                 .filter(|w| w.namespace().as_deref() == Some(ns.as_str()))

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use hookfleet_crds::Integration;
+use hookfleet_crds::contract::{self, flag};
 use hookfleet_crds::integration::Jitter;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
@@ -22,8 +23,8 @@ use kube::Resource;
 
 use crate::error::{Error, Result};
 
-/// Port of the worker's `/metrics`, `/healthz` and `/readyz`.
-pub const METRICS_PORT: i32 = 9090;
+/// Port of the worker's `/metrics`, `/healthz` and `/readyz` (the contract's, as a container port).
+pub const METRICS_PORT: i32 = contract::METRICS_PORT as i32;
 /// Name of the worker container (status reads its container statuses by this name).
 pub const CONTAINER: &str = "worker";
 /// Label carrying the owning Integration's name; selects its pods.
@@ -33,15 +34,15 @@ pub const APP_NAME: &str = "hookfleet-worker";
 /// `app.kubernetes.io/managed-by` value: the operator's caches watch only objects carrying it.
 pub const MANAGED_BY: &str = "hookfleet-operator";
 /// Env var the worker reads the broker URI from.
-pub const ENV_AMQP_URI: &str = "HOOKFLEET_AMQP_URI";
+pub const ENV_AMQP_URI: &str = contract::env::AMQP_URI;
 /// Env var the worker reads the signing secret from.
-pub const ENV_SIGNING_SECRET: &str = "HOOKFLEET_SIGNING_SECRET";
+pub const ENV_SIGNING_SECRET: &str = contract::env::SIGNING_SECRET;
 /// Env vars the worker reads outgoing credentials from (each a `secretKeyRef`, never a literal).
-pub const ENV_BASIC_AUTH_USERNAME: &str = "HOOKFLEET_BASIC_AUTH_USERNAME";
-pub const ENV_BASIC_AUTH_PASSWORD: &str = "HOOKFLEET_BASIC_AUTH_PASSWORD";
-pub const ENV_BEARER_TOKEN: &str = "HOOKFLEET_BEARER_TOKEN";
-pub const ENV_OAUTH2_CLIENT_ID: &str = "HOOKFLEET_OAUTH2_CLIENT_ID";
-pub const ENV_OAUTH2_CLIENT_SECRET: &str = "HOOKFLEET_OAUTH2_CLIENT_SECRET";
+pub const ENV_BASIC_AUTH_USERNAME: &str = contract::env::BASIC_AUTH_USERNAME;
+pub const ENV_BASIC_AUTH_PASSWORD: &str = contract::env::BASIC_AUTH_PASSWORD;
+pub const ENV_BEARER_TOKEN: &str = contract::env::BEARER_TOKEN;
+pub const ENV_OAUTH2_CLIENT_ID: &str = contract::env::OAUTH2_CLIENT_ID;
+pub const ENV_OAUTH2_CLIENT_SECRET: &str = contract::env::OAUTH2_CLIENT_SECRET;
 /// Where the CA bundle of `destination.tls.caFrom` is mounted (read-only Secret volume).
 pub const TLS_CA_DIR: &str = "/etc/hookfleet/tls/ca";
 /// Where the client certificate Secret of `destination.tls.clientCertSecret` is mounted.
@@ -106,12 +107,18 @@ fn meta(intg: &Integration) -> Result<ObjectMeta> {
     })
 }
 
-/// Go-style duration for a worker flag (`10s`, `1500ms`).
+/// Go-style duration for a worker flag (`10s`, `1500ms`, `250500us`), exact: a sub-millisecond part is
+/// kept, not truncated (the contract test found `1500500us` rendered as `1500ms`).
 fn go_duration(d: std::time::Duration) -> String {
-    if d.subsec_nanos() == 0 {
+    let n = d.subsec_nanos();
+    if n == 0 {
         format!("{}s", d.as_secs())
-    } else {
+    } else if n.is_multiple_of(1_000_000) {
         format!("{}ms", d.as_millis())
+    } else if n.is_multiple_of(1_000) {
+        format!("{}us", d.as_micros())
+    } else {
+        format!("{}ns", d.as_nanos())
     }
 }
 
@@ -147,27 +154,27 @@ pub fn worker_args_env(intg: &Integration) -> Result<(Vec<String>, Vec<EnvVar>)>
         .as_deref()
         .ok_or(Error::InvalidObject("metadata.name is missing"))?;
     let mut args: Vec<String> = Vec::new();
-    let mut flag = |k: &str, v: String| {
+    let mut put = |k: &str, v: String| {
         args.push(format!("--{k}"));
         args.push(v);
     };
-    flag("integration", format!("{ns}/{name}"));
-    flag("queue", spec.source.queue.clone());
+    put(flag::INTEGRATION, format!("{ns}/{name}"));
+    put(flag::QUEUE, spec.source.queue.clone());
     for b in &spec.source.bindings {
-        flag("binding", format!("{}={}", b.exchange, b.routing_key));
+        put(flag::BINDING, format!("{}={}", b.exchange, b.routing_key));
     }
-    flag("prefetch", spec.source.prefetch.to_string());
-    flag("queue-type", spec.source.queue_type.as_str().into());
-    flag("delivery-limit", spec.source.delivery_limit.to_string());
-    flag("destination-url", spec.destination.url.clone());
-    flag("method", spec.destination.method.as_str().into());
+    put(flag::PREFETCH, spec.source.prefetch.to_string());
+    put(flag::QUEUE_TYPE, spec.source.queue_type.as_str().into());
+    put(flag::DELIVERY_LIMIT, spec.source.delivery_limit.to_string());
+    put(flag::DESTINATION_URL, spec.destination.url.clone());
+    put(flag::METHOD, spec.destination.method.as_str().into());
     for (k, v) in &spec.destination.headers {
-        flag("header", format!("{k}: {v}"));
+        put(flag::HEADER, format!("{k}: {v}"));
     }
     let mut env = vec![secret_env(ENV_AMQP_URI, &spec.source.connection_secret_ref)];
     for (i, h) in spec.destination.headers_from.iter().enumerate() {
-        let var = format!("HOOKFLEET_HEADER_{i}");
-        flag("header-from-env", format!("{}={var}", h.name));
+        let var = contract::env::header(i);
+        put(flag::HEADER_FROM_ENV, format!("{}={var}", h.name));
         env.push(secret_env(&var, &h.secret_key_ref));
     }
     if let Some(signing) = &spec.destination.signing {
@@ -176,7 +183,7 @@ pub fn worker_args_env(intg: &Integration) -> Result<(Vec<String>, Vec<EnvVar>)>
         }
         for (i, r) in signing.secret_refs.iter().enumerate() {
             let var = format!("{ENV_SIGNING_SECRET}_{i}");
-            flag("signing-secret-env", var.clone());
+            put(flag::SIGNING_SECRET_ENV, var.clone());
             env.push(secret_env(&var, r));
         }
     }
@@ -189,9 +196,9 @@ pub fn worker_args_env(intg: &Integration) -> Result<(Vec<String>, Vec<EnvVar>)>
             env.push(secret_env(ENV_BEARER_TOKEN, &b.token_from));
         }
         if let Some(o) = &auth.oauth2 {
-            flag("oauth2-token-url", o.token_url.clone());
+            put(flag::OAUTH2_TOKEN_URL, o.token_url.clone());
             for scope in &o.scopes {
-                flag("oauth2-scope", scope.clone());
+                put(flag::OAUTH2_SCOPE, scope.clone());
             }
             env.push(secret_env(ENV_OAUTH2_CLIENT_ID, &o.client_id_from));
             env.push(secret_env(ENV_OAUTH2_CLIENT_SECRET, &o.client_secret_from));
@@ -199,68 +206,71 @@ pub fn worker_args_env(intg: &Integration) -> Result<(Vec<String>, Vec<EnvVar>)>
     }
     if let Some(tls) = &spec.destination.tls {
         if tls.ca_from.is_some() {
-            flag("tls-ca-file", format!("{TLS_CA_DIR}/ca.crt"));
+            put(flag::TLS_CA_FILE, format!("{TLS_CA_DIR}/ca.crt"));
         }
         if tls.client_cert_secret.is_some() {
-            flag(
-                "tls-client-cert-file",
+            put(
+                flag::TLS_CLIENT_CERT_FILE,
                 format!("{TLS_CLIENT_DIR}/{}", crate::secrets::TLS_CERT_KEY),
             );
-            flag(
-                "tls-client-key-file",
+            put(
+                flag::TLS_CLIENT_KEY_FILE,
                 format!("{TLS_CLIENT_DIR}/{}", crate::secrets::TLS_KEY_KEY),
             );
         }
     }
     if let Some(body) = &spec.destination.body {
-        flag("body-template", body.template.clone());
+        put(flag::BODY_TEMPLATE, body.template.clone());
     }
-    flag("timeout", go_duration(spec.destination.timeout.into()));
+    put(flag::TIMEOUT, go_duration(spec.destination.timeout.into()));
     let d = &spec.delivery;
-    flag("max-attempts", d.max_attempts.to_string());
-    flag("backoff-initial", go_duration(d.backoff.initial.into()));
-    flag("backoff-max", go_duration(d.backoff.max.into()));
-    flag("backoff-multiplier", d.backoff.multiplier.to_string());
+    put(flag::MAX_ATTEMPTS, d.max_attempts.to_string());
+    put(flag::BACKOFF_INITIAL, go_duration(d.backoff.initial.into()));
+    put(flag::BACKOFF_MAX, go_duration(d.backoff.max.into()));
+    put(flag::BACKOFF_MULTIPLIER, d.backoff.multiplier.to_string());
     let jitter = match d.backoff.jitter {
         Jitter::Full => "full",
         Jitter::Equal => "equal",
         Jitter::None => "none",
     };
-    flag("backoff-jitter", jitter.into());
-    flag("concurrency", d.concurrency.to_string());
+    put(flag::BACKOFF_JITTER, jitter.into());
+    put(flag::CONCURRENCY, d.concurrency.to_string());
     if let Some(rl) = &d.rate_limit {
-        flag("rate-limit", rl.per_second.to_string());
-        flag("rate-limit-burst", rl.burst.unwrap_or(rl.per_second).to_string());
-        flag("rate-limit-scope", rl.scope.as_str().into());
+        put(flag::RATE_LIMIT, rl.per_second.to_string());
+        put(
+            flag::RATE_LIMIT_BURST,
+            rl.burst.unwrap_or(rl.per_second).to_string(),
+        );
+        put(flag::RATE_LIMIT_SCOPE, rl.scope.as_str().into());
     }
-    flag(
-        "circuit-breaker-threshold",
+    put(
+        flag::CIRCUIT_BREAKER_THRESHOLD,
         d.circuit_breaker.failure_threshold.to_string(),
     );
-    flag(
-        "circuit-breaker-cooldown",
+    put(
+        flag::CIRCUIT_BREAKER_COOLDOWN,
         go_duration(d.circuit_breaker.cooldown.into()),
     );
     if let Some(t) = &d.adaptive_throttle {
-        flag("adaptive-throttle-min", t.min_concurrency.to_string());
-        flag("adaptive-throttle-window", go_duration(t.window.into()));
+        put(flag::ADAPTIVE_THROTTLE_MIN, t.min_concurrency.to_string());
+        put(flag::ADAPTIVE_THROTTLE_WINDOW, go_duration(t.window.into()));
     }
     let dlq = d
         .dead_letter
         .as_ref()
         .map(|dl| dl.queue.clone())
         .unwrap_or_else(|| format!("{}.dead", spec.source.queue));
-    flag("dead-letter-queue", dlq);
-    flag("fd-limit", spec.workers.file_descriptor_limit.to_string());
-    flag("metrics-addr", format!("0.0.0.0:{METRICS_PORT}"));
-    flag("shutdown-grace", format!("{}s", shutdown_grace_seconds(intg)));
-    flag("termination-log", "/dev/termination-log".into());
-    flag("log-format", "json".into());
+    put(flag::DEAD_LETTER_QUEUE, dlq);
+    put(flag::FD_LIMIT, spec.workers.file_descriptor_limit.to_string());
+    put(flag::METRICS_ADDR, format!("0.0.0.0:{METRICS_PORT}"));
+    put(flag::SHUTDOWN_GRACE, format!("{}s", shutdown_grace_seconds(intg)));
+    put(flag::TERMINATION_LOG, contract::TERMINATION_LOG.into());
+    put(flag::LOG_FORMAT, "json".into());
     if spec.destination.allow_private_networks {
-        args.push("--allow-private-networks".into());
+        args.push(format!("--{}", flag::ALLOW_PRIVATE_NETWORKS));
     }
     if d.adaptive_throttle.is_some() {
-        args.push("--adaptive-throttle".into());
+        args.push(format!("--{}", flag::ADAPTIVE_THROTTLE));
     }
     Ok((args, env))
 }
@@ -377,7 +387,7 @@ pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) 
             }),
             ..SecurityContext::default()
         }),
-        termination_message_path: Some("/dev/termination-log".into()),
+        termination_message_path: Some(contract::TERMINATION_LOG.into()),
         // The worker writes why it refused to start; a panic's last log line is the fallback.
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         volume_mounts: Some(mounts),

@@ -10,21 +10,15 @@ pub enum Error {
     /// A stored Integration that does not deserialize into the types; waits for a change, no retry.
     #[error("{0}")]
     InvalidSpec(String),
-    #[error("reading Secret {name}: {source}")]
-    ReadSecret {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("applying {kind} {name}: {source}")]
-    Apply {
-        kind: String,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
-    #[error("writing the Integration status: {0}")]
-    WriteStatus(#[source] kube::Error),
+    /// The reconcile's steps (`crate::reconcile`), each with its own error.
+    #[error(transparent)]
+    Dereference(#[from] crate::reconcile::dereference::DereferenceError),
+    #[error(transparent)]
+    Build(#[from] crate::reconcile::build::BuildError),
+    #[error(transparent)]
+    Apply(#[from] crate::reconcile::apply::ApplyError),
+    #[error(transparent)]
+    Status(#[from] crate::reconcile::status::StatusError),
     #[error(
         "the Integration CRD (integrations.hookfleet.io) is not installed in this cluster; install it with \
          `kubectl apply -f crds/integrations.hookfleet.io.yaml` (or `helm install hookfleet charts/hookfleet`) \
@@ -51,9 +45,10 @@ impl Error {
         match self {
             Error::InvalidObject(_) => "invalid_object",
             Error::InvalidSpec(_) => "invalid_spec",
-            Error::ReadSecret { .. } => "read_secret",
-            Error::Apply { .. } => "apply",
-            Error::WriteStatus(_) => "write_status",
+            Error::Dereference(_) => "read_secret",
+            Error::Build(_) => "invalid_object",
+            Error::Apply(_) => "apply",
+            Error::Status(_) => "write_status",
             Error::CrdNotInstalled => "crd_not_installed",
             Error::Kube(_) => "kube",
             Error::LeaderElection(_) => "leader_election",

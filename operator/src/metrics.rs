@@ -64,6 +64,8 @@ pub struct IntegrationMetrics {
     /// Absent while the broker cannot be asked or the queue does not exist.
     pub backlog: Family<IntegrationLabels, IntGauge>,
     pub worker_restarts: Family<IntegrationLabels, IntGauge>,
+    /// 1 while the destination is gone (HTTP 410, workers scaled to 0), else 0.
+    pub destination_gone: Family<IntegrationLabels, IntGauge>,
     pub conditions: Family<ConditionLabels, IntGauge>,
     /// The condition series exported per Integration, so a changed reason replaces the old series instead
     /// of leaving it behind at 1.
@@ -81,6 +83,9 @@ pub struct Metrics {
     pub applies_skipped: Counter,
     pub leader: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub ready: Gauge<i64, std::sync::atomic::AtomicI64>,
+    /// Integrations the operator keeps a memory for (applied fingerprints, autoscaler, failures, last
+    /// written status): follows the Integrations that exist, so a deleted one leaves nothing behind.
+    pub remembered: IntGauge,
     pub integrations: IntegrationMetrics,
     registry: Registry,
 }
@@ -102,6 +107,7 @@ impl Metrics {
         let applies_skipped = Counter::default();
         let leader = Gauge::default();
         let ready = Gauge::default();
+        let remembered = IntGauge::default();
         registry.register("reconciles", "Reconciles started", reconciles.clone());
         registry.register(
             "reconcile_errors",
@@ -129,12 +135,18 @@ impl Metrics {
             "1 once this instance is ready (standby, or leader with caches synced)",
             ready.clone(),
         );
+        registry.register(
+            "integrations_remembered",
+            "Integrations this instance keeps a memory for (applied fingerprints, autoscaler, failures, status)",
+            remembered.clone(),
+        );
         let integrations = IntegrationMetrics {
             desired_workers: Family::default(),
             ready_workers: Family::default(),
             consumers: Family::default(),
             backlog: Family::default(),
             worker_restarts: Family::default(),
+            destination_gone: Family::default(),
             conditions: Family::default(),
             exported: Mutex::default(),
         };
@@ -165,6 +177,11 @@ impl Metrics {
             i.worker_restarts.clone(),
         );
         registry.register(
+            "integration_destination_gone",
+            "1 while the Integration's destination is gone (HTTP 410: workers scaled to 0, messages wait), else 0",
+            i.destination_gone.clone(),
+        );
+        registry.register(
             "integration_condition",
             "1 for each condition of the Integration as it is now (type, status, reason)",
             i.conditions.clone(),
@@ -177,6 +194,7 @@ impl Metrics {
             applies_skipped,
             leader,
             ready,
+            remembered,
             integrations,
             registry,
         }
@@ -203,6 +221,10 @@ impl Metrics {
         set(&i.consumers, status.consumers.map(i64::from));
         set(&i.backlog, status.backlog);
         set(&i.worker_restarts, Some(restarts));
+        set(
+            &i.destination_gone,
+            Some(i64::from(status.destination_gone.is_some())),
+        );
         self.integration_conditions(integration, &status.conditions);
     }
 
@@ -249,6 +271,7 @@ impl Metrics {
             &i.consumers,
             &i.backlog,
             &i.worker_restarts,
+            &i.destination_gone,
         ] {
             f.remove(&l);
         }
@@ -363,6 +386,7 @@ mod tests {
                 format!("hookfleet_operator_integration_backlog_messages{l} 40"),
                 format!("hookfleet_operator_integration_consumers{l} 2"),
                 format!("hookfleet_operator_integration_desired_workers{l} 3"),
+                format!("hookfleet_operator_integration_destination_gone{l} 0"),
                 format!("hookfleet_operator_integration_ready_workers{l} 3"),
                 format!("hookfleet_operator_integration_worker_restarts{l} 4"),
             ]

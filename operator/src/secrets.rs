@@ -15,7 +15,7 @@ use kube::api::Api;
 use kube::{Client, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+use crate::reconcile::dereference::DereferenceError;
 use crate::status::{SourceObs, reason};
 
 /// Pod-template annotation holding [`Dereferenced::checksum`]: when it changes, the Deployment rolls.
@@ -160,16 +160,19 @@ pub async fn dereference(
     client: &Client,
     ns: &str,
     spec: &IntegrationSpec,
-) -> Result<std::result::Result<Dereferenced, SourceObs>> {
+) -> Result<Result<Dereferenced, SourceObs>, DereferenceError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let mut read: BTreeMap<String, Secret> = BTreeMap::new();
     let mut amqp_uri = None;
     for r in referenced_keys(spec) {
         if !read.contains_key(&r.name) {
-            let secret = api.get_opt(&r.name).await.map_err(|source| Error::ReadSecret {
-                name: r.name.clone(),
-                source,
-            })?;
+            let secret = api
+                .get_opt(&r.name)
+                .await
+                .map_err(|source| DereferenceError::ReadSecret {
+                    name: r.name.clone(),
+                    source,
+                })?;
             let Some(secret) = secret else {
                 return Ok(Err(SourceObs::Problem {
                     reason: reason::SECRET_NOT_FOUND,

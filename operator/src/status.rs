@@ -6,7 +6,8 @@
 //! are derived from flips, so a steady state writes nothing and says nothing.
 
 use hookfleet_crds::IntegrationStatus;
-use hookfleet_crds::contract::exit;
+use hookfleet_crds::contract::{self, exit};
+use hookfleet_crds::integration::DestinationGone;
 use hookfleet_crds::integration::condition;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
@@ -25,6 +26,8 @@ pub mod reason {
     /// A queue exists on the broker with other arguments than the workers declare (worker exit 4).
     pub const QUEUE_MISMATCH: &str = "QueueMismatch";
     pub const CONTAINER_NOT_STARTING: &str = "ContainerNotStarting";
+    /// The destination answered HTTP 410 Gone (worker exit 5): the workers are scaled to 0.
+    pub const DESTINATION_GONE: &str = "DestinationGone";
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
     pub const SECRET_KEY_NOT_FOUND: &str = "SecretKeyNotFound";
     pub const INVALID_BROKER_URI: &str = "InvalidBrokerUri";
@@ -101,6 +104,7 @@ const CRASH_RESTARTS: i32 = 3;
 fn is_fd_message(m: &str) -> bool {
     let m = m.to_ascii_lowercase();
     [
+        contract::FD_LIMIT_MESSAGE,
         "file descriptor",
         "file-descriptor",
         "rlimit_nofile",
@@ -196,6 +200,30 @@ pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
     None
 }
 
+/// When the worker container of `pod` last stopped with exit code 5 (HTTP 410 from the destination, see
+/// `contract::exit::DESTINATION_GONE`), from its current or last termination; None for a pod being deleted.
+pub fn destination_gone_at(pod: &Pod) -> Option<Time> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let cs = pod
+        .status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == CONTAINER)?;
+    [
+        cs.state.as_ref().and_then(|s| s.terminated.as_ref()),
+        cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|t| t.exit_code == exit::DESTINATION_GONE)
+    .filter_map(|t| t.finished_at.clone())
+    .max_by_key(|t| t.0)
+}
+
 /// Restarts of the worker container of `pod` (0 for a pod being deleted: its successor counts).
 pub fn worker_restarts(pod: &Pod) -> i64 {
     if pod.metadata.deletion_timestamp.is_some() {
@@ -223,6 +251,8 @@ pub struct Observed {
     pub pod_problems: Vec<PodProblem>,
     pub source: SourceObs,
     pub selector: String,
+    /// Set while the destination is gone (decided by the reconcile's build step).
+    pub destination_gone: Option<DestinationGone>,
 }
 
 fn cond(type_: &str, status: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
@@ -239,6 +269,20 @@ fn cond(type_: &str, status: bool, reason: &str, message: String, generation: Op
 
 /// The first problem (by precedence) as `(reason, message)`.
 fn problem(o: &Observed, ready: i32) -> Option<(&'static str, String)> {
+    // First: it is why the fleet is at 0 on purpose, whatever else is wrong.
+    if let Some(g) = &o.destination_gone {
+        return Some((
+            reason::DESTINATION_GONE,
+            format!(
+                "the destination {} answered HTTP 410 Gone at {}; the workers are scaled to 0 and messages \
+                 wait in queue {}. Change spec.destination.url, or set the annotation {} to a new value to retry",
+                g.url,
+                g.since.0,
+                o.queue,
+                hookfleet_crds::integration::annotation::RETRY_DESTINATION
+            ),
+        ));
+    }
     if let SourceObs::Problem { reason, message } = &o.source {
         return Some((reason, message.clone()));
     }
@@ -398,6 +442,7 @@ pub fn compute(o: &Observed) -> IntegrationStatus {
         backlog,
         selector: Some(o.selector.clone()),
         conditions,
+        destination_gone: o.destination_gone.clone(),
     }
 }
 
@@ -425,6 +470,42 @@ pub struct Transition {
 
 fn find<'a>(cs: &'a [Condition], t: &str) -> Option<&'a Condition> {
     cs.iter().find(|c| c.type_ == t)
+}
+
+/// Every Event of a reconcile: one per transition between the status last written (`old`) and the new one
+/// (none in a steady state). Conditions changing status or reason ([`transitions`]); the replica count
+/// becoming 1 for a fixed single worker (Warning `SingleReplica`); an autoscaled replica count changing
+/// (`Scaled`, `autoscale_target` is the spec's target backlog per worker).
+pub fn events(
+    old: &IntegrationStatus,
+    new: &IntegrationStatus,
+    single_replica: bool,
+    autoscale_target: Option<i64>,
+) -> Vec<Transition> {
+    let mut out = transitions(&old.conditions, &new.conditions);
+    if single_replica && new.replicas == Some(1) && old.replicas != Some(1) {
+        out.push(Transition {
+            warning: true,
+            reason: reason::SINGLE_REPLICA.into(),
+            note: "spec.workers.replicas is 1: a single worker is a single point of failure; use 2 or more"
+                .into(),
+        });
+    }
+    if let (Some(target), Some(from), Some(to)) = (autoscale_target, old.replicas, new.replicas)
+        && from != to
+    {
+        out.push(Transition {
+            warning: false,
+            reason: "Scaled".into(),
+            note: format!(
+                "{from} → {to} workers (backlog {}, target {target} per worker)",
+                new.backlog
+                    .map(|b| b.to_string())
+                    .unwrap_or_else(|| "unknown".into())
+            ),
+        });
+    }
+    out
 }
 
 /// Events for the changes between `old` and `new` conditions (none in a steady state).

@@ -30,6 +30,7 @@ fn healthy() -> Observed {
             backlog: 12,
         },
         selector: "a=b".into(),
+        destination_gone: None,
     }
 }
 

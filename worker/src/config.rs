@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use hookfleet_crds::contract;
 use hookfleet_crds::integration::{
     AdaptiveThrottleSpec, DeliverySpec, HttpMethod, Jitter, QueueType, RateLimitScope, default_delivery_limit,
 };
@@ -31,166 +32,166 @@ use crate::template::BodyTemplate;
 )]
 pub struct Args {
     /// NAMESPACE/NAME of the Integration, for logs and metric labels.
-    #[arg(long, env = "HOOKFLEET_INTEGRATION", default_value = "")]
+    #[arg(long = contract::flag::INTEGRATION, env = contract::env::INTEGRATION, default_value = "")]
     pub integration: String,
     /// Broker URI (amqp:// or amqps://), or several (the nodes of a cluster), comma- or
     /// whitespace-separated. Prefer --amqp-uri-file or the variable: flags show in `ps`.
-    #[arg(long, env = "HOOKFLEET_AMQP_URI", hide_env_values = true)]
+    #[arg(long = contract::flag::AMQP_URI, env = contract::env::AMQP_URI, hide_env_values = true)]
     pub amqp_uri: Option<String>,
     /// File holding the broker URI or URIs (a mounted Secret key).
-    #[arg(long, env = "HOOKFLEET_AMQP_URI_FILE")]
+    #[arg(long = contract::flag::AMQP_URI_FILE, env = contract::env::AMQP_URI_FILE)]
     pub amqp_uri_file: Option<PathBuf>,
     /// Durable queue to consume (declared with its retry and dead-letter queues).
-    #[arg(long, env = "HOOKFLEET_QUEUE")]
+    #[arg(long = contract::flag::QUEUE, env = contract::env::QUEUE)]
     pub queue: Option<String>,
     /// EXCHANGE=ROUTING_KEY binding of the queue; repeatable (variable: comma-separated).
-    #[arg(long = "binding", env = "HOOKFLEET_BINDINGS", value_delimiter = ',')]
+    #[arg(long = contract::flag::BINDING, env = contract::env::BINDINGS, value_delimiter = ',')]
     pub bindings: Vec<String>,
     /// Unacknowledged messages the broker hands this worker at a time (basic.qos).
-    #[arg(long, env = "HOOKFLEET_PREFETCH", default_value_t = 64)]
+    #[arg(long = contract::flag::PREFETCH, env = contract::env::PREFETCH, default_value_t = 64)]
     pub prefetch: u16,
     /// classic or quorum: type of the work, delay and dead-letter queues. Default quorum.
-    #[arg(long, env = "HOOKFLEET_QUEUE_TYPE")]
+    #[arg(long = contract::flag::QUEUE_TYPE, env = contract::env::QUEUE_TYPE)]
     pub queue_type: Option<String>,
     /// Quorum queues: deliveries of one message before the broker dead-letters it. Default 20.
-    #[arg(long, env = "HOOKFLEET_DELIVERY_LIMIT")]
+    #[arg(long = contract::flag::DELIVERY_LIMIT, env = contract::env::DELIVERY_LIMIT)]
     pub delivery_limit: Option<u32>,
     /// Webhook URL (http:// or https://).
-    #[arg(long, env = "HOOKFLEET_DESTINATION_URL")]
+    #[arg(long = contract::flag::DESTINATION_URL, env = contract::env::DESTINATION_URL)]
     pub destination_url: Option<String>,
     /// POST, PUT or PATCH.
-    #[arg(long, env = "HOOKFLEET_METHOD", default_value = "POST")]
+    #[arg(long = contract::flag::METHOD, env = contract::env::METHOD, default_value = "POST")]
     pub method: String,
     /// "Name: value" request header; repeatable (variable: newline-separated).
-    #[arg(long = "header", env = "HOOKFLEET_HEADERS", value_delimiter = '\n')]
+    #[arg(long = contract::flag::HEADER, env = contract::env::HEADERS, value_delimiter = '\n')]
     pub headers: Vec<String>,
     /// NAME=ENV_VAR: header NAME gets the value of variable ENV_VAR (from a Secret; never logged).
     /// Repeatable (variable: comma-separated).
     #[arg(
-        long = "header-from-env",
-        env = "HOOKFLEET_HEADERS_FROM_ENV",
+        long = contract::flag::HEADER_FROM_ENV,
+        env = contract::env::HEADERS_FROM_ENV,
         value_delimiter = ','
     )]
     pub header_from_env: Vec<String>,
     /// Variable holding more signing secrets (from a Secret; never logged): each signs every request
     /// too. Repeatable (variable: comma-separated).
     #[arg(
-        long = "signing-secret-env",
-        env = "HOOKFLEET_SIGNING_SECRET_ENVS",
+        long = contract::flag::SIGNING_SECRET_ENV,
+        env = contract::env::SIGNING_SECRET_ENVS,
         value_delimiter = ','
     )]
     pub signing_secret_env: Vec<String>,
     /// OAuth2 client credentials: the token endpoint. The client id and secret are read from
     /// HOOKFLEET_OAUTH2_CLIENT_ID and HOOKFLEET_OAUTH2_CLIENT_SECRET.
-    #[arg(long, env = "HOOKFLEET_OAUTH2_TOKEN_URL")]
+    #[arg(long = contract::flag::OAUTH2_TOKEN_URL, env = contract::env::OAUTH2_TOKEN_URL)]
     pub oauth2_token_url: Option<String>,
     /// OAuth2 scope to request; repeatable (variable: comma-separated).
-    #[arg(long = "oauth2-scope", env = "HOOKFLEET_OAUTH2_SCOPES", value_delimiter = ',')]
+    #[arg(long = contract::flag::OAUTH2_SCOPE, env = contract::env::OAUTH2_SCOPES, value_delimiter = ',')]
     pub oauth2_scopes: Vec<String>,
     /// PEM file of CA certificates trusted for the destination besides the system roots.
-    #[arg(long, env = "HOOKFLEET_TLS_CA_FILE")]
+    #[arg(long = contract::flag::TLS_CA_FILE, env = contract::env::TLS_CA_FILE)]
     pub tls_ca_file: Option<PathBuf>,
     /// PEM client certificate (chain) presented when the destination asks for one (mTLS).
-    #[arg(long, env = "HOOKFLEET_TLS_CLIENT_CERT_FILE")]
+    #[arg(long = contract::flag::TLS_CLIENT_CERT_FILE, env = contract::env::TLS_CLIENT_CERT_FILE)]
     pub tls_client_cert_file: Option<PathBuf>,
     /// PEM private key of --tls-client-cert-file.
-    #[arg(long, env = "HOOKFLEET_TLS_CLIENT_KEY_FILE")]
+    #[arg(long = contract::flag::TLS_CLIENT_KEY_FILE, env = contract::env::TLS_CLIENT_KEY_FILE)]
     pub tls_client_key_file: Option<PathBuf>,
     /// MiniJinja template of the request body, rendered with the message's JSON fields as variables;
     /// the body is forwarded unchanged when absent.
     /// (A value may start with `-`: the operator passes it as the next argument.)
-    #[arg(long, env = "HOOKFLEET_BODY_TEMPLATE", allow_hyphen_values = true)]
+    #[arg(long = contract::flag::BODY_TEMPLATE, env = contract::env::BODY_TEMPLATE, allow_hyphen_values = true)]
     pub body_template: Option<String>,
     /// Time for one request, connect to last byte (Go duration).
-    #[arg(long, env = "HOOKFLEET_TIMEOUT", default_value = "10s")]
+    #[arg(long = contract::flag::TIMEOUT, env = contract::env::TIMEOUT, default_value = "10s")]
     pub timeout: String,
     /// Attempts before a message is dead-lettered (the first delivery counts). Default 10.
-    #[arg(long, env = "HOOKFLEET_MAX_ATTEMPTS")]
+    #[arg(long = contract::flag::MAX_ATTEMPTS, env = contract::env::MAX_ATTEMPTS)]
     pub max_attempts: Option<u32>,
     /// Delay before the second attempt (Go duration). Default 1s.
-    #[arg(long, env = "HOOKFLEET_BACKOFF_INITIAL")]
+    #[arg(long = contract::flag::BACKOFF_INITIAL, env = contract::env::BACKOFF_INITIAL)]
     pub backoff_initial: Option<String>,
     /// Longest delay between attempts, also the cap on Retry-After (Go duration). Default 10m.
-    #[arg(long, env = "HOOKFLEET_BACKOFF_MAX")]
+    #[arg(long = contract::flag::BACKOFF_MAX, env = contract::env::BACKOFF_MAX)]
     pub backoff_max: Option<String>,
     /// Growth of the delay per attempt. Default 2.
-    #[arg(long, env = "HOOKFLEET_BACKOFF_MULTIPLIER")]
+    #[arg(long = contract::flag::BACKOFF_MULTIPLIER, env = contract::env::BACKOFF_MULTIPLIER)]
     pub backoff_multiplier: Option<f64>,
     /// full, equal or none. Default full.
-    #[arg(long, env = "HOOKFLEET_BACKOFF_JITTER")]
+    #[arg(long = contract::flag::BACKOFF_JITTER, env = contract::env::BACKOFF_JITTER)]
     pub backoff_jitter: Option<String>,
     /// Deliveries in flight (and so HTTP connections in use) at most. Default 128.
-    #[arg(long, env = "HOOKFLEET_CONCURRENCY")]
+    #[arg(long = contract::flag::CONCURRENCY, env = contract::env::CONCURRENCY)]
     pub concurrency: Option<u32>,
     /// Requests per second to the destination (per worker, or per fleet with --rate-limit-scope
     /// fleet); unlimited when absent.
-    #[arg(long, env = "HOOKFLEET_RATE_LIMIT")]
+    #[arg(long = contract::flag::RATE_LIMIT, env = contract::env::RATE_LIMIT)]
     pub rate_limit: Option<u32>,
     /// Burst of the rate limit; defaults to --rate-limit.
-    #[arg(long, env = "HOOKFLEET_RATE_LIMIT_BURST")]
+    #[arg(long = contract::flag::RATE_LIMIT_BURST, env = contract::env::RATE_LIMIT_BURST)]
     pub rate_limit_burst: Option<u32>,
     /// worker (default: the limit is this worker's) or fleet (the limit is divided by the consumers
     /// attached to the work queue).
-    #[arg(long, env = "HOOKFLEET_RATE_LIMIT_SCOPE")]
+    #[arg(long = contract::flag::RATE_LIMIT_SCOPE, env = contract::env::RATE_LIMIT_SCOPE)]
     pub rate_limit_scope: Option<String>,
     /// Consecutive retryable failures that open the circuit breaker (0 disables it). Default 20.
-    #[arg(long, env = "HOOKFLEET_CIRCUIT_BREAKER_THRESHOLD")]
+    #[arg(long = contract::flag::CIRCUIT_BREAKER_THRESHOLD, env = contract::env::CIRCUIT_BREAKER_THRESHOLD)]
     pub circuit_breaker_threshold: Option<u32>,
     /// How long an open breaker defers deliveries before one probe is let through (Go duration).
     /// Default 10s.
-    #[arg(long, env = "HOOKFLEET_CIRCUIT_BREAKER_COOLDOWN")]
+    #[arg(long = contract::flag::CIRCUIT_BREAKER_COOLDOWN, env = contract::env::CIRCUIT_BREAKER_COOLDOWN)]
     pub circuit_breaker_cooldown: Option<String>,
     /// Halve the deliveries in flight while retryable failures outnumber successes (per window), and
     /// raise them again as the destination recovers.
-    #[arg(long, env = "HOOKFLEET_ADAPTIVE_THROTTLE")]
+    #[arg(long = contract::flag::ADAPTIVE_THROTTLE, env = contract::env::ADAPTIVE_THROTTLE)]
     pub adaptive_throttle: bool,
     /// Fewest deliveries in flight the throttle goes down to. Default 1.
-    #[arg(long, env = "HOOKFLEET_ADAPTIVE_THROTTLE_MIN")]
+    #[arg(long = contract::flag::ADAPTIVE_THROTTLE_MIN, env = contract::env::ADAPTIVE_THROTTLE_MIN)]
     pub adaptive_throttle_min: Option<u32>,
     /// How often the throttle compares failures and successes (Go duration). Default 10s.
-    #[arg(long, env = "HOOKFLEET_ADAPTIVE_THROTTLE_WINDOW")]
+    #[arg(long = contract::flag::ADAPTIVE_THROTTLE_WINDOW, env = contract::env::ADAPTIVE_THROTTLE_WINDOW)]
     pub adaptive_throttle_window: Option<String>,
     /// Longest wait for the broker's confirm of a retry or dead-letter copy (Go duration); past it the
     /// message is handed back and the session reconnects.
-    #[arg(long, env = "HOOKFLEET_CONFIRM_TIMEOUT", default_value = "30s")]
+    #[arg(long = contract::flag::CONFIRM_TIMEOUT, env = contract::env::CONFIRM_TIMEOUT, default_value = "30s")]
     pub confirm_timeout: String,
     /// Dead-letter queue; defaults to <queue>.dead.
-    #[arg(long, env = "HOOKFLEET_DEAD_LETTER_QUEUE")]
+    #[arg(long = contract::flag::DEAD_LETTER_QUEUE, env = contract::env::DEAD_LETTER_QUEUE)]
     pub dead_letter_queue: Option<String>,
     /// Soft RLIMIT_NOFILE to raise to at start (capped at the hard limit).
-    #[arg(long, env = "HOOKFLEET_FD_LIMIT", default_value_t = 1_048_576)]
+    #[arg(long = contract::flag::FD_LIMIT, env = contract::env::FD_LIMIT, default_value_t = 1_048_576)]
     pub fd_limit: u64,
     /// Allow private, loopback and link-local destination addresses (refused by default: SSRF).
-    #[arg(long, env = "HOOKFLEET_ALLOW_PRIVATE_NETWORKS")]
+    #[arg(long = contract::flag::ALLOW_PRIVATE_NETWORKS, env = contract::env::ALLOW_PRIVATE_NETWORKS)]
     pub allow_private_networks: bool,
     /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "HOOKFLEET_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    #[arg(long = contract::flag::METRICS_ADDR, env = contract::env::METRICS_ADDR, default_value = contract::DEFAULT_METRICS_ADDR)]
     pub metrics_addr: String,
     /// Time in-flight deliveries get to finish after SIGTERM (Go duration).
-    #[arg(long, env = "HOOKFLEET_SHUTDOWN_GRACE", default_value = "25s")]
+    #[arg(long = contract::flag::SHUTDOWN_GRACE, env = contract::env::SHUTDOWN_GRACE, default_value = "25s")]
     pub shutdown_grace: String,
     /// Where a fatal error is written for Kubernetes (terminationMessagePath).
     #[arg(
-        long,
-        env = "HOOKFLEET_TERMINATION_LOG",
-        default_value = "/dev/termination-log"
+        long = contract::flag::TERMINATION_LOG,
+        env = contract::env::TERMINATION_LOG,
+        default_value = contract::TERMINATION_LOG
     )]
     pub termination_log: PathBuf,
     /// json or text.
-    #[arg(long, env = "HOOKFLEET_LOG_FORMAT", default_value = "json")]
+    #[arg(long = contract::flag::LOG_FORMAT, env = contract::env::LOG_FORMAT, default_value = "json")]
     pub log_format: String,
 }
 
 /// Variable holding the Standard Webhooks signing secret(s): `whsec_<base64>` or raw bytes; several,
 /// space-separated, sign with each (key rotation).
-pub const SIGNING_SECRET_ENV: &str = "HOOKFLEET_SIGNING_SECRET";
+pub const SIGNING_SECRET_ENV: &str = contract::env::SIGNING_SECRET;
 
 /// Variables holding outgoing credentials (filled from Secrets by the kubelet; never logged).
-pub const BASIC_AUTH_USERNAME_ENV: &str = "HOOKFLEET_BASIC_AUTH_USERNAME";
-pub const BASIC_AUTH_PASSWORD_ENV: &str = "HOOKFLEET_BASIC_AUTH_PASSWORD";
-pub const BEARER_TOKEN_ENV: &str = "HOOKFLEET_BEARER_TOKEN";
-pub const OAUTH2_CLIENT_ID_ENV: &str = "HOOKFLEET_OAUTH2_CLIENT_ID";
-pub const OAUTH2_CLIENT_SECRET_ENV: &str = "HOOKFLEET_OAUTH2_CLIENT_SECRET";
+pub const BASIC_AUTH_USERNAME_ENV: &str = contract::env::BASIC_AUTH_USERNAME;
+pub const BASIC_AUTH_PASSWORD_ENV: &str = contract::env::BASIC_AUTH_PASSWORD;
+pub const BEARER_TOKEN_ENV: &str = contract::env::BEARER_TOKEN;
+pub const OAUTH2_CLIENT_ID_ENV: &str = contract::env::OAUTH2_CLIENT_ID;
+pub const OAUTH2_CLIENT_SECRET_ENV: &str = contract::env::OAUTH2_CLIENT_SECRET;
 
 /// TLS material for the destination, as PEM (checked when the configuration is read).
 #[derive(Clone, Default)]
@@ -355,41 +356,59 @@ impl Config {
         let (amqp_uri_setting, amqp_uri) = match (args.amqp_uri, args.amqp_uri_file) {
             (Some(_), Some(_)) => {
                 return Err(bad(
-                    "--amqp-uri/--amqp-uri-file",
-                    "set one of HOOKFLEET_AMQP_URI and HOOKFLEET_AMQP_URI_FILE, not both",
+                    &format!(
+                        "--{}/--{}",
+                        contract::flag::AMQP_URI,
+                        contract::flag::AMQP_URI_FILE
+                    ),
+                    format!(
+                        "set one of {} and {}, not both",
+                        contract::env::AMQP_URI,
+                        contract::env::AMQP_URI_FILE
+                    ),
                 ));
             }
-            (Some(uri), None) => ("--amqp-uri (HOOKFLEET_AMQP_URI)", uri),
+            (Some(uri), None) => (
+                contract::setting(contract::flag::AMQP_URI, contract::env::AMQP_URI),
+                uri,
+            ),
             (None, Some(path)) => (
-                "--amqp-uri-file (HOOKFLEET_AMQP_URI_FILE)",
+                contract::setting(contract::flag::AMQP_URI_FILE, contract::env::AMQP_URI_FILE),
                 std::fs::read_to_string(&path).map_err(|e| {
                     bad(
-                        "--amqp-uri-file (HOOKFLEET_AMQP_URI_FILE)",
+                        &contract::setting(contract::flag::AMQP_URI_FILE, contract::env::AMQP_URI_FILE),
                         format!("{}: {e}", path.display()),
                     )
                 })?,
             ),
             (None, None) => {
                 return Err(bad(
-                    "--amqp-uri (HOOKFLEET_AMQP_URI)",
-                    "missing: set HOOKFLEET_AMQP_URI or HOOKFLEET_AMQP_URI_FILE",
+                    &contract::setting(contract::flag::AMQP_URI, contract::env::AMQP_URI),
+                    format!(
+                        "missing: set {} or {}",
+                        contract::env::AMQP_URI,
+                        contract::env::AMQP_URI_FILE
+                    ),
                 ));
             }
         };
-        let amqp_uris = parse_amqp_uris(amqp_uri_setting, &amqp_uri)?;
+        let amqp_uris = parse_amqp_uris(&amqp_uri_setting, &amqp_uri)?;
 
         let queue = match args.queue.map(|q| q.trim().to_owned()) {
             Some(q) if !q.is_empty() => q,
             _ => {
                 return Err(bad(
-                    "--queue (HOOKFLEET_QUEUE)",
+                    &contract::setting(contract::flag::QUEUE, contract::env::QUEUE),
                     "missing: name the queue to consume",
                 ));
             }
         };
         if queue.len() > 200 {
             // Delay queues are named `<queue>.delay.<ms>ms` and must stay under AMQP's 255 bytes.
-            return Err(bad("--queue (HOOKFLEET_QUEUE)", "longer than 200 bytes"));
+            return Err(bad(
+                &contract::setting(contract::flag::QUEUE, contract::env::QUEUE),
+                "longer than 200 bytes",
+            ));
         }
 
         let mut bindings = Vec::new();
@@ -400,7 +419,7 @@ impl Config {
                 }
                 _ => {
                     return Err(bad(
-                        "--binding (HOOKFLEET_BINDINGS)",
+                        &contract::setting(contract::flag::BINDING, contract::env::BINDINGS),
                         format!("{b:?} is not EXCHANGE=ROUTING_KEY"),
                     ));
                 }
@@ -408,10 +427,13 @@ impl Config {
         }
 
         if args.prefetch == 0 {
-            return Err(bad("--prefetch (HOOKFLEET_PREFETCH)", "must be at least 1"));
+            return Err(bad(
+                &contract::setting(contract::flag::PREFETCH, contract::env::PREFETCH),
+                "must be at least 1",
+            ));
         }
 
-        let url_setting = "--destination-url (HOOKFLEET_DESTINATION_URL)";
+        let url_setting = &contract::setting(contract::flag::DESTINATION_URL, contract::env::DESTINATION_URL);
         let destination = match args.destination_url {
             Some(u) if !u.trim().is_empty() => {
                 Url::parse(u.trim()).map_err(|e| bad(url_setting, format!("{u:?}: {e}")))?
@@ -430,7 +452,10 @@ impl Config {
         {
             return Err(bad(
                 url_setting,
-                format!("{ip} is a {kind} address; pass --allow-private-networks to allow it"),
+                format!(
+                    "{ip} is a {kind} address; pass --{} to allow it",
+                    contract::flag::ALLOW_PRIVATE_NETWORKS
+                ),
             ));
         }
 
@@ -440,7 +465,7 @@ impl Config {
             "PATCH" => HttpMethod::Patch,
             other => {
                 return Err(bad(
-                    "--method (HOOKFLEET_METHOD)",
+                    &contract::setting(contract::flag::METHOD, contract::env::METHOD),
                     format!("{other:?} is not POST, PUT or PATCH"),
                 ));
             }
@@ -448,7 +473,7 @@ impl Config {
 
         let mut headers = Vec::new();
         for h in args.headers.iter().map(|h| h.trim()).filter(|h| !h.is_empty()) {
-            let setting = "--header (HOOKFLEET_HEADERS)";
+            let setting = &contract::setting(contract::flag::HEADER, contract::env::HEADERS);
             let (name, value) = h
                 .split_once(':')
                 .ok_or_else(|| bad(setting, format!("{h:?} is not \"Name: value\"")))?;
@@ -463,7 +488,8 @@ impl Config {
             .map(|h| h.trim())
             .filter(|h| !h.is_empty())
         {
-            let setting = "--header-from-env (HOOKFLEET_HEADERS_FROM_ENV)";
+            let setting =
+                &contract::setting(contract::flag::HEADER_FROM_ENV, contract::env::HEADERS_FROM_ENV);
             let (name, var) = h
                 .split_once('=')
                 .ok_or_else(|| bad(setting, format!("{h:?} is not NAME=ENV_VAR")))?;
@@ -493,7 +519,10 @@ impl Config {
             .map(|v| v.trim())
             .filter(|v| !v.is_empty())
         {
-            let setting = "--signing-secret-env (HOOKFLEET_SIGNING_SECRET_ENVS)";
+            let setting = &contract::setting(
+                contract::flag::SIGNING_SECRET_ENV,
+                contract::env::SIGNING_SECRET_ENVS,
+            );
             let value = env(var)
                 .filter(|v| !v.trim().is_empty())
                 .ok_or_else(|| bad(setting, format!("variable {var} is not set or empty")))?;
@@ -526,17 +555,21 @@ impl Config {
         )?;
 
         let body_template = match args.body_template.as_deref() {
-            Some(t) if !t.trim().is_empty() => {
-                Some(Arc::new(BodyTemplate::compile(t).map_err(|e| {
-                    bad("--body-template (HOOKFLEET_BODY_TEMPLATE)", e)
-                })?))
-            }
+            Some(t) if !t.trim().is_empty() => Some(Arc::new(BodyTemplate::compile(t).map_err(|e| {
+                bad(
+                    &contract::setting(contract::flag::BODY_TEMPLATE, contract::env::BODY_TEMPLATE),
+                    e,
+                )
+            })?)),
             _ => None,
         };
 
         let timeout = check_range(
-            "--timeout (HOOKFLEET_TIMEOUT)",
-            parse_duration("--timeout (HOOKFLEET_TIMEOUT)", &args.timeout)?,
+            &contract::setting(contract::flag::TIMEOUT, contract::env::TIMEOUT),
+            parse_duration(
+                &contract::setting(contract::flag::TIMEOUT, contract::env::TIMEOUT),
+                &args.timeout,
+            )?,
             Duration::from_millis(100),
             Duration::from_secs(600),
         )?;
@@ -544,37 +577,51 @@ impl Config {
         let max_attempts = args.max_attempts.unwrap_or(defaults.max_attempts);
         if !(1..=100).contains(&max_attempts) {
             return Err(bad(
-                "--max-attempts (HOOKFLEET_MAX_ATTEMPTS)",
+                &contract::setting(contract::flag::MAX_ATTEMPTS, contract::env::MAX_ATTEMPTS),
                 format!("{max_attempts} is outside [1, 100]"),
             ));
         }
         let day = Duration::from_secs(86_400);
         let tenth = Duration::from_millis(100);
         let initial = match &args.backoff_initial {
-            Some(s) => parse_duration("--backoff-initial (HOOKFLEET_BACKOFF_INITIAL)", s)?,
+            Some(s) => parse_duration(
+                &contract::setting(contract::flag::BACKOFF_INITIAL, contract::env::BACKOFF_INITIAL),
+                s,
+            )?,
             None => defaults.backoff.initial.into(),
         };
         let initial = check_range(
-            "--backoff-initial (HOOKFLEET_BACKOFF_INITIAL)",
+            &contract::setting(contract::flag::BACKOFF_INITIAL, contract::env::BACKOFF_INITIAL),
             initial,
             tenth,
             day,
         )?;
         let max = match &args.backoff_max {
-            Some(s) => parse_duration("--backoff-max (HOOKFLEET_BACKOFF_MAX)", s)?,
+            Some(s) => parse_duration(
+                &contract::setting(contract::flag::BACKOFF_MAX, contract::env::BACKOFF_MAX),
+                s,
+            )?,
             None => defaults.backoff.max.into(),
         };
-        let max = check_range("--backoff-max (HOOKFLEET_BACKOFF_MAX)", max, tenth, day)?;
+        let max = check_range(
+            &contract::setting(contract::flag::BACKOFF_MAX, contract::env::BACKOFF_MAX),
+            max,
+            tenth,
+            day,
+        )?;
         if initial > max {
             return Err(bad(
-                "--backoff-initial (HOOKFLEET_BACKOFF_INITIAL)",
-                format!("{initial:?} exceeds --backoff-max {max:?}"),
+                &contract::setting(contract::flag::BACKOFF_INITIAL, contract::env::BACKOFF_INITIAL),
+                format!("{initial:?} exceeds --{} {max:?}", contract::flag::BACKOFF_MAX),
             ));
         }
         let multiplier = args.backoff_multiplier.unwrap_or(defaults.backoff.multiplier);
         if !(1.0..=10.0).contains(&multiplier) {
             return Err(bad(
-                "--backoff-multiplier (HOOKFLEET_BACKOFF_MULTIPLIER)",
+                &contract::setting(
+                    contract::flag::BACKOFF_MULTIPLIER,
+                    contract::env::BACKOFF_MULTIPLIER,
+                ),
                 format!("{multiplier} is outside [1, 10]"),
             ));
         }
@@ -585,7 +632,7 @@ impl Config {
             Some("none") => Jitter::None,
             Some(other) => {
                 return Err(bad(
-                    "--backoff-jitter (HOOKFLEET_BACKOFF_JITTER)",
+                    &contract::setting(contract::flag::BACKOFF_JITTER, contract::env::BACKOFF_JITTER),
                     format!("{other:?} is not full, equal or none"),
                 ));
             }
@@ -594,7 +641,7 @@ impl Config {
         let concurrency = args.concurrency.unwrap_or(defaults.concurrency);
         if !(1..=10_000).contains(&concurrency) {
             return Err(bad(
-                "--concurrency (HOOKFLEET_CONCURRENCY)",
+                &contract::setting(contract::flag::CONCURRENCY, contract::env::CONCURRENCY),
                 format!("{concurrency} is outside [1, 10000]"),
             ));
         }
@@ -603,14 +650,19 @@ impl Config {
             (None, None) => None,
             (None, Some(_)) => {
                 return Err(bad(
-                    "--rate-limit-burst (HOOKFLEET_RATE_LIMIT_BURST)",
-                    "needs --rate-limit",
+                    &contract::setting(contract::flag::RATE_LIMIT_BURST, contract::env::RATE_LIMIT_BURST),
+                    format!("needs --{}", contract::flag::RATE_LIMIT),
                 ));
             }
-            (Some(0), _) => return Err(bad("--rate-limit (HOOKFLEET_RATE_LIMIT)", "must be at least 1")),
+            (Some(0), _) => {
+                return Err(bad(
+                    &contract::setting(contract::flag::RATE_LIMIT, contract::env::RATE_LIMIT),
+                    "must be at least 1",
+                ));
+            }
             (Some(_), Some(0)) => {
                 return Err(bad(
-                    "--rate-limit-burst (HOOKFLEET_RATE_LIMIT_BURST)",
+                    &contract::setting(contract::flag::RATE_LIMIT_BURST, contract::env::RATE_LIMIT_BURST),
                     "must be at least 1",
                 ));
             }
@@ -623,19 +675,22 @@ impl Config {
             Some("fleet") => RateLimitScope::Fleet,
             Some(other) => {
                 return Err(bad(
-                    "--rate-limit-scope (HOOKFLEET_RATE_LIMIT_SCOPE)",
+                    &contract::setting(contract::flag::RATE_LIMIT_SCOPE, contract::env::RATE_LIMIT_SCOPE),
                     format!("{other:?} is not worker or fleet"),
                 ));
             }
         };
         if rate_limit_scope == RateLimitScope::Fleet && rate_limit.is_none() {
             return Err(bad(
-                "--rate-limit-scope (HOOKFLEET_RATE_LIMIT_SCOPE)",
+                &contract::setting(contract::flag::RATE_LIMIT_SCOPE, contract::env::RATE_LIMIT_SCOPE),
                 "fleet needs --rate-limit",
             ));
         }
 
-        let threshold_setting = "--circuit-breaker-threshold (HOOKFLEET_CIRCUIT_BREAKER_THRESHOLD)";
+        let threshold_setting = &contract::setting(
+            contract::flag::CIRCUIT_BREAKER_THRESHOLD,
+            contract::env::CIRCUIT_BREAKER_THRESHOLD,
+        );
         let threshold = args
             .circuit_breaker_threshold
             .unwrap_or(defaults.circuit_breaker.failure_threshold);
@@ -645,7 +700,10 @@ impl Config {
                 format!("{threshold} is outside [0, 10000]"),
             ));
         }
-        let cooldown_setting = "--circuit-breaker-cooldown (HOOKFLEET_CIRCUIT_BREAKER_COOLDOWN)";
+        let cooldown_setting = &contract::setting(
+            contract::flag::CIRCUIT_BREAKER_COOLDOWN,
+            contract::env::CIRCUIT_BREAKER_COOLDOWN,
+        );
         let cooldown = match &args.circuit_breaker_cooldown {
             Some(s) => parse_duration(cooldown_setting, s)?,
             None => defaults.circuit_breaker.cooldown.into(),
@@ -654,8 +712,14 @@ impl Config {
         let circuit_breaker = (threshold, cooldown);
 
         let throttle_defaults = AdaptiveThrottleSpec::default();
-        let min_setting = "--adaptive-throttle-min (HOOKFLEET_ADAPTIVE_THROTTLE_MIN)";
-        let window_setting = "--adaptive-throttle-window (HOOKFLEET_ADAPTIVE_THROTTLE_WINDOW)";
+        let min_setting = &contract::setting(
+            contract::flag::ADAPTIVE_THROTTLE_MIN,
+            contract::env::ADAPTIVE_THROTTLE_MIN,
+        );
+        let window_setting = &contract::setting(
+            contract::flag::ADAPTIVE_THROTTLE_WINDOW,
+            contract::env::ADAPTIVE_THROTTLE_WINDOW,
+        );
         let adaptive_throttle = if args.adaptive_throttle {
             let min = args
                 .adaptive_throttle_min
@@ -693,7 +757,7 @@ impl Config {
             Some("quorum") => QueueType::Quorum,
             Some(other) => {
                 return Err(bad(
-                    "--queue-type (HOOKFLEET_QUEUE_TYPE)",
+                    &contract::setting(contract::flag::QUEUE_TYPE, contract::env::QUEUE_TYPE),
                     format!("{other:?} is not classic or quorum"),
                 ));
             }
@@ -701,7 +765,7 @@ impl Config {
         let delivery_limit = args.delivery_limit.unwrap_or_else(default_delivery_limit);
         if !(1..=1000).contains(&delivery_limit) {
             return Err(bad(
-                "--delivery-limit (HOOKFLEET_DELIVERY_LIMIT)",
+                &contract::setting(contract::flag::DELIVERY_LIMIT, contract::env::DELIVERY_LIMIT),
                 format!("{delivery_limit} is outside [1, 1000]"),
             ));
         }
@@ -712,18 +776,25 @@ impl Config {
         };
         if dead_letter_queue == queue {
             return Err(bad(
-                "--dead-letter-queue (HOOKFLEET_DEAD_LETTER_QUEUE)",
-                "must differ from --queue",
+                &contract::setting(
+                    contract::flag::DEAD_LETTER_QUEUE,
+                    contract::env::DEAD_LETTER_QUEUE,
+                ),
+                format!("must differ from --{}", contract::flag::QUEUE),
             ));
         }
         if dead_letter_queue == crate::worker::topology::retry_ready_queue(&queue) {
             return Err(bad(
-                "--dead-letter-queue (HOOKFLEET_DEAD_LETTER_QUEUE)",
+                &contract::setting(
+                    contract::flag::DEAD_LETTER_QUEUE,
+                    contract::env::DEAD_LETTER_QUEUE,
+                ),
                 format!("{dead_letter_queue} is the retry-ready queue of --queue"),
             ));
         }
 
-        let confirm_setting = "--confirm-timeout (HOOKFLEET_CONFIRM_TIMEOUT)";
+        let confirm_setting =
+            &contract::setting(contract::flag::CONFIRM_TIMEOUT, contract::env::CONFIRM_TIMEOUT);
         let confirm_timeout = check_range(
             confirm_setting,
             parse_duration(confirm_setting, &args.confirm_timeout)?,
@@ -733,20 +804,20 @@ impl Config {
 
         if args.fd_limit < 64 {
             return Err(bad(
-                "--fd-limit (HOOKFLEET_FD_LIMIT)",
+                &contract::setting(contract::flag::FD_LIMIT, contract::env::FD_LIMIT),
                 format!("{} is below 64", args.fd_limit),
             ));
         }
 
         let metrics_addr = args.metrics_addr.trim().parse().map_err(|_| {
             bad(
-                "--metrics-addr (HOOKFLEET_METRICS_ADDR)",
+                &contract::setting(contract::flag::METRICS_ADDR, contract::env::METRICS_ADDR),
                 format!("{:?} is not HOST:PORT", args.metrics_addr),
             )
         })?;
 
         let shutdown_grace = parse_duration(
-            "--shutdown-grace (HOOKFLEET_SHUTDOWN_GRACE)",
+            &contract::setting(contract::flag::SHUTDOWN_GRACE, contract::env::SHUTDOWN_GRACE),
             &args.shutdown_grace,
         )?;
 
@@ -755,7 +826,7 @@ impl Config {
             "text" => LogFormat::Text,
             other => {
                 return Err(bad(
-                    "--log-format (HOOKFLEET_LOG_FORMAT)",
+                    &contract::setting(contract::flag::LOG_FORMAT, contract::env::LOG_FORMAT),
                     format!("{other:?} is not json or text"),
                 ));
             }
@@ -832,7 +903,8 @@ fn auth_from(
     let oauth2 = match token_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
         None => None,
         Some(u) => {
-            let url_setting = "--oauth2-token-url (HOOKFLEET_OAUTH2_TOKEN_URL)";
+            let url_setting =
+                &contract::setting(contract::flag::OAUTH2_TOKEN_URL, contract::env::OAUTH2_TOKEN_URL);
             let token_url = Url::parse(u).map_err(|e| bad(url_setting, format!("{u:?}: {e}")))?;
             if !matches!(token_url.scheme(), "http" | "https") || token_url.host_str().is_none() {
                 return Err(bad(
@@ -878,7 +950,7 @@ fn tls_files(
     let read = |setting: &str, path: &std::path::Path| {
         std::fs::read(path).map_err(|e| bad(setting, format!("{}: {e}", path.display())))
     };
-    let ca_setting = "--tls-ca-file (HOOKFLEET_TLS_CA_FILE)";
+    let ca_setting = &contract::setting(contract::flag::TLS_CA_FILE, contract::env::TLS_CA_FILE);
     let ca_pem = match ca {
         None => None,
         Some(p) => {
@@ -894,8 +966,14 @@ fn tls_files(
             }
         }
     };
-    let cert_setting = "--tls-client-cert-file (HOOKFLEET_TLS_CLIENT_CERT_FILE)";
-    let key_setting = "--tls-client-key-file (HOOKFLEET_TLS_CLIENT_KEY_FILE)";
+    let cert_setting = &contract::setting(
+        contract::flag::TLS_CLIENT_CERT_FILE,
+        contract::env::TLS_CLIENT_CERT_FILE,
+    );
+    let key_setting = &contract::setting(
+        contract::flag::TLS_CLIENT_KEY_FILE,
+        contract::env::TLS_CLIENT_KEY_FILE,
+    );
     let identity_pem = match (cert, key) {
         (None, None) => None,
         (Some(c), Some(k)) => {

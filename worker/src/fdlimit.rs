@@ -2,6 +2,7 @@
 //! Kubernetes cannot raise it, so the worker raises its own soft `RLIMIT_NOFILE` and refuses to start
 //! when even the hard limit cannot hold what its concurrency needs.
 
+use hookfleet_crds::contract::FD_LIMIT_MESSAGE;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 /// Descriptors kept for everything that is not a delivery: the broker connection and its I/O thread,
@@ -44,7 +45,7 @@ pub fn check(limits: Limits, wanted: u64, needed: u64, concurrency: usize) -> Re
         return Ok(());
     }
     Err(format!(
-        "file-descriptor limit too low: RLIMIT_NOFILE is {} (hard limit {}, --fd-limit asked for {wanted}) but \
+        "{FD_LIMIT_MESSAGE}: RLIMIT_NOFILE is {} (hard limit {}, --fd-limit asked for {wanted}) but \
          --concurrency {concurrency} needs {needed} ({concurrency} in flight + {concurrency} idle pooled + {RESERVE} \
          reserve); lower --concurrency or raise the hard limit",
         limits.soft, limits.hard

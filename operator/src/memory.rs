@@ -1,0 +1,124 @@
+//! What the operator remembers between reconciles: one [`Memory`] per Integration, in one map, dropped when
+//! the Integration is deleted (however it is deleted, whether or not its reconciles were failing).
+//!
+//! Memory is a cache of what this leader did and saw, never the truth: after a restart or a leader change
+//! it starts empty and every step still works (applies once more, the autoscaler starts from the current
+//! replica count, the status is compared with the cached object).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicI64;
+
+use hookfleet_crds::IntegrationStatus;
+use k8s_openapi::jiff::Timestamp;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::replicas::Autoscaler;
+
+/// Everything the operator remembers about one Integration (one uid: a re-created Integration of the
+/// same name starts afresh).
+#[derive(Debug, Default)]
+pub struct Memory {
+    pub uid: String,
+    /// What was last applied per child kind: (hash of the desired object, fingerprint of the object the
+    /// API server returned). An apply is skipped while both still match, so a steady state makes no request.
+    pub applied: HashMap<String, (u64, String)>,
+    pub autoscaler: Autoscaler,
+    /// Consecutive failed reconciles (the error policy's backoff).
+    pub failures: u32,
+    /// The status this leader last wrote. Only the leader writes status, so this is fresher than the watch
+    /// cache, which can lag behind our own write when reconciles come in quick succession: comparing
+    /// against a stale cached status would publish a transition's Event twice.
+    pub written: Option<IntegrationStatus>,
+    /// When a `DestinationGone` was last cleared: worker terminations (exit 5) that finished at or before
+    /// it are not counted again while their pods go away.
+    pub gone_cleared: Option<Timestamp>,
+}
+
+/// The memories of all Integrations, keyed by `namespace/name`.
+pub struct Memories {
+    map: Mutex<HashMap<String, Memory>>,
+    /// `hookfleet_operator_integrations_remembered`.
+    gauge: Gauge<i64, AtomicI64>,
+}
+
+pub fn key(ns: &str, name: &str) -> String {
+    format!("{ns}/{name}")
+}
+
+impl Memories {
+    pub fn new(gauge: Gauge<i64, AtomicI64>) -> Self {
+        Self {
+            map: Mutex::default(),
+            gauge,
+        }
+    }
+
+    /// Runs `f` on the memory of `ns/name` with `uid`, created (or reset, for another uid) if needed.
+    pub fn with<R>(&self, ns: &str, name: &str, uid: &str, f: impl FnOnce(&mut Memory) -> R) -> R {
+        let mut map = self.map.lock().expect("lock");
+        let m = map.entry(key(ns, name)).or_default();
+        if m.uid != uid {
+            *m = Memory {
+                uid: uid.to_owned(),
+                ..Memory::default()
+            };
+        }
+        let out = f(m);
+        self.gauge.set(map.len() as i64);
+        out
+    }
+
+    /// Drops the memory of `ns/name`; true when there was one.
+    pub fn forget(&self, ns: &str, name: &str) -> bool {
+        let mut map = self.map.lock().expect("lock");
+        let had = map.remove(&key(ns, name)).is_some();
+        self.gauge.set(map.len() as i64);
+        had
+    }
+
+    /// Keeps only the memories `keep(key, uid)` accepts; returns the keys dropped.
+    pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) -> Vec<String> {
+        let mut map = self.map.lock().expect("lock");
+        let mut dropped = Vec::new();
+        map.retain(|k, m| {
+            let k_ = keep(k, &m.uid);
+            if !k_ {
+                dropped.push(k.clone());
+            }
+            k_
+        });
+        self.gauge.set(map.len() as i64);
+        dropped
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().expect("lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_memory_per_integration_reset_for_a_new_uid() {
+        let m = Memories::new(Gauge::default());
+        m.with("a", "x", "u1", |m| m.failures = 3);
+        m.with("a", "y", "u2", |m| m.failures = 1);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.gauge.get(), 2);
+        assert_eq!(m.with("a", "x", "u1", |m| m.failures), 3);
+        // Deleted and re-created under the same name: a new uid starts afresh.
+        assert_eq!(m.with("a", "x", "u3", |m| m.failures), 0);
+        assert!(m.forget("a", "x"));
+        assert!(!m.forget("a", "x"));
+        assert_eq!(m.retain(|k, _| k != "a/y"), vec!["a/y".to_string()]);
+        assert!(m.is_empty());
+        assert_eq!(m.gauge.get(), 0);
+    }
+}

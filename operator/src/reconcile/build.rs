@@ -1,0 +1,312 @@
+//! Step 2, build: the desired children from the spec and the world. Pure (the clock and the autoscaler's
+//! memory are parameters), so it is tested without an API server.
+
+use std::time::{Duration, Instant};
+
+use hookfleet_crds::Integration;
+use hookfleet_crds::integration::{DestinationGone, annotation};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+
+use super::dereference::World;
+use crate::desired::{self, WorkerSettings};
+use crate::memory::Memory;
+use crate::replicas;
+use crate::status::destination_gone_at;
+
+/// The children to apply (none while the Integration is paused).
+#[derive(Clone, Debug)]
+pub struct Children {
+    pub deployment: Deployment,
+    pub pdb: PodDisruptionBudget,
+    pub service: Service,
+}
+
+/// What the Integration should look like now.
+#[derive(Clone, Debug)]
+pub struct Desired {
+    /// Workers wanted now (fixed or autoscaled).
+    pub replicas: i32,
+    /// The spec's fixed replica count (None when autoscaled).
+    pub fixed: Option<i32>,
+    pub children: Option<Children>,
+    /// Set while the destination is gone: `replicas` is then 0.
+    pub destination_gone: Option<DestinationGone>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("the Integration is malformed: {0}")]
+    InvalidObject(&'static str),
+}
+
+impl From<crate::error::Error> for BuildError {
+    fn from(e: crate::error::Error) -> Self {
+        match e {
+            crate::error::Error::InvalidObject(m) => BuildError::InvalidObject(m),
+            // The pod builder fails only on a malformed object.
+            other => unreachable!("desired objects fail only as InvalidObject: {other}"),
+        }
+    }
+}
+
+/// `url` without its userinfo: `https://***@host/path` (a password never reaches the status).
+pub fn redact_url(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let authority_end = url[start..]
+        .find(['/', '?', '#'])
+        .map(|i| start + i)
+        .unwrap_or(url.len());
+    match url[start..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Whether the destination is gone now. `previous` is what the status says; a worker that stopped with
+/// exit 5 after the last clear (`cleared`, in memory) makes it gone; a changed destination URL or a new
+/// value of the retry annotation clears it (and moves `cleared` past every exit 5 seen so far, so the
+/// terminated pods that linger while the fleet scales back up do not count again).
+pub fn destination_gone(
+    intg: &Integration,
+    previous: Option<&DestinationGone>,
+    world: &World,
+    cleared: &mut Option<k8s_openapi::jiff::Timestamp>,
+) -> Option<DestinationGone> {
+    let url = redact_url(&intg.spec.destination.url);
+    let retry = intg
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotation::RETRY_DESTINATION))
+        .cloned();
+    let latest_exit = world
+        .pods
+        .iter()
+        .filter_map(|p| destination_gone_at(p))
+        .max_by_key(|t| t.0);
+    if let Some(p) = previous {
+        if p.url == url && p.retry_annotation == retry {
+            return Some(p.clone());
+        }
+        *cleared = [Some(p.since.0), latest_exit.map(|t| t.0), *cleared]
+            .into_iter()
+            .flatten()
+            .max();
+        return None;
+    }
+    match latest_exit {
+        Some(at) if cleared.is_none_or(|c| at.0 > c) => Some(DestinationGone {
+            url,
+            since: at,
+            retry_annotation: retry,
+        }),
+        _ => None,
+    }
+}
+
+/// The desired replica count and children. `previous_gone` is the status's `destinationGone`.
+pub fn build(
+    intg: &Integration,
+    world: &World,
+    settings: &WorkerSettings,
+    memory: &mut Memory,
+    previous_gone: Option<&DestinationGone>,
+    now: Instant,
+    scale_up_period: Duration,
+) -> Result<Desired, BuildError> {
+    let spec = &intg.spec;
+    let current = world.current_replicas();
+    let fixed = replicas::fixed(&spec.workers);
+    let gone = destination_gone(intg, previous_gone, world, &mut memory.gone_cleared);
+    let replicas = match (&spec.workers.autoscale, fixed) {
+        // Nothing is lost at 0 (messages wait in the queue), and no worker hammers a gone endpoint.
+        _ if gone.is_some() => 0,
+        (_, Some(n)) => n,
+        (Some(auto), None) if !spec.paused => {
+            memory
+                .autoscaler
+                .next(auto, current, world.backlog(), now, scale_up_period)
+                .replicas
+        }
+        (Some(auto), None) => current.unwrap_or(auto.min),
+        (None, None) => replicas::DEFAULT_REPLICAS,
+    };
+    let children = if spec.paused {
+        None
+    } else {
+        let mut deployment = desired::deployment(intg, settings, replicas)?;
+        // A Secret that cannot be read keeps the checksum the pods run with: no roll into pods that
+        // would not start.
+        let checksum = world
+            .secrets_checksum
+            .clone()
+            .or_else(|| world.deployment.as_deref().and_then(desired::secrets_checksum));
+        if let Some(c) = checksum {
+            desired::set_secrets_checksum(&mut deployment, c);
+        }
+        Some(Children {
+            deployment,
+            pdb: desired::pod_disruption_budget(intg)?,
+            service: desired::metrics_service(intg)?,
+        })
+    };
+    Ok(Desired {
+        replicas,
+        fixed,
+        children,
+        destination_gone: gone,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+    use crate::status::SourceObs;
+
+    fn intg(url: &str, retry: Option<&str>) -> Integration {
+        let mut v = serde_json::json!({
+            "apiVersion": "hookfleet.io/v1alpha1", "kind": "Integration",
+            "metadata": {"name": "orders", "namespace": "a", "uid": "u1"},
+            "spec": {
+                "source": {"connectionSecretRef": {"name": "r", "key": "uri"}, "queue": "orders"},
+                "destination": {"url": url}
+            }
+        });
+        if let Some(r) = retry {
+            v["metadata"]["annotations"] = serde_json::json!({ annotation::RETRY_DESTINATION: r });
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    /// A worker pod whose container last stopped with `exit` at `finished`.
+    fn world(exits: &[(i32, &str)]) -> World {
+        let pods = exits
+            .iter()
+            .enumerate()
+            .map(|(i, (exit, finished))| {
+                Arc::new(
+                    serde_json::from_value::<Pod>(serde_json::json!({
+                        "metadata": {"name": format!("orders-{i}")},
+                        "status": {"containerStatuses": [{
+                            "name": "worker", "image": "w", "imageID": "", "ready": false, "restartCount": 1,
+                            "lastState": {"terminated": {"exitCode": exit, "finishedAt": finished}}
+                        }]}
+                    }))
+                    .unwrap(),
+                )
+            })
+            .collect();
+        World {
+            source: SourceObs::QueueMissing,
+            secrets_checksum: None,
+            deployment: None,
+            pdb: None,
+            service: None,
+            pods,
+        }
+    }
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn redacts_userinfo_only() {
+        assert_eq!(
+            redact_url("https://u:p@h.example/x@y"),
+            "https://***@h.example/x@y"
+        );
+        assert_eq!(
+            redact_url("https://h.example/a?b=c@d"),
+            "https://h.example/a?b=c@d"
+        );
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn exit_5_makes_it_gone_until_the_url_or_the_annotation_changes() {
+        let i = intg("https://u:p@erp.example.com/h", Some("1"));
+        let mut cleared = None;
+        // Other exit codes are not a gone destination.
+        assert_eq!(
+            destination_gone(&i, None, &world(&[(3, "2026-01-01T00:00:00Z")]), &mut cleared),
+            None
+        );
+
+        let w = world(&[
+            (5, "2026-01-01T00:00:00Z"),
+            (5, "2026-01-01T00:00:07Z"),
+            (0, "2026-01-01T00:01:00Z"),
+        ]);
+        let gone = destination_gone(&i, None, &w, &mut cleared).expect("gone");
+        assert_eq!(gone.url, "https://***@erp.example.com/h");
+        assert_eq!(gone.since.0, ts("2026-01-01T00:00:07Z"), "the latest exit 5");
+        assert_eq!(gone.retry_annotation.as_deref(), Some("1"));
+        // Kept while nothing changes, pods gone or not.
+        assert_eq!(
+            destination_gone(&i, Some(&gone), &world(&[]), &mut cleared),
+            Some(gone.clone())
+        );
+
+        // A new annotation value clears it; the exits already seen do not count again.
+        let retried = intg("https://u:p@erp.example.com/h", Some("2"));
+        assert_eq!(destination_gone(&retried, Some(&gone), &w, &mut cleared), None);
+        assert_eq!(cleared, Some(ts("2026-01-01T00:00:07Z")));
+        assert_eq!(destination_gone(&retried, None, &w, &mut cleared), None);
+        // A later exit 5 makes it gone again.
+        let later = world(&[(5, "2026-01-01T00:05:00Z")]);
+        let again = destination_gone(&retried, None, &later, &mut cleared).expect("gone again");
+        assert_eq!(again.retry_annotation.as_deref(), Some("2"));
+
+        // A new URL clears it too; the password alone is not compared (it is redacted).
+        let moved = intg("https://u:p@erp.example.com/v2", Some("2"));
+        assert_eq!(destination_gone(&moved, Some(&again), &later, &mut cleared), None);
+        assert_eq!(cleared, Some(ts("2026-01-01T00:05:00Z")));
+    }
+
+    #[test]
+    fn gone_scales_to_zero() {
+        let i = intg("https://erp.example.com/h", None);
+        let mut m = Memory::default();
+        let settings = WorkerSettings {
+            image: "w".into(),
+            image_pull_policy: None,
+        };
+        let w = world(&[(5, "2026-01-01T00:00:00Z")]);
+        let d = build(
+            &i,
+            &w,
+            &settings,
+            &mut m,
+            None,
+            Instant::now(),
+            Duration::from_secs(15),
+        )
+        .unwrap();
+        assert_eq!(d.replicas, 0);
+        assert!(d.destination_gone.is_some());
+        let spec = d.children.unwrap().deployment.spec.unwrap();
+        assert_eq!(spec.replicas, Some(0));
+        let fine = world(&[(0, "2026-01-01T00:00:00Z")]);
+        let d = build(
+            &i,
+            &fine,
+            &settings,
+            &mut m,
+            None,
+            Instant::now(),
+            Duration::from_secs(15),
+        )
+        .unwrap();
+        assert_eq!(d.replicas, 2);
+    }
+}

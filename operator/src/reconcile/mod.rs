@@ -1,0 +1,73 @@
+//! The reconcile of one Integration, in four steps, each a function in its own file with its own error:
+//!
+//! 1. [`dereference`]: what the world is (Secrets, the broker's view of the queue, children, worker pods);
+//! 2. [`build`]: the desired children (pure);
+//! 3. [`apply`]: server-side apply of what changed;
+//! 4. [`status`]: conditions, written only when they changed, and the Events of their transitions.
+
+pub mod apply;
+pub mod build;
+pub mod dereference;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use tracing::instrument;
+
+use crate::controller::{Context, Watched, malformed};
+use crate::error::{Error, Result};
+
+#[instrument(skip_all, fields(integration = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
+pub(crate) async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.timer();
+    ctx.metrics.reconciles.inc();
+    let ns = obj
+        .namespace()
+        .ok_or(Error::InvalidObject("metadata.namespace is missing"))?;
+    let name = obj.name_any();
+    if obj.meta().deletion_timestamp.is_some() {
+        // The garbage collector removes the children through their owner references.
+        ctx.forget(&ns, &name);
+        return Ok(Action::await_change());
+    }
+    let intg = match &obj.0 {
+        Ok(intg) => intg,
+        Err(invalid) => return Err(malformed(invalid, &ctx, &ns, &name).await),
+    };
+    let uid = intg.metadata.uid.clone().unwrap_or_default();
+    let spec = &intg.spec;
+
+    let world = dereference::dereference(intg, &ctx).await?;
+    let desired = ctx.memory.with(&ns, &name, &uid, |m| {
+        // The status last written (fresher than the cache) says whether the destination is gone.
+        let previous = m.written.as_ref().or(intg.status.as_ref());
+        let previous_gone = previous.and_then(|s| s.destination_gone.clone());
+        build::build(
+            intg,
+            &world,
+            &ctx.config.worker,
+            m,
+            previous_gone.as_ref(),
+            Instant::now(),
+            ctx.config.scale_up_period,
+        )
+    })?;
+    if let Some(children) = &desired.children {
+        apply::apply(&ctx, (&ns, &name, &uid), children, &world).await?;
+    }
+    let reported = status::status(&ctx, intg, &world, &desired).await?;
+    ctx.memory.with(&ns, &name, &uid, |m| m.failures = 0);
+    ctx.forget_if_deleted(&ns, &name, &uid);
+
+    let next = if reported.has_problem {
+        ctx.config.retry
+    } else if spec.workers.autoscale.is_some() {
+        ctx.config.resync.min(ctx.config.scale_up_period)
+    } else {
+        ctx.config.resync
+    };
+    Ok(Action::requeue(next))
+}

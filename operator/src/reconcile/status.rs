@@ -1,0 +1,108 @@
+//! Step 4, status: conditions from what was observed and decided, written only when they changed, and
+//! every Event derived from the transition between the status last written and the new one.
+
+use hookfleet_crds::Integration;
+use hookfleet_crds::integration::condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+use tracing::info;
+
+use super::build::Desired;
+use super::dereference::World;
+use crate::controller::Context;
+use crate::desired;
+use crate::status::{self, DeploymentObs, Observed};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("writing the Integration status: {0}")]
+    Write(#[source] kube::Error),
+}
+
+/// What the status step reports back to the reconcile.
+pub struct Reported {
+    /// Degraded=True: requeue sooner.
+    pub has_problem: bool,
+}
+
+/// Computes the status, publishes the Events of its transitions and writes it when it changed.
+pub async fn status(
+    ctx: &Context,
+    intg: &Integration,
+    world: &World,
+    desired: &Desired,
+) -> Result<Reported, StatusError> {
+    let spec = &intg.spec;
+    let ns = intg.namespace().unwrap_or_default();
+    let name = intg.name_any();
+    let uid = intg.metadata.uid.clone().unwrap_or_default();
+    let pod_problems = world.pods.iter().filter_map(|p| status::pod_problem(p)).collect();
+    let restarts = world.pods.iter().map(|p| status::worker_restarts(p)).sum::<i64>();
+    let observed = Observed {
+        generation: intg.metadata.generation,
+        paused: spec.paused,
+        queue: spec.source.queue.clone(),
+        desired: desired.replicas,
+        single_replica: desired.fixed == Some(1),
+        deployment: world.deployment.as_deref().map(DeploymentObs::from_deployment),
+        pod_problems,
+        source: world.source.clone(),
+        selector: desired::selector_string(&name),
+        destination_gone: desired.destination_gone.clone(),
+    };
+    let cached_status = intg.status.clone().unwrap_or_default();
+    let old = ctx
+        .memory
+        .with(&ns, &name, &uid, |m| m.written.clone())
+        .unwrap_or_else(|| cached_status.clone());
+    let mut new = status::compute(&observed);
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    new.conditions = status::merge_conditions(&old.conditions, new.conditions, &now);
+    // Metrics mirror the status on every pass (in memory: the steady state still writes nothing).
+    ctx.metrics
+        .integration_status(&format!("{ns}/{name}"), &new, restarts);
+    let has_problem = new
+        .conditions
+        .iter()
+        .any(|c| c.type_ == condition::DEGRADED && c.status == "True");
+    // Write when either our last write or the cached object differs (someone may have edited the status);
+    // in a steady state all three agree and nothing is written.
+    if new != old || new != cached_status {
+        let autoscale_target = spec
+            .workers
+            .autoscale
+            .as_ref()
+            .map(|a| a.target_backlog_per_replica);
+        for t in status::events(&old, &new, observed.single_replica, autoscale_target) {
+            ctx.event(&intg.object_ref(&()), t.warning, &t.reason, t.note)
+                .await;
+        }
+        let body = serde_json::json!({
+            "apiVersion": Integration::api_version(&()),
+            "kind": Integration::kind(&()),
+            "status": new,
+        });
+        let api: Api<Integration> = Api::namespaced(ctx.client.clone(), &ns);
+        let written = api
+            .patch_status(
+                &name,
+                &PatchParams::apply(&ctx.config.field_manager).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map_err(StatusError::Write)?;
+        // Remember the status as the API server stored it (timestamps at its precision), so it compares
+        // equal to what the watch cache later shows.
+        let stored = written.status.unwrap_or_else(|| new.clone());
+        ctx.memory.with(&ns, &name, &uid, |m| m.written = Some(stored));
+        ctx.metrics.write("IntegrationStatus");
+        info!(
+            ready = new.ready_replicas,
+            consumers = new.consumers,
+            backlog = new.backlog,
+            "status updated"
+        );
+    }
+    Ok(Reported { has_problem })
+}
