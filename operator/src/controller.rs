@@ -45,6 +45,8 @@ pub struct Context {
     pub(crate) integrations: Store<Watched>,
     /// One memory per Integration (see `crate::memory`).
     pub(crate) memory: Arc<Memories>,
+    /// Requeue delays paced to what the concurrency serves (see `crate::pacing`).
+    pub(crate) pacer: crate::pacing::Pacer,
 }
 
 impl Context {
@@ -325,6 +327,7 @@ pub async fn run(
         pods: pods.clone(),
         integrations: store.clone(),
         memory: Arc::new(Memories::new(metrics.remembered.clone())),
+        pacer: crate::pacing::Pacer::default(),
     });
     // What `Controller::new` builds, plus a look at each event to drop the memory of deleted Integrations.
     let follow = ctx.clone();

@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 #[instrument(skip_all, fields(integration = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
 pub(crate) async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.timer();
+    let started = Instant::now();
     ctx.metrics.reconciles.inc();
     let ns = obj
         .namespace()
@@ -69,5 +70,9 @@ pub(crate) async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Ac
     } else {
         ctx.config.resync
     };
+    ctx.pacer.observe(started.elapsed());
+    let next = ctx
+        .pacer
+        .next(next, ctx.integrations.len(), ctx.config.concurrency);
     Ok(Action::requeue(next))
 }
