@@ -291,9 +291,18 @@ pub async fn run(
     )
     .default_backoff()
     .touched_objects();
-    let pod_stream = reflector::reflector(podw, watcher(child_api(&client, &config.namespace), children))
-        .default_backoff()
-        .touched_objects();
+    // The operator reads a worker pod's name, labels, deletion mark and status; the spec and the managed
+    // fields are most of a Pod's size and are dropped before the cache (with 1,000 Integrations and 2,000
+    // pods the whole objects took about 100 MiB).
+    let pod_stream = reflector::reflector(
+        podw,
+        watcher(child_api(&client, &config.namespace), children).modify(|pod: &mut Pod| {
+            pod.managed_fields_mut().clear();
+            pod.spec = None;
+        }),
+    )
+    .default_backoff()
+    .touched_objects();
 
     // Secrets by metadata only (the operator never caches Secret data): a change to one that an
     // Integration references reconciles that Integration now, which rolls its workers through the
