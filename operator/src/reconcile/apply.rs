@@ -47,9 +47,12 @@ pub async fn apply(
     world: &World,
 ) -> Result<(), ApplyError> {
     let owner = Owner { ns, name, uid };
-    apply_one(ctx, &owner, &children.deployment, world.deployment.clone()).await?;
-    apply_one(ctx, &owner, &children.pdb, world.pdb.clone()).await?;
-    apply_one(ctx, &owner, &children.service, world.service.clone()).await?;
+    // Three independent objects: applied together, a first reconcile waits for one round trip, not three.
+    futures::try_join!(
+        apply_one(ctx, &owner, &children.deployment, world.deployment.clone()),
+        apply_one(ctx, &owner, &children.pdb, world.pdb.clone()),
+        apply_one(ctx, &owner, &children.service, world.service.clone()),
+    )?;
     Ok(())
 }
 
