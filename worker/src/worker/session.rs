@@ -151,6 +151,11 @@ impl Worker {
         self.metrics.broker_connected.set(1);
         let mut session = None;
         let result = self.consume(&conn, &mut shutdown, &mut session).await;
+        if result.is_err() {
+            // The session is over (the connection may already be gone): say so before readiness turns
+            // false with `consuming`, not after the drain and the close.
+            self.metrics.broker_connected.set(0);
+        }
         self.metrics.consuming.set(0);
         self.metrics.broker_blocked.set(0);
         // Shutdown or failure alike: in-flight deliveries finish and settle (those that can still
