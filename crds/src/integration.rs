@@ -133,6 +133,9 @@ pub enum QueueType {
 }
 
 impl QueueType {
+    /// Every variant, in the order error messages list them.
+    pub const ALL: [Self; 2] = [QueueType::Classic, QueueType::Quorum];
+
     pub fn as_str(self) -> &'static str {
         match self {
             QueueType::Classic => "classic",
@@ -240,6 +243,9 @@ pub enum HttpMethod {
 }
 
 impl HttpMethod {
+    /// Every variant, in the order error messages list them.
+    pub const ALL: [Self; 3] = [HttpMethod::Post, HttpMethod::Put, HttpMethod::Patch];
+
     pub fn as_str(self) -> &'static str {
         match self {
             HttpMethod::Post => "POST",
@@ -572,6 +578,20 @@ pub enum Jitter {
     None,
 }
 
+impl Jitter {
+    /// Every variant, in the order error messages list them.
+    pub const ALL: [Self; 3] = [Jitter::Full, Jitter::Equal, Jitter::None];
+
+    /// The name the worker's `--backoff-jitter` takes (the CRD's camelCase value).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Jitter::Full => "full",
+            Jitter::Equal => "equal",
+            Jitter::None => "none",
+        }
+    }
+}
+
 /// Request rate towards the destination: a token bucket in each worker.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -606,6 +626,9 @@ pub enum RateLimitScope {
 }
 
 impl RateLimitScope {
+    /// Every variant, in the order error messages list them.
+    pub const ALL: [Self; 2] = [RateLimitScope::Worker, RateLimitScope::Fleet];
+
     pub fn as_str(self) -> &'static str {
         match self {
             RateLimitScope::Worker => "worker",

@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod contract;
 pub mod integration;
+pub mod redact;
 
 pub use integration::{Integration, IntegrationSpec, IntegrationStatus};
 

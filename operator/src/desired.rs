@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use hookfleet_crds::Integration;
 use hookfleet_crds::contract::{self, flag};
-use hookfleet_crds::integration::Jitter;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
@@ -228,12 +227,7 @@ pub fn worker_args_env(intg: &Integration) -> Result<(Vec<String>, Vec<EnvVar>)>
     put(flag::BACKOFF_INITIAL, go_duration(d.backoff.initial.into()));
     put(flag::BACKOFF_MAX, go_duration(d.backoff.max.into()));
     put(flag::BACKOFF_MULTIPLIER, d.backoff.multiplier.to_string());
-    let jitter = match d.backoff.jitter {
-        Jitter::Full => "full",
-        Jitter::Equal => "equal",
-        Jitter::None => "none",
-    };
-    put(flag::BACKOFF_JITTER, jitter.into());
+    put(flag::BACKOFF_JITTER, d.backoff.jitter.as_str().into());
     put(flag::CONCURRENCY, d.concurrency.to_string());
     if let Some(rl) = &d.rate_limit {
         put(flag::RATE_LIMIT, rl.per_second.to_string());

@@ -10,7 +10,7 @@ use hookfleet_crds::contract::{self, exit};
 use hookfleet_crds::integration::DestinationGone;
 use hookfleet_crds::integration::condition;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::desired::CONTAINER;
@@ -115,19 +115,23 @@ fn is_fd_message(m: &str) -> bool {
     .any(|k| m.contains(k))
 }
 
-/// The trouble a worker pod is in, if any, quoting its last termination message.
-pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
-    let name = pod.metadata.name.clone().unwrap_or_default();
+/// The worker container's status in `pod`; None for a pod being deleted (its successor counts).
+fn worker_status(pod: &Pod) -> Option<&ContainerStatus> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
-    let cs = pod
-        .status
+    pod.status
         .as_ref()?
         .container_statuses
         .as_ref()?
         .iter()
-        .find(|c| c.name == CONTAINER)?;
+        .find(|c| c.name == CONTAINER)
+}
+
+/// The trouble a worker pod is in, if any, quoting its last termination message.
+pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let cs = worker_status(pod)?;
     let last = cs
         .last_state
         .as_ref()
@@ -203,16 +207,7 @@ pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
 /// When the worker container of `pod` last stopped with exit code 5 (HTTP 410 from the destination, see
 /// `contract::exit::DESTINATION_GONE`), from its current or last termination; None for a pod being deleted.
 pub fn destination_gone_at(pod: &Pod) -> Option<Time> {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return None;
-    }
-    let cs = pod
-        .status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .iter()
-        .find(|c| c.name == CONTAINER)?;
+    let cs = worker_status(pod)?;
     [
         cs.state.as_ref().and_then(|s| s.terminated.as_ref()),
         cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()),
@@ -226,15 +221,7 @@ pub fn destination_gone_at(pod: &Pod) -> Option<Time> {
 
 /// Restarts of the worker container of `pod` (0 for a pod being deleted: its successor counts).
 pub fn worker_restarts(pod: &Pod) -> i64 {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return 0;
-    }
-    pod.status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.name == CONTAINER))
-        .map(|c| i64::from(c.restart_count))
-        .unwrap_or(0)
+    worker_status(pod).map_or(0, |c| i64::from(c.restart_count))
 }
 
 /// Everything status is computed from.

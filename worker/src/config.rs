@@ -282,7 +282,10 @@ impl fmt::Debug for Config {
             .field("queue_type", &self.queue_type)
             .field("delivery_limit", &self.delivery_limit)
             // Userinfo in the URL is a credential: never logged.
-            .field("destination", &crate::worker::redact_userinfo(&self.destination))
+            .field(
+                "destination",
+                &hookfleet_crds::redact::userinfo(self.destination.as_str()),
+            )
             .field("method", &self.method)
             .field(
                 "headers",
@@ -321,6 +324,25 @@ pub fn redact_uri(uri: &str) -> String {
         }
         _ => uri.to_owned(),
     }
+}
+
+/// The one of `all` named `value` (`name` gives each its name); the error lists every name:
+/// `"x" is not a, b or c`.
+fn choice<T: Copy>(
+    setting: &str,
+    value: &str,
+    all: &[T],
+    name: fn(T) -> &'static str,
+) -> Result<T, ConfigError> {
+    if let Some(t) = all.iter().copied().find(|t| name(*t) == value) {
+        return Ok(t);
+    }
+    let names: Vec<&str> = all.iter().map(|t| name(*t)).collect();
+    let list = match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => names.join(""),
+    };
+    Err(bad(setting, format!("{value:?} is not {list}")))
 }
 
 /// A Go-style duration (`10s`, `1m30s`, `250ms`), as the CRD writes them.
@@ -459,17 +481,12 @@ impl Config {
             ));
         }
 
-        let method = match args.method.trim().to_ascii_uppercase().as_str() {
-            "POST" => HttpMethod::Post,
-            "PUT" => HttpMethod::Put,
-            "PATCH" => HttpMethod::Patch,
-            other => {
-                return Err(bad(
-                    &contract::setting(contract::flag::METHOD, contract::env::METHOD),
-                    format!("{other:?} is not POST, PUT or PATCH"),
-                ));
-            }
-        };
+        let method = choice(
+            &contract::setting(contract::flag::METHOD, contract::env::METHOD),
+            &args.method.trim().to_ascii_uppercase(),
+            &HttpMethod::ALL,
+            HttpMethod::as_str,
+        )?;
 
         let mut headers = Vec::new();
         for h in args.headers.iter().map(|h| h.trim()).filter(|h| !h.is_empty()) {
@@ -627,15 +644,12 @@ impl Config {
         }
         let jitter = match args.backoff_jitter.as_deref().map(str::trim) {
             None => defaults.backoff.jitter,
-            Some("full") => Jitter::Full,
-            Some("equal") => Jitter::Equal,
-            Some("none") => Jitter::None,
-            Some(other) => {
-                return Err(bad(
-                    &contract::setting(contract::flag::BACKOFF_JITTER, contract::env::BACKOFF_JITTER),
-                    format!("{other:?} is not full, equal or none"),
-                ));
-            }
+            Some(v) => choice(
+                &contract::setting(contract::flag::BACKOFF_JITTER, contract::env::BACKOFF_JITTER),
+                v,
+                &Jitter::ALL,
+                Jitter::as_str,
+            )?,
         };
 
         let concurrency = args.concurrency.unwrap_or(defaults.concurrency);
@@ -671,14 +685,12 @@ impl Config {
 
         let rate_limit_scope = match args.rate_limit_scope.as_deref().map(str::trim) {
             None | Some("") => RateLimitScope::default(),
-            Some("worker") => RateLimitScope::Worker,
-            Some("fleet") => RateLimitScope::Fleet,
-            Some(other) => {
-                return Err(bad(
-                    &contract::setting(contract::flag::RATE_LIMIT_SCOPE, contract::env::RATE_LIMIT_SCOPE),
-                    format!("{other:?} is not worker or fleet"),
-                ));
-            }
+            Some(v) => choice(
+                &contract::setting(contract::flag::RATE_LIMIT_SCOPE, contract::env::RATE_LIMIT_SCOPE),
+                v,
+                &RateLimitScope::ALL,
+                RateLimitScope::as_str,
+            )?,
         };
         if rate_limit_scope == RateLimitScope::Fleet && rate_limit.is_none() {
             return Err(bad(
@@ -753,14 +765,12 @@ impl Config {
 
         let queue_type = match args.queue_type.as_deref().map(str::trim) {
             None | Some("") => QueueType::default(),
-            Some("classic") => QueueType::Classic,
-            Some("quorum") => QueueType::Quorum,
-            Some(other) => {
-                return Err(bad(
-                    &contract::setting(contract::flag::QUEUE_TYPE, contract::env::QUEUE_TYPE),
-                    format!("{other:?} is not classic or quorum"),
-                ));
-            }
+            Some(v) => choice(
+                &contract::setting(contract::flag::QUEUE_TYPE, contract::env::QUEUE_TYPE),
+                v,
+                &QueueType::ALL,
+                QueueType::as_str,
+            )?,
         };
         let delivery_limit = args.delivery_limit.unwrap_or_else(default_delivery_limit);
         if !(1..=1000).contains(&delivery_limit) {
@@ -821,16 +831,15 @@ impl Config {
             &args.shutdown_grace,
         )?;
 
-        let log_format = match args.log_format.trim() {
-            "json" => LogFormat::Json,
-            "text" => LogFormat::Text,
-            other => {
-                return Err(bad(
-                    &contract::setting(contract::flag::LOG_FORMAT, contract::env::LOG_FORMAT),
-                    format!("{other:?} is not json or text"),
-                ));
-            }
-        };
+        let log_format = choice(
+            &contract::setting(contract::flag::LOG_FORMAT, contract::env::LOG_FORMAT),
+            args.log_format.trim(),
+            &[LogFormat::Json, LogFormat::Text],
+            |f| match f {
+                LogFormat::Json => "json",
+                LogFormat::Text => "text",
+            },
+        )?;
 
         Ok(Self {
             integration: args.integration,

@@ -14,6 +14,15 @@ struct Bucket {
     burst: f64,
 }
 
+impl Bucket {
+    /// Adds the tokens earned since the last refill, up to the burst.
+    fn refill(&mut self, now: Instant) {
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_second).min(self.burst);
+        self.last = now;
+    }
+}
+
 pub struct RateLimiter {
     state: Mutex<Bucket>,
 }
@@ -34,9 +43,7 @@ impl RateLimiter {
     /// tokens above the new burst are dropped.
     pub async fn set_rate(&self, per_second: f64, burst: f64) {
         let mut s = self.state.lock().await;
-        let now = Instant::now();
-        s.tokens = (s.tokens + now.duration_since(s.last).as_secs_f64() * s.per_second).min(s.burst);
-        s.last = now;
+        s.refill(Instant::now());
         s.per_second = per_second.max(0.001);
         s.burst = burst.max(1.0);
         s.tokens = s.tokens.min(s.burst);
@@ -48,9 +55,7 @@ impl RateLimiter {
         loop {
             let wait = {
                 let mut s = self.state.lock().await;
-                let now = Instant::now();
-                s.tokens = (s.tokens + now.duration_since(s.last).as_secs_f64() * s.per_second).min(s.burst);
-                s.last = now;
+                s.refill(Instant::now());
                 if s.tokens >= 1.0 {
                     s.tokens -= 1.0;
                     return;

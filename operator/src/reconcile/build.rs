@@ -51,21 +51,6 @@ impl From<crate::error::Error> for BuildError {
     }
 }
 
-/// `url` without its userinfo: `https://***@host/path` (a password never reaches the status).
-pub fn redact_url(url: &str) -> String {
-    let Some(start) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
-    };
-    let authority_end = url[start..]
-        .find(['/', '?', '#'])
-        .map(|i| start + i)
-        .unwrap_or(url.len());
-    match url[start..authority_end].rfind('@') {
-        Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
-        None => url.to_owned(),
-    }
-}
-
 /// Whether the destination is gone now. `previous` is what the status says; a worker that stopped with
 /// exit 5 after the last clear (`cleared`, in memory) makes it gone; a changed destination URL or a new
 /// value of the retry annotation clears it (and moves `cleared` past every exit 5 seen so far, so the
@@ -76,7 +61,7 @@ pub fn destination_gone(
     world: &World,
     cleared: &mut Option<k8s_openapi::jiff::Timestamp>,
 ) -> Option<DestinationGone> {
-    let url = redact_url(&intg.spec.destination.url);
+    let url = hookfleet_crds::redact::userinfo(&intg.spec.destination.url);
     let retry = intg
         .metadata
         .annotations
@@ -217,19 +202,6 @@ mod tests {
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()
-    }
-
-    #[test]
-    fn redacts_userinfo_only() {
-        assert_eq!(
-            redact_url("https://u:p@h.example/x@y"),
-            "https://***@h.example/x@y"
-        );
-        assert_eq!(
-            redact_url("https://h.example/a?b=c@d"),
-            "https://h.example/a?b=c@d"
-        );
-        assert_eq!(redact_url("not a url"), "not a url");
     }
 
     #[test]

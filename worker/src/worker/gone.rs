@@ -31,7 +31,7 @@ pub struct Gone {
 impl Gone {
     pub fn new(url: &Url, at: SystemTime) -> Self {
         Self {
-            url: redact_userinfo(url),
+            url: hookfleet_crds::redact::userinfo(url.as_str()),
             at,
         }
     }
@@ -45,17 +45,6 @@ impl Gone {
             httpdate::fmt_http_date(self.at)
         )
     }
-}
-
-/// `https://***@host/path` for a URL with a user or password; the URL as is otherwise.
-pub fn redact_userinfo(url: &Url) -> String {
-    if url.username().is_empty() && url.password().is_none() {
-        return url.to_string();
-    }
-    let mut u = url.clone();
-    let _ = u.set_password(None);
-    let _ = u.set_username("***");
-    u.to_string()
 }
 
 impl Worker {
@@ -114,6 +103,9 @@ mod tests {
         assert!(!m.contains("s3cret") && !m.contains("user"), "{m}");
         assert!(!m.contains('\n'));
         let plain = Url::parse("http://hooks.example.com/a").unwrap();
-        assert_eq!(redact_userinfo(&plain), "http://hooks.example.com/a");
+        assert_eq!(
+            hookfleet_crds::redact::userinfo(plain.as_str()),
+            "http://hooks.example.com/a"
+        );
     }
 }

@@ -35,7 +35,7 @@ use crate::ratelimit::RateLimiter;
 use crate::ssrf::GuardedResolver;
 use crate::throttle::Throttle;
 
-pub use gone::{Gone, redact_userinfo};
+pub use gone::Gone;
 pub use lanes::{FreshWait, Lanes};
 pub use session::{Fatal, SessionError, reconnect_delay};
 pub use settlement::Fate;
