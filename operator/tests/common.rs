@@ -196,3 +196,22 @@ where
     )
     .await
 }
+
+/// The Events about `name` (with `reason`, when given), as the operator recorded them.
+pub async fn events(
+    cp: &ControlPlane,
+    name: &str,
+    reason: Option<&str>,
+) -> anyhow::Result<Vec<k8s_openapi::api::events::v1::Event>> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(cp.client(), NS);
+    Ok(api
+        .list(&kube::api::ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                && reason.is_none_or(|r| e.reason.as_deref() == Some(r))
+        })
+        .collect())
+}

@@ -12,7 +12,6 @@ use hookfleet_crds::integration::condition::DEGRADED;
 use hookfleet_e2e::ControlPlane;
 use hookfleet_e2e::process::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 
@@ -39,17 +38,6 @@ fn metric(text: &str, line_prefix: &str) -> u64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-async fn events_for(cp: &ControlPlane, name: &str) -> anyhow::Result<Vec<Event>> {
-    let events: Api<Event> = Api::namespaced(cp.client(), NS);
-    Ok(events
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,11 +116,7 @@ async fn a_malformed_integration_does_not_wedge_the_controller() -> anyhow::Resu
             Duration::from_secs(30),
             Duration::from_millis(200),
             || async move {
-                let evs: Vec<Event> = events_for(cp, name)
-                    .await?
-                    .into_iter()
-                    .filter(|e| e.reason.as_deref() == Some("InvalidSpec"))
-                    .collect();
+                let evs = events(cp, name, Some("InvalidSpec")).await?;
                 Ok((!evs.is_empty()).then_some(evs))
             },
         )
@@ -169,7 +153,7 @@ async fn a_malformed_integration_does_not_wedge_the_controller() -> anyhow::Resu
     assert!(before >= 2, "{text}");
     assert_eq!(before, after, "a malformed object is not requeued");
     for name in ["three", "sourceless"] {
-        let evs = events_for(&cp, name).await?;
+        let evs = events(&cp, name, None).await?;
         assert_eq!(evs.len(), 1, "one Event for {name}: {evs:?}");
         assert!(evs[0].series.is_none(), "published once: {:?}", evs[0].series);
     }
