@@ -8,9 +8,10 @@
 //! JSON object or that the template cannot render is refused with a [`RenderError`], which the worker
 //! dead-letters at once (retrying cannot change the outcome).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 
-use minijinja::value::Value;
+use minijinja::value::{Enumerator, Object, Value, ValueKind};
 use minijinja::{Environment, UndefinedBehavior};
 
 const NAME: &str = "body";
@@ -78,32 +79,38 @@ impl BodyTemplate {
     }
 
     /// Renders the request body from a message body.
+    ///
+    /// The body is parsed straight into MiniJinja values (no intermediate JSON tree) and the
+    /// template's context is a view over them ([`Context`]): nothing is copied per variable.
     pub fn render(&self, body: &[u8], extras: Extras<'_>) -> Result<String, RenderError> {
-        let parsed: serde_json::Value = serde_json::from_slice(body)
+        let message: Value = serde_json::from_slice(body)
             .map_err(|e| RenderError(one_line(&format!("the message is not JSON: {e}"))))?;
-        let serde_json::Value::Object(fields) = parsed else {
+        if message.kind() != ValueKind::Map {
             return Err(RenderError(format!(
                 "the message is a JSON {}, not an object",
-                kind(&parsed)
+                kind(&message)
             )));
-        };
-        let fields: BTreeMap<String, Value> = fields.iter().map(|(k, v)| (k.clone(), to_value(v))).collect();
-        let mut ctx: BTreeMap<String, Value> = BTreeMap::new();
-        ctx.insert("message".into(), Value::from(fields.clone()));
-        ctx.insert("routing_key".into(), Value::from(extras.routing_key));
-        ctx.insert("webhook_id".into(), Value::from(extras.webhook_id));
-        ctx.extend(fields);
+        }
+        let ctx = Value::from_object(Context {
+            message: message.clone(),
+            routing_key: Value::from(extras.routing_key),
+            webhook_id: Value::from(extras.webhook_id),
+        });
         let tmpl = self
             .env
             .get_template(NAME)
             .map_err(|e| RenderError(one_line(&e.to_string())))?;
-        tmpl.render(Value::from(ctx.clone())).map_err(|e| {
+        tmpl.render(ctx).map_err(|e| {
             let mut msg = e.to_string();
             if e.kind() == minijinja::ErrorKind::UndefinedError {
                 let missing: Vec<&str> = self
                     .variables
                     .iter()
-                    .filter(|v| !ctx.contains_key(*v) && !is_global(v))
+                    .filter(|v| {
+                        !EXTRAS.contains(&v.as_str())
+                            && message.get_attr(v).is_ok_and(|x| x.is_undefined())
+                            && !is_global(v)
+                    })
                     .map(String::as_str)
                     .collect();
                 if !missing.is_empty() {
@@ -112,6 +119,39 @@ impl BodyTemplate {
             }
             RenderError(one_line(&msg))
         })
+    }
+}
+
+/// The names the template sees besides the message's own fields.
+const EXTRAS: [&str; 3] = ["message", "routing_key", "webhook_id"];
+
+/// A render's variables: the message's top-level fields, then `message`, `routing_key` and
+/// `webhook_id` where the message has no field of that name.
+#[derive(Debug)]
+struct Context {
+    /// The message, a map.
+    message: Value,
+    routing_key: Value,
+    webhook_id: Value,
+}
+
+impl Object for Context {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        match self.message.get_item(key) {
+            Ok(v) if !v.is_undefined() => Some(v),
+            _ => match key.as_str()? {
+                "message" => Some(self.message.clone()),
+                "routing_key" => Some(self.routing_key.clone()),
+                "webhook_id" => Some(self.webhook_id.clone()),
+                _ => None,
+            },
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        let mut keys: BTreeSet<Value> = self.message.try_iter().map(|i| i.collect()).unwrap_or_default();
+        keys.extend(EXTRAS.map(Value::from));
+        Enumerator::Iter(Box::new(keys.into_iter()))
     }
 }
 
@@ -126,37 +166,16 @@ fn is_global(name: &str) -> bool {
     GLOBALS.with(|g| g.contains(name))
 }
 
-fn kind(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "boolean",
-        serde_json::Value::Number(_) => "number",
-        serde_json::Value::String(_) => "string",
-        serde_json::Value::Array(_) => "array",
-        serde_json::Value::Object(_) => "object",
-    }
-}
-
-fn to_value(v: &serde_json::Value) -> Value {
-    match v {
-        serde_json::Value::Null => Value::from(()),
-        serde_json::Value::Bool(b) => Value::from(*b),
-        serde_json::Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                Value::from(i)
-            } else if let Some(u) = n.as_u64() {
-                Value::from(u)
-            } else {
-                Value::from(n.as_f64().unwrap_or(f64::NAN))
-            }
-        }
-        serde_json::Value::String(s) => Value::from(s.as_str()),
-        serde_json::Value::Array(a) => Value::from_iter(a.iter().map(to_value)),
-        serde_json::Value::Object(o) => Value::from(
-            o.iter()
-                .map(|(k, v)| (k.clone(), to_value(v)))
-                .collect::<BTreeMap<String, Value>>(),
-        ),
+/// The JSON name of a value's kind (the values come from JSON: no other kinds occur).
+fn kind(v: &Value) -> &'static str {
+    match v.kind() {
+        ValueKind::None | ValueKind::Undefined => "null",
+        ValueKind::Bool => "boolean",
+        ValueKind::Number => "number",
+        ValueKind::String => "string",
+        ValueKind::Seq => "array",
+        ValueKind::Map => "object",
+        _ => "value",
     }
 }
 

@@ -613,6 +613,11 @@ async fn deleted_delay_queue_is_redeclared_and_nothing_is_lost() -> Result<()> {
             "1s",
             "--circuit-breaker-threshold",
             "0",
+            // The checks below call rabbitmqctl, which takes seconds on a loaded machine: enough
+            // attempts that no message runs out of them before the sink answers 200 (10 attempts
+            // at these delays last about 8 s; 100, about 100 s).
+            "--max-attempts",
+            "100",
         ],
         &[],
         dir.path(),

@@ -36,6 +36,12 @@ use report::{Point, Section, row};
 use roles::{Child, Figures};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_hookfleet-worker");
+
+/// The worker binary: this build's, or `HOOKFLEET_BENCH_WORKER` (another build, e.g. an older commit's,
+/// for a before/after table).
+fn worker_bin() -> String {
+    std::env::var("HOOKFLEET_BENCH_WORKER").unwrap_or_else(|_| WORKER.to_owned())
+}
 const TEMPLATE: &str = r#"{"id":{{ id|tojson }},"data":{{ pad|tojson }}}"#;
 
 fn var<T: std::str::FromStr>(name: &str, quick: T, full: T, is_quick: bool) -> T {
@@ -219,11 +225,11 @@ impl Worker {
         }
         let (program, args) = match o.nofile {
             Some(n) => {
-                let mut a = vec![format!("--nofile={n}:{n}"), "--".into(), WORKER.into()];
+                let mut a = vec![format!("--nofile={n}:{n}"), "--".into(), worker_bin()];
                 a.extend(args);
                 (PathBuf::from("/usr/bin/prlimit"), a)
             }
-            None => (PathBuf::from(WORKER), args),
+            None => (PathBuf::from(worker_bin()), args),
         };
         let process = Process::spawn("worker", &program, &args, &envs, &dir.path().join("worker.log"))?;
         let w = Worker {
@@ -948,19 +954,23 @@ async fn run() -> Result<()> {
         sections.push(or_failed("5× load", five_x(&cfg, &rmq).await));
     }
     drop(rmq);
-    let header = vec![
-        format!(
-            "hookfleet bench ({} run), {started}, {}, git {}",
-            if cfg.quick { "quick" } else { "full" },
-            measure::machine(),
-            rev
-        ),
+    let mut header = vec![format!(
+        "hookfleet bench ({} run), {started}, {}, git {}",
+        if cfg.quick { "quick" } else { "full" },
+        measure::machine(),
+        rev
+    )];
+    if std::env::var_os("HOOKFLEET_BENCH_WORKER").is_some() {
+        header.push(format!("worker binary: {} (HOOKFLEET_BENCH_WORKER)", worker_bin()));
+    }
+    header.extend([
+
         format!(
             "load average (1 min) at start {load_start}, at end {}; {:.0} s in all; broker, worker, sink and publisher share these cores",
             measure::loadavg(),
             t0.elapsed().as_secs_f64()
         ),
-    ];
+    ]);
     let table = report::table(&header, &sections);
     println!("\n{table}");
     std::fs::create_dir_all(&cfg.out)?;

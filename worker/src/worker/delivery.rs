@@ -4,6 +4,7 @@
 use std::panic::AssertUnwindSafe;
 use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
 use futures::FutureExt;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
@@ -12,6 +13,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::Worker;
+use super::acks::Acks;
 use super::settlement::{Accounted, Fate, Session};
 use crate::auth::SendError;
 use crate::breaker::{Admit, Transition};
@@ -23,20 +25,22 @@ impl Worker {
     /// One message, start to settled. A panic anywhere in its handling hands the message back to the
     /// broker at once (nack with requeue) instead of leaving it unacked until the next reconnect; on a
     /// quorum queue the delivery limit then dead-letters a message that panics every time.
-    pub(super) async fn deliver(&self, session: &Session, d: Delivery, mut acct: Accounted) {
+    pub(super) async fn deliver(&self, session: &Session, acks: &Acks, mut d: Delivery, mut acct: Accounted) {
+        // The body, shared from here on (request, retry or dead-letter copy) without a copy.
+        let body = Bytes::from(std::mem::take(&mut d.data));
         let meta = message::meta(
             &d.properties,
             d.exchange.as_str(),
             d.routing_key.as_str(),
-            &d.data,
+            &body,
             message::now_ms(),
         );
         let attempt = meta.attempts + 1;
         let span = info_span!("delivery", id = %meta.id, attempt, redelivered = d.redelivered);
         let handled = AssertUnwindSafe(
             async {
-                let fate = self.fate(&d, &meta, attempt).await;
-                self.settle(session, &d, fate, &mut acct).await;
+                let fate = self.fate(&d, &body, &meta, attempt).await;
+                self.settle(session, acks, &d, &body, fate, &mut acct).await;
             }
             .instrument(span.clone()),
         )
@@ -49,12 +53,12 @@ impl Worker {
                 reason: "panic",
                 requeue_now: true,
             };
-            self.settle(session, &d, back, &mut acct).await;
+            self.settle(session, acks, &d, &body, back, &mut acct).await;
         }
     }
 
     /// Renders, admits, attempts: the fate of this delivery.
-    async fn fate(&self, d: &Delivery, meta: &Meta, attempt: u32) -> Fate {
+    async fn fate(&self, d: &Delivery, message: &Bytes, meta: &Meta, attempt: u32) -> Fate {
         // The destination is gone (an earlier 410): no more requests; the message waits in its queue.
         if self.gone.borrow().is_some() {
             return Fate::HandBack {
@@ -65,19 +69,15 @@ impl Worker {
         // The request body: the message's, or the template's rendering of it. A message the
         // template cannot render never will: dead-letter it now, before the breaker or the rate
         // limit spend anything on it.
-        let rendered;
-        let body: &[u8] = match &self.cfg.body_template {
-            None => &d.data,
+        let body = match &self.cfg.body_template {
+            None => message.clone(),
             Some(t) => {
                 let extras = Extras {
                     routing_key: original_routing_key(d),
                     webhook_id: &meta.id,
                 };
-                match t.render(&d.data, extras) {
-                    Ok(b) => {
-                        rendered = b;
-                        rendered.as_bytes()
-                    }
+                match t.render(message, extras) {
+                    Ok(b) => Bytes::from(b),
                     Err(e) => {
                         let failure = Failure {
                             reason: "template",
@@ -140,7 +140,7 @@ impl Worker {
     }
 
     /// One HTTP attempt with `body` (the message's, or its rendering).
-    async fn attempt(&self, d: &Delivery, meta: &Meta, body: &[u8]) -> Outcome {
+    async fn attempt(&self, d: &Delivery, meta: &Meta, body: Bytes) -> Outcome {
         if let Some(limiter) = &self.limiter {
             let waited = Instant::now();
             limiter.acquire().await;
@@ -170,11 +170,11 @@ impl Worker {
         if !self.cfg.signing_secrets.is_empty() {
             req = req.header(
                 "webhook-signature",
-                crate::signing::signature(&self.cfg.signing_secrets, &meta.id, ts, body),
+                crate::signing::signature(&self.cfg.signing_secrets, &meta.id, ts, &body),
             );
         }
         let started = Instant::now();
-        let result = crate::auth::send(&self.http, self.tokens.as_ref(), req.body(body.to_vec())).await;
+        let result = crate::auth::send(&self.http, self.tokens.as_ref(), req.body(body)).await;
         let outcome = match result {
             Ok(mut resp) => {
                 let status = resp.status().as_u16();

@@ -37,6 +37,7 @@ use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::acks::Acks;
 use super::settlement::{Accounted, Session};
 use super::{SessionError, Worker, topology};
 
@@ -185,6 +186,7 @@ impl Worker {
         mut shutdown: watch::Receiver<bool>,
         session: Arc<Session>,
     ) -> Result<(), SessionError> {
+        let acks = Acks::start(ch.clone(), self.cfg.confirm_timeout);
         loop {
             let delivery = tokio::select! {
                 biased;
@@ -198,6 +200,7 @@ impl Worker {
             // As in the work-queue loop: counted at once; a message still waiting for a slot when the
             // session ends goes back to the queue with the channel.
             let acct = Accounted::new(self.metrics.clone());
+            acks.received(delivery.delivery_tag);
             let permit = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => break,
@@ -205,8 +208,9 @@ impl Worker {
             };
             let worker = self.clone();
             let session = session.clone();
+            let acks = acks.clone();
             tokio::spawn(async move {
-                worker.deliver(&session, delivery, acct).await;
+                worker.deliver(&session, &acks, delivery, acct).await;
                 drop(permit);
             });
         }

@@ -9,7 +9,9 @@
 //! - [`delivery`]: one message from received to an [`Outcome`](crate::outcome::Outcome) (template,
 //!   circuit breaker, rate limit, the HTTP attempt);
 //! - [`settlement`]: the outcome's *fate* (ack; store a copy in a queue, then ack; hand back) and
-//!   the one function that carries out every fate, with the message accounting.
+//!   the one function that carries out every fate, with the message accounting;
+//! - [`acks`]: the acks of one consume channel, coalesced into `multiple` acks where no other
+//!   unsettled message is covered.
 //!
 //! The rule everything here serves: a message is acked only after its fate is settled somewhere
 //! durable: the endpoint answered 2xx, or a copy sits in a delay queue or the dead-letter queue
@@ -17,6 +19,7 @@
 //! broker still holds the original and redelivers it; the receiver may see a duplicate, with the same
 //! `webhook-id`.
 
+mod acks;
 mod delivery;
 mod fleet;
 mod gone;

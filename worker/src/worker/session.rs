@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::Worker;
+use super::acks::Acks;
 use super::settlement::{Accounted, Publisher, Session};
 use super::topology;
 use crate::backoff::Backoff;
@@ -257,6 +258,7 @@ impl Worker {
             .start_retry_lane(conn, shutdown.clone(), session.clone())
             .await?;
         let _fleet_share = self.start_fleet_share(conn).await?;
+        let acks = Acks::start(ch.clone(), cfg.confirm_timeout);
         let mut fresh_wait = super::FreshWait::default();
         let mut blocked_poll = tokio::time::interval(BLOCKED_POLL);
 
@@ -287,6 +289,7 @@ impl Worker {
                 },
             };
             let acct = Accounted::new(self.metrics.clone());
+            acks.received(delivery.delivery_tag);
             // Backpressure: no new task until a slot is free. A delivery waiting here is still
             // unacked, so when the session ends it goes back to the queue with the channel (and
             // `acct`, dropped, counts it as handed back).
@@ -299,8 +302,9 @@ impl Worker {
             };
             let worker = self.clone();
             let session = session.clone();
+            let acks = acks.clone();
             tokio::spawn(async move {
-                worker.deliver(&session, delivery, acct).await;
+                worker.deliver(&session, &acks, delivery, acct).await;
                 drop(permit);
             });
         }

@@ -10,12 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, error, info, warn};
 
+use super::acks::Acks;
 use super::{SessionError, Worker};
 use crate::message::{self, Failure, Meta};
 use crate::metrics::Metrics;
@@ -341,11 +342,19 @@ impl Worker {
     }
 
     /// Carries out `fate`: the only place a message is acked, nacked or left to the broker.
-    pub(super) async fn settle(&self, session: &Session, d: &Delivery, fate: Fate, acct: &mut Accounted) {
+    pub(super) async fn settle(
+        &self,
+        session: &Session,
+        acks: &Acks,
+        d: &Delivery,
+        body: &[u8],
+        fate: Fate,
+        acct: &mut Accounted,
+    ) {
         match fate {
             Fate::Ack { status } => {
-                if ack(d, self.cfg.confirm_timeout).await {
-                    info!(status, "delivered");
+                if acks.ack(d.delivery_tag).await {
+                    debug!(status, "delivered");
                     acct.record(fate::DELIVERED, "delivered", "ok");
                 } else {
                     acct.record(fate::HANDED_BACK, "handed_back", "ack_failed");
@@ -358,14 +367,15 @@ impl Worker {
                         ..Default::default()
                     };
                     match tokio::time::timeout(self.cfg.confirm_timeout, d.acker.nack(requeue)).await {
-                        Ok(Ok(true)) => {}
+                        // Settled: it no longer holds back a `multiple` ack of the tags above it.
+                        Ok(Ok(true)) => acks.nacked(d.delivery_tag),
                         _ => warn!("nack not sent; the broker requeues the message with the channel"),
                     }
                 }
                 acct.record(fate::HANDED_BACK, "handed_back", reason);
             }
             Fate::Store { queue, props, copy } => {
-                if let Err(e) = session.publisher.publish(&queue, &d.data, *props).await {
+                if let Err(e) = session.publisher.publish(&queue, body, *props).await {
                     // The original stays unacked: the session ends and closing its connection hands
                     // it back. Nacking it here instead would redeliver it at once on a session that
                     // cannot publish: a requeue loop.
@@ -379,7 +389,7 @@ impl Worker {
                     acct.record(fate::HANDED_BACK, "handed_back", e.reason());
                     return;
                 }
-                let acked = ack(d, self.cfg.confirm_timeout).await;
+                let acked = acks.ack(d.delivery_tag).await;
                 match copy {
                     Copy::Retry {
                         reason,
@@ -427,30 +437,6 @@ impl Worker {
                     acct.record(fate::HANDED_BACK, "handed_back", "ack_failed");
                 }
             }
-        }
-    }
-}
-
-/// Acks `d`; false when the channel is gone (the broker then redelivers it: a duplicate the receiver
-/// recognises by its webhook-id). lapin answers `Ok(false)`, not an error, for an acker whose
-/// channel was closed (poisoned): that is a failed ack too.
-///
-/// Bounded by `timeout`: a connection the broker blocks (flow control) sends nothing, and a task must
-/// not hold its slot forever waiting for it.
-async fn ack(d: &Delivery, timeout: Duration) -> bool {
-    match tokio::time::timeout(timeout, d.acker.ack(BasicAckOptions::default())).await {
-        Ok(Ok(true)) => true,
-        Ok(Ok(false)) => {
-            warn!("ack not sent: the channel is closed; the broker will redeliver");
-            false
-        }
-        Ok(Err(e)) => {
-            warn!(error = %e, "ack failed; the broker will redeliver");
-            false
-        }
-        Err(_) => {
-            warn!(timeout = ?timeout, "ack not sent in time (connection blocked?); the broker will redeliver");
-            false
         }
     }
 }
