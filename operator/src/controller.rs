@@ -42,6 +42,8 @@ pub struct Context {
     pub(crate) pdbs: Store<PodDisruptionBudget>,
     pub(crate) services: Store<Service>,
     pub(crate) pods: Store<Pod>,
+    /// The Secrets' versions (metadata only, see `secrets::Versions`).
+    pub(crate) secrets: secrets::Versions,
     /// The Integrations as the controller's cache holds them.
     pub(crate) integrations: Store<Watched>,
     /// One memory per Integration (see `crate::memory`).
@@ -315,10 +317,16 @@ pub async fn run(
 
     // Secrets by metadata only (the operator never caches Secret data): a change to one that an
     // Integration references reconciles that Integration now, which rolls its workers through the
-    // checksum annotation, instead of at the next resync.
-    let secret_stream = watcher(
-        child_api::<PartialObjectMeta<Secret>>(&client, &config.namespace),
-        watcher::Config::default(),
+    // checksum annotation, instead of at the next resync. The versions it stores let a reconcile reuse the
+    // Secrets it read last while they are unchanged (`secrets::dereference`).
+    let (secret_versions, secretw) = reflector::store::<PartialObjectMeta<Secret>>();
+    let secret_stream = reflector::reflector(
+        secretw,
+        watcher(
+            child_api::<PartialObjectMeta<Secret>>(&client, &config.namespace),
+            watcher::Config::default(),
+        )
+        .modify(secrets::slim_meta),
     )
     .default_backoff()
     .touched_objects();
@@ -343,6 +351,7 @@ pub async fn run(
         pdbs: pdbs.clone(),
         services: services.clone(),
         pods: pods.clone(),
+        secrets: secret_versions.clone(),
         integrations: store.clone(),
         memory: Arc::new(Memories::new(metrics.remembered.clone())),
         pacer: crate::pacing::Pacer::default(),
@@ -396,7 +405,8 @@ pub async fn run(
             deployments.wait_until_ready(),
             pdbs.wait_until_ready(),
             services.wait_until_ready(),
-            pods.wait_until_ready()
+            pods.wait_until_ready(),
+            secret_versions.wait_until_ready()
         );
         ready_metrics.ready.set(1);
         info!("caches synced; reconciling");
