@@ -15,6 +15,7 @@ pub mod pacing;
 pub mod reconcile;
 pub mod replicas;
 pub mod secrets;
+pub mod slim;
 pub mod status;
 
 use std::sync::Arc;

@@ -33,6 +33,9 @@ pub struct Memory {
     /// When a `DestinationGone` was last cleared: worker terminations (exit 5) that finished at or before
     /// it are not counted again while their pods go away.
     pub gone_cleared: Option<Timestamp>,
+    /// The referenced Secrets as last read, reused while the Secret watch shows them unchanged
+    /// (`crate::secrets::dereference`). Holds the broker URI: in memory only, never logged.
+    pub secrets: Option<crate::secrets::Dereferenced>,
 }
 
 /// The memories of all Integrations, keyed by `namespace/name`.

@@ -11,7 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use hookfleet_crds::IntegrationSpec;
 use hookfleet_crds::integration::SecretKeyRef;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use sha2::{Digest, Sha256};
 
@@ -110,12 +113,60 @@ pub fn referenced_names(spec: &IntegrationSpec) -> BTreeSet<String> {
     referenced_keys(spec).into_iter().map(|k| k.name).collect()
 }
 
-/// What dereferencing the Secrets found: the broker URI and the checksum of the Secrets' versions.
-#[derive(Clone, Debug)]
+/// What dereferencing the Secrets found: the broker URI and the checksum of the Secrets' versions, and
+/// what it was found from (the referenced keys and each Secret's uid and `resourceVersion`), so the next
+/// reconcile can reuse it while none of those changed ([`dereference`]).
+#[derive(Clone)]
 pub struct Dereferenced {
     /// The value of `spec.source.connectionSecretRef`.
     pub amqp_uri: Vec<u8>,
     pub checksum: String,
+    refs: Vec<KeyRef>,
+    versions: BTreeMap<String, (String, String)>,
+}
+
+impl std::fmt::Debug for Dereferenced {
+    // The URI holds credentials: never in a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dereferenced")
+            .field("amqp_uri", &"<redacted>")
+            .field("checksum", &self.checksum)
+            .field("versions", &self.versions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The Secrets of the watched namespaces as the operator's metadata watch last saw them: names, uids and
+/// `resourceVersion`s, never data (see [`slim_meta`]).
+pub type Versions = Store<PartialObjectMeta<Secret>>;
+
+/// What the Secret cache keeps of a Secret's metadata: its name, namespace, uid and `resourceVersion`.
+pub fn slim_meta(s: &mut PartialObjectMeta<Secret>) {
+    let m = std::mem::take(&mut s.metadata);
+    s.metadata = ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        ..ObjectMeta::default()
+    };
+}
+
+fn version_of(meta: &ObjectMeta) -> (String, String) {
+    (
+        meta.uid.clone().unwrap_or_default(),
+        meta.resource_version.clone().unwrap_or_default(),
+    )
+}
+
+/// True when `previous` was read from the Secrets `refs` name, at the versions the watch shows now.
+fn still_current(previous: &Dereferenced, refs: &[KeyRef], ns: &str, versions: &Versions) -> bool {
+    previous.refs == refs
+        && previous.versions.iter().all(|(name, v)| {
+            versions
+                .get(&ObjectRef::new(name).within(ns))
+                .is_some_and(|m| version_of(&m.metadata) == *v)
+        })
 }
 
 /// The checksum of `(name, uid, resourceVersion)` of each Secret, in name order.
@@ -156,15 +207,28 @@ fn value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
 
 /// Reads every referenced Secret once; `Ok(Err(problem))` when the team must fix something (a Secret or a
 /// key that is missing).
+///
+/// `previous` (the last result for this Integration) is returned again without a request while the same
+/// keys are referenced and the Secret watch (`versions`) shows every Secret at the version it was read at:
+/// a Secret's `resourceVersion` changes with every write, and the watch event of a change reconciles the
+/// Integrations that reference it. So a reconcile triggered by a child or a pod costs no Secret read.
 pub async fn dereference(
     client: &Client,
     ns: &str,
     spec: &IntegrationSpec,
+    versions: &Versions,
+    previous: Option<&Dereferenced>,
 ) -> Result<Result<Dereferenced, SourceObs>, DereferenceError> {
+    let refs = referenced_keys(spec);
+    if let Some(p) = previous
+        && still_current(p, &refs, ns, versions)
+    {
+        return Ok(Ok(p.clone()));
+    }
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let mut read: BTreeMap<String, Secret> = BTreeMap::new();
     let mut amqp_uri = None;
-    for r in referenced_keys(spec) {
+    for r in &refs {
         if !read.contains_key(&r.name) {
             let secret = api
                 .get_opt(&r.name)
@@ -192,13 +256,17 @@ pub async fn dereference(
     Ok(Ok(Dereferenced {
         amqp_uri: amqp_uri.unwrap_or_default(),
         checksum: checksum(read.values()),
+        versions: read
+            .iter()
+            .map(|(name, s)| (name.clone(), version_of(&s.metadata)))
+            .collect(),
+        refs,
     }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     fn secret(name: &str, rv: &str) -> Secret {
         Secret {

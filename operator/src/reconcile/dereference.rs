@@ -58,11 +58,35 @@ pub enum DereferenceError {
     },
 }
 
-/// Reads what the Integration refers to and what its children and pods look like.
-pub async fn dereference(intg: &Integration, ctx: &Context) -> Result<World, DereferenceError> {
+/// The reason `World::source` carries between [`dereference`] and the broker's answer; never in a status
+/// (the reconcile asks before its status step).
+const NOT_ASKED: &str = "BrokerNotAsked";
+
+/// The broker question of one reconcile: asked by [`Question::ask`], which the reconcile may overlap
+/// with the apply (see `crate::reconcile`).
+pub struct Question {
+    uri: String,
+    queue: String,
+}
+
+impl Question {
+    /// What the broker says about the queue.
+    pub async fn ask(&self, ctx: &Context) -> SourceObs {
+        ctx.broker.observe(self.uri.trim(), &self.queue).await
+    }
+}
+
+/// Reads what the Integration refers to and what its children and pods look like. The queue as the broker
+/// sees it is the [`Question`] returned beside: until it is asked, `World::source` says so (reason
+/// `BrokerNotAsked`); when the Secrets already tell a problem, there is no question and `source` is that
+/// problem.
+pub async fn dereference(
+    intg: &Integration,
+    ctx: &Context,
+) -> Result<(World, Option<Question>), DereferenceError> {
     let ns = intg.namespace().unwrap_or_default();
     let name = intg.name_any();
-    let (source, secrets_checksum) = observe_source(intg, ctx, &ns).await?;
+    let (source, question, secrets_checksum) = observe_secrets(intg, ctx, &ns).await?;
     let pods = ctx
         .pods
         .state()
@@ -71,7 +95,7 @@ pub async fn dereference(intg: &Integration, ctx: &Context) -> Result<World, Der
             p.namespace().as_deref() == Some(ns.as_str()) && p.labels().get(INTEGRATION_LABEL) == Some(&name)
         })
         .collect();
-    Ok(World {
+    let world = World {
         source,
         secrets_checksum,
         deployment: ctx.deployments.get(&ObjectRef::new(&name).within(&ns)),
@@ -80,32 +104,48 @@ pub async fn dereference(intg: &Integration, ctx: &Context) -> Result<World, Der
             .services
             .get(&ObjectRef::new(&desired::service_name(&name)).within(&ns)),
         pods,
-    })
+    };
+    Ok((world, question))
 }
 
 /// The referenced Secrets (the broker URI, that every other key exists, the checksum of their versions),
-/// then the queue as the broker sees it.
-async fn observe_source(
+/// and the question for the broker when they are fine.
+async fn observe_secrets(
     intg: &Integration,
     ctx: &Context,
     ns: &str,
-) -> Result<(SourceObs, Option<String>), DereferenceError> {
+) -> Result<(SourceObs, Option<Question>, Option<String>), DereferenceError> {
     let spec = &intg.spec;
-    let secrets = match secrets::dereference(&ctx.client, ns, spec).await? {
+    let (name, uid) = (intg.name_any(), intg.metadata.uid.clone().unwrap_or_default());
+    let previous = ctx.memory.with(ns, &name, &uid, |m| m.secrets.clone());
+    let found = secrets::dereference(&ctx.client, ns, spec, &ctx.secrets, previous.as_ref()).await?;
+    let secrets = match found {
         Ok(d) => d,
-        Err(problem) => return Ok((problem, None)),
+        Err(problem) => {
+            ctx.memory.with(ns, &name, &uid, |m| m.secrets = None);
+            return Ok((problem, None, None));
+        }
     };
-    let Ok(uri) = String::from_utf8(secrets.amqp_uri) else {
+    let checksum = Some(secrets.checksum.clone());
+    let uri = String::from_utf8(secrets.amqp_uri.clone());
+    ctx.memory.with(ns, &name, &uid, |m| m.secrets = Some(secrets));
+    let Ok(uri) = uri else {
         return Ok((
             SourceObs::Problem {
                 reason: reason::INVALID_BROKER_URI,
                 message: "the broker URI in spec.source.connectionSecretRef is not UTF-8".into(),
             },
-            Some(secrets.checksum),
+            None,
+            checksum,
         ));
     };
-    Ok((
-        ctx.broker.observe(uri.trim(), &spec.source.queue).await,
-        Some(secrets.checksum),
-    ))
+    let not_asked = SourceObs::Problem {
+        reason: NOT_ASKED,
+        message: "the broker has not been asked yet".into(),
+    };
+    let question = Question {
+        uri,
+        queue: spec.source.queue.clone(),
+    };
+    Ok((not_asked, Some(question), checksum))
 }

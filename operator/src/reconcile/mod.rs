@@ -41,23 +41,44 @@ pub(crate) async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Ac
     let uid = intg.metadata.uid.clone().unwrap_or_default();
     let spec = &intg.spec;
 
-    let world = dereference::dereference(intg, &ctx).await?;
-    let desired = ctx.memory.with(&ns, &name, &uid, |m| {
-        // The status last written (fresher than the cache) says whether the destination is gone.
-        let previous = m.written.as_ref().or(intg.status.as_ref());
-        let previous_gone = previous.and_then(|s| s.destination_gone.clone());
-        build::build(
-            intg,
-            &world,
-            &ctx.config.worker,
-            m,
-            previous_gone.as_ref(),
-            Instant::now(),
-            ctx.config.scale_up_period,
-        )
-    })?;
-    if let Some(children) = &desired.children {
-        apply::apply(&ctx, (&ns, &name, &uid), children, &world).await?;
+    let (mut world, question) = dereference::dereference(intg, &ctx).await?;
+    // The broker's answer feeds the autoscaler; otherwise only the status reads it, so the probe runs
+    // while the children are built and applied instead of before (a first reconcile waits for one round
+    // trip fewer).
+    let autoscaled = spec.workers.autoscale.is_some() && !spec.paused;
+    if autoscaled && let Some(q) = &question {
+        world.source = q.ask(&ctx).await;
+    }
+    let build_and_apply = async {
+        let desired = ctx.memory.with(&ns, &name, &uid, |m| {
+            // The status last written (fresher than the cache) says whether the destination is gone.
+            let previous = m.written.as_ref().or(intg.status.as_ref());
+            let previous_gone = previous.and_then(|s| s.destination_gone.clone());
+            build::build(
+                intg,
+                &world,
+                &ctx.config.worker,
+                m,
+                previous_gone.as_ref(),
+                Instant::now(),
+                ctx.config.scale_up_period,
+            )
+        })?;
+        if let Some(children) = &desired.children {
+            apply::apply(&ctx, (&ns, &name, &uid), children, &world).await?;
+        }
+        Ok::<_, Error>(desired)
+    };
+    let ask = async {
+        match &question {
+            Some(q) if !autoscaled => Some(q.ask(&ctx).await),
+            _ => None,
+        }
+    };
+    let (answer, desired) = futures::join!(ask, build_and_apply);
+    let desired = desired?;
+    if let Some(answer) = answer {
+        world.source = answer;
     }
     let reported = status::status(&ctx, intg, &world, &desired).await?;
     ctx.memory.with(&ns, &name, &uid, |m| m.failures = 0);

@@ -74,24 +74,25 @@ pub async fn status(
             .autoscale
             .as_ref()
             .map(|a| a.target_backlog_per_replica);
-        for t in status::events(&old, &new, observed.single_replica, autoscale_target) {
-            ctx.event(&intg.object_ref(&()), t.warning, &t.reason, t.note)
-                .await;
-        }
+        let transitions = status::events(&old, &new, observed.single_replica, autoscale_target);
+        let regarding = intg.object_ref(&());
+        // The Events (in order) while the status is written: neither waits for the other.
+        let publish = async {
+            for t in transitions {
+                ctx.event(&regarding, t.warning, &t.reason, t.note).await;
+            }
+        };
         let body = serde_json::json!({
             "apiVersion": Integration::api_version(&()),
             "kind": Integration::kind(&()),
             "status": new,
         });
         let api: Api<Integration> = Api::namespaced(ctx.client.clone(), &ns);
-        let written = api
-            .patch_status(
-                &name,
-                &PatchParams::apply(&ctx.config.field_manager).force(),
-                &Patch::Apply(&body),
-            )
-            .await
-            .map_err(StatusError::Write)?;
+        let pp = PatchParams::apply(&ctx.config.field_manager).force();
+        let patch = Patch::Apply(&body);
+        let write = api.patch_status(&name, &pp, &patch);
+        let ((), written) = futures::join!(publish, write);
+        let written = written.map_err(StatusError::Write)?;
         // Remember the status as the API server stored it (timestamps at its precision), so it compares
         // equal to what the watch cache later shows.
         let stored = written.status.unwrap_or_else(|| new.clone());
