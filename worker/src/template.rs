@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
-use minijinja::value::{Enumerator, Object, Value, ValueKind};
+use minijinja::value::{Enumerator, Object, Value};
 use minijinja::{Environment, UndefinedBehavior};
 
 const NAME: &str = "body";
@@ -80,17 +80,19 @@ impl BodyTemplate {
 
     /// Renders the request body from a message body.
     ///
-    /// The body is parsed straight into MiniJinja values (no intermediate JSON tree) and the
-    /// template's context is a view over them ([`Context`]): nothing is copied per variable.
+    /// The template's context is a view over the message's values ([`Context`]): no map of the
+    /// variables is built or copied per message. (Parsing straight into MiniJinja values through
+    /// its `serde` feature was tried: 0.5–0.7× the time for 200-byte bodies, but 1.1–1.4× for 8 KiB.)
     pub fn render(&self, body: &[u8], extras: Extras<'_>) -> Result<String, RenderError> {
-        let message: Value = serde_json::from_slice(body)
+        let parsed: serde_json::Value = serde_json::from_slice(body)
             .map_err(|e| RenderError(one_line(&format!("the message is not JSON: {e}"))))?;
-        if message.kind() != ValueKind::Map {
+        if !parsed.is_object() {
             return Err(RenderError(format!(
                 "the message is a JSON {}, not an object",
-                kind(&message)
+                kind(&parsed)
             )));
         }
+        let message = to_value(&parsed);
         let ctx = Value::from_object(Context {
             message: message.clone(),
             routing_key: Value::from(extras.routing_key),
@@ -166,16 +168,37 @@ fn is_global(name: &str) -> bool {
     GLOBALS.with(|g| g.contains(name))
 }
 
-/// The JSON name of a value's kind (the values come from JSON: no other kinds occur).
-fn kind(v: &Value) -> &'static str {
-    match v.kind() {
-        ValueKind::None | ValueKind::Undefined => "null",
-        ValueKind::Bool => "boolean",
-        ValueKind::Number => "number",
-        ValueKind::String => "string",
-        ValueKind::Seq => "array",
-        ValueKind::Map => "object",
-        _ => "value",
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
+}
+
+fn to_value(v: &serde_json::Value) -> Value {
+    match v {
+        serde_json::Value::Null => Value::from(()),
+        serde_json::Value::Bool(b) => Value::from(*b),
+        serde_json::Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                Value::from(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        serde_json::Value::String(s) => Value::from(s.as_str()),
+        serde_json::Value::Array(a) => Value::from_iter(a.iter().map(to_value)),
+        serde_json::Value::Object(o) => Value::from(
+            o.iter()
+                .map(|(k, v)| (k.clone(), to_value(v)))
+                .collect::<BTreeMap<String, Value>>(),
+        ),
     }
 }
 
