@@ -961,7 +961,10 @@ async fn run() -> Result<()> {
         rev
     )];
     if std::env::var_os("HOOKFLEET_BENCH_WORKER").is_some() {
-        header.push(format!("worker binary: {} (HOOKFLEET_BENCH_WORKER)", worker_bin()));
+        header.push(format!(
+            "worker binary: {} (HOOKFLEET_BENCH_WORKER)",
+            worker_bin()
+        ));
     }
     header.extend([
 

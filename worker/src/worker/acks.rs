@@ -44,7 +44,10 @@ impl Ledger {
     }
 
     pub fn want(&mut self, tag: u64) {
-        debug_assert!(self.unsettled.contains(&tag), "ack of a tag never received: {tag}");
+        debug_assert!(
+            self.unsettled.contains(&tag),
+            "ack of a tag never received: {tag}"
+        );
         self.wanted.insert(tag);
     }
 
@@ -64,9 +67,7 @@ impl Ledger {
         }
         let blocker = self.unsettled.iter().copied().find(|t| !wanted.contains(t));
         let mut frames = Vec::new();
-        let (run, above): (Vec<u64>, Vec<u64>) = wanted
-            .iter()
-            .partition(|&&t| blocker.is_none_or(|b| t < b));
+        let (run, above): (Vec<u64>, Vec<u64>) = wanted.iter().partition(|&&t| blocker.is_none_or(|b| t < b));
         if let Some(&top) = run.last() {
             // A run of one needs no `multiple`: keep the frame plain, as a lone ack would be.
             frames.push(Frame {
@@ -74,10 +75,7 @@ impl Ledger {
                 multiple: run.len() > 1,
             });
         }
-        frames.extend(above.iter().map(|&tag| Frame {
-            tag,
-            multiple: false,
-        }));
+        frames.extend(above.iter().map(|&tag| Frame { tag, multiple: false }));
         for t in &wanted {
             self.unsettled.remove(t);
         }
@@ -249,7 +247,10 @@ mod tests {
         // 2's nack is on its way: it still blocks.
         assert_eq!(
             l.plan(),
-            (vec![frame(1, false), frame(3, false), frame(4, false)], vec![1, 3, 4])
+            (
+                vec![frame(1, false), frame(3, false), frame(4, false)],
+                vec![1, 3, 4]
+            )
         );
         l.settled(2);
         (5..=7).for_each(|t| l.received(t));
@@ -286,7 +287,11 @@ mod tests {
                     assert_eq!(tags.iter().copied().collect::<BTreeSet<_>>(), wanted);
                     for f in frames {
                         let covered: Vec<u64> = if f.multiple {
-                            before.range(..=f.tag).copied().filter(|t| !acked.contains(t)).collect()
+                            before
+                                .range(..=f.tag)
+                                .copied()
+                                .filter(|t| !acked.contains(t))
+                                .collect()
                         } else {
                             vec![f.tag]
                         };
@@ -302,7 +307,11 @@ mod tests {
             let (frames, _) = l.plan();
             for f in frames {
                 let covered: Vec<u64> = if f.multiple {
-                    before.range(..=f.tag).copied().filter(|t| !acked.contains(t)).collect()
+                    before
+                        .range(..=f.tag)
+                        .copied()
+                        .filter(|t| !acked.contains(t))
+                        .collect()
                 } else {
                     vec![f.tag]
                 };
