@@ -123,10 +123,8 @@ impl Acks {
     /// with the same webhook-id).
     pub async fn ack(&self, tag: u64) -> bool {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Note::Ack(tag, tx)).is_err() {
-            warn!("ack not sent: the session's acker has stopped; the broker will redeliver");
-            return false;
-        }
+        // If the acker has stopped, the note (and `tx` in it) is dropped and `rx` says so.
+        let _ = self.tx.send(Note::Ack(tag, tx));
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(sent)) => sent,
             Ok(Err(_)) => {
@@ -259,6 +257,26 @@ mod tests {
         assert!(l.unsettled.is_empty());
     }
 
+    /// Plans a round and checks it against the broker's view: every frame covers only wanted tags (a
+    /// `multiple` frame covers every unsettled tag up to its own), each at most once; `acked` collects them.
+    fn plan_and_check(l: &mut Ledger, acked: &mut BTreeSet<u64>) {
+        let before = l.unsettled.clone();
+        let wanted = l.wanted.clone();
+        let (frames, tags) = l.plan();
+        assert_eq!(tags.iter().copied().collect::<BTreeSet<_>>(), wanted);
+        for f in frames {
+            let covered: Vec<u64> = if f.multiple {
+                before.range(..=f.tag).copied().collect()
+            } else {
+                vec![f.tag]
+            };
+            for c in covered {
+                assert!(wanted.contains(&c), "frame {f:?} covers {c}, not wanted");
+                assert!(acked.insert(c), "{c} acked twice");
+            }
+        }
+    }
+
     #[test]
     fn every_wanted_tag_is_planned_exactly_once() {
         // Random interleavings: every planned frame covers only wanted tags (a `multiple` frame
@@ -281,45 +299,10 @@ mod tests {
                     l.want(t);
                 }
                 if rng.random_bool(0.3) {
-                    let before = l.unsettled.clone();
-                    let wanted = l.wanted.clone();
-                    let (frames, tags) = l.plan();
-                    assert_eq!(tags.iter().copied().collect::<BTreeSet<_>>(), wanted);
-                    for f in frames {
-                        let covered: Vec<u64> = if f.multiple {
-                            before
-                                .range(..=f.tag)
-                                .copied()
-                                .filter(|t| !acked.contains(t))
-                                .collect()
-                        } else {
-                            vec![f.tag]
-                        };
-                        for c in covered {
-                            assert!(wanted.contains(&c), "frame {f:?} covers {c}, not wanted");
-                            assert!(acked.insert(c), "{c} acked twice");
-                        }
-                    }
+                    plan_and_check(&mut l, &mut acked);
                 }
             }
-            let wanted = l.wanted.clone();
-            let before = l.unsettled.clone();
-            let (frames, _) = l.plan();
-            for f in frames {
-                let covered: Vec<u64> = if f.multiple {
-                    before
-                        .range(..=f.tag)
-                        .copied()
-                        .filter(|t| !acked.contains(t))
-                        .collect()
-                } else {
-                    vec![f.tag]
-                };
-                for c in covered {
-                    assert!(wanted.contains(&c));
-                    assert!(acked.insert(c));
-                }
-            }
+            plan_and_check(&mut l, &mut acked);
             assert!(acked.is_disjoint(&kept_back));
             assert_eq!(acked.len() + kept_back.len(), n as usize);
         }
