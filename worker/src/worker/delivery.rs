@@ -167,11 +167,8 @@ impl Worker {
             .header(CONTENT_TYPE, content_type)
             .header("webhook-id", meta.id.as_str())
             .header("webhook-timestamp", ts.to_string());
-        if !self.cfg.signing_secrets.is_empty() {
-            req = req.header(
-                "webhook-signature",
-                crate::signing::signature(&self.cfg.signing_secrets, &meta.id, ts, &body),
-            );
+        if let Some(signer) = &self.signer {
+            req = req.header("webhook-signature", signer.sign(&meta.id, ts, &body));
         }
         let started = Instant::now();
         let result = crate::auth::send(&self.http, self.tokens.as_ref(), req.body(body)).await;

@@ -61,6 +61,8 @@ pub struct Worker {
     gone: tokio::sync::watch::Sender<Option<Gone>>,
     /// `--adaptive-throttle`: a limit on attempts in flight that follows the failure ratio.
     throttle: Option<Throttle>,
+    /// Standard Webhooks signing, when secrets are set.
+    signer: Option<crate::signing::Signer>,
 }
 
 impl Worker {
@@ -107,6 +109,7 @@ impl Worker {
             metrics,
             headers,
             tokens: cfg.oauth2.clone().map(crate::auth::TokenSource::new),
+            signer: crate::signing::Signer::new(&cfg.signing_secrets),
             cfg,
         }))
     }
