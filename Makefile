@@ -54,7 +54,7 @@ bench: ## The benchmark suite (docs/benchmarks.md): figures beside same-run base
 
 bench-operator: ## Operator at scale: 100 and 1,000 Integrations on the local control plane beside a bare client's server-side apply (T0)
 	$(CARGO) build --release -p hookfleet-operator
-	$(CARGO) run -q -p hookfleet-e2e --bin hookfleet-bench-operator
+	$(CARGO) run --release -q -p hookfleet-e2e --bin hookfleet-bench-operator
 
 bench-worker: ## Only the suite's throughput section: B, H, L and hookfleet end to end (classic/quorum, 200 B/8 KiB, plain/signed+template)
 	HOOKFLEET_BENCH_SECTIONS=throughput $(CARGO) bench -p hookfleet-worker --bench suite

@@ -66,6 +66,8 @@ struct Cfg {
     sections: HashSet<String>,
     /// Messages per throughput run.
     n: usize,
+    /// Rounds of the throughput section (each baseline and drain again, back to back; medians).
+    rounds: usize,
     concurrency: usize,
     prefetch: usize,
     sizes: Vec<usize>,
@@ -93,6 +95,7 @@ impl Cfg {
                 .into_iter()
                 .collect(),
             n: var("HOOKFLEET_BENCH_N", 5_000, 30_000, q),
+            rounds: var("HOOKFLEET_BENCH_ROUNDS", 1, 3, q).max(1),
             concurrency,
             prefetch: var("HOOKFLEET_BENCH_PREFETCH", 2 * concurrency, 2 * concurrency, q).min(65_535),
             sizes: list("HOOKFLEET_BENCH_SIZES", "200,8192")
@@ -410,10 +413,64 @@ struct Found {
     peak_hwm_kib: u64,
 }
 
+/// The median of `v` (the mean of the middle two for an even count); NaN for none.
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// A figure over the rounds: the median of each, and of the per-round ratios (each ratio is taken
+/// within one round, side by side, before the median).
+struct OverRounds {
+    values: Vec<f64>,
+    ratios: Vec<f64>,
+}
+
+impl OverRounds {
+    fn value(&self) -> f64 {
+        median(&self.values)
+    }
+
+    fn ratio(&self) -> f64 {
+        median(&self.ratios)
+    }
+
+    /// ", ratio 1.10–1.31 over 3 rounds" (nothing for one round).
+    fn spread(&self) -> String {
+        if self.ratios.len() < 2 {
+            return String::new();
+        }
+        let lo = self.ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = self.ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("; ratio {lo:.2}–{hi:.2} over {} rounds", self.ratios.len())
+    }
+}
+
+/// One round of one queue type and body size: the baselines and each variant's drain, back to back.
+struct Round {
+    b: Figures,
+    h: Figures,
+    drains: Vec<Drain>,
+}
+
+impl Round {
+    fn limit(&self) -> f64 {
+        1.0 / (1.0 / self.b.rate + 1.0 / self.h.rate)
+    }
+
+    fn bare_cpu(&self) -> f64 {
+        self.b.cpu_us + self.h.cpu_us
+    }
+}
+
 async fn throughput(cfg: &Cfg, rmq: &RabbitMq, found: &mut Found) -> Result<(Section, Section)> {
     let mut tput = Vec::new();
     let mut cpu = Vec::new();
-    let mut clients: Vec<(usize, Figures)> = Vec::new();
     let variants = [
         ("plain", Opts::default()),
         (
@@ -428,76 +485,104 @@ async fn throughput(cfg: &Cfg, rmq: &RabbitMq, found: &mut Found) -> Result<(Sec
     for &qt in &cfg.queue_types {
         for &size in &cfg.sizes {
             let what = format!("{} {}", qt_name(qt), size_name(size));
-            let tag = format!("{}.{size}", qt_name(qt));
-            eprintln!("bench: throughput {what}: bare consumer");
-            let b = bare_consumer(cfg, rmq, qt, size, &tag).await?;
-            let h = match clients.iter().find(|(s, _)| *s == size) {
-                Some((_, h)) => *h,
-                None => {
-                    eprintln!("bench: throughput {what}: bare client");
-                    let h = bare_client(cfg, size).await?;
-                    clients.push((size, h));
-                    h
+            let mut rounds = Vec::new();
+            for r in 1..=cfg.rounds {
+                let of = if cfg.rounds > 1 {
+                    format!(" (round {r} of {})", cfg.rounds)
+                } else {
+                    String::new()
+                };
+                let tag = format!("{}.{size}.r{r}", qt_name(qt));
+                eprintln!("bench: throughput {what}{of}: bare consumer");
+                let b = bare_consumer(cfg, rmq, qt, size, &tag).await?;
+                eprintln!("bench: throughput {what}{of}: bare client");
+                let h = bare_client(cfg, size).await?;
+                let mut drains = Vec::new();
+                for (name, o) in &variants {
+                    eprintln!("bench: throughput {what}{of}: hookfleet {name}");
+                    drains.push(hookfleet_drain(cfg, rmq, qt, size, o, &format!("{tag}.{name}")).await?);
                 }
+                rounds.push(Round { b, h, drains });
+            }
+            let over = |value: &dyn Fn(&Round) -> f64, base: &dyn Fn(&Round) -> f64| OverRounds {
+                values: rounds.iter().map(value).collect(),
+                ratios: rounds.iter().map(|r| value(r) / base(r)).collect(),
             };
-            let l = 1.0 / (1.0 / b.rate + 1.0 / h.rate);
-            tput.push(row(format!("B bare consumer, {what}"), format!("{:.0}", b.rate)));
+            let b = median(&rounds.iter().map(|r| r.b.rate).collect::<Vec<_>>());
+            let h = median(&rounds.iter().map(|r| r.h.rate).collect::<Vec<_>>());
+            let l = median(&rounds.iter().map(Round::limit).collect::<Vec<_>>());
+            let bare_cpu = median(&rounds.iter().map(Round::bare_cpu).collect::<Vec<_>>());
+            let b_cpu = median(&rounds.iter().map(|r| r.b.cpu_us).collect::<Vec<_>>());
+            let h_cpu = median(&rounds.iter().map(|r| r.h.cpu_us).collect::<Vec<_>>());
+            tput.push(row(format!("B bare consumer, {what}"), format!("{b:.0}")));
             tput.push(row(
                 format!("H bare client, {}", size_name(size)),
-                format!("{:.0}", h.rate),
+                format!("{h:.0}"),
             ));
             tput.push(row(format!("L = 1/(1/B+1/H), {what}"), format!("{l:.0}")));
-            let bare_cpu = b.cpu_us + h.cpu_us;
             cpu.push(
                 row(
                     format!("bare consumer + bare client, {what}"),
                     format!("{bare_cpu:.1}"),
                 )
-                .against(format!("{:.1} + {:.1}", b.cpu_us, h.cpu_us), 1.0),
+                .against(format!("{b_cpu:.1} + {h_cpu:.1}"), 1.0),
             );
-            for (name, o) in &variants {
-                eprintln!("bench: throughput {what}: hookfleet {name}");
-                let d = hookfleet_drain(cfg, rmq, qt, size, o, &format!("{tag}.{name}")).await?;
-                found.peak_hwm_kib = found.peak_hwm_kib.max(d.hwm_kib);
+            for (i, (name, _)) in variants.iter().enumerate() {
+                let duplicates: usize = rounds.iter().map(|r| r.drains[i].duplicates).sum();
+                for r in &rounds {
+                    found.peak_hwm_kib = found.peak_hwm_kib.max(r.drains[i].hwm_kib);
+                }
+                let rate = over(&|r| r.drains[i].rate, &Round::limit);
+                let against_b = over(&|r| r.drains[i].rate, &|r| r.b.rate);
+                let cost = over(&|r| r.drains[i].cpu_us, &Round::bare_cpu);
                 if qt == QueueType::Classic && size == cfg.sizes[0] && *name == "plain" {
-                    found.max_rate = d.rate;
+                    found.max_rate = rate.value();
                     found.limit = l;
                     found.bare_cpu = bare_cpu;
                 }
                 tput.push(
                     row(
-                        format!("hookfleet {name}, {what} (dups {})", d.duplicates),
-                        format!("{:.0}", d.rate),
+                        format!("hookfleet {name}, {what} (dups {duplicates}{})", rate.spread()),
+                        format!("{:.0}", rate.value()),
                     )
-                    .against(format!("L {l:.0}"), d.rate / l)
-                    .target(verdict(d.rate >= 0.9 * l, "≥ 0.90 L")),
+                    .against(format!("L {l:.0}"), rate.ratio())
+                    .target(verdict(rate.ratio() >= 0.9, "≥ 0.90 L")),
                 );
                 tput.push(
-                    row("  same, against B", format!("{:.0}", d.rate))
-                        .against(format!("B {:.0}", b.rate), d.rate / b.rate),
+                    row("  same, against B", format!("{:.0}", against_b.value()))
+                        .against(format!("B {b:.0}"), against_b.ratio()),
                 );
                 cpu.push(
                     row(
-                        format!("hookfleet worker {name}, {what}"),
-                        format!("{:.1}", d.cpu_us),
+                        format!("hookfleet worker {name}, {what}{}", cost.spread()),
+                        format!("{:.1}", cost.value()),
                     )
-                    .against(format!("{bare_cpu:.1}"), d.cpu_us / bare_cpu)
-                    .target(verdict(d.cpu_us <= 1.25 * bare_cpu, "≤ 1.25×")),
+                    .against(format!("{bare_cpu:.1}"), cost.ratio())
+                    .target(verdict(cost.ratio() <= 1.25, "≤ 1.25×")),
                 );
             }
         }
     }
+    let rounds = if cfg.rounds > 1 {
+        format!(
+            "; medians of {} rounds, each ratio taken within its round",
+            cfg.rounds
+        )
+    } else {
+        String::new()
+    };
     Ok((
         Section {
             title: format!(
-                "Throughput, msg/s ({} persistent messages a run, concurrency {}, prefetch {})",
+                "Throughput, msg/s ({} persistent messages a run, concurrency {}, prefetch {}{rounds})",
                 cfg.n, cfg.concurrency, cfg.prefetch
             ),
             rows: tput,
         },
         Section {
-            title: "CPU-µs per delivered message (utime+stime of the process, from first to last delivery)"
-                .into(),
+            title: format!(
+                "CPU-µs per delivered message (utime+stime of the process, from first to last delivery{rounds})"
+            ),
             rows: cpu,
         },
     ))
@@ -525,109 +610,165 @@ fn ms3(v: [f64; 3]) -> String {
     format!("{:.1}/{:.1}/{:.1}", v[0], v[1], v[2])
 }
 
+/// One latency point's measurement: hookfleet, then the bare consumer, at the same offered rate.
+struct LatencyRound {
+    hf: [f64; 3],
+    bare: [f64; 3],
+    cpu_us: f64,
+    bare_cpu_us: f64,
+    delivered: f64,
+    max_lag: f64,
+}
+
+async fn latency_round(cfg: &Cfg, rmq: &RabbitMq, rate: f64, tag: &str) -> Result<LatencyRound> {
+    let size = cfg.sizes[0];
+    let queue = format!("bench.lat.{tag}");
+    load::prefill(&rmq.amqp_uri(), &queue, QueueType::Classic, &queue, 0, size).await?;
+    let sink = Sink::start_with(false).await?;
+    let w = Worker::start(cfg, &rmq.amqp_uri(), &queue, &sink.url(), &Opts::default()).await?;
+    w.wait_ready().await?;
+    let c0 = w.cpu();
+    let p = load::open_loop(
+        &rmq.amqp_uri(),
+        &queue,
+        &queue,
+        size,
+        rate,
+        cfg.latency_secs,
+        false,
+    )
+    .await?;
+    wait_requests(&sink, p.confirmed, Duration::from_secs(120)).await?;
+    let cpu_us = (w.cpu() - c0).as_secs_f64() * 1e6 / p.confirmed as f64;
+    let lat = sink_latencies(&sink, &p);
+    anyhow::ensure!(
+        lat.len() == p.confirmed,
+        "{} of {} delivered",
+        lat.len(),
+        p.confirmed
+    );
+    let hits = sink.hits();
+    let span = hits
+        .iter()
+        .map(|h| h.at)
+        .max()
+        .zip(hits.iter().map(|h| h.at).min());
+    let delivered = span.map_or(0.0, |(b, a)| (p.confirmed - 1) as f64 / (b - a).as_secs_f64());
+    let hf = measure::p50_p99_p999(lat);
+    drop(w);
+
+    eprintln!("bench: latency {tag} ({rate:.0} msg/s), bare consumer");
+    let queue = format!("bench.latbare.{tag}");
+    load::prefill(&rmq.amqp_uri(), &queue, QueueType::Classic, &queue, 0, size).await?;
+    let n = (rate * cfg.latency_secs).round() as usize;
+    let child = Child::start(
+        "consumer",
+        &[
+            ("HF_BENCH_URI", rmq.amqp_uri()),
+            ("HF_BENCH_QUEUE", queue.clone()),
+            ("HF_BENCH_PREFETCH", cfg.prefetch.to_string()),
+            ("HF_BENCH_N", n.to_string()),
+        ],
+    )
+    .await?;
+    let pb = load::open_loop(
+        &rmq.amqp_uri(),
+        &queue,
+        &queue,
+        size,
+        rate,
+        cfg.latency_secs,
+        true,
+    )
+    .await?;
+    anyhow::ensure!(
+        pb.refused.is_empty(),
+        "broker refused {} messages",
+        pb.refused.len()
+    );
+    let bare = child.figures(Duration::from_secs(120)).await?;
+    Ok(LatencyRound {
+        hf,
+        bare: bare.lat_ms,
+        cpu_us,
+        bare_cpu_us: bare.cpu_us,
+        delivered,
+        max_lag: p.max_lag,
+    })
+}
+
 async fn latency(cfg: &Cfg, rmq: &RabbitMq, found: &Found) -> Result<(Section, Vec<Point>)> {
     let mut rows = Vec::new();
     let mut points = Vec::new();
-    let size = cfg.sizes[0];
     for (k, &f) in cfg.loads.iter().enumerate() {
         let rate = f * found.max_rate;
         let pct = (f * 100.0).round();
-        eprintln!("bench: latency at {pct}% ({rate:.0} msg/s), hookfleet");
-        let queue = format!("bench.lat.{k}");
-        load::prefill(&rmq.amqp_uri(), &queue, QueueType::Classic, &queue, 0, size).await?;
-        let sink = Sink::start_with(false).await?;
-        let w = Worker::start(cfg, &rmq.amqp_uri(), &queue, &sink.url(), &Opts::default()).await?;
-        w.wait_ready().await?;
-        let c0 = w.cpu();
-        let p = load::open_loop(
-            &rmq.amqp_uri(),
-            &queue,
-            &queue,
-            size,
-            rate,
-            cfg.latency_secs,
-            false,
-        )
-        .await?;
-        wait_requests(&sink, p.confirmed, Duration::from_secs(120)).await?;
-        let cpu_us = (w.cpu() - c0).as_secs_f64() * 1e6 / p.confirmed as f64;
-        let lat = sink_latencies(&sink, &p);
-        anyhow::ensure!(
-            lat.len() == p.confirmed,
-            "{} of {} delivered",
-            lat.len(),
-            p.confirmed
-        );
-        let hits = sink.hits();
-        let span = hits
-            .iter()
-            .map(|h| h.at)
-            .max()
-            .zip(hits.iter().map(|h| h.at).min());
-        let delivered = span.map_or(0.0, |(b, a)| (p.confirmed - 1) as f64 / (b - a).as_secs_f64());
-        let hf = measure::p50_p99_p999(lat);
-        drop(w);
-
-        eprintln!("bench: latency at {pct}% ({rate:.0} msg/s), bare consumer");
-        let queue = format!("bench.latbare.{k}");
-        load::prefill(&rmq.amqp_uri(), &queue, QueueType::Classic, &queue, 0, size).await?;
-        let n = (rate * cfg.latency_secs).round() as usize;
-        let child = Child::start(
-            "consumer",
-            &[
-                ("HF_BENCH_URI", rmq.amqp_uri()),
-                ("HF_BENCH_QUEUE", queue.clone()),
-                ("HF_BENCH_PREFETCH", cfg.prefetch.to_string()),
-                ("HF_BENCH_N", n.to_string()),
-            ],
-        )
-        .await?;
-        let pb = load::open_loop(
-            &rmq.amqp_uri(),
-            &queue,
-            &queue,
-            size,
-            rate,
-            cfg.latency_secs,
-            true,
-        )
-        .await?;
-        anyhow::ensure!(
-            pb.refused.is_empty(),
-            "broker refused {} messages",
-            pb.refused.len()
-        );
-        let bare = child.figures(Duration::from_secs(120)).await?;
-
-        let target = 5.0f64.max(2.0 * bare.lat_ms[1]);
-        let mut r = row(
+        let mut rounds = Vec::new();
+        for r in 1..=cfg.rounds {
+            eprintln!(
+                "bench: latency at {pct}% ({rate:.0} msg/s), round {r} of {}, hookfleet",
+                cfg.rounds
+            );
+            rounds.push(latency_round(cfg, rmq, rate, &format!("{k}.r{r}")).await?);
+        }
+        let q = |f: &dyn Fn(&LatencyRound) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
+        let hf = [q(&|r| r.hf[0]), q(&|r| r.hf[1]), q(&|r| r.hf[2])];
+        let bare = [q(&|r| r.bare[0]), q(&|r| r.bare[1]), q(&|r| r.bare[2])];
+        let p99 = OverRounds {
+            values: rounds.iter().map(|r| r.hf[1]).collect(),
+            ratios: rounds.iter().map(|r| r.hf[1] / r.bare[1]).collect(),
+        };
+        let cost = OverRounds {
+            values: rounds.iter().map(|r| r.cpu_us).collect(),
+            ratios: rounds.iter().map(|r| r.cpu_us / r.bare_cpu_us).collect(),
+        };
+        let max_lag = rounds.iter().map(|r| r.max_lag).fold(0.0, f64::max);
+        let mut row_ = row(
             format!(
-                "p50/p99/p99.9 ms at {pct}% = {rate:.0} msg/s (publisher lag ≤ {:.0} ms)",
-                p.max_lag * 1e3
+                "p50/p99/p99.9 ms at {pct}% = {rate:.0} msg/s (publisher lag ≤ {:.0} ms{})",
+                max_lag * 1e3,
+                p99.spread()
             ),
             ms3(hf),
         )
-        .against(ms3(bare.lat_ms), hf[1] / bare.lat_ms[1]);
+        .against(ms3(bare), p99.ratio());
         if (f - 0.5).abs() < 1e-9 {
-            r = r.target(verdict(hf[1] <= target, &format!("p99 ≤ {target:.1} ms")));
+            // Each round against its own bare p99; the verdict on the median round.
+            let ok = rounds
+                .iter()
+                .filter(|r| r.hf[1] <= 5.0f64.max(2.0 * r.bare[1]))
+                .count();
+            let target = 5.0f64.max(2.0 * bare[1]);
+            row_ = row_.target(verdict(
+                2 * ok > rounds.len(),
+                &format!("p99 ≤ {target:.1} ms ({ok} of {} rounds)", rounds.len()),
+            ));
         }
-        rows.push(r);
+        rows.push(row_);
         rows.push(
-            row(format!("  worker CPU-µs/msg at {pct}%"), format!("{cpu_us:.1}"))
-                .against(format!("{:.1}", bare.cpu_us), cpu_us / bare.cpu_us),
+            row(
+                format!("  worker CPU-µs/msg at {pct}%"),
+                format!("{:.1}", cost.value()),
+            )
+            .against(format!("{:.1}", q(&|r| r.bare_cpu_us)), cost.ratio()),
         );
         points.push(Point {
             offered: rate,
-            delivered,
+            delivered: q(&|r| r.delivered),
             hf_ms: hf,
-            bare_ms: bare.lat_ms,
+            bare_ms: bare,
         });
     }
+    let rounds = if cfg.rounds > 1 {
+        format!(", medians of {} rounds", cfg.rounds)
+    } else {
+        String::new()
+    };
     Ok((
         Section {
             title: format!(
-                "Latency publish → sink (bare: publish → consume), open-loop publisher, {} B bodies, classic queue, {} s a point; ratio = p99 / bare p99; CPU baseline = bare consumer's",
-                size, cfg.latency_secs
+                "Latency publish → sink (bare: publish → consume), open-loop publisher, {} B bodies, classic queue, {} s a point{rounds}; ratio = p99 / bare p99; CPU baseline = bare consumer's",
+                cfg.sizes[0], cfg.latency_secs
             ),
             rows,
         },
