@@ -440,14 +440,14 @@ impl OverRounds {
         median(&self.ratios)
     }
 
-    /// ", ratio 1.10–1.31 over 3 rounds" (nothing for one round).
-    fn spread(&self) -> String {
+    /// `sep` then "ratio 1.10–1.31 over 3 rounds" (nothing for one round).
+    fn spread(&self, sep: &str) -> String {
         if self.ratios.len() < 2 {
             return String::new();
         }
         let lo = self.ratios.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = self.ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        format!("; ratio {lo:.2}–{hi:.2} over {} rounds", self.ratios.len())
+        format!("{sep}ratio {lo:.2}–{hi:.2} over {} rounds", self.ratios.len())
     }
 }
 
@@ -542,7 +542,10 @@ async fn throughput(cfg: &Cfg, rmq: &RabbitMq, found: &mut Found) -> Result<(Sec
                 }
                 tput.push(
                     row(
-                        format!("hookfleet {name}, {what} (dups {duplicates}{})", rate.spread()),
+                        format!(
+                            "hookfleet {name}, {what} (dups {duplicates}{})",
+                            rate.spread("; ")
+                        ),
                         format!("{:.0}", rate.value()),
                     )
                     .against(format!("L {l:.0}"), rate.ratio())
@@ -554,7 +557,13 @@ async fn throughput(cfg: &Cfg, rmq: &RabbitMq, found: &mut Found) -> Result<(Sec
                 );
                 cpu.push(
                     row(
-                        format!("hookfleet worker {name}, {what}{}", cost.spread()),
+                        format!(
+                            "hookfleet worker {name}, {what}{}",
+                            match cost.spread("") {
+                                r if r.is_empty() => r,
+                                r => format!(" ({r})"),
+                            }
+                        ),
                         format!("{:.1}", cost.value()),
                     )
                     .against(format!("{bare_cpu:.1}"), cost.ratio())
@@ -727,7 +736,7 @@ async fn latency(cfg: &Cfg, rmq: &RabbitMq, found: &Found) -> Result<(Section, V
             format!(
                 "p50/p99/p99.9 ms at {pct}% = {rate:.0} msg/s (publisher lag ≤ {:.0} ms{})",
                 max_lag * 1e3,
-                p99.spread()
+                p99.spread("; ")
             ),
             ms3(hf),
         )
