@@ -583,6 +583,16 @@ mod tests {
             .render(body.as_bytes(), EXTRAS)
     }
 
+    /// The fast path writes a map's keys in `serde_json::Map` order and the lazy context looks fields
+    /// up by binary search: both need the map sorted by key, as MiniJinja sorts its maps. That holds
+    /// while no crate in the build turns on serde_json's `preserve_order` (insertion order).
+    #[test]
+    fn serde_json_maps_iterate_sorted() {
+        let map: JsonMap = serde_json::from_str(r#"{"b": 1, "a": 2, "c": 3}"#).unwrap();
+        let keys: Vec<&str> = map.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["a", "b", "c"], "serde_json's preserve_order is on");
+    }
+
     #[test]
     fn renders_fields_and_extras() {
         let out = render(
