@@ -4,11 +4,11 @@
 //! Integrations, beside T₀, a bare client's server-side apply of the same child objects (docs/benchmarks.md).
 //!
 //! For each count: the Integrations (queues that do not exist yet, on a real RabbitMQ node) are created, the
-//! operator is started, and the run measures the seconds until every Integration has a status (counted from one watch; observed
-//! generation) against T₀ (the operator's own Deployments, PodDisruptionBudgets and Services copied into
-//! another namespace with server-side apply at the operator's concurrency, 8); the operator's RSS and CPU
-//! seconds; API writes and reconciles per resync at steady state (target 0 writes); and the seconds from a
-//! change of one Integration's destination until its Deployment carries it.
+//! operator is started, and the run measures the seconds until every Integration has a status (observed
+//! generation; counted from one watch) against T₀ (the operator's own Deployments, PodDisruptionBudgets and
+//! Services copied into another namespace with server-side apply at the operator's concurrency, 8); the
+//! operator's RSS and CPU seconds; API writes and reconciles per resync at steady state (target 0 writes);
+//! and the seconds from a change of one Integration's destination until its Deployment carries it.
 //!
 //! `HOOKFLEET_BENCH_OPERATOR_COUNTS` (`100,1000`; `100` with `HOOKFLEET_BENCH_QUICK=1`), `HOOKFLEET_BENCH_OPERATOR_RESYNC` (seconds, 5),
 //! `HOOKFLEET_BENCH_OPERATOR_BIN` (default: the release `hookfleet-operator` of this target directory, else
@@ -93,8 +93,8 @@ async fn reqwest_free_get(port: u16) -> Result<String> {
 }
 
 /// Counts the Integrations with a status (an `observedGeneration`) from one watch, so that waiting for
-/// them costs the API server one event per status write instead of a LIST of every Integration again
-/// and again while the operator works (that polling slowed the run it measured).
+/// them costs the API server one event per status write instead of a LIST of every Integration four
+/// times a second: load on the machine while the operator is timed that T₀'s run does not have.
 struct StatusCount {
     seen: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     task: tokio::task::JoinHandle<()>,
