@@ -151,7 +151,8 @@ impl Worker {
         let ts = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+            .unwrap_or(0)
+            .to_string();
         let method =
             reqwest::Method::from_bytes(self.cfg.method.as_str().as_bytes()).expect("a valid method");
         let content_type = d
@@ -166,9 +167,9 @@ impl Worker {
             .headers(self.headers.clone())
             .header(CONTENT_TYPE, content_type)
             .header("webhook-id", meta.id.as_str())
-            .header("webhook-timestamp", ts.to_string());
+            .header("webhook-timestamp", ts.as_str());
         if let Some(signer) = &self.signer {
-            req = req.header("webhook-signature", signer.sign(&meta.id, ts, &body));
+            req = req.header("webhook-signature", signer.sign(&meta.id, &ts, &body));
         }
         let started = Instant::now();
         let result = crate::auth::send(&self.http, self.tokens.as_ref(), req.body(body)).await;
