@@ -44,6 +44,8 @@ pub struct Context {
     pub(crate) pods: Store<Pod>,
     /// The Secrets' versions (metadata only, see `secrets::Versions`).
     pub(crate) secrets: secrets::Versions,
+    /// The referenced Secrets as last read, shared by the Integrations (see `secrets::Reads`).
+    pub(crate) secret_reads: secrets::Reads,
     /// The Integrations as the controller's cache holds them.
     pub(crate) integrations: Store<Watched>,
     /// One memory per Integration (see `crate::memory`).
@@ -71,6 +73,15 @@ impl Context {
             self.forget(ns, name);
         }
         !exists
+    }
+
+    /// Whether some Integration other than `uid` waits for its first status of its current generation
+    /// (the operator is catching up, see `pacing::hold_status`). One that keeps failing does not count (its
+    /// error policy retries it; it must not hold the others' status), nor one being deleted, nor a
+    /// malformed one (it gets its status from `malformed`). The cache's status can lag this leader's own
+    /// writes, so the status last written counts too.
+    pub(crate) fn catching_up(&self, uid: &str) -> bool {
+        catching_up(&self.integrations, &self.memory, uid)
     }
 
     pub(crate) async fn event(&self, regarding: &ObjectReference, warning: bool, reason: &str, note: String) {
@@ -200,6 +211,41 @@ pub(crate) async fn malformed(invalid: &InvalidObject, ctx: &Context, ns: &str, 
     Error::InvalidSpec(message)
 }
 
+/// See [`Context::catching_up`].
+fn catching_up(integrations: &Store<Watched>, memory: &Memories, uid: &str) -> bool {
+    integrations.state().iter().any(|w| {
+        let Ok(i) = &w.0 else {
+            return false;
+        };
+        let m = &i.metadata;
+        let other = m.uid.as_deref().unwrap_or_default();
+        let generation = m.generation;
+        if other == uid
+            || m.deletion_timestamp.is_some()
+            || i.status
+                .as_ref()
+                .is_some_and(|s| s.observed_generation == generation)
+        {
+            return false;
+        }
+        let (ns, name) = (
+            m.namespace.as_deref().unwrap_or_default(),
+            m.name.as_deref().unwrap_or_default(),
+        );
+        let (answered, failing) = memory
+            .peek(ns, name, other, |mem| {
+                (
+                    mem.written
+                        .as_ref()
+                        .is_some_and(|s| s.observed_generation == generation),
+                    mem.failures > 0,
+                )
+            })
+            .unwrap_or((false, false));
+        !answered && !failing
+    })
+}
+
 fn error_policy(obj: Arc<Watched>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.error(err.metric_label());
     let ns = obj.namespace().unwrap_or_default();
@@ -273,6 +319,55 @@ fn changes<K: Resource>(
     move |event| futures::future::ready(changes.passes(event))
 }
 
+/// A `try_filter` predicate that drops the watch event which only echoes this process's own apply of a
+/// child: the object at the fingerprint its Integration's memory holds for that kind (`reconcile::apply`),
+/// and `fresh` (for a Deployment: no status yet; the controller-manager's status updates pass). Nothing a
+/// reconcile reads has changed, and the reconcile that applied it wrote the status: without this, each
+/// first reconcile was followed by one reconcile per new child (with 1,000 Integrations, 3 reconciles per
+/// Integration until all had a status, each one a slot a first reconcile waited for). Deletes, re-lists
+/// and every change by someone else pass.
+fn not_an_echo<K>(
+    memory: Arc<Memories>,
+    fresh: fn(&K) -> bool,
+) -> impl FnMut(&watcher::Event<K>) -> futures::future::Ready<bool>
+where
+    K: Resource<DynamicType = ()>,
+{
+    move |event| {
+        let echo = match event {
+            watcher::Event::Apply(obj) => fresh(obj) && echoes(&memory, obj),
+            _ => false,
+        };
+        futures::future::ready(!echo)
+    }
+}
+
+/// `obj` is at the fingerprint of this process's last apply of it.
+fn echoes<K: Resource<DynamicType = ()>>(memory: &Memories, obj: &K) -> bool {
+    let meta = obj.meta();
+    let Some(owner) = meta
+        .owner_references
+        .as_ref()
+        .and_then(|o| o.iter().find(|o| o.kind == Integration::kind(&())))
+    else {
+        return false;
+    };
+    let kind = K::kind(&());
+    let fp = crate::reconcile::apply::fingerprint(obj);
+    memory
+        .peek(
+            meta.namespace.as_deref().unwrap_or_default(),
+            &owner.name,
+            &owner.uid,
+            |m| {
+                m.applied
+                    .get(kind.as_ref())
+                    .is_some_and(|(_, applied, _)| *applied == fp)
+            },
+        )
+        .unwrap_or(false)
+}
+
 /// Runs the controller until `stop` resolves. Marks `metrics.ready` once every cache has synced.
 pub async fn run(
     client: Client,
@@ -285,6 +380,7 @@ pub async fn run(
     let (pdbs, pw) = reflector::store::<PodDisruptionBudget>();
     let (services, sw) = reflector::store::<Service>();
     let (pods, podw) = reflector::store::<Pod>();
+    let memory = Arc::new(Memories::new(metrics.remembered.clone()));
     // Each cache keeps only what a reconcile reads (see `slim`): with 1,000 Integrations the managed
     // fields and pod templates alone were tens of MiB.
     let dep_stream = reflector::reflector(
@@ -293,6 +389,9 @@ pub async fn run(
     )
     .default_backoff()
     .try_filter(changes(slim::deployment_reads))
+    .try_filter(not_an_echo(memory.clone(), |d: &Deployment| {
+        d.status.as_ref().is_none_or(|s| s.observed_generation.is_none())
+    }))
     .touched_objects();
     let pdb_stream = reflector::reflector(
         pw,
@@ -300,12 +399,14 @@ pub async fn run(
     )
     .default_backoff()
     .try_filter(changes(slim::pdb_reads))
+    .try_filter(not_an_echo(memory.clone(), |_: &PodDisruptionBudget| true))
     .touched_objects();
     let svc_stream = reflector::reflector(
         sw,
         watcher(child_api(&client, &config.namespace), children.clone()).modify(slim::service),
     )
     .default_backoff()
+    .try_filter(not_an_echo(memory.clone(), |_: &Service| true))
     .touched_objects();
     let pod_stream = reflector::reflector(
         podw,
@@ -352,8 +453,9 @@ pub async fn run(
         services: services.clone(),
         pods: pods.clone(),
         secrets: secret_versions.clone(),
+        secret_reads: secrets::Reads::default(),
         integrations: store.clone(),
-        memory: Arc::new(Memories::new(metrics.remembered.clone())),
+        memory,
         pacer: crate::pacing::Pacer::default(),
     });
     // What `Controller::new` builds, plus a look at each event to drop the memory of deleted Integrations.
@@ -444,5 +546,106 @@ pub async fn check_crd(client: &Client, namespace: Option<&str>) -> Result<()> {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Err(Error::CrdNotInstalled),
         Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hookfleet_crds::IntegrationStatus;
+    use kube::runtime::reflector::store::Writer;
+
+    fn intg(name: &str, generation: i64, observed: Option<i64>) -> Watched {
+        let mut i: Integration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hookfleet.io/v1alpha1", "kind": "Integration",
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}"), "generation": generation},
+            "spec": {
+                "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "q"},
+                "destination": {"url": "https://erp.example.com/hooks"},
+            }
+        }))
+        .expect("a valid Integration");
+        i.status = observed.map(|g| IntegrationStatus {
+            observed_generation: Some(g),
+            ..Default::default()
+        });
+        DeserializeGuard(Ok(i))
+    }
+
+    fn store(items: Vec<Watched>) -> Store<Watched> {
+        let mut w = Writer::<Watched>::default();
+        for i in items {
+            w.apply_watcher_event(&watcher::Event::Apply(i));
+        }
+        w.as_reader()
+    }
+
+    #[test]
+    fn the_echo_of_an_own_apply_is_dropped_and_nothing_else() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+        let memory = Arc::new(Memories::new(Default::default()));
+        let pdb = |rv: &str, generation: i64, owner: Option<&str>| PodDisruptionBudget {
+            metadata: ObjectMeta {
+                name: Some("a".into()),
+                namespace: Some("ns".into()),
+                resource_version: Some(rv.into()),
+                generation: Some(generation),
+                owner_references: owner.map(|uid| {
+                    vec![OwnerReference {
+                        api_version: "hookfleet.io/v1alpha1".into(),
+                        kind: "Integration".into(),
+                        name: "a".into(),
+                        uid: uid.into(),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        // Nothing applied by this process yet: passes.
+        assert!(!echoes(&memory, &pdb("1", 1, Some("uid-a"))));
+        memory.with("ns", "a", "uid-a", |m| {
+            m.applied.insert(
+                "PodDisruptionBudget".into(),
+                (1, "g1".into(), std::time::Instant::now()),
+            )
+        });
+        assert!(echoes(&memory, &pdb("1", 1, Some("uid-a"))));
+        // Changed by someone else (another generation), another owner's, or no owner: passes.
+        assert!(!echoes(&memory, &pdb("2", 2, Some("uid-a"))));
+        assert!(!echoes(&memory, &pdb("1", 1, Some("uid-b"))));
+        assert!(!echoes(&memory, &pdb("1", 1, None)));
+        // Through the filter: the echo is dropped; a delete of the same object, or a re-list, passes.
+        let mut keep = not_an_echo(memory.clone(), |_| true);
+        let own = || pdb("1", 1, Some("uid-a"));
+        assert!(!futures::executor::block_on(keep(&watcher::Event::Apply(own()))));
+        assert!(futures::executor::block_on(keep(&watcher::Event::Delete(own()))));
+        assert!(futures::executor::block_on(keep(&watcher::Event::InitApply(
+            own()
+        ))));
+    }
+
+    #[test]
+    fn catching_up_while_another_waits_for_its_first_status() {
+        let memory = Memories::new(Default::default());
+        // a answered its generation; b has none yet: for a, the operator is catching up; for b, not (it
+        // is the one waiting).
+        let s = store(vec![intg("a", 1, Some(1)), intg("b", 1, None)]);
+        assert!(catching_up(&s, &memory, "uid-a"));
+        assert!(!catching_up(&s, &memory, "uid-b"));
+        // b's status written by this leader, not yet in the cache: answered.
+        memory.with("ns", "b", "uid-b", |m| {
+            m.written = Some(IntegrationStatus {
+                observed_generation: Some(1),
+                ..Default::default()
+            })
+        });
+        assert!(!catching_up(&s, &memory, "uid-a"));
+        // A new generation of b (a spec change) waits again, unless its reconciles are failing.
+        let s = store(vec![intg("a", 1, Some(1)), intg("b", 2, Some(1))]);
+        assert!(catching_up(&s, &memory, "uid-a"));
+        memory.with("ns", "b", "uid-b", |m| m.failures = 1);
+        assert!(!catching_up(&s, &memory, "uid-a"));
     }
 }

@@ -21,8 +21,9 @@ use crate::replicas::Autoscaler;
 pub struct Memory {
     pub uid: String,
     /// What was last applied per child kind: (hash of the desired object, fingerprint of the object the
-    /// API server returned). An apply is skipped while both still match, so a steady state makes no request.
-    pub applied: HashMap<String, (u64, String)>,
+    /// API server returned, when). An apply is skipped while both still match, so a steady state makes no
+    /// request.
+    pub applied: HashMap<String, (u64, String, std::time::Instant)>,
     pub autoscaler: Autoscaler,
     /// Consecutive failed reconciles (the error policy's backoff).
     pub failures: u32,
@@ -30,6 +31,8 @@ pub struct Memory {
     /// cache, which can lag behind our own write when reconciles come in quick succession: comparing
     /// against a stale cached status would publish a transition's Event twice.
     pub written: Option<IntegrationStatus>,
+    /// When this leader last wrote the status (`crate::pacing::hold_status`).
+    pub written_at: Option<std::time::Instant>,
     /// When a `DestinationGone` was last cleared: worker terminations (exit 5) that finished at or before
     /// it are not counted again while their pods go away.
     pub gone_cleared: Option<Timestamp>,
@@ -93,6 +96,12 @@ impl Memories {
         });
         self.gauge.set(map.len() as i64);
         dropped
+    }
+
+    /// Runs `f` on the memory of `ns/name` with `uid` if there is one (none is created).
+    pub fn peek<R>(&self, ns: &str, name: &str, uid: &str, f: impl FnOnce(&Memory) -> R) -> Option<R> {
+        let map = self.map.lock().expect("lock");
+        map.get(&key(ns, name)).filter(|m| m.uid == uid).map(f)
     }
 
     pub fn len(&self) -> usize {

@@ -81,6 +81,9 @@ pub struct Metrics {
     pub writes: Family<KindLabels, Counter>,
     /// Applies skipped because the cached object already matches what was applied.
     pub applies_skipped: Counter,
+    /// Status changes held back while the operator catches up (`crate::pacing::hold_status`); each is
+    /// written later, with whatever changed since.
+    pub status_held: Counter,
     pub leader: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub ready: Gauge<i64, std::sync::atomic::AtomicI64>,
     /// Integrations the operator keeps a memory for (applied fingerprints, autoscaler, failures, last
@@ -105,6 +108,7 @@ impl Metrics {
             Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
         let writes = Family::<KindLabels, Counter>::default();
         let applies_skipped = Counter::default();
+        let status_held = Counter::default();
         let leader = Gauge::default();
         let ready = Gauge::default();
         let remembered = IntGauge::default();
@@ -124,6 +128,11 @@ impl Metrics {
             "applies_skipped",
             "Applies skipped because the object is unchanged",
             applies_skipped.clone(),
+        );
+        registry.register(
+            "status_writes_held",
+            "Status changes held back while Integrations wait for their first status (written later)",
+            status_held.clone(),
         );
         registry.register(
             "leader",
@@ -192,6 +201,7 @@ impl Metrics {
             reconcile_duration,
             writes,
             applies_skipped,
+            status_held,
             leader,
             ready,
             remembered,

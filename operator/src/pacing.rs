@@ -10,11 +10,40 @@
 //! time the whole fleet takes to go through the slots, twice over, so resyncs fill at most half of them
 //! and first reconciles and changes (from watch events) always find a free slot. A ±10% jitter keeps
 //! Integrations created together from staying in lockstep.
+//!
+//! Status writes are paced too, while the operator catches up ([`hold_status`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
+
+/// How long a status change may be held back at most while the operator catches up.
+pub const STATUS_HOLD: Duration = Duration::from_secs(30);
+
+/// Whether a changed status is written now (`None`) or held back for the returned time, after which the
+/// reconcile runs again and writes whatever the status is then.
+///
+/// While some other Integration waits for its first status of its current generation (a fleet being
+/// created, or a change applied to many at once: the operator is *catching up*), every status write
+/// competes with those first reconciles for the API server. So a change that only reports progress on a
+/// generation this leader already answered (`answers_generation` false: ready counts, consumers, a
+/// condition moving while workers come up) is written at most once per [`STATUS_HOLD`] while catching up;
+/// one that answers a new generation is never held, and nothing is held once the operator has caught up.
+/// The metrics mirror every reconcile's status at once whether or not it is written, so alerts do not
+/// wait. `since_last_write` is None when this leader has not written this status yet (then it writes);
+/// `catching_up` is asked only when the answer matters.
+pub fn hold_status(
+    answers_generation: bool,
+    since_last_write: Option<Duration>,
+    catching_up: impl FnOnce() -> bool,
+) -> Option<Duration> {
+    if answers_generation {
+        return None;
+    }
+    let left = STATUS_HOLD.checked_sub(since_last_write?)?;
+    (!left.is_zero() && catching_up()).then_some(left)
+}
 
 /// A running mean of the reconcile time, and the requeue delays it gives.
 #[derive(Debug, Default)]
@@ -61,6 +90,23 @@ pub fn floor(base: Duration, integrations: usize, mean: Duration, concurrency: u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_is_held_only_for_progress_while_catching_up() {
+        let s = Duration::from_secs;
+        let never = || -> bool { panic!("asked whether catching up when it cannot matter") };
+        // A new generation's answer is written at once, catching up or not.
+        assert_eq!(hold_status(true, Some(s(1)), never), None);
+        // Not written by this leader yet (first reconcile, or after a restart): written.
+        assert_eq!(hold_status(false, None, never), None);
+        // Progress, written 10 s ago, while others wait for a first status: held for the rest of 30 s.
+        assert_eq!(hold_status(false, Some(s(10)), || true), Some(s(20)));
+        // The same once caught up: written.
+        assert_eq!(hold_status(false, Some(s(10)), || false), None);
+        // Held at most STATUS_HOLD: after it, written even while catching up.
+        assert_eq!(hold_status(false, Some(STATUS_HOLD), never), None);
+        assert_eq!(hold_status(false, Some(s(45)), never), None);
+    }
 
     #[test]
     fn a_small_fleet_keeps_the_configured_resync() {

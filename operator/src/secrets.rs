@@ -6,7 +6,8 @@
 //! guessable hash. The price is that a metadata-only edit of a referenced Secret (a label) also rolls the
 //! workers; a rollout surges first, so that costs time, not deliveries.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use hookfleet_crds::IntegrationSpec;
 use hookfleet_crds::integration::SecretKeyRef;
@@ -152,6 +153,62 @@ pub fn slim_meta(s: &mut PartialObjectMeta<Secret>) {
     };
 }
 
+/// The referenced Secrets as last read, shared by every Integration that references them (one Secret of
+/// broker credentials usually serves a namespace's Integrations): a Secret is read once, not once per
+/// Integration, and reused while the Secret watch shows it at the version read. Only Secrets some
+/// Integration references are ever read; held in memory, never logged. An entry goes when its Secret is
+/// at another version (or gone) the next time anything is read.
+#[derive(Default)]
+pub struct Reads {
+    map: Mutex<HashMap<(String, String), Arc<Secret>>>,
+}
+
+impl Reads {
+    /// `ns/name` as last read, if the watch (`versions`) shows it at that version.
+    fn current(&self, ns: &str, name: &str, versions: &Versions) -> Option<Arc<Secret>> {
+        let map = self.map.lock().expect("lock");
+        let s = map.get(&(ns.to_owned(), name.to_owned()))?;
+        is_current(ns, name, &s.metadata, versions).then(|| s.clone())
+    }
+
+    /// Keeps `secret`, read just now, (only what [`dereference`] reads of it), dropping the entries the
+    /// watch no longer shows at their version.
+    fn keep(&self, ns: &str, secret: Secret, versions: &Versions) -> Arc<Secret> {
+        let m = secret.metadata;
+        let kept = Arc::new(Secret {
+            metadata: ObjectMeta {
+                name: m.name,
+                namespace: m.namespace,
+                uid: m.uid,
+                resource_version: m.resource_version,
+                ..ObjectMeta::default()
+            },
+            data: secret.data,
+            string_data: secret.string_data,
+            ..Secret::default()
+        });
+        let mut map = self.map.lock().expect("lock");
+        map.retain(|(ns, name), s| is_current(ns, name, &s.metadata, versions));
+        map.insert((ns.to_owned(), kept.name_any()), kept.clone());
+        kept
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().expect("lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The watch shows `ns/name` with this uid and `resourceVersion`.
+fn is_current(ns: &str, name: &str, meta: &ObjectMeta, versions: &Versions) -> bool {
+    versions
+        .get(&ObjectRef::new(name).within(ns))
+        .is_some_and(|w| version_of(&w.metadata) == version_of(meta))
+}
+
 fn version_of(meta: &ObjectMeta) -> (String, String) {
     (
         meta.uid.clone().unwrap_or_default(),
@@ -205,8 +262,8 @@ fn value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
         })
 }
 
-/// Reads every referenced Secret once; `Ok(Err(problem))` when the team must fix something (a Secret or a
-/// key that is missing).
+/// Reads every referenced Secret once (or takes it from `reads`, see [`Reads`]); `Ok(Err(problem))` when
+/// the team must fix something (a Secret or a key that is missing).
 ///
 /// `previous` (the last result for this Integration) is returned again without a request while the same
 /// keys are referenced and the Secret watch (`versions`) shows every Secret at the version it was read at:
@@ -218,6 +275,7 @@ pub async fn dereference(
     spec: &IntegrationSpec,
     versions: &Versions,
     previous: Option<&Dereferenced>,
+    reads: &Reads,
 ) -> Result<Result<Dereferenced, SourceObs>, DereferenceError> {
     let refs = referenced_keys(spec);
     if let Some(p) = previous
@@ -226,17 +284,21 @@ pub async fn dereference(
         return Ok(Ok(p.clone()));
     }
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let mut read: BTreeMap<String, Secret> = BTreeMap::new();
+    let mut read: BTreeMap<String, Arc<Secret>> = BTreeMap::new();
     let mut amqp_uri = None;
     for r in &refs {
         if !read.contains_key(&r.name) {
-            let secret = api
-                .get_opt(&r.name)
-                .await
-                .map_err(|source| DereferenceError::ReadSecret {
-                    name: r.name.clone(),
-                    source,
-                })?;
+            let secret = match reads.current(ns, &r.name, versions) {
+                Some(s) => Some(s),
+                None => api
+                    .get_opt(&r.name)
+                    .await
+                    .map_err(|source| DereferenceError::ReadSecret {
+                        name: r.name.clone(),
+                        source,
+                    })?
+                    .map(|s| reads.keep(ns, s, versions)),
+            };
             let Some(secret) = secret else {
                 return Ok(Err(SourceObs::Problem {
                     reason: reason::SECRET_NOT_FOUND,
@@ -255,7 +317,7 @@ pub async fn dereference(
     }
     Ok(Ok(Dereferenced {
         amqp_uri: amqp_uri.unwrap_or_default(),
-        checksum: checksum(read.values()),
+        checksum: checksum(read.values().map(|s| s.as_ref())),
         versions: read
             .iter()
             .map(|(name, s)| (name.clone(), version_of(&s.metadata)))
@@ -278,6 +340,41 @@ mod tests {
             },
             ..Secret::default()
         }
+    }
+
+    fn watch(secrets: &[(&str, &str)]) -> Versions {
+        use kube::runtime::watcher;
+        let mut w = kube::runtime::reflector::store::Writer::<PartialObjectMeta<Secret>>::default();
+        for (name, rv) in secrets {
+            let mut meta = secret(name, rv).metadata;
+            meta.namespace = Some("ns".into());
+            w.apply_watcher_event(&watcher::Event::Apply(PartialObjectMeta {
+                types: None,
+                metadata: meta,
+                _phantom: Default::default(),
+            }));
+        }
+        w.as_reader()
+    }
+
+    #[test]
+    fn a_secret_read_is_reused_only_at_the_version_the_watch_shows() {
+        let reads = Reads::default();
+        let v1 = watch(&[("rabbitmq", "1"), ("other", "5")]);
+        assert!(reads.current("ns", "rabbitmq", &v1).is_none());
+        let mut read = secret("rabbitmq", "1");
+        read.metadata.managed_fields = Some(Vec::new());
+        let kept = reads.keep("ns", read, &v1);
+        assert!(kept.metadata.managed_fields.is_none(), "kept slim");
+        assert!(reads.current("ns", "rabbitmq", &v1).is_some());
+        // Another namespace's Secret of the same name is not this one.
+        assert!(reads.current("other-ns", "rabbitmq", &v1).is_none());
+        // Changed (the watch shows version 2): read again; the stale entry goes at the next keep.
+        let v2 = watch(&[("rabbitmq", "2"), ("other", "5")]);
+        assert!(reads.current("ns", "rabbitmq", &v2).is_none());
+        reads.keep("ns", secret("other", "5"), &v2);
+        assert_eq!(reads.len(), 1);
+        assert!(reads.current("ns", "other", &v2).is_some());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
@@ -26,7 +27,7 @@ pub enum ApplyError {
 }
 
 /// Changes with every spec change of the object (generation), or with every change when it has none.
-fn fingerprint<K: Resource>(obj: &K) -> String {
+pub(crate) fn fingerprint<K: Resource>(obj: &K) -> String {
     match obj.meta().generation {
         Some(g) => format!("g{g}"),
         None => format!("rv{}", obj.meta().resource_version.clone().unwrap_or_default()),
@@ -56,14 +57,31 @@ pub async fn apply(
     Ok(())
 }
 
+/// Whether the child whose desired object hashes to `h` and which the cache shows at fingerprint `cached`
+/// (None: not in the cache) needs no apply, given what was `applied` last (see [`apply_one`]).
+fn unchanged(h: u64, cached: Option<String>, applied: Option<&(u64, String, Instant)>) -> bool {
+    match (cached, applied) {
+        (Some(fp), Some((ah, afp, _))) => *ah == h && *afp == fp,
+        (None, Some((ah, _, at))) => *ah == h && at.elapsed() < WATCH_LAG,
+        (_, None) => false,
+    }
+}
+
 struct Owner<'a> {
     ns: &'a str,
     name: &'a str,
     uid: &'a str,
 }
 
+/// How long after an apply a child missing from the cache counts as not yet delivered by its watch rather
+/// than gone: a new child's watch event lags its apply by milliseconds, and in the meantime the events of
+/// the Integration's other children reconcile it again.
+const WATCH_LAG: Duration = Duration::from_secs(5);
+
 /// Server-side applies `desired` unless the cached object is what we last applied and the desired object
-/// has not changed since.
+/// has not changed since, or the cache does not show the object yet but this process applied exactly it
+/// less than [`WATCH_LAG`] ago (a child deleted within that time is applied again by the first reconcile
+/// after it: the requeue, the resync at the latest).
 async fn apply_one<K>(
     ctx: &Context,
     owner: &Owner<'_>,
@@ -83,9 +101,7 @@ where
     let applied = ctx
         .memory
         .with(owner.ns, owner.name, owner.uid, |m| m.applied.get(&kind).cloned());
-    if let Some(c) = &cached
-        && applied == Some((h, fingerprint(c.as_ref())))
-    {
+    if unchanged(h, cached.as_deref().map(fingerprint), applied.as_ref()) {
         ctx.metrics.applies_skipped.inc();
         return Ok(());
     }
@@ -110,7 +126,33 @@ where
     }
     let fp = fingerprint(&out);
     ctx.memory.with(owner.ns, owner.name, owner.uid, |m| {
-        m.applied.insert(kind, (h, fp));
+        m.applied.insert(kind, (h, fp, Instant::now()));
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_apply_is_skipped_while_nothing_changed_and_a_fresh_child_may_be_missing_from_the_cache() {
+        let now = Instant::now();
+        let applied = (7, "g1".to_string(), now);
+        // Cached at what was applied: skipped; desired changed or child changed: applied.
+        assert!(unchanged(7, Some("g1".into()), Some(&applied)));
+        assert!(!unchanged(8, Some("g1".into()), Some(&applied)));
+        assert!(!unchanged(7, Some("g2".into()), Some(&applied)));
+        // Not in the cache yet, applied just now: the watch lags, skipped.
+        assert!(unchanged(7, None, Some(&applied)));
+        assert!(!unchanged(8, None, Some(&applied)));
+        // Not in the cache long after the apply: gone, applied again.
+        let Some(long_ago) = now.checked_sub(WATCH_LAG + Duration::from_secs(1)) else {
+            return;
+        };
+        assert!(!unchanged(7, None, Some(&(7, "g1".into(), long_ago))));
+        // Never applied by this process: applied.
+        assert!(!unchanged(7, Some("g1".into()), None));
+        assert!(!unchanged(7, None, None));
+    }
 }

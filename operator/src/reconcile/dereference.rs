@@ -118,7 +118,15 @@ async fn observe_secrets(
     let spec = &intg.spec;
     let (name, uid) = (intg.name_any(), intg.metadata.uid.clone().unwrap_or_default());
     let previous = ctx.memory.with(ns, &name, &uid, |m| m.secrets.clone());
-    let found = secrets::dereference(&ctx.client, ns, spec, &ctx.secrets, previous.as_ref()).await?;
+    let found = secrets::dereference(
+        &ctx.client,
+        ns,
+        spec,
+        &ctx.secrets,
+        previous.as_ref(),
+        &ctx.secret_reads,
+    )
+    .await?;
     let secrets = match found {
         Ok(d) => d,
         Err(problem) => {

@@ -4,6 +4,9 @@
 //! 2. [`build`]: the desired children (pure);
 //! 3. [`apply`]: server-side apply of what changed;
 //! 4. [`status`]: conditions, written only when they changed, and the Events of their transitions.
+//!
+//! Steps 3 and 4 run at the same time: the status reads what step 1 observed and step 2 decided, not what
+//! the apply returns.
 
 pub mod apply;
 pub mod build;
@@ -49,38 +52,42 @@ pub(crate) async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Ac
     if autoscaled && let Some(q) = &question {
         world.source = q.ask(&ctx).await;
     }
-    let build_and_apply = async {
-        let desired = ctx.memory.with(&ns, &name, &uid, |m| {
-            // The status last written (fresher than the cache) says whether the destination is gone.
-            let previous = m.written.as_ref().or(intg.status.as_ref());
-            let previous_gone = previous.and_then(|s| s.destination_gone.clone());
-            build::build(
-                intg,
-                &world,
-                &ctx.config.worker,
-                m,
-                previous_gone.as_ref(),
-                Instant::now(),
-                ctx.config.scale_up_period,
-            )
-        })?;
+    let desired = ctx.memory.with(&ns, &name, &uid, |m| {
+        // The status last written (fresher than the cache) says whether the destination is gone.
+        let previous = m.written.as_ref().or(intg.status.as_ref());
+        let previous_gone = previous.and_then(|s| s.destination_gone.clone());
+        build::build(
+            intg,
+            &world,
+            &ctx.config.worker,
+            m,
+            previous_gone.as_ref(),
+            Instant::now(),
+            ctx.config.scale_up_period,
+        )
+    })?;
+    // The status is computed from what was observed before the apply (the caches, the broker) and from
+    // what was decided (`desired`), never from the apply's answers, so it is written while the children are
+    // applied: a first reconcile waits for one round trip, not two. A failed apply still fails the
+    // reconcile (its error policy retries); the status it wrote meanwhile says what was observed.
+    let apply = async {
         if let Some(children) = &desired.children {
             apply::apply(&ctx, (&ns, &name, &uid), children, &world).await?;
         }
-        Ok::<_, Error>(desired)
+        Ok::<_, Error>(())
     };
-    let ask = async {
-        match &question {
-            Some(q) if !autoscaled => Some(q.ask(&ctx).await),
-            _ => None,
+    let report = async {
+        let mut seen = world.clone();
+        if let Some(q) = &question
+            && !autoscaled
+        {
+            seen.source = q.ask(&ctx).await;
         }
+        status::status(&ctx, intg, &seen, &desired).await
     };
-    let (answer, desired) = futures::join!(ask, build_and_apply);
-    let desired = desired?;
-    if let Some(answer) = answer {
-        world.source = answer;
-    }
-    let reported = status::status(&ctx, intg, &world, &desired).await?;
+    let (applied, reported) = futures::join!(apply, report);
+    applied?;
+    let reported = reported?;
     ctx.memory.with(&ns, &name, &uid, |m| m.failures = 0);
     ctx.forget_if_deleted(&ns, &name, &uid);
 
@@ -95,5 +102,6 @@ pub(crate) async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Ac
     let next = ctx
         .pacer
         .next(next, ctx.integrations.len(), ctx.config.concurrency);
-    Ok(Action::requeue(next))
+    // A held status is written when its hold ends, not a paced resync later.
+    Ok(Action::requeue(reported.held.map_or(next, |h| h.min(next))))
 }

@@ -6,12 +6,13 @@ use hookfleet_crds::integration::condition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
-use tracing::info;
+use tracing::{debug, info};
 
 use super::build::Desired;
 use super::dereference::World;
 use crate::controller::Context;
 use crate::desired;
+use crate::pacing;
 use crate::status::{self, DeploymentObs, Observed};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,8 @@ pub enum StatusError {
 pub struct Reported {
     /// Degraded=True: requeue sooner.
     pub has_problem: bool,
+    /// A changed status held back (`pacing::hold_status`): reconcile again after this, to write it.
+    pub held: Option<std::time::Duration>,
 }
 
 /// Computes the status, publishes the Events of its transitions and writes it when it changed.
@@ -69,6 +72,24 @@ pub async fn status(
     // Write when either our last write or the cached object differs (someone may have edited the status);
     // in a steady state all three agree and nothing is written.
     if new != old || new != cached_status {
+        let since_last_write = ctx
+            .memory
+            .with(&ns, &name, &uid, |m| m.written_at.map(|t| t.elapsed()));
+        let answers_generation = new.observed_generation != old.observed_generation;
+        if let Some(held) =
+            pacing::hold_status(answers_generation, since_last_write, || ctx.catching_up(&uid))
+        {
+            ctx.metrics.status_held.inc();
+            debug!(
+                ready = new.ready_replicas,
+                retry_in = ?held,
+                "status change held back while other Integrations wait for their first status"
+            );
+            return Ok(Reported {
+                has_problem,
+                held: Some(held),
+            });
+        }
         let autoscale_target = spec
             .workers
             .autoscale
@@ -96,7 +117,10 @@ pub async fn status(
         // Remember the status as the API server stored it (timestamps at its precision), so it compares
         // equal to what the watch cache later shows.
         let stored = written.status.unwrap_or_else(|| new.clone());
-        ctx.memory.with(&ns, &name, &uid, |m| m.written = Some(stored));
+        ctx.memory.with(&ns, &name, &uid, |m| {
+            m.written = Some(stored);
+            m.written_at = Some(std::time::Instant::now());
+        });
         ctx.metrics.write("IntegrationStatus");
         info!(
             ready = new.ready_replicas,
@@ -105,5 +129,8 @@ pub async fn status(
             "status updated"
         );
     }
-    Ok(Reported { has_problem })
+    Ok(Reported {
+        has_problem,
+        held: None,
+    })
 }
