@@ -92,6 +92,65 @@ async fn reqwest_free_get(port: u16) -> Result<String> {
     Ok(out)
 }
 
+/// The API server's request counter (`apiserver_request_total`, every client's), summed per verb and
+/// resource (with its subresource): what a phase cost the API server, as the difference of two reads.
+type Requests = BTreeMap<(String, String), f64>;
+
+async fn api_requests(client: &Client) -> Result<Requests> {
+    let req = http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(req).await?;
+    let mut out = Requests::new();
+    for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
+        let Some((labels, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let label = |k: &str| {
+            labels
+                .split(&format!("{k}=\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
+        let (verb, resource, sub) = (label("verb"), label("resource"), label("subresource"));
+        let resource = if sub.is_empty() {
+            resource
+        } else {
+            format!("{resource}/{sub}")
+        };
+        *out.entry((verb, resource)).or_default() += value.parse::<f64>().unwrap_or(0.0);
+    }
+    Ok(out)
+}
+
+/// `after - before`, the writes (POST, PUT, PATCH, DELETE) per resource, largest first, and their total.
+fn writes_between(before: &Requests, after: &Requests) -> (f64, String) {
+    let mut rows: Vec<(String, f64)> = Vec::new();
+    for ((verb, resource), v) in after {
+        if !matches!(
+            verb.as_str(),
+            "POST" | "PUT" | "PATCH" | "DELETE" | "APPLY" | "CREATE" | "UPDATE"
+        ) {
+            continue;
+        }
+        let d = v - before
+            .get(&(verb.clone(), resource.clone()))
+            .copied()
+            .unwrap_or(0.0);
+        if d >= 1.0 {
+            rows.push((format!("{verb} {resource}"), d));
+        }
+    }
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total = rows.iter().map(|r| r.1).sum();
+    let text = rows
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (total, text)
+}
+
 /// Counts the Integrations with a status (an `observedGeneration`) from one watch, so that waiting for
 /// them costs the API server one event per status write instead of a LIST of every Integration four
 /// times a second: load on the machine while the operator is timed that T₀'s run does not have.
@@ -223,6 +282,12 @@ struct Figures {
     pods: usize,
     /// Seconds from the operator's start until every fleet had all its workers ready (with pods).
     fleets_ready: Option<f64>,
+    /// API writes (every client's: the operator's, and the controller-manager's, scheduler's and kwok's for
+    /// the pods) while the operator converged, and during T₀: total and per verb and resource.
+    op_writes: (f64, String),
+    t0_writes: (f64, String),
+    /// Until converged: reconciles started, and the seconds and count of those finished.
+    reconciles: (f64, f64, f64),
 }
 
 async fn one(
@@ -286,6 +351,7 @@ async fn one(
     .to_vec();
     let envs = vec![("KUBECONFIG".to_owned(), cp.kubeconfig().display().to_string())];
     let statuses = StatusCount::start(&api).await?;
+    let requests_before = api_requests(&client).await?;
     let start = Instant::now();
     let op = Process::spawn("operator", bin, &args, &envs, &dir.path().join("operator.log"))?;
     let pid = op.pid().context("operator pid")?;
@@ -312,6 +378,12 @@ async fn one(
     };
     drop(statuses);
     let cpu = cpu_secs(pid);
+    let op_writes = writes_between(&requests_before, &api_requests(&client).await?);
+    let reconciles = (
+        metric(port, "hookfleet_operator_reconciles_total").await?,
+        metric(port, "hookfleet_operator_reconcile_duration_seconds_sum").await?,
+        metric(port, "hookfleet_operator_reconcile_duration_seconds_count").await?,
+    );
 
     // With pods: wait (up to 5 minutes) until every fleet has all its workers ready, so the steady state is
     // one.
@@ -385,18 +457,27 @@ async fn one(
     drop(op);
 
     eprintln!("bench-operator: T0, the same children by a bare client");
+    let requests_before = api_requests(&client).await?;
     let t = Instant::now();
     let mut children = copy_all::<Deployment>(&client, &ns, &ns0, |_| {}).await?;
     children += copy_all::<PodDisruptionBudget>(&client, &ns, &ns0, |_| {}).await?;
     children += copy_all::<Service>(&client, &ns, &ns0, |s: &mut Service| {
-        if let Some(spec) = s.spec.as_mut() {
+        // An allocated address belongs to its Service; a headless one ("None", as the operator's are) stays
+        // headless, so T₀ allocates no addresses the operator's Services never had.
+        if let Some(spec) = s.spec.as_mut()
+            && spec.cluster_ip.as_deref() != Some("None")
+        {
             spec.cluster_ip = None;
             spec.cluster_ips = None;
         }
     })
     .await?;
     let t0 = t.elapsed().as_secs_f64();
+    let t0_writes = writes_between(&requests_before, &api_requests(&client).await?);
     Ok(Figures {
+        op_writes,
+        t0_writes,
+        reconciles,
         n,
         converge,
         t0,
@@ -500,6 +581,17 @@ async fn run() -> Result<()> {
                     f.writes_per_resync, f.reconciles_per_resync, f.pods_running, f.pods
                 ),
                 format!("  one Integration's change reached its Deployment in {:.2} s", f.change),
+                format!(
+                    "  API writes (all clients) until converged {:.0}: {}",
+                    f.op_writes.0, f.op_writes.1
+                ),
+                format!(
+                    "  reconciles until converged {:.0} ({:.1} per Integration), {:.1} ms each on average",
+                    f.reconciles.0,
+                    f.reconciles.0 / f.n as f64,
+                    1e3 * f.reconciles.1 / f.reconciles.2.max(1.0)
+                ),
+                format!("  API writes (all clients) during T₀ {:.0}: {}", f.t0_writes.0, f.t0_writes.1),
                 match (workloads, f.fleets_ready) {
                     (false, _) => "  no pods (API server only)".into(),
                     (true, Some(t)) => format!("  every fleet's workers ready {t:.1} s after the operator started"),

@@ -615,6 +615,30 @@ fn sink_latencies(sink: &Sink, p: &load::Published) -> Vec<f64> {
         .collect()
 }
 
+/// Publish → arrival in ms of each message the `sink` child saw answered 2xx (its first such arrival), from
+/// the wall-clock times it wrote.
+fn arrival_latencies(arrivals: &[roles::Arrival], p: &load::Published) -> Vec<f64> {
+    // `due` is monotonic; one anchor taken now turns it into wall-clock time.
+    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+    let mut first: Vec<Option<std::time::SystemTime>> = vec![None; p.due.len()];
+    for a in arrivals {
+        if let Some(i) = p.index(&a.id)
+            && (200..300).contains(&a.status)
+            && first[i].is_none_or(|t| a.at < t)
+        {
+            first[i] = Some(a.at);
+        }
+    }
+    first
+        .iter()
+        .zip(&p.due)
+        .filter_map(|(a, d)| {
+            let due = wall - now.saturating_duration_since(*d);
+            Some(a.as_ref()?.duration_since(due).unwrap_or_default().as_secs_f64() * 1e3)
+        })
+        .collect()
+}
+
 fn ms3(v: [f64; 3]) -> String {
     format!("{:.1}/{:.1}/{:.1}", v[0], v[1], v[2])
 }
@@ -633,8 +657,11 @@ async fn latency_round(cfg: &Cfg, rmq: &RabbitMq, rate: f64, tag: &str) -> Resul
     let size = cfg.sizes[0];
     let queue = format!("bench.lat.{tag}");
     load::prefill(&rmq.amqp_uri(), &queue, QueueType::Classic, &queue, 0, size).await?;
-    let sink = Sink::start_with(false).await?;
-    let w = Worker::start(cfg, &rmq.amqp_uri(), &queue, &sink.url(), &Opts::default()).await?;
+    let n = (rate * cfg.latency_secs).round() as usize;
+    // The sink in a process of its own (see `roles`), as the bare consumer is.
+    let sink = Child::start("sink", &[("HF_BENCH_N", n.to_string())]).await?;
+    let url = sink.ready_text()?;
+    let w = Worker::start(cfg, &rmq.amqp_uri(), &queue, &url, &Opts::default()).await?;
     w.wait_ready().await?;
     let c0 = w.cpu();
     let p = load::open_loop(
@@ -647,29 +674,30 @@ async fn latency_round(cfg: &Cfg, rmq: &RabbitMq, rate: f64, tag: &str) -> Resul
         false,
     )
     .await?;
-    wait_requests(&sink, p.confirmed, Duration::from_secs(120)).await?;
+    anyhow::ensure!(p.confirmed == n, "{} of {n} publishes confirmed", p.confirmed);
+    let arrivals = sink.arrivals(Duration::from_secs(120)).await?;
     let cpu_us = (w.cpu() - c0).as_secs_f64() * 1e6 / p.confirmed as f64;
-    let lat = sink_latencies(&sink, &p);
+    let lat = arrival_latencies(&arrivals, &p);
     anyhow::ensure!(
         lat.len() == p.confirmed,
         "{} of {} delivered",
         lat.len(),
         p.confirmed
     );
-    let hits = sink.hits();
-    let span = hits
+    let span = arrivals
         .iter()
-        .map(|h| h.at)
+        .map(|a| a.at)
         .max()
-        .zip(hits.iter().map(|h| h.at).min());
-    let delivered = span.map_or(0.0, |(b, a)| (p.confirmed - 1) as f64 / (b - a).as_secs_f64());
+        .zip(arrivals.iter().map(|a| a.at).min());
+    let delivered = span.map_or(0.0, |(b, a)| {
+        (p.confirmed - 1) as f64 / b.duration_since(a).unwrap_or_default().as_secs_f64()
+    });
     let hf = measure::p50_p99_p999(lat);
     drop(w);
 
     eprintln!("bench: latency {tag} ({rate:.0} msg/s), bare consumer");
     let queue = format!("bench.latbare.{tag}");
     load::prefill(&rmq.amqp_uri(), &queue, QueueType::Classic, &queue, 0, size).await?;
-    let n = (rate * cfg.latency_secs).round() as usize;
     let child = Child::start(
         "consumer",
         &[

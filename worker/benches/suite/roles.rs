@@ -7,6 +7,12 @@
 //!
 //! A child writes `ready` into `HF_BENCH_READY` once consuming and one line of figures into
 //! `HF_BENCH_RESULT` when done.
+//!
+//! One more role is not a baseline: `sink`, the latency section's webhook sink in a process of its own, so
+//! that the arrival times it records are not delayed by the open-loop publisher sharing its runtime (the
+//! bare consumer it is compared with also stamps arrivals in its own process). It writes its URL into
+//! `HF_BENCH_READY`, and each request's id, wall-clock arrival (µs since the epoch) and status into
+//! `HF_BENCH_RESULT` once `HF_BENCH_N` requests arrived.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -54,6 +60,7 @@ pub async fn child(role: &str) -> Result<()> {
     let f = match role {
         "consumer" => consumer().await?,
         "client" => client().await?,
+        "sink" => return sink().await,
         other => anyhow::bail!("unknown {ROLE} {other}"),
     };
     write_result(&f)
@@ -149,6 +156,44 @@ async fn client() -> Result<Figures> {
     })
 }
 
+/// Written by renaming a finished file, so the parent never reads half of it.
+fn write_atomic(path: &str, text: &str) -> Result<()> {
+    let tmp = format!("{path}.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+async fn sink() -> Result<()> {
+    let n: usize = env("HF_BENCH_N")?.parse()?;
+    let sink = hookfleet_e2e::sink::Sink::start_with(false).await?;
+    // Arrivals are stamped with the monotonic clock; one anchor turns them into wall-clock times.
+    let (anchor, wall) = (Instant::now(), SystemTime::now().duration_since(UNIX_EPOCH)?);
+    write_atomic(&env("HF_BENCH_READY")?, &sink.url())?;
+    while (sink.requests() as usize) < n {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut out = String::with_capacity(n * 40);
+    for h in sink.hits() {
+        let at = wall + h.at.saturating_duration_since(anchor);
+        out.push_str(&format!(
+            "{} {} {}\n",
+            h.id.as_deref().unwrap_or("-"),
+            at.as_micros(),
+            h.status
+        ));
+    }
+    write_atomic(&env("HF_BENCH_RESULT")?, &out)
+}
+
+/// A request as the `sink` child saw it.
+pub struct Arrival {
+    pub id: String,
+    /// Wall clock.
+    pub at: SystemTime,
+    pub status: u16,
+}
+
 /// A running baseline child (stopped when dropped).
 pub struct Child {
     process: Process,
@@ -187,6 +232,40 @@ impl Child {
             result,
             _dir: dir,
         })
+    }
+
+    /// What the child wrote into its ready file (the `sink` role's URL).
+    pub fn ready_text(&self) -> Result<String> {
+        let ready = self.result.with_file_name("ready");
+        Ok(std::fs::read_to_string(ready)?)
+    }
+
+    /// Waits for the `sink` child's arrivals.
+    pub async fn arrivals(self, timeout: Duration) -> Result<Vec<Arrival>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&self.result) {
+                return s
+                    .lines()
+                    .map(|l| {
+                        let mut f = l.split(' ');
+                        let (id, at, status) = (f.next(), f.next(), f.next());
+                        let at: u64 = at.context("no time")?.parse()?;
+                        Ok(Arrival {
+                            id: id.context("no id")?.to_owned(),
+                            at: UNIX_EPOCH + Duration::from_micros(at),
+                            status: status.context("no status")?.parse()?,
+                        })
+                    })
+                    .collect();
+            }
+            anyhow::ensure!(
+                !self.process.exited() && Instant::now() < deadline,
+                "the sink gave no arrivals: {}",
+                self.process.log_tail(20)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits for the child's figures.
