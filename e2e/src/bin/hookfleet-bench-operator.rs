@@ -123,13 +123,14 @@ async fn api_requests(client: &Client) -> Result<Requests> {
     Ok(out)
 }
 
-/// `after - before`, the writes (POST, PUT, PATCH, DELETE) per resource, largest first, and their total.
+/// `after - before`, the writes (POST, PUT, PATCH, APPLY, DELETE, DELETECOLLECTION) per resource, largest
+/// first, and their total.
 fn writes_between(before: &Requests, after: &Requests) -> (f64, String) {
     let mut rows: Vec<(String, f64)> = Vec::new();
     for ((verb, resource), v) in after {
         if !matches!(
             verb.as_str(),
-            "POST" | "PUT" | "PATCH" | "DELETE" | "APPLY" | "CREATE" | "UPDATE"
+            "POST" | "PUT" | "PATCH" | "APPLY" | "DELETE" | "DELETECOLLECTION"
         ) {
             continue;
         }

@@ -55,10 +55,10 @@ pub async fn status(
         destination_gone: desired.destination_gone.clone(),
     };
     let cached_status = intg.status.clone().unwrap_or_default();
-    let old = ctx
-        .memory
-        .with(&ns, &name, &uid, |m| m.written.clone())
-        .unwrap_or_else(|| cached_status.clone());
+    let (written, since_last_write) = ctx.memory.with(&ns, &name, &uid, |m| {
+        (m.written.clone(), m.written_at.map(|t| t.elapsed()))
+    });
+    let old = written.unwrap_or_else(|| cached_status.clone());
     let mut new = status::compute(&observed);
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     new.conditions = status::merge_conditions(&old.conditions, new.conditions, &now);
@@ -72,9 +72,6 @@ pub async fn status(
     // Write when either our last write or the cached object differs (someone may have edited the status);
     // in a steady state all three agree and nothing is written.
     if new != old || new != cached_status {
-        let since_last_write = ctx
-            .memory
-            .with(&ns, &name, &uid, |m| m.written_at.map(|t| t.elapsed()));
         let answers_generation = new.observed_generation != old.observed_generation;
         if let Some(held) =
             pacing::hold_status(answers_generation, since_last_write, || ctx.catching_up(&uid))

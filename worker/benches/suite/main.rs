@@ -597,15 +597,19 @@ async fn throughput(cfg: &Cfg, rmq: &RabbitMq, found: &mut Found) -> Result<(Sec
     ))
 }
 
-/// Latencies (ms) of each published id's first 2xx at the sink, from its due time.
-fn sink_latencies(sink: &Sink, p: &load::Published) -> Vec<f64> {
+/// Latencies (ms) of each published id's first 2xx at the sink, from its due time; `arrivals` are
+/// `(id, status, when)`.
+fn first_arrival_latencies<'a>(
+    arrivals: impl IntoIterator<Item = (&'a str, u16, Instant)>,
+    p: &load::Published,
+) -> Vec<f64> {
     let mut first: Vec<Option<Instant>> = vec![None; p.due.len()];
-    for h in sink.hits() {
-        if let Some(i) = h.id.as_deref().and_then(|id| p.index(id))
-            && (200..300).contains(&h.status)
-            && first[i].is_none_or(|t| h.at < t)
+    for (id, status, at) in arrivals {
+        if let Some(i) = p.index(id)
+            && (200..300).contains(&status)
+            && first[i].is_none_or(|t| at < t)
         {
-            first[i] = Some(h.at);
+            first[i] = Some(at);
         }
     }
     first
@@ -615,28 +619,14 @@ fn sink_latencies(sink: &Sink, p: &load::Published) -> Vec<f64> {
         .collect()
 }
 
-/// Publish → arrival in ms of each message the `sink` child saw answered 2xx (its first such arrival), from
-/// the wall-clock times it wrote.
-fn arrival_latencies(arrivals: &[roles::Arrival], p: &load::Published) -> Vec<f64> {
-    // `due` is monotonic; one anchor taken now turns it into wall-clock time.
-    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
-    let mut first: Vec<Option<std::time::SystemTime>> = vec![None; p.due.len()];
-    for a in arrivals {
-        if let Some(i) = p.index(&a.id)
-            && (200..300).contains(&a.status)
-            && first[i].is_none_or(|t| a.at < t)
-        {
-            first[i] = Some(a.at);
-        }
-    }
-    first
-        .iter()
-        .zip(&p.due)
-        .filter_map(|(a, d)| {
-            let due = wall - now.saturating_duration_since(*d);
-            Some(a.as_ref()?.duration_since(due).unwrap_or_default().as_secs_f64() * 1e3)
-        })
-        .collect()
+/// [`first_arrival_latencies`] of the requests an in-process sink recorded.
+fn sink_latencies(sink: &Sink, p: &load::Published) -> Vec<f64> {
+    let hits = sink.hits();
+    first_arrival_latencies(
+        hits.iter()
+            .filter_map(|h| Some((h.id.as_deref()?, h.status, h.at))),
+        p,
+    )
 }
 
 fn ms3(v: [f64; 3]) -> String {
@@ -677,7 +667,7 @@ async fn latency_round(cfg: &Cfg, rmq: &RabbitMq, rate: f64, tag: &str) -> Resul
     anyhow::ensure!(p.confirmed == n, "{} of {n} publishes confirmed", p.confirmed);
     let arrivals = sink.arrivals(Duration::from_secs(120)).await?;
     let cpu_us = (w.cpu() - c0).as_secs_f64() * 1e6 / p.confirmed as f64;
-    let lat = arrival_latencies(&arrivals, &p);
+    let lat = first_arrival_latencies(arrivals.iter().map(|a| (a.id.as_str(), a.status, a.at)), &p);
     anyhow::ensure!(
         lat.len() == p.confirmed,
         "{} of {} delivered",
@@ -689,9 +679,7 @@ async fn latency_round(cfg: &Cfg, rmq: &RabbitMq, rate: f64, tag: &str) -> Resul
         .map(|a| a.at)
         .max()
         .zip(arrivals.iter().map(|a| a.at).min());
-    let delivered = span.map_or(0.0, |(b, a)| {
-        (p.confirmed - 1) as f64 / b.duration_since(a).unwrap_or_default().as_secs_f64()
-    });
+    let delivered = span.map_or(0.0, |(b, a)| (p.confirmed - 1) as f64 / (b - a).as_secs_f64());
     let hf = measure::p50_p99_p999(lat);
     drop(w);
 

@@ -189,8 +189,8 @@ async fn sink() -> Result<()> {
 /// A request as the `sink` child saw it.
 pub struct Arrival {
     pub id: String,
-    /// Wall clock.
-    pub at: SystemTime,
+    /// The child's wall-clock arrival time, on this process's monotonic clock.
+    pub at: Instant,
     pub status: u16,
 }
 
@@ -245,6 +245,13 @@ impl Child {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(s) = std::fs::read_to_string(&self.result) {
+                // One anchor turns the child's wall-clock times into this process's `Instant`s, the clock
+                // the publisher's due times are on.
+                let (now, wall) = (Instant::now(), SystemTime::now());
+                let instant = |at: SystemTime| match wall.duration_since(at) {
+                    Ok(before) => now - before,
+                    Err(after) => now + after.duration(),
+                };
                 return s
                     .lines()
                     .map(|l| {
@@ -253,7 +260,7 @@ impl Child {
                         let at: u64 = at.context("no time")?.parse()?;
                         Ok(Arrival {
                             id: id.context("no id")?.to_owned(),
-                            at: UNIX_EPOCH + Duration::from_micros(at),
+                            at: instant(UNIX_EPOCH + Duration::from_micros(at)),
                             status: status.context("no status")?.parse()?,
                         })
                     })
