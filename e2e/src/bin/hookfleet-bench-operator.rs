@@ -10,7 +10,9 @@
 //! operator's RSS and CPU seconds; API writes and reconciles per resync at steady state (target 0 writes);
 //! and the seconds from a change of one Integration's destination until its Deployment carries it.
 //!
-//! `HOOKFLEET_BENCH_OPERATOR_COUNTS` (`100,1000`; `100` with `HOOKFLEET_BENCH_QUICK=1`), `HOOKFLEET_BENCH_OPERATOR_RESYNC` (seconds, 5),
+//! `HOOKFLEET_BENCH_OPERATOR_COUNTS` (`100,1000`; `100` with `HOOKFLEET_BENCH_QUICK=1`),
+//! `HOOKFLEET_BENCH_OPERATOR_ROUNDS` (3, each on a fresh control plane, medians at the end; 1 with
+//! `HOOKFLEET_BENCH_QUICK=1`), `HOOKFLEET_BENCH_OPERATOR_RESYNC` (seconds, 5),
 //! `HOOKFLEET_BENCH_OPERATOR_BIN` (default: the release `hookfleet-operator` of this target directory, else
 //! the one beside this binary).
 
@@ -55,6 +57,88 @@ fn cpu_secs(pid: u32) -> f64 {
             Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
         })
         .unwrap_or(0.0)
+}
+
+/// CPU time on this machine at one instant: the whole machine's (busy and total jiffies, from `/proc/stat`)
+/// and that of each control-plane process by name, so an interval says whether the cores were full and who
+/// filled them.
+struct CpuSnapshot {
+    busy: u64,
+    total: u64,
+    by_name: BTreeMap<&'static str, f64>,
+}
+
+/// The processes whose CPU seconds the bench reports (by `/proc/<pid>/comm`; the operator and the bench itself,
+/// T₀'s client, by pid).
+const CPU_NAMES: [&str; 5] = [
+    "kube-apiserver",
+    "etcd",
+    "kube-controller",
+    "kube-scheduler",
+    "kwok",
+];
+
+impl CpuSnapshot {
+    fn take(operator: Option<u32>) -> Self {
+        let (mut busy, mut total) = (0, 0);
+        if let Some(line) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_owned))
+        {
+            // user nice system idle iowait irq softirq steal (guest time is inside user already).
+            let f: Vec<u64> = line
+                .split_whitespace()
+                .skip(1)
+                .take(8)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            total = f.iter().sum();
+            busy = total - f.get(3).copied().unwrap_or(0) - f.get(4).copied().unwrap_or(0);
+        }
+        let mut by_name = BTreeMap::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let name = if Some(pid) == operator {
+                Some("operator")
+            } else if pid == std::process::id() {
+                Some("this bench")
+            } else {
+                CPU_NAMES.iter().copied().find(|n| comm.trim() == *n)
+            };
+            if let Some(name) = name {
+                *by_name.entry(name).or_insert(0.0) += cpu_secs(pid);
+            }
+        }
+        CpuSnapshot { busy, total, by_name }
+    }
+
+    /// "1.93 of 2 cores busy; kube-apiserver 9.1 s, etcd 2.0 s, …" from `self` to `later`, over `secs`.
+    fn until(&self, later: &CpuSnapshot, secs: f64) -> String {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let share = (later.busy - self.busy) as f64 / (later.total - self.total).max(1) as f64;
+        let mut text = format!("{:.2} of {cores:.0} cores busy over {secs:.1} s", share * cores);
+        let mut rest = (later.busy - self.busy) as f64 / 100.0;
+        for (name, after) in &later.by_name {
+            let used = after - self.by_name.get(name).copied().unwrap_or(0.0);
+            rest -= used;
+            text.push_str(&format!("; {name} {used:.1} s"));
+        }
+        text.push_str(&format!("; everything else {:.1} s", rest.max(0.0)));
+        text
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count); 0 for none.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 fn rss_mib(pid: u32, key: &str) -> f64 {
@@ -289,6 +373,9 @@ struct Figures {
     t0_writes: (f64, String),
     /// Until converged: reconciles started, and the seconds and count of those finished.
     reconciles: (f64, f64, f64),
+    /// CPU while the operator converged and during T₀ ([`CpuSnapshot::until`]).
+    op_cpu: String,
+    t0_cpu: String,
 }
 
 async fn one(
@@ -356,6 +443,7 @@ async fn one(
     let start = Instant::now();
     let op = Process::spawn("operator", bin, &args, &envs, &dir.path().join("operator.log"))?;
     let pid = op.pid().context("operator pid")?;
+    let cpu_before = CpuSnapshot::take(Some(pid));
     eprintln!("bench-operator: operator started; waiting for {n} statuses");
     let mut last_report = Instant::now();
     let converge = loop {
@@ -377,6 +465,7 @@ async fn one(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    let op_cpu = cpu_before.until(&CpuSnapshot::take(Some(pid)), converge);
     drop(statuses);
     let cpu = cpu_secs(pid);
     let op_writes = writes_between(&requests_before, &api_requests(&client).await?);
@@ -459,6 +548,7 @@ async fn one(
 
     eprintln!("bench-operator: T0, the same children by a bare client");
     let requests_before = api_requests(&client).await?;
+    let cpu_before = CpuSnapshot::take(None);
     let t = Instant::now();
     let mut children = copy_all::<Deployment>(&client, &ns, &ns0, |_| {}).await?;
     children += copy_all::<PodDisruptionBudget>(&client, &ns, &ns0, |_| {}).await?;
@@ -474,8 +564,11 @@ async fn one(
     })
     .await?;
     let t0 = t.elapsed().as_secs_f64();
+    let t0_cpu = cpu_before.until(&CpuSnapshot::take(None), t0);
     let t0_writes = writes_between(&requests_before, &api_requests(&client).await?);
     Ok(Figures {
+        op_cpu,
+        t0_cpu,
         op_writes,
         t0_writes,
         reconciles,
@@ -537,16 +630,28 @@ async fn run() -> Result<()> {
     // With kwok (a fake node with room for 5,000 pods, controller-manager and scheduler) the workers'
     // pods exist and run, and their status changes reach the operator as they would in a cluster.
     let workloads = std::env::var("HOOKFLEET_BENCH_OPERATOR_WORKLOADS").map_or(true, |v| v != "0");
-    let cp = if workloads {
-        ControlPlane::start_with_workloads().await?
-    } else {
-        ControlPlane::start().await?
-    };
-    cp.install_crds().await?;
-    let rmq = RabbitMq::start().await?;
+    // Each round on a fresh control plane and broker: a second round in the same cluster would start with the
+    // first one's thousands of objects (and kwok's room for pods filled).
+    let rounds = env_list("HOOKFLEET_BENCH_OPERATOR_ROUNDS", if quick { "1" } else { "3" })
+        .first()
+        .copied()
+        .unwrap_or(1)
+        .max(1);
     let mut rows = Vec::new();
-    for n in counts {
-        rows.push(one(&cp, &rmq, &bin, n, resync, workloads).await?);
+    for round in 1..=rounds {
+        if rounds > 1 {
+            eprintln!("bench-operator: round {round} of {rounds}");
+        }
+        let cp = if workloads {
+            ControlPlane::start_with_workloads().await?
+        } else {
+            ControlPlane::start().await?
+        };
+        cp.install_crds().await?;
+        let rmq = RabbitMq::start().await?;
+        for &n in &counts {
+            rows.push((round, one(&cp, &rmq, &bin, n, resync, workloads).await?));
+        }
     }
     let load_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
@@ -561,10 +666,12 @@ async fn run() -> Result<()> {
         load_end.split_whitespace().next().unwrap_or("?")
     );
     let mut table: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    for f in &rows {
-        table.insert(
-            f.n,
-            vec![
+    for (round, f) in &rows {
+        let lines = table.entry(f.n).or_default();
+        if rounds > 1 {
+            lines.push(format!(" round {round} of {rounds}"));
+        }
+        lines.extend([
                 format!(
                     "  all {} reconciled (a status each) in {:.1} s; T₀ (bare SSA of the same {} children) {:.1} s; ratio {:.2} (target ≤ 2)",
                     f.n,
@@ -592,14 +699,32 @@ async fn run() -> Result<()> {
                     f.reconciles.0 / f.n as f64,
                     1e3 * f.reconciles.1 / f.reconciles.2.max(1.0)
                 ),
+                format!("  CPU until converged: {}", f.op_cpu),
                 format!("  API writes (all clients) during T₀ {:.0}: {}", f.t0_writes.0, f.t0_writes.1),
+                format!("  CPU during T₀: {}", f.t0_cpu),
                 match (workloads, f.fleets_ready) {
                     (false, _) => "  no pods (API server only)".into(),
                     (true, Some(t)) => format!("  every fleet's workers ready {t:.1} s after the operator started"),
                     (true, None) => "  not every fleet's workers ready 300 s after convergence".into(),
                 },
-            ],
-        );
+            ]);
+    }
+    if rounds > 1 {
+        for (n, lines) in &mut table {
+            let of_n: Vec<&Figures> = rows.iter().filter(|(_, f)| f.n == *n).map(|(_, f)| f).collect();
+            let pick = |v: &dyn Fn(&Figures) -> f64| median(of_n.iter().map(|f| v(f)).collect());
+            let ratios: Vec<f64> = of_n.iter().map(|f| f.converge / f.t0).collect();
+            let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            lines.push(format!(
+                " over {rounds} rounds (medians): all reconciled in {:.1} s; T₀ {:.1} s; ratio {:.2} (ratios {lo:.2}–{hi:.2}; target ≤ 2); operator RSS {:.1} MiB; {:.1} API writes per resync",
+                pick(&|f| f.converge),
+                pick(&|f| f.t0),
+                median(ratios.clone()),
+                pick(&|f| f.rss),
+                pick(&|f| f.writes_per_resync),
+            ));
+        }
     }
     for (n, lines) in table {
         println!("{n} Integrations");
