@@ -94,7 +94,7 @@ impl Cfg {
             sections: list("HOOKFLEET_BENCH_SECTIONS", "throughput,latency,memory,fd,load")
                 .into_iter()
                 .collect(),
-            n: var("HOOKFLEET_BENCH_N", 5_000, 30_000, q),
+            n: var("HOOKFLEET_BENCH_N", 5_000, 100_000, q),
             rounds: var("HOOKFLEET_BENCH_ROUNDS", 1, 3, q).max(1),
             concurrency,
             prefetch: var("HOOKFLEET_BENCH_PREFETCH", 2 * concurrency, 2 * concurrency, q).min(65_535),
