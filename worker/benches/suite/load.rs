@@ -92,6 +92,9 @@ pub struct Published {
     pub prefix: String,
     /// When message i was due (its latency counts from here, so a publisher falling behind shows).
     pub due: Vec<Instant>,
+    /// When message i was handed to its connection: its due time plus the publisher's lag (on a
+    /// saturated machine the publisher, sharing the cores, falls behind its schedule).
+    pub sent: Vec<Instant>,
     pub confirmed: usize,
     /// Messages the broker did not confirm (nacked or returned): not counted as published.
     pub refused: Vec<usize>,
@@ -108,6 +111,15 @@ impl Published {
         (0..self.due.len())
             .filter(|i| self.refused.binary_search(i).is_err())
             .map(|i| format!("{}-{i}", self.prefix))
+            .collect()
+    }
+
+    /// How late each message was handed to its connection, in ms.
+    pub fn lags_ms(&self) -> Vec<f64> {
+        self.sent
+            .iter()
+            .zip(&self.due)
+            .map(|(s, d)| s.saturating_duration_since(*d).as_secs_f64() * 1e3)
             .collect()
     }
 }
@@ -139,6 +151,7 @@ pub async fn open_loop(
         let (queue, prefix) = (queue.to_owned(), prefix.to_owned());
         tokio::spawn(async move {
             let mut pending = Vec::with_capacity(n / PUBLISHERS + 1);
+            let mut sent = Vec::with_capacity(n / PUBLISHERS + 1);
             let mut max_lag: f64 = 0.0;
             for i in (k..n).step_by(PUBLISHERS) {
                 let offset = Duration::from_secs_f64(i as f64 / rate);
@@ -146,18 +159,20 @@ pub async fn open_loop(
                 let now = Instant::now();
                 if at > now {
                     tokio::time::sleep_until(at.into()).await;
+                    sent.push(Instant::now());
                 } else {
                     max_lag = max_lag.max((now - at).as_secs_f64());
+                    sent.push(now);
                 }
                 let id = format!("{prefix}-{i}");
-                let sent = stamp.then(|| wall + offset);
+                let stamped = stamp.then(|| wall + offset);
                 let confirm = ch
                     .basic_publish(
                         "".into(),
                         queue.as_str().into(),
                         BasicPublishOptions::default(),
                         &body(&id, size),
-                        props(&id, sent),
+                        props(&id, stamped),
                     )
                     .await?;
                 pending.push((i, confirm));
@@ -169,15 +184,19 @@ pub async fn open_loop(
                 }
             }
             let _ = conn.close(200, "published".into()).await;
-            Ok::<_, anyhow::Error>((refused, max_lag))
+            Ok::<_, anyhow::Error>((refused, max_lag, sent))
         })
     });
     let mut refused = Vec::new();
     let mut max_lag: f64 = 0.0;
-    for r in try_join_all(tasks).await? {
-        let (r, lag) = r?;
+    let mut sent_at = vec![start; n];
+    for (k, r) in try_join_all(tasks).await?.into_iter().enumerate() {
+        let (r, lag, sent) = r?;
         refused.extend(r);
         max_lag = max_lag.max(lag);
+        for (i, t) in (k..n).step_by(PUBLISHERS).zip(sent) {
+            sent_at[i] = t;
+        }
     }
     refused.sort_unstable();
     let due = (0..n)
@@ -187,6 +206,7 @@ pub async fn open_loop(
         prefix: prefix.to_owned(),
         confirmed: n - refused.len(),
         due,
+        sent: sent_at,
         refused,
         max_lag,
     })

@@ -597,11 +597,12 @@ async fn throughput(cfg: &Cfg, rmq: &RabbitMq, found: &mut Found) -> Result<(Sec
     ))
 }
 
-/// Latencies (ms) of each published id's first 2xx at the sink, from its due time; `arrivals` are
-/// `(id, status, when)`.
+/// Latencies (ms) of each published id's first 2xx at the sink, from `from[i]` (its due time, or when
+/// it was sent); `arrivals` are `(id, status, when)`.
 fn first_arrival_latencies<'a>(
     arrivals: impl IntoIterator<Item = (&'a str, u16, Instant)>,
     p: &load::Published,
+    from: &[Instant],
 ) -> Vec<f64> {
     let mut first: Vec<Option<Instant>> = vec![None; p.due.len()];
     for (id, status, at) in arrivals {
@@ -614,18 +615,19 @@ fn first_arrival_latencies<'a>(
     }
     first
         .iter()
-        .zip(&p.due)
+        .zip(from)
         .filter_map(|(a, d)| Some(a.as_ref()?.saturating_duration_since(*d).as_secs_f64() * 1e3))
         .collect()
 }
 
-/// [`first_arrival_latencies`] of the requests an in-process sink recorded.
+/// [`first_arrival_latencies`] from the due times of the requests an in-process sink recorded.
 fn sink_latencies(sink: &Sink, p: &load::Published) -> Vec<f64> {
     let hits = sink.hits();
     first_arrival_latencies(
         hits.iter()
             .filter_map(|h| Some((h.id.as_deref()?, h.status, h.at))),
         p,
+        &p.due,
     )
 }
 
@@ -636,7 +638,12 @@ fn ms3(v: [f64; 3]) -> String {
 /// One latency point's measurement: hookfleet, then the bare consumer, at the same offered rate.
 struct LatencyRound {
     hf: [f64; 3],
+    /// hookfleet's latencies from when each message was sent, not due: without the publisher's lag.
+    hf_sent: [f64; 3],
     bare: [f64; 3],
+    /// p99 of the publisher's lag (ms) in hookfleet's run and in the bare consumer's.
+    lag_p99: f64,
+    bare_lag_p99: f64,
     cpu_us: f64,
     bare_cpu_us: f64,
     delivered: f64,
@@ -667,7 +674,9 @@ async fn latency_round(cfg: &Cfg, rmq: &RabbitMq, rate: f64, tag: &str) -> Resul
     anyhow::ensure!(p.confirmed == n, "{} of {n} publishes confirmed", p.confirmed);
     let arrivals = sink.arrivals(Duration::from_secs(120)).await?;
     let cpu_us = (w.cpu() - c0).as_secs_f64() * 1e6 / p.confirmed as f64;
-    let lat = first_arrival_latencies(arrivals.iter().map(|a| (a.id.as_str(), a.status, a.at)), &p);
+    let first = || arrivals.iter().map(|a| (a.id.as_str(), a.status, a.at));
+    let lat = first_arrival_latencies(first(), &p, &p.due);
+    let hf_sent = measure::p50_p99_p999(first_arrival_latencies(first(), &p, &p.sent));
     anyhow::ensure!(
         lat.len() == p.confirmed,
         "{} of {} delivered",
@@ -714,7 +723,10 @@ async fn latency_round(cfg: &Cfg, rmq: &RabbitMq, rate: f64, tag: &str) -> Resul
     let bare = child.figures(Duration::from_secs(120)).await?;
     Ok(LatencyRound {
         hf,
+        hf_sent,
         bare: bare.lat_ms,
+        lag_p99: measure::p50_p99_p999(p.lags_ms())[1],
+        bare_lag_p99: measure::p50_p99_p999(pb.lags_ms())[1],
         cpu_us,
         bare_cpu_us: bare.cpu_us,
         delivered,
@@ -770,6 +782,23 @@ async fn latency(cfg: &Cfg, rmq: &RabbitMq, found: &Found) -> Result<(Section, V
             ));
         }
         rows.push(row_);
+        // The same arrivals from when each message was sent: what is left once the publisher's own
+        // lag (it shares the cores with everything it measures) is taken out.
+        let sent = OverRounds {
+            values: rounds.iter().map(|r| r.hf_sent[1]).collect(),
+            ratios: rounds.iter().map(|r| r.hf_sent[1] / r.bare[1]).collect(),
+        };
+        rows.push(
+            row(
+                format!(
+                    "  from the send, not the due time (publisher lag p99 {:.1} ms; in the bare run {:.1} ms)",
+                    q(&|r| r.lag_p99),
+                    q(&|r| r.bare_lag_p99)
+                ),
+                ms3([q(&|r| r.hf_sent[0]), q(&|r| r.hf_sent[1]), q(&|r| r.hf_sent[2])]),
+            )
+            .against(ms3(bare), sent.ratio()),
+        );
         rows.push(
             row(
                 format!("  worker CPU-µs/msg at {pct}%"),
