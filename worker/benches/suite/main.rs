@@ -597,13 +597,12 @@ async fn throughput(cfg: &Cfg, rmq: &RabbitMq, found: &mut Found) -> Result<(Sec
     ))
 }
 
-/// Latencies (ms) of each published id's first 2xx at the sink, from `from[i]` (its due time, or when
-/// it was sent); `arrivals` are `(id, status, when)`.
-fn first_arrival_latencies<'a>(
+/// When each published id first got a 2xx at the sink (`None`: never); `arrivals` are
+/// `(id, status, when)`.
+fn first_arrivals<'a>(
     arrivals: impl IntoIterator<Item = (&'a str, u16, Instant)>,
     p: &load::Published,
-    from: &[Instant],
-) -> Vec<f64> {
+) -> Vec<Option<Instant>> {
     let mut first: Vec<Option<Instant>> = vec![None; p.due.len()];
     for (id, status, at) in arrivals {
         if let Some(i) = p.index(id)
@@ -614,21 +613,27 @@ fn first_arrival_latencies<'a>(
         }
     }
     first
+}
+
+/// Latencies (ms) of the messages that arrived, each from `from[i]` (its due time, or when it was
+/// sent).
+fn latencies_ms(first: &[Option<Instant>], from: &[Instant]) -> Vec<f64> {
+    first
         .iter()
         .zip(from)
         .filter_map(|(a, d)| Some(a.as_ref()?.saturating_duration_since(*d).as_secs_f64() * 1e3))
         .collect()
 }
 
-/// [`first_arrival_latencies`] from the due times of the requests an in-process sink recorded.
+/// Latencies from the due times of the requests an in-process sink recorded.
 fn sink_latencies(sink: &Sink, p: &load::Published) -> Vec<f64> {
     let hits = sink.hits();
-    first_arrival_latencies(
+    let first = first_arrivals(
         hits.iter()
             .filter_map(|h| Some((h.id.as_deref()?, h.status, h.at))),
         p,
-        &p.due,
-    )
+    );
+    latencies_ms(&first, &p.due)
 }
 
 fn ms3(v: [f64; 3]) -> String {
@@ -674,9 +679,9 @@ async fn latency_round(cfg: &Cfg, rmq: &RabbitMq, rate: f64, tag: &str) -> Resul
     anyhow::ensure!(p.confirmed == n, "{} of {n} publishes confirmed", p.confirmed);
     let arrivals = sink.arrivals(Duration::from_secs(120)).await?;
     let cpu_us = (w.cpu() - c0).as_secs_f64() * 1e6 / p.confirmed as f64;
-    let first = || arrivals.iter().map(|a| (a.id.as_str(), a.status, a.at));
-    let lat = first_arrival_latencies(first(), &p, &p.due);
-    let hf_sent = measure::p50_p99_p999(first_arrival_latencies(first(), &p, &p.sent));
+    let first = first_arrivals(arrivals.iter().map(|a| (a.id.as_str(), a.status, a.at)), &p);
+    let lat = latencies_ms(&first, &p.due);
+    let hf_sent = measure::p50_p99_p999(latencies_ms(&first, &p.sent));
     anyhow::ensure!(
         lat.len() == p.confirmed,
         "{} of {} delivered",
@@ -730,7 +735,7 @@ async fn latency_round(cfg: &Cfg, rmq: &RabbitMq, rate: f64, tag: &str) -> Resul
         cpu_us,
         bare_cpu_us: bare.cpu_us,
         delivered,
-        max_lag: p.max_lag,
+        max_lag: p.max_lag(),
     })
 }
 
@@ -784,10 +789,6 @@ async fn latency(cfg: &Cfg, rmq: &RabbitMq, found: &Found) -> Result<(Section, V
         rows.push(row_);
         // The same arrivals from when each message was sent: what is left once the publisher's own
         // lag (it shares the cores with everything it measures) is taken out.
-        let sent = OverRounds {
-            values: rounds.iter().map(|r| r.hf_sent[1]).collect(),
-            ratios: rounds.iter().map(|r| r.hf_sent[1] / r.bare[1]).collect(),
-        };
         rows.push(
             row(
                 format!(
@@ -797,7 +798,7 @@ async fn latency(cfg: &Cfg, rmq: &RabbitMq, found: &Found) -> Result<(Section, V
                 ),
                 ms3([q(&|r| r.hf_sent[0]), q(&|r| r.hf_sent[1]), q(&|r| r.hf_sent[2])]),
             )
-            .against(ms3(bare), sent.ratio()),
+            .against(ms3(bare), q(&|r| r.hf_sent[1] / r.bare[1])),
         );
         rows.push(
             row(
@@ -1056,7 +1057,7 @@ async fn five_x(cfg: &Cfg, rmq: &RabbitMq) -> Result<Section> {
         row(
             format!(
                 "latency p50/p99/p99.9 ms (publisher lag ≤ {:.0} ms)",
-                p.max_lag * 1e3
+                p.max_lag() * 1e3
             ),
             ms3(lat),
         ),
