@@ -86,6 +86,57 @@ pub async fn prefill(
     Ok(())
 }
 
+/// Publishes `n` persistent messages `prefix-0 …` of `size` bytes to `queue` (which exists) as fast as
+/// confirms allow, message i from connection i mod [`PUBLISHERS`], each connection with 1,000 in
+/// flight at a time (a closed loop). Returns when the publishing started and when the last confirm came.
+pub async fn flat_out(
+    uri: &str,
+    queue: &str,
+    prefix: &str,
+    n: usize,
+    size: usize,
+) -> Result<(Instant, Instant)> {
+    let mut channels = Vec::with_capacity(PUBLISHERS);
+    for _ in 0..PUBLISHERS {
+        channels.push(channel(uri).await?);
+    }
+    let start = Instant::now();
+    let tasks = channels.into_iter().enumerate().map(|(k, (conn, ch))| {
+        let (queue, prefix) = (queue.to_owned(), prefix.to_owned());
+        tokio::spawn(async move {
+            let mine: Vec<usize> = (k..n).step_by(PUBLISHERS).collect();
+            for window in mine.chunks(1000) {
+                let mut pending = Vec::with_capacity(window.len());
+                for &i in window {
+                    let id = format!("{prefix}-{i}");
+                    pending.push(
+                        ch.basic_publish(
+                            "".into(),
+                            queue.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &body(&id, size),
+                            props(&id, None),
+                        )
+                        .await?,
+                    );
+                }
+                for c in try_join_all(pending).await? {
+                    anyhow::ensure!(
+                        matches!(c, Confirmation::Ack(None)),
+                        "publish not confirmed: {c:?}"
+                    );
+                }
+            }
+            let _ = conn.close(200, "published".into()).await;
+            Ok::<_, anyhow::Error>(())
+        })
+    });
+    for r in try_join_all(tasks).await? {
+        r?;
+    }
+    Ok((start, Instant::now()))
+}
+
 /// What an open-loop run published.
 pub struct Published {
     /// Ids `prefix-i`, i = 0 … n-1.

@@ -5,8 +5,10 @@
 //! - `throughput`: bare consumer B, bare HTTP client H, the serial limit L = 1/(1/B + 1/H), and hookfleet end
 //!   to end (persistent, ack after 2xx) for classic and quorum queues, 200 B and 8 KiB bodies, plain and
 //!   signed + body template; CPU-µs per message of each (from `/proc/<pid>/stat`).
-//! - `latency`: publish → sink p50/p99/p99.9 with an open-loop publisher at fractions of the measured max
-//!   rate, beside the bare consumer's publish → consume at the same rate; the SVG plot.
+//! - `latency`: the rate the machine sustains end to end while it also publishes (the sweep's 100%), then
+//!   publish → sink p50/p99/p99.9 with an open-loop publisher at fractions of it, beside the bare
+//!   consumer's publish → consume at the same rate; a reference point at half the throughput section's
+//!   drain rate; the SVG plot.
 //! - `memory`: worker RSS idle and over a soak.
 //! - `fd`: soft and hard limit 256, a sink that stalls every connection for a while.
 //! - `load`: 5× a stated base rate over two workers, with the per-message account.
@@ -72,7 +74,7 @@ struct Cfg {
     prefetch: usize,
     sizes: Vec<usize>,
     queue_types: Vec<QueueType>,
-    /// Offered loads of the latency sweep, as fractions of the measured max rate.
+    /// Offered loads of the latency sweep, as fractions of the sustained rate.
     loads: Vec<f64>,
     latency_secs: f64,
     soak_secs: f64,
@@ -406,8 +408,9 @@ async fn bare_client(cfg: &Cfg, size: usize) -> Result<Figures> {
 /// What later sections take from the throughput section.
 #[derive(Default)]
 struct Found {
-    /// hookfleet's drain rate, classic, smallest body, plain: the latency sweep's 100%.
-    max_rate: f64,
+    /// hookfleet's drain rate of a prefilled queue, classic, smallest body, plain (0 when the
+    /// throughput section did not run): the latency section's reference point is half of it.
+    drain_rate: f64,
     limit: f64,
     bare_cpu: f64,
     peak_hwm_kib: u64,
@@ -536,7 +539,7 @@ async fn throughput(cfg: &Cfg, rmq: &RabbitMq, found: &mut Found) -> Result<(Sec
                 let against_b = over(&|r| r.drains[i].rate, &|r| r.b.rate);
                 let cost = over(&|r| r.drains[i].cpu_us, &Round::bare_cpu);
                 if qt == QueueType::Classic && size == cfg.sizes[0] && *name == "plain" {
-                    found.max_rate = rate.value();
+                    found.drain_rate = rate.value();
                     found.limit = l;
                     found.bare_cpu = bare_cpu;
                 }
@@ -640,6 +643,31 @@ fn ms3(v: [f64; 3]) -> String {
     format!("{:.1}/{:.1}/{:.1}", v[0], v[1], v[2])
 }
 
+/// The rate the machine sustains end to end while it also publishes: one worker (classic, the
+/// smallest body, plain) draining a queue that a closed-loop publisher ([`load::flat_out`]) fills at
+/// the same time with 3 × `HOOKFLEET_BENCH_N` messages (at least 50,000). Counted at the sink over the
+/// publishing's last four fifths (the first fifth is the warm-up). Returns (delivered msg/s, published
+/// msg/s); with the worker keeping up the two agree.
+async fn sustained_round(cfg: &Cfg, rmq: &RabbitMq, tag: &str) -> Result<(f64, f64)> {
+    let size = cfg.sizes[0];
+    let queue = format!("bench.sustain.{tag}");
+    load::prefill(&rmq.amqp_uri(), &queue, QueueType::Classic, &queue, 0, size).await?;
+    let n = (cfg.n * 3).max(50_000);
+    let sink = Child::start("sink", &[("HF_BENCH_N", n.to_string())]).await?;
+    let url = sink.ready_text()?;
+    let w = Worker::start(cfg, &rmq.amqp_uri(), &queue, &url, &Opts::default()).await?;
+    w.wait_ready().await?;
+    let (start, end) = load::flat_out(&rmq.amqp_uri(), &queue, &queue, n, size).await?;
+    let arrivals = sink.arrivals(Duration::from_secs(300)).await?;
+    drop(w);
+    let from = start + (end - start) / 5;
+    let within = arrivals.iter().filter(|a| a.at >= from && a.at <= end).count();
+    Ok((
+        within as f64 / (end - from).as_secs_f64(),
+        n as f64 / (end - start).as_secs_f64(),
+    ))
+}
+
 /// One latency point's measurement: hookfleet, then the bare consumer, at the same offered rate.
 struct LatencyRound {
     hf: [f64; 3],
@@ -739,80 +767,149 @@ async fn latency_round(cfg: &Cfg, rmq: &RabbitMq, rate: f64, tag: &str) -> Resul
     })
 }
 
-async fn latency(cfg: &Cfg, rmq: &RabbitMq, found: &Found) -> Result<(Section, Vec<Point>)> {
+/// The latency sweep's 100 %: `HOOKFLEET_BENCH_MAX_RATE` when it is set, else the median over the rounds
+/// of [`sustained_round`]. Pushes its row (beside the drain rate when the throughput section measured one).
+async fn full_rate(cfg: &Cfg, rmq: &RabbitMq, found: &Found, rows: &mut Vec<report::Row>) -> Result<f64> {
+    if let Ok(v) = std::env::var("HOOKFLEET_BENCH_MAX_RATE") {
+        let rate = v
+            .parse::<f64>()
+            .ok()
+            .filter(|r| r.is_finite() && *r > 0.0)
+            .with_context(|| format!("HOOKFLEET_BENCH_MAX_RATE={v:?}: not a rate in msg/s above 0"))?;
+        rows.push(row(
+            "the sweep's 100%, from HOOKFLEET_BENCH_MAX_RATE",
+            format!("{rate:.0}"),
+        ));
+        return Ok(rate);
+    }
+    let mut rounds = Vec::new();
+    for r in 1..=cfg.rounds {
+        eprintln!("bench: latency, the sustained rate, round {r} of {}", cfg.rounds);
+        rounds.push(sustained_round(cfg, rmq, &r.to_string()).await?);
+    }
+    let delivered = median(&rounds.iter().map(|r| r.0).collect::<Vec<_>>());
+    let published = median(&rounds.iter().map(|r| r.1).collect::<Vec<_>>());
+    let mut sustained = row(
+        format!(
+            "the sweep's 100%: sustained end to end while publishing, msg/s delivered (published {published:.0})"
+        ),
+        format!("{delivered:.0}"),
+    );
+    if found.drain_rate > 0.0 {
+        sustained = sustained.against(
+            format!("drain {:.0}", found.drain_rate),
+            delivered / found.drain_rate,
+        );
+    }
+    rows.push(sustained);
+    Ok(delivered)
+}
+
+/// One offered rate, `cfg.rounds` times: its rows (p50/p99/p99.9, the same from the send, the worker's
+/// CPU) and its point for the plot. With `target`, the p99 verdict: most rounds within their own bound.
+async fn latency_point(
+    cfg: &Cfg,
+    rmq: &RabbitMq,
+    rate: f64,
+    label: &str,
+    tag: &str,
+    target: bool,
+    rows: &mut Vec<report::Row>,
+) -> Result<Point> {
+    let mut rounds = Vec::new();
+    for r in 1..=cfg.rounds {
+        eprintln!(
+            "bench: latency at {label} ({rate:.0} msg/s), round {r} of {}, hookfleet",
+            cfg.rounds
+        );
+        rounds.push(latency_round(cfg, rmq, rate, &format!("{tag}.r{r}")).await?);
+    }
+    let q = |f: &dyn Fn(&LatencyRound) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
+    let hf = [q(&|r| r.hf[0]), q(&|r| r.hf[1]), q(&|r| r.hf[2])];
+    let bare = [q(&|r| r.bare[0]), q(&|r| r.bare[1]), q(&|r| r.bare[2])];
+    let p99 = OverRounds {
+        values: rounds.iter().map(|r| r.hf[1]).collect(),
+        ratios: rounds.iter().map(|r| r.hf[1] / r.bare[1]).collect(),
+    };
+    let cost = OverRounds {
+        values: rounds.iter().map(|r| r.cpu_us).collect(),
+        ratios: rounds.iter().map(|r| r.cpu_us / r.bare_cpu_us).collect(),
+    };
+    let max_lag = rounds.iter().map(|r| r.max_lag).fold(0.0, f64::max);
+    let mut row_ = row(
+        format!(
+            "p50/p99/p99.9 ms at {label} = {rate:.0} msg/s (publisher lag ≤ {:.0} ms{})",
+            max_lag * 1e3,
+            p99.spread("; ")
+        ),
+        ms3(hf),
+    )
+    .against(ms3(bare), p99.ratio());
+    if target {
+        // Each round against its own bare p99; the verdict on the median round.
+        let ok = rounds
+            .iter()
+            .filter(|r| r.hf[1] <= 5.0f64.max(2.0 * r.bare[1]))
+            .count();
+        let bound = 5.0f64.max(2.0 * bare[1]);
+        row_ = row_.target(verdict(
+            2 * ok > rounds.len(),
+            &format!("p99 ≤ {bound:.1} ms ({ok} of {} rounds)", rounds.len()),
+        ));
+    }
+    rows.push(row_);
+    // The same arrivals from when each message was sent: what is left once the publisher's own
+    // lag (it shares the cores with everything it measures) is taken out.
+    rows.push(
+        row(
+            format!(
+                "  from the send, not the due time (publisher lag p99 {:.1} ms; in the bare run {:.1} ms)",
+                q(&|r| r.lag_p99),
+                q(&|r| r.bare_lag_p99)
+            ),
+            ms3([q(&|r| r.hf_sent[0]), q(&|r| r.hf_sent[1]), q(&|r| r.hf_sent[2])]),
+        )
+        .against(ms3(bare), q(&|r| r.hf_sent[1] / r.bare[1])),
+    );
+    rows.push(
+        row(
+            format!("  worker CPU-µs/msg at {label}"),
+            format!("{:.1}", cost.value()),
+        )
+        .against(format!("{:.1}", q(&|r| r.bare_cpu_us)), cost.ratio()),
+    );
+    Ok(Point {
+        offered: rate,
+        delivered: q(&|r| r.delivered),
+        hf_ms: hf,
+        bare_ms: bare,
+    })
+}
+
+/// The latency section: the sweep's 100 % ([`full_rate`]), each of `cfg.loads` of it, and, when the
+/// throughput section measured the drain rate, a reference point at half of that (no target: the 50 %
+/// of the suite before 2026-12-05, which asked more of the machine than it sustains with its publisher).
+/// Returns the section, the sweep's points and its 100 %.
+async fn latency(cfg: &Cfg, rmq: &RabbitMq, found: &Found) -> Result<(Section, Vec<Point>, f64)> {
     let mut rows = Vec::new();
+    let full = full_rate(cfg, rmq, found, &mut rows).await?;
     let mut points = Vec::new();
     for (k, &f) in cfg.loads.iter().enumerate() {
-        let rate = f * found.max_rate;
-        let pct = (f * 100.0).round();
-        let mut rounds = Vec::new();
-        for r in 1..=cfg.rounds {
-            eprintln!(
-                "bench: latency at {pct}% ({rate:.0} msg/s), round {r} of {}, hookfleet",
-                cfg.rounds
-            );
-            rounds.push(latency_round(cfg, rmq, rate, &format!("{k}.r{r}")).await?);
-        }
-        let q = |f: &dyn Fn(&LatencyRound) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
-        let hf = [q(&|r| r.hf[0]), q(&|r| r.hf[1]), q(&|r| r.hf[2])];
-        let bare = [q(&|r| r.bare[0]), q(&|r| r.bare[1]), q(&|r| r.bare[2])];
-        let p99 = OverRounds {
-            values: rounds.iter().map(|r| r.hf[1]).collect(),
-            ratios: rounds.iter().map(|r| r.hf[1] / r.bare[1]).collect(),
-        };
-        let cost = OverRounds {
-            values: rounds.iter().map(|r| r.cpu_us).collect(),
-            ratios: rounds.iter().map(|r| r.cpu_us / r.bare_cpu_us).collect(),
-        };
-        let max_lag = rounds.iter().map(|r| r.max_lag).fold(0.0, f64::max);
-        let mut row_ = row(
-            format!(
-                "p50/p99/p99.9 ms at {pct}% = {rate:.0} msg/s (publisher lag ≤ {:.0} ms{})",
-                max_lag * 1e3,
-                p99.spread("; ")
-            ),
-            ms3(hf),
+        let label = format!("{}%", (f * 100.0).round());
+        let target = (f - 0.5).abs() < 1e-9;
+        points.push(latency_point(cfg, rmq, f * full, &label, &k.to_string(), target, &mut rows).await?);
+    }
+    if found.drain_rate > 0.0 && std::env::var_os("HOOKFLEET_BENCH_MAX_RATE").is_none() {
+        latency_point(
+            cfg,
+            rmq,
+            0.5 * found.drain_rate,
+            "50% of the drain rate (reference, no target)",
+            "drain",
+            false,
+            &mut rows,
         )
-        .against(ms3(bare), p99.ratio());
-        if (f - 0.5).abs() < 1e-9 {
-            // Each round against its own bare p99; the verdict on the median round.
-            let ok = rounds
-                .iter()
-                .filter(|r| r.hf[1] <= 5.0f64.max(2.0 * r.bare[1]))
-                .count();
-            let target = 5.0f64.max(2.0 * bare[1]);
-            row_ = row_.target(verdict(
-                2 * ok > rounds.len(),
-                &format!("p99 ≤ {target:.1} ms ({ok} of {} rounds)", rounds.len()),
-            ));
-        }
-        rows.push(row_);
-        // The same arrivals from when each message was sent: what is left once the publisher's own
-        // lag (it shares the cores with everything it measures) is taken out.
-        rows.push(
-            row(
-                format!(
-                    "  from the send, not the due time (publisher lag p99 {:.1} ms; in the bare run {:.1} ms)",
-                    q(&|r| r.lag_p99),
-                    q(&|r| r.bare_lag_p99)
-                ),
-                ms3([q(&|r| r.hf_sent[0]), q(&|r| r.hf_sent[1]), q(&|r| r.hf_sent[2])]),
-            )
-            .against(ms3(bare), q(&|r| r.hf_sent[1] / r.bare[1])),
-        );
-        rows.push(
-            row(
-                format!("  worker CPU-µs/msg at {pct}%"),
-                format!("{:.1}", cost.value()),
-            )
-            .against(format!("{:.1}", q(&|r| r.bare_cpu_us)), cost.ratio()),
-        );
-        points.push(Point {
-            offered: rate,
-            delivered: q(&|r| r.delivered),
-            hf_ms: hf,
-            bare_ms: bare,
-        });
+        .await?;
     }
     let rounds = if cfg.rounds > 1 {
         format!(", medians of {} rounds", cfg.rounds)
@@ -822,12 +919,13 @@ async fn latency(cfg: &Cfg, rmq: &RabbitMq, found: &Found) -> Result<(Section, V
     Ok((
         Section {
             title: format!(
-                "Latency publish → sink (bare: publish → consume), open-loop publisher, {} B bodies, classic queue, {} s a point{rounds}; ratio = p99 / bare p99; CPU baseline = bare consumer's",
+                "Latency publish → sink (bare: publish → consume), open-loop publisher, {} B bodies, classic queue, {} s a point{rounds}; 100% = the rate sustained end to end while publishing; ratio = p99 / bare p99; CPU baseline = bare consumer's",
                 cfg.sizes[0], cfg.latency_secs
             ),
             rows,
         },
         points,
+        full,
     ))
 }
 
@@ -1131,14 +1229,12 @@ async fn run() -> Result<()> {
         let (t, c) = throughput(&cfg, &rmq, &mut found).await?;
         sections.push(t);
         sections.push(c);
-    } else {
-        found.max_rate = var("HOOKFLEET_BENCH_MAX_RATE", 10_000.0, 10_000.0, cfg.quick);
     }
-    let mut points = Vec::new();
+    let (mut points, mut full) = (Vec::new(), 0.0);
     if cfg.on("latency") {
-        let (s, p) = latency(&cfg, &rmq, &found).await?;
+        let (s, p, f) = latency(&cfg, &rmq, &found).await?;
         sections.push(s);
-        points = p;
+        (points, full) = (p, f);
     }
     if cfg.on("memory") {
         sections.push(or_failed("Memory", memory(&cfg, &rmq, &found).await));
@@ -1177,8 +1273,11 @@ async fn run() -> Result<()> {
     if !points.is_empty() {
         let svg = report::svg(
             &points,
-            found.limit,
-            found.max_rate,
+            &[
+                (found.limit, "L"),
+                (found.drain_rate, "drain"),
+                (full, "sustained (100%)"),
+            ],
             &format!(
                 "hookfleet worker, classic queue, {} B: delivered and latency vs offered load ({started})",
                 cfg.sizes[0]

@@ -88,16 +88,23 @@ pub struct Point {
     pub bare_ms: [f64; 3],
 }
 
-/// Two panels side by side: delivered vs offered msg/s (with the serial limit L and the measured
-/// max), and p50/p99 latency (log scale) vs offered, hookfleet and the bare consumer.
-pub fn svg(points: &[Point], limit: f64, max_rate: f64, title: &str) -> String {
+/// Two panels side by side: delivered vs offered msg/s (with a dashed line at each of `lines`, e.g.
+/// the serial limit L and the sweep's 100%; those at 0 are left out), and p50/p99 latency (log scale)
+/// vs offered, hookfleet and the bare consumer.
+pub fn svg(points: &[Point], lines: &[(f64, &str)], title: &str) -> String {
+    let lines: Vec<(f64, &str)> = lines
+        .iter()
+        .copied()
+        .filter(|(v, _)| v.is_finite() && *v > 0.0)
+        .collect();
     let (pw, ph, m) = (420.0, 300.0, 60.0);
     let width = 2.0 * pw + 3.0 * m;
     let height = ph + 2.0 * m;
     let xmax = points
         .iter()
         .map(|p| p.offered)
-        .fold(limit.max(max_rate), f64::max)
+        .chain(lines.iter().map(|l| l.0))
+        .fold(0.0, f64::max)
         * 1.05;
     let mut s = String::new();
     let _ = writeln!(
@@ -137,17 +144,15 @@ pub fn svg(points: &[Point], limit: f64, max_rate: f64, title: &str) -> String {
         sx(xmax),
         sy(xmax)
     );
-    for (v, name, color) in [(limit, "L", "#c33"), (max_rate, "max", "#36c")] {
-        if v.is_finite() && v > 0.0 {
-            let _ = writeln!(
-                s,
-                r#"<line x1="{x0}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{color}" stroke-dasharray="6 3"/><text x="{:.1}" y="{:.1}" fill="{color}" text-anchor="end">{name} {v:.0}</text>"#,
-                x0 + pw,
-                x0 + pw - 4.0,
-                sy(v) - 4.0,
-                y = sy(v)
-            );
-        }
+    for (&(v, name), color) in lines.iter().zip(["#c33", "#36c", "#393", "#963"].iter().cycle()) {
+        let _ = writeln!(
+            s,
+            r#"<line x1="{x0}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="{color}" stroke-dasharray="6 3"/><text x="{:.1}" y="{:.1}" fill="{color}" text-anchor="end">{name} {v:.0}</text>"#,
+            x0 + pw,
+            x0 + pw - 4.0,
+            sy(v) - 4.0,
+            y = sy(v)
+        );
     }
     polyline(
         &mut s,
