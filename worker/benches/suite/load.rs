@@ -60,29 +60,43 @@ pub async fn prefill(
 ) -> Result<()> {
     let (conn, ch) = channel(uri).await?;
     declare(&ch, queue, queue_type).await?;
-    for start in (0..n).step_by(1000) {
-        let mut pending = Vec::with_capacity(1000);
-        for i in start..(start + 1000).min(n) {
-            let id = format!("{prefix}-{i}");
-            pending.push(
-                ch.basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions::default(),
-                    &body(&id, size),
-                    props(&id, None),
-                )
-                .await?,
-            );
-        }
-        for c in try_join_all(pending).await? {
-            anyhow::ensure!(
-                matches!(c, Confirmation::Ack(None)),
-                "publish not confirmed: {c:?}"
-            );
-        }
+    let ids: Vec<usize> = (0..n).collect();
+    for window in ids.chunks(1000) {
+        publish_confirmed(&ch, queue, prefix, window, size).await?;
     }
     let _ = conn.close(200, "published".into()).await;
+    Ok(())
+}
+
+/// Publishes the persistent messages `prefix-i` (i in `ids`) of `size` bytes on `ch`, all of them before
+/// it waits for any confirm; fails unless the broker confirmed each.
+async fn publish_confirmed(
+    ch: &Channel,
+    queue: &str,
+    prefix: &str,
+    ids: &[usize],
+    size: usize,
+) -> Result<()> {
+    let mut pending = Vec::with_capacity(ids.len());
+    for &i in ids {
+        let id = format!("{prefix}-{i}");
+        pending.push(
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body(&id, size),
+                props(&id, None),
+            )
+            .await?,
+        );
+    }
+    for c in try_join_all(pending).await? {
+        anyhow::ensure!(
+            matches!(c, Confirmation::Ack(None)),
+            "publish not confirmed: {c:?}"
+        );
+    }
     Ok(())
 }
 
@@ -106,26 +120,7 @@ pub async fn flat_out(
         tokio::spawn(async move {
             let mine: Vec<usize> = (k..n).step_by(PUBLISHERS).collect();
             for window in mine.chunks(1000) {
-                let mut pending = Vec::with_capacity(window.len());
-                for &i in window {
-                    let id = format!("{prefix}-{i}");
-                    pending.push(
-                        ch.basic_publish(
-                            "".into(),
-                            queue.as_str().into(),
-                            BasicPublishOptions::default(),
-                            &body(&id, size),
-                            props(&id, None),
-                        )
-                        .await?,
-                    );
-                }
-                for c in try_join_all(pending).await? {
-                    anyhow::ensure!(
-                        matches!(c, Confirmation::Ack(None)),
-                        "publish not confirmed: {c:?}"
-                    );
-                }
+                publish_confirmed(&ch, &queue, &prefix, window, size).await?;
             }
             let _ = conn.close(200, "published".into()).await;
             Ok::<_, anyhow::Error>(())
