@@ -280,7 +280,13 @@ impl ControlPlane {
                     "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
                     "--node-ip=10.244.0.1".into(),
                     "--cidr=10.244.0.0/16".into(),
-                    format!("--server-address=127.0.0.1:{}", free_port()?),
+                    // No --server-address: nothing here reads kwok's server (fake logs, exec, metrics),
+                    // and starting it builds a CEL environment through a package-level, unguarded type
+                    // cache (easycel v0.6.0) just as the node controller builds the node stage's through
+                    // the same cache. A CI run lost kwok there before the node was Ready (its stack:
+                    // easycel's registerTraits under the node stage's init). Without the server, the node's
+                    // stage and the pods' are built one after the other: pods are scheduled only once the
+                    // node is Ready.
                 ],
                 &[],
                 &self.dir.path().join("kwok.log"),
@@ -342,7 +348,9 @@ impl ControlPlane {
             || {
                 let nodes = nodes.clone();
                 let name = name.to_owned();
+                let kwok_running = self.kwok.as_ref().map_or(Ok(()), Process::check_running);
                 async move {
+                    kwok_running?;
                     let node = nodes.get(&name).await?;
                     Ok(node_ready(&node).then_some(()))
                 }

@@ -159,11 +159,31 @@ fn setpriv() -> Option<&'static Path> {
         .as_deref()
 }
 
-/// The last `lines` lines of a file ("" when unreadable).
+/// The last `lines` lines of a file ("" when unreadable). When a crash's first line (Go's
+/// `fatal error:` or `panic:`, Rust's `panicked at`) lies above those lines, as it does when a Go program
+/// dies with every goroutine's stack, that line and the two after it come first, then `…`.
 pub fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    tail_of(&std::fs::read_to_string(path).unwrap_or_default(), lines)
+}
+
+fn tail_of(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+    let start = all.len().saturating_sub(lines);
+    let crash = all[..start]
+        .iter()
+        .position(|l| l.starts_with("fatal error:") || l.starts_with("panic:") || l.contains("panicked at"));
+    match crash {
+        Some(i) => {
+            let head_end = (i + 3).min(start);
+            let mut out = all[i..head_end].to_vec();
+            if head_end < start {
+                out.push("…");
+            }
+            out.extend(&all[start..]);
+            out.join("\n")
+        }
+        None => all[start..].join("\n"),
+    }
 }
 
 /// A free TCP port on 127.0.0.1 for a server the harness starts.
@@ -215,5 +235,35 @@ where
             anyhow::bail!("timed out after {timeout:?} waiting for {what}: {last}");
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tail_of;
+
+    #[test]
+    fn a_crash_header_above_the_tail_is_kept() {
+        let mut log = vec![
+            "starting",
+            "fatal error: concurrent map writes",
+            "",
+            "goroutine 7 [running]:",
+        ];
+        let frames: Vec<String> = (0..30).map(|i| format!("frame {i}")).collect();
+        log.extend(frames.iter().map(String::as_str));
+        let text = log.join("\n");
+        assert_eq!(
+            tail_of(&text, 2),
+            "fatal error: concurrent map writes\n\ngoroutine 7 [running]:\n…\nframe 28\nframe 29"
+        );
+    }
+
+    #[test]
+    fn without_a_crash_the_tail_is_the_last_lines() {
+        assert_eq!(tail_of("a\nb\nc\nd", 2), "c\nd");
+        assert_eq!(tail_of("a\nb", 5), "a\nb");
+        // A crash inside the window is shown once, where it is.
+        assert_eq!(tail_of("a\npanic: x\nb", 2), "panic: x\nb");
     }
 }
