@@ -280,13 +280,9 @@ impl ControlPlane {
                     "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
                     "--node-ip=10.244.0.1".into(),
                     "--cidr=10.244.0.0/16".into(),
-                    // No --server-address: nothing here reads kwok's server (fake logs, exec, metrics),
-                    // and starting it builds a CEL environment through a package-level, unguarded type
-                    // cache (easycel v0.6.0) just as the node controller builds the node stage's through
-                    // the same cache. A CI run lost kwok there before the node was Ready (its stack:
-                    // easycel's registerTraits under the node stage's init). Without the server, the node's
-                    // stage and the pods' are built one after the other: pods are scheduled only once the
-                    // node is Ready.
+                    // No --server-address: nothing here reads kwok's server, and its start builds a CEL
+                    // environment through easycel v0.6.0's unguarded package-level type cache while the
+                    // node controller builds the node stage's; the race killed kwok once in CI.
                 ],
                 &[],
                 &self.dir.path().join("kwok.log"),
@@ -348,20 +344,19 @@ impl ControlPlane {
             || {
                 let nodes = nodes.clone();
                 let name = name.to_owned();
-                let kwok_running = self.kwok.as_ref().map_or(Ok(()), Process::check_running);
+                let running = self.check_running();
                 async move {
-                    kwok_running?;
+                    running?;
                     let node = nodes.get(&name).await?;
                     Ok(node_ready(&node).then_some(()))
                 }
             },
         )
         .await
-        .with_context(|| {
-            self.kwok
-                .as_ref()
-                .map(|k| format!("kwok log:\n{}", k.log_tail(20)))
-                .unwrap_or_default()
+        // kwok's log says why its node is not Ready; an exited kwok's is in the error already.
+        .with_context(|| match &self.kwok {
+            Some(k) if !k.exited() => format!("kwok log:\n{}", k.log_tail(20)),
+            _ => String::new(),
         })?;
         // Admission gives a new node the not-ready taint; the node-lifecycle controller would lift it,
         // but it is off here (it would mark the heartbeat-less node NotReady again), so lift it ourselves.

@@ -17,6 +17,28 @@ use anyhow::{Context, Result};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
+/// A harness process has exited: no retry brings it back, so [`wait_for`] stops at this error.
+#[derive(Debug)]
+pub struct Exited {
+    name: String,
+    log: PathBuf,
+    tail: String,
+}
+
+impl std::fmt::Display for Exited {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} exited; last lines of {}:\n{}",
+            self.name,
+            self.log.display(),
+            self.tail
+        )
+    }
+}
+
+impl std::error::Error for Exited {}
+
 /// A running child process (and its process group), stopped on drop.
 #[derive(Debug)]
 pub struct Process {
@@ -86,15 +108,15 @@ impl Process {
         }
     }
 
-    /// Fails with the log tail if the process has exited.
+    /// Fails with [`Exited`] (and the log tail) if the process has exited.
     pub fn check_running(&self) -> Result<()> {
         if self.exited() {
-            anyhow::bail!(
-                "{} exited; last lines of {}:\n{}",
-                self.name,
-                self.log.display(),
-                self.log_tail(30)
-            );
+            return Err(Exited {
+                name: self.name.clone(),
+                log: self.log.clone(),
+                tail: self.log_tail(30),
+            }
+            .into());
         }
         Ok(())
     }
@@ -229,6 +251,9 @@ where
         match f().await {
             Ok(Some(v)) => return Ok(v),
             Ok(None) => {}
+            Err(e) if e.chain().any(|c| c.is::<Exited>()) => {
+                return Err(e.context(format!("waiting for {what}")));
+            }
             Err(e) => last = format!("{e:#}"),
         }
         if Instant::now() >= deadline {
@@ -240,7 +265,62 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::tail_of;
+    use super::*;
+
+    #[tokio::test]
+    async fn waiting_stops_when_the_process_has_exited() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("gone.log");
+        let gone = Process::spawn(
+            "gone",
+            Path::new("/bin/sh"),
+            &["-c".into(), "echo bye".into()],
+            &[],
+            &log,
+        )
+        .unwrap();
+        let started = Instant::now();
+        let err = wait_for(
+            "never",
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || {
+                let running = gone.check_running();
+                async move {
+                    running?;
+                    Ok(None::<()>)
+                }
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "waited {:?}",
+            started.elapsed()
+        );
+        let msg = format!("{err:#}");
+        assert!(msg.starts_with("waiting for never: gone exited"), "{msg}");
+        assert!(msg.contains("bye"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn other_errors_are_retried_until_the_deadline() {
+        let mut calls = 0;
+        let err = wait_for(
+            "a flake",
+            Duration::from_millis(300),
+            Duration::from_millis(50),
+            || {
+                calls += 1;
+                async { Err::<Option<()>, _>(anyhow::anyhow!("not yet")) }
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(calls > 2, "{calls} calls");
+        assert!(format!("{err:#}").contains("timed out after 300ms waiting for a flake: not yet"));
+    }
 
     #[test]
     fn a_crash_header_above_the_tail_is_kept() {
