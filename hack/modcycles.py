@@ -4,7 +4,7 @@
     hack/modcycles.py operator/src worker/src crds/src     # one line a cycle; exit 1 when there is one
     hack/modcycles.py --edges operator/src                 # also every edge, file -> file
 
-A file's module path comes from where it sits (lib.rs/main.rs: the root; a/mod.rs and a.rs: `a`;
+A file's module path comes from where it sits (lib.rs, or main.rs where there is no lib.rs: the root; a/mod.rs and a.rs: `a`;
 a/b.rs: `a::b`). An edge A -> B is any path in A's code (comments left out) that names B: `crate::b::...`,
 `super::...`, `self::...`, or a child module by its bare name (`apply::apply(...)` in the parent that declares
 `mod apply`). A path that names an item inside a module counts for the module that holds it. Declaring a
@@ -63,6 +63,8 @@ def modules(src):
                 parts = parts[:-1]
             if parts and parts[0] == "bin":
                 continue  # each bin is a crate of its own
+            if rel == "main.rs" and os.path.exists(os.path.join(src, "lib.rs")):
+                continue  # beside lib.rs, main.rs is a crate of its own that imports the library by name
             mods[tuple(parts)] = rel
     return mods
 
