@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test stack runs, when missing. Needs root (or sudo) and apt-get.
-#   rabbitmq-server   a throwaway broker per test (started by the harness in e2e/)
+#   rabbitmq-server   a throwaway broker per test (started by the harness in testkit/)
 #   util-linux        setpriv (children die with the harness), prlimit (containerd's nofile limits)
 #   ca-certificates   the CA bundle the worker and operator images carry
 #   prometheus        promtool, for the chart's alert-rule tests

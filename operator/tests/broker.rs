@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hookfleet_crds::Integration;
-use hookfleet_e2e::{ControlPlane, RabbitMq};
 use hookfleet_operator::broker::Broker;
 use hookfleet_operator::status::SourceObs;
+use hookfleet_testkit::{ControlPlane, RabbitMq};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use lapin::options::QueueDeclareOptions;
@@ -42,7 +42,7 @@ async fn declare(uri: &str, queue: &str) {
 
 #[tokio::test]
 async fn probes_of_missing_queues_never_exhaust_channels() {
-    hookfleet_e2e::init_tracing();
+    hookfleet_testkit::init_tracing();
     let rmq = RabbitMq::start().await.unwrap();
     declare(&rmq.amqp_uri(), "present").await;
     let uri = small_channel_max(&rmq.amqp_uri(), 16);
@@ -93,7 +93,7 @@ async fn probes_of_missing_queues_never_exhaust_channels() {
 
 #[tokio::test]
 async fn an_unreachable_broker_does_not_hold_up_another() {
-    hookfleet_e2e::init_tracing();
+    hookfleet_testkit::init_tracing();
     let rmq = RabbitMq::start().await.unwrap();
     declare(&rmq.amqp_uri(), "present").await;
     // A "broker" that accepts TCP connections and never says a word: a connect to it hangs until the timeout.
@@ -132,12 +132,12 @@ async fn an_unreachable_broker_does_not_hold_up_another() {
 /// again), and reports every node when none answers.
 #[tokio::test]
 async fn several_uris_probe_the_first_node_that_answers() {
-    hookfleet_e2e::init_tracing();
+    hookfleet_testkit::init_tracing();
     let rmq = RabbitMq::start().await.unwrap();
     declare(&rmq.amqp_uri(), "present").await;
     let refused = format!(
         "amqp://guest:guest@127.0.0.1:{}/%2f",
-        hookfleet_e2e::process::free_port().unwrap()
+        hookfleet_testkit::process::free_port().unwrap()
     );
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let silent_uri = format!("amqp://guest:guest@{}/%2f", silent.local_addr().unwrap());
@@ -201,7 +201,7 @@ async fn several_uris_probe_the_first_node_that_answers() {
 /// test process's RSS, which is the operator's plus the test's own client, as it goes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_integrations_with_missing_queues_stay_reachable_and_quiet() -> anyhow::Result<()> {
-    hookfleet_e2e::init_tracing();
+    hookfleet_testkit::init_tracing();
     let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let n = env("HOOKFLEET_SOAK_INTEGRATIONS", 120) as usize;
     let soak = Duration::from_secs(env("HOOKFLEET_SOAK_SECS", 45));

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hookfleet_crds::Integration;
-use hookfleet_e2e::ControlPlane;
-use hookfleet_e2e::process::{free_port, wait_for};
 use hookfleet_operator::{Config, LeaderElection, Metrics, Operator};
+use hookfleet_testkit::ControlPlane;
+use hookfleet_testkit::process::{free_port, wait_for};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
 use kube::api::{Api, PostParams};

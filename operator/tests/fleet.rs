@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hookfleet_crds::Integration;
-use hookfleet_e2e::ControlPlane;
-use hookfleet_e2e::process::wait_for;
+use hookfleet_testkit::ControlPlane;
+use hookfleet_testkit::process::wait_for;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -26,10 +26,10 @@ async fn replicas(api: &Api<Deployment>, name: &str) -> anyhow::Result<Option<i3
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backlog_scales_up_at_most_doubling_and_down_after_the_window() -> anyhow::Result<()> {
-    hookfleet_e2e::init_tracing();
+    hookfleet_testkit::init_tracing();
     let cp = ControlPlane::start_with_workloads().await?;
     cp.install_crds().await?;
-    let rmq = hookfleet_e2e::RabbitMq::start().await?;
+    let rmq = hookfleet_testkit::RabbitMq::start().await?;
     secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
     let conn = connect(&rmq.amqp_uri()).await?;
     let ch = conn.create_channel().await?;
@@ -121,10 +121,10 @@ async fn backlog_scales_up_at_most_doubling_and_down_after_the_window() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_failover_and_restart_mid_reconcile() -> anyhow::Result<()> {
-    hookfleet_e2e::init_tracing();
+    hookfleet_testkit::init_tracing();
     let cp = ControlPlane::start_with_workloads().await?;
     cp.install_crds().await?;
-    let rmq = hookfleet_e2e::RabbitMq::start().await?;
+    let rmq = hookfleet_testkit::RabbitMq::start().await?;
     secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
 
     let a = spawn(cp.client(), config("op-a"));

@@ -12,8 +12,8 @@ use hookfleet_crds::Integration;
 use hookfleet_crds::contract::exit;
 use hookfleet_crds::integration::annotation::RETRY_DESTINATION;
 use hookfleet_crds::integration::condition::{DEGRADED, READY};
-use hookfleet_e2e::ControlPlane;
-use hookfleet_e2e::process::wait_for;
+use hookfleet_testkit::ControlPlane;
+use hookfleet_testkit::process::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -93,10 +93,10 @@ fn gone_metric(text: &str) -> Option<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_gone_scales_to_zero_until_retried_or_changed() -> anyhow::Result<()> {
-    hookfleet_e2e::init_tracing();
+    hookfleet_testkit::init_tracing();
     let cp = ControlPlane::start_with_workloads().await?;
     cp.install_crds().await?;
-    let rmq = hookfleet_e2e::RabbitMq::start().await?;
+    let rmq = hookfleet_testkit::RabbitMq::start().await?;
     let conn = connect(&rmq.amqp_uri()).await?;
     secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
     let op = spawn(cp.client(), config("solo"));

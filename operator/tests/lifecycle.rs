@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use hookfleet_crds::Integration;
 use hookfleet_crds::integration::condition::{DEGRADED, READY};
-use hookfleet_e2e::ControlPlane;
-use hookfleet_e2e::process::wait_for;
+use hookfleet_testkit::ControlPlane;
+use hookfleet_testkit::process::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -36,10 +36,10 @@ fn rv<K: Resource>(o: &K) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_status_and_zero_write_steady_state() -> anyhow::Result<()> {
-    hookfleet_e2e::init_tracing();
+    hookfleet_testkit::init_tracing();
     let cp = ControlPlane::start_with_workloads().await?;
     cp.install_crds().await?;
-    let rmq = hookfleet_e2e::RabbitMq::start().await?;
+    let rmq = hookfleet_testkit::RabbitMq::start().await?;
     let conn = connect(&rmq.amqp_uri()).await?;
     secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
     let op = spawn(cp.client(), config("solo"));

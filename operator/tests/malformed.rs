@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::*;
 use hookfleet_crds::Integration;
 use hookfleet_crds::integration::condition::DEGRADED;
-use hookfleet_e2e::ControlPlane;
-use hookfleet_e2e::process::wait_for;
+use hookfleet_testkit::ControlPlane;
+use hookfleet_testkit::process::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
@@ -42,13 +42,13 @@ fn metric(text: &str, line_prefix: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_integration_does_not_wedge_the_controller() -> anyhow::Result<()> {
-    hookfleet_e2e::init_tracing();
+    hookfleet_testkit::init_tracing();
     let cp = ControlPlane::start_with_workloads().await?;
-    let rmq = hookfleet_e2e::RabbitMq::start().await?;
+    let rmq = hookfleet_testkit::RabbitMq::start().await?;
     secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
 
     // Two objects stored under a permissive CRD, then the real CRD back.
-    hookfleet_e2e::control_plane::install_crd(&cp.client(), &permissive_crd()?).await?;
+    hookfleet_testkit::control_plane::install_crd(&cp.client(), &permissive_crd()?).await?;
     let raw: Api<DynamicObject> =
         Api::namespaced_with(cp.client(), NS, &ApiResource::erase::<Integration>(&()));
     let source = serde_json::json!({"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "q"});

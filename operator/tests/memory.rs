@@ -7,8 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hookfleet_e2e::ControlPlane;
-use hookfleet_e2e::process::wait_for;
+use hookfleet_testkit::ControlPlane;
+use hookfleet_testkit::process::wait_for;
 use kube::api::{Api, DeleteParams};
 
 fn metric(text: &str, line_prefix: &str) -> Option<i64> {
@@ -20,7 +20,7 @@ fn metric(text: &str, line_prefix: &str) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_integrations_leave_no_memory_behind() -> anyhow::Result<()> {
-    hookfleet_e2e::init_tracing();
+    hookfleet_testkit::init_tracing();
     // With the garbage collector: a foreground deletion waits for it to remove the children.
     let cp = ControlPlane::start_with_workloads().await?;
     cp.install_crds().await?;

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use hookfleet_crds::integration::condition::DEGRADED;
-use hookfleet_e2e::ControlPlane;
-use hookfleet_e2e::process::wait_for;
 use hookfleet_operator::desired;
+use hookfleet_testkit::ControlPlane;
+use hookfleet_testkit::process::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -44,7 +44,7 @@ async fn checksum_change(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changing_a_referenced_secret_changes_the_pod_template() -> anyhow::Result<()> {
-    hookfleet_e2e::init_tracing();
+    hookfleet_testkit::init_tracing();
     let cp = ControlPlane::start().await?;
     cp.install_crds().await?;
     let secrets: Api<Secret> = Api::namespaced(cp.client(), NS);

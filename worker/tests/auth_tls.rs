@@ -13,10 +13,10 @@ use std::time::Duration;
 use anyhow::Result;
 use base64::Engine;
 use common::*;
-use hookfleet_e2e::RabbitMq;
-use hookfleet_e2e::pki::TestCa;
-use hookfleet_e2e::sink::{Mode, Sink, SinkTls};
-use hookfleet_e2e::token::{TokenAnswer, TokenEndpoint};
+use hookfleet_testkit::RabbitMq;
+use hookfleet_testkit::pki::TestCa;
+use hookfleet_testkit::sink::{Mode, Sink, SinkTls};
+use hookfleet_testkit::token::{TokenAnswer, TokenEndpoint};
 
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// Quick retries, so messages held back by a TLS or token failure return within seconds.
@@ -32,7 +32,7 @@ fn retried(metrics: &str, reason: &str) -> f64 {
 }
 
 async fn wait_retried(w: &Worker, reason: &str, at_least: f64) -> Result<f64> {
-    hookfleet_e2e::process::wait_for(
+    hookfleet_testkit::process::wait_for(
         "retries",
         Duration::from_secs(30),
         Duration::from_millis(200),
@@ -403,8 +403,8 @@ async fn basic_auth_and_two_signing_keys_never_leak() -> Result<()> {
     sink.wait_delivered(&ok.iter().cloned().collect(), Duration::from_secs(60))
         .await?;
     for hit in sink.hits() {
-        hookfleet_e2e::messages::verify_signature(&hit, old)?;
-        hookfleet_e2e::messages::verify_signature(&hit, new)?;
+        hookfleet_testkit::messages::verify_signature(&hit, old)?;
+        hookfleet_testkit::messages::verify_signature(&hit, new)?;
         assert_eq!(hit.headers["webhook-signature"].split(' ').count(), 2);
     }
 
@@ -412,7 +412,7 @@ async fn basic_auth_and_two_signing_keys_never_leak() -> Result<()> {
     sink.set_mode(Mode::status(400));
     let bad = ids("bad", 5);
     publish(&rmq, "basic.q", &bad).await?;
-    let dead = hookfleet_e2e::process::wait_for(
+    let dead = hookfleet_testkit::process::wait_for(
         "dead letters",
         Duration::from_secs(30),
         Duration::from_millis(200),

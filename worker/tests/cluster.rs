@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use common::*;
-use hookfleet_e2e::RabbitCluster;
-use hookfleet_e2e::process::wait_for;
-use hookfleet_e2e::sink::{Mode, Sink};
+use hookfleet_testkit::RabbitCluster;
+use hookfleet_testkit::process::wait_for;
+use hookfleet_testkit::sink::{Mode, Sink};
 
 /// Messages published; `HOOKFLEET_CLUSTER_N` overrides (the issue asks for at least 10,000).
 fn n() -> usize {
@@ -324,10 +324,10 @@ async fn killing_the_leader_node_mid_stream_loses_nothing() -> Result<()> {
 async fn a_node_that_is_down_is_skipped() -> Result<()> {
     init();
     let _serial = SERIAL.lock().await;
-    let rmq = hookfleet_e2e::RabbitMq::start().await?;
+    let rmq = hookfleet_testkit::RabbitMq::start().await?;
     let dir = tempfile::tempdir()?;
     let sink = Sink::start().await?;
-    let down = hookfleet_e2e::process::free_port()?;
+    let down = hookfleet_testkit::process::free_port()?;
     let live = rmq.amqp_uri();
     // The same node twice after the dead one: whichever entry the random start picks, the worker ends on
     // the live node, trying the dead one at most once.

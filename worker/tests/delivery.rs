@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use common::*;
 use hookfleet_crds::integration::QueueType;
-use hookfleet_e2e::RabbitMq;
-use hookfleet_e2e::process::free_port;
-use hookfleet_e2e::sink::{Mode, Sink};
+use hookfleet_testkit::RabbitMq;
+use hookfleet_testkit::process::free_port;
+use hookfleet_testkit::sink::{Mode, Sink};
 use hookfleet_worker::message::{
     H_ATTEMPTS, H_DEAD_REASON, H_FIRST_SEEN, H_LAST_STATUS, header_int, header_str,
 };
@@ -74,7 +74,7 @@ async fn s1_healthy_stream_delivers_every_message_once() -> Result<()> {
     }
 
     // All acked: nothing ready, nothing unacked; the worker still consumes; no dead letters or retries.
-    let settled = hookfleet_e2e::process::wait_for(
+    let settled = hookfleet_testkit::process::wait_for(
         "queue settled",
         Duration::from_secs(10),
         Duration::from_millis(200),
@@ -229,7 +229,7 @@ async fn retry_after_is_honoured() -> Result<()> {
     )
     .await?;
     // Every id gets its first (429) answer, then the sink recovers.
-    hookfleet_e2e::process::wait_for(
+    hookfleet_testkit::process::wait_for(
         "first attempts",
         Duration::from_secs(20),
         Duration::from_millis(50),
@@ -504,7 +504,7 @@ fn body_template_that_does_not_compile_exits_2() -> Result<()> {
 
 /// Waits until `queue` holds `n` messages, then drains them.
 async fn wait_dead(rmq: &RabbitMq, queue: &str, n: usize) -> Result<Vec<DeadLetter>> {
-    hookfleet_e2e::process::wait_for(
+    hookfleet_testkit::process::wait_for(
         "dead letters",
         Duration::from_secs(30),
         Duration::from_millis(200),
@@ -628,7 +628,7 @@ async fn deleted_delay_queue_is_redeclared_and_nothing_is_lost() -> Result<()> {
     let published = ids("dq", N);
     publish(&rmq, "dq.q", &published).await?;
     // The first retries are returned; the worker reconnects and re-declares.
-    hookfleet_e2e::process::wait_for(
+    hookfleet_testkit::process::wait_for(
         "publish failure seen",
         Duration::from_secs(20),
         Duration::from_millis(100),

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use common::*;
 use hookfleet_crds::integration::QueueType;
-use hookfleet_e2e::RabbitMq;
-use hookfleet_e2e::process::{Process, free_port, wait_for};
-use hookfleet_e2e::sink::{Mode, Sink};
+use hookfleet_testkit::RabbitMq;
+use hookfleet_testkit::process::{Process, free_port, wait_for};
+use hookfleet_testkit::sink::{Mode, Sink};
 
 async fn wait_count(sink: &Sink, n: usize, timeout: Duration) -> Result<()> {
     wait_for("deliveries", timeout, Duration::from_millis(20), || {

@@ -11,9 +11,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use common::*;
 use hookfleet_crds::contract::exit;
-use hookfleet_e2e::RabbitMq;
-use hookfleet_e2e::process::{free_port, wait_for};
-use hookfleet_e2e::sink::{Mode, Sink};
+use hookfleet_testkit::RabbitMq;
+use hookfleet_testkit::process::{free_port, wait_for};
+use hookfleet_testkit::sink::{Mode, Sink};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_hands_back_drains_and_exits_5_with_every_message_still_queued() -> Result<()> {

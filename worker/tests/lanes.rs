@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use common::*;
 use hookfleet_crds::integration::{QueueType, default_delivery_limit};
-use hookfleet_e2e::RabbitMq;
-use hookfleet_e2e::sink::{Mode, Sink};
+use hookfleet_testkit::RabbitMq;
+use hookfleet_testkit::sink::{Mode, Sink};
 use hookfleet_worker::worker::topology;
 use lapin::options::QueueDeclareOptions;
 

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use common::*;
-use hookfleet_e2e::RabbitMq;
-use hookfleet_e2e::process::wait_for;
-use hookfleet_e2e::sink::{Mode, Sink};
+use hookfleet_testkit::RabbitMq;
+use hookfleet_testkit::process::wait_for;
+use hookfleet_testkit::sink::{Mode, Sink};
 
 const DELAY: Duration = Duration::from_millis(100);
 

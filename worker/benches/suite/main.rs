@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use base64::Engine;
 use hookfleet_crds::integration::QueueType;
-use hookfleet_e2e::RabbitMq;
-use hookfleet_e2e::messages;
-use hookfleet_e2e::process::{Process, free_port};
-use hookfleet_e2e::sink::{Mode, Sink};
+use hookfleet_testkit::RabbitMq;
+use hookfleet_testkit::messages;
+use hookfleet_testkit::process::{Process, free_port};
+use hookfleet_testkit::sink::{Mode, Sink};
 
 use report::{Point, Section, row};
 use roles::{Child, Figures};

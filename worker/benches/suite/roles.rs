@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use futures::StreamExt;
 use futures::future::try_join_all;
-use hookfleet_e2e::process::Process;
+use hookfleet_testkit::process::Process;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
@@ -166,7 +166,7 @@ fn write_atomic(path: &str, text: &str) -> Result<()> {
 
 async fn sink() -> Result<()> {
     let n: usize = env("HF_BENCH_N")?.parse()?;
-    let sink = hookfleet_e2e::sink::Sink::start_with(false).await?;
+    let sink = hookfleet_testkit::sink::Sink::start_with(false).await?;
     // Arrivals are stamped with the monotonic clock; one anchor turns them into wall-clock times.
     let (anchor, wall) = (Instant::now(), SystemTime::now().duration_since(UNIX_EPOCH)?);
     write_atomic(&env("HF_BENCH_READY")?, &sink.url())?;

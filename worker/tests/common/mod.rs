@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use futures::future::try_join_all;
 use hookfleet_crds::integration::{QueueType, default_delivery_limit};
-use hookfleet_e2e::RabbitMq;
-use hookfleet_e2e::process::{Process, free_port, wait_for};
+use hookfleet_testkit::RabbitMq;
+use hookfleet_testkit::process::{Process, free_port, wait_for};
 use hookfleet_worker::worker::topology;
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -31,7 +31,7 @@ pub fn worker_bin() -> PathBuf {
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 pub fn init() {
-    hookfleet_e2e::init_tracing();
+    hookfleet_testkit::init_tracing();
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 

@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! # async fn f(rules: &std::path::Path) -> anyhow::Result<()> {
-//! use hookfleet_e2e::prometheus::{Prometheus, Target};
+//! use hookfleet_testkit::prometheus::{Prometheus, Target};
 //! let prom = Prometheus::start(&[Target::new("workers", ["127.0.0.1:9090"])], Some(rules)).await?;
 //! prom.wait_firing("HookfleetConsumersBelowReadyWorkers", std::time::Duration::from_secs(300)).await?;
 //! # Ok(()) }

@@ -138,7 +138,7 @@ impl Sink {
         Self::start_on(IpAddr::V4(Ipv4Addr::LOCALHOST), record_bodies).await
     }
 
-    /// A sink listening on `ip` (a free port): with [`crate::Cluster::host_addr`], pods reach it, and
+    /// A sink listening on `ip` (a free port): with hookfleet-e2e's `Cluster::host_addr`, pods reach it, and
     /// [`Sink::url`] names that address.
     pub async fn start_on(ip: IpAddr, record_bodies: bool) -> Result<Self> {
         let listener = TcpListener::bind((ip, 0))

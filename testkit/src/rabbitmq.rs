@@ -250,7 +250,7 @@ impl RabbitMq {
         Self::start_on(None).await
     }
 
-    /// Like [`RabbitMq::start`]; with `pod_addr` (e.g. [`crate::Cluster::host_addr`]) the node also
+    /// Like [`RabbitMq::start`]; with `pod_addr` (e.g. hookfleet-e2e's `Cluster::host_addr`) the node also
     /// listens there, on the same port, and `guest` may log in from any address: it is loopback-only by
     /// default, and a pod's connection comes from the pod network.
     pub async fn start_on(pod_addr: Option<IpAddr>) -> Result<Self> {
@@ -556,7 +556,7 @@ fn ensure_installed() -> Result<()> {
             "{SERVER} is missing: install Debian's rabbitmq-server (`sudo apt-get install rabbitmq-server`)"
         );
     }
-    eprintln!("hookfleet-e2e: installing rabbitmq-server with apt-get");
+    eprintln!("hookfleet-testkit: installing rabbitmq-server with apt-get");
     let install = || {
         Command::new("apt-get")
             .args([

@@ -21,7 +21,7 @@ pub enum Tool {
     Kubectl,
     Kwok,
     Helm,
-    /// The node agent of [`crate::node`] (root only).
+    /// The node agent of hookfleet-e2e's real node (root only).
     Kubelet,
     /// Service IPs on the node, in iptables mode (root only).
     KubeProxy,
@@ -53,11 +53,11 @@ impl Tool {
     }
 }
 
-/// The repository root (this crate lives in `<root>/e2e`).
+/// The repository root (this crate lives in `<root>/testkit`).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("e2e/ has a parent")
+        .expect("testkit/ has a parent")
         .to_owned()
 }
 
@@ -83,7 +83,7 @@ pub fn path(tool: Tool) -> Result<PathBuf> {
     }
     let script = repo_root().join("hack/build-tools.sh");
     eprintln!(
-        "hookfleet-e2e: {} not found; building it with {} (cached afterwards)",
+        "hookfleet-testkit: {} not found; building it with {} (cached afterwards)",
         tool.name(),
         script.display()
     );

@@ -2,7 +2,7 @@
 //! etcd and kube-apiserver on free loopback ports in a temporary directory, and on request
 //! kube-controller-manager, kube-scheduler and kwok (with a fake node), so that Deployments get Pods
 //! that reach Running and garbage collection works. There is no kubelet here: pods never run a container
-//! unless a real node joins ([`crate::node`], started with it by [`crate::Cluster`]).
+//! unless a real node joins (hookfleet-e2e's `node`, started with it by its `Cluster`).
 //!
 //! Everything is stopped when the [`ControlPlane`] is dropped (also on a panic). Children are tied to the
 //! thread that started them (`PR_SET_PDEATHSIG`), so start it from a thread that outlives it (a test's
