@@ -19,6 +19,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::contract::RESERVED_HEADERS;
+use crate::limits;
+
 /// Desired state of an Integration.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -62,6 +65,13 @@ use serde::{Deserialize, Serialize};
 ).message("workers.fileDescriptorLimit must be at least 2 × delivery.concurrency + 64, or the workers \
            refuse to start")
     .field_path(".workers.fileDescriptorLimit"))]
+// The worker dead-letters into its own queues otherwise (`contract::queues`; `validate` says the same).
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.delivery.deadLetter) || (self.delivery.deadLetter.queue != self.source.queue \
+     && self.delivery.deadLetter.queue != self.source.queue + '.retries')"
+).message("delivery.deadLetter.queue must differ from source.queue and from its retry-ready queue \
+           (<queue>.retries)")
+    .field_path(".delivery.deadLetter.queue"))]
 pub struct IntegrationSpec {
     /// The RabbitMQ queue to consume.
     pub source: SourceSpec,
@@ -87,7 +97,7 @@ pub struct SourceSpec {
     pub connection_secret_ref: SecretKeyRef,
     /// Durable queue to consume; the worker declares it with its retry and dead-letter topology. At most
     /// 200 bytes: its delay queues are named `<queue>.retry.<ms>ms` and must stay under AMQP's 255.
-    #[schemars(length(min = 1, max = 200))]
+    #[schemars(length(min = 1, max = limits::QUEUE_NAME_MAX))]
     pub queue: String,
     /// Exchange bindings the worker declares for the queue.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -95,7 +105,7 @@ pub struct SourceSpec {
     pub bindings: Vec<Binding>,
     /// Unacknowledged messages the broker hands one worker at a time (`basic.qos`).
     #[serde(default = "default_prefetch")]
-    #[schemars(range(min = 1, max = 65535))]
+    #[schemars(range(min = limits::PREFETCH.min, max = limits::PREFETCH.max))]
     pub prefetch: u32,
     /// Type of the work queue, its delay queues and its dead-letter queue. `quorum` (the default) is
     /// the only type on which nothing is lost at any hop: it is replicated, its `deliveryLimit`
@@ -109,7 +119,7 @@ pub struct SourceSpec {
     /// Quorum queues: deliveries of one message (including redeliveries after a worker crash or
     /// shutdown) before the broker dead-letters it with reason `delivery_limit`. Ignored for classic.
     #[serde(default = "default_delivery_limit")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = limits::DELIVERY_LIMIT.min, max = limits::DELIVERY_LIMIT.max))]
     pub delivery_limit: u32,
 }
 
@@ -178,6 +188,11 @@ pub struct Binding {
      && (!has(self.headersFrom) || !self.headersFrom.exists(h, h.name.lowerAscii() == 'authorization')))"
 ).message("auth sets the Authorization header: remove Authorization from headers and headersFrom")
     .field_path(".auth"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.headers) ? size(self.headers.filter(k, k.lowerAscii() == 'authorization')) : 0) \
+     + (has(self.headersFrom) ? size(self.headersFrom.filter(h, h.name.lowerAscii() == 'authorization')) : 0) <= 1"
+).message("Authorization is set more than once in headers and headersFrom: keep one")
+    .field_path(".headers"))]
 pub struct DestinationSpec {
     /// Absolute http:// or https:// URL.
     #[x_kube(validation = kube::core::Rule::new(
@@ -191,11 +206,8 @@ pub struct DestinationSpec {
     /// Extra request headers. The Standard Webhooks headers are set by the worker and cannot be overridden.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
-    #[x_kube(validation = kube::core::Rule::new(
-        "self.all(k, k.matches('^[A-Za-z0-9!#$%&*+.^_`|~-]+$') && !(k.lowerAscii() in \
-         ['webhook-id', 'webhook-timestamp', 'webhook-signature', 'content-length', 'host']))"
-    ).message("header names must be HTTP tokens and must not be webhook-id, webhook-timestamp, \
-               webhook-signature, content-length or host"))]
+    #[x_kube(validation = kube::core::Rule::new(format!("self.all(k, {})", header_name_rule("k")))
+        .message(header_name_message().as_str()))]
     pub headers: BTreeMap<String, String>,
     /// Headers whose values come from Secrets (tokens, API keys).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -204,10 +216,8 @@ pub struct DestinationSpec {
     pub headers_from: Vec<HeaderFromSecret>,
     /// Time allowed for one request, connect to last byte (Go duration, e.g. `10s`).
     #[serde(default = "default_timeout")]
-    #[x_kube(validation = kube::core::Rule::new(
-        "duration(self) >= duration('100ms') && duration(self) <= duration('10m')"
-    ).message("must be a duration between 100ms and 10m"))]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = kube::core::Rule::new(limits::TIMEOUT.cel()).message(limits::TIMEOUT.message().as_str()))]
+    #[schemars(regex(pattern = crate::duration::PATTERN))]
     pub timeout: Duration,
     /// Optional transform of the message into the request body.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -230,6 +240,24 @@ pub struct DestinationSpec {
 
 fn default_timeout() -> Duration {
     std::time::Duration::from_secs(10).into()
+}
+
+/// The CEL rule for a header name in `var`: an HTTP token, and none of the headers the worker sets.
+fn header_name_rule(var: &str) -> String {
+    let reserved: Vec<String> = RESERVED_HEADERS.iter().map(|h| format!("'{h}'")).collect();
+    format!(
+        "{var}.matches('^[A-Za-z0-9!#$%&*+.^_`|~-]+$') && !({var}.lowerAscii() in [{}])",
+        reserved.join(", ")
+    )
+}
+
+/// The message of [`header_name_rule`].
+fn header_name_message() -> String {
+    let (last, rest) = RESERVED_HEADERS.split_last().expect("headers the worker sets");
+    format!(
+        "header names must be HTTP tokens and must not be {} or {last}",
+        rest.join(", ")
+    )
 }
 
 /// HTTP method of a delivery.
@@ -261,6 +289,8 @@ impl HttpMethod {
 pub struct HeaderFromSecret {
     /// Header name.
     #[schemars(length(min = 1, max = 256))]
+    #[x_kube(validation = kube::core::Rule::new(header_name_rule("self"))
+        .message(header_name_message().as_str()))]
     pub name: String,
     /// Secret key holding the header value.
     pub secret_key_ref: SecretKeyRef,
@@ -391,7 +421,7 @@ pub struct SecretRef {
 pub struct DeliverySpec {
     /// Attempts before a message is dead-lettered (the first delivery counts).
     #[serde(default = "default_max_attempts")]
-    #[schemars(range(min = 1, max = 100))]
+    #[schemars(range(min = limits::MAX_ATTEMPTS.min, max = limits::MAX_ATTEMPTS.max))]
     pub max_attempts: u32,
     /// Delay between attempts.
     #[serde(default)]
@@ -400,7 +430,7 @@ pub struct DeliverySpec {
     /// so a backlog of due retries never starves fresh messages; with no retries due, fresh messages
     /// use them all.
     #[serde(default = "default_concurrency")]
-    #[schemars(range(min = 1, max = 10000))]
+    #[schemars(range(min = limits::CONCURRENCY.min, max = limits::CONCURRENCY.max))]
     pub concurrency: u32,
     /// Requests per second to the destination; unlimited when absent. Per worker unless
     /// `scope: fleet` (see `scope`).
@@ -440,14 +470,12 @@ impl Default for DeliverySpec {
 pub struct CircuitBreakerSpec {
     /// Consecutive retryable failures that open the breaker; 0 disables it.
     #[serde(default = "default_failure_threshold")]
-    #[schemars(range(min = 0, max = 10000))]
+    #[schemars(range(min = limits::CIRCUIT_BREAKER_THRESHOLD.min, max = limits::CIRCUIT_BREAKER_THRESHOLD.max))]
     pub failure_threshold: u32,
     /// How long an open breaker defers deliveries before one probe goes through (100ms–1h).
     #[serde(default = "default_breaker_cooldown")]
-    #[x_kube(validation = kube::core::Rule::new(
-        "duration(self) >= duration('100ms') && duration(self) <= duration('1h')"
-    ).message("must be a duration between 100ms and 1h"))]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = kube::core::Rule::new(limits::CIRCUIT_BREAKER_COOLDOWN.cel()).message(limits::CIRCUIT_BREAKER_COOLDOWN.message().as_str()))]
+    #[schemars(regex(pattern = crate::duration::PATTERN))]
     pub cooldown: Duration,
 }
 
@@ -476,14 +504,12 @@ fn default_breaker_cooldown() -> Duration {
 pub struct AdaptiveThrottleSpec {
     /// Fewest deliveries in flight the throttle goes down to.
     #[serde(default = "default_throttle_min")]
-    #[schemars(range(min = 1, max = 10000))]
+    #[schemars(range(min = limits::ADAPTIVE_THROTTLE_MIN.min, max = limits::ADAPTIVE_THROTTLE_MIN.max))]
     pub min_concurrency: u32,
     /// How often successes and failures are compared (1s–10m).
     #[serde(default = "default_throttle_window")]
-    #[x_kube(validation = kube::core::Rule::new(
-        "duration(self) >= duration('1s') && duration(self) <= duration('10m')"
-    ).message("must be a duration between 1s and 10m"))]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = kube::core::Rule::new(limits::ADAPTIVE_THROTTLE_WINDOW.cel()).message(limits::ADAPTIVE_THROTTLE_WINDOW.message().as_str()))]
+    #[schemars(regex(pattern = crate::duration::PATTERN))]
     pub window: Duration,
 }
 
@@ -521,21 +547,17 @@ fn default_concurrency() -> u32 {
 pub struct BackoffSpec {
     /// Delay before the second attempt.
     #[serde(default = "default_backoff_initial")]
-    #[x_kube(validation = kube::core::Rule::new(
-        "duration(self) >= duration('100ms') && duration(self) <= duration('24h')"
-    ).message("must be a duration between 100ms and 24h"))]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = kube::core::Rule::new(limits::BACKOFF.cel()).message(limits::BACKOFF.message().as_str()))]
+    #[schemars(regex(pattern = crate::duration::PATTERN))]
     pub initial: Duration,
     /// Longest delay between two attempts.
     #[serde(default = "default_backoff_max")]
-    #[x_kube(validation = kube::core::Rule::new(
-        "duration(self) >= duration('100ms') && duration(self) <= duration('24h')"
-    ).message("must be a duration between 100ms and 24h"))]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = kube::core::Rule::new(limits::BACKOFF.cel()).message(limits::BACKOFF.message().as_str()))]
+    #[schemars(regex(pattern = crate::duration::PATTERN))]
     pub max: Duration,
     /// Growth factor of the delay per attempt.
     #[serde(default = "default_backoff_multiplier")]
-    #[schemars(range(min = 1.0, max = 10.0))]
+    #[schemars(range(min = limits::BACKOFF_MULTIPLIER.min, max = limits::BACKOFF_MULTIPLIER.max))]
     pub multiplier: f64,
     /// Randomisation of each delay, so recovering endpoints are not hit by a synchronised wave.
     #[serde(default)]
@@ -599,12 +621,12 @@ pub struct RateLimitSpec {
     /// Sustained requests per second. With `scope: worker` (the default) this is each worker's own
     /// limit: a fleet of N workers sends up to N × perSecond. With `scope: fleet` it is the whole
     /// fleet's limit.
-    #[schemars(range(min = 1, max = 100000))]
+    #[schemars(range(min = limits::RATE_LIMIT.min, max = limits::RATE_LIMIT.max))]
     pub per_second: u32,
     /// Requests allowed in a burst; defaults to `perSecond`. Divided like `perSecond` when
     /// `scope: fleet`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 100000))]
+    #[schemars(range(min = limits::RATE_LIMIT.min, max = limits::RATE_LIMIT.max))]
     pub burst: Option<u32>,
     /// `worker` (default): the limit applies to each worker. `fleet`: the limit applies to the fleet;
     /// each worker takes `perSecond / consumers` (the consumers attached to the work queue, one per
@@ -673,7 +695,7 @@ pub struct WorkersSpec {
     /// Soft `RLIMIT_NOFILE` each worker raises itself to at start (capped at the hard limit); a worker
     /// that cannot get enough for its concurrency refuses to start and says why.
     #[serde(default = "default_fd_limit")]
-    #[schemars(range(min = 1024, max = 1073741816))]
+    #[schemars(range(min = limits::FILE_DESCRIPTOR_LIMIT.min, max = limits::FILE_DESCRIPTOR_LIMIT.max))]
     pub file_descriptor_limit: i64,
     /// Compute resources of the worker container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -716,10 +738,8 @@ pub struct AutoscaleSpec {
     pub target_backlog_per_replica: i64,
     /// How long the backlog must stay low before the fleet shrinks.
     #[serde(default = "default_scale_down_stabilization")]
-    #[x_kube(validation = kube::core::Rule::new(
-        "duration(self) >= duration('0s') && duration(self) <= duration('24h')"
-    ).message("must be a duration between 0s and 24h"))]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = kube::core::Rule::new(limits::SCALE_DOWN_STABILIZATION.cel()).message(limits::SCALE_DOWN_STABILIZATION.message().as_str()))]
+    #[schemars(regex(pattern = crate::duration::PATTERN))]
     pub scale_down_stabilization: Duration,
 }
 

@@ -3,12 +3,21 @@
 //! The CRD YAML under `crds/` is generated from these types (`cargo run -p hookfleet-crds --bin crdgen`),
 //! never edited by hand; `tests/crd_yaml.rs` fails when it is out of date.
 
+pub mod address;
 pub mod broker;
 pub mod contract;
+pub mod duration;
 pub mod integration;
+pub mod limits;
 pub mod redact;
+pub mod template;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod validate;
 
+pub use contract::Invalid;
 pub use integration::{Integration, IntegrationSpec, IntegrationStatus};
+pub use validate::validate;
 
 use kube::CustomResourceExt;
 

@@ -18,14 +18,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::{Arc, OnceLock};
 
+use hookfleet_crds::template::{NAME, one_line};
+use minijinja::Environment;
 use minijinja::value::{Enumerator, Object, Value};
-use minijinja::{Environment, UndefinedBehavior};
 
 type JsonMap = serde_json::Map<String, serde_json::Value>;
-
-const NAME: &str = "body";
-/// Longest error text kept (it ends up in a dead letter's header).
-const MAX_ERROR_LEN: usize = 512;
 
 /// A compiled body template.
 pub struct BodyTemplate {
@@ -60,26 +57,7 @@ pub struct RenderError(String);
 impl BodyTemplate {
     /// Compiles `source`; the error is the parser's, on one line.
     pub fn compile(source: &str) -> Result<Self, String> {
-        let mut env = Environment::new();
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
-        // The body is not HTML: nothing is escaped (use `tojson` to quote a value for JSON).
-        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
-        env.add_template_owned(NAME, source.to_owned())
-            .map_err(|e| one_line(&e.to_string()))?;
-        // MiniJinja resolves filters and tests when it renders: a dry run with every variable
-        // undefined-but-usable catches a misspelt one on the paths it takes, instead of
-        // dead-lettering every message.
-        let mut probe = env.clone();
-        probe.set_undefined_behavior(UndefinedBehavior::Chainable);
-        if let Ok(t) = probe.get_template(NAME)
-            && let Err(e) = t.render(Value::from(BTreeMap::<String, Value>::new()))
-            && matches!(
-                e.kind(),
-                minijinja::ErrorKind::UnknownFilter | minijinja::ErrorKind::UnknownTest
-            )
-        {
-            return Err(one_line(&e.to_string()));
-        }
+        let env = hookfleet_crds::template::environment(source)?;
         let tmpl = env.get_template(NAME).map_err(|e| one_line(&e.to_string()))?;
         let mut variables: Vec<String> = tmpl.undeclared_variables(false).into_iter().collect();
         variables.sort();
@@ -551,19 +529,6 @@ fn find_escape(input: &[u8], mut pos: usize) -> usize {
 }
 
 /// Newlines folded and the length capped (at a character boundary).
-fn one_line(s: &str) -> String {
-    let mut out: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
-    if out.len() > MAX_ERROR_LEN {
-        let mut cut = MAX_ERROR_LEN;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        out.truncate(cut);
-        out.push('…');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use rand::rngs::StdRng;

@@ -1,9 +1,29 @@
-//! What the operator and the worker must agree on, in one place: the worker's flag names and their
-//! environment variables (the operator renders them into the pod spec, the worker's clap parser reads
-//! them), the metrics port, the exit codes the operator reads from a crashed worker, and the line the
-//! worker writes when the fd limit cannot be met. Both binaries use these constants; no flag or variable
-//! name is spelled out anywhere else. `operator/tests/contract.rs` renders every example and fixture
-//! Integration through the operator's pod builder and parses the result with the worker's own parser.
+//! What the operator and the worker must agree on, in one place:
+//!
+//! - the worker's arguments as one typed structure, [`WorkerArgs`] (clap's derive: the worker parses its
+//!   command line and environment with it), built by the operator from the spec and rendered into the
+//!   pod by [`WorkerSetup`] (`from_spec`, `render`): flags, and variables the kubelet fills from
+//!   Secrets;
+//! - the flag names and their environment variables ([`flag`], [`env`]), the ranges
+//!   ([`crate::limits`], shared with the CRD schema), the queue names ([`queues`]);
+//! - the metrics port, the exit codes the operator reads from a crashed worker, and the line the
+//!   worker writes when the fd limit cannot be met.
+//!
+//! Both binaries use these; no flag or variable name is spelled out anywhere else. `crds/tests/contract.rs`
+//! renders every example and operator fixture through [`WorkerSetup`] and parses it back with
+//! [`WorkerArgs`]; `operator/tests/contract.rs` does the same through the operator's pod builder, and
+//! `worker/tests/contract.rs` takes the result through the worker's environment and file stage.
+
+mod args;
+mod parse;
+pub mod queues;
+mod rules;
+mod setup;
+
+pub use args::{LogFormat, WorkerArgs};
+pub use parse::{Refused, refusal};
+pub use rules::{AUTHORIZATION_TWICE, Checked, Invalid, RESERVED_HEADERS};
+pub use setup::{FromSecret, Pod, WorkerSetup};
 
 /// Port of the worker's `/metrics`, `/healthz` and `/readyz`.
 pub const METRICS_PORT: u16 = 9090;
@@ -131,7 +151,18 @@ pub mod env {
     pub fn header(i: usize) -> String {
         format!("{HEADER_PREFIX}{i}")
     }
+
+    /// The variable of the `i`-th `signing.secretRefs` entry (`HOOKFLEET_SIGNING_SECRET_0`, …), named to
+    /// the worker by `--signing-secret-env`.
+    pub fn signing_secret(i: usize) -> String {
+        format!("{SIGNING_SECRET}_{i}")
+    }
 }
+
+/// Keys of a `kubernetes.io/tls` Secret (`destination.tls.clientCertSecret`): the client certificate
+/// and its private key, each mounted as a file the worker's TLS flags name.
+pub const TLS_SECRET_CERT: &str = "tls.crt";
+pub const TLS_SECRET_KEY: &str = "tls.key";
 
 /// `--flag (VARIABLE)`: how the worker names a setting in an error, so the line is enough to fix it.
 pub fn setting(flag: &str, env: &str) -> String {

@@ -1,0 +1,420 @@
+//! What the worker refuses in its arguments beyond one value's type and range: a missing queue or URL,
+//! a body template that does not parse, a header the HTTP client would refuse, a dead-letter queue that
+//! is one of the work queue's own, settings that need each other. [`WorkerArgs::check`] runs every rule
+//! and names each refusal by its flag and variable (the worker's messages); [`crate::validate`] runs the
+//! same rules on what the operator would render and names the spec field instead.
+
+use std::net::IpAddr;
+
+use url::Url;
+
+use super::{WorkerArgs, env, flag, queues, setting};
+use crate::limits;
+
+/// A setting that cannot be used, and why: `field` is a spec field (`spec.destination.url`) from
+/// [`crate::validate`], or the worker's flag and variable (`--queue (HOOKFLEET_QUEUE)`) from
+/// [`WorkerArgs::check`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: String,
+    pub reason: String,
+}
+
+/// A checked setting: how the worker names it, and the spec field it comes from.
+#[derive(Clone, Copy, Debug)]
+struct Setting {
+    flag: &'static str,
+    env: &'static str,
+    field: &'static str,
+}
+
+const QUEUE: Setting = Setting {
+    flag: flag::QUEUE,
+    env: env::QUEUE,
+    field: "spec.source.queue",
+};
+const BINDING: Setting = Setting {
+    flag: flag::BINDING,
+    env: env::BINDINGS,
+    field: "spec.source.bindings",
+};
+const DESTINATION_URL: Setting = Setting {
+    flag: flag::DESTINATION_URL,
+    env: env::DESTINATION_URL,
+    field: "spec.destination.url",
+};
+const HEADER: Setting = Setting {
+    flag: flag::HEADER,
+    env: env::HEADERS,
+    field: "spec.destination.headers",
+};
+const HEADER_FROM_ENV: Setting = Setting {
+    flag: flag::HEADER_FROM_ENV,
+    env: env::HEADERS_FROM_ENV,
+    field: "spec.destination.headersFrom",
+};
+/// Who sets `Authorization`: headers, headersFrom and `auth` together (the worker names it `auth`).
+const AUTH: Setting = Setting {
+    flag: "",
+    env: "",
+    field: "spec.destination.headers",
+};
+const OAUTH2_TOKEN_URL: Setting = Setting {
+    flag: flag::OAUTH2_TOKEN_URL,
+    env: env::OAUTH2_TOKEN_URL,
+    field: "spec.destination.auth.oauth2.tokenUrl",
+};
+const BODY_TEMPLATE: Setting = Setting {
+    flag: flag::BODY_TEMPLATE,
+    env: env::BODY_TEMPLATE,
+    field: "spec.destination.body.template",
+};
+const BACKOFF_INITIAL: Setting = Setting {
+    flag: flag::BACKOFF_INITIAL,
+    env: env::BACKOFF_INITIAL,
+    field: "spec.delivery.backoff.initial",
+};
+const RATE_LIMIT_BURST: Setting = Setting {
+    flag: flag::RATE_LIMIT_BURST,
+    env: env::RATE_LIMIT_BURST,
+    field: "spec.delivery.rateLimit.burst",
+};
+const RATE_LIMIT_SCOPE: Setting = Setting {
+    flag: flag::RATE_LIMIT_SCOPE,
+    env: env::RATE_LIMIT_SCOPE,
+    field: "spec.delivery.rateLimit.scope",
+};
+const ADAPTIVE_THROTTLE_MIN: Setting = Setting {
+    flag: flag::ADAPTIVE_THROTTLE_MIN,
+    env: env::ADAPTIVE_THROTTLE_MIN,
+    field: "spec.delivery.adaptiveThrottle.minConcurrency",
+};
+const ADAPTIVE_THROTTLE_WINDOW: Setting = Setting {
+    flag: flag::ADAPTIVE_THROTTLE_WINDOW,
+    env: env::ADAPTIVE_THROTTLE_WINDOW,
+    field: "spec.delivery.adaptiveThrottle.window",
+};
+const DEAD_LETTER_QUEUE: Setting = Setting {
+    flag: flag::DEAD_LETTER_QUEUE,
+    env: env::DEAD_LETTER_QUEUE,
+    field: "spec.delivery.deadLetter.queue",
+};
+
+/// Headers the worker sets itself (a user's header of one of these names is refused).
+pub const RESERVED_HEADERS: [&str; 5] = [
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "content-length",
+    "host",
+];
+
+/// The message when more than one source sets `Authorization`.
+pub const AUTHORIZATION_TWICE: &str =
+    "Authorization is set twice: by a header and by basic, bearer or OAuth2 auth; keep one";
+
+/// What [`WorkerArgs::check`] read out of the arguments, for the worker to build its configuration from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checked {
+    /// The work queue (trimmed).
+    pub queue: String,
+    /// (exchange, routing key).
+    pub bindings: Vec<(String, String)>,
+    pub destination: Url,
+    /// `--header` (name, value), trimmed, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// `--header-from-env` (name lower-cased, variable).
+    pub headers_from_env: Vec<(String, String)>,
+    pub oauth2_token_url: Option<Url>,
+    /// `--body-template` unless blank.
+    pub body_template: Option<String>,
+    /// `--dead-letter-queue`, or `<queue>.dead`.
+    pub dead_letter_queue: String,
+    /// `--adaptive-throttle-min` when `--adaptive-throttle` (default 1).
+    pub adaptive_throttle_min: Option<u32>,
+}
+
+/// Refusals, named by [`Setting`]; turned into [`Invalid`]s by the caller's naming.
+#[derive(Default)]
+pub(crate) struct Refusals(Vec<(Setting, String)>);
+
+impl Refusals {
+    fn push(&mut self, s: Setting, reason: impl Into<String>) {
+        self.0.push((s, reason.into()));
+    }
+
+    /// `r`'s value, or `None` with its reason noted against `s`.
+    fn take<T>(&mut self, s: Setting, r: Result<T, String>) -> Option<T> {
+        r.map_err(|e| self.push(s, e)).ok()
+    }
+
+    /// Named as the worker names them: `--flag (VARIABLE)`.
+    fn by_flag(self) -> Vec<Invalid> {
+        self.0
+            .into_iter()
+            .map(|(s, reason)| Invalid {
+                field: match s.flag {
+                    "" => "auth".to_owned(),
+                    f => setting(f, s.env),
+                },
+                reason,
+            })
+            .collect()
+    }
+
+    /// Named by the spec field.
+    pub(crate) fn by_field(self) -> Vec<Invalid> {
+        self.0
+            .into_iter()
+            .map(|(s, reason)| Invalid {
+                field: s.field.to_owned(),
+                reason,
+            })
+            .collect()
+    }
+}
+
+impl WorkerArgs {
+    /// Every rule on the arguments alone (what needs the environment or files, the worker checks
+    /// itself). All refusals, in the order the worker has always reported them; the worker shows the
+    /// first.
+    pub fn check(&self) -> Result<Checked, Vec<Invalid>> {
+        let mut no = Refusals::default();
+        let checked = self.rules(&mut no);
+        match checked {
+            Some(c) if no.0.is_empty() => Ok(c),
+            _ => Err(no.by_flag()),
+        }
+    }
+
+    /// Like [`WorkerArgs::check`], with the refusals named by the spec field they come from.
+    pub(crate) fn check_fields(&self) -> Vec<Invalid> {
+        let mut no = Refusals::default();
+        self.rules(&mut no);
+        no.by_field()
+    }
+
+    fn rules(&self, no: &mut Refusals) -> Option<Checked> {
+        let queue = no.take(QUEUE, queue(self.queue.as_deref()));
+        let bindings = no.take(BINDING, bindings(&self.bindings));
+        let destination = no.take(
+            DESTINATION_URL,
+            destination(self.destination_url.as_deref(), self.allow_private_networks),
+        );
+        let headers = no.take(HEADER, headers(&self.headers));
+        let headers_from_env = no.take(HEADER_FROM_ENV, headers_from_env(&self.header_from_env));
+        let oauth2_token_url = no.take(
+            OAUTH2_TOKEN_URL,
+            match self.oauth2_token_url.as_deref().map(str::trim) {
+                None | Some("") => Ok(None),
+                Some(u) => http_url(u).map(Some),
+            },
+        );
+        if let (Some(h), Some(f)) = (&headers, &headers_from_env) {
+            let n = h
+                .iter()
+                .chain(f.iter())
+                .filter(|(name, _)| name == "authorization")
+                .count()
+                + usize::from(matches!(oauth2_token_url, Some(Some(_))));
+            if n > 1 {
+                no.push(AUTH, AUTHORIZATION_TWICE);
+            }
+        }
+        let body_template = match self.body_template.as_deref() {
+            Some(t) if !t.trim().is_empty() => no.take(
+                BODY_TEMPLATE,
+                crate::template::environment(t).map(|_| Some(t.to_owned())),
+            ),
+            _ => Some(None),
+        };
+        if self.backoff_initial > self.backoff_max {
+            no.push(
+                BACKOFF_INITIAL,
+                format!(
+                    "{:?} exceeds --{} {:?}",
+                    self.backoff_initial,
+                    flag::BACKOFF_MAX,
+                    self.backoff_max
+                ),
+            );
+        }
+        if self.rate_limit.is_none() {
+            if self.rate_limit_burst.is_some() {
+                no.push(RATE_LIMIT_BURST, format!("needs --{}", flag::RATE_LIMIT));
+            }
+            if self.rate_limit_scope == crate::integration::RateLimitScope::Fleet {
+                no.push(RATE_LIMIT_SCOPE, "fleet needs --rate-limit");
+            }
+        }
+        let adaptive_throttle_min = self.adaptive_throttle_min();
+        if let Err((s, reason)) = &adaptive_throttle_min {
+            no.push(*s, reason.clone());
+        }
+        let dead_letter_queue = queue.as_deref().and_then(|q| {
+            no.take(
+                DEAD_LETTER_QUEUE,
+                dead_letter_queue(q, self.dead_letter_queue.as_deref()),
+            )
+        });
+        Some(Checked {
+            queue: queue?,
+            bindings: bindings?,
+            destination: destination?,
+            headers: headers?,
+            headers_from_env: headers_from_env?,
+            oauth2_token_url: oauth2_token_url?,
+            body_template: body_template?,
+            dead_letter_queue: dead_letter_queue?,
+            adaptive_throttle_min: adaptive_throttle_min.ok()?,
+        })
+    }
+
+    /// The throttle's floor when it is on; its settings refused when it is off.
+    fn adaptive_throttle_min(&self) -> Result<Option<u32>, (Setting, String)> {
+        if !self.adaptive_throttle {
+            if self.adaptive_throttle_min.is_some() {
+                return Err((ADAPTIVE_THROTTLE_MIN, "needs --adaptive-throttle".into()));
+            }
+            if self.adaptive_throttle_window.is_some() {
+                return Err((ADAPTIVE_THROTTLE_WINDOW, "needs --adaptive-throttle".into()));
+            }
+            return Ok(None);
+        }
+        let min = self
+            .adaptive_throttle_min
+            .unwrap_or(limits::ADAPTIVE_THROTTLE_MIN.min);
+        if min < limits::ADAPTIVE_THROTTLE_MIN.min || min > self.concurrency {
+            return Err((
+                ADAPTIVE_THROTTLE_MIN,
+                format!(
+                    "{min} is outside [{}, --concurrency {}]",
+                    limits::ADAPTIVE_THROTTLE_MIN.min,
+                    self.concurrency
+                ),
+            ));
+        }
+        Ok(Some(min))
+    }
+}
+
+fn queue(q: Option<&str>) -> Result<String, String> {
+    let q = q.map(str::trim).unwrap_or_default();
+    if q.is_empty() {
+        return Err("missing: name the queue to consume".into());
+    }
+    if q.len() > limits::QUEUE_NAME_MAX as usize {
+        // Delay queues are named `<queue>.delay.<ms>ms` and must stay under AMQP's 255 bytes.
+        return Err(format!("longer than {} bytes", limits::QUEUE_NAME_MAX));
+    }
+    Ok(q.to_owned())
+}
+
+/// Entries of a list flag, trimmed, blank ones skipped (a variable may end in its separator).
+fn entries(list: &[String]) -> impl Iterator<Item = &str> {
+    list.iter().map(|e| e.trim()).filter(|e| !e.is_empty())
+}
+
+fn bindings(list: &[String]) -> Result<Vec<(String, String)>, String> {
+    entries(list)
+        .map(|b| match b.split_once('=') {
+            Some((ex, key)) if !ex.trim().is_empty() => Ok((ex.trim().to_owned(), key.trim().to_owned())),
+            _ => Err(format!("{b:?} is not EXCHANGE=ROUTING_KEY")),
+        })
+        .collect()
+}
+
+/// An absolute http(s) URL with a host, as the worker's HTTP client reads it.
+fn http_url(u: &str) -> Result<Url, String> {
+    let url = Url::parse(u.trim()).map_err(|e| format!("{u:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err("must be an absolute http:// or https:// URL with a host".into());
+    }
+    Ok(url)
+}
+
+fn destination(u: Option<&str>, allow_private_networks: bool) -> Result<Url, String> {
+    let url = match u {
+        Some(u) if !u.trim().is_empty() => http_url(u)?,
+        _ => return Err("missing: set the webhook URL".into()),
+    };
+    // A name is checked at every connection (the worker's resolver); a literal address only here.
+    let ip = url.host_str().and_then(|h| {
+        h.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok()
+    });
+    if !allow_private_networks
+        && let Some(ip) = ip
+        && let Some(kind) = crate::address::forbidden(ip)
+    {
+        return Err(format!(
+            "{ip} is a {kind} address; pass --{} to allow it",
+            flag::ALLOW_PRIVATE_NETWORKS
+        ));
+    }
+    Ok(url)
+}
+
+/// A header name the HTTP client takes (an RFC 9110 token, up to 64 KiB) that the worker does not set
+/// itself; lower-cased.
+fn header_name(name: &str) -> Result<String, String> {
+    let t = name.trim();
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if t.is_empty() || t.len() > usize::from(u16::MAX) || !t.bytes().all(token) {
+        return Err(format!("{name:?} is not a header name"));
+    }
+    let lower = t.to_ascii_lowercase();
+    if RESERVED_HEADERS.contains(&lower.as_str()) {
+        return Err(format!("{lower} is set by the worker and cannot be overridden"));
+    }
+    Ok(lower)
+}
+
+/// A header value the HTTP client takes: no control character but tab (so no CR or LF).
+fn header_value(name: &str, value: &str) -> Result<String, String> {
+    let v = value.trim();
+    if !v.bytes().all(|b| (b >= 32 && b != 127) || b == b'\t') {
+        return Err(format!("value of {name} is not a valid header value"));
+    }
+    Ok(v.to_owned())
+}
+
+fn headers(list: &[String]) -> Result<Vec<(String, String)>, String> {
+    entries(list)
+        .map(|h| {
+            let (name, value) = h
+                .split_once(':')
+                .ok_or_else(|| format!("{h:?} is not \"Name: value\""))?;
+            let name = header_name(name)?;
+            let value = header_value(&name, value)?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
+fn headers_from_env(list: &[String]) -> Result<Vec<(String, String)>, String> {
+    entries(list)
+        .map(|h| {
+            let (name, var) = h
+                .split_once('=')
+                .ok_or_else(|| format!("{h:?} is not NAME=ENV_VAR"))?;
+            Ok((header_name(name)?, var.trim().to_owned()))
+        })
+        .collect()
+}
+
+fn dead_letter_queue(queue: &str, given: Option<&str>) -> Result<String, String> {
+    let dlq = match given.map(str::trim) {
+        Some(q) if !q.is_empty() => q.to_owned(),
+        _ => queues::dead_letter(queue),
+    };
+    if dlq == queue {
+        return Err(format!("must differ from --{}", flag::QUEUE));
+    }
+    if dlq == queues::retry_ready(queue) {
+        return Err(format!("{dlq} is the retry-ready queue of --{}", flag::QUEUE));
+    }
+    Ok(dlq)
+}

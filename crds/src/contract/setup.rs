@@ -1,0 +1,195 @@
+//! [`WorkerSetup`]: what the operator hands one worker for an Integration, built from the spec
+//! ([`WorkerSetup::from_spec`], pure) and written into the pod in one place ([`WorkerSetup::render`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
+
+use super::{
+    DEFAULT_METRICS_ADDR, LogFormat, TERMINATION_LOG, TLS_SECRET_CERT, TLS_SECRET_KEY, WorkerArgs, env,
+};
+use crate::integration::{IntegrationSpec, SecretKeyRef};
+
+/// What the operator decides about the pod besides the spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    /// `NAMESPACE/NAME` of the Integration.
+    pub integration: String,
+    /// Time in-flight deliveries get after SIGTERM (below the pod's termination grace period).
+    pub shutdown_grace: Duration,
+    /// Where the pod mounts `destination.tls.caFrom`.
+    pub tls_ca_file: String,
+    /// Where the pod mounts the certificate and the key of `destination.tls.clientCertSecret`.
+    pub tls_client_cert_file: String,
+    pub tls_client_key_file: String,
+}
+
+/// A variable or a file whose content the kubelet takes from a Secret key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FromSecret {
+    /// The variable's name, or the file's path.
+    pub name: String,
+    pub secret: SecretKeyRef,
+}
+
+/// The worker's arguments, and what the kubelet fills in from Secrets (credentials never travel as
+/// flags or literal values).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerSetup {
+    pub args: WorkerArgs,
+    /// Variables filled from Secret keys, in the order they are rendered.
+    pub secret_env: Vec<FromSecret>,
+    /// Files the TLS flags name, mounted from Secret keys.
+    pub secret_files: Vec<FromSecret>,
+}
+
+impl WorkerSetup {
+    /// The worker's setup for `spec` in a pod described by `pod`.
+    pub fn from_spec(spec: &IntegrationSpec, pod: &Pod) -> Self {
+        let secret = |name: String, secret: &SecretKeyRef| FromSecret {
+            name,
+            secret: secret.clone(),
+        };
+        let (source, dst, d) = (&spec.source, &spec.destination, &spec.delivery);
+        let mut secret_env = vec![secret(env::AMQP_URI.into(), &source.connection_secret_ref)];
+        let mut header_from_env = Vec::new();
+        for (i, h) in dst.headers_from.iter().enumerate() {
+            let var = env::header(i);
+            header_from_env.push(format!("{}={var}", h.name));
+            secret_env.push(secret(var, &h.secret_key_ref));
+        }
+        let mut signing_secret_env = Vec::new();
+        if let Some(signing) = &dst.signing {
+            if let Some(r) = &signing.secret_ref {
+                secret_env.push(secret(env::SIGNING_SECRET.into(), r));
+            }
+            for (i, r) in signing.secret_refs.iter().enumerate() {
+                let var = env::signing_secret(i);
+                signing_secret_env.push(var.clone());
+                secret_env.push(secret(var, r));
+            }
+        }
+        let auth = dst.auth.as_ref();
+        if let Some(b) = auth.and_then(|a| a.basic.as_ref()) {
+            secret_env.push(secret(env::BASIC_AUTH_USERNAME.into(), &b.username_from));
+            secret_env.push(secret(env::BASIC_AUTH_PASSWORD.into(), &b.password_from));
+        }
+        if let Some(b) = auth.and_then(|a| a.bearer.as_ref()) {
+            secret_env.push(secret(env::BEARER_TOKEN.into(), &b.token_from));
+        }
+        let oauth2 = auth.and_then(|a| a.oauth2.as_ref());
+        if let Some(o) = oauth2 {
+            secret_env.push(secret(env::OAUTH2_CLIENT_ID.into(), &o.client_id_from));
+            secret_env.push(secret(env::OAUTH2_CLIENT_SECRET.into(), &o.client_secret_from));
+        }
+        let mut secret_files = Vec::new();
+        let tls = dst.tls.as_ref();
+        let tls_ca_file = tls.and_then(|t| t.ca_from.as_ref()).map(|ca| {
+            secret_files.push(secret(pod.tls_ca_file.clone(), ca));
+            PathBuf::from(&pod.tls_ca_file)
+        });
+        let client = tls.and_then(|t| t.client_cert_secret.as_ref());
+        let (tls_client_cert_file, tls_client_key_file) = match client {
+            None => (None, None),
+            Some(c) => {
+                for (path, key) in [
+                    (&pod.tls_client_cert_file, TLS_SECRET_CERT),
+                    (&pod.tls_client_key_file, TLS_SECRET_KEY),
+                ] {
+                    let r = SecretKeyRef {
+                        name: c.name.clone(),
+                        key: key.into(),
+                    };
+                    secret_files.push(secret(path.clone(), &r));
+                }
+                (
+                    Some(PathBuf::from(&pod.tls_client_cert_file)),
+                    Some(PathBuf::from(&pod.tls_client_key_file)),
+                )
+            }
+        };
+        let rate_limit = d.rate_limit.as_ref();
+        let throttle = d.adaptive_throttle.as_ref();
+        let args = WorkerArgs {
+            integration: pod.integration.clone(),
+            amqp_uri: None,
+            amqp_uri_file: None,
+            queue: Some(source.queue.clone()),
+            bindings: source
+                .bindings
+                .iter()
+                .map(|b| format!("{}={}", b.exchange, b.routing_key))
+                .collect(),
+            // The CRD bounds it to `limits::PREFETCH`, which fits (a test says so).
+            prefetch: u16::try_from(source.prefetch).unwrap_or(u16::MAX),
+            queue_type: source.queue_type,
+            delivery_limit: source.delivery_limit,
+            destination_url: Some(dst.url.clone()),
+            method: dst.method,
+            headers: dst.headers.iter().map(|(k, v)| format!("{k}: {v}")).collect(),
+            header_from_env,
+            signing_secret_env,
+            oauth2_token_url: oauth2.map(|o| o.token_url.clone()),
+            oauth2_scopes: oauth2.map(|o| o.scopes.clone()).unwrap_or_default(),
+            tls_ca_file,
+            tls_client_cert_file,
+            tls_client_key_file,
+            body_template: dst.body.as_ref().map(|b| b.template.clone()),
+            timeout: dst.timeout.into(),
+            max_attempts: d.max_attempts,
+            backoff_initial: d.backoff.initial.into(),
+            backoff_max: d.backoff.max.into(),
+            backoff_multiplier: d.backoff.multiplier,
+            backoff_jitter: d.backoff.jitter,
+            concurrency: d.concurrency,
+            rate_limit: rate_limit.map(|r| r.per_second),
+            rate_limit_burst: rate_limit.map(|r| r.burst.unwrap_or(r.per_second)),
+            rate_limit_scope: rate_limit.map(|r| r.scope).unwrap_or_default(),
+            circuit_breaker_threshold: d.circuit_breaker.failure_threshold,
+            circuit_breaker_cooldown: d.circuit_breaker.cooldown.into(),
+            adaptive_throttle: throttle.is_some(),
+            adaptive_throttle_min: throttle.map(|t| t.min_concurrency),
+            adaptive_throttle_window: throttle.map(|t| t.window.into()),
+            confirm_timeout: Duration::from_secs(30),
+            dead_letter_queue: Some(match &d.dead_letter {
+                Some(dl) => dl.queue.clone(),
+                None => super::queues::dead_letter(&source.queue),
+            }),
+            // The CRD bounds it to `limits::FILE_DESCRIPTOR_LIMIT`: never negative.
+            fd_limit: u64::try_from(spec.workers.file_descriptor_limit).unwrap_or_default(),
+            allow_private_networks: dst.allow_private_networks,
+            metrics_addr: DEFAULT_METRICS_ADDR.parse().expect("a socket address (tested)"),
+            shutdown_grace: pod.shutdown_grace,
+            termination_log: TERMINATION_LOG.into(),
+            log_format: LogFormat::Json,
+        };
+        Self {
+            args,
+            secret_env,
+            secret_files,
+        }
+    }
+
+    /// The container's arguments and environment: the flags of [`WorkerArgs::to_argv`], and each
+    /// Secret-filled variable as a `secretKeyRef` (no secret value appears here).
+    pub fn render(&self) -> (Vec<String>, Vec<EnvVar>) {
+        let env = self
+            .secret_env
+            .iter()
+            .map(|e| EnvVar {
+                name: e.name.clone(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: e.secret.name.clone(),
+                        key: e.secret.key.clone(),
+                        optional: None,
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            })
+            .collect();
+        (self.args.to_argv(), env)
+    }
+}

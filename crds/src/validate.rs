@@ -1,0 +1,250 @@
+//! [`validate`]: what the worker would refuse at start in an Integration's spec, found before anything
+//! rolls. The CRD schema already refuses what it can say (types, ranges, CEL rules); these are the
+//! rules it cannot: the worker's own checks on its arguments ([`WorkerArgs::check`]) run on what the
+//! operator renders for the spec, so the two cannot disagree:
+//!
+//! - `spec.destination.body.template`: MiniJinja must compile it (syntax, unknown filters and tests);
+//! - `spec.destination.url`: the HTTP client must read it as an absolute http(s) URL with a host, and a
+//!   literal private, loopback or link-local address needs `allowPrivateNetworks`;
+//! - `spec.destination.headers`: names must be HTTP tokens the worker does not set itself, values free
+//!   of control characters (CR, LF, …);
+//! - `spec.destination.headersFrom`: names as for `headers`;
+//! - `spec.destination.headers` (with `headersFrom` and `auth`): `Authorization` set once at most;
+//! - `spec.destination.auth.oauth2.tokenUrl`: as the URL;
+//! - `spec.delivery.deadLetter.queue`: neither the work queue nor its retry-ready queue (`<queue>.retries`);
+//! - `spec.source.queue`, `spec.source.bindings`, `spec.delivery.backoff.initial`: not blank, parsable,
+//!   not above `backoff.max` (the schema says these too).
+//!
+//! What needs a Secret's or a file's content (broker URIs, credentials, PEM files) the worker checks
+//! when it starts.
+//!
+//! [`WorkerArgs::check`]: crate::contract::WorkerArgs::check
+
+use std::time::Duration;
+
+use crate::contract::{Invalid, Pod, WorkerSetup};
+use crate::integration::IntegrationSpec;
+
+/// The spec fields the worker would refuse, each with the worker's reason; `Ok` when it would start.
+/// Pure: the operator may call it before it touches the Deployment and report an `InvalidSpec`
+/// condition naming the field, leaving the running fleet as it was.
+pub fn validate(spec: &IntegrationSpec) -> Result<(), Vec<Invalid>> {
+    // What the operator decides about the pod is never refused: any values do.
+    let pod = Pod {
+        integration: String::new(),
+        shutdown_grace: Duration::ZERO,
+        tls_ca_file: String::new(),
+        tls_client_cert_file: String::new(),
+        tls_client_key_file: String::new(),
+    };
+    let refused = WorkerSetup::from_spec(spec, &pod).args.check_fields();
+    if refused.is_empty() { Ok(()) } else { Err(refused) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::integration::{DeadLetterSpec, HeaderFromSecret, SecretKeyRef};
+
+    fn spec() -> IntegrationSpec {
+        serde_yaml::from_str(
+            r#"
+source:
+  connectionSecretRef: {name: rabbitmq, key: uri}
+  queue: orders
+destination:
+  url: https://erp.example.com/hooks
+"#,
+        )
+        .unwrap()
+    }
+
+    /// The one field refused in `s`, and the reason.
+    fn refused(s: &IntegrationSpec) -> (String, String) {
+        let mut e = validate(s).expect_err("refused");
+        assert_eq!(e.len(), 1, "{e:?}");
+        let e = e.remove(0);
+        (e.field, e.reason)
+    }
+
+    #[test]
+    fn a_plain_spec_and_every_example_pass() {
+        assert_eq!(validate(&spec()), Ok(()));
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            let intg: crate::Integration = serde_yaml::from_str(&text).unwrap();
+            assert_eq!(validate(&intg.spec), Ok(()));
+        }
+    }
+
+    #[test]
+    fn a_template_that_does_not_parse() {
+        let mut s = spec();
+        s.destination.body = Some(crate::integration::BodySpec {
+            template: "{% if %}".into(),
+        });
+        let (field, reason) = refused(&s);
+        assert_eq!(field, "spec.destination.body.template");
+        assert!(reason.contains("syntax error"), "{reason}");
+    }
+
+    #[test]
+    fn a_dead_letter_queue_that_is_the_work_or_retry_queue() {
+        let mut s = spec();
+        for (dlq, reason) in [
+            ("orders", "must differ from --queue"),
+            (
+                "orders.retries",
+                "orders.retries is the retry-ready queue of --queue",
+            ),
+        ] {
+            s.delivery.dead_letter = Some(DeadLetterSpec { queue: dlq.into() });
+            assert_eq!(
+                refused(&s),
+                ("spec.delivery.deadLetter.queue".into(), reason.into())
+            );
+        }
+    }
+
+    #[test]
+    fn cr_lf_or_another_control_character_in_a_header_value() {
+        for value in ["a\r\nX-Injected: 1", "a\nb", "bell\u{7}", "del\u{7f}"] {
+            let mut s = spec();
+            s.destination.headers.insert("X-Source".into(), value.into());
+            assert_eq!(
+                refused(&s),
+                (
+                    "spec.destination.headers".into(),
+                    "value of x-source is not a valid header value".into()
+                )
+            );
+        }
+        let mut s = spec();
+        s.destination
+            .headers
+            .insert("X-Ok".into(), "tab\tand ünïcode".into());
+        assert_eq!(validate(&s), Ok(()));
+    }
+
+    #[test]
+    fn header_names_of_headers_from_secrets() {
+        let from = |name: &str| HeaderFromSecret {
+            name: name.into(),
+            secret_key_ref: SecretKeyRef {
+                name: "s".into(),
+                key: "k".into(),
+            },
+        };
+        let mut s = spec();
+        s.destination.headers_from = vec![from("Not A Token")];
+        assert_eq!(
+            refused(&s),
+            (
+                "spec.destination.headersFrom".into(),
+                "\"Not A Token\" is not a header name".into()
+            )
+        );
+        s.destination.headers_from = vec![from("Webhook-Signature")];
+        assert_eq!(
+            refused(&s).1,
+            "webhook-signature is set by the worker and cannot be overridden"
+        );
+    }
+
+    #[test]
+    fn authorization_from_two_places() {
+        let mut s = spec();
+        s.destination.headers.insert("Authorization".into(), "a".into());
+        s.destination.headers.insert("authorization".into(), "b".into());
+        assert_eq!(
+            refused(&s),
+            (
+                "spec.destination.headers".into(),
+                crate::contract::AUTHORIZATION_TWICE.into()
+            )
+        );
+    }
+
+    #[test]
+    fn a_url_the_http_client_cannot_use() {
+        let mut s = spec();
+        s.destination.url = "https://exa mple.com/".into();
+        let (field, reason) = refused(&s);
+        assert_eq!(field, "spec.destination.url");
+        assert!(reason.starts_with("\"https://exa mple.com/\": "), "{reason}");
+        s.destination.url = "mailto:ops@example.com".into();
+        assert_eq!(
+            refused(&s).1,
+            "must be an absolute http:// or https:// URL with a host"
+        );
+    }
+
+    #[test]
+    fn a_private_address_needs_allow_private_networks() {
+        let mut s = spec();
+        s.destination.url = "http://169.254.169.254/latest".into();
+        assert_eq!(
+            refused(&s),
+            (
+                "spec.destination.url".into(),
+                "169.254.169.254 is a link-local address; pass --allow-private-networks to allow it".into()
+            )
+        );
+        s.destination.allow_private_networks = true;
+        assert_eq!(validate(&s), Ok(()));
+    }
+
+    #[test]
+    fn an_oauth2_token_url_the_http_client_cannot_use() {
+        let mut s = spec();
+        s.destination.auth = Some(
+            serde_yaml::from_str(
+                "oauth2: {tokenUrl: 'ftp://login', clientIdFrom: {name: o, key: i}, \
+                 clientSecretFrom: {name: o, key: s}}",
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            refused(&s),
+            (
+                "spec.destination.auth.oauth2.tokenUrl".into(),
+                "must be an absolute http:// or https:// URL with a host".into()
+            )
+        );
+    }
+
+    #[test]
+    fn rules_the_schema_also_says() {
+        let mut s = spec();
+        s.source.queue = "  ".into();
+        assert_eq!(refused(&s).0, "spec.source.queue");
+        let mut s = spec();
+        s.source.bindings = vec![crate::integration::Binding {
+            exchange: " ".into(),
+            routing_key: "k".into(),
+        }];
+        assert_eq!(refused(&s).0, "spec.source.bindings");
+        let mut s = spec();
+        s.delivery.backoff.initial = Duration::from_secs(120).into();
+        s.delivery.backoff.max = Duration::from_secs(60).into();
+        assert_eq!(
+            refused(&s),
+            (
+                "spec.delivery.backoff.initial".into(),
+                "120s exceeds --backoff-max 60s".into()
+            )
+        );
+    }
+
+    #[test]
+    fn every_refusal_is_reported() {
+        let mut s = spec();
+        s.destination.url = "http://127.0.0.1/".into();
+        s.delivery.dead_letter = Some(DeadLetterSpec {
+            queue: "orders".into(),
+        });
+        let fields: Vec<String> = validate(&s).unwrap_err().into_iter().map(|i| i.field).collect();
+        assert_eq!(fields, ["spec.destination.url", "spec.delivery.deadLetter.queue"]);
+    }
+}
