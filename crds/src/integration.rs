@@ -19,7 +19,6 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::contract::RESERVED_HEADERS;
 use crate::limits;
 
 /// Desired state of an Integration.
@@ -241,6 +240,16 @@ pub struct DestinationSpec {
 fn default_timeout() -> Duration {
     std::time::Duration::from_secs(10).into()
 }
+
+/// Headers the worker sets itself: a user's header of one of these names is refused (by the schema
+/// and by the worker).
+pub const RESERVED_HEADERS: [&str; 5] = [
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "content-length",
+    "host",
+];
 
 /// The CEL rule for a header name in `var`: an HTTP token, and none of the headers the worker sets.
 fn header_name_rule(var: &str) -> String {

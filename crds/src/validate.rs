@@ -73,7 +73,7 @@ destination:
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
         for entry in std::fs::read_dir(dir).unwrap() {
             let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-            let intg: crate::Integration = serde_yaml::from_str(&text).unwrap();
+            let intg: crate::integration::Integration = serde_yaml::from_str(&text).unwrap();
             assert_eq!(validate(&intg.spec), Ok(()));
         }
     }

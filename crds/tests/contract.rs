@@ -265,11 +265,8 @@ fn check(intg: &Integration, rt: &RoundTrip) {
     assert_eq!(a.concurrency, d.concurrency);
     let rate_limit = d.rate_limit.as_ref();
     assert_eq!(
-        (a.rate_limit, a.rate_limit_burst),
-        (
-            rate_limit.map(|r| r.per_second),
-            rate_limit.map(|r| r.burst.unwrap_or(r.per_second))
-        )
+        checked.rate_limit,
+        rate_limit.map(|r| (r.per_second, r.burst.unwrap_or(r.per_second)))
     );
     assert_eq!(
         a.rate_limit_scope,
@@ -284,13 +281,11 @@ fn check(intg: &Integration, rt: &RoundTrip) {
         ),
         "circuitBreaker"
     );
-    let throttle = d.adaptive_throttle.as_ref();
     assert_eq!(
-        (checked.adaptive_throttle_min, a.adaptive_throttle_window),
-        (
-            throttle.map(|t| t.min_concurrency),
-            throttle.map(|t| Duration::from(t.window))
-        ),
+        checked.adaptive_throttle,
+        d.adaptive_throttle
+            .as_ref()
+            .map(|t| (t.min_concurrency, Duration::from(t.window))),
         "adaptiveThrottle"
     );
     let dlq = d

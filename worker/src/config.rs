@@ -1,186 +1,28 @@
-//! The worker's configuration: flags with environment fallbacks (the operator renders them into the pod
-//! spec; the contract is in `docs/worker.md`), validated into a [`Config`].
+//! The worker's configuration: its arguments ([`WorkerArgs`], the contract the operator renders into the
+//! pod spec; clap parses them and checks each value's type and range) checked with the contract's rules
+//! (`WorkerArgs::check`, the same the operator can run on a spec), and completed with what only the
+//! environment and files hold: broker URIs, signing secrets, credentials, TLS PEM. The result is a
+//! [`Config`]; the contract is in `docs/worker.md`.
 //!
 //! Every mistake becomes one [`ConfigError`] line naming the flag and its variable, so that the line in
 //! the pod's termination message is enough to fix the Integration.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
-use hookfleet_crds::contract;
-use hookfleet_crds::integration::{
-    AdaptiveThrottleSpec, DeliverySpec, HttpMethod, Jitter, QueueType, RateLimitScope, default_delivery_limit,
-};
+use hookfleet_crds::contract::{self, Checked, Invalid, WorkerArgs};
+use hookfleet_crds::integration::{HttpMethod, QueueType, RateLimitScope};
 use reqwest::Url;
 use reqwest::header::{HeaderName, HeaderValue};
 
-use crate::backoff::Backoff;
-use crate::ssrf;
-use crate::template::BodyTemplate;
+pub use hookfleet_crds::contract::LogFormat;
 
-/// Flags; each has an environment variable of the same meaning (flag wins).
-#[derive(Parser, Debug)]
-#[command(
-    name = "hookfleet-worker",
-    version,
-    about = "Consumes one RabbitMQ queue and delivers each message as an HTTP webhook, at least once."
-)]
-pub struct Args {
-    /// NAMESPACE/NAME of the Integration, for logs and metric labels.
-    #[arg(long = contract::flag::INTEGRATION, env = contract::env::INTEGRATION, default_value = "")]
-    pub integration: String,
-    /// Broker URI (amqp:// or amqps://), or several (the nodes of a cluster), comma- or
-    /// whitespace-separated. Prefer --amqp-uri-file or the variable: flags show in `ps`.
-    #[arg(long = contract::flag::AMQP_URI, env = contract::env::AMQP_URI, hide_env_values = true)]
-    pub amqp_uri: Option<String>,
-    /// File holding the broker URI or URIs (a mounted Secret key).
-    #[arg(long = contract::flag::AMQP_URI_FILE, env = contract::env::AMQP_URI_FILE)]
-    pub amqp_uri_file: Option<PathBuf>,
-    /// Durable queue to consume (declared with its retry and dead-letter queues).
-    #[arg(long = contract::flag::QUEUE, env = contract::env::QUEUE)]
-    pub queue: Option<String>,
-    /// EXCHANGE=ROUTING_KEY binding of the queue; repeatable (variable: comma-separated).
-    #[arg(long = contract::flag::BINDING, env = contract::env::BINDINGS, value_delimiter = ',')]
-    pub bindings: Vec<String>,
-    /// Unacknowledged messages the broker hands this worker at a time (basic.qos).
-    #[arg(long = contract::flag::PREFETCH, env = contract::env::PREFETCH, default_value_t = 64)]
-    pub prefetch: u16,
-    /// classic or quorum: type of the work, delay and dead-letter queues. Default quorum.
-    #[arg(long = contract::flag::QUEUE_TYPE, env = contract::env::QUEUE_TYPE)]
-    pub queue_type: Option<String>,
-    /// Quorum queues: deliveries of one message before the broker dead-letters it. Default 20.
-    #[arg(long = contract::flag::DELIVERY_LIMIT, env = contract::env::DELIVERY_LIMIT)]
-    pub delivery_limit: Option<u32>,
-    /// Webhook URL (http:// or https://).
-    #[arg(long = contract::flag::DESTINATION_URL, env = contract::env::DESTINATION_URL)]
-    pub destination_url: Option<String>,
-    /// POST, PUT or PATCH.
-    #[arg(long = contract::flag::METHOD, env = contract::env::METHOD, default_value = "POST")]
-    pub method: String,
-    /// "Name: value" request header; repeatable (variable: newline-separated).
-    #[arg(long = contract::flag::HEADER, env = contract::env::HEADERS, value_delimiter = '\n')]
-    pub headers: Vec<String>,
-    /// NAME=ENV_VAR: header NAME gets the value of variable ENV_VAR (from a Secret; never logged).
-    /// Repeatable (variable: comma-separated).
-    #[arg(
-        long = contract::flag::HEADER_FROM_ENV,
-        env = contract::env::HEADERS_FROM_ENV,
-        value_delimiter = ','
-    )]
-    pub header_from_env: Vec<String>,
-    /// Variable holding more signing secrets (from a Secret; never logged): each signs every request
-    /// too. Repeatable (variable: comma-separated).
-    #[arg(
-        long = contract::flag::SIGNING_SECRET_ENV,
-        env = contract::env::SIGNING_SECRET_ENVS,
-        value_delimiter = ','
-    )]
-    pub signing_secret_env: Vec<String>,
-    /// OAuth2 client credentials: the token endpoint. The client id and secret are read from
-    /// HOOKFLEET_OAUTH2_CLIENT_ID and HOOKFLEET_OAUTH2_CLIENT_SECRET.
-    #[arg(long = contract::flag::OAUTH2_TOKEN_URL, env = contract::env::OAUTH2_TOKEN_URL)]
-    pub oauth2_token_url: Option<String>,
-    /// OAuth2 scope to request; repeatable (variable: comma-separated).
-    #[arg(long = contract::flag::OAUTH2_SCOPE, env = contract::env::OAUTH2_SCOPES, value_delimiter = ',')]
-    pub oauth2_scopes: Vec<String>,
-    /// PEM file of CA certificates trusted for the destination besides the system roots.
-    #[arg(long = contract::flag::TLS_CA_FILE, env = contract::env::TLS_CA_FILE)]
-    pub tls_ca_file: Option<PathBuf>,
-    /// PEM client certificate (chain) presented when the destination asks for one (mTLS).
-    #[arg(long = contract::flag::TLS_CLIENT_CERT_FILE, env = contract::env::TLS_CLIENT_CERT_FILE)]
-    pub tls_client_cert_file: Option<PathBuf>,
-    /// PEM private key of --tls-client-cert-file.
-    #[arg(long = contract::flag::TLS_CLIENT_KEY_FILE, env = contract::env::TLS_CLIENT_KEY_FILE)]
-    pub tls_client_key_file: Option<PathBuf>,
-    /// MiniJinja template of the request body, rendered with the message's JSON fields as variables;
-    /// the body is forwarded unchanged when absent.
-    /// (A value may start with `-`: the operator passes it as the next argument.)
-    #[arg(long = contract::flag::BODY_TEMPLATE, env = contract::env::BODY_TEMPLATE, allow_hyphen_values = true)]
-    pub body_template: Option<String>,
-    /// Time for one request, connect to last byte (Go duration).
-    #[arg(long = contract::flag::TIMEOUT, env = contract::env::TIMEOUT, default_value = "10s")]
-    pub timeout: String,
-    /// Attempts before a message is dead-lettered (the first delivery counts). Default 10.
-    #[arg(long = contract::flag::MAX_ATTEMPTS, env = contract::env::MAX_ATTEMPTS)]
-    pub max_attempts: Option<u32>,
-    /// Delay before the second attempt (Go duration). Default 1s.
-    #[arg(long = contract::flag::BACKOFF_INITIAL, env = contract::env::BACKOFF_INITIAL)]
-    pub backoff_initial: Option<String>,
-    /// Longest delay between attempts, also the cap on Retry-After (Go duration). Default 10m.
-    #[arg(long = contract::flag::BACKOFF_MAX, env = contract::env::BACKOFF_MAX)]
-    pub backoff_max: Option<String>,
-    /// Growth of the delay per attempt. Default 2.
-    #[arg(long = contract::flag::BACKOFF_MULTIPLIER, env = contract::env::BACKOFF_MULTIPLIER)]
-    pub backoff_multiplier: Option<f64>,
-    /// full, equal or none. Default full.
-    #[arg(long = contract::flag::BACKOFF_JITTER, env = contract::env::BACKOFF_JITTER)]
-    pub backoff_jitter: Option<String>,
-    /// Deliveries in flight (and so HTTP connections in use) at most. Default 128.
-    #[arg(long = contract::flag::CONCURRENCY, env = contract::env::CONCURRENCY)]
-    pub concurrency: Option<u32>,
-    /// Requests per second to the destination (per worker, or per fleet with --rate-limit-scope
-    /// fleet); unlimited when absent.
-    #[arg(long = contract::flag::RATE_LIMIT, env = contract::env::RATE_LIMIT)]
-    pub rate_limit: Option<u32>,
-    /// Burst of the rate limit; defaults to --rate-limit.
-    #[arg(long = contract::flag::RATE_LIMIT_BURST, env = contract::env::RATE_LIMIT_BURST)]
-    pub rate_limit_burst: Option<u32>,
-    /// worker (default: the limit is this worker's) or fleet (the limit is divided by the consumers
-    /// attached to the work queue).
-    #[arg(long = contract::flag::RATE_LIMIT_SCOPE, env = contract::env::RATE_LIMIT_SCOPE)]
-    pub rate_limit_scope: Option<String>,
-    /// Consecutive retryable failures that open the circuit breaker (0 disables it). Default 20.
-    #[arg(long = contract::flag::CIRCUIT_BREAKER_THRESHOLD, env = contract::env::CIRCUIT_BREAKER_THRESHOLD)]
-    pub circuit_breaker_threshold: Option<u32>,
-    /// How long an open breaker defers deliveries before one probe is let through (Go duration).
-    /// Default 10s.
-    #[arg(long = contract::flag::CIRCUIT_BREAKER_COOLDOWN, env = contract::env::CIRCUIT_BREAKER_COOLDOWN)]
-    pub circuit_breaker_cooldown: Option<String>,
-    /// Halve the deliveries in flight while retryable failures outnumber successes (per window), and
-    /// raise them again as the destination recovers.
-    #[arg(long = contract::flag::ADAPTIVE_THROTTLE, env = contract::env::ADAPTIVE_THROTTLE)]
-    pub adaptive_throttle: bool,
-    /// Fewest deliveries in flight the throttle goes down to. Default 1.
-    #[arg(long = contract::flag::ADAPTIVE_THROTTLE_MIN, env = contract::env::ADAPTIVE_THROTTLE_MIN)]
-    pub adaptive_throttle_min: Option<u32>,
-    /// How often the throttle compares failures and successes (Go duration). Default 10s.
-    #[arg(long = contract::flag::ADAPTIVE_THROTTLE_WINDOW, env = contract::env::ADAPTIVE_THROTTLE_WINDOW)]
-    pub adaptive_throttle_window: Option<String>,
-    /// Longest wait for the broker's confirm of a retry or dead-letter copy (Go duration); past it the
-    /// message is handed back and the session reconnects.
-    #[arg(long = contract::flag::CONFIRM_TIMEOUT, env = contract::env::CONFIRM_TIMEOUT, default_value = "30s")]
-    pub confirm_timeout: String,
-    /// Dead-letter queue; defaults to <queue>.dead.
-    #[arg(long = contract::flag::DEAD_LETTER_QUEUE, env = contract::env::DEAD_LETTER_QUEUE)]
-    pub dead_letter_queue: Option<String>,
-    /// Soft RLIMIT_NOFILE to raise to at start (capped at the hard limit).
-    #[arg(long = contract::flag::FD_LIMIT, env = contract::env::FD_LIMIT, default_value_t = 1_048_576)]
-    pub fd_limit: u64,
-    /// Allow private, loopback and link-local destination addresses (refused by default: SSRF).
-    #[arg(long = contract::flag::ALLOW_PRIVATE_NETWORKS, env = contract::env::ALLOW_PRIVATE_NETWORKS)]
-    pub allow_private_networks: bool,
-    /// Address of /metrics, /healthz and /readyz.
-    #[arg(long = contract::flag::METRICS_ADDR, env = contract::env::METRICS_ADDR, default_value = contract::DEFAULT_METRICS_ADDR)]
-    pub metrics_addr: String,
-    /// Time in-flight deliveries get to finish after SIGTERM (Go duration).
-    #[arg(long = contract::flag::SHUTDOWN_GRACE, env = contract::env::SHUTDOWN_GRACE, default_value = "25s")]
-    pub shutdown_grace: String,
-    /// Where a fatal error is written for Kubernetes (terminationMessagePath).
-    #[arg(
-        long = contract::flag::TERMINATION_LOG,
-        env = contract::env::TERMINATION_LOG,
-        default_value = contract::TERMINATION_LOG
-    )]
-    pub termination_log: PathBuf,
-    /// json or text.
-    #[arg(long = contract::flag::LOG_FORMAT, env = contract::env::LOG_FORMAT, default_value = "json")]
-    pub log_format: String,
-}
+use crate::backoff::Backoff;
+use crate::template::BodyTemplate;
 
 /// Variable holding the Standard Webhooks signing secret(s): `whsec_<base64>` or raw bytes; several,
 /// space-separated, sign with each (key rotation).
@@ -210,6 +52,31 @@ pub struct ConfigError {
     pub message: String,
 }
 
+impl From<Invalid> for ConfigError {
+    fn from(i: Invalid) -> Self {
+        bad(&i.field, i.reason)
+    }
+}
+
+impl ConfigError {
+    /// The line for a command line clap refused: the contract's refusal (`--flag (VARIABLE): reason`),
+    /// or clap's own first line (an unknown flag, a value that is not a number).
+    pub fn from_clap(e: &clap::Error) -> Result<Self, String> {
+        if let Some(i) = contract::refusal(e) {
+            return Ok(i.into());
+        }
+        let rendered = e.render().to_string();
+        let line = rendered
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("invalid arguments");
+        Err(format!(
+            "invalid configuration: {}",
+            line.trim_start_matches("error: ")
+        ))
+    }
+}
+
 fn bad(setting: &str, message: impl Into<String>) -> ConfigError {
     ConfigError {
         setting: setting.to_owned(),
@@ -217,10 +84,8 @@ fn bad(setting: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    Json,
-    Text,
+fn setting(flag: &str, env: &str) -> String {
+    contract::setting(flag, env)
 }
 
 /// A validated configuration.
@@ -326,200 +191,29 @@ pub fn redact_uri(uri: &str) -> String {
     }
 }
 
-/// The one of `all` named `value` (`name` gives each its name); the error lists every name:
-/// `"x" is not a, b or c`.
-fn choice<T: Copy>(
-    setting: &str,
-    value: &str,
-    all: &[T],
-    name: fn(T) -> &'static str,
-) -> Result<T, ConfigError> {
-    if let Some(t) = all.iter().copied().find(|t| name(*t) == value) {
-        return Ok(t);
-    }
-    let names: Vec<&str> = all.iter().map(|t| name(*t)).collect();
-    let list = match names.split_last() {
-        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
-        _ => names.join(""),
-    };
-    Err(bad(setting, format!("{value:?} is not {list}")))
-}
-
-/// A Go-style duration (`10s`, `1m30s`, `250ms`), as the CRD writes them.
-pub fn parse_duration(setting: &str, s: &str) -> Result<Duration, ConfigError> {
-    let t = s.trim();
-    if t.is_empty() {
-        return Err(bad(setting, "empty duration (expected e.g. 10s, 250ms, 1m30s)"));
-    }
-    let d = kube::core::Duration::from_str(t).map_err(|_| {
-        bad(
-            setting,
-            format!("cannot parse {s:?} as a duration (expected e.g. 10s, 250ms, 1m30s)"),
-        )
-    })?;
-    if d.is_negative() {
-        return Err(bad(setting, format!("{s:?} is negative")));
-    }
-    Ok(d.into())
-}
-
-fn check_range(setting: &str, d: Duration, min: Duration, max: Duration) -> Result<Duration, ConfigError> {
-    if d < min || d > max {
-        return Err(bad(setting, format!("{d:?} is outside [{min:?}, {max:?}]")));
-    }
-    Ok(d)
-}
-
 impl Config {
-    /// Validates `args`; `env` looks up variables (the signing secret, --header-from-env targets).
-    pub fn from_args(args: Args, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let defaults = DeliverySpec::default();
-
-        let (amqp_uri_setting, amqp_uri) = match (args.amqp_uri, args.amqp_uri_file) {
-            (Some(_), Some(_)) => {
-                return Err(bad(
-                    &format!(
-                        "--{}/--{}",
-                        contract::flag::AMQP_URI,
-                        contract::flag::AMQP_URI_FILE
-                    ),
-                    format!(
-                        "set one of {} and {}, not both",
-                        contract::env::AMQP_URI,
-                        contract::env::AMQP_URI_FILE
-                    ),
-                ));
-            }
-            (Some(uri), None) => (
-                contract::setting(contract::flag::AMQP_URI, contract::env::AMQP_URI),
-                uri,
-            ),
-            (None, Some(path)) => (
-                contract::setting(contract::flag::AMQP_URI_FILE, contract::env::AMQP_URI_FILE),
-                std::fs::read_to_string(&path).map_err(|e| {
-                    bad(
-                        &contract::setting(contract::flag::AMQP_URI_FILE, contract::env::AMQP_URI_FILE),
-                        format!("{}: {e}", path.display()),
-                    )
-                })?,
-            ),
-            (None, None) => {
-                return Err(bad(
-                    &contract::setting(contract::flag::AMQP_URI, contract::env::AMQP_URI),
-                    format!(
-                        "missing: set {} or {}",
-                        contract::env::AMQP_URI,
-                        contract::env::AMQP_URI_FILE
-                    ),
-                ));
-            }
-        };
-        let amqp_uris = parse_amqp_uris(&amqp_uri_setting, &amqp_uri)?;
-
-        let queue = match args.queue.map(|q| q.trim().to_owned()) {
-            Some(q) if !q.is_empty() => q,
-            _ => {
-                return Err(bad(
-                    &contract::setting(contract::flag::QUEUE, contract::env::QUEUE),
-                    "missing: name the queue to consume",
-                ));
-            }
-        };
-        if queue.len() > 200 {
-            // Delay queues are named `<queue>.delay.<ms>ms` and must stay under AMQP's 255 bytes.
-            return Err(bad(
-                &contract::setting(contract::flag::QUEUE, contract::env::QUEUE),
-                "longer than 200 bytes",
-            ));
-        }
-
-        let mut bindings = Vec::new();
-        for b in args.bindings.iter().map(|b| b.trim()).filter(|b| !b.is_empty()) {
-            match b.split_once('=') {
-                Some((ex, key)) if !ex.trim().is_empty() => {
-                    bindings.push((ex.trim().to_owned(), key.trim().to_owned()))
-                }
-                _ => {
-                    return Err(bad(
-                        &contract::setting(contract::flag::BINDING, contract::env::BINDINGS),
-                        format!("{b:?} is not EXCHANGE=ROUTING_KEY"),
-                    ));
-                }
-            }
-        }
-
-        if args.prefetch == 0 {
-            return Err(bad(
-                &contract::setting(contract::flag::PREFETCH, contract::env::PREFETCH),
-                "must be at least 1",
-            ));
-        }
-
-        let url_setting = &contract::setting(contract::flag::DESTINATION_URL, contract::env::DESTINATION_URL);
-        let destination = match args.destination_url {
-            Some(u) if !u.trim().is_empty() => {
-                Url::parse(u.trim()).map_err(|e| bad(url_setting, format!("{u:?}: {e}")))?
-            }
-            _ => return Err(bad(url_setting, "missing: set the webhook URL")),
-        };
-        if !matches!(destination.scheme(), "http" | "https") || destination.host_str().is_none() {
-            return Err(bad(
-                url_setting,
-                "must be an absolute http:// or https:// URL with a host",
-            ));
-        }
-        if !args.allow_private_networks
-            && let Some(ip) = url_ip(&destination)
-            && let Some(kind) = ssrf::forbidden(ip)
-        {
-            return Err(bad(
-                url_setting,
-                format!(
-                    "{ip} is a {kind} address; pass --{} to allow it",
-                    contract::flag::ALLOW_PRIVATE_NETWORKS
-                ),
-            ));
-        }
-
-        let method = choice(
-            &contract::setting(contract::flag::METHOD, contract::env::METHOD),
-            &args.method.trim().to_ascii_uppercase(),
-            &HttpMethod::ALL,
-            HttpMethod::as_str,
-        )?;
+    /// Checks `args` and completes them from the environment (`env` looks up variables: the broker
+    /// URI, the signing secrets, credentials, --header-from-env targets) and files.
+    pub fn from_args(args: WorkerArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        use contract::{env as var, flag};
+        let amqp_uris = amqp_uris(&args)?;
+        let checked: Checked = args.check().map_err(|mut e| ConfigError::from(e.remove(0)))?;
 
         let mut headers = Vec::new();
-        for h in args.headers.iter().map(|h| h.trim()).filter(|h| !h.is_empty()) {
-            let setting = &contract::setting(contract::flag::HEADER, contract::env::HEADERS);
-            let (name, value) = h
-                .split_once(':')
-                .ok_or_else(|| bad(setting, format!("{h:?} is not \"Name: value\"")))?;
-            let name = header_name(setting, name)?;
-            let value = HeaderValue::from_str(value.trim())
-                .map_err(|_| bad(setting, format!("value of {name} is not a valid header value")))?;
-            headers.push((name, value));
+        let header_setting = &setting(flag::HEADER, var::HEADERS);
+        for (name, value) in &checked.headers {
+            headers.push(header(header_setting, name, value)?);
         }
-        for h in args
-            .header_from_env
-            .iter()
-            .map(|h| h.trim())
-            .filter(|h| !h.is_empty())
-        {
-            let setting =
-                &contract::setting(contract::flag::HEADER_FROM_ENV, contract::env::HEADERS_FROM_ENV);
-            let (name, var) = h
-                .split_once('=')
-                .ok_or_else(|| bad(setting, format!("{h:?} is not NAME=ENV_VAR")))?;
-            let name = header_name(setting, name)?;
-            let raw = env(var.trim()).ok_or_else(|| {
+        let from_env_setting = &setting(flag::HEADER_FROM_ENV, var::HEADERS_FROM_ENV);
+        for (name, variable) in &checked.headers_from_env {
+            let raw = env(variable).ok_or_else(|| {
                 bad(
-                    setting,
-                    format!("variable {} for header {name} is not set", var.trim()),
+                    from_env_setting,
+                    format!("variable {variable} for header {name} is not set"),
                 )
             })?;
             // The value is a secret: the message names the header, never the value.
-            let mut value = HeaderValue::from_str(raw.trim())
-                .map_err(|_| bad(setting, format!("value of {name} is not a valid header value")))?;
+            let (name, mut value) = header(from_env_setting, name, raw.trim())?;
             value.set_sensitive(true);
             headers.push((name, value));
         }
@@ -530,40 +224,31 @@ impl Config {
             }
             _ => Vec::new(),
         };
-        for var in args
+        let signing_setting = &setting(flag::SIGNING_SECRET_ENV, var::SIGNING_SECRET_ENVS);
+        for variable in args
             .signing_secret_env
             .iter()
             .map(|v| v.trim())
             .filter(|v| !v.is_empty())
         {
-            let setting = &contract::setting(
-                contract::flag::SIGNING_SECRET_ENV,
-                contract::env::SIGNING_SECRET_ENVS,
-            );
-            let value = env(var)
-                .filter(|v| !v.trim().is_empty())
-                .ok_or_else(|| bad(setting, format!("variable {var} is not set or empty")))?;
+            let value = env(variable).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
+                bad(
+                    signing_setting,
+                    format!("variable {variable} is not set or empty"),
+                )
+            })?;
             signing_secrets.extend(
                 crate::signing::parse_secrets(&value)
-                    .map_err(|e| bad(setting, format!("variable {var}: {e}")))?,
+                    .map_err(|e| bad(signing_setting, format!("variable {variable}: {e}")))?,
             );
         }
 
-        let (auth_header, oauth2) = auth_from(&args.oauth2_token_url, &args.oauth2_scopes, env)?;
+        let (auth_header, oauth2) = auth_from(checked.oauth2_token_url.clone(), &args.oauth2_scopes, env)?;
+        if checked.authorization_sources() + usize::from(auth_header.is_some()) > 1 {
+            return Err(bad("auth", contract::AUTHORIZATION_TWICE));
+        }
         if let Some(value) = auth_header {
             headers.push((reqwest::header::AUTHORIZATION, value));
-        }
-        if headers
-            .iter()
-            .filter(|(n, _)| *n == reqwest::header::AUTHORIZATION)
-            .count()
-            + usize::from(oauth2.is_some())
-            > 1
-        {
-            return Err(bad(
-                "auth",
-                "Authorization is set twice: by a header and by basic, bearer or OAuth2 auth; keep one",
-            ));
         }
         let tls = tls_files(
             args.tls_ca_file.as_deref(),
@@ -571,321 +256,100 @@ impl Config {
             args.tls_client_key_file.as_deref(),
         )?;
 
-        let body_template = match args.body_template.as_deref() {
-            Some(t) if !t.trim().is_empty() => Some(Arc::new(BodyTemplate::compile(t).map_err(|e| {
-                bad(
-                    &contract::setting(contract::flag::BODY_TEMPLATE, contract::env::BODY_TEMPLATE),
-                    e,
-                )
-            })?)),
-            _ => None,
-        };
-
-        let timeout = check_range(
-            &contract::setting(contract::flag::TIMEOUT, contract::env::TIMEOUT),
-            parse_duration(
-                &contract::setting(contract::flag::TIMEOUT, contract::env::TIMEOUT),
-                &args.timeout,
-            )?,
-            Duration::from_millis(100),
-            Duration::from_secs(600),
-        )?;
-
-        let max_attempts = args.max_attempts.unwrap_or(defaults.max_attempts);
-        if !(1..=100).contains(&max_attempts) {
-            return Err(bad(
-                &contract::setting(contract::flag::MAX_ATTEMPTS, contract::env::MAX_ATTEMPTS),
-                format!("{max_attempts} is outside [1, 100]"),
-            ));
-        }
-        let day = Duration::from_secs(86_400);
-        let tenth = Duration::from_millis(100);
-        let initial = match &args.backoff_initial {
-            Some(s) => parse_duration(
-                &contract::setting(contract::flag::BACKOFF_INITIAL, contract::env::BACKOFF_INITIAL),
-                s,
-            )?,
-            None => defaults.backoff.initial.into(),
-        };
-        let initial = check_range(
-            &contract::setting(contract::flag::BACKOFF_INITIAL, contract::env::BACKOFF_INITIAL),
-            initial,
-            tenth,
-            day,
-        )?;
-        let max = match &args.backoff_max {
-            Some(s) => parse_duration(
-                &contract::setting(contract::flag::BACKOFF_MAX, contract::env::BACKOFF_MAX),
-                s,
-            )?,
-            None => defaults.backoff.max.into(),
-        };
-        let max = check_range(
-            &contract::setting(contract::flag::BACKOFF_MAX, contract::env::BACKOFF_MAX),
-            max,
-            tenth,
-            day,
-        )?;
-        if initial > max {
-            return Err(bad(
-                &contract::setting(contract::flag::BACKOFF_INITIAL, contract::env::BACKOFF_INITIAL),
-                format!("{initial:?} exceeds --{} {max:?}", contract::flag::BACKOFF_MAX),
-            ));
-        }
-        let multiplier = args.backoff_multiplier.unwrap_or(defaults.backoff.multiplier);
-        if !(1.0..=10.0).contains(&multiplier) {
-            return Err(bad(
-                &contract::setting(
-                    contract::flag::BACKOFF_MULTIPLIER,
-                    contract::env::BACKOFF_MULTIPLIER,
-                ),
-                format!("{multiplier} is outside [1, 10]"),
-            ));
-        }
-        let jitter = match args.backoff_jitter.as_deref().map(str::trim) {
-            None => defaults.backoff.jitter,
-            Some(v) => choice(
-                &contract::setting(contract::flag::BACKOFF_JITTER, contract::env::BACKOFF_JITTER),
-                v,
-                &Jitter::ALL,
-                Jitter::as_str,
-            )?,
-        };
-
-        let concurrency = args.concurrency.unwrap_or(defaults.concurrency);
-        if !(1..=10_000).contains(&concurrency) {
-            return Err(bad(
-                &contract::setting(contract::flag::CONCURRENCY, contract::env::CONCURRENCY),
-                format!("{concurrency} is outside [1, 10000]"),
-            ));
-        }
-
-        let rate_limit = match (args.rate_limit, args.rate_limit_burst) {
-            (None, None) => None,
-            (None, Some(_)) => {
-                return Err(bad(
-                    &contract::setting(contract::flag::RATE_LIMIT_BURST, contract::env::RATE_LIMIT_BURST),
-                    format!("needs --{}", contract::flag::RATE_LIMIT),
-                ));
+        let body_template = match checked.body_template.as_deref() {
+            Some(t) => {
+                Some(Arc::new(BodyTemplate::compile(t).map_err(|e| {
+                    bad(&setting(flag::BODY_TEMPLATE, var::BODY_TEMPLATE), e)
+                })?))
             }
-            (Some(0), _) => {
-                return Err(bad(
-                    &contract::setting(contract::flag::RATE_LIMIT, contract::env::RATE_LIMIT),
-                    "must be at least 1",
-                ));
-            }
-            (Some(_), Some(0)) => {
-                return Err(bad(
-                    &contract::setting(contract::flag::RATE_LIMIT_BURST, contract::env::RATE_LIMIT_BURST),
-                    "must be at least 1",
-                ));
-            }
-            (Some(r), b) => Some((r, b.unwrap_or(r))),
+            None => None,
         };
-
-        let rate_limit_scope = match args.rate_limit_scope.as_deref().map(str::trim) {
-            None | Some("") => RateLimitScope::default(),
-            Some(v) => choice(
-                &contract::setting(contract::flag::RATE_LIMIT_SCOPE, contract::env::RATE_LIMIT_SCOPE),
-                v,
-                &RateLimitScope::ALL,
-                RateLimitScope::as_str,
-            )?,
-        };
-        if rate_limit_scope == RateLimitScope::Fleet && rate_limit.is_none() {
-            return Err(bad(
-                &contract::setting(contract::flag::RATE_LIMIT_SCOPE, contract::env::RATE_LIMIT_SCOPE),
-                "fleet needs --rate-limit",
-            ));
-        }
-
-        let threshold_setting = &contract::setting(
-            contract::flag::CIRCUIT_BREAKER_THRESHOLD,
-            contract::env::CIRCUIT_BREAKER_THRESHOLD,
-        );
-        let threshold = args
-            .circuit_breaker_threshold
-            .unwrap_or(defaults.circuit_breaker.failure_threshold);
-        if threshold > 10_000 {
-            return Err(bad(
-                threshold_setting,
-                format!("{threshold} is outside [0, 10000]"),
-            ));
-        }
-        let cooldown_setting = &contract::setting(
-            contract::flag::CIRCUIT_BREAKER_COOLDOWN,
-            contract::env::CIRCUIT_BREAKER_COOLDOWN,
-        );
-        let cooldown = match &args.circuit_breaker_cooldown {
-            Some(s) => parse_duration(cooldown_setting, s)?,
-            None => defaults.circuit_breaker.cooldown.into(),
-        };
-        let cooldown = check_range(cooldown_setting, cooldown, tenth, Duration::from_secs(3600))?;
-        let circuit_breaker = (threshold, cooldown);
-
-        let throttle_defaults = AdaptiveThrottleSpec::default();
-        let min_setting = &contract::setting(
-            contract::flag::ADAPTIVE_THROTTLE_MIN,
-            contract::env::ADAPTIVE_THROTTLE_MIN,
-        );
-        let window_setting = &contract::setting(
-            contract::flag::ADAPTIVE_THROTTLE_WINDOW,
-            contract::env::ADAPTIVE_THROTTLE_WINDOW,
-        );
-        let adaptive_throttle = if args.adaptive_throttle {
-            let min = args
-                .adaptive_throttle_min
-                .unwrap_or(throttle_defaults.min_concurrency);
-            if min < 1 || min > concurrency {
-                return Err(bad(
-                    min_setting,
-                    format!("{min} is outside [1, --concurrency {concurrency}]"),
-                ));
-            }
-            let window = match &args.adaptive_throttle_window {
-                Some(s) => parse_duration(window_setting, s)?,
-                None => throttle_defaults.window.into(),
-            };
-            let window = check_range(
-                window_setting,
-                window,
-                Duration::from_secs(1),
-                Duration::from_secs(600),
-            )?;
-            Some((min, window))
-        } else {
-            if args.adaptive_throttle_min.is_some() {
-                return Err(bad(min_setting, "needs --adaptive-throttle"));
-            }
-            if args.adaptive_throttle_window.is_some() {
-                return Err(bad(window_setting, "needs --adaptive-throttle"));
-            }
-            None
-        };
-
-        let queue_type = match args.queue_type.as_deref().map(str::trim) {
-            None | Some("") => QueueType::default(),
-            Some(v) => choice(
-                &contract::setting(contract::flag::QUEUE_TYPE, contract::env::QUEUE_TYPE),
-                v,
-                &QueueType::ALL,
-                QueueType::as_str,
-            )?,
-        };
-        let delivery_limit = args.delivery_limit.unwrap_or_else(default_delivery_limit);
-        if !(1..=1000).contains(&delivery_limit) {
-            return Err(bad(
-                &contract::setting(contract::flag::DELIVERY_LIMIT, contract::env::DELIVERY_LIMIT),
-                format!("{delivery_limit} is outside [1, 1000]"),
-            ));
-        }
-
-        let dead_letter_queue = match args.dead_letter_queue.map(|q| q.trim().to_owned()) {
-            Some(q) if !q.is_empty() => q,
-            _ => format!("{queue}.dead"),
-        };
-        if dead_letter_queue == queue {
-            return Err(bad(
-                &contract::setting(
-                    contract::flag::DEAD_LETTER_QUEUE,
-                    contract::env::DEAD_LETTER_QUEUE,
-                ),
-                format!("must differ from --{}", contract::flag::QUEUE),
-            ));
-        }
-        if dead_letter_queue == crate::worker::topology::retry_ready_queue(&queue) {
-            return Err(bad(
-                &contract::setting(
-                    contract::flag::DEAD_LETTER_QUEUE,
-                    contract::env::DEAD_LETTER_QUEUE,
-                ),
-                format!("{dead_letter_queue} is the retry-ready queue of --queue"),
-            ));
-        }
-
-        let confirm_setting =
-            &contract::setting(contract::flag::CONFIRM_TIMEOUT, contract::env::CONFIRM_TIMEOUT);
-        let confirm_timeout = check_range(
-            confirm_setting,
-            parse_duration(confirm_setting, &args.confirm_timeout)?,
-            tenth,
-            Duration::from_secs(600),
-        )?;
-
-        if args.fd_limit < 64 {
-            return Err(bad(
-                &contract::setting(contract::flag::FD_LIMIT, contract::env::FD_LIMIT),
-                format!("{} is below 64", args.fd_limit),
-            ));
-        }
-
-        let metrics_addr = args.metrics_addr.trim().parse().map_err(|_| {
-            bad(
-                &contract::setting(contract::flag::METRICS_ADDR, contract::env::METRICS_ADDR),
-                format!("{:?} is not HOST:PORT", args.metrics_addr),
-            )
-        })?;
-
-        let shutdown_grace = parse_duration(
-            &contract::setting(contract::flag::SHUTDOWN_GRACE, contract::env::SHUTDOWN_GRACE),
-            &args.shutdown_grace,
-        )?;
-
-        let log_format = choice(
-            &contract::setting(contract::flag::LOG_FORMAT, contract::env::LOG_FORMAT),
-            args.log_format.trim(),
-            &[LogFormat::Json, LogFormat::Text],
-            |f| match f {
-                LogFormat::Json => "json",
-                LogFormat::Text => "text",
-            },
-        )?;
 
         Ok(Self {
             integration: args.integration,
             amqp_uris,
-            queue,
-            bindings,
+            queue: checked.queue,
+            bindings: checked.bindings,
             prefetch: args.prefetch,
-            queue_type,
-            delivery_limit,
-            destination,
-            method,
+            queue_type: args.queue_type,
+            delivery_limit: args.delivery_limit,
+            destination: checked.destination,
+            method: args.method,
             headers,
             signing_secrets,
             oauth2,
             tls,
             body_template,
-            timeout,
-            max_attempts,
+            timeout: args.timeout,
+            max_attempts: args.max_attempts,
             backoff: Backoff {
-                initial,
-                max,
-                multiplier,
-                jitter,
+                initial: args.backoff_initial,
+                max: args.backoff_max,
+                multiplier: args.backoff_multiplier,
+                jitter: args.backoff_jitter,
             },
-            concurrency: concurrency as usize,
-            rate_limit,
-            rate_limit_scope,
-            circuit_breaker,
-            adaptive_throttle,
-            dead_letter_queue,
-            confirm_timeout,
+            concurrency: args.concurrency as usize,
+            rate_limit: checked.rate_limit,
+            rate_limit_scope: args.rate_limit_scope,
+            circuit_breaker: (args.circuit_breaker_threshold, args.circuit_breaker_cooldown),
+            adaptive_throttle: checked.adaptive_throttle,
+            dead_letter_queue: checked.dead_letter_queue,
+            confirm_timeout: args.confirm_timeout,
             fd_limit: args.fd_limit,
             allow_private_networks: args.allow_private_networks,
-            metrics_addr,
-            shutdown_grace,
+            metrics_addr: args.metrics_addr,
+            shutdown_grace: args.shutdown_grace,
             termination_log: args.termination_log,
-            log_format,
+            log_format: args.log_format,
         })
     }
+}
+
+/// The broker URIs, from `--amqp-uri` or the file `--amqp-uri-file` names (exactly one of them).
+fn amqp_uris(args: &WorkerArgs) -> Result<Vec<String>, ConfigError> {
+    use contract::{env as var, flag};
+    let (setting, value) = match (&args.amqp_uri, &args.amqp_uri_file) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                &format!("--{}/--{}", flag::AMQP_URI, flag::AMQP_URI_FILE),
+                format!(
+                    "set one of {} and {}, not both",
+                    var::AMQP_URI,
+                    var::AMQP_URI_FILE
+                ),
+            ));
+        }
+        (Some(uri), None) => (setting(flag::AMQP_URI, var::AMQP_URI), uri.clone()),
+        (None, Some(path)) => {
+            let setting = setting(flag::AMQP_URI_FILE, var::AMQP_URI_FILE);
+            let value = std::fs::read_to_string(path)
+                .map_err(|e| bad(&setting, format!("{}: {e}", path.display())))?;
+            (setting, value)
+        }
+        (None, None) => {
+            return Err(bad(
+                &setting(flag::AMQP_URI, var::AMQP_URI),
+                format!("missing: set {} or {}", var::AMQP_URI, var::AMQP_URI_FILE),
+            ));
+        }
+    };
+    parse_amqp_uris(&setting, &value)
+}
+
+/// A header as the HTTP client holds it (the contract checked both already).
+fn header(setting: &str, name: &str, value: &str) -> Result<(HeaderName, HeaderValue), ConfigError> {
+    let name =
+        HeaderName::from_str(name).map_err(|_| bad(setting, format!("{name:?} is not a header name")))?;
+    let value = HeaderValue::from_str(value)
+        .map_err(|_| bad(setting, format!("value of {name} is not a valid header value")))?;
+    Ok((name, value))
 }
 
 /// Basic or bearer auth as an `Authorization` value, or OAuth2 client credentials: from the variables
 /// the operator fills from Secrets. Messages name variables, never their values.
 #[allow(clippy::type_complexity)]
 fn auth_from(
-    token_url: &Option<String>,
+    token_url: Option<Url>,
     scopes: &[String],
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(Option<HeaderValue>, Option<crate::auth::OAuth2Config>), ConfigError> {
@@ -909,18 +373,11 @@ fn auth_from(
     let bearer = token
         .map(|t| crate::auth::bearer(&t).map_err(|e| bad(setting, format!("{BEARER_TOKEN_ENV}: {e}"))))
         .transpose()?;
-    let oauth2 = match token_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+    let oauth2 = match token_url {
         None => None,
-        Some(u) => {
+        Some(token_url) => {
             let url_setting =
                 &contract::setting(contract::flag::OAUTH2_TOKEN_URL, contract::env::OAUTH2_TOKEN_URL);
-            let token_url = Url::parse(u).map_err(|e| bad(url_setting, format!("{u:?}: {e}")))?;
-            if !matches!(token_url.scheme(), "http" | "https") || token_url.host_str().is_none() {
-                return Err(bad(
-                    url_setting,
-                    "must be an absolute http:// or https:// URL with a host",
-                ));
-            }
             let (Some(client_id), Some(client_secret)) =
                 (var(OAUTH2_CLIENT_ID_ENV), var(OAUTH2_CLIENT_SECRET_ENV))
             else {
@@ -1038,29 +495,14 @@ fn parse_amqp_uris(setting: &str, value: &str) -> Result<Vec<String>, ConfigErro
     Ok(uris.into_iter().map(str::to_owned).collect())
 }
 
-fn header_name(setting: &str, name: &str) -> Result<HeaderName, ConfigError> {
-    let name = HeaderName::from_str(name.trim())
-        .map_err(|_| bad(setting, format!("{name:?} is not a header name")))?;
-    if matches!(
-        name.as_str(),
-        "webhook-id" | "webhook-timestamp" | "webhook-signature" | "content-length" | "host"
-    ) {
-        return Err(bad(
-            setting,
-            format!("{name} is set by the worker and cannot be overridden"),
-        ));
-    }
-    Ok(name)
-}
-
-fn url_ip(url: &Url) -> Option<IpAddr> {
-    let host = url.host_str()?;
-    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+    use hookfleet_crds::integration::{DeliverySpec, Jitter};
+
     use super::*;
+
+    type Args = WorkerArgs;
 
     fn parse(extra: &[&str]) -> Result<Config, ConfigError> {
         parse_env(extra, &|_| None)
@@ -1077,7 +519,10 @@ mod tests {
             "https://erp.example.com/hook",
         ];
         argv.extend_from_slice(extra);
-        Config::from_args(Args::try_parse_from(argv).expect("flags parse"), env)
+        // A value the contract's parser refuses is a configuration error like the others.
+        let args = Args::try_parse_from(argv)
+            .map_err(|e| ConfigError::from_clap(&e).unwrap_or_else(|line| panic!("flags parse: {line}")))?;
+        Config::from_args(args, env)
     }
 
     #[test]

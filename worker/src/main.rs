@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use hookfleet_crds::contract::exit;
-use hookfleet_worker::config::{Args, Config, LogFormat};
+use hookfleet_crds::contract::{self, WorkerArgs, exit, flag};
+use hookfleet_worker::config::{Config, ConfigError, LogFormat};
 use hookfleet_worker::fdlimit;
 use hookfleet_worker::metrics::{self, Metrics};
 use hookfleet_worker::worker::Worker;
@@ -26,10 +26,8 @@ use tracing::{error, info, warn};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const DEFAULT_TERMINATION_LOG: &str = "/dev/termination-log";
-
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args = match WorkerArgs::try_parse() {
         Ok(a) => a,
         Err(e) if !e.use_stderr() => {
             // --help, --version.
@@ -38,19 +36,10 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             let path = termination_log_from_raw_args()
-                .or_else(|| std::env::var_os("HOOKFLEET_TERMINATION_LOG").map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_TERMINATION_LOG));
-            let rendered = e.render().to_string();
-            let line = rendered
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments");
-            let line = line.trim_start_matches("error: ");
-            return fatal(
-                &path,
-                &format!("invalid configuration: {line}"),
-                exit::INVALID_CONFIG,
-            );
+                .or_else(|| std::env::var_os(contract::env::TERMINATION_LOG).map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(contract::TERMINATION_LOG));
+            let line = ConfigError::from_clap(&e).map_or_else(|line| line, |c| c.to_string());
+            return fatal(&path, &line, exit::INVALID_CONFIG);
         }
     };
     let termination_log = args.termination_log.clone();
@@ -89,7 +78,8 @@ async fn run(cfg: Config, limits: fdlimit::Limits, termination_log: PathBuf) -> 
             return fatal(
                 &termination_log,
                 &format!(
-                    "--metrics-addr (HOOKFLEET_METRICS_ADDR): cannot listen on {}: {e}",
+                    "{}: cannot listen on {}: {e}",
+                    contract::setting(flag::METRICS_ADDR, contract::env::METRICS_ADDR),
                     cfg.metrics_addr
                 ),
                 1,
@@ -130,13 +120,16 @@ async fn run(cfg: Config, limits: fdlimit::Limits, termination_log: PathBuf) -> 
 /// `--termination-log` from the command line when the flags as a whole did not parse.
 fn termination_log_from_raw_args() -> Option<PathBuf> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .enumerate()
-        .find_map(|(i, a)| match a.strip_prefix("--termination-log") {
+    args.iter().enumerate().find_map(|(i, a)| {
+        match a
+            .strip_prefix("--")
+            .and_then(|a| a.strip_prefix(flag::TERMINATION_LOG))
+        {
             Some("") => args.get(i + 1).map(PathBuf::from),
             Some(v) => v.strip_prefix('=').map(PathBuf::from),
             None => None,
-        })
+        }
+    })
 }
 
 /// One line to stderr and to the termination-message file (best effort: outside Kubernetes the file

@@ -498,12 +498,12 @@ mod tests {
             (HttpMethod::Put, QueueType::Quorum, Jitter::None)
         );
         let e = parse(&["--queue-type", "stream"]).unwrap_err();
-        let r = super::super::refusal(&e).expect("the contract's refusal");
+        let r = crate::contract::refusal(&e).expect("the contract's refusal");
         assert_eq!(r.field, "--queue-type (HOOKFLEET_QUEUE_TYPE)");
         assert_eq!(r.reason, "\"stream\" is not classic or quorum");
         let e = parse(&["--method", "get"]).unwrap_err();
         assert_eq!(
-            super::super::refusal(&e).unwrap().reason,
+            crate::contract::refusal(&e).unwrap().reason,
             "\"GET\" is not POST, PUT or PATCH"
         );
     }
@@ -543,11 +543,11 @@ mod tests {
             ),
         ] {
             let e = parse(argv).unwrap_err();
-            let r = super::super::refusal(&e).unwrap_or_else(|| panic!("{argv:?}: {e}"));
+            let r = crate::contract::refusal(&e).unwrap_or_else(|| panic!("{argv:?}: {e}"));
             assert_eq!((r.field.as_str(), r.reason.as_str()), (field, reason));
         }
         let e = parse(&["--prefetch", "many"]).unwrap_err();
-        assert!(super::super::refusal(&e).is_none());
+        assert!(crate::contract::refusal(&e).is_none());
         assert!(e.to_string().contains("invalid digit found in string"), "{e}");
     }
 

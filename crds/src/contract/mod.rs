@@ -22,7 +22,7 @@ mod setup;
 
 pub use args::{LogFormat, WorkerArgs};
 pub use parse::{Refused, refusal};
-pub use rules::{AUTHORIZATION_TWICE, Checked, Invalid, RESERVED_HEADERS};
+pub use rules::{AUTHORIZATION_TWICE, Checked, Invalid};
 pub use setup::{FromSecret, Pod, WorkerSetup};
 
 /// Port of the worker's `/metrics`, `/healthz` and `/readyz`.
@@ -187,7 +187,7 @@ pub mod exit {
 mod tests {
     #[test]
     fn default_metrics_addr_uses_the_metrics_port() {
-        let addr: std::net::SocketAddr = super::DEFAULT_METRICS_ADDR.parse().unwrap();
-        assert_eq!(addr.port(), super::METRICS_PORT);
+        let addr: std::net::SocketAddr = crate::contract::DEFAULT_METRICS_ADDR.parse().unwrap();
+        assert_eq!(addr.port(), crate::contract::METRICS_PORT);
     }
 }

@@ -5,10 +5,12 @@
 //! same rules on what the operator would render and names the spec field instead.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use url::Url;
 
 use super::{WorkerArgs, env, flag, queues, setting};
+use crate::integration::{AdaptiveThrottleSpec, RESERVED_HEADERS};
 use crate::limits;
 
 /// A setting that cannot be used, and why: `field` is a spec field (`spec.destination.url`) from
@@ -100,15 +102,6 @@ const DEAD_LETTER_QUEUE: Setting = Setting {
     field: "spec.delivery.deadLetter.queue",
 };
 
-/// Headers the worker sets itself (a user's header of one of these names is refused).
-pub const RESERVED_HEADERS: [&str; 5] = [
-    "webhook-id",
-    "webhook-timestamp",
-    "webhook-signature",
-    "content-length",
-    "host",
-];
-
 /// The message when more than one source sets `Authorization`.
 pub const AUTHORIZATION_TWICE: &str =
     "Authorization is set twice: by a header and by basic, bearer or OAuth2 auth; keep one";
@@ -130,8 +123,31 @@ pub struct Checked {
     pub body_template: Option<String>,
     /// `--dead-letter-queue`, or `<queue>.dead`.
     pub dead_letter_queue: String,
-    /// `--adaptive-throttle-min` when `--adaptive-throttle` (default 1).
-    pub adaptive_throttle_min: Option<u32>,
+    /// (per second, burst) of `--rate-limit` and `--rate-limit-burst` (default: the rate).
+    pub rate_limit: Option<(u32, u32)>,
+    /// (minimum in flight, window) when `--adaptive-throttle` (defaults: the CRD's).
+    pub adaptive_throttle: Option<(u32, Duration)>,
+}
+
+impl Checked {
+    /// How many of the arguments set `Authorization`: headers, headers from variables, OAuth2 (the
+    /// worker adds basic and bearer auth, which only the environment carries).
+    pub fn authorization_sources(&self) -> usize {
+        authorization_sources(
+            &self.headers,
+            &self.headers_from_env,
+            self.oauth2_token_url.is_some(),
+        )
+    }
+}
+
+fn authorization_sources(headers: &[(String, String)], from_env: &[(String, String)], oauth2: bool) -> usize {
+    headers
+        .iter()
+        .chain(from_env)
+        .filter(|(name, _)| name == "authorization")
+        .count()
+        + usize::from(oauth2)
 }
 
 /// Refusals, named by [`Setting`]; turned into [`Invalid`]s by the caller's naming.
@@ -210,16 +226,10 @@ impl WorkerArgs {
                 Some(u) => http_url(u).map(Some),
             },
         );
-        if let (Some(h), Some(f)) = (&headers, &headers_from_env) {
-            let n = h
-                .iter()
-                .chain(f.iter())
-                .filter(|(name, _)| name == "authorization")
-                .count()
-                + usize::from(matches!(oauth2_token_url, Some(Some(_))));
-            if n > 1 {
-                no.push(AUTH, AUTHORIZATION_TWICE);
-            }
+        if let (Some(h), Some(f)) = (&headers, &headers_from_env)
+            && authorization_sources(h, f, matches!(oauth2_token_url, Some(Some(_)))) > 1
+        {
+            no.push(AUTH, AUTHORIZATION_TWICE);
         }
         let body_template = match self.body_template.as_deref() {
             Some(t) if !t.trim().is_empty() => no.take(
@@ -247,8 +257,8 @@ impl WorkerArgs {
                 no.push(RATE_LIMIT_SCOPE, "fleet needs --rate-limit");
             }
         }
-        let adaptive_throttle_min = self.adaptive_throttle_min();
-        if let Err((s, reason)) = &adaptive_throttle_min {
+        let adaptive_throttle = self.adaptive_throttle();
+        if let Err((s, reason)) = &adaptive_throttle {
             no.push(*s, reason.clone());
         }
         let dead_letter_queue = queue.as_deref().and_then(|q| {
@@ -266,12 +276,13 @@ impl WorkerArgs {
             oauth2_token_url: oauth2_token_url?,
             body_template: body_template?,
             dead_letter_queue: dead_letter_queue?,
-            adaptive_throttle_min: adaptive_throttle_min.ok()?,
+            rate_limit: self.rate_limit.map(|r| (r, self.rate_limit_burst.unwrap_or(r))),
+            adaptive_throttle: adaptive_throttle.ok()?,
         })
     }
 
-    /// The throttle's floor when it is on; its settings refused when it is off.
-    fn adaptive_throttle_min(&self) -> Result<Option<u32>, (Setting, String)> {
+    /// The throttle's floor and window when it is on; its settings refused when it is off.
+    fn adaptive_throttle(&self) -> Result<Option<(u32, Duration)>, (Setting, String)> {
         if !self.adaptive_throttle {
             if self.adaptive_throttle_min.is_some() {
                 return Err((ADAPTIVE_THROTTLE_MIN, "needs --adaptive-throttle".into()));
@@ -294,7 +305,10 @@ impl WorkerArgs {
                 ),
             ));
         }
-        Ok(Some(min))
+        let window = self
+            .adaptive_throttle_window
+            .unwrap_or_else(|| AdaptiveThrottleSpec::default().window.into());
+        Ok(Some((min, window)))
     }
 }
 

@@ -36,16 +36,9 @@ use crate::config::Config;
 /// AMQP reply code of `PRECONDITION_FAILED`: a queue exists with other arguments.
 const PRECONDITION_FAILED: u16 = 406;
 
-/// Name of the delay queue of `ttl`.
-pub fn delay_queue(queue: &str, ttl: Duration) -> String {
-    format!("{queue}.delay.{}ms", ttl.as_millis())
-}
-
-/// Name of the retry-ready queue: where retries land when their delay is over, consumed in the
-/// retry lane.
-pub fn retry_ready_queue(queue: &str) -> String {
-    format!("{queue}.retries")
-}
+/// Name of the delay queue of `ttl`, and of the retry-ready queue (where retries land when their delay
+/// is over, consumed in the retry lane): the contract's names, which the operator shares.
+pub use hookfleet_crds::contract::queues::{delay as delay_queue, retry_ready as retry_ready_queue};
 
 fn text(v: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(v.as_bytes().to_vec()))
