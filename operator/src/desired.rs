@@ -7,13 +7,12 @@
 use std::collections::BTreeMap;
 
 use hookfleet_crds::Integration;
-use hookfleet_crds::contract::{self, flag};
+use hookfleet_crds::contract;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-    KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume,
-    VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, KeyToPath,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext,
+    Service, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -106,167 +105,30 @@ fn meta(intg: &Integration) -> Result<ObjectMeta> {
     })
 }
 
-/// Go-style duration for a worker flag (`10s`, `1500ms`, `250500us`), exact: a sub-millisecond part is
-/// kept, not truncated (the contract test found `1500500us` rendered as `1500ms`).
-fn go_duration(d: std::time::Duration) -> String {
-    let n = d.subsec_nanos();
-    if n == 0 {
-        format!("{}s", d.as_secs())
-    } else if n.is_multiple_of(1_000_000) {
-        format!("{}ms", d.as_millis())
-    } else if n.is_multiple_of(1_000) {
-        format!("{}us", d.as_micros())
-    } else {
-        format!("{}ns", d.as_nanos())
-    }
-}
-
-fn secret_env(name: &str, secret: &hookfleet_crds::integration::SecretKeyRef) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector {
-                name: secret.name.clone(),
-                key: secret.key.clone(),
-                optional: None,
-            }),
-            ..EnvVarSource::default()
-        }),
-        ..EnvVar::default()
-    }
-}
-
 /// Seconds the worker gets to finish in-flight deliveries after SIGTERM: one delivery timeout plus drain.
 pub fn shutdown_grace_seconds(intg: &Integration) -> i64 {
     let timeout: std::time::Duration = intg.spec.destination.timeout.into();
     (timeout.as_millis() as u64).div_ceil(1000) as i64 + DRAIN_SECONDS
 }
 
-/// The worker's command line and environment. Secret values never appear here: they are
-/// `secretKeyRef`s the kubelet resolves.
+/// The worker's command line and environment: the contract's rendering of the spec
+/// ([`contract::WorkerSetup`]) in this pod. Secret values never appear here: they are `secretKeyRef`s
+/// the kubelet resolves.
 pub fn worker_args_env(intg: &Integration) -> Result<(Vec<String>, Vec<EnvVar>)> {
-    let spec = &intg.spec;
     let ns = intg.metadata.namespace.as_deref().unwrap_or("default");
     let name = intg
         .metadata
         .name
         .as_deref()
         .ok_or(Error::InvalidObject("metadata.name is missing"))?;
-    let mut args: Vec<String> = Vec::new();
-    let mut put = |k: &str, v: String| {
-        args.push(format!("--{k}"));
-        args.push(v);
+    let pod = contract::Pod {
+        integration: format!("{ns}/{name}"),
+        shutdown_grace: std::time::Duration::from_secs(shutdown_grace_seconds(intg) as u64),
+        tls_ca_file: format!("{TLS_CA_DIR}/ca.crt"),
+        tls_client_cert_file: format!("{TLS_CLIENT_DIR}/{}", crate::secrets::TLS_CERT_KEY),
+        tls_client_key_file: format!("{TLS_CLIENT_DIR}/{}", crate::secrets::TLS_KEY_KEY),
     };
-    put(flag::INTEGRATION, format!("{ns}/{name}"));
-    put(flag::QUEUE, spec.source.queue.clone());
-    for b in &spec.source.bindings {
-        put(flag::BINDING, format!("{}={}", b.exchange, b.routing_key));
-    }
-    put(flag::PREFETCH, spec.source.prefetch.to_string());
-    put(flag::QUEUE_TYPE, spec.source.queue_type.as_str().into());
-    put(flag::DELIVERY_LIMIT, spec.source.delivery_limit.to_string());
-    put(flag::DESTINATION_URL, spec.destination.url.clone());
-    put(flag::METHOD, spec.destination.method.as_str().into());
-    for (k, v) in &spec.destination.headers {
-        put(flag::HEADER, format!("{k}: {v}"));
-    }
-    let mut env = vec![secret_env(ENV_AMQP_URI, &spec.source.connection_secret_ref)];
-    for (i, h) in spec.destination.headers_from.iter().enumerate() {
-        let var = contract::env::header(i);
-        put(flag::HEADER_FROM_ENV, format!("{}={var}", h.name));
-        env.push(secret_env(&var, &h.secret_key_ref));
-    }
-    if let Some(signing) = &spec.destination.signing {
-        if let Some(r) = &signing.secret_ref {
-            env.push(secret_env(ENV_SIGNING_SECRET, r));
-        }
-        for (i, r) in signing.secret_refs.iter().enumerate() {
-            let var = format!("{ENV_SIGNING_SECRET}_{i}");
-            put(flag::SIGNING_SECRET_ENV, var.clone());
-            env.push(secret_env(&var, r));
-        }
-    }
-    if let Some(auth) = &spec.destination.auth {
-        if let Some(b) = &auth.basic {
-            env.push(secret_env(ENV_BASIC_AUTH_USERNAME, &b.username_from));
-            env.push(secret_env(ENV_BASIC_AUTH_PASSWORD, &b.password_from));
-        }
-        if let Some(b) = &auth.bearer {
-            env.push(secret_env(ENV_BEARER_TOKEN, &b.token_from));
-        }
-        if let Some(o) = &auth.oauth2 {
-            put(flag::OAUTH2_TOKEN_URL, o.token_url.clone());
-            for scope in &o.scopes {
-                put(flag::OAUTH2_SCOPE, scope.clone());
-            }
-            env.push(secret_env(ENV_OAUTH2_CLIENT_ID, &o.client_id_from));
-            env.push(secret_env(ENV_OAUTH2_CLIENT_SECRET, &o.client_secret_from));
-        }
-    }
-    if let Some(tls) = &spec.destination.tls {
-        if tls.ca_from.is_some() {
-            put(flag::TLS_CA_FILE, format!("{TLS_CA_DIR}/ca.crt"));
-        }
-        if tls.client_cert_secret.is_some() {
-            put(
-                flag::TLS_CLIENT_CERT_FILE,
-                format!("{TLS_CLIENT_DIR}/{}", crate::secrets::TLS_CERT_KEY),
-            );
-            put(
-                flag::TLS_CLIENT_KEY_FILE,
-                format!("{TLS_CLIENT_DIR}/{}", crate::secrets::TLS_KEY_KEY),
-            );
-        }
-    }
-    if let Some(body) = &spec.destination.body {
-        put(flag::BODY_TEMPLATE, body.template.clone());
-    }
-    put(flag::TIMEOUT, go_duration(spec.destination.timeout.into()));
-    let d = &spec.delivery;
-    put(flag::MAX_ATTEMPTS, d.max_attempts.to_string());
-    put(flag::BACKOFF_INITIAL, go_duration(d.backoff.initial.into()));
-    put(flag::BACKOFF_MAX, go_duration(d.backoff.max.into()));
-    put(flag::BACKOFF_MULTIPLIER, d.backoff.multiplier.to_string());
-    put(flag::BACKOFF_JITTER, d.backoff.jitter.as_str().into());
-    put(flag::CONCURRENCY, d.concurrency.to_string());
-    if let Some(rl) = &d.rate_limit {
-        put(flag::RATE_LIMIT, rl.per_second.to_string());
-        put(
-            flag::RATE_LIMIT_BURST,
-            rl.burst.unwrap_or(rl.per_second).to_string(),
-        );
-        put(flag::RATE_LIMIT_SCOPE, rl.scope.as_str().into());
-    }
-    put(
-        flag::CIRCUIT_BREAKER_THRESHOLD,
-        d.circuit_breaker.failure_threshold.to_string(),
-    );
-    put(
-        flag::CIRCUIT_BREAKER_COOLDOWN,
-        go_duration(d.circuit_breaker.cooldown.into()),
-    );
-    if let Some(t) = &d.adaptive_throttle {
-        put(flag::ADAPTIVE_THROTTLE_MIN, t.min_concurrency.to_string());
-        put(flag::ADAPTIVE_THROTTLE_WINDOW, go_duration(t.window.into()));
-    }
-    let dlq = d
-        .dead_letter
-        .as_ref()
-        .map(|dl| dl.queue.clone())
-        .unwrap_or_else(|| format!("{}.dead", spec.source.queue));
-    put(flag::DEAD_LETTER_QUEUE, dlq);
-    put(flag::FD_LIMIT, spec.workers.file_descriptor_limit.to_string());
-    put(flag::METRICS_ADDR, format!("0.0.0.0:{METRICS_PORT}"));
-    put(flag::SHUTDOWN_GRACE, format!("{}s", shutdown_grace_seconds(intg)));
-    put(flag::TERMINATION_LOG, contract::TERMINATION_LOG.into());
-    put(flag::LOG_FORMAT, "json".into());
-    if spec.destination.allow_private_networks {
-        args.push(format!("--{}", flag::ALLOW_PRIVATE_NETWORKS));
-    }
-    if d.adaptive_throttle.is_some() {
-        args.push(format!("--{}", flag::ADAPTIVE_THROTTLE));
-    }
-    Ok((args, env))
+    Ok(contract::WorkerSetup::from_spec(&intg.spec, &pod).render())
 }
 
 fn http_probe(path: &str, period: i32, failures: i32) -> Probe {

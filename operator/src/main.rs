@@ -7,15 +7,12 @@ use clap::Parser;
 use hookfleet_operator::{Config, LeaderElection, Operator};
 use tracing_subscriber::EnvFilter;
 
+/// A duration flag: a Go duration (`500ms`, `30s`, `5m`, `1m30s`; the project's one parser), or a
+/// bare number of seconds.
 fn parse_secs(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("not a duration: {s}"))?;
-    match unit {
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "ms" => Ok(Duration::from_millis(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("not a duration (use 500ms, 30s or 5m): {s}")),
+    match s.trim().parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => hookfleet_crds::duration::parse(s),
     }
 }
 
