@@ -199,6 +199,32 @@ async fn crd_is_established_and_validates_integrations() -> anyhow::Result<()> {
             "spec.destination.auth.oauth2.tokenUrl",
         ),
         (
+            "dead-letter-is-the-work-queue",
+            format!("{src}{dst}  delivery: {{deadLetter: {{queue: q}}}}\n"),
+            "spec.delivery.deadLetter.queue",
+        ),
+        (
+            "dead-letter-is-the-retry-ready-queue",
+            format!("{src}{dst}  delivery: {{deadLetter: {{queue: q.retries}}}}\n"),
+            "spec.delivery.deadLetter.queue",
+        ),
+        (
+            "headers-from-a-reserved-name",
+            format!(
+                "{src}  destination: {{url: \"https://h.example.com\", headersFrom: [{{name: webhook-signature, \
+                 secretKeyRef: {{name: s, key: k}}}}]}}\n"
+            ),
+            "spec.destination.headersFrom[0].name",
+        ),
+        (
+            "authorization-in-headers-and-headers-from",
+            format!(
+                "{src}  destination: {{url: \"https://h.example.com\", headers: {{Authorization: a}}, \
+                 headersFrom: [{{name: authorization, secretKeyRef: {{name: s, key: k}}}}]}}\n"
+            ),
+            "spec.destination.headers",
+        ),
+        (
             "zero-prefetch",
             format!("  source: {{connectionSecretRef: {{name: r, key: uri}}, queue: q, prefetch: 0}}\n{dst}"),
             "spec.source.prefetch",
