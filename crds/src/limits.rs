@@ -14,6 +14,12 @@ pub struct Range<T> {
     pub max: T,
 }
 
+impl<T> Range<T> {
+    pub const fn new(min: T, max: T) -> Self {
+        Self { min, max }
+    }
+}
+
 impl<T: PartialOrd + Display + Copy> Range<T> {
     /// `value`, or `"<value> is outside [<min>, <max>]"`.
     pub fn check(&self, value: T) -> Result<T, String> {
@@ -33,6 +39,10 @@ pub struct DurationRange {
 }
 
 impl DurationRange {
+    pub const fn new(min: &'static str, max: &'static str) -> Self {
+        Self { min, max }
+    }
+
     fn bound(text: &str) -> Duration {
         crate::duration::parse(text).expect("the bounds of a DurationRange are Go durations (tested)")
     }
@@ -71,61 +81,40 @@ impl DurationRange {
 /// `spec.source.queue`, in bytes: the delay queues (`<queue>.delay.<ms>ms`) must stay under AMQP's 255.
 pub const QUEUE_NAME_MAX: u32 = 200;
 /// `spec.source.prefetch` (`basic.qos` takes a 16-bit count).
-pub const PREFETCH: Range<u32> = Range { min: 1, max: 65535 };
+pub const PREFETCH: Range<u32> = Range::new(1, 65535);
 /// `spec.source.deliveryLimit`.
-pub const DELIVERY_LIMIT: Range<u32> = Range { min: 1, max: 1000 };
+pub const DELIVERY_LIMIT: Range<u32> = Range::new(1, 1000);
 /// `spec.destination.timeout`.
-pub const TIMEOUT: DurationRange = DurationRange {
-    min: "100ms",
-    max: "10m",
-};
+pub const TIMEOUT: DurationRange = DurationRange::new("100ms", "10m");
 /// `spec.delivery.maxAttempts`.
-pub const MAX_ATTEMPTS: Range<u32> = Range { min: 1, max: 100 };
+pub const MAX_ATTEMPTS: Range<u32> = Range::new(1, 100);
 /// `spec.delivery.backoff.initial` and `.max`.
-pub const BACKOFF: DurationRange = DurationRange {
-    min: "100ms",
-    max: "24h",
-};
+pub const BACKOFF: DurationRange = DurationRange::new("100ms", "24h");
 /// `spec.delivery.backoff.multiplier`.
-pub const BACKOFF_MULTIPLIER: Range<f64> = Range { min: 1.0, max: 10.0 };
+pub const BACKOFF_MULTIPLIER: Range<f64> = Range::new(1.0, 10.0);
 /// `spec.delivery.concurrency`.
-pub const CONCURRENCY: Range<u32> = Range { min: 1, max: 10000 };
+pub const CONCURRENCY: Range<u32> = Range::new(1, 10000);
 /// `spec.delivery.rateLimit.perSecond` and `.burst`. The worker takes any rate from `min` up (a
 /// hand-run worker is not bound by the CRD's ceiling).
-pub const RATE_LIMIT: Range<u32> = Range { min: 1, max: 100000 };
+pub const RATE_LIMIT: Range<u32> = Range::new(1, 100000);
 /// `spec.delivery.circuitBreaker.failureThreshold` (0 disables the breaker).
-pub const CIRCUIT_BREAKER_THRESHOLD: Range<u32> = Range { min: 0, max: 10000 };
+pub const CIRCUIT_BREAKER_THRESHOLD: Range<u32> = Range::new(0, 10000);
 /// `spec.delivery.circuitBreaker.cooldown`.
-pub const CIRCUIT_BREAKER_COOLDOWN: DurationRange = DurationRange {
-    min: "100ms",
-    max: "1h",
-};
+pub const CIRCUIT_BREAKER_COOLDOWN: DurationRange = DurationRange::new("100ms", "1h");
 /// `spec.delivery.adaptiveThrottle.minConcurrency`. The worker bounds it by its concurrency instead
 /// (the CRD says the same with a CEL rule).
-pub const ADAPTIVE_THROTTLE_MIN: Range<u32> = Range { min: 1, max: 10000 };
+pub const ADAPTIVE_THROTTLE_MIN: Range<u32> = Range::new(1, 10000);
 /// `spec.delivery.adaptiveThrottle.window`.
-pub const ADAPTIVE_THROTTLE_WINDOW: DurationRange = DurationRange {
-    min: "1s",
-    max: "10m",
-};
+pub const ADAPTIVE_THROTTLE_WINDOW: DurationRange = DurationRange::new("1s", "10m");
 /// `spec.workers.fileDescriptorLimit`. The worker's own floor is [`WORKER_FD_LIMIT_MIN`].
-pub const FILE_DESCRIPTOR_LIMIT: Range<i64> = Range {
-    min: 1024,
-    max: 1073741816,
-};
+pub const FILE_DESCRIPTOR_LIMIT: Range<i64> = Range::new(1024, 1073741816);
 /// The lowest `--fd-limit` the worker takes: its reserve for the broker, the metrics server and the
 /// runtime (what a concurrency needs on top is checked when the limit is raised).
 pub const WORKER_FD_LIMIT_MIN: u64 = 64;
 /// `spec.workers.autoscale.scaleDownStabilization`.
-pub const SCALE_DOWN_STABILIZATION: DurationRange = DurationRange {
-    min: "0s",
-    max: "24h",
-};
+pub const SCALE_DOWN_STABILIZATION: DurationRange = DurationRange::new("0s", "24h");
 /// `--confirm-timeout` (worker only).
-pub const CONFIRM_TIMEOUT: DurationRange = DurationRange {
-    min: "100ms",
-    max: "10m",
-};
+pub const CONFIRM_TIMEOUT: DurationRange = DurationRange::new("100ms", "10m");
 
 #[cfg(test)]
 mod tests {

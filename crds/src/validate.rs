@@ -59,6 +59,11 @@ destination:
         .unwrap()
     }
 
+    /// `s` is refused for `field` alone, with `reason`.
+    fn refuses(s: &IntegrationSpec, field: &str, reason: &str) {
+        assert_eq!(refused(s), (field.to_owned(), reason.to_owned()));
+    }
+
     /// The one field refused in `s`, and the reason.
     fn refused(s: &IntegrationSpec) -> (String, String) {
         let mut e = validate(s).expect_err("refused");
@@ -100,10 +105,7 @@ destination:
             ),
         ] {
             s.delivery.dead_letter = Some(DeadLetterSpec { queue: dlq.into() });
-            assert_eq!(
-                refused(&s),
-                ("spec.delivery.deadLetter.queue".into(), reason.into())
-            );
+            refuses(&s, "spec.delivery.deadLetter.queue", reason);
         }
     }
 
@@ -112,12 +114,10 @@ destination:
         for value in ["a\r\nX-Injected: 1", "a\nb", "bell\u{7}", "del\u{7f}"] {
             let mut s = spec();
             s.destination.headers.insert("X-Source".into(), value.into());
-            assert_eq!(
-                refused(&s),
-                (
-                    "spec.destination.headers".into(),
-                    "value of x-source is not a valid header value".into()
-                )
+            refuses(
+                &s,
+                "spec.destination.headers",
+                "value of x-source is not a valid header value",
             );
         }
         let mut s = spec();
@@ -138,12 +138,10 @@ destination:
         };
         let mut s = spec();
         s.destination.headers_from = vec![from("Not A Token")];
-        assert_eq!(
-            refused(&s),
-            (
-                "spec.destination.headersFrom".into(),
-                "\"Not A Token\" is not a header name".into()
-            )
+        refuses(
+            &s,
+            "spec.destination.headersFrom",
+            "\"Not A Token\" is not a header name",
         );
         s.destination.headers_from = vec![from("Webhook-Signature")];
         assert_eq!(
@@ -157,12 +155,10 @@ destination:
         let mut s = spec();
         s.destination.headers.insert("Authorization".into(), "a".into());
         s.destination.headers.insert("authorization".into(), "b".into());
-        assert_eq!(
-            refused(&s),
-            (
-                "spec.destination.headers".into(),
-                crate::contract::AUTHORIZATION_TWICE.into()
-            )
+        refuses(
+            &s,
+            "spec.destination.headers",
+            crate::contract::AUTHORIZATION_TWICE,
         );
     }
 
@@ -184,12 +180,10 @@ destination:
     fn a_private_address_needs_allow_private_networks() {
         let mut s = spec();
         s.destination.url = "http://169.254.169.254/latest".into();
-        assert_eq!(
-            refused(&s),
-            (
-                "spec.destination.url".into(),
-                "169.254.169.254 is a link-local address; pass --allow-private-networks to allow it".into()
-            )
+        refuses(
+            &s,
+            "spec.destination.url",
+            "169.254.169.254 is a link-local address; pass --allow-private-networks to allow it",
         );
         s.destination.allow_private_networks = true;
         assert_eq!(validate(&s), Ok(()));
@@ -205,12 +199,10 @@ destination:
             )
             .unwrap(),
         );
-        assert_eq!(
-            refused(&s),
-            (
-                "spec.destination.auth.oauth2.tokenUrl".into(),
-                "must be an absolute http:// or https:// URL with a host".into()
-            )
+        refuses(
+            &s,
+            "spec.destination.auth.oauth2.tokenUrl",
+            "must be an absolute http:// or https:// URL with a host",
         );
     }
 
@@ -228,12 +220,10 @@ destination:
         let mut s = spec();
         s.delivery.backoff.initial = Duration::from_secs(120).into();
         s.delivery.backoff.max = Duration::from_secs(60).into();
-        assert_eq!(
-            refused(&s),
-            (
-                "spec.delivery.backoff.initial".into(),
-                "120s exceeds --backoff-max 60s".into()
-            )
+        refuses(
+            &s,
+            "spec.delivery.backoff.initial",
+            "120s exceeds --backoff-max 60s",
         );
     }
 

@@ -395,28 +395,30 @@ fn header_value(name: &str, value: &str) -> Result<String, String> {
     Ok(v.to_owned())
 }
 
-fn headers(list: &[String]) -> Result<Vec<(String, String)>, String> {
+/// Each entry of `list`, split at its first `sep` into a header name and the rest (which `rest` reads);
+/// `form` is the shape a refusal expects.
+fn header_entries(
+    list: &[String],
+    sep: char,
+    form: &str,
+    rest: impl Fn(&str, &str) -> Result<String, String>,
+) -> Result<Vec<(String, String)>, String> {
     entries(list)
         .map(|h| {
-            let (name, value) = h
-                .split_once(':')
-                .ok_or_else(|| format!("{h:?} is not \"Name: value\""))?;
+            let (name, after) = h.split_once(sep).ok_or_else(|| format!("{h:?} is not {form}"))?;
             let name = header_name(name)?;
-            let value = header_value(&name, value)?;
-            Ok((name, value))
+            let after = rest(&name, after)?;
+            Ok((name, after))
         })
         .collect()
 }
 
+fn headers(list: &[String]) -> Result<Vec<(String, String)>, String> {
+    header_entries(list, ':', "\"Name: value\"", header_value)
+}
+
 fn headers_from_env(list: &[String]) -> Result<Vec<(String, String)>, String> {
-    entries(list)
-        .map(|h| {
-            let (name, var) = h
-                .split_once('=')
-                .ok_or_else(|| format!("{h:?} is not NAME=ENV_VAR"))?;
-            Ok((header_name(name)?, var.trim().to_owned()))
-        })
-        .collect()
+    header_entries(list, '=', "NAME=ENV_VAR", |_, var| Ok(var.trim().to_owned()))
 }
 
 fn dead_letter_queue(queue: &str, given: Option<&str>) -> Result<String, String> {

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use futures::future::try_join_all;
+use hookfleet_crds::contract::queues;
 use hookfleet_crds::integration::{QueueType, default_delivery_limit};
 use hookfleet_worker::worker::topology;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
@@ -24,7 +25,7 @@ pub async fn declare(ch: &Channel, queue: &str, queue_type: QueueType) -> Result
         durable: true,
         ..Default::default()
     };
-    let args = topology::work_queue_args(queue_type, &format!("{queue}.dead"), default_delivery_limit());
+    let args = topology::work_queue_args(queue_type, &queues::dead_letter(queue), default_delivery_limit());
     ch.queue_declare(queue.into(), durable, args).await?;
     Ok(())
 }

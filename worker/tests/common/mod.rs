@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::future::try_join_all;
+use hookfleet_crds::contract::queues;
 use hookfleet_crds::integration::{QueueType, default_delivery_limit};
 use hookfleet_testkit::RabbitMq;
 use hookfleet_testkit::process::{Process, free_port, wait_for};
@@ -47,7 +48,7 @@ pub async fn declare_work_queue(ch: &lapin::Channel, queue: &str, queue_type: Qu
         durable: true,
         ..Default::default()
     };
-    let args = topology::work_queue_args(queue_type, &format!("{queue}.dead"), default_delivery_limit());
+    let args = topology::work_queue_args(queue_type, &queues::dead_letter(queue), default_delivery_limit());
     ch.queue_declare(queue.into(), durable, args).await?;
     Ok(())
 }
