@@ -95,7 +95,7 @@ pub struct SourceSpec {
     /// commas or whitespace, one per node of a RabbitMQ cluster (workers try them in turn). Never inline.
     pub connection_secret_ref: SecretKeyRef,
     /// Durable queue to consume; the worker declares it with its retry and dead-letter topology. At most
-    /// 200 bytes: its delay queues are named `<queue>.retry.<ms>ms` and must stay under AMQP's 255.
+    /// 200 bytes: its delay queues are named `<queue>.delay.<ms>ms` and must stay under AMQP's 255.
     #[schemars(length(min = 1, max = limits::QUEUE_NAME_MAX))]
     pub queue: String,
     /// Exchange bindings the worker declares for the queue.

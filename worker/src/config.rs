@@ -14,7 +14,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hookfleet_crds::contract::{self, Checked, Invalid, WorkerArgs};
+use hookfleet_crds::contract::{self, Checked, Invalid, WorkerArgs, setting};
 use hookfleet_crds::integration::{HttpMethod, QueueType, RateLimitScope};
 use reqwest::Url;
 use reqwest::header::{HeaderName, HeaderValue};
@@ -82,10 +82,6 @@ fn bad(setting: &str, message: impl Into<String>) -> ConfigError {
         setting: setting.to_owned(),
         message: message.into(),
     }
-}
-
-fn setting(flag: &str, env: &str) -> String {
-    contract::setting(flag, env)
 }
 
 /// A validated configuration.
