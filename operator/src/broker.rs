@@ -30,7 +30,7 @@ use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::status::{SourceObs, reason};
+use crate::core::status::{SourceObs, reason};
 
 /// Longest the operator waits on the broker for a connect, and for one probe.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(5);

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::desired::WorkerSettings;
+use crate::core::desired::WorkerSettings;
 
 /// Leader election on a `coordination.k8s.io/v1` Lease.
 #[derive(Clone, Debug)]

@@ -22,14 +22,14 @@ use tracing::{debug, info, warn};
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::desired::{INTEGRATION_LABEL, MANAGED_BY};
+use crate::core::desired::{INTEGRATION_LABEL, MANAGED_BY};
 use crate::error::{Error, Result};
 use crate::memory::Memories;
 use crate::metrics::Metrics;
 use crate::reconcile::reconcile;
 use crate::secrets;
 use crate::slim;
-use crate::status::{self, reason};
+use crate::core::status::{self, reason};
 
 /// State shared by all reconciles.
 pub struct Context {
@@ -50,8 +50,8 @@ pub struct Context {
     pub(crate) integrations: Store<Watched>,
     /// One memory per Integration (see `crate::memory`).
     pub(crate) memory: Arc<Memories>,
-    /// Requeue delays paced to what the concurrency serves (see `crate::pacing`).
-    pub(crate) pacer: crate::pacing::Pacer,
+    /// Requeue delays paced to what the concurrency serves (see `crate::core::pacing`).
+    pub(crate) pacer: crate::core::pacing::Pacer,
 }
 
 impl Context {
@@ -456,7 +456,7 @@ pub async fn run(
         secret_reads: secrets::Reads::default(),
         integrations: store.clone(),
         memory,
-        pacer: crate::pacing::Pacer::default(),
+        pacer: crate::core::pacing::Pacer::default(),
     });
     // What `Controller::new` builds, plus a look at each event to drop the memory of deleted Integrations.
     let follow = ctx.clone();

@@ -6,17 +6,14 @@
 pub mod broker;
 pub mod config;
 pub mod controller;
-pub mod desired;
+pub mod core;
 pub mod error;
 pub mod http;
 pub mod memory;
 pub mod metrics;
-pub mod pacing;
 pub mod reconcile;
-pub mod replicas;
 pub mod secrets;
 pub mod slim;
-pub mod status;
 
 use std::sync::Arc;
 
@@ -24,6 +21,9 @@ use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
+
+// The pure builders keep the paths tests, benches and the e2e crate know them by.
+pub use crate::core::{desired, status};
 
 pub use config::{Config, LeaderElection};
 pub use error::{Error, Result};

@@ -13,7 +13,7 @@ use hookfleet_crds::IntegrationStatus;
 use k8s_openapi::jiff::Timestamp;
 use prometheus_client::metrics::gauge::Gauge;
 
-use crate::replicas::Autoscaler;
+use crate::core::replicas::Autoscaler;
 
 /// Everything the operator remembers about one Integration (one uid: a re-created Integration of the
 /// same name starts afresh).
@@ -31,7 +31,7 @@ pub struct Memory {
     /// cache, which can lag behind our own write when reconciles come in quick succession: comparing
     /// against a stale cached status would publish a transition's Event twice.
     pub written: Option<IntegrationStatus>,
-    /// When this leader last wrote the status (`crate::pacing::hold_status`).
+    /// When this leader last wrote the status (`crate::core::pacing::hold_status`).
     pub written_at: Option<std::time::Instant>,
     /// When a `DestinationGone` was last cleared: worker terminations (exit 5) that finished at or before
     /// it are not counted again while their pods go away.

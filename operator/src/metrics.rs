@@ -81,7 +81,7 @@ pub struct Metrics {
     pub writes: Family<KindLabels, Counter>,
     /// Applies skipped because the cached object already matches what was applied.
     pub applies_skipped: Counter,
-    /// Status changes held back while the operator catches up (`crate::pacing::hold_status`); each is
+    /// Status changes held back while the operator catches up (`crate::core::pacing::hold_status`); each is
     /// written later, with whatever changed since.
     pub status_held: Counter,
     pub leader: Gauge<i64, std::sync::atomic::AtomicI64>,

@@ -20,7 +20,7 @@ use kube::{Client, ResourceExt};
 use sha2::{Digest, Sha256};
 
 use crate::reconcile::dereference::DereferenceError;
-use crate::status::{SourceObs, reason};
+use crate::core::status::{SourceObs, reason};
 
 /// Pod-template annotation holding [`Dereferenced::checksum`]: when it changes, the Deployment rolls.
 pub const CHECKSUM_ANNOTATION: &str = "hookfleet.io/secrets-checksum";

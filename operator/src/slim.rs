@@ -78,9 +78,9 @@ fn digest<T: std::fmt::Debug>(reads: T) -> u64 {
 /// generation the apply step compares, the Secrets checksum and whom it belongs to.
 pub fn deployment_reads(d: &Deployment) -> u64 {
     digest((
-        crate::status::DeploymentObs::from_deployment(d),
+        crate::core::status::DeploymentObs::from_deployment(d),
         d.metadata.generation,
-        crate::desired::secrets_checksum(d),
+        crate::core::desired::secrets_checksum(d),
         &d.metadata.owner_references,
         d.metadata.deletion_timestamp.is_some(),
     ))
@@ -95,15 +95,15 @@ pub fn pdb_reads(p: &PodDisruptionBudget) -> u64 {
     ))
 }
 
-/// What a reconcile reads of a worker Pod: its problem, restarts and last exit 5 (`crate::status`), and
+/// What a reconcile reads of a worker Pod: its problem, restarts and last exit 5 (`crate::core::status`), and
 /// which Integration it belongs to.
 pub fn pod_reads(p: &Pod) -> u64 {
     use kube::ResourceExt;
     digest((
-        crate::status::pod_problem(p),
-        crate::status::worker_restarts(p),
-        crate::status::destination_gone_at(p),
-        p.labels().get(crate::desired::INTEGRATION_LABEL),
+        crate::core::status::pod_problem(p),
+        crate::core::status::worker_restarts(p),
+        crate::core::status::destination_gone_at(p),
+        p.labels().get(crate::core::desired::INTEGRATION_LABEL),
         p.metadata.deletion_timestamp.is_some(),
     ))
 }
@@ -172,8 +172,8 @@ impl<K: Resource> Changes<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired;
-    use crate::status::DeploymentObs;
+    use crate::core::desired;
+    use crate::core::status::DeploymentObs;
 
     fn full_deployment() -> Deployment {
         let intg: Integration = serde_json::from_value(serde_json::json!({
@@ -285,9 +285,9 @@ mod tests {
         let pod = |restarts: i32, phase: &str| -> Pod {
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": "orders-1", "namespace": "a", "uid": "p1",
-                             "labels": {crate::desired::INTEGRATION_LABEL: "orders"}},
+                             "labels": {crate::core::desired::INTEGRATION_LABEL: "orders"}},
                 "status": {"phase": phase, "containerStatuses": [{
-                    "name": crate::desired::CONTAINER, "image": "w", "imageID": "", "ready": true,
+                    "name": crate::core::desired::CONTAINER, "image": "w", "imageID": "", "ready": true,
                     "restartCount": restarts
                 }]}
             }))

@@ -10,10 +10,10 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 
 use super::dereference::World;
-use crate::desired::{self, WorkerSettings};
+use crate::core::desired::{self, WorkerSettings};
+use crate::core::replicas;
+use crate::core::status::destination_gone_at;
 use crate::memory::Memory;
-use crate::replicas;
-use crate::status::destination_gone_at;
 
 /// The children to apply (none while the Integration is paused).
 #[derive(Clone, Debug)]
@@ -155,7 +155,7 @@ mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     use super::*;
-    use crate::status::SourceObs;
+    use crate::core::status::SourceObs;
 
     fn intg(url: &str, retry: Option<&str>) -> Integration {
         let mut v = serde_json::json!({

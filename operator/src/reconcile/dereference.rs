@@ -12,9 +12,9 @@ use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
 use crate::controller::Context;
-use crate::desired::{self, INTEGRATION_LABEL};
+use crate::core::desired::{self, INTEGRATION_LABEL};
 use crate::secrets;
-use crate::status::{SourceObs, reason};
+use crate::core::status::{SourceObs, reason};
 
 /// The world as it is, for one Integration.
 #[derive(Clone, Debug)]

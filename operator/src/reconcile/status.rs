@@ -11,9 +11,9 @@ use tracing::{debug, info};
 use super::build::Desired;
 use super::dereference::World;
 use crate::controller::Context;
-use crate::desired;
-use crate::pacing;
-use crate::status::{self, DeploymentObs, Observed};
+use crate::core::desired;
+use crate::core::pacing;
+use crate::core::status::{self, DeploymentObs, Observed};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {

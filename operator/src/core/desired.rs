@@ -356,7 +356,7 @@ pub fn min_available(intg: &Integration) -> i32 {
     let floor = w
         .replicas
         .or(w.autoscale.as_ref().map(|a| a.min))
-        .unwrap_or(crate::replicas::DEFAULT_REPLICAS);
+        .unwrap_or(crate::core::replicas::DEFAULT_REPLICAS);
     (floor - 1).max(0)
 }
 

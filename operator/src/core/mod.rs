@@ -1,0 +1,13 @@
+//! The pure core: what the operator decides, as functions of the spec, the observations and the clock. No
+//! I/O, no shared state: nothing here imports an adapter (`broker`, `secrets`, `memory`, `slim`), the
+//! `context`, a reconcile step or the `error` module, so every rule is tested without an API server.
+//!
+//! - [`desired`]: the children an Integration should have (Deployment, PodDisruptionBudget, Service);
+//! - [`status`]: conditions, the status and the Events of its transitions, from observations;
+//! - [`replicas`]: how many workers (fixed, or following the backlog);
+//! - [`pacing`]: how soon an Integration is looked at again, and when a status write may wait.
+
+pub mod desired;
+pub mod pacing;
+pub mod replicas;
+pub mod status;
