@@ -3,7 +3,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::core::desired::WorkerSettings;
+/// Operator-wide settings that shape the worker pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerSettings {
+    /// Container image of `hookfleet-worker`.
+    pub image: String,
+    /// `imagePullPolicy`, when set.
+    pub image_pull_policy: Option<String>,
+}
 
 /// Leader election on a `coordination.k8s.io/v1` Lease.
 #[derive(Clone, Debug)]

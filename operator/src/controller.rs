@@ -22,10 +22,10 @@ use tracing::{debug, info, warn};
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::core::desired::{INTEGRATION_LABEL, MANAGED_BY};
 use crate::error::{Error, Result};
 use crate::memory::Memories;
 use crate::metrics::Metrics;
+use crate::names::{INTEGRATION_LABEL, MANAGED_BY};
 use crate::reconcile::reconcile;
 use crate::secrets;
 use crate::slim;
@@ -353,7 +353,7 @@ fn echoes<K: Resource<DynamicType = ()>>(memory: &Memories, obj: &K) -> bool {
         return false;
     };
     let kind = K::kind(&());
-    let fp = crate::reconcile::apply::fingerprint(obj);
+    let fp = crate::memory::fingerprint(obj);
     memory
         .peek(
             meta.namespace.as_deref().unwrap_or_default(),

@@ -11,6 +11,7 @@ pub mod error;
 pub mod http;
 pub mod memory;
 pub mod metrics;
+pub mod names;
 pub mod reconcile;
 pub mod secrets;
 pub mod slim;

@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicI64;
 
 use hookfleet_crds::IntegrationStatus;
 use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::core::replicas::Autoscaler;
@@ -39,6 +40,15 @@ pub struct Memory {
     /// The referenced Secrets as last read, reused while the Secret watch shows them unchanged
     /// (`crate::secrets::dereference`). Holds the broker URI: in memory only, never logged.
     pub secrets: Option<crate::secrets::Dereferenced>,
+}
+
+/// What [`Memory::applied`] holds of the object the API server returned: changes with every spec change of
+/// the object (generation), or with every change when it has none.
+pub fn fingerprint<K: Resource>(obj: &K) -> String {
+    match obj.meta().generation {
+        Some(g) => format!("g{g}"),
+        None => format!("rv{}", obj.meta().resource_version.clone().unwrap_or_default()),
+    }
 }
 
 /// The memories of all Integrations, keyed by `namespace/name`.

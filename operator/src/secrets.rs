@@ -22,13 +22,8 @@ use sha2::{Digest, Sha256};
 use crate::reconcile::dereference::DereferenceError;
 use crate::core::status::{SourceObs, reason};
 
-/// Pod-template annotation holding [`Dereferenced::checksum`]: when it changes, the Deployment rolls.
-pub const CHECKSUM_ANNOTATION: &str = "hookfleet.io/secrets-checksum";
-
-/// Key of the client certificate in a `kubernetes.io/tls` Secret.
-pub const TLS_CERT_KEY: &str = "tls.crt";
-/// Key of the client key in a `kubernetes.io/tls` Secret.
-pub const TLS_KEY_KEY: &str = "tls.key";
+// Also by these paths: `core::desired::worker_args_env` names them so.
+pub use crate::names::{TLS_CERT_KEY, TLS_KEY_KEY};
 
 /// One referenced Secret key and the spec field that names it (for conditions).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -103,7 +103,7 @@ pub fn pod_reads(p: &Pod) -> u64 {
         crate::core::status::pod_problem(p),
         crate::core::status::worker_restarts(p),
         crate::core::status::destination_gone_at(p),
-        p.labels().get(crate::core::desired::INTEGRATION_LABEL),
+        p.labels().get(crate::names::INTEGRATION_LABEL),
         p.metadata.deletion_timestamp.is_some(),
     ))
 }
@@ -185,7 +185,7 @@ mod tests {
             }
         }))
         .unwrap();
-        let settings = desired::WorkerSettings {
+        let settings = crate::config::WorkerSettings {
             image: "w".into(),
             image_pull_policy: None,
         };
@@ -285,9 +285,9 @@ mod tests {
         let pod = |restarts: i32, phase: &str| -> Pod {
             serde_json::from_value(serde_json::json!({
                 "metadata": {"name": "orders-1", "namespace": "a", "uid": "p1",
-                             "labels": {crate::core::desired::INTEGRATION_LABEL: "orders"}},
+                             "labels": {crate::names::INTEGRATION_LABEL: "orders"}},
                 "status": {"phase": phase, "containerStatuses": [{
-                    "name": crate::core::desired::CONTAINER, "image": "w", "imageID": "", "ready": true,
+                    "name": crate::names::CONTAINER, "image": "w", "imageID": "", "ready": true,
                     "restartCount": restarts
                 }]}
             }))

@@ -19,18 +19,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
+// The settings the pod builder takes, by the path its callers know.
+pub use crate::config::WorkerSettings;
 use crate::error::{Error, Result};
+use crate::names::{
+    CHECKSUM_ANNOTATION, CONTAINER, INTEGRATION_LABEL, MANAGED_BY, TLS_CERT_KEY, TLS_KEY_KEY,
+};
 
 /// Port of the worker's `/metrics`, `/healthz` and `/readyz` (the contract's, as a container port).
 pub const METRICS_PORT: i32 = contract::METRICS_PORT as i32;
-/// Name of the worker container (status reads its container statuses by this name).
-pub const CONTAINER: &str = "worker";
-/// Label carrying the owning Integration's name; selects its pods.
-pub const INTEGRATION_LABEL: &str = "hookfleet.io/integration";
 /// Label value of `app.kubernetes.io/name` on every worker object.
 pub const APP_NAME: &str = "hookfleet-worker";
-/// `app.kubernetes.io/managed-by` value: the operator's caches watch only objects carrying it.
-pub const MANAGED_BY: &str = "hookfleet-operator";
 /// Env var the worker reads the broker URI from.
 pub const ENV_AMQP_URI: &str = contract::env::AMQP_URI;
 /// Env var the worker reads the signing secret from.
@@ -51,15 +50,6 @@ const DRAIN_SECONDS: i64 = 15;
 const KILL_MARGIN_SECONDS: i64 = 5;
 /// Non-root uid/gid of the worker (distroless `nonroot`).
 const NONROOT_ID: i64 = 65532;
-
-/// Operator-wide settings that shape the worker pods.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorkerSettings {
-    /// Container image of `hookfleet-worker`.
-    pub image: String,
-    /// `imagePullPolicy`, when set.
-    pub image_pull_policy: Option<String>,
-}
 
 /// Labels every child carries; the first two also select the pods.
 pub fn labels(name: &str) -> BTreeMap<String, String> {
@@ -199,7 +189,7 @@ fn volumes(intg: &Integration) -> (Vec<Volume>, Vec<VolumeMount>) {
             );
         }
         if let Some(client) = &tls.client_cert_secret {
-            let (crt, key) = (crate::secrets::TLS_CERT_KEY, crate::secrets::TLS_KEY_KEY);
+            let (crt, key) = (TLS_CERT_KEY, TLS_KEY_KEY);
             secret_volume(
                 "tls-client",
                 TLS_CLIENT_DIR,
@@ -318,7 +308,7 @@ pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) 
     })
 }
 
-/// Puts the checksum of the referenced Secrets ([`crate::secrets::checksum`]) on the pod template, so a
+/// Puts the checksum of the referenced Secrets (`secrets::checksum`) on the pod template, so a
 /// changed Secret rolls the workers (env from `secretKeyRef` is read only when a container starts).
 pub fn set_secrets_checksum(deployment: &mut Deployment, checksum: String) {
     if let Some(meta) = deployment
@@ -328,7 +318,7 @@ pub fn set_secrets_checksum(deployment: &mut Deployment, checksum: String) {
     {
         meta.annotations
             .get_or_insert_with(BTreeMap::new)
-            .insert(crate::secrets::CHECKSUM_ANNOTATION.into(), checksum);
+            .insert(CHECKSUM_ANNOTATION.into(), checksum);
     }
 }
 
@@ -342,7 +332,7 @@ pub fn secrets_checksum(deployment: &Deployment) -> Option<String> {
         .as_ref()?
         .annotations
         .as_ref()?
-        .get(crate::secrets::CHECKSUM_ANNOTATION)
+        .get(CHECKSUM_ANNOTATION)
         .cloned()
 }
 

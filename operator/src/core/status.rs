@@ -13,7 +13,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::core::desired::CONTAINER;
+use crate::names::CONTAINER;
 
 /// Condition reasons.
 pub mod reason {

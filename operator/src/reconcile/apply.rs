@@ -14,6 +14,7 @@ use tracing::debug;
 use super::build::Children;
 use super::dereference::World;
 use crate::controller::Context;
+use crate::memory::fingerprint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -24,14 +25,6 @@ pub enum ApplyError {
         #[source]
         source: kube::Error,
     },
-}
-
-/// Changes with every spec change of the object (generation), or with every change when it has none.
-pub(crate) fn fingerprint<K: Resource>(obj: &K) -> String {
-    match obj.meta().generation {
-        Some(g) => format!("g{g}"),
-        None => format!("rv{}", obj.meta().resource_version.clone().unwrap_or_default()),
-    }
 }
 
 fn hash_of<T: Serialize>(obj: &T) -> u64 {

@@ -10,7 +10,8 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 
 use super::dereference::World;
-use crate::core::desired::{self, WorkerSettings};
+use crate::config::WorkerSettings;
+use crate::core::desired;
 use crate::core::replicas;
 use crate::core::status::destination_gone_at;
 use crate::memory::Memory;

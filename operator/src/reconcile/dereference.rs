@@ -12,7 +12,8 @@ use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
 use crate::controller::Context;
-use crate::core::desired::{self, INTEGRATION_LABEL};
+use crate::core::desired;
+use crate::names::INTEGRATION_LABEL;
 use crate::secrets;
 use crate::core::status::{SourceObs, reason};
 
