@@ -21,7 +21,6 @@ use kube::Resource;
 
 // The settings the pod builder takes, by the path its callers know.
 pub use crate::config::WorkerSettings;
-use crate::error::{Error, Result};
 use crate::names::{
     CHECKSUM_ANNOTATION, CONTAINER, INTEGRATION_LABEL, MANAGED_BY, TLS_CERT_KEY, TLS_KEY_KEY,
 };
@@ -44,6 +43,15 @@ pub const ENV_OAUTH2_CLIENT_SECRET: &str = contract::env::OAUTH2_CLIENT_SECRET;
 pub const TLS_CA_DIR: &str = "/etc/hookfleet/tls/ca";
 /// Where the client certificate Secret of `destination.tls.clientCertSecret` is mounted.
 pub const TLS_CLIENT_DIR: &str = "/etc/hookfleet/tls/client";
+/// Why the desired objects cannot be built: only a malformed object (no name or uid).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the Integration is malformed: {0}")]
+    InvalidObject(&'static str),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
 /// Time a worker gets after its delivery timeout to hand back in-flight work and close cleanly.
 const DRAIN_SECONDS: i64 = 15;
 /// Margin between the worker's own shutdown deadline and the kubelet's SIGKILL.

@@ -36,21 +36,8 @@ pub struct Desired {
     pub destination_gone: Option<DestinationGone>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error("the Integration is malformed: {0}")]
-    InvalidObject(&'static str),
-}
-
-impl From<crate::error::Error> for BuildError {
-    fn from(e: crate::error::Error) -> Self {
-        match e {
-            crate::error::Error::InvalidObject(m) => BuildError::InvalidObject(m),
-            // The pod builder fails only on a malformed object.
-            other => unreachable!("desired objects fail only as InvalidObject: {other}"),
-        }
-    }
-}
+/// The build step fails only where the desired objects cannot be built: a malformed object.
+pub type BuildError = desired::Error;
 
 /// Whether the destination is gone now. `previous` is what the status says; a worker that stopped with
 /// exit 5 after the last clear (`cleared`, in memory) makes it gone; a changed destination URL or a new
