@@ -19,11 +19,20 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use crate::reconcile::dereference::DereferenceError;
 use crate::core::status::{SourceObs, reason};
 
 // Also by these paths: `core::desired::worker_args_env` names them so.
 pub use crate::names::{TLS_CERT_KEY, TLS_KEY_KEY};
+
+/// A referenced Secret the API server did not give (a missing Secret is no error: it is a problem the team
+/// fixes, see [`dereference`]).
+#[derive(Debug, thiserror::Error)]
+#[error("reading Secret {name}: {source}")]
+pub struct ReadError {
+    pub name: String,
+    #[source]
+    pub source: kube::Error,
+}
 
 /// One referenced Secret key and the spec field that names it (for conditions).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -268,7 +277,7 @@ pub async fn dereference(
     versions: &Versions,
     previous: Option<&Dereferenced>,
     reads: &Reads,
-) -> Result<Result<Dereferenced, SourceObs>, DereferenceError> {
+) -> Result<Result<Dereferenced, SourceObs>, ReadError> {
     let refs = referenced_keys(spec);
     if let Some(p) = previous
         && still_current(p, &refs, ns, versions)
@@ -285,7 +294,7 @@ pub async fn dereference(
                 None => api
                     .get_opt(&r.name)
                     .await
-                    .map_err(|source| DereferenceError::ReadSecret {
+                    .map_err(|source| ReadError {
                         name: r.name.clone(),
                         source,
                     })?

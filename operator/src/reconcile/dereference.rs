@@ -51,12 +51,8 @@ impl World {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DereferenceError {
-    #[error("reading Secret {name}: {source}")]
-    ReadSecret {
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error(transparent)]
+    ReadSecret(#[from] secrets::ReadError),
 }
 
 /// The reason `World::source` carries between [`dereference`] and the broker's answer; never in a status
