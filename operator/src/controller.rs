@@ -7,244 +7,27 @@ use std::sync::Arc;
 use futures::{StreamExt, TryStreamExt};
 use hookfleet_crds::Integration;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
-use kube::core::error_boundary::InvalidObject;
-use kube::core::{DeserializeGuard, PartialObjectMeta};
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::error::{Error, Result};
+use crate::context::{Context, Watched};
+use crate::error::Error;
 use crate::memory::Memories;
 use crate::metrics::Metrics;
 use crate::names::{INTEGRATION_LABEL, MANAGED_BY};
 use crate::reconcile::reconcile;
 use crate::secrets;
 use crate::slim;
-use crate::core::status::{self, reason};
-
-/// State shared by all reconciles.
-pub struct Context {
-    pub client: Client,
-    pub config: Config,
-    pub recorder: Recorder,
-    pub metrics: Arc<Metrics>,
-    pub broker: Broker,
-    pub(crate) deployments: Store<Deployment>,
-    pub(crate) pdbs: Store<PodDisruptionBudget>,
-    pub(crate) services: Store<Service>,
-    pub(crate) pods: Store<Pod>,
-    /// The Secrets' versions (metadata only, see `secrets::Versions`).
-    pub(crate) secrets: secrets::Versions,
-    /// The referenced Secrets as last read, shared by the Integrations (see `secrets::Reads`).
-    pub(crate) secret_reads: secrets::Reads,
-    /// The Integrations as the controller's cache holds them.
-    pub(crate) integrations: Store<Watched>,
-    /// One memory per Integration (see `crate::memory`).
-    pub(crate) memory: Arc<Memories>,
-    /// Requeue delays paced to what the concurrency serves (see `crate::core::pacing`).
-    pub(crate) pacer: crate::core::pacing::Pacer,
-}
-
-impl Context {
-    /// Drops everything remembered about Integration `ns/name`, and its metric series.
-    pub(crate) fn forget(&self, ns: &str, name: &str) {
-        self.memory.forget(ns, name);
-        self.metrics.forget_integration(&format!("{ns}/{name}"));
-    }
-
-    /// Forgets `ns/name` if the cache no longer holds it (with this uid): the last thing a reconcile or the
-    /// error policy does, so one that was in flight while the Integration was deleted (its Delete event
-    /// already handled) does not leave a memory behind. True when forgotten.
-    pub(crate) fn forget_if_deleted(&self, ns: &str, name: &str, uid: &str) -> bool {
-        let exists = self
-            .integrations
-            .get(&ObjectRef::new(name).within(ns))
-            .is_some_and(|o| o.meta().uid.as_deref().unwrap_or_default() == uid);
-        if !exists {
-            self.forget(ns, name);
-        }
-        !exists
-    }
-
-    /// Whether some Integration other than `uid` waits for its first status of its current generation
-    /// (the operator is catching up, see `pacing::hold_status`). One that keeps failing does not count (its
-    /// error policy retries it; it must not hold the others' status), nor one being deleted, nor a
-    /// malformed one (it gets its status from `malformed`). The cache's status can lag this leader's own
-    /// writes, so the status last written counts too.
-    pub(crate) fn catching_up(&self, uid: &str) -> bool {
-        catching_up(&self.integrations, &self.memory, uid)
-    }
-
-    pub(crate) async fn event(&self, regarding: &ObjectReference, warning: bool, reason: &str, note: String) {
-        let ev = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.into(),
-            note: Some(note.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        match self.recorder.publish(&ev, regarding).await {
-            Ok(()) => self.metrics.write("Event"),
-            // An Event is best effort: losing one must not fail the reconcile.
-            Err(e) => warn!(error = %e, "publishing an Event"),
-        }
-    }
-}
-
-/// Integrations are watched through a [`DeserializeGuard`]: one stored object that does not fit the Rust
-/// types (written under an older or looser CRD; stored objects are not re-validated) reaches `reconcile`
-/// as an error instead of failing the list/watch of every Integration.
-pub(crate) type Watched = DeserializeGuard<Integration>;
-
-/// Where a stored Integration does not fit the types, with the field: `spec.workers.replicas: invalid
-/// type: string "three", expected i32`. The guard's own error has no path, so the raw object is read
-/// once more (only for malformed objects, once per change) and deserialized with path tracking.
-async fn deserialize_error(
-    ctx: &Context,
-    ns: &str,
-    name: &str,
-    invalid: &InvalidObject,
-) -> (String, serde_json::Value) {
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(ctx.client.clone(), ns, &ApiResource::erase::<Integration>(&()));
-    let raw = match api.get(name).await.map(serde_json::to_value) {
-        Ok(Ok(raw)) => raw,
-        _ => return (invalid.error.clone(), serde_json::Value::Null),
-    };
-    let message = match serde_path_to_error::deserialize::<_, Integration>(raw.clone()) {
-        Err(e) if e.path().to_string() != "." => format!("{}: {}", e.path(), e.inner()),
-        Err(e) => e.inner().to_string(),
-        // Changed in between: the next watch event brings the new object.
-        Ok(_) => invalid.error.clone(),
-    };
-    (message, raw)
-}
-
-/// A stored Integration that does not deserialize: nothing is applied; Ready=False/Degraded=True with
-/// reason `InvalidSpec` quoting the error (the field named) and a Warning Event when that changes. The
-/// caller's error policy then waits for the object to change: retrying cannot fix it.
-pub(crate) async fn malformed(invalid: &InvalidObject, ctx: &Context, ns: &str, name: &str) -> Error {
-    let (message, raw) = deserialize_error(ctx, ns, name, invalid).await;
-    let message = format!("the Integration does not match hookfleet.io/v1alpha1: {message}; fix the object");
-    let generation = invalid.metadata.generation;
-    // The old conditions, read leniently: the status may be as wrong as the spec.
-    let old: Vec<Condition> = raw
-        .pointer("/status/conditions")
-        .cloned()
-        .and_then(|c| serde_json::from_value(c).ok())
-        .unwrap_or_default();
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let cond = |type_: &str| Condition {
-        type_: type_.into(),
-        status: if type_ == hookfleet_crds::integration::condition::DEGRADED {
-            "True"
-        } else {
-            "False"
-        }
-        .into(),
-        reason: reason::INVALID_SPEC.into(),
-        message: message.clone(),
-        observed_generation: generation,
-        last_transition_time: now.clone(),
-    };
-    let new = status::merge_conditions(
-        &old,
-        vec![
-            cond(hookfleet_crds::integration::condition::READY),
-            cond(hookfleet_crds::integration::condition::DEGRADED),
-        ],
-        &now,
-    );
-    let unchanged = |t: &str| {
-        let find = |cs: &[Condition]| {
-            cs.iter()
-                .find(|c| c.type_ == t)
-                .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
-        };
-        find(&old) == find(&new)
-    };
-    let regarding = ObjectReference {
-        api_version: Some(Integration::api_version(&()).into()),
-        kind: Some(Integration::kind(&()).into()),
-        name: Some(name.into()),
-        namespace: Some(ns.into()),
-        uid: invalid.metadata.uid.clone(),
-        resource_version: invalid.metadata.resource_version.clone(),
-        ..Default::default()
-    };
-    ctx.metrics.integration_conditions(&format!("{ns}/{name}"), &new);
-    if !(unchanged(hookfleet_crds::integration::condition::READY)
-        && unchanged(hookfleet_crds::integration::condition::DEGRADED))
-    {
-        ctx.event(&regarding, true, reason::INVALID_SPEC, message.clone())
-            .await;
-        // A merge patch, not server-side apply: apply must convert the live object to its schema type, which
-        // fails on exactly the fields that are wrong (500 "failed to create typed live object").
-        let body = serde_json::json!({
-            "status": {"observedGeneration": generation, "conditions": new},
-        });
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(ctx.client.clone(), ns, &ApiResource::erase::<Integration>(&()));
-        let pp = PatchParams {
-            field_manager: Some(ctx.config.field_manager.clone()),
-            ..Default::default()
-        };
-        match api.patch_status(name, &pp, &Patch::Merge(&body)).await {
-            Ok(_) => ctx.metrics.write("IntegrationStatus"),
-            // The Event already says it; a status the API server refuses must not hide the cause.
-            Err(e) => warn!(error = %e, "writing the status of a malformed Integration"),
-        }
-    }
-    Error::InvalidSpec(message)
-}
-
-/// See [`Context::catching_up`].
-fn catching_up(integrations: &Store<Watched>, memory: &Memories, uid: &str) -> bool {
-    integrations.state().iter().any(|w| {
-        let Ok(i) = &w.0 else {
-            return false;
-        };
-        let m = &i.metadata;
-        let other = m.uid.as_deref().unwrap_or_default();
-        let generation = m.generation;
-        if other == uid
-            || m.deletion_timestamp.is_some()
-            || i.status
-                .as_ref()
-                .is_some_and(|s| s.observed_generation == generation)
-        {
-            return false;
-        }
-        let (ns, name) = (
-            m.namespace.as_deref().unwrap_or_default(),
-            m.name.as_deref().unwrap_or_default(),
-        );
-        let (answered, failing) = memory
-            .peek(ns, name, other, |mem| {
-                (
-                    mem.written
-                        .as_ref()
-                        .is_some_and(|s| s.observed_generation == generation),
-                    mem.failures > 0,
-                )
-            })
-            .unwrap_or((false, false));
-        !answered && !failing
-    })
-}
 
 fn error_policy(obj: Arc<Watched>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.error(err.metric_label());
@@ -456,7 +239,7 @@ pub async fn run(
         secret_reads: secrets::Reads::default(),
         integrations: store.clone(),
         memory,
-        pacer: crate::core::pacing::Pacer::default(),
+        pacer: Default::default(),
     });
     // What `Controller::new` builds, plus a look at each event to drop the memory of deleted Integrations.
     let follow = ctx.clone();
@@ -529,56 +312,9 @@ pub async fn run(
     metrics.ready.set(0);
 }
 
-/// Fails with a message that says how to install the CRD when it is missing.
-///
-/// With `namespace` set (namespaced mode) the list is in that namespace: the operator's Role grants no
-/// cluster-wide list there.
-pub async fn check_crd(client: &Client, namespace: Option<&str>) -> Result<()> {
-    // Metadata only: a malformed Integration must not make the operator refuse to start.
-    let api: Api<Integration> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    match api
-        .list_metadata(&kube::api::ListParams::default().limit(1))
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Err(Error::CrdNotInstalled),
-        Err(e) => Err(Error::Kube(e)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hookfleet_crds::IntegrationStatus;
-    use kube::runtime::reflector::store::Writer;
-
-    fn intg(name: &str, generation: i64, observed: Option<i64>) -> Watched {
-        let mut i: Integration = serde_json::from_value(serde_json::json!({
-            "apiVersion": "hookfleet.io/v1alpha1", "kind": "Integration",
-            "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}"), "generation": generation},
-            "spec": {
-                "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "q"},
-                "destination": {"url": "https://erp.example.com/hooks"},
-            }
-        }))
-        .expect("a valid Integration");
-        i.status = observed.map(|g| IntegrationStatus {
-            observed_generation: Some(g),
-            ..Default::default()
-        });
-        DeserializeGuard(Ok(i))
-    }
-
-    fn store(items: Vec<Watched>) -> Store<Watched> {
-        let mut w = Writer::<Watched>::default();
-        for i in items {
-            w.apply_watcher_event(&watcher::Event::Apply(i));
-        }
-        w.as_reader()
-    }
 
     #[test]
     fn the_echo_of_an_own_apply_is_dropped_and_nothing_else() {
@@ -624,28 +360,5 @@ mod tests {
         assert!(futures::executor::block_on(keep(&watcher::Event::InitApply(
             own()
         ))));
-    }
-
-    #[test]
-    fn catching_up_while_another_waits_for_its_first_status() {
-        let memory = Memories::new(Default::default());
-        // a answered its generation; b has none yet: for a, the operator is catching up; for b, not (it
-        // is the one waiting).
-        let s = store(vec![intg("a", 1, Some(1)), intg("b", 1, None)]);
-        assert!(catching_up(&s, &memory, "uid-a"));
-        assert!(!catching_up(&s, &memory, "uid-b"));
-        // b's status written by this leader, not yet in the cache: answered.
-        memory.with("ns", "b", "uid-b", |m| {
-            m.written = Some(IntegrationStatus {
-                observed_generation: Some(1),
-                ..Default::default()
-            })
-        });
-        assert!(!catching_up(&s, &memory, "uid-a"));
-        // A new generation of b (a spec change) waits again, unless its reconciles are failing.
-        let s = store(vec![intg("a", 1, Some(1)), intg("b", 2, Some(1))]);
-        assert!(catching_up(&s, &memory, "uid-a"));
-        memory.with("ns", "b", "uid-b", |m| m.failures = 1);
-        assert!(!catching_up(&s, &memory, "uid-a"));
     }
 }

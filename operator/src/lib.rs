@@ -5,6 +5,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod context;
 pub mod controller;
 pub mod core;
 pub mod error;
@@ -18,7 +19,9 @@ pub mod slim;
 
 use std::sync::Arc;
 
+use hookfleet_crds::Integration;
 use kube::Client;
+use kube::api::Api;
 use kube_lease_manager::LeaseManagerBuilder;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -68,7 +71,7 @@ impl Operator {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let Operator { config, metrics } = self;
-        controller::check_crd(&client, config.namespace.as_deref()).await?;
+        check_crd(&client, config.namespace.as_deref()).await?;
         let _http = match config.http_addr {
             Some(addr) => {
                 let server = http::serve(addr, metrics.clone()).await?;
@@ -155,6 +158,26 @@ impl Operator {
         drop(ctl);
         release(leader, &mut lease_task).await;
         result
+    }
+}
+
+/// Fails with a message that says how to install the CRD when it is missing.
+///
+/// With `namespace` set (namespaced mode) the list is in that namespace: the operator's Role grants no
+/// cluster-wide list there.
+async fn check_crd(client: &Client, namespace: Option<&str>) -> Result<()> {
+    // Metadata only: a malformed Integration must not make the operator refuse to start.
+    let api: Api<Integration> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match api
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Err(Error::CrdNotInstalled),
+        Err(e) => Err(Error::Kube(e)),
     }
 }
 

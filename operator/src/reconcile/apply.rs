@@ -13,7 +13,7 @@ use tracing::debug;
 
 use super::build::Children;
 use super::dereference::World;
-use crate::controller::Context;
+use crate::context::Context;
 use crate::memory::fingerprint;
 
 #[derive(Debug, thiserror::Error)]

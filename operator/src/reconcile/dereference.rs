@@ -11,11 +11,11 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
-use crate::controller::Context;
+use crate::context::Context;
 use crate::core::desired;
+use crate::core::status::{SourceObs, reason};
 use crate::names::INTEGRATION_LABEL;
 use crate::secrets;
-use crate::core::status::{SourceObs, reason};
 
 /// The world as it is, for one Integration.
 #[derive(Clone, Debug)]

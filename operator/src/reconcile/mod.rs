@@ -11,6 +11,7 @@
 pub mod apply;
 pub mod build;
 pub mod dereference;
+pub mod malformed;
 pub mod status;
 
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::instrument;
 
-use crate::controller::{Context, Watched, malformed};
+use crate::context::{Context, Watched};
 use crate::error::{Error, Result};
 
 #[instrument(skip_all, fields(integration = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
@@ -39,7 +40,11 @@ pub(crate) async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Ac
     }
     let intg = match &obj.0 {
         Ok(intg) => intg,
-        Err(invalid) => return Err(malformed(invalid, &ctx, &ns, &name).await),
+        Err(invalid) => {
+            return Err(Error::InvalidSpec(
+                malformed::malformed(invalid, &ctx, &ns, &name).await,
+            ));
+        }
     };
     let uid = intg.metadata.uid.clone().unwrap_or_default();
     let spec = &intg.spec;

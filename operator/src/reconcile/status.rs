@@ -10,7 +10,7 @@ use tracing::{debug, info};
 
 use super::build::Desired;
 use super::dereference::World;
-use crate::controller::Context;
+use crate::context::Context;
 use crate::core::desired;
 use crate::core::pacing;
 use crate::core::status::{self, DeploymentObs, Observed};
