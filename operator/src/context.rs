@@ -4,6 +4,7 @@
 //! nor the controller, and the steps take from it only the parts they need.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hookfleet_crds::Integration;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -33,21 +34,27 @@ pub struct Context {
     pub config: Config,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
-    pub broker: Broker,
-    pub(crate) deployments: Store<Deployment>,
-    pub(crate) pdbs: Store<PodDisruptionBudget>,
-    pub(crate) services: Store<Service>,
-    pub(crate) pods: Store<Pod>,
-    /// The Secrets' versions (metadata only, see `secrets::Versions`).
-    pub(crate) secrets: secrets::Versions,
-    /// The referenced Secrets as last read, shared by the Integrations (see `secrets::Reads`).
-    pub(crate) secret_reads: secrets::Reads,
+    pub broker: Arc<Broker>,
+    pub(crate) caches: Caches,
     /// The Integrations as the controller's cache holds them.
     pub(crate) integrations: Store<Watched>,
     /// One memory per Integration (see `crate::memory`).
     pub(crate) memory: Arc<Memories>,
     /// Requeue delays paced to what the concurrency serves (see `crate::core::pacing`).
     pub(crate) pacer: Pacer,
+}
+
+/// What the watches cache of the Integrations' children, worker pods and Secrets (each kept slim, see
+/// `slim` and `secrets::Versions`), and the referenced Secrets as last read: what dereferencing reads.
+pub struct Caches {
+    pub deployments: Store<Deployment>,
+    pub pdbs: Store<PodDisruptionBudget>,
+    pub services: Store<Service>,
+    pub pods: Store<Pod>,
+    /// The Secrets' versions (metadata only, see `secrets::Versions`).
+    pub secrets: secrets::Versions,
+    /// The referenced Secrets as last read, shared by the Integrations (see `secrets::Reads`).
+    pub secret_reads: secrets::Reads,
 }
 
 impl Context {
@@ -78,6 +85,22 @@ impl Context {
     /// writes, so the status last written counts too.
     pub(crate) fn catching_up(&self, uid: &str) -> bool {
         catching_up(&self.integrations, &self.memory, uid)
+    }
+
+    /// How soon to reconcile an Integration again after a reconcile that took `took`: after the retry while
+    /// it has a problem, the scale-up period (when sooner than the resync) while it autoscales, else the
+    /// resync; paced to what the concurrency serves (`core::pacing`).
+    pub(crate) fn requeue_after(&self, took: Duration, has_problem: bool, autoscale: bool) -> Duration {
+        let c = &self.config;
+        let base = if has_problem {
+            c.retry
+        } else if autoscale {
+            c.resync.min(c.scale_up_period)
+        } else {
+            c.resync
+        };
+        self.pacer.observe(took);
+        self.pacer.next(base, self.integrations.len(), c.concurrency)
     }
 
     pub(crate) async fn event(&self, regarding: &ObjectReference, warning: bool, reason: &str, note: String) {
@@ -176,7 +199,7 @@ mod tests {
         assert!(catching_up(&s, &memory, "uid-a"));
         assert!(!catching_up(&s, &memory, "uid-b"));
         // b's status written by this leader, not yet in the cache: answered.
-        memory.with("ns", "b", "uid-b", |m| {
+        memory.entry("ns", "b", "uid-b").with(|m| {
             m.written = Some(IntegrationStatus {
                 observed_generation: Some(1),
                 ..Default::default()
@@ -186,7 +209,7 @@ mod tests {
         // A new generation of b (a spec change) waits again, unless its reconciles are failing.
         let s = store(vec![intg("a", 1, Some(1)), intg("b", 2, Some(1))]);
         assert!(catching_up(&s, &memory, "uid-a"));
-        memory.with("ns", "b", "uid-b", |m| m.failures = 1);
+        memory.entry("ns", "b", "uid-b").with(|m| m.failures = 1);
         assert!(!catching_up(&s, &memory, "uid-a"));
     }
 }

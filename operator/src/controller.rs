@@ -1,6 +1,7 @@
-//! The controller: watches Integrations and their children, runs the reconcile (`crate::reconcile`:
-//! dereference → build → apply → status) for each, and keeps one memory per Integration
-//! (`crate::memory`), dropped when the Integration is deleted.
+//! The controller: the watches (Integrations, their children and worker pods, Secrets) and which of their
+//! events reach the reconcile (`crate::reconcile`: dereference → build → apply → status), the context they
+//! fill, and the error policy. It keeps one memory per Integration (`crate::memory`) in step with the
+//! Integrations that exist.
 
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::context::{Context, Watched};
+use crate::context::{Caches, Context, Watched};
 use crate::error::Error;
 use crate::memory::Memories;
 use crate::metrics::Metrics;
@@ -29,19 +30,22 @@ use crate::reconcile::reconcile;
 use crate::secrets;
 use crate::slim;
 
+/// After a failed reconcile: a malformed object waits for its next change; anything else is retried after
+/// the retry interval, doubled with each consecutive failure up to the maximum backoff.
 fn error_policy(obj: Arc<Watched>, err: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.error(err.metric_label());
     let ns = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
     let uid = obj.meta().uid.clone().unwrap_or_default();
+    let memory = ctx.memory.entry(&ns, &name, &uid);
     if let Error::InvalidSpec(_) = err {
         // Retrying cannot fix a malformed object; its next change triggers a reconcile.
-        ctx.memory.with(&ns, &name, &uid, |m| m.failures = 0);
+        memory.with(|m| m.failures = 0);
         ctx.forget_if_deleted(&ns, &name, &uid);
         warn!(error = %err, "malformed Integration; waiting for it to change");
         return Action::await_change();
     }
-    let n = ctx.memory.with(&ns, &name, &uid, |m| {
+    let n = memory.with(|m| {
         m.failures = m.failures.saturating_add(1);
         m.failures
     });
@@ -230,13 +234,15 @@ pub async fn run(
         config,
         recorder,
         metrics: metrics.clone(),
-        broker: Broker::default(),
-        deployments: deployments.clone(),
-        pdbs: pdbs.clone(),
-        services: services.clone(),
-        pods: pods.clone(),
-        secrets: secret_versions.clone(),
-        secret_reads: secrets::Reads::default(),
+        broker: Arc::new(Broker::default()),
+        caches: Caches {
+            deployments: deployments.clone(),
+            pdbs: pdbs.clone(),
+            services: services.clone(),
+            pods: pods.clone(),
+            secrets: secret_versions.clone(),
+            secret_reads: secrets::Reads::default(),
+        },
         integrations: store.clone(),
         memory,
         pacer: Default::default(),
@@ -341,7 +347,7 @@ mod tests {
         };
         // Nothing applied by this process yet: passes.
         assert!(!echoes(&memory, &pdb("1", 1, Some("uid-a"))));
-        memory.with("ns", "a", "uid-a", |m| {
+        memory.entry("ns", "a", "uid-a").with(|m| {
             m.applied.insert(
                 "PodDisruptionBudget".into(),
                 (1, "g1".into(), std::time::Instant::now()),

@@ -8,8 +8,8 @@ pub enum Error {
     #[error("the Integration is malformed: {0}")]
     InvalidObject(&'static str),
     /// A stored Integration that does not deserialize into the types; waits for a change, no retry.
-    #[error("{0}")]
-    InvalidSpec(String),
+    #[error(transparent)]
+    InvalidSpec(#[from] crate::reconcile::malformed::InvalidSpec),
     /// The reconcile's steps (`crate::reconcile`), each with its own error.
     #[error(transparent)]
     Dereference(#[from] crate::reconcile::dereference::DereferenceError),

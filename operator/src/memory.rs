@@ -4,10 +4,15 @@
 //! Memory is a cache of what this leader did and saw, never the truth: after a restart or a leader change
 //! it starts empty and every step still works (applies once more, the autoscaler starts from the current
 //! replica count, the status is compared with the cached object).
+//!
+//! A reconcile takes its Integration's [`Entry`] once ([`Memories::entry`]) and hands it to the steps that
+//! read or update it; each locks it only for a moment, never across an await, and never while it takes
+//! the map's lock (the map's lock is never held while an entry is locked either), so no two locks wait on
+//! each other.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, Mutex};
 
 use hookfleet_crds::IntegrationStatus;
 use k8s_openapi::jiff::Timestamp;
@@ -20,7 +25,6 @@ use crate::core::replicas::Autoscaler;
 /// same name starts afresh).
 #[derive(Debug, Default)]
 pub struct Memory {
-    pub uid: String,
     /// What was last applied per child kind: (hash of the desired object, fingerprint of the object the
     /// API server returned, when). An apply is skipped while both still match, so a steady state makes no
     /// request.
@@ -51,9 +55,30 @@ pub fn fingerprint<K: Resource>(obj: &K) -> String {
     }
 }
 
+/// The memory of one Integration (one uid), as a reconcile or the error policy holds it.
+#[derive(Debug)]
+pub struct Entry {
+    uid: String,
+    memory: Mutex<Memory>,
+}
+
+impl Entry {
+    fn new(uid: &str) -> Arc<Self> {
+        Arc::new(Self {
+            uid: uid.to_owned(),
+            memory: Mutex::default(),
+        })
+    }
+
+    /// Runs `f` on the memory (locked while `f` runs: keep it short, and await nothing in it).
+    pub fn with<R>(&self, f: impl FnOnce(&mut Memory) -> R) -> R {
+        f(&mut self.memory.lock().expect("lock"))
+    }
+}
+
 /// The memories of all Integrations, keyed by `namespace/name`.
 pub struct Memories {
-    map: Mutex<HashMap<String, Memory>>,
+    map: Mutex<HashMap<String, Arc<Entry>>>,
     /// `hookfleet_operator_integrations_remembered`.
     gauge: Gauge<i64, AtomicI64>,
 }
@@ -70,19 +95,16 @@ impl Memories {
         }
     }
 
-    /// Runs `f` on the memory of `ns/name` with `uid`, created (or reset, for another uid) if needed.
-    pub fn with<R>(&self, ns: &str, name: &str, uid: &str, f: impl FnOnce(&mut Memory) -> R) -> R {
+    /// The memory of `ns/name` with `uid`, created (or replaced by a fresh one, for another uid) if needed.
+    pub fn entry(&self, ns: &str, name: &str, uid: &str) -> Arc<Entry> {
         let mut map = self.map.lock().expect("lock");
-        let m = map.entry(key(ns, name)).or_default();
-        if m.uid != uid {
-            *m = Memory {
-                uid: uid.to_owned(),
-                ..Memory::default()
-            };
+        let e = map.entry(key(ns, name)).or_insert_with(|| Entry::new(uid));
+        if e.uid != uid {
+            *e = Entry::new(uid);
         }
-        let out = f(m);
+        let e = e.clone();
         self.gauge.set(map.len() as i64);
-        out
+        e
     }
 
     /// Drops the memory of `ns/name`; true when there was one.
@@ -97,8 +119,8 @@ impl Memories {
     pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) -> Vec<String> {
         let mut map = self.map.lock().expect("lock");
         let mut dropped = Vec::new();
-        map.retain(|k, m| {
-            let k_ = keep(k, &m.uid);
+        map.retain(|k, e| {
+            let k_ = keep(k, &e.uid);
             if !k_ {
                 dropped.push(k.clone());
             }
@@ -110,8 +132,14 @@ impl Memories {
 
     /// Runs `f` on the memory of `ns/name` with `uid` if there is one (none is created).
     pub fn peek<R>(&self, ns: &str, name: &str, uid: &str, f: impl FnOnce(&Memory) -> R) -> Option<R> {
-        let map = self.map.lock().expect("lock");
-        map.get(&key(ns, name)).filter(|m| m.uid == uid).map(f)
+        let entry = self
+            .map
+            .lock()
+            .expect("lock")
+            .get(&key(ns, name))
+            .filter(|e| e.uid == uid)
+            .cloned();
+        entry.map(|e| e.with(|m| f(m)))
     }
 
     pub fn len(&self) -> usize {
@@ -130,13 +158,13 @@ mod tests {
     #[test]
     fn one_memory_per_integration_reset_for_a_new_uid() {
         let m = Memories::new(Gauge::default());
-        m.with("a", "x", "u1", |m| m.failures = 3);
-        m.with("a", "y", "u2", |m| m.failures = 1);
+        m.entry("a", "x", "u1").with(|m| m.failures = 3);
+        m.entry("a", "y", "u2").with(|m| m.failures = 1);
         assert_eq!(m.len(), 2);
         assert_eq!(m.gauge.get(), 2);
-        assert_eq!(m.with("a", "x", "u1", |m| m.failures), 3);
+        assert_eq!(m.entry("a", "x", "u1").with(|m| m.failures), 3);
         // Deleted and re-created under the same name: a new uid starts afresh.
-        assert_eq!(m.with("a", "x", "u3", |m| m.failures), 0);
+        assert_eq!(m.entry("a", "x", "u3").with(|m| m.failures), 0);
         assert!(m.forget("a", "x"));
         assert!(!m.forget("a", "x"));
         assert_eq!(m.retain(|k, _| k != "a/y"), vec!["a/y".to_string()]);

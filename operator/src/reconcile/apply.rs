@@ -6,15 +6,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, Patch, PatchParams};
-use kube::{Resource, ResourceExt};
+use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::debug;
 
-use super::build::Children;
+use super::build::Desired;
 use super::dereference::World;
-use crate::context::Context;
-use crate::memory::fingerprint;
+use crate::config::Config;
+use crate::memory::{Entry, fingerprint};
+use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -33,19 +34,31 @@ fn hash_of<T: Serialize>(obj: &T) -> u64 {
     h.finish()
 }
 
-/// Applies the children of Integration `ns/name` (uid `uid`) that differ from what was last applied.
+/// Applies the desired children that differ from what was last applied (the Integration's `memory` says
+/// what that was; nothing while the Integration is paused), each in its own namespace, under the
+/// configured field manager.
 pub async fn apply(
-    ctx: &Context,
-    (ns, name, uid): (&str, &str, &str),
-    children: &Children,
+    client: &Client,
+    config: &Config,
+    metrics: &Metrics,
+    memory: &Entry,
+    desired: &Desired,
     world: &World,
 ) -> Result<(), ApplyError> {
-    let owner = Owner { ns, name, uid };
+    let Some(children) = &desired.children else {
+        return Ok(());
+    };
+    let to = Target {
+        client,
+        params: PatchParams::apply(&config.field_manager).force(),
+        metrics,
+        memory,
+    };
     // Three independent objects: applied together, a first reconcile waits for one round trip, not three.
     futures::try_join!(
-        apply_one(ctx, &owner, &children.deployment, world.deployment.clone()),
-        apply_one(ctx, &owner, &children.pdb, world.pdb.clone()),
-        apply_one(ctx, &owner, &children.service, world.service.clone()),
+        apply_one(&to, &children.deployment, world.deployment.clone()),
+        apply_one(&to, &children.pdb, world.pdb.clone()),
+        apply_one(&to, &children.service, world.service.clone()),
     )?;
     Ok(())
 }
@@ -60,10 +73,12 @@ fn unchanged(h: u64, cached: Option<String>, applied: Option<&(u64, String, Inst
     }
 }
 
-struct Owner<'a> {
-    ns: &'a str,
-    name: &'a str,
-    uid: &'a str,
+/// What the applies of one Integration's children share.
+struct Target<'a> {
+    client: &'a Client,
+    params: PatchParams,
+    metrics: &'a Metrics,
+    memory: &'a Entry,
 }
 
 /// How long after an apply a child missing from the cache counts as not yet delivered by its watch rather
@@ -75,12 +90,7 @@ const WATCH_LAG: Duration = Duration::from_secs(5);
 /// has not changed since, or the cache does not show the object yet but this process applied exactly it
 /// less than [`WATCH_LAG`] ago (a child deleted within that time is applied again by the first reconcile
 /// after it: the requeue, the resync at the latest).
-async fn apply_one<K>(
-    ctx: &Context,
-    owner: &Owner<'_>,
-    desired: &K,
-    cached: Option<Arc<K>>,
-) -> Result<(), ApplyError>
+async fn apply_one<K>(to: &Target<'_>, desired: &K, cached: Option<Arc<K>>) -> Result<(), ApplyError>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -91,22 +101,20 @@ where
     let kind = K::kind(&()).to_string();
     let name = desired.name_any();
     let h = hash_of(desired);
-    let applied = ctx
-        .memory
-        .with(owner.ns, owner.name, owner.uid, |m| m.applied.get(&kind).cloned());
+    let applied = to.memory.with(|m| m.applied.get(&kind).cloned());
     if unchanged(h, cached.as_deref().map(fingerprint), applied.as_ref()) {
-        ctx.metrics.applies_skipped.inc();
+        to.metrics.applies_skipped.inc();
         return Ok(());
     }
     // apiVersion and kind are part of the apply body.
     let mut body = serde_json::to_value(desired).expect("k8s objects serialize");
     body["apiVersion"] = K::api_version(&()).into();
     body["kind"] = kind.as_str().into();
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), owner.ns);
-    let pp = PatchParams::apply(&ctx.config.field_manager).force();
+    let ns = desired.meta().namespace.as_deref().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(to.client.clone(), ns);
     let before = cached.as_ref().map(|c| c.meta().resource_version.clone());
     let out = api
-        .patch(&name, &pp, &Patch::Apply(&body))
+        .patch(&name, &to.params, &Patch::Apply(&body))
         .await
         .map_err(|source| ApplyError::Apply {
             kind: kind.clone(),
@@ -114,11 +122,11 @@ where
             source,
         })?;
     if before != Some(out.meta().resource_version.clone()) {
-        ctx.metrics.write(&kind);
+        to.metrics.write(&kind);
         debug!(%kind, %name, "applied");
     }
     let fp = fingerprint(&out);
-    ctx.memory.with(owner.ns, owner.name, owner.uid, |m| {
+    to.memory.with(|m| {
         m.applied.insert(kind, (h, fp, Instant::now()));
     });
     Ok(())

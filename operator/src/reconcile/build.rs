@@ -1,7 +1,8 @@
 //! Step 2, build: the desired children from the spec and the world. Pure (the clock and the autoscaler's
-//! memory are parameters), so it is tested without an API server.
+//! memory are parameters), so it is tested without an API server; its one wait is for the backlog an
+//! autoscaled Integration follows ([`backlog`]).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hookfleet_crds::Integration;
 use hookfleet_crds::integration::{DestinationGone, annotation};
@@ -10,10 +11,10 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 
 use super::dereference::World;
-use crate::config::WorkerSettings;
+use crate::config::Config;
 use crate::core::desired;
 use crate::core::replicas;
-use crate::core::status::destination_gone_at;
+use crate::core::status::{SourceObs, destination_gone_at};
 use crate::memory::Memory;
 
 /// The children to apply (none while the Integration is paused).
@@ -81,20 +82,37 @@ pub fn destination_gone(
     }
 }
 
-/// The desired replica count and children. `previous_gone` is the status's `destinationGone`.
+/// The backlog the autoscaler follows, asked of the broker only for an Integration that autoscales (None
+/// otherwise, and when the broker cannot be asked; a missing queue has none). Otherwise only the status
+/// step reads the broker's answer, so the probe runs while the children are applied instead of before: a
+/// first reconcile waits for one round trip fewer.
+pub async fn backlog(intg: &Integration, world: &World) -> Option<i64> {
+    if intg.spec.workers.autoscale.is_none() || intg.spec.paused {
+        return None;
+    }
+    match world.source.answer().await {
+        SourceObs::Queue { backlog, .. } => Some(backlog),
+        SourceObs::QueueMissing => Some(0),
+        SourceObs::Problem { .. } => None,
+    }
+}
+
+/// The desired replica count and children. `backlog` is [`backlog`]'s answer.
 pub fn build(
     intg: &Integration,
     world: &World,
-    settings: &WorkerSettings,
+    backlog: Option<i64>,
+    config: &Config,
     memory: &mut Memory,
-    previous_gone: Option<&DestinationGone>,
     now: Instant,
-    scale_up_period: Duration,
 ) -> Result<Desired, BuildError> {
     let spec = &intg.spec;
     let current = world.current_replicas();
     let fixed = replicas::fixed(&spec.workers);
-    let gone = destination_gone(intg, previous_gone, world, &mut memory.gone_cleared);
+    // The status last written (fresher than the cache) says whether the destination is gone.
+    let previous = memory.written.as_ref().or(intg.status.as_ref());
+    let previous_gone = previous.and_then(|s| s.destination_gone.clone());
+    let gone = destination_gone(intg, previous_gone.as_ref(), world, &mut memory.gone_cleared);
     let replicas = match (&spec.workers.autoscale, fixed) {
         // Nothing is lost at 0 (messages wait in the queue), and no worker hammers a gone endpoint.
         _ if gone.is_some() => 0,
@@ -102,7 +120,7 @@ pub fn build(
         (Some(auto), None) if !spec.paused => {
             memory
                 .autoscaler
-                .next(auto, current, world.backlog(), now, scale_up_period)
+                .next(auto, current, backlog, now, config.scale_up_period)
                 .replicas
         }
         (Some(auto), None) => current.unwrap_or(auto.min),
@@ -111,7 +129,7 @@ pub fn build(
     let children = if spec.paused {
         None
     } else {
-        let mut deployment = desired::deployment(intg, settings, replicas)?;
+        let mut deployment = desired::deployment(intg, &config.worker, replicas)?;
         // A Secret that cannot be read keeps the checksum the pods run with: no roll into pods that
         // would not start.
         let checksum = world
@@ -143,7 +161,7 @@ mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     use super::*;
-    use crate::core::status::SourceObs;
+    use crate::reconcile::dereference::Probe;
 
     fn intg(url: &str, retry: Option<&str>) -> Integration {
         let mut v = serde_json::json!({
@@ -179,7 +197,7 @@ mod tests {
             })
             .collect();
         World {
-            source: SourceObs::QueueMissing,
+            source: Probe::known(SourceObs::QueueMissing),
             secrets_checksum: None,
             deployment: None,
             pdb: None,
@@ -237,36 +255,15 @@ mod tests {
     fn gone_scales_to_zero() {
         let i = intg("https://erp.example.com/h", None);
         let mut m = Memory::default();
-        let settings = WorkerSettings {
-            image: "w".into(),
-            image_pull_policy: None,
-        };
+        let config = Config::new("w");
         let w = world(&[(5, "2026-01-01T00:00:00Z")]);
-        let d = build(
-            &i,
-            &w,
-            &settings,
-            &mut m,
-            None,
-            Instant::now(),
-            Duration::from_secs(15),
-        )
-        .unwrap();
+        let d = build(&i, &w, None, &config, &mut m, Instant::now()).unwrap();
         assert_eq!(d.replicas, 0);
         assert!(d.destination_gone.is_some());
         let spec = d.children.unwrap().deployment.spec.unwrap();
         assert_eq!(spec.replicas, Some(0));
         let fine = world(&[(0, "2026-01-01T00:00:00Z")]);
-        let d = build(
-            &i,
-            &fine,
-            &settings,
-            &mut m,
-            None,
-            Instant::now(),
-            Duration::from_secs(15),
-        )
-        .unwrap();
+        let d = build(&i, &fine, None, &config, &mut m, Instant::now()).unwrap();
         assert_eq!(d.replicas, 2);
     }
 }

@@ -4,23 +4,27 @@
 
 use std::sync::Arc;
 
+use futures::future::{BoxFuture, FutureExt, Shared};
 use hookfleet_crds::Integration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
+use kube::{Client, ResourceExt};
 
-use crate::context::Context;
+use crate::broker::Broker;
+use crate::context::Caches;
 use crate::core::desired;
 use crate::core::status::{SourceObs, reason};
+use crate::memory::Entry;
 use crate::names::INTEGRATION_LABEL;
 use crate::secrets;
 
 /// The world as it is, for one Integration.
 #[derive(Clone, Debug)]
 pub struct World {
-    pub source: SourceObs,
+    /// The queue as the broker sees it, or why it cannot be asked.
+    pub source: Probe,
     /// Checksum of the referenced Secrets' versions (`None` while one cannot be read).
     pub secrets_checksum: Option<String>,
     pub deployment: Option<Arc<Deployment>>,
@@ -38,13 +42,39 @@ impl World {
             .and_then(|d| d.spec.as_ref())
             .and_then(|s| s.replicas)
     }
+}
 
-    /// Messages waiting, when the broker could be asked (a missing queue has none).
-    pub fn backlog(&self) -> Option<i64> {
-        match self.source {
-            SourceObs::Queue { backlog, .. } => Some(backlog),
-            SourceObs::QueueMissing => Some(0),
-            SourceObs::Problem { .. } => None,
+/// What the broker says about the queue. Dereferencing prepares the question; it is asked once, when a
+/// step first awaits [`Probe::answer`] (the build step of an autoscaled Integration, or else the status
+/// step while the children are applied: see `crate::reconcile`), and every later `answer` is that one.
+/// Known at once when the Secrets already tell a problem.
+#[derive(Clone)]
+pub struct Probe(Shared<BoxFuture<'static, SourceObs>>);
+
+impl Probe {
+    pub fn known(obs: SourceObs) -> Self {
+        Probe(futures::future::ready(obs).boxed().shared())
+    }
+
+    fn ask(broker: Arc<Broker>, uri: String, queue: String) -> Self {
+        Probe(
+            async move { broker.observe(uri.trim(), &queue).await }
+                .boxed()
+                .shared(),
+        )
+    }
+
+    /// The broker's answer (asked now, unless a step asked already).
+    pub async fn answer(&self) -> SourceObs {
+        self.0.clone().await
+    }
+}
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.peek() {
+            Some(obs) => obs.fmt(f),
+            None => f.write_str("Probe(not asked yet)"),
         }
     }
 }
@@ -55,36 +85,21 @@ pub enum DereferenceError {
     ReadSecret(#[from] secrets::ReadError),
 }
 
-/// The reason `World::source` carries between [`dereference`] and the broker's answer; never in a status
-/// (the reconcile asks before its status step).
-const NOT_ASKED: &str = "BrokerNotAsked";
-
-/// The broker question of one reconcile: asked by [`Question::ask`], which the reconcile may overlap
-/// with the apply (see `crate::reconcile`).
-pub struct Question {
-    uri: String,
-    queue: String,
-}
-
-impl Question {
-    /// What the broker says about the queue.
-    pub async fn ask(&self, ctx: &Context) -> SourceObs {
-        ctx.broker.observe(self.uri.trim(), &self.queue).await
-    }
-}
-
-/// Reads what the Integration refers to and what its children and pods look like. The queue as the broker
-/// sees it is the [`Question`] returned beside: until it is asked, `World::source` says so (reason
-/// `BrokerNotAsked`); when the Secrets already tell a problem, there is no question and `source` is that
-/// problem.
+/// Reads what the Integration refers to and what its children and pods look like, from the API server
+/// (`client`, for the Secrets the caches do not hold at their current version), the operator's `caches`,
+/// and the Secrets this Integration's `memory` holds; the broker is asked through the returned
+/// [`World::source`].
 pub async fn dereference(
     intg: &Integration,
-    ctx: &Context,
-) -> Result<(World, Option<Question>), DereferenceError> {
+    client: &Client,
+    caches: &Caches,
+    broker: &Arc<Broker>,
+    memory: &Entry,
+) -> Result<World, DereferenceError> {
     let ns = intg.namespace().unwrap_or_default();
     let name = intg.name_any();
-    let (source, question, secrets_checksum) = observe_secrets(intg, ctx, &ns).await?;
-    let pods = ctx
+    let (source, secrets_checksum) = observe_secrets(intg, client, caches, broker, memory).await?;
+    let pods = caches
         .pods
         .state()
         .into_iter()
@@ -92,65 +107,54 @@ pub async fn dereference(
             p.namespace().as_deref() == Some(ns.as_str()) && p.labels().get(INTEGRATION_LABEL) == Some(&name)
         })
         .collect();
-    let world = World {
+    Ok(World {
         source,
         secrets_checksum,
-        deployment: ctx.deployments.get(&ObjectRef::new(&name).within(&ns)),
-        pdb: ctx.pdbs.get(&ObjectRef::new(&name).within(&ns)),
-        service: ctx
+        deployment: caches.deployments.get(&ObjectRef::new(&name).within(&ns)),
+        pdb: caches.pdbs.get(&ObjectRef::new(&name).within(&ns)),
+        service: caches
             .services
             .get(&ObjectRef::new(&desired::service_name(&name)).within(&ns)),
         pods,
-    };
-    Ok((world, question))
+    })
 }
 
-/// The referenced Secrets (the broker URI, that every other key exists, the checksum of their versions),
-/// and the question for the broker when they are fine.
+/// The referenced Secrets (the broker URI, that every other key exists, the checksum of their versions):
+/// the question for the broker when they are fine, else the problem they tell.
 async fn observe_secrets(
     intg: &Integration,
-    ctx: &Context,
-    ns: &str,
-) -> Result<(SourceObs, Option<Question>, Option<String>), DereferenceError> {
+    client: &Client,
+    caches: &Caches,
+    broker: &Arc<Broker>,
+    memory: &Entry,
+) -> Result<(Probe, Option<String>), DereferenceError> {
     let spec = &intg.spec;
-    let (name, uid) = (intg.name_any(), intg.metadata.uid.clone().unwrap_or_default());
-    let previous = ctx.memory.with(ns, &name, &uid, |m| m.secrets.clone());
+    let ns = intg.namespace().unwrap_or_default();
+    let previous = memory.with(|m| m.secrets.clone());
     let found = secrets::dereference(
-        &ctx.client,
-        ns,
+        client,
+        &ns,
         spec,
-        &ctx.secrets,
+        &caches.secrets,
         previous.as_ref(),
-        &ctx.secret_reads,
+        &caches.secret_reads,
     )
     .await?;
+    memory.with(|m| m.secrets = found.as_ref().ok().cloned());
     let secrets = match found {
         Ok(d) => d,
-        Err(problem) => {
-            ctx.memory.with(ns, &name, &uid, |m| m.secrets = None);
-            return Ok((problem, None, None));
-        }
+        Err(problem) => return Ok((Probe::known(problem), None)),
     };
-    let checksum = Some(secrets.checksum.clone());
-    let uri = String::from_utf8(secrets.amqp_uri.clone());
-    ctx.memory.with(ns, &name, &uid, |m| m.secrets = Some(secrets));
-    let Ok(uri) = uri else {
+    let checksum = Some(secrets.checksum);
+    let Ok(uri) = String::from_utf8(secrets.amqp_uri) else {
         return Ok((
-            SourceObs::Problem {
+            Probe::known(SourceObs::Problem {
                 reason: reason::INVALID_BROKER_URI,
                 message: "the broker URI in spec.source.connectionSecretRef is not UTF-8".into(),
-            },
-            None,
+            }),
             checksum,
         ));
     };
-    let not_asked = SourceObs::Problem {
-        reason: NOT_ASKED,
-        message: "the broker has not been asked yet".into(),
-    };
-    let question = Question {
-        uri,
-        queue: spec.source.queue.clone(),
-    };
-    Ok((not_asked, Some(question), checksum))
+    let probe = Probe::ask(broker.clone(), uri, spec.source.queue.clone());
+    Ok((probe, checksum))
 }

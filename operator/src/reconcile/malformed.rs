@@ -38,11 +38,15 @@ async fn deserialize_error(
     (message, raw)
 }
 
+/// What the reconcile of a malformed Integration fails with, once [`malformed`] has reported it: the
+/// message of its conditions. The error policy then waits for the object to change: retrying cannot fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidSpec(pub String);
+
 /// A stored Integration that does not deserialize: nothing is applied; Ready=False/Degraded=True with
-/// reason `InvalidSpec` quoting the error (the field named) and a Warning Event when that changes. Returns
-/// that message: the reconcile fails with it (`Error::InvalidSpec`), and the error policy then waits for the
-/// object to change: retrying cannot fix it.
-pub async fn malformed(invalid: &InvalidObject, ctx: &Context, ns: &str, name: &str) -> String {
+/// reason `InvalidSpec` quoting the error (the field named) and a Warning Event when that changes.
+pub async fn malformed(invalid: &InvalidObject, ctx: &Context, ns: &str, name: &str) -> InvalidSpec {
     let (message, raw) = deserialize_error(ctx, ns, name, invalid).await;
     let message = format!("the Integration does not match hookfleet.io/v1alpha1: {message}; fix the object");
     let generation = invalid.metadata.generation;
@@ -109,5 +113,5 @@ pub async fn malformed(invalid: &InvalidObject, ctx: &Context, ns: &str, name: &
             Err(e) => warn!(error = %e, "writing the status of a malformed Integration"),
         }
     }
-    message
+    InvalidSpec(message)
 }

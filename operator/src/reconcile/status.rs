@@ -14,6 +14,7 @@ use crate::context::Context;
 use crate::core::desired;
 use crate::core::pacing;
 use crate::core::status::{self, DeploymentObs, Observed};
+use crate::memory::Entry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -29,9 +30,12 @@ pub struct Reported {
     pub held: Option<std::time::Duration>,
 }
 
-/// Computes the status, publishes the Events of its transitions and writes it when it changed.
+/// Computes the status, publishes the Events of its transitions and writes it when it changed. It takes
+/// the whole context: it writes (client, field manager, recorder, metrics) and asks whether the other
+/// Integrations wait for a first status ([`Context::catching_up`]); what it remembers is in `memory`.
 pub async fn status(
     ctx: &Context,
+    memory: &Entry,
     intg: &Integration,
     world: &World,
     desired: &Desired,
@@ -50,14 +54,12 @@ pub async fn status(
         single_replica: desired.fixed == Some(1),
         deployment: world.deployment.as_deref().map(DeploymentObs::from_deployment),
         pod_problems,
-        source: world.source.clone(),
+        source: world.source.answer().await,
         selector: desired::selector_string(&name),
         destination_gone: desired.destination_gone.clone(),
     };
     let cached_status = intg.status.clone().unwrap_or_default();
-    let (written, since_last_write) = ctx.memory.with(&ns, &name, &uid, |m| {
-        (m.written.clone(), m.written_at.map(|t| t.elapsed()))
-    });
+    let (written, since_last_write) = memory.with(|m| (m.written.clone(), m.written_at.map(|t| t.elapsed())));
     let old = written.unwrap_or_else(|| cached_status.clone());
     let mut new = status::compute(&observed);
     let now = Time(k8s_openapi::jiff::Timestamp::now());
@@ -114,7 +116,7 @@ pub async fn status(
         // Remember the status as the API server stored it (timestamps at its precision), so it compares
         // equal to what the watch cache later shows.
         let stored = written.status.unwrap_or_else(|| new.clone());
-        ctx.memory.with(&ns, &name, &uid, |m| {
+        memory.with(|m| {
             m.written = Some(stored);
             m.written_at = Some(std::time::Instant::now());
         });
