@@ -1,4 +1,5 @@
-//! One error enum; each variant names the step that failed and gives the metric label.
+//! One error enum; each variant names the step that failed and gives the metric label. It sits above the
+//! reconcile steps (it wraps their errors); no step imports it.
 
 /// Errors of the operator. Problems an application team must fix (a missing Secret, a broker that refuses
 /// the login) are not errors: they are conditions (see `status`). These are the operator's own failures,

@@ -2,6 +2,21 @@
 //! PodDisruptionBudgets and metrics Services, and reports on each whether its workers really consume.
 //!
 //! [`Operator::run`] is the whole operator (the binary is flags around it), so tests run it in-process.
+//!
+//! The modules in layers, each importing only from the layers below it (`hack/modcycles.py operator/src`
+//! lists any import cycle):
+//!
+//! 1. [`names`], [`config`]: the names every module shares, and the operator's settings;
+//! 2. [`core`]: pure decisions (desired objects, status and conditions, replicas, pacing);
+//! 3. adapters: [`broker`] (the queue as RabbitMQ sees it), [`secrets`] (the referenced Secrets),
+//!    [`memory`] (what this leader remembers per Integration), [`slim`] (what the watches keep and pass
+//!    on), [`metrics`];
+//! 4. [`context`]: what every reconcile shares;
+//! 5. [`reconcile`]'s steps (dereference, build, apply, status, malformed), each with its own error;
+//! 6. [`error`]: the one error enum, wrapping the steps' errors; then the reconcile itself, which runs the
+//!    steps;
+//! 7. [`controller`]: the watches and the error policy;
+//! 8. this file, [`http`] and the binary.
 
 pub mod broker;
 pub mod config;
@@ -26,7 +41,8 @@ use kube_lease_manager::LeaseManagerBuilder;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-// The pure builders keep the paths tests, benches and the e2e crate know them by.
+// The pure builders and the status computation, also by the paths tests, benches and the e2e crate know
+// them by.
 pub use crate::core::{desired, status};
 
 pub use config::{Config, LeaderElection};

@@ -34,7 +34,7 @@ pub mod reason {
     pub const BROKER_AUTH_FAILED: &str = "BrokerAuthFailed";
     pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";
     pub const AS_EXPECTED: &str = "AsExpected";
-    /// The stored object does not deserialize into the types (see `controller::malformed`).
+    /// The stored object does not deserialize into the types (see `reconcile::malformed`).
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const ROLLING_OUT: &str = "RollingOut";
     pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";

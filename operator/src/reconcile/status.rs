@@ -32,7 +32,7 @@ pub struct Reported {
 
 /// Computes the status, publishes the Events of its transitions and writes it when it changed. It takes
 /// the whole context: it writes (client, field manager, recorder, metrics) and asks whether the other
-/// Integrations wait for a first status ([`Context::catching_up`]); what it remembers is in `memory`.
+/// Integrations wait for a first status (`Context::catching_up`); what it remembers is in `memory`.
 pub async fn status(
     ctx: &Context,
     memory: &Entry,
