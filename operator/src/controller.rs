@@ -245,7 +245,7 @@ pub async fn run(
         },
         integrations: store.clone(),
         memory,
-        pacer: Default::default(),
+        pacer: crate::core::pacing::Pacer::default(),
     });
     // What `Controller::new` builds, plus a look at each event to drop the memory of deleted Integrations.
     let follow = ctx.clone();

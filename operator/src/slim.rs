@@ -95,8 +95,8 @@ pub fn pdb_reads(p: &PodDisruptionBudget) -> u64 {
     ))
 }
 
-/// What a reconcile reads of a worker Pod: its problem, restarts and last exit 5 (`crate::core::status`), and
-/// which Integration it belongs to.
+/// What a reconcile reads of a worker Pod: its problem, restarts and last exit 5 (`crate::core::status`),
+/// and which Integration it belongs to.
 pub fn pod_reads(p: &Pod) -> u64 {
     use kube::ResourceExt;
     digest((

@@ -43,6 +43,13 @@ pub const ENV_OAUTH2_CLIENT_SECRET: &str = contract::env::OAUTH2_CLIENT_SECRET;
 pub const TLS_CA_DIR: &str = "/etc/hookfleet/tls/ca";
 /// Where the client certificate Secret of `destination.tls.clientCertSecret` is mounted.
 pub const TLS_CLIENT_DIR: &str = "/etc/hookfleet/tls/client";
+/// Time a worker gets after its delivery timeout to hand back in-flight work and close cleanly.
+const DRAIN_SECONDS: i64 = 15;
+/// Margin between the worker's own shutdown deadline and the kubelet's SIGKILL.
+const KILL_MARGIN_SECONDS: i64 = 5;
+/// Non-root uid/gid of the worker (distroless `nonroot`).
+const NONROOT_ID: i64 = 65532;
+
 /// Why the desired objects cannot be built: only a malformed object (no name or uid).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -51,13 +58,6 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Time a worker gets after its delivery timeout to hand back in-flight work and close cleanly.
-const DRAIN_SECONDS: i64 = 15;
-/// Margin between the worker's own shutdown deadline and the kubelet's SIGKILL.
-const KILL_MARGIN_SECONDS: i64 = 5;
-/// Non-root uid/gid of the worker (distroless `nonroot`).
-const NONROOT_ID: i64 = 65532;
 
 /// Labels every child carries; the first two also select the pods.
 pub fn labels(name: &str) -> BTreeMap<String, String> {
