@@ -21,9 +21,7 @@ use sha2::{Digest, Sha256};
 
 use crate::core::status::{SourceObs, reason};
 
-// Defined in `names`; `core::desired::worker_args_env` still names them by these paths (the one import
-// from the core up to an adapter).
-pub use crate::names::{TLS_CERT_KEY, TLS_KEY_KEY};
+use crate::names::{TLS_CERT_KEY, TLS_KEY_KEY};
 
 /// A referenced Secret the API server did not give (a missing Secret is no error: it is a problem the team
 /// fixes, see [`dereference`]).

@@ -185,3 +185,126 @@ async fn a_malformed_integration_does_not_wedge_the_controller() -> anyhow::Resu
     op.task.abort();
     Ok(())
 }
+
+/// A spec the schema accepts but the worker would refuse at start (here a body template that does not
+/// parse) is not rolled out: the running Deployment keeps its pod template, the Integration is Degraded
+/// with reason `InvalidSpec` naming the field, one Warning Event says so, and a fix rolls out as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_the_worker_would_refuse_is_not_rolled_out() -> anyhow::Result<()> {
+    hookfleet_testkit::init_tracing();
+    let cp = ControlPlane::start().await?;
+    cp.install_crds().await?;
+    let rmq = hookfleet_testkit::RabbitMq::start().await?;
+    secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
+    let op = spawn(cp.client(), config("solo"));
+    let spec = |template: &str| {
+        serde_json::json!({
+            "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "orders"},
+            "destination": {"url": "https://erp.example.com/hooks", "body": {"template": template}},
+            "workers": {"replicas": 2}
+        })
+    };
+    create(
+        &cp,
+        serde_json::json!({"metadata": {"name": "orders"}, "spec": spec("{{ data | tojson }}")}),
+    )
+    .await?;
+    let deployments: Api<Deployment> = Api::namespaced(cp.client(), NS);
+    let before = wait_exists(&deployments, "orders").await?;
+    let template_of = |d: &Deployment| serde_json::to_value(&d.spec.as_ref().unwrap().template).unwrap();
+
+    // The API server takes it (a template is a string to the schema); the operator refuses to roll it.
+    let typed: Api<Integration> = Api::namespaced(cp.client(), NS);
+    typed
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": spec("{{ data | tojson ")})),
+        )
+        .await?;
+    let i = until(&cp, "orders", "Degraded InvalidSpec", 30, |i| {
+        cond(i, DEGRADED).1 == "InvalidSpec"
+    })
+    .await?;
+    let (status, _, message) = cond(&i, DEGRADED);
+    eprintln!("Degraded {status}: {message}");
+    assert_eq!(status, "True");
+    assert!(
+        message.starts_with("spec.destination.body.template: "),
+        "the message names the field first: {message}"
+    );
+    assert_eq!(cond(&i, "Ready"), ("False", "InvalidSpec", message));
+    assert_eq!(cond(&i, "Progressing").1, "InvalidSpec");
+    assert_eq!(
+        i.status.as_ref().and_then(|s| s.observed_generation),
+        i.metadata.generation
+    );
+    let evs = wait_for(
+        "InvalidSpec Event",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let evs = events(&cp, "orders", Some("InvalidSpec")).await?;
+            Ok((!evs.is_empty()).then_some(evs))
+        },
+    )
+    .await?;
+    assert_eq!(evs[0].type_.as_deref(), Some("Warning"));
+    assert!(
+        evs[0]
+            .note
+            .as_deref()
+            .unwrap_or("")
+            .contains("spec.destination.body.template")
+    );
+
+    // Several passes later the fleet still runs the last valid spec, and the Event was not repeated.
+    let r0 = op.reconciles();
+    wait_for(
+        "two more reconciles",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async { Ok((op.reconciles() >= r0 + 2).then_some(())) },
+    )
+    .await?;
+    let now = deployments.get("orders").await?;
+    assert_eq!(
+        template_of(&now),
+        template_of(&before),
+        "the pod template did not change"
+    );
+    assert_eq!(
+        events(&cp, "orders", Some("InvalidSpec")).await?.len(),
+        1,
+        "one Event"
+    );
+
+    // Fixed, it rolls out like any other change, and the condition clears.
+    typed
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": spec("{\"order\": {{ data | tojson }}}")})),
+        )
+        .await?;
+    wait_for(
+        "the fixed template rolled out",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let deployments = deployments.clone();
+            let old = template_of(&before);
+            async move {
+                let d = deployments.get("orders").await?;
+                Ok((template_of(&d) != old).then_some(()))
+            }
+        },
+    )
+    .await?;
+    until(&cp, "orders", "no longer InvalidSpec", 30, |i| {
+        !cond(i, DEGRADED).1.is_empty() && cond(i, DEGRADED).1 != "InvalidSpec"
+    })
+    .await?;
+    op.task.abort();
+    Ok(())
+}

@@ -31,6 +31,7 @@ fn healthy() -> Observed {
         },
         selector: "a=b".into(),
         destination_gone: None,
+        invalid_spec: None,
     }
 }
 
@@ -267,4 +268,47 @@ fn worker_restarts_count_the_worker_container_of_live_pods() {
         .unwrap()[0]
         .name = "sidecar".into();
     assert_eq!(status::worker_restarts(&other), 0);
+}
+
+#[test]
+fn an_invalid_spec_comes_first_and_says_nothing_is_applied() {
+    let mut o = healthy();
+    // Even with another problem at the same time, the spec the workers would refuse is named first.
+    o.source = SourceObs::QueueMissing;
+    o.invalid_spec = Some("spec.destination.body.template: unexpected end of input".into());
+    let s = status::compute(&o);
+    let degraded = get(&s.conditions, "Degraded");
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "InvalidSpec")
+    );
+    assert!(
+        degraded
+            .message
+            .starts_with("spec.destination.body.template: unexpected end of input.")
+    );
+    assert!(
+        degraded.message.contains("keep running the last valid one"),
+        "{}",
+        degraded.message
+    );
+    let ready = get(&s.conditions, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "InvalidSpec")
+    );
+    let progressing = get(&s.conditions, "Progressing");
+    assert_eq!(
+        (progressing.status.as_str(), progressing.reason.as_str()),
+        ("False", "InvalidSpec")
+    );
+    let events = status::transitions(&status::compute(&healthy()).conditions, &s.conditions);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.reason == "InvalidSpec" && e.warning)
+            .count(),
+        1,
+        "{events:?}"
+    );
 }

@@ -123,8 +123,8 @@ pub fn worker_args_env(intg: &Integration) -> Result<(Vec<String>, Vec<EnvVar>)>
         integration: format!("{ns}/{name}"),
         shutdown_grace: std::time::Duration::from_secs(shutdown_grace_seconds(intg) as u64),
         tls_ca_file: format!("{TLS_CA_DIR}/ca.crt"),
-        tls_client_cert_file: format!("{TLS_CLIENT_DIR}/{}", crate::secrets::TLS_CERT_KEY),
-        tls_client_key_file: format!("{TLS_CLIENT_DIR}/{}", crate::secrets::TLS_KEY_KEY),
+        tls_client_cert_file: format!("{TLS_CLIENT_DIR}/{}", crate::names::TLS_CERT_KEY),
+        tls_client_key_file: format!("{TLS_CLIENT_DIR}/{}", crate::names::TLS_KEY_KEY),
     };
     Ok(contract::WorkerSetup::from_spec(&intg.spec, &pod).render())
 }

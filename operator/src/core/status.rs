@@ -34,7 +34,8 @@ pub mod reason {
     pub const BROKER_AUTH_FAILED: &str = "BrokerAuthFailed";
     pub const BROKER_UNREACHABLE: &str = "BrokerUnreachable";
     pub const AS_EXPECTED: &str = "AsExpected";
-    /// The stored object does not deserialize into the types (see `reconcile::malformed`).
+    /// The stored object does not deserialize into the types (see `reconcile::malformed`), or the worker
+    /// would refuse a field of its spec (`hookfleet_crds::validate`): nothing is applied.
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const ROLLING_OUT: &str = "RollingOut";
     pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
@@ -240,6 +241,8 @@ pub struct Observed {
     pub selector: String,
     /// Set while the destination is gone (decided by the reconcile's build step).
     pub destination_gone: Option<DestinationGone>,
+    /// The fields the worker would refuse (`field: reason; …`): the spec is not applied.
+    pub invalid_spec: Option<String>,
 }
 
 fn cond(type_: &str, status: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
@@ -256,7 +259,17 @@ fn cond(type_: &str, status: bool, reason: &str, message: String, generation: Op
 
 /// The first problem (by precedence) as `(reason, message)`.
 fn problem(o: &Observed, ready: i32) -> Option<(&'static str, String)> {
-    // First: it is why the fleet is at 0 on purpose, whatever else is wrong.
+    // First: until it is fixed, no other change reaches the workers.
+    if let Some(invalid) = &o.invalid_spec {
+        return Some((
+            reason::INVALID_SPEC,
+            format!(
+                "{invalid}. The workers would refuse to start with this spec, so it is not applied: they keep \
+                 running the last valid one. Fix the field and apply again"
+            ),
+        ));
+    }
+    // Then: it is why the fleet is at 0 on purpose, whatever else is wrong.
     if let Some(g) = &o.destination_gone {
         return Some((
             reason::DESTINATION_GONE,
@@ -365,6 +378,14 @@ pub fn compute(o: &Observed) -> IntegrationStatus {
             false,
             reason::PAUSED,
             "spec.paused is true: changes are not applied".into(),
+            g,
+        )
+    } else if o.invalid_spec.is_some() {
+        cond(
+            condition::PROGRESSING,
+            false,
+            reason::INVALID_SPEC,
+            "the spec is invalid (see Degraded): changes are not applied".into(),
             g,
         )
     } else if o.deployment.is_none() {

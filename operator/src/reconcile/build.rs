@@ -35,6 +35,9 @@ pub struct Desired {
     pub children: Option<Children>,
     /// Set while the destination is gone: `replicas` is then 0.
     pub destination_gone: Option<DestinationGone>,
+    /// What the worker would refuse in the spec (`hookfleet_crds::validate`), one `field: reason` per
+    /// line: nothing is applied, so the running fleet stays as it was.
+    pub invalid: Option<String>,
 }
 
 /// The build step fails only where the desired objects cannot be built: a malformed object.
@@ -126,7 +129,14 @@ pub fn build(
         (Some(auto), None) => current.unwrap_or(auto.min),
         (None, None) => replicas::DEFAULT_REPLICAS,
     };
-    let children = if spec.paused {
+    let invalid = hookfleet_crds::validate(spec).err().map(|refused| {
+        refused
+            .iter()
+            .map(|i| format!("{}: {}", i.field, i.reason))
+            .collect::<Vec<_>>()
+            .join("; ")
+    });
+    let children = if spec.paused || invalid.is_some() {
         None
     } else {
         let mut deployment = desired::deployment(intg, &config.worker, replicas)?;
@@ -150,6 +160,7 @@ pub fn build(
         fixed,
         children,
         destination_gone: gone,
+        invalid,
     })
 }
 
@@ -265,5 +276,26 @@ mod tests {
         let fine = world(&[(0, "2026-01-01T00:00:00Z")]);
         let d = build(&i, &fine, None, &config, &mut m, Instant::now()).unwrap();
         assert_eq!(d.replicas, 2);
+    }
+
+    #[test]
+    fn a_spec_the_worker_would_refuse_builds_no_children() {
+        let mut i = intg("https://erp.example.com/h", None);
+        i.spec
+            .destination
+            .headers
+            .insert("X-Bad".into(), "a\r\nInjected: 1".into());
+        let (mut m, config) = (Memory::default(), Config::new("w"));
+        let d = build(&i, &world(&[]), None, &config, &mut m, Instant::now()).unwrap();
+        assert!(d.children.is_none(), "nothing to apply");
+        let invalid = d.invalid.expect("invalid");
+        assert!(invalid.starts_with("spec.destination.headers"), "{invalid}");
+        assert_eq!(
+            d.replicas, 2,
+            "the replica count is still decided (status reports it)"
+        );
+        let fine = intg("https://erp.example.com/h", None);
+        let d = build(&fine, &world(&[]), None, &config, &mut m, Instant::now()).unwrap();
+        assert!(d.invalid.is_none() && d.children.is_some());
     }
 }

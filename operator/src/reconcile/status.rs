@@ -57,6 +57,7 @@ pub async fn status(
         source: world.source.answer().await,
         selector: desired::selector_string(&name),
         destination_gone: desired.destination_gone.clone(),
+        invalid_spec: desired.invalid.clone(),
     };
     let cached_status = intg.status.clone().unwrap_or_default();
     let (written, since_last_write) = memory.with(|m| (m.written.clone(), m.written_at.map(|t| t.elapsed())));
