@@ -12,9 +12,9 @@ use rand::Rng;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use super::Worker;
 use super::acks::Acks;
 use super::settlement::{Accounted, Fate, Session};
+use super::shared::Worker;
 use crate::auth::SendError;
 use crate::breaker::{Admit, Transition};
 use crate::message::{self, Failure, Meta};
@@ -60,7 +60,7 @@ impl Worker {
     /// Renders, admits, attempts: the fate of this delivery.
     async fn fate(&self, d: &Delivery, message: &Bytes, meta: &Meta, attempt: u32) -> Fate {
         // The destination is gone (an earlier 410): no more requests; the message waits in its queue.
-        if self.gone.borrow().is_some() {
+        if self.gone.is_set() {
             return Fate::HandBack {
                 reason: "gone",
                 requeue_now: false,
@@ -106,7 +106,7 @@ impl Worker {
                 self.metrics.in_flight.dec();
                 drop(pass);
                 if outcome == Outcome::Gone {
-                    self.destination_gone();
+                    self.gone.set(&self.metrics);
                 }
                 let healthy = !matches!(outcome, Outcome::Retry { .. });
                 if let Some(t) = &self.throttle

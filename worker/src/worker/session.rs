@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use hookfleet_crds::contract::exit;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -17,87 +16,41 @@ use rand::Rng;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use super::Worker;
 use super::acks::Acks;
+use super::error::{CONNECT_TIMEOUT, Fatal, SessionError};
+use super::lanes::FreshWait;
 use super::settlement::{Accounted, Publisher, Session};
+use super::shared::Worker;
 use super::topology;
 use crate::backoff::Backoff;
 use crate::config::redact_uri;
 use hookfleet_crds::integration::Jitter;
 
-/// How long one connection attempt (TCP, TLS, AMQP handshake) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// How often the consume loop looks at whether the broker blocked the connection (flow control).
 const BLOCKED_POLL: Duration = Duration::from_millis(250);
 
-/// Why a broker session ended.
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    #[error("connecting to the broker: {0}")]
-    Connect(#[source] lapin::Error),
-    #[error("connecting to the broker: no answer within {CONNECT_TIMEOUT:?}")]
-    ConnectTimeout,
-    /// Every node of a several-URI broker refused or timed out (one round); each error follows its
-    /// redacted URI.
-    #[error("connecting to the broker: none of its {nodes} nodes answered: {errors}")]
-    NoNodeAnswered { nodes: usize, errors: String },
-    #[error("opening a channel: {0}")]
-    Channel(#[source] lapin::Error),
-    #[error("declaring {what}: {source}")]
-    Declare {
-        what: String,
-        #[source]
-        source: lapin::Error,
-    },
-    /// Not retried: the queue will not change by itself (see [`Fatal`]).
-    #[error(
-        "queue {queue} exists on the broker with other arguments than the {wanted} queue this worker \
-         declares (differs at least in {argument}): {detail}; set --queue-type/--delivery-limit \
-         (spec.source.queueType/deliveryLimit) to match the queue, or drain and delete it so the \
-         worker can declare it"
-    )]
-    QueueMismatch {
-        queue: String,
-        /// `classic` or `quorum`: what the worker asked for.
-        wanted: &'static str,
-        /// The argument the broker named (it names the first difference it finds).
-        argument: String,
-        detail: String,
-    },
-    #[error("starting the consumer: {0}")]
-    Consume(#[source] lapin::Error),
-    #[error("consumer failed: {0}")]
-    Consumer(#[source] lapin::Error),
-    #[error("the broker cancelled the consumer")]
-    ConsumerEnded,
-    #[error(
-        "a retry or dead-letter copy was not stored (refused, returned or unconfirmed); re-declaring the topology"
-    )]
-    PublishFailed,
-}
-
-/// An error that stops the worker: its exit code and the line for the termination message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fatal {
-    pub code: i32,
-    pub message: String,
-}
-
-impl SessionError {
-    /// Errors a reconnect cannot fix.
-    fn fatal(&self) -> Option<Fatal> {
-        match self {
-            SessionError::QueueMismatch { .. } => Some(Fatal {
-                code: exit::QUEUE_MISMATCH,
-                message: self.to_string(),
-            }),
-            _ => None,
+impl Worker {
+    /// [`Worker::run`] until `shutdown`, or until the destination is gone (see `gone`): then the same
+    /// drain as a shutdown, and `Err` with exit code `DESTINATION_GONE`.
+    pub async fn serve(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), Fatal> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut gone = self.gone.subscribe();
+        let forward = tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => {}
+                _ = gone.wait_for(|g| g.is_some()) => {}
+            }
+            let _ = stop_tx.send(true);
+        });
+        let result = self.clone().run(stop_rx).await;
+        forward.abort();
+        result?;
+        match self.gone.fatal() {
+            Some(fatal) => Err(fatal),
+            None => Ok(()),
         }
     }
-}
 
-impl Worker {
     /// Runs until `shutdown` turns true (Ok) or an error a reconnect cannot fix (Err): sessions,
     /// reconnects, then the drain.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), Fatal> {
@@ -259,7 +212,7 @@ impl Worker {
             .await?;
         let _fleet_share = self.start_fleet_share(conn).await?;
         let acks = Acks::start(ch.clone(), cfg.confirm_timeout);
-        let mut fresh_wait = super::FreshWait::default();
+        let mut fresh_wait = FreshWait::default();
         let mut blocked_poll = tokio::time::interval(BLOCKED_POLL);
 
         loop {

@@ -17,7 +17,9 @@ use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, error, info, warn};
 
 use super::acks::Acks;
-use super::{SessionError, Worker};
+use super::error::SessionError;
+use super::shared::Worker;
+use super::topology;
 use crate::message::{self, Failure, Meta};
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
@@ -252,7 +254,7 @@ impl Worker {
                 let ttl = self.cfg.backoff.bucket(delay);
                 let failure = Failure { reason, status };
                 Fate::Store {
-                    queue: self.delay_queue(ttl),
+                    queue: topology::delay_queue(&self.cfg.queue, ttl),
                     props: Box::new(message::retry_properties(
                         &d.properties,
                         exchange,
@@ -277,7 +279,7 @@ impl Worker {
                     status: None,
                 };
                 Fate::Store {
-                    queue: self.delay_queue(ttl),
+                    queue: topology::delay_queue(&self.cfg.queue, ttl),
                     props: Box::new(message::retry_properties(
                         &d.properties,
                         exchange,
