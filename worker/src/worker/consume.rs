@@ -12,8 +12,9 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::acks::Acks;
+use super::broker::{LapinSettle, Session};
 use super::error::SessionError;
-use super::settlement::{Accounted, Session};
+use super::settlement::Accounted;
 use super::shared::Worker;
 use super::topology;
 
@@ -90,7 +91,11 @@ impl Worker {
         mut shutdown: watch::Receiver<bool>,
         session: Arc<Session>,
     ) -> Result<(), SessionError> {
-        let acks = Acks::start(ch.clone(), self.cfg.confirm_timeout);
+        let settle = Arc::new(LapinSettle {
+            session,
+            acks: Acks::start(ch.clone(), self.cfg.confirm_timeout),
+            timeout: self.cfg.confirm_timeout,
+        });
         loop {
             let delivery = tokio::select! {
                 biased;
@@ -104,17 +109,16 @@ impl Worker {
             // As in the work-queue loop: counted at once; a message still waiting for a slot when the
             // session ends goes back to the queue with the channel.
             let acct = Accounted::new(self.metrics.clone());
-            acks.received(delivery.delivery_tag);
+            settle.acks.received(delivery.delivery_tag);
             let permit = tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => break,
                 p = self.lanes.acquire_retry() => p,
             };
             let worker = self.clone();
-            let session = session.clone();
-            let acks = acks.clone();
+            let settle = settle.clone();
             tokio::spawn(async move {
-                worker.deliver(&session, &acks, delivery, acct).await;
+                worker.deliver(&*settle, delivery, acct).await;
                 drop(permit);
             });
         }

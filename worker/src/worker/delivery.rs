@@ -1,5 +1,6 @@
-//! One message from received to its outcome: the body (or its template rendering), the circuit
-//! breaker, the rate limit and the HTTP attempt. What the outcome means is settlement's business.
+//! One message from received to settled: its outcome (the body or its template rendering, the
+//! circuit breaker, the rate limit, the HTTP attempt), the fate that outcome decides (`fate`), and
+//! the settle site carrying it out (`settlement`).
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Instant, SystemTime};
@@ -12,20 +13,20 @@ use rand::Rng;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use super::acks::Acks;
-use super::settlement::{Accounted, Fate, Session};
+use super::fate::{self, Limits};
+use super::settlement::{Accounted, Settle, Settler};
 use super::shared::Worker;
 use crate::auth::SendError;
 use crate::breaker::{Admit, Transition};
-use crate::message::{self, Failure, Meta};
+use crate::message::{self, Meta};
 use crate::outcome::{Outcome, classify_error, classify_status};
 use crate::template::Extras;
 
 impl Worker {
-    /// One message, start to settled. A panic anywhere in its handling hands the message back to the
-    /// broker at once (nack with requeue) instead of leaving it unacked until the next reconnect; on a
-    /// quorum queue the delivery limit then dead-letters a message that panics every time.
-    pub(super) async fn deliver(&self, session: &Session, acks: &Acks, mut d: Delivery, mut acct: Accounted) {
+    /// One message, start to settled. A panic anywhere in its handling is an outcome too
+    /// ([`Outcome::Panicked`]): the message goes back to the broker at once instead of staying
+    /// unacked until the next reconnect.
+    pub(super) async fn deliver(&self, broker: &impl Settle, mut d: Delivery, mut acct: Accounted) {
         // The body, shared from here on (request, retry or dead-letter copy) without a copy.
         let body = Bytes::from(std::mem::take(&mut d.data));
         let meta = message::meta(
@@ -35,39 +36,60 @@ impl Worker {
             &body,
             message::now_ms(),
         );
-        let attempt = meta.attempts + 1;
-        let span = info_span!("delivery", id = %meta.id, attempt, redelivered = d.redelivered);
+        let span =
+            info_span!("delivery", id = %meta.id, attempt = meta.attempts + 1, redelivered = d.redelivered);
         let handled = AssertUnwindSafe(
             async {
-                let fate = self.fate(&d, &body, &meta, attempt).await;
-                self.settle(session, acks, &d, &body, fate, &mut acct).await;
+                let outcome = self.outcome(&d, &body, &meta).await;
+                self.settle(broker, &d, &body, &meta, outcome, &mut acct).await;
             }
             .instrument(span.clone()),
         )
         .catch_unwind()
         .await;
         if handled.is_err() && !acct.is_settled() {
-            let _enter = span.enter();
-            error!("delivery task panicked; handing the message back");
-            let back = Fate::HandBack {
-                reason: "panic",
-                requeue_now: true,
-            };
-            self.settle(session, acks, &d, &body, back, &mut acct).await;
+            async {
+                error!("delivery task panicked; handing the message back");
+                self.settle(broker, &d, &body, &meta, Outcome::Panicked, &mut acct)
+                    .await;
+            }
+            .instrument(span)
+            .await;
         }
     }
 
-    /// Renders, admits, attempts: the fate of this delivery.
-    async fn fate(&self, d: &Delivery, message: &Bytes, meta: &Meta, attempt: u32) -> Fate {
+    /// Carries out the fate `outcome` decides.
+    async fn settle(
+        &self,
+        broker: &impl Settle,
+        d: &Delivery,
+        body: &[u8],
+        meta: &Meta,
+        outcome: Outcome,
+        acct: &mut Accounted,
+    ) {
+        let limits = Limits {
+            max_attempts: self.cfg.max_attempts,
+            backoff: &self.cfg.backoff,
+        };
+        let fate = fate::decide(outcome, meta.attempts + 1, limits, &mut rand::rng());
+        let settler = Settler {
+            metrics: &self.metrics,
+            queue: &self.cfg.queue,
+            dead_letter_queue: &self.cfg.dead_letter_queue,
+            gone: &self.gone,
+        };
+        settler.settle(broker, d, body, meta, fate, acct).await;
+    }
+
+    /// Renders, admits, attempts: the outcome of this delivery.
+    async fn outcome(&self, d: &Delivery, message: &Bytes, meta: &Meta) -> Outcome {
         // The destination is gone (an earlier 410): no more requests; the message waits in its queue.
         if self.gone.is_set() {
-            return Fate::HandBack {
-                reason: "gone",
-                requeue_now: false,
-            };
+            return Outcome::Stopped;
         }
         // The request body: the message's, or the template's rendering of it. A message the
-        // template cannot render never will: dead-letter it now, before the breaker or the rate
+        // template cannot render never will: its outcome comes before the breaker or the rate
         // limit spend anything on it.
         let body = match &self.cfg.body_template {
             None => message.clone(),
@@ -78,19 +100,12 @@ impl Worker {
                 };
                 match t.render(message, extras) {
                     Ok(b) => Bytes::from(b),
-                    Err(e) => {
-                        let failure = Failure {
-                            reason: "template",
-                            status: None,
-                        };
-                        let detail = format!("template: {e}");
-                        return self.dead_letter(d, meta, attempt, failure, "template", Some(detail));
-                    }
+                    Err(e) => return Outcome::Unrenderable { error: e.to_string() },
                 }
             }
         };
         let admit = self.breaker.admit();
-        let outcome = match admit {
+        match admit {
             Admit::Defer(remaining) => {
                 // Spread the deferred messages over half a cooldown so they do not return in one wave.
                 let spread = remaining.mul_f64(1.0 + rand::rng().random_range(0.0..0.5));
@@ -105,9 +120,6 @@ impl Worker {
                 let outcome = self.attempt(d, meta, body).await;
                 self.metrics.in_flight.dec();
                 drop(pass);
-                if outcome == Outcome::Gone {
-                    self.gone.set(&self.metrics);
-                }
                 let healthy = !matches!(outcome, Outcome::Retry { .. });
                 if let Some(t) = &self.throttle
                     && let Some(limit) = t.record(healthy)
@@ -135,8 +147,7 @@ impl Worker {
                 }
                 outcome
             }
-        };
-        self.decide(d, meta, attempt, outcome)
+        }
     }
 
     /// One HTTP attempt with `body` (the message's, or its rendering).

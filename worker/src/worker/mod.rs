@@ -5,12 +5,15 @@
 //!   reconnecting with jittered backoff, draining in-flight deliveries before a connection is
 //!   closed; the exit after a 410;
 //! - [`consume`]: the retry lane's consume loop;
-//! - [`delivery`]: one message from received to an [`Outcome`](crate::outcome::Outcome) (template,
-//!   circuit breaker, rate limit, the HTTP attempt);
+//! - [`delivery`]: one message from received to settled: its [`Outcome`](crate::outcome::Outcome)
+//!   (template, circuit breaker, rate limit, the HTTP attempt), then its fate, carried out;
 //! - [`fleet`]: this worker's share of a fleet-wide rate limit;
-//! - [`settlement`]: the outcome's *fate* (ack; store a copy in a queue, then ack; hand back) and
-//!   the one function that carries out every fate, with the message accounting;
 //! - [`shared`]: the [`Worker`] itself, the state every session and delivery task shares;
+//! - [`broker`]: settling on lapin: the ack ledger's channel and the confirm-mode publisher;
+//! - [`settlement`]: the one place that carries out a fate (ack; store a copy in a queue, then ack;
+//!   hand back), through the few broker operations it needs ([`Settle`](settlement::Settle)), with
+//!   the message accounting;
+//! - [`fate`]: the pure function that decides every message's fate from its outcome;
 //! - [`lanes`]: the concurrency split between fresh messages and due retries;
 //! - [`gone`]: the 410 latch and its termination message;
 //! - [`topology`]: the queues and their arguments (classic or quorum), and a declaration the broker
@@ -26,9 +29,11 @@
 //! `webhook-id`.
 
 mod acks;
+mod broker;
 mod consume;
 mod delivery;
 mod error;
+mod fate;
 mod fleet;
 mod gone;
 mod lanes;
@@ -38,8 +43,8 @@ mod shared;
 pub mod topology;
 
 pub use error::{Fatal, SessionError};
+pub use fate::{Fate, Store};
 pub use gone::Gone;
 pub use lanes::{FreshWait, Lanes};
 pub use session::reconnect_delay;
-pub use settlement::Fate;
 pub use shared::Worker;

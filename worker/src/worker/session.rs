@@ -17,9 +17,10 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::acks::Acks;
+use super::broker::{LapinSettle, Publisher, Session};
 use super::error::{CONNECT_TIMEOUT, Fatal, SessionError};
 use super::lanes::FreshWait;
-use super::settlement::{Accounted, Publisher, Session};
+use super::settlement::Accounted;
 use super::shared::Worker;
 use super::topology;
 use crate::backoff::Backoff;
@@ -211,7 +212,11 @@ impl Worker {
             .start_retry_lane(conn, shutdown.clone(), session.clone())
             .await?;
         let _fleet_share = self.start_fleet_share(conn).await?;
-        let acks = Acks::start(ch.clone(), cfg.confirm_timeout);
+        let settle = Arc::new(LapinSettle {
+            session: session.clone(),
+            acks: Acks::start(ch.clone(), cfg.confirm_timeout),
+            timeout: cfg.confirm_timeout,
+        });
         let mut fresh_wait = FreshWait::default();
         let mut blocked_poll = tokio::time::interval(BLOCKED_POLL);
 
@@ -242,7 +247,7 @@ impl Worker {
                 },
             };
             let acct = Accounted::new(self.metrics.clone());
-            acks.received(delivery.delivery_tag);
+            settle.acks.received(delivery.delivery_tag);
             // Backpressure: no new task until a slot is free. A delivery waiting here is still
             // unacked, so when the session ends it goes back to the queue with the channel (and
             // `acct`, dropped, counts it as handed back).
@@ -254,10 +259,9 @@ impl Worker {
                 p = self.lanes.acquire_fresh(&mut fresh_wait) => p,
             };
             let worker = self.clone();
-            let session = session.clone();
-            let acks = acks.clone();
+            let settle = settle.clone();
             tokio::spawn(async move {
-                worker.deliver(&session, &acks, delivery, acct).await;
+                worker.deliver(&*settle, delivery, acct).await;
                 drop(permit);
             });
         }
