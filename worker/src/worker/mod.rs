@@ -12,7 +12,7 @@
 //! - [`broker`]: settling on lapin: the ack ledger's channel and the confirm-mode publisher;
 //! - [`settlement`]: the one place that carries out a fate (ack; store a copy in a queue, then ack;
 //!   hand back), through the few broker operations it needs ([`Settle`](settlement::Settle)), with
-//!   the message accounting;
+//!   the message accounting; `memory` implements them in memory for the unit tests;
 //! - [`fate`]: the pure function that decides every message's fate from its outcome;
 //! - [`lanes`]: the concurrency split between fresh messages and due retries;
 //! - [`gone`]: the 410 latch and its termination message;
@@ -37,6 +37,8 @@ mod fate;
 mod fleet;
 mod gone;
 mod lanes;
+#[cfg(test)]
+mod memory;
 mod session;
 mod settlement;
 mod shared;

@@ -272,3 +272,185 @@ impl Settler<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use reqwest::Url;
+
+    use super::*;
+    use crate::message::{
+        H_ATTEMPTS, H_DEAD_REASON, H_ID, H_LAST_ERROR, H_LAST_STATUS, H_NEXT_DELAY, header_int, header_str,
+    };
+    use crate::worker::fate::Store;
+    use crate::worker::memory::{Memory, Op, delivery, settled};
+
+    const BODY: &[u8] = br#"{"n":1}"#;
+
+    fn retry() -> Fate {
+        Fate::Store(Store::Retry {
+            failure: Failure {
+                reason: "http_status",
+                status: Some(503),
+            },
+            attempts: 2,
+            next_in: Duration::from_millis(1000),
+        })
+    }
+
+    fn defer() -> Fate {
+        Fate::Store(Store::Defer {
+            attempts: 1,
+            next_in: Duration::from_millis(2000),
+        })
+    }
+
+    fn dead(reason: &'static str, detail: Option<&str>) -> Fate {
+        Fate::Store(Store::DeadLetter {
+            reason,
+            failure: Failure { reason, status: None },
+            attempts: 3,
+            detail: detail.map(str::to_owned),
+        })
+    }
+
+    /// Settles `fate` of message 7 on `broker`: the metrics and the latch it left.
+    async fn settle(broker: &Memory, fate: Fate) -> (Arc<Metrics>, GoneLatch) {
+        let metrics = Arc::new(Metrics::new(""));
+        let gone = GoneLatch::new(Url::parse("https://hooks.example.com/a").unwrap());
+        let settler = Settler {
+            metrics: &metrics,
+            queue: "orders",
+            dead_letter_queue: "orders.dead",
+            gone: &gone,
+        };
+        let d = delivery(7, BODY);
+        let meta = message::meta(&d.properties, "ex", "orders.created", BODY, 5);
+        let mut acct = Accounted::new(metrics.clone());
+        settler.settle(broker, &d, BODY, &meta, fate, &mut acct).await;
+        assert!(acct.is_settled());
+        (metrics, gone)
+    }
+
+    /// Every fate × what the broker answers → the operations asked of it, in order, and the one
+    /// record of the message (`messages_settled_total{fate}`, `deliveries_total{result,reason}`).
+    #[tokio::test]
+    async fn every_fate_is_carried_out_and_accounted_once() {
+        let refused = || Memory::failing_publish(PublishError::Refused);
+        #[rustfmt::skip]
+        let table: Vec<(Fate, Memory, &[&str], [&str; 3])> = vec![
+            (Fate::Ack { status: 200 }, Memory::default(), &["ack 7"], ["delivered", "delivered", "ok"]),
+            // An ack that is not sent: the broker redelivers it.
+            (Fate::Ack { status: 200 }, Memory::failing_frames(), &["ack 7"], ["handed_back", "handed_back", "ack_failed"]),
+            // A copy, then (only once confirmed) the ack.
+            (retry(), Memory::default(), &["publish orders.delay.1000ms", "ack 7"], ["retried", "retried", "http_status"]),
+            (defer(), Memory::default(), &["publish orders.delay.2000ms", "ack 7"], ["retried", "deferred", "circuit_open"]),
+            (dead("http_status", None), Memory::default(), &["publish orders.dead", "ack 7"], ["dead_lettered", "dead_lettered", "http_status"]),
+            (dead("template", Some("template: x")), Memory::default(), &["publish orders.dead", "ack 7"], ["dead_lettered", "dead_lettered", "template"]),
+            // A copy not stored: no ack, the session ends (the original goes back with the channel).
+            (retry(), refused(), &["publish orders.delay.1000ms unconfirmed", "publish_failed"], ["handed_back", "handed_back", "publish_failed"]),
+            (retry(), Memory::failing_publish(PublishError::Timeout(Duration::from_secs(30))),
+                &["publish orders.delay.1000ms unconfirmed", "publish_failed"], ["handed_back", "handed_back", "confirm_timeout"]),
+            (defer(), Memory::failing_publish(PublishError::Closed),
+                &["publish orders.delay.2000ms unconfirmed", "publish_failed"], ["handed_back", "handed_back", "publish_failed"]),
+            (dead("http_status", None), Memory::failing_publish(PublishError::Returned),
+                &["publish orders.dead unconfirmed", "publish_failed"], ["handed_back", "handed_back", "publish_failed"]),
+            // A copy stored whose original cannot be acked: a duplicate, same id.
+            (retry(), Memory::failing_frames(), &["publish orders.delay.1000ms", "ack 7"], ["handed_back", "handed_back", "ack_failed"]),
+            (dead("http_status", None), Memory::failing_frames(), &["publish orders.dead", "ack 7"], ["handed_back", "handed_back", "ack_failed"]),
+            // Handed back now (nack with requeue, sent or not), or left unacked.
+            (Fate::HandBack { reason: "panic", requeue_now: true }, Memory::default(), &["requeue 7"], ["handed_back", "handed_back", "panic"]),
+            (Fate::HandBack { reason: "panic", requeue_now: true }, Memory::failing_frames(), &["requeue 7"], ["handed_back", "handed_back", "panic"]),
+            (Fate::HandBack { reason: "gone", requeue_now: false }, Memory::default(), &[], ["handed_back", "handed_back", "gone"]),
+            (Fate::Stop, Memory::default(), &[], ["handed_back", "handed_back", "gone"]),
+        ];
+        for (fate, broker, ops, [fate_label, result, reason]) in table {
+            let (metrics, _) = settle(&broker, fate.clone()).await;
+            assert_eq!(broker.log(), ops, "{fate:?}");
+            assert_eq!(settled(&metrics, fate_label, result, reason), (1, 1), "{fate:?}");
+            assert_eq!(metrics.consumed.get(), 1);
+            assert_eq!(metrics.unsettled.get(), 0, "{fate:?}");
+            let stored = ops.iter().any(|op| op.starts_with("publish "));
+            let failed = ops.contains(&"publish_failed");
+            assert_eq!(metrics.publish_failures.get(), u64::from(failed), "{fate:?}");
+            let retries = matches!(fate, Fate::Store(Store::Retry { .. })) && stored && !failed;
+            assert_eq!(metrics.retries.get(), u64::from(retries), "{fate:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retry_copy_carries_the_attempts_the_error_and_the_delay() {
+        let broker = Memory::default();
+        settle(&broker, retry()).await;
+        let Op::Publish { body, props, .. } = &broker.ops()[0] else {
+            panic!("{:?}", broker.ops());
+        };
+        assert_eq!(body, BODY, "the original body");
+        let h = props.headers().as_ref();
+        assert_eq!(header_str(h, H_ID).as_deref(), Some("m-1"));
+        assert_eq!(header_int(h, H_ATTEMPTS), Some(2));
+        assert_eq!(header_str(h, H_LAST_ERROR).as_deref(), Some("http_status"));
+        assert_eq!(header_int(h, H_LAST_STATUS), Some(503));
+        assert_eq!(header_int(h, H_NEXT_DELAY), Some(1000));
+        assert_eq!(*props.delivery_mode(), Some(2), "persistent");
+    }
+
+    #[tokio::test]
+    async fn a_deferral_says_the_breaker_was_open_and_keeps_the_attempts() {
+        let broker = Memory::default();
+        settle(&broker, defer()).await;
+        let (queue, props) = &broker.published()[0];
+        assert_eq!(queue, "orders.delay.2000ms");
+        let h = props.headers().as_ref();
+        assert_eq!(header_int(h, H_ATTEMPTS), Some(1));
+        assert_eq!(header_str(h, H_LAST_ERROR).as_deref(), Some("circuit_open"));
+        assert_eq!(header_int(h, H_LAST_STATUS), None);
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_says_why_and_is_counted_by_reason() {
+        for (reason, detail, header) in [
+            ("attempts_exhausted", None, "attempts_exhausted"),
+            (
+                "template",
+                Some("template: `x` is undefined"),
+                "template: `x` is undefined",
+            ),
+        ] {
+            let broker = Memory::default();
+            let (metrics, _) = settle(&broker, dead(reason, detail)).await;
+            let (queue, props) = &broker.published()[0];
+            assert_eq!(queue, "orders.dead");
+            let h = props.headers().as_ref();
+            assert_eq!(header_str(h, H_DEAD_REASON).as_deref(), Some(header));
+            assert_eq!(header_int(h, H_ATTEMPTS), Some(3));
+            let counted = metrics
+                .dead_letters
+                .get_or_create(&vec![("reason", reason)])
+                .get();
+            assert_eq!(counted, 1, "{reason}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stop_sets_the_gone_latch_and_leaves_the_message_to_the_broker() {
+        let broker = Memory::default();
+        let (metrics, gone) = settle(&broker, Fate::Stop).await;
+        assert!(broker.ops().is_empty(), "neither acked nor nacked");
+        assert!(gone.is_set());
+        assert_eq!(metrics.destination_gone.get(), 1);
+        let fatal = gone.fatal().expect("the exit after the drain");
+        assert_eq!(fatal.code, hookfleet_crds::contract::exit::DESTINATION_GONE);
+        // A hand-back after it (the next message, not attempted) leaves the latch as it was.
+        let (_, other) = settle(
+            &broker,
+            Fate::HandBack {
+                reason: "gone",
+                requeue_now: false,
+            },
+        )
+        .await;
+        assert!(!other.is_set());
+    }
+}
