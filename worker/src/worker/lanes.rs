@@ -1,5 +1,6 @@
 //! Two lanes of concurrency: fresh messages (the work queue) and due retries (the retry-ready queue,
-//! see `topology`), each consumed on its own channel with its own prefetch.
+//! see `topology`), each consumed on its own channel with its own prefetch, by the same loop
+//! (`consume`).
 //!
 //! The `--concurrency` slots are split in two pools: `⌊C/2⌋` *reserved* for fresh messages and the
 //! rest *shared*. Fresh messages take a slot from either pool; retries only from the shared one. So:
@@ -39,6 +40,14 @@ type Acquiring = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, Acquir
 #[derive(Default)]
 pub struct FreshWait(Option<Acquiring>);
 
+/// Which slots a lane's messages take.
+pub enum Lane {
+    /// The work queue's: a reserved slot or a shared one, whichever comes first.
+    Fresh(FreshWait),
+    /// The retry-ready queue's: a shared slot.
+    Retries,
+}
+
 const CLOSED: &str = "the lane semaphores are never closed";
 
 /// The concurrency slots of both lanes.
@@ -69,6 +78,14 @@ impl Lanes {
     /// Slots both lanes may take.
     pub fn shared(&self) -> usize {
         self.shared_n
+    }
+
+    /// Waits for a slot for the next message of `lane`. Cancel-safe.
+    pub async fn acquire(&self, lane: &mut Lane) -> OwnedSemaphorePermit {
+        match lane {
+            Lane::Fresh(wait) => self.acquire_fresh(wait).await,
+            Lane::Retries => self.acquire_retry().await,
+        }
     }
 
     /// Waits for a slot for a fresh message: a reserved one or a shared one, whichever comes first.

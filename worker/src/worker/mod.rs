@@ -4,7 +4,7 @@
 //! - [`session`]: one broker connection at a time (connect, declare, consume the work queue),
 //!   reconnecting with jittered backoff, draining in-flight deliveries before a connection is
 //!   closed; the exit after a 410;
-//! - [`consume`]: the retry lane's consume loop;
+//! - [`consume`]: the consume loop, one for both lanes (the work queue's and the retry lane's);
 //! - [`delivery`]: one message from received to settled: its [`Outcome`](crate::outcome::Outcome)
 //!   (template, circuit breaker, rate limit, the HTTP attempt), then its fate, carried out;
 //! - [`fleet`]: this worker's share of a fleet-wide rate limit;

@@ -8,23 +8,22 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use rand::Rng;
 use tokio::sync::watch;
+use tokio::time::Interval;
 use tracing::{error, info, warn};
 
 use super::acks::Acks;
 use super::broker::{LapinSettle, Publisher, Session};
+use super::consume::{Interrupts, RetryLane, cancel};
 use super::error::{CONNECT_TIMEOUT, Fatal, SessionError};
-use super::lanes::FreshWait;
-use super::settlement::Accounted;
+use super::lanes::{FreshWait, Lane};
 use super::shared::Worker;
 use super::topology;
 use crate::backoff::Backoff;
 use crate::config::redact_uri;
+use crate::metrics::Metrics;
 use hookfleet_crds::integration::Jitter;
 
 /// How often the consume loop looks at whether the broker blocked the connection (flow control).
@@ -177,6 +176,8 @@ impl Worker {
         }
     }
 
+    /// The work queue's lane: declares the topology, opens the publisher, starts the retry lane and
+    /// consumes until shutdown (`Ok` with the consume channel, to close) or until the session fails.
     async fn consume(
         self: &Arc<Self>,
         conn: &Connection,
@@ -187,19 +188,8 @@ impl Worker {
         let ch = conn.create_channel().await.map_err(SessionError::Channel)?;
         topology::declare(&ch, cfg, &self.ladder).await?;
         let publisher = Publisher::open(conn, cfg.confirm_timeout).await?;
-        ch.basic_qos(cfg.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(SessionError::Consume)?;
         let tag = format!("hookfleet-{}", std::process::id());
-        let mut consumer = ch
-            .basic_consume(
-                cfg.queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(SessionError::Consume)?;
+        let mut consumer = self.consumer(&ch, &cfg.queue, &tag).await?;
         self.metrics.consuming.set(1);
         info!(queue = %cfg.queue, queue_type = cfg.queue_type.as_str(), prefetch = cfg.prefetch,
               concurrency = cfg.concurrency, "consuming");
@@ -217,62 +207,20 @@ impl Worker {
             acks: Acks::start(ch.clone(), cfg.confirm_timeout),
             timeout: cfg.confirm_timeout,
         });
-        let mut fresh_wait = FreshWait::default();
-        let mut blocked_poll = tokio::time::interval(BLOCKED_POLL);
-
-        loop {
-            let delivery = tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|s| *s) => break,
-                _ = session.publish_failed.notified() => return Err(SessionError::PublishFailed),
-                r = retry_lane.ended() => { r?; break }
-                _ = blocked_poll.tick() => {
-                    // Under flow control (a memory or disk alarm) the broker stops reading this
-                    // connection: no confirm, no ack gets through. Not ready meanwhile.
-                    let blocked = conn.status().blocked();
-                    if blocked != (self.metrics.broker_blocked.get() == 1) {
-                        if blocked {
-                            warn!("the broker blocked the connection (flow control): not ready");
-                        } else {
-                            info!("the broker unblocked the connection");
-                        }
-                    }
-                    self.metrics.broker_blocked.set(i64::from(blocked));
-                    continue;
-                }
-                next = consumer.next() => match next {
-                    Some(Ok(d)) => d,
-                    Some(Err(e)) => return Err(SessionError::Consumer(e)),
-                    None => return Err(SessionError::ConsumerEnded),
-                },
-            };
-            let acct = Accounted::new(self.metrics.clone());
-            settle.acks.received(delivery.delivery_tag);
-            // Backpressure: no new task until a slot is free. A delivery waiting here is still
-            // unacked, so when the session ends it goes back to the queue with the channel (and
-            // `acct`, dropped, counts it as handed back).
-            let permit = tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|s| *s) => break,
-                _ = session.publish_failed.notified() => return Err(SessionError::PublishFailed),
-                r = retry_lane.ended() => { r?; break }
-                p = self.lanes.acquire_fresh(&mut fresh_wait) => p,
-            };
-            let worker = self.clone();
-            let settle = settle.clone();
-            tokio::spawn(async move {
-                worker.deliver(&*settle, delivery, acct).await;
-                drop(permit);
-            });
-        }
+        let mut lane = Lane::Fresh(FreshWait::default());
+        let mut interrupts = WorkLane {
+            shutdown,
+            session: &session,
+            retry_lane: &mut retry_lane,
+            blocked_poll: tokio::time::interval(BLOCKED_POLL),
+            conn,
+            metrics: &self.metrics,
+        };
+        self.consume_lane(&mut consumer, &mut lane, &settle, &mut interrupts)
+            .await?;
         info!("shutdown: cancelling the consumer");
         self.metrics.consuming.set(0);
-        if let Err(e) = ch
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await
-        {
-            warn!(error = %e, "cancelling the consumer");
-        }
+        cancel(&ch, &tag, "the consumer").await;
         retry_lane.finish().await;
         Ok(ch)
     }
@@ -296,6 +244,45 @@ impl Worker {
             }
         }
     }
+}
+
+/// What ends the work queue's consume loop: a shutdown, a copy that was not stored, the retry lane
+/// failing. While it waits for a message it also polls whether the broker blocked the connection.
+struct WorkLane<'a> {
+    shutdown: &'a mut watch::Receiver<bool>,
+    session: &'a Session,
+    retry_lane: &'a mut RetryLane,
+    blocked_poll: Interval,
+    conn: &'a Connection,
+    metrics: &'a Metrics,
+}
+
+impl Interrupts for WorkLane<'_> {
+    async fn interrupted(&mut self, idle: bool) -> Result<(), SessionError> {
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.wait_for(|s| *s) => return Ok(()),
+                _ = self.session.publish_failed.notified() => return Err(SessionError::PublishFailed),
+                r = self.retry_lane.ended() => return r,
+                _ = self.blocked_poll.tick(), if idle => poll_blocked(self.conn, self.metrics),
+            }
+        }
+    }
+}
+
+/// Under flow control (a memory or disk alarm) the broker stops reading this connection: no
+/// confirm, no ack gets through. Not ready meanwhile.
+fn poll_blocked(conn: &Connection, metrics: &Metrics) {
+    let blocked = conn.status().blocked();
+    if blocked != (metrics.broker_blocked.get() == 1) {
+        if blocked {
+            warn!("the broker blocked the connection (flow control): not ready");
+        } else {
+            info!("the broker unblocked the connection");
+        }
+    }
+    metrics.broker_blocked.set(i64::from(blocked));
 }
 
 /// How long closing a channel or the connection may take: a connection the broker blocks (flow
