@@ -49,6 +49,16 @@ pub enum Store {
     },
 }
 
+impl Store {
+    /// The `x-hookfleet-dead-reason` header of a dead letter: the detail, or else the reason.
+    pub fn dead_reason(&self) -> Option<&str> {
+        match self {
+            Store::DeadLetter { reason, detail, .. } => Some(detail.as_deref().unwrap_or(reason)),
+            Store::Retry { .. } | Store::Defer { .. } => None,
+        }
+    }
+}
+
 /// What a message may spend: attempts, and the schedule between them.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits<'a> {
@@ -129,6 +139,16 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// 1 s after the first failure, doubling, at most `max_secs`.
+    fn backoff(max_secs: u64, jitter: Jitter) -> Backoff {
+        Backoff {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(max_secs),
+            multiplier: 2.0,
+            jitter,
+        }
+    }
+
     fn failure(reason: &'static str, status: Option<u16>) -> Failure {
         Failure { reason, status }
     }
@@ -166,12 +186,7 @@ mod tests {
     /// most 60 s, each rounded to a rung of the ladder (`at`; 60 s, the last rung, is exact).
     #[test]
     fn every_outcome_and_attempt_has_one_fate() {
-        let backoff = Backoff {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(60),
-            multiplier: 2.0,
-            jitter: Jitter::None,
-        };
+        let backoff = backoff(60, Jitter::None);
         let limits = Limits {
             max_attempts: 3,
             backoff: &backoff,
@@ -233,12 +248,7 @@ mod tests {
     /// With jitter the delay is drawn below the backoff (full jitter) and still lands on a rung.
     #[test]
     fn a_jittered_retry_waits_in_a_delay_queue_of_the_ladder() {
-        let backoff = Backoff {
-            initial: Duration::from_secs(1),
-            max: Duration::from_secs(600),
-            multiplier: 2.0,
-            jitter: Jitter::Full,
-        };
+        let backoff = backoff(600, Jitter::Full);
         let limits = Limits {
             max_attempts: 10,
             backoff: &backoff,

@@ -205,21 +205,11 @@ impl Settler<'_> {
                 retry(*attempts, failure, *next_in)
             }
             Store::DeadLetter {
-                reason,
-                failure,
-                attempts,
-                detail,
+                failure, attempts, ..
             } => {
-                let dead_reason = detail.as_deref().unwrap_or(reason);
-                let props = message::dead_letter_properties(
-                    props,
-                    exchange,
-                    rk,
-                    meta,
-                    *attempts,
-                    *failure,
-                    dead_reason,
-                );
+                let why = store.dead_reason().unwrap_or_default();
+                let props =
+                    message::dead_letter_properties(props, exchange, rk, meta, *attempts, *failure, why);
                 (Cow::Borrowed(self.dead_letter_queue), props)
             }
         }
