@@ -12,7 +12,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::acks::Acks;
 use super::error::SessionError;
-use super::settlement::{PublishError, Settle};
+use super::settle::{PublishError, Settle};
 
 /// Publish channels per session. Each carries at most one unconfirmed publish (see [`Publisher`]),
 /// so this bounds concurrent retry/dead-letter publishes; a confirm takes a few milliseconds, so 16

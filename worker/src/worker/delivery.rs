@@ -14,7 +14,8 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::fate::{self, Limits};
-use super::settlement::{Accounted, Settle, Settler};
+use super::settle::Settle;
+use super::settlement::{Accounted, Settler};
 use super::shared::Worker;
 use crate::auth::SendError;
 use crate::breaker::{Admit, Transition};

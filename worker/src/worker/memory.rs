@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use lapin::BasicProperties;
 use lapin::message::Delivery;
 
-use super::settlement::{PublishError, Settle};
+use super::settle::{PublishError, Settle};
 use crate::metrics::Metrics;
 
 /// One broker operation, as the settle site asked for it.

@@ -11,8 +11,9 @@
 //! - [`shared`]: the [`Worker`] itself, the state every session and delivery task shares;
 //! - [`broker`]: settling on lapin: the ack ledger's channel and the confirm-mode publisher;
 //! - [`settlement`]: the one place that carries out a fate (ack; store a copy in a queue, then ack;
-//!   hand back), through the few broker operations it needs ([`Settle`](settlement::Settle)), with
-//!   the message accounting; `memory` implements them in memory for the unit tests;
+//!   hand back), with the message accounting;
+//! - `memory`: the broker operations in memory, for the unit tests;
+//! - [`settle`]: the few broker operations settling needs ([`Settle`](settle::Settle));
 //! - [`fate`]: the pure function that decides every message's fate from its outcome;
 //! - [`lanes`]: the concurrency split between fresh messages and due retries;
 //! - [`gone`]: the 410 latch and its termination message;
@@ -40,6 +41,7 @@ mod lanes;
 #[cfg(test)]
 mod memory;
 mod session;
+mod settle;
 mod settlement;
 mod shared;
 pub mod topology;

@@ -1,16 +1,12 @@
 //! Settlement: the one place that carries out a message's [`Fate`] ([`Settler::settle`]), through
-//! the few broker operations it needs ([`Settle`]). The ack rule lives here and nowhere else: the
+//! the few broker operations it needs ([`Settle`], in `settle`). The ack rule lives here and nowhere else: the
 //! original is acked after a 2xx, or after the broker confirmed the copy stored in a delay or
 //! dead-letter queue; otherwise it is handed back to the broker, unacked.
 //!
 //! Every message the consumer yields is accounted for exactly once (see [`Accounted`]), so that
 //! `consumed = delivered + retried + dead-lettered + handed back + unsettled` holds on `/metrics`.
-//!
-//! [`Settle`] is implemented on a lapin consume channel (`broker`) and in memory for the unit tests
-//! (`memory`).
 
 use std::borrow::Cow;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,56 +16,10 @@ use tracing::{debug, error, info, warn};
 
 use super::fate::{Fate, Store};
 use super::gone::GoneLatch;
+use super::settle::{PublishError, Settle};
 use super::topology;
 use crate::message::{self, Failure, Meta};
 use crate::metrics::Metrics;
-
-/// The broker operations settling a message needs, on the channel it came from.
-pub trait Settle: Send + Sync {
-    /// Acks `tag`; true once a frame carrying it was sent, false when it could not be (the broker
-    /// then redelivers the message: a duplicate with the same webhook-id).
-    fn ack(&self, tag: u64) -> impl Future<Output = bool> + Send;
-
-    /// Hands `d` back now (`nack` with requeue); true once the frame was sent.
-    fn requeue(&self, d: &Delivery) -> impl Future<Output = bool> + Send;
-
-    /// Publishes a persistent copy to `queue` through the default exchange with `mandatory`, and waits
-    /// for the broker's confirm: `Ok` only when the broker took it.
-    fn publish(
-        &self,
-        queue: &str,
-        body: &[u8],
-        props: BasicProperties,
-    ) -> impl Future<Output = Result<(), PublishError>> + Send;
-
-    /// A copy was not stored: the session ends, and the reconnect re-declares the topology, with
-    /// backoff, instead of looping.
-    fn publish_failed(&self);
-}
-
-/// Why a copy was not stored.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error("the broker returned it (no such queue)")]
-    Returned,
-    #[error("the broker refused it (nack)")]
-    Refused,
-    #[error("no confirm within {0:?}")]
-    Timeout(Duration),
-    #[error("{0}")]
-    Channel(#[source] lapin::Error),
-    #[error("the session is closing")]
-    Closed,
-}
-
-impl PublishError {
-    fn reason(&self) -> &'static str {
-        match self {
-            PublishError::Timeout(_) => "confirm_timeout",
-            _ => "publish_failed",
-        }
-    }
-}
 
 /// The fate names of `hookfleet_messages_settled_total{fate}`.
 pub mod settled {
