@@ -1,9 +1,11 @@
-//! What an attempt's result means for the message: delivered, retried later, or dead-lettered.
+//! What came of handling a message: the HTTP attempt's result, classified (delivered, worth a retry,
+//! refused, gone), or why there was no attempt. What each outcome means for the message (its fate)
+//! is decided in one place, `worker::fate`.
 
 use std::error::Error as StdError;
 use std::time::Duration;
 
-/// The fate of one attempt.
+/// What came of one handling of a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// 2xx: ack.
@@ -26,6 +28,13 @@ pub enum Outcome {
     /// worker stops (exit `DESTINATION_GONE`): dead-lettering every message of the queue one by one
     /// would empty it into the dead-letter queue for a URL that will never answer again.
     Gone,
+    /// Not attempted: an earlier 410 stopped the worker; the message waits in its queue.
+    Stopped,
+    /// Not attempted: the body template cannot render this message (`error`, one line), and never
+    /// will.
+    Unrenderable { error: String },
+    /// Its handling panicked (a bug): whatever was done, it is not settled.
+    Panicked,
 }
 
 /// Classifies an HTTP status. 408, 425, 429 and 5xx are transient; 410 means the destination is gone

@@ -671,7 +671,7 @@ mod tests {
             fn enumerate(self: &Arc<Self>) -> Enumerator {
                 let mut keys: BTreeSet<Value> =
                     self.message.try_iter().map(|i| i.collect()).unwrap_or_default();
-                keys.extend(super::EXTRAS.map(Value::from));
+                keys.extend(crate::template::EXTRAS.map(Value::from));
                 Enumerator::Iter(Box::new(keys.into_iter()))
             }
         }
@@ -689,7 +689,7 @@ mod tests {
                     .variables
                     .iter()
                     .filter(|v| {
-                        !super::EXTRAS.contains(&v.as_str())
+                        !crate::template::EXTRAS.contains(&v.as_str())
                             && message.get_attr(v).is_ok_and(|x| x.is_undefined())
                             && !is_global(v)
                     })

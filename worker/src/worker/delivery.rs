@@ -1,5 +1,6 @@
-//! One message from received to its outcome: the body (or its template rendering), the circuit
-//! breaker, the rate limit and the HTTP attempt. What the outcome means is settlement's business.
+//! One message from received to settled: its outcome (the body or its template rendering, the
+//! circuit breaker, the rate limit, the HTTP attempt), the fate that outcome decides (`fate`), and
+//! the settle site carrying it out (`settlement`).
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Instant, SystemTime};
@@ -12,20 +13,21 @@ use rand::Rng;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use super::Worker;
-use super::acks::Acks;
-use super::settlement::{Accounted, Fate, Session};
+use super::fate::{self, Limits};
+use super::settle::Settle;
+use super::settlement::{Accounted, Settler};
+use super::shared::Worker;
 use crate::auth::SendError;
 use crate::breaker::{Admit, Transition};
-use crate::message::{self, Failure, Meta};
+use crate::message::{self, Meta};
 use crate::outcome::{Outcome, classify_error, classify_status};
 use crate::template::Extras;
 
 impl Worker {
-    /// One message, start to settled. A panic anywhere in its handling hands the message back to the
-    /// broker at once (nack with requeue) instead of leaving it unacked until the next reconnect; on a
-    /// quorum queue the delivery limit then dead-letters a message that panics every time.
-    pub(super) async fn deliver(&self, session: &Session, acks: &Acks, mut d: Delivery, mut acct: Accounted) {
+    /// One message, start to settled. A panic anywhere in its handling is an outcome too
+    /// ([`Outcome::Panicked`]): the message goes back to the broker at once instead of staying
+    /// unacked until the next reconnect.
+    pub(super) async fn deliver(&self, broker: &impl Settle, mut d: Delivery, mut acct: Accounted) {
         // The body, shared from here on (request, retry or dead-letter copy) without a copy.
         let body = Bytes::from(std::mem::take(&mut d.data));
         let meta = message::meta(
@@ -35,39 +37,60 @@ impl Worker {
             &body,
             message::now_ms(),
         );
-        let attempt = meta.attempts + 1;
-        let span = info_span!("delivery", id = %meta.id, attempt, redelivered = d.redelivered);
+        let span =
+            info_span!("delivery", id = %meta.id, attempt = meta.attempts + 1, redelivered = d.redelivered);
         let handled = AssertUnwindSafe(
             async {
-                let fate = self.fate(&d, &body, &meta, attempt).await;
-                self.settle(session, acks, &d, &body, fate, &mut acct).await;
+                let outcome = self.outcome(&d, &body, &meta).await;
+                self.settle(broker, &d, &body, &meta, outcome, &mut acct).await;
             }
             .instrument(span.clone()),
         )
         .catch_unwind()
         .await;
         if handled.is_err() && !acct.is_settled() {
-            let _enter = span.enter();
-            error!("delivery task panicked; handing the message back");
-            let back = Fate::HandBack {
-                reason: "panic",
-                requeue_now: true,
-            };
-            self.settle(session, acks, &d, &body, back, &mut acct).await;
+            async {
+                error!("delivery task panicked; handing the message back");
+                self.settle(broker, &d, &body, &meta, Outcome::Panicked, &mut acct)
+                    .await;
+            }
+            .instrument(span)
+            .await;
         }
     }
 
-    /// Renders, admits, attempts: the fate of this delivery.
-    async fn fate(&self, d: &Delivery, message: &Bytes, meta: &Meta, attempt: u32) -> Fate {
+    /// Carries out the fate `outcome` decides.
+    async fn settle(
+        &self,
+        broker: &impl Settle,
+        d: &Delivery,
+        body: &[u8],
+        meta: &Meta,
+        outcome: Outcome,
+        acct: &mut Accounted,
+    ) {
+        let limits = Limits {
+            max_attempts: self.cfg.max_attempts,
+            backoff: &self.cfg.backoff,
+        };
+        let fate = fate::decide(outcome, meta.attempts + 1, limits, &mut rand::rng());
+        let settler = Settler {
+            metrics: &self.metrics,
+            queue: &self.cfg.queue,
+            dead_letter_queue: &self.cfg.dead_letter_queue,
+            gone: &self.gone,
+        };
+        settler.settle(broker, d, body, meta, fate, acct).await;
+    }
+
+    /// Renders, admits, attempts: the outcome of this delivery.
+    async fn outcome(&self, d: &Delivery, message: &Bytes, meta: &Meta) -> Outcome {
         // The destination is gone (an earlier 410): no more requests; the message waits in its queue.
-        if self.gone.borrow().is_some() {
-            return Fate::HandBack {
-                reason: "gone",
-                requeue_now: false,
-            };
+        if self.gone.is_set() {
+            return Outcome::Stopped;
         }
         // The request body: the message's, or the template's rendering of it. A message the
-        // template cannot render never will: dead-letter it now, before the breaker or the rate
+        // template cannot render never will: its outcome comes before the breaker or the rate
         // limit spend anything on it.
         let body = match &self.cfg.body_template {
             None => message.clone(),
@@ -78,19 +101,12 @@ impl Worker {
                 };
                 match t.render(message, extras) {
                     Ok(b) => Bytes::from(b),
-                    Err(e) => {
-                        let failure = Failure {
-                            reason: "template",
-                            status: None,
-                        };
-                        let detail = format!("template: {e}");
-                        return self.dead_letter(d, meta, attempt, failure, "template", Some(detail));
-                    }
+                    Err(e) => return Outcome::Unrenderable { error: e.to_string() },
                 }
             }
         };
         let admit = self.breaker.admit();
-        let outcome = match admit {
+        match admit {
             Admit::Defer(remaining) => {
                 // Spread the deferred messages over half a cooldown so they do not return in one wave.
                 let spread = remaining.mul_f64(1.0 + rand::rng().random_range(0.0..0.5));
@@ -105,9 +121,6 @@ impl Worker {
                 let outcome = self.attempt(d, meta, body).await;
                 self.metrics.in_flight.dec();
                 drop(pass);
-                if outcome == Outcome::Gone {
-                    self.destination_gone();
-                }
                 let healthy = !matches!(outcome, Outcome::Retry { .. });
                 if let Some(t) = &self.throttle
                     && let Some(limit) = t.record(healthy)
@@ -135,8 +148,7 @@ impl Worker {
                 }
                 outcome
             }
-        };
-        self.decide(d, meta, attempt, outcome)
+        }
     }
 
     /// One HTTP attempt with `body` (the message's, or its rendering).
@@ -234,5 +246,260 @@ fn original_routing_key(d: &Delivery) -> &str {
         Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes()).unwrap_or(""),
         Some(AMQPValue::ShortString(s)) => s.as_str(),
         _ => d.routing_key.as_str(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use axum::http::{HeaderMap, StatusCode};
+    use hookfleet_crds::integration::{HttpMethod, Jitter, QueueType, RateLimitScope};
+    use lapin::types::{AMQPValue, FieldTable};
+    use reqwest::Url;
+
+    use super::*;
+    use crate::backoff::Backoff;
+    use crate::config::{Config, LogFormat, TlsFiles};
+    use crate::message::{H_ATTEMPTS, H_DEAD_REASON, H_LAST_ERROR, header_int, header_str};
+    use crate::metrics::Metrics;
+    use crate::template::BodyTemplate;
+    use crate::worker::memory::{Memory, delivery, settled};
+
+    /// A destination on loopback answering `status` to every request; it keeps what it got.
+    struct Destination {
+        url: Url,
+        status: Arc<AtomicU16>,
+        got: Arc<Mutex<Vec<(HeaderMap, Bytes)>>>,
+    }
+
+    impl Destination {
+        async fn start() -> Self {
+            let status = Arc::new(AtomicU16::new(200));
+            let got = Arc::new(Mutex::new(Vec::new()));
+            let (s, g) = (status.clone(), got.clone());
+            let app = axum::Router::new().fallback(move |headers: HeaderMap, body: Bytes| {
+                let (s, g) = (s.clone(), g.clone());
+                async move {
+                    g.lock().unwrap().push((headers, body));
+                    StatusCode::from_u16(s.load(Ordering::SeqCst)).unwrap()
+                }
+            });
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = Url::parse(&format!("http://{}/hooks", listener.local_addr().unwrap())).unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            Self { url, status, got }
+        }
+
+        fn answer(&self, status: u16) {
+            self.status.store(status, Ordering::SeqCst);
+        }
+
+        fn requests(&self) -> usize {
+            self.got.lock().unwrap().len()
+        }
+    }
+
+    /// A worker for `destination`: 3 attempts, backoff 1 s × 2 without jitter, no breaker.
+    fn config(destination: Url) -> Config {
+        Config {
+            integration: String::new(),
+            amqp_uris: vec!["amqp://127.0.0.1:1/%2f".into()],
+            queue: "orders".into(),
+            bindings: Vec::new(),
+            prefetch: 64,
+            queue_type: QueueType::Quorum,
+            delivery_limit: 20,
+            destination,
+            method: HttpMethod::Post,
+            headers: Vec::new(),
+            signing_secrets: Vec::new(),
+            oauth2: None,
+            tls: TlsFiles::default(),
+            body_template: None,
+            timeout: Duration::from_secs(5),
+            max_attempts: 3,
+            backoff: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+                multiplier: 2.0,
+                jitter: Jitter::None,
+            },
+            concurrency: 4,
+            rate_limit: None,
+            rate_limit_scope: RateLimitScope::Worker,
+            circuit_breaker: (0, Duration::from_secs(10)),
+            adaptive_throttle: None,
+            dead_letter_queue: "orders.dead".into(),
+            confirm_timeout: Duration::from_secs(5),
+            fd_limit: 1024,
+            allow_private_networks: true,
+            metrics_addr: "127.0.0.1:0".parse().unwrap(),
+            shutdown_grace: Duration::from_secs(1),
+            termination_log: "/dev/null".into(),
+            log_format: LogFormat::Text,
+        }
+    }
+
+    fn worker(cfg: Config) -> Arc<Worker> {
+        // As `main` does before it builds the client.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Worker::new(cfg, Arc::new(Metrics::new(""))).unwrap()
+    }
+
+    /// Message `tag` with `attempts` already made (0: a fresh one).
+    fn message(tag: u64, body: &[u8], attempts: i64) -> Delivery {
+        let mut d = delivery(tag, body);
+        if attempts > 0 {
+            let mut h = FieldTable::default();
+            h.insert(H_ATTEMPTS.into(), AMQPValue::LongLongInt(attempts));
+            d.properties = d.properties.clone().with_headers(h);
+        }
+        d
+    }
+
+    async fn deliver(w: &Worker, broker: &Memory, d: Delivery) {
+        w.deliver(broker, d, Accounted::new(w.metrics.clone())).await;
+        assert_eq!(w.metrics.unsettled.get(), 0, "settled once delivered");
+    }
+
+    fn delay_queue(w: &Worker, secs: u64) -> String {
+        let ttl = w.cfg.backoff.bucket(Duration::from_secs(secs));
+        format!("publish orders.delay.{}ms", ttl.as_millis())
+    }
+
+    /// What the destination answers × the attempts already made → what the broker was asked and
+    /// how the message was counted.
+    #[tokio::test]
+    async fn each_answer_settles_the_message_as_its_fate_says() {
+        let dest = Destination::start().await;
+        #[rustfmt::skip]
+        let table: Vec<(u16, i64, Vec<String>, [&str; 3])> = vec![
+            (200, 0, vec!["ack 1".into()], ["delivered", "delivered", "ok"]),
+            (204, 2, vec!["ack 1".into()], ["delivered", "delivered", "ok"]),
+            (503, 0, vec![String::new(), "ack 1".into()], ["retried", "retried", "http_status"]),
+            (429, 1, vec![String::new(), "ack 1".into()], ["retried", "retried", "http_status"]),
+            (301, 0, vec![String::new(), "ack 1".into()], ["retried", "retried", "redirect"]),
+            (503, 2, vec!["publish orders.dead".into(), "ack 1".into()], ["dead_lettered", "dead_lettered", "attempts_exhausted"]),
+            (400, 0, vec!["publish orders.dead".into(), "ack 1".into()], ["dead_lettered", "dead_lettered", "http_status"]),
+            (410, 0, vec![], ["handed_back", "handed_back", "gone"]),
+        ];
+        for (status, attempts, mut ops, [fate, result, reason]) in table {
+            dest.answer(status);
+            let w = worker(config(dest.url.clone()));
+            if ops.first().is_some_and(String::is_empty) {
+                // A retry: the delay queue of this attempt's backoff (1 s, then 2 s).
+                ops[0] = delay_queue(&w, 1 << attempts);
+            }
+            let broker = Memory::default();
+            deliver(&w, &broker, message(1, br#"{"n":1}"#, attempts)).await;
+            assert_eq!(broker.log(), ops, "{status} after {attempts} attempts");
+            assert_eq!(settled(&w.metrics, fate, result, reason), (1, 1), "{status}");
+            assert_eq!(w.gone.is_set(), status == 410);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_request_carries_the_id_and_the_body_and_copies_count_this_attempt() {
+        let dest = Destination::start().await;
+        dest.answer(503);
+        let w = worker(config(dest.url.clone()));
+        let broker = Memory::default();
+        deliver(&w, &broker, message(1, br#"{"n":1}"#, 1)).await;
+        let (headers, body) = dest.got.lock().unwrap()[0].clone();
+        assert_eq!(headers["webhook-id"], "m-1");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(body, br#"{"n":1}"#.as_slice());
+        let (_, props) = &broker.published()[0];
+        assert_eq!(header_int(props.headers().as_ref(), H_ATTEMPTS), Some(2));
+    }
+
+    #[tokio::test]
+    async fn after_a_410_no_request_is_made_and_messages_stay_in_the_queue() {
+        let dest = Destination::start().await;
+        dest.answer(410);
+        let w = worker(config(dest.url.clone()));
+        let broker = Memory::default();
+        deliver(&w, &broker, message(1, b"{}", 0)).await;
+        assert!(w.gone.is_set());
+        assert_eq!(w.metrics.destination_gone.get(), 1);
+        deliver(&w, &broker, message(2, b"{}", 0)).await;
+        assert_eq!(dest.requests(), 1, "no request after the 410");
+        assert!(
+            broker.log().is_empty(),
+            "neither acked nor copied: {:?}",
+            broker.log()
+        );
+        assert_eq!(settled(&w.metrics, "handed_back", "handed_back", "gone"), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn a_message_the_template_cannot_render_is_dead_lettered_without_a_request() {
+        let dest = Destination::start().await;
+        let mut cfg = config(dest.url.clone());
+        let template = BodyTemplate::compile(r#"{"device": "{{ device_id }}"}"#).unwrap();
+        cfg.body_template = Some(Arc::new(template));
+        let w = worker(cfg);
+        let broker = Memory::default();
+        deliver(&w, &broker, message(1, br#"{"n":1}"#, 0)).await;
+        assert_eq!(dest.requests(), 0);
+        assert_eq!(broker.log(), ["publish orders.dead", "ack 1"]);
+        let (_, props) = &broker.published()[0];
+        let h = props.headers().as_ref();
+        let why = header_str(h, H_DEAD_REASON).unwrap();
+        assert!(
+            why.starts_with("template: ") && why.contains("device_id"),
+            "{why}"
+        );
+        assert_eq!(header_str(h, H_LAST_ERROR).as_deref(), Some("template"));
+        assert_eq!(header_int(h, H_ATTEMPTS), Some(1));
+        assert_eq!(
+            settled(&w.metrics, "dead_lettered", "dead_lettered", "template"),
+            (1, 1)
+        );
+        // One that renders is sent rendered.
+        deliver(&w, &broker, message(2, br#"{"device_id":"d-7"}"#, 0)).await;
+        assert_eq!(dest.got.lock().unwrap()[0].1, br#"{"device": "d-7"}"#.as_slice());
+    }
+
+    #[tokio::test]
+    async fn a_panic_hands_the_message_back_at_once() {
+        let dest = Destination::start().await;
+        let w = worker(config(dest.url.clone()));
+        let broker = Memory::default();
+        broker.panic_on_next_ack.store(true, Ordering::SeqCst);
+        deliver(&w, &broker, message(1, b"{}", 0)).await;
+        assert_eq!(broker.log(), ["ack 1", "requeue 1"]);
+        assert_eq!(settled(&w.metrics, "handed_back", "handed_back", "panic"), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn an_open_breaker_defers_without_an_attempt() {
+        let dest = Destination::start().await;
+        dest.answer(503);
+        let mut cfg = config(dest.url.clone());
+        cfg.circuit_breaker = (1, Duration::from_secs(10));
+        let w = worker(cfg);
+        let broker = Memory::default();
+        deliver(&w, &broker, message(1, b"{}", 0)).await;
+        assert_eq!(w.metrics.circuit_open.get(), 1, "one failure opens it");
+        deliver(&w, &broker, message(2, b"{}", 1)).await;
+        assert_eq!(dest.requests(), 1, "not attempted");
+        let (queue, props) = &broker.published()[1];
+        let ladder = w.cfg.backoff.ladder();
+        let ttl = ladder
+            .iter()
+            .find(|t| format!("orders.delay.{}ms", t.as_millis()) == *queue);
+        assert!(
+            ttl.is_some_and(|t| *t >= Duration::from_secs(8) && *t <= Duration::from_secs(16)),
+            "about the cooldown, spread by half: {queue}"
+        );
+        let h = props.headers().as_ref();
+        assert_eq!(header_str(h, H_LAST_ERROR).as_deref(), Some("circuit_open"));
+        assert_eq!(header_int(h, H_ATTEMPTS), Some(1), "no attempt spent");
+        // Both messages settled as retried: the first retried, the second deferred.
+        assert_eq!(settled(&w.metrics, "retried", "deferred", "circuit_open"), (2, 1));
     }
 }

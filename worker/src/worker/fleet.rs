@@ -16,7 +16,8 @@ use lapin::types::FieldTable;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::{SessionError, Worker};
+use super::error::SessionError;
+use super::shared::Worker;
 
 /// How often the consumer count is re-read.
 pub const FLEET_POLL: Duration = Duration::from_secs(5);

@@ -10,7 +10,6 @@
 //! URL fixed) they would have to be shovelled back by hand. Left in the queue they are simply
 //! delivered later.
 
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use hookfleet_crds::contract::exit;
@@ -18,7 +17,8 @@ use reqwest::Url;
 use tokio::sync::watch;
 use tracing::error;
 
-use super::{Fatal, Worker};
+use super::error::Fatal;
+use crate::metrics::Metrics;
 
 /// When and where the destination answered 410.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,11 +47,30 @@ impl Gone {
     }
 }
 
-impl Worker {
+/// The first 410 of this worker's destination, once it came: set once, never cleared (the worker
+/// exits), watched by [`Worker::serve`](super::Worker::serve) to stop consuming.
+pub struct GoneLatch {
+    destination: Url,
+    tx: watch::Sender<Option<Gone>>,
+}
+
+impl GoneLatch {
+    pub fn new(destination: Url) -> Self {
+        Self {
+            destination,
+            tx: watch::Sender::new(None),
+        }
+    }
+
+    /// Whether the destination answered 410: no more requests.
+    pub fn is_set(&self) -> bool {
+        self.tx.borrow().is_some()
+    }
+
     /// Records the first 410: the gauge, the log line, and the signal that stops consuming.
-    pub(super) fn destination_gone(&self) {
-        let gone = Gone::new(&self.cfg.destination, SystemTime::now());
-        let first = self.gone.send_if_modified(|g| {
+    pub fn set(&self, metrics: &Metrics) {
+        let gone = Gone::new(&self.destination, SystemTime::now());
+        let first = self.tx.send_if_modified(|g| {
             if g.is_some() {
                 return false;
             }
@@ -59,33 +78,21 @@ impl Worker {
             true
         });
         if first {
-            self.metrics.destination_gone.set(1);
+            metrics.destination_gone.set(1);
             error!(url = %gone.url, "the destination answered 410 Gone: draining and exiting");
         }
     }
 
-    /// [`Worker::run`] until `shutdown`, or until the destination is gone: then the same drain as a
-    /// shutdown, and `Err` with exit code `DESTINATION_GONE`.
-    pub async fn serve(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), Fatal> {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut gone = self.gone.subscribe();
-        let forward = tokio::spawn(async move {
-            tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => {}
-                _ = gone.wait_for(|g| g.is_some()) => {}
-            }
-            let _ = stop_tx.send(true);
-        });
-        let result = self.clone().run(stop_rx).await;
-        forward.abort();
-        result?;
-        match self.gone.borrow().as_ref() {
-            Some(g) => Err(Fatal {
-                code: exit::DESTINATION_GONE,
-                message: g.message(),
-            }),
-            None => Ok(()),
-        }
+    pub fn subscribe(&self) -> watch::Receiver<Option<Gone>> {
+        self.tx.subscribe()
+    }
+
+    /// After the drain: exit code `DESTINATION_GONE` and the termination message, once set.
+    pub fn fatal(&self) -> Option<Fatal> {
+        self.tx.borrow().as_ref().map(|g| Fatal {
+            code: exit::DESTINATION_GONE,
+            message: g.message(),
+        })
     }
 }
 

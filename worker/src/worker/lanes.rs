@@ -1,5 +1,6 @@
 //! Two lanes of concurrency: fresh messages (the work queue) and due retries (the retry-ready queue,
-//! see `topology`), each consumed on its own channel with its own prefetch.
+//! see `topology`), each consumed on its own channel with its own prefetch, by the same loop
+//! (`consume`).
 //!
 //! The `--concurrency` slots are split in two pools: `⌊C/2⌋` *reserved* for fresh messages and the
 //! rest *shared*. Fresh messages take a slot from either pool; retries only from the shared one. So:
@@ -29,17 +30,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
-use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, watch};
-use tokio::task::JoinHandle;
-use tracing::{info, warn};
-
-use super::acks::Acks;
-use super::settlement::{Accounted, Session};
-use super::{SessionError, Worker, topology};
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 
 type Acquiring = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
@@ -48,6 +39,14 @@ type Acquiring = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, Acquir
 /// granted back).
 #[derive(Default)]
 pub struct FreshWait(Option<Acquiring>);
+
+/// Which slots a lane's messages take.
+pub enum Lane {
+    /// The work queue's: a reserved slot or a shared one, whichever comes first.
+    Fresh(FreshWait),
+    /// The retry-ready queue's: a shared slot.
+    Retries,
+}
 
 const CLOSED: &str = "the lane semaphores are never closed";
 
@@ -74,6 +73,19 @@ impl Lanes {
     /// Slots only fresh messages may take.
     pub fn reserved_for_fresh(&self) -> usize {
         self.reserved_n
+    }
+
+    /// Slots both lanes may take.
+    pub fn shared(&self) -> usize {
+        self.shared_n
+    }
+
+    /// Waits for a slot for the next message of `lane`. Cancel-safe.
+    pub async fn acquire(&self, lane: &mut Lane) -> OwnedSemaphorePermit {
+        match lane {
+            Lane::Fresh(wait) => self.acquire_fresh(wait).await,
+            Lane::Retries => self.acquire_retry().await,
+        }
     }
 
     /// Waits for a slot for a fresh message: a reserved one or a shared one, whichever comes first.
@@ -110,117 +122,6 @@ impl Lanes {
             let _s = self.shared.acquire_many(self.shared_n as u32).await;
         };
         tokio::time::timeout(grace, all).await.is_ok()
-    }
-}
-
-/// The retry lane's consume loop, running beside the session's work-queue loop. Aborted when dropped.
-pub struct RetryLane {
-    task: Option<JoinHandle<Result<(), SessionError>>>,
-}
-
-impl RetryLane {
-    /// Waits for the loop to end (cancel-safe): `Err` when it failed; `Ok` after a shutdown. Pending
-    /// for ever once it has been reported.
-    pub async fn ended(&mut self) -> Result<(), SessionError> {
-        let Some(task) = self.task.as_mut() else {
-            return std::future::pending().await;
-        };
-        let r = task.await;
-        self.task = None;
-        r.unwrap_or(Err(SessionError::ConsumerEnded))
-    }
-
-    /// After a shutdown: lets the loop cancel its consumer (bounded), then drops it.
-    pub async fn finish(mut self) {
-        if let Some(task) = self.task.as_mut()
-            && tokio::time::timeout(Duration::from_secs(5), task).await.is_err()
-        {
-            warn!("the retry lane did not stop in time");
-        }
-    }
-}
-
-impl Drop for RetryLane {
-    fn drop(&mut self) {
-        if let Some(t) = &self.task {
-            t.abort();
-        }
-    }
-}
-
-impl Worker {
-    /// Opens the retry lane's channel on `conn`, starts its consumer on the retry-ready queue and runs
-    /// its loop in a task until `shutdown` or a failure.
-    pub(super) async fn start_retry_lane(
-        self: &Arc<Self>,
-        conn: &Connection,
-        shutdown: watch::Receiver<bool>,
-        session: Arc<Session>,
-    ) -> Result<RetryLane, SessionError> {
-        let ch = conn.create_channel().await.map_err(SessionError::Channel)?;
-        ch.basic_qos(self.cfg.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(SessionError::Consume)?;
-        let queue = topology::retry_ready_queue(&self.cfg.queue);
-        let tag = format!("hookfleet-{}-retries", std::process::id());
-        let consumer = ch
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(SessionError::Consume)?;
-        info!(queue = %queue, shared_slots = self.lanes.shared_n, "retry lane consuming");
-        let worker = self.clone();
-        let task = tokio::spawn(async move { worker.retry_loop(ch, consumer, tag, shutdown, session).await });
-        Ok(RetryLane { task: Some(task) })
-    }
-
-    async fn retry_loop(
-        self: Arc<Self>,
-        ch: Channel,
-        mut consumer: lapin::Consumer,
-        tag: String,
-        mut shutdown: watch::Receiver<bool>,
-        session: Arc<Session>,
-    ) -> Result<(), SessionError> {
-        let acks = Acks::start(ch.clone(), self.cfg.confirm_timeout);
-        loop {
-            let delivery = tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|s| *s) => break,
-                next = consumer.next() => match next {
-                    Some(Ok(d)) => d,
-                    Some(Err(e)) => return Err(SessionError::Consumer(e)),
-                    None => return Err(SessionError::ConsumerEnded),
-                },
-            };
-            // As in the work-queue loop: counted at once; a message still waiting for a slot when the
-            // session ends goes back to the queue with the channel.
-            let acct = Accounted::new(self.metrics.clone());
-            acks.received(delivery.delivery_tag);
-            let permit = tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|s| *s) => break,
-                p = self.lanes.acquire_retry() => p,
-            };
-            let worker = self.clone();
-            let session = session.clone();
-            let acks = acks.clone();
-            tokio::spawn(async move {
-                worker.deliver(&session, &acks, delivery, acct).await;
-                drop(permit);
-            });
-        }
-        if let Err(e) = ch
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await
-        {
-            warn!(error = %e, "cancelling the retry-lane consumer");
-        }
-        Ok(())
     }
 }
 

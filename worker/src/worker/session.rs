@@ -8,96 +8,49 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use hookfleet_crds::contract::exit;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use rand::Rng;
 use tokio::sync::watch;
+use tokio::time::Interval;
 use tracing::{error, info, warn};
 
-use super::Worker;
 use super::acks::Acks;
-use super::settlement::{Accounted, Publisher, Session};
+use super::broker::{LapinSettle, Publisher, Session};
+use super::consume::{Interrupts, RetryLane, cancel};
+use super::error::{CONNECT_TIMEOUT, Fatal, SessionError};
+use super::lanes::{FreshWait, Lane};
+use super::shared::Worker;
 use super::topology;
 use crate::backoff::Backoff;
 use crate::config::redact_uri;
+use crate::metrics::Metrics;
 use hookfleet_crds::integration::Jitter;
-
-/// How long one connection attempt (TCP, TLS, AMQP handshake) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often the consume loop looks at whether the broker blocked the connection (flow control).
 const BLOCKED_POLL: Duration = Duration::from_millis(250);
 
-/// Why a broker session ended.
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    #[error("connecting to the broker: {0}")]
-    Connect(#[source] lapin::Error),
-    #[error("connecting to the broker: no answer within {CONNECT_TIMEOUT:?}")]
-    ConnectTimeout,
-    /// Every node of a several-URI broker refused or timed out (one round); each error follows its
-    /// redacted URI.
-    #[error("connecting to the broker: none of its {nodes} nodes answered: {errors}")]
-    NoNodeAnswered { nodes: usize, errors: String },
-    #[error("opening a channel: {0}")]
-    Channel(#[source] lapin::Error),
-    #[error("declaring {what}: {source}")]
-    Declare {
-        what: String,
-        #[source]
-        source: lapin::Error,
-    },
-    /// Not retried: the queue will not change by itself (see [`Fatal`]).
-    #[error(
-        "queue {queue} exists on the broker with other arguments than the {wanted} queue this worker \
-         declares (differs at least in {argument}): {detail}; set --queue-type/--delivery-limit \
-         (spec.source.queueType/deliveryLimit) to match the queue, or drain and delete it so the \
-         worker can declare it"
-    )]
-    QueueMismatch {
-        queue: String,
-        /// `classic` or `quorum`: what the worker asked for.
-        wanted: &'static str,
-        /// The argument the broker named (it names the first difference it finds).
-        argument: String,
-        detail: String,
-    },
-    #[error("starting the consumer: {0}")]
-    Consume(#[source] lapin::Error),
-    #[error("consumer failed: {0}")]
-    Consumer(#[source] lapin::Error),
-    #[error("the broker cancelled the consumer")]
-    ConsumerEnded,
-    #[error(
-        "a retry or dead-letter copy was not stored (refused, returned or unconfirmed); re-declaring the topology"
-    )]
-    PublishFailed,
-}
-
-/// An error that stops the worker: its exit code and the line for the termination message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Fatal {
-    pub code: i32,
-    pub message: String,
-}
-
-impl SessionError {
-    /// Errors a reconnect cannot fix.
-    fn fatal(&self) -> Option<Fatal> {
-        match self {
-            SessionError::QueueMismatch { .. } => Some(Fatal {
-                code: exit::QUEUE_MISMATCH,
-                message: self.to_string(),
-            }),
-            _ => None,
+impl Worker {
+    /// [`Worker::run`] until `shutdown`, or until the destination is gone (see `gone`): then the same
+    /// drain as a shutdown, and `Err` with exit code `DESTINATION_GONE`.
+    pub async fn serve(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), Fatal> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut gone = self.gone.subscribe();
+        let forward = tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => {}
+                _ = gone.wait_for(|g| g.is_some()) => {}
+            }
+            let _ = stop_tx.send(true);
+        });
+        let result = self.clone().run(stop_rx).await;
+        forward.abort();
+        result?;
+        match self.gone.fatal() {
+            Some(fatal) => Err(fatal),
+            None => Ok(()),
         }
     }
-}
 
-impl Worker {
     /// Runs until `shutdown` turns true (Ok) or an error a reconnect cannot fix (Err): sessions,
     /// reconnects, then the drain.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), Fatal> {
@@ -223,6 +176,8 @@ impl Worker {
         }
     }
 
+    /// The work queue's lane: declares the topology, opens the publisher, starts the retry lane and
+    /// consumes until shutdown (`Ok` with the consume channel, to close) or until the session fails.
     async fn consume(
         self: &Arc<Self>,
         conn: &Connection,
@@ -233,19 +188,8 @@ impl Worker {
         let ch = conn.create_channel().await.map_err(SessionError::Channel)?;
         topology::declare(&ch, cfg, &self.ladder).await?;
         let publisher = Publisher::open(conn, cfg.confirm_timeout).await?;
-        ch.basic_qos(cfg.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(SessionError::Consume)?;
         let tag = format!("hookfleet-{}", std::process::id());
-        let mut consumer = ch
-            .basic_consume(
-                cfg.queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(SessionError::Consume)?;
+        let mut consumer = self.consumer(&ch, &cfg.queue, &tag).await?;
         self.metrics.consuming.set(1);
         info!(queue = %cfg.queue, queue_type = cfg.queue_type.as_str(), prefetch = cfg.prefetch,
               concurrency = cfg.concurrency, "consuming");
@@ -258,64 +202,25 @@ impl Worker {
             .start_retry_lane(conn, shutdown.clone(), session.clone())
             .await?;
         let _fleet_share = self.start_fleet_share(conn).await?;
-        let acks = Acks::start(ch.clone(), cfg.confirm_timeout);
-        let mut fresh_wait = super::FreshWait::default();
-        let mut blocked_poll = tokio::time::interval(BLOCKED_POLL);
-
-        loop {
-            let delivery = tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|s| *s) => break,
-                _ = session.publish_failed.notified() => return Err(SessionError::PublishFailed),
-                r = retry_lane.ended() => { r?; break }
-                _ = blocked_poll.tick() => {
-                    // Under flow control (a memory or disk alarm) the broker stops reading this
-                    // connection: no confirm, no ack gets through. Not ready meanwhile.
-                    let blocked = conn.status().blocked();
-                    if blocked != (self.metrics.broker_blocked.get() == 1) {
-                        if blocked {
-                            warn!("the broker blocked the connection (flow control): not ready");
-                        } else {
-                            info!("the broker unblocked the connection");
-                        }
-                    }
-                    self.metrics.broker_blocked.set(i64::from(blocked));
-                    continue;
-                }
-                next = consumer.next() => match next {
-                    Some(Ok(d)) => d,
-                    Some(Err(e)) => return Err(SessionError::Consumer(e)),
-                    None => return Err(SessionError::ConsumerEnded),
-                },
-            };
-            let acct = Accounted::new(self.metrics.clone());
-            acks.received(delivery.delivery_tag);
-            // Backpressure: no new task until a slot is free. A delivery waiting here is still
-            // unacked, so when the session ends it goes back to the queue with the channel (and
-            // `acct`, dropped, counts it as handed back).
-            let permit = tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|s| *s) => break,
-                _ = session.publish_failed.notified() => return Err(SessionError::PublishFailed),
-                r = retry_lane.ended() => { r?; break }
-                p = self.lanes.acquire_fresh(&mut fresh_wait) => p,
-            };
-            let worker = self.clone();
-            let session = session.clone();
-            let acks = acks.clone();
-            tokio::spawn(async move {
-                worker.deliver(&session, &acks, delivery, acct).await;
-                drop(permit);
-            });
-        }
+        let settle = Arc::new(LapinSettle {
+            session: session.clone(),
+            acks: Acks::start(ch.clone(), cfg.confirm_timeout),
+            timeout: cfg.confirm_timeout,
+        });
+        let mut lane = Lane::Fresh(FreshWait::default());
+        let mut interrupts = WorkLane {
+            shutdown,
+            session: &session,
+            retry_lane: &mut retry_lane,
+            blocked_poll: tokio::time::interval(BLOCKED_POLL),
+            conn,
+            metrics: &self.metrics,
+        };
+        self.consume_lane(&mut consumer, &mut lane, &settle, &mut interrupts)
+            .await?;
         info!("shutdown: cancelling the consumer");
         self.metrics.consuming.set(0);
-        if let Err(e) = ch
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await
-        {
-            warn!(error = %e, "cancelling the consumer");
-        }
+        cancel(&ch, &tag, "the consumer").await;
         retry_lane.finish().await;
         Ok(ch)
     }
@@ -339,6 +244,45 @@ impl Worker {
             }
         }
     }
+}
+
+/// What ends the work queue's consume loop: a shutdown, a copy that was not stored, the retry lane
+/// failing. While it waits for a message it also polls whether the broker blocked the connection.
+struct WorkLane<'a> {
+    shutdown: &'a mut watch::Receiver<bool>,
+    session: &'a Session,
+    retry_lane: &'a mut RetryLane,
+    blocked_poll: Interval,
+    conn: &'a Connection,
+    metrics: &'a Metrics,
+}
+
+impl Interrupts for WorkLane<'_> {
+    async fn interrupted(&mut self, idle: bool) -> Result<(), SessionError> {
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.wait_for(|s| *s) => return Ok(()),
+                _ = self.session.publish_failed.notified() => return Err(SessionError::PublishFailed),
+                r = self.retry_lane.ended() => return r,
+                _ = self.blocked_poll.tick(), if idle => poll_blocked(self.conn, self.metrics),
+            }
+        }
+    }
+}
+
+/// Under flow control (a memory or disk alarm) the broker stops reading this connection: no
+/// confirm, no ack gets through. Not ready meanwhile.
+fn poll_blocked(conn: &Connection, metrics: &Metrics) {
+    let blocked = conn.status().blocked();
+    if blocked != (metrics.broker_blocked.get() == 1) {
+        if blocked {
+            warn!("the broker blocked the connection (flow control): not ready");
+        } else {
+            info!("the broker unblocked the connection");
+        }
+    }
+    metrics.broker_blocked.set(i64::from(blocked));
 }
 
 /// How long closing a channel or the connection may take: a connection the broker blocks (flow

@@ -1,70 +1,28 @@
-//! Settlement: what an attempt's outcome means for the message (its [`Fate`]), and the one function
-//! that carries out every fate ([`Worker::settle`]). The ack rule lives here and nowhere else: the
+//! Settlement: the one place that carries out a message's [`Fate`] ([`Settler::settle`]), through
+//! the few broker operations it needs ([`Settle`], in `settle`). The ack rule lives here and nowhere else: the
 //! original is acked after a 2xx, or after the broker confirmed the copy stored in a delay or
 //! dead-letter queue; otherwise it is handed back to the broker, unacked.
 //!
 //! Every message the consumer yields is accounted for exactly once (see [`Accounted`]), so that
 //! `consumed = delivered + retried + dead-lettered + handed back + unsettled` holds on `/metrics`.
 
-use std::sync::{Arc, Mutex};
+use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
+use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
-use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, error, info, warn};
 
-use super::acks::Acks;
-use super::{SessionError, Worker};
+use super::fate::{Fate, Store};
+use super::gone::GoneLatch;
+use super::settle::{PublishError, Settle};
+use super::topology;
 use crate::message::{self, Failure, Meta};
 use crate::metrics::Metrics;
-use crate::outcome::Outcome;
-
-/// Publish channels per session. Each carries at most one unconfirmed publish (see [`Publisher`]),
-/// so this bounds concurrent retry/dead-letter publishes; a confirm takes a few milliseconds, so 16
-/// channels store thousands of copies a second.
-const PUBLISH_CHANNELS: usize = 16;
-
-/// What becomes of a message.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Fate {
-    /// Delivered (2xx): ack.
-    Ack { status: u16 },
-    /// Store a copy in `queue`, wait for the broker's confirm, then ack.
-    Store {
-        queue: String,
-        /// Boxed: properties with headers are large, and most fates are plain acks.
-        props: Box<BasicProperties>,
-        copy: Copy,
-    },
-    /// Leave it to the broker: `nack` with requeue when `requeue_now`, else leave it unacked until the
-    /// session's channel closes (the session is ending anyway).
-    HandBack { reason: &'static str, requeue_now: bool },
-}
-
-/// Why a copy is stored, for metrics and logs.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Copy {
-    Retry {
-        reason: &'static str,
-        status: Option<u16>,
-        next_in: Duration,
-    },
-    /// The circuit breaker is open: not attempted, back in about `next_in`.
-    Deferred { next_in: Duration },
-    DeadLetter {
-        /// Metric label: the refusal's reason, `attempts_exhausted` or `template`.
-        reason: &'static str,
-        failure: Failure,
-        attempts: u32,
-        detail: Option<String>,
-    },
-}
 
 /// The fate names of `hookfleet_messages_settled_total{fate}`.
-pub mod fate {
+pub mod settled {
     pub const DELIVERED: &str = "delivered";
     pub const RETRIED: &str = "retried";
     pub const DEAD_LETTERED: &str = "dead_lettered";
@@ -107,336 +65,332 @@ impl Accounted {
 
 impl Drop for Accounted {
     fn drop(&mut self) {
-        self.record(fate::HANDED_BACK, "handed_back", "not_started");
+        self.record(settled::HANDED_BACK, "handed_back", "not_started");
     }
 }
 
-/// Why a copy was not stored.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error("the broker returned it (no such queue)")]
-    Returned,
-    #[error("the broker refused it (nack)")]
-    Refused,
-    #[error("no confirm within {0:?}")]
-    Timeout(Duration),
-    #[error("{0}")]
-    Channel(#[source] lapin::Error),
-    #[error("the session is closing")]
-    Closed,
+/// What the settle site needs besides the broker: where copies go, what it reports to, and the 410
+/// latch a [`Fate::Stop`] sets.
+pub struct Settler<'a> {
+    pub metrics: &'a Metrics,
+    /// The work queue, which names the delay queues.
+    pub queue: &'a str,
+    pub dead_letter_queue: &'a str,
+    pub gone: &'a GoneLatch,
 }
 
-impl PublishError {
-    fn reason(&self) -> &'static str {
-        match self {
-            PublishError::Timeout(_) => "confirm_timeout",
-            _ => "publish_failed",
-        }
-    }
-}
-
-/// Confirm-mode channels for retries and dead letters, each with at most one unconfirmed publish.
-///
-/// Why one: lapin pairs a `basic.return` with whichever confirm it resolves next on that channel (a
-/// FIFO of returned messages; a `multiple` ack resolves pending tags in hash-map order). With several
-/// publishes outstanding on one channel, a returned copy could be reported to another task as a
-/// plain `Ack`, and that task would ack an original whose copy was dropped. With one outstanding
-/// publish per channel, the return (sent by the broker before the confirm) can only belong to it.
-pub struct Publisher {
-    free: Mutex<Vec<Channel>>,
-    slots: Semaphore,
-    timeout: Duration,
-}
-
-impl Publisher {
-    pub async fn open(conn: &Connection, timeout: Duration) -> Result<Self, SessionError> {
-        let mut free = Vec::with_capacity(PUBLISH_CHANNELS);
-        for _ in 0..PUBLISH_CHANNELS {
-            let ch = conn.create_channel().await.map_err(SessionError::Channel)?;
-            ch.confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(SessionError::Channel)?;
-            free.push(ch);
-        }
-        Ok(Self {
-            free: Mutex::new(free),
-            slots: Semaphore::new(PUBLISH_CHANNELS),
-            timeout,
-        })
-    }
-
-    /// Wakes every task waiting for a channel: the session is ending.
-    pub fn close(&self) {
-        self.slots.close();
-    }
-
-    /// Publishes a persistent copy through the default exchange with `mandatory`, and waits (at most
-    /// the confirm timeout, channel wait included) for the broker's confirm.
-    pub async fn publish(
+impl Settler<'_> {
+    /// Carries out `fate` for `d` (whose body is `body`): the only place a message is acked, nacked
+    /// or left to the broker.
+    pub async fn settle(
         &self,
-        queue: &str,
-        body: &[u8],
-        props: BasicProperties,
-    ) -> Result<(), PublishError> {
-        let permit = match tokio::time::timeout(self.timeout, self.slots.acquire()).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(_)) => return Err(PublishError::Closed),
-            Err(_) => return Err(PublishError::Timeout(self.timeout)),
-        };
-        let ch = self
-            .free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .expect("a slot always has a free channel");
-        let result = tokio::time::timeout(self.timeout, async {
-            let pending = ch
-                .basic_publish(
-                    ShortString::from(""),
-                    queue.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    body,
-                    props,
-                )
-                .await
-                .map_err(PublishError::Channel)?;
-            match pending.await.map_err(PublishError::Channel)? {
-                Confirmation::Ack(None) => Ok(()),
-                Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(PublishError::Returned),
-                Confirmation::Nack(None) => Err(PublishError::Refused),
-                Confirmation::NotRequested => Err(PublishError::Refused),
-            }
-        })
-        .await
-        .unwrap_or(Err(PublishError::Timeout(self.timeout)));
-        match &result {
-            // The channel has nothing outstanding: reuse it.
-            Ok(()) | Err(PublishError::Returned | PublishError::Refused) => {
-                self.free.lock().unwrap_or_else(|e| e.into_inner()).push(ch);
-                drop(permit);
-            }
-            // A publish may still be outstanding on it (timeout) or it is dead: never reuse it, and
-            // retire its slot. The session ends on this failure, so the pool is not needed long.
-            Err(_) => permit.forget(),
-        }
-        result
-    }
-}
-
-/// Per-session state shared by its delivery tasks.
-pub struct Session {
-    pub publisher: Publisher,
-    /// Signalled when a copy could not be stored (refused, returned, unconfirmed): the session ends
-    /// and the reconnect re-declares the topology, with backoff, instead of looping.
-    pub publish_failed: Notify,
-}
-
-impl Worker {
-    /// The fate an outcome decides. Pure but for the jitter of the retry delay.
-    pub(super) fn decide(&self, d: &Delivery, meta: &Meta, attempt: u32, outcome: Outcome) -> Fate {
-        let (exchange, rk) = (d.exchange.as_str(), d.routing_key.as_str());
-        match outcome {
-            Outcome::Delivered { status } => Fate::Ack { status },
-            Outcome::Retry {
-                reason,
-                status,
-                retry_after,
-            } if attempt < self.cfg.max_attempts => {
-                let delay = self
-                    .cfg
-                    .backoff
-                    .next_delay(attempt, retry_after, &mut rand::rng());
-                let ttl = self.cfg.backoff.bucket(delay);
-                let failure = Failure { reason, status };
-                Fate::Store {
-                    queue: self.delay_queue(ttl),
-                    props: Box::new(message::retry_properties(
-                        &d.properties,
-                        exchange,
-                        rk,
-                        meta,
-                        attempt,
-                        failure,
-                        ttl.as_millis() as u64,
-                    )),
-                    copy: Copy::Retry {
-                        reason,
-                        status,
-                        next_in: ttl,
-                    },
-                }
-            }
-            Outcome::Deferred { delay } => {
-                // Not attempted: the attempt count stays as it was.
-                let ttl = self.cfg.backoff.bucket(delay.min(self.cfg.backoff.max));
-                let failure = Failure {
-                    reason: "circuit_open",
-                    status: None,
-                };
-                Fate::Store {
-                    queue: self.delay_queue(ttl),
-                    props: Box::new(message::retry_properties(
-                        &d.properties,
-                        exchange,
-                        rk,
-                        meta,
-                        meta.attempts,
-                        failure,
-                        ttl.as_millis() as u64,
-                    )),
-                    copy: Copy::Deferred { next_in: ttl },
-                }
-            }
-            Outcome::Retry { reason, status, .. } => self.dead_letter(
-                d,
-                meta,
-                attempt,
-                Failure { reason, status },
-                "attempts_exhausted",
-                None,
-            ),
-            Outcome::Reject { reason, status } => {
-                self.dead_letter(d, meta, attempt, Failure { reason, status }, reason, None)
-            }
-            // Left unacked: the session ends (the worker stops) and the broker requeues it.
-            Outcome::Gone => Fate::HandBack {
-                reason: "gone",
-                requeue_now: false,
-            },
-        }
-    }
-
-    /// The fate of a message that goes to the dead-letter queue. `reason` is the metric label; the
-    /// `x-hookfleet-dead-reason` header is `detail` when given (e.g. `template: <error>`).
-    pub(super) fn dead_letter(
-        &self,
+        broker: &impl Settle,
         d: &Delivery,
+        body: &[u8],
         meta: &Meta,
-        attempt: u32,
-        failure: Failure,
-        reason: &'static str,
-        detail: Option<String>,
-    ) -> Fate {
-        let props = message::dead_letter_properties(
-            &d.properties,
-            d.exchange.as_str(),
-            d.routing_key.as_str(),
-            meta,
-            attempt,
-            failure,
-            detail.as_deref().unwrap_or(reason),
-        );
-        Fate::Store {
-            queue: self.cfg.dead_letter_queue.clone(),
-            props: Box::new(props),
-            copy: Copy::DeadLetter {
-                reason,
-                failure,
-                attempts: attempt,
-                detail,
-            },
-        }
-    }
-
-    /// Carries out `fate`: the only place a message is acked, nacked or left to the broker.
-    pub(super) async fn settle(
-        &self,
-        session: &Session,
-        acks: &Acks,
-        d: &Delivery,
-        body: &[u8],
         fate: Fate,
         acct: &mut Accounted,
     ) {
         match fate {
             Fate::Ack { status } => {
-                if acks.ack(d.delivery_tag).await {
+                if broker.ack(d.delivery_tag).await {
                     debug!(status, "delivered");
-                    acct.record(fate::DELIVERED, "delivered", "ok");
+                    acct.record(settled::DELIVERED, "delivered", "ok");
                 } else {
-                    acct.record(fate::HANDED_BACK, "handed_back", "ack_failed");
+                    acct.record(settled::HANDED_BACK, "handed_back", "ack_failed");
                 }
             }
             Fate::HandBack { reason, requeue_now } => {
-                if requeue_now {
-                    let requeue = BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    };
-                    match tokio::time::timeout(self.cfg.confirm_timeout, d.acker.nack(requeue)).await {
-                        // Settled: it no longer holds back a `multiple` ack of the tags above it.
-                        Ok(Ok(true)) => acks.nacked(d.delivery_tag),
-                        _ => warn!("nack not sent; the broker requeues the message with the channel"),
-                    }
+                if requeue_now && !broker.requeue(d).await {
+                    warn!("nack not sent; the broker requeues the message with the channel");
                 }
-                acct.record(fate::HANDED_BACK, "handed_back", reason);
+                acct.record(settled::HANDED_BACK, "handed_back", reason);
             }
-            Fate::Store { queue, props, copy } => {
-                if let Err(e) = session.publisher.publish(&queue, body, *props).await {
+            Fate::Stop => {
+                self.gone.set(self.metrics);
+                acct.record(settled::HANDED_BACK, "handed_back", "gone");
+            }
+            Fate::Store(store) => {
+                let (queue, props) = self.copy(d, meta, &store);
+                if let Err(e) = broker.publish(&queue, body, props).await {
                     // The original stays unacked: the session ends and closing its connection hands
                     // it back. Nacking it here instead would redeliver it at once on a session that
                     // cannot publish: a requeue loop.
                     if matches!(e, PublishError::Closed) {
-                        debug!(queue, "session closing; copy not stored");
+                        debug!(queue = &*queue, "session closing; copy not stored");
                     } else {
-                        error!(queue, error = %e, "copy not stored; handing the message back");
+                        error!(queue = &*queue, error = %e, "copy not stored; handing the message back");
                     }
                     self.metrics.publish_failures.inc();
-                    session.publish_failed.notify_one();
-                    acct.record(fate::HANDED_BACK, "handed_back", e.reason());
+                    broker.publish_failed();
+                    acct.record(settled::HANDED_BACK, "handed_back", e.reason());
                     return;
                 }
-                let acked = acks.ack(d.delivery_tag).await;
-                match copy {
-                    Copy::Retry {
-                        reason,
-                        status,
-                        next_in,
-                    } => {
-                        self.metrics.retries.inc();
-                        info!(reason, status, next_in = ?next_in, "attempt failed; retry scheduled");
-                        if acked {
-                            acct.record(fate::RETRIED, "retried", reason);
-                        }
-                    }
-                    Copy::Deferred { next_in } => {
-                        debug!(next_in = ?next_in, "circuit open; deferred");
-                        if acked {
-                            acct.record(fate::RETRIED, "deferred", "circuit_open");
-                        }
-                    }
-                    Copy::DeadLetter {
-                        reason,
-                        failure,
-                        attempts,
-                        detail,
-                    } => {
-                        self.metrics
-                            .dead_letters
-                            .get_or_create(&vec![("reason", reason)])
-                            .inc();
-                        warn!(
-                            reason,
-                            detail,
-                            last_error = failure.reason,
-                            status = failure.status,
-                            attempts,
-                            queue = %self.cfg.dead_letter_queue,
-                            "dead-lettered"
-                        );
-                        if acked {
-                            acct.record(fate::DEAD_LETTERED, "dead_lettered", reason);
-                        }
-                    }
+                let acked = broker.ack(d.delivery_tag).await;
+                self.stored(store, acked, acct);
+            }
+        }
+    }
+
+    /// Where the copy goes, and its properties (the message's, with our headers).
+    fn copy(&self, d: &Delivery, meta: &Meta, store: &Store) -> (Cow<'_, str>, BasicProperties) {
+        let (props, exchange, rk) = (&d.properties, d.exchange.as_str(), d.routing_key.as_str());
+        let retry = |attempts, failure, next_in: Duration| {
+            let queue = topology::delay_queue(self.queue, next_in);
+            let ms = next_in.as_millis() as u64;
+            let props = message::retry_properties(props, exchange, rk, meta, attempts, failure, ms);
+            (Cow::Owned(queue), props)
+        };
+        match store {
+            Store::Retry {
+                failure,
+                attempts,
+                next_in,
+            } => retry(*attempts, *failure, *next_in),
+            Store::Defer { attempts, next_in } => {
+                let failure = Failure {
+                    reason: "circuit_open",
+                    status: None,
+                };
+                retry(*attempts, failure, *next_in)
+            }
+            Store::DeadLetter {
+                failure, attempts, ..
+            } => {
+                let why = store.dead_reason().unwrap_or_default();
+                let props =
+                    message::dead_letter_properties(props, exchange, rk, meta, *attempts, *failure, why);
+                (Cow::Borrowed(self.dead_letter_queue), props)
+            }
+        }
+    }
+
+    /// The copy is stored and the original `acked` (or not): metrics, log line, accounting.
+    fn stored(&self, store: Store, acked: bool, acct: &mut Accounted) {
+        match store {
+            Store::Retry { failure, next_in, .. } => {
+                self.metrics.retries.inc();
+                let Failure { reason, status } = failure;
+                info!(reason, status, next_in = ?next_in, "attempt failed; retry scheduled");
+                if acked {
+                    acct.record(settled::RETRIED, "retried", reason);
                 }
-                if !acked {
-                    // The copy is stored and the original comes back too: a duplicate, same id.
-                    acct.record(fate::HANDED_BACK, "handed_back", "ack_failed");
+            }
+            Store::Defer { next_in, .. } => {
+                debug!(next_in = ?next_in, "circuit open; deferred");
+                if acked {
+                    acct.record(settled::RETRIED, "deferred", "circuit_open");
+                }
+            }
+            Store::DeadLetter {
+                reason,
+                failure,
+                attempts,
+                detail,
+            } => {
+                self.metrics
+                    .dead_letters
+                    .get_or_create(&vec![("reason", reason)])
+                    .inc();
+                warn!(
+                    reason,
+                    detail,
+                    last_error = failure.reason,
+                    status = failure.status,
+                    attempts,
+                    queue = %self.dead_letter_queue,
+                    "dead-lettered"
+                );
+                if acked {
+                    acct.record(settled::DEAD_LETTERED, "dead_lettered", reason);
                 }
             }
         }
+        if !acked {
+            // The copy is stored and the original comes back too: a duplicate, same id.
+            acct.record(settled::HANDED_BACK, "handed_back", "ack_failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use reqwest::Url;
+
+    use super::*;
+    use crate::message::{
+        H_ATTEMPTS, H_DEAD_REASON, H_ID, H_LAST_ERROR, H_LAST_STATUS, H_NEXT_DELAY, header_int, header_str,
+    };
+    use crate::worker::fate::Store;
+    use crate::worker::memory::{Memory, Op, delivery, settled};
+
+    const BODY: &[u8] = br#"{"n":1}"#;
+
+    fn retry() -> Fate {
+        Fate::Store(Store::Retry {
+            failure: Failure {
+                reason: "http_status",
+                status: Some(503),
+            },
+            attempts: 2,
+            next_in: Duration::from_millis(1000),
+        })
+    }
+
+    fn defer() -> Fate {
+        Fate::Store(Store::Defer {
+            attempts: 1,
+            next_in: Duration::from_millis(2000),
+        })
+    }
+
+    fn dead(reason: &'static str, detail: Option<&str>) -> Fate {
+        Fate::Store(Store::DeadLetter {
+            reason,
+            failure: Failure { reason, status: None },
+            attempts: 3,
+            detail: detail.map(str::to_owned),
+        })
+    }
+
+    /// Settles `fate` of message 7 on `broker`: the metrics and the latch it left.
+    async fn settle(broker: &Memory, fate: Fate) -> (Arc<Metrics>, GoneLatch) {
+        let metrics = Arc::new(Metrics::new(""));
+        let gone = GoneLatch::new(Url::parse("https://hooks.example.com/a").unwrap());
+        let settler = Settler {
+            metrics: &metrics,
+            queue: "orders",
+            dead_letter_queue: "orders.dead",
+            gone: &gone,
+        };
+        let d = delivery(7, BODY);
+        let meta = message::meta(&d.properties, "ex", "orders.created", BODY, 5);
+        let mut acct = Accounted::new(metrics.clone());
+        settler.settle(broker, &d, BODY, &meta, fate, &mut acct).await;
+        assert!(acct.is_settled());
+        (metrics, gone)
+    }
+
+    /// Every fate × what the broker answers → the operations asked of it, in order, and the one
+    /// record of the message (`messages_settled_total{fate}`, `deliveries_total{result,reason}`).
+    #[tokio::test]
+    async fn every_fate_is_carried_out_and_accounted_once() {
+        let refused = || Memory::failing_publish(PublishError::Refused);
+        #[rustfmt::skip]
+        let table: Vec<(Fate, Memory, &[&str], [&str; 3])> = vec![
+            (Fate::Ack { status: 200 }, Memory::default(), &["ack 7"], ["delivered", "delivered", "ok"]),
+            // An ack that is not sent: the broker redelivers it.
+            (Fate::Ack { status: 200 }, Memory::failing_frames(), &["ack 7"], ["handed_back", "handed_back", "ack_failed"]),
+            // A copy, then (only once confirmed) the ack.
+            (retry(), Memory::default(), &["publish orders.delay.1000ms", "ack 7"], ["retried", "retried", "http_status"]),
+            (defer(), Memory::default(), &["publish orders.delay.2000ms", "ack 7"], ["retried", "deferred", "circuit_open"]),
+            (dead("http_status", None), Memory::default(), &["publish orders.dead", "ack 7"], ["dead_lettered", "dead_lettered", "http_status"]),
+            (dead("template", Some("template: x")), Memory::default(), &["publish orders.dead", "ack 7"], ["dead_lettered", "dead_lettered", "template"]),
+            // A copy not stored: no ack, the session ends (the original goes back with the channel).
+            (retry(), refused(), &["publish orders.delay.1000ms unconfirmed", "publish_failed"], ["handed_back", "handed_back", "publish_failed"]),
+            (retry(), Memory::failing_publish(PublishError::Timeout(Duration::from_secs(30))),
+                &["publish orders.delay.1000ms unconfirmed", "publish_failed"], ["handed_back", "handed_back", "confirm_timeout"]),
+            (defer(), Memory::failing_publish(PublishError::Closed),
+                &["publish orders.delay.2000ms unconfirmed", "publish_failed"], ["handed_back", "handed_back", "publish_failed"]),
+            (dead("http_status", None), Memory::failing_publish(PublishError::Returned),
+                &["publish orders.dead unconfirmed", "publish_failed"], ["handed_back", "handed_back", "publish_failed"]),
+            // A copy stored whose original cannot be acked: a duplicate, same id.
+            (retry(), Memory::failing_frames(), &["publish orders.delay.1000ms", "ack 7"], ["handed_back", "handed_back", "ack_failed"]),
+            (dead("http_status", None), Memory::failing_frames(), &["publish orders.dead", "ack 7"], ["handed_back", "handed_back", "ack_failed"]),
+            // Handed back now (nack with requeue, sent or not), or left unacked.
+            (Fate::HandBack { reason: "panic", requeue_now: true }, Memory::default(), &["requeue 7"], ["handed_back", "handed_back", "panic"]),
+            (Fate::HandBack { reason: "panic", requeue_now: true }, Memory::failing_frames(), &["requeue 7"], ["handed_back", "handed_back", "panic"]),
+            (Fate::HandBack { reason: "gone", requeue_now: false }, Memory::default(), &[], ["handed_back", "handed_back", "gone"]),
+            (Fate::Stop, Memory::default(), &[], ["handed_back", "handed_back", "gone"]),
+        ];
+        for (fate, broker, ops, [fate_label, result, reason]) in table {
+            let (metrics, _) = settle(&broker, fate.clone()).await;
+            assert_eq!(broker.log(), ops, "{fate:?}");
+            assert_eq!(settled(&metrics, fate_label, result, reason), (1, 1), "{fate:?}");
+            assert_eq!(metrics.consumed.get(), 1);
+            assert_eq!(metrics.unsettled.get(), 0, "{fate:?}");
+            let stored = ops.iter().any(|op| op.starts_with("publish "));
+            let failed = ops.contains(&"publish_failed");
+            assert_eq!(metrics.publish_failures.get(), u64::from(failed), "{fate:?}");
+            let retries = matches!(fate, Fate::Store(Store::Retry { .. })) && stored && !failed;
+            assert_eq!(metrics.retries.get(), u64::from(retries), "{fate:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retry_copy_carries_the_attempts_the_error_and_the_delay() {
+        let broker = Memory::default();
+        settle(&broker, retry()).await;
+        let Op::Publish { body, props, .. } = &broker.ops()[0] else {
+            panic!("{:?}", broker.ops());
+        };
+        assert_eq!(body, BODY, "the original body");
+        let h = props.headers().as_ref();
+        assert_eq!(header_str(h, H_ID).as_deref(), Some("m-1"));
+        assert_eq!(header_int(h, H_ATTEMPTS), Some(2));
+        assert_eq!(header_str(h, H_LAST_ERROR).as_deref(), Some("http_status"));
+        assert_eq!(header_int(h, H_LAST_STATUS), Some(503));
+        assert_eq!(header_int(h, H_NEXT_DELAY), Some(1000));
+        assert_eq!(*props.delivery_mode(), Some(2), "persistent");
+    }
+
+    #[tokio::test]
+    async fn a_deferral_says_the_breaker_was_open_and_keeps_the_attempts() {
+        let broker = Memory::default();
+        settle(&broker, defer()).await;
+        let (queue, props) = &broker.published()[0];
+        assert_eq!(queue, "orders.delay.2000ms");
+        let h = props.headers().as_ref();
+        assert_eq!(header_int(h, H_ATTEMPTS), Some(1));
+        assert_eq!(header_str(h, H_LAST_ERROR).as_deref(), Some("circuit_open"));
+        assert_eq!(header_int(h, H_LAST_STATUS), None);
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_says_why_and_is_counted_by_reason() {
+        for (reason, detail, header) in [
+            ("attempts_exhausted", None, "attempts_exhausted"),
+            (
+                "template",
+                Some("template: `x` is undefined"),
+                "template: `x` is undefined",
+            ),
+        ] {
+            let broker = Memory::default();
+            let (metrics, _) = settle(&broker, dead(reason, detail)).await;
+            let (queue, props) = &broker.published()[0];
+            assert_eq!(queue, "orders.dead");
+            let h = props.headers().as_ref();
+            assert_eq!(header_str(h, H_DEAD_REASON).as_deref(), Some(header));
+            assert_eq!(header_int(h, H_ATTEMPTS), Some(3));
+            let counted = metrics
+                .dead_letters
+                .get_or_create(&vec![("reason", reason)])
+                .get();
+            assert_eq!(counted, 1, "{reason}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stop_sets_the_gone_latch_and_leaves_the_message_to_the_broker() {
+        let broker = Memory::default();
+        let (metrics, gone) = settle(&broker, Fate::Stop).await;
+        assert!(broker.ops().is_empty(), "neither acked nor nacked");
+        assert!(gone.is_set());
+        assert_eq!(metrics.destination_gone.get(), 1);
+        let fatal = gone.fatal().expect("the exit after the drain");
+        assert_eq!(fatal.code, hookfleet_crds::contract::exit::DESTINATION_GONE);
+        // A hand-back after it (the next message, not attempted) leaves the latch as it was.
+        let (_, other) = settle(
+            &broker,
+            Fate::HandBack {
+                reason: "gone",
+                requeue_now: false,
+            },
+        )
+        .await;
+        assert!(!other.is_set());
     }
 }

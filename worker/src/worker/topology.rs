@@ -30,7 +30,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ErrorKind};
 use tracing::debug;
 
-use super::SessionError;
+use super::error::SessionError;
 use crate::config::Config;
 
 /// AMQP reply code of `PRECONDITION_FAILED`: a queue exists with other arguments.

@@ -1,0 +1,74 @@
+//! Why a broker session ends, and the errors that stop the worker instead of a reconnect.
+
+use std::time::Duration;
+
+use hookfleet_crds::contract::exit;
+
+/// How long one connection attempt (TCP, TLS, AMQP handshake) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a broker session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connecting to the broker: {0}")]
+    Connect(#[source] lapin::Error),
+    #[error("connecting to the broker: no answer within {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout,
+    /// Every node of a several-URI broker refused or timed out (one round); each error follows its
+    /// redacted URI.
+    #[error("connecting to the broker: none of its {nodes} nodes answered: {errors}")]
+    NoNodeAnswered { nodes: usize, errors: String },
+    #[error("opening a channel: {0}")]
+    Channel(#[source] lapin::Error),
+    #[error("declaring {what}: {source}")]
+    Declare {
+        what: String,
+        #[source]
+        source: lapin::Error,
+    },
+    /// Not retried: the queue will not change by itself (see [`Fatal`]).
+    #[error(
+        "queue {queue} exists on the broker with other arguments than the {wanted} queue this worker \
+         declares (differs at least in {argument}): {detail}; set --queue-type/--delivery-limit \
+         (spec.source.queueType/deliveryLimit) to match the queue, or drain and delete it so the \
+         worker can declare it"
+    )]
+    QueueMismatch {
+        queue: String,
+        /// `classic` or `quorum`: what the worker asked for.
+        wanted: &'static str,
+        /// The argument the broker named (it names the first difference it finds).
+        argument: String,
+        detail: String,
+    },
+    #[error("starting the consumer: {0}")]
+    Consume(#[source] lapin::Error),
+    #[error("consumer failed: {0}")]
+    Consumer(#[source] lapin::Error),
+    #[error("the broker cancelled the consumer")]
+    ConsumerEnded,
+    #[error(
+        "a retry or dead-letter copy was not stored (refused, returned or unconfirmed); re-declaring the topology"
+    )]
+    PublishFailed,
+}
+
+/// An error that stops the worker: its exit code and the line for the termination message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fatal {
+    pub code: i32,
+    pub message: String,
+}
+
+impl SessionError {
+    /// Errors a reconnect cannot fix.
+    pub fn fatal(&self) -> Option<Fatal> {
+        match self {
+            SessionError::QueueMismatch { .. } => Some(Fatal {
+                code: exit::QUEUE_MISMATCH,
+                message: self.to_string(),
+            }),
+            _ => None,
+        }
+    }
+}
