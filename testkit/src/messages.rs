@@ -13,7 +13,7 @@ use futures::future::try_join_all;
 use hmac::{Hmac, Mac};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use sha2::Sha256;
 
 use crate::sink::Hit;
@@ -53,32 +53,44 @@ pub async fn publish(uri: &str, queue: &str, ids: &[String], per_second: Option<
         if let Some(t) = tick.as_mut() {
             t.tick().await;
         }
-        let mut pending = Vec::with_capacity(chunk.len());
-        for id in chunk {
-            let props = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_message_id(id.as_str().into())
-                .with_content_type("application/json".into());
-            pending.push(
-                ch.basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions::default(),
-                    &body(id),
-                    props,
-                )
-                .await?,
-            );
-        }
-        for c in try_join_all(pending).await? {
-            // Ack(Some(_)) is a message the broker returned (unroutable): not published.
-            anyhow::ensure!(
-                matches!(c, Confirmation::Ack(None)),
-                "publish not confirmed: {c:?}"
-            );
-        }
+        let batch: Vec<(&str, Vec<u8>)> = chunk.iter().map(|id| (id.as_str(), body(id))).collect();
+        publish_batch(&ch, queue, &batch).await?;
     }
     let _ = conn.close(200, "published".into()).await;
+    Ok(())
+}
+
+/// Publishes `(id, body)` pairs to `queue` on `ch` (in confirm mode) as persistent JSON messages with
+/// `message_id` = the id, all at once, and returns once the broker confirmed every one.
+pub async fn publish_batch(
+    ch: &Channel,
+    queue: &str,
+    batch: &[(impl AsRef<str>, impl AsRef<[u8]>)],
+) -> Result<()> {
+    let mut pending = Vec::with_capacity(batch.len());
+    for (id, body) in batch {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(id.as_ref().into())
+            .with_content_type("application/json".into());
+        pending.push(
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body.as_ref(),
+                props,
+            )
+            .await?,
+        );
+    }
+    for c in try_join_all(pending).await? {
+        // Ack(Some(_)) is a message the broker returned (unroutable): not published.
+        anyhow::ensure!(
+            matches!(c, Confirmation::Ack(None)),
+            "publish not confirmed: {c:?}"
+        );
+    }
     Ok(())
 }
 

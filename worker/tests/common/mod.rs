@@ -8,15 +8,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use futures::future::try_join_all;
 use hookfleet_crds::contract::queues;
 use hookfleet_crds::integration::{QueueType, default_delivery_limit};
 use hookfleet_testkit::RabbitMq;
 use hookfleet_testkit::process::{Process, free_port, wait_for};
 use hookfleet_worker::worker::topology;
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{BasicGetOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 
 pub const WORKER: &str = env!("CARGO_BIN_EXE_hookfleet-worker");
 
@@ -106,26 +105,7 @@ pub async fn publish_uri(
         declare_work_queue(&ch, queue, t).await?;
     }
     for chunk in messages.chunks(500) {
-        let mut pending = Vec::with_capacity(chunk.len());
-        for (id, body) in chunk {
-            let props = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_message_id(id.as_str().into())
-                .with_content_type("application/json".into());
-            pending.push(
-                ch.basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions::default(),
-                    body,
-                    props,
-                )
-                .await?,
-            );
-        }
-        for c in try_join_all(pending).await? {
-            anyhow::ensure!(c.is_ack(), "publish not confirmed: {c:?}");
-        }
+        hookfleet_testkit::messages::publish_batch(&ch, queue, chunk).await?;
     }
     let _ = conn.close(200, "published".into()).await;
     Ok(())
