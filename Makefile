@@ -21,9 +21,10 @@ demo: deps tools ## hookfleet at work: real node, chart install, sample Integrat
 test: deps tools lint ## The whole test suite: lints, unit tests, and integration tests on the real stack (benches: bench-*)
 	$(CARGO) test --workspace --lib --bins --tests
 
-lint: ## rustfmt and clippy (warnings are errors); the generated CRD is checked by a test
+lint: ## rustfmt, clippy (warnings are errors), no import cycle between modules; the generated CRD is checked by a test
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	python3 hack/modcycles.py operator/src worker/src crds/src testkit/src e2e/src
 
 fmt: ## Format the code
 	$(CARGO) fmt --all

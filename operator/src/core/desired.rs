@@ -29,16 +29,6 @@ use crate::names::{
 pub const METRICS_PORT: i32 = contract::METRICS_PORT as i32;
 /// Label value of `app.kubernetes.io/name` on every worker object.
 pub const APP_NAME: &str = "hookfleet-worker";
-/// Env var the worker reads the broker URI from.
-pub const ENV_AMQP_URI: &str = contract::env::AMQP_URI;
-/// Env var the worker reads the signing secret from.
-pub const ENV_SIGNING_SECRET: &str = contract::env::SIGNING_SECRET;
-/// Env vars the worker reads outgoing credentials from (each a `secretKeyRef`, never a literal).
-pub const ENV_BASIC_AUTH_USERNAME: &str = contract::env::BASIC_AUTH_USERNAME;
-pub const ENV_BASIC_AUTH_PASSWORD: &str = contract::env::BASIC_AUTH_PASSWORD;
-pub const ENV_BEARER_TOKEN: &str = contract::env::BEARER_TOKEN;
-pub const ENV_OAUTH2_CLIENT_ID: &str = contract::env::OAUTH2_CLIENT_ID;
-pub const ENV_OAUTH2_CLIENT_SECRET: &str = contract::env::OAUTH2_CLIENT_SECRET;
 /// Where the CA bundle of `destination.tls.caFrom` is mounted (read-only Secret volume).
 pub const TLS_CA_DIR: &str = "/etc/hookfleet/tls/ca";
 /// Where the client certificate Secret of `destination.tls.clientCertSecret` is mounted.
