@@ -26,7 +26,7 @@ use crate::error::Error;
 use crate::memory::Memories;
 use crate::metrics::Metrics;
 use crate::names::{INTEGRATION_LABEL, MANAGED_BY};
-use crate::reconcile::reconcile;
+use crate::pipeline::reconcile;
 use crate::secrets;
 use crate::slim;
 

@@ -13,8 +13,8 @@
 //!    on), [`metrics`];
 //! 4. [`context`]: what every reconcile shares;
 //! 5. [`reconcile`]'s steps (dereference, build, apply, status, malformed), each with its own error;
-//! 6. [`error`]: the one error enum, wrapping the steps' errors; then the reconcile itself, which runs the
-//!    steps;
+//! 6. [`error`]: the one error enum, wrapping the steps' errors; then [`pipeline`], the reconcile itself,
+//!    which runs the steps;
 //! 7. [`controller`]: the watches and the error policy;
 //! 8. this file, [`http`] and the binary.
 
@@ -28,6 +28,7 @@ pub mod http;
 pub mod memory;
 pub mod metrics;
 pub mod names;
+pub mod pipeline;
 pub mod reconcile;
 pub mod secrets;
 pub mod slim;
