@@ -78,27 +78,15 @@ async fn publish_confirmed(
     ids: &[usize],
     size: usize,
 ) -> Result<()> {
-    let mut pending = Vec::with_capacity(ids.len());
-    for &i in ids {
-        let id = format!("{prefix}-{i}");
-        pending.push(
-            ch.basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                &body(&id, size),
-                props(&id, None),
-            )
-            .await?,
-        );
-    }
-    for c in try_join_all(pending).await? {
-        anyhow::ensure!(
-            matches!(c, Confirmation::Ack(None)),
-            "publish not confirmed: {c:?}"
-        );
-    }
-    Ok(())
+    let batch: Vec<(String, Vec<u8>)> = ids
+        .iter()
+        .map(|&i| {
+            let id = format!("{prefix}-{i}");
+            let body = body(&id, size);
+            (id, body)
+        })
+        .collect();
+    hookfleet_testkit::messages::publish_batch(ch, queue, &batch).await
 }
 
 /// Publishes `n` persistent messages `prefix-0 …` of `size` bytes to `queue` (which exists) as fast as

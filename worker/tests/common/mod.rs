@@ -410,27 +410,16 @@ pub fn account(
     delivered: &HashMap<String, usize>,
     dead: &HashSet<String>,
 ) -> Result<usize> {
-    let published_set: HashSet<&String> = published.iter().collect();
-    let lost: Vec<&String> = published
-        .iter()
-        .filter(|id| !delivered.contains_key(*id) && !dead.contains(*id))
-        .collect();
-    anyhow::ensure!(
-        lost.is_empty(),
-        "{} ids vanished, e.g. {:?}",
-        lost.len(),
-        &lost[..lost.len().min(5)]
-    );
-    let unknown: Vec<&String> = delivered
-        .keys()
-        .filter(|id| !published_set.contains(id))
-        .collect();
-    anyhow::ensure!(
-        unknown.is_empty(),
-        "sink saw unknown ids: {:?}",
-        &unknown[..unknown.len().min(5)]
-    );
-    Ok(delivered.values().map(|n| n - 1).sum())
+    let a = hookfleet_testkit::messages::account(published, delivered, dead)?;
+    if a.lost > 0 {
+        let some: Vec<&String> = published
+            .iter()
+            .filter(|id| !delivered.contains_key(*id) && !dead.contains(*id))
+            .take(5)
+            .collect();
+        anyhow::bail!("{} ids vanished, e.g. {some:?}", a.lost);
+    }
+    Ok(a.duplicates)
 }
 
 /// One row of the fault-scenario table (docs/faults.md), from a test's own per-id accounting:
