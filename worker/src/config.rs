@@ -252,9 +252,9 @@ impl Config {
             args.tls_client_key_file.as_deref(),
         )?;
 
-        let body_template = match checked.body_template.as_deref() {
-            Some(t) => {
-                Some(Arc::new(BodyTemplate::compile(t).map_err(|e| {
+        let body_template = match checked.body_template {
+            Some(env) => {
+                Some(Arc::new(BodyTemplate::from_environment(env).map_err(|e| {
                     bad(&setting(flag::BODY_TEMPLATE, var::BODY_TEMPLATE), e)
                 })?))
             }

@@ -13,7 +13,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-pub use hookfleet_crds::address::forbidden;
+use hookfleet_crds::address::forbidden;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 /// The system's resolver (getaddrinfo on a blocking thread, through tokio).

@@ -57,8 +57,14 @@ pub struct RenderError(String);
 impl BodyTemplate {
     /// Compiles `source`; the error is the parser's, on one line.
     pub fn compile(source: &str) -> Result<Self, String> {
-        let env = hookfleet_crds::template::environment(source)?;
+        Self::from_environment(hookfleet_crds::template::environment(source)?)
+    }
+
+    /// The template of an environment [`hookfleet_crds::template::environment`] compiled (as
+    /// `WorkerArgs::check` does at start).
+    pub fn from_environment(env: Environment<'static>) -> Result<Self, String> {
         let tmpl = env.get_template(NAME).map_err(|e| one_line(&e.to_string()))?;
+        let source = tmpl.source();
         let mut variables: Vec<String> = tmpl.undeclared_variables(false).into_iter().collect();
         variables.sort();
         // The scanner's reading must agree with MiniJinja's on the variables read (a cheap check
@@ -528,7 +534,6 @@ fn find_escape(input: &[u8], mut pos: usize) -> usize {
     pos
 }
 
-/// Newlines folded and the length capped (at a character boundary).
 #[cfg(test)]
 mod tests {
     use rand::rngs::StdRng;

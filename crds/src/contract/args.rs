@@ -433,7 +433,7 @@ impl WorkerArgs {
 }
 
 /// `--confirm-timeout` when not set (the operator leaves it so).
-fn default_confirm_timeout() -> Duration {
+pub(super) fn default_confirm_timeout() -> Duration {
     Duration::from_secs(30)
 }
 

@@ -7,6 +7,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use minijinja::Environment;
 use url::Url;
 
 use super::{WorkerArgs, env, flag, queues, setting};
@@ -107,7 +108,7 @@ pub const AUTHORIZATION_TWICE: &str =
     "Authorization is set twice: by a header and by basic, bearer or OAuth2 auth; keep one";
 
 /// What [`WorkerArgs::check`] read out of the arguments, for the worker to build its configuration from.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Checked {
     /// The work queue (trimmed).
     pub queue: String,
@@ -119,8 +120,9 @@ pub struct Checked {
     /// `--header-from-env` (name lower-cased, variable).
     pub headers_from_env: Vec<(String, String)>,
     pub oauth2_token_url: Option<Url>,
-    /// `--body-template` unless blank.
-    pub body_template: Option<String>,
+    /// `--body-template` unless blank, compiled ([`crate::template::environment`]: the worker renders
+    /// with this environment rather than compiling the template a second time).
+    pub body_template: Option<Environment<'static>>,
     /// `--dead-letter-queue`, or `<queue>.dead`.
     pub dead_letter_queue: String,
     /// (per second, burst) of `--rate-limit` and `--rate-limit-burst` (default: the rate).
@@ -232,10 +234,9 @@ impl WorkerArgs {
             no.push(AUTH, AUTHORIZATION_TWICE);
         }
         let body_template = match self.body_template.as_deref() {
-            Some(t) if !t.trim().is_empty() => no.take(
-                BODY_TEMPLATE,
-                crate::template::environment(t).map(|_| Some(t.to_owned())),
-            ),
+            Some(t) if !t.trim().is_empty() => {
+                no.take(BODY_TEMPLATE, crate::template::environment(t).map(Some))
+            }
             _ => Some(None),
         };
         if self.backoff_initial > self.backoff_max {

@@ -151,7 +151,7 @@ impl WorkerSetup {
             adaptive_throttle: throttle.is_some(),
             adaptive_throttle_min: throttle.map(|t| t.min_concurrency),
             adaptive_throttle_window: throttle.map(|t| t.window.into()),
-            confirm_timeout: Duration::from_secs(30),
+            confirm_timeout: super::args::default_confirm_timeout(),
             dead_letter_queue: Some(match &d.dead_letter {
                 Some(dl) => dl.queue.clone(),
                 None => super::queues::dead_letter(&source.queue),
