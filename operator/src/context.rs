@@ -61,7 +61,7 @@ impl Context {
     /// Drops everything remembered about Integration `ns/name`, and its metric series.
     pub(crate) fn forget(&self, ns: &str, name: &str) {
         self.memory.forget(ns, name);
-        self.metrics.forget_integration(&format!("{ns}/{name}"));
+        self.metrics.forget_integration(&crate::memory::key(ns, name));
     }
 
     /// Forgets `ns/name` if the cache no longer holds it (with this uid): the last thing a reconcile or the

@@ -83,6 +83,8 @@ pub struct Memories {
     gauge: Gauge<i64, AtomicI64>,
 }
 
+/// `namespace/name`: the key of an Integration's memory, and its `integration` label in the metrics (the
+/// controller forgets the series of the memories it drops by this key).
 pub fn key(ns: &str, name: &str) -> String {
     format!("{ns}/{name}")
 }

@@ -35,8 +35,8 @@ pub struct Desired {
     pub children: Option<Children>,
     /// Set while the destination is gone: `replicas` is then 0.
     pub destination_gone: Option<DestinationGone>,
-    /// What the worker would refuse in the spec (`hookfleet_crds::validate`), one `field: reason` per
-    /// line: nothing is applied, so the running fleet stays as it was.
+    /// What the worker would refuse in the spec (`hookfleet_crds::validate`), as `field: reason; …`:
+    /// nothing is applied, so the running fleet stays as it was.
     pub invalid: Option<String>,
 }
 

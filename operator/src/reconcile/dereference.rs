@@ -79,11 +79,9 @@ impl std::fmt::Debug for Probe {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum DereferenceError {
-    #[error(transparent)]
-    ReadSecret(#[from] secrets::ReadError),
-}
+/// The dereference step fails only where a referenced Secret cannot be read (a missing one is a
+/// condition, not an error).
+pub type DereferenceError = secrets::ReadError;
 
 /// Reads what the Integration refers to and what its children and pods look like, from the API server
 /// (`client`, for the Secrets the caches do not hold at their current version), the operator's `caches`,

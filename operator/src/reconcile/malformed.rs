@@ -92,7 +92,8 @@ pub async fn malformed(invalid: &InvalidObject, ctx: &Context, ns: &str, name: &
         resource_version: invalid.metadata.resource_version.clone(),
         ..Default::default()
     };
-    ctx.metrics.integration_conditions(&format!("{ns}/{name}"), &new);
+    ctx.metrics
+        .integration_conditions(&crate::memory::key(ns, name), &new);
     if !(unchanged(condition::READY) && unchanged(condition::DEGRADED)) {
         ctx.event(&regarding, true, reason::INVALID_SPEC, message.clone())
             .await;

@@ -67,7 +67,7 @@ pub async fn status(
     new.conditions = status::merge_conditions(&old.conditions, new.conditions, &now);
     // Metrics mirror the status on every pass (in memory: the steady state still writes nothing).
     ctx.metrics
-        .integration_status(&format!("{ns}/{name}"), &new, restarts);
+        .integration_status(&crate::memory::key(&ns, &name), &new, restarts);
     let has_problem = new
         .conditions
         .iter()
