@@ -62,7 +62,7 @@ pub struct Fatal {
 
 impl SessionError {
     /// Errors a reconnect cannot fix.
-    pub fn fatal(&self) -> Option<Fatal> {
+    pub(super) fn fatal(&self) -> Option<Fatal> {
         match self {
             SessionError::QueueMismatch { .. } => Some(Fatal {
                 code: exit::QUEUE_MISMATCH,

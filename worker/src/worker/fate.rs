@@ -49,16 +49,6 @@ pub enum Store {
     },
 }
 
-impl Store {
-    /// The `x-hookfleet-dead-reason` header of a dead letter: the detail, or else the reason.
-    pub fn dead_reason(&self) -> Option<&str> {
-        match self {
-            Store::DeadLetter { reason, detail, .. } => Some(detail.as_deref().unwrap_or(reason)),
-            Store::Retry { .. } | Store::Defer { .. } => None,
-        }
-    }
-}
-
 /// What a message may spend: attempts, and the schedule between them.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits<'a> {

@@ -32,9 +32,9 @@ pub enum Op {
 pub struct Memory {
     ops: Mutex<Vec<Op>>,
     /// Whether ack and nack frames fail to go out (a closed channel).
-    pub frames_fail: bool,
+    frames_fail: bool,
     /// The answer to the next publish instead of a confirm.
-    pub fail_next_publish: Mutex<Option<PublishError>>,
+    fail_next_publish: Mutex<Option<PublishError>>,
     /// Whether the next ack panics (a bug on the settle path).
     pub panic_on_next_ack: AtomicBool,
 }

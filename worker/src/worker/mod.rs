@@ -47,7 +47,6 @@ mod shared;
 pub mod topology;
 
 pub use error::{Fatal, SessionError};
-pub use fate::{Fate, Store};
 pub use gone::Gone;
 pub use lanes::{FreshWait, Lanes};
 pub use session::reconnect_delay;

@@ -1,7 +1,7 @@
 //! Settlement: the one place that carries out a message's [`Fate`] ([`Settler::settle`]), through
-//! the few broker operations it needs ([`Settle`], in `settle`). The ack rule lives here and nowhere else: the
-//! original is acked after a 2xx, or after the broker confirmed the copy stored in a delay or
-//! dead-letter queue; otherwise it is handed back to the broker, unacked.
+//! the few broker operations it needs ([`Settle`], in `settle`). The ack rule lives here and nowhere
+//! else: the original is acked after a 2xx, or after the broker confirmed the copy stored in a delay
+//! or dead-letter queue; otherwise it is handed back to the broker, unacked.
 //!
 //! Every message the consumer yields is accounted for exactly once (see [`Accounted`]), so that
 //! `consumed = delivered + retried + dead-lettered + handed back + unsettled` holds on `/metrics`.
@@ -155,9 +155,13 @@ impl Settler<'_> {
                 retry(*attempts, failure, *next_in)
             }
             Store::DeadLetter {
-                failure, attempts, ..
+                reason,
+                failure,
+                attempts,
+                detail,
             } => {
-                let why = store.dead_reason().unwrap_or_default();
+                // The `x-hookfleet-dead-reason` header: the detail, or else the reason.
+                let why = detail.as_deref().unwrap_or(reason);
                 let props =
                     message::dead_letter_properties(props, exchange, rk, meta, *attempts, *failure, why);
                 (Cow::Borrowed(self.dead_letter_queue), props)
@@ -382,7 +386,8 @@ mod tests {
         assert_eq!(metrics.destination_gone.get(), 1);
         let fatal = gone.fatal().expect("the exit after the drain");
         assert_eq!(fatal.code, hookfleet_crds::contract::exit::DESTINATION_GONE);
-        // A hand-back after it (the next message, not attempted) leaves the latch as it was.
+        // A hand-back with reason `gone` (a message not attempted after the 410) does not set the
+        // latch (a fresh one here): only a stop does.
         let (_, other) = settle(
             &broker,
             Fate::HandBack {
