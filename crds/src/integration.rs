@@ -1,5 +1,5 @@
-//! `Integration` (hookfleet.io/v1alpha1): one RabbitMQ queue delivered to one webhook destination by a
-//! fleet of workers.
+//! `Integration` (hookfleet.io/v1alpha1): one RabbitMQ queue delivered by a fleet of workers to one
+//! webhook destination, or to the many [`Webhook`](crate::webhook::Webhook)s that name it.
 //!
 //! Everything the API server can check is in the schema (types, ranges, enums, CEL rules), so a bad
 //! manifest is refused at `kubectl apply` time with a message that names the field. What only the
@@ -32,8 +32,8 @@ use crate::limits;
     derive = "PartialEq",
     shortname = "intg",
     category = "hookfleet",
-    doc = "An Integration delivers the messages of one RabbitMQ queue to one HTTP webhook destination, \
-           acknowledging each message only after its delivery succeeded.",
+    doc = "An Integration delivers the messages of one RabbitMQ queue to one HTTP webhook destination, or \
+           to the Webhooks that name it, acknowledging each message only after its delivery succeeded.",
     scale(
         spec_replicas_path = ".spec.workers.replicas",
         status_replicas_path = ".status.replicas",
@@ -71,11 +71,19 @@ use crate::limits;
 ).message("delivery.deadLetter.queue must differ from source.queue and from its retry-ready queue \
            (<queue>.retries)")
     .field_path(".delivery.deadLetter.queue"))]
+#[x_kube(validation = kube::core::Rule::new("has(self.destination) != has(self.webhooks)")
+    .message("set exactly one of destination (one endpoint for every message) and webhooks (the fleet \
+              delivers the Webhooks that name this Integration)"))]
 pub struct IntegrationSpec {
     /// The RabbitMQ queue to consume.
     pub source: SourceSpec,
-    /// The HTTP endpoint each message is delivered to.
-    pub destination: DestinationSpec,
+    /// The HTTP endpoint each message is delivered to. Exactly one of `destination` and `webhooks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<DestinationSpec>,
+    /// The fleet delivers many Webhooks (each a customer endpoint subscribed to event names) instead
+    /// of one destination. Exactly one of `destination` and `webhooks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<WebhooksSpec>,
     /// Retries, backoff, concurrency, rate limit and dead letters.
     #[serde(default)]
     pub delivery: DeliverySpec,
@@ -85,6 +93,48 @@ pub struct IntegrationSpec {
     /// When true the operator leaves the fleet as it is and applies no changes.
     #[serde(default)]
     pub paused: bool,
+}
+
+/// How the fleet of an Integration delivers its Webhooks (`docs/webhooks.md`). What a Webhook may not
+/// decide for itself (private networks, the event name's source) is set here, by the platform team.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhooksSpec {
+    /// The message header holding the event name Webhooks match on; the routing key when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub event_name_header: Option<String>,
+    /// What becomes of a message that no Webhook matches: `ack` (counted, then dropped) or
+    /// `deadLetter` (kept in the dead-letter queue with reason `unmatched`).
+    #[serde(default)]
+    pub unmatched: Unmatched,
+    /// Allow private, loopback and link-local addresses for every Webhook of this fleet (refused by
+    /// default against SSRF). A Webhook cannot allow them itself.
+    #[serde(default)]
+    pub allow_private_networks: bool,
+}
+
+/// What becomes of a message no Webhook matches.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Unmatched {
+    /// Acked and counted (`hookfleet_messages_unmatched_total`).
+    #[default]
+    Ack,
+    /// Dead-lettered with reason `unmatched`.
+    DeadLetter,
+}
+
+impl Unmatched {
+    /// Every variant, in the order error messages list them.
+    pub const ALL: [Self; 2] = [Unmatched::Ack, Unmatched::DeadLetter];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unmatched::Ack => "ack",
+            Unmatched::DeadLetter => "deadLetter",
+        }
+    }
 }
 
 /// Where messages come from.
@@ -179,7 +229,7 @@ pub struct Binding {
     pub routing_key: String,
 }
 
-/// The webhook endpoint.
+/// The webhook endpoint: an Integration's single `destination`, or a Webhook's.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new(
@@ -233,6 +283,8 @@ pub struct DestinationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSpec>,
     /// Allow private, loopback and link-local destination addresses (refused by default against SSRF).
+    /// Only an Integration's `destination` may set it; a Webhook follows its Integration's
+    /// `webhooks.allowPrivateNetworks`.
     #[serde(default)]
     pub allow_private_networks: bool,
 }
@@ -804,6 +856,25 @@ pub struct IntegrationStatus {
     /// annotation `hookfleet.io/retry-destination` is set to a new value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination_gone: Option<DestinationGone>,
+    /// The Webhooks naming this Integration, by state (only with `spec.webhooks`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<WebhookCounts>,
+}
+
+/// The Webhooks of an Integration by state.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookCounts {
+    /// Every Webhook naming this Integration.
+    pub total: i32,
+    /// Delivered by the fleet and not failing.
+    pub ready: i32,
+    /// Paused (`spec.paused`): their messages are kept until they resume.
+    pub paused: i32,
+    /// Their last delivery failed.
+    pub failing: i32,
+    /// Refused (`InvalidSpec`): not delivered until fixed.
+    pub invalid: i32,
 }
 
 /// A destination that answered HTTP 410 Gone.

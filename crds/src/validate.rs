@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use crate::contract::{Invalid, Pod, WorkerSetup};
 use crate::integration::IntegrationSpec;
+use crate::webhook::WebhookSpec;
 
 /// The spec fields the worker would refuse, each with the worker's reason; `Ok` when it would start.
 /// Pure: the operator may call it before it touches the Deployment and report an `InvalidSpec`
@@ -38,6 +39,44 @@ pub fn validate(spec: &IntegrationSpec) -> Result<(), Vec<Invalid>> {
         tls_client_key_file: String::new(),
     };
     let refused = WorkerSetup::from_spec(spec, &pod).args.check_fields();
+    if refused.is_empty() { Ok(()) } else { Err(refused) }
+}
+
+/// The spec fields of a Webhook the fleet would refuse, each with the reason; `Ok` when it can be
+/// delivered. Its destination goes through the same rules as an Integration's (`spec.destination.…`),
+/// with private networks as its Integration allows them (`allow_private_networks`, the Integration's
+/// `spec.webhooks.allowPrivateNetworks`), never as the Webhook says.
+pub fn validate_webhook(spec: &WebhookSpec, allow_private_networks: bool) -> Result<(), Vec<Invalid>> {
+    let mut refused = Vec::new();
+    let no = |field: &str, reason: String| Invalid {
+        field: field.to_owned(),
+        reason,
+    };
+    if spec.destination.allow_private_networks {
+        refused.push(no(
+            "spec.destination.allowPrivateNetworks",
+            "a Webhook cannot allow private networks: the Integration's webhooks.allowPrivateNetworks decides"
+                .into(),
+        ));
+    }
+    if spec.events.is_empty() {
+        refused.push(no(
+            "spec.events",
+            "at least one event prefix (\"\" takes every event)".into(),
+        ));
+    }
+    if let Some(p) = spec.events.iter().find(|p| p.chars().any(char::is_control)) {
+        refused.push(no("spec.events", format!("{p:?} has a control character")));
+    }
+    if let Some(h) = spec
+        .match_headers
+        .keys()
+        .find(|h| h.is_empty() || h.chars().any(|c| c.is_control() || c.is_whitespace()))
+    {
+        refused.push(no("spec.matchHeaders", format!("{h:?} is not a header name")));
+    }
+    let setup = WorkerSetup::for_webhook(&spec.destination, allow_private_networks);
+    refused.extend(setup.args.check_fields());
     if refused.is_empty() { Ok(()) } else { Err(refused) }
 }
 
@@ -76,17 +115,26 @@ destination:
     fn a_plain_spec_and_every_example_pass() {
         assert_eq!(validate(&spec()), Ok(()));
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        let mut webhooks = 0;
         for entry in std::fs::read_dir(dir).unwrap() {
             let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-            let intg: crate::integration::Integration = serde_yaml::from_str(&text).unwrap();
+            let raw: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+            if raw["kind"].as_str() == Some("Webhook") {
+                let w: crate::webhook::Webhook = serde_yaml::from_value(raw).unwrap();
+                assert_eq!(validate_webhook(&w.spec, false), Ok(()));
+                webhooks += 1;
+                continue;
+            }
+            let intg: crate::integration::Integration = serde_yaml::from_value(raw).unwrap();
             assert_eq!(validate(&intg.spec), Ok(()));
         }
+        assert!(webhooks >= 2, "Webhook examples: {webhooks}");
     }
 
     #[test]
     fn a_template_that_does_not_parse() {
         let mut s = spec();
-        s.destination.body = Some(crate::integration::BodySpec {
+        s.destination.as_mut().unwrap().body = Some(crate::integration::BodySpec {
             template: "{% if %}".into(),
         });
         let (field, reason) = refused(&s);
@@ -113,7 +161,11 @@ destination:
     fn cr_lf_or_another_control_character_in_a_header_value() {
         for value in ["a\r\nX-Injected: 1", "a\nb", "bell\u{7}", "del\u{7f}"] {
             let mut s = spec();
-            s.destination.headers.insert("X-Source".into(), value.into());
+            s.destination
+                .as_mut()
+                .unwrap()
+                .headers
+                .insert("X-Source".into(), value.into());
             refuses(
                 &s,
                 "spec.destination.headers",
@@ -122,6 +174,8 @@ destination:
         }
         let mut s = spec();
         s.destination
+            .as_mut()
+            .unwrap()
             .headers
             .insert("X-Ok".into(), "tab\tand ünïcode".into());
         assert_eq!(validate(&s), Ok(()));
@@ -137,13 +191,13 @@ destination:
             },
         };
         let mut s = spec();
-        s.destination.headers_from = vec![from("Not A Token")];
+        s.destination.as_mut().unwrap().headers_from = vec![from("Not A Token")];
         refuses(
             &s,
             "spec.destination.headersFrom",
             "\"Not A Token\" is not a header name",
         );
-        s.destination.headers_from = vec![from("Webhook-Signature")];
+        s.destination.as_mut().unwrap().headers_from = vec![from("Webhook-Signature")];
         assert_eq!(
             refused(&s).1,
             "webhook-signature is set by the worker and cannot be overridden"
@@ -153,8 +207,16 @@ destination:
     #[test]
     fn authorization_from_two_places() {
         let mut s = spec();
-        s.destination.headers.insert("Authorization".into(), "a".into());
-        s.destination.headers.insert("authorization".into(), "b".into());
+        s.destination
+            .as_mut()
+            .unwrap()
+            .headers
+            .insert("Authorization".into(), "a".into());
+        s.destination
+            .as_mut()
+            .unwrap()
+            .headers
+            .insert("authorization".into(), "b".into());
         refuses(
             &s,
             "spec.destination.headers",
@@ -165,11 +227,11 @@ destination:
     #[test]
     fn a_url_the_http_client_cannot_use() {
         let mut s = spec();
-        s.destination.url = "https://exa mple.com/".into();
+        s.destination.as_mut().unwrap().url = "https://exa mple.com/".into();
         let (field, reason) = refused(&s);
         assert_eq!(field, "spec.destination.url");
         assert!(reason.starts_with("\"https://exa mple.com/\": "), "{reason}");
-        s.destination.url = "mailto:ops@example.com".into();
+        s.destination.as_mut().unwrap().url = "mailto:ops@example.com".into();
         assert_eq!(
             refused(&s).1,
             "must be an absolute http:// or https:// URL with a host"
@@ -179,20 +241,20 @@ destination:
     #[test]
     fn a_private_address_needs_allow_private_networks() {
         let mut s = spec();
-        s.destination.url = "http://169.254.169.254/latest".into();
+        s.destination.as_mut().unwrap().url = "http://169.254.169.254/latest".into();
         refuses(
             &s,
             "spec.destination.url",
             "169.254.169.254 is a link-local address; pass --allow-private-networks to allow it",
         );
-        s.destination.allow_private_networks = true;
+        s.destination.as_mut().unwrap().allow_private_networks = true;
         assert_eq!(validate(&s), Ok(()));
     }
 
     #[test]
     fn an_oauth2_token_url_the_http_client_cannot_use() {
         let mut s = spec();
-        s.destination.auth = Some(
+        s.destination.as_mut().unwrap().auth = Some(
             serde_yaml::from_str(
                 "oauth2: {tokenUrl: 'ftp://login', clientIdFrom: {name: o, key: i}, \
                  clientSecretFrom: {name: o, key: s}}",
@@ -230,11 +292,50 @@ destination:
     #[test]
     fn every_refusal_is_reported() {
         let mut s = spec();
-        s.destination.url = "http://127.0.0.1/".into();
+        s.destination.as_mut().unwrap().url = "http://127.0.0.1/".into();
         s.delivery.dead_letter = Some(DeadLetterSpec {
             queue: "orders".into(),
         });
         let fields: Vec<String> = validate(&s).unwrap_err().into_iter().map(|i| i.field).collect();
         assert_eq!(fields, ["spec.destination.url", "spec.delivery.deadLetter.queue"]);
+    }
+
+    #[test]
+    fn a_webhook_is_checked_as_a_destination_with_its_integration_s_private_networks() {
+        let w: WebhookSpec = serde_yaml::from_str(
+            "integration: f\nevents: [temp]\ndestination: {url: \"http://10.1.2.3/h\"}\n",
+        )
+        .unwrap();
+        let e = validate_webhook(&w, false).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].field, "spec.destination.url");
+        assert!(
+            e[0].reason.contains("10.1.2.3 is a private address"),
+            "{}",
+            e[0].reason
+        );
+        assert_eq!(validate_webhook(&w, true), Ok(()), "the Integration allows it");
+
+        let mut own = w.clone();
+        own.destination.allow_private_networks = true;
+        let e = validate_webhook(&own, false).unwrap_err();
+        assert!(
+            e.iter()
+                .any(|i| i.field == "spec.destination.allowPrivateNetworks"),
+            "a Webhook's own allowance is refused: {e:?}"
+        );
+        // And it does not count: the URL is still refused.
+        assert!(e.iter().any(|i| i.field == "spec.destination.url"), "{e:?}");
+
+        let mut bad = w.clone();
+        bad.destination.url = "https://ok.example/h".into();
+        bad.destination.headers.insert("X-Bad".into(), "a\r\nb: 1".into());
+        bad.events.push("line\nbreak".into());
+        let fields: Vec<String> = validate_webhook(&bad, false)
+            .unwrap_err()
+            .into_iter()
+            .map(|i| i.field)
+            .collect();
+        assert_eq!(fields, ["spec.events", "spec.destination.headers"]);
     }
 }

@@ -57,6 +57,9 @@ const TO_WORKER: &[&str] = &[
     "destination.tls.caFrom.key",
     "destination.tls.clientCertSecret.name",
     "destination.allowPrivateNetworks",
+    "webhooks.eventNameHeader",
+    "webhooks.unmatched",
+    "webhooks.allowPrivateNetworks",
     "delivery.maxAttempts",
     "delivery.backoff.initial",
     "delivery.backoff.max",
@@ -88,7 +91,12 @@ const OPERATOR_ONLY: &[&str] = &[
 fn pod(intg: &Integration) -> Pod {
     Pod {
         integration: testing::integration_name(intg),
-        shutdown_grace: Duration::from(intg.spec.destination.timeout) + Duration::from_secs(15),
+        shutdown_grace: Duration::from(
+            intg.spec
+                .destination
+                .as_ref()
+                .map_or(std::time::Duration::from_secs(10).into(), |d| d.timeout),
+        ) + Duration::from_secs(15),
         tls_ca_file: "/etc/tls/ca/ca.crt".into(),
         tls_client_cert_file: "/etc/tls/client/tls.crt".into(),
         tls_client_key_file: "/etc/tls/client/tls.key".into(),
@@ -156,9 +164,24 @@ fn check(intg: &Integration, rt: &RoundTrip) {
     assert_eq!(a.delivery_limit, spec.source.delivery_limit);
 
     // destination
-    let dst = &spec.destination;
+    let Some(dst) = &spec.destination else {
+        // Webhooks: the snapshot Secret instead of destination flags, the event name's header, what
+        // becomes of an unmatched message, private networks as the Integration says.
+        let w = spec.webhooks.as_ref().expect("a destination or webhooks");
+        assert_eq!(a.destination_url, None);
+        assert_eq!(checked.destination, None);
+        let name = a.integration.rsplit('/').next().unwrap();
+        assert_eq!(
+            checked.webhooks_secret,
+            Some(hookfleet_crds::contract::webhooks::snapshot_secret(name))
+        );
+        assert_eq!(a.event_name_header, w.event_name_header);
+        assert_eq!(a.unmatched, w.unmatched);
+        assert_eq!(a.allow_private_networks, w.allow_private_networks);
+        return;
+    };
     assert_eq!(
-        checked.destination.as_str(),
+        checked.destination.as_ref().unwrap().as_str(),
         url::Url::parse(&dst.url).unwrap().as_str()
     );
     assert_eq!(a.method, dst.method);

@@ -17,9 +17,12 @@ fn minimal_example_takes_the_documented_defaults() {
     let i = example("minimal.yaml");
     assert_eq!(i.spec.source.prefetch, 64);
     assert!(i.spec.source.bindings.is_empty());
-    assert_eq!(i.spec.destination.method, HttpMethod::Post);
-    assert_eq!(i.spec.destination.timeout, std::time::Duration::from_secs(10));
-    assert!(!i.spec.destination.allow_private_networks);
+    assert_eq!(i.spec.destination.as_ref().unwrap().method, HttpMethod::Post);
+    assert_eq!(
+        i.spec.destination.as_ref().unwrap().timeout,
+        std::time::Duration::from_secs(10)
+    );
+    assert!(!i.spec.destination.as_ref().unwrap().allow_private_networks);
     assert_eq!(i.spec.delivery.max_attempts, 10);
     assert_eq!(i.spec.delivery.concurrency, 128);
     assert_eq!(i.spec.delivery.backoff.initial, std::time::Duration::from_secs(1));
@@ -44,14 +47,27 @@ fn full_example_round_trips_without_nulls() {
         i.spec.delivery.rate_limit.as_ref().map(|r| r.per_second),
         Some(200)
     );
-    assert_eq!(i.spec.destination.headers_from[0].name, "X-Api-Key");
-    let signing = i.spec.destination.signing.as_ref().unwrap();
+    assert_eq!(
+        i.spec.destination.as_ref().unwrap().headers_from[0].name,
+        "X-Api-Key"
+    );
+    let signing = i.spec.destination.as_ref().unwrap().signing.as_ref().unwrap();
     let keys: Vec<&str> = signing.refs().map(|r| r.name.as_str()).collect();
     assert_eq!(keys, ["erp-signing", "erp-signing-next"]);
-    let oauth2 = i.spec.destination.auth.as_ref().unwrap().oauth2.as_ref().unwrap();
+    let oauth2 = i
+        .spec
+        .destination
+        .as_ref()
+        .unwrap()
+        .auth
+        .as_ref()
+        .unwrap()
+        .oauth2
+        .as_ref()
+        .unwrap();
     assert_eq!(oauth2.token_url, "https://login.example.com/oauth2/token");
     assert_eq!(oauth2.scopes, ["orders.write"]);
-    let tls = i.spec.destination.tls.as_ref().unwrap();
+    let tls = i.spec.destination.as_ref().unwrap().tls.as_ref().unwrap();
     assert_eq!(tls.ca_from.as_ref().unwrap().key, "ca.crt");
     assert_eq!(tls.client_cert_secret.as_ref().unwrap().name, "erp-client-cert");
     assert_eq!(
@@ -76,13 +92,18 @@ fn full_example_round_trips_without_nulls() {
 
 #[test]
 fn auth_examples_set_one_method_each() {
-    let basic = example("auth-basic.yaml").spec.destination.auth.unwrap();
+    let basic = example("auth-basic.yaml").spec.destination.unwrap().auth.unwrap();
     let b = basic.basic.unwrap();
     assert_eq!(
         (b.username_from.key.as_str(), b.password_from.key.as_str()),
         ("username", "password")
     );
     assert!(basic.bearer.is_none() && basic.oauth2.is_none());
-    let bearer = example("auth-bearer.yaml").spec.destination.auth.unwrap();
+    let bearer = example("auth-bearer.yaml")
+        .spec
+        .destination
+        .unwrap()
+        .auth
+        .unwrap();
     assert_eq!(bearer.bearer.unwrap().token_from.name, "partner-token");
 }

@@ -1,19 +1,20 @@
 //! The generated CRD on a real kube-apiserver: it becomes Established, the examples are accepted with
 //! their defaults filled in, and bad manifests are refused with an error that names the field.
 
-use hookfleet_crds::Integration;
+use hookfleet_crds::{Integration, Webhook};
 use hookfleet_e2e::ControlPlane;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 
-fn integration_resource() -> ApiResource {
-    ApiResource::from_gvk(&GroupVersionKind::gvk("hookfleet.io", "v1alpha1", "Integration"))
+fn resource(kind: &str) -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk("hookfleet.io", "v1alpha1", kind))
 }
 
 /// Applies `yaml` the way `kubectl apply --server-side` does (strict field validation).
 async fn apply(cp: &ControlPlane, yaml: &str) -> Result<DynamicObject, kube::Error> {
     let obj: DynamicObject = serde_yaml::from_str(yaml).expect("test manifest is YAML");
-    let api: Api<DynamicObject> = Api::namespaced_with(cp.client(), "default", &integration_resource());
+    let kind = obj.types.as_ref().map_or("Integration", |t| t.kind.as_str());
+    let api: Api<DynamicObject> = Api::namespaced_with(cp.client(), "default", &resource(kind));
     let name = obj.metadata.name.clone().expect("test manifest has a name");
     api.patch(
         &name,
@@ -70,6 +71,11 @@ async fn crd_is_established_and_validates_integrations() -> anyhow::Result<()> {
         let applied = apply(&cp, &yaml)
             .await
             .map_err(|e| anyhow::anyhow!("{} refused: {e}", path.display()))?;
+        if applied.types.as_ref().is_some_and(|t| t.kind == "Webhook") {
+            let typed: Webhook = serde_json::from_value(serde_json::to_value(&applied)?)?;
+            assert!(!typed.spec.events.is_empty(), "{}", path.display());
+            continue;
+        }
         let typed: Integration = serde_json::from_value(serde_json::to_value(&applied)?)?;
         assert!(
             typed.spec.delivery.max_attempts >= 1,
@@ -84,7 +90,7 @@ async fn crd_is_established_and_validates_integrations() -> anyhow::Result<()> {
     assert_eq!(minimal.spec.delivery.concurrency, 128);
     assert_eq!(minimal.spec.workers.file_descriptor_limit, 1_048_576);
     assert_eq!(
-        minimal.spec.destination.timeout,
+        minimal.spec.destination.as_ref().unwrap().timeout,
         std::time::Duration::from_secs(10)
     );
     assert_eq!(
@@ -126,7 +132,16 @@ async fn crd_is_established_and_validates_integrations() -> anyhow::Result<()> {
             format!("  source: {{connectionSecretRef: {{name: rabbitmq, key: uri}}}}\n{dst}"),
             "spec.source.queue",
         ),
-        ("missing-destination", src.to_owned(), "spec.destination"),
+        (
+            "missing-destination",
+            src.to_owned(),
+            "exactly one of destination",
+        ),
+        (
+            "destination-and-webhooks",
+            format!("{src}{dst}  webhooks: {{}}\n"),
+            "exactly one of destination",
+        ),
         (
             "autoscale-min-above-max",
             format!("{src}{dst}  workers: {{autoscale: {{min: 5, max: 3}}}}\n"),
@@ -230,9 +245,32 @@ async fn crd_is_established_and_validates_integrations() -> anyhow::Result<()> {
             "spec.source.prefetch",
         ),
     ];
+    // Webhooks: a tenant cannot allow private networks; at least one event prefix.
+    let webhook = |name: &str, spec: &str| {
+        format!("apiVersion: hookfleet.io/v1alpha1\nkind: Webhook\nmetadata: {{name: {name}}}\nspec:\n{spec}")
+    };
+    let cases: Vec<(&str, String, &str)> = cases
+        .into_iter()
+        .map(|(n, s, f)| (n, with_spec(n, &s), f))
+        .chain([
+            (
+                "webhook-allows-private-networks",
+                webhook(
+                    "private",
+                    "  integration: f\n  events: [a]\n  destination: {url: \"http://10.0.0.1/\", allowPrivateNetworks: true}\n",
+                ),
+                "spec.destination.allowPrivateNetworks",
+            ),
+            (
+                "webhook-without-events",
+                webhook("no-events", "  integration: f\n  events: []\n  destination: {url: \"https://h.example.com\"}\n"),
+                "spec.events",
+            ),
+        ])
+        .collect();
     let mut failures = Vec::new();
-    for (name, spec, field) in &cases {
-        match apply(&cp, &with_spec(name, spec)).await {
+    for (name, manifest, field) in &cases {
+        match apply(&cp, manifest).await {
             Ok(_) => failures.push(format!("{name}: accepted, expected a refusal naming {field}")),
             Err(kube::Error::Api(status)) if status.code == 422 || status.code == 400 => {
                 if !status.message.contains(field) {

@@ -51,61 +51,62 @@ fn key_ref(r: &SecretKeyRef, field: impl Into<String>) -> KeyRef {
 
 /// Every Secret key the workers read, the broker URI first.
 pub fn referenced_keys(spec: &IntegrationSpec) -> Vec<KeyRef> {
-    let d = &spec.destination;
     let mut refs = vec![key_ref(
         &spec.source.connection_secret_ref,
         "spec.source.connectionSecretRef",
     )];
-    for h in &d.headers_from {
-        refs.push(key_ref(
-            &h.secret_key_ref,
-            format!("spec.destination.headersFrom[{}]", h.name),
-        ));
-    }
-    if let Some(s) = &d.signing {
-        if let Some(r) = &s.secret_ref {
-            refs.push(key_ref(r, "spec.destination.signing.secretRef"));
-        }
-        for (i, r) in s.secret_refs.iter().enumerate() {
-            refs.push(key_ref(r, format!("spec.destination.signing.secretRefs[{i}]")));
-        }
-    }
-    if let Some(a) = &d.auth {
-        if let Some(b) = &a.basic {
+    if let Some(d) = &spec.destination {
+        for h in &d.headers_from {
             refs.push(key_ref(
-                &b.username_from,
-                "spec.destination.auth.basic.usernameFrom",
-            ));
-            refs.push(key_ref(
-                &b.password_from,
-                "spec.destination.auth.basic.passwordFrom",
+                &h.secret_key_ref,
+                format!("spec.destination.headersFrom[{}]", h.name),
             ));
         }
-        if let Some(b) = &a.bearer {
-            refs.push(key_ref(&b.token_from, "spec.destination.auth.bearer.tokenFrom"));
+        if let Some(s) = &d.signing {
+            if let Some(r) = &s.secret_ref {
+                refs.push(key_ref(r, "spec.destination.signing.secretRef"));
+            }
+            for (i, r) in s.secret_refs.iter().enumerate() {
+                refs.push(key_ref(r, format!("spec.destination.signing.secretRefs[{i}]")));
+            }
         }
-        if let Some(o) = &a.oauth2 {
-            refs.push(key_ref(
-                &o.client_id_from,
-                "spec.destination.auth.oauth2.clientIdFrom",
-            ));
-            refs.push(key_ref(
-                &o.client_secret_from,
-                "spec.destination.auth.oauth2.clientSecretFrom",
-            ));
+        if let Some(a) = &d.auth {
+            if let Some(b) = &a.basic {
+                refs.push(key_ref(
+                    &b.username_from,
+                    "spec.destination.auth.basic.usernameFrom",
+                ));
+                refs.push(key_ref(
+                    &b.password_from,
+                    "spec.destination.auth.basic.passwordFrom",
+                ));
+            }
+            if let Some(b) = &a.bearer {
+                refs.push(key_ref(&b.token_from, "spec.destination.auth.bearer.tokenFrom"));
+            }
+            if let Some(o) = &a.oauth2 {
+                refs.push(key_ref(
+                    &o.client_id_from,
+                    "spec.destination.auth.oauth2.clientIdFrom",
+                ));
+                refs.push(key_ref(
+                    &o.client_secret_from,
+                    "spec.destination.auth.oauth2.clientSecretFrom",
+                ));
+            }
         }
-    }
-    if let Some(t) = &d.tls {
-        if let Some(r) = &t.ca_from {
-            refs.push(key_ref(r, "spec.destination.tls.caFrom"));
-        }
-        if let Some(s) = &t.client_cert_secret {
-            for key in [TLS_CERT_KEY, TLS_KEY_KEY] {
-                refs.push(KeyRef {
-                    name: s.name.clone(),
-                    key: key.into(),
-                    field: "spec.destination.tls.clientCertSecret".into(),
-                });
+        if let Some(t) = &d.tls {
+            if let Some(r) = &t.ca_from {
+                refs.push(key_ref(r, "spec.destination.tls.caFrom"));
+            }
+            if let Some(s) = &t.client_cert_secret {
+                for key in [TLS_CERT_KEY, TLS_KEY_KEY] {
+                    refs.push(KeyRef {
+                        name: s.name.clone(),
+                        key: key.into(),
+                        field: "spec.destination.tls.clientCertSecret".into(),
+                    });
+                }
             }
         }
     }

@@ -321,7 +321,7 @@ fn basic_and_bearer_credentials_are_secret_refs() {
         "basic: {usernameFrom: {name: creds, key: user}, passwordFrom: {name: creds, key: pass}}",
     )
     .unwrap();
-    intg.spec.destination.auth = Some(auth);
+    intg.spec.destination.as_mut().unwrap().auth = Some(auth);
     let env = container(&intg, 2).0.env.unwrap();
     let refd = |var: &str| {
         let e = env.iter().find(|e| e.name == var).unwrap();
@@ -337,7 +337,7 @@ fn basic_and_bearer_credentials_are_secret_refs() {
         refd("HOOKFLEET_BASIC_AUTH_PASSWORD"),
         ("creds".into(), "pass".into())
     );
-    intg.spec.destination.auth =
+    intg.spec.destination.as_mut().unwrap().auth =
         Some(serde_yaml::from_str("bearer: {tokenFrom: {name: tok, key: t}}").unwrap());
     let env = container(&intg, 2).0.env.unwrap();
     let e = env.iter().find(|e| e.name == "HOOKFLEET_BEARER_TOKEN").unwrap();

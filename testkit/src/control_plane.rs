@@ -413,10 +413,14 @@ impl ControlPlane {
         Ok(cmd)
     }
 
-    /// Applies the Integration CRD generated from the Rust types and waits until it is Established.
+    /// Applies the CRDs generated from the Rust types (Integration, Webhook) and waits until they are
+    /// Established.
     pub async fn install_crds(&self) -> Result<()> {
-        let crd: CustomResourceDefinition = serde_yaml::from_str(&hookfleet_crds::crd_yaml())?;
-        install_crd(&self.client(), &crd).await
+        for (_, _, yaml) in hookfleet_crds::crds() {
+            let crd: CustomResourceDefinition = serde_yaml::from_str(&yaml)?;
+            install_crd(&self.client(), &crd).await?;
+        }
+        Ok(())
     }
 
     /// Creates a namespace (idempotent).

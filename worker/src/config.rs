@@ -269,7 +269,13 @@ impl Config {
             prefetch: args.prefetch,
             queue_type: args.queue_type,
             delivery_limit: args.delivery_limit,
-            destination: checked.destination,
+            // Webhooks (`--webhooks-secret`) are built in a later change.
+            destination: checked.destination.ok_or_else(|| {
+                bad(
+                    &setting(flag::WEBHOOKS_SECRET, var::WEBHOOKS_SECRET),
+                    "Webhooks are not supported by this worker yet",
+                )
+            })?,
             method: args.method,
             headers,
             signing_secrets,

@@ -1,19 +1,21 @@
-//! Writes the generated CRD YAML: `crdgen` prints it; `crdgen --write` updates `crds/` and the Helm chart's
+//! Writes the generated CRDs' YAML (Integration, Webhook): `crdgen` prints them; `crdgen --write` updates `crds/` and the Helm chart's
 //! `charts/hookfleet/crds/` in place (the two copies are identical).
 
 use std::path::Path;
 
 fn main() -> std::io::Result<()> {
-    let yaml = hookfleet_crds::crd_yaml();
-    if std::env::args().any(|a| a == "--write") {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        for file in [hookfleet_crds::CRD_FILE, hookfleet_crds::CHART_CRD_FILE] {
-            let path = dir.join(file);
+    let write = std::env::args().any(|a| a == "--write");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (file, chart_file, yaml) in hookfleet_crds::crds() {
+        if !write {
+            print!("{yaml}");
+            continue;
+        }
+        for f in [file, chart_file] {
+            let path = dir.join(f);
             std::fs::write(&path, &yaml)?;
             eprintln!("wrote {}", path.display());
         }
-    } else {
-        print!("{yaml}");
     }
     Ok(())
 }

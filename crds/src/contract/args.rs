@@ -14,7 +14,8 @@ use clap::{Parser, ValueEnum, value_parser};
 use super::parse::{Choice, at_least, duration, duration_in, float_within, socket_addr, within};
 use super::{env, flag};
 use crate::integration::{
-    CircuitBreakerSpec, DeliverySpec, HttpMethod, Jitter, QueueType, RateLimitScope, default_delivery_limit,
+    CircuitBreakerSpec, DeliverySpec, HttpMethod, Jitter, QueueType, RateLimitScope, Unmatched,
+    default_delivery_limit,
 };
 use crate::limits;
 
@@ -59,7 +60,14 @@ macro_rules! named_by_as_str {
     )*};
 }
 
-named_by_as_str!(QueueType, HttpMethod, Jitter, RateLimitScope, LogFormat);
+named_by_as_str!(
+    QueueType,
+    HttpMethod,
+    Jitter,
+    RateLimitScope,
+    LogFormat,
+    Unmatched
+);
 
 /// Flags; each has an environment variable of the same meaning (flag wins).
 #[derive(Parser, Clone, Debug, PartialEq)]
@@ -112,6 +120,21 @@ pub struct WorkerArgs {
     /// Webhook URL (http:// or https://).
     #[arg(long = flag::DESTINATION_URL, env = env::DESTINATION_URL)]
     pub destination_url: Option<String>,
+    /// Webhooks instead of one destination: the Secret (in the Integration's namespace) holding the
+    /// fleet's Webhooks snapshot, which the worker watches through the Kubernetes API.
+    #[arg(long = flag::WEBHOOKS_SECRET, env = env::WEBHOOKS_SECRET)]
+    pub webhooks_secret: Option<String>,
+    /// With --webhooks-secret: the message header holding the event name (the routing key if absent).
+    #[arg(long = flag::EVENT_NAME_HEADER, env = env::EVENT_NAME_HEADER)]
+    pub event_name_header: Option<String>,
+    /// With --webhooks-secret: what becomes of a message no Webhook matches (ack or deadLetter).
+    #[arg(
+        long = flag::UNMATCHED,
+        env = env::UNMATCHED,
+        default_value_t,
+        value_parser = Choice::<Unmatched>::blank_is_default()
+    )]
+    pub unmatched: Unmatched,
     /// HTTP method (any case).
     #[arg(
         long = flag::METHOD,
@@ -355,6 +378,13 @@ impl WorkerArgs {
         put(flag::DELIVERY_LIMIT, self.delivery_limit.to_string());
         if let Some(u) = &self.destination_url {
             put(flag::DESTINATION_URL, u.clone());
+        }
+        if let Some(w) = &self.webhooks_secret {
+            put(flag::WEBHOOKS_SECRET, w.clone());
+            if let Some(h) = &self.event_name_header {
+                put(flag::EVENT_NAME_HEADER, h.clone());
+            }
+            put(flag::UNMATCHED, self.unmatched.to_string());
         }
         put(flag::METHOD, self.method.to_string());
         for h in &self.headers {

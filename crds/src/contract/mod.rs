@@ -19,6 +19,7 @@ mod parse;
 pub mod queues;
 mod rules;
 mod setup;
+pub mod webhooks;
 
 pub use args::{LogFormat, WorkerArgs};
 pub use parse::{Refused, refusal};
@@ -49,6 +50,9 @@ pub mod flag {
     pub const QUEUE_TYPE: &str = "queue-type";
     pub const DELIVERY_LIMIT: &str = "delivery-limit";
     pub const DESTINATION_URL: &str = "destination-url";
+    pub const WEBHOOKS_SECRET: &str = "webhooks-secret";
+    pub const EVENT_NAME_HEADER: &str = "event-name-header";
+    pub const UNMATCHED: &str = "unmatched";
     pub const METHOD: &str = "method";
     pub const HEADER: &str = "header";
     pub const HEADER_FROM_ENV: &str = "header-from-env";
@@ -97,6 +101,9 @@ pub mod env {
     pub const QUEUE_TYPE: &str = "HOOKFLEET_QUEUE_TYPE";
     pub const DELIVERY_LIMIT: &str = "HOOKFLEET_DELIVERY_LIMIT";
     pub const DESTINATION_URL: &str = "HOOKFLEET_DESTINATION_URL";
+    pub const WEBHOOKS_SECRET: &str = "HOOKFLEET_WEBHOOKS_SECRET";
+    pub const EVENT_NAME_HEADER: &str = "HOOKFLEET_EVENT_NAME_HEADER";
+    pub const UNMATCHED: &str = "HOOKFLEET_UNMATCHED";
     pub const METHOD: &str = "HOOKFLEET_METHOD";
     /// Newline-separated.
     pub const HEADERS: &str = "HOOKFLEET_HEADERS";

@@ -114,7 +114,11 @@ pub struct Checked {
     pub queue: String,
     /// (exchange, routing key).
     pub bindings: Vec<(String, String)>,
-    pub destination: Url,
+    /// `--destination-url`; `None` with `--webhooks-secret` (the Webhooks snapshot names the
+    /// destinations).
+    pub destination: Option<Url>,
+    /// `--webhooks-secret` (trimmed).
+    pub webhooks_secret: Option<String>,
     /// `--header` (name, value), trimmed, names lower-cased.
     pub headers: Vec<(String, String)>,
     /// `--header-from-env` (name lower-cased, variable).
@@ -215,10 +219,25 @@ impl WorkerArgs {
     fn rules(&self, no: &mut Refusals) -> Option<Checked> {
         let queue = no.take(QUEUE, queue(self.queue.as_deref()));
         let bindings = no.take(BINDING, bindings(&self.bindings));
-        let destination = no.take(
-            DESTINATION_URL,
-            destination(self.destination_url.as_deref(), self.allow_private_networks),
-        );
+        let webhooks_secret = self
+            .webhooks_secret
+            .as_deref()
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .map(str::to_owned);
+        let destination = match (&webhooks_secret, self.destination_url.as_deref()) {
+            (Some(_), None) => Some(None),
+            (Some(_), Some(_)) => {
+                no.push(
+                    DESTINATION_URL,
+                    format!("set either it or --{}, not both", flag::WEBHOOKS_SECRET),
+                );
+                None
+            }
+            (None, url) => no
+                .take(DESTINATION_URL, destination(url, self.allow_private_networks))
+                .map(Some),
+        };
         let headers = no.take(HEADER, headers(&self.headers));
         let headers_from_env = no.take(HEADER_FROM_ENV, headers_from_env(&self.header_from_env));
         let oauth2_token_url = no.take(
@@ -272,6 +291,7 @@ impl WorkerArgs {
             queue: queue?,
             bindings: bindings?,
             destination: destination?,
+            webhooks_secret,
             headers: headers?,
             headers_from_env: headers_from_env?,
             oauth2_token_url: oauth2_token_url?,
@@ -351,7 +371,12 @@ fn http_url(u: &str) -> Result<Url, String> {
 fn destination(u: Option<&str>, allow_private_networks: bool) -> Result<Url, String> {
     let url = match u {
         Some(u) if !u.trim().is_empty() => http_url(u)?,
-        _ => return Err("missing: set the webhook URL".into()),
+        _ => {
+            return Err(format!(
+                "missing: set the webhook URL (or --{} for Webhooks)",
+                flag::WEBHOOKS_SECRET
+            ));
+        }
     };
     // A name is checked at every connection (the worker's resolver); a literal address only here.
     let ip = url.host_str().and_then(|h| {

@@ -9,7 +9,12 @@ use k8s_openapi::api::core::v1::{EnvVar, EnvVarSource, SecretKeySelector};
 use super::{
     DEFAULT_METRICS_ADDR, LogFormat, TERMINATION_LOG, TLS_SECRET_CERT, TLS_SECRET_KEY, WorkerArgs, env,
 };
-use crate::integration::{IntegrationSpec, SecretKeyRef};
+use crate::integration::{DestinationSpec, IntegrationSpec, SecretKeyRef};
+
+/// The destination of an Integration with Webhooks: none, only the defaults its settings fall back to.
+fn no_destination() -> DestinationSpec {
+    serde_json::from_value(serde_json::json!({"url": ""})).expect("a destination with defaults")
+}
 
 /// What the operator decides about the pod besides the spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,7 +56,14 @@ impl WorkerSetup {
             name,
             secret: secret.clone(),
         };
-        let (source, dst, d) = (&spec.source, &spec.destination, &spec.delivery);
+        // With Webhooks there is no destination here: each Webhook's comes in the snapshot, through
+        // [`WorkerSetup::for_webhook`].
+        let none = no_destination();
+        let (source, dst, d) = (
+            &spec.source,
+            spec.destination.as_ref().unwrap_or(&none),
+            &spec.delivery,
+        );
         let mut secret_env = vec![secret(env::AMQP_URI.into(), &source.connection_secret_ref)];
         let mut header_from_env = Vec::new();
         for (i, h) in dst.headers_from.iter().enumerate() {
@@ -125,7 +137,13 @@ impl WorkerSetup {
             prefetch: u16::try_from(source.prefetch).unwrap_or(u16::MAX),
             queue_type: source.queue_type,
             delivery_limit: source.delivery_limit,
-            destination_url: Some(dst.url.clone()),
+            destination_url: spec.destination.as_ref().map(|d| d.url.clone()),
+            webhooks_secret: spec.webhooks.as_ref().map(|_| {
+                let name = pod.integration.rsplit('/').next().unwrap_or_default();
+                super::webhooks::snapshot_secret(name)
+            }),
+            event_name_header: spec.webhooks.as_ref().and_then(|w| w.event_name_header.clone()),
+            unmatched: spec.webhooks.as_ref().map(|w| w.unmatched).unwrap_or_default(),
             method: dst.method,
             headers: dst.headers.iter().map(|(k, v)| format!("{k}: {v}")).collect(),
             header_from_env,
@@ -158,7 +176,10 @@ impl WorkerSetup {
             }),
             // The CRD bounds it to `limits::FILE_DESCRIPTOR_LIMIT`: never negative.
             fd_limit: u64::try_from(spec.workers.file_descriptor_limit).unwrap_or_default(),
-            allow_private_networks: dst.allow_private_networks,
+            allow_private_networks: match &spec.webhooks {
+                Some(w) => w.allow_private_networks,
+                None => dst.allow_private_networks,
+            },
             metrics_addr: DEFAULT_METRICS_ADDR.parse().expect("a socket address (tested)"),
             shutdown_grace: pod.shutdown_grace,
             termination_log: TERMINATION_LOG.into(),
@@ -169,6 +190,39 @@ impl WorkerSetup {
             secret_env,
             secret_files,
         }
+    }
+
+    /// The setup of one Webhook's destination, as the worker builds it from the snapshot: the
+    /// destination's flags are those of an Integration with that `destination` (so a Webhook is checked
+    /// and built by the same code as a single destination), private networks as its Integration says;
+    /// the Secret-filled variables and files are looked up in the snapshot entry
+    /// ([`super::webhooks::Entry::secrets`]), the files under the [`super::webhooks::TLS_CA_FILE`] paths.
+    pub fn for_webhook(dst: &DestinationSpec, allow_private_networks: bool) -> Self {
+        let mut dst = dst.clone();
+        dst.allow_private_networks = allow_private_networks;
+        let mut spec: IntegrationSpec = serde_json::from_value(serde_json::json!({
+            "source": {"connectionSecretRef": {"name": "-", "key": "-"}, "queue": "webhook"},
+        }))
+        .expect("a minimal spec");
+        spec.destination = Some(dst);
+        let pod = Pod {
+            integration: String::new(),
+            shutdown_grace: Duration::ZERO,
+            tls_ca_file: super::webhooks::TLS_CA_FILE.into(),
+            tls_client_cert_file: super::webhooks::TLS_CLIENT_CERT_FILE.into(),
+            tls_client_key_file: super::webhooks::TLS_CLIENT_KEY_FILE.into(),
+        };
+        let mut setup = Self::from_spec(&spec, &pod);
+        setup.secret_env.retain(|e| e.name != env::AMQP_URI);
+        setup
+    }
+
+    /// Every Secret key the setup reads (variables and files).
+    pub fn secret_refs(&self) -> impl Iterator<Item = &SecretKeyRef> {
+        self.secret_env
+            .iter()
+            .chain(&self.secret_files)
+            .map(|f| &f.secret)
     }
 
     /// The container's arguments and environment: the flags of [`WorkerArgs::to_argv`], and each

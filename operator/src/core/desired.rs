@@ -95,7 +95,12 @@ fn meta(intg: &Integration) -> Result<ObjectMeta> {
 
 /// Seconds the worker gets to finish in-flight deliveries after SIGTERM: one delivery timeout plus drain.
 pub fn shutdown_grace_seconds(intg: &Integration) -> i64 {
-    let timeout: std::time::Duration = intg.spec.destination.timeout.into();
+    // With Webhooks, the longest timeout a Webhook may have would hold every rollout: the default
+    // request timeout stands in (a longer request cut short is handed back and redelivered).
+    let timeout: std::time::Duration = match &intg.spec.destination {
+        Some(d) => d.timeout.into(),
+        None => std::time::Duration::from_secs(10),
+    };
     (timeout.as_millis() as u64).div_ceil(1000) as i64 + DRAIN_SECONDS
 }
 
@@ -177,7 +182,7 @@ fn volumes(intg: &Integration) -> (Vec<Volume>, Vec<VolumeMount>) {
             ..VolumeMount::default()
         });
     };
-    if let Some(tls) = &intg.spec.destination.tls {
+    if let Some(tls) = intg.spec.destination.as_ref().and_then(|d| d.tls.as_ref()) {
         if let Some(ca) = &tls.ca_from {
             secret_volume(
                 "tls-ca",

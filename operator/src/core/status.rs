@@ -443,6 +443,7 @@ pub fn compute(o: &Observed) -> IntegrationStatus {
     }
 
     IntegrationStatus {
+        webhooks: None,
         observed_generation: g,
         replicas: Some(o.desired),
         ready_replicas: Some(ready),

@@ -53,7 +53,8 @@ pub fn destination_gone(
     world: &World,
     cleared: &mut Option<k8s_openapi::jiff::Timestamp>,
 ) -> Option<DestinationGone> {
-    let url = hookfleet_crds::redact::userinfo(&intg.spec.destination.url);
+    // Webhooks: a 410 concerns one Webhook, never the fleet.
+    let url = hookfleet_crds::redact::userinfo(&intg.spec.destination.as_ref()?.url);
     let retry = intg
         .metadata
         .annotations
@@ -283,6 +284,8 @@ mod tests {
         let mut i = intg("https://erp.example.com/h", None);
         i.spec
             .destination
+            .as_mut()
+            .unwrap()
             .headers
             .insert("X-Bad".into(), "a\r\nInjected: 1".into());
         let (mut m, config) = (Memory::default(), Config::new("w"));
