@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use futures::future::try_join_all;
 use hmac::{Hmac, Mac};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use sha2::Sha256;
 
@@ -55,6 +55,46 @@ pub async fn publish(uri: &str, queue: &str, ids: &[String], per_second: Option<
         }
         let batch: Vec<(&str, Vec<u8>)> = chunk.iter().map(|id| (id.as_str(), body(id))).collect();
         publish_batch(&ch, queue, &batch).await?;
+    }
+    let _ = conn.close(200, "published".into()).await;
+    Ok(())
+}
+
+/// Publishes one persistent message per `(id, event name)` (body from [`body`], `message_id` = the id,
+/// the event name in header `header`) to `queue` as [`publish`] does, `per_second` at most when given.
+pub async fn publish_events(
+    uri: &str,
+    queue: &str,
+    header: &str,
+    events: &[(String, String)],
+    per_second: Option<u32>,
+) -> Result<()> {
+    let conn = Connection::connect(uri, ConnectionProperties::default()).await?;
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let batch = per_second.map_or(500, |r| (r as usize / 10).max(1));
+    let mut tick = per_second.map(|_| tokio::time::interval(Duration::from_millis(100)));
+    for chunk in events.chunks(batch) {
+        if let Some(t) = tick.as_mut() {
+            t.tick().await;
+        }
+        let mut pending = Vec::with_capacity(chunk.len());
+        for (id, event) in chunk {
+            let mut h = FieldTable::default();
+            h.insert(header.into(), AMQPValue::LongString(event.as_str().into()));
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(id.as_str().into())
+                .with_content_type("application/json".into())
+                .with_headers(h);
+            pending.push(
+                ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &body(id), props)
+                    .await?,
+            );
+        }
+        for c in try_join_all(pending).await? {
+            anyhow::ensure!(matches!(c, Confirmation::Ack(None)), "publish not confirmed: {c:?}");
+        }
     }
     let _ = conn.close(200, "published".into()).await;
     Ok(())
@@ -232,6 +272,7 @@ mod tests {
             at: std::time::Instant::now(),
             status: 200,
             method: "POST".into(),
+            path: "/hook".into(),
             headers: [
                 ("webhook-id", "msg_p5jXN8AQM9LWM0D4loKWxJek"),
                 ("webhook-timestamp", "1614265330"),

@@ -80,6 +80,8 @@ pub struct Hit {
     pub at: Instant,
     pub status: u16,
     pub method: String,
+    /// The request target's path (`/hooks/acme`), without the query.
+    pub path: String,
     /// Lower-cased names.
     pub headers: BTreeMap<String, String>,
     pub body: Vec<u8>,
@@ -385,7 +387,10 @@ async fn serve(sock: TcpStream, st: Arc<Stats>, mut mode: watch::Receiver<Mode>,
         let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
         let mut lines = head.split("\r\n");
         let request_line = lines.next().unwrap_or("");
-        let method = request_line.split(' ').next().unwrap_or("").to_owned();
+        let mut parts = request_line.split(' ');
+        let method = parts.next().unwrap_or("").to_owned();
+        let target = parts.next().unwrap_or("");
+        let path = target.split('?').next().unwrap_or("").to_owned();
         let mut headers = BTreeMap::new();
         for l in lines {
             if let Some((k, v)) = l.split_once(':') {
@@ -476,6 +481,7 @@ async fn serve(sock: TcpStream, st: Arc<Stats>, mut mode: watch::Receiver<Mode>,
             at: Instant::now(),
             status,
             method,
+            path,
             body: if bodies { body } else { Vec::new() },
             headers,
         });
