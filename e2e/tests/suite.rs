@@ -9,7 +9,7 @@
 //!   with the images already loaded (`e2e/kind/` does this for kind).
 //!
 //! `HOOKFLEET_E2E_SCENARIOS=deliver,kill` runs a subset (names: deliver, fds, kill, scale, sinkdown,
-//! notconsuming, bad, pdb, rotate). The scenarios share one installation and run one after
+//! notconsuming, bad, pdb, rotate, webhooks). The scenarios share one installation and run one after
 //! the other, each in a namespace of its own; a failed scenario does not stop the others, and the suite ends with
 //! a table of every scenario's figures.
 
@@ -31,6 +31,9 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::api::{Api, DeleteParams, EvictParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
+
+#[path = "suite/webhooks.rs"]
+mod webhooks;
 
 const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
@@ -978,7 +981,7 @@ async fn suite() -> Result<()> {
         .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
     let mut rows = Vec::new();
     macro_rules! scenario {
-        ($name:literal, $f:ident) => {
+        ($name:literal, $f:path) => {
             if only.as_ref().is_none_or(|o| o.contains($name)) {
                 let t = Instant::now();
                 println!("scenario {} …", $name);
@@ -1018,6 +1021,7 @@ async fn suite() -> Result<()> {
     scenario!("bad", bad_input);
     scenario!("pdb", evictions);
     scenario!("rotate", rotate);
+    scenario!("webhooks", webhooks::webhooks);
 
     println!(
         "\n{:<13} {:>9} {:>9} {:>7} {:>5} {:>5} {:>8}  notes",

@@ -60,13 +60,13 @@ pub async fn publish(uri: &str, queue: &str, ids: &[String], per_second: Option<
     Ok(())
 }
 
-/// Publishes one persistent message per `(id, event name)` (body from [`body`], `message_id` = the id,
-/// the event name in header `header`) to `queue` as [`publish`] does, `per_second` at most when given.
-pub async fn publish_events(
+/// Publishes one persistent message per `(id, headers)` (body from [`body`], `message_id` = the id, the
+/// headers as strings: an event name, a device id) to `queue` as [`publish`] does, `per_second` at most
+/// when given.
+pub async fn publish_with_headers(
     uri: &str,
     queue: &str,
-    header: &str,
-    events: &[(String, String)],
+    messages: &[(String, Vec<(String, String)>)],
     per_second: Option<u32>,
 ) -> Result<()> {
     let conn = Connection::connect(uri, ConnectionProperties::default()).await?;
@@ -74,26 +74,37 @@ pub async fn publish_events(
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let batch = per_second.map_or(500, |r| (r as usize / 10).max(1));
     let mut tick = per_second.map(|_| tokio::time::interval(Duration::from_millis(100)));
-    for chunk in events.chunks(batch) {
+    for chunk in messages.chunks(batch) {
         if let Some(t) = tick.as_mut() {
             t.tick().await;
         }
         let mut pending = Vec::with_capacity(chunk.len());
-        for (id, event) in chunk {
+        for (id, headers) in chunk {
             let mut h = FieldTable::default();
-            h.insert(header.into(), AMQPValue::LongString(event.as_str().into()));
+            for (k, v) in headers {
+                h.insert(k.as_str().into(), AMQPValue::LongString(v.as_str().into()));
+            }
             let props = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_message_id(id.as_str().into())
                 .with_content_type("application/json".into())
                 .with_headers(h);
             pending.push(
-                ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &body(id), props)
-                    .await?,
+                ch.basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &body(id),
+                    props,
+                )
+                .await?,
             );
         }
         for c in try_join_all(pending).await? {
-            anyhow::ensure!(matches!(c, Confirmation::Ack(None)), "publish not confirmed: {c:?}");
+            anyhow::ensure!(
+                matches!(c, Confirmation::Ack(None)),
+                "publish not confirmed: {c:?}"
+            );
         }
     }
     let _ = conn.close(200, "published".into()).await;
