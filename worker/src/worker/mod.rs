@@ -34,12 +34,14 @@ mod broker;
 mod consume;
 mod delivery;
 mod error;
+mod fanout;
 mod fate;
 mod fleet;
 mod gone;
 mod lanes;
 #[cfg(test)]
 mod memory;
+mod report;
 mod session;
 mod settle;
 mod settlement;
