@@ -111,7 +111,10 @@ impl Index {
 mod tests {
     use super::*;
 
-    fn index(hooks: &[(&[&str], &[(&str, &str)])]) -> Index {
+    /// A Webhook in a test: its prefixes and its match headers.
+    type Spec<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+
+    fn index(hooks: &[Spec<'_>]) -> Index {
         let owned: Vec<(Vec<String>, BTreeMap<String, String>)> = hooks
             .iter()
             .map(|(e, h)| {

@@ -285,7 +285,7 @@ mod tests {
     use crate::config::{Config, LogFormat, WebhooksMode};
     use crate::message::{H_ATTEMPTS, H_DEAD_REASON, H_LAST_ERROR, header_int};
     use crate::metrics::Metrics;
-    use crate::worker::memory::{Memory, delivery, settled};
+    use crate::worker::memory::{Memory, delivery};
     use crate::worker::settle::PublishError;
 
     /// One loopback server; `/<name>` answers what `status` says for that name (200 by default),
