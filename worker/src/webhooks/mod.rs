@@ -31,6 +31,8 @@ pub struct Hook {
     pub target: Option<Target>,
     /// Its secret values (every value of its entry), scrubbed from what is reported.
     pub secrets: Vec<String>,
+    /// The entry it was built from (an unchanged entry keeps its Hook across snapshots).
+    entry: Entry,
 }
 
 /// A snapshot as the worker uses it.
@@ -41,22 +43,36 @@ pub struct Loaded {
     index: Index,
     /// The Secret's resourceVersion it came from.
     pub revision: String,
+    /// Webhooks kept as they were in the previous snapshot (unchanged entries).
+    pub reused: usize,
 }
 
 impl Loaded {
     /// Builds every entry of `snapshot` (an entry that fails is logged by Webhook name and setting,
     /// never by value, and kept as unbuildable), and the index. Clients: `shared` (built by the
-    /// caller with `policy`), or a Webhook's own when it has TLS material.
+    /// caller with `policy`), or a Webhook's own when it has TLS material. A Webhook whose entry is
+    /// as in `previous` (built with the same client and policy) is kept as it was: its connections
+    /// and its OAuth2 token stay.
     pub fn build(
         snapshot: &Snapshot,
         revision: &str,
         allow_private_networks: bool,
         shared: &reqwest::Client,
         policy: ClientPolicy,
+        previous: Option<&Loaded>,
     ) -> Self {
         let mut hooks = Vec::with_capacity(snapshot.webhooks.len());
         let mut by_name = HashMap::with_capacity(snapshot.webhooks.len());
+        let mut reused = 0;
         for entry in &snapshot.webhooks {
+            if let Some(old) = previous.and_then(|p| p.get(&entry.name))
+                && old.entry == *entry
+            {
+                by_name.insert(entry.name.clone(), hooks.len());
+                hooks.push(old.clone());
+                reused += 1;
+                continue;
+            }
             let target = build_destination(entry, allow_private_networks)
                 .and_then(|d| Target::new(d, shared, policy).map_err(|e| bad_tls(&e)));
             let target = match target {
@@ -79,6 +95,7 @@ impl Loaded {
                     .filter(|v| !v.is_empty())
                     .cloned()
                     .collect(),
+                entry: entry.clone(),
             }));
         }
         let index = Index::new(
@@ -92,6 +109,7 @@ impl Loaded {
             by_name,
             index,
             revision: revision.to_owned(),
+            reused,
         }
     }
 
@@ -319,12 +337,20 @@ mod tests {
         };
         let shared =
             crate::target::client(&Default::default(), std::time::Duration::from_secs(1), policy).unwrap();
-        let l = Loaded::build(&snap, "7", true, &shared, policy);
+        let l = Loaded::build(&snap, "7", true, &shared, policy, None);
         assert_eq!(l.built(), 1);
         assert!(l.get("bad").unwrap().target.is_none());
         assert!(l.get("good").unwrap().target.is_some());
         assert_eq!(l.matching("abc", |_| None).len(), 2);
         assert_eq!(pools(&snap), 1);
         assert_eq!(idle_per_host(64, 3), 21);
+        // Unchanged entries keep their Hook (and its connections, token cache) in the next snapshot.
+        let mut next = snap.clone();
+        next.webhooks[1].paused = true;
+        let again = Loaded::build(&next, "8", true, &shared, policy, Some(&l));
+        assert_eq!(again.reused, 1);
+        assert!(Arc::ptr_eq(again.get("bad").unwrap(), l.get("bad").unwrap()));
+        assert!(!Arc::ptr_eq(again.get("good").unwrap(), l.get("good").unwrap()));
+        assert!(again.get("good").unwrap().paused);
     }
 }

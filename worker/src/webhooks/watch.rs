@@ -3,7 +3,7 @@
 //! swaps it in. Whatever goes wrong (the API server away, a Secret deleted or not decodable) keeps the
 //! last good snapshot: delivery never stops for the control plane.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -19,15 +19,27 @@ use crate::config::WebhooksMode;
 use crate::metrics::Metrics;
 use crate::target::{self, ClientPolicy};
 
-/// What building a snapshot needs besides the snapshot.
+/// What building a snapshot needs besides the snapshot, and the shared client of the last build.
 pub struct Builder {
-    pub allow_private_networks: bool,
-    pub concurrency: usize,
+    allow_private_networks: bool,
+    concurrency: usize,
+    /// (idle connections per host, the client): kept while the number of pools is unchanged, so that
+    /// unchanged Webhooks keep their connections and token caches across snapshots.
+    shared: Mutex<Option<(usize, reqwest::Client)>>,
 }
 
 impl Builder {
-    /// Decodes and builds the snapshot in `secret` (`Err`: why not, for the log and the metric).
-    pub fn load(&self, secret: &Secret) -> Result<Loaded, String> {
+    pub fn new(allow_private_networks: bool, concurrency: usize) -> Self {
+        Self {
+            allow_private_networks,
+            concurrency,
+            shared: Mutex::new(None),
+        }
+    }
+
+    /// Decodes and builds the snapshot in `secret` (`Err`: why not, for the log and the metric),
+    /// reusing what is unchanged since `previous`.
+    pub fn load(&self, secret: &Secret, previous: Option<&Loaded>) -> Result<Loaded, String> {
         let revision = secret.metadata.resource_version.clone().unwrap_or_default();
         let bytes = secret
             .data
@@ -35,18 +47,32 @@ impl Builder {
             .and_then(|d| d.get(SNAPSHOT_KEY))
             .ok_or_else(|| format!("no key {SNAPSHOT_KEY}"))?;
         let snapshot = Snapshot::decode(&bytes.0)?;
-        Ok(self.build(&snapshot, &revision))
+        Ok(self.build(&snapshot, &revision, previous))
     }
 
-    pub fn build(&self, snapshot: &Snapshot, revision: &str) -> Loaded {
+    pub fn build(&self, snapshot: &Snapshot, revision: &str, previous: Option<&Loaded>) -> Loaded {
         let policy = ClientPolicy {
             allow_private_networks: self.allow_private_networks,
             idle_per_host: idle_per_host(self.concurrency, pools(snapshot)),
         };
-        // Requests bound themselves by their Webhook's timeout; this one bounds any (the CRD's most).
-        let shared = target::client(&Default::default(), Duration::from_secs(300), policy)
-            .expect("a client without TLS material builds");
-        Loaded::build(snapshot, revision, self.allow_private_networks, &shared, policy)
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let same = matches!(&*shared, Some((idle, _)) if *idle == policy.idle_per_host);
+        if !same {
+            // Requests bound themselves by their Webhook's timeout; this bounds any (the CRD's most).
+            let client = target::client(&Default::default(), Duration::from_secs(300), policy)
+                .expect("a client without TLS material builds");
+            *shared = Some((policy.idle_per_host, client));
+        }
+        let (_, client) = shared.as_ref().expect("set above");
+        let previous = if same { previous } else { None };
+        Loaded::build(
+            snapshot,
+            revision,
+            self.allow_private_networks,
+            client,
+            policy,
+            previous,
+        )
     }
 }
 
@@ -67,17 +93,22 @@ pub async fn run(
             Ok(Event::Apply(secret) | Event::InitApply(secret)) => {
                 seen_any = true;
                 let started = std::time::Instant::now();
-                match builder.load(&secret) {
+                let previous = live.current();
+                match builder.load(&secret, previous.as_deref()) {
                     Ok(loaded) => {
-                        let (count, built, revision) =
-                            (loaded.hooks.len(), loaded.built(), loaded.revision.clone());
+                        let (count, built, reused, revision) = (
+                            loaded.hooks.len(),
+                            loaded.built(),
+                            loaded.reused,
+                            loaded.revision.clone(),
+                        );
                         live.swap(loaded);
                         metrics.snapshot_load("ok");
                         metrics.webhooks_configured.set(count as i64);
                         metrics
                             .snapshot_loaded_at
                             .set(crate::message::now_ms() as f64 / 1000.0);
-                        info!(webhooks = count, built, revision = %revision, took = ?started.elapsed(),
+                        info!(webhooks = count, built, unchanged = reused, revision = %revision, took = ?started.elapsed(),
                               secret = %mode.secret, "webhooks snapshot loaded");
                     }
                     Err(e) => {

@@ -398,11 +398,8 @@ mod tests {
     }
 
     fn load(w: &Worker, hooks: Vec<Entry>) {
-        let builder = crate::webhooks::watch::Builder {
-            allow_private_networks: true,
-            concurrency: 4,
-        };
-        let loaded = builder.build(&Snapshot { webhooks: hooks }, "1");
+        let builder = crate::webhooks::watch::Builder::new(true, 4);
+        let loaded = builder.build(&Snapshot { webhooks: hooks }, "1", None);
         assert_eq!(loaded.built(), loaded.hooks.len(), "every entry builds");
         w.webhooks().unwrap().swap(loaded);
     }
