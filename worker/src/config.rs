@@ -1052,6 +1052,41 @@ mod tests {
     }
 
     #[test]
+    fn webhooks_mode_has_no_destination_and_names_its_secret_and_namespace() {
+        let argv = |integration: &str| {
+            Args::try_parse_from([
+                "w",
+                "--amqp-uri",
+                "amqp://127.0.0.1/",
+                "--queue",
+                "q",
+                "--webhooks-secret",
+                " fleet-webhooks ",
+                "--integration",
+                integration,
+                "--event-name-header",
+                "x-event",
+                "--unmatched",
+                "deadLetter",
+            ])
+            .unwrap()
+        };
+        let c = Config::from_args(argv("team-a/fleet"), &|_| None).unwrap();
+        assert!(c.destination.is_none());
+        assert_eq!(
+            c.webhooks,
+            Some(WebhooksMode {
+                secret: "fleet-webhooks".into(),
+                namespace: "team-a".into(),
+                event_name_header: Some("x-event".into()),
+                unmatched: Unmatched::DeadLetter,
+            })
+        );
+        let e = Config::from_args(argv("fleet"), &|_| None).unwrap_err();
+        assert!(e.setting.starts_with("--integration"), "{e}");
+    }
+
+    #[test]
     fn uri_is_redacted() {
         assert_eq!(
             redact_uri("amqp://guest:guest@127.0.0.1:5672/%2f"),

@@ -10,6 +10,7 @@ pub mod watch;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use hookfleet_crds::contract::WorkerSetup;
 use hookfleet_crds::contract::webhooks::{Entry, Snapshot, secret_key};
@@ -18,6 +19,7 @@ use tracing::error;
 
 pub use index::Index;
 
+use crate::breaker::Breaker;
 use crate::config::{ConfigError, Destination};
 use crate::target::{ClientPolicy, Target};
 
@@ -31,7 +33,11 @@ pub struct Hook {
     pub target: Option<Target>,
     /// Its secret values (every value of its entry), scrubbed from what is reported.
     pub secrets: Vec<String>,
-    /// The entry it was built from (an unchanged entry keeps its Hook across snapshots).
+    /// Its own circuit breaker (`--circuit-breaker-*`): a failing endpoint's copies are deferred
+    /// without an attempt, instead of holding every message's fan-out (and the request slots).
+    pub breaker: Breaker,
+    /// The entry it was built from (an unchanged entry keeps its Hook, breaker included, across
+    /// snapshots).
     entry: Entry,
 }
 
@@ -59,6 +65,7 @@ impl Loaded {
         allow_private_networks: bool,
         shared: &reqwest::Client,
         policy: ClientPolicy,
+        breaker: (u32, Duration),
         previous: Option<&Loaded>,
     ) -> Self {
         let mut hooks = Vec::with_capacity(snapshot.webhooks.len());
@@ -95,6 +102,7 @@ impl Loaded {
                     .filter(|v| !v.is_empty())
                     .cloned()
                     .collect(),
+                breaker: Breaker::new(breaker.0, breaker.1),
                 entry: entry.clone(),
             }));
         }
@@ -245,6 +253,8 @@ mod tests {
 
     use super::*;
 
+    const NO_BREAKER: (u32, Duration) = (0, Duration::from_secs(1));
+
     pub fn entry(name: &str, events: &[&str], dst: serde_json::Value, secrets: &[(&str, &str)]) -> Entry {
         Entry {
             name: name.into(),
@@ -337,7 +347,7 @@ mod tests {
         };
         let shared =
             crate::target::client(&Default::default(), std::time::Duration::from_secs(1), policy).unwrap();
-        let l = Loaded::build(&snap, "7", true, &shared, policy, None);
+        let l = Loaded::build(&snap, "7", true, &shared, policy, NO_BREAKER, None);
         assert_eq!(l.built(), 1);
         assert!(l.get("bad").unwrap().target.is_none());
         assert!(l.get("good").unwrap().target.is_some());
@@ -347,7 +357,7 @@ mod tests {
         // Unchanged entries keep their Hook (and its connections, token cache) in the next snapshot.
         let mut next = snap.clone();
         next.webhooks[1].paused = true;
-        let again = Loaded::build(&next, "8", true, &shared, policy, Some(&l));
+        let again = Loaded::build(&next, "8", true, &shared, policy, NO_BREAKER, Some(&l));
         assert_eq!(again.reused, 1);
         assert!(Arc::ptr_eq(again.get("bad").unwrap(), l.get("bad").unwrap()));
         assert!(!Arc::ptr_eq(again.get("good").unwrap(), l.get("good").unwrap()));

@@ -23,16 +23,19 @@ use crate::target::{self, ClientPolicy};
 pub struct Builder {
     allow_private_networks: bool,
     concurrency: usize,
+    /// (threshold, cooldown) of each Webhook's circuit breaker.
+    breaker: (u32, Duration),
     /// (idle connections per host, the client): kept while the number of pools is unchanged, so that
     /// unchanged Webhooks keep their connections and token caches across snapshots.
     shared: Mutex<Option<(usize, reqwest::Client)>>,
 }
 
 impl Builder {
-    pub fn new(allow_private_networks: bool, concurrency: usize) -> Self {
+    pub fn new(allow_private_networks: bool, concurrency: usize, breaker: (u32, Duration)) -> Self {
         Self {
             allow_private_networks,
             concurrency,
+            breaker,
             shared: Mutex::new(None),
         }
     }
@@ -71,6 +74,7 @@ impl Builder {
             self.allow_private_networks,
             client,
             policy,
+            self.breaker,
             previous,
         )
     }
@@ -80,7 +84,7 @@ impl Builder {
 pub async fn run(
     client: kube::Client,
     mode: WebhooksMode,
-    builder: Builder,
+    builder: Arc<Builder>,
     live: Arc<Live>,
     metrics: Arc<Metrics>,
 ) {

@@ -17,13 +17,15 @@ use hookfleet_crds::contract::webhooks::{FailureNote, webhook_id};
 use hookfleet_crds::integration::Unmatched;
 use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
-use tracing::{Instrument, error, info_span, warn};
+use rand::Rng;
+use tracing::{Instrument, error, info, info_span, warn};
 
 use super::delivery::original_routing_key;
 use super::fate::{self, Fate, Limits, Store};
 use super::settle::Settle;
 use super::settlement::{Accounted, Copy, Settler, settled};
 use super::shared::Worker;
+use crate::breaker::{Admit, Transition};
 use crate::message::{self, Failure, H_WEBHOOK, Meta, header_str};
 use crate::outcome::Outcome;
 use crate::webhooks::Hook;
@@ -235,11 +237,29 @@ impl Worker {
             Ok(b) => b,
             Err(o) => return o,
         };
+        let admit = hook.breaker.admit();
+        if let Admit::Defer(remaining) = admit {
+            // Spread over half a cooldown, as with a single destination.
+            return Outcome::Deferred {
+                delay: remaining.mul_f64(1.0 + rand::rng().random_range(0.0..0.5)),
+            };
+        }
         let hooks = self.hooks.as_ref().expect("with Webhooks");
-        let _permit = hooks.requests.acquire().await.expect("never closed");
+        let permit = hooks.requests.acquire().await.expect("never closed");
         self.metrics.in_flight.inc();
         let outcome = self.attempt(target, d, &id, body, Some(head)).await;
         self.metrics.in_flight.dec();
+        drop(permit);
+        let healthy = !matches!(outcome, Outcome::Retry { .. });
+        match hook.breaker.record(healthy, admit == Admit::Probe) {
+            Some(Transition::Opened) => warn!(
+                threshold = self.cfg.circuit_breaker.0,
+                cooldown = ?self.cfg.circuit_breaker.1,
+                "webhook circuit breaker opened: deferring its copies"
+            ),
+            Some(Transition::Closed) => info!("webhook circuit breaker closed: the endpoint recovered"),
+            None => {}
+        }
         outcome
     }
 
@@ -398,8 +418,10 @@ mod tests {
     }
 
     fn load(w: &Worker, hooks: Vec<Entry>) {
-        let builder = crate::webhooks::watch::Builder::new(true, 4);
-        let loaded = builder.build(&Snapshot { webhooks: hooks }, "1", None);
+        let live = w.webhooks().unwrap();
+        let previous = live.current();
+        let builder = &w.hooks.as_ref().unwrap().builder;
+        let loaded = builder.build(&Snapshot { webhooks: hooks }, "1", previous.as_deref());
         assert_eq!(loaded.built(), loaded.hooks.len(), "every entry builds");
         w.webhooks().unwrap().swap(loaded);
     }
@@ -583,6 +605,43 @@ mod tests {
         deliver(&w, &broker, copy_for(3, "b", 0)).await;
         assert_eq!(sinks.hits("b").len(), 1);
         assert_eq!(broker.log()[4..], ["ack 3"]);
+    }
+
+    #[tokio::test]
+    async fn a_failing_webhook_s_breaker_defers_its_copies_the_others_are_delivered() {
+        let sinks = Sinks::start().await;
+        sinks.answer("b", 503);
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut cfg = config(Unmatched::Ack);
+        cfg.circuit_breaker = (2, Duration::from_secs(10));
+        let w = Worker::new(cfg, Arc::new(Metrics::new(""))).unwrap();
+        load(&w, vec![sinks.entry("a", &[""]), sinks.entry("b", &[""])]);
+        let broker = Memory::default();
+        for tag in 1..=4 {
+            deliver(&w, &broker, delivery(tag, b"{}")).await;
+        }
+        assert_eq!(sinks.hits("a").len(), 4, "a is not held back");
+        assert_eq!(sinks.hits("b").len(), 2, "two failures open b's breaker");
+        let reasons: Vec<String> = broker
+            .published()
+            .iter()
+            .map(|(_, p)| header_str(p.headers().as_ref(), H_LAST_ERROR).unwrap())
+            .collect();
+        assert_eq!(
+            reasons,
+            ["http_status", "http_status", "circuit_open", "circuit_open"]
+        );
+        let attempts: Vec<i64> = broker
+            .published()
+            .iter()
+            .map(|(_, p)| header_int(p.headers().as_ref(), H_ATTEMPTS).unwrap())
+            .collect();
+        assert_eq!(attempts, [1, 1, 0, 0], "a deferral spends no attempt");
+        assert_eq!(deliveries(&w.metrics, "deferred", "circuit_open"), 2);
+        // A new snapshot with b unchanged keeps its open breaker.
+        load(&w, vec![sinks.entry("a", &["x"]), sinks.entry("b", &[""])]);
+        deliver(&w, &broker, delivery(5, b"{}")).await;
+        assert_eq!(sinks.hits("b").len(), 2);
     }
 
     #[tokio::test]

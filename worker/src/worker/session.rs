@@ -50,12 +50,10 @@ impl Worker {
                 code: 1,
                 message: format!("connecting to the Kubernetes API (for the webhooks snapshot): {e}"),
             })?;
-            let builder =
-                crate::webhooks::watch::Builder::new(self.cfg.allow_private_networks, self.cfg.concurrency);
             background.push(tokio::spawn(crate::webhooks::watch::run(
                 client,
                 hooks.mode.clone(),
-                builder,
+                hooks.builder.clone(),
                 hooks.live.clone(),
                 self.metrics.clone(),
             )));

@@ -20,6 +20,7 @@ use crate::target::{self, ClientPolicy, Target};
 use crate::throttle::Throttle;
 use crate::webhooks::Live;
 use crate::webhooks::report::Tallies;
+use crate::webhooks::watch::Builder;
 
 /// Everything a delivery task needs; shared by all sessions.
 pub struct Worker {
@@ -44,6 +45,8 @@ pub struct Worker {
 pub struct Hooks {
     pub(super) mode: WebhooksMode,
     pub(super) live: Arc<Live>,
+    /// Builds each snapshot (the watcher's; tests load through it too).
+    pub(super) builder: Arc<Builder>,
     /// HTTP requests in flight, all Webhooks together: `--concurrency` (a message fans out to many
     /// requests; the fd budget counts requests, not messages).
     pub(super) requests: Semaphore,
@@ -70,6 +73,11 @@ impl Worker {
         let hooks = cfg.webhooks.clone().map(|mode| Hooks {
             mode,
             live: Arc::new(Live::default()),
+            builder: Arc::new(Builder::new(
+                cfg.allow_private_networks,
+                cfg.concurrency,
+                cfg.circuit_breaker,
+            )),
             requests: Semaphore::new(cfg.concurrency),
             tallies: Tallies::default(),
             worker_name: crate::webhooks::report::worker_name(&|k| std::env::var(k).ok()),
