@@ -29,6 +29,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 const NS: &str = "fleet-ns";
 const SECRET: &str = "fleet-webhooks";
 const QUEUE: &str = "wh.q";
+const CONCURRENCY: usize = 32;
 
 /// (name, event prefixes, match headers) of one of the test's Webhooks.
 type Hook = (&'static str, Vec<&'static str>, Vec<(&'static str, &'static str)>);
@@ -189,7 +190,7 @@ fn start(rmq: &RabbitMq, cp_kubeconfig: &str, dir: &std::path::Path, name: &str)
         "ack",
         "--allow-private-networks",
         "--concurrency",
-        "32",
+        &CONCURRENCY.to_string(),
         "--backoff-initial",
         "200ms",
         "--backoff-max",
@@ -342,6 +343,11 @@ async fn webhooks_fan_out_survive_kill_9_follow_the_secret_and_outlive_the_api_s
         },
     )
     .await?;
+    // Mid fan-out, the fd budget of the concurrency holds: requests in flight are bounded by it, idle
+    // connections shared out among the 12 hosts.
+    let fds = w.open_fds().context("the worker's fds")?;
+    let budget = 2 * CONCURRENCY + 64;
+    assert!(fds <= budget, "{fds} open fds, budget {budget}");
     let mut w = w;
     w.process.kill();
     let before: usize = restrict(delivered(&sinks), "k-").values().map(HashMap::len).sum();
@@ -361,7 +367,7 @@ async fn webhooks_fan_out_survive_kill_9_follow_the_secret_and_outlive_the_api_s
     let (lost, extra, dups) = account(&crash_want, &restrict(delivered(&sinks), "k-"));
     assert_eq!((lost, extra), (0, 0));
     eprintln!(
-        "webhooks kill -9: {} messages, {crash_pairs} (message, webhook) pairs, {before} delivered before the kill; after the restart: {lost} lost, {extra} extra, {dups} duplicates (redelivered fan-outs)",
+        "webhooks kill -9: {} messages, {crash_pairs} (message, webhook) pairs, {before} delivered before the kill ({fds} fds open, budget {budget}); after the restart: {lost} lost, {extra} extra, {dups} duplicates (redelivered fan-outs)",
         crash.len()
     );
 

@@ -15,7 +15,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::fate::{self, Limits};
 use super::settle::Settle;
-use super::settlement::{Accounted, Settler};
+use super::settlement::Accounted;
 use super::shared::Worker;
 use crate::auth::SendError;
 use crate::breaker::{Admit, Transition};
@@ -80,13 +80,7 @@ impl Worker {
             backoff: &self.cfg.backoff,
         };
         let fate = fate::decide(outcome, meta.attempts + 1, limits, &mut rand::rng());
-        let settler = Settler {
-            metrics: &self.metrics,
-            queue: &self.cfg.queue,
-            dead_letter_queue: &self.cfg.dead_letter_queue,
-            gone: &self.gone,
-        };
-        settler.settle(broker, d, body, meta, fate, acct).await;
+        self.settler().settle(broker, d, body, meta, fate, acct).await;
     }
 
     /// The request body for `target`: the message's, or its template's rendering of it (`Err`: the
