@@ -31,6 +31,8 @@ pub struct ClientPolicy {
     /// Idle keep-alive connections kept per host: with the requests in flight (bounded by the
     /// concurrency) they make the fd budget of `fdlimit::required`.
     pub idle_per_host: usize,
+    /// The worker's `--concurrency`.
+    pub concurrency: usize,
 }
 
 /// A client for `tls` (none: the system roots, no client certificate). `timeout` bounds every request

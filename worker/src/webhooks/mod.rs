@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use hookfleet_crds::contract::WorkerSetup;
 use hookfleet_crds::contract::webhooks::{Entry, Snapshot, secret_key};
+use tokio::sync::Semaphore;
 use tokio::sync::watch as channel;
 use tracing::error;
 
@@ -36,6 +37,9 @@ pub struct Hook {
     /// Its own circuit breaker (`--circuit-breaker-*`): a failing endpoint's copies are deferred
     /// without an attempt, instead of holding every message's fan-out (and the request slots).
     pub breaker: Breaker,
+    /// Its requests in flight, at most half the worker's (rounded up): a slow endpoint never holds
+    /// every request slot of the fleet.
+    pub in_flight: Semaphore,
     /// The entry it was built from (an unchanged entry keeps its Hook, breaker included, across
     /// snapshots).
     entry: Entry,
@@ -103,6 +107,7 @@ impl Loaded {
                     .cloned()
                     .collect(),
                 breaker: Breaker::new(breaker.0, breaker.1),
+                in_flight: Semaphore::new(per_webhook_in_flight(policy.concurrency)),
                 entry: entry.clone(),
             }));
         }
@@ -183,6 +188,11 @@ pub fn build_destination(entry: &Entry, allow_private_networks: bool) -> Result<
             .ok_or_else(|| format!("{}: not in the snapshot entry", path.display()))
     };
     Destination::build(&setup.args, &mut checked, &env, &files)
+}
+
+/// Requests one Webhook may have in flight: half the worker's concurrency, rounded up.
+pub fn per_webhook_in_flight(concurrency: usize) -> usize {
+    concurrency.div_ceil(2).max(1)
 }
 
 /// The idle keep-alive connections per host that keep the fd budget with `pools` connection pools
@@ -344,6 +354,7 @@ mod tests {
         let policy = ClientPolicy {
             allow_private_networks: true,
             idle_per_host: 1,
+            concurrency: 4,
         };
         let shared =
             crate::target::client(&Default::default(), std::time::Duration::from_secs(1), policy).unwrap();
@@ -354,6 +365,7 @@ mod tests {
         assert_eq!(l.matching("abc", |_| None).len(), 2);
         assert_eq!(pools(&snap), 1);
         assert_eq!(idle_per_host(64, 3), 21);
+        assert_eq!((per_webhook_in_flight(1), per_webhook_in_flight(5)), (1, 3));
         // Unchanged entries keep their Hook (and its connections, token cache) in the next snapshot.
         let mut next = snap.clone();
         next.webhooks[1].paused = true;

@@ -57,6 +57,7 @@ impl Builder {
         let policy = ClientPolicy {
             allow_private_networks: self.allow_private_networks,
             idle_per_host: idle_per_host(self.concurrency, pools(snapshot)),
+            concurrency: self.concurrency,
         };
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         let same = matches!(&*shared, Some((idle, _)) if *idle == policy.idle_per_host);

@@ -245,11 +245,13 @@ impl Worker {
             };
         }
         let hooks = self.hooks.as_ref().expect("with Webhooks");
+        // Its own share first, then one of the worker's request slots.
+        let own = hook.in_flight.acquire().await.expect("never closed");
         let permit = hooks.requests.acquire().await.expect("never closed");
         self.metrics.in_flight.inc();
         let outcome = self.attempt(target, d, &id, body, Some(head)).await;
         self.metrics.in_flight.dec();
-        drop(permit);
+        drop((permit, own));
         let healthy = !matches!(outcome, Outcome::Retry { .. });
         match hook.breaker.record(healthy, admit == Admit::Probe) {
             Some(Transition::Opened) => warn!(
@@ -314,19 +316,33 @@ mod tests {
         base: String,
         status: Arc<Mutex<HashMap<String, u16>>>,
         got: Arc<Mutex<Vec<(String, HeaderMap)>>>,
+        /// Per name: how long it takes to answer (ms), and (requests in flight, the most at once).
+        slow: Arc<Mutex<HashMap<String, u64>>>,
+        in_flight: Arc<Mutex<HashMap<String, (usize, usize)>>>,
     }
 
     impl Sinks {
         async fn start() -> Self {
             let status: Arc<Mutex<HashMap<String, u16>>> = Arc::default();
             let got: Arc<Mutex<Vec<(String, HeaderMap)>>> = Arc::default();
-            let (s, g) = (status.clone(), got.clone());
+            let slow: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+            let in_flight: Arc<Mutex<HashMap<String, (usize, usize)>>> = Arc::default();
+            let (s, g, sl, f) = (status.clone(), got.clone(), slow.clone(), in_flight.clone());
             let app = axum::Router::new().route(
                 "/{name}",
                 axum::routing::post(move |Path(name): Path<String>, headers: HeaderMap| {
-                    let (s, g) = (s.clone(), g.clone());
+                    let (s, g, sl, f) = (s.clone(), g.clone(), sl.clone(), f.clone());
                     async move {
                         g.lock().unwrap().push((name.clone(), headers));
+                        {
+                            let mut f = f.lock().unwrap();
+                            let e = f.entry(name.clone()).or_default();
+                            e.0 += 1;
+                            e.1 = e.1.max(e.0);
+                        }
+                        let delay = sl.lock().unwrap().get(&name).copied().unwrap_or(0);
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                        f.lock().unwrap().get_mut(&name).unwrap().0 -= 1;
                         let code = s.lock().unwrap().get(&name).copied().unwrap_or(200);
                         (StatusCode::from_u16(code).unwrap(), "bad key s3cr3t-A here")
                     }
@@ -335,7 +351,17 @@ mod tests {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let base = format!("http://{}", listener.local_addr().unwrap());
             tokio::spawn(async move { axum::serve(listener, app).await });
-            Self { base, status, got }
+            Self {
+                base,
+                status,
+                got,
+                slow,
+                in_flight,
+            }
+        }
+
+        fn peak(&self, name: &str) -> usize {
+            self.in_flight.lock().unwrap().get(name).map_or(0, |e| e.1)
         }
 
         fn answer(&self, name: &str, status: u16) {
@@ -642,6 +668,39 @@ mod tests {
         load(&w, vec![sinks.entry("a", &["x"]), sinks.entry("b", &[""])]);
         deliver(&w, &broker, delivery(5, b"{}")).await;
         assert_eq!(sinks.hits("b").len(), 2);
+    }
+
+    /// A slow endpoint holds at most half the request slots: with concurrency 4, at most 2 of its
+    /// requests at once while another Webhook's messages go through beside it.
+    #[tokio::test]
+    async fn a_slow_webhook_holds_at_most_half_the_request_slots() {
+        let sinks = Sinks::start().await;
+        sinks.slow.lock().unwrap().insert("slow".into(), 300);
+        sinks.slow.lock().unwrap().insert("fast".into(), 100);
+        let hooks = vec![
+            sinks.entry("slow", &["orders"]),
+            sinks.entry("fast", &["invoices"]),
+        ];
+        let w = worker(Unmatched::Ack, hooks);
+        let broker = Arc::new(Memory::default());
+        let mut tasks = Vec::new();
+        for tag in 1..=6u64 {
+            let (w, broker) = (w.clone(), broker.clone());
+            let mut d = delivery(tag, b"{}");
+            if tag > 3 {
+                d.routing_key = "invoices.paid".into();
+            }
+            tasks.push(tokio::spawn(async move {
+                w.deliver(&*broker, d, Accounted::new(w.metrics.clone())).await;
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!((sinks.hits("slow").len(), sinks.hits("fast").len()), (3, 3));
+        assert_eq!(sinks.peak("slow"), 2, "half of 4");
+        assert!(sinks.peak("fast") >= 2, "the fast one got the other slots");
+        assert_eq!(fate_count(&w.metrics, "delivered"), 6);
     }
 
     #[tokio::test]

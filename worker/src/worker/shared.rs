@@ -62,6 +62,7 @@ impl Worker {
         let policy = ClientPolicy {
             allow_private_networks: cfg.allow_private_networks,
             idle_per_host: cfg.concurrency,
+            concurrency: cfg.concurrency,
         };
         let single = match &cfg.destination {
             Some(dest) => {
