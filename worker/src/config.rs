@@ -9,13 +9,13 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hookfleet_crds::contract::{self, Checked, Invalid, WorkerArgs, setting};
-use hookfleet_crds::integration::{HttpMethod, QueueType, RateLimitScope};
+use hookfleet_crds::integration::{HttpMethod, QueueType, RateLimitScope, Unmatched};
 use reqwest::Url;
 use reqwest::header::{HeaderName, HeaderValue};
 
@@ -97,17 +97,11 @@ pub struct Config {
     pub queue_type: QueueType,
     /// `x-delivery-limit` of a quorum work queue.
     pub delivery_limit: u32,
-    pub destination: Url,
-    pub method: HttpMethod,
-    /// Plain headers and headers from Secrets (the latter marked sensitive).
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    pub signing_secrets: Vec<Vec<u8>>,
-    /// OAuth2 client credentials (basic and bearer auth are plain sensitive `headers`).
-    pub oauth2: Option<crate::auth::OAuth2Config>,
-    pub tls: TlsFiles,
-    /// Compiled `--body-template`; `None` forwards the body unchanged.
-    pub body_template: Option<Arc<BodyTemplate>>,
-    pub timeout: Duration,
+    /// The one destination (`--destination-url`); `None` with `--webhooks-secret`, where each
+    /// Webhook of the snapshot has its own, built by the same [`Destination::build`].
+    pub destination: Option<Destination>,
+    /// `--webhooks-secret` and its companions; `None` with a single destination.
+    pub webhooks: Option<WebhooksMode>,
     pub max_attempts: u32,
     pub backoff: Backoff,
     pub concurrency: usize,
@@ -142,22 +136,8 @@ impl fmt::Debug for Config {
             .field("prefetch", &self.prefetch)
             .field("queue_type", &self.queue_type)
             .field("delivery_limit", &self.delivery_limit)
-            // Userinfo in the URL is a credential: never logged.
-            .field(
-                "destination",
-                &hookfleet_crds::redact::userinfo(self.destination.as_str()),
-            )
-            .field("method", &self.method)
-            .field(
-                "headers",
-                &self.headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-            )
-            .field("signing_secrets", &self.signing_secrets.len())
-            .field("oauth2", &self.oauth2)
-            .field("tls_ca", &self.tls.ca_pem.is_some())
-            .field("tls_client_cert", &self.tls.identity_pem.is_some())
-            .field("body_template", &self.body_template.is_some())
-            .field("timeout", &self.timeout)
+            .field("destination", &self.destination)
+            .field("webhooks", &self.webhooks)
             .field("max_attempts", &self.max_attempts)
             .field("backoff", &self.backoff)
             .field("concurrency", &self.concurrency)
@@ -187,14 +167,94 @@ pub fn redact_uri(uri: &str) -> String {
     }
 }
 
-impl Config {
-    /// Checks `args` and completes them from the environment (`env` looks up variables: the broker
-    /// URI, the signing secrets, credentials, --header-from-env targets) and files.
-    pub fn from_args(args: WorkerArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        use contract::{env as var, flag};
-        let amqp_uris = amqp_uris(&args)?;
-        let checked: Checked = args.check().map_err(|mut e| ConfigError::from(e.remove(0)))?;
+/// What `--webhooks-secret` brings: where the fleet's Webhooks snapshot is, and how messages are
+/// matched to Webhooks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhooksMode {
+    /// The Secret holding the snapshot (`<integration>-webhooks`).
+    pub secret: String,
+    /// Its namespace: the Integration's (`--integration NAMESPACE/NAME`).
+    pub namespace: String,
+    /// `--event-name-header`: the header holding the event name (else the original routing key).
+    pub event_name_header: Option<String>,
+    /// `--unmatched`: what becomes of a message no Webhook matches.
+    pub unmatched: Unmatched,
+}
 
+/// One destination, ready to be sent to: the single `--destination-url` of an Integration, or one
+/// Webhook of a snapshot. Both are built by [`Destination::build`] from the same flags.
+#[derive(Clone)]
+pub struct Destination {
+    pub url: Url,
+    pub method: HttpMethod,
+    /// Plain headers and headers from Secrets (the latter marked sensitive).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub signing_secrets: Vec<Vec<u8>>,
+    /// OAuth2 client credentials (basic and bearer auth are plain sensitive `headers`).
+    pub oauth2: Option<crate::auth::OAuth2Config>,
+    pub tls: TlsFiles,
+    /// Compiled `--body-template`; `None` forwards the body unchanged.
+    pub body_template: Option<Arc<BodyTemplate>>,
+    pub timeout: Duration,
+    /// Every secret value the destination was built from (variables and files), so that what is
+    /// reported about it (a response excerpt) can be scrubbed of them. Never logged.
+    pub secrets: Vec<String>,
+}
+
+impl fmt::Debug for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Destination")
+            // Userinfo in the URL is a credential: never logged.
+            .field("url", &hookfleet_crds::redact::userinfo(self.url.as_str()))
+            .field("method", &self.method)
+            .field(
+                "headers",
+                &self.headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            )
+            .field("signing_secrets", &self.signing_secrets.len())
+            .field("oauth2", &self.oauth2)
+            .field("tls_ca", &self.tls.ca_pem.is_some())
+            .field("tls_client_cert", &self.tls.identity_pem.is_some())
+            .field("body_template", &self.body_template.is_some())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads a file a TLS flag names: its bytes, or why not (the message names the file).
+pub type FileReader<'a> = &'a dyn Fn(&Path) -> Result<Vec<u8>, String>;
+
+/// Files from disk (the single destination: the kubelet mounted them).
+pub fn disk(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+impl Destination {
+    /// The destination `args` (checked into `checked`) describe, completed from `env` (headers from
+    /// Secrets, signing secrets, credentials) and `files` (TLS PEM). The body template is taken out
+    /// of `checked`. Messages name flags and variables, never values.
+    pub fn build(
+        args: &WorkerArgs,
+        checked: &mut Checked,
+        env: &dyn Fn(&str) -> Option<String>,
+        files: FileReader<'_>,
+    ) -> Result<Self, ConfigError> {
+        use contract::{env as var, flag};
+        // Every value read from a variable or a file is a secret (the operator fills them from Secrets).
+        let secrets = std::cell::RefCell::new(Vec::new());
+        let env = |k: &str| {
+            let v = env(k);
+            if let Some(v) = &v {
+                secrets.borrow_mut().push(v.trim().to_owned());
+            }
+            v
+        };
+        let url = checked.destination.clone().ok_or_else(|| {
+            bad(
+                &setting(flag::DESTINATION_URL, var::DESTINATION_URL),
+                "missing: set the destination URL",
+            )
+        })?;
         let mut headers = Vec::new();
         let header_setting = &setting(flag::HEADER, var::HEADERS);
         for (name, value) in &checked.headers {
@@ -239,7 +299,7 @@ impl Config {
             );
         }
 
-        let (auth_header, oauth2) = auth_from(checked.oauth2_token_url.clone(), &args.oauth2_scopes, env)?;
+        let (auth_header, oauth2) = auth_from(checked.oauth2_token_url.clone(), &args.oauth2_scopes, &env)?;
         if checked.authorization_sources() + usize::from(auth_header.is_some()) > 1 {
             return Err(bad("auth", contract::AUTHORIZATION_TWICE));
         }
@@ -250,15 +310,69 @@ impl Config {
             args.tls_ca_file.as_deref(),
             args.tls_client_cert_file.as_deref(),
             args.tls_client_key_file.as_deref(),
+            files,
         )?;
 
-        let body_template = match checked.body_template {
+        let body_template = match checked.body_template.take() {
             Some(env) => {
                 Some(Arc::new(BodyTemplate::from_environment(env).map_err(|e| {
                     bad(&setting(flag::BODY_TEMPLATE, var::BODY_TEMPLATE), e)
                 })?))
             }
             None => None,
+        };
+        let mut secrets = secrets.into_inner();
+        secrets.retain(|s| !s.is_empty());
+        if let Some(o) = &oauth2 {
+            secrets.push(o.client_secret.clone());
+        }
+        Ok(Self {
+            url,
+            method: args.method,
+            headers,
+            signing_secrets,
+            oauth2,
+            tls,
+            body_template,
+            timeout: args.timeout,
+            secrets,
+        })
+    }
+}
+
+impl Config {
+    /// Checks `args` and completes them from the environment (`env` looks up variables: the broker
+    /// URI, the signing secrets, credentials, --header-from-env targets) and files.
+    pub fn from_args(args: WorkerArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        use contract::{env as var, flag};
+        let amqp_uris = amqp_uris(&args)?;
+        let mut checked: Checked = args.check().map_err(|mut e| ConfigError::from(e.remove(0)))?;
+        let (destination, webhooks) = match checked.webhooks_secret.clone() {
+            None => (Some(Destination::build(&args, &mut checked, env, &disk)?), None),
+            Some(secret) => {
+                let namespace = match args.integration.split_once('/') {
+                    Some((ns, _)) if !ns.trim().is_empty() => ns.trim().to_owned(),
+                    _ => {
+                        return Err(bad(
+                            &setting(flag::INTEGRATION, var::INTEGRATION),
+                            "with --webhooks-secret, set NAMESPACE/NAME (the snapshot Secret's namespace)",
+                        ));
+                    }
+                };
+                let event_name_header = args
+                    .event_name_header
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|h| !h.is_empty())
+                    .map(str::to_owned);
+                let mode = WebhooksMode {
+                    secret,
+                    namespace,
+                    event_name_header,
+                    unmatched: args.unmatched,
+                };
+                (None, Some(mode))
+            }
         };
 
         Ok(Self {
@@ -269,20 +383,8 @@ impl Config {
             prefetch: args.prefetch,
             queue_type: args.queue_type,
             delivery_limit: args.delivery_limit,
-            // Webhooks (`--webhooks-secret`) are built in a later change.
-            destination: checked.destination.ok_or_else(|| {
-                bad(
-                    &setting(flag::WEBHOOKS_SECRET, var::WEBHOOKS_SECRET),
-                    "Webhooks are not supported by this worker yet",
-                )
-            })?,
-            method: args.method,
-            headers,
-            signing_secrets,
-            oauth2,
-            tls,
-            body_template,
-            timeout: args.timeout,
+            destination,
+            webhooks,
             max_attempts: args.max_attempts,
             backoff: Backoff {
                 initial: args.backoff_initial,
@@ -304,6 +406,13 @@ impl Config {
             termination_log: args.termination_log,
             log_format: args.log_format,
         })
+    }
+
+    /// The single destination. Panics with `--webhooks-secret` (tests and single-destination paths).
+    pub fn dest(&self) -> &Destination {
+        self.destination
+            .as_ref()
+            .expect("a single-destination configuration")
     }
 }
 
@@ -414,10 +523,9 @@ fn tls_files(
     ca: Option<&std::path::Path>,
     cert: Option<&std::path::Path>,
     key: Option<&std::path::Path>,
+    files: FileReader<'_>,
 ) -> Result<TlsFiles, ConfigError> {
-    let read = |setting: &str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| bad(setting, format!("{}: {e}", path.display())))
-    };
+    let read = |setting: &str, path: &std::path::Path| files(path).map_err(|e| bad(setting, e));
     let ca_setting = &contract::setting(contract::flag::TLS_CA_FILE, contract::env::TLS_CA_FILE);
     let ca_pem = match ca {
         None => None,
@@ -536,12 +644,12 @@ mod tests {
         assert_eq!(c.backoff.initial, Duration::from_secs(1));
         assert_eq!(c.backoff.max, Duration::from_secs(600));
         assert_eq!(c.backoff.jitter, Jitter::Full);
-        assert_eq!(c.timeout, Duration::from_secs(10));
+        assert_eq!(c.dest().timeout, Duration::from_secs(10));
         assert_eq!(c.dead_letter_queue, "orders.dead");
         assert_eq!(c.prefetch, 64);
         assert_eq!(c.fd_limit, 1_048_576);
         assert_eq!(c.shutdown_grace, Duration::from_secs(25));
-        assert_eq!(c.method, HttpMethod::Post);
+        assert_eq!(c.dest().method, HttpMethod::Post);
         assert_eq!(c.queue_type, QueueType::Quorum);
         assert_eq!(c.delivery_limit, 20);
         assert_eq!(c.circuit_breaker, (20, Duration::from_secs(10)));
@@ -613,12 +721,12 @@ mod tests {
                 ("other".into(), String::new())
             ]
         );
-        assert_eq!(c.headers[0].0.as_str(), "x-source");
-        assert_eq!(c.timeout, Duration::from_secs(90));
+        assert_eq!(c.dest().headers[0].0.as_str(), "x-source");
+        assert_eq!(c.dest().timeout, Duration::from_secs(90));
         assert_eq!(c.backoff.initial, Duration::from_millis(250));
         assert_eq!(c.backoff.jitter, Jitter::Equal);
         assert_eq!(c.rate_limit, Some((200, 200)));
-        assert_eq!(c.method, HttpMethod::Put);
+        assert_eq!(c.dest().method, HttpMethod::Put);
     }
 
     #[test]
@@ -736,8 +844,8 @@ mod tests {
     fn header_from_env_is_sensitive_and_never_in_messages() {
         let env = |k: &str| (k == "ERP_TOKEN").then(|| "Bearer t0ken".to_owned());
         let c = parse_env(&["--header-from-env", "Authorization=ERP_TOKEN"], &env).unwrap();
-        assert_eq!(c.headers[0].0.as_str(), "authorization");
-        assert!(c.headers[0].1.is_sensitive());
+        assert_eq!(c.dest().headers[0].0.as_str(), "authorization");
+        assert!(c.dest().headers[0].1.is_sensitive());
         assert!(!format!("{c:?}").contains("t0ken"));
         let args = Args::try_parse_from([
             "w",
@@ -765,7 +873,7 @@ mod tests {
             (BASIC_AUTH_PASSWORD_ENV, "pa55"),
         ]);
         let c = parse_env(&[], &basic).unwrap();
-        let (name, value) = c.headers.last().unwrap();
+        let (name, value) = c.dest().headers.last().unwrap();
         assert_eq!(name, reqwest::header::AUTHORIZATION);
         assert!(value.is_sensitive());
         assert_eq!(value.to_str().unwrap(), "Basic c3ZjOnBhNTU=");
@@ -776,7 +884,10 @@ mod tests {
 
         let bearer = vars(&[(BEARER_TOKEN_ENV, "t0ken")]);
         let c = parse_env(&[], &bearer).unwrap();
-        assert_eq!(c.headers.last().unwrap().1.to_str().unwrap(), "Bearer t0ken");
+        assert_eq!(
+            c.dest().headers.last().unwrap().1.to_str().unwrap(),
+            "Bearer t0ken"
+        );
         let twice = parse_env(&["--header", "Authorization: x"], &bearer).unwrap_err();
         assert!(twice.message.contains("Authorization is set twice"), "{twice}");
 
@@ -788,7 +899,7 @@ mod tests {
             "a",
         ];
         let c = parse_env(&url, &oauth).unwrap();
-        let o = c.oauth2.as_ref().unwrap();
+        let o = c.dest().oauth2.as_ref().unwrap();
         assert_eq!(
             (o.client_id.as_str(), o.scopes.clone()),
             ("id", vec!["a".to_owned()])
@@ -817,7 +928,7 @@ mod tests {
         };
         let c = parse_env(&["--signing-secret-env", "NEXT"], &env).unwrap();
         assert_eq!(
-            c.signing_secrets,
+            c.dest().signing_secrets,
             [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
         );
         let e = parse_env(&["--signing-secret-env", "MISSING"], &env).unwrap_err();
@@ -842,10 +953,16 @@ mod tests {
 
     #[test]
     fn body_template_is_compiled_once_or_absent() {
-        assert!(parse(&[]).unwrap().body_template.is_none());
-        assert!(parse(&["--body-template", " "]).unwrap().body_template.is_none());
+        assert!(parse(&[]).unwrap().dest().body_template.is_none());
+        assert!(
+            parse(&["--body-template", " "])
+                .unwrap()
+                .dest()
+                .body_template
+                .is_none()
+        );
         let c = parse(&["--body-template", "{\"order\": {{ data | tojson }}}"]).unwrap();
-        let t = c.body_template.expect("compiled");
+        let t = c.dest().body_template.clone().expect("compiled");
         let extras = crate::template::Extras {
             routing_key: "rk",
             webhook_id: "id",
@@ -853,7 +970,12 @@ mod tests {
         assert_eq!(t.render(br#"{"data": [1]}"#, extras).unwrap(), "{\"order\": [1]}");
         let c = parse(&["--body-template", "-{{ n }}"]).unwrap();
         assert_eq!(
-            c.body_template.unwrap().render(br#"{"n": 1}"#, extras).unwrap(),
+            c.dest()
+                .body_template
+                .clone()
+                .unwrap()
+                .render(br#"{"n": 1}"#, extras)
+                .unwrap(),
             "-1"
         );
         let err = parse(&["--body-template", "{% if %}"]).unwrap_err();
@@ -927,6 +1049,41 @@ mod tests {
         let err = Config::from_args(args(&path), &|_| None).unwrap_err();
         assert_eq!(err.setting, "--amqp-uri-file (HOOKFLEET_AMQP_URI_FILE)");
         assert!(err.message.starts_with("entry 2 of 2"), "{err}");
+    }
+
+    #[test]
+    fn webhooks_mode_has_no_destination_and_names_its_secret_and_namespace() {
+        let argv = |integration: &str| {
+            Args::try_parse_from([
+                "w",
+                "--amqp-uri",
+                "amqp://127.0.0.1/",
+                "--queue",
+                "q",
+                "--webhooks-secret",
+                " fleet-webhooks ",
+                "--integration",
+                integration,
+                "--event-name-header",
+                "x-event",
+                "--unmatched",
+                "deadLetter",
+            ])
+            .unwrap()
+        };
+        let c = Config::from_args(argv("team-a/fleet"), &|_| None).unwrap();
+        assert!(c.destination.is_none());
+        assert_eq!(
+            c.webhooks,
+            Some(WebhooksMode {
+                secret: "fleet-webhooks".into(),
+                namespace: "team-a".into(),
+                event_name_header: Some("x-event".into()),
+                unmatched: Unmatched::DeadLetter,
+            })
+        );
+        let e = Config::from_args(argv("fleet"), &|_| None).unwrap_err();
+        assert!(e.setting.starts_with("--integration"), "{e}");
     }
 
     #[test]

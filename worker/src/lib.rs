@@ -14,6 +14,8 @@ pub mod outcome;
 pub mod ratelimit;
 pub mod signing;
 pub mod ssrf;
+pub mod target;
 pub mod template;
 pub mod throttle;
+pub mod webhooks;
 pub mod worker;

@@ -27,6 +27,8 @@ pub const H_DEAD_AT: &str = "x-hookfleet-dead-at-ms";
 /// default exchange, so they are kept for the dead-letter queue's readers).
 pub const H_EXCHANGE: &str = "x-hookfleet-exchange";
 pub const H_ROUTING_KEY: &str = "x-hookfleet-routing-key";
+/// The Webhook a retry or dead-letter copy is for (the contract's name).
+pub use hookfleet_crds::contract::webhooks::H_WEBHOOK;
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -216,6 +218,16 @@ pub fn copy_properties(props: &BasicProperties) -> BasicProperties {
         p = p.with_cluster_id(v.clone());
     }
     p
+}
+
+/// `props` naming Webhook `webhook` ([`H_WEBHOOK`]): a copy for that Webhook alone.
+pub fn for_webhook(props: BasicProperties, webhook: &str) -> BasicProperties {
+    let mut h = props.headers().clone().unwrap_or_default();
+    h.insert(
+        ShortString::from(H_WEBHOOK),
+        AMQPValue::LongString(LongString::from(webhook.as_bytes().to_vec())),
+    );
+    props.with_headers(h)
 }
 
 /// Properties of the copy published to the dead-letter queue.

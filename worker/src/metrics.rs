@@ -51,6 +51,16 @@ pub struct Metrics {
     pub throttle_limit: Gauge,
     /// This worker's rate limit in requests/s (its share of a fleet-wide limit); 0 when unlimited.
     pub rate_limit: Gauge<f64, AtomicU64>,
+    /// Webhooks in the loaded snapshot (`--webhooks-secret`).
+    pub webhooks_configured: Gauge,
+    /// Snapshot loads by result (`ok`, `invalid`, `deleted`, `api_error`).
+    pub snapshot_loads: Family<Labels, Counter>,
+    /// When the last good snapshot was loaded (Unix seconds).
+    pub snapshot_loaded_at: Gauge<f64, AtomicU64>,
+    /// Messages no Webhook matched, acked (`--unmatched ack`).
+    pub unmatched: Counter,
+    /// Report publishes by result (`ok`, `failed`).
+    pub reports: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -85,6 +95,11 @@ impl Metrics {
             destination_gone: Gauge::default(),
             throttle_limit: Gauge::default(),
             rate_limit: Gauge::default(),
+            webhooks_configured: Gauge::default(),
+            snapshot_loads: Family::default(),
+            snapshot_loaded_at: Gauge::default(),
+            unmatched: Counter::default(),
+            reports: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -188,7 +203,36 @@ impl Metrics {
             "This worker's request rate limit (its share of a fleet-wide limit); 0 when unlimited",
             m.rate_limit.clone(),
         );
+        r.register(
+            "webhooks_configured",
+            "Webhooks in the loaded snapshot (with --webhooks-secret)",
+            m.webhooks_configured.clone(),
+        );
+        r.register(
+            "webhooks_snapshot_loads",
+            "Webhooks snapshot loads by result: ok, invalid (kept the last good one), deleted, api_error",
+            m.snapshot_loads.clone(),
+        );
+        r.register(
+            "webhooks_snapshot_loaded_timestamp_seconds",
+            "When the last good Webhooks snapshot was loaded",
+            m.snapshot_loaded_at.clone(),
+        );
+        r.register(
+            "messages_unmatched",
+            "Messages no Webhook matched, acked (--unmatched ack)",
+            m.unmatched.clone(),
+        );
+        r.register(
+            "webhook_reports",
+            "Webhook status reports published, by result (ok, failed: merged into the next)",
+            m.reports.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    pub fn snapshot_load(&self, result: &'static str) {
+        self.snapshot_loads.get_or_create(&vec![("result", result)]).inc();
     }
 
     pub fn delivery(&self, result: &'static str, reason: &'static str) {

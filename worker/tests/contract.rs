@@ -94,10 +94,28 @@ fn check(intg: &Integration, p: &Parsed) {
     let value = |r: &SecretKeyRef| testing::secret_value(r, conn);
     assert_eq!(c.amqp_uris, [value(conn)], "connectionSecretRef");
 
-    // Webhooks: the worker's side of the snapshot is tested with the worker's Webhooks.
+    // Webhooks: no destination here; the snapshot's Secret, how events are named and matched, and
+    // private networks for all of them (each Webhook's destination is built from the snapshot, by
+    // the same builder: tests/webhooks.rs and the worker's unit tests).
     let Some(dst) = &spec.destination else {
+        let w = spec.webhooks.as_ref().expect("a destination or webhooks");
+        let mode = c.webhooks.as_ref().expect("webhook mode");
+        assert!(c.destination.is_none(), "no single destination");
+        let (namespace, name) = p.setup.args.integration.split_once('/').unwrap();
+        assert_eq!(mode.secret, contract::webhooks::snapshot_secret(name));
+        assert_eq!(mode.namespace, namespace);
+        assert_eq!(mode.event_name_header, w.event_name_header);
+        assert_eq!(mode.unmatched, w.unmatched);
+        assert_eq!(c.allow_private_networks, w.allow_private_networks);
+        assert_eq!(Some(c.queue.as_str()), p.setup.args.queue.as_deref());
+        assert!(
+            p.unread.is_empty(),
+            "variables in the pod the worker never reads: {:?}",
+            p.unread
+        );
         return;
     };
+    let d = c.dest();
     let mut want: Vec<(String, String, bool)> = dst
         .headers
         .iter()
@@ -118,7 +136,7 @@ fn check(intg: &Integration, p: &Parsed) {
             want.push(("authorization".into(), h.to_str().unwrap().to_owned(), true));
         }
     }
-    let got: Vec<(String, String, bool)> = c
+    let got: Vec<(String, String, bool)> = d
         .headers
         .iter()
         .map(|(n, v)| {
@@ -131,9 +149,9 @@ fn check(intg: &Integration, p: &Parsed) {
         .collect();
     assert_eq!(got, want, "headers (name, value, from a Secret)");
     match dst.auth.as_ref().and_then(|a| a.oauth2.as_ref()) {
-        None => assert!(c.oauth2.is_none(), "oauth2"),
+        None => assert!(d.oauth2.is_none(), "oauth2"),
         Some(o) => {
-            let got = c.oauth2.as_ref().expect("oauth2 arrives");
+            let got = d.oauth2.as_ref().expect("oauth2 arrives");
             assert_eq!(
                 got.token_url.as_str(),
                 o.token_url.parse::<reqwest::Url>().unwrap().as_str()
@@ -155,13 +173,13 @@ fn check(intg: &Integration, p: &Parsed) {
     };
     let tls = dst.tls.as_ref();
     assert_eq!(
-        c.tls.ca_pem,
+        d.tls.ca_pem,
         tls.and_then(|t| t.ca_from.as_ref())
             .map(|r| file(&r.name, &r.key)),
         "tls.caFrom"
     );
     assert_eq!(
-        c.tls.identity_pem,
+        d.tls.identity_pem,
         tls.and_then(|t| t.client_cert_secret.as_ref()).map(|s| {
             let mut pem = file(&s.name, contract::TLS_SECRET_CERT);
             pem.push(b'\n');
@@ -171,9 +189,9 @@ fn check(intg: &Integration, p: &Parsed) {
         "tls.clientCertSecret"
     );
     match &dst.body {
-        None => assert!(c.body_template.is_none()),
+        None => assert!(d.body_template.is_none()),
         Some(b) => {
-            let ours = c.body_template.as_ref().expect("body template arrives");
+            let ours = d.body_template.as_ref().expect("body template arrives");
             let theirs = BodyTemplate::compile(&b.template).unwrap();
             for body in [&br#"{"data": {"id": 7}, "device_id": "d-1"}"#[..], br#"{"a": 1}"#] {
                 let x = Extras {
@@ -194,22 +212,19 @@ fn check(intg: &Integration, p: &Parsed) {
         .flat_map(|s| s.refs())
         .map(|r| value(r).into_bytes())
         .collect();
-    assert_eq!(c.signing_secrets, signing, "signing secret");
+    assert_eq!(d.signing_secrets, signing, "signing secret");
 
     // The flags' settings arrive as parsed (their values are crds/tests/contract.rs's).
     let a = &p.setup.args;
     assert_eq!(c.integration, a.integration);
     assert_eq!(Some(c.queue.as_str()), a.queue.as_deref());
+    assert_eq!(d.url.as_str(), dst.url.parse::<reqwest::Url>().unwrap().as_str());
     assert_eq!(
-        c.destination.as_str(),
-        dst.url.parse::<reqwest::Url>().unwrap().as_str()
-    );
-    assert_eq!(
-        (c.prefetch, c.queue_type, c.delivery_limit, c.method),
+        (c.prefetch, c.queue_type, c.delivery_limit, d.method),
         (a.prefetch, a.queue_type, a.delivery_limit, a.method)
     );
     assert_eq!(
-        (c.timeout, c.max_attempts, c.concurrency),
+        (d.timeout, c.max_attempts, c.concurrency),
         (a.timeout, a.max_attempts, a.concurrency as usize)
     );
     assert_eq!(
@@ -239,7 +254,7 @@ fn check(intg: &Integration, p: &Parsed) {
     assert_eq!(c.metrics_addr.port(), contract::METRICS_PORT);
     assert_eq!(c.termination_log.to_str(), Some(contract::TERMINATION_LOG));
     assert_eq!(c.shutdown_grace, a.shutdown_grace);
-    assert!(c.shutdown_grace > c.timeout, "a delivery in flight can finish");
+    assert!(c.shutdown_grace > d.timeout, "a delivery in flight can finish");
     assert!(
         p.unread.is_empty(),
         "variables in the pod the worker never reads: {:?}",

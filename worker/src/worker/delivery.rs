@@ -15,12 +15,13 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::fate::{self, Limits};
 use super::settle::Settle;
-use super::settlement::{Accounted, Settler};
+use super::settlement::Accounted;
 use super::shared::Worker;
 use crate::auth::SendError;
 use crate::breaker::{Admit, Transition};
 use crate::message::{self, Meta};
 use crate::outcome::{Outcome, classify_error, classify_status};
+use crate::target::Target;
 use crate::template::Extras;
 
 impl Worker {
@@ -41,8 +42,13 @@ impl Worker {
             info_span!("delivery", id = %meta.id, attempt = meta.attempts + 1, redelivered = d.redelivered);
         let handled = AssertUnwindSafe(
             async {
-                let outcome = self.outcome(&d, &body, &meta).await;
-                self.settle(broker, &d, &body, &meta, outcome, &mut acct).await;
+                match &self.single {
+                    Some(target) => {
+                        let outcome = self.outcome(target, &d, &body, &meta).await;
+                        self.settle(broker, &d, &body, &meta, outcome, &mut acct).await;
+                    }
+                    None => self.fan_out(broker, &d, &body, &meta, &mut acct).await,
+                }
             }
             .instrument(span.clone()),
         )
@@ -60,7 +66,7 @@ impl Worker {
     }
 
     /// Carries out the fate `outcome` decides.
-    async fn settle(
+    pub(super) async fn settle(
         &self,
         broker: &impl Settle,
         d: &Delivery,
@@ -74,36 +80,37 @@ impl Worker {
             backoff: &self.cfg.backoff,
         };
         let fate = fate::decide(outcome, meta.attempts + 1, limits, &mut rand::rng());
-        let settler = Settler {
-            metrics: &self.metrics,
-            queue: &self.cfg.queue,
-            dead_letter_queue: &self.cfg.dead_letter_queue,
-            gone: &self.gone,
-        };
-        settler.settle(broker, d, body, meta, fate, acct).await;
+        self.settler().settle(broker, d, body, meta, fate, acct).await;
     }
 
-    /// Renders, admits, attempts: the outcome of this delivery.
-    async fn outcome(&self, d: &Delivery, message: &Bytes, meta: &Meta) -> Outcome {
+    /// The request body for `target`: the message's, or its template's rendering of it (`Err`: the
+    /// outcome of a message the template cannot render, which it never will).
+    pub(super) fn body(target: &Target, d: &Delivery, message: &Bytes, id: &str) -> Result<Bytes, Outcome> {
+        match &target.dest.body_template {
+            None => Ok(message.clone()),
+            Some(t) => {
+                let extras = Extras {
+                    routing_key: original_routing_key(d),
+                    webhook_id: id,
+                };
+                t.render(message, extras)
+                    .map(Bytes::from)
+                    .map_err(|e| Outcome::Unrenderable { error: e.to_string() })
+            }
+        }
+    }
+
+    /// Renders, admits, attempts: the outcome of this delivery to the single destination.
+    async fn outcome(&self, target: &Target, d: &Delivery, message: &Bytes, meta: &Meta) -> Outcome {
         // The destination is gone (an earlier 410): no more requests; the message waits in its queue.
         if self.gone.is_set() {
             return Outcome::Stopped;
         }
-        // The request body: the message's, or the template's rendering of it. A message the
-        // template cannot render never will: its outcome comes before the breaker or the rate
-        // limit spend anything on it.
-        let body = match &self.cfg.body_template {
-            None => message.clone(),
-            Some(t) => {
-                let extras = Extras {
-                    routing_key: original_routing_key(d),
-                    webhook_id: &meta.id,
-                };
-                match t.render(message, extras) {
-                    Ok(b) => Bytes::from(b),
-                    Err(e) => return Outcome::Unrenderable { error: e.to_string() },
-                }
-            }
+        // A message the template cannot render never will: its outcome comes before the breaker or
+        // the rate limit spend anything on it.
+        let body = match Self::body(target, d, message, &meta.id) {
+            Ok(b) => b,
+            Err(o) => return o,
         };
         let admit = self.breaker.admit();
         match admit {
@@ -118,7 +125,7 @@ impl Worker {
                     None => None,
                 };
                 self.metrics.in_flight.inc();
-                let outcome = self.attempt(d, meta, body).await;
+                let outcome = self.attempt(target, d, &meta.id, body, None).await;
                 self.metrics.in_flight.dec();
                 drop(pass);
                 let healthy = !matches!(outcome, Outcome::Retry { .. });
@@ -151,8 +158,16 @@ impl Worker {
         }
     }
 
-    /// One HTTP attempt with `body` (the message's, or its rendering).
-    async fn attempt(&self, d: &Delivery, meta: &Meta, body: Bytes) -> Outcome {
+    /// One HTTP attempt to `target` with `body` (the message's, or its rendering) as `webhook-id`
+    /// `id`. When `head` is given, the first bytes of a failed answer's body are kept there.
+    pub(super) async fn attempt(
+        &self,
+        target: &Target,
+        d: &Delivery,
+        id: &str,
+        body: Bytes,
+        mut head: Option<&mut Vec<u8>>,
+    ) -> Outcome {
         if let Some(limiter) = &self.limiter {
             let waited = Instant::now();
             limiter.acquire().await;
@@ -165,26 +180,27 @@ impl Worker {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0)
             .to_string();
-        let method =
-            reqwest::Method::from_bytes(self.cfg.method.as_str().as_bytes()).expect("a valid method");
+        let dest = &target.dest;
+        let method = reqwest::Method::from_bytes(dest.method.as_str().as_bytes()).expect("a valid method");
         let content_type = d
             .properties
             .content_type()
             .as_ref()
             .and_then(|c| HeaderValue::from_str(c.as_str()).ok())
             .unwrap_or(HeaderValue::from_static("application/json"));
-        let mut req = self
+        let mut req = target
             .http
-            .request(method, self.cfg.destination.clone())
-            .headers(self.headers.clone())
+            .request(method, dest.url.clone())
+            .timeout(dest.timeout)
+            .headers(target.headers.clone())
             .header(CONTENT_TYPE, content_type)
-            .header("webhook-id", meta.id.as_str())
+            .header("webhook-id", id)
             .header("webhook-timestamp", ts.as_str());
-        if let Some(signer) = &self.signer {
-            req = req.header("webhook-signature", signer.sign(&meta.id, &ts, &body));
+        if let Some(signer) = &target.signer {
+            req = req.header("webhook-signature", signer.sign(id, &ts, &body));
         }
         let started = Instant::now();
-        let result = crate::auth::send(&self.http, self.tokens.as_ref(), req.body(body)).await;
+        let result = crate::auth::send(&target.http, target.tokens.as_ref(), req.body(body)).await;
         let outcome = match result {
             Ok(mut resp) => {
                 let status = resp.status().as_u16();
@@ -193,11 +209,17 @@ impl Worker {
                     .get(RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| crate::backoff::parse_retry_after(v, SystemTime::now()));
+                let failed = !resp.status().is_success();
                 // Read (a bounded part of) the body so the connection can be reused.
                 let mut read = 0usize;
                 while read < 64 * 1024 {
                     match resp.chunk().await {
-                        Ok(Some(c)) => read += c.len(),
+                        Ok(Some(c)) => {
+                            if let Some(h) = head.as_deref_mut().filter(|h| failed && h.len() < HEAD) {
+                                h.extend_from_slice(&c[..c.len().min(HEAD - h.len())]);
+                            }
+                            read += c.len();
+                        }
                         _ => break,
                     }
                 }
@@ -234,9 +256,13 @@ impl Worker {
     }
 }
 
+/// Bytes of a failed answer's body kept for the Webhook's status excerpt (which keeps fewer, once
+/// secrets are scrubbed).
+const HEAD: usize = 1024;
+
 /// The routing key the message was published with (a retry comes back through the default exchange
 /// with the queue's name as its key; the original is kept in a header).
-fn original_routing_key(d: &Delivery) -> &str {
+pub(super) fn original_routing_key(d: &Delivery) -> &str {
     match d
         .properties
         .headers()
@@ -262,7 +288,7 @@ mod tests {
 
     use super::*;
     use crate::backoff::Backoff;
-    use crate::config::{Config, LogFormat, TlsFiles};
+    use crate::config::{self, Config, LogFormat, TlsFiles};
     use crate::message::{H_ATTEMPTS, H_DEAD_REASON, H_LAST_ERROR, header_int, header_str};
     use crate::metrics::Metrics;
     use crate::template::BodyTemplate;
@@ -312,14 +338,18 @@ mod tests {
             prefetch: 64,
             queue_type: QueueType::Quorum,
             delivery_limit: 20,
-            destination,
-            method: HttpMethod::Post,
-            headers: Vec::new(),
-            signing_secrets: Vec::new(),
-            oauth2: None,
-            tls: TlsFiles::default(),
-            body_template: None,
-            timeout: Duration::from_secs(5),
+            destination: Some(config::Destination {
+                url: destination,
+                method: HttpMethod::Post,
+                headers: Vec::new(),
+                signing_secrets: Vec::new(),
+                oauth2: None,
+                tls: TlsFiles::default(),
+                body_template: None,
+                timeout: Duration::from_secs(5),
+                secrets: Vec::new(),
+            }),
+            webhooks: None,
             max_attempts: 3,
             backoff: Backoff {
                 initial: Duration::from_secs(1),
@@ -440,7 +470,7 @@ mod tests {
         let dest = Destination::start().await;
         let mut cfg = config(dest.url.clone());
         let template = BodyTemplate::compile(r#"{"device": "{{ device_id }}"}"#).unwrap();
-        cfg.body_template = Some(Arc::new(template));
+        cfg.destination.as_mut().unwrap().body_template = Some(Arc::new(template));
         let w = worker(cfg);
         let broker = Memory::default();
         deliver(&w, &broker, message(1, br#"{"n":1}"#, 0)).await;

@@ -36,8 +36,14 @@ pub enum Store {
         attempts: u32,
         next_in: Duration,
     },
-    /// Not attempted (the circuit breaker is open): as a retry, with the attempt count unchanged.
-    Defer { attempts: u32, next_in: Duration },
+    /// Not attempted (the circuit breaker is open; with Webhooks also a paused Webhook, or one
+    /// whose attempt panicked): as a retry, with the attempt count unchanged. `reason` is the
+    /// `x-hookfleet-last-error` and the metric reason (`circuit_open`, `paused`, `panic`, …).
+    Defer {
+        attempts: u32,
+        next_in: Duration,
+        reason: &'static str,
+    },
     /// In the dead-letter queue.
     DeadLetter {
         /// Metric label: the refusal's reason, `attempts_exhausted` or `template`.
@@ -85,6 +91,7 @@ pub fn decide(outcome: Outcome, attempt: u32, limits: Limits<'_>, rng: &mut impl
         Outcome::Deferred { delay } => Fate::Store(Store::Defer {
             attempts: attempt - 1,
             next_in: limits.backoff.bucket(delay.min(limits.backoff.max)),
+            reason: "circuit_open",
         }),
         Outcome::Reject { reason, status } => Fate::Store(Store::DeadLetter {
             reason,
@@ -160,7 +167,11 @@ mod tests {
     }
 
     fn defer(attempts: u32, next_in: Duration) -> Fate {
-        Fate::Store(Store::Defer { attempts, next_in })
+        Fate::Store(Store::Defer {
+            attempts,
+            next_in,
+            reason: "circuit_open",
+        })
     }
 
     fn dead(reason: &'static str, failure: Failure, attempts: u32, detail: Option<&str>) -> Fate {

@@ -50,12 +50,13 @@ impl Gone {
 /// The first 410 of this worker's destination, once it came: set once, never cleared (the worker
 /// exits), watched by [`Worker::serve`](super::Worker::serve) to stop consuming.
 pub struct GoneLatch {
-    destination: Url,
+    /// `None` with Webhooks: a 410 dead-letters that Webhook's copy, it never stops the fleet.
+    destination: Option<Url>,
     tx: watch::Sender<Option<Gone>>,
 }
 
 impl GoneLatch {
-    pub fn new(destination: Url) -> Self {
+    pub fn new(destination: Option<Url>) -> Self {
         Self {
             destination,
             tx: watch::Sender::new(None),
@@ -69,7 +70,10 @@ impl GoneLatch {
 
     /// Records the first 410: the gauge, the log line, and the signal that stops consuming.
     pub fn set(&self, metrics: &Metrics) {
-        let gone = Gone::new(&self.destination, SystemTime::now());
+        let Some(destination) = &self.destination else {
+            return;
+        };
+        let gone = Gone::new(destination, SystemTime::now());
         let first = self.tx.send_if_modified(|g| {
             if g.is_some() {
                 return false;

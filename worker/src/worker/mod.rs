@@ -5,10 +5,14 @@
 //!   reconnecting with jittered backoff, draining in-flight deliveries before a connection is
 //!   closed; the exit after a 410;
 //! - [`consume`]: the consume loop, one for both lanes (the work queue's and the retry lane's);
+//! - `fanout`: with Webhooks, one message to every matching Webhook (or a copy to its own), each
+//!   copy's fate, and the original settled once every copy is;
 //! - [`delivery`]: one message from received to settled: its [`Outcome`](crate::outcome::Outcome)
 //!   (template, circuit breaker, rate limit, the HTTP attempt), then its fate, carried out;
 //! - [`fleet`]: this worker's share of a fleet-wide rate limit;
-//! - [`shared`]: the [`Worker`] itself, the state every session and delivery task shares;
+//! - `report`: with Webhooks, the status reports published on the session's publisher;
+//! - [`shared`]: the [`Worker`] itself, the state every session and delivery task shares (the single
+//!   destination's `Target`, or the live Webhooks snapshot);
 //! - [`broker`]: settling on lapin: the ack ledger's channel and the confirm-mode publisher;
 //! - [`settlement`]: the one place that carries out a fate (ack; store a copy in a queue, then ack;
 //!   hand back), with the message accounting;
@@ -34,12 +38,14 @@ mod broker;
 mod consume;
 mod delivery;
 mod error;
+mod fanout;
 mod fate;
 mod fleet;
 mod gone;
 mod lanes;
 #[cfg(test)]
 mod memory;
+mod report;
 mod session;
 mod settle;
 mod settlement;

@@ -42,7 +42,44 @@ impl Worker {
             }
             let _ = stop_tx.send(true);
         });
+        // With Webhooks: the snapshot first (not consuming, not ready until it is loaded), kept live
+        // beside the sessions; the reports every few seconds.
+        let mut background = Vec::new();
+        if let Some(hooks) = &self.hooks {
+            let client = kube::Client::try_default().await.map_err(|e| Fatal {
+                code: 1,
+                message: format!("connecting to the Kubernetes API (for the webhooks snapshot): {e}"),
+            })?;
+            background.push(tokio::spawn(crate::webhooks::watch::run(
+                client,
+                hooks.mode.clone(),
+                hooks.builder.clone(),
+                hooks.live.clone(),
+                self.metrics.clone(),
+            )));
+            let mut stop = stop_rx.clone();
+            info!(secret = %hooks.mode.secret, namespace = %hooks.mode.namespace, "waiting for the webhooks snapshot");
+            tokio::select! {
+                _ = hooks.live.wait_loaded() => {}
+                _ = stop.wait_for(|s| *s) => {
+                    forward.abort();
+                    return Ok(());
+                }
+            }
+            let worker = self.clone();
+            background.push(tokio::spawn(async move {
+                let mut every = tokio::time::interval(super::report::EVERY);
+                every.tick().await;
+                loop {
+                    every.tick().await;
+                    worker.report().await;
+                }
+            }));
+        }
         let result = self.clone().run(stop_rx).await;
+        for task in background {
+            task.abort();
+        }
         forward.abort();
         result?;
         match self.gone.fatal() {
@@ -112,6 +149,9 @@ impl Worker {
         }
         self.metrics.consuming.set(0);
         self.metrics.broker_blocked.set(0);
+        if result.is_err() {
+            self.set_report_session(None);
+        }
         // Shutdown or failure alike: in-flight deliveries finish and settle (those that can still
         // ack do), then the connection closes and the broker requeues whatever is left unacked.
         if result.is_err()
@@ -123,6 +163,9 @@ impl Worker {
         match result {
             Ok(consume_ch) => {
                 self.drain().await;
+                // The last report, through the session still open.
+                self.report().await;
+                self.set_report_session(None);
                 close(&conn, Some(&consume_ch), 200, "worker shutting down").await;
                 self.metrics.broker_connected.set(0);
                 info!("closed the broker connection");
@@ -198,6 +241,7 @@ impl Worker {
             publish_failed: tokio::sync::Notify::new(),
         });
         *session_out = Some(session.clone());
+        self.set_report_session(Some(session.clone()));
         let mut retry_lane = self
             .start_retry_lane(conn, shutdown.clone(), session.clone())
             .await?;

@@ -27,6 +27,8 @@ pub mod settled {
     pub const RETRIED: &str = "retried";
     pub const DEAD_LETTERED: &str = "dead_lettered";
     pub const HANDED_BACK: &str = "handed_back";
+    /// With Webhooks: no Webhook matched, acked (`--unmatched ack`).
+    pub const UNMATCHED: &str = "unmatched";
 }
 
 /// A message the consumer yielded, until its fate is recorded. Counted as consumed when created;
@@ -63,10 +65,31 @@ impl Accounted {
     }
 }
 
+impl Accounted {
+    /// Records the message's fate only (with Webhooks: each copy's result is counted in
+    /// `deliveries_total` on its own).
+    pub fn record_fate(&mut self, fate: &'static str) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        self.metrics.settled.get_or_create(&vec![("fate", fate)]).inc();
+        self.metrics.unsettled.dec();
+    }
+}
+
 impl Drop for Accounted {
     fn drop(&mut self) {
         self.record(settled::HANDED_BACK, "handed_back", "not_started");
     }
+}
+
+/// One Webhook's copy of a message, and its fate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copy {
+    pub webhook: String,
+    /// [`Fate::Ack`] (delivered) or [`Fate::Store`].
+    pub fate: Fate,
 }
 
 /// What the settle site needs besides the broker: where copies go, what it reports to, and the 410
@@ -132,6 +155,112 @@ impl Settler<'_> {
         }
     }
 
+    /// With Webhooks: carries out the fate of each Webhook's copy of `d`, then of `d` itself. Every
+    /// copy to store is published (concurrently, each naming its Webhook in `H_WEBHOOK`) and
+    /// confirmed; only when all are (and the others delivered) is the original acked, counted by
+    /// its worst copy (dead_lettered > retried > delivered). A copy not stored hands the original
+    /// back: every Webhook gets it again (duplicates, never a loss).
+    pub async fn settle_copies(
+        &self,
+        broker: &impl Settle,
+        d: &Delivery,
+        body: &[u8],
+        meta: &Meta,
+        copies: Vec<Copy>,
+        acct: &mut Accounted,
+    ) {
+        let mut worst = settled::DELIVERED;
+        let mut stores = Vec::new();
+        for c in copies {
+            match c.fate {
+                Fate::Ack { status } => {
+                    debug!(webhook = %c.webhook, status, "delivered");
+                    self.metrics.delivery("delivered", "ok");
+                }
+                Fate::Store(store) => {
+                    let (queue, props) = self.copy(d, meta, &store);
+                    let props = message::for_webhook(props, &c.webhook);
+                    stores.push((c.webhook, store, queue, props));
+                }
+                // Never decided with Webhooks (a 410 or a panic is that Webhook's alone).
+                Fate::HandBack { .. } | Fate::Stop => unreachable!("a copy's fate is an ack or a store"),
+            }
+        }
+        let published = futures::future::join_all(
+            stores
+                .iter()
+                .map(|(_, _, queue, props)| broker.publish(queue, body, props.clone())),
+        )
+        .await;
+        let mut failed = None;
+        for ((webhook, store, queue, _), r) in stores.into_iter().zip(published) {
+            match r {
+                Ok(()) => {
+                    let (result, fate, reason) = match &store {
+                        Store::Retry { failure, .. } => ("retried", settled::RETRIED, failure.reason),
+                        Store::Defer { reason, .. } => ("deferred", settled::RETRIED, *reason),
+                        Store::DeadLetter { reason, .. } => {
+                            ("dead_lettered", settled::DEAD_LETTERED, *reason)
+                        }
+                    };
+                    self.metrics.delivery(result, reason);
+                    if fate == settled::DEAD_LETTERED || worst == settled::DELIVERED {
+                        worst = fate;
+                    }
+                    let span = tracing::info_span!("copy", webhook = %webhook);
+                    let _g = span.enter();
+                    self.stored_copy(store);
+                }
+                Err(e) => {
+                    if matches!(e, PublishError::Closed) {
+                        debug!(queue = &*queue, webhook = %webhook, "session closing; copy not stored");
+                    } else {
+                        error!(queue = &*queue, webhook = %webhook, error = %e,
+                               "copy not stored; handing the message back");
+                    }
+                    self.metrics.delivery("handed_back", e.reason());
+                    failed = Some(e);
+                }
+            }
+        }
+        if failed.is_some() {
+            self.metrics.publish_failures.inc();
+            broker.publish_failed();
+            acct.record_fate(settled::HANDED_BACK);
+            return;
+        }
+        if broker.ack(d.delivery_tag).await {
+            acct.record_fate(worst);
+        } else {
+            acct.record_fate(settled::HANDED_BACK);
+        }
+    }
+
+    /// A Webhook's copy is stored: metrics and log line (the message is accounted by the caller).
+    fn stored_copy(&self, store: Store) {
+        match store {
+            Store::Retry { failure, next_in, .. } => {
+                self.metrics.retries.inc();
+                let Failure { reason, status } = failure;
+                info!(reason, status, next_in = ?next_in, "attempt failed; retry scheduled");
+            }
+            Store::Defer { next_in, reason, .. } => debug!(next_in = ?next_in, reason, "deferred"),
+            Store::DeadLetter {
+                reason,
+                failure,
+                attempts,
+                detail,
+            } => {
+                self.metrics
+                    .dead_letters
+                    .get_or_create(&vec![("reason", reason)])
+                    .inc();
+                warn!(reason, detail, last_error = failure.reason, status = failure.status, attempts,
+                      queue = %self.dead_letter_queue, "dead-lettered");
+            }
+        }
+    }
+
     /// Where the copy goes, and its properties (the message's, with our headers).
     fn copy(&self, d: &Delivery, meta: &Meta, store: &Store) -> (Cow<'_, str>, BasicProperties) {
         let (props, exchange, rk) = (&d.properties, d.exchange.as_str(), d.routing_key.as_str());
@@ -147,11 +276,12 @@ impl Settler<'_> {
                 attempts,
                 next_in,
             } => retry(*attempts, *failure, *next_in),
-            Store::Defer { attempts, next_in } => {
-                let failure = Failure {
-                    reason: "circuit_open",
-                    status: None,
-                };
+            Store::Defer {
+                attempts,
+                next_in,
+                reason,
+            } => {
+                let failure = Failure { reason, status: None };
                 retry(*attempts, failure, *next_in)
             }
             Store::DeadLetter {
@@ -180,10 +310,10 @@ impl Settler<'_> {
                     acct.record(settled::RETRIED, "retried", reason);
                 }
             }
-            Store::Defer { next_in, .. } => {
-                debug!(next_in = ?next_in, "circuit open; deferred");
+            Store::Defer { next_in, reason, .. } => {
+                debug!(next_in = ?next_in, reason, "deferred");
                 if acked {
-                    acct.record(settled::RETRIED, "deferred", "circuit_open");
+                    acct.record(settled::RETRIED, "deferred", reason);
                 }
             }
             Store::DeadLetter {
@@ -247,6 +377,7 @@ mod tests {
         Fate::Store(Store::Defer {
             attempts: 1,
             next_in: Duration::from_millis(2000),
+            reason: "circuit_open",
         })
     }
 
@@ -262,7 +393,7 @@ mod tests {
     /// Settles `fate` of message 7 on `broker`: the metrics and the latch it left.
     async fn settle(broker: &Memory, fate: Fate) -> (Arc<Metrics>, GoneLatch) {
         let metrics = Arc::new(Metrics::new(""));
-        let gone = GoneLatch::new(Url::parse("https://hooks.example.com/a").unwrap());
+        let gone = GoneLatch::new(Some(Url::parse("https://hooks.example.com/a").unwrap()));
         let settler = Settler {
             metrics: &metrics,
             queue: "orders",

@@ -108,6 +108,16 @@ pub fn delay_queue_args(queue_type: QueueType, target: &str, ttl: Duration) -> F
     args
 }
 
+/// Arguments of the Webhooks reports queue (the operator declares it alike): bounded in length and
+/// age, so reports nobody reads do not pile up.
+pub fn reports_queue_args() -> FieldTable {
+    use hookfleet_crds::contract::webhooks::{REPORTS_MAX_LENGTH, REPORTS_TTL_MS};
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(REPORTS_MAX_LENGTH));
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(REPORTS_TTL_MS));
+    args
+}
+
 /// The broker's explanation when `err` is a refused declaration of a queue that exists with other
 /// arguments (`PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue …`), and the argument.
 pub fn mismatch(err: &lapin::Error) -> Option<(String, String)> {
@@ -191,6 +201,11 @@ pub async fn declare(ch: &Channel, cfg: &Config, ladder: &[Duration]) -> Result<
     for ttl in ladder {
         let name = delay_queue(&cfg.queue, *ttl);
         declare_queue(ch, &name, t, delay_queue_args(t, &ready, *ttl)).await?;
+    }
+    if cfg.webhooks.is_some() {
+        // Classic whatever the work queue's type: reports are bounded, short-lived and lossy by design.
+        let name = hookfleet_crds::contract::webhooks::reports_queue(&cfg.queue);
+        declare_queue(ch, &name, QueueType::Classic, reports_queue_args()).await?;
     }
     debug!(
         delay_queues = ladder.len(),

@@ -1,0 +1,831 @@
+//! With Webhooks: one message, many deliveries. A fresh message goes to every Webhook it matches
+//! (event name and headers, `webhooks::Index`); a copy that came back through the retry ladder
+//! (`H_WEBHOOK`) goes to its Webhook alone, with its attempt count. Each Webhook's outcome has its
+//! own fate (`fate::decide`), and `settlement` stores the copies and acks the original only once
+//! every copy is delivered or confirmed stored. One Webhook's trouble stays its own: a 410
+//! dead-letters its copy (reason `gone`), a panic defers it, a paused Webhook's copy is deferred
+//! without spending an attempt, and a deleted one's copies go to the dead letters
+//! (`webhook_deleted`).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use hookfleet_crds::contract::webhooks::{FailureNote, webhook_id};
+use hookfleet_crds::integration::Unmatched;
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, FieldTable};
+use rand::Rng;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use super::delivery::original_routing_key;
+use super::fate::{self, Fate, Limits, Store};
+use super::settle::Settle;
+use super::settlement::{Accounted, Copy, Settler, settled};
+use super::shared::Worker;
+use crate::breaker::{Admit, Transition};
+use crate::message::{self, Failure, H_WEBHOOK, Meta, header_str};
+use crate::outcome::Outcome;
+use crate::webhooks::Hook;
+use crate::webhooks::report::Seen;
+
+/// How long a paused Webhook's copy waits before it is looked at again (at most the backoff's
+/// longest delay, rounded to a rung of the ladder).
+const PAUSED_RECHECK: Duration = Duration::from_secs(10);
+
+/// What to do for one Webhook.
+enum Job {
+    Attempt(Arc<Hook>),
+    /// Not attempted, kept for later: paused, or its entry cannot be built.
+    Defer(Arc<Hook>, &'static str),
+    /// A copy for a Webhook no longer in the snapshot.
+    Deleted(String),
+}
+
+impl Job {
+    fn of(hook: Arc<Hook>) -> Self {
+        if hook.paused {
+            Job::Defer(hook, "paused")
+        } else if hook.target.is_none() {
+            Job::Defer(hook, "webhook_invalid")
+        } else {
+            Job::Attempt(hook)
+        }
+    }
+}
+
+/// A header's value as text (strings; integers and booleans written out), for matching.
+fn header_text(headers: Option<&FieldTable>, name: &str) -> Option<String> {
+    match headers?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::Boolean(b) => Some(b.to_string()),
+        _ => message::header_int(headers, name).map(|i| i.to_string()),
+    }
+}
+
+impl Worker {
+    /// One message with Webhooks, start to settled.
+    pub(super) async fn fan_out(
+        &self,
+        broker: &impl Settle,
+        d: &Delivery,
+        body: &Bytes,
+        meta: &Meta,
+        acct: &mut Accounted,
+    ) {
+        let hooks = self.hooks.as_ref().expect("fan-out only with Webhooks");
+        let Some(snapshot) = hooks.live.current() else {
+            // Never consumed before the first snapshot; should it happen, the message goes back.
+            error!("no webhooks snapshot loaded; handing the message back");
+            let fate = Fate::HandBack {
+                reason: "no_snapshot",
+                requeue_now: true,
+            };
+            return self.settler().settle(broker, d, body, meta, fate, acct).await;
+        };
+        let headers = d.properties.headers().as_ref();
+        let jobs: Vec<Job> = match header_str(headers, H_WEBHOOK) {
+            Some(name) => match snapshot.get(&name) {
+                Some(hook) => vec![Job::of(hook.clone())],
+                None => vec![Job::Deleted(name)],
+            },
+            None => {
+                let event = match &hooks.mode.event_name_header {
+                    Some(h) => header_text(headers, h).unwrap_or_else(|| original_routing_key(d).to_owned()),
+                    None => original_routing_key(d).to_owned(),
+                };
+                let matched = snapshot.matching(&event, |k| header_text(headers, k));
+                if matched.is_empty() {
+                    return self.unmatched(broker, d, body, meta, acct).await;
+                }
+                matched.into_iter().map(Job::of).collect()
+            }
+        };
+        let copies =
+            futures::future::join_all(jobs.into_iter().map(|job| self.copy(d, body, meta, job))).await;
+        self.settler()
+            .settle_copies(broker, d, body, meta, copies, acct)
+            .await;
+    }
+
+    pub(super) fn settler(&self) -> Settler<'_> {
+        Settler {
+            metrics: &self.metrics,
+            queue: &self.cfg.queue,
+            dead_letter_queue: &self.cfg.dead_letter_queue,
+            gone: &self.gone,
+        }
+    }
+
+    async fn unmatched(
+        &self,
+        broker: &impl Settle,
+        d: &Delivery,
+        body: &Bytes,
+        meta: &Meta,
+        acct: &mut Accounted,
+    ) {
+        let unmatched = self.hooks.as_ref().map(|h| h.mode.unmatched).unwrap_or_default();
+        match unmatched {
+            Unmatched::Ack => {
+                self.metrics.unmatched.inc();
+                if broker.ack(d.delivery_tag).await {
+                    acct.record_fate(settled::UNMATCHED);
+                } else {
+                    acct.record_fate(settled::HANDED_BACK);
+                }
+            }
+            Unmatched::DeadLetter => {
+                let fate = Fate::Store(Store::DeadLetter {
+                    reason: "unmatched",
+                    failure: Failure {
+                        reason: "unmatched",
+                        status: None,
+                    },
+                    attempts: meta.attempts,
+                    detail: None,
+                });
+                self.settler().settle(broker, d, body, meta, fate, acct).await;
+            }
+        }
+    }
+
+    /// The fate of one Webhook's copy (attempting it when its job says so).
+    async fn copy(&self, d: &Delivery, body: &Bytes, meta: &Meta, job: Job) -> Copy {
+        let deferred = |reason| {
+            Fate::Store(Store::Defer {
+                attempts: meta.attempts,
+                next_in: self.cfg.backoff.bucket(PAUSED_RECHECK.min(self.cfg.backoff.max)),
+                reason,
+            })
+        };
+        match job {
+            Job::Deleted(webhook) => {
+                warn!(webhook = %webhook, id = %meta.id, "a copy for a webhook no longer configured; dead-lettered");
+                Copy {
+                    webhook,
+                    fate: Fate::Store(Store::DeadLetter {
+                        reason: "webhook_deleted",
+                        failure: Failure {
+                            reason: "webhook_deleted",
+                            status: None,
+                        },
+                        attempts: meta.attempts,
+                        detail: None,
+                    }),
+                }
+            }
+            Job::Defer(hook, reason) => Copy {
+                webhook: hook.name.clone(),
+                fate: deferred(reason),
+            },
+            Job::Attempt(hook) => {
+                let span = info_span!("webhook", webhook = %hook.name);
+                let mut head = Vec::new();
+                let outcome = AssertUnwindSafe(self.attempt_hook(&hook, d, body, meta, &mut head))
+                    .catch_unwind()
+                    .instrument(span.clone())
+                    .await
+                    .unwrap_or(Outcome::Panicked);
+                let fate = match outcome {
+                    Outcome::Panicked => {
+                        span.in_scope(|| error!("delivery to the webhook panicked; its copy is deferred"));
+                        deferred("panic")
+                    }
+                    // 410: this Webhook will never take it; the fleet goes on.
+                    Outcome::Gone => self.decide(
+                        Outcome::Reject {
+                            reason: "gone",
+                            status: Some(410),
+                        },
+                        meta,
+                    ),
+                    o => self.decide(o, meta),
+                };
+                self.tally(&hook, &fate, &head);
+                Copy {
+                    webhook: hook.name.clone(),
+                    fate,
+                }
+            }
+        }
+    }
+
+    fn decide(&self, outcome: Outcome, meta: &Meta) -> Fate {
+        let limits = Limits {
+            max_attempts: self.cfg.max_attempts,
+            backoff: &self.cfg.backoff,
+        };
+        fate::decide(outcome, meta.attempts + 1, limits, &mut rand::rng())
+    }
+
+    /// Renders and attempts one Webhook's delivery, within the worker's bound on requests in flight.
+    async fn attempt_hook(
+        &self,
+        hook: &Hook,
+        d: &Delivery,
+        message: &Bytes,
+        meta: &Meta,
+        head: &mut Vec<u8>,
+    ) -> Outcome {
+        let target = hook.target.as_ref().expect("attempted only when built");
+        let id = webhook_id(&meta.id, &hook.name);
+        let body = match Self::body(target, d, message, &id) {
+            Ok(b) => b,
+            Err(o) => return o,
+        };
+        let admit = hook.breaker.admit();
+        if let Admit::Defer(remaining) = admit {
+            // Spread over half a cooldown, as with a single destination.
+            return Outcome::Deferred {
+                delay: remaining.mul_f64(1.0 + rand::rng().random_range(0.0..0.5)),
+            };
+        }
+        let hooks = self.hooks.as_ref().expect("with Webhooks");
+        // Its own share first, then one of the worker's request slots.
+        let own = hook.in_flight.acquire().await.expect("never closed");
+        let permit = hooks.requests.acquire().await.expect("never closed");
+        self.metrics.in_flight.inc();
+        let outcome = self.attempt(target, d, &id, body, Some(head)).await;
+        self.metrics.in_flight.dec();
+        drop((permit, own));
+        let healthy = !matches!(outcome, Outcome::Retry { .. });
+        match hook.breaker.record(healthy, admit == Admit::Probe) {
+            Some(Transition::Opened) => warn!(
+                threshold = self.cfg.circuit_breaker.0,
+                cooldown = ?self.cfg.circuit_breaker.1,
+                "webhook circuit breaker opened: deferring its copies"
+            ),
+            Some(Transition::Closed) => info!("webhook circuit breaker closed: the endpoint recovered"),
+            None => {}
+        }
+        outcome
+    }
+
+    /// What this copy's attempt tells the Webhook's status.
+    fn tally(&self, hook: &Hook, fate: &Fate, head: &[u8]) {
+        let Some(hooks) = &self.hooks else { return };
+        let now = message::now_ms();
+        let failed = |failure: &Failure, dead: bool| Seen::Failed {
+            note: FailureNote {
+                at_ms: now,
+                status: failure.status,
+                kind: failure.reason.to_owned(),
+                excerpt: hookfleet_crds::contract::webhooks::excerpt(
+                    head,
+                    hook.secrets.iter().map(String::as_str),
+                ),
+            },
+            dead,
+        };
+        let seen = match fate {
+            Fate::Ack { .. } => Seen::Delivered,
+            Fate::Store(Store::Retry { failure, .. }) => failed(failure, false),
+            Fate::Store(Store::DeadLetter { failure, .. }) => failed(failure, true),
+            Fate::Store(Store::Defer { .. }) | Fate::HandBack { .. } | Fate::Stop => return,
+        };
+        hooks.tallies.record(&hook.name, hook.generation, now, seen);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+    use std::sync::{Arc, Mutex};
+
+    use axum::extract::Path;
+    use axum::http::{HeaderMap, StatusCode};
+    use hookfleet_crds::contract::webhooks::{Entry, Snapshot};
+    use hookfleet_crds::integration::{Jitter, QueueType, RateLimitScope, Unmatched};
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+
+    use super::*;
+    use crate::backoff::Backoff;
+    use crate::config::{Config, LogFormat, WebhooksMode};
+    use crate::message::{H_ATTEMPTS, H_DEAD_REASON, H_LAST_ERROR, header_int};
+    use crate::metrics::Metrics;
+    use crate::worker::memory::{Memory, delivery};
+    use crate::worker::settle::PublishError;
+
+    /// One loopback server; `/<name>` answers what `status` says for that name (200 by default),
+    /// and keeps every request's path and headers.
+    struct Sinks {
+        base: String,
+        status: Arc<Mutex<HashMap<String, u16>>>,
+        got: Arc<Mutex<Vec<(String, HeaderMap)>>>,
+        /// Per name: how long it takes to answer (ms), and (requests in flight, the most at once).
+        slow: Arc<Mutex<HashMap<String, u64>>>,
+        in_flight: Arc<Mutex<HashMap<String, (usize, usize)>>>,
+    }
+
+    impl Sinks {
+        async fn start() -> Self {
+            let status: Arc<Mutex<HashMap<String, u16>>> = Arc::default();
+            let got: Arc<Mutex<Vec<(String, HeaderMap)>>> = Arc::default();
+            let slow: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+            let in_flight: Arc<Mutex<HashMap<String, (usize, usize)>>> = Arc::default();
+            let (s, g, sl, f) = (status.clone(), got.clone(), slow.clone(), in_flight.clone());
+            let app = axum::Router::new().route(
+                "/{name}",
+                axum::routing::post(move |Path(name): Path<String>, headers: HeaderMap| {
+                    let (s, g, sl, f) = (s.clone(), g.clone(), sl.clone(), f.clone());
+                    async move {
+                        g.lock().unwrap().push((name.clone(), headers));
+                        {
+                            let mut f = f.lock().unwrap();
+                            let e = f.entry(name.clone()).or_default();
+                            e.0 += 1;
+                            e.1 = e.1.max(e.0);
+                        }
+                        let delay = sl.lock().unwrap().get(&name).copied().unwrap_or(0);
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                        f.lock().unwrap().get_mut(&name).unwrap().0 -= 1;
+                        let code = s.lock().unwrap().get(&name).copied().unwrap_or(200);
+                        (StatusCode::from_u16(code).unwrap(), "bad key s3cr3t-A here")
+                    }
+                }),
+            );
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            Self {
+                base,
+                status,
+                got,
+                slow,
+                in_flight,
+            }
+        }
+
+        fn peak(&self, name: &str) -> usize {
+            self.in_flight.lock().unwrap().get(name).map_or(0, |e| e.1)
+        }
+
+        fn answer(&self, name: &str, status: u16) {
+            self.status.lock().unwrap().insert(name.into(), status);
+        }
+
+        /// Requests per path.
+        fn hits(&self, name: &str) -> Vec<HeaderMap> {
+            let got = self.got.lock().unwrap();
+            got.iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, h)| h.clone())
+                .collect()
+        }
+
+        fn total(&self) -> usize {
+            self.got.lock().unwrap().len()
+        }
+
+        fn entry(&self, name: &str, events: &[&str]) -> Entry {
+            Entry {
+                name: name.into(),
+                generation: 1,
+                events: events.iter().map(|s| s.to_string()).collect(),
+                match_headers: BTreeMap::new(),
+                paused: false,
+                destination: serde_json::from_value(
+                    serde_json::json!({"url": format!("{}/{name}", self.base)}),
+                )
+                .unwrap(),
+                secrets: BTreeMap::new(),
+            }
+        }
+    }
+
+    fn config(unmatched: Unmatched) -> Config {
+        Config {
+            integration: String::new(),
+            amqp_uris: vec!["amqp://127.0.0.1:1/%2f".into()],
+            queue: "orders".into(),
+            bindings: Vec::new(),
+            prefetch: 64,
+            queue_type: QueueType::Quorum,
+            delivery_limit: 20,
+            destination: None,
+            webhooks: Some(WebhooksMode {
+                secret: "fleet-webhooks".into(),
+                namespace: "ns".into(),
+                event_name_header: None,
+                unmatched,
+            }),
+            max_attempts: 3,
+            backoff: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+                multiplier: 2.0,
+                jitter: Jitter::None,
+            },
+            concurrency: 4,
+            rate_limit: None,
+            rate_limit_scope: RateLimitScope::Worker,
+            circuit_breaker: (0, Duration::from_secs(10)),
+            adaptive_throttle: None,
+            dead_letter_queue: "orders.dead".into(),
+            confirm_timeout: Duration::from_secs(5),
+            fd_limit: 1024,
+            allow_private_networks: true,
+            metrics_addr: "127.0.0.1:0".parse().unwrap(),
+            shutdown_grace: Duration::from_secs(1),
+            termination_log: "/dev/null".into(),
+            log_format: LogFormat::Text,
+        }
+    }
+
+    fn worker(unmatched: Unmatched, hooks: Vec<Entry>) -> Arc<Worker> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let w = Worker::new(config(unmatched), Arc::new(Metrics::new(""))).unwrap();
+        load(&w, hooks);
+        w
+    }
+
+    fn load(w: &Worker, hooks: Vec<Entry>) {
+        let live = w.webhooks().unwrap();
+        let previous = live.current();
+        let builder = &w.hooks.as_ref().unwrap().builder;
+        let loaded = builder.build(&Snapshot { webhooks: hooks }, "1", previous.as_deref());
+        assert_eq!(loaded.built(), loaded.hooks.len(), "every entry builds");
+        w.webhooks().unwrap().swap(loaded);
+    }
+
+    async fn deliver(w: &Worker, broker: &Memory, d: Delivery) {
+        w.deliver(broker, d, Accounted::new(w.metrics.clone())).await;
+        assert_eq!(w.metrics.unsettled.get(), 0, "settled once");
+        assert_eq!(
+            w.metrics.consumed.get(),
+            settled_total(&w.metrics),
+            "each message recorded once"
+        );
+    }
+
+    fn settled_total(m: &Metrics) -> u64 {
+        [
+            "delivered",
+            "retried",
+            "dead_lettered",
+            "handed_back",
+            "unmatched",
+        ]
+        .iter()
+        .map(|f| m.settled.get_or_create(&vec![("fate", *f)]).get())
+        .sum()
+    }
+
+    fn fate_count(m: &Metrics, fate: &'static str) -> u64 {
+        m.settled.get_or_create(&vec![("fate", fate)]).get()
+    }
+
+    fn deliveries(m: &Metrics, result: &'static str, reason: &'static str) -> u64 {
+        m.deliveries
+            .get_or_create(&vec![("result", result), ("reason", reason)])
+            .get()
+    }
+
+    /// A copy for `webhook` with `attempts` made (as it comes back from the retry ladder).
+    fn copy_for(tag: u64, webhook: &str, attempts: i64) -> Delivery {
+        let mut d = delivery(tag, b"{}");
+        let mut h = FieldTable::default();
+        h.insert(H_ATTEMPTS.into(), AMQPValue::LongLongInt(attempts));
+        h.insert(
+            H_WEBHOOK.into(),
+            AMQPValue::LongString(LongString::from(webhook.as_bytes().to_vec())),
+        );
+        d.properties = d.properties.clone().with_headers(h);
+        d
+    }
+
+    fn webhook_of(props: &lapin::BasicProperties) -> Option<String> {
+        header_str(props.headers().as_ref(), H_WEBHOOK)
+    }
+
+    #[tokio::test]
+    async fn three_webhooks_one_503_one_retry_copy_for_it_then_the_ack() {
+        let sinks = Sinks::start().await;
+        sinks.answer("b", 503);
+        let hooks = vec![
+            sinks.entry("a", &["orders"]),
+            sinks.entry("b", &["orders.created"]),
+            sinks.entry("c", &[""]),
+            sinks.entry("d", &["invoices"]),
+        ];
+        let w = worker(Unmatched::Ack, hooks);
+        let broker = Memory::default();
+        deliver(&w, &broker, delivery(1, b"{}")).await;
+        assert_eq!(
+            (
+                sinks.hits("a").len(),
+                sinks.hits("b").len(),
+                sinks.hits("c").len()
+            ),
+            (1, 1, 1)
+        );
+        assert!(sinks.hits("d").is_empty(), "not matched");
+        let delay = format!(
+            "publish orders.delay.{}ms",
+            w.cfg.backoff.bucket(Duration::from_secs(1)).as_millis()
+        );
+        assert_eq!(
+            broker.log(),
+            [delay.as_str(), "ack 1"],
+            "the copy confirmed, then the ack"
+        );
+        let (_, props) = &broker.published()[0];
+        assert_eq!(webhook_of(props).as_deref(), Some("b"));
+        let h = props.headers().as_ref();
+        assert_eq!(header_int(h, H_ATTEMPTS), Some(1));
+        assert_eq!(header_str(h, H_LAST_ERROR).as_deref(), Some("http_status"));
+        assert_eq!(fate_count(&w.metrics, "retried"), 1, "the worst copy's fate");
+        assert_eq!(deliveries(&w.metrics, "delivered", "ok"), 2);
+        assert_eq!(deliveries(&w.metrics, "retried", "http_status"), 1);
+        // The report: b failed once with the excerpt of its answer, a and c delivered.
+        let report = w.hooks.as_ref().unwrap().tallies.take("w", 1).unwrap();
+        assert_eq!(report.webhooks["a"].delivered, 1);
+        let b = &report.webhooks["b"];
+        assert_eq!((b.failed, b.consecutive_failures), (1, 1));
+        let note = b.last_failure.as_ref().unwrap();
+        assert_eq!((note.status, note.kind.as_str()), (Some(503), "http_status"));
+        assert_eq!(note.excerpt.as_deref(), Some("bad key s3cr3t-A here"));
+    }
+
+    #[tokio::test]
+    async fn a_copy_not_stored_hands_the_original_back() {
+        let sinks = Sinks::start().await;
+        sinks.answer("b", 503);
+        let w = worker(
+            Unmatched::Ack,
+            vec![sinks.entry("a", &[""]), sinks.entry("b", &[""])],
+        );
+        let broker = Memory::failing_publish(PublishError::Refused);
+        deliver(&w, &broker, delivery(1, b"{}")).await;
+        let delay = format!(
+            "publish orders.delay.{}ms unconfirmed",
+            w.cfg.backoff.bucket(Duration::from_secs(1)).as_millis()
+        );
+        assert_eq!(broker.log(), [delay.as_str(), "publish_failed"], "never acked");
+        assert_eq!(fate_count(&w.metrics, "handed_back"), 1);
+        assert_eq!(w.metrics.publish_failures.get(), 1);
+        assert_eq!(deliveries(&w.metrics, "handed_back", "publish_failed"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_retry_copy_goes_to_its_webhook_alone_with_its_attempts() {
+        let sinks = Sinks::start().await;
+        sinks.answer("b", 503);
+        let w = worker(
+            Unmatched::Ack,
+            vec![sinks.entry("a", &[""]), sinks.entry("b", &[""])],
+        );
+        let broker = Memory::default();
+        // Its third attempt (of 3): the dead letters, naming b.
+        deliver(&w, &broker, copy_for(1, "b", 2)).await;
+        assert_eq!(sinks.hits("a").len(), 0, "not to a");
+        assert_eq!(sinks.hits("b").len(), 1);
+        assert_eq!(broker.log(), ["publish orders.dead", "ack 1"]);
+        let (_, props) = &broker.published()[0];
+        assert_eq!(webhook_of(props).as_deref(), Some("b"));
+        let h = props.headers().as_ref();
+        assert_eq!(header_int(h, H_ATTEMPTS), Some(3));
+        assert_eq!(
+            header_str(h, H_DEAD_REASON).as_deref(),
+            Some("attempts_exhausted")
+        );
+        assert_eq!(fate_count(&w.metrics, "dead_lettered"), 1);
+        // Delivered when b is back: acked, nothing stored.
+        sinks.answer("b", 200);
+        deliver(&w, &broker, copy_for(2, "b", 1)).await;
+        assert_eq!(broker.log()[2..], ["ack 2"]);
+        assert_eq!(sinks.hits("a").len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_paused_webhook_gets_a_deferred_copy_without_an_attempt() {
+        let sinks = Sinks::start().await;
+        let mut paused = sinks.entry("b", &[""]);
+        paused.paused = true;
+        let w = worker(Unmatched::Ack, vec![sinks.entry("a", &[""]), paused.clone()]);
+        let broker = Memory::default();
+        deliver(&w, &broker, delivery(1, b"{}")).await;
+        assert_eq!((sinks.hits("a").len(), sinks.hits("b").len()), (1, 0));
+        let delay = format!(
+            "publish orders.delay.{}ms",
+            w.cfg.backoff.bucket(PAUSED_RECHECK).as_millis()
+        );
+        assert_eq!(broker.log(), [delay.as_str(), "ack 1"]);
+        let (_, props) = &broker.published()[0];
+        assert_eq!(webhook_of(props).as_deref(), Some("b"));
+        let h = props.headers().as_ref();
+        assert_eq!(header_str(h, H_LAST_ERROR).as_deref(), Some("paused"));
+        assert_eq!(header_int(h, H_ATTEMPTS), Some(0), "no attempt spent");
+        assert_eq!(deliveries(&w.metrics, "deferred", "paused"), 1);
+        // Still paused when its copy comes back: deferred again, attempts kept.
+        deliver(&w, &broker, copy_for(2, "b", 0)).await;
+        assert_eq!(broker.log()[2..], [delay.as_str(), "ack 2"]);
+        assert_eq!(sinks.hits("b").len(), 0);
+        // Resumed: delivered.
+        paused.paused = false;
+        load(&w, vec![sinks.entry("a", &[""]), paused]);
+        deliver(&w, &broker, copy_for(3, "b", 0)).await;
+        assert_eq!(sinks.hits("b").len(), 1);
+        assert_eq!(broker.log()[4..], ["ack 3"]);
+    }
+
+    #[tokio::test]
+    async fn a_failing_webhook_s_breaker_defers_its_copies_the_others_are_delivered() {
+        let sinks = Sinks::start().await;
+        sinks.answer("b", 503);
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut cfg = config(Unmatched::Ack);
+        cfg.circuit_breaker = (2, Duration::from_secs(10));
+        let w = Worker::new(cfg, Arc::new(Metrics::new(""))).unwrap();
+        load(&w, vec![sinks.entry("a", &[""]), sinks.entry("b", &[""])]);
+        let broker = Memory::default();
+        for tag in 1..=4 {
+            deliver(&w, &broker, delivery(tag, b"{}")).await;
+        }
+        assert_eq!(sinks.hits("a").len(), 4, "a is not held back");
+        assert_eq!(sinks.hits("b").len(), 2, "two failures open b's breaker");
+        let reasons: Vec<String> = broker
+            .published()
+            .iter()
+            .map(|(_, p)| header_str(p.headers().as_ref(), H_LAST_ERROR).unwrap())
+            .collect();
+        assert_eq!(
+            reasons,
+            ["http_status", "http_status", "circuit_open", "circuit_open"]
+        );
+        let attempts: Vec<i64> = broker
+            .published()
+            .iter()
+            .map(|(_, p)| header_int(p.headers().as_ref(), H_ATTEMPTS).unwrap())
+            .collect();
+        assert_eq!(attempts, [1, 1, 0, 0], "a deferral spends no attempt");
+        assert_eq!(deliveries(&w.metrics, "deferred", "circuit_open"), 2);
+        // A new snapshot with b unchanged keeps its open breaker.
+        load(&w, vec![sinks.entry("a", &["x"]), sinks.entry("b", &[""])]);
+        deliver(&w, &broker, delivery(5, b"{}")).await;
+        assert_eq!(sinks.hits("b").len(), 2);
+    }
+
+    /// A slow endpoint holds at most half the request slots: with concurrency 4, at most 2 of its
+    /// requests at once while another Webhook's messages go through beside it.
+    #[tokio::test]
+    async fn a_slow_webhook_holds_at_most_half_the_request_slots() {
+        let sinks = Sinks::start().await;
+        sinks.slow.lock().unwrap().insert("slow".into(), 300);
+        sinks.slow.lock().unwrap().insert("fast".into(), 100);
+        let hooks = vec![
+            sinks.entry("slow", &["orders"]),
+            sinks.entry("fast", &["invoices"]),
+        ];
+        let w = worker(Unmatched::Ack, hooks);
+        let broker = Arc::new(Memory::default());
+        let mut tasks = Vec::new();
+        for tag in 1..=6u64 {
+            let (w, broker) = (w.clone(), broker.clone());
+            let mut d = delivery(tag, b"{}");
+            if tag > 3 {
+                d.routing_key = "invoices.paid".into();
+            }
+            tasks.push(tokio::spawn(async move {
+                w.deliver(&*broker, d, Accounted::new(w.metrics.clone())).await;
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!((sinks.hits("slow").len(), sinks.hits("fast").len()), (3, 3));
+        assert_eq!(sinks.peak("slow"), 2, "half of 4");
+        assert!(sinks.peak("fast") >= 2, "the fast one got the other slots");
+        assert_eq!(fate_count(&w.metrics, "delivered"), 6);
+    }
+
+    #[tokio::test]
+    async fn a_copy_for_a_deleted_webhook_is_dead_lettered() {
+        let sinks = Sinks::start().await;
+        let w = worker(Unmatched::Ack, vec![sinks.entry("a", &[""])]);
+        let broker = Memory::default();
+        deliver(&w, &broker, copy_for(1, "gone-one", 1)).await;
+        assert_eq!(sinks.total(), 0);
+        assert_eq!(broker.log(), ["publish orders.dead", "ack 1"]);
+        let (_, props) = &broker.published()[0];
+        assert_eq!(webhook_of(props).as_deref(), Some("gone-one"));
+        assert_eq!(
+            header_str(props.headers().as_ref(), H_DEAD_REASON).as_deref(),
+            Some("webhook_deleted")
+        );
+        assert_eq!(deliveries(&w.metrics, "dead_lettered", "webhook_deleted"), 1);
+    }
+
+    #[tokio::test]
+    async fn unmatched_is_acked_and_counted_or_dead_lettered() {
+        let sinks = Sinks::start().await;
+        let w = worker(Unmatched::Ack, vec![sinks.entry("a", &["invoices"])]);
+        let broker = Memory::default();
+        deliver(&w, &broker, delivery(1, b"{}")).await;
+        assert_eq!(broker.log(), ["ack 1"]);
+        assert_eq!(w.metrics.unmatched.get(), 1);
+        assert_eq!(fate_count(&w.metrics, "unmatched"), 1);
+
+        let w = worker(Unmatched::DeadLetter, vec![sinks.entry("a", &["invoices"])]);
+        let broker = Memory::default();
+        deliver(&w, &broker, delivery(1, b"{}")).await;
+        assert_eq!(broker.log(), ["publish orders.dead", "ack 1"]);
+        let (_, props) = &broker.published()[0];
+        assert_eq!(webhook_of(props), None);
+        assert_eq!(
+            header_str(props.headers().as_ref(), H_DEAD_REASON).as_deref(),
+            Some("unmatched")
+        );
+        assert_eq!(fate_count(&w.metrics, "dead_lettered"), 1);
+        assert_eq!(sinks.total(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_410_dead_letters_that_webhook_only_and_the_fleet_goes_on() {
+        let sinks = Sinks::start().await;
+        sinks.answer("b", 410);
+        let w = worker(
+            Unmatched::Ack,
+            vec![sinks.entry("a", &[""]), sinks.entry("b", &[""])],
+        );
+        let broker = Memory::default();
+        deliver(&w, &broker, delivery(1, b"{}")).await;
+        assert_eq!(broker.log(), ["publish orders.dead", "ack 1"]);
+        assert_eq!(
+            header_str(broker.published()[0].1.headers().as_ref(), H_DEAD_REASON).as_deref(),
+            Some("gone")
+        );
+        assert!(!w.gone.is_set(), "the worker does not stop");
+        deliver(&w, &broker, delivery(2, b"{}")).await;
+        assert_eq!(sinks.hits("a").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_webhook_id_is_per_pair_and_stable_and_secrets_stay_with_their_webhook() {
+        let sinks = Sinks::start().await;
+        let mut a = sinks.entry("a", &[""]);
+        a.destination = serde_json::from_value(serde_json::json!({
+            "url": format!("{}/a", sinks.base),
+            "headersFrom": [{"name": "X-Api-Key", "secretKeyRef": {"name": "a", "key": "k"}}],
+            "auth": {"bearer": {"tokenFrom": {"name": "a", "key": "t"}}},
+            "signing": {"secretRef": {"name": "a", "key": "s"}},
+        }))
+        .unwrap();
+        a.secrets = BTreeMap::from([
+            ("a/k".into(), "s3cr3t-A".into()),
+            ("a/t".into(), "tok-A".into()),
+            ("a/s".into(), "sign-A".into()),
+        ]);
+        let mut b = sinks.entry("b", &[""]);
+        b.destination = serde_json::from_value(serde_json::json!({
+            "url": format!("{}/b", sinks.base),
+            "signing": {"secretRef": {"name": "b", "key": "s"}},
+        }))
+        .unwrap();
+        b.secrets = BTreeMap::from([("b/s".into(), "sign-B".into())]);
+        sinks.answer("b", 500);
+        let w = worker(Unmatched::Ack, vec![a, b]);
+        let broker = Memory::default();
+        // The same message twice (a redelivery), then its retry copy for b.
+        deliver(&w, &broker, delivery(1, b"{}")).await;
+        deliver(&w, &broker, delivery(2, b"{}")).await;
+        deliver(&w, &broker, copy_for(3, "b", 1)).await;
+        let id = |h: &HeaderMap| h["webhook-id"].to_str().unwrap().to_owned();
+        let (ha, hb) = (sinks.hits("a"), sinks.hits("b"));
+        assert_eq!(ha.iter().map(id).collect::<Vec<_>>(), ["m-1:a", "m-1:a"]);
+        assert_eq!(hb.iter().map(id).collect::<Vec<_>>(), ["m-1:b", "m-1:b", "m-1:b"]);
+        // a's request carries a's key, token and signature; b's none of a's secrets.
+        assert_eq!(ha[0]["x-api-key"], "s3cr3t-A");
+        assert_eq!(ha[0]["authorization"], "Bearer tok-A");
+        for h in &hb {
+            assert!(h.get("x-api-key").is_none() && h.get("authorization").is_none());
+            for (_, v) in h {
+                let v = v.to_str().unwrap_or("");
+                assert!(
+                    !v.contains("s3cr3t-A") && !v.contains("tok-A") && !v.contains("sign-A"),
+                    "{v}"
+                );
+            }
+        }
+        let verify = |h: &HeaderMap, secret: &str| {
+            let signer = crate::signing::Signer::new(&[secret.as_bytes().to_vec()]).unwrap();
+            let want = signer.sign(&id(h), h["webhook-timestamp"].to_str().unwrap(), b"{}");
+            h["webhook-signature"].to_str().unwrap() == want
+        };
+        assert!(verify(&ha[0], "sign-A") && !verify(&ha[0], "sign-B"));
+        assert!(verify(&hb[0], "sign-B") && !verify(&hb[0], "sign-A"));
+        let report = w.hooks.as_ref().unwrap().tallies.take("w", 1).unwrap();
+        assert_eq!(report.webhooks["b"].failed, 3);
+        assert_eq!(report.webhooks["a"].delivered, 2);
+        // An answer quoting a's own secret: scrubbed from a's failure note.
+        sinks.answer("a", 500);
+        deliver(&w, &broker, copy_for(4, "a", 0)).await;
+        let report = w.hooks.as_ref().unwrap().tallies.take("w", 2).unwrap();
+        let note = report.webhooks["a"].last_failure.clone().unwrap();
+        assert_eq!(note.excerpt.as_deref(), Some("bad key *** here"));
+    }
+}
