@@ -248,7 +248,8 @@ pub fn checksum<'a>(secrets: impl IntoIterator<Item = &'a Secret>) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
+/// The value of `key` in `secret` (`data`, else `stringData`).
+pub fn value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
     secret
         .data
         .as_ref()
@@ -261,6 +262,34 @@ fn value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
                 .and_then(|d| d.get(key))
                 .map(|s| s.clone().into_bytes())
         })
+}
+
+/// Secret `ns/name` (None when it does not exist), from `reads` while the watch (`versions`) shows it at
+/// the version read, else from the API server (and kept in `reads`).
+pub async fn read(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    versions: &Versions,
+    reads: &Reads,
+) -> Result<Option<Arc<Secret>>, ReadError> {
+    if let Some(s) = reads.current(ns, name, versions) {
+        return Ok(Some(s));
+    }
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    Ok(api
+        .get_opt(name)
+        .await
+        .map_err(|source| ReadError {
+            name: name.to_owned(),
+            source,
+        })?
+        .map(|s| reads.keep(ns, s, versions)))
+}
+
+/// The `(uid, resourceVersion)` of a Secret as read.
+pub fn version(secret: &Secret) -> (String, String) {
+    version_of(&secret.metadata)
 }
 
 /// Reads every referenced Secret once (or takes it from `reads`, see [`Reads`]); `Ok(Err(problem))` when
