@@ -221,8 +221,13 @@ async fn apply_snapshot(
         return Ok(());
     }
     let secret = desired::snapshot_secret(intg, encoded, hash)?;
-    let before = cached.or_else(|| applied.as_ref().map(|(_, fp, _)| fp.clone()));
-    let out = apply(ctx, &secret, before.as_deref()).await?;
+    // The cache may lag behind this process's last apply (its watch event not in yet): a write is an
+    // object at neither.
+    let before: Vec<String> = cached
+        .into_iter()
+        .chain(applied.as_ref().map(|(_, fp, _)| fp.clone()))
+        .collect();
+    let out = apply(ctx, &secret, &before).await?;
     if applied.is_none_or(|(_, fp, _)| fp != fingerprint(&out)) {
         info!(secret = %secret_name, webhooks = n, "Webhooks snapshot applied");
     }
@@ -266,14 +271,15 @@ where
         ctx.metrics.applies_skipped.inc();
         return Ok(());
     }
-    let out = apply(ctx, obj, applied.as_ref().map(|(_, fp, _)| fp.as_str())).await?;
+    let before: Vec<String> = applied.iter().map(|(_, fp, _)| fp.clone()).collect();
+    let out = apply(ctx, obj, &before).await?;
     memory.with(|m| m.applied.insert(kind, (h, fingerprint(&out), Instant::now())));
     Ok(())
 }
 
-/// Server-side apply of `obj` under the operator's field manager; counts a write when the object is not
-/// at the fingerprint `before` (what the cache showed, or this process applied last) afterwards.
-async fn apply<K>(ctx: &Context, obj: &K, before: Option<&str>) -> Result<K, WebhooksError>
+/// Server-side apply of `obj` under the operator's field manager; counts a write when the object is at
+/// none of the fingerprints `before` (what the cache showed, what this process applied last) afterwards.
+async fn apply<K>(ctx: &Context, obj: &K, before: &[String]) -> Result<K, WebhooksError>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -297,7 +303,7 @@ where
             name: name.clone(),
             source,
         })?;
-    if before != Some(fingerprint(&out).as_str()) {
+    if !before.contains(&fingerprint(&out)) {
         ctx.metrics.write(&kind);
         debug!(%kind, %name, "applied");
     }
