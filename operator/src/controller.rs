@@ -215,6 +215,24 @@ fn secret_owners(
     out
 }
 
+/// Whether the Webhook CRD is installed (a list of at most one Webhook answers); warns when not.
+async fn webhook_crd_installed(api: &Api<Webhook>) -> bool {
+    match api
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            warn!(
+                "the Webhook CRD (webhooks.hookfleet.io) is not installed: Integrations with spec.webhooks get no \
+                 snapshot; install crds/webhooks.hookfleet.io.yaml and restart the operator"
+            );
+            false
+        }
+        // Anything else (a permission, a blip): watch, and let the watcher's backoff retry.
+        _ => true,
+    }
+}
+
 /// Runs the controller until `stop` resolves. Marks `metrics.ready` once every cache has synced.
 pub async fn run(
     client: Client,
@@ -283,16 +301,20 @@ pub async fn run(
     // `spec.integration` changed), so its fleet's snapshot follows within a reconcile. Status-only
     // changes (the operator's own status writes) change nothing the compile reads: filtered out.
     let (webhooks, webhookw) = reflector::store::<Webhook>();
-    let webhook_stream = reflector::reflector(
-        webhookw,
-        watcher(
-            child_api::<Webhook>(&client, &config.namespace),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff()
-    .try_filter(changes(slim::webhook_reads))
-    .touched_objects();
+    let webhook_api = child_api::<Webhook>(&client, &config.namespace);
+    let webhook_stream = if webhook_crd_installed(&webhook_api).await {
+        reflector::reflector(webhookw, watcher(webhook_api, watcher::Config::default()))
+            .default_backoff()
+            .try_filter(changes(slim::webhook_reads))
+            .touched_objects()
+            .boxed()
+    } else {
+        // Without the CRD (a cluster upgraded without it: Helm installs CRDs only on first install), the
+        // single-destination Integrations are served as before; the store stays empty (its writer dropped,
+        // so waiting for it ends at once).
+        drop(webhookw);
+        futures::stream::pending().boxed()
+    };
 
     let integrations: Api<Watched> = child_api(&client, &config.namespace);
     let (store, store_writer) = reflector::store::<Watched>();

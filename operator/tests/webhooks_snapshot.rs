@@ -217,5 +217,25 @@ async fn the_snapshot_follows_webhooks_and_their_secrets() -> anyhow::Result<()>
         "no snapshot write in a steady state ({} reconciles meanwhile)",
         op.reconciles() - reconciles
     );
+
+    // The Integration becomes a single-destination one: its snapshot (its former Webhooks' Secret values)
+    // goes; the Webhooks are no longer delivered by anything.
+    let integrations: Api<hookfleet_crds::Integration> = Api::namespaced(cp.client(), NS);
+    integrations
+        .patch(
+            "fleet",
+            &pp,
+            &Patch::Merge(serde_json::json!({"spec": {"webhooks": null,
+                "destination": {"url": "https://one.example.com/in"}}})),
+        )
+        .await?;
+    wait_for(
+        "the snapshot deleted",
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        || async { Ok(snapshot(&cp, "fleet").await?.is_none().then_some(())) },
+    )
+    .await?;
+    ready_reason(&api, "acme", reason::NO_INTEGRATION).await?;
     Ok(())
 }

@@ -32,7 +32,7 @@ fn name(i: usize) -> String {
 
 /// Every tenth Webhook flips: a failure at odd seconds, a delivery at even ones.
 fn flips(i: usize) -> bool {
-    i % 10 == 0
+    i.is_multiple_of(10)
 }
 
 fn now_ms() -> i64 {

@@ -88,6 +88,7 @@ pub async fn webhooks(
     let key = crate::memory::key(&ns, &name);
     let Some(spec) = &intg.spec.webhooks else {
         ctx.fleets.stop(&key);
+        remove_snapshot(ctx, memory, intg).await?;
         return Ok(None);
     };
     let allow = spec.allow_private_networks;
@@ -165,6 +166,56 @@ pub async fn webhooks(
             .consume(&key, uri.trim(), &reports_queue(&intg.spec.source.queue));
     }
     Ok(Some(Outcome { counts, problem }))
+}
+
+/// Deletes the snapshot Secret of an Integration that no longer has `spec.webhooks` (it holds its former
+/// Webhooks' Secret values), if this Integration owns it: a Secret of that name that is someone else's stays.
+async fn remove_snapshot(ctx: &Context, memory: &Entry, intg: &Integration) -> Result<(), WebhooksError> {
+    let ns = intg.namespace().unwrap_or_default();
+    let name = snapshot_secret(&intg.name_any());
+    if ctx
+        .caches
+        .secrets
+        .get(&ObjectRef::new(&name).within(&ns))
+        .is_none()
+    {
+        return Ok(());
+    }
+    let uid = intg.metadata.uid.clone().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let fail = |source| WebhooksError::Apply {
+        kind: "Secret".into(),
+        name: name.clone(),
+        source,
+    };
+    let Some(meta) = api.get_metadata_opt(&name).await.map_err(fail)? else {
+        return Ok(());
+    };
+    let ours = meta
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == uid && o.kind == Integration::kind(&()));
+    if !ours {
+        return Ok(());
+    }
+    let dp = kube::api::DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: meta.metadata.uid.clone(),
+            resource_version: None,
+        }),
+        ..kube::api::DeleteParams::default()
+    };
+    match api.delete(&name, &dp).await {
+        Ok(_) => {
+            info!(secret = %name, "deleted the Webhooks snapshot of an Integration without spec.webhooks")
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+        Err(e) => return Err(fail(e)),
+    }
+    memory.with(|m| m.applied.remove(SNAPSHOT_KIND));
+    Ok(())
 }
 
 /// What the snapshot was compiled from: the entries without their Secret values, and the uid and version
