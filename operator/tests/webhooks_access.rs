@@ -1,6 +1,8 @@
 //! Least privilege of a Webhooks fleet's workers, against a real API server (RBAC on): the operator gives
 //! each fleet a ServiceAccount whose Role reads that fleet's snapshot Secret, by name, and nothing else.
-//! Checked with `kubectl auth can-i` and with a real token of the ServiceAccount (TokenRequest).
+//! Checked with `kubectl auth can-i` and with a real token of the ServiceAccount (TokenRequest). The
+//! operator itself runs as a ServiceAccount holding exactly the chart's rules (`helm template`), so granting
+//! that Role needs nothing the chart does not give it.
 
 mod common;
 
@@ -39,6 +41,75 @@ async fn client_with_token(cp: &ControlPlane, token: &str) -> anyhow::Result<kub
     Ok(kube::Client::try_from(config)?)
 }
 
+/// The rules of the chart's operator ClusterRole (default values), rendered by `helm template`.
+fn chart_rules() -> anyhow::Result<serde_json::Value> {
+    use hookfleet_testkit::tools::{Tool, path};
+    let home = tempfile::tempdir()?;
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/hookfleet");
+    let out = std::process::Command::new(path(Tool::Helm)?)
+        .args(["template", "hookfleet"])
+        .arg(&chart)
+        .env("HELM_CACHE_HOME", home.path().join("cache"))
+        .env("HELM_CONFIG_HOME", home.path().join("config"))
+        .env("HELM_DATA_HOME", home.path().join("data"))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_json::to_value(<serde_yaml::Value as serde::Deserialize>::deserialize(doc)?)?;
+        if v["kind"] == "ClusterRole" && v["metadata"]["name"] == "hookfleet-operator" {
+            return Ok(v["rules"].clone());
+        }
+    }
+    anyhow::bail!("no ClusterRole hookfleet-operator in the chart")
+}
+
+/// A client acting as ServiceAccount `NS/hookfleet-operator`, bound to the chart's operator rules.
+async fn operator_as_chart_account(cp: &ControlPlane) -> anyhow::Result<kube::Client> {
+    let rules = chart_rules()?;
+    let apply = |body: serde_json::Value| {
+        let mut cmd = cp.kubectl()?;
+        let mut child = cmd
+            .args(["apply", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.to_string().as_bytes())?;
+        anyhow::ensure!(child.wait()?.success(), "kubectl apply");
+        anyhow::Ok(())
+    };
+    apply(serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "hookfleet-operator", "namespace": NS}}))?;
+    apply(
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "hookfleet-operator"}, "rules": rules}),
+    )?;
+    apply(
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "hookfleet-operator"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "hookfleet-operator"},
+        "subjects": [{"kind": "ServiceAccount", "name": "hookfleet-operator", "namespace": NS}]}),
+    )?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(cp.kubeconfig())?;
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{NS}:hookfleet-operator"));
+    config.auth_info.impersonate_groups = Some(vec![
+        "system:serviceaccounts".into(),
+        format!("system:serviceaccounts:{NS}"),
+        "system:authenticated".into(),
+    ]);
+    Ok(kube::Client::try_from(config)?)
+}
+
 fn forbidden<T: std::fmt::Debug>(r: Result<T, kube::Error>) -> bool {
     matches!(r, Err(kube::Error::Api(s)) if s.code == 403)
 }
@@ -52,7 +123,11 @@ async fn a_fleets_workers_read_their_own_snapshot_and_nothing_else() -> anyhow::
     secret(&cp, "rabbitmq", "amqp://guest:guest@127.0.0.1:1/%2f").await?;
     put_secret(&cp, "a-key", serde_json::json!({"k": "secret-of-a"})).await?;
     put_secret(&cp, "b-key", serde_json::json!({"k": "secret-of-b"})).await?;
-    let _op = spawn(cp.client(), config("access"));
+    // The operator with the chart's rules and nothing else (the leader Lease is the chart's other Role:
+    // not needed for one instance).
+    let mut cfg = config("access");
+    cfg.leader_election = None;
+    let op = spawn(operator_as_chart_account(&cp).await?, cfg);
     fleet(&cp, "a", "a").await?;
     fleet(&cp, "b", "b").await?;
     for (name, fleet) in [("wa", "a"), ("wb", "b")] {
@@ -95,6 +170,11 @@ async fn a_fleets_workers_read_their_own_snapshot_and_nothing_else() -> anyhow::
         .await?;
     }
     wait_exists(&roles, "b-worker").await?;
+    let metrics = op.metrics.encode();
+    assert!(
+        !metrics.contains("hookfleet_operator_reconcile_errors_total{"),
+        "reconcile errors with the chart's rules:\n{metrics}"
+    );
 
     // RBAC as the API server decides it.
     assert_eq!(can_i(&cp, &["get", "secret/a-webhooks"], "a-worker")?, "yes");
