@@ -139,7 +139,18 @@ async fn pass(
     let done: Vec<_> = futures::stream::iter(writes)
         .map(|(ns, name, uid, new)| async move {
             let api: Api<Webhook> = Api::namespaced(ctx.client.clone(), &ns);
-            let body = serde_json::json!({ "status": new });
+            // A merge patch removes only what it sets to null.
+            let mut status = serde_json::to_value(&new).unwrap_or_default();
+            for (field, absent) in [
+                ("lastFailure", new.last_failure.is_none()),
+                ("lastSuccessTime", new.last_success_time.is_none()),
+                ("destinationHost", new.destination_host.is_none()),
+            ] {
+                if absent {
+                    status[field] = serde_json::Value::Null;
+                }
+            }
+            let body = serde_json::json!({ "status": status });
             let r = api.patch_status(&name, params, &Patch::Merge(&body)).await;
             (name, uid, new, r)
         })
