@@ -183,8 +183,8 @@ fn secret_owners(
         if w.namespace().as_deref() != Some(ns.as_str()) || fleets.contains(&w.spec.integration) {
             continue;
         }
-        // Names only: whether it is referenced, whatever the Integration allows.
-        if crate::core::webhooks::secret_refs(&w, false)
+        // Names only (cheap: this runs for every Webhook on every Secret event, the initial list included).
+        if secrets::destination_keys(&w.spec.destination, "spec.destination")
             .iter()
             .any(|r| r.name == name)
         {

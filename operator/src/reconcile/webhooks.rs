@@ -296,12 +296,16 @@ pub const SNAPSHOT_KIND: &str = "Secret";
 /// [`ACCESS_REAPPLY`]).
 async fn apply_access(ctx: &Context, memory: &Entry, intg: &Integration) -> Result<(), WebhooksError> {
     let (sa, role, binding) = desired::worker_access(intg)?;
-    futures::try_join!(
+    // The binding after its Role: the API server grants a binding to an operator without the `bind` verb
+    // only by checking that it holds the Role's rules, which needs the Role to exist (a binding applied
+    // first answers NotFound).
+    let (sa, role) = futures::join!(
         apply_if_changed(ctx, memory, &sa),
-        apply_if_changed(ctx, memory, &role),
-        apply_if_changed(ctx, memory, &binding),
-    )?;
-    Ok(())
+        apply_if_changed(ctx, memory, &role)
+    );
+    sa?;
+    role?;
+    apply_if_changed(ctx, memory, &binding).await
 }
 
 async fn apply_if_changed<K>(ctx: &Context, memory: &Entry, obj: &K) -> Result<(), WebhooksError>
