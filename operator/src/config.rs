@@ -48,6 +48,11 @@ pub struct Config {
     pub leader_election: Option<LeaderElection>,
     /// Reporting instance of Events (the pod name).
     pub instance: String,
+    /// A Webhook's status is written at most this often when its state (a condition, the generation,
+    /// the host) changed.
+    pub webhook_status_every: Duration,
+    /// ... and at most this often when only its counts and timestamps changed.
+    pub webhook_counts_every: Duration,
 }
 
 impl Config {
@@ -67,6 +72,8 @@ impl Config {
             http_addr: None,
             leader_election: None,
             instance: "hookfleet-operator".into(),
+            webhook_status_every: Duration::from_secs(10),
+            webhook_counts_every: Duration::from_secs(60),
         }
     }
 }

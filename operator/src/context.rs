@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hookfleet_crds::Integration;
+use hookfleet_crds::{Integration, Webhook};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -19,6 +19,7 @@ use tracing::warn;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::core::pacing::Pacer;
+use crate::fleets::Fleets;
 use crate::memory::Memories;
 use crate::metrics::Metrics;
 use crate::secrets;
@@ -42,6 +43,10 @@ pub struct Context {
     pub(crate) memory: Arc<Memories>,
     /// Requeue delays paced to what the concurrency serves (see `crate::core::pacing`).
     pub(crate) pacer: Pacer,
+    /// The Webhooks as the controller's cache holds them.
+    pub(crate) webhooks: Store<Webhook>,
+    /// What the leader knows of each Webhooks fleet: compiles and reports (see `crate::fleets`).
+    pub(crate) fleets: Arc<Fleets>,
 }
 
 /// What the watches cache of the Integrations' children, worker pods and Secrets (each kept slim, see
@@ -61,6 +66,7 @@ impl Context {
     /// Drops everything remembered about Integration `ns/name`, and its metric series.
     pub(crate) fn forget(&self, ns: &str, name: &str) {
         self.memory.forget(ns, name);
+        self.fleets.stop(&crate::memory::key(ns, name));
         self.metrics.forget_integration(&crate::memory::key(ns, name));
     }
 

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
-use hookfleet_crds::Integration;
+use hookfleet_crds::{Integration, Webhook};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -23,6 +23,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::context::{Caches, Context, Watched};
 use crate::error::Error;
+use crate::fleets::Fleets;
 use crate::memory::Memories;
 use crate::metrics::Metrics;
 use crate::names::{INTEGRATION_LABEL, MANAGED_BY};
@@ -155,6 +156,83 @@ fn echoes<K: Resource<DynamicType = ()>>(memory: &Memories, obj: &K) -> bool {
         .unwrap_or(false)
 }
 
+/// The Integrations a change to `secret` concerns: those that reference it, those whose Webhooks
+/// reference it, and the fleet whose snapshot it is (unless the change is the echo of this process's
+/// own apply of it).
+fn secret_owners(
+    secret: &PartialObjectMeta<Secret>,
+    integrations: &reflector::Store<Watched>,
+    webhooks: &reflector::Store<Webhook>,
+    memory: &Memories,
+) -> Vec<ObjectRef<Watched>> {
+    let (Some(ns), name) = (secret.namespace(), secret.name_any()) else {
+        return Vec::new();
+    };
+    let mut out: Vec<ObjectRef<Watched>> = integrations
+        .state()
+        .into_iter()
+        .filter(|w| w.namespace().as_deref() == Some(ns.as_str()))
+        .filter(|w| {
+            w.0.as_ref()
+                .is_ok_and(|i| secrets::referenced_names(&i.spec).contains(&name))
+        })
+        .map(|w| ObjectRef::from_obj(&*w))
+        .collect();
+    let mut fleets = std::collections::BTreeSet::new();
+    for w in webhooks.state() {
+        if w.namespace().as_deref() != Some(ns.as_str()) || fleets.contains(&w.spec.integration) {
+            continue;
+        }
+        // Names only (cheap: this runs for every Webhook on every Secret event, the initial list included).
+        if secrets::destination_keys(&w.spec.destination, "spec.destination")
+            .iter()
+            .any(|r| r.name == name)
+        {
+            fleets.insert(w.spec.integration.clone());
+        }
+    }
+    if let Some(fleet) = name.strip_suffix("-webhooks")
+        && let Some(i) = integrations.get(&ObjectRef::new(fleet).within(&ns))
+        && let Ok(intg) = &i.0
+        && intg.spec.webhooks.is_some()
+    {
+        let uid = intg.metadata.uid.clone().unwrap_or_default();
+        let fp = crate::memory::fingerprint(secret);
+        let echo = memory
+            .peek(&ns, fleet, &uid, |m| {
+                m.applied
+                    .get(crate::reconcile::webhooks::SNAPSHOT_KIND)
+                    .is_some_and(|(_, applied, _)| *applied == fp)
+            })
+            .unwrap_or(false);
+        if !echo {
+            fleets.insert(fleet.to_owned());
+        }
+    }
+    out.extend(fleets.into_iter().map(|i| ObjectRef::new(&i).within(&ns)));
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out.dedup();
+    out
+}
+
+/// Whether the Webhook CRD is installed (a list of at most one Webhook answers); warns when not.
+async fn webhook_crd_installed(api: &Api<Webhook>) -> bool {
+    match api
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            warn!(
+                "the Webhook CRD (webhooks.hookfleet.io) is not installed: Integrations with spec.webhooks get no \
+                 snapshot; install crds/webhooks.hookfleet.io.yaml and restart the operator"
+            );
+            false
+        }
+        // Anything else (a permission, a blip): watch, and let the watcher's backoff retry.
+        _ => true,
+    }
+}
+
 /// Runs the controller until `stop` resolves. Marks `metrics.ready` once every cache has synced.
 pub async fn run(
     client: Client,
@@ -219,6 +297,25 @@ pub async fn run(
     .default_backoff()
     .touched_objects();
 
+    // Webhooks: a change to one reconciles the Integration it names (and the one it named before, when
+    // `spec.integration` changed), so its fleet's snapshot follows within a reconcile. Status-only
+    // changes (the operator's own status writes) change nothing the compile reads: filtered out.
+    let (webhooks, webhookw) = reflector::store::<Webhook>();
+    let webhook_api = child_api::<Webhook>(&client, &config.namespace);
+    let webhook_stream = if webhook_crd_installed(&webhook_api).await {
+        reflector::reflector(webhookw, watcher(webhook_api, watcher::Config::default()))
+            .default_backoff()
+            .try_filter(changes(slim::webhook_reads))
+            .touched_objects()
+            .boxed()
+    } else {
+        // Without the CRD (a cluster upgraded without it: Helm installs CRDs only on first install), the
+        // single-destination Integrations are served as before; the store stays empty (its writer dropped,
+        // so waiting for it ends at once).
+        drop(webhookw);
+        futures::stream::pending().boxed()
+    };
+
     let integrations: Api<Watched> = child_api(&client, &config.namespace);
     let (store, store_writer) = reflector::store::<Watched>();
     let recorder = Recorder::new(
@@ -244,8 +341,10 @@ pub async fn run(
             secret_reads: secrets::Reads::default(),
         },
         integrations: store.clone(),
-        memory,
+        memory: memory.clone(),
         pacer: crate::core::pacing::Pacer::default(),
+        webhooks: webhooks.clone(),
+        fleets: Arc::new(Fleets::default()),
     });
     // What `Controller::new` builds, plus a look at each event to drop the memory of deleted Integrations.
     let follow = ctx.clone();
@@ -258,21 +357,24 @@ pub async fn run(
         .applied_objects();
 
     let secret_store = store.clone();
+    let secret_webhooks = webhooks.clone();
+    let secret_memory = memory;
+    let named: std::sync::Mutex<std::collections::HashMap<String, String>> = Default::default();
     let controller = Controller::for_stream(integration_stream, store)
         .watches_stream(secret_stream, move |secret| {
-            let (Some(ns), name) = (secret.namespace(), secret.name_any()) else {
-                return Vec::new();
-            };
-            secret_store
-                .state()
-                .into_iter()
-                .filter(|w| w.namespace().as_deref() == Some(ns.as_str()))
-                .filter(|w| {
-                    w.0.as_ref()
-                        .is_ok_and(|i| secrets::referenced_names(&i.spec).contains(&name))
-                })
-                .map(|w| ObjectRef::from_obj(&*w))
-                .collect()
+            secret_owners(&secret, &secret_store, &secret_webhooks, &secret_memory)
+        })
+        .watches_stream(webhook_stream, move |w: Webhook| {
+            let ns = w.namespace().unwrap_or_default();
+            let now = w.spec.integration.clone();
+            let before = named
+                .lock()
+                .expect("lock")
+                .insert(w.metadata.uid.clone().unwrap_or_default(), now.clone());
+            std::iter::once(now)
+                .chain(before.filter(|b| *b != w.spec.integration))
+                .map(|i| ObjectRef::<Watched>::new(&i).within(&ns))
+                .collect::<Vec<_>>()
         })
         .owns_stream(dep_stream)
         .owns_stream(pdb_stream)
@@ -290,6 +392,7 @@ pub async fn run(
     let store = controller.store();
 
     let ready_metrics = metrics.clone();
+    let writer_ctx = ctx.clone();
     let ready = async move {
         let _ = futures::join!(
             store.wait_until_ready(),
@@ -297,11 +400,12 @@ pub async fn run(
             pdbs.wait_until_ready(),
             services.wait_until_ready(),
             pods.wait_until_ready(),
-            secret_versions.wait_until_ready()
+            secret_versions.wait_until_ready(),
+            webhooks.wait_until_ready()
         );
         ready_metrics.ready.set(1);
         info!("caches synced; reconciling");
-        futures::future::pending::<()>().await
+        crate::reconcile::webhook_status::run(writer_ctx).await
     };
     let run = controller
         .run(reconcile, error_policy, ctx.clone())
@@ -314,6 +418,7 @@ pub async fn run(
         () = run => {}
         () = ready => {}
     }
+    ctx.fleets.close();
     ctx.broker.close().await;
     metrics.ready.set(0);
 }

@@ -15,6 +15,8 @@ pub enum Error {
     #[error(transparent)]
     Dereference(#[from] crate::reconcile::dereference::DereferenceError),
     #[error(transparent)]
+    Webhooks(#[from] crate::reconcile::webhooks::WebhooksError),
+    #[error(transparent)]
     Build(#[from] crate::reconcile::build::BuildError),
     #[error(transparent)]
     Apply(#[from] crate::reconcile::apply::ApplyError),
@@ -47,6 +49,7 @@ impl Error {
             Error::InvalidObject(_) => "invalid_object",
             Error::InvalidSpec(_) => "invalid_spec",
             Error::Dereference(_) => "read_secret",
+            Error::Webhooks(_) => "webhooks",
             Error::Build(_) => "invalid_object",
             Error::Apply(_) => "apply",
             Error::Status(_) => "write_status",

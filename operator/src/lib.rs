@@ -9,10 +9,12 @@
 //! 1. [`names`], [`config`]: the names every module shares, and the operator's settings;
 //! 2. [`core`]: pure decisions (desired objects, status and conditions, replicas, pacing);
 //! 3. adapters: [`broker`] (the queue as RabbitMQ sees it), [`secrets`] (the referenced Secrets),
-//!    [`memory`] (what this leader remembers per Integration), [`slim`] (what the watches keep and pass
-//!    on), [`metrics`];
+//!    [`memory`] (what this leader remembers per Integration), [`fleets`] (per Webhooks fleet: its last
+//!    compile and its workers' reports, consumed from the broker), [`slim`] (what the watches keep and
+//!    pass on), [`metrics`];
 //! 4. [`context`]: what every reconcile shares;
-//! 5. [`reconcile`]'s steps (dereference, build, apply, status, malformed), each with its own error;
+//! 5. [`reconcile`]'s steps (dereference, webhooks, build, apply, status, malformed), each with its own
+//!    error, and the Webhook status writer;
 //! 6. [`error`]: the one error enum, wrapping the steps' errors; then [`pipeline`], the reconcile itself,
 //!    which runs the steps;
 //! 7. [`controller`]: the watches and the error policy;
@@ -24,6 +26,7 @@ pub mod context;
 pub mod controller;
 pub mod core;
 pub mod error;
+pub mod fleets;
 pub mod http;
 pub mod memory;
 pub mod metrics;

@@ -301,6 +301,11 @@ impl Metrics {
             "Service",
             "IntegrationStatus",
             "Event",
+            "Secret",
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "WebhookStatus",
         ]
         .iter()
         .map(|k| self.writes.get_or_create(&KindLabels { kind: (*k).into() }).get())

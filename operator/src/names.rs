@@ -15,3 +15,12 @@ pub const CHECKSUM_ANNOTATION: &str = "hookfleet.io/secrets-checksum";
 pub const TLS_CERT_KEY: &str = "tls.crt";
 /// Key of the client key in a `kubernetes.io/tls` Secret.
 pub const TLS_KEY_KEY: &str = "tls.key";
+/// Annotation on a fleet's Webhooks snapshot Secret: a SHA-256 of what it was compiled from (the
+/// Webhooks' specs and generations, and the referenced Secrets' uids and versions, never their values).
+pub const SNAPSHOT_HASH_ANNOTATION: &str = "hookfleet.io/snapshot-hash";
+
+/// The ServiceAccount, Role and RoleBinding of a Webhooks fleet's workers: `<integration>-worker`. The Role
+/// lets them read the fleet's snapshot Secret, by name, and nothing else.
+pub fn worker_access(integration: &str) -> String {
+    format!("{integration}-worker")
+}

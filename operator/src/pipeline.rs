@@ -10,7 +10,7 @@ use tracing::instrument;
 
 use crate::context::{Context, Watched};
 use crate::error::{Error, Result};
-use crate::reconcile::{apply, build, dereference, malformed, status};
+use crate::reconcile::{apply, build, dereference, malformed, status, webhooks};
 
 #[instrument(skip_all, fields(integration = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
 pub(crate) async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action> {
@@ -33,13 +33,15 @@ pub(crate) async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Ac
     let uid = intg.metadata.uid.clone().unwrap_or_default();
     let memory = ctx.memory.entry(&ns, &name, &uid);
     let world = dereference::dereference(intg, &ctx.client, &ctx.caches, &ctx.broker, &memory).await?;
+    // Before the children: a Webhook's change reaches the snapshot without waiting for the broker probe.
+    let fleet = webhooks::webhooks(&ctx, &memory, intg).await?;
     let backlog = build::backlog(intg, &world).await;
     let desired = memory.with(|m| build::build(intg, &world, backlog, &ctx.config, m, Instant::now()))?;
     // A failed apply fails the reconcile (its error policy retries); the status written meanwhile says what
     // was observed, which is what it is computed from (the caches, the broker), never the apply's answers.
     let (applied, reported) = futures::join!(
         apply::apply(&ctx.client, &ctx.config, &ctx.metrics, &memory, &desired, &world),
-        status::status(&ctx, &memory, intg, &world, &desired),
+        status::status(&ctx, &memory, intg, &world, &desired, fleet.as_ref()),
     );
     applied?;
     let reported = reported?;

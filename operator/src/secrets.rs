@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use hookfleet_crds::IntegrationSpec;
-use hookfleet_crds::integration::SecretKeyRef;
+use hookfleet_crds::integration::{DestinationSpec, SecretKeyRef};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
@@ -56,57 +56,64 @@ pub fn referenced_keys(spec: &IntegrationSpec) -> Vec<KeyRef> {
         "spec.source.connectionSecretRef",
     )];
     if let Some(d) = &spec.destination {
-        for h in &d.headers_from {
+        refs.extend(destination_keys(d, "spec.destination"));
+    }
+    refs
+}
+
+/// Every Secret key a destination references, each with its field under `prefix` (`spec.destination`).
+pub fn destination_keys(d: &DestinationSpec, prefix: &str) -> Vec<KeyRef> {
+    let mut refs = Vec::new();
+    for h in &d.headers_from {
+        refs.push(key_ref(
+            &h.secret_key_ref,
+            format!("{prefix}.headersFrom[{}]", h.name),
+        ));
+    }
+    if let Some(s) = &d.signing {
+        if let Some(r) = &s.secret_ref {
+            refs.push(key_ref(r, format!("{prefix}.signing.secretRef")));
+        }
+        for (i, r) in s.secret_refs.iter().enumerate() {
+            refs.push(key_ref(r, format!("{prefix}.signing.secretRefs[{i}]")));
+        }
+    }
+    if let Some(a) = &d.auth {
+        if let Some(b) = &a.basic {
             refs.push(key_ref(
-                &h.secret_key_ref,
-                format!("spec.destination.headersFrom[{}]", h.name),
+                &b.username_from,
+                format!("{prefix}.auth.basic.usernameFrom"),
+            ));
+            refs.push(key_ref(
+                &b.password_from,
+                format!("{prefix}.auth.basic.passwordFrom"),
             ));
         }
-        if let Some(s) = &d.signing {
-            if let Some(r) = &s.secret_ref {
-                refs.push(key_ref(r, "spec.destination.signing.secretRef"));
-            }
-            for (i, r) in s.secret_refs.iter().enumerate() {
-                refs.push(key_ref(r, format!("spec.destination.signing.secretRefs[{i}]")));
-            }
+        if let Some(b) = &a.bearer {
+            refs.push(key_ref(&b.token_from, format!("{prefix}.auth.bearer.tokenFrom")));
         }
-        if let Some(a) = &d.auth {
-            if let Some(b) = &a.basic {
-                refs.push(key_ref(
-                    &b.username_from,
-                    "spec.destination.auth.basic.usernameFrom",
-                ));
-                refs.push(key_ref(
-                    &b.password_from,
-                    "spec.destination.auth.basic.passwordFrom",
-                ));
-            }
-            if let Some(b) = &a.bearer {
-                refs.push(key_ref(&b.token_from, "spec.destination.auth.bearer.tokenFrom"));
-            }
-            if let Some(o) = &a.oauth2 {
-                refs.push(key_ref(
-                    &o.client_id_from,
-                    "spec.destination.auth.oauth2.clientIdFrom",
-                ));
-                refs.push(key_ref(
-                    &o.client_secret_from,
-                    "spec.destination.auth.oauth2.clientSecretFrom",
-                ));
-            }
+        if let Some(o) = &a.oauth2 {
+            refs.push(key_ref(
+                &o.client_id_from,
+                format!("{prefix}.auth.oauth2.clientIdFrom"),
+            ));
+            refs.push(key_ref(
+                &o.client_secret_from,
+                format!("{prefix}.auth.oauth2.clientSecretFrom"),
+            ));
         }
-        if let Some(t) = &d.tls {
-            if let Some(r) = &t.ca_from {
-                refs.push(key_ref(r, "spec.destination.tls.caFrom"));
-            }
-            if let Some(s) = &t.client_cert_secret {
-                for key in [TLS_CERT_KEY, TLS_KEY_KEY] {
-                    refs.push(KeyRef {
-                        name: s.name.clone(),
-                        key: key.into(),
-                        field: "spec.destination.tls.clientCertSecret".into(),
-                    });
-                }
+    }
+    if let Some(t) = &d.tls {
+        if let Some(r) = &t.ca_from {
+            refs.push(key_ref(r, format!("{prefix}.tls.caFrom")));
+        }
+        if let Some(s) = &t.client_cert_secret {
+            for key in [TLS_CERT_KEY, TLS_KEY_KEY] {
+                refs.push(KeyRef {
+                    name: s.name.clone(),
+                    key: key.into(),
+                    field: format!("{prefix}.tls.clientCertSecret"),
+                });
             }
         }
     }
@@ -248,7 +255,8 @@ pub fn checksum<'a>(secrets: impl IntoIterator<Item = &'a Secret>) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
+/// The value of `key` in `secret` (`data`, else `stringData`).
+pub fn value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
     secret
         .data
         .as_ref()
@@ -261,6 +269,34 @@ fn value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
                 .and_then(|d| d.get(key))
                 .map(|s| s.clone().into_bytes())
         })
+}
+
+/// Secret `ns/name` (None when it does not exist), from `reads` while the watch (`versions`) shows it at
+/// the version read, else from the API server (and kept in `reads`).
+pub async fn read(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    versions: &Versions,
+    reads: &Reads,
+) -> Result<Option<Arc<Secret>>, ReadError> {
+    if let Some(s) = reads.current(ns, name, versions) {
+        return Ok(Some(s));
+    }
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    Ok(api
+        .get_opt(name)
+        .await
+        .map_err(|source| ReadError {
+            name: name.to_owned(),
+            source,
+        })?
+        .map(|s| reads.keep(ns, s, versions)))
+}
+
+/// The `(uid, resourceVersion)` of a Secret as read.
+pub fn version(secret: &Secret) -> (String, String) {
+    version_of(&secret.metadata)
 }
 
 /// Reads every referenced Secret once (or takes it from `reads`, see [`Reads`]); `Ok(Err(problem))` when
@@ -376,6 +412,36 @@ mod tests {
         reads.keep("ns", secret("other", "5"), &v2);
         assert_eq!(reads.len(), 1);
         assert!(reads.current("ns", "other", &v2).is_some());
+    }
+
+    #[test]
+    fn the_contracts_secret_refs_are_the_operators_destination_keys() {
+        // The Secret watch maps a Secret to fleets by `secrets::destination_keys` (cheap); the compile
+        // reads what the contract lists. Both must name the same keys.
+        let w: hookfleet_crds::Webhook = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hookfleet.io/v1alpha1", "kind": "Webhook", "metadata": {"name": "all"},
+            "spec": {"integration": "fleet", "events": ["a"], "destination": {
+                "url": "https://h.example/",
+                "headersFrom": [{"name": "X-Key", "secretKeyRef": {"name": "h", "key": "k"}}],
+                "signing": {"secretRef": {"name": "s1", "key": "k"}, "secretRefs": [{"name": "s2", "key": "k"}]},
+                "auth": {"oauth2": {"tokenUrl": "https://t.example/token",
+                    "clientIdFrom": {"name": "o", "key": "id"}, "clientSecretFrom": {"name": "o", "key": "secret"}}},
+                "tls": {"caFrom": {"name": "ca", "key": "ca.crt"}, "clientCertSecret": {"name": "client"}},
+            }},
+        }))
+        .unwrap();
+        let key = |n: &str, k: &str| (n.to_owned(), k.to_owned());
+        let contract: std::collections::BTreeSet<_> = crate::core::webhooks::secret_refs(&w, false)
+            .iter()
+            .map(|r| key(&r.name, &r.key))
+            .collect();
+        let operator: std::collections::BTreeSet<_> =
+            destination_keys(&w.spec.destination, "spec.destination")
+                .iter()
+                .map(|r| key(&r.name, &r.key))
+                .collect();
+        assert_eq!(contract, operator);
+        assert_eq!(contract.len(), 8, "{contract:?}");
     }
 
     #[test]

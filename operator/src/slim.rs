@@ -169,6 +169,17 @@ impl<K: Resource> Changes<K> {
     }
 }
 
+/// What the snapshot compile reads of a Webhook: its spec (through its generation), where it is, and
+/// whether it is being deleted; never its status (the operator writes that).
+pub fn webhook_reads(w: &hookfleet_crds::Webhook) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    w.metadata.generation.hash(&mut h);
+    w.spec.integration.hash(&mut h);
+    w.metadata.deletion_timestamp.is_some().hash(&mut h);
+    h.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

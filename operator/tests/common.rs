@@ -215,3 +215,60 @@ pub async fn events(
         })
         .collect())
 }
+
+/// Creates a Webhook in `NS` from `body` (metadata and spec).
+pub async fn create_webhook(
+    cp: &ControlPlane,
+    body: serde_json::Value,
+) -> anyhow::Result<hookfleet_crds::Webhook> {
+    let api: Api<hookfleet_crds::Webhook> = Api::namespaced(cp.client(), NS);
+    let mut body = body;
+    body["apiVersion"] = "hookfleet.io/v1alpha1".into();
+    body["kind"] = "Webhook".into();
+    let w: hookfleet_crds::Webhook = serde_json::from_value(body)?;
+    Ok(api.create(&PostParams::default(), &w).await?)
+}
+
+/// Creates (or replaces) Secret `name` in `NS` with `string_data`.
+pub async fn put_secret(cp: &ControlPlane, name: &str, string_data: serde_json::Value) -> anyhow::Result<()> {
+    let api: Api<Secret> = Api::namespaced(cp.client(), NS);
+    let s: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": string_data
+    }))?;
+    api.patch(
+        name,
+        &kube::api::PatchParams::apply("test").force(),
+        &kube::api::Patch::Apply(&s),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A Webhooks fleet (an Integration with `spec.webhooks`) on `queue`, its broker URI in Secret `rabbitmq`.
+pub async fn fleet(cp: &ControlPlane, name: &str, queue: &str) -> anyhow::Result<Integration> {
+    create(
+        cp,
+        serde_json::json!({"metadata": {"name": name}, "spec": {
+            "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": queue},
+            "webhooks": {},
+        }}),
+    )
+    .await
+}
+
+/// The snapshot in Secret `<integration>-webhooks`, if the Secret exists.
+pub async fn snapshot(
+    cp: &ControlPlane,
+    integration: &str,
+) -> anyhow::Result<Option<hookfleet_crds::contract::webhooks::Snapshot>> {
+    use hookfleet_crds::contract::webhooks::{SNAPSHOT_KEY, Snapshot, snapshot_secret};
+    let api: Api<Secret> = Api::namespaced(cp.client(), NS);
+    let Some(s) = api.get_opt(&snapshot_secret(integration)).await? else {
+        return Ok(None);
+    };
+    let bytes = s
+        .data
+        .and_then(|d| d.get(SNAPSHOT_KEY).cloned())
+        .ok_or_else(|| anyhow::anyhow!("no {SNAPSHOT_KEY} in the snapshot Secret"))?;
+    Ok(Some(Snapshot::decode(&bytes.0).map_err(anyhow::Error::msg)?))
+}

@@ -32,6 +32,8 @@ fn healthy() -> Observed {
         selector: "a=b".into(),
         destination_gone: None,
         invalid_spec: None,
+        webhooks: None,
+        webhooks_problem: None,
     }
 }
 

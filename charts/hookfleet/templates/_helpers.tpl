@@ -78,6 +78,13 @@ app.kubernetes.io/component: operator
 - apiGroups: [hookfleet.io]
   resources: [integrations/status]
   verbs: [get, patch]
+# Webhooks: read to compile each fleet's snapshot; their status written from the workers' reports.
+- apiGroups: [hookfleet.io]
+  resources: [webhooks]
+  verbs: [get, list, watch]
+- apiGroups: [hookfleet.io]
+  resources: [webhooks/status]
+  verbs: [get, patch, update]
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch]
@@ -95,6 +102,19 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, list, watch]
+# A Webhooks fleet's snapshot Secret (<integration>-webhooks), applied by the operator.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create, patch, update]
+# A Webhooks fleet's workers' identity: a ServiceAccount and a Role that reads only the fleet's snapshot
+# Secret, by name. Granting that Role needs the operator to hold secrets get/list/watch itself (above):
+# no escalate or bind verb.
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, list, watch, create, patch, update, delete]
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]

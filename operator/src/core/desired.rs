@@ -11,10 +11,12 @@ use hookfleet_crds::contract;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, KeyToPath,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecretVolumeSource, SecurityContext,
-    Service, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret, SecretVolumeSource,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
@@ -253,9 +255,13 @@ pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) 
         }),
         ..TopologySpreadConstraint::default()
     };
+    // A Webhooks fleet's workers watch their snapshot Secret with their own ServiceAccount
+    // ([`worker_access`]); a single-destination worker talks to no API server and gets no token.
+    let webhooks = intg.spec.webhooks.is_some();
     let pod = PodSpec {
         containers: vec![container],
-        automount_service_account_token: Some(false),
+        service_account_name: webhooks.then(|| crate::names::worker_access(&name)),
+        automount_service_account_token: Some(webhooks),
         enable_service_links: Some(false),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
@@ -401,4 +407,64 @@ pub fn metrics_service(intg: &Integration) -> Result<Service> {
 /// Name of the metrics Service of an Integration.
 pub fn service_name(name: &str) -> String {
     format!("{name}-metrics")
+}
+
+/// The Secret holding a Webhooks fleet's snapshot (`contract::webhooks::snapshot_secret`): the encoded
+/// snapshot under `SNAPSHOT_KEY`, and `hash` (what it was compiled from) in an annotation.
+pub fn snapshot_secret(intg: &Integration, encoded: Vec<u8>, hash: &str) -> Result<Secret> {
+    let mut meta = meta(intg)?;
+    let name = meta.name.clone().unwrap_or_default();
+    meta.name = Some(contract::webhooks::snapshot_secret(&name));
+    meta.annotations = Some(BTreeMap::from([(
+        crate::names::SNAPSHOT_HASH_ANNOTATION.to_string(),
+        hash.to_string(),
+    )]));
+    Ok(Secret {
+        metadata: meta,
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            contract::webhooks::SNAPSHOT_KEY.to_string(),
+            k8s_openapi::ByteString(encoded),
+        )])),
+        ..Secret::default()
+    })
+}
+
+/// The identity of a Webhooks fleet's workers: a ServiceAccount, a Role that may get, list and watch the
+/// fleet's snapshot Secret by name (`resourceNames`, so a list or watch must select it with
+/// `metadata.name`) and nothing else, and the RoleBinding between them; all `names::worker_access`.
+pub fn worker_access(intg: &Integration) -> Result<(ServiceAccount, Role, RoleBinding)> {
+    let mut meta = meta(intg)?;
+    let integration = meta.name.clone().unwrap_or_default();
+    let name = crate::names::worker_access(&integration);
+    meta.name = Some(name.clone());
+    let sa = ServiceAccount {
+        metadata: meta.clone(),
+        ..ServiceAccount::default()
+    };
+    let role = Role {
+        metadata: meta.clone(),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["secrets".into()]),
+            resource_names: Some(vec![contract::webhooks::snapshot_secret(&integration)]),
+            verbs: vec!["get".into(), "list".into(), "watch".into()],
+            ..PolicyRule::default()
+        }]),
+    };
+    let binding = RoleBinding {
+        metadata: meta.clone(),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: name.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name,
+            namespace: meta.namespace.clone(),
+            ..Subject::default()
+        }]),
+    };
+    Ok((sa, role, binding))
 }

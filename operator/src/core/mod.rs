@@ -5,9 +5,11 @@
 //! - [`desired`]: the children an Integration should have (Deployment, PodDisruptionBudget, Service);
 //! - [`status`]: conditions, the status and the Events of its transitions, from observations;
 //! - [`replicas`]: how many workers (fixed, or following the backlog);
-//! - [`pacing`]: how soon an Integration is looked at again, and when a status write may wait.
+//! - [`pacing`]: how soon an Integration is looked at again, and when a status write may wait;
+//! - [`webhooks`]: a fleet's Webhooks snapshot, the fold of its workers' reports, each Webhook's status.
 
 pub mod desired;
 pub mod pacing;
 pub mod replicas;
 pub mod status;
+pub mod webhooks;

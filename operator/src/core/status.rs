@@ -7,8 +7,8 @@
 
 use hookfleet_crds::IntegrationStatus;
 use hookfleet_crds::contract::{self, exit};
-use hookfleet_crds::integration::DestinationGone;
 use hookfleet_crds::integration::condition;
+use hookfleet_crds::integration::{DestinationGone, WebhookCounts};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -29,6 +29,8 @@ pub mod reason {
     /// The destination answered HTTP 410 Gone (worker exit 5): the workers are scaled to 0.
     pub const DESTINATION_GONE: &str = "DestinationGone";
     pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    /// A Webhooks fleet's snapshot is over what a Secret holds: Webhook changes are not applied.
+    pub const SNAPSHOT_TOO_LARGE: &str = "WebhooksSnapshotTooLarge";
     pub const SECRET_KEY_NOT_FOUND: &str = "SecretKeyNotFound";
     pub const INVALID_BROKER_URI: &str = "InvalidBrokerUri";
     pub const BROKER_AUTH_FAILED: &str = "BrokerAuthFailed";
@@ -243,6 +245,10 @@ pub struct Observed {
     pub destination_gone: Option<DestinationGone>,
     /// The fields the worker would refuse (`field: reason; …`): the spec is not applied.
     pub invalid_spec: Option<String>,
+    /// A Webhooks fleet's Webhooks by state.
+    pub webhooks: Option<WebhookCounts>,
+    /// Why a Webhooks fleet's snapshot could not be written.
+    pub webhooks_problem: Option<String>,
 }
 
 fn cond(type_: &str, status: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
@@ -268,6 +274,10 @@ fn problem(o: &Observed, ready: i32) -> Option<(&'static str, String)> {
                  running the last valid one. Fix the field and apply again"
             ),
         ));
+    }
+    // Then: no Webhook change reaches the workers until it is fixed.
+    if let Some(p) = &o.webhooks_problem {
+        return Some((reason::SNAPSHOT_TOO_LARGE, p.clone()));
     }
     // Then: it is why the fleet is at 0 on purpose, whatever else is wrong.
     if let Some(g) = &o.destination_gone {
@@ -443,7 +453,7 @@ pub fn compute(o: &Observed) -> IntegrationStatus {
     }
 
     IntegrationStatus {
-        webhooks: None,
+        webhooks: o.webhooks.clone(),
         observed_generation: g,
         replicas: Some(o.desired),
         ready_replicas: Some(ready),

@@ -65,7 +65,7 @@ pub async fn apply(
 
 /// Whether the child whose desired object hashes to `h` and which the cache shows at fingerprint `cached`
 /// (None: not in the cache) needs no apply, given what was `applied` last (see [`apply_one`]).
-fn unchanged(h: u64, cached: Option<String>, applied: Option<&(u64, String, Instant)>) -> bool {
+pub(crate) fn unchanged(h: u64, cached: Option<String>, applied: Option<&(u64, String, Instant)>) -> bool {
     match (cached, applied) {
         (Some(fp), Some((ah, afp, _))) => *ah == h && *afp == fp,
         (None, Some((ah, _, at))) => *ah == h && at.elapsed() < WATCH_LAG,
@@ -84,7 +84,7 @@ struct Target<'a> {
 /// How long after an apply a child missing from the cache counts as not yet delivered by its watch rather
 /// than gone: a new child's watch event lags its apply by milliseconds, and in the meantime the events of
 /// the Integration's other children reconcile it again.
-const WATCH_LAG: Duration = Duration::from_secs(5);
+pub(crate) const WATCH_LAG: Duration = Duration::from_secs(5);
 
 /// Server-side applies `desired` unless the cached object is what we last applied and the desired object
 /// has not changed since, or the cache does not show the object yet but this process applied exactly it

@@ -3,6 +3,8 @@
 //! which runs them; it sits above `crate::error`, which wraps these steps' errors):
 //!
 //! 1. [`dereference`]: what the world is (Secrets, the broker's view of the queue, children, worker pods);
+//!    then, for a Webhooks fleet, [`webhooks`]: its snapshot Secret, its workers' access, its report
+//!    consumer, its Webhooks counted by state;
 //! 2. [`build`]: the desired children (pure);
 //! 3. [`apply`]: server-side apply of what changed;
 //! 4. [`status`]: conditions, written only when they changed, and the Events of their transitions.
@@ -16,3 +18,8 @@ pub mod build;
 pub mod dereference;
 pub mod malformed;
 pub mod status;
+pub mod webhook_status;
+pub mod webhooks;
+
+// Not a step: [`webhook_status`] writes each Webhook's status from its fleet's last compile and its
+// workers' reports, on its own cadence (the controller runs it beside the reconciles).

@@ -39,6 +39,7 @@ pub async fn status(
     intg: &Integration,
     world: &World,
     desired: &Desired,
+    fleet: Option<&super::webhooks::Outcome>,
 ) -> Result<Reported, StatusError> {
     let spec = &intg.spec;
     let ns = intg.namespace().unwrap_or_default();
@@ -58,6 +59,8 @@ pub async fn status(
         selector: desired::selector_string(&name),
         destination_gone: desired.destination_gone.clone(),
         invalid_spec: desired.invalid.clone(),
+        webhooks: fleet.map(|f| f.counts.clone()),
+        webhooks_problem: fleet.and_then(|f| f.problem.clone()),
     };
     let cached_status = intg.status.clone().unwrap_or_default();
     let (written, since_last_write) = memory.with(|m| (m.written.clone(), m.written_at.map(|t| t.elapsed())));

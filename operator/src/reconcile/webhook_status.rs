@@ -1,0 +1,174 @@
+//! The Webhook status writer: once a second it computes every Webhook's status from where it stands
+//! with its fleet (the fleet's last compile, or no fleet) and from what the fleet's workers reported
+//! (`crate::fleets`), and merge-patches the status subresource of those that changed, at most once per
+//! `Config::webhook_status_every` per Webhook when a condition (or the generation or host) changed and once
+//! per `Config::webhook_counts_every` when only counts and timestamps did. So the cost in API writes is
+//! bounded by the number of Webhooks, never by the number of deliveries.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hookfleet_crds::{Webhook, WebhookStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
+use tracing::{debug, warn};
+
+use crate::context::Context;
+use crate::core::webhooks::{Base, Fleet, may_write, status};
+
+/// How often the writer looks.
+const TICK: Duration = Duration::from_secs(1);
+/// Status writes in flight at once.
+const WRITES_IN_FLIGHT: usize = 8;
+
+/// What the writer remembers of one Webhook (one uid).
+struct Known {
+    /// Its status when this process first saw it: the counts continue from there.
+    base: Base,
+    /// What this process last wrote, and when.
+    last: Option<(WebhookStatus, Instant)>,
+}
+
+/// Writes Webhook statuses until the task is dropped.
+pub async fn run(ctx: Arc<Context>) {
+    let mut known: HashMap<String, Known> = HashMap::new();
+    let mut names: HashMap<(String, String), String> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        pass(&ctx, &mut known, &mut names).await;
+    }
+}
+
+async fn pass(
+    ctx: &Context,
+    known: &mut HashMap<String, Known>,
+    names: &mut HashMap<(String, String), String>,
+) {
+    let webhooks = ctx.webhooks.state();
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let uids: HashSet<String> = webhooks.iter().filter_map(|w| w.metadata.uid.clone()).collect();
+    known.retain(|uid, _| uids.contains(uid));
+    // Aggregates of Webhooks that are gone, or were re-created under their name, start again.
+    let mut present: HashMap<String, HashSet<String>> = HashMap::new();
+    for w in &webhooks {
+        let ns = w.namespace().unwrap_or_default();
+        let key = crate::memory::key(&ns, &w.spec.integration);
+        let uid = w.metadata.uid.clone().unwrap_or_default();
+        let name = w.name_any();
+        if names
+            .insert((key.clone(), name.clone()), uid.clone())
+            .is_some_and(|old| old != uid)
+        {
+            present.entry(key.clone()).or_default();
+        } else {
+            present.entry(key).or_default().insert(name);
+        }
+    }
+    names.retain(|(key, name), _| present.get(key).is_some_and(|p| p.contains(name)));
+    for key in ctx.fleets.keys() {
+        let p = present.get(&key);
+        ctx.fleets
+            .retain_aggregates(&key, |n| p.is_some_and(|p| p.contains(n)));
+    }
+
+    let mut writes = Vec::new();
+    for w in &webhooks {
+        if w.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let (Some(uid), Some(ns)) = (w.metadata.uid.clone(), w.namespace()) else {
+            continue;
+        };
+        let name = w.name_any();
+        let key = crate::memory::key(&ns, &w.spec.integration);
+        let has_fleet = match ctx
+            .integrations
+            .get(&ObjectRef::new(&w.spec.integration).within(&ns))
+        {
+            None => false,
+            Some(i) => match &i.0 {
+                Ok(i) => i.spec.webhooks.is_some(),
+                // A malformed Integration has its own condition; its Webhooks wait.
+                Err(_) => continue,
+            },
+        };
+        let decided = if has_fleet { ctx.fleets.decided(&key) } else { None };
+        let fleet = if has_fleet {
+            Fleet::Compiled(decided.as_deref().and_then(|d| d.get(&name)))
+        } else {
+            Fleet::Missing
+        };
+        let k = known.entry(uid.clone()).or_insert_with(|| Known {
+            base: Base::of(w.status.as_ref()),
+            last: None,
+        });
+        let old = k
+            .last
+            .as_ref()
+            .map(|(s, _)| s.clone())
+            .or_else(|| w.status.clone())
+            .unwrap_or_default();
+        let agg = if has_fleet {
+            ctx.fleets.aggregate(&key, &name)
+        } else {
+            None
+        };
+        let Some(new) = status(w, fleet, &k.base, agg.as_ref(), &old, &now) else {
+            continue;
+        };
+        let since = k.last.as_ref().map(|(_, at)| at.elapsed());
+        let (state_every, counts_every) = (ctx.config.webhook_status_every, ctx.config.webhook_counts_every);
+        if may_write(&old, &new, since, state_every, counts_every) {
+            writes.push((ns, name, uid, new));
+        }
+    }
+    if writes.is_empty() {
+        return;
+    }
+    let params = PatchParams {
+        field_manager: Some(ctx.config.field_manager.clone()),
+        ..PatchParams::default()
+    };
+    let params = &params;
+    let done: Vec<_> = futures::stream::iter(writes)
+        .map(|(ns, name, uid, new)| async move {
+            let api: Api<Webhook> = Api::namespaced(ctx.client.clone(), &ns);
+            // A merge patch removes only what it sets to null.
+            let mut status = serde_json::to_value(&new).unwrap_or_default();
+            for (field, absent) in [
+                ("lastFailure", new.last_failure.is_none()),
+                ("lastSuccessTime", new.last_success_time.is_none()),
+                ("destinationHost", new.destination_host.is_none()),
+            ] {
+                if absent {
+                    status[field] = serde_json::Value::Null;
+                }
+            }
+            let body = serde_json::json!({ "status": status });
+            let r = api.patch_status(&name, params, &Patch::Merge(&body)).await;
+            (name, uid, new, r)
+        })
+        .buffer_unordered(WRITES_IN_FLIGHT)
+        .collect()
+        .await;
+    for (name, uid, new, r) in done {
+        match r {
+            Ok(_) => {
+                ctx.metrics.write("WebhookStatus");
+                debug!(webhook = %name, "Webhook status written");
+                if let Some(k) = known.get_mut(&uid) {
+                    k.last = Some((new, Instant::now()));
+                }
+            }
+            // Deleted meanwhile, or the API server is away: the next pass tries again.
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => warn!(webhook = %name, error = %e, "writing a Webhook status"),
+        }
+    }
+}
