@@ -55,7 +55,7 @@ const MOVED: usize = 5;
 /// What Webhook `i` takes: (event prefixes, header matches).
 fn filter(i: usize) -> (Vec<String>, BTreeMap<String, String>) {
     let mut events = vec![PREFIXES[i % PREFIXES.len()].to_owned()];
-    if i % 10 == 0 {
+    if i.is_multiple_of(10) {
         // Overlaps its first prefix for some events: still one delivery per message.
         events.push("door/".into());
     }
