@@ -44,6 +44,16 @@ pub fn integrations() -> Vec<(PathBuf, Integration)> {
     out
 }
 
+/// A shutdown grace as the operator might render it: the request timeout (10 s with Webhooks) plus 15 s.
+pub fn shutdown_grace(intg: &Integration) -> std::time::Duration {
+    let timeout = intg
+        .spec
+        .destination
+        .as_ref()
+        .map_or(std::time::Duration::from_secs(10), |d| d.timeout.into());
+    timeout + std::time::Duration::from_secs(15)
+}
+
 /// `NAMESPACE/NAME` of `intg`.
 pub fn integration_name(intg: &Integration) -> String {
     let ns = intg.metadata.namespace.as_deref().unwrap_or("default");

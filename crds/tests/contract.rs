@@ -91,12 +91,7 @@ const OPERATOR_ONLY: &[&str] = &[
 fn pod(intg: &Integration) -> Pod {
     Pod {
         integration: testing::integration_name(intg),
-        shutdown_grace: Duration::from(
-            intg.spec
-                .destination
-                .as_ref()
-                .map_or(std::time::Duration::from_secs(10).into(), |d| d.timeout),
-        ) + Duration::from_secs(15),
+        shutdown_grace: testing::shutdown_grace(intg),
         tls_ca_file: "/etc/tls/ca/ca.crt".into(),
         tls_client_cert_file: "/etc/tls/client/tls.crt".into(),
         tls_client_key_file: "/etc/tls/client/tls.key".into(),

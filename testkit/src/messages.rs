@@ -33,9 +33,21 @@ pub fn body(id: &str) -> Vec<u8> {
 }
 
 /// Publishes one persistent message per id (body from [`body`], `message_id` = the id) to `queue`, which must
-/// exist (the workers declare it, with their queue type), with publisher confirms and `mandatory`, `per_second`
+/// exist (the workers declare it, with their queue type; checked first), with publisher confirms, `per_second`
 /// at most when given; returns once the broker confirmed every message.
 pub async fn publish(uri: &str, queue: &str, ids: &[String], per_second: Option<u32>) -> Result<()> {
+    let messages: Vec<(String, Vec<(String, String)>)> =
+        ids.iter().map(|id| (id.clone(), Vec::new())).collect();
+    publish_with_headers(uri, queue, &messages, per_second).await
+}
+
+/// As [`publish`], each message with its headers (as strings: an event name, a device id).
+pub async fn publish_with_headers(
+    uri: &str,
+    queue: &str,
+    messages: &[(String, Vec<(String, String)>)],
+    per_second: Option<u32>,
+) -> Result<()> {
     let conn = Connection::connect(uri, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -49,63 +61,17 @@ pub async fn publish(uri: &str, queue: &str, ids: &[String], per_second: Option<
     // Paced publishing goes in batches of a tenth of a second's worth.
     let batch = per_second.map_or(500, |r| (r as usize / 10).max(1));
     let mut tick = per_second.map(|_| tokio::time::interval(Duration::from_millis(100)));
-    for chunk in ids.chunks(batch) {
-        if let Some(t) = tick.as_mut() {
-            t.tick().await;
-        }
-        let batch: Vec<(&str, Vec<u8>)> = chunk.iter().map(|id| (id.as_str(), body(id))).collect();
-        publish_batch(&ch, queue, &batch).await?;
-    }
-    let _ = conn.close(200, "published".into()).await;
-    Ok(())
-}
-
-/// Publishes one persistent message per `(id, headers)` (body from [`body`], `message_id` = the id, the
-/// headers as strings: an event name, a device id) to `queue` as [`publish`] does, `per_second` at most
-/// when given.
-pub async fn publish_with_headers(
-    uri: &str,
-    queue: &str,
-    messages: &[(String, Vec<(String, String)>)],
-    per_second: Option<u32>,
-) -> Result<()> {
-    let conn = Connection::connect(uri, ConnectionProperties::default()).await?;
-    let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let batch = per_second.map_or(500, |r| (r as usize / 10).max(1));
-    let mut tick = per_second.map(|_| tokio::time::interval(Duration::from_millis(100)));
     for chunk in messages.chunks(batch) {
         if let Some(t) = tick.as_mut() {
             t.tick().await;
         }
-        let mut pending = Vec::with_capacity(chunk.len());
-        for (id, headers) in chunk {
-            let mut h = FieldTable::default();
-            for (k, v) in headers {
-                h.insert(k.as_str().into(), AMQPValue::LongString(v.as_str().into()));
-            }
-            let props = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_message_id(id.as_str().into())
-                .with_content_type("application/json".into())
-                .with_headers(h);
-            pending.push(
-                ch.basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions::default(),
-                    &body(id),
-                    props,
-                )
-                .await?,
-            );
-        }
-        for c in try_join_all(pending).await? {
-            anyhow::ensure!(
-                matches!(c, Confirmation::Ack(None)),
-                "publish not confirmed: {c:?}"
-            );
-        }
+        let bodies: Vec<Vec<u8>> = chunk.iter().map(|(id, _)| body(id)).collect();
+        let sends = chunk
+            .iter()
+            .zip(&bodies)
+            .map(|((id, headers), body)| (properties(id, headers), body.as_slice()))
+            .collect();
+        send_confirmed(&ch, queue, sends).await?;
     }
     let _ = conn.close(200, "published".into()).await;
     Ok(())
@@ -118,18 +84,40 @@ pub async fn publish_batch(
     queue: &str,
     batch: &[(impl AsRef<str>, impl AsRef<[u8]>)],
 ) -> Result<()> {
-    let mut pending = Vec::with_capacity(batch.len());
-    for (id, body) in batch {
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_message_id(id.as_ref().into())
-            .with_content_type("application/json".into());
+    let sends = batch
+        .iter()
+        .map(|(id, body)| (properties(id.as_ref(), &[]), body.as_ref()))
+        .collect();
+    send_confirmed(ch, queue, sends).await
+}
+
+/// A persistent JSON message's properties: `message_id` = `id`, `headers` as strings.
+fn properties(id: &str, headers: &[(String, String)]) -> BasicProperties {
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_message_id(id.into())
+        .with_content_type("application/json".into());
+    if headers.is_empty() {
+        return props;
+    }
+    let mut h = FieldTable::default();
+    for (k, v) in headers {
+        h.insert(k.as_str().into(), AMQPValue::LongString(v.as_str().into()));
+    }
+    props.with_headers(h)
+}
+
+/// Publishes each `(properties, body)` to `queue` through the default exchange, all at once, and returns once
+/// the broker confirmed every one.
+async fn send_confirmed(ch: &Channel, queue: &str, sends: Vec<(BasicProperties, &[u8])>) -> Result<()> {
+    let mut pending = Vec::with_capacity(sends.len());
+    for (props, body) in sends {
         pending.push(
             ch.basic_publish(
                 "".into(),
                 queue.into(),
                 BasicPublishOptions::default(),
-                body.as_ref(),
+                body,
                 props,
             )
             .await?,

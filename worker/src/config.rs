@@ -340,6 +340,46 @@ impl Destination {
     }
 }
 
+#[cfg(test)]
+impl Config {
+    /// The unit tests' worker: queue `orders`, 3 attempts, backoff 1 s × 2 without jitter, no breaker,
+    /// concurrency 4, private networks allowed; `destination` or `webhooks`.
+    pub(crate) fn for_tests(destination: Option<Destination>, webhooks: Option<WebhooksMode>) -> Self {
+        use hookfleet_crds::integration::{Jitter, RateLimitScope};
+        Self {
+            integration: String::new(),
+            amqp_uris: vec!["amqp://127.0.0.1:1/%2f".into()],
+            queue: "orders".into(),
+            bindings: Vec::new(),
+            prefetch: 64,
+            queue_type: QueueType::Quorum,
+            delivery_limit: 20,
+            destination,
+            webhooks,
+            max_attempts: 3,
+            backoff: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+                multiplier: 2.0,
+                jitter: Jitter::None,
+            },
+            concurrency: 4,
+            rate_limit: None,
+            rate_limit_scope: RateLimitScope::Worker,
+            circuit_breaker: (0, Duration::from_secs(10)),
+            adaptive_throttle: None,
+            dead_letter_queue: "orders.dead".into(),
+            confirm_timeout: Duration::from_secs(5),
+            fd_limit: 1024,
+            allow_private_networks: true,
+            metrics_addr: "127.0.0.1:0".parse().unwrap(),
+            shutdown_grace: Duration::from_secs(1),
+            termination_log: "/dev/null".into(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
 impl Config {
     /// Checks `args` and completes them from the environment (`env` looks up variables: the broker
     /// URI, the signing secrets, credentials, --header-from-env targets) and files.

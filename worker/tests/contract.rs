@@ -8,7 +8,6 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use clap::Parser;
 use hookfleet_crds::Integration;
@@ -36,12 +35,7 @@ fn start(intg: &Integration) -> Parsed {
     let at = |f: &str| dir.path().join(f).to_str().unwrap().to_owned();
     let pod = Pod {
         integration: testing::integration_name(intg),
-        shutdown_grace: Duration::from(
-            intg.spec
-                .destination
-                .as_ref()
-                .map_or(std::time::Duration::from_secs(10).into(), |d| d.timeout),
-        ) + Duration::from_secs(15),
+        shutdown_grace: testing::shutdown_grace(intg),
         tls_ca_file: at("ca.crt"),
         tls_client_cert_file: at("tls.crt"),
         tls_client_key_file: at("tls.key"),

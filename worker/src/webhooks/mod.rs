@@ -257,28 +257,29 @@ impl Live {
     }
 }
 
+/// A snapshot entry for the unit tests.
+#[cfg(test)]
+pub(crate) fn entry(name: &str, events: &[&str], dst: serde_json::Value, secrets: &[(&str, &str)]) -> Entry {
+    Entry {
+        name: name.into(),
+        generation: 1,
+        events: events.iter().map(|s| s.to_string()).collect(),
+        match_headers: std::collections::BTreeMap::new(),
+        paused: false,
+        destination: serde_json::from_value(dst).unwrap(),
+        secrets: secrets
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use super::*;
 
     const NO_BREAKER: (u32, Duration) = (0, Duration::from_secs(1));
-
-    pub fn entry(name: &str, events: &[&str], dst: serde_json::Value, secrets: &[(&str, &str)]) -> Entry {
-        Entry {
-            name: name.into(),
-            generation: 1,
-            events: events.iter().map(|s| s.to_string()).collect(),
-            match_headers: BTreeMap::new(),
-            paused: false,
-            destination: serde_json::from_value(dst).unwrap(),
-            secrets: secrets
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        }
-    }
 
     #[test]
     fn an_entry_is_built_like_a_single_destination_with_its_own_secrets() {

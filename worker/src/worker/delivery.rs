@@ -282,13 +282,12 @@ mod tests {
     use std::time::Duration;
 
     use axum::http::{HeaderMap, StatusCode};
-    use hookfleet_crds::integration::{HttpMethod, Jitter, QueueType, RateLimitScope};
+    use hookfleet_crds::integration::HttpMethod;
     use lapin::types::{AMQPValue, FieldTable};
     use reqwest::Url;
 
     use super::*;
-    use crate::backoff::Backoff;
-    use crate::config::{self, Config, LogFormat, TlsFiles};
+    use crate::config::{self, Config, TlsFiles};
     use crate::message::{H_ATTEMPTS, H_DEAD_REASON, H_LAST_ERROR, header_int, header_str};
     use crate::metrics::Metrics;
     use crate::template::BodyTemplate;
@@ -330,15 +329,8 @@ mod tests {
 
     /// A worker for `destination`: 3 attempts, backoff 1 s × 2 without jitter, no breaker.
     fn config(destination: Url) -> Config {
-        Config {
-            integration: String::new(),
-            amqp_uris: vec!["amqp://127.0.0.1:1/%2f".into()],
-            queue: "orders".into(),
-            bindings: Vec::new(),
-            prefetch: 64,
-            queue_type: QueueType::Quorum,
-            delivery_limit: 20,
-            destination: Some(config::Destination {
+        Config::for_tests(
+            Some(config::Destination {
                 url: destination,
                 method: HttpMethod::Post,
                 headers: Vec::new(),
@@ -349,28 +341,8 @@ mod tests {
                 timeout: Duration::from_secs(5),
                 secrets: Vec::new(),
             }),
-            webhooks: None,
-            max_attempts: 3,
-            backoff: Backoff {
-                initial: Duration::from_secs(1),
-                max: Duration::from_secs(60),
-                multiplier: 2.0,
-                jitter: Jitter::None,
-            },
-            concurrency: 4,
-            rate_limit: None,
-            rate_limit_scope: RateLimitScope::Worker,
-            circuit_breaker: (0, Duration::from_secs(10)),
-            adaptive_throttle: None,
-            dead_letter_queue: "orders.dead".into(),
-            confirm_timeout: Duration::from_secs(5),
-            fd_limit: 1024,
-            allow_private_networks: true,
-            metrics_addr: "127.0.0.1:0".parse().unwrap(),
-            shutdown_grace: Duration::from_secs(1),
-            termination_log: "/dev/null".into(),
-            log_format: LogFormat::Text,
-        }
+            None,
+        )
     }
 
     fn worker(cfg: Config) -> Arc<Worker> {

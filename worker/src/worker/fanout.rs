@@ -299,12 +299,11 @@ mod tests {
     use axum::extract::Path;
     use axum::http::{HeaderMap, StatusCode};
     use hookfleet_crds::contract::webhooks::{Entry, Snapshot};
-    use hookfleet_crds::integration::{Jitter, QueueType, RateLimitScope, Unmatched};
+    use hookfleet_crds::integration::Unmatched;
     use lapin::types::{AMQPValue, FieldTable, LongString};
 
     use super::*;
-    use crate::backoff::Backoff;
-    use crate::config::{Config, LogFormat, WebhooksMode};
+    use crate::config::{Config, WebhooksMode};
     use crate::message::{H_ATTEMPTS, H_DEAD_REASON, H_LAST_ERROR, header_int};
     use crate::metrics::Metrics;
     use crate::worker::memory::{Memory, delivery};
@@ -382,58 +381,21 @@ mod tests {
         }
 
         fn entry(&self, name: &str, events: &[&str]) -> Entry {
-            Entry {
-                name: name.into(),
-                generation: 1,
-                events: events.iter().map(|s| s.to_string()).collect(),
-                match_headers: BTreeMap::new(),
-                paused: false,
-                destination: serde_json::from_value(
-                    serde_json::json!({"url": format!("{}/{name}", self.base)}),
-                )
-                .unwrap(),
-                secrets: BTreeMap::new(),
-            }
+            let url = serde_json::json!({"url": format!("{}/{name}", self.base)});
+            crate::webhooks::entry(name, events, url, &[])
         }
     }
 
     fn config(unmatched: Unmatched) -> Config {
-        Config {
-            integration: String::new(),
-            amqp_uris: vec!["amqp://127.0.0.1:1/%2f".into()],
-            queue: "orders".into(),
-            bindings: Vec::new(),
-            prefetch: 64,
-            queue_type: QueueType::Quorum,
-            delivery_limit: 20,
-            destination: None,
-            webhooks: Some(WebhooksMode {
+        Config::for_tests(
+            None,
+            Some(WebhooksMode {
                 secret: "fleet-webhooks".into(),
                 namespace: "ns".into(),
                 event_name_header: None,
                 unmatched,
             }),
-            max_attempts: 3,
-            backoff: Backoff {
-                initial: Duration::from_secs(1),
-                max: Duration::from_secs(60),
-                multiplier: 2.0,
-                jitter: Jitter::None,
-            },
-            concurrency: 4,
-            rate_limit: None,
-            rate_limit_scope: RateLimitScope::Worker,
-            circuit_breaker: (0, Duration::from_secs(10)),
-            adaptive_throttle: None,
-            dead_letter_queue: "orders.dead".into(),
-            confirm_timeout: Duration::from_secs(5),
-            fd_limit: 1024,
-            allow_private_networks: true,
-            metrics_addr: "127.0.0.1:0".parse().unwrap(),
-            shutdown_grace: Duration::from_secs(1),
-            termination_log: "/dev/null".into(),
-            log_format: LogFormat::Text,
-        }
+        )
     }
 
     fn worker(unmatched: Unmatched, hooks: Vec<Entry>) -> Arc<Worker> {

@@ -236,7 +236,8 @@ impl Settler<'_> {
         }
     }
 
-    /// A Webhook's copy is stored: metrics and log line (the message is accounted by the caller).
+    /// A copy is stored (a single destination's or a Webhook's): metrics and log line; the message is
+    /// accounted by the caller.
     fn stored_copy(&self, store: Store) {
         match store {
             Store::Retry { failure, next_in, .. } => {
@@ -301,44 +302,14 @@ impl Settler<'_> {
 
     /// The copy is stored and the original `acked` (or not): metrics, log line, accounting.
     fn stored(&self, store: Store, acked: bool, acct: &mut Accounted) {
-        match store {
-            Store::Retry { failure, next_in, .. } => {
-                self.metrics.retries.inc();
-                let Failure { reason, status } = failure;
-                info!(reason, status, next_in = ?next_in, "attempt failed; retry scheduled");
-                if acked {
-                    acct.record(settled::RETRIED, "retried", reason);
-                }
-            }
-            Store::Defer { next_in, reason, .. } => {
-                debug!(next_in = ?next_in, reason, "deferred");
-                if acked {
-                    acct.record(settled::RETRIED, "deferred", reason);
-                }
-            }
-            Store::DeadLetter {
-                reason,
-                failure,
-                attempts,
-                detail,
-            } => {
-                self.metrics
-                    .dead_letters
-                    .get_or_create(&vec![("reason", reason)])
-                    .inc();
-                warn!(
-                    reason,
-                    detail,
-                    last_error = failure.reason,
-                    status = failure.status,
-                    attempts,
-                    queue = %self.dead_letter_queue,
-                    "dead-lettered"
-                );
-                if acked {
-                    acct.record(settled::DEAD_LETTERED, "dead_lettered", reason);
-                }
-            }
+        let (fate, result, reason) = match &store {
+            Store::Retry { failure, .. } => (settled::RETRIED, "retried", failure.reason),
+            Store::Defer { reason, .. } => (settled::RETRIED, "deferred", *reason),
+            Store::DeadLetter { reason, .. } => (settled::DEAD_LETTERED, "dead_lettered", *reason),
+        };
+        self.stored_copy(store);
+        if acked {
+            acct.record(fate, result, reason);
         }
         if !acked {
             // The copy is stored and the original comes back too: a duplicate, same id.
