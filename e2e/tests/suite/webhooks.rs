@@ -139,11 +139,11 @@ pub async fn webhooks(s: &Stack) -> Outcome {
     for i in 0..WEBHOOKS {
         let (events, headers) = filter(i);
         let name = format!("w{i}");
-        let mut w = webhook(s, &name, &format!("hooks/{name}"), &events, &headers)?;
+        let mut w = webhook(s, &name, &format!("wh/{name}"), &events, &headers)?;
         w.spec.paused = i == PAUSED;
         hooks.create(&PostParams::default(), &w).await?;
     }
-    let probe = webhook(s, "probe", "hooks/probe-0", &["probe".into()], &BTreeMap::new())?;
+    let probe = webhook(s, "probe", "wh/probe-0", &["probe".into()], &BTreeMap::new())?;
     hooks.create(&PostParams::default(), &probe).await?;
 
     let mut intg = serde_json::json!({
@@ -232,7 +232,7 @@ pub async fn webhooks(s: &Stack) -> Outcome {
             &Patch::Merge(serde_json::json!({"stringData": keys_patch})),
         )
         .await?;
-    let moved_url = format!("{}/hooks/w5-new", s.sink.url().trim_end_matches("/hook"));
+    let moved_url = format!("{}/wh/w5-new", s.sink.url().trim_end_matches("/hook"));
     hooks
         .patch(
             &format!("w{MOVED}"),
@@ -300,7 +300,7 @@ pub async fn webhooks(s: &Stack) -> Outcome {
         .sink
         .hits()
         .into_iter()
-        .filter(|h| h.path == format!("/hooks/w{PAUSED}"))
+        .filter(|h| h.path == format!("/wh/w{PAUSED}"))
         .collect();
     ensure!(
         before_resume.is_empty(),
@@ -335,12 +335,13 @@ pub async fn webhooks(s: &Stack) -> Outcome {
     .await?;
     let resume_took = resumed_at.elapsed();
 
-    // Every hit: the right path, the right key, no pair that should not be there.
+    // Every hit at this scenario's paths (`/wh/…`; the sink serves the other scenarios too): the right
+    // path, the right key, no pair that should not be there.
     let want_set: HashSet<&String> = want.iter().collect();
     let mut extra = Vec::new();
     let (mut old_url_late, mut deleted_late, mut old_key_late) = (0, 0, 0);
     let grace = Duration::from_secs(5);
-    for h in s.sink.hits() {
+    for h in s.sink.hits().into_iter().filter(|h| h.path.starts_with("/wh/")) {
         let Some(id) = h.id.clone() else { continue };
         let Some((_, w)) = id.rsplit_once(':') else {
             extra.push(id);
@@ -363,10 +364,10 @@ pub async fn webhooks(s: &Stack) -> Outcome {
             extra.push(id);
             continue;
         }
-        let path_ok = h.path == format!("/hooks/w{i}") || (i == MOVED && h.path == "/hooks/w5-new");
+        let path_ok = h.path == format!("/wh/w{i}") || (i == MOVED && h.path == "/wh/w5-new");
         ensure!(path_ok, "{id} arrived at {}", h.path);
         if i == MOVED && h.at > moved_at + grace {
-            if h.path != "/hooks/w5-new" {
+            if h.path != "/wh/w5-new" {
                 old_url_late += 1;
             }
             if messages::verify_signature(&h, MOVED_KEY).is_err() {
@@ -450,7 +451,7 @@ async fn propagation(s: &Stack, hooks: &Api<Webhook>) -> Result<(Duration, Durat
     let base = s.sink.url().trim_end_matches("/hook").to_owned();
     let mut took = Vec::with_capacity(n);
     for k in 1..=n {
-        let path = format!("/hooks/probe-{k}");
+        let path = format!("/wh/probe-{k}");
         hooks
             .patch(
                 "probe",
