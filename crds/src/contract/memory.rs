@@ -22,9 +22,9 @@ pub const BASE_BYTES: u64 = 64 * MIB;
 
 /// Memory per held message byte, in percent. Each held message may have one copy besides it: the
 /// retry or dead-letter copy being published (lapin copies the body into frames), so 200%; measured
-/// 190% (peak RSS less the idle RSS, over [`held_bytes`], both lanes full, every message retried once:
-/// `worker/tests/memory.rs`, docs/worker.md "Memory"), plus 50 points for the allocator's retained
-/// pages and the frames being read.
+/// 190–208% in three runs (peak RSS less the idle RSS, over [`held_bytes`], both lanes full, every
+/// message retried once: `worker/tests/memory.rs`, docs/worker.md "Memory"), plus 50 points for the
+/// allocator's retained pages and the frames being read.
 pub const OVERHEAD_PERCENT: u64 = 250;
 
 const MIB: u64 = 1024 * 1024;
