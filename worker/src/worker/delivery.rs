@@ -513,6 +513,46 @@ mod tests {
         assert_eq!(dest.requests(), 1);
     }
 
+    /// With Webhooks too: the size is checked before the fan-out, so no Webhook is sent the message.
+    #[tokio::test]
+    async fn a_message_above_the_maximum_is_dead_lettered_before_the_fan_out() {
+        use hookfleet_crds::contract::webhooks::Snapshot;
+        use hookfleet_crds::integration::Unmatched;
+
+        let dest = Destination::start().await;
+        let mut cfg = Config::for_tests(
+            None,
+            Some(config::WebhooksMode {
+                secret: "fleet-webhooks".into(),
+                namespace: "ns".into(),
+                event_name_header: None,
+                unmatched: Unmatched::default(),
+            }),
+        );
+        cfg.max_message_bytes = 8;
+        let w = worker(cfg);
+        let hook = crate::webhooks::entry(
+            "acme",
+            &["orders.created"],
+            serde_json::json!({"url": dest.url.as_str()}),
+            &[],
+        );
+        let hooks = w.hooks.as_ref().unwrap();
+        let loaded = hooks.builder.build(&Snapshot { webhooks: vec![hook] }, "1", None);
+        w.webhooks().unwrap().swap(loaded);
+        let broker = Memory::default();
+        deliver(&w, &broker, message(1, br#"{"n":12345}"#, 0)).await;
+        assert_eq!(dest.requests(), 0, "no Webhook is sent it");
+        assert_eq!(broker.log(), ["publish orders.dead", "ack 1"]);
+        assert_eq!(
+            settled(&w.metrics, "dead_lettered", "dead_lettered", "too_large"),
+            (1, 1)
+        );
+        // One within the maximum goes to the matching Webhook.
+        deliver(&w, &broker, message(2, br#"{"n":1}"#, 0)).await;
+        assert_eq!(dest.requests(), 1);
+    }
+
     #[tokio::test]
     async fn a_panic_hands_the_message_back_at_once() {
         let dest = Destination::start().await;
