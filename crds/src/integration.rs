@@ -170,6 +170,18 @@ pub struct SourceSpec {
     #[serde(default = "default_delivery_limit")]
     #[schemars(range(min = limits::DELIVERY_LIMIT.min, max = limits::DELIVERY_LIMIT.max))]
     pub delivery_limit: u32,
+    /// Largest message body a worker delivers, in bytes (default 1 MiB, at most 128 MiB). A larger
+    /// message is not attempted: it goes to the dead-letter queue with reason `too_large`. With
+    /// `workers.inFlightBytes` it bounds the memory a worker needs (docs/worker.md, "Memory").
+    #[serde(default = "default_max_message_bytes")]
+    #[schemars(range(min = limits::MAX_MESSAGE_BYTES.min, max = limits::MAX_MESSAGE_BYTES.max))]
+    pub max_message_bytes: u32,
+}
+
+/// 1 MiB: nginx's default `client_max_body_size`, so a larger webhook is refused (413) by many
+/// receivers anyway; common webhook senders stay well below it.
+pub fn default_max_message_bytes() -> u32 {
+    1_048_576
 }
 
 fn default_prefetch() -> u32 {
@@ -758,9 +770,16 @@ pub struct WorkersSpec {
     #[serde(default = "default_fd_limit")]
     #[schemars(range(min = limits::FILE_DESCRIPTOR_LIMIT.min, max = limits::FILE_DESCRIPTOR_LIMIT.max))]
     pub file_descriptor_limit: i64,
-    /// Compute resources of the worker container.
+    /// Compute resources of the worker container. Without a memory request or limit, the operator sets
+    /// both to what `inFlightBytes` and `source.maxMessageBytes` bound (docs/worker.md, "Memory").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Bytes of messages one worker holds at a time (both lanes), default 128 MiB: the broker hands it
+    /// at most `max(1, inFlightBytes / (2 × source.maxMessageBytes))` messages per lane, never more than
+    /// `source.prefetch` (RabbitMQ ignores a prefetch in bytes).
+    #[serde(default = "default_in_flight_bytes")]
+    #[schemars(range(min = limits::IN_FLIGHT_BYTES.min, max = limits::IN_FLIGHT_BYTES.max))]
+    pub in_flight_bytes: i64,
 }
 
 impl Default for WorkersSpec {
@@ -771,8 +790,14 @@ impl Default for WorkersSpec {
             disruption: None,
             file_descriptor_limit: default_fd_limit(),
             resources: None,
+            in_flight_bytes: default_in_flight_bytes(),
         }
     }
+}
+
+/// 128 MiB: with the default 1 MiB `maxMessageBytes`, the default prefetch (64) on both lanes.
+pub fn default_in_flight_bytes() -> i64 {
+    134_217_728
 }
 
 fn default_fd_limit() -> i64 {

@@ -113,6 +113,11 @@ pub const FILE_DESCRIPTOR_LIMIT: Range<i64> = Range::new(1024, 1073741816);
 pub const WORKER_FD_LIMIT_MIN: u64 = 64;
 /// `spec.workers.autoscale.scaleDownStabilization`.
 pub const SCALE_DOWN_STABILIZATION: DurationRange = DurationRange::new("0s", "24h");
+/// `spec.source.maxMessageBytes`: from 1 KiB up to RabbitMQ's default `max_message_size` (128 MiB; the
+/// broker refuses larger messages unless raised).
+pub const MAX_MESSAGE_BYTES: Range<u32> = Range::new(1024, 134_217_728);
+/// `spec.workers.inFlightBytes`: from 1 MiB to 64 GiB. The worker takes any value from `min` up.
+pub const IN_FLIGHT_BYTES: Range<i64> = Range::new(1_048_576, 68_719_476_736);
 /// `--confirm-timeout` (worker only).
 pub const CONFIRM_TIMEOUT: DurationRange = DurationRange::new("100ms", "10m");
 

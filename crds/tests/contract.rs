@@ -75,6 +75,8 @@ const TO_WORKER: &[&str] = &[
     "delivery.adaptiveThrottle.window",
     "delivery.deadLetter.queue",
     "workers.fileDescriptorLimit",
+    "source.maxMessageBytes",
+    "workers.inFlightBytes",
 ];
 
 /// Spec fields the operator consumes itself (the Deployment, its PodDisruptionBudget, the container's
@@ -315,6 +317,8 @@ fn check(intg: &Integration, rt: &RoundTrip) {
 
     // workers
     assert_eq!(a.fd_limit, spec.workers.file_descriptor_limit as u64);
+    assert_eq!(a.in_flight_bytes, spec.workers.in_flight_bytes as u64);
+    assert_eq!(a.max_message_bytes, spec.source.max_message_bytes);
 
     // The rest of the contract: port, termination log, shutdown within the pod's grace period.
     assert_eq!(a.metrics_addr.port(), contract::METRICS_PORT);

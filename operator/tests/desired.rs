@@ -137,7 +137,14 @@ fn deployment_renders_the_worker_contract() {
         .map(|t| t.topology_key.clone())
         .collect();
     assert_eq!(keys, ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]);
-    assert_eq!(c.resources.unwrap().requests.unwrap()["cpu"].0, "100m");
+    // The user's memory request is kept as written (no limit added).
+    let r = c.resources.unwrap();
+    let requests = r.requests.unwrap();
+    assert_eq!(
+        (requests["cpu"].0.as_str(), requests["memory"].0.as_str()),
+        ("100m", "64Mi")
+    );
+    assert_eq!(r.limits, None);
     assert_eq!(pod.automount_service_account_token, Some(false));
 
     // Scrape annotations and the selector.
@@ -342,4 +349,46 @@ fn basic_and_bearer_credentials_are_secret_refs() {
     let env = container(&intg, 2).0.env.unwrap();
     let e = env.iter().find(|e| e.name == "HOOKFLEET_BEARER_TOKEN").unwrap();
     assert_eq!(e.value_from.clone().unwrap().secret_key_ref.unwrap().name, "tok");
+}
+
+/// Without a memory request or limit, both are rendered from the bound (issue 24): the same function
+/// the worker's memory test measures against; other resources the user wrote are kept.
+#[test]
+fn memory_is_rendered_from_the_bound_unless_the_user_sets_it() {
+    use hookfleet_crds::contract::memory;
+    let memory_of = |intg: &Integration| {
+        let r = container(intg, 2).0.resources.unwrap();
+        let get = |m: Option<
+            std::collections::BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+        >| { m.and_then(|m| m.get("memory").map(|q| q.0.clone())) };
+        (get(r.requests), get(r.limits))
+    };
+    // Defaults: 1 MiB messages, 128 MiB in flight, prefetch 64 on both lanes: 64 MiB + 2.5 × 128 MiB.
+    let minimal = fixture("minimal.yaml");
+    let want = memory::worker_memory_quantity(64, 1 << 20, 128 << 20);
+    assert_eq!(want, "384Mi");
+    assert_eq!(memory_of(&minimal), (Some(want.clone()), Some(want)));
+
+    // 16 MiB messages: the prefetch is lowered to 4 per lane, the bound is the same 128 MiB.
+    let mut large = minimal.clone();
+    large.spec.source.max_message_bytes = 16 << 20;
+    assert_eq!(memory_of(&large), (Some("384Mi".into()), Some("384Mi".into())));
+    // A smaller budget: 32 MiB → 64 MiB + 80 MiB.
+    large.spec.workers.in_flight_bytes = 32 << 20;
+    assert_eq!(memory_of(&large), (Some("144Mi".into()), Some("144Mi".into())));
+
+    // CPU only: kept, memory added.
+    let mut cpu = minimal.clone();
+    cpu.spec.workers.resources =
+        Some(serde_json::from_value(serde_json::json!({"requests": {"cpu": "250m"}})).unwrap());
+    let r = container(&cpu, 2).0.resources.unwrap();
+    assert_eq!(r.requests.as_ref().unwrap()["cpu"].0, "250m");
+    assert_eq!(r.requests.unwrap()["memory"].0, "384Mi");
+    assert_eq!(r.limits.unwrap()["memory"].0, "384Mi");
+
+    // A memory limit of the user's own: as written.
+    let mut own = minimal.clone();
+    own.spec.workers.resources =
+        Some(serde_json::from_value(serde_json::json!({"limits": {"memory": "1Gi"}})).unwrap());
+    assert_eq!(memory_of(&own), (None, Some("1Gi".into())));
 }

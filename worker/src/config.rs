@@ -121,6 +121,11 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub termination_log: PathBuf,
     pub log_format: LogFormat,
+    /// Largest body delivered; a larger message is dead-lettered (`too_large`).
+    pub max_message_bytes: usize,
+    /// Bytes of messages held at a time (both lanes): lowers each lane's prefetch
+    /// (`contract::memory::effective_prefetch`).
+    pub in_flight_bytes: u64,
 }
 
 impl fmt::Debug for Config {
@@ -151,6 +156,8 @@ impl fmt::Debug for Config {
             .field("allow_private_networks", &self.allow_private_networks)
             .field("metrics_addr", &self.metrics_addr)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("in_flight_bytes", &self.in_flight_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -376,6 +383,8 @@ impl Config {
             shutdown_grace: Duration::from_secs(1),
             termination_log: "/dev/null".into(),
             log_format: LogFormat::Text,
+            max_message_bytes: 1 << 20,
+            in_flight_bytes: 128 << 20,
         }
     }
 }
@@ -445,7 +454,19 @@ impl Config {
             shutdown_grace: args.shutdown_grace,
             termination_log: args.termination_log,
             log_format: args.log_format,
+            max_message_bytes: args.max_message_bytes as usize,
+            in_flight_bytes: args.in_flight_bytes,
         })
+    }
+
+    /// Each lane's prefetch: `prefetch` lowered so that both lanes hold at most `in_flight_bytes` of
+    /// messages of `max_message_bytes` (`contract::memory`).
+    pub fn lane_prefetch(&self) -> u16 {
+        hookfleet_crds::contract::memory::effective_prefetch(
+            self.prefetch,
+            u32::try_from(self.max_message_bytes).unwrap_or(u32::MAX),
+            self.in_flight_bytes,
+        )
     }
 
     /// The single destination. Panics with `--webhooks-secret` (tests and single-destination paths).

@@ -33,6 +33,8 @@ pub enum Outcome {
     /// Not attempted: the body template cannot render this message (`error`, one line), and never
     /// will.
     Unrenderable { error: String },
+    /// Not attempted: the body is larger than `--max-message-bytes` (`size` > `max`), and always will be.
+    TooLarge { size: usize, max: usize },
     /// Its handling panicked (a bug): whatever was done, it is not settled.
     Panicked,
 }

@@ -245,6 +245,10 @@ fn check(intg: &Integration, p: &Parsed) {
         (c.fd_limit, c.allow_private_networks),
         (a.fd_limit, a.allow_private_networks)
     );
+    assert_eq!(
+        (c.max_message_bytes, c.in_flight_bytes),
+        (a.max_message_bytes as usize, a.in_flight_bytes)
+    );
     assert_eq!(c.metrics_addr.port(), contract::METRICS_PORT);
     assert_eq!(c.termination_log.to_str(), Some(contract::TERMINATION_LOG));
     assert_eq!(c.shutdown_grace, a.shutdown_grace);

@@ -339,6 +339,23 @@ pub struct WorkerArgs {
         value_parser = Choice::<LogFormat>::exact()
     )]
     pub log_format: LogFormat,
+    /// Largest message body delivered, in bytes; a larger one is dead-lettered (reason `too_large`).
+    #[arg(
+        long = flag::MAX_MESSAGE_BYTES,
+        env = env::MAX_MESSAGE_BYTES,
+        default_value_t = crate::integration::default_max_message_bytes(),
+        value_parser = value_parser!(u32).try_map(within(limits::MAX_MESSAGE_BYTES))
+    )]
+    pub max_message_bytes: u32,
+    /// Bytes of messages held at a time (both lanes): each lane's prefetch is lowered to
+    /// max(1, this / (2 × --max-message-bytes)).
+    #[arg(
+        long = flag::IN_FLIGHT_BYTES,
+        env = env::IN_FLIGHT_BYTES,
+        default_value_t = crate::integration::default_in_flight_bytes() as u64,
+        value_parser = value_parser!(u64).try_map(at_least(limits::IN_FLIGHT_BYTES.min as u64))
+    )]
+    pub in_flight_bytes: u64,
 }
 
 /// `--fd-limit`: at least the worker's reserve.
@@ -452,6 +469,8 @@ impl WorkerArgs {
         put(flag::SHUTDOWN_GRACE, go(self.shutdown_grace));
         put(flag::TERMINATION_LOG, self.termination_log.display().to_string());
         put(flag::LOG_FORMAT, self.log_format.to_string());
+        put(flag::MAX_MESSAGE_BYTES, self.max_message_bytes.to_string());
+        put(flag::IN_FLIGHT_BYTES, self.in_flight_bytes.to_string());
         if self.allow_private_networks {
             args.push(format!("--{}", flag::ALLOW_PRIVATE_NETWORKS));
         }
@@ -510,6 +529,11 @@ mod tests {
         assert_eq!(a.confirm_timeout, default_confirm_timeout());
         let w = crate::integration::WorkersSpec::default();
         assert_eq!(a.fd_limit, w.file_descriptor_limit as u64);
+        assert_eq!(a.in_flight_bytes, w.in_flight_bytes as u64);
+        assert_eq!(
+            a.max_message_bytes,
+            crate::integration::default_max_message_bytes()
+        );
     }
 
     #[test]
@@ -604,6 +628,10 @@ mod tests {
             "--allow-private-networks",
             "--amqp-uri-file",
             "/uri",
+            "--max-message-bytes",
+            "2048",
+            "--in-flight-bytes",
+            "2000000",
         ])
         .unwrap();
         let argv = a.to_argv();

@@ -15,6 +15,7 @@
 //! `worker/tests/contract.rs` takes the result through the worker's environment and file stage.
 
 mod args;
+pub mod memory;
 mod parse;
 pub mod queues;
 mod rules;
@@ -86,6 +87,8 @@ pub mod flag {
     pub const TLS_CA_FILE: &str = "tls-ca-file";
     pub const TLS_CLIENT_CERT_FILE: &str = "tls-client-cert-file";
     pub const TLS_CLIENT_KEY_FILE: &str = "tls-client-key-file";
+    pub const MAX_MESSAGE_BYTES: &str = "max-message-bytes";
+    pub const IN_FLIGHT_BYTES: &str = "in-flight-bytes";
 }
 
 /// Environment variables of the worker: one per flag (the flag wins), plus those only the environment
@@ -141,6 +144,8 @@ pub mod env {
     pub const TLS_CA_FILE: &str = "HOOKFLEET_TLS_CA_FILE";
     pub const TLS_CLIENT_CERT_FILE: &str = "HOOKFLEET_TLS_CLIENT_CERT_FILE";
     pub const TLS_CLIENT_KEY_FILE: &str = "HOOKFLEET_TLS_CLIENT_KEY_FILE";
+    pub const MAX_MESSAGE_BYTES: &str = "HOOKFLEET_MAX_MESSAGE_BYTES";
+    pub const IN_FLIGHT_BYTES: &str = "HOOKFLEET_IN_FLIGHT_BYTES";
     /// Outgoing auth, only from the environment (Secrets), never flags.
     pub const BASIC_AUTH_USERNAME: &str = "HOOKFLEET_BASIC_AUTH_USERNAME";
     pub const BASIC_AUTH_PASSWORD: &str = "HOOKFLEET_BASIC_AUTH_PASSWORD";

@@ -184,6 +184,9 @@ impl WorkerSetup {
             shutdown_grace: pod.shutdown_grace,
             termination_log: TERMINATION_LOG.into(),
             log_format: LogFormat::Json,
+            max_message_bytes: source.max_message_bytes,
+            // The CRD bounds it to `limits::IN_FLIGHT_BYTES`: never negative.
+            in_flight_bytes: u64::try_from(spec.workers.in_flight_bytes).unwrap_or_default(),
         };
         Self {
             args,

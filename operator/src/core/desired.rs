@@ -11,12 +11,13 @@ use hookfleet_crds::contract;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, KeyToPath,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret, SecretVolumeSource,
-    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume,
-    VolumeMount,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
@@ -206,6 +207,32 @@ fn volumes(intg: &Integration) -> (Vec<Volume>, Vec<VolumeMount>) {
     (volumes, mounts)
 }
 
+/// The worker container's resources: `spec.workers.resources` as written when it sets a memory request
+/// or limit; otherwise with both set to the memory the worker's bound needs
+/// ([`contract::memory::worker_memory_quantity`]: `source.prefetch`, `source.maxMessageBytes`,
+/// `workers.inFlightBytes`). Request = limit: memory is not reclaimed from a worker that holds its
+/// bound, so a lower request would promise the node memory it may not have.
+pub fn resources(intg: &Integration) -> Option<ResourceRequirements> {
+    let mut r = intg.spec.workers.resources.clone().unwrap_or_default();
+    let has_memory =
+        |m: &Option<BTreeMap<String, Quantity>>| m.as_ref().is_some_and(|m| m.contains_key("memory"));
+    if has_memory(&r.requests) || has_memory(&r.limits) {
+        return Some(r);
+    }
+    let spec = &intg.spec;
+    let memory = Quantity(contract::memory::worker_memory_quantity(
+        // The CRD bounds both: they fit (`limits::PREFETCH`; `limits::IN_FLIGHT_BYTES` is positive).
+        u16::try_from(spec.source.prefetch).unwrap_or(u16::MAX),
+        spec.source.max_message_bytes,
+        u64::try_from(spec.workers.in_flight_bytes).unwrap_or_default(),
+    ));
+    for m in [&mut r.requests, &mut r.limits] {
+        m.get_or_insert_with(BTreeMap::new)
+            .insert("memory".into(), memory.clone());
+    }
+    Some(r)
+}
+
 /// The worker Deployment with `replicas` pods.
 pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) -> Result<Deployment> {
     let meta = meta(intg)?;
@@ -227,7 +254,7 @@ pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) 
         }]),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
         readiness_probe: Some(http_probe("/readyz", 5, 2)),
-        resources: intg.spec.workers.resources.clone(),
+        resources: resources(intg),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),

@@ -42,14 +42,15 @@ impl Interrupts for watch::Receiver<bool> {
 }
 
 impl Worker {
-    /// Starts consuming `queue` on `ch` as `tag`, with the prefetch.
+    /// Starts consuming `queue` on `ch` as `tag`, with the lane's prefetch (lowered to the in-flight
+    /// bytes budget: RabbitMQ ignores a prefetch in bytes).
     pub(super) async fn consumer(
         &self,
         ch: &Channel,
         queue: &str,
         tag: &str,
     ) -> Result<Consumer, SessionError> {
-        ch.basic_qos(self.cfg.prefetch, BasicQosOptions::default())
+        ch.basic_qos(self.cfg.lane_prefetch(), BasicQosOptions::default())
             .await
             .map_err(SessionError::Consume)?;
         ch.basic_consume(

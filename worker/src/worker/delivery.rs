@@ -42,6 +42,20 @@ impl Worker {
             info_span!("delivery", id = %meta.id, attempt = meta.attempts + 1, redelivered = d.redelivered);
         let handled = AssertUnwindSafe(
             async {
+                // Too large for this worker's memory bound: dead-lettered unread, before the mode
+                // split (no HTTP request, no Webhook matched).
+                if body.len() > self.cfg.max_message_bytes {
+                    let outcome = Outcome::TooLarge {
+                        size: body.len(),
+                        max: self.cfg.max_message_bytes,
+                    };
+                    warn!(
+                        size = body.len(),
+                        max = self.cfg.max_message_bytes,
+                        "message too large; dead-lettering it"
+                    );
+                    return self.settle(broker, &d, &body, &meta, outcome, &mut acct).await;
+                }
                 match &self.single {
                     Some(target) => {
                         let outcome = self.outcome(target, &d, &body, &meta).await;
@@ -464,6 +478,79 @@ mod tests {
         // One that renders is sent rendered.
         deliver(&w, &broker, message(2, br#"{"device_id":"d-7"}"#, 0)).await;
         assert_eq!(dest.got.lock().unwrap()[0].1, br#"{"device": "d-7"}"#.as_slice());
+    }
+
+    #[tokio::test]
+    async fn a_message_above_the_maximum_is_dead_lettered_too_large_without_a_request() {
+        let dest = Destination::start().await;
+        let mut cfg = config(dest.url.clone());
+        cfg.max_message_bytes = 8;
+        let w = worker(cfg);
+        let broker = Memory::default();
+        deliver(&w, &broker, message(1, br#"{"n":12345}"#, 0)).await;
+        assert_eq!(dest.requests(), 0);
+        assert_eq!(broker.log(), ["publish orders.dead", "ack 1"]);
+        let (_, props) = &broker.published()[0];
+        let h = props.headers().as_ref();
+        assert_eq!(
+            header_str(h, H_DEAD_REASON).as_deref(),
+            Some("the body of 11 bytes is larger than maxMessageBytes (8)")
+        );
+        assert_eq!(header_str(h, H_LAST_ERROR).as_deref(), Some("too_large"));
+        assert_eq!(
+            settled(&w.metrics, "dead_lettered", "dead_lettered", "too_large"),
+            (1, 1)
+        );
+        assert_eq!(
+            w.metrics
+                .dead_letters
+                .get_or_create(&vec![("reason", "too_large")])
+                .get(),
+            1
+        );
+        // One of the maximum size is sent.
+        deliver(&w, &broker, message(2, br#"{"n":1}"#, 0)).await;
+        assert_eq!(dest.requests(), 1);
+    }
+
+    /// With Webhooks too: the size is checked before the fan-out, so no Webhook is sent the message.
+    #[tokio::test]
+    async fn a_message_above_the_maximum_is_dead_lettered_before_the_fan_out() {
+        use hookfleet_crds::contract::webhooks::Snapshot;
+        use hookfleet_crds::integration::Unmatched;
+
+        let dest = Destination::start().await;
+        let mut cfg = Config::for_tests(
+            None,
+            Some(config::WebhooksMode {
+                secret: "fleet-webhooks".into(),
+                namespace: "ns".into(),
+                event_name_header: None,
+                unmatched: Unmatched::default(),
+            }),
+        );
+        cfg.max_message_bytes = 8;
+        let w = worker(cfg);
+        let hook = crate::webhooks::entry(
+            "acme",
+            &["orders.created"],
+            serde_json::json!({"url": dest.url.as_str()}),
+            &[],
+        );
+        let hooks = w.hooks.as_ref().unwrap();
+        let loaded = hooks.builder.build(&Snapshot { webhooks: vec![hook] }, "1", None);
+        w.webhooks().unwrap().swap(loaded);
+        let broker = Memory::default();
+        deliver(&w, &broker, message(1, br#"{"n":12345}"#, 0)).await;
+        assert_eq!(dest.requests(), 0, "no Webhook is sent it");
+        assert_eq!(broker.log(), ["publish orders.dead", "ack 1"]);
+        assert_eq!(
+            settled(&w.metrics, "dead_lettered", "dead_lettered", "too_large"),
+            (1, 1)
+        );
+        // One within the maximum goes to the matching Webhook.
+        deliver(&w, &broker, message(2, br#"{"n":1}"#, 0)).await;
+        assert_eq!(dest.requests(), 1);
     }
 
     #[tokio::test]

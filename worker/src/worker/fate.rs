@@ -109,6 +109,18 @@ pub fn decide(outcome: Outcome, attempt: u32, limits: Limits<'_>, rng: &mut impl
             attempts: attempt,
             detail: Some(format!("template: {error}")),
         }),
+        // Never attempted, never will be: dead-letter it now, without spending the attempts.
+        Outcome::TooLarge { size, max } => Fate::Store(Store::DeadLetter {
+            reason: "too_large",
+            failure: Failure {
+                reason: "too_large",
+                status: None,
+            },
+            attempts: attempt,
+            detail: Some(format!(
+                "the body of {size} bytes is larger than maxMessageBytes ({max})"
+            )),
+        }),
         Outcome::Gone => Fate::Stop,
         // Left unacked: the session ends (the worker stops) and the broker requeues it.
         Outcome::Stopped => Fate::HandBack {
@@ -230,6 +242,10 @@ mod tests {
                 dead("template", failure("template", None), 1, Some("template: undefined value"))),
             (Outcome::Unrenderable { error: "not JSON".into() }, 2,
                 dead("template", failure("template", None), 2, Some("template: not JSON"))),
+            // Above --max-message-bytes: the dead letters at once.
+            (Outcome::TooLarge { size: 9, max: 8 }, 1,
+                dead("too_large", failure("too_large", None), 1,
+                    Some("the body of 9 bytes is larger than maxMessageBytes (8)"))),
             // 410: hand back and stop; after it, hand back without an attempt.
             (Outcome::Gone, 1, Fate::Stop),
             (Outcome::Gone, 3, Fate::Stop),

@@ -234,8 +234,8 @@ impl Worker {
         let tag = format!("hookfleet-{}", std::process::id());
         let mut consumer = self.consumer(&ch, &cfg.queue, &tag).await?;
         self.metrics.consuming.set(1);
-        info!(queue = %cfg.queue, queue_type = cfg.queue_type.as_str(), prefetch = cfg.prefetch,
-              concurrency = cfg.concurrency, "consuming");
+        info!(queue = %cfg.queue, queue_type = cfg.queue_type.as_str(), prefetch = cfg.lane_prefetch(),
+              max_message_bytes = cfg.max_message_bytes, in_flight_bytes = cfg.in_flight_bytes, concurrency = cfg.concurrency, "consuming");
         let session = Arc::new(Session {
             publisher,
             publish_failed: tokio::sync::Notify::new(),
