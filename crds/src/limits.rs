@@ -113,6 +113,9 @@ pub const FILE_DESCRIPTOR_LIMIT: Range<i64> = Range::new(1024, 1073741816);
 pub const WORKER_FD_LIMIT_MIN: u64 = 64;
 /// `spec.workers.autoscale.scaleDownStabilization`.
 pub const SCALE_DOWN_STABILIZATION: DurationRange = DurationRange::new("0s", "24h");
+/// A Webhook's auto-pause (`autoPause`): failures in a row, and the least time they span.
+pub const AUTO_PAUSE_FAILURES: Range<u32> = Range::new(1, 1_000_000);
+pub const AUTO_PAUSE_AFTER: DurationRange = DurationRange::new("0s", "720h");
 /// `--confirm-timeout` (worker only).
 pub const CONFIRM_TIMEOUT: DurationRange = DurationRange::new("100ms", "10m");
 
@@ -129,6 +132,7 @@ mod tests {
             ADAPTIVE_THROTTLE_WINDOW,
             SCALE_DOWN_STABILIZATION,
             CONFIRM_TIMEOUT,
+            AUTO_PAUSE_AFTER,
         ] {
             assert!(r.min() <= r.max(), "{r:?}");
         }
