@@ -22,6 +22,7 @@ pub use index::Index;
 
 use crate::breaker::Breaker;
 use crate::config::{ConfigError, Destination};
+use crate::ratelimit::RateLimiter;
 use crate::target::{ClientPolicy, Target};
 
 /// One Webhook of the loaded snapshot.
@@ -37,9 +38,12 @@ pub struct Hook {
     /// Its own circuit breaker (`--circuit-breaker-*`): a failing endpoint's copies are deferred
     /// without an attempt, instead of holding every message's fan-out (and the request slots).
     pub breaker: Breaker,
-    /// Its requests in flight, at most half the worker's (rounded up): a slow endpoint never holds
-    /// every request slot of the fleet.
+    /// Its requests in flight: its entry's `maxInFlight`, and at most half the worker's (rounded up),
+    /// so a slow endpoint never holds every request slot (or fd) of the fleet. A copy that finds no
+    /// permit is set aside (deferred `throttled`), never waits.
     pub in_flight: Semaphore,
+    /// Its entry's rate limit (a token bucket): a copy that finds no token is deferred `rate_limited`.
+    pub rate: Option<RateLimiter>,
     /// The entry it was built from (an unchanged entry keeps its Hook, breaker included, across
     /// snapshots).
     entry: Entry,
@@ -107,7 +111,10 @@ impl Loaded {
                     .cloned()
                     .collect(),
                 breaker: Breaker::new(breaker.0, breaker.1),
-                in_flight: Semaphore::new(per_webhook_in_flight(policy.concurrency)),
+                in_flight: Semaphore::new(in_flight_cap(policy.concurrency, entry.max_in_flight)),
+                rate: entry
+                    .rate_limit
+                    .map(|r| RateLimiter::new(r.per_second, r.burst())),
                 entry: entry.clone(),
             }));
         }
@@ -195,6 +202,12 @@ pub fn per_webhook_in_flight(concurrency: usize) -> usize {
     concurrency.div_ceil(2).max(1)
 }
 
+/// A Webhook's in-flight cap: its entry's `maxInFlight`, never above [`per_webhook_in_flight`].
+pub fn in_flight_cap(concurrency: usize, max_in_flight: Option<u32>) -> usize {
+    let half = per_webhook_in_flight(concurrency);
+    max_in_flight.map_or(half, |m| (m as usize).clamp(1, half))
+}
+
 /// The idle keep-alive connections per host that keep the fd budget with `pools` connection pools
 /// (hosts of the shared client, plus each Webhook's own client): `concurrency` in all.
 pub fn idle_per_host(concurrency: usize, pools: usize) -> usize {
@@ -271,6 +284,8 @@ pub(crate) fn entry(name: &str, events: &[&str], dst: serde_json::Value, secrets
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        max_in_flight: None,
+        rate_limit: None,
     }
 }
 
@@ -367,6 +382,15 @@ mod tests {
         assert_eq!(pools(&snap), 1);
         assert_eq!(idle_per_host(64, 3), 21);
         assert_eq!((per_webhook_in_flight(1), per_webhook_in_flight(5)), (1, 3));
+        assert_eq!(
+            (
+                in_flight_cap(8, None),
+                in_flight_cap(8, Some(2)),
+                in_flight_cap(8, Some(100))
+            ),
+            (4, 2, 4),
+            "an entry's cap only lowers the half"
+        );
         // Unchanged entries keep their Hook (and its connections, token cache) in the next snapshot.
         let mut next = snap.clone();
         next.webhooks[1].paused = true;
