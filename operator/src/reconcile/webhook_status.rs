@@ -187,6 +187,7 @@ async fn pass(
                 ("lastFailure", new.last_failure.is_none()),
                 ("lastSuccessTime", new.last_success_time.is_none()),
                 ("destinationHost", new.destination_host.is_none()),
+                ("autoPaused", new.auto_paused.is_none()),
             ] {
                 if absent {
                     status[field] = serde_json::Value::Null;
