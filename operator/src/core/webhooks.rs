@@ -154,6 +154,9 @@ pub struct Agg {
     /// When the current run of failures (no success since) began, as first reported: the first failure
     /// note of the report that started it (so a run's span may be short by up to one report interval).
     pub run_started_ms: Option<i64>,
+    /// The latest failure of kind `gone` (a 410) reported, even when a later failure of another kind
+    /// became `last_failure`.
+    pub last_gone_ms: Option<i64>,
 }
 
 impl Agg {
@@ -171,6 +174,11 @@ impl Agg {
                     *n = 0;
                 }
             }
+        }
+        if let Some(f) = &t.last_failure
+            && f.kind == GONE_KIND
+        {
+            self.last_gone_ms = Some(self.last_gone_ms.map_or(f.at_ms, |g| g.max(f.at_ms)));
         }
         if let Some(f) = &t.last_failure
             && self.last_failure.as_ref().is_none_or(|l| l.at_ms <= f.at_ms)
@@ -339,10 +347,9 @@ pub fn pause(
     }
     let Some(a) = agg else { return (p, change) };
     let after_resume = |at: i64| p.resumed_at.as_ref().is_none_or(|r| at > ms_of(r));
-    if let Some(f) = &a.last_failure
-        && f.kind == GONE_KIND
-        && after_resume(f.at_ms)
-        && a.last_success_ms.is_none_or(|s| s < f.at_ms)
+    if let Some(gone_ms) = a.last_gone_ms
+        && after_resume(gone_ms)
+        && a.last_success_ms.is_none_or(|s| s < gone_ms)
     {
         p.auto_paused = Some(AutoPaused {
             reason: reason::GONE.into(),
@@ -350,7 +357,7 @@ pub fn pause(
             message: format!(
                 "its endpoint answered 410 Gone at {}: paused by the operator; its messages are kept on its \
                  retry path and delivered after it resumes (annotate hookfleet.io/resume with a new value)",
-                ms_time(f.at_ms).map(|t| t.0.to_string()).unwrap_or_default()
+                ms_time(gone_ms).map(|t| t.0.to_string()).unwrap_or_default()
             ),
         });
         return (p, PauseChange::Paused);
@@ -891,6 +898,8 @@ mod tests {
         let at = |ms: i64| Time(Timestamp::from_millisecond(ms).unwrap());
         let mut a = Agg::default();
         a.fold("w1", 5_000, &failing(4_000, GONE_KIND));
+        // A later failure of another kind does not hide it.
+        a.fold("w2", 5_100, &failing(4_500, "http_status"));
         let (p, c) = pause(&w, Some(&a), &rule, &WebhookStatus::default(), &at(6_000));
         assert_eq!(c, PauseChange::Paused);
         assert_eq!(p.auto_paused.unwrap().reason, reason::GONE);
