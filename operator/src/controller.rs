@@ -420,6 +420,8 @@ pub async fn run(
         () = ready => {}
     }
     ctx.fleets.close();
+    // A former leader exports no paused Webhooks (the next leader does).
+    ctx.metrics.webhooks_paused(&Default::default());
     ctx.broker.close().await;
     metrics.ready.set(0);
 }

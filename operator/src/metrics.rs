@@ -459,6 +459,27 @@ mod tests {
     }
 
     #[test]
+    fn paused_webhooks_replace_their_series() {
+        let m = Metrics::new();
+        let key = |r: &str| ("team-a/fleet".to_owned(), r.to_owned());
+        m.webhooks_paused(&HashMap::from([(key("Failing"), 2), (key("Gone"), 1)]));
+        assert_eq!(
+            lines(&m, "hookfleet_operator_webhooks_paused{"),
+            vec![
+                r#"hookfleet_operator_webhooks_paused{integration="team-a/fleet",reason="Failing"} 2"#,
+                r#"hookfleet_operator_webhooks_paused{integration="team-a/fleet",reason="Gone"} 1"#,
+            ]
+        );
+        m.webhooks_paused(&HashMap::from([(key("Gone"), 1)]));
+        assert_eq!(
+            lines(&m, "hookfleet_operator_webhooks_paused{"),
+            vec![r#"hookfleet_operator_webhooks_paused{integration="team-a/fleet",reason="Gone"} 1"#]
+        );
+        m.webhooks_paused(&HashMap::new());
+        assert!(lines(&m, "hookfleet_operator_webhooks_paused{").is_empty());
+    }
+
+    #[test]
     fn a_changed_condition_replaces_its_series_and_unknowns_are_absent() {
         let m = Metrics::new();
         let degraded = IntegrationStatus {
