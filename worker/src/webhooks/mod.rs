@@ -24,6 +24,7 @@ use crate::breaker::Breaker;
 use crate::config::{ConfigError, Destination};
 use crate::ratelimit::RateLimiter;
 use crate::target::{ClientPolicy, Target};
+use crate::throttle::Throttle;
 
 /// One Webhook of the loaded snapshot.
 pub struct Hook {
@@ -44,9 +45,22 @@ pub struct Hook {
     pub in_flight: Semaphore,
     /// Its entry's rate limit (a token bucket): a copy that finds no token is deferred `rate_limited`.
     pub rate: Option<RateLimiter>,
+    /// Its own adaptive throttle (`--adaptive-throttle`, between its minimum and the Webhook's in-flight
+    /// cap): while its failures outnumber its successes, fewer of its requests run at once; a copy over
+    /// the throttle's limit is deferred `throttled`.
+    pub throttle: Option<Throttle>,
     /// The entry it was built from (an unchanged entry keeps its Hook, breaker included, across
     /// snapshots).
     entry: Entry,
+}
+
+/// The worker's settings of each Webhook's own guards.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Guards {
+    /// (threshold, cooldown) of its circuit breaker (`--circuit-breaker-*`).
+    pub breaker: (u32, Duration),
+    /// (minimum in flight, window) of its adaptive throttle (`--adaptive-throttle*`); `None` when off.
+    pub throttle: Option<(u32, Duration)>,
 }
 
 /// A snapshot as the worker uses it.
@@ -73,7 +87,7 @@ impl Loaded {
         allow_private_networks: bool,
         shared: &reqwest::Client,
         policy: ClientPolicy,
-        breaker: (u32, Duration),
+        guards: Guards,
         previous: Option<&Loaded>,
     ) -> Self {
         let mut hooks = Vec::with_capacity(snapshot.webhooks.len());
@@ -99,6 +113,7 @@ impl Loaded {
                 }
             };
             by_name.insert(entry.name.clone(), hooks.len());
+            let cap = in_flight_cap(policy.concurrency, entry.max_in_flight);
             hooks.push(Arc::new(Hook {
                 name: entry.name.clone(),
                 generation: entry.generation,
@@ -110,8 +125,11 @@ impl Loaded {
                     .filter(|v| !v.is_empty())
                     .cloned()
                     .collect(),
-                breaker: Breaker::new(breaker.0, breaker.1),
-                in_flight: Semaphore::new(in_flight_cap(policy.concurrency, entry.max_in_flight)),
+                breaker: Breaker::new(guards.breaker.0, guards.breaker.1),
+                in_flight: Semaphore::new(cap),
+                throttle: guards
+                    .throttle
+                    .map(|(min, window)| Throttle::new(min as usize, cap, window)),
                 rate: entry
                     .rate_limit
                     .map(|r| RateLimiter::new(r.per_second, r.burst())),
@@ -294,7 +312,10 @@ mod tests {
 
     use super::*;
 
-    const NO_BREAKER: (u32, Duration) = (0, Duration::from_secs(1));
+    const NO_BREAKER: Guards = Guards {
+        breaker: (0, Duration::from_secs(1)),
+        throttle: None,
+    };
 
     #[test]
     fn an_entry_is_built_like_a_single_destination_with_its_own_secrets() {
@@ -399,5 +420,16 @@ mod tests {
         assert!(Arc::ptr_eq(again.get("bad").unwrap(), l.get("bad").unwrap()));
         assert!(!Arc::ptr_eq(again.get("good").unwrap(), l.get("good").unwrap()));
         assert!(again.get("good").unwrap().paused);
+        // With --adaptive-throttle each Webhook has its own, up to its in-flight cap.
+        let mut capped = snap.clone();
+        capped.webhooks[1].max_in_flight = Some(1);
+        let guards = Guards {
+            breaker: (0, Duration::from_secs(1)),
+            throttle: Some((1, Duration::from_secs(5))),
+        };
+        let t = Loaded::build(&capped, "9", true, &shared, policy, guards, None);
+        let limit = |n: &str| t.get(n).unwrap().throttle.as_ref().map(|t| t.limit());
+        assert_eq!((limit("bad"), limit("good")), (Some(2), Some(1)));
+        assert!(l.get("good").unwrap().throttle.is_none(), "off without the flag");
     }
 }

@@ -270,6 +270,14 @@ impl Worker {
         let Ok(own) = hook.in_flight.try_acquire() else {
             return Err(("throttled", THROTTLED_RECHECK));
         };
+        // Its adaptive throttle, below the cap while its endpoint fails more than it succeeds.
+        let pass = match &hook.throttle {
+            Some(t) => match t.try_acquire() {
+                Some(p) => Some(p),
+                None => return Err(("throttled", THROTTLED_RECHECK)),
+            },
+            None => None,
+        };
         if let Some(rate) = &hook.rate
             && let Err(wait) = rate.try_take().await
         {
@@ -280,8 +288,13 @@ impl Worker {
         self.metrics.in_flight.inc();
         let outcome = self.attempt(target, d, &id, body, Some(head)).await;
         self.metrics.in_flight.dec();
-        drop((permit, own));
+        drop((permit, own, pass));
         let healthy = !matches!(outcome, Outcome::Retry { .. } | Outcome::Gone);
+        if let Some(t) = &hook.throttle
+            && let Some(limit) = t.record(healthy)
+        {
+            info!(limit, "webhook adaptive throttle: requests allowed in flight");
+        }
         match hook.breaker.record(healthy, admit == Admit::Probe) {
             Some(Transition::Opened) => warn!(
                 threshold = self.cfg.circuit_breaker.0,
