@@ -112,6 +112,10 @@ pub struct WebhooksSpec {
     /// default against SSRF). A Webhook cannot allow them itself.
     #[serde(default)]
     pub allow_private_networks: bool,
+    /// Every Webhook's isolation (in-flight cap, rate limit) and auto-pause, as defaults and ceilings: a
+    /// Webhook's own `limits` may only be lower.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_webhook: Option<crate::webhook::WebhookLimits>,
 }
 
 /// What becomes of a message no Webhook matches.

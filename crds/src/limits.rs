@@ -118,6 +118,9 @@ pub const SCALE_DOWN_STABILIZATION: DurationRange = DurationRange::new("0s", "24
 pub const MAX_MESSAGE_BYTES: Range<u32> = Range::new(1024, 134_217_728);
 /// `spec.workers.inFlightBytes`: from 1 MiB to 64 GiB. The worker takes any value from `min` up.
 pub const IN_FLIGHT_BYTES: Range<i64> = Range::new(1_048_576, 68_719_476_736);
+/// A Webhook's auto-pause (`autoPause`): failures in a row, and the least time they span.
+pub const AUTO_PAUSE_FAILURES: Range<u32> = Range::new(1, 1_000_000);
+pub const AUTO_PAUSE_AFTER: DurationRange = DurationRange::new("0s", "720h");
 /// `--confirm-timeout` (worker only).
 pub const CONFIRM_TIMEOUT: DurationRange = DurationRange::new("100ms", "10m");
 
@@ -134,6 +137,7 @@ mod tests {
             ADAPTIVE_THROTTLE_WINDOW,
             SCALE_DOWN_STABILIZATION,
             CONFIRM_TIMEOUT,
+            AUTO_PAUSE_AFTER,
         ] {
             assert!(r.min() <= r.max(), "{r:?}");
         }

@@ -46,7 +46,11 @@ pub fn validate(spec: &IntegrationSpec) -> Result<(), Vec<Invalid>> {
 /// delivered. Its destination goes through the same rules as an Integration's (`spec.destination.…`),
 /// with private networks as its Integration allows them (`allow_private_networks`, the Integration's
 /// `spec.webhooks.allowPrivateNetworks`), never as the Webhook says.
-pub fn validate_webhook(spec: &WebhookSpec, allow_private_networks: bool) -> Result<(), Vec<Invalid>> {
+pub fn validate_webhook(
+    spec: &WebhookSpec,
+    allow_private_networks: bool,
+    per_webhook: Option<&crate::webhook::WebhookLimits>,
+) -> Result<(), Vec<Invalid>> {
     let mut refused = Vec::new();
     let no = |field: &str, reason: String| Invalid {
         field: field.to_owned(),
@@ -74,6 +78,11 @@ pub fn validate_webhook(spec: &WebhookSpec, allow_private_networks: bool) -> Res
         .find(|h| h.is_empty() || h.chars().any(|c| c.is_control() || c.is_whitespace()))
     {
         refused.push(no("spec.matchHeaders", format!("{h:?} is not a header name")));
+    }
+    if let Some(own) = &spec.limits {
+        for (field, reason) in crate::webhook::WebhookLimits::above(per_webhook, own) {
+            refused.push(no(&field, reason));
+        }
     }
     let setup = WorkerSetup::for_webhook(&spec.destination, allow_private_networks);
     refused.extend(setup.args.check_fields());
@@ -121,7 +130,7 @@ destination:
             let raw: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
             if raw["kind"].as_str() == Some("Webhook") {
                 let w: crate::webhook::Webhook = serde_yaml::from_value(raw).unwrap();
-                assert_eq!(validate_webhook(&w.spec, false), Ok(()));
+                assert_eq!(validate_webhook(&w.spec, false, None), Ok(()));
                 webhooks += 1;
                 continue;
             }
@@ -306,7 +315,7 @@ destination:
             "integration: f\nevents: [temp]\ndestination: {url: \"http://10.1.2.3/h\"}\n",
         )
         .unwrap();
-        let e = validate_webhook(&w, false).unwrap_err();
+        let e = validate_webhook(&w, false, None).unwrap_err();
         assert_eq!(e.len(), 1, "{e:?}");
         assert_eq!(e[0].field, "spec.destination.url");
         assert!(
@@ -314,11 +323,15 @@ destination:
             "{}",
             e[0].reason
         );
-        assert_eq!(validate_webhook(&w, true), Ok(()), "the Integration allows it");
+        assert_eq!(
+            validate_webhook(&w, true, None),
+            Ok(()),
+            "the Integration allows it"
+        );
 
         let mut own = w.clone();
         own.destination.allow_private_networks = true;
-        let e = validate_webhook(&own, false).unwrap_err();
+        let e = validate_webhook(&own, false, None).unwrap_err();
         assert!(
             e.iter()
                 .any(|i| i.field == "spec.destination.allowPrivateNetworks"),
@@ -331,7 +344,7 @@ destination:
         bad.destination.url = "https://ok.example/h".into();
         bad.destination.headers.insert("X-Bad".into(), "a\r\nb: 1".into());
         bad.events.push("line\nbreak".into());
-        let fields: Vec<String> = validate_webhook(&bad, false)
+        let fields: Vec<String> = validate_webhook(&bad, false, None)
             .unwrap_err()
             .into_iter()
             .map(|i| i.field)

@@ -16,6 +16,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use crate::integration::DestinationSpec;
+use crate::limits;
 
 /// Desired state of a Webhook.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -76,6 +77,173 @@ pub struct WebhookSpec {
     /// When true nothing is sent; the Webhook's messages are kept and delivered after it resumes.
     #[serde(default)]
     pub paused: bool,
+    /// This Webhook's own isolation and auto-pause settings. They may only be lower than its
+    /// Integration's `webhooks.perWebhook` (a value above is refused, naming the field): the platform
+    /// team raises limits, a tenant only lowers them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<WebhookLimits>,
+}
+
+/// What one Webhook may take of its fleet, and when it is paused for failing (`docs/webhooks.md`,
+/// "Isolation"): on an Integration (`webhooks.perWebhook`) the defaults and ceilings of its Webhooks; on
+/// a Webhook (`limits`) its own, lower values.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookLimits {
+    /// Requests of this Webhook in flight at once in one worker (never more than half the worker's
+    /// `delivery.concurrency`). A copy that finds the Webhook at its cap is set aside on its retry
+    /// path without spending an attempt (reason `throttled`), and the worker goes on with the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = limits::CONCURRENCY.min, max = limits::CONCURRENCY.max))]
+    pub max_in_flight: Option<u32>,
+    /// Requests per second to this Webhook, per worker (a token bucket). A copy that finds no token is
+    /// set aside without spending an attempt (reason `rate_limited`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<WebhookRateLimit>,
+    /// When the operator pauses a Webhook that keeps failing (`Paused=True`, reason `Failing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_pause: Option<AutoPauseSpec>,
+}
+
+/// A Webhook's request rate, per worker.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookRateLimit {
+    /// Sustained requests per second.
+    #[schemars(range(min = limits::RATE_LIMIT.min, max = limits::RATE_LIMIT.max))]
+    pub per_second: u32,
+    /// Requests allowed in a burst; defaults to `perSecond`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = limits::RATE_LIMIT.min, max = limits::RATE_LIMIT.max))]
+    pub burst: Option<u32>,
+}
+
+impl WebhookRateLimit {
+    pub fn burst(&self) -> u32 {
+        self.burst.unwrap_or(self.per_second)
+    }
+}
+
+/// Auto-pause: after `consecutiveFailures` failed attempts in a row (over every worker) whose run spans
+/// at least `after`, the Webhook is paused (reason `Failing`); its messages are kept on its retry path
+/// and delivered after it resumes (annotation `hookfleet.io/resume`, or `spec.paused` set and cleared).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoPauseSpec {
+    #[schemars(range(min = limits::AUTO_PAUSE_FAILURES.min, max = limits::AUTO_PAUSE_FAILURES.max))]
+    pub consecutive_failures: u32,
+    /// The least time from the run's first failure to its last (Go duration, e.g. `30m`).
+    #[x_kube(validation = kube::core::Rule::new(limits::AUTO_PAUSE_AFTER.cel()).message(limits::AUTO_PAUSE_AFTER.message().as_str()))]
+    #[schemars(regex(pattern = crate::duration::PATTERN))]
+    pub after: kube::core::Duration,
+}
+
+impl Default for AutoPauseSpec {
+    /// 50 failures in a row over at least 30 minutes.
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 50,
+            after: std::time::Duration::from_secs(30 * 60).into(),
+        }
+    }
+}
+
+/// A Webhook's limits as its fleet applies them: its own values where it set them, else its
+/// Integration's `perWebhook` (auto-pause: [`AutoPauseSpec::default`] when neither says).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Effective {
+    pub max_in_flight: Option<u32>,
+    pub rate_limit: Option<WebhookRateLimit>,
+    pub auto_pause: AutoPauseSpec,
+}
+
+impl WebhookLimits {
+    /// The limits of a Webhook with `own` in a fleet with `fleet` (a value above the fleet's is clamped
+    /// to it here; `validate_webhook` refuses it first).
+    pub fn effective(fleet: Option<&WebhookLimits>, own: Option<&WebhookLimits>) -> Effective {
+        let fleet = fleet.cloned().unwrap_or_default();
+        let own = own.cloned().unwrap_or_default();
+        let min = |a: Option<u32>, b: Option<u32>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let rate_limit = match (fleet.rate_limit, own.rate_limit) {
+            (Some(f), Some(o)) => Some(WebhookRateLimit {
+                per_second: f.per_second.min(o.per_second),
+                burst: Some(f.burst().min(o.burst())),
+            }),
+            (f, o) => f.or(o),
+        };
+        let fa = fleet.auto_pause.unwrap_or_default();
+        let auto_pause = match own.auto_pause {
+            Some(o) => AutoPauseSpec {
+                consecutive_failures: o.consecutive_failures.min(fa.consecutive_failures),
+                after: std::time::Duration::from(o.after)
+                    .min(std::time::Duration::from(fa.after))
+                    .into(),
+            },
+            None => fa,
+        };
+        Effective {
+            max_in_flight: min(fleet.max_in_flight, own.max_in_flight),
+            rate_limit,
+            auto_pause,
+        }
+    }
+
+    /// `(field, reason)` of each of `own`'s values above `fleet`'s: a Webhook may only lower them.
+    pub fn above(fleet: Option<&WebhookLimits>, own: &WebhookLimits) -> Vec<(String, String)> {
+        let fleet = fleet.cloned().unwrap_or_default();
+        let mut out = Vec::new();
+        let mut over = |field: &str, own: String, fleet: String| {
+            out.push((
+                format!("spec.limits.{field}"),
+                format!(
+                    "{own} is above the Integration's webhooks.perWebhook.{field} ({fleet}): a Webhook may \
+                     only lower its limits"
+                ),
+            ))
+        };
+        if let (Some(o), Some(f)) = (own.max_in_flight, fleet.max_in_flight)
+            && o > f
+        {
+            over("maxInFlight", o.to_string(), f.to_string());
+        }
+        if let (Some(o), Some(f)) = (own.rate_limit, fleet.rate_limit) {
+            if o.per_second > f.per_second {
+                over(
+                    "rateLimit.perSecond",
+                    o.per_second.to_string(),
+                    f.per_second.to_string(),
+                );
+            }
+            if o.burst() > f.burst() {
+                over("rateLimit.burst", o.burst().to_string(), f.burst().to_string());
+            }
+        }
+        if let Some(o) = &own.auto_pause {
+            let f = fleet.auto_pause.unwrap_or_default();
+            if o.consecutive_failures > f.consecutive_failures {
+                over(
+                    "autoPause.consecutiveFailures",
+                    o.consecutive_failures.to_string(),
+                    f.consecutive_failures.to_string(),
+                );
+            }
+            let (od, fd) = (
+                std::time::Duration::from(o.after),
+                std::time::Duration::from(f.after),
+            );
+            if od > fd {
+                over(
+                    "autoPause.after",
+                    crate::duration::render(od),
+                    crate::duration::render(fd),
+                );
+            }
+        }
+        out
+    }
 }
 
 /// Observed state of a Webhook, written by the operator from the workers' reports.
@@ -110,7 +278,33 @@ pub struct WebhookStatus {
     /// Messages dead-lettered for this Webhook since it was created.
     #[serde(default)]
     pub dead_lettered: i64,
+    /// Set while the operator keeps this Webhook paused for failing (reason `Failing`) or because its
+    /// endpoint answered 410 (`Gone`); its messages wait on its retry path. Read back after an operator
+    /// restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_paused: Option<AutoPaused>,
+    /// The value of the annotation `hookfleet.io/resume` the operator last acted on: setting it to
+    /// another value resumes an auto-paused Webhook.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_seen: Option<String>,
+    /// When it was last resumed from an auto-pause: failures before it do not pause it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_at: Option<Time>,
 }
+
+/// Why and since when the operator pauses a Webhook.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoPaused {
+    /// `Failing` or `Gone`.
+    pub reason: String,
+    pub since: Time,
+    pub message: String,
+}
+
+/// The annotation that resumes an auto-paused Webhook when its value changes
+/// (`kubectl annotate webhook NAME hookfleet.io/resume="$(date +%s)" --overwrite`).
+pub const RESUME_ANNOTATION: &str = "hookfleet.io/resume";
 
 /// One failed attempt, without secrets.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -134,8 +328,10 @@ pub mod reason {
     pub const DELIVERING: &str = "Delivering";
     /// `spec.paused`.
     pub const PAUSED: &str = "Paused";
-    /// Its last attempt failed.
+    /// Its last attempt failed; with `Paused=True`, the operator paused it after repeated failures.
     pub const FAILING: &str = "Failing";
+    /// Its endpoint answered 410 Gone: paused by the operator until resumed.
+    pub const GONE: &str = "Gone";
     /// The spec is refused (the condition names the field); the fleet does not deliver it.
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// No Integration of that name in the namespace, or it has no `spec.webhooks`.
@@ -147,5 +343,58 @@ pub mod reason {
 impl Webhook {
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
         self.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(v: serde_json::Value) -> WebhookLimits {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_webhook_only_lowers_its_integrations_limits() {
+        let fleet = limits(
+            serde_json::json!({"maxInFlight": 8, "rateLimit": {"perSecond": 10},
+            "autoPause": {"consecutiveFailures": 20, "after": "10m"}}),
+        );
+        let own = limits(
+            serde_json::json!({"maxInFlight": 4, "rateLimit": {"perSecond": 20, "burst": 5},
+            "autoPause": {"consecutiveFailures": 5, "after": "1h"}}),
+        );
+        let fields: Vec<String> = WebhookLimits::above(Some(&fleet), &own)
+            .into_iter()
+            .map(|(f, _)| f)
+            .collect();
+        assert_eq!(
+            fields,
+            ["spec.limits.rateLimit.perSecond", "spec.limits.autoPause.after"]
+        );
+        let e = WebhookLimits::effective(Some(&fleet), Some(&own));
+        assert_eq!(e.max_in_flight, Some(4));
+        assert_eq!(
+            e.rate_limit,
+            Some(WebhookRateLimit {
+                per_second: 10,
+                burst: Some(5)
+            }),
+            "clamped"
+        );
+        assert_eq!(e.auto_pause.consecutive_failures, 5);
+        assert_eq!(
+            std::time::Duration::from(e.auto_pause.after),
+            std::time::Duration::from_secs(600)
+        );
+        // Without an Integration value: the Webhook's own, or the defaults.
+        let e = WebhookLimits::effective(None, None);
+        assert_eq!((e.max_in_flight, e.rate_limit), (None, None));
+        assert_eq!(e.auto_pause, AutoPauseSpec::default());
+        assert!(
+            WebhookLimits::above(None, &own)
+                .iter()
+                .all(|(f, _)| f.contains("autoPause.after"))
+        );
     }
 }

@@ -156,7 +156,7 @@ fn lint_and_template_with_default_and_full_values() -> Result<()> {
         .flat_map(|g| g["rules"].as_array().unwrap())
         .filter(|r| r.get("alert").is_some())
         .collect();
-    assert_eq!(alerts.len(), 14, "every alert of docs/runbooks");
+    assert_eq!(alerts.len(), 15, "every alert of docs/runbooks");
     for a in &alerts {
         let name = a["alert"].as_str().unwrap();
         let severity = a["labels"]["severity"].as_str().unwrap();
@@ -260,7 +260,7 @@ fn alert_rules_pass_promtool() -> Result<()> {
     std::fs::copy(&tests, dir.path().join("alerts.test.yaml"))?;
     let promtool = std::env::var("HOOKFLEET_PROMTOOL").unwrap_or_else(|_| "/usr/bin/promtool".into());
     let check = run(Command::new(&promtool).args(["check", "rules"]).arg(&rules))?;
-    assert!(String::from_utf8_lossy(&check.stdout).contains("SUCCESS: 16 rules found"));
+    assert!(String::from_utf8_lossy(&check.stdout).contains("SUCCESS: 17 rules found"));
     let out =
         run(Command::new(&promtool)
             .current_dir(dir.path())

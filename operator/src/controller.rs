@@ -299,7 +299,8 @@ pub async fn run(
 
     // Webhooks: a change to one reconciles the Integration it names (and the one it named before, when
     // `spec.integration` changed), so its fleet's snapshot follows within a reconcile. Status-only
-    // changes (the operator's own status writes) change nothing the compile reads: filtered out.
+    // changes (the operator's own status writes) change nothing the compile reads, except setting or
+    // clearing `status.autoPaused` (the entry's `paused`): the rest is filtered out.
     let (webhooks, webhookw) = reflector::store::<Webhook>();
     let webhook_api = child_api::<Webhook>(&client, &config.namespace);
     let webhook_stream = if webhook_crd_installed(&webhook_api).await {
@@ -419,6 +420,8 @@ pub async fn run(
         () = ready => {}
     }
     ctx.fleets.close();
+    // A former leader exports no paused Webhooks (the next leader does).
+    ctx.metrics.webhooks_paused(&Default::default());
     ctx.broker.close().await;
     metrics.ready.set(0);
 }

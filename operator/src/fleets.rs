@@ -77,6 +77,20 @@ impl Fleets {
         aggregates.lock().expect("aggregates").get(webhook).cloned()
     }
 
+    /// Forgets Webhook `webhook`'s current run of failures (it was resumed).
+    pub fn reset_run(&self, key: &str, webhook: &str) {
+        let aggregates = {
+            let map = self.map.lock().expect("fleets");
+            match map.get(key) {
+                Some(f) => f.aggregates.clone(),
+                None => return,
+            }
+        };
+        if let Some(a) = aggregates.lock().expect("aggregates").get_mut(webhook) {
+            a.reset_run();
+        }
+    }
+
     /// Drops the aggregates of fleet `key`'s Webhooks that `keep` refuses (deleted Webhooks).
     pub fn retain_aggregates(&self, key: &str, keep: impl Fn(&str) -> bool) {
         let aggregates = {

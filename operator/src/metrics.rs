@@ -53,6 +53,13 @@ pub struct ConditionKey {
     pub reason: String,
 }
 
+/// Paused Webhooks of one Integration by why (`Paused`: spec.paused; `Failing`, `Gone`: by the operator).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PausedLabels {
+    pub integration: String,
+    pub reason: String,
+}
+
 type IntGauge = Gauge<i64, AtomicI64>;
 
 /// Per-Integration gauges, mirroring the status the operator computed.
@@ -67,6 +74,9 @@ pub struct IntegrationMetrics {
     /// 1 while the destination is gone (HTTP 410, workers scaled to 0), else 0.
     pub destination_gone: Family<IntegrationLabels, IntGauge>,
     pub conditions: Family<ConditionLabels, IntGauge>,
+    /// Paused Webhooks per Integration and reason (`hookfleet_operator_webhooks_paused`).
+    pub webhooks_paused: Family<PausedLabels, IntGauge>,
+    paused_exported: Mutex<Vec<PausedLabels>>,
     /// The condition series exported per Integration, so a changed reason replaces the old series instead
     /// of leaving it behind at 1.
     exported: Mutex<HashMap<String, Vec<ConditionKey>>>,
@@ -157,6 +167,8 @@ impl Metrics {
             worker_restarts: Family::default(),
             destination_gone: Family::default(),
             conditions: Family::default(),
+            webhooks_paused: Family::default(),
+            paused_exported: Mutex::default(),
             exported: Mutex::default(),
         };
         let i = &integrations;
@@ -189,6 +201,11 @@ impl Metrics {
             "integration_destination_gone",
             "1 while the Integration's destination is gone (HTTP 410: workers scaled to 0, messages wait), else 0",
             i.destination_gone.clone(),
+        );
+        registry.register(
+            "webhooks_paused",
+            "Paused Webhooks by Integration and reason (Paused: spec.paused; Failing, Gone: paused by the operator)",
+            i.webhooks_paused.clone(),
         );
         registry.register(
             "integration_condition",
@@ -267,6 +284,32 @@ impl Metrics {
                 })
                 .set(1);
         }
+    }
+
+    /// Sets the paused Webhooks to `now` ((integration, reason) → count), removing the series of
+    /// pairs no longer paused.
+    pub fn webhooks_paused(&self, now: &HashMap<(String, String), i64>) {
+        let i = &self.integrations;
+        let labels: Vec<PausedLabels> = now
+            .keys()
+            .map(|(integration, reason)| PausedLabels {
+                integration: integration.clone(),
+                reason: reason.clone(),
+            })
+            .collect();
+        let mut exported = i.paused_exported.lock().expect("lock");
+        for old in exported.iter().filter(|l| !labels.contains(l)) {
+            i.webhooks_paused.remove(old);
+        }
+        for ((integration, reason), n) in now {
+            i.webhooks_paused
+                .get_or_create(&PausedLabels {
+                    integration: integration.clone(),
+                    reason: reason.clone(),
+                })
+                .set(*n);
+        }
+        *exported = labels;
     }
 
     /// Drops every series of a deleted Integration.
@@ -413,6 +456,27 @@ mod tests {
                 r#"hookfleet_operator_integration_condition{integration="team-a/orders",type="Ready",status="False",reason="NotConsuming"} 1"#,
             ]
         );
+    }
+
+    #[test]
+    fn paused_webhooks_replace_their_series() {
+        let m = Metrics::new();
+        let key = |r: &str| ("team-a/fleet".to_owned(), r.to_owned());
+        m.webhooks_paused(&HashMap::from([(key("Failing"), 2), (key("Gone"), 1)]));
+        assert_eq!(
+            lines(&m, "hookfleet_operator_webhooks_paused{"),
+            vec![
+                r#"hookfleet_operator_webhooks_paused{integration="team-a/fleet",reason="Failing"} 2"#,
+                r#"hookfleet_operator_webhooks_paused{integration="team-a/fleet",reason="Gone"} 1"#,
+            ]
+        );
+        m.webhooks_paused(&HashMap::from([(key("Gone"), 1)]));
+        assert_eq!(
+            lines(&m, "hookfleet_operator_webhooks_paused{"),
+            vec![r#"hookfleet_operator_webhooks_paused{integration="team-a/fleet",reason="Gone"} 1"#]
+        );
+        m.webhooks_paused(&HashMap::new());
+        assert!(lines(&m, "hookfleet_operator_webhooks_paused{").is_empty());
     }
 
     #[test]

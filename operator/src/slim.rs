@@ -177,6 +177,11 @@ pub fn webhook_reads(w: &hookfleet_crds::Webhook) -> u64 {
     w.metadata.generation.hash(&mut h);
     w.spec.integration.hash(&mut h);
     w.metadata.deletion_timestamp.is_some().hash(&mut h);
+    // The operator's auto-pause (set or cleared) changes the entry's `paused`.
+    w.status
+        .as_ref()
+        .is_some_and(|s| s.auto_paused.is_some())
+        .hash(&mut h);
     h.finish()
 }
 

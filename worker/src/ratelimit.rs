@@ -49,6 +49,17 @@ impl RateLimiter {
         s.tokens = s.tokens.min(s.burst);
     }
 
+    /// Takes a token if there is one now; else how long until there is (nothing taken).
+    pub async fn try_take(&self) -> Result<(), Duration> {
+        let mut s = self.state.lock().await;
+        s.refill(Instant::now());
+        if s.tokens >= 1.0 {
+            s.tokens -= 1.0;
+            return Ok(());
+        }
+        Err(Duration::from_secs_f64((1.0 - s.tokens) / s.per_second))
+    }
+
     /// Waits for a token. Callers hold no unacked-message state beyond their prefetch slot while
     /// waiting: this paces sends, it does not park retries.
     pub async fn acquire(&self) {
@@ -84,6 +95,20 @@ mod tests {
             took >= Duration::from_millis(950) && took <= Duration::from_millis(1100),
             "{took:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn try_take_never_waits_and_says_how_long() {
+        let rl = RateLimiter::new(2, 2);
+        assert_eq!(rl.try_take().await, Ok(()));
+        assert_eq!(rl.try_take().await, Ok(()));
+        let wait = rl.try_take().await.unwrap_err();
+        assert!(
+            wait > Duration::from_millis(400) && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(rl.try_take().await, Ok(()));
     }
 
     #[tokio::test(start_paused = true)]

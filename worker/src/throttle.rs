@@ -76,6 +76,16 @@ impl Throttle {
         self.lock().limit
     }
 
+    /// Lets an attempt start if the limit allows it now; never waits.
+    pub fn try_acquire(&self) -> Option<Pass<'_>> {
+        let mut s = self.lock();
+        self.roll(&mut s);
+        (s.in_use < s.limit).then(|| {
+            s.in_use += 1;
+            Pass { throttle: self }
+        })
+    }
+
     /// Waits until an attempt may start.
     pub async fn acquire(&self) -> Pass<'_> {
         loop {
@@ -134,6 +144,23 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn try_acquire_never_waits_and_follows_the_limit() {
+        let t = Throttle::new(1, 4, Duration::from_secs(10));
+        let passes: Vec<_> = (0..4).map(|_| t.try_acquire().unwrap()).collect();
+        assert!(t.try_acquire().is_none(), "at the limit: no pass, no wait");
+        drop(passes);
+        // A failing window halves it: two at once, then none.
+        for _ in 0..3 {
+            t.record(false);
+        }
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let (a, b) = (t.try_acquire(), t.try_acquire());
+        assert!(a.is_some() && b.is_some());
+        assert!(t.try_acquire().is_none());
+        assert_eq!(t.limit(), 2);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn halves_while_failures_outnumber_successes_then_recovers() {

@@ -86,6 +86,8 @@ fn snapshot(sinks: &HashMap<&str, Sink>, url_of: &HashMap<&str, String>) -> Snap
                 }))
                 .unwrap(),
                 secrets: BTreeMap::from([(format!("{name}-key/k"), format!("secret-of-{name}"))]),
+                max_in_flight: None,
+                rate_limit: None,
             })
             .collect(),
     }

@@ -13,6 +13,7 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::integration::{DestinationSpec, SecretKeyRef};
+use crate::webhook::WebhookRateLimit;
 
 /// The Secret holding the snapshot of Integration `integration`'s Webhooks: `<integration>-webhooks`.
 pub fn snapshot_secret(integration: &str) -> String {
@@ -68,6 +69,13 @@ pub struct Entry {
     /// Webhook's and no other's.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secrets: BTreeMap<String, String>,
+    /// Its requests in flight per worker (its own `limits` or its Integration's `perWebhook`, as the
+    /// operator resolved them); the worker takes at most half its concurrency in any case.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
+    /// Its request rate per worker, resolved likewise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<WebhookRateLimit>,
 }
 
 impl Snapshot {
@@ -181,6 +189,11 @@ mod tests {
                 paused: false,
                 destination: dst,
                 secrets: BTreeMap::from([("acme-key/key".into(), "s3cr3t".into())]),
+                max_in_flight: Some(4),
+                rate_limit: Some(WebhookRateLimit {
+                    per_second: 10,
+                    burst: None,
+                }),
             }],
         };
         assert_eq!(Snapshot::decode(&snap.encode()), Ok(snap));

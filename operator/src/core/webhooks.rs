@@ -7,10 +7,13 @@ use std::collections::BTreeMap;
 use hookfleet_crds::contract::WorkerSetup;
 use hookfleet_crds::contract::webhooks::{Entry, FailureNote, Snapshot, Tally, secret_key};
 use hookfleet_crds::integration::{SecretKeyRef, WebhookCounts};
-use hookfleet_crds::webhook::{WebhookFailure, reason};
+use hookfleet_crds::webhook::{
+    AutoPauseSpec, AutoPaused, RESUME_ANNOTATION, WebhookFailure, WebhookLimits, reason,
+};
 use hookfleet_crds::{Webhook, WebhookStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 
 /// Condition types of a Webhook.
 pub const READY: &str = "Ready";
@@ -46,6 +49,11 @@ pub struct Compiled {
     pub decided: BTreeMap<String, Decided>,
 }
 
+/// Why the operator keeps `webhook` paused (its status, as last written), if it does.
+pub fn auto_paused(webhook: &Webhook) -> Option<&AutoPaused> {
+    webhook.status.as_ref()?.auto_paused.as_ref()
+}
+
 /// Every Secret key a Webhook's destination references (the contract's list: what the worker reads).
 pub fn secret_refs(webhook: &Webhook, allow_private: bool) -> Vec<SecretKeyRef> {
     WorkerSetup::for_webhook(&webhook.spec.destination, allow_private)
@@ -61,9 +69,14 @@ pub type Lookup<'a> = dyn Fn(&SecretKeyRef) -> Option<Option<String>> + 'a;
 /// The snapshot of `webhooks` (those naming the fleet, any order): sorted by name, each checked with
 /// `validate_webhook` (private networks as the Integration allows) and its Secret keys looked up with
 /// `lookup`; a refused Webhook or one whose Secret is missing is left out, and [`Compiled::decided`] says why.
+///
+/// Each entry carries the Webhook's effective in-flight cap and rate limit (its own `limits`, else the
+/// Integration's `perWebhook`), and is `paused` while the Webhook is paused by its spec or by the
+/// operator (`status.autoPaused`): its copies then wait on its retry path.
 pub fn compile<'a>(
     webhooks: impl IntoIterator<Item = &'a Webhook>,
     allow_private: bool,
+    per_webhook: Option<&WebhookLimits>,
     lookup: &Lookup<'_>,
 ) -> Compiled {
     let mut sorted: Vec<&Webhook> = webhooks.into_iter().collect();
@@ -72,7 +85,7 @@ pub fn compile<'a>(
     for w in sorted {
         let name = w.metadata.name.clone().unwrap_or_default();
         let generation = w.metadata.generation.unwrap_or_default();
-        let verdict = match hookfleet_crds::validate_webhook(&w.spec, allow_private) {
+        let verdict = match hookfleet_crds::validate_webhook(&w.spec, allow_private, per_webhook) {
             Err(refused) => Verdict::Invalid(
                 refused
                     .iter()
@@ -101,14 +114,17 @@ pub fn compile<'a>(
                 match missing {
                     Some(m) => Verdict::SecretMissing(m),
                     None => {
+                        let limits = WebhookLimits::effective(per_webhook, w.spec.limits.as_ref());
                         out.snapshot.webhooks.push(Entry {
                             name: name.clone(),
                             generation,
                             events: w.spec.events.clone(),
                             match_headers: w.spec.match_headers.clone(),
-                            paused: w.spec.paused,
+                            paused: w.spec.paused || auto_paused(w).is_some(),
                             destination: w.spec.destination.clone(),
                             secrets,
+                            max_in_flight: limits.max_in_flight,
+                            rate_limit: limits.rate_limit,
                         });
                         Verdict::Included
                     }
@@ -135,6 +151,12 @@ pub struct Agg {
     pub generation: i64,
     /// Worker → (its trailing failures, when it reported them).
     trailing: BTreeMap<String, (u64, i64)>,
+    /// When the current run of failures (no success since) began, as first reported: the first failure
+    /// note of the report that started it (so a run's span may be short by up to one report interval).
+    pub run_started_ms: Option<i64>,
+    /// The latest failure of kind `gone` (a 410) reported, even when a later failure of another kind
+    /// became `last_failure`.
+    pub last_gone_ms: Option<i64>,
 }
 
 impl Agg {
@@ -154,16 +176,34 @@ impl Agg {
             }
         }
         if let Some(f) = &t.last_failure
+            && f.kind == GONE_KIND
+        {
+            self.last_gone_ms = Some(self.last_gone_ms.map_or(f.at_ms, |g| g.max(f.at_ms)));
+        }
+        if let Some(f) = &t.last_failure
             && self.last_failure.as_ref().is_none_or(|l| l.at_ms <= f.at_ms)
         {
             self.last_failure = Some(f.clone());
         }
+        let was_failing = self.consecutive_failures() > 0;
         let keep = t.consecutive_failures > 0 || self.trailing.contains_key(worker);
         if keep {
             self.trailing
                 .insert(worker.to_owned(), (t.consecutive_failures, at_ms));
         }
         self.trailing.retain(|_, (n, _)| *n > 0);
+        if self.consecutive_failures() == 0 {
+            self.run_started_ms = None;
+        } else if !was_failing || self.run_started_ms.is_none() {
+            self.run_started_ms = Some(t.last_failure.as_ref().map_or(at_ms, |f| f.at_ms));
+        }
+    }
+
+    /// Forgets the current run of failures (the Webhook was resumed: what failed before does not
+    /// count towards pausing it again).
+    pub fn reset_run(&mut self) {
+        self.trailing.clear();
+        self.run_started_ms = None;
     }
 
     /// Failed attempts since the last success, over every worker.
@@ -238,9 +278,123 @@ fn cond(type_: &str, status: bool, reason: &str, message: String, generation: Op
     }
 }
 
+/// The operator's pause of a Webhook, as its status carries it (so it survives an operator restart).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Pause {
+    pub auto_paused: Option<AutoPaused>,
+    pub resume_seen: Option<String>,
+    pub resumed_at: Option<Time>,
+}
+
+impl Pause {
+    pub fn of(status: &WebhookStatus) -> Self {
+        Pause {
+            auto_paused: status.auto_paused.clone(),
+            resume_seen: status.resume_seen.clone(),
+            resumed_at: status.resumed_at.clone(),
+        }
+    }
+}
+
+/// What [`pause`] changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PauseChange {
+    Kept,
+    Paused,
+    Resumed,
+}
+
+/// The failure kind a worker reports for a 410 (the copy is kept; the Webhook is paused at once).
+pub const GONE_KIND: &str = "gone";
+
+fn ms_of(t: &Time) -> i64 {
+    t.0.as_millisecond()
+}
+
+/// Whether the operator pauses `webhook` now, from its status as last written (`old`) and its fleet's
+/// reports (`agg`):
+/// - an auto-paused Webhook resumes when the annotation `hookfleet.io/resume` has a value other than the
+///   one recorded (`resumeSeen`), or when `spec.paused` is set (the user's pause takes over; clearing it
+///   then delivers);
+/// - else it is paused with reason `Gone` when a failure of kind `gone` (a 410) was reported after its
+///   last resume and after its last success, or with reason `Failing` when at least
+///   `rule.consecutiveFailures` attempts failed in a row over at least `rule.after`.
+///
+/// The annotation's value is recorded whenever seen, so only a change of it resumes.
+pub fn pause(
+    webhook: &Webhook,
+    agg: Option<&Agg>,
+    rule: &AutoPauseSpec,
+    old: &WebhookStatus,
+    now: &Time,
+) -> (Pause, PauseChange) {
+    let mut p = Pause::of(old);
+    let annotation = webhook.annotations().get(RESUME_ANNOTATION).cloned();
+    let mut change = PauseChange::Kept;
+    if p.auto_paused.is_some() {
+        let asked = annotation.is_some() && annotation != p.resume_seen;
+        if asked || webhook.spec.paused {
+            p.auto_paused = None;
+            p.resumed_at = Some(now.clone());
+            change = PauseChange::Resumed;
+        }
+    }
+    if annotation.is_some() {
+        p.resume_seen = annotation;
+    }
+    if p.auto_paused.is_some() || change == PauseChange::Resumed || webhook.spec.paused {
+        return (p, change);
+    }
+    let Some(a) = agg else { return (p, change) };
+    let after_resume = |at: i64| p.resumed_at.as_ref().is_none_or(|r| at > ms_of(r));
+    if let Some(gone_ms) = a.last_gone_ms
+        && after_resume(gone_ms)
+        && a.last_success_ms.is_none_or(|s| s < gone_ms)
+    {
+        p.auto_paused = Some(AutoPaused {
+            reason: reason::GONE.into(),
+            since: now.clone(),
+            message: format!(
+                "its endpoint answered 410 Gone at {}: paused by the operator; its messages are kept on its \
+                 retry path and delivered after it resumes (annotate hookfleet.io/resume with a new value)",
+                ms_time(gone_ms).map(|t| t.0.to_string()).unwrap_or_default()
+            ),
+        });
+        return (p, PauseChange::Paused);
+    }
+    let n = a.consecutive_failures();
+    let after = std::time::Duration::from(rule.after);
+    if let (Some(start), Some(last)) = (a.run_started_ms, a.last_failure.as_ref())
+        && n >= u64::from(rule.consecutive_failures)
+        && after_resume(start)
+        && u128::try_from(last.at_ms.saturating_sub(start)).unwrap_or(0) >= after.as_millis()
+    {
+        let span = std::time::Duration::from_millis(u64::try_from(last.at_ms - start).unwrap_or(0));
+        p.auto_paused = Some(AutoPaused {
+            reason: reason::FAILING.into(),
+            since: now.clone(),
+            message: format!(
+                "{n} delivery attempts failed in a row over {} (autoPause: {} over {}): paused by the \
+                 operator; its messages are kept on its retry path and delivered after it resumes (annotate \
+                 hookfleet.io/resume with a new value)",
+                hookfleet_crds::duration::render(std::time::Duration::from_secs(span.as_secs())),
+                rule.consecutive_failures,
+                hookfleet_crds::duration::render(after),
+            ),
+        });
+        return (p, PauseChange::Paused);
+    }
+    (p, change)
+}
+
 /// The Ready condition's (status, reason, message), or None while the fleet has not compiled the
 /// Webhook yet (nothing to say).
-pub fn ready(webhook: &Webhook, fleet: Fleet<'_>, failing: bool) -> Option<(bool, &'static str, String)> {
+pub fn ready(
+    webhook: &Webhook,
+    fleet: Fleet<'_>,
+    failing: bool,
+    auto: Option<&AutoPaused>,
+) -> Option<(bool, &'static str, String)> {
     let d = match fleet {
         Fleet::Missing => {
             return Some((
@@ -271,6 +425,15 @@ pub fn ready(webhook: &Webhook, fleet: Fleet<'_>, failing: bool) -> Option<(bool
             reason::PAUSED,
             "spec.paused is true: its messages are kept and delivered after it resumes".into(),
         ),
+        Verdict::Included if let Some(a) = auto => (
+            false,
+            if a.reason == reason::GONE {
+                reason::GONE
+            } else {
+                reason::FAILING
+            },
+            a.message.clone(),
+        ),
         Verdict::Included if failing => (
             false,
             reason::FAILING,
@@ -292,6 +455,7 @@ pub fn status(
     fleet: Fleet<'_>,
     base: &Base,
     agg: Option<&Agg>,
+    pause: &Pause,
     old: &WebhookStatus,
     now: &Time,
 ) -> Option<WebhookStatus> {
@@ -299,25 +463,21 @@ pub fn status(
         Some(a) => i64::try_from(a.consecutive_failures()).unwrap_or(i64::MAX),
         None => base.consecutive_failures,
     };
-    let (ok, why, message) = ready(webhook, fleet, consecutive > 0)?;
+    let auto = pause.auto_paused.as_ref();
+    let (ok, why, message) = ready(webhook, fleet, consecutive > 0, auto)?;
     let generation = match fleet {
         Fleet::Compiled(Some(d)) => Some(d.generation),
         _ => webhook.metadata.generation,
     };
-    let paused = webhook.spec.paused;
+    let (paused, paused_reason, paused_message) = match auto {
+        _ if webhook.spec.paused => (true, reason::PAUSED, "spec.paused is true".to_owned()),
+        Some(a) if a.reason == reason::GONE => (true, reason::GONE, a.message.clone()),
+        Some(a) => (true, reason::FAILING, a.message.clone()),
+        None => (false, ACTIVE, "delivering when events match".to_owned()),
+    };
     let conditions = vec![
         cond(READY, ok, why, message, generation),
-        cond(
-            PAUSED,
-            paused,
-            if paused { reason::PAUSED } else { ACTIVE },
-            if paused {
-                "spec.paused is true".into()
-            } else {
-                "delivering when events match".into()
-            },
-            generation,
-        ),
+        cond(PAUSED, paused, paused_reason, paused_message, generation),
     ];
     let conditions = super::status::merge_conditions(&old.conditions, conditions, now);
     let add = |b: i64, d: Option<u64>| b.saturating_add(i64::try_from(d.unwrap_or(0)).unwrap_or(i64::MAX));
@@ -348,7 +508,19 @@ pub fn status(
         delivered: add(base.delivered, agg.map(|a| a.delivered)),
         failed: add(base.failed, agg.map(|a| a.failed)),
         dead_lettered: add(base.dead_lettered, agg.map(|a| a.dead_lettered)),
+        auto_paused: pause.auto_paused.clone(),
+        resume_seen: pause.resume_seen.clone(),
+        resumed_at: pause.resumed_at.clone(),
     })
+}
+
+/// Why a Webhook is paused (its `Paused` condition's reason: `Paused`, `Failing` or `Gone`), if it is.
+pub fn paused_reason(status: &WebhookStatus) -> Option<&str> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == PAUSED && c.status == "True")
+        .map(|c| c.reason.as_str())
 }
 
 /// Whether `new` differs from `old` in what someone acts on (a condition's status, reason or message,
@@ -368,6 +540,8 @@ pub fn state_changed(old: &WebhookStatus, new: &WebhookStatus) -> bool {
             .collect::<Vec<_>>()
     };
     key(old) != key(new)
+        || old.auto_paused != new.auto_paused
+        || old.resume_seen != new.resume_seen
         || old.observed_generation != new.observed_generation
         || old.destination_host != new.destination_host
 }
@@ -397,6 +571,10 @@ pub fn counts<'a>(statuses: impl IntoIterator<Item = &'a WebhookStatus>) -> Webh
     let mut c = WebhookCounts::default();
     for s in statuses {
         c.total += 1;
+        if paused_reason(s).is_some() {
+            c.paused += 1;
+            continue;
+        }
         match s.conditions.iter().find(|c| c.type_ == READY) {
             Some(r) if r.status == "True" => c.ready += 1,
             Some(r) if r.reason == reason::PAUSED => c.paused += 1,
@@ -450,7 +628,7 @@ mod tests {
             "acme" => Some(Some(format!("v-{}", r.key))),
             _ => None,
         };
-        let c = compile([&z, &bad, &lost, &a], false, &lookup);
+        let c = compile([&z, &bad, &lost, &a], false, None, &lookup);
         let names: Vec<_> = c.snapshot.webhooks.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["alpha", "zeta"]);
         assert_eq!(c.snapshot.webhooks[0].secrets["acme/k"], "v-k");
@@ -465,7 +643,7 @@ mod tests {
             Verdict::SecretMissing("Secret \"gone\" not found".into())
         );
         let no_key = |_: &SecretKeyRef| Some(None);
-        let c = compile([&a], false, &no_key);
+        let c = compile([&a], false, None, &no_key);
         assert!(c.snapshot.webhooks.is_empty());
         assert!(
             matches!(&c.decided["alpha"].verdict, Verdict::SecretMissing(m) if m.contains("no key \"k\""))
@@ -524,16 +702,34 @@ mod tests {
         };
         let none = WebhookStatus::default();
         assert_eq!(
-            status(&w, Fleet::Compiled(None), &Base::default(), None, &none, &now),
+            status(
+                &w,
+                Fleet::Compiled(None),
+                &Base::default(),
+                None,
+                &Pause::default(),
+                &none,
+                &now
+            ),
             None
         );
-        let s = status(&w, Fleet::Missing, &Base::default(), None, &none, &now).unwrap();
+        let s = status(
+            &w,
+            Fleet::Missing,
+            &Base::default(),
+            None,
+            &Pause::default(),
+            &none,
+            &now,
+        )
+        .unwrap();
         assert_eq!(s.conditions[0].reason, reason::NO_INTEGRATION);
         let s = status(
             &w,
             Fleet::Compiled(Some(&included)),
             &Base::default(),
             None,
+            &Pause::default(),
             &none,
             &now,
         )
@@ -554,7 +750,16 @@ mod tests {
             delivered: 10,
             ..Base::default()
         };
-        let f = status(&w, Fleet::Compiled(Some(&included)), &base, Some(&a), &s, &now).unwrap();
+        let f = status(
+            &w,
+            Fleet::Compiled(Some(&included)),
+            &base,
+            Some(&a),
+            &Pause::default(),
+            &s,
+            &now,
+        )
+        .unwrap();
         assert_eq!((f.delivered, f.failed, f.consecutive_failures), (13, 2, 2));
         assert_eq!(f.conditions[0].reason, reason::FAILING);
         assert_eq!(f.last_failure.as_ref().unwrap().status, Some(503));
@@ -583,6 +788,136 @@ mod tests {
         assert!(!may_write(&f, &f.clone(), None, every.0, every.1));
         let c = counts([&s, &f]);
         assert_eq!((c.total, c.ready, c.failing), (2, 1, 1));
+    }
+
+    fn failing(at: i64, kind: &str) -> Tally {
+        let mut t = tally(0, 1, None, Some(at), 1);
+        t.last_failure.as_mut().unwrap().kind = kind.into();
+        t
+    }
+
+    #[test]
+    fn repeated_failures_pause_a_webhook_the_annotation_resumes_it() {
+        let mut w = fine("acme");
+        let included = Decided {
+            generation: 2,
+            verdict: Verdict::Included,
+        };
+        let rule = AutoPauseSpec {
+            consecutive_failures: 3,
+            after: Duration::from_secs(60).into(),
+        };
+        let at = |ms: i64| Time(Timestamp::from_millisecond(ms).unwrap());
+        let none = WebhookStatus::default();
+        let mut a = Agg::default();
+        // Three failures within 30 s: enough in number, not in time.
+        for (i, ms) in [1_000, 11_000, 31_000].into_iter().enumerate() {
+            let mut t = failing(ms, "http_status");
+            t.consecutive_failures = i as u64 + 1;
+            a.fold("w1", ms, &t);
+        }
+        assert_eq!((a.consecutive_failures(), a.run_started_ms), (3, Some(1_000)));
+        let (p, c) = pause(&w, Some(&a), &rule, &none, &at(40_000));
+        assert_eq!((p.auto_paused, c), (None, PauseChange::Kept));
+        // A fourth over 61 s: paused, reason Failing.
+        let mut t = failing(62_000, "http_status");
+        t.consecutive_failures = 4;
+        a.fold("w1", 62_000, &t);
+        let (p, c) = pause(&w, Some(&a), &rule, &none, &at(63_000));
+        assert_eq!(c, PauseChange::Paused);
+        let auto = p.auto_paused.clone().unwrap();
+        assert_eq!(auto.reason, reason::FAILING);
+        assert!(
+            auto.message
+                .starts_with("4 delivery attempts failed in a row over 61s"),
+            "{}",
+            auto.message
+        );
+        let s = status(
+            &w,
+            Fleet::Compiled(Some(&included)),
+            &Base::default(),
+            Some(&a),
+            &p,
+            &none,
+            &at(63_000),
+        )
+        .unwrap();
+        let c = |t: &str| s.conditions.iter().find(|c| c.type_ == t).unwrap().clone();
+        assert_eq!(
+            (c(PAUSED).status.as_str(), c(PAUSED).reason.as_str()),
+            ("True", reason::FAILING)
+        );
+        assert_eq!(
+            (c(READY).status.as_str(), c(READY).reason.as_str()),
+            ("False", reason::FAILING)
+        );
+        assert_eq!(paused_reason(&s), Some(reason::FAILING));
+        assert_eq!(counts([&s]).paused, 1);
+        // Read back (an operator restart): still paused, whatever the reports say.
+        let (p2, c2) = pause(&w, None, &rule, &s, &at(70_000));
+        assert_eq!((p2.auto_paused.as_ref(), c2), (Some(&auto), PauseChange::Kept));
+        // And the compile pauses its entry.
+        w.status = Some(s.clone());
+        let lookup = |r: &SecretKeyRef| Some(Some(format!("v-{}", r.key)));
+        assert!(compile([&w], false, None, &lookup).snapshot.webhooks[0].paused);
+        // The annotation, set: resumed once, its value recorded.
+        w.metadata.annotations = Some([(RESUME_ANNOTATION.to_owned(), "1".to_owned())].into());
+        let (p3, c3) = pause(&w, Some(&a), &rule, &s, &at(80_000));
+        assert_eq!(c3, PauseChange::Resumed);
+        assert_eq!((p3.auto_paused, p3.resume_seen.as_deref()), (None, Some("1")));
+        assert_eq!(p3.resumed_at, Some(at(80_000)));
+        // Failures from before the resume do not pause it again (the writer resets the run)...
+        a.reset_run();
+        let resumed = WebhookStatus {
+            resume_seen: Some("1".into()),
+            resumed_at: Some(at(80_000)),
+            ..WebhookStatus::default()
+        };
+        assert_eq!(
+            pause(&w, Some(&a), &rule, &resumed, &at(81_000)).1,
+            PauseChange::Kept
+        );
+        // ...and the same annotation value does not resume a later pause.
+        let mut paused_again = resumed.clone();
+        paused_again.auto_paused = Some(auto.clone());
+        assert_eq!(
+            pause(&w, None, &rule, &paused_again, &at(90_000)).1,
+            PauseChange::Kept
+        );
+        // spec.paused takes over from the operator's pause.
+        w.spec.paused = true;
+        let (p4, c4) = pause(&w, None, &rule, &paused_again, &at(91_000));
+        assert_eq!((p4.auto_paused, c4), (None, PauseChange::Resumed));
+    }
+
+    #[test]
+    fn a_410_pauses_at_once_with_reason_gone_not_before_a_resume() {
+        let w = fine("acme");
+        let rule = AutoPauseSpec::default();
+        let at = |ms: i64| Time(Timestamp::from_millisecond(ms).unwrap());
+        let mut a = Agg::default();
+        a.fold("w1", 5_000, &failing(4_000, GONE_KIND));
+        // A later failure of another kind does not hide it.
+        a.fold("w2", 5_100, &failing(4_500, "http_status"));
+        let (p, c) = pause(&w, Some(&a), &rule, &WebhookStatus::default(), &at(6_000));
+        assert_eq!(c, PauseChange::Paused);
+        assert_eq!(p.auto_paused.unwrap().reason, reason::GONE);
+        // A 410 from before its last resume is history.
+        let resumed = WebhookStatus {
+            resumed_at: Some(at(4_500)),
+            ..WebhookStatus::default()
+        };
+        assert_eq!(
+            pause(&w, Some(&a), &rule, &resumed, &at(6_000)).1,
+            PauseChange::Kept
+        );
+        // So is one followed by a success.
+        a.fold("w2", 7_000, &tally(1, 0, Some(6_500), None, 0));
+        assert_eq!(
+            pause(&w, Some(&a), &rule, &WebhookStatus::default(), &at(8_000)).1,
+            PauseChange::Kept
+        );
     }
 
     #[test]

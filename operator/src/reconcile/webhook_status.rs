@@ -15,10 +15,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::ObjectRef;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::context::Context;
-use crate::core::webhooks::{Base, Fleet, may_write, status};
+use crate::core::webhooks::{Base, Fleet, PauseChange, may_write, pause, paused_reason, status};
+use hookfleet_crds::webhook::WebhookLimits;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Resource;
 
 /// How often the writer looks.
 const TICK: Duration = Duration::from_secs(1);
@@ -42,6 +45,28 @@ pub async fn run(ctx: Arc<Context>) {
     loop {
         tick.tick().await;
         pass(&ctx, &mut known, &mut names).await;
+    }
+}
+
+/// One Event per auto-pause (and one per resume), once the status that says so is written.
+async fn announce(ctx: &Context, name: &str, was: bool, new: &WebhookStatus, regarding: &ObjectReference) {
+    match (&new.auto_paused, was) {
+        (Some(a), false) => {
+            warn!(webhook = %name, reason = %a.reason, "Webhook paused by the operator");
+            ctx.event(regarding, true, &format!("Paused{}", a.reason), a.message.clone())
+                .await;
+        }
+        (None, true) => {
+            info!(webhook = %name, "Webhook resumed");
+            ctx.event(
+                regarding,
+                false,
+                "Resumed",
+                "resumed: its kept messages are delivered again".into(),
+            )
+            .await;
+        }
+        _ => {}
     }
 }
 
@@ -78,6 +103,7 @@ async fn pass(
     }
 
     let mut writes = Vec::new();
+    let mut paused_now: HashMap<(String, String), i64> = HashMap::new();
     for w in &webhooks {
         if w.metadata.deletion_timestamp.is_some() {
             continue;
@@ -87,13 +113,16 @@ async fn pass(
         };
         let name = w.name_any();
         let key = crate::memory::key(&ns, &w.spec.integration);
-        let has_fleet = match ctx
+        let (has_fleet, per_webhook) = match ctx
             .integrations
             .get(&ObjectRef::new(&w.spec.integration).within(&ns))
         {
-            None => false,
+            None => (false, None),
             Some(i) => match &i.0 {
-                Ok(i) => i.spec.webhooks.is_some(),
+                Ok(i) => (
+                    i.spec.webhooks.is_some(),
+                    i.spec.webhooks.as_ref().and_then(|s| s.per_webhook.clone()),
+                ),
                 // A malformed Integration has its own condition; its Webhooks wait.
                 Err(_) => continue,
             },
@@ -114,20 +143,33 @@ async fn pass(
             .map(|(s, _)| s.clone())
             .or_else(|| w.status.clone())
             .unwrap_or_default();
-        let agg = if has_fleet {
+        let mut agg = if has_fleet {
             ctx.fleets.aggregate(&key, &name)
         } else {
             None
         };
-        let Some(new) = status(w, fleet, &k.base, agg.as_ref(), &old, &now) else {
+        // Auto-pause (or resume) from the reports and the Webhook's own status, as last written.
+        let rule = WebhookLimits::effective(per_webhook.as_ref(), w.spec.limits.as_ref()).auto_pause;
+        let (paused, change) = pause(w, agg.as_ref(), &rule, &old, &now);
+        if change == PauseChange::Resumed {
+            // What failed before the resume does not count towards the next pause.
+            ctx.fleets.reset_run(&key, &name);
+            agg = ctx.fleets.aggregate(&key, &name);
+        }
+        let Some(new) = status(w, fleet, &k.base, agg.as_ref(), &paused, &old, &now) else {
             continue;
         };
+        if let Some(r) = paused_reason(&new) {
+            *paused_now.entry((key.clone(), r.to_owned())).or_insert(0) += 1;
+        }
         let since = k.last.as_ref().map(|(_, at)| at.elapsed());
         let (state_every, counts_every) = (ctx.config.webhook_status_every, ctx.config.webhook_counts_every);
         if may_write(&old, &new, since, state_every, counts_every) {
-            writes.push((ns, name, uid, new));
+            let was = old.auto_paused.is_some();
+            writes.push((ns, name, uid, new, was, w.object_ref(&())));
         }
     }
+    ctx.metrics.webhooks_paused(&paused_now);
     if writes.is_empty() {
         return;
     }
@@ -137,7 +179,7 @@ async fn pass(
     };
     let params = &params;
     let done: Vec<_> = futures::stream::iter(writes)
-        .map(|(ns, name, uid, new)| async move {
+        .map(|(ns, name, uid, new, was, regarding)| async move {
             let api: Api<Webhook> = Api::namespaced(ctx.client.clone(), &ns);
             // A merge patch removes only what it sets to null.
             let mut status = serde_json::to_value(&new).unwrap_or_default();
@@ -145,6 +187,7 @@ async fn pass(
                 ("lastFailure", new.last_failure.is_none()),
                 ("lastSuccessTime", new.last_success_time.is_none()),
                 ("destinationHost", new.destination_host.is_none()),
+                ("autoPaused", new.auto_paused.is_none()),
             ] {
                 if absent {
                     status[field] = serde_json::Value::Null;
@@ -152,16 +195,17 @@ async fn pass(
             }
             let body = serde_json::json!({ "status": status });
             let r = api.patch_status(&name, params, &Patch::Merge(&body)).await;
-            (name, uid, new, r)
+            (name, uid, new, was, regarding, r)
         })
         .buffer_unordered(WRITES_IN_FLIGHT)
         .collect()
         .await;
-    for (name, uid, new, r) in done {
+    for (name, uid, new, was, regarding, r) in done {
         match r {
             Ok(_) => {
                 ctx.metrics.write("WebhookStatus");
                 debug!(webhook = %name, "Webhook status written");
+                announce(ctx, &name, was, &new, &regarding).await;
                 if let Some(k) = known.get_mut(&uid) {
                     k.last = Some((new, Instant::now()));
                 }

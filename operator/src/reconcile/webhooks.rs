@@ -97,7 +97,7 @@ pub async fn webhooks(
     // The Secrets the valid Webhooks reference, each read once.
     let mut read: BTreeMap<String, Option<Arc<Secret>>> = BTreeMap::new();
     for w in &mine {
-        if hookfleet_crds::validate_webhook(&w.spec, allow).is_err() {
+        if hookfleet_crds::validate_webhook(&w.spec, allow, spec.per_webhook.as_ref()).is_err() {
             continue;
         }
         for r in core::secret_refs(w, allow) {
@@ -118,7 +118,12 @@ pub async fn webhooks(
         Some(Some(s)) => Some(secrets::value(s, &r.key).map(|v| String::from_utf8_lossy(&v).into_owned())),
         _ => None,
     };
-    let compiled = core::compile(mine.iter().map(|w| &**w), allow, &lookup);
+    let compiled = core::compile(
+        mine.iter().map(|w| &**w),
+        allow,
+        spec.per_webhook.as_ref(),
+        &lookup,
+    );
     let hash = snapshot_hash(&compiled.snapshot, &read);
     let encoded = compiled.snapshot.encode();
     let n = compiled.snapshot.webhooks.len();
@@ -151,6 +156,7 @@ pub async fn webhooks(
                 Fleet::Compiled(decided.get(&wname)),
                 &Base::of(w.status.as_ref()),
                 agg.as_ref(),
+                &core::Pause::of(old),
                 old,
                 &now,
             )

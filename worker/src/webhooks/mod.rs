@@ -22,7 +22,9 @@ pub use index::Index;
 
 use crate::breaker::Breaker;
 use crate::config::{ConfigError, Destination};
+use crate::ratelimit::RateLimiter;
 use crate::target::{ClientPolicy, Target};
+use crate::throttle::Throttle;
 
 /// One Webhook of the loaded snapshot.
 pub struct Hook {
@@ -37,12 +39,28 @@ pub struct Hook {
     /// Its own circuit breaker (`--circuit-breaker-*`): a failing endpoint's copies are deferred
     /// without an attempt, instead of holding every message's fan-out (and the request slots).
     pub breaker: Breaker,
-    /// Its requests in flight, at most half the worker's (rounded up): a slow endpoint never holds
-    /// every request slot of the fleet.
+    /// Its requests in flight: its entry's `maxInFlight`, and at most half the worker's (rounded up),
+    /// so a slow endpoint never holds every request slot (or fd) of the fleet. A copy that finds no
+    /// permit is set aside (deferred `throttled`), never waits.
     pub in_flight: Semaphore,
+    /// Its entry's rate limit (a token bucket): a copy that finds no token is deferred `rate_limited`.
+    pub rate: Option<RateLimiter>,
+    /// Its own adaptive throttle (`--adaptive-throttle`, between its minimum and the Webhook's in-flight
+    /// cap): while its failures outnumber its successes, fewer of its requests run at once; a copy over
+    /// the throttle's limit is deferred `throttled`.
+    pub throttle: Option<Throttle>,
     /// The entry it was built from (an unchanged entry keeps its Hook, breaker included, across
     /// snapshots).
     entry: Entry,
+}
+
+/// The worker's settings of each Webhook's own guards.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Guards {
+    /// (threshold, cooldown) of its circuit breaker (`--circuit-breaker-*`).
+    pub breaker: (u32, Duration),
+    /// (minimum in flight, window) of its adaptive throttle (`--adaptive-throttle*`); `None` when off.
+    pub throttle: Option<(u32, Duration)>,
 }
 
 /// A snapshot as the worker uses it.
@@ -69,7 +87,7 @@ impl Loaded {
         allow_private_networks: bool,
         shared: &reqwest::Client,
         policy: ClientPolicy,
-        breaker: (u32, Duration),
+        guards: Guards,
         previous: Option<&Loaded>,
     ) -> Self {
         let mut hooks = Vec::with_capacity(snapshot.webhooks.len());
@@ -95,6 +113,7 @@ impl Loaded {
                 }
             };
             by_name.insert(entry.name.clone(), hooks.len());
+            let cap = in_flight_cap(policy.concurrency, entry.max_in_flight);
             hooks.push(Arc::new(Hook {
                 name: entry.name.clone(),
                 generation: entry.generation,
@@ -106,8 +125,14 @@ impl Loaded {
                     .filter(|v| !v.is_empty())
                     .cloned()
                     .collect(),
-                breaker: Breaker::new(breaker.0, breaker.1),
-                in_flight: Semaphore::new(per_webhook_in_flight(policy.concurrency)),
+                breaker: Breaker::new(guards.breaker.0, guards.breaker.1),
+                in_flight: Semaphore::new(cap),
+                throttle: guards
+                    .throttle
+                    .map(|(min, window)| Throttle::new(min as usize, cap, window)),
+                rate: entry
+                    .rate_limit
+                    .map(|r| RateLimiter::new(r.per_second, r.burst())),
                 entry: entry.clone(),
             }));
         }
@@ -195,6 +220,12 @@ pub fn per_webhook_in_flight(concurrency: usize) -> usize {
     concurrency.div_ceil(2).max(1)
 }
 
+/// A Webhook's in-flight cap: its entry's `maxInFlight`, never above [`per_webhook_in_flight`].
+pub fn in_flight_cap(concurrency: usize, max_in_flight: Option<u32>) -> usize {
+    let half = per_webhook_in_flight(concurrency);
+    max_in_flight.map_or(half, |m| (m as usize).clamp(1, half))
+}
+
 /// The idle keep-alive connections per host that keep the fd budget with `pools` connection pools
 /// (hosts of the shared client, plus each Webhook's own client): `concurrency` in all.
 pub fn idle_per_host(concurrency: usize, pools: usize) -> usize {
@@ -271,6 +302,8 @@ pub(crate) fn entry(name: &str, events: &[&str], dst: serde_json::Value, secrets
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        max_in_flight: None,
+        rate_limit: None,
     }
 }
 
@@ -279,7 +312,10 @@ mod tests {
 
     use super::*;
 
-    const NO_BREAKER: (u32, Duration) = (0, Duration::from_secs(1));
+    const NO_BREAKER: Guards = Guards {
+        breaker: (0, Duration::from_secs(1)),
+        throttle: None,
+    };
 
     #[test]
     fn an_entry_is_built_like_a_single_destination_with_its_own_secrets() {
@@ -367,6 +403,15 @@ mod tests {
         assert_eq!(pools(&snap), 1);
         assert_eq!(idle_per_host(64, 3), 21);
         assert_eq!((per_webhook_in_flight(1), per_webhook_in_flight(5)), (1, 3));
+        assert_eq!(
+            (
+                in_flight_cap(8, None),
+                in_flight_cap(8, Some(2)),
+                in_flight_cap(8, Some(100))
+            ),
+            (4, 2, 4),
+            "an entry's cap only lowers the half"
+        );
         // Unchanged entries keep their Hook (and its connections, token cache) in the next snapshot.
         let mut next = snap.clone();
         next.webhooks[1].paused = true;
@@ -375,5 +420,16 @@ mod tests {
         assert!(Arc::ptr_eq(again.get("bad").unwrap(), l.get("bad").unwrap()));
         assert!(!Arc::ptr_eq(again.get("good").unwrap(), l.get("good").unwrap()));
         assert!(again.get("good").unwrap().paused);
+        // With --adaptive-throttle each Webhook has its own, up to its in-flight cap.
+        let mut capped = snap.clone();
+        capped.webhooks[1].max_in_flight = Some(1);
+        let guards = Guards {
+            breaker: (0, Duration::from_secs(1)),
+            throttle: Some((1, Duration::from_secs(5))),
+        };
+        let t = Loaded::build(&capped, "9", true, &shared, policy, guards, None);
+        let limit = |n: &str| t.get(n).unwrap().throttle.as_ref().map(|t| t.limit());
+        assert_eq!((limit("bad"), limit("good")), (Some(2), Some(1)));
+        assert!(l.get("good").unwrap().throttle.is_none(), "off without the flag");
     }
 }

@@ -14,7 +14,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tracing::{error, info, warn};
 
-use super::{Live, Loaded, idle_per_host, pools};
+use super::{Guards, Live, Loaded, idle_per_host, pools};
 use crate::config::WebhooksMode;
 use crate::metrics::Metrics;
 use crate::target::{self, ClientPolicy};
@@ -23,19 +23,19 @@ use crate::target::{self, ClientPolicy};
 pub struct Builder {
     allow_private_networks: bool,
     concurrency: usize,
-    /// (threshold, cooldown) of each Webhook's circuit breaker.
-    breaker: (u32, Duration),
+    /// Each Webhook's circuit breaker and adaptive throttle settings.
+    guards: Guards,
     /// (idle connections per host, the client): kept while the number of pools is unchanged, so that
     /// unchanged Webhooks keep their connections and token caches across snapshots.
     shared: Mutex<Option<(usize, reqwest::Client)>>,
 }
 
 impl Builder {
-    pub fn new(allow_private_networks: bool, concurrency: usize, breaker: (u32, Duration)) -> Self {
+    pub fn new(allow_private_networks: bool, concurrency: usize, guards: Guards) -> Self {
         Self {
             allow_private_networks,
             concurrency,
-            breaker,
+            guards,
             shared: Mutex::new(None),
         }
     }
@@ -75,7 +75,7 @@ impl Builder {
             self.allow_private_networks,
             client,
             policy,
-            self.breaker,
+            self.guards,
             previous,
         )
     }

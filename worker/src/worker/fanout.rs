@@ -2,10 +2,12 @@
 //! (event name and headers, `webhooks::Index`); a copy that came back through the retry ladder
 //! (`H_WEBHOOK`) goes to its Webhook alone, with its attempt count. Each Webhook's outcome has its
 //! own fate (`fate::decide`), and `settlement` stores the copies and acks the original only once
-//! every copy is delivered or confirmed stored. One Webhook's trouble stays its own: a 410
-//! dead-letters its copy (reason `gone`), a panic defers it, a paused Webhook's copy is deferred
-//! without spending an attempt, and a deleted one's copies go to the dead letters
-//! (`webhook_deleted`).
+//! every copy is delivered or confirmed stored. One Webhook's trouble stays its own: a copy that finds
+//! its Webhook paused, its breaker open, at its in-flight cap (`throttled`) or without a rate-limit
+//! token (`rate_limited`) is set aside on its retry path without spending an attempt, and the worker
+//! goes on with the others (it never waits on one Webhook's share); a 410 defers the copy (reported
+//! as failure kind `gone`, on which the operator pauses that Webhook alone); a panic defers it; a
+//! deleted Webhook's copies go to the dead letters (`webhook_deleted`).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -34,6 +36,12 @@ use crate::webhooks::report::Seen;
 /// How long a paused Webhook's copy waits before it is looked at again (at most the backoff's
 /// longest delay, rounded to a rung of the ladder).
 const PAUSED_RECHECK: Duration = Duration::from_secs(10);
+/// About how long a copy set aside at its Webhook's in-flight cap waits (a request's time or so;
+/// spread over up to twice that).
+const THROTTLED_RECHECK: Duration = Duration::from_secs(1);
+
+/// An attempt, or why the copy was set aside without one (reason, about how long).
+type Tried = Result<Outcome, (&'static str, Duration)>;
 
 /// What to do for one Webhook.
 enum Job {
@@ -155,13 +163,14 @@ impl Worker {
 
     /// The fate of one Webhook's copy (attempting it when its job says so).
     async fn copy(&self, d: &Delivery, body: &Bytes, meta: &Meta, job: Job) -> Copy {
-        let deferred = |reason| {
+        let deferred_in = |reason, delay: Duration| {
             Fate::Store(Store::Defer {
                 attempts: meta.attempts,
-                next_in: self.cfg.backoff.bucket(PAUSED_RECHECK.min(self.cfg.backoff.max)),
+                next_in: self.cfg.backoff.bucket(delay.min(self.cfg.backoff.max)),
                 reason,
             })
         };
+        let deferred = |reason| deferred_in(reason, PAUSED_RECHECK);
         match job {
             Job::Deleted(webhook) => {
                 warn!(webhook = %webhook, id = %meta.id, "a copy for a webhook no longer configured; dead-lettered");
@@ -185,25 +194,35 @@ impl Worker {
             Job::Attempt(hook) => {
                 let span = info_span!("webhook", webhook = %hook.name);
                 let mut head = Vec::new();
-                let outcome = AssertUnwindSafe(self.attempt_hook(&hook, d, body, meta, &mut head))
+                let tried = AssertUnwindSafe(self.attempt_hook(&hook, d, body, meta, &mut head))
                     .catch_unwind()
                     .instrument(span.clone())
                     .await
-                    .unwrap_or(Outcome::Panicked);
-                let fate = match outcome {
-                    Outcome::Panicked => {
+                    .unwrap_or(Ok(Outcome::Panicked));
+                let fate = match tried {
+                    // Set aside at its cap or for want of a token: spread over up to twice the wait.
+                    Err((reason, about)) => {
+                        let spread = about.mul_f64(1.0 + rand::rng().random_range(0.0..1.0));
+                        return Copy {
+                            webhook: hook.name.clone(),
+                            fate: deferred_in(reason, spread),
+                        };
+                    }
+                    Ok(Outcome::Panicked) => {
                         span.in_scope(|| error!("delivery to the webhook panicked; its copy is deferred"));
                         deferred("panic")
                     }
-                    // 410: this Webhook will never take it; the fleet goes on.
-                    Outcome::Gone => self.decide(
-                        Outcome::Reject {
-                            reason: "gone",
-                            status: Some(410),
-                        },
-                        meta,
-                    ),
-                    o => self.decide(o, meta),
+                    // 410: this Webhook's endpoint is gone, not the message: the copy is kept (deferred,
+                    // no attempt spent) and reported as kind `gone`, on which the operator pauses this
+                    // Webhook alone; the fleet goes on.
+                    Ok(Outcome::Gone) => {
+                        self.tally_gone(&hook, &head);
+                        return Copy {
+                            webhook: hook.name.clone(),
+                            fate: deferred("gone"),
+                        };
+                    }
+                    Ok(o) => self.decide(o, meta),
                 };
                 self.tally(&hook, &fate, &head);
                 Copy {
@@ -222,7 +241,8 @@ impl Worker {
         fate::decide(outcome, meta.attempts + 1, limits, &mut rand::rng())
     }
 
-    /// Renders and attempts one Webhook's delivery, within the worker's bound on requests in flight.
+    /// Renders and attempts one Webhook's delivery, within the worker's bound on requests in flight;
+    /// `Err` when the copy is set aside without an attempt (its in-flight cap, its rate limit).
     async fn attempt_hook(
         &self,
         hook: &Hook,
@@ -230,29 +250,51 @@ impl Worker {
         message: &Bytes,
         meta: &Meta,
         head: &mut Vec<u8>,
-    ) -> Outcome {
+    ) -> Tried {
         let target = hook.target.as_ref().expect("attempted only when built");
         let id = webhook_id(&meta.id, &hook.name);
         let body = match Self::body(target, d, message, &id) {
             Ok(b) => b,
-            Err(o) => return o,
+            Err(o) => return Ok(o),
         };
         let admit = hook.breaker.admit();
         if let Admit::Defer(remaining) = admit {
             // Spread over half a cooldown, as with a single destination.
-            return Outcome::Deferred {
+            return Ok(Outcome::Deferred {
                 delay: remaining.mul_f64(1.0 + rand::rng().random_range(0.0..0.5)),
-            };
+            });
         }
         let hooks = self.hooks.as_ref().expect("with Webhooks");
-        // Its own share first, then one of the worker's request slots.
-        let own = hook.in_flight.acquire().await.expect("never closed");
+        // Its own share first, never waited for: at its cap the copy is set aside and the worker goes
+        // on with the other Webhooks' copies (so one Webhook never holds the worker's slots or fds).
+        let Ok(own) = hook.in_flight.try_acquire() else {
+            return Err(("throttled", THROTTLED_RECHECK));
+        };
+        // Its adaptive throttle, below the cap while its endpoint fails more than it succeeds.
+        let pass = match &hook.throttle {
+            Some(t) => match t.try_acquire() {
+                Some(p) => Some(p),
+                None => return Err(("throttled", THROTTLED_RECHECK)),
+            },
+            None => None,
+        };
+        if let Some(rate) = &hook.rate
+            && let Err(wait) = rate.try_take().await
+        {
+            return Err(("rate_limited", wait.max(THROTTLED_RECHECK)));
+        }
+        // Then one of the worker's request slots (bounded by its concurrency, shared fairly).
         let permit = hooks.requests.acquire().await.expect("never closed");
         self.metrics.in_flight.inc();
         let outcome = self.attempt(target, d, &id, body, Some(head)).await;
         self.metrics.in_flight.dec();
-        drop((permit, own));
-        let healthy = !matches!(outcome, Outcome::Retry { .. });
+        drop((permit, own, pass));
+        let healthy = !matches!(outcome, Outcome::Retry { .. } | Outcome::Gone);
+        if let Some(t) = &hook.throttle
+            && let Some(limit) = t.record(healthy)
+        {
+            info!(limit, "webhook adaptive throttle: requests allowed in flight");
+        }
         match hook.breaker.record(healthy, admit == Admit::Probe) {
             Some(Transition::Opened) => warn!(
                 threshold = self.cfg.circuit_breaker.0,
@@ -262,7 +304,28 @@ impl Worker {
             Some(Transition::Closed) => info!("webhook circuit breaker closed: the endpoint recovered"),
             None => {}
         }
-        outcome
+        Ok(outcome)
+    }
+
+    /// A 410 from `hook`, for its status: a failure of kind `gone` (the operator pauses it).
+    fn tally_gone(&self, hook: &Hook, head: &[u8]) {
+        let Some(hooks) = &self.hooks else { return };
+        let now = message::now_ms();
+        let note = FailureNote {
+            at_ms: now,
+            status: Some(410),
+            kind: "gone".into(),
+            excerpt: hookfleet_crds::contract::webhooks::excerpt(
+                head,
+                hook.secrets.iter().map(String::as_str),
+            ),
+        };
+        hooks.tallies.record(
+            &hook.name,
+            hook.generation,
+            now,
+            Seen::Failed { note, dead: false },
+        );
     }
 
     /// What this copy's attempt tells the Webhook's status.
@@ -633,7 +696,8 @@ mod tests {
     }
 
     /// A slow endpoint holds at most half the request slots: with concurrency 4, at most 2 of its
-    /// requests at once while another Webhook's messages go through beside it.
+    /// requests at once (a third copy is set aside, `throttled`) while another Webhook's messages go
+    /// through beside it.
     #[tokio::test]
     async fn a_slow_webhook_holds_at_most_half_the_request_slots() {
         let sinks = Sinks::start().await;
@@ -659,10 +723,19 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        assert_eq!((sinks.hits("slow").len(), sinks.hits("fast").len()), (3, 3));
+        let (slow, fast) = (sinks.hits("slow").len(), sinks.hits("fast").len());
         assert_eq!(sinks.peak("slow"), 2, "half of 4");
-        assert!(sinks.peak("fast") >= 2, "the fast one got the other slots");
-        assert_eq!(fate_count(&w.metrics, "delivered"), 6);
+        assert!(fast >= 2, "the fast one got the other slots");
+        assert_eq!(slow, 2, "the third is set aside, not waiting");
+        assert_eq!(
+            deliveries(&w.metrics, "deferred", "throttled") as usize,
+            6 - slow - fast
+        );
+        assert_eq!(
+            fate_count(&w.metrics, "delivered") as usize,
+            slow + fast,
+            "the others"
+        );
     }
 
     #[tokio::test]
@@ -707,7 +780,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_410_dead_letters_that_webhook_only_and_the_fleet_goes_on() {
+    async fn a_410_defers_that_webhook_s_copy_reports_gone_and_the_fleet_goes_on() {
         let sinks = Sinks::start().await;
         sinks.answer("b", 410);
         let w = worker(
@@ -715,15 +788,107 @@ mod tests {
             vec![sinks.entry("a", &[""]), sinks.entry("b", &[""])],
         );
         let broker = Memory::default();
-        deliver(&w, &broker, delivery(1, b"{}")).await;
-        assert_eq!(broker.log(), ["publish orders.dead", "ack 1"]);
-        assert_eq!(
-            header_str(broker.published()[0].1.headers().as_ref(), H_DEAD_REASON).as_deref(),
-            Some("gone")
+        deliver(&w, &broker, copy_for(1, "b", 2)).await;
+        let delay = format!(
+            "publish orders.delay.{}ms",
+            w.cfg.backoff.bucket(PAUSED_RECHECK).as_millis()
         );
+        assert_eq!(broker.log(), [delay.as_str(), "ack 1"], "kept, not dead-lettered");
+        let h = broker.published()[0].1.headers().clone();
+        assert_eq!(header_str(h.as_ref(), H_LAST_ERROR).as_deref(), Some("gone"));
+        assert_eq!(header_int(h.as_ref(), H_ATTEMPTS), Some(2), "no attempt spent");
+        assert_eq!(webhook_of(&broker.published()[0].1).as_deref(), Some("b"));
         assert!(!w.gone.is_set(), "the worker does not stop");
         deliver(&w, &broker, delivery(2, b"{}")).await;
-        assert_eq!(sinks.hits("a").len(), 2);
+        assert_eq!(sinks.hits("a").len(), 1);
+        // Reported as a failure of kind `gone` (the operator pauses b on it).
+        let report = w.hooks.as_ref().unwrap().tallies.take("w", 1).unwrap();
+        let b = &report.webhooks["b"];
+        assert_eq!((b.failed, b.dead_lettered, b.consecutive_failures), (2, 0, 2));
+        let note = b.last_failure.as_ref().unwrap();
+        assert_eq!((note.status, note.kind.as_str()), (Some(410), "gone"));
+    }
+
+    /// At its in-flight cap a Webhook's copies are set aside (no waiting, no attempt spent) while the
+    /// other Webhook's are delivered beside it.
+    #[tokio::test]
+    async fn at_its_in_flight_cap_a_webhook_s_copies_are_set_aside_throttled() {
+        let sinks = Sinks::start().await;
+        sinks.slow.lock().unwrap().insert("slow".into(), 300);
+        let mut slow = sinks.entry("slow", &[""]);
+        slow.max_in_flight = Some(1);
+        let w = worker(Unmatched::Ack, vec![slow, sinks.entry("fast", &[""])]);
+        let broker = Arc::new(Memory::default());
+        let mut tasks = Vec::new();
+        for tag in 1..=3u64 {
+            let (w, broker) = (w.clone(), broker.clone());
+            tasks.push(tokio::spawn(async move {
+                w.deliver(&*broker, delivery(tag, b"{}"), Accounted::new(w.metrics.clone()))
+                    .await;
+            }));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(sinks.hits("fast").len(), 3, "the other Webhook is not held back");
+        assert_eq!(sinks.hits("slow").len(), 1, "one at a time");
+        assert_eq!(sinks.peak("slow"), 1);
+        let set_aside: Vec<(Option<String>, Option<i64>)> = broker
+            .published()
+            .iter()
+            .map(|(_, p)| {
+                let h = p.headers().as_ref();
+                (header_str(h, H_LAST_ERROR), header_int(h, H_ATTEMPTS))
+            })
+            .collect();
+        assert_eq!(
+            set_aside,
+            [
+                (Some("throttled".into()), Some(0)),
+                (Some("throttled".into()), Some(0))
+            ]
+        );
+        assert!(
+            broker
+                .published()
+                .iter()
+                .all(|(_, p)| webhook_of(p).as_deref() == Some("slow"))
+        );
+        assert_eq!(deliveries(&w.metrics, "deferred", "throttled"), 2);
+        assert_eq!(w.metrics.unsettled.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn without_a_token_a_webhook_s_copy_is_set_aside_rate_limited() {
+        let sinks = Sinks::start().await;
+        let mut limited = sinks.entry("limited", &[""]);
+        limited.rate_limit = Some(hookfleet_crds::webhook::WebhookRateLimit {
+            per_second: 1,
+            burst: Some(2),
+        });
+        let w = worker(Unmatched::Ack, vec![limited, sinks.entry("free", &[""])]);
+        let broker = Memory::default();
+        for tag in 1..=4 {
+            deliver(&w, &broker, delivery(tag, b"{}")).await;
+        }
+        assert_eq!((sinks.hits("limited").len(), sinks.hits("free").len()), (2, 4));
+        let reasons: Vec<Option<String>> = broker
+            .published()
+            .iter()
+            .map(|(_, p)| header_str(p.headers().as_ref(), H_LAST_ERROR))
+            .collect();
+        assert_eq!(
+            reasons,
+            [Some("rate_limited".into()), Some("rate_limited".into())]
+        );
+        assert!(
+            broker
+                .published()
+                .iter()
+                .all(|(_, p)| header_int(p.headers().as_ref(), H_ATTEMPTS) == Some(0))
+        );
+        assert_eq!(deliveries(&w.metrics, "deferred", "rate_limited"), 2);
     }
 
     #[tokio::test]

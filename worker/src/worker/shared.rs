@@ -77,7 +77,10 @@ impl Worker {
             builder: Arc::new(Builder::new(
                 cfg.allow_private_networks,
                 cfg.concurrency,
-                cfg.circuit_breaker,
+                crate::webhooks::Guards {
+                    breaker: cfg.circuit_breaker,
+                    throttle: cfg.adaptive_throttle,
+                },
             )),
             requests: Semaphore::new(cfg.concurrency),
             tallies: Tallies::default(),
