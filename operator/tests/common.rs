@@ -125,6 +125,29 @@ pub async fn consumers(
     Ok(out)
 }
 
+/// Waits until the operator consumes `queue` (a fleet's reports queue): at least one consumer on it.
+pub async fn until_consumed(ch: &Channel, queue: &str) -> anyhow::Result<()> {
+    wait_for(
+        "the operator's report consumer",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async move {
+            let q = ch
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            Ok(q.ok().filter(|q| q.consumer_count() >= 1).map(|_| ()))
+        },
+    )
+    .await
+}
+
 pub async fn connect(uri: &str) -> anyhow::Result<Connection> {
     Ok(Connection::connect(uri, ConnectionProperties::default()).await?)
 }

@@ -21,8 +21,7 @@ use hookfleet_testkit::process::wait_for;
 use hookfleet_testkit::{ControlPlane, RabbitMq};
 use kube::api::{Api, Patch, PatchParams};
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicPublishOptions;
 
 fn now_ms() -> i64 {
     k8s_openapi::jiff::Timestamp::now().as_millisecond()
@@ -174,26 +173,7 @@ async fn failing_and_gone_webhooks_are_paused_kept_and_resumed() -> anyhow::Resu
     let conn = connect(&rmq.amqp_uri()).await?;
     let ch = conn.create_channel().await?;
     let queue = reports_queue("events");
-    let (chr, q) = (&ch, &queue);
-    wait_for(
-        "the operator's report consumer",
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-        || async move {
-            let q = chr
-                .queue_declare(
-                    q.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            Ok(q.ok().filter(|q| q.consumer_count() >= 1).map(|_| ()))
-        },
-    )
-    .await?;
+    until_consumed(&ch, &queue).await?;
     let publish = |r: Report| {
         let ch = &ch;
         let queue = &queue;

@@ -19,8 +19,7 @@ use hookfleet_testkit::process::wait_for;
 use hookfleet_testkit::{ControlPlane, RabbitMq};
 use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use lapin::BasicProperties;
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicPublishOptions;
 
 const WEBHOOKS: usize = 200;
 const WORKERS: usize = 10;
@@ -122,27 +121,7 @@ async fn statuses_come_from_aggregates_at_a_bounded_rate() -> anyhow::Result<()>
     let conn = connect(&rmq.amqp_uri()).await?;
     let ch = conn.create_channel().await?;
     let queue = reports_queue("busy");
-    let chr = &ch;
-    let q = &queue;
-    wait_for(
-        "the operator's report consumer",
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-        || async move {
-            let q = chr
-                .queue_declare(
-                    q.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            Ok(q.ok().filter(|q| q.consumer_count() >= 1).map(|_| ()))
-        },
-    )
-    .await?;
+    until_consumed(&ch, &queue).await?;
 
     // Count status writes from here on.
     let rv = api
