@@ -5,7 +5,7 @@
     hack/modcycles.py --edges operator/src                 # also every edge, file -> file
 
 A file's module path comes from where it sits (lib.rs, or main.rs where there is no lib.rs: the root; a/mod.rs and a.rs: `a`;
-a/b.rs: `a::b`). An edge A -> B is any path in A's code (comments left out) that names B: `crate::b::...`,
+a/b.rs: `a::b`). An edge A -> B is any path in A's code or doc comments (plain `//` comments left out) that names B: `crate::b::...`,
 `super::...`, `self::...`, or a child module by its bare name (`apply::apply(...)` in the parent that declares
 `mod apply`). A path that names an item inside a module counts for the module that holds it. Declaring a
 module (`mod x;`) is not an import, and `#[cfg(test)]` items are left out. Cycles are the strongly connected
@@ -24,7 +24,10 @@ GROUP = re.compile(r"\b(crate|super|self)((?:::[A-Za-z_][A-Za-z0-9_]*)*)::\{")
 def strip_comments(text):
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
     text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)  # strings can hold `crate::` in messages
-    return "\n".join(line.split("//", 1)[0] for line in text.splitlines())
+    # Doc comments (`///`, `//!`) stay: their paths are rustdoc links, references as real as a `use`.
+    return "\n".join(
+        line if line.lstrip().startswith(("///", "//!")) else line.split("//", 1)[0] for line in text.splitlines()
+    )
 
 
 def strip_tests(text):

@@ -1,5 +1,5 @@
 //! `Integration` (hookfleet.io/v1alpha1): one RabbitMQ queue delivered by a fleet of workers to one
-//! webhook destination, or to the many [`Webhook`](crate::webhook::Webhook)s that name it.
+//! webhook destination, or to the many Webhooks (`webhook.rs`) that name it.
 //!
 //! Everything the API server can check is in the schema (types, ranges, enums, CEL rules), so a bad
 //! manifest is refused at `kubectl apply` time with a message that names the field. What only the

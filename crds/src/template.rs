@@ -1,7 +1,7 @@
 //! Body templates (`spec.destination.body.template`, the worker's `--body-template`): the MiniJinja
 //! environment a template is compiled into. The worker renders with it (`worker/src/template.rs`);
-//! [`crate::validate`] compiles the spec's template with it, so a template the worker would refuse at
-//! start is refused before any pod rolls.
+//! the crate's `validate` compiles the spec's template with it, so a template the worker would refuse
+//! at start is refused before any pod rolls.
 
 use std::collections::BTreeMap;
 

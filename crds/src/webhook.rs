@@ -3,7 +3,7 @@
 //! headers carry the values it asks for), and sends each to its destination: the same
 //! [`DestinationSpec`] an Integration's single `destination` uses.
 //!
-//! The fleet reads Webhooks from a snapshot the operator compiles ([`crate::contract::webhooks`]); the
+//! The fleet reads Webhooks from a snapshot the operator compiles (the contract's `webhooks` module); the
 //! operator writes their status from what the workers report, at most once per 10 s per Webhook.
 
 // Several `printcolumn(type_ = …)` entries on one derive read to clippy as duplicated attributes.

@@ -1,8 +1,8 @@
 //! What the worker refuses in its arguments beyond one value's type and range: a missing queue or URL,
 //! a body template that does not parse, a header the HTTP client would refuse, a dead-letter queue that
 //! is one of the work queue's own, settings that need each other. [`WorkerArgs::check`] runs every rule
-//! and names each refusal by its flag and variable (the worker's messages); [`crate::validate`] runs the
-//! same rules on what the operator would render and names the spec field instead.
+//! and names each refusal by its flag and variable (the worker's messages); the crate's `validate` runs
+//! the same rules on what the operator would render and names the spec field instead.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -15,7 +15,7 @@ use crate::integration::{AdaptiveThrottleSpec, RESERVED_HEADERS};
 use crate::limits;
 
 /// A setting that cannot be used, and why: `field` is a spec field (`spec.destination.url`) from
-/// [`crate::validate`], or the worker's flag and variable (`--queue (HOOKFLEET_QUEUE)`) from
+/// the crate's `validate`, or the worker's flag and variable (`--queue (HOOKFLEET_QUEUE)`) from
 /// [`WorkerArgs::check`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Invalid {

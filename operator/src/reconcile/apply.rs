@@ -106,15 +106,8 @@ where
         to.metrics.applies_skipped.inc();
         return Ok(());
     }
-    // apiVersion and kind are part of the apply body.
-    let mut body = serde_json::to_value(desired).expect("k8s objects serialize");
-    body["apiVersion"] = K::api_version(&()).into();
-    body["kind"] = kind.as_str().into();
-    let ns = desired.meta().namespace.as_deref().unwrap_or_default();
-    let api: Api<K> = Api::namespaced(to.client.clone(), ns);
     let before = cached.as_ref().map(|c| c.meta().resource_version.clone());
-    let out = api
-        .patch(&name, &to.params, &Patch::Apply(&body))
+    let out = server_side_apply(to.client, &to.params, desired)
         .await
         .map_err(|source| ApplyError::Apply {
             kind: kind.clone(),
@@ -130,6 +123,28 @@ where
         m.applied.insert(kind, (h, fp, Instant::now()));
     });
     Ok(())
+}
+
+/// Server-side apply of the namespaced object `obj` with `params` (its apiVersion and kind are part of
+/// the body): the one apply of the reconcile's steps.
+pub(crate) async fn server_side_apply<K>(
+    client: &Client,
+    params: &PatchParams,
+    obj: &K,
+) -> Result<K, kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let mut body = serde_json::to_value(obj).expect("k8s objects serialize");
+    body["apiVersion"] = K::api_version(&()).into();
+    body["kind"] = K::kind(&()).into();
+    let ns = obj.meta().namespace.as_deref().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    api.patch(&obj.name_any(), params, &Patch::Apply(&body)).await
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The steps of one Integration's reconcile, each a function in its own file with its own error, handed
-//! the parts of the context it needs and this Integration's memory (taken once, by `crate::pipeline`,
-//! which runs them; it sits above `crate::error`, which wraps these steps' errors):
+//! the parts of the context it needs and this Integration's memory (taken once by the pipeline, which
+//! runs them; the pipeline and the operator's error enum, which wraps these steps' errors, sit above
+//! this module and are not named from here):
 //!
 //! 1. [`dereference`]: what the world is (Secrets, the broker's view of the queue, children, worker pods);
 //!    then, for a Webhooks fleet, [`webhooks`]: its snapshot Secret, its workers' access, its report

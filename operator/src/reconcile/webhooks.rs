@@ -17,7 +17,7 @@ use hookfleet_crds::integration::WebhookCounts;
 use hookfleet_crds::{Integration, Webhook};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, PatchParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
-use super::apply::unchanged;
+use super::apply::{server_side_apply, unchanged};
 use crate::context::Context;
 use crate::core::desired;
 use crate::core::webhooks::{self as core, Base, Fleet, SNAPSHOT_MAX_BYTES};
@@ -350,14 +350,8 @@ where
 {
     let kind = K::kind(&()).to_string();
     let name = obj.name_any();
-    let mut body = serde_json::to_value(obj).expect("k8s objects serialize");
-    body["apiVersion"] = K::api_version(&()).into();
-    body["kind"] = kind.as_str().into();
-    let ns = obj.meta().namespace.as_deref().unwrap_or_default();
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     let params = PatchParams::apply(&ctx.config.field_manager).force();
-    let out = api
-        .patch(&name, &params, &Patch::Apply(&body))
+    let out = server_side_apply(&ctx.client, &params, obj)
         .await
         .map_err(|source| WebhooksError::Apply {
             kind: kind.clone(),
