@@ -195,6 +195,8 @@ fn lint_and_template_with_default_and_full_values() -> Result<()> {
         "hookfleet_operator_integration_consumers",
         "hookfleet_open_fds",
         "hookfleet_max_fds",
+        "hookfleet_webhooks_in_state",
+        "hookfleet_webhook_consecutive_failures",
     ] {
         assert!(text.contains(series), "dashboard shows no {series}");
     }

@@ -19,6 +19,9 @@ use prometheus_client::registry::Registry;
 /// Static label pairs (result, reason).
 pub type Labels = Vec<(&'static str, &'static str)>;
 
+/// A Webhook's own series: (`webhook`, its name) and, for states, (`state`, one of them).
+pub type WebhookLabels = Vec<(&'static str, String)>;
+
 pub struct Metrics {
     registry: Registry,
     /// Attempts by result (`delivered`, `retried`, `deferred`, `dead_lettered`, `handed_back`) and reason.
@@ -61,6 +64,17 @@ pub struct Metrics {
     pub unmatched: Counter,
     /// Report publishes by result (`ok`, `failed`).
     pub reports: Family<Labels, Counter>,
+    /// Webhooks in trouble at this worker, by state (`failing`, `circuit_open`, `throttled`, `paused`):
+    /// always these four series, whatever the number of Webhooks.
+    pub webhooks_by_state: Family<Labels, Gauge>,
+    /// Webhooks in trouble beyond the ones with series of their own.
+    pub webhooks_unlisted: Gauge,
+    /// 1 per (webhook, state) of the worst Webhooks in trouble (at most `webhooks::series::TOP`).
+    pub webhook_state: Family<WebhookLabels, Gauge>,
+    /// Their failed attempts in a row at this worker.
+    pub webhook_consecutive_failures: Family<WebhookLabels, Gauge>,
+    /// Their copies set aside for want of capacity over the last refresh.
+    pub webhook_set_aside: Family<WebhookLabels, Gauge>,
 }
 
 impl Metrics {
@@ -100,6 +114,11 @@ impl Metrics {
             snapshot_loaded_at: Gauge::default(),
             unmatched: Counter::default(),
             reports: Family::default(),
+            webhooks_by_state: Family::default(),
+            webhooks_unlisted: Gauge::default(),
+            webhook_state: Family::default(),
+            webhook_consecutive_failures: Family::default(),
+            webhook_set_aside: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -227,6 +246,33 @@ impl Metrics {
             "webhook_reports",
             "Webhook status reports published, by result (ok, failed: merged into the next)",
             m.reports.clone(),
+        );
+        r.register(
+            "webhooks_in_state",
+            "Webhooks in trouble at this worker, by state: failing (failed attempts in a row), circuit_open, \
+             throttled (copies set aside at their in-flight cap, throttle or rate limit), paused",
+            m.webhooks_by_state.clone(),
+        );
+        r.register(
+            "webhooks_unlisted",
+            "Webhooks in trouble at this worker without series of their own (beyond the worst 20)",
+            m.webhooks_unlisted.clone(),
+        );
+        r.register(
+            "webhook_state",
+            "1 per state of each of the worst 20 Webhooks in trouble at this worker (healthy ones have none)",
+            m.webhook_state.clone(),
+        );
+        r.register(
+            "webhook_consecutive_failures",
+            "Failed attempts in a row at this worker, for the worst 20 Webhooks in trouble",
+            m.webhook_consecutive_failures.clone(),
+        );
+        r.register(
+            "webhook_set_aside",
+            "Copies set aside without an attempt for want of capacity over the last refresh (5 s), for the \
+             worst 20 Webhooks in trouble",
+            m.webhook_set_aside.clone(),
         );
         Self { registry, ..m }
     }

@@ -5,6 +5,7 @@
 
 pub mod index;
 pub mod report;
+pub mod series;
 pub mod watch;
 
 use std::collections::HashMap;

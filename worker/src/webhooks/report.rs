@@ -59,6 +59,17 @@ impl Tallies {
         t.consecutive_failures = *c;
     }
 
+    /// Each Webhook's failed attempts in a row at this worker (Webhooks that never failed: absent).
+    pub fn consecutive(&self) -> HashMap<String, u64> {
+        let inner = self.lock();
+        inner
+            .consecutive
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| (k.clone(), *n))
+            .collect()
+    }
+
     /// The report of everything since the last one (`None` when nothing happened), emptied.
     pub fn take(&self, worker: &str, at_ms: i64) -> Option<Report> {
         let mut inner = self.lock();

@@ -202,6 +202,9 @@ impl Worker {
                 let fate = match tried {
                     // Set aside at its cap or for want of a token: spread over up to twice the wait.
                     Err((reason, about)) => {
+                        if let Some(hooks) = &self.hooks {
+                            hooks.set_aside.record(&hook.name);
+                        }
                         let spread = about.mul_f64(1.0 + rand::rng().random_range(0.0..1.0));
                         return Copy {
                             webhook: hook.name.clone(),
@@ -857,6 +860,76 @@ mod tests {
         );
         assert_eq!(deliveries(&w.metrics, "deferred", "throttled"), 2);
         assert_eq!(w.metrics.unsettled.get(), 0);
+        // Its own series say so (throttled, 2 set aside); the other Webhook has none.
+        w.metric_series();
+        let text = w.metrics.encode();
+        assert!(
+            text.contains(r#"hookfleet_webhook_state{webhook="slow",state="throttled"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"hookfleet_webhook_set_aside{webhook="slow"} 2"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"webhook="fast""#), "{text}");
+        // The next refresh, with nothing set aside since: no longer throttled.
+        w.metric_series();
+        let text = w.metrics.encode();
+        assert!(!text.contains(r#"webhook="slow""#), "{text}");
+        assert!(
+            text.contains(r#"hookfleet_webhooks_in_state{state="throttled"} 0"#),
+            "{text}"
+        );
+    }
+
+    /// Per-Webhook series only for the Webhooks in trouble: a failing one gets its own (its states, its
+    /// run of failures), a paused one its state, a healthy one none, and every state is counted; once
+    /// the failing one succeeds again, its series go.
+    #[tokio::test]
+    async fn only_webhooks_in_trouble_have_series_of_their_own() {
+        let sinks = Sinks::start().await;
+        sinks.answer("b", 503);
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut cfg = config(Unmatched::Ack);
+        cfg.circuit_breaker = (3, Duration::from_secs(10));
+        let w = Worker::new(cfg, Arc::new(Metrics::new(""))).unwrap();
+        let mut paused = sinks.entry("p", &["never"]);
+        paused.paused = true;
+        load(&w, vec![sinks.entry("a", &[""]), sinks.entry("b", &[""]), paused]);
+        let broker = Memory::default();
+        for tag in 1..=2 {
+            deliver(&w, &broker, delivery(tag, b"{}")).await;
+        }
+        w.metric_series();
+        let text = w.metrics.encode();
+        for series in [
+            r#"hookfleet_webhook_state{webhook="b",state="failing"} 1"#,
+            r#"hookfleet_webhook_consecutive_failures{webhook="b"} 2"#,
+            r#"hookfleet_webhook_state{webhook="p",state="paused"} 1"#,
+            r#"hookfleet_webhooks_in_state{state="failing"} 1"#,
+            r#"hookfleet_webhooks_in_state{state="paused"} 1"#,
+            r#"hookfleet_webhooks_in_state{state="circuit_open"} 0"#,
+            "hookfleet_webhooks_unlisted 0",
+        ] {
+            assert!(text.contains(series), "{series} missing in:\n{text}");
+        }
+        assert!(
+            !text.contains(r#"webhook="a""#),
+            "a healthy Webhook has no series: {text}"
+        );
+        assert!(!text.contains(r#"webhook="b",state="circuit_open""#), "{text}");
+        sinks.answer("b", 200);
+        deliver(&w, &broker, delivery(3, b"{}")).await;
+        w.metric_series();
+        let text = w.metrics.encode();
+        assert!(
+            !text.contains(r#"webhook="b""#),
+            "recovered: its series are gone: {text}"
+        );
+        assert!(
+            text.contains(r#"hookfleet_webhooks_in_state{state="failing"} 0"#),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -1,17 +1,22 @@
 //! With Webhooks: publishing what this worker saw of each Webhook ([`Report`]) to the fleet's reports
 //! queue, every [`EVERY`] and once more at shutdown, through the session's confirm-mode publisher.
 //! A report not confirmed goes back into the tallies and rides with the next one; it never holds up
-//! a delivery.
+//! a delivery. At the same pace, the bounded per-Webhook metric series ([`series`]).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hookfleet_crds::contract::webhooks::reports_queue;
 use lapin::BasicProperties;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tracing::{debug, warn};
 
 use super::broker::Session;
 use super::shared::Worker;
+use crate::metrics::WebhookLabels;
+use crate::webhooks::series::{self, STATES, Standing};
 
 /// How often a worker reports.
 pub const EVERY: Duration = Duration::from_secs(5);
@@ -21,6 +26,50 @@ impl Worker {
         if let Some(h) = &self.hooks {
             *h.session.lock().unwrap_or_else(|e| e.into_inner()) = session;
         }
+    }
+
+    /// Refreshes the per-Webhook metric series from the live snapshot, the runs of failures and the
+    /// copies set aside: every state's count, and series of their own for the worst [`series::TOP`].
+    pub(super) fn metric_series(&self) {
+        let Some(hooks) = &self.hooks else { return };
+        let Some(snapshot) = hooks.live.current() else {
+            return;
+        };
+        let runs = hooks.tallies.consecutive();
+        let set_aside = hooks.set_aside.take();
+        let ranked = series::rank(
+            snapshot.hooks.iter().map(|h| Standing {
+                name: h.name.clone(),
+                consecutive_failures: runs.get(&h.name).copied().unwrap_or(0),
+                circuit_open: h.breaker.is_open(),
+                set_aside: set_aside.get(&h.name).copied().unwrap_or(0),
+                at_cap: h.in_flight.available_permits() == 0,
+                paused: h.paused,
+            }),
+            series::TOP,
+        );
+        let m = &self.metrics;
+        for (state, n) in STATES.iter().zip(ranked.by_state) {
+            m.webhooks_by_state
+                .get_or_create(&vec![("state", *state)])
+                .set(n as i64);
+        }
+        m.webhooks_unlisted.set(ranked.unlisted as i64);
+        let own = |s: &Standing| vec![("webhook", s.name.clone())];
+        let mut states = Vec::new();
+        let mut runs = Vec::new();
+        let mut aside = Vec::new();
+        for s in &ranked.listed {
+            for state in s.states() {
+                states.push((vec![("webhook", s.name.clone()), ("state", state.to_owned())], 1));
+            }
+            runs.push((own(s), s.consecutive_failures as i64));
+            aside.push((own(s), s.set_aside as i64));
+        }
+        let mut exported = hooks.exported.lock().unwrap_or_else(|e| e.into_inner());
+        replace(&m.webhook_state, &mut exported.states, states);
+        replace(&m.webhook_consecutive_failures, &mut exported.runs, runs);
+        replace(&m.webhook_set_aside, &mut exported.set_aside, aside);
     }
 
     /// Publishes the tallies since the last report, if any (merged back when not confirmed).
@@ -54,4 +103,29 @@ impl Worker {
             }
         }
     }
+}
+
+/// The per-Webhook series set at the last refresh, by family.
+#[derive(Default)]
+pub struct Exported {
+    states: HashSet<WebhookLabels>,
+    runs: HashSet<WebhookLabels>,
+    set_aside: HashSet<WebhookLabels>,
+}
+
+/// Sets `now` in `family` and removes what `before` had that `now` has not (never a moment without a
+/// series that stays).
+fn replace(
+    family: &Family<WebhookLabels, Gauge>,
+    before: &mut HashSet<WebhookLabels>,
+    now: Vec<(WebhookLabels, i64)>,
+) {
+    let keep: HashSet<WebhookLabels> = now.iter().map(|(l, _)| l.clone()).collect();
+    for (labels, value) in now {
+        family.get_or_create(&labels).set(value);
+    }
+    for stale in before.difference(&keep) {
+        family.remove(stale);
+    }
+    *before = keep;
 }

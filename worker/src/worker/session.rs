@@ -72,6 +72,7 @@ impl Worker {
                 every.tick().await;
                 loop {
                     every.tick().await;
+                    worker.metric_series();
                     worker.report().await;
                 }
             }));

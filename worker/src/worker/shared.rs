@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use super::broker::Session;
 use super::gone::GoneLatch;
 use super::lanes::Lanes;
+use super::report::Exported;
 use crate::breaker::Breaker;
 use crate::config::{Config, WebhooksMode};
 use crate::metrics::Metrics;
@@ -20,6 +21,7 @@ use crate::target::{self, ClientPolicy, Target};
 use crate::throttle::Throttle;
 use crate::webhooks::Live;
 use crate::webhooks::report::Tallies;
+use crate::webhooks::series::SetAside;
 use crate::webhooks::watch::Builder;
 
 /// Everything a delivery task needs; shared by all sessions.
@@ -51,6 +53,10 @@ pub struct Hooks {
     /// requests; the fd budget counts requests, not messages).
     pub(super) requests: Semaphore,
     pub(super) tallies: Tallies,
+    /// Copies each Webhook had set aside for want of capacity, for its metric series.
+    pub(super) set_aside: SetAside,
+    /// The per-Webhook series exported at the last refresh (`metric_series`), to remove the stale.
+    pub(super) exported: Mutex<Exported>,
     /// This worker's name in its reports.
     pub(super) worker_name: String,
     /// The session the reports are published through, while there is one.
@@ -84,6 +90,8 @@ impl Worker {
             )),
             requests: Semaphore::new(cfg.concurrency),
             tallies: Tallies::default(),
+            set_aside: SetAside::default(),
+            exported: Mutex::default(),
             worker_name: crate::webhooks::report::worker_name(&|k| std::env::var(k).ok()),
             session: Mutex::new(None),
         });
