@@ -9,7 +9,7 @@
 //!   with the images already loaded (`e2e/kind/` does this for kind).
 //!
 //! `HOOKFLEET_E2E_SCENARIOS=deliver,kill` runs a subset (names: deliver, fds, kill, scale, sinkdown,
-//! notconsuming, bad, pdb, rotate, webhooks). The scenarios share one installation and run one after
+//! notconsuming, bad, pdb, rotate, webhooks, memory). The scenarios share one installation and run one after
 //! the other, each in a namespace of its own; a failed scenario does not stop the others, and the suite ends with
 //! a table of every scenario's figures.
 
@@ -32,6 +32,8 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use kube::api::{Api, DeleteParams, EvictParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 
+#[path = "suite/memory.rs"]
+mod memory;
 #[path = "suite/webhooks.rs"]
 mod webhooks;
 
@@ -43,6 +45,8 @@ struct Stack {
     kubeconfig: PathBuf,
     rmq: RabbitMq,
     sink: Sink,
+    /// The host address pods reach (the sinks and RabbitMQ listen on it).
+    host: IpAddr,
     /// Where the harness runs its own processes (helm home, Prometheus, logs).
     dir: tempfile::TempDir,
     /// The local node, when the suite started one (host pids and pod IPs are reachable then).
@@ -91,6 +95,7 @@ impl Stack {
             kubeconfig,
             rmq,
             sink,
+            host,
             dir,
             cluster,
         };
@@ -1022,6 +1027,7 @@ async fn suite() -> Result<()> {
     scenario!("pdb", evictions);
     scenario!("rotate", rotate);
     scenario!("webhooks", webhooks::webhooks);
+    scenario!("memory", memory::memory);
 
     println!(
         "\n{:<13} {:>9} {:>9} {:>7} {:>5} {:>5} {:>8}  notes",

@@ -1,11 +1,13 @@
 //! A worker pod in a crash loop (exit 3, the fd-limit line in its termination message) on the real API server:
-//! Degraded quoting the message, one Warning Event, and Ready again once the pod recovers.
+//! Degraded quoting the message, one Warning Event, and Ready again once the pod recovers. Then a generic
+//! crash loop over several restarts: Degraded steady, also while the container runs between back-offs.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
+use hookfleet_crds::Integration;
 use hookfleet_crds::integration::condition::{DEGRADED, READY};
 use hookfleet_testkit::ControlPlane;
 use hookfleet_testkit::process::wait_for;
@@ -151,6 +153,101 @@ async fn crash_looping_worker_degrades_quoting_the_termination_message() -> anyh
             .len(),
         1
     );
+
+    // A generic crash loop, as the kubelet reports it over several restarts: back-off, then a few
+    // seconds running but not Ready, then back-off again. The Integration stays Degraded/CrashLooping
+    // throughout (no Recovered flap in the seconds it runs), with one Event, until Ready again.
+    let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let sampler = {
+        let (api, samples) = (Api::<Integration>::namespaced(cp.client(), NS), samples.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Ok(i) = api.get("orders").await {
+                    let (st, reason, _) = cond(&i, DEGRADED);
+                    samples.lock().unwrap().push((st.to_owned(), reason.to_owned()));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    for restart in 1..=3 {
+        pods.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(crash_cycle(&original, restart, true)),
+        )
+        .await?;
+        if restart == 1 {
+            until(&cp, "orders", "Degraded: CrashLooping", 30, |i| {
+                cond(i, DEGRADED).1 == "CrashLooping"
+            })
+            .await?;
+        }
+        // Longer than a resync (1 s here): the operator reconciles in each state.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        pods.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(crash_cycle(&original, restart, false)),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    sampler.abort();
+    let samples = samples.lock().unwrap().clone();
+    let from = samples
+        .iter()
+        .position(|(_, r)| r == "CrashLooping")
+        .expect("sampled CrashLooping");
+    let after = &samples[from..];
+    assert!(after.len() >= 50, "sampled over ~15 s: {}", after.len());
+    assert!(
+        after.iter().all(|(st, r)| st == "True" && r == "CrashLooping"),
+        "Degraded steady over 3 restarts: {after:?}"
+    );
+    assert_eq!(
+        events(&cp, "orders", Some("CrashLooping")).await?.len(),
+        1,
+        "one Event"
+    );
+    assert_eq!(
+        events(&cp, "orders", Some("Recovered")).await?.len(),
+        1,
+        "no Recovered flap"
+    );
+    pods.patch_status(
+        &name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {
+            "conditions": original["conditions"],
+            "containerStatuses": original["containerStatuses"],
+        }})),
+    )
+    .await?;
+    until(&cp, "orders", "Ready after the crash loop", 30, |i| {
+        cond(i, READY).0 == "True" && cond(i, DEGRADED).0 == "False"
+    })
+    .await?;
     op.task.abort();
     Ok(())
+}
+
+/// `status` of a worker in a generic crash loop (exit 1, a panic) at its `restart`th restart: in
+/// back-off (`waiting: CrashLoopBackOff`), or running again but not Ready yet.
+fn crash_cycle(status: &serde_json::Value, restart: i32, backing_off: bool) -> serde_json::Value {
+    let mut v = crash_looping(status);
+    for c in v["status"]["containerStatuses"].as_array_mut().unwrap() {
+        c["restartCount"] = (if backing_off { restart - 1 } else { restart }).into();
+        c["lastState"] = serde_json::json!({"terminated": {
+            "exitCode": 1, "reason": "Error", "message": "panicked at worker/src/main.rs:10: boom\n",
+            "startedAt": "2025-01-01T00:00:00Z", "finishedAt": "2025-01-01T00:00:01Z"
+        }});
+        c["state"] = if backing_off {
+            serde_json::json!({"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s restarting failed container=worker"}})
+        } else {
+            c["started"] = true.into();
+            serde_json::json!({"running": {"startedAt": "2025-01-01T00:00:02Z"}})
+        };
+    }
+    v
 }

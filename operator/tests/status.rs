@@ -122,6 +122,37 @@ fn fd_limit_and_crash_loops_quote_the_termination_message() {
     assert!(d.message.contains("orders-to-erp-5d8f7-abcde"));
 }
 
+/// Between two back-offs a crash-looping worker runs for a few seconds, not Ready: still a crash loop
+/// (no Recovered flap), until it is Ready again. A worker that never failed, or is Ready again, has no
+/// problem.
+#[test]
+fn a_restarted_worker_not_ready_again_is_still_crash_looping() {
+    let mut p = pod("pod-crashloop.yaml");
+    let cs = &mut p.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0];
+    cs.restart_count = 1;
+    cs.state = Some(
+        serde_json::from_value(serde_json::json!({"running": {"startedAt": "2026-12-06T10:00:00Z"}}))
+            .unwrap(),
+    );
+    let problem = status::pod_problem(&p).expect("running between two back-offs, not Ready");
+    assert_eq!(problem.kind, PodProblemKind::CrashLoop);
+    assert!(
+        problem.message.contains("restarted 1 times"),
+        "{}",
+        problem.message
+    );
+    let cs = &mut p.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0];
+    cs.ready = true;
+    assert_eq!(status::pod_problem(&p), None, "Ready again: recovered");
+    let cs = &mut p.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0];
+    cs.ready = false;
+    cs.last_state = Some(
+        serde_json::from_value(serde_json::json!({"terminated": {"exitCode": 0, "reason": "Completed"}}))
+            .unwrap(),
+    );
+    assert_eq!(status::pod_problem(&p), None, "a clean exit is no crash");
+}
+
 #[test]
 fn queue_mismatch_is_its_own_reason_naming_queue_and_argument() {
     let p = status::pod_problem(&pod("pod-queue-mismatch.yaml")).unwrap();

@@ -176,7 +176,15 @@ pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
             message: t.clone(),
         });
     }
-    if waiting_reason == "CrashLoopBackOff" || (cs.restart_count >= CRASH_RESTARTS && !cs.ready) {
+    // Restarted after a failure and not Ready again: still crash-looping, also in the seconds the
+    // container runs between two back-offs. Without this the Integration flapped CrashLooping →
+    // Recovered → CrashLooping at each restart, and each flap wrote status, emitted Events and reset
+    // every alert's `for:` timer. It stays Degraded until the worker runs Ready again.
+    let restarted_unready = cs.restart_count >= 1 && !cs.ready && last.is_some_and(|t| t.exit_code != 0);
+    if waiting_reason == "CrashLoopBackOff"
+        || (cs.restart_count >= CRASH_RESTARTS && !cs.ready)
+        || restarted_unready
+    {
         return Some(PodProblem {
             pod: name,
             kind: PodProblemKind::CrashLoop,

@@ -6,8 +6,13 @@
 //! status (`kubectl get webhooks`).
 
 use std::cmp::Reverse;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
+
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::metrics::WebhookLabels;
 
 /// At most this many Webhooks have series of their own at one worker.
 pub const TOP: usize = 20;
@@ -118,6 +123,31 @@ pub fn rank(standings: impl IntoIterator<Item = Standing>, top: usize) -> Ranked
         listed: trouble,
         unlisted,
     }
+}
+
+/// The per-Webhook series set at the last refresh, by family.
+#[derive(Default)]
+pub struct Exported {
+    pub states: HashSet<WebhookLabels>,
+    pub runs: HashSet<WebhookLabels>,
+    pub set_aside: HashSet<WebhookLabels>,
+}
+
+/// Sets `now` in `family` and removes what `before` had that `now` has not (never a moment without a
+/// series that stays).
+pub fn replace(
+    family: &Family<WebhookLabels, Gauge>,
+    before: &mut HashSet<WebhookLabels>,
+    now: Vec<(WebhookLabels, i64)>,
+) {
+    let keep: HashSet<WebhookLabels> = now.iter().map(|(l, _)| l.clone()).collect();
+    for (labels, value) in now {
+        family.get_or_create(&labels).set(value);
+    }
+    for stale in before.difference(&keep) {
+        family.remove(stale);
+    }
+    *before = keep;
 }
 
 #[cfg(test)]

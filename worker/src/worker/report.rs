@@ -3,20 +3,16 @@
 //! A report not confirmed goes back into the tallies and rides with the next one; it never holds up
 //! a delivery. At the same pace, the bounded per-Webhook metric series ([`series`]).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hookfleet_crds::contract::webhooks::reports_queue;
 use lapin::BasicProperties;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use tracing::{debug, warn};
 
 use super::broker::Session;
 use super::shared::Worker;
-use crate::metrics::WebhookLabels;
-use crate::webhooks::series::{self, STATES, Standing};
+use crate::webhooks::series::{self, STATES, Standing, replace};
 
 /// How often a worker reports.
 pub const EVERY: Duration = Duration::from_secs(5);
@@ -103,29 +99,4 @@ impl Worker {
             }
         }
     }
-}
-
-/// The per-Webhook series set at the last refresh, by family.
-#[derive(Default)]
-pub struct Exported {
-    states: HashSet<WebhookLabels>,
-    runs: HashSet<WebhookLabels>,
-    set_aside: HashSet<WebhookLabels>,
-}
-
-/// Sets `now` in `family` and removes what `before` had that `now` has not (never a moment without a
-/// series that stays).
-fn replace(
-    family: &Family<WebhookLabels, Gauge>,
-    before: &mut HashSet<WebhookLabels>,
-    now: Vec<(WebhookLabels, i64)>,
-) {
-    let keep: HashSet<WebhookLabels> = now.iter().map(|(l, _)| l.clone()).collect();
-    for (labels, value) in now {
-        family.get_or_create(&labels).set(value);
-    }
-    for stale in before.difference(&keep) {
-        family.remove(stale);
-    }
-    *before = keep;
 }

@@ -12,7 +12,6 @@ use tokio::sync::Semaphore;
 use super::broker::Session;
 use super::gone::GoneLatch;
 use super::lanes::Lanes;
-use super::report::Exported;
 use crate::breaker::Breaker;
 use crate::config::{Config, WebhooksMode};
 use crate::metrics::Metrics;
@@ -21,7 +20,7 @@ use crate::target::{self, ClientPolicy, Target};
 use crate::throttle::Throttle;
 use crate::webhooks::Live;
 use crate::webhooks::report::Tallies;
-use crate::webhooks::series::SetAside;
+use crate::webhooks::series::{Exported, SetAside};
 use crate::webhooks::watch::Builder;
 
 /// Everything a delivery task needs; shared by all sessions.
