@@ -3,12 +3,14 @@
 //! event matches exactly one Webhook). Three receivers misbehave: one hangs for 30 s and then
 //! recovers, one answers 503 until the stream ends, one answers 410 (this test plays the operator's
 //! part: it pauses that Webhook in the snapshot after its first 410, and resumes it once the stream
-//! is over). The same stream is run twice, each on its own queue and fleet: a baseline where the three
-//! receivers answer 200, then the noisy run. For the other 997 Webhooks the noisy run must keep
-//! ≥ 90 % of the baseline's delivered rate and at most twice its publish → arrival p99; every worker
-//! stays below 80 % of its descriptor limit (started under `prlimit --nofile=256:256`); no
-//! (message, Webhook) pair is lost, and the bad three's messages are each accounted: delivered after
-//! recovery, kept while paused (then delivered on resume), or dead-lettered with a reason.
+//! is over). The same stream is run twice at the same time, each on its own queue, snapshot Secret,
+//! workers and receivers: a baseline where the three receivers answer 200, and the noisy run (side by
+//! side, so that the shared machine's other load weighs on both alike). For the other 997 Webhooks the
+//! noisy run must keep ≥ 90 % of the baseline's delivered rate and at most twice its publish → arrival
+//! p99; every worker stays below 80 % of its descriptor limit (started under
+//! `prlimit --nofile=256:256`); no (message, Webhook) pair is lost, and the bad three's messages are
+//! each accounted: delivered after recovery, kept while paused (then delivered on resume), or
+//! dead-lettered with a reason.
 
 mod common;
 
@@ -196,6 +198,16 @@ fn soft_nofile(pid: u32) -> Result<u64> {
     Ok(line.split_whitespace().nth(3).context("no soft limit")?.parse()?)
 }
 
+/// `HOOKFLEET_NOISY_BAD_PERCENT`: the share of the stream (in %) sent to the bad three (in turn) instead
+/// of spread, to load them harder than the 0.1 % each (0 by default: the even spread alone).
+fn bad_percent() -> usize {
+    std::env::var("HOOKFLEET_NOISY_BAD_PERCENT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+        .min(100)
+}
+
 /// The messages of one run: id, Webhook index, when it was handed to the broker.
 struct Published {
     sent: Vec<(String, usize, Instant)>,
@@ -207,7 +219,8 @@ struct Published {
 
 /// Publishes `RATE` persistent messages a second for `STREAM`, with confirms (awaited at the end, so
 /// the stream is open loop), message `i` with the event `c{i % HOOKS}/e`. `at` is called with the
-/// elapsed stream time before each tick (the noisy run's schedule of the hanging receiver).
+/// elapsed stream time before each tick (the noisy run's schedule of the hanging receiver). With
+/// [`bad_percent`], that share goes to the bad three instead.
 async fn stream(
     rmq: &RabbitMq,
     queue: &str,
@@ -221,6 +234,7 @@ async fn stream(
     const TICK: Duration = Duration::from_millis(10);
     let per_tick = RATE / 100;
     let ticks = (STREAM.as_millis() / TICK.as_millis()) as usize;
+    let bad_percent = bad_percent();
     let mut sent = Vec::with_capacity(ticks * per_tick);
     let mut pending = Vec::with_capacity(ticks * per_tick);
     let mut lag = Duration::ZERO;
@@ -232,7 +246,12 @@ async fn stream(
         at(start.elapsed());
         for _ in 0..per_tick {
             let n = sent.len();
-            let hook = n % HOOKS;
+            // Every 100 messages, the first `bad_percent` go to the bad three in turn (none by default).
+            let hook = if n % 100 < bad_percent {
+                BAD[(n / 100 * bad_percent + n % 100) % BAD.len()]
+            } else {
+                n % HOOKS
+            };
             let id = format!("{prefix}-{n}");
             let event = format!("{}/e", hook_name(hook));
             let mut h = FieldTable::default();
@@ -337,6 +356,8 @@ struct BadRow {
     dead_reasons: BTreeMap<String, usize>,
     lost: usize,
     requests: u64,
+    /// The most connections the worker(s) held open to its receiver at once.
+    peak_connections: usize,
 }
 
 /// Each id's first 2xx arrival at `sink`.
@@ -619,6 +640,7 @@ async fn run(rmq: &RabbitMq, cp: &ControlPlane, dir: &Path, label: &str, noisy: 
             dead_reasons: reasons,
             lost: ids.len() - delivered_at.len() - dead_only,
             requests: sinks.bad[&i].requests(),
+            peak_connections: sinks.bad[&i].open_connections().1,
         });
     }
     anyhow::ensure!(
@@ -686,7 +708,10 @@ fn print_table(a: &Figures, b: &Figures) {
     );
     eprintln!("noisy-table: | --- | --- | --- |");
     row(
-        &format!("messages published ({RATE}/s for {STREAM:?}, 1 Webhook each)"),
+        &format!(
+            "messages published ({RATE}/s for {STREAM:?}, 1 Webhook each; {} % to the bad three, the rest spread)",
+            bad_percent()
+        ),
         a.published.to_string(),
         b.published.to_string(),
     );
@@ -750,12 +775,12 @@ fn print_table(a: &Figures, b: &Figures) {
     );
     eprintln!("noisy-table:");
     eprintln!(
-        "noisy-table: | bad Webhook (noisy run) | pairs | delivered before | delivered after recovery/resume | of which kept while paused | dead-lettered (reason) | lost | requests |"
+        "noisy-table: | bad Webhook (noisy run) | pairs | delivered before | delivered after recovery/resume | of which kept while paused | dead-lettered (reason) | lost | requests answered | peak connections |"
     );
-    eprintln!("noisy-table: | --- | --- | --- | --- | --- | --- | --- | --- |");
+    eprintln!("noisy-table: | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for r in &b.bad {
         eprintln!(
-            "noisy-table: | {} ({}) | {} | {} | {} | {} | {} {:?} | {} | {} |",
+            "noisy-table: | {} ({}) | {} | {} | {} | {} | {} {:?} | {} | {} | {} |",
             r.name,
             r.kind,
             r.pairs,
@@ -765,7 +790,8 @@ fn print_table(a: &Figures, b: &Figures) {
             r.dead_lettered,
             r.dead_reasons,
             r.lost,
-            r.requests
+            r.requests,
+            r.peak_connections
         );
     }
 }
