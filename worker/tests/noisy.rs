@@ -489,6 +489,42 @@ async fn run(rmq: &RabbitMq, cp: &ControlPlane, dir: &Path, label: &str, noisy: 
         .await
         .context("the 997's pairs")?;
 
+    // While the 503 still fails and the 410's Webhook is paused, the workers' per-Webhook series name
+    // the Webhooks in trouble and none of the 997 (bounded cardinality: at most 20 listed each).
+    if noisy {
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let mut listed = std::collections::BTreeSet::new();
+        for w in &workers {
+            let text = w.metrics().await?;
+            let names: Vec<String> = text
+                .lines()
+                .filter(|l| l.starts_with("hookfleet_webhook_state{"))
+                .filter_map(|l| l.split("webhook=\"").nth(1)?.split('"').next().map(str::to_owned))
+                .collect();
+            let own: std::collections::BTreeSet<&String> = names.iter().collect();
+            assert!(
+                own.len() <= 20,
+                "at most 20 Webhooks with series of their own: {own:?}"
+            );
+            assert_eq!(
+                metric_with(&text, "hookfleet_webhooks_in_state{", &["state=\"paused\""]),
+                1.0,
+                "the paused 410 counted"
+            );
+            listed.extend(names);
+        }
+        let bad: std::collections::BTreeSet<String> = BAD.iter().map(|i| hook_name(*i)).collect();
+        assert!(
+            listed.is_subset(&bad),
+            "series only for Webhooks in trouble: {listed:?}"
+        );
+        assert!(
+            listed.contains(&hook_name(UNAVAILABLE)) && listed.contains(&hook_name(GONE)),
+            "{listed:?}"
+        );
+        println!("noisy-series: Webhooks with series of their own: {listed:?}");
+    }
+
     // The bad three recover (the 503 at the end of the stream, the 410 on resume).
     let bad_requests_before: HashMap<usize, u64> =
         BAD.iter().map(|i| (*i, sinks.bad[i].requests())).collect();
