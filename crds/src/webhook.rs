@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::integration::DestinationSpec;
+use crate::integration::{DestinationSpec, RateLimitScope};
 use crate::limits;
 
 /// Desired state of a Webhook.
@@ -96,8 +96,9 @@ pub struct WebhookLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = limits::CONCURRENCY.min, max = limits::CONCURRENCY.max))]
     pub max_in_flight: Option<u32>,
-    /// Requests per second to this Webhook, per worker (a token bucket). A copy that finds no token is
-    /// set aside without spending an attempt (reason `rate_limited`).
+    /// Requests per second to this Webhook (a token bucket in each worker), per worker or for the whole
+    /// fleet (`scope`). A copy that finds no token is set aside without spending an attempt (reason
+    /// `rate_limited`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<WebhookRateLimit>,
     /// When the operator pauses a Webhook that keeps failing (`Paused=True`, reason `Failing`).
@@ -105,22 +106,35 @@ pub struct WebhookLimits {
     pub auto_pause: Option<AutoPauseSpec>,
 }
 
-/// A Webhook's request rate, per worker.
+/// A Webhook's request rate.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct WebhookRateLimit {
-    /// Sustained requests per second.
+    /// Sustained requests per second (per worker, or for the fleet: `scope`).
     #[schemars(range(min = limits::RATE_LIMIT.min, max = limits::RATE_LIMIT.max))]
     pub per_second: u32,
-    /// Requests allowed in a burst; defaults to `perSecond`.
+    /// Requests allowed in a burst; defaults to `perSecond`. Divided like `perSecond` when
+    /// `scope: fleet`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = limits::RATE_LIMIT.min, max = limits::RATE_LIMIT.max))]
     pub burst: Option<u32>,
+    /// `worker` (the default, as for `delivery.rateLimit`): each worker sends up to `perSecond` to this
+    /// Webhook, a fleet of N workers up to N × perSecond. `fleet`: the whole fleet sends up to
+    /// `perSecond`; each worker takes `perSecond / consumers` (the consumers attached to the work
+    /// queue, re-read every 5 s). On a Webhook, unset means its Integration's `perWebhook` scope; a
+    /// Webhook may not widen a `fleet` scope to `worker`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<RateLimitScope>,
 }
 
 impl WebhookRateLimit {
     pub fn burst(&self) -> u32 {
         self.burst.unwrap_or(self.per_second)
+    }
+
+    /// `worker` unless set.
+    pub fn scope(&self) -> RateLimitScope {
+        self.scope.unwrap_or_default()
     }
 }
 
@@ -171,8 +185,17 @@ impl WebhookLimits {
             (Some(f), Some(o)) => Some(WebhookRateLimit {
                 per_second: f.per_second.min(o.per_second),
                 burst: Some(f.burst().min(o.burst())),
+                // The narrower of the two: a fleet-wide limit is never widened to each worker's.
+                scope: Some(if f.scope() == RateLimitScope::Fleet {
+                    RateLimitScope::Fleet
+                } else {
+                    o.scope.unwrap_or(f.scope())
+                }),
             }),
-            (f, o) => f.or(o),
+            (f, o) => f.or(o).map(|r| WebhookRateLimit {
+                scope: Some(r.scope()),
+                ..r
+            }),
         };
         let fa = fleet.auto_pause.unwrap_or_default();
         let auto_pause = match own.auto_pause {
@@ -219,6 +242,9 @@ impl WebhookLimits {
             }
             if o.burst() > f.burst() {
                 over("rateLimit.burst", o.burst().to_string(), f.burst().to_string());
+            }
+            if f.scope() == RateLimitScope::Fleet && o.scope == Some(RateLimitScope::Worker) {
+                over("rateLimit.scope", "worker".into(), "fleet".into());
             }
         }
         if let Some(o) = &own.auto_pause {
@@ -378,7 +404,8 @@ mod tests {
             e.rate_limit,
             Some(WebhookRateLimit {
                 per_second: 10,
-                burst: Some(5)
+                burst: Some(5),
+                scope: Some(RateLimitScope::Worker),
             }),
             "clamped"
         );
@@ -396,5 +423,39 @@ mod tests {
                 .iter()
                 .all(|(f, _)| f.contains("autoPause.after"))
         );
+    }
+
+    /// A fleet-wide rate limit on the Integration is never widened to each worker's by a Webhook;
+    /// unset, a Webhook takes its Integration's scope; the snapshot always says which.
+    #[test]
+    fn the_rate_limit_scope_is_the_narrower() {
+        let fleet = limits(serde_json::json!({"rateLimit": {"perSecond": 10, "scope": "fleet"}}));
+        let widen = limits(serde_json::json!({"rateLimit": {"perSecond": 5, "scope": "worker"}}));
+        let above = WebhookLimits::above(Some(&fleet), &widen);
+        assert_eq!(above.len(), 1, "{above:?}");
+        assert_eq!(above[0].0, "spec.limits.rateLimit.scope");
+        assert!(above[0].1.starts_with("worker is above"), "{}", above[0].1);
+        let scope = |f: Option<&WebhookLimits>, o: Option<&WebhookLimits>| {
+            WebhookLimits::effective(f, o).rate_limit.map(|r| r.scope)
+        };
+        assert_eq!(
+            scope(Some(&fleet), Some(&widen)),
+            Some(Some(RateLimitScope::Fleet))
+        );
+        let lower = limits(serde_json::json!({"rateLimit": {"perSecond": 5}}));
+        assert_eq!(
+            scope(Some(&fleet), Some(&lower)),
+            Some(Some(RateLimitScope::Fleet))
+        );
+        assert_eq!(scope(Some(&fleet), None), Some(Some(RateLimitScope::Fleet)));
+        let own_fleet = limits(serde_json::json!({"rateLimit": {"perSecond": 5, "scope": "fleet"}}));
+        assert_eq!(scope(None, Some(&own_fleet)), Some(Some(RateLimitScope::Fleet)));
+        assert_eq!(scope(None, Some(&lower)), Some(Some(RateLimitScope::Worker)));
+        let per_worker = limits(serde_json::json!({"rateLimit": {"perSecond": 10}}));
+        assert_eq!(
+            scope(Some(&per_worker), Some(&own_fleet)),
+            Some(Some(RateLimitScope::Fleet))
+        );
+        assert!(WebhookLimits::above(Some(&per_worker), &own_fleet).is_empty());
     }
 }

@@ -27,14 +27,27 @@ pub struct RateLimiter {
     state: Mutex<Bucket>,
 }
 
+/// A worker's share of a fleet-wide limit `(per second, burst)` among `consumers` workers (burst at
+/// least 1; no consumer yet counts as this one).
+pub fn share(limit: (u32, u32), consumers: u32) -> (f64, f64) {
+    let n = f64::from(consumers.max(1));
+    (f64::from(limit.0) / n, (f64::from(limit.1) / n).max(1.0))
+}
+
 impl RateLimiter {
     pub fn new(per_second: u32, burst: u32) -> Self {
+        Self::with_rate(per_second as f64, burst as f64)
+    }
+
+    /// A bucket of `burst` tokens (at least 1) refilled at `per_second` (more than 0): a share.
+    pub fn with_rate(per_second: f64, burst: f64) -> Self {
+        let burst = burst.max(1.0);
         Self {
             state: Mutex::new(Bucket {
-                tokens: burst as f64,
+                tokens: burst,
                 last: Instant::now(),
-                per_second: per_second as f64,
-                burst: burst as f64,
+                per_second: per_second.max(0.001),
+                burst,
             }),
         }
     }
@@ -47,6 +60,12 @@ impl RateLimiter {
         s.per_second = per_second.max(0.001);
         s.burst = burst.max(1.0);
         s.tokens = s.tokens.min(s.burst);
+    }
+
+    /// (per second, burst) now.
+    pub async fn rate(&self) -> (f64, f64) {
+        let s = self.state.lock().await;
+        (s.per_second, s.burst)
     }
 
     /// Takes a token if there is one now; else how long until there is (nothing taken).

@@ -73,7 +73,8 @@ pub struct Entry {
     /// operator resolved them); the worker takes at most half its concurrency in any case.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_in_flight: Option<u32>,
-    /// Its request rate per worker, resolved likewise.
+    /// Its request rate, resolved likewise, with its scope always set (`fleet`: divided among the
+    /// consumers of the work queue).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<WebhookRateLimit>,
 }
@@ -193,6 +194,7 @@ mod tests {
                 rate_limit: Some(WebhookRateLimit {
                     per_second: 10,
                     burst: None,
+                    scope: Some(crate::integration::RateLimitScope::Fleet),
                 }),
             }],
         };

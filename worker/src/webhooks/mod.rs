@@ -10,11 +10,13 @@ pub mod watch;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hookfleet_crds::contract::WorkerSetup;
 use hookfleet_crds::contract::webhooks::{Entry, Snapshot, secret_key};
+use hookfleet_crds::integration::RateLimitScope;
 use tokio::sync::Semaphore;
 use tokio::sync::watch as channel;
 use tracing::error;
@@ -23,7 +25,7 @@ pub use index::Index;
 
 use crate::breaker::Breaker;
 use crate::config::{ConfigError, Destination};
-use crate::ratelimit::RateLimiter;
+use crate::ratelimit::{RateLimiter, share};
 use crate::target::{ClientPolicy, Target};
 use crate::throttle::Throttle;
 
@@ -45,7 +47,11 @@ pub struct Hook {
     /// permit is set aside (deferred `throttled`), never waits.
     pub in_flight: Semaphore,
     /// Its entry's rate limit (a token bucket): a copy that finds no token is deferred `rate_limited`.
+    /// With `scope: fleet`, this worker's share of it.
     pub rate: Option<RateLimiter>,
+    /// With a fleet-wide rate limit: the fleet's (per second, burst), and the consumers `rate`'s share
+    /// was computed for (the worker re-reads them every few seconds and reshares on a change).
+    pub fleet_rate: Option<((u32, u32), AtomicU32)>,
     /// Its own adaptive throttle (`--adaptive-throttle`, between its minimum and the Webhook's in-flight
     /// cap): while its failures outnumber its successes, fewer of its requests run at once; a copy over
     /// the throttle's limit is deferred `throttled`.
@@ -62,6 +68,9 @@ pub struct Guards {
     pub breaker: (u32, Duration),
     /// (minimum in flight, window) of its adaptive throttle (`--adaptive-throttle*`); `None` when off.
     pub throttle: Option<(u32, Duration)>,
+    /// Consumers on the work queue when the snapshot is built (0: not known yet), for the share of a
+    /// fleet-wide rate limit.
+    pub consumers: u32,
 }
 
 /// A snapshot as the worker uses it.
@@ -131,9 +140,17 @@ impl Loaded {
                 throttle: guards
                     .throttle
                     .map(|(min, window)| Throttle::new(min as usize, cap, window)),
-                rate: entry
+                rate: entry.rate_limit.map(|r| match r.scope() {
+                    RateLimitScope::Worker => RateLimiter::new(r.per_second, r.burst()),
+                    RateLimitScope::Fleet => {
+                        let (per_second, burst) = share((r.per_second, r.burst()), guards.consumers);
+                        RateLimiter::with_rate(per_second, burst)
+                    }
+                }),
+                fleet_rate: entry
                     .rate_limit
-                    .map(|r| RateLimiter::new(r.per_second, r.burst())),
+                    .filter(|r| r.scope() == RateLimitScope::Fleet)
+                    .map(|r| ((r.per_second, r.burst()), AtomicU32::new(guards.consumers.max(1)))),
                 entry: entry.clone(),
             }));
         }
@@ -316,6 +333,7 @@ mod tests {
     const NO_BREAKER: Guards = Guards {
         breaker: (0, Duration::from_secs(1)),
         throttle: None,
+        consumers: 0,
     };
 
     #[test]
@@ -427,6 +445,7 @@ mod tests {
         let guards = Guards {
             breaker: (0, Duration::from_secs(1)),
             throttle: Some((1, Duration::from_secs(5))),
+            consumers: 0,
         };
         let t = Loaded::build(&capped, "9", true, &shared, policy, guards, None);
         let limit = |n: &str| t.get(n).unwrap().throttle.as_ref().map(|t| t.limit());

@@ -3,6 +3,7 @@
 //! swaps it in. Whatever goes wrong (the API server away, a Secret deleted or not decodable) keeps the
 //! last good snapshot: delivery never stops for the control plane.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ pub struct Builder {
     /// (idle connections per host, the client): kept while the number of pools is unchanged, so that
     /// unchanged Webhooks keep their connections and token caches across snapshots.
     shared: Mutex<Option<(usize, reqwest::Client)>>,
+    /// Consumers on the work queue as last read (0: not yet), for fleet-wide rate limits.
+    consumers: AtomicU32,
 }
 
 impl Builder {
@@ -37,7 +40,14 @@ impl Builder {
             concurrency,
             guards,
             shared: Mutex::new(None),
+            consumers: AtomicU32::new(0),
         }
+    }
+
+    /// The consumers on the work queue now: snapshots built from here on share fleet-wide rate limits
+    /// among them.
+    pub fn set_consumers(&self, n: u32) {
+        self.consumers.store(n, Ordering::Relaxed);
     }
 
     /// Decodes and builds the snapshot in `secret` (`Err`: why not, for the log and the metric),
@@ -75,7 +85,10 @@ impl Builder {
             self.allow_private_networks,
             client,
             policy,
-            self.guards,
+            Guards {
+                consumers: self.consumers.load(Ordering::Relaxed),
+                ..self.guards
+            },
             previous,
         )
     }

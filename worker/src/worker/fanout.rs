@@ -939,6 +939,7 @@ mod tests {
         limited.rate_limit = Some(hookfleet_crds::webhook::WebhookRateLimit {
             per_second: 1,
             burst: Some(2),
+            scope: None,
         });
         let w = worker(Unmatched::Ack, vec![limited, sinks.entry("free", &[""])]);
         let broker = Memory::default();
@@ -962,6 +963,56 @@ mod tests {
                 .all(|(_, p)| header_int(p.headers().as_ref(), H_ATTEMPTS) == Some(0))
         );
         assert_eq!(deliveries(&w.metrics, "deferred", "rate_limited"), 2);
+    }
+
+    /// `scope: fleet`: each worker takes its share of a Webhook's rate limit among the consumers of
+    /// the work queue, in the snapshot it builds and, on a change of the count, in the live one.
+    #[tokio::test]
+    async fn a_fleet_wide_webhook_rate_limit_is_shared_among_the_consumers() {
+        let sinks = Sinks::start().await;
+        let fleet_wide = |name: &str| {
+            let mut e = sinks.entry(name, &[""]);
+            e.rate_limit = Some(hookfleet_crds::webhook::WebhookRateLimit {
+                per_second: 1,
+                burst: Some(8),
+                scope: Some(hookfleet_crds::integration::RateLimitScope::Fleet),
+            });
+            e
+        };
+        let w = worker(Unmatched::Ack, vec![sinks.entry("free", &["x"])]);
+        // 4 consumers: a burst of 8 for the fleet is 2 for this worker.
+        assert_eq!(w.share_webhook_limits(4).await, 0, "nothing fleet-wide yet");
+        load(&w, vec![fleet_wide("shared"), sinks.entry("free", &["x"])]);
+        let broker = Memory::default();
+        for tag in 1..=4 {
+            deliver(&w, &broker, delivery(tag, b"{}")).await;
+        }
+        assert_eq!(sinks.hits("shared").len(), 2, "a quarter of the burst");
+        assert_eq!(deliveries(&w.metrics, "deferred", "rate_limited"), 2);
+        let rate = |w: &Worker| {
+            let snapshot = w.webhooks().unwrap().current().unwrap();
+            let hook = snapshot.get("shared").unwrap().clone();
+            async move { hook.rate.as_ref().unwrap().rate().await }
+        };
+        assert_eq!(rate(&w).await, (0.25, 2.0));
+        // Down to 2 consumers: the live Webhook is reshared (half the rate and burst), once.
+        assert_eq!(w.share_webhook_limits(2).await, 1);
+        assert_eq!(rate(&w).await, (0.5, 4.0));
+        assert_eq!(w.share_webhook_limits(2).await, 0, "same count: nothing to do");
+        // A Webhook limited per worker is never shared.
+        let mut own = sinks.entry("own", &[""]);
+        own.rate_limit = Some(hookfleet_crds::webhook::WebhookRateLimit {
+            per_second: 3,
+            burst: None,
+            scope: None,
+        });
+        load(&w, vec![fleet_wide("shared"), own]);
+        assert_eq!(w.share_webhook_limits(1).await, 1, "only the fleet-wide one");
+        let snapshot = w.webhooks().unwrap().current().unwrap();
+        assert_eq!(
+            snapshot.get("own").unwrap().rate.as_ref().unwrap().rate().await,
+            (3.0, 3.0)
+        );
     }
 
     #[tokio::test]

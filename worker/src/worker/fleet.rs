@@ -1,4 +1,5 @@
-//! A rate limit for the whole fleet (`--rate-limit-scope fleet`): each worker takes
+//! A rate limit for the whole fleet (`--rate-limit-scope fleet`, and each Webhook's with `scope: fleet`
+//! in the snapshot): each worker takes
 //! `--rate-limit / consumers` (burst likewise, at least 1), where *consumers* is the number of
 //! consumers attached to the work queue, which the broker reports on a passive declare: one per
 //! running worker, this one included. Re-read every [`FLEET_POLL`], so a fleet that scales (by hand or
@@ -7,6 +8,7 @@
 //! not yet aware) or fall short of it (a worker just stopped).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use hookfleet_crds::integration::RateLimitScope;
@@ -18,6 +20,7 @@ use tracing::{info, warn};
 
 use super::error::SessionError;
 use super::shared::Worker;
+use crate::ratelimit::share;
 
 /// How often the consumer count is re-read.
 pub const FLEET_POLL: Duration = Duration::from_secs(5);
@@ -31,22 +34,20 @@ impl Drop for FleetShare {
     }
 }
 
-/// A worker's share of a fleet-wide limit `(per second, burst)` among `consumers` workers.
-pub fn share(limit: (u32, u32), consumers: u32) -> (f64, f64) {
-    let n = f64::from(consumers.max(1));
-    (f64::from(limit.0) / n, (f64::from(limit.1) / n).max(1.0))
-}
-
 impl Worker {
-    /// With a fleet-wide rate limit: opens a channel on `conn` and keeps this worker's share current
-    /// for as long as the session lasts. `None` otherwise.
+    /// With a fleet-wide rate limit, or with Webhooks (any of which may have one): opens a channel on
+    /// `conn` and keeps this worker's shares current for as long as the session lasts. `None` otherwise.
     pub(super) async fn start_fleet_share(
         self: &Arc<Self>,
         conn: &Connection,
     ) -> Result<Option<FleetShare>, SessionError> {
-        let (Some(limit), RateLimitScope::Fleet) = (self.cfg.rate_limit, self.cfg.rate_limit_scope) else {
-            return Ok(None);
+        let limit = match (self.cfg.rate_limit, self.cfg.rate_limit_scope) {
+            (Some(limit), RateLimitScope::Fleet) => Some(limit),
+            _ => None,
         };
+        if limit.is_none() && self.hooks.is_none() {
+            return Ok(None);
+        }
         let ch = conn.create_channel().await.map_err(SessionError::Channel)?;
         let worker = self.clone();
         let task = tokio::spawn(async move {
@@ -62,7 +63,9 @@ impl Worker {
                 {
                     Ok(q) => {
                         let n = q.consumer_count().max(1);
-                        if n != last {
+                        if let Some(limit) = limit
+                            && n != last
+                        {
                             let (per_second, burst) = share(limit, n);
                             if let Some(l) = &worker.limiter {
                                 l.set_rate(per_second, burst).await;
@@ -72,7 +75,15 @@ impl Worker {
                                 consumers = n,
                                 per_second, burst, "fleet-wide rate limit: this worker's share"
                             );
-                            last = n;
+                        }
+                        last = n;
+                        let reshared = worker.share_webhook_limits(n).await;
+                        if reshared > 0 {
+                            info!(
+                                consumers = n,
+                                webhooks = reshared,
+                                "fleet-wide Webhook rate limits: this worker's shares"
+                            );
                         }
                     }
                     Err(e) => {
@@ -85,6 +96,29 @@ impl Worker {
             }
         });
         Ok(Some(FleetShare(task)))
+    }
+
+    /// With Webhooks: `consumers` workers now. Snapshots built from here on use it, and each Webhook of
+    /// the live one with a fleet-wide rate limit whose share was for another count is reshared.
+    /// Returns how many were.
+    pub(super) async fn share_webhook_limits(&self, consumers: u32) -> usize {
+        let Some(hooks) = &self.hooks else { return 0 };
+        hooks.builder.set_consumers(consumers);
+        let Some(snapshot) = hooks.live.current() else {
+            return 0;
+        };
+        let mut reshared = 0;
+        for hook in &snapshot.hooks {
+            let (Some((limit, of)), Some(rate)) = (&hook.fleet_rate, &hook.rate) else {
+                continue;
+            };
+            if of.swap(consumers, Ordering::Relaxed) != consumers {
+                let (per_second, burst) = share(*limit, consumers);
+                rate.set_rate(per_second, burst).await;
+                reshared += 1;
+            }
+        }
+        reshared
     }
 }
 

@@ -85,6 +85,7 @@ impl Worker {
                 crate::webhooks::Guards {
                     breaker: cfg.circuit_breaker,
                     throttle: cfg.adaptive_throttle,
+                    consumers: 0,
                 },
             )),
             requests: Semaphore::new(cfg.concurrency),
