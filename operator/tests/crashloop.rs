@@ -122,10 +122,7 @@ async fn crash_looping_worker_degrades_quoting_the_termination_message() -> anyh
     pods.patch_status(
         &name,
         &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"status": {
-            "conditions": original["conditions"],
-            "containerStatuses": original["containerStatuses"],
-        }})),
+        &Patch::Merge(ready_again(&original)),
     )
     .await?;
     let i = until(&cp, "orders", "Ready again", 30, |i| {
@@ -218,10 +215,7 @@ async fn crash_looping_worker_degrades_quoting_the_termination_message() -> anyh
     pods.patch_status(
         &name,
         &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({"status": {
-            "conditions": original["conditions"],
-            "containerStatuses": original["containerStatuses"],
-        }})),
+        &Patch::Merge(ready_again(&original)),
     )
     .await?;
     until(&cp, "orders", "Ready after the crash loop", 30, |i| {
@@ -230,6 +224,14 @@ async fn crash_looping_worker_degrades_quoting_the_termination_message() -> anyh
     .await?;
     op.task.abort();
     Ok(())
+}
+
+/// `status` of the worker running Ready again, as it was before its trouble (`original`).
+fn ready_again(original: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"status": {
+        "conditions": original["conditions"],
+        "containerStatuses": original["containerStatuses"],
+    }})
 }
 
 /// `status` of a worker in a generic crash loop (exit 1, a panic) at its `restart`th restart: in

@@ -27,7 +27,7 @@ use hookfleet_crds::contract::webhooks::{Entry, SNAPSHOT_KEY, Snapshot};
 use hookfleet_crds::integration::QueueType;
 use hookfleet_testkit::RabbitMq;
 use hookfleet_testkit::control_plane::ControlPlane;
-use hookfleet_testkit::process::{Process, free_port, wait_for};
+use hookfleet_testkit::process::wait_for;
 use hookfleet_testkit::sink::{Mode, Sink};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -138,54 +138,17 @@ fn start(
     dir: &Path,
     name: &str,
 ) -> Result<Worker> {
-    let port = free_port()?;
-    let mut args = vec![format!("--nofile={NOFILE}:{NOFILE}"), "--".into(), WORKER.into()];
-    args.extend(
-        [
-            "--amqp-uri",
-            &rmq.amqp_uri(),
-            "--queue",
-            queue,
-            "--webhooks-secret",
-            secret,
-            "--integration",
-            &format!("{NS}/fleet"),
-            "--event-name-header",
-            "event",
-            "--unmatched",
-            "deadLetter",
-            "--allow-private-networks",
-            "--concurrency",
-            &CONCURRENCY.to_string(),
-            "--backoff-initial",
-            "200ms",
-            "--backoff-max",
-            "1s",
-            "--log-format",
-            "text",
-            "--metrics-addr",
-            &format!("127.0.0.1:{port}"),
-            "--termination-log",
-            &dir.join(format!("{name}.termination-log")).display().to_string(),
-        ]
-        .map(String::from),
-    );
-    let envs = vec![
-        ("KUBECONFIG".to_owned(), kubeconfig.to_owned()),
-        ("HOSTNAME".to_owned(), name.to_owned()),
-    ];
-    let process = Process::spawn(
-        name,
-        Path::new("/usr/bin/prlimit"),
-        &args,
-        &envs,
-        &dir.join(format!("{name}.log")),
-    )?;
-    Ok(Worker {
-        process,
-        metrics_port: port,
-        dir: dir.to_owned(),
-    })
+    let integration = format!("{NS}/fleet");
+    let w = WebhooksWorker {
+        kubeconfig,
+        integration: &integration,
+        queue,
+        secret,
+        unmatched: "deadLetter",
+        concurrency: CONCURRENCY,
+        nofile: Some(NOFILE),
+    };
+    spawn_webhooks_worker(rmq, &w, dir, name)
 }
 
 /// The soft `Max open files` of a process.

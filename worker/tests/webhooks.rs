@@ -16,7 +16,7 @@ use hookfleet_crds::contract::webhooks::{Entry, Report, SNAPSHOT_KEY, Snapshot, 
 use hookfleet_crds::integration::QueueType;
 use hookfleet_testkit::RabbitMq;
 use hookfleet_testkit::control_plane::ControlPlane;
-use hookfleet_testkit::process::{Process, free_port, wait_for};
+use hookfleet_testkit::process::wait_for;
 use hookfleet_testkit::sink::{Mode, Sink};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
@@ -176,53 +176,17 @@ fn expected(msgs: &[(String, String, String)]) -> HashMap<&'static str, HashSet<
 }
 
 fn start(rmq: &RabbitMq, cp_kubeconfig: &str, dir: &std::path::Path, name: &str) -> Result<Worker> {
-    let port = free_port()?;
-    let args: Vec<String> = [
-        "--amqp-uri",
-        &rmq.amqp_uri(),
-        "--queue",
-        QUEUE,
-        "--webhooks-secret",
-        SECRET,
-        "--integration",
-        &format!("{NS}/fleet"),
-        "--event-name-header",
-        "event",
-        "--unmatched",
-        "ack",
-        "--allow-private-networks",
-        "--concurrency",
-        &CONCURRENCY.to_string(),
-        "--backoff-initial",
-        "200ms",
-        "--backoff-max",
-        "1s",
-        "--log-format",
-        "text",
-        "--metrics-addr",
-        &format!("127.0.0.1:{port}"),
-        "--termination-log",
-        &dir.join("termination-log").display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let envs = vec![
-        ("KUBECONFIG".to_owned(), cp_kubeconfig.to_owned()),
-        ("HOSTNAME".to_owned(), name.to_owned()),
-    ];
-    let process = Process::spawn(
-        name,
-        &worker_bin(),
-        &args,
-        &envs,
-        &dir.join(format!("{name}.log")),
-    )?;
-    Ok(Worker {
-        process,
-        metrics_port: port,
-        dir: dir.to_owned(),
-    })
+    let integration = format!("{NS}/fleet");
+    let w = WebhooksWorker {
+        kubeconfig: cp_kubeconfig,
+        integration: &integration,
+        queue: QUEUE,
+        secret: SECRET,
+        unmatched: "ack",
+        concurrency: CONCURRENCY,
+        nofile: None,
+    };
+    spawn_webhooks_worker(rmq, &w, dir, name)
 }
 
 /// Per Webhook: ids delivered (2xx) with their counts.

@@ -291,6 +291,78 @@ pub async fn start_worker_uri(
     Ok(w)
 }
 
+/// How to start a worker with Webhooks ([`spawn_webhooks_worker`]).
+pub struct WebhooksWorker<'a> {
+    /// Where the worker reads its snapshot Secret (the API server's).
+    pub kubeconfig: &'a str,
+    /// `namespace/name` of the Integration: the Secret's namespace, and the metrics' label.
+    pub integration: &'a str,
+    pub queue: &'a str,
+    pub secret: &'a str,
+    /// `--unmatched`: `ack` or `deadLetter`.
+    pub unmatched: &'a str,
+    pub concurrency: usize,
+    /// Run under `prlimit --nofile=N:N`.
+    pub nofile: Option<u64>,
+}
+
+/// Spawns the worker binary with Webhooks (event names in header `event`, backoff 200 ms to 1 s) as
+/// `name` (its `HOSTNAME`, as in a pod), without waiting: it consumes once its snapshot is loaded.
+pub fn spawn_webhooks_worker(rmq: &RabbitMq, w: &WebhooksWorker, dir: &Path, name: &str) -> Result<Worker> {
+    let port = free_port()?;
+    let (program, mut args) = match w.nofile {
+        Some(n) => (
+            PathBuf::from("/usr/bin/prlimit"),
+            vec![
+                format!("--nofile={n}:{n}"),
+                "--".into(),
+                worker_bin().display().to_string(),
+            ],
+        ),
+        None => (worker_bin(), Vec::new()),
+    };
+    args.extend(
+        [
+            "--amqp-uri",
+            &rmq.amqp_uri(),
+            "--queue",
+            w.queue,
+            "--webhooks-secret",
+            w.secret,
+            "--integration",
+            w.integration,
+            "--event-name-header",
+            "event",
+            "--unmatched",
+            w.unmatched,
+            "--allow-private-networks",
+            "--concurrency",
+            &w.concurrency.to_string(),
+            "--backoff-initial",
+            "200ms",
+            "--backoff-max",
+            "1s",
+            "--log-format",
+            "text",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+            "--termination-log",
+            &dir.join(format!("{name}.termination-log")).display().to_string(),
+        ]
+        .map(String::from),
+    );
+    let envs = vec![
+        ("KUBECONFIG".to_owned(), w.kubeconfig.to_owned()),
+        ("HOSTNAME".to_owned(), name.to_owned()),
+    ];
+    let process = Process::spawn(name, &program, &args, &envs, &dir.join(format!("{name}.log")))?;
+    Ok(Worker {
+        process,
+        metrics_port: port,
+        dir: dir.to_owned(),
+    })
+}
+
 impl Worker {
     pub fn pid(&self) -> u32 {
         self.process.pid().expect("running")
