@@ -35,7 +35,7 @@ images: ## Worker and operator images as OCI archives in target/images (cargo bu
 crds: ## Regenerate crds/integrations.hookfleet.io.yaml and the chart's copy from the Rust types
 	$(CARGO) run -q -p hookfleet-crds --bin crdgen -- --write
 
-.PHONY: test-worker-faults test-broker-cluster bench bench-worker bench-operator test-node test-e2e
+.PHONY: test-worker-faults test-broker-cluster bench bench-worker bench-webhooks bench-operator test-node test-e2e
 
 test-e2e: ## The e2e suite on the local real node (root): chart install, real worker pods, every scenario's account
 	$(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
@@ -59,3 +59,6 @@ bench-operator: ## Operator at scale: 100 and 1,000 Integrations on the local co
 
 bench-worker: ## Only the suite's throughput section: B, H, L and hookfleet end to end (classic/quorum, 200 B/8 KiB, plain/signed+template)
 	HOOKFLEET_BENCH_SECTIONS=throughput $(CARGO) bench -p hookfleet-worker --bench suite
+
+bench-webhooks: ## Only the suite's webhooks section: 10,000 Webhooks on one worker (matching cost, drain and fan-out rates, RSS, propagation) beside one destination
+	HOOKFLEET_BENCH_SECTIONS=webhooks $(CARGO) bench -p hookfleet-worker --bench suite

@@ -12,6 +12,8 @@
 //! - `memory`: worker RSS idle and over a soak.
 //! - `fd`: soft and hard limit 256, a sink that stalls every connection for a while.
 //! - `load`: 5× a stated base rate over two workers, with the per-message account.
+//! - `webhooks`: many Webhooks (10,000) on one worker: matching cost per message beside one Webhook's,
+//!   drain rate beside the single-destination worker's, fan-out to 10, RSS, and a change's propagation.
 //!
 //! `HOOKFLEET_BENCH_QUICK=1` makes every default small (a few minutes in all); each `HOOKFLEET_BENCH_*`
 //! variable read below overrides one figure.
@@ -20,6 +22,7 @@ mod load;
 mod measure;
 mod report;
 mod roles;
+mod webhooks;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -83,6 +86,12 @@ struct Cfg {
     stall_secs: f64,
     base_rate: f64,
     load_secs: f64,
+    /// Webhooks in the `webhooks` section's snapshot.
+    webhooks: usize,
+    /// Lookups per figure of the in-process matching cost.
+    lookups: usize,
+    /// Changes timed by the `webhooks` section's propagation.
+    propagations: usize,
     out: PathBuf,
 }
 
@@ -93,9 +102,12 @@ impl Cfg {
         let loads_default = if q { "0.5,0.9" } else { "0.25,0.5,0.75,0.9,1.0" };
         Cfg {
             quick: q,
-            sections: list("HOOKFLEET_BENCH_SECTIONS", "throughput,latency,memory,fd,load")
-                .into_iter()
-                .collect(),
+            sections: list(
+                "HOOKFLEET_BENCH_SECTIONS",
+                "throughput,latency,memory,fd,load,webhooks",
+            )
+            .into_iter()
+            .collect(),
             n: var("HOOKFLEET_BENCH_N", 5_000, 100_000, q),
             rounds: var("HOOKFLEET_BENCH_ROUNDS", 1, 3, q).max(1),
             concurrency,
@@ -123,6 +135,10 @@ impl Cfg {
             stall_secs: var("HOOKFLEET_BENCH_STALL_SECS", 5.0, 15.0, q),
             base_rate: var("HOOKFLEET_BENCH_BASE_RATE", 400.0, 400.0, q),
             load_secs: var("HOOKFLEET_BENCH_LOAD_SECS", 20.0, 300.0, q),
+            // Whole groups of ten (the fan-out's).
+            webhooks: var("HOOKFLEET_BENCH_WEBHOOKS", 10_000, 10_000, q).max(100) / 10 * 10,
+            lookups: var("HOOKFLEET_BENCH_LOOKUPS", 200_000, 2_000_000, q).max(1_000),
+            propagations: var("HOOKFLEET_BENCH_PROPAGATIONS", 10, 20, q).max(1),
             out: std::env::var_os("HOOKFLEET_BENCH_OUT")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench")),
@@ -191,6 +207,8 @@ struct Opts {
     prefetch: Option<usize>,
     /// Soft and hard RLIMIT_NOFILE (through prlimit).
     nofile: Option<u64>,
+    /// Many Webhooks instead of the one destination (the `url` is then not passed).
+    webhooks: Option<webhooks::Mode>,
 }
 
 impl Worker {
@@ -202,8 +220,6 @@ impl Worker {
             uri.into(),
             "--queue".into(),
             queue.into(),
-            "--destination-url".into(),
-            url.into(),
             "--allow-private-networks".into(),
             "--queue-type".into(),
             qt_name(o.queue_type.unwrap_or(QueueType::Classic)).into(),
@@ -218,11 +234,18 @@ impl Worker {
             "--integration".into(),
             "bench/worker".into(),
         ];
+        let mut envs = vec![("HOOKFLEET_LOG".to_owned(), "warn".to_owned())];
+        match &o.webhooks {
+            None => args.extend(["--destination-url".into(), url.into()]),
+            Some(m) => {
+                args.extend(m.args());
+                envs.push(("KUBECONFIG".into(), m.kubeconfig.display().to_string()));
+            }
+        }
         if o.template {
             args.extend(["--body-template".into(), TEMPLATE.into()]);
         }
         args.extend(o.extra.iter().cloned());
-        let mut envs = vec![("HOOKFLEET_LOG".to_owned(), "warn".to_owned())];
         if o.signed {
             let secret =
                 base64::engine::general_purpose::STANDARD.encode(b"hookfleet-bench-signing-secret!!");
@@ -1244,6 +1267,12 @@ async fn run() -> Result<()> {
     }
     if cfg.on("load") {
         sections.push(or_failed("5× load", five_x(&cfg, &rmq).await));
+    }
+    if cfg.on("webhooks") {
+        match webhooks::sections(&cfg, &rmq).await {
+            Ok(s) => sections.extend(s),
+            Err(e) => sections.push(or_failed("Many Webhooks", Err(e))),
+        }
     }
     drop(rmq);
     let mut header = vec![format!(
