@@ -13,6 +13,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use super::dereference::World;
 use crate::config::Config;
 use crate::core::desired;
+use crate::core::nodes;
 use crate::core::replicas;
 use crate::core::status::{SourceObs, destination_gone_at};
 use crate::memory::Memory;
@@ -38,6 +39,8 @@ pub struct Desired {
     /// What the worker would refuse in the spec (`hookfleet_crds::validate`), as `field: reason; …`:
     /// nothing is applied, so the running fleet stays as it was.
     pub invalid: Option<String>,
+    /// The nodes the workers are kept off (`core::nodes`), and those that failed but stay usable.
+    pub nodes: nodes::Decision,
 }
 
 /// The build step fails only where the desired objects cannot be built: a malformed object.
@@ -86,6 +89,39 @@ pub fn destination_gone(
     }
 }
 
+/// The nodes the workers are kept off now (`core::nodes::decide`): from the exclusions last written, the
+/// fd-limit failures of the worker pods, the Nodes and the annotation `hookfleet.io/retry-nodes`.
+pub fn excluded_nodes(
+    intg: &Integration,
+    previous: &[hookfleet_crds::integration::ExcludedNode],
+    world: &World,
+    ttl: std::time::Duration,
+    now: k8s_openapi::jiff::Timestamp,
+    cleared: &mut std::collections::BTreeMap<String, k8s_openapi::jiff::Timestamp>,
+) -> nodes::Decision {
+    let failures: Vec<nodes::FdFailure> = world.pods.iter().filter_map(|p| nodes::fd_failure(p)).collect();
+    if previous.is_empty() && failures.is_empty() {
+        return nodes::Decision::default();
+    }
+    let retry = intg
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotation::RETRY_NODES))
+        .map(String::as_str);
+    nodes::decide(
+        &nodes::Inputs {
+            previous,
+            failures: &failures,
+            nodes: world.nodes.as_deref(),
+            retry,
+            now,
+            ttl,
+        },
+        cleared,
+    )
+}
+
 /// The backlog the autoscaler follows, asked of the broker only for an Integration that autoscales (None
 /// otherwise, and when the broker cannot be asked; a missing queue has none). Otherwise only the status
 /// step reads the broker's answer, so the probe runs while the children are applied instead of before: a
@@ -117,6 +153,15 @@ pub fn build(
     let previous = memory.written.as_ref().or(intg.status.as_ref());
     let previous_gone = previous.and_then(|s| s.destination_gone.clone());
     let gone = destination_gone(intg, previous_gone.as_ref(), world, &mut memory.gone_cleared);
+    let previous_excluded = previous.map(|s| s.excluded_nodes.clone()).unwrap_or_default();
+    let node_decision = excluded_nodes(
+        intg,
+        &previous_excluded,
+        world,
+        config.node_exclusion_ttl,
+        k8s_openapi::jiff::Timestamp::now(),
+        &mut memory.nodes_cleared,
+    );
     let replicas = match (&spec.workers.autoscale, fixed) {
         // Nothing is lost at 0 (messages wait in the queue), and no worker hammers a gone endpoint.
         _ if gone.is_some() => 0,
@@ -150,6 +195,7 @@ pub fn build(
         if let Some(c) = checksum {
             desired::set_secrets_checksum(&mut deployment, c);
         }
+        desired::set_excluded_nodes(&mut deployment, &node_decision.names());
         Some(Children {
             deployment,
             pdb: desired::pod_disruption_budget(intg)?,
@@ -162,6 +208,7 @@ pub fn build(
         children,
         destination_gone: gone,
         invalid,
+        nodes: node_decision,
     })
 }
 
@@ -215,6 +262,7 @@ mod tests {
             pdb: None,
             service: None,
             pods,
+            nodes: None,
         }
     }
 
