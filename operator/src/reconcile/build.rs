@@ -137,7 +137,8 @@ pub async fn backlog(intg: &Integration, world: &World) -> Option<i64> {
     }
 }
 
-/// The desired replica count and children. `backlog` is [`backlog`]'s answer.
+/// The desired replica count and children. `backlog` is [`backlog`]'s answer; `now` is the clock as the
+/// autoscaler reads it, `wall` as the node exclusions are dated.
 pub fn build(
     intg: &Integration,
     world: &World,
@@ -145,6 +146,7 @@ pub fn build(
     config: &Config,
     memory: &mut Memory,
     now: Instant,
+    wall: k8s_openapi::jiff::Timestamp,
 ) -> Result<Desired, BuildError> {
     let spec = &intg.spec;
     let current = world.current_replicas();
@@ -159,7 +161,7 @@ pub fn build(
         &previous_excluded,
         world,
         config.node_exclusion_ttl,
-        k8s_openapi::jiff::Timestamp::now(),
+        wall,
         &mut memory.nodes_cleared,
     );
     let replicas = match (&spec.workers.autoscale, fixed) {
@@ -317,14 +319,66 @@ mod tests {
         let mut m = Memory::default();
         let config = Config::new("w");
         let w = world(&[(5, "2026-01-01T00:00:00Z")]);
-        let d = build(&i, &w, None, &config, &mut m, Instant::now()).unwrap();
+        let d = build(&i, &w, None, &config, &mut m, Instant::now(), Timestamp::now()).unwrap();
         assert_eq!(d.replicas, 0);
         assert!(d.destination_gone.is_some());
         let spec = d.children.unwrap().deployment.spec.unwrap();
         assert_eq!(spec.replicas, Some(0));
         let fine = world(&[(0, "2026-01-01T00:00:00Z")]);
-        let d = build(&i, &fine, None, &config, &mut m, Instant::now()).unwrap();
+        let d = build(&i, &fine, None, &config, &mut m, Instant::now(), Timestamp::now()).unwrap();
         assert_eq!(d.replicas, 2);
+    }
+
+    #[test]
+    fn an_fd_failure_keeps_the_workers_off_its_node_and_the_next_build_is_the_same() {
+        use crate::core::nodes::NodeObs;
+        let i = intg("https://erp.example.com/h", None);
+        let (mut m, config) = (Memory::default(), Config::new("w"));
+        let mut w = world(&[(3, "2026-01-01T00:00:00Z")]);
+        let mut pod = (*w.pods[0]).clone();
+        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: Some("n3".into()),
+            ..Default::default()
+        });
+        w.pods = vec![Arc::new(pod)];
+        w.nodes = Some(
+            ["n1", "n2", "n3"]
+                .map(|n| NodeObs {
+                    name: n.into(),
+                    schedulable: true,
+                    ready_changed: Some(ts("2025-12-31T00:00:00Z")),
+                })
+                .to_vec(),
+        );
+        let now = ts("2026-01-01T00:00:05Z");
+        let d = build(&i, &w, None, &config, &mut m, Instant::now(), now).unwrap();
+        assert_eq!(d.nodes.names(), ["n3"]);
+        let dep = d.children.unwrap().deployment;
+        assert_eq!(desired::excluded_nodes(&dep), ["n3"]);
+        // The status written carries it to the next build: the same template, the same exclusion.
+        m.written = Some(hookfleet_crds::IntegrationStatus {
+            excluded_nodes: d.nodes.excluded.clone(),
+            ..Default::default()
+        });
+        let later = ts("2026-01-01T00:10:00Z");
+        let again = build(&i, &w, None, &config, &mut m, Instant::now(), later).unwrap();
+        assert_eq!(again.nodes, d.nodes);
+        assert_eq!(again.children.unwrap().deployment, dep);
+        // Without Nodes seen, nothing is excluded.
+        let mut blind = w.clone();
+        blind.nodes = None;
+        let d = build(
+            &i,
+            &blind,
+            None,
+            &config,
+            &mut Memory::default(),
+            Instant::now(),
+            now,
+        )
+        .unwrap();
+        assert!(d.nodes.excluded.is_empty());
+        assert_eq!(d.nodes.kept, ["n3"]);
     }
 
     #[test]
@@ -337,7 +391,16 @@ mod tests {
             .headers
             .insert("X-Bad".into(), "a\r\nInjected: 1".into());
         let (mut m, config) = (Memory::default(), Config::new("w"));
-        let d = build(&i, &world(&[]), None, &config, &mut m, Instant::now()).unwrap();
+        let d = build(
+            &i,
+            &world(&[]),
+            None,
+            &config,
+            &mut m,
+            Instant::now(),
+            Timestamp::now(),
+        )
+        .unwrap();
         assert!(d.children.is_none(), "nothing to apply");
         let invalid = d.invalid.expect("invalid");
         assert!(invalid.starts_with("spec.destination.headers"), "{invalid}");
@@ -346,7 +409,16 @@ mod tests {
             "the replica count is still decided (status reports it)"
         );
         let fine = intg("https://erp.example.com/h", None);
-        let d = build(&fine, &world(&[]), None, &config, &mut m, Instant::now()).unwrap();
+        let d = build(
+            &fine,
+            &world(&[]),
+            None,
+            &config,
+            &mut m,
+            Instant::now(),
+            Timestamp::now(),
+        )
+        .unwrap();
         assert!(d.invalid.is_none() && d.children.is_some());
     }
 }
