@@ -888,6 +888,32 @@ pub struct IntegrationStatus {
     /// The Webhooks naming this Integration, by state (only with `spec.webhooks`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhooks: Option<WebhookCounts>,
+    /// Nodes the workers are kept off (a required node affinity on the pod template, `metadata.name`
+    /// NotIn these), sorted by name: a worker on them could not raise its file-descriptor limit (exit 3).
+    /// An entry is cleared when the node's `Ready` condition changes after `since` (its kubelet or
+    /// container runtime was restarted, as after raising the limit), when the operator's exclusion TTL has
+    /// passed (a node still at the low limit fails again and is excluded again), or when the annotation
+    /// `hookfleet.io/retry-nodes` is set to a new value. The last schedulable node is never excluded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["node".into()]))]
+    pub excluded_nodes: Vec<ExcludedNode>,
+}
+
+/// A node the workers are kept off.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExcludedNode {
+    /// The node's name (`metadata.name`).
+    pub node: String,
+    /// Why: `FileDescriptorLimitNotMet`.
+    pub reason: String,
+    /// What the worker on it wrote to its termination log.
+    pub message: String,
+    /// When the operator excluded it.
+    pub since: Time,
+    /// The value of `hookfleet.io/retry-nodes` then; setting another value clears every exclusion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_annotation: Option<String>,
 }
 
 /// The Webhooks of an Integration by state.
@@ -923,6 +949,9 @@ pub struct DestinationGone {
 pub mod annotation {
     /// Set (or change) to any new value to retry a destination the operator stopped on after HTTP 410.
     pub const RETRY_DESTINATION: &str = "hookfleet.io/retry-destination";
+    /// Set (or change) to any new value to clear `status.excludedNodes`: the workers may run on those
+    /// nodes again (one that still fails is excluded again).
+    pub const RETRY_NODES: &str = "hookfleet.io/retry-nodes";
 }
 
 /// Condition types set on an Integration.

@@ -370,8 +370,18 @@ fn rbac_grants_exactly_what_docs_operator_md_lists() -> Result<()> {
             .find(|o| o["kind"] == "Role" && o["metadata"]["name"] == "hookfleet-operator-leader-election")
             .unwrap();
         assert_eq!(lease_role["metadata"]["namespace"], "hookfleet-system");
+        // Reading Nodes (cluster-scoped) is the one cluster-wide grant in both modes.
+        let cluster_roles: Vec<&Value> = objects.iter().filter(|o| o["kind"] == "ClusterRole").collect();
+        let nodes_role = cluster_roles
+            .iter()
+            .find(|o| o["metadata"]["name"] == "hookfleet-operator-nodes")
+            .expect("the Nodes ClusterRole");
+        assert_eq!(
+            nodes_role["rules"],
+            json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}])
+        );
         if role_kind == "Role" {
-            assert!(!kinds(&objects).contains("ClusterRole"));
+            assert_eq!(cluster_roles.len(), 1, "only reading Nodes is cluster-wide");
             let main = objects
                 .iter()
                 .find(|o| o["kind"] == "Role" && o["metadata"]["name"] == "hookfleet-operator")

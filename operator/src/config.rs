@@ -53,6 +53,9 @@ pub struct Config {
     pub webhook_status_every: Duration,
     /// ... and at most this often when only its counts and timestamps changed.
     pub webhook_counts_every: Duration,
+    /// A node the workers are kept off (fd limit not met) is tried again after this, unless cleared
+    /// sooner (its `Ready` condition changed, or the `hookfleet.io/retry-nodes` annotation).
+    pub node_exclusion_ttl: Duration,
 }
 
 impl Config {
@@ -74,6 +77,7 @@ impl Config {
             instance: "hookfleet-operator".into(),
             webhook_status_every: Duration::from_secs(10),
             webhook_counts_every: Duration::from_secs(60),
+            node_exclusion_ttl: Duration::from_secs(3600),
         }
     }
 }

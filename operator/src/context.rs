@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hookfleet_crds::{Integration, Webhook};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::core::DeserializeGuard;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -56,6 +56,11 @@ pub struct Caches {
     pub pdbs: Store<PodDisruptionBudget>,
     pub services: Store<Service>,
     pub pods: Store<Pod>,
+    /// The Nodes (slim: name, cordon, `Ready`; see `slim::node`).
+    pub nodes: Store<Node>,
+    /// Set once the Node cache has synced: until then (or without RBAC to read Nodes) a reconcile sees
+    /// no Nodes and excludes none (`core::nodes`).
+    pub nodes_synced: Arc<std::sync::atomic::AtomicBool>,
     /// The Secrets' versions (metadata only, see `secrets::Versions`).
     pub secrets: secrets::Versions,
     /// The referenced Secrets as last read, shared by the Integrations (see `secrets::Reads`).

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures::{StreamExt, TryStreamExt};
 use hookfleet_crds::{Integration, Webhook};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
@@ -233,6 +233,41 @@ async fn webhook_crd_installed(api: &Api<Webhook>) -> bool {
     }
 }
 
+/// Whether the operator may list Nodes (the chart grants it; a narrower install may not): warns when not.
+async fn nodes_readable(api: &Api<Node>) -> bool {
+    match api
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            warn!(
+                "the operator may not list Nodes: workers are not kept off nodes where they cannot meet their \
+                 file-descriptor limit; grant get/list/watch on nodes (docs/operator.md, RBAC) and restart the operator"
+            );
+            false
+        }
+        _ => true,
+    }
+}
+
+/// The Integrations a change to `node` concerns: those that keep their workers off it (its `Ready`
+/// condition changing may clear that, see `core::nodes`).
+fn node_users(node: &Node, integrations: &reflector::Store<Watched>) -> Vec<ObjectRef<Watched>> {
+    let name = node.name_any();
+    integrations
+        .state()
+        .into_iter()
+        .filter(|w| {
+            w.0.as_ref().is_ok_and(|i| {
+                i.status
+                    .as_ref()
+                    .is_some_and(|s| s.excluded_nodes.iter().any(|e| e.node == name))
+            })
+        })
+        .map(|w| ObjectRef::from_obj(&*w))
+        .collect()
+}
+
 /// Runs the controller until `stop` resolves. Marks `metrics.ready` once every cache has synced.
 pub async fn run(
     client: Client,
@@ -317,6 +352,26 @@ pub async fn run(
         futures::stream::pending().boxed()
     };
 
+    // Nodes (cluster-wide, slim): where a worker could not meet its fd limit, and when such a node's
+    // `Ready` condition changes (see `core::nodes`). Heartbeats do not pass (`slim::node_reads`).
+    let (nodes, nodew) = reflector::store::<Node>();
+    let node_api: Api<Node> = Api::all(client.clone());
+    let nodes_readable = nodes_readable(&node_api).await;
+    let node_stream = if nodes_readable {
+        reflector::reflector(
+            nodew,
+            watcher(node_api, watcher::Config::default()).modify(slim::node),
+        )
+        .default_backoff()
+        .try_filter(changes(slim::node_reads))
+        .touched_objects()
+        .boxed()
+    } else {
+        drop(nodew);
+        futures::stream::pending().boxed()
+    };
+    let nodes_synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
     let integrations: Api<Watched> = child_api(&client, &config.namespace);
     let (store, store_writer) = reflector::store::<Watched>();
     let recorder = Recorder::new(
@@ -338,6 +393,8 @@ pub async fn run(
             pdbs: pdbs.clone(),
             services: services.clone(),
             pods: pods.clone(),
+            nodes: nodes.clone(),
+            nodes_synced: nodes_synced.clone(),
             secrets: secret_versions.clone(),
             secret_reads: secrets::Reads::default(),
         },
@@ -358,6 +415,7 @@ pub async fn run(
         .applied_objects();
 
     let secret_store = store.clone();
+    let node_store = store.clone();
     let secret_webhooks = webhooks.clone();
     let secret_memory = memory;
     let named: std::sync::Mutex<std::collections::HashMap<String, String>> = Default::default();
@@ -388,6 +446,7 @@ pub async fn run(
                 .zip(ns)
                 .map(|(name, ns)| ObjectRef::<Watched>::new(&name).within(&ns))
         })
+        .watches_stream(node_stream, move |node: Node| node_users(&node, &node_store))
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(stop);
     let store = controller.store();
@@ -402,8 +461,10 @@ pub async fn run(
             services.wait_until_ready(),
             pods.wait_until_ready(),
             secret_versions.wait_until_ready(),
-            webhooks.wait_until_ready()
+            webhooks.wait_until_ready(),
+            nodes.wait_until_ready()
         );
+        nodes_synced.store(nodes_readable, std::sync::atomic::Ordering::Relaxed);
         ready_metrics.ready.set(1);
         info!("caches synced; reconciling");
         crate::reconcile::webhook_status::run(writer_ctx).await

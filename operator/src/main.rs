@@ -41,6 +41,10 @@ struct Args {
     /// An autoscaled fleet grows at most ×2 per period.
     #[arg(long, env = "HOOKFLEET_SCALE_UP_PERIOD", default_value = "15s", value_parser = parse_secs)]
     scale_up_period: Duration,
+    /// A node the workers were kept off (fd limit not met there) is tried again after this, unless its
+    /// Ready condition changed or the Integration's hookfleet.io/retry-nodes annotation was changed first.
+    #[arg(long, env = "HOOKFLEET_NODE_EXCLUSION_TTL", default_value = "1h", value_parser = parse_secs)]
+    node_exclusion_ttl: Duration,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "HOOKFLEET_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
@@ -90,6 +94,7 @@ async fn main() -> std::process::ExitCode {
     config.resync = args.resync;
     config.retry = args.retry;
     config.scale_up_period = args.scale_up_period;
+    config.node_exclusion_ttl = args.node_exclusion_ttl;
     config.http_addr = Some(args.http_addr);
     config.instance = identity.clone();
     if !args.no_leader_election {

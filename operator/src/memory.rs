@@ -41,6 +41,9 @@ pub struct Memory {
     /// When a `DestinationGone` was last cleared: worker terminations (exit 5) that finished at or before
     /// it are not counted again while their pods go away.
     pub gone_cleared: Option<Timestamp>,
+    /// When each node's exclusion was last cleared (`crate::core::nodes::decide`): fd-limit failures there
+    /// that finished before it are not counted again while their pods go away.
+    pub nodes_cleared: std::collections::BTreeMap<String, Timestamp>,
     /// The referenced Secrets as last read, reused while the Secret watch shows them unchanged
     /// (`crate::secrets::dereference`). Holds the broker URI: in memory only, never logged.
     pub secrets: Option<crate::secrets::Dereferenced>,

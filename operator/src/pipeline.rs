@@ -36,7 +36,17 @@ pub(crate) async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Ac
     // Before the children: a Webhook's change reaches the snapshot without waiting for the broker probe.
     let fleet = webhooks::webhooks(&ctx, &memory, intg).await?;
     let backlog = build::backlog(intg, &world).await;
-    let desired = memory.with(|m| build::build(intg, &world, backlog, &ctx.config, m, Instant::now()))?;
+    let desired = memory.with(|m| {
+        build::build(
+            intg,
+            &world,
+            backlog,
+            &ctx.config,
+            m,
+            Instant::now(),
+            k8s_openapi::jiff::Timestamp::now(),
+        )
+    })?;
     // A failed apply fails the reconcile (its error policy retries); the status written meanwhile says what
     // was observed, which is what it is computed from (the caches, the broker), never the apply's answers.
     let (applied, reported) = futures::join!(

@@ -9,7 +9,9 @@
 //!   by hash and the Deployment's generation, never with the cached spec;
 //! - a PodDisruptionBudget and a Service keep their metadata only (the apply step reads their
 //!   generation or resourceVersion, the controller their owner references);
-//! - a worker Pod keeps its metadata and status, not its spec;
+//! - a worker Pod keeps its metadata, status and `spec.nodeName` (where an fd-limit failure happened,
+//!   `core::nodes`), not the rest of its spec;
+//! - a Node keeps its name, `spec.unschedulable` and its `Ready` condition (`core::nodes::NodeObs`);
 //! - an Integration keeps everything but its managed fields.
 //!
 //! With 1,000 Integrations, 3,000 children and 2,000 worker pods the whole objects took about half of the
@@ -28,7 +30,7 @@
 
 use hookfleet_crds::Integration;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Resource;
 use kube::core::DeserializeGuard;
@@ -59,7 +61,35 @@ pub fn service(s: &mut Service) {
 
 pub fn pod(p: &mut Pod) {
     no_managed_fields(p);
-    p.spec = None;
+    p.spec = p.spec.take().map(|s| k8s_openapi::api::core::v1::PodSpec {
+        node_name: s.node_name,
+        ..Default::default()
+    });
+}
+
+pub fn node(n: &mut Node) {
+    n.metadata = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        name: n.metadata.name.take(),
+        uid: n.metadata.uid.take(),
+        resource_version: n.metadata.resource_version.take(),
+        ..Default::default()
+    };
+    n.spec = n.spec.take().map(|s| k8s_openapi::api::core::v1::NodeSpec {
+        unschedulable: s.unschedulable,
+        ..Default::default()
+    });
+    n.status = n.status.take().map(|s| k8s_openapi::api::core::v1::NodeStatus {
+        conditions: s
+            .conditions
+            .map(|cs| cs.into_iter().filter(|c| c.type_ == "Ready").collect()),
+        ..Default::default()
+    });
+}
+
+/// What a reconcile reads of a Node: whether it is schedulable and when its `Ready` condition changed.
+/// Heartbeats (every few seconds per node) do not pass.
+pub fn node_reads(n: &Node) -> u64 {
+    digest(crate::core::nodes::NodeObs::from_node(n))
 }
 
 pub fn integration(i: &mut DeserializeGuard<Integration>) {
@@ -103,6 +133,7 @@ pub fn pod_reads(p: &Pod) -> u64 {
         crate::core::status::pod_problem(p),
         crate::core::status::worker_restarts(p),
         crate::core::status::destination_gone_at(p),
+        crate::core::nodes::fd_failure(p),
         p.labels().get(crate::names::INTEGRATION_LABEL),
         p.metadata.deletion_timestamp.is_some(),
     ))
@@ -293,6 +324,48 @@ mod tests {
             .get_or_insert_default()
             .insert("hookfleet.io/retry-destination".into(), "1".into());
         assert!(changes.passes(&Event::Apply(DeserializeGuard(Ok(written)))));
+    }
+
+    #[test]
+    fn a_slim_pod_keeps_its_node_and_a_slim_node_its_ready_condition() {
+        let p: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "orders-1", "namespace": "a"},
+            "spec": {"nodeName": "n3", "containers": [{"name": "worker", "image": "w"}]}
+        }))
+        .unwrap();
+        let mut slim = p.clone();
+        pod(&mut slim);
+        let spec = slim.spec.unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some("n3"));
+        assert!(spec.containers.is_empty());
+
+        let n = |heartbeat: &str, transition: &str| -> Node {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "n3", "uid": "n", "labels": {"a": "b"}, "annotations": {"x": "y"}},
+                "spec": {"podCIDR": "10.0.0.0/24"},
+                "status": {"conditions": [
+                    {"type": "MemoryPressure", "status": "False", "lastHeartbeatTime": heartbeat},
+                    {"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat,
+                     "lastTransitionTime": transition}
+                ], "images": [{"names": ["big"]}]}
+            }))
+            .unwrap()
+        };
+        let full = n("2026-01-01T00:00:00Z", "2026-01-01T00:00:00Z");
+        let mut slim = full.clone();
+        node(&mut slim);
+        assert_eq!(slim.metadata.labels, None);
+        assert_eq!(
+            slim.status.as_ref().unwrap().conditions.as_ref().unwrap().len(),
+            1
+        );
+        assert_eq!(node_reads(&slim), node_reads(&full));
+        // A heartbeat does not pass; a Ready transition does.
+        use kube::runtime::watcher::Event;
+        let mut changes = Changes::new(node_reads);
+        assert!(changes.passes(&Event::Apply(full)));
+        assert!(!changes.passes(&Event::Apply(n("2026-01-01T00:00:10Z", "2026-01-01T00:00:00Z"))));
+        assert!(changes.passes(&Event::Apply(n("2026-01-01T00:00:20Z", "2026-01-01T00:00:15Z"))));
     }
 
     #[test]

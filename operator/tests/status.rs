@@ -34,6 +34,8 @@ fn healthy() -> Observed {
         invalid_spec: None,
         webhooks: None,
         webhooks_problem: None,
+        excluded_nodes: vec![],
+        kept_nodes: vec![],
     }
 }
 
@@ -344,4 +346,83 @@ fn an_invalid_spec_comes_first_and_says_nothing_is_applied() {
         1,
         "{events:?}"
     );
+}
+
+const FD_LINE: &str = "file-descriptor limit too low: RLIMIT_NOFILE is 1024 (hard limit 1024, --fd-limit asked for \
+                       4096) but --concurrency 2048 needs 4160 (2048 in flight + 2048 idle pooled + 64 reserve); \
+                       lower --concurrency or raise the hard limit";
+
+fn excluded(node: &str) -> hookfleet_crds::integration::ExcludedNode {
+    hookfleet_crds::integration::ExcludedNode {
+        node: node.into(),
+        reason: "FileDescriptorLimitNotMet".into(),
+        message: FD_LINE.into(),
+        since: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-01-01T00:00:00Z".parse().unwrap()),
+        retry_annotation: None,
+    }
+}
+
+#[test]
+fn a_failing_pod_names_its_node_the_limits_and_what_to_do() {
+    use hookfleet_operator::status::PodProblem;
+    let mut o = healthy();
+    o.deployment.as_mut().unwrap().ready = 2;
+    o.pod_problems = vec![PodProblem {
+        pod: "orders-abc".into(),
+        kind: PodProblemKind::FdLimit,
+        message: FD_LINE.into(),
+        node: Some("n3".into()),
+    }];
+    o.excluded_nodes = vec![excluded("n3")];
+    let st = status::compute(&o);
+    let d = get(&st.conditions, "Degraded");
+    assert_eq!(d.reason, "FileDescriptorLimitNotMet");
+    assert!(
+        d.message.starts_with(
+            "node n3: RLIMIT_NOFILE hard limit 1024, workers need 4160; workers are kept off n3 — raise \
+             containerd's LimitNOFILE on n3 and restart it"
+        ),
+        "{}",
+        d.message
+    );
+    assert!(
+        d.message
+            .contains(&format!("worker pod orders-abc: \"{FD_LINE}\"")),
+        "{}",
+        d.message
+    );
+    assert_eq!(st.excluded_nodes, o.excluded_nodes);
+    // The last usable node is kept, and the message says so.
+    o.excluded_nodes = vec![];
+    o.kept_nodes = vec!["n3".into()];
+    let d = get(&status::compute(&o).conditions, "Degraded").clone();
+    assert!(
+        d.message
+            .contains("workers are not kept off n3: the operator sees no other schedulable node"),
+        "{}",
+        d.message
+    );
+}
+
+#[test]
+fn an_excluded_node_degrades_but_the_fleet_elsewhere_is_ready() {
+    let mut o = healthy();
+    o.excluded_nodes = vec![excluded("n1"), excluded("n3")];
+    let st = status::compute(&o);
+    assert_eq!(get(&st.conditions, "Ready").status, "True");
+    let d = get(&st.conditions, "Degraded");
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("True", "FileDescriptorLimitNotMet")
+    );
+    assert!(
+        d.message.starts_with("node n1: RLIMIT_NOFILE hard limit 1024"),
+        "{}",
+        d.message
+    );
+    assert!(d.message.ends_with("(and 1 more nodes: n3)"), "{}", d.message);
+    // Without exclusions nothing changes (no field written: steady state as before).
+    let st = status::compute(&healthy());
+    assert!(st.excluded_nodes.is_empty());
+    assert!(!serde_json::to_string(&st).unwrap().contains("excludedNodes"));
 }

@@ -10,10 +10,11 @@ use hookfleet_crds::Integration;
 use hookfleet_crds::contract;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, KeyToPath,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret,
-    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
-    TopologySpreadConstraint, Volume, VolumeMount,
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, KeyToPath,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -358,6 +359,52 @@ pub fn set_secrets_checksum(deployment: &mut Deployment, checksum: String) {
     }
 }
 
+/// Keeps the workers off `nodes` (sorted node names, `core::nodes`): a required node affinity on the pod
+/// template, `matchFields` `metadata.name` NotIn the names (node names, not hostname labels, which may
+/// differ). None when there are none, so the template is as before. The same names render the same
+/// template: no roll without a change.
+pub fn set_excluded_nodes(deployment: &mut Deployment, nodes: &[String]) {
+    let Some(pod) = deployment.spec.as_mut().and_then(|s| s.template.spec.as_mut()) else {
+        return;
+    };
+    let mut names = nodes.to_vec();
+    names.sort();
+    names.dedup();
+    pod.affinity = (!names.is_empty()).then(|| Affinity {
+        node_affinity: Some(NodeAffinity {
+            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm {
+                    match_fields: Some(vec![NodeSelectorRequirement {
+                        key: "metadata.name".into(),
+                        operator: "NotIn".into(),
+                        values: Some(names),
+                    }]),
+                    match_expressions: None,
+                }],
+            }),
+            preferred_during_scheduling_ignored_during_execution: None,
+        }),
+        ..Affinity::default()
+    });
+}
+
+/// The node names a Deployment's pod template keeps its pods off (see [`set_excluded_nodes`]).
+pub fn excluded_nodes(deployment: &Deployment) -> Vec<String> {
+    deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|p| p.affinity.as_ref())
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref())
+        .into_iter()
+        .flat_map(|r| &r.node_selector_terms)
+        .flat_map(|t| t.match_fields.iter().flatten())
+        .filter(|r| r.key == "metadata.name" && r.operator == "NotIn")
+        .flat_map(|r| r.values.iter().flatten().cloned())
+        .collect()
+}
+
 /// The Secrets checksum on a Deployment's pod template, if any.
 pub fn secrets_checksum(deployment: &Deployment) -> Option<String> {
     deployment
@@ -494,4 +541,66 @@ pub fn worker_access(intg: &Integration) -> Result<(ServiceAccount, Role, RoleBi
         }]),
     };
     Ok((sa, role, binding))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment_with(nodes: &[&str]) -> Deployment {
+        let intg: Integration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hookfleet.io/v1alpha1", "kind": "Integration",
+            "metadata": {"name": "orders", "namespace": "a", "uid": "u1"},
+            "spec": {
+                "source": {"connectionSecretRef": {"name": "r", "key": "uri"}, "queue": "orders"},
+                "destination": {"url": "https://erp.example.com/h"}
+            }
+        }))
+        .unwrap();
+        let settings = WorkerSettings {
+            image: "w".into(),
+            image_pull_policy: None,
+        };
+        let mut d = deployment(&intg, &settings, 3).unwrap();
+        set_excluded_nodes(&mut d, &nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>());
+        d
+    }
+
+    #[test]
+    fn excluded_nodes_render_one_required_match_fields_term() {
+        let d = deployment_with(&["n3", "n1"]);
+        let pod = serde_json::to_value(&d.spec.as_ref().unwrap().template.spec).unwrap();
+        assert_eq!(
+            pod["affinity"],
+            serde_json::json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchFields": [
+                    {"key": "metadata.name", "operator": "NotIn", "values": ["n1", "n3"]}
+                ]}]
+            }}})
+        );
+        assert_eq!(excluded_nodes(&d), ["n1", "n3"]);
+        // The spread constraints stay beside it.
+        assert_eq!(pod["topologySpreadConstraints"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn the_same_exclusions_render_the_same_template_and_none_renders_none() {
+        let a = deployment_with(&["n3", "n1", "n3"]);
+        let b = deployment_with(&["n1", "n3"]);
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            serde_json::to_string(&b).unwrap(),
+            "order and duplicates do not change the template (no roll)"
+        );
+        let none = deployment_with(&[]);
+        let pod = serde_json::to_value(&none.spec.as_ref().unwrap().template.spec).unwrap();
+        assert!(pod.get("affinity").is_none(), "no affinity field at all: {pod}");
+        assert!(excluded_nodes(&none).is_empty());
+        // Applying it twice changes nothing.
+        let mut twice = deployment_with(&["n1", "n3"]);
+        set_excluded_nodes(&mut twice, &["n3".into(), "n1".into()]);
+        assert_eq!(twice, b);
+        set_excluded_nodes(&mut twice, &[]);
+        assert_eq!(twice, none);
+    }
 }

@@ -4,11 +4,14 @@
 //!
 //! - [`desired`]: the children an Integration should have (Deployment, PodDisruptionBudget, Service);
 //! - [`status`]: conditions, the status and the Events of its transitions, from observations;
+//! - [`nodes`]: which nodes the workers are kept off (a worker there could not meet its fd limit), and when
+//!   that is cleared;
 //! - [`replicas`]: how many workers (fixed, or following the backlog);
 //! - [`pacing`]: how soon an Integration is looked at again, and when a status write may wait;
 //! - [`webhooks`]: a fleet's Webhooks snapshot, the fold of its workers' reports, each Webhook's status.
 
 pub mod desired;
+pub mod nodes;
 pub mod pacing;
 pub mod replicas;
 pub mod status;

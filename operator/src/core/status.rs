@@ -8,7 +8,7 @@
 use hookfleet_crds::IntegrationStatus;
 use hookfleet_crds::contract::{self, exit};
 use hookfleet_crds::integration::condition;
-use hookfleet_crds::integration::{DestinationGone, WebhookCounts};
+use hookfleet_crds::integration::{DestinationGone, ExcludedNode, WebhookCounts};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -98,6 +98,8 @@ pub struct PodProblem {
     pub pod: String,
     pub kind: PodProblemKind,
     pub message: String,
+    /// The node it runs on (`spec.nodeName`), once scheduled.
+    pub node: Option<String>,
 }
 
 /// Restarts after which a worker that is not Ready counts as crash-looping even before the kubelet
@@ -133,6 +135,11 @@ fn worker_status(pod: &Pod) -> Option<&ContainerStatus> {
 
 /// The trouble a worker pod is in, if any, quoting its last termination message.
 pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
+    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+    pod_problem_of(pod).map(|p| PodProblem { node, ..p })
+}
+
+fn pod_problem_of(pod: &Pod) -> Option<PodProblem> {
     let name = pod.metadata.name.clone().unwrap_or_default();
     let cs = worker_status(pod)?;
     let last = cs
@@ -164,6 +171,7 @@ pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
             pod: name,
             kind: PodProblemKind::QueueMismatch,
             message: term.clone(),
+            node: None,
         });
     }
     if let Some(t) = &termination
@@ -174,6 +182,7 @@ pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
             pod: name,
             kind: PodProblemKind::FdLimit,
             message: t.clone(),
+            node: None,
         });
     }
     // Restarted after a failure and not Ready again: still crash-looping, also in the seconds the
@@ -193,6 +202,7 @@ pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
                 cs.restart_count,
                 termination.unwrap_or_else(|| "unknown".into())
             ),
+            node: None,
         });
     }
     if matches!(
@@ -210,6 +220,7 @@ pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
                 "{waiting_reason}: {}",
                 waiting.and_then(|w| w.message.as_deref()).unwrap_or("")
             ),
+            node: None,
         });
     }
     None
@@ -257,6 +268,69 @@ pub struct Observed {
     pub webhooks: Option<WebhookCounts>,
     /// Why a Webhooks fleet's snapshot could not be written.
     pub webhooks_problem: Option<String>,
+    /// Nodes the workers are kept off (decided by the build step, `core::nodes`).
+    pub excluded_nodes: Vec<ExcludedNode>,
+    /// Nodes that failed the fd limit but stay usable: excluding them would leave no schedulable node.
+    pub kept_nodes: Vec<String>,
+}
+
+/// "RLIMIT_NOFILE hard limit H, workers need N" from the worker's fd line (docs/worker.md), or the line.
+pub fn limit_summary(line: &str) -> String {
+    let number_after = |key: &str| -> Option<String> {
+        let rest = &line[line.find(key)? + key.len()..];
+        let n: String = rest
+            .trim_start()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        (!n.is_empty()).then_some(n)
+    };
+    match (number_after("hard limit"), number_after("needs")) {
+        (Some(hard), Some(need)) => format!("RLIMIT_NOFILE hard limit {hard}, workers need {need}"),
+        _ => format!("\"{line}\""),
+    }
+}
+
+/// What the on-call person does about `node`, in one line.
+pub fn remedy(node: &str) -> String {
+    format!(
+        "raise containerd's LimitNOFILE on {node} and restart it (or set the annotation {} to a new value once fixed)",
+        hookfleet_crds::integration::annotation::RETRY_NODES
+    )
+}
+
+/// The FdLimit line of one node: its limits, whether the workers are kept off it, and what to do.
+fn fd_node_message(o: &Observed, node: &str, line: &str) -> String {
+    let summary = limit_summary(line);
+    let what = if o.excluded_nodes.iter().any(|e| e.node == node) {
+        format!("workers are kept off {node}")
+    } else if o.kept_nodes.iter().any(|k| k == node) {
+        format!("workers are not kept off {node}: the operator sees no other schedulable node")
+    } else {
+        format!("workers are not kept off {node} yet")
+    };
+    format!("node {node}: {summary}; {what} — {}", remedy(node))
+}
+
+/// Degraded without a pod in trouble: the workers run elsewhere, but nodes stay excluded until fixed.
+fn exclusion_problem(o: &Observed) -> Option<(&'static str, String)> {
+    let first = o.excluded_nodes.first()?;
+    let more = match o.excluded_nodes.len() {
+        1 => String::new(),
+        n => format!(
+            " (and {} more nodes: {})",
+            n - 1,
+            o.excluded_nodes[1..]
+                .iter()
+                .map(|e| e.node.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    Some((
+        reason::FD_LIMIT_NOT_MET,
+        format!("{}{more}", fd_node_message(o, &first.node, &first.message)),
+    ))
 }
 
 fn cond(type_: &str, status: bool, reason: &str, message: String, generation: Option<i64>) -> Condition {
@@ -317,10 +391,16 @@ fn problem(o: &Observed, ready: i32) -> Option<(&'static str, String)> {
             } else {
                 String::new()
             };
-            return Some((
-                reason,
-                format!("worker pod {}: \"{}\"{more}", first.pod, first.message),
-            ));
+            let message = match (&first.node, kind) {
+                (Some(node), PodProblemKind::FdLimit) => format!(
+                    "{} (worker pod {}: \"{}\"){more}",
+                    fd_node_message(o, node, &first.message),
+                    first.pod,
+                    first.message
+                ),
+                _ => format!("worker pod {}: \"{}\"{more}", first.pod, first.message),
+            };
+            return Some((reason, message));
         }
     }
     let consumers = match o.source {
@@ -440,8 +520,9 @@ pub fn compute(o: &Observed) -> IntegrationStatus {
     };
     conditions.push(progressing);
 
-    conditions.push(match &problem {
-        Some((r, m)) => cond(condition::DEGRADED, true, r, m.clone(), g),
+    // Nodes kept off degrade without making the fleet un-Ready: the workers run elsewhere.
+    conditions.push(match problem.or_else(|| exclusion_problem(o)) {
+        Some((r, m)) => cond(condition::DEGRADED, true, r, m, g),
         None => cond(
             condition::DEGRADED,
             false,
@@ -470,6 +551,7 @@ pub fn compute(o: &Observed) -> IntegrationStatus {
         selector: Some(o.selector.clone()),
         conditions,
         destination_gone: o.destination_gone.clone(),
+        excluded_nodes: o.excluded_nodes.clone(),
     }
 }
 

@@ -13,6 +13,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use super::dereference::World;
 use crate::config::Config;
 use crate::core::desired;
+use crate::core::nodes;
 use crate::core::replicas;
 use crate::core::status::{SourceObs, destination_gone_at};
 use crate::memory::Memory;
@@ -38,6 +39,8 @@ pub struct Desired {
     /// What the worker would refuse in the spec (`hookfleet_crds::validate`), as `field: reason; …`:
     /// nothing is applied, so the running fleet stays as it was.
     pub invalid: Option<String>,
+    /// The nodes the workers are kept off (`core::nodes`), and those that failed but stay usable.
+    pub nodes: nodes::Decision,
 }
 
 /// The build step fails only where the desired objects cannot be built: a malformed object.
@@ -86,6 +89,39 @@ pub fn destination_gone(
     }
 }
 
+/// The nodes the workers are kept off now (`core::nodes::decide`): from the exclusions last written, the
+/// fd-limit failures of the worker pods, the Nodes and the annotation `hookfleet.io/retry-nodes`.
+pub fn excluded_nodes(
+    intg: &Integration,
+    previous: &[hookfleet_crds::integration::ExcludedNode],
+    world: &World,
+    ttl: std::time::Duration,
+    now: k8s_openapi::jiff::Timestamp,
+    cleared: &mut std::collections::BTreeMap<String, k8s_openapi::jiff::Timestamp>,
+) -> nodes::Decision {
+    let failures: Vec<nodes::FdFailure> = world.pods.iter().filter_map(|p| nodes::fd_failure(p)).collect();
+    if previous.is_empty() && failures.is_empty() {
+        return nodes::Decision::default();
+    }
+    let retry = intg
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotation::RETRY_NODES))
+        .map(String::as_str);
+    nodes::decide(
+        &nodes::Inputs {
+            previous,
+            failures: &failures,
+            nodes: world.nodes.as_deref(),
+            retry,
+            now,
+            ttl,
+        },
+        cleared,
+    )
+}
+
 /// The backlog the autoscaler follows, asked of the broker only for an Integration that autoscales (None
 /// otherwise, and when the broker cannot be asked; a missing queue has none). Otherwise only the status
 /// step reads the broker's answer, so the probe runs while the children are applied instead of before: a
@@ -101,7 +137,8 @@ pub async fn backlog(intg: &Integration, world: &World) -> Option<i64> {
     }
 }
 
-/// The desired replica count and children. `backlog` is [`backlog`]'s answer.
+/// The desired replica count and children. `backlog` is [`backlog`]'s answer; `now` is the clock as the
+/// autoscaler reads it, `wall` as the node exclusions are dated.
 pub fn build(
     intg: &Integration,
     world: &World,
@@ -109,6 +146,7 @@ pub fn build(
     config: &Config,
     memory: &mut Memory,
     now: Instant,
+    wall: k8s_openapi::jiff::Timestamp,
 ) -> Result<Desired, BuildError> {
     let spec = &intg.spec;
     let current = world.current_replicas();
@@ -117,6 +155,15 @@ pub fn build(
     let previous = memory.written.as_ref().or(intg.status.as_ref());
     let previous_gone = previous.and_then(|s| s.destination_gone.clone());
     let gone = destination_gone(intg, previous_gone.as_ref(), world, &mut memory.gone_cleared);
+    let previous_excluded = previous.map(|s| s.excluded_nodes.clone()).unwrap_or_default();
+    let node_decision = excluded_nodes(
+        intg,
+        &previous_excluded,
+        world,
+        config.node_exclusion_ttl,
+        wall,
+        &mut memory.nodes_cleared,
+    );
     let replicas = match (&spec.workers.autoscale, fixed) {
         // Nothing is lost at 0 (messages wait in the queue), and no worker hammers a gone endpoint.
         _ if gone.is_some() => 0,
@@ -150,6 +197,7 @@ pub fn build(
         if let Some(c) = checksum {
             desired::set_secrets_checksum(&mut deployment, c);
         }
+        desired::set_excluded_nodes(&mut deployment, &node_decision.names());
         Some(Children {
             deployment,
             pdb: desired::pod_disruption_budget(intg)?,
@@ -162,6 +210,7 @@ pub fn build(
         children,
         destination_gone: gone,
         invalid,
+        nodes: node_decision,
     })
 }
 
@@ -215,6 +264,7 @@ mod tests {
             pdb: None,
             service: None,
             pods,
+            nodes: None,
         }
     }
 
@@ -269,14 +319,66 @@ mod tests {
         let mut m = Memory::default();
         let config = Config::new("w");
         let w = world(&[(5, "2026-01-01T00:00:00Z")]);
-        let d = build(&i, &w, None, &config, &mut m, Instant::now()).unwrap();
+        let d = build(&i, &w, None, &config, &mut m, Instant::now(), Timestamp::now()).unwrap();
         assert_eq!(d.replicas, 0);
         assert!(d.destination_gone.is_some());
         let spec = d.children.unwrap().deployment.spec.unwrap();
         assert_eq!(spec.replicas, Some(0));
         let fine = world(&[(0, "2026-01-01T00:00:00Z")]);
-        let d = build(&i, &fine, None, &config, &mut m, Instant::now()).unwrap();
+        let d = build(&i, &fine, None, &config, &mut m, Instant::now(), Timestamp::now()).unwrap();
         assert_eq!(d.replicas, 2);
+    }
+
+    #[test]
+    fn an_fd_failure_keeps_the_workers_off_its_node_and_the_next_build_is_the_same() {
+        use crate::core::nodes::NodeObs;
+        let i = intg("https://erp.example.com/h", None);
+        let (mut m, config) = (Memory::default(), Config::new("w"));
+        let mut w = world(&[(3, "2026-01-01T00:00:00Z")]);
+        let mut pod = (*w.pods[0]).clone();
+        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: Some("n3".into()),
+            ..Default::default()
+        });
+        w.pods = vec![Arc::new(pod)];
+        w.nodes = Some(
+            ["n1", "n2", "n3"]
+                .map(|n| NodeObs {
+                    name: n.into(),
+                    schedulable: true,
+                    ready_changed: Some(ts("2025-12-31T00:00:00Z")),
+                })
+                .to_vec(),
+        );
+        let now = ts("2026-01-01T00:00:05Z");
+        let d = build(&i, &w, None, &config, &mut m, Instant::now(), now).unwrap();
+        assert_eq!(d.nodes.names(), ["n3"]);
+        let dep = d.children.unwrap().deployment;
+        assert_eq!(desired::excluded_nodes(&dep), ["n3"]);
+        // The status written carries it to the next build: the same template, the same exclusion.
+        m.written = Some(hookfleet_crds::IntegrationStatus {
+            excluded_nodes: d.nodes.excluded.clone(),
+            ..Default::default()
+        });
+        let later = ts("2026-01-01T00:10:00Z");
+        let again = build(&i, &w, None, &config, &mut m, Instant::now(), later).unwrap();
+        assert_eq!(again.nodes, d.nodes);
+        assert_eq!(again.children.unwrap().deployment, dep);
+        // Without Nodes seen, nothing is excluded.
+        let mut blind = w.clone();
+        blind.nodes = None;
+        let d = build(
+            &i,
+            &blind,
+            None,
+            &config,
+            &mut Memory::default(),
+            Instant::now(),
+            now,
+        )
+        .unwrap();
+        assert!(d.nodes.excluded.is_empty());
+        assert_eq!(d.nodes.kept, ["n3"]);
     }
 
     #[test]
@@ -289,7 +391,16 @@ mod tests {
             .headers
             .insert("X-Bad".into(), "a\r\nInjected: 1".into());
         let (mut m, config) = (Memory::default(), Config::new("w"));
-        let d = build(&i, &world(&[]), None, &config, &mut m, Instant::now()).unwrap();
+        let d = build(
+            &i,
+            &world(&[]),
+            None,
+            &config,
+            &mut m,
+            Instant::now(),
+            Timestamp::now(),
+        )
+        .unwrap();
         assert!(d.children.is_none(), "nothing to apply");
         let invalid = d.invalid.expect("invalid");
         assert!(invalid.starts_with("spec.destination.headers"), "{invalid}");
@@ -298,7 +409,16 @@ mod tests {
             "the replica count is still decided (status reports it)"
         );
         let fine = intg("https://erp.example.com/h", None);
-        let d = build(&fine, &world(&[]), None, &config, &mut m, Instant::now()).unwrap();
+        let d = build(
+            &fine,
+            &world(&[]),
+            None,
+            &config,
+            &mut m,
+            Instant::now(),
+            Timestamp::now(),
+        )
+        .unwrap();
         assert!(d.invalid.is_none() && d.children.is_some());
     }
 }

@@ -15,6 +15,7 @@ use kube::{Client, ResourceExt};
 use crate::broker::Broker;
 use crate::context::Caches;
 use crate::core::desired;
+use crate::core::nodes::NodeObs;
 use crate::core::status::{SourceObs, reason};
 use crate::memory::Entry;
 use crate::names::INTEGRATION_LABEL;
@@ -32,6 +33,8 @@ pub struct World {
     pub service: Option<Arc<Service>>,
     /// Worker pods of the Integration.
     pub pods: Vec<Arc<Pod>>,
+    /// The Nodes, None while the operator cannot see them (no RBAC, or its cache not synced yet).
+    pub nodes: Option<Vec<NodeObs>>,
 }
 
 impl World {
@@ -114,6 +117,17 @@ pub async fn dereference(
             .services
             .get(&ObjectRef::new(&desired::service_name(&name)).within(&ns)),
         pods,
+        nodes: caches
+            .nodes_synced
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then(|| {
+                caches
+                    .nodes
+                    .state()
+                    .iter()
+                    .map(|n| NodeObs::from_node(n))
+                    .collect()
+            }),
     })
 }
 

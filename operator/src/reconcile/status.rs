@@ -61,6 +61,8 @@ pub async fn status(
         invalid_spec: desired.invalid.clone(),
         webhooks: fleet.map(|f| f.counts.clone()),
         webhooks_problem: fleet.and_then(|f| f.problem.clone()),
+        excluded_nodes: desired.nodes.excluded.clone(),
+        kept_nodes: desired.nodes.kept.clone(),
     };
     let cached_status = intg.status.clone().unwrap_or_default();
     let (written, since_last_write) = memory.with(|m| (m.written.clone(), m.written_at.map(|t| t.elapsed())));
