@@ -1081,7 +1081,7 @@ impl Reporter {
         use lapin::types::{AMQPValue, FieldTable};
         use std::sync::atomic::Ordering;
         let conn = lapin::Connection::connect(
-            uri.into(),
+            uri,
             lapin::ConnectionProperties::default().with_connection_name("bench-reports".into()),
         )
         .await?;
