@@ -53,7 +53,7 @@ bench: ## The benchmark suite (docs/benchmarks.md): figures beside same-run base
 	$(CARGO) bench -p hookfleet-worker --bench suite
 	$(MAKE) bench-operator
 
-bench-operator: ## Operator at scale: 100 and 1,000 Integrations on the local control plane beside a bare client's server-side apply (T0)
+bench-operator: ## Operator at scale: 100 and 1,000 Integrations beside a bare client's server-side apply (T0); 10,000 Webhooks on one Integration (Ready, snapshot, status writes/min, propagation)
 	$(CARGO) build --release -p hookfleet-operator
 	$(CARGO) run --release -q -p hookfleet-e2e --bin hookfleet-bench-operator
 
