@@ -83,7 +83,9 @@ async fn large_messages_stay_under_the_rendered_memory_and_oversized_ones_are_de
             "--backoff-max",
             "200ms",
             "--max-attempts",
-            "10",
+            // Every other request fails, whichever message it carries: with 10 attempts one message in
+            // a thousand would spend them all.
+            "60",
             "--circuit-breaker-threshold",
             "0",
         ],
