@@ -35,10 +35,12 @@ images: ## Worker and operator images as OCI archives in target/images (cargo bu
 crds: ## Regenerate crds/integrations.hookfleet.io.yaml and the chart's copy from the Rust types
 	$(CARGO) run -q -p hookfleet-crds --bin crdgen -- --write
 
-.PHONY: test-worker-faults test-broker-cluster bench bench-worker bench-operator test-node test-nodes test-e2e test-e2e-3nodes
+.PHONY: test-worker-faults test-broker-cluster bench bench-worker bench-operator test-node test-e2e
 
 test-e2e: ## The e2e suite on the local real node (root): chart install, real worker pods, every scenario's account
 	$(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
+
+.PHONY: test-nodes test-e2e-3nodes
 
 test-e2e-3nodes: ## The e2e suite on 3 local real nodes (root; HOOKFLEET_E2E_NODES=3)
 	HOOKFLEET_E2E_NODES=3 $(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
