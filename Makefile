@@ -40,9 +40,9 @@ crds: ## Regenerate crds/integrations.hookfleet.io.yaml and the chart's copy fro
 test-e2e: ## The e2e suite on the local real node (root): chart install, real worker pods, every scenario's account
 	$(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
 
-.PHONY: test-nodes test-e2e-3nodes
+.PHONY: test-nodes test-e2e-nodes
 
-test-e2e-3nodes: ## The e2e suite on 3 local real nodes (root; HOOKFLEET_E2E_NODES=3)
+test-e2e-nodes: ## The e2e suite on 3 local real nodes (root; HOOKFLEET_E2E_NODES=3)
 	HOOKFLEET_E2E_NODES=3 $(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
 
 test-node: ## The real node (root): a pod reaches the host's sink, RabbitMQ and the API; nofile limits; clean teardown

@@ -9,7 +9,7 @@
 //!   with the images already loaded (`e2e/kind/` does this for kind).
 //!
 //! `HOOKFLEET_E2E_NODES=3` starts the local cluster with 3 nodes (default 1, what `make test` runs; `make
-//! test-e2e-3nodes`): the scheduler spreads the workers over them, all at the default nofile 1024:4096.
+//! test-e2e-nodes`): the scheduler spreads the workers over them, all at the default nofile 1024:4096.
 //!
 //! `HOOKFLEET_E2E_SCENARIOS=deliver,kill` runs a subset (names: deliver, fds, kill, scale, sinkdown,
 //! notconsuming, bad, pdb, rotate, webhooks, memory). The scenarios share one installation and run one after
