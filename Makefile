@@ -40,8 +40,16 @@ crds: ## Regenerate crds/integrations.hookfleet.io.yaml and the chart's copy fro
 test-e2e: ## The e2e suite on the local real node (root): chart install, real worker pods, every scenario's account
 	$(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
 
+.PHONY: test-nodes test-e2e-nodes
+
+test-e2e-nodes: ## The e2e suite on 3 local real nodes (root; HOOKFLEET_E2E_NODES=3)
+	HOOKFLEET_E2E_NODES=3 $(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
+
 test-node: ## The real node (root): a pod reaches the host's sink, RabbitMQ and the API; nofile limits; clean teardown
 	$(CARGO) test -p hookfleet-e2e --test node -- --nocapture
+
+test-nodes: ## 3 real nodes (root): own nofile limits, node 1 → Service → node 3, node loss and restart, clean teardown (~30 s)
+	$(CARGO) test -p hookfleet-e2e --test nodes -- --nocapture
 
 test-worker-faults: ## Worker fault scenarios: kill -9, broker restart, fd limit, SIGTERM, deleted queue, poison message, full queue, memory alarm (real RabbitMQ)
 	$(CARGO) test -p hookfleet-worker --test faults -- --nocapture

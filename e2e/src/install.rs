@@ -18,10 +18,10 @@ pub const RELEASE: &str = "hookfleet";
 pub const NAMESPACE: &str = "hookfleet-system";
 
 /// Builds the worker and operator images from release binaries (cargo, cached in the target dir) into `dir` and
-/// imports them into the node's containerd.
+/// imports them into every node's containerd.
 pub fn load_images(cluster: &Cluster, dir: &Path) -> Result<Duration> {
     let t0 = Instant::now();
-    cluster.node().import(&images::build(dir)?)?;
+    cluster.import(&images::build(dir)?)?;
     Ok(t0.elapsed())
 }
 

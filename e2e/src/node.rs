@@ -4,12 +4,16 @@
 //! the host at the bridge's gateway address ([`crate::Cluster::host_addr`]).
 //!
 //! Needs root (bridge, iptables, mounts, cgroups). Start it through [`crate::Cluster`], which also takes a
-//! machine-wide lock: two nodes on one machine would fight over kube-proxy's and kubelet's iptables chains.
+//! machine-wide lock: two clusters on one machine would fight over kube-proxy's and kubelet's iptables
+//! chains. A cluster may have several nodes on the one bridge, each its own containerd and kubelet, with one
+//! kube-proxy for all (the layout and why: the module doc of `e2e/src/cluster.rs`); [`Node::kill_hard`] and
+//! [`Node::restart`] are a node's loss and return.
 //!
-//! Everything a node creates carries the prefix [`PREFIX`] (`hookfleet-node-<id>`: its directory, its cgroup
-//! root, its CNI network; `hfn<id>`: its bridge; `HOOKFLEET-<id>`: its iptables chain), so that
-//! [`clean_up`] removes what a killed run left behind, at the start of the next run and at the end of this
-//! one (while the lock is held, whatever carries the prefix belongs to no live run).
+//! Everything a node creates carries the prefix [`PREFIX`] (`hookfleet-node-<id>`, `hookfleet-node-<id>-n<n>`
+//! for the n-th node of several: its directory, its cgroup root, its CNI network; `hfn<id>`: the bridge;
+//! `HOOKFLEET-<id>`: its iptables chain), so that [`clean_up`] removes what a killed run left behind, at the
+//! start of the next run and at the end of this one (while the lock is held, whatever carries the prefix
+//! belongs to no live run).
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -19,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Node as NodeObject;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::Client;
 use kube::api::Api;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -55,6 +61,17 @@ pub struct NodeOptions {
     /// The sandbox ("pause") image: an OCI archive and the name it is imported under, which containerd is
     /// told to use as `sandbox_image` (nothing can be pulled here).
     pub sandbox_image: (PathBuf, String),
+    /// The node's place in the cluster, 0 for the first: names its directory, cgroup root and API name
+    /// ([`node_name`]).
+    pub index: usize,
+    /// The node's address (kubelet `--address` and `--node-ip`): the bridge's gateway for a single node,
+    /// an address of its own on the bridge ([`PodNetwork::add_address`]) for each node of several.
+    pub address: Ipv4Addr,
+    /// The node's slice of the pod subnet (host-local `rangeStart`, `rangeEnd`); `None`: the whole subnet
+    /// (one node).
+    pub pod_range: Option<(Ipv4Addr, Ipv4Addr)>,
+    /// Whether this node runs kube-proxy (exactly one node does: see the module doc).
+    pub kube_proxy: bool,
 }
 
 /// The bridge pod network: created before the API server, which listens on its gateway address.
@@ -119,39 +136,69 @@ impl PodNetwork {
     pub fn cidr(&self) -> String {
         format!("{}/24", self.subnet)
     }
+
+    /// `10.213.X.<last>`.
+    pub fn host(&self, last: u8) -> Ipv4Addr {
+        let o = self.subnet.octets();
+        Ipv4Addr::new(o[0], o[1], o[2], last)
+    }
+
+    /// Adds `addr` (a /32) to the bridge: a node's own address. Goes with the bridge.
+    pub fn add_address(&self, addr: Ipv4Addr) -> Result<()> {
+        run("ip", &["addr", "add", &format!("{addr}/32"), "dev", &self.bridge])
+    }
 }
 
-/// A running node: containerd, kubelet and kube-proxy. Dropping it stops them; [`crate::Cluster`] then
-/// runs [`clean_up`].
+/// A running node: containerd, kubelet and (on the first node only, see the module doc) kube-proxy. Dropping
+/// it stops them; [`crate::Cluster`] then runs [`clean_up`].
 pub struct Node {
-    // Dropped in this order: kube-proxy and kubelet before the runtime under them.
-    kube_proxy: Process,
-    kubelet: Process,
-    containerd: Process,
+    // Dropped in this order: kube-proxy and kubelet before the runtime under them. `None` while the node is
+    // down ([`Node::kill_hard`]).
+    kube_proxy: Option<Process>,
+    kubelet: Option<Process>,
+    containerd: Option<Process>,
+    /// What [`Node::restart`] starts again.
+    launch: Launch,
+    client: Client,
+    index: usize,
+    name: String,
+    address: Ipv4Addr,
     dir: PathBuf,
     socket: PathBuf,
     nofile: (u64, u64),
+    restarts: u32,
+}
+
+/// The command lines of a node's containerd and kubelet, kept for [`Node::restart`].
+struct Launch {
+    kubelet_bin: PathBuf,
+    containerd_args: Vec<String>,
+    kubelet_args: Vec<String>,
 }
 
 impl Node {
-    /// Starts containerd, kubelet and kube-proxy for `cp` on `net`, and waits until the node is Ready and
-    /// kube-proxy has programmed the `kubernetes` Service.
+    /// Starts containerd, the kubelet and (when `options.kube_proxy`) kube-proxy for `cp` on `net`, and
+    /// waits until the node is Ready and kube-proxy has programmed the `kubernetes` Service.
     pub async fn start(cp: &ControlPlane, net: &PodNetwork, options: &NodeOptions) -> Result<Self> {
         let kubelet_bin = tools::path(Tool::Kubelet)?;
-        let proxy_bin = tools::path(Tool::KubeProxy)?;
-        let dir = std::env::temp_dir().join(format!("{PREFIX}{}", net.id));
+        let dir = std::env::temp_dir().join(node_dir_name(&net.id, options.index));
         std::fs::create_dir(&dir)
             .with_context(|| format!("creating the node directory {}", dir.display()))?;
         let (soft, hard) = options.nofile;
         if soft > hard {
             bail!("node nofile limit: soft {soft} is above hard {hard}");
         }
+        let name = node_name(options.index);
+        let address = options.address;
 
         // containerd, its CRI plugin pointed at our CNI config, sandbox image and directories.
         let socket = dir.join("containerd.sock");
         let cni_conf = dir.join("cni/net.d");
         std::fs::create_dir_all(&cni_conf)?;
-        std::fs::write(cni_conf.join("10-hookfleet.conflist"), cni_conflist(net, &dir))?;
+        std::fs::write(
+            cni_conf.join("10-hookfleet.conflist"),
+            cni_conflist(net, &dir, options.pod_range),
+        )?;
         let base_spec = dir.join("base-spec.json");
         std::fs::write(&base_spec, base_runtime_spec(options.nofile)?)?;
         let config = dir.join("containerd.toml");
@@ -159,48 +206,25 @@ impl Node {
             &config,
             containerd_config(&dir, &socket, &cni_conf, &base_spec, &options.sandbox_image.1),
         )?;
-        let containerd = Process::spawn(
-            "containerd",
-            Path::new("/usr/bin/prlimit"),
-            &[
-                format!("--nofile={soft}:{hard}"),
-                "/usr/bin/containerd".into(),
-                format!("--config={}", config.display()),
-            ],
-            &[],
-            &dir.join("containerd.log"),
-        )?;
+        let containerd_args = vec![
+            format!("--nofile={soft}:{hard}"),
+            "/usr/bin/containerd".into(),
+            format!("--config={}", config.display()),
+        ];
         let t0 = Instant::now();
-        wait_for(
-            "containerd's socket",
-            Duration::from_secs(30),
-            Duration::from_millis(100),
-            || {
-                let running = containerd.check_running();
-                let ready = socket.exists()
-                    && ctr(&socket)
-                        .args(["version"])
-                        .output()
-                        .is_ok_and(|o| o.status.success());
-                async move {
-                    running?;
-                    Ok(ready.then_some(()))
-                }
-            },
-        )
-        .await?;
+        let containerd = start_containerd(&dir, &socket, &containerd_args, "containerd.log").await?;
         crate::images::import_archive(&socket, &options.sandbox_image.0)?;
-        tracing::debug!(elapsed = ?t0.elapsed(), "containerd up");
+        tracing::debug!(node = name, elapsed = ?t0.elapsed(), "containerd up");
 
-        // The kubelet: its own root dir, pod logs and cgroup root; serving on the gateway with a
+        // The kubelet: its own root dir, pod logs and cgroup root; serving on the node's address with a
         // certificate of the harness CA, so that `kubectl logs` works.
-        let cgroup_root = format!("/{PREFIX}{}", net.id);
+        let cgroup_root = format!("/{}", node_dir_name(&net.id, options.index));
         create_cgroup_root(&cgroup_root)?;
         let (tls_cert, tls_key) = cp.pki().issue(
             &dir.join("pki"),
             "kubelet",
-            NODE_NAME,
-            &[net.gateway.to_string(), NODE_NAME.to_owned()],
+            &name,
+            &[address.to_string(), name.clone()],
         )?;
         let kubelet_port = free_port()?;
         let kubelet_config = dir.join("kubelet.yaml");
@@ -209,7 +233,7 @@ impl Node {
             kubelet_config_yaml(&KubeletConfig {
                 dir: &dir,
                 socket: &socket,
-                gateway: net.gateway,
+                address,
                 port: kubelet_port,
                 healthz_port: free_port()?,
                 cgroup_root: &cgroup_root,
@@ -218,91 +242,95 @@ impl Node {
                 client_ca: &cp.pki().ca_cert,
             }),
         )?;
+        let kubelet_args = vec![
+            format!("--config={}", kubelet_config.display()),
+            format!("--kubeconfig={}", cp.kubeconfig().display()),
+            format!("--hostname-override={name}"),
+            format!("--node-ip={address}"),
+            format!("--root-dir={}", dir.join("kubelet").display()),
+            format!("--cert-dir={}", dir.join("kubelet-pki").display()),
+            format!("--pod-infra-container-image={}", options.sandbox_image.1),
+            "--v=1".into(),
+        ];
         let kubelet = Process::spawn(
             "kubelet",
             &kubelet_bin,
-            &[
-                format!("--config={}", kubelet_config.display()),
-                format!("--kubeconfig={}", cp.kubeconfig().display()),
-                format!("--hostname-override={NODE_NAME}"),
-                format!("--node-ip={}", net.gateway),
-                format!("--root-dir={}", dir.join("kubelet").display()),
-                format!("--cert-dir={}", dir.join("kubelet-pki").display()),
-                format!("--pod-infra-container-image={}", options.sandbox_image.1),
-                "--v=1".into(),
-            ],
+            &kubelet_args,
             &[],
             &dir.join("kubelet.log"),
         )?;
-        let nodes: Api<NodeObject> = Api::all(cp.client());
+        let mut node = Self {
+            kube_proxy: None,
+            kubelet: Some(kubelet),
+            containerd: Some(containerd),
+            launch: Launch {
+                kubelet_bin,
+                containerd_args,
+                kubelet_args,
+            },
+            client: cp.client(),
+            index: options.index,
+            name,
+            address,
+            dir,
+            socket,
+            nofile: options.nofile,
+            restarts: 0,
+        };
+        node.wait_ready(None).await?;
+        tracing::debug!(node = node.name, elapsed = ?t0.elapsed(), "kubelet registered a Ready node");
+
+        if options.kube_proxy {
+            node.kube_proxy = Some(start_kube_proxy(cp, net, &node.dir, &node.name).await?);
+        }
+        tracing::info!(
+            elapsed = ?t0.elapsed(),
+            bridge = net.bridge,
+            address = %node.address,
+            "node {} Ready",
+            node.name
+        );
+        Ok(node)
+    }
+
+    /// Waits until the node is Ready in the API; with `after` (the Ready condition's heartbeat when the
+    /// kubelet was started again), only once a newer heartbeat came in.
+    async fn wait_ready(&self, after: Option<Option<Time>>) -> Result<()> {
+        let nodes: Api<NodeObject> = Api::all(self.client.clone());
+        let name = self.name.clone();
         wait_for(
-            &format!("node {NODE_NAME} Ready"),
+            &format!("node {name} Ready"),
             Duration::from_secs(120),
             Duration::from_millis(250),
             || {
                 let nodes = nodes.clone();
-                let running = kubelet.check_running().and(containerd.check_running());
+                let name = name.clone();
+                let running = self.check_running();
+                let after = after.clone();
                 async move {
                     running?;
-                    let Some(n) = nodes.get_opt(NODE_NAME).await? else {
+                    let Some(n) = nodes.get_opt(&name).await? else {
                         return Ok(None);
                     };
-                    Ok(crate::control_plane::node_ready(&n).then_some(()))
+                    let fresh = after.is_none_or(|old| ready_heartbeat(&n) != old);
+                    Ok((fresh && crate::control_plane::node_ready(&n)).then_some(()))
                 }
             },
         )
         .await
-        .with_context(|| format!("kubelet log tail:\n{}", kubelet.log_tail(30)))?;
-        tracing::debug!(elapsed = ?t0.elapsed(), "kubelet registered a Ready node");
+        .with_context(|| format!("kubelet log tail:\n{}", tail(&self.kubelet_log())))
+    }
 
-        let proxy_config = dir.join("kube-proxy.yaml");
-        std::fs::write(
-            &proxy_config,
-            kube_proxy_config_yaml(cp.kubeconfig(), net, free_port()?, free_port()?),
-        )?;
-        let kube_proxy = Process::spawn(
-            "kube-proxy",
-            &proxy_bin,
-            &[format!("--config={}", proxy_config.display()), "--v=1".into()],
-            &[],
-            &dir.join("kube-proxy.log"),
-        )?;
-        // Ready once the `kubernetes` Service's DNAT is in place.
-        let service = format!("{SERVICE_IP}/32");
-        wait_for(
-            "kube-proxy to program the kubernetes Service",
-            Duration::from_secs(60),
-            Duration::from_millis(250),
-            || {
-                let running = kube_proxy.check_running();
-                let programmed = output("iptables-save", &["-t", "nat"]).is_ok_and(|rules| {
-                    rules
-                        .lines()
-                        .any(|l| l.contains(&service) && l.contains("KUBE-SVC-"))
-                });
-                async move {
-                    running?;
-                    Ok(programmed.then_some(()))
-                }
-            },
-        )
-        .await
-        .with_context(|| format!("kube-proxy log tail:\n{}", kube_proxy.log_tail(30)))?;
-        tracing::info!(elapsed = ?t0.elapsed(), bridge = net.bridge, "node {NODE_NAME} Ready");
-
-        Ok(Self {
-            kube_proxy,
-            kubelet,
-            containerd,
-            dir,
-            socket,
-            nofile: options.nofile,
-        })
+    fn kubelet_log(&self) -> PathBuf {
+        self.kubelet
+            .as_ref()
+            .map(|p| p.log_path().to_owned())
+            .unwrap_or_else(|| self.dir.join("kubelet.log"))
     }
 
     /// Imports an OCI image archive (an `oci-layout` tar whose index names the image) into the node's
     /// containerd, where pods find it by that name (use `imagePullPolicy: Never` or `IfNotPresent`:
-    /// nothing can be pulled).
+    /// nothing can be pulled). [`crate::Cluster::import_image`] imports into every node.
     pub fn import_image(&self, oci_archive: &Path) -> Result<()> {
         crate::images::import_archive(&self.socket, oci_archive)
     }
@@ -319,8 +347,8 @@ impl Node {
         cmd
     }
 
-    /// The node's directory: logs (`containerd.log`, `kubelet.log`, `kube-proxy.log`, `pods/`), configs,
-    /// containerd's and the kubelet's state.
+    /// The node's directory: logs (`containerd.log`, `kubelet.log`, `kube-proxy.log` on the first node,
+    /// `pods/`), configs, containerd's and the kubelet's state.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -330,8 +358,20 @@ impl Node {
         &self.socket
     }
 
+    /// The node's name in the API: `hookfleet-node` for the first, `hookfleet-node-<n>` for the n-th.
     pub fn name(&self) -> &str {
-        NODE_NAME
+        &self.name
+    }
+
+    /// 0 for the first node.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The node's address (its InternalIP, where its kubelet serves): the bridge's gateway for the first
+    /// node, an address of its own on the bridge for the others.
+    pub fn address(&self) -> Ipv4Addr {
+        self.address
     }
 
     /// containerd's (and so the containers') `RLIMIT_NOFILE`, (soft, hard).
@@ -339,18 +379,199 @@ impl Node {
         self.nofile
     }
 
-    /// Fails (with the log tail) if containerd, the kubelet or kube-proxy has exited.
+    /// Whether the node's containerd and kubelet run (false between [`Node::kill_hard`] and
+    /// [`Node::restart`]).
+    pub fn is_up(&self) -> bool {
+        self.kubelet.is_some()
+    }
+
+    /// Fails (with the log tail) if containerd, the kubelet or kube-proxy has exited, or the node was
+    /// killed.
     pub fn check_running(&self) -> Result<()> {
-        self.containerd.check_running()?;
-        self.kubelet.check_running()?;
-        self.kube_proxy.check_running()
+        match (&self.containerd, &self.kubelet) {
+            (Some(c), Some(k)) => {
+                c.check_running()?;
+                k.check_running()?;
+            }
+            _ => bail!("node {} is down (killed)", self.name),
+        }
+        match &self.kube_proxy {
+            Some(p) => p.check_running(),
+            None => Ok(()),
+        }
     }
 
     /// Stops kube-proxy, the kubelet and containerd (dropping does the same).
     pub fn stop(&mut self) {
-        self.kube_proxy.stop(Duration::from_secs(5));
-        self.kubelet.stop(Duration::from_secs(5));
-        self.containerd.stop(Duration::from_secs(5));
+        for p in [&mut self.kube_proxy, &mut self.kubelet, &mut self.containerd]
+            .into_iter()
+            .flatten()
+        {
+            p.stop(Duration::from_secs(5));
+        }
+    }
+
+    /// Node loss: SIGKILL to the kubelet, containerd, and every process of the node's pods and shims (its
+    /// cgroup root and whatever runs from its directory), nothing graceful. The node's state on disk
+    /// (images, pod sandboxes, mounts, network namespaces) stays, as after a power cut; the API goes on
+    /// showing the node until the node lifecycle controller marks it NotReady (about 40 s). kube-proxy,
+    /// which serves the whole machine (see the module doc), keeps running.
+    pub fn kill_hard(&mut self) -> Result<()> {
+        // SIGKILL first (`Process::kill` would send SIGTERM just before), then reap.
+        for p in [&mut self.kubelet, &mut self.containerd].into_iter().flatten() {
+            let _ = p.signal(Signal::SIGKILL);
+            p.kill();
+        }
+        self.kubelet = None;
+        self.containerd = None;
+        let keep: BTreeSet<u32> = self.kube_proxy.iter().filter_map(Process::pid).collect();
+        let cgroup = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        kill_processes(|name| name == cgroup, &format!("{}/", self.dir.display()), &keep)
+            .with_context(|| format!("killing node {}", self.name))?;
+        tracing::info!(node = self.name, "node killed (kill -9)");
+        Ok(())
+    }
+
+    /// Starts containerd and the kubelet again after [`Node::kill_hard`] with the same configuration and
+    /// state, and waits until the restarted kubelet reports the node Ready (the pods it had are then
+    /// restarted by the kubelet). Earlier logs are kept as `containerd.<n>.log`, `kubelet.<n>.log`.
+    pub async fn restart(&mut self) -> Result<()> {
+        if self.is_up() {
+            bail!("node {} is running; kill it first", self.name);
+        }
+        self.restarts += 1;
+        let n = self.restarts;
+        for log in ["containerd", "kubelet"] {
+            let from = self.dir.join(format!("{log}.log"));
+            let to = self.dir.join(format!("{log}.{n}.log"));
+            std::fs::rename(&from, &to).with_context(|| format!("keeping {}", from.display()))?;
+        }
+        let nodes: Api<NodeObject> = Api::all(self.client.clone());
+        let before = nodes.get_opt(&self.name).await?.map(|n| ready_heartbeat(&n));
+        let containerd = start_containerd(
+            &self.dir,
+            &self.socket,
+            &self.launch.containerd_args,
+            "containerd.log",
+        )
+        .await?;
+        self.containerd = Some(containerd);
+        self.kubelet = Some(Process::spawn(
+            "kubelet",
+            &self.launch.kubelet_bin,
+            &self.launch.kubelet_args,
+            &[],
+            &self.dir.join("kubelet.log"),
+        )?);
+        self.wait_ready(before).await?;
+        tracing::info!(node = self.name, "node restarted and Ready");
+        Ok(())
+    }
+}
+
+/// The Ready condition's last heartbeat.
+fn ready_heartbeat(node: &NodeObject) -> Option<Time> {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|c| c.last_heartbeat_time.clone())
+}
+
+fn tail(log: &Path) -> String {
+    crate::process::tail(log, 30)
+}
+
+/// `prlimit … containerd …` (`args`), logging to `log` in `dir`; returns once its socket answers.
+async fn start_containerd(dir: &Path, socket: &Path, args: &[String], log: &str) -> Result<Process> {
+    let containerd = Process::spawn(
+        "containerd",
+        Path::new("/usr/bin/prlimit"),
+        args,
+        &[],
+        &dir.join(log),
+    )?;
+    wait_for(
+        "containerd's socket",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let running = containerd.check_running();
+            let ready = socket.exists()
+                && ctr(socket)
+                    .args(["version"])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+            async move {
+                running?;
+                Ok(ready.then_some(()))
+            }
+        },
+    )
+    .await?;
+    Ok(containerd)
+}
+
+/// kube-proxy for the whole machine (one per network namespace: see the module doc), named after `node`;
+/// returns once the `kubernetes` Service's DNAT is in place.
+async fn start_kube_proxy(cp: &ControlPlane, net: &PodNetwork, dir: &Path, node: &str) -> Result<Process> {
+    let proxy_bin = tools::path(Tool::KubeProxy)?;
+    let proxy_config = dir.join("kube-proxy.yaml");
+    std::fs::write(
+        &proxy_config,
+        kube_proxy_config_yaml(cp.kubeconfig(), net, node, free_port()?, free_port()?),
+    )?;
+    let kube_proxy = Process::spawn(
+        "kube-proxy",
+        &proxy_bin,
+        &[format!("--config={}", proxy_config.display()), "--v=1".into()],
+        &[],
+        &dir.join("kube-proxy.log"),
+    )?;
+    let service = format!("{SERVICE_IP}/32");
+    wait_for(
+        "kube-proxy to program the kubernetes Service",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || {
+            let running = kube_proxy.check_running();
+            let programmed = output("iptables-save", &["-t", "nat"]).is_ok_and(|rules| {
+                rules
+                    .lines()
+                    .any(|l| l.contains(&service) && l.contains("KUBE-SVC-"))
+            });
+            async move {
+                running?;
+                Ok(programmed.then_some(()))
+            }
+        },
+    )
+    .await
+    .with_context(|| format!("kube-proxy log tail:\n{}", kube_proxy.log_tail(30)))?;
+    Ok(kube_proxy)
+}
+
+/// The name of node `index` (0-based) in the API: [`NODE_NAME`] for the first, `hookfleet-node-<n>` (1-based
+/// n) for the others.
+pub fn node_name(index: usize) -> String {
+    if index == 0 {
+        NODE_NAME.to_owned()
+    } else {
+        format!("{NODE_NAME}-{}", index + 1)
+    }
+}
+
+/// The directory (under the temp dir) and cgroup root of node `index` of run `id`: `hookfleet-node-<id>` for
+/// the first (as with one node), `hookfleet-node-<id>-n<n>` for the others.
+fn node_dir_name(id: &str, index: usize) -> String {
+    if index == 0 {
+        format!("{PREFIX}{id}")
+    } else {
+        format!("{PREFIX}{id}-n{}", index + 1)
     }
 }
 
@@ -364,10 +585,20 @@ fn ctr(socket: &Path) -> Command {
 
 /// The pod network: bridge + host-local IPAM + portmap. Each pod's `lo` is brought up by containerd's CRI
 /// itself with the `loopback` plugin from the same bin dir, so it is not listed here.
-fn cni_conflist(net: &PodNetwork, dir: &Path) -> String {
+fn cni_conflist(net: &PodNetwork, dir: &Path, range: Option<(Ipv4Addr, Ipv4Addr)>) -> String {
+    let mut ipam_range = serde_json::json!({"subnet": net.cidr(), "gateway": net.gateway.to_string()});
+    if let Some((start, end)) = range {
+        ipam_range["rangeStart"] = start.to_string().into();
+        ipam_range["rangeEnd"] = end.to_string().into();
+    }
+    // The node directory's name: `hookfleet-node-<id>[-n<n>]`, so that the CNI cache sweep finds it.
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     serde_json::to_string_pretty(&serde_json::json!({
         "cniVersion": "1.0.0",
-        "name": format!("{PREFIX}{}", net.id),
+        "name": name,
         "plugins": [
             {
                 "type": "bridge",
@@ -379,7 +610,7 @@ fn cni_conflist(net: &PodNetwork, dir: &Path) -> String {
                 "hairpinMode": true,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": net.cidr(), "gateway": net.gateway.to_string()}]],
+                    "ranges": [[ipam_range]],
                     "routes": [{"dst": "0.0.0.0/0"}],
                     "dataDir": dir.join("cni/ipam").display().to_string()
                 }
@@ -474,7 +705,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 struct KubeletConfig<'a> {
     dir: &'a Path,
     socket: &'a Path,
-    gateway: Ipv4Addr,
+    address: Ipv4Addr,
     port: u16,
     healthz_port: u16,
     cgroup_root: &'a str,
@@ -501,7 +732,7 @@ evictionHard: {{}}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 podLogsDir: {logs}
-address: {gateway}
+address: {address}
 port: {port}
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
@@ -525,7 +756,7 @@ nodeStatusUpdateFrequency: 5s
         cgroup_root = c.cgroup_root,
         socket = c.socket.display(),
         logs = c.dir.join("pods").display(),
-        gateway = c.gateway,
+        address = c.address,
         port = c.port,
         healthz_port = c.healthz_port,
         tls_cert = c.tls_cert.display(),
@@ -537,6 +768,7 @@ nodeStatusUpdateFrequency: 5s
 fn kube_proxy_config_yaml(
     kubeconfig: &Path,
     net: &PodNetwork,
+    node: &str,
     healthz_port: u16,
     metrics_port: u16,
 ) -> String {
@@ -565,7 +797,6 @@ iptables:
   minSyncPeriod: 0s
 "#,
         kubeconfig = kubeconfig.display(),
-        node = NODE_NAME,
         gateway = net.gateway,
         cidr = net.cidr(),
     )
@@ -662,7 +893,10 @@ pub fn clean_up() -> Result<()> {
     let tmp = std::env::temp_dir();
     let dir_prefix = tmp.join(PREFIX).display().to_string();
 
-    step("killing the node's processes", kill_node_processes(&dir_prefix));
+    step(
+        "killing the node's processes",
+        kill_processes(|name| name.starts_with(PREFIX), &dir_prefix, &BTreeSet::new()),
+    );
     step("deleting network namespaces", delete_netns());
     step("unmounting", unmount_under(&dir_prefix));
     for bin in ["iptables", "ip6tables"] {
@@ -691,16 +925,19 @@ pub fn clean_up() -> Result<()> {
     }
 }
 
-/// PIDs in the cgroups of any node, then processes whose command line names a node directory (containerd's
-/// shims, which daemonise and so escape `PR_SET_PDEATHSIG`), with SIGKILL, until none is left.
-fn kill_node_processes(dir_prefix: &str) -> Result<()> {
+/// PIDs in the cgroup roots (top-level cgroups in every hierarchy) whose name `cgroup` accepts, then
+/// processes whose command line contains `cmdline_part` (a node directory: containerd's shims daemonise and
+/// so escape `PR_SET_PDEATHSIG`), except `keep`, with SIGKILL, until none is left.
+fn kill_processes(cgroup: impl Fn(&str) -> bool, cmdline_part: &str, keep: &BTreeSet<u32>) -> Result<()> {
     let me = std::process::id();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut pids = BTreeSet::new();
         for h in cgroup_hierarchies() {
             for root in node_cgroups(&h) {
-                collect_cgroup_pids(&root, &mut pids);
+                if root.file_name().is_some_and(|n| cgroup(&n.to_string_lossy())) {
+                    collect_cgroup_pids(&root, &mut pids);
+                }
             }
         }
         if let Ok(rd) = std::fs::read_dir("/proc") {
@@ -709,13 +946,14 @@ fn kill_node_processes(dir_prefix: &str) -> Result<()> {
                     continue;
                 };
                 if let Ok(cmdline) = std::fs::read(e.path().join("cmdline"))
-                    && String::from_utf8_lossy(&cmdline).contains(dir_prefix)
+                    && String::from_utf8_lossy(&cmdline).contains(cmdline_part)
                 {
                     pids.insert(pid);
                 }
             }
         }
         pids.remove(&me);
+        pids.retain(|p| !keep.contains(p));
         if pids.is_empty() {
             return Ok(());
         }

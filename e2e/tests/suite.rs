@@ -8,6 +8,9 @@
 //! - against any cluster: `HOOKFLEET_E2E_KUBECONFIG=<path> HOOKFLEET_E2E_HOST_ADDR=<host address pods reach>`
 //!   with the images already loaded (`e2e/kind/` does this for kind).
 //!
+//! `HOOKFLEET_E2E_NODES=3` starts the local cluster with 3 nodes (default 1, what `make test` runs; `make
+//! test-e2e-nodes`): the scheduler spreads the workers over them, all at the default nofile 1024:4096.
+//!
 //! `HOOKFLEET_E2E_SCENARIOS=deliver,kill` runs a subset (names: deliver, fds, kill, scale, sinkdown,
 //! notconsuming, bad, pdb, rotate, webhooks, memory). The scenarios share one installation and run one after
 //! the other, each in a namespace of its own; a failed scenario does not stop the others, and the suite ends with
@@ -78,8 +81,12 @@ impl Stack {
                     return Ok(None);
                 }
                 let t0 = Instant::now();
-                let cluster = Cluster::start(ClusterOptions::default()).await?;
-                println!("node up in {:.1?}", t0.elapsed());
+                let nodes: usize = match std::env::var("HOOKFLEET_E2E_NODES") {
+                    Ok(n) => n.parse().context("HOOKFLEET_E2E_NODES: a number of nodes")?,
+                    Err(_) => 1,
+                };
+                let cluster = Cluster::start(ClusterOptions::with_nodes(nodes)).await?;
+                println!("{nodes} node(s) up in {:.1?}", t0.elapsed());
                 let took = install::load_images(&cluster, &dir.path().join("images"))?;
                 println!("images built and imported in {took:.1?}");
                 let client = cluster.client();

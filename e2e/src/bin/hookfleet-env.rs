@@ -1,7 +1,7 @@
 //! `hookfleet-env`: the local stack from the shell.
 //!
 //! ```text
-//! hookfleet-env up [--node | --no-workloads] [--no-rabbitmq] [--exit]
+//! hookfleet-env up [--node | --nodes=N | --no-workloads] [--no-rabbitmq] [--exit]
 //! ```
 //! starts the local control plane (etcd, kube-apiserver, and unless `--no-workloads` the controller-manager,
 //! scheduler and kwok), a throwaway RabbitMQ node, installs the Integration CRD, applies the sample
@@ -18,7 +18,8 @@
 //!
 //! `--node` (root only) runs a real node instead of kwok ([`hookfleet_e2e::Cluster`]): containerd, kubelet,
 //! kube-proxy and a bridge pod network; RabbitMQ then also listens on the bridge's gateway, and the sample's
-//! Secret names that address so that workers in pods reach it.
+//! Secret names that address so that workers in pods reach it. `--nodes=3` runs three real nodes (see
+//! [`hookfleet_e2e::cluster`]); the env file's `CONTAINERD_ADDRESS` is the first node's.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -30,8 +31,7 @@ use hookfleet_e2e::{Cluster, ClusterOptions, ControlPlane, RabbitMq};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 
-const USAGE: &str =
-    "usage: hookfleet-env up [--node | --no-workloads] [--no-rabbitmq] [--exit]\n       hookfleet-env demo";
+const USAGE: &str = "usage: hookfleet-env up [--node | --nodes=N | --no-workloads] [--no-rabbitmq] [--exit]\n       hookfleet-env demo";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -57,7 +57,15 @@ async fn run() -> Result<()> {
     let mut rabbitmq = true;
     let mut exit = false;
     let mut node = false;
+    let mut nodes = 1;
     for flag in flags {
+        if let Some(n) = flag.strip_prefix("--nodes=") {
+            nodes = n
+                .parse()
+                .with_context(|| format!("{flag}: a number of nodes\n{USAGE}"))?;
+            node = true;
+            continue;
+        }
         match flag.as_str() {
             "--node" => node = true,
             "--no-workloads" => workloads = false,
@@ -73,7 +81,10 @@ async fn run() -> Result<()> {
     say("starting the local control plane (first run on a machine builds it from the Go module proxy)");
     let (cluster, plain) = if node {
         say("with a real node (containerd, kubelet, kube-proxy; needs root)");
-        (Some(Cluster::start(ClusterOptions::default()).await?), None)
+        (
+            Some(Cluster::start(ClusterOptions::with_nodes(nodes)).await?),
+            None,
+        )
     } else {
         let cp = ControlPlane::start_with(Options {
             workloads,
@@ -88,15 +99,18 @@ async fn run() -> Result<()> {
         (None, None) => unreachable!("one of them was started"),
     };
     if let Some(c) = &cluster {
-        say(&format!(
-            "node {} Ready: bridge {} ({}), host address for pods {}, containerd {} (logs in {})",
-            c.node().name(),
-            c.bridge(),
-            c.pod_cidr(),
-            c.host_addr(),
-            c.node().socket().display(),
-            c.node().dir().display()
-        ));
+        for n in c.nodes() {
+            say(&format!(
+                "node {} ({}) Ready: bridge {} ({}), host address for pods {}, containerd {} (logs in {})",
+                n.name(),
+                n.address(),
+                c.bridge(),
+                c.pod_cidr(),
+                c.host_addr(),
+                n.socket().display(),
+                n.dir().display()
+            ));
+        }
     }
     say(&format!(
         "kube-apiserver {} (logs in {})",
