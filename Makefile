@@ -5,7 +5,7 @@ CARGO ?= cargo
 .PHONY: help deps tools demo test lint fmt crds clean-cache images
 
 help: ## List targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 deps: ## Install system packages the tests use (Debian: rabbitmq-server, prometheus; containerd etc. for the node), when missing
 	hack/deps.sh
