@@ -23,16 +23,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use common::*;
 use hookfleet_crds::contract::queues;
-use hookfleet_crds::contract::webhooks::{Entry, SNAPSHOT_KEY, Snapshot};
+use hookfleet_crds::contract::webhooks::{Entry, Snapshot};
 use hookfleet_crds::integration::QueueType;
 use hookfleet_testkit::RabbitMq;
 use hookfleet_testkit::control_plane::ControlPlane;
 use hookfleet_testkit::process::wait_for;
 use hookfleet_testkit::sink::{Mode, Sink};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -110,23 +108,6 @@ impl Sinks {
                 .collect(),
         }
     }
-}
-
-async fn put_snapshot(api: &Api<Secret>, name: &str, snap: &Snapshot) -> Result<()> {
-    let mut secret: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "namespace": NS},
-    }))?;
-    secret.data = Some(BTreeMap::from([(
-        SNAPSHOT_KEY.to_owned(),
-        ByteString(snap.encode()),
-    )]));
-    if api.get_opt(name).await?.is_some() {
-        api.patch(name, &PatchParams::default(), &Patch::Merge(&secret))
-            .await?;
-    } else {
-        api.create(&PostParams::default(), &secret).await?;
-    }
-    Ok(())
 }
 
 /// A fleet worker under `prlimit --nofile=NOFILE:NOFILE`.

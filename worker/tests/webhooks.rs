@@ -12,16 +12,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use common::*;
-use hookfleet_crds::contract::webhooks::{Entry, Report, SNAPSHOT_KEY, Snapshot, reports_queue};
+use hookfleet_crds::contract::webhooks::{Entry, Report, Snapshot, reports_queue};
 use hookfleet_crds::integration::QueueType;
 use hookfleet_testkit::RabbitMq;
 use hookfleet_testkit::control_plane::ControlPlane;
 use hookfleet_testkit::process::wait_for;
 use hookfleet_testkit::sink::{Mode, Sink};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -91,24 +89,6 @@ fn snapshot(sinks: &HashMap<&str, Sink>, url_of: &HashMap<&str, String>) -> Snap
             })
             .collect(),
     }
-}
-
-async fn put_snapshot(api: &Api<Secret>, snap: &Snapshot) -> Result<()> {
-    let secret: Secret = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": SECRET, "namespace": NS},
-    }))?;
-    let mut secret = secret;
-    secret.data = Some(BTreeMap::from([(
-        SNAPSHOT_KEY.to_owned(),
-        ByteString(snap.encode()),
-    )]));
-    if api.get_opt(SECRET).await?.is_some() {
-        api.patch(SECRET, &PatchParams::default(), &Patch::Merge(&secret))
-            .await?;
-    } else {
-        api.create(&PostParams::default(), &secret).await?;
-    }
-    Ok(())
 }
 
 /// Publishes one persistent message per (id, event, device) with confirms, the event name in header
@@ -257,7 +237,7 @@ async fn webhooks_fan_out_survive_kill_9_follow_the_secret_and_outlive_the_api_s
         sinks.insert(name, Sink::start().await?);
     }
     let mut url_of = HashMap::new();
-    put_snapshot(&secrets, &snapshot(&sinks, &url_of)).await?;
+    put_snapshot(&secrets, SECRET, &snapshot(&sinks, &url_of)).await?;
     eprintln!("webhooks: broker and API server up in {:?}", t0.elapsed());
 
     // 1. Matching: each Webhook gets exactly the ids whose event and device match.
@@ -341,7 +321,7 @@ async fn webhooks_fan_out_survive_kill_9_follow_the_secret_and_outlive_the_api_s
     let moved = Sink::start().await?;
     url_of.insert("hum", moved.url());
     let changed = Instant::now();
-    put_snapshot(&secrets, &snapshot(&sinks, &url_of)).await?;
+    put_snapshot(&secrets, SECRET, &snapshot(&sinks, &url_of)).await?;
     let mut n = 0;
     let switched = wait_for(
         "hum delivered to its new URL",

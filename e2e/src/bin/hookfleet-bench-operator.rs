@@ -257,16 +257,34 @@ fn writes_between(before: &Requests, after: &Requests) -> (f64, String) {
     (total, text)
 }
 
-/// Counts the Integrations with a status (an `observedGeneration`) from one watch, so that waiting for
-/// them costs the API server one event per status write instead of a LIST of every Integration four
-/// times a second: load on the machine while the operator is timed that T₀'s run does not have.
-struct StatusCount {
+/// Counts the objects of one kind that satisfy a test (an Integration with a status, a Ready Webhook) from
+/// one watch, so that waiting for them costs the API server one event per status write instead of a LIST
+/// of every object four times a second: load on the machine while the operator is timed that T₀'s run does
+/// not have.
+struct WatchCount {
     seen: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl StatusCount {
-    async fn start(api: &Api<Integration>) -> Result<Self> {
+impl WatchCount {
+    /// Counts the Integrations of `api` with an `observedGeneration`.
+    async fn statuses(api: &Api<Integration>) -> Result<Self> {
+        Self::start(api, "Integration", |i: &Integration| {
+            i.status.as_ref().and_then(|s| s.observed_generation).is_some()
+        })
+        .await
+    }
+
+    /// Counts the Webhooks of `api` that are Ready for their current generation.
+    async fn ready_webhooks(api: &Api<hookfleet_crds::Webhook>) -> Result<Self> {
+        Self::start(api, "Webhook", webhook_ready).await
+    }
+
+    async fn start<K>(api: &Api<K>, kind: &'static str, counts: fn(&K) -> bool) -> Result<Self>
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    {
         use kube::runtime::watcher::{self, Event};
         let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -287,15 +305,14 @@ impl StatusCount {
                         }
                         Ok(Event::Init) => continue,
                         Err(e) => {
-                            eprintln!("bench-operator: Integration watch: {e} (it restarts)");
+                            eprintln!("bench-operator: {kind} watch: {e} (it restarts)");
                             tokio::time::sleep(Duration::from_millis(500)).await;
                             continue;
                         }
                     };
-                    let name = obj.metadata.name.clone().unwrap_or_default();
-                    let has = obj.status.as_ref().and_then(|s| s.observed_generation).is_some();
+                    let name = obj.meta().name.clone().unwrap_or_default();
                     let mut seen = seen.lock().expect("not poisoned");
-                    if has && !deleted {
+                    if counts(&obj) && !deleted {
                         seen.insert(name);
                     } else {
                         seen.remove(&name);
@@ -305,8 +322,8 @@ impl StatusCount {
         });
         tokio::time::timeout(Duration::from_secs(60), ready_rx)
             .await
-            .context("the Integration watch did not list in 60 s")?
-            .context("the Integration watch ended")?;
+            .with_context(|| format!("the {kind} watch did not list in 60 s"))?
+            .with_context(|| format!("the {kind} watch ended"))?;
         Ok(Self { seen, task })
     }
 
@@ -315,7 +332,7 @@ impl StatusCount {
     }
 }
 
-impl Drop for StatusCount {
+impl Drop for WatchCount {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -459,7 +476,7 @@ async fn one(
     .map(String::from)
     .to_vec();
     let envs = vec![("KUBECONFIG".to_owned(), cp.kubeconfig().display().to_string())];
-    let statuses = StatusCount::start(&api).await?;
+    let statuses = WatchCount::statuses(&api).await?;
     let requests_before = api_requests(&client).await?;
     let start = Instant::now();
     let op = Process::spawn("operator", bin, &args, &envs, &dir.path().join("operator.log"))?;
@@ -873,67 +890,6 @@ fn webhook_ready(w: &hookfleet_crds::Webhook) -> bool {
                 .iter()
                 .any(|c| c.type_ == "Ready" && c.status == "True")
     })
-}
-
-/// Counts the Ready Webhooks of a namespace from one watch.
-struct ReadyCount {
-    ready: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ReadyCount {
-    async fn start(api: &Api<hookfleet_crds::Webhook>) -> Result<Self> {
-        use kube::runtime::watcher::{self, Event};
-        let ready = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn({
-            let (api, ready) = (api.clone(), ready.clone());
-            async move {
-                let mut ready_tx = Some(ready_tx);
-                let mut events = std::pin::pin!(watcher::watcher(api, watcher::Config::default()));
-                while let Some(e) = events.next().await {
-                    let (obj, deleted) = match e {
-                        Ok(Event::Apply(o) | Event::InitApply(o)) => (o, false),
-                        Ok(Event::Delete(o)) => (o, true),
-                        Ok(Event::InitDone) => {
-                            if let Some(tx) = ready_tx.take() {
-                                let _ = tx.send(());
-                            }
-                            continue;
-                        }
-                        Ok(Event::Init) => continue,
-                        Err(e) => {
-                            eprintln!("bench-operator: Webhook watch: {e} (it restarts)");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                            continue;
-                        }
-                    };
-                    let name = obj.metadata.name.clone().unwrap_or_default();
-                    let mut ready = ready.lock().expect("not poisoned");
-                    if webhook_ready(&obj) && !deleted {
-                        ready.insert(name);
-                    } else {
-                        ready.remove(&name);
-                    }
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(60), ready_rx)
-            .await
-            .context("the Webhook watch did not list in 60 s")?
-            .context("the Webhook watch ended")?;
-        Ok(Self { ready, task })
-    }
-
-    fn count(&self) -> usize {
-        self.ready.lock().expect("not poisoned").len()
-    }
-}
-
-impl Drop for ReadyCount {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// The snapshot Secret as one watch sees it: each version decoded, with when it arrived, its compressed and
@@ -1392,7 +1348,7 @@ async fn webhooks_measure(
         .await
         .with_context(|| op.log_tail(20))?;
     let webhooks: Api<hookfleet_crds::Webhook> = Api::namespaced(client.clone(), WH_NS);
-    let ready = ReadyCount::start(&webhooks).await?;
+    let ready = WatchCount::ready_webhooks(&webhooks).await?;
     let writes_before = writes_by_kind(port).await?;
     let reconciles_before = metric(port, "hookfleet_operator_reconciles_total").await?;
     let cpu_before = cpu_secs(pid);

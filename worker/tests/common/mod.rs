@@ -546,3 +546,26 @@ pub fn fault_table(
     );
     row
 }
+
+/// Writes `snap` to the snapshot Secret `name` of `api`'s namespace, as the operator would (created or
+/// patched).
+pub async fn put_snapshot(
+    api: &kube::Api<k8s_openapi::api::core::v1::Secret>,
+    name: &str,
+    snap: &hookfleet_crds::contract::webhooks::Snapshot,
+) -> Result<()> {
+    use kube::api::{Patch, PatchParams, PostParams};
+    let mut secret: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
+    secret.data = Some(std::collections::BTreeMap::from([(
+        hookfleet_crds::contract::webhooks::SNAPSHOT_KEY.to_owned(),
+        k8s_openapi::ByteString(snap.encode()),
+    )]));
+    if api.get_opt(name).await?.is_some() {
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&secret))
+            .await?;
+    } else {
+        api.create(&PostParams::default(), &secret).await?;
+    }
+    Ok(())
+}
