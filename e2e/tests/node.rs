@@ -7,15 +7,15 @@
 //! host-wide iptables chains, so clusters take turns, and the "nothing left" check must run before the next
 //! cluster starts.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+mod common;
+
+use anyhow::{Context, Result};
+use common::{assert_nothing_left, run_pod};
 use hookfleet_e2e::control_plane::SERVICE_IP;
-use hookfleet_e2e::process::wait_for;
 use hookfleet_e2e::sink::Sink;
-use hookfleet_e2e::{Cluster, ClusterOptions, RabbitMq, cluster, images, node};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, PostParams};
+use hookfleet_e2e::{Cluster, ClusterOptions, RabbitMq, cluster, images};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_on_the_real_node_reach_the_host_and_the_api_and_leave_nothing_behind() -> Result<()> {
@@ -61,7 +61,7 @@ echo done"#,
         amqp_port = rmq.port(),
     );
     let t1 = Instant::now();
-    let logs = run_pod(&cluster, "probe", &tools_image, &script).await?;
+    let logs = run_pod(&cluster, "probe", None, &tools_image, &script).await?;
     eprintln!("probe pod ran to completion in {:.1?}", t1.elapsed());
 
     assert!(
@@ -125,6 +125,7 @@ echo done"#,
     let logs = run_pod(
         &cluster,
         "limits",
+        None,
         &tools_image,
         r#"echo "nofile $(ulimit -n) $(ulimit -Hn)""#,
     )
@@ -133,77 +134,4 @@ echo done"#,
     drop(cluster);
     assert_nothing_left();
     Ok(())
-}
-
-/// Runs `script` with `sh` in a pod of `image` to completion and returns its output as `kubectl logs`
-/// reads it (through the API server and the kubelet).
-async fn run_pod(cluster: &Cluster, name: &str, image: &str, script: &str) -> Result<String> {
-    let pods: Api<Pod> = Api::namespaced(cluster.client(), "default");
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": 1,
-            "containers": [{
-                "name": "main",
-                "image": image,
-                "imagePullPolicy": "Never",
-                "command": ["sh", "-c", script]
-            }]
-        }
-    }))?;
-    pods.create(&PostParams::default(), &pod).await?;
-    let phase = wait_for(
-        &format!("pod {name} to finish"),
-        Duration::from_secs(120),
-        Duration::from_millis(250),
-        || {
-            let pods = pods.clone();
-            let running = cluster.check_running();
-            async move {
-                running?;
-                let phase = pods
-                    .get(name)
-                    .await?
-                    .status
-                    .and_then(|s| s.phase)
-                    .unwrap_or_default();
-                Ok(matches!(phase.as_str(), "Succeeded" | "Failed").then_some(phase))
-            }
-        },
-    )
-    .await
-    .with_context(|| describe(cluster, name))?;
-    let out = cluster.control_plane().kubectl()?.args(["logs", name]).output()?;
-    if !out.status.success() {
-        bail!(
-            "kubectl logs {name} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let logs = String::from_utf8_lossy(&out.stdout).into_owned();
-    if phase != "Succeeded" {
-        bail!("pod {name} {phase}; logs:\n{logs}\n{}", describe(cluster, name));
-    }
-    Ok(logs)
-}
-
-fn describe(cluster: &Cluster, pod: &str) -> String {
-    cluster
-        .control_plane()
-        .kubectl()
-        .and_then(|mut c| Ok(c.args(["describe", "pod", pod]).output()?))
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-fn assert_nothing_left() {
-    let left = node::leftovers();
-    assert!(
-        left.is_empty(),
-        "the node left things on the host:\n{}",
-        left.join("\n")
-    );
 }

@@ -7,11 +7,14 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+mod common;
+
+use anyhow::{Context, Result};
+use common::{assert_nothing_left, describe, run_pod};
 use hookfleet_e2e::cluster::NodeSpec;
 use hookfleet_e2e::process::wait_for;
 use hookfleet_e2e::sink::Sink;
-use hookfleet_e2e::{Cluster, ClusterOptions, cluster, images, node};
+use hookfleet_e2e::{Cluster, ClusterOptions, cluster, images};
 use k8s_openapi::api::core::v1::{Node as NodeObject, Pod, Service};
 use kube::api::{Api, PostParams};
 
@@ -77,7 +80,7 @@ echo done"#,
         let logs = run_pod(
             &cluster,
             &format!("limits-{}", i + 1),
-            n.name(),
+            Some(n.name()),
             &tools.name,
             &script,
         )
@@ -164,7 +167,7 @@ for i in $(seq 1 30); do timeout 3 wget -q -O - http://{cluster_ip}/ && break; s
 timeout 3 wget -q -O - http://{server_ip}:8080/"#
     );
     let t2 = Instant::now();
-    let logs = run_pod(&cluster, "client", "hookfleet-node", &tools.name, &script).await?;
+    let logs = run_pod(&cluster, "client", Some("hookfleet-node"), &tools.name, &script).await?;
     eprintln!("node 1 → Service → node 3 in {:.1?}", t2.elapsed());
     assert_eq!(
         logs.lines()
@@ -251,7 +254,7 @@ timeout 3 wget -q -O - http://{server_ip}:8080/"#
     let logs = run_pod(
         &cluster,
         "after-restart",
-        "hookfleet-node-2",
+        Some("hookfleet-node-2"),
         &tools.name,
         r#"grep 'Max open files' /proc/self/limits"#,
     )
@@ -291,67 +294,8 @@ timeout 3 wget -q -O - http://{server_ip}:8080/"#
     let t4 = Instant::now();
     drop(cluster);
     eprintln!("teardown in {:.1?}", t4.elapsed());
-    let left = node::leftovers();
-    assert!(
-        left.is_empty(),
-        "the nodes left things on the host:\n{}",
-        left.join("\n")
-    );
+    assert_nothing_left();
     Ok(())
-}
-
-/// Runs `script` with `sh` in a pod of `image` on `node` to completion and returns its output as `kubectl
-/// logs` reads it (through the API server and that node's kubelet).
-async fn run_pod(cluster: &Cluster, name: &str, node: &str, image: &str, script: &str) -> Result<String> {
-    let pods: Api<Pod> = Api::namespaced(cluster.client(), "default");
-    let pod: Pod = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": 1,
-            "nodeSelector": {"kubernetes.io/hostname": node},
-            "containers": [{
-                "name": "main",
-                "image": image,
-                "imagePullPolicy": "Never",
-                "command": ["sh", "-c", script]
-            }]
-        }
-    }))?;
-    pods.create(&PostParams::default(), &pod).await?;
-    let (phase, on) = wait_for(
-        &format!("pod {name} to finish"),
-        Duration::from_secs(120),
-        Duration::from_millis(250),
-        || {
-            let pods = pods.clone();
-            let running = cluster.check_running();
-            async move {
-                running?;
-                let pod = pods.get(name).await?;
-                let on = pod.spec.and_then(|s| s.node_name).unwrap_or_default();
-                let phase = pod.status.and_then(|s| s.phase).unwrap_or_default();
-                Ok(matches!(phase.as_str(), "Succeeded" | "Failed").then_some((phase, on)))
-            }
-        },
-    )
-    .await
-    .with_context(|| describe(cluster, name))?;
-    let out = cluster.control_plane().kubectl()?.args(["logs", name]).output()?;
-    if !out.status.success() {
-        bail!(
-            "kubectl logs {name} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let logs = String::from_utf8_lossy(&out.stdout).into_owned();
-    if phase != "Succeeded" {
-        bail!("pod {name} {phase}; logs:\n{logs}\n{}", describe(cluster, name));
-    }
-    assert_eq!(on, node, "pod {name} ran on its node");
-    Ok(logs)
 }
 
 /// The pids in the cgroup root `name` (and below) of every cgroup v1 hierarchy.
@@ -375,13 +319,4 @@ fn cgroup_pids(name: &str) -> std::collections::BTreeSet<u32> {
         walk(&h.path().join(name), &mut pids);
     }
     pids
-}
-
-fn describe(cluster: &Cluster, pod: &str) -> String {
-    cluster
-        .control_plane()
-        .kubectl()
-        .and_then(|mut c| Ok(c.args(["describe", "pod", pod]).output()?))
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
 }
