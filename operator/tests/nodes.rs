@@ -115,10 +115,13 @@ async fn a_node_that_fails_the_fd_limit_is_excluded_until_its_ready_condition_ch
     .await?;
 
     // The node is excluded in status, the Degraded condition names it, and the template keeps off it.
-    let i = until(&cp, "orders", "node excluded", 30, |i| {
+    // (While the Deployment rolls, kwok makes the new pod Ready at once and this test's consumers stay
+    // 3, so for a moment Degraded may say NotConsuming: 4 Ready, 3 consumers. Wait past it.)
+    let i = until(&cp, "orders", "node excluded, Degraded naming it", 30, |i| {
         i.status
             .as_ref()
             .is_some_and(|s| s.excluded_nodes.iter().any(|e| e.node == bad))
+            && cond(i, DEGRADED).1 == "FileDescriptorLimitNotMet"
     })
     .await?;
     let excluded = i.status.as_ref().unwrap().excluded_nodes.clone();
@@ -175,6 +178,9 @@ async fn a_node_that_fails_the_fd_limit_is_excluded_until_its_ready_condition_ch
     // No rollout loop: the template (generation) stays put across reconciles (resync is 1 s here), and
     // the status lists the node with the same `since`.
     let generation = deployments.get("orders").await?.metadata.generation;
+    let warned = events(&cp, "orders", Some("FileDescriptorLimitNotMet"))
+        .await?
+        .len();
     let r0 = op.reconciles();
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(op.reconciles() >= r0 + 2, "reconciled meanwhile");
@@ -185,12 +191,16 @@ async fn a_node_that_fails_the_fd_limit_is_excluded_until_its_ready_condition_ch
     .await?;
     // The fleet runs elsewhere: Degraded still says what to do about the node.
     assert_eq!(cond(&i, DEGRADED).1, "FileDescriptorLimitNotMet");
+    // One Event on entering the condition, none at steady state. (While the Deployment rolled, this
+    // test's fixed 3 consumers against kwok's at-once Ready pods may have shown NotConsuming for a
+    // moment, and coming back is a second Event: an artefact of the fake consumers.)
+    assert!((1..=2).contains(&warned), "{warned} Events");
     assert_eq!(
         events(&cp, "orders", Some("FileDescriptorLimitNotMet"))
             .await?
             .len(),
-        1,
-        "one Event"
+        warned,
+        "no Event at steady state"
     );
 
     // The node is fixed and its runtime restarted: its Ready condition changes (kwok's node stage turns
