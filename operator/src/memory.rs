@@ -79,6 +79,14 @@ impl Entry {
     }
 }
 
+impl Memory {
+    /// The status `intg` had last: as this operator wrote it, else as the cache shows it (the cache may
+    /// not show the last write yet).
+    pub fn last_status<'a>(&'a self, intg: &'a hookfleet_crds::Integration) -> Option<&'a IntegrationStatus> {
+        self.written.as_ref().or(intg.status.as_ref())
+    }
+}
+
 /// The memories of all Integrations, keyed by `namespace/name`.
 pub struct Memories {
     map: Mutex<HashMap<String, Arc<Entry>>>,

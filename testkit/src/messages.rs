@@ -109,7 +109,7 @@ fn properties(id: &str, headers: &[(String, String)]) -> BasicProperties {
 
 /// Publishes each `(properties, body)` to `queue` through the default exchange, all at once, and returns once
 /// the broker confirmed every one.
-async fn send_confirmed(ch: &Channel, queue: &str, sends: Vec<(BasicProperties, &[u8])>) -> Result<()> {
+pub async fn send_confirmed(ch: &Channel, queue: &str, sends: Vec<(BasicProperties, &[u8])>) -> Result<()> {
     let mut pending = Vec::with_capacity(sends.len());
     for (props, body) in sends {
         pending.push(

@@ -257,6 +257,23 @@ fn writes_between(before: &Requests, after: &Requests) -> (f64, String) {
     (total, text)
 }
 
+/// The operator's flags in a bench: one instance (no election) watching `ns`, metrics on `port`.
+fn operator_args(ns: &str, port: u16) -> Vec<String> {
+    [
+        "--no-leader-election",
+        "--namespace",
+        ns,
+        "--http-addr",
+        &format!("127.0.0.1:{port}"),
+        "--log-format",
+        "text",
+        "--worker-image",
+        "ghcr.io/hookfleet/worker:bench",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Counts the objects of one kind that satisfy a test (an Integration with a status, a Ready Webhook) from
 /// one watch, so that waiting for them costs the API server one event per status write instead of a LIST
 /// of every object four times a second: load on the machine while the operator is timed that T₀'s run does
@@ -460,21 +477,8 @@ async fn one(
 
     let port = free_port()?;
     let dir = tempfile::tempdir()?;
-    let args: Vec<String> = [
-        "--no-leader-election",
-        "--namespace",
-        &ns,
-        "--resync",
-        &format!("{resync}s"),
-        "--http-addr",
-        &format!("127.0.0.1:{port}"),
-        "--log-format",
-        "text",
-        "--worker-image",
-        "ghcr.io/hookfleet/worker:bench",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut args = operator_args(&ns, port);
+    args.extend(["--resync".to_owned(), format!("{resync}s")]);
     let envs = vec![("KUBECONFIG".to_owned(), cp.kubeconfig().display().to_string())];
     let statuses = WatchCount::statuses(&api).await?;
     let requests_before = api_requests(&client).await?;
@@ -1246,19 +1250,7 @@ async fn webhooks_part(
     // The operator, on the Integration alone first: its empty snapshot exists before the first create.
     let port = free_port()?;
     let dir = tempfile::tempdir()?;
-    let args: Vec<String> = [
-        "--no-leader-election",
-        "--namespace",
-        WH_NS,
-        "--http-addr",
-        &format!("127.0.0.1:{port}"),
-        "--log-format",
-        "text",
-        "--worker-image",
-        "ghcr.io/hookfleet/worker:bench",
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = operator_args(WH_NS, port);
     let envs = vec![("KUBECONFIG".to_owned(), cp.kubeconfig().display().to_string())];
     let log = dir.path().join("operator.log");
     let op = Process::spawn("operator", bin, &args, &envs, &log)?;

@@ -24,7 +24,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
-use super::status::{PodProblemKind, pod_problem, reason};
+use super::status::{PodProblemKind, pod_problem, reason, worker_stopped_at};
 
 /// What the exclusion rules read of a Node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -69,28 +69,19 @@ pub fn fd_failure(pod: &Pod) -> Option<FdFailure> {
     if problem.kind != PodProblemKind::FdLimit {
         return None;
     }
-    let node = problem.node?;
-    let finished = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.name == crate::names::CONTAINER))
-        .and_then(|c| {
-            [
-                c.last_state.as_ref().and_then(|s| s.terminated.as_ref()),
-                c.state.as_ref().and_then(|s| s.terminated.as_ref()),
-            ]
-            .into_iter()
-            .flatten()
-            .filter_map(|t| t.finished_at.as_ref().map(|f| f.0))
-            .max()
-        });
     Some(FdFailure {
-        node,
+        node: problem.node?,
         pod: problem.pod,
         message: problem.message,
-        finished,
+        finished: worker_stopped_at(pod, None).map(|t| t.0),
     })
+}
+
+/// Whether the rules have anything to decide for an Integration: exclusions to keep or clear
+/// (`previous`), or a worker among `pods` that failed the fd limit. When not, nothing is excluded and the
+/// Nodes need not be read.
+pub fn involved(previous: &[ExcludedNode], pods: &[std::sync::Arc<Pod>]) -> bool {
+    !previous.is_empty() || pods.iter().any(|p| fd_failure(p).is_some())
 }
 
 /// What the rules decided.

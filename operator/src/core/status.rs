@@ -135,13 +135,17 @@ fn worker_status(pod: &Pod) -> Option<&ContainerStatus> {
 
 /// The trouble a worker pod is in, if any, quoting its last termination message.
 pub fn pod_problem(pod: &Pod) -> Option<PodProblem> {
-    let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
-    pod_problem_of(pod).map(|p| PodProblem { node, ..p })
+    let (kind, message) = problem_of(worker_status(pod)?)?;
+    Some(PodProblem {
+        pod: pod.metadata.name.clone().unwrap_or_default(),
+        kind,
+        message,
+        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+    })
 }
 
-fn pod_problem_of(pod: &Pod) -> Option<PodProblem> {
-    let name = pod.metadata.name.clone().unwrap_or_default();
-    let cs = worker_status(pod)?;
+/// The kind of trouble of a worker container and its message.
+fn problem_of(cs: &ContainerStatus) -> Option<(PodProblemKind, String)> {
     let last = cs
         .last_state
         .as_ref()
@@ -167,23 +171,13 @@ fn pod_problem_of(pod: &Pod) -> Option<PodProblem> {
         && t.exit_code == exit::QUEUE_MISMATCH
         && !cs.ready
     {
-        return Some(PodProblem {
-            pod: name,
-            kind: PodProblemKind::QueueMismatch,
-            message: term.clone(),
-            node: None,
-        });
+        return Some((PodProblemKind::QueueMismatch, term.clone()));
     }
     if let Some(t) = &termination
         && (fd_exit || is_fd_message(t))
         && !cs.ready
     {
-        return Some(PodProblem {
-            pod: name,
-            kind: PodProblemKind::FdLimit,
-            message: t.clone(),
-            node: None,
-        });
+        return Some((PodProblemKind::FdLimit, t.clone()));
     }
     // Restarted after a failure and not Ready again: still crash-looping, also in the seconds the
     // container runs between two back-offs. Without this the Integration flapped CrashLooping →
@@ -194,16 +188,14 @@ fn pod_problem_of(pod: &Pod) -> Option<PodProblem> {
         || (cs.restart_count >= CRASH_RESTARTS && !cs.ready)
         || restarted_unready
     {
-        return Some(PodProblem {
-            pod: name,
-            kind: PodProblemKind::CrashLoop,
-            message: format!(
+        return Some((
+            PodProblemKind::CrashLoop,
+            format!(
                 "restarted {} times, last termination: {}",
                 cs.restart_count,
                 termination.unwrap_or_else(|| "unknown".into())
             ),
-            node: None,
-        });
+        ));
     }
     if matches!(
         waiting_reason,
@@ -213,15 +205,13 @@ fn pod_problem_of(pod: &Pod) -> Option<PodProblem> {
             | "ErrImagePull"
             | "ImagePullBackOff"
     ) {
-        return Some(PodProblem {
-            pod: name,
-            kind: PodProblemKind::NotStarting,
-            message: format!(
+        return Some((
+            PodProblemKind::NotStarting,
+            format!(
                 "{waiting_reason}: {}",
                 waiting.and_then(|w| w.message.as_deref()).unwrap_or("")
             ),
-            node: None,
-        });
+        ));
     }
     None
 }
@@ -229,6 +219,12 @@ fn pod_problem_of(pod: &Pod) -> Option<PodProblem> {
 /// When the worker container of `pod` last stopped with exit code 5 (HTTP 410 from the destination, see
 /// `contract::exit::DESTINATION_GONE`), from its current or last termination; None for a pod being deleted.
 pub fn destination_gone_at(pod: &Pod) -> Option<Time> {
+    worker_stopped_at(pod, Some(exit::DESTINATION_GONE))
+}
+
+/// When the worker container of `pod` last stopped (with exit code `exit_code`, when given), from its
+/// current or last termination; None for a pod being deleted.
+pub fn worker_stopped_at(pod: &Pod, exit_code: Option<i32>) -> Option<Time> {
     let cs = worker_status(pod)?;
     [
         cs.state.as_ref().and_then(|s| s.terminated.as_ref()),
@@ -236,7 +232,7 @@ pub fn destination_gone_at(pod: &Pod) -> Option<Time> {
     ]
     .into_iter()
     .flatten()
-    .filter(|t| t.exit_code == exit::DESTINATION_GONE)
+    .filter(|t| exit_code.is_none_or(|code| t.exit_code == code))
     .filter_map(|t| t.finished_at.clone())
     .max_by_key(|t| t.0)
 }

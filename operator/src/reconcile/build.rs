@@ -99,10 +99,10 @@ pub fn excluded_nodes(
     now: k8s_openapi::jiff::Timestamp,
     cleared: &mut std::collections::BTreeMap<String, k8s_openapi::jiff::Timestamp>,
 ) -> nodes::Decision {
-    let failures: Vec<nodes::FdFailure> = world.pods.iter().filter_map(|p| nodes::fd_failure(p)).collect();
-    if previous.is_empty() && failures.is_empty() {
+    if !nodes::involved(previous, &world.pods) {
         return nodes::Decision::default();
     }
+    let failures: Vec<nodes::FdFailure> = world.pods.iter().filter_map(|p| nodes::fd_failure(p)).collect();
     let retry = intg
         .metadata
         .annotations
@@ -152,10 +152,10 @@ pub fn build(
     let current = world.current_replicas();
     let fixed = replicas::fixed(&spec.workers);
     // The status last written (fresher than the cache) says whether the destination is gone.
-    let previous = memory.written.as_ref().or(intg.status.as_ref());
+    let previous = memory.last_status(intg);
     let previous_gone = previous.and_then(|s| s.destination_gone.clone());
-    let gone = destination_gone(intg, previous_gone.as_ref(), world, &mut memory.gone_cleared);
     let previous_excluded = previous.map(|s| s.excluded_nodes.clone()).unwrap_or_default();
+    let gone = destination_gone(intg, previous_gone.as_ref(), world, &mut memory.gone_cleared);
     let node_decision = excluded_nodes(
         intg,
         &previous_excluded,

@@ -15,7 +15,7 @@ use kube::{Client, ResourceExt};
 use crate::broker::Broker;
 use crate::context::Caches;
 use crate::core::desired;
-use crate::core::nodes::NodeObs;
+use crate::core::nodes::{self, NodeObs};
 use crate::core::status::{SourceObs, reason};
 use crate::memory::Entry;
 use crate::names::INTEGRATION_LABEL;
@@ -33,7 +33,8 @@ pub struct World {
     pub service: Option<Arc<Service>>,
     /// Worker pods of the Integration.
     pub pods: Vec<Arc<Pod>>,
-    /// The Nodes, None while the operator cannot see them (no RBAC, or its cache not synced yet).
+    /// The Nodes, None while the operator cannot see them (no RBAC, or its cache not synced yet), and
+    /// for an Integration with no exclusion to keep or clear and no fd-limit failure (`core::nodes::involved`).
     pub nodes: Option<Vec<NodeObs>>,
 }
 
@@ -100,7 +101,7 @@ pub async fn dereference(
     let ns = intg.namespace().unwrap_or_default();
     let name = intg.name_any();
     let (source, secrets_checksum) = observe_secrets(intg, client, caches, broker, memory).await?;
-    let pods = caches
+    let pods: Vec<Arc<Pod>> = caches
         .pods
         .state()
         .into_iter()
@@ -108,6 +109,22 @@ pub async fn dereference(
             p.namespace().as_deref() == Some(ns.as_str()) && p.labels().get(INTEGRATION_LABEL) == Some(&name)
         })
         .collect();
+    // The Nodes only for an Integration the exclusion rules concern (most have nothing to decide): not
+    // every Node copied on every reconcile of every Integration.
+    let involved = memory.with(|m| {
+        let previous = m
+            .last_status(intg)
+            .map_or(&[][..], |s| s.excluded_nodes.as_slice());
+        nodes::involved(previous, &pods)
+    });
+    let nodes = (involved && caches.nodes_synced.load(std::sync::atomic::Ordering::Relaxed)).then(|| {
+        caches
+            .nodes
+            .state()
+            .iter()
+            .map(|n| NodeObs::from_node(n))
+            .collect()
+    });
     Ok(World {
         source,
         secrets_checksum,
@@ -117,17 +134,7 @@ pub async fn dereference(
             .services
             .get(&ObjectRef::new(&desired::service_name(&name)).within(&ns)),
         pods,
-        nodes: caches
-            .nodes_synced
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .then(|| {
-                caches
-                    .nodes
-                    .state()
-                    .iter()
-                    .map(|n| NodeObs::from_node(n))
-                    .collect()
-            }),
+        nodes,
     })
 }
 

@@ -299,6 +299,24 @@ impl Worker {
         }
     }
 
+    /// Waits (at most `timeout`, the worker alive meanwhile) for the sink's first request: CPU is counted
+    /// from there on (startup and the broker connection are not per-message costs).
+    async fn first_delivery(&self, sink: &Sink, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while sink.requests() == 0 {
+            self.process
+                .check_running()
+                .with_context(|| self.process.log_tail(20))?;
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "no delivery in {timeout:?}: {}",
+                self.process.log_tail(20)
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
     fn cpu(&self) -> Duration {
         measure::cpu_time(self.pid()).unwrap_or_default()
     }
@@ -346,19 +364,7 @@ async fn hookfleet_drain(
         ..o.clone()
     };
     let w = Worker::start(cfg, &rmq.amqp_uri(), &queue, &sink.url(), &o).await?;
-    // CPU from the first delivery on (startup and the broker connection are not per-message costs).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sink.requests() == 0 {
-        w.process
-            .check_running()
-            .with_context(|| w.process.log_tail(20))?;
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no delivery in 30 s: {}",
-            w.process.log_tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    w.first_delivery(&sink, Duration::from_secs(30)).await?;
     let c0 = w.cpu();
     wait_requests(&sink, cfg.n, Duration::from_secs(600)).await?;
     let c1 = w.cpu();

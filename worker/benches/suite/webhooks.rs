@@ -24,7 +24,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use futures::future::try_join_all;
 use hookfleet_crds::contract::webhooks::{Entry, SNAPSHOT_KEY, Snapshot};
 use hookfleet_crds::integration::QueueType;
 use hookfleet_testkit::RabbitMq;
@@ -37,9 +36,9 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::ConfirmSelectOptions;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::report::{Row, Section, row};
 use crate::{Cfg, Opts, OverRounds, Worker, load, measure, median, mib, verdict, wait_requests};
@@ -202,31 +201,20 @@ async fn publish(uri: &str, queue: &str, msgs: &[Msg], size: usize) -> Result<()
 }
 
 async fn send(ch: &Channel, queue: &str, msgs: &[Msg], size: usize) -> Result<()> {
-    let mut pending = Vec::with_capacity(msgs.len());
-    for m in msgs {
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_message_id(m.id.as_str().into())
-            .with_content_type("application/json".into())
-            .with_headers(headers(m));
-        pending.push(
-            ch.basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                &load::body(&m.id, size),
-                props,
-            )
-            .await?,
-        );
-    }
-    for c in try_join_all(pending).await? {
-        anyhow::ensure!(
-            matches!(c, Confirmation::Ack(None)),
-            "publish not confirmed: {c:?}"
-        );
-    }
-    Ok(())
+    let bodies: Vec<Vec<u8>> = msgs.iter().map(|m| load::body(&m.id, size)).collect();
+    let sends = msgs
+        .iter()
+        .zip(&bodies)
+        .map(|(m, body)| {
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(m.id.as_str().into())
+                .with_content_type("application/json".into())
+                .with_headers(headers(m));
+            (props, body.as_slice())
+        })
+        .collect();
+    hookfleet_testkit::messages::send_confirmed(ch, queue, sends).await
 }
 
 /// The local API server holding the snapshot Secrets.
@@ -488,18 +476,7 @@ async fn drain(cfg: &Cfg, rmq: &RabbitMq, api: &Cluster, kind: Kind, tag: &str) 
         ..Opts::default()
     };
     let w = Worker::start(cfg, &rmq.amqp_uri(), &queue, &url(&base(&sink), "single"), &o).await?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while sink.requests() == 0 {
-        w.process
-            .check_running()
-            .with_context(|| w.process.log_tail(20))?;
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "no delivery in 60 s: {}",
-            w.process.log_tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    w.first_delivery(&sink, Duration::from_secs(60)).await?;
     let c0 = w.cpu();
     let copies = msgs.len() * per;
     // RSS every 100 ms while it drains (its peak is VmHWM; this says whether it plateaus).
