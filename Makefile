@@ -40,10 +40,13 @@ crds: ## Regenerate crds/integrations.hookfleet.io.yaml and the chart's copy fro
 test-e2e: ## The e2e suite on the local real node (root): chart install, real worker pods, every scenario's account
 	$(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
 
-.PHONY: test-nodes test-e2e-nodes
+.PHONY: test-nodes test-e2e-nodes test-incident
 
 test-e2e-nodes: ## The e2e suite on 3 local real nodes (root; HOOKFLEET_E2E_NODES=3)
 	HOOKFLEET_E2E_NODES=3 $(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
+
+test-incident: ## The incident on 3 local real nodes (root): node 3 at nofile 1024:1024, exit 3, node excluded, a page with the chart's default for:; drain and node loss under load (~10 min)
+	HOOKFLEET_E2E_NODES=3 HOOKFLEET_E2E_SCENARIOS=incident,drain,nodeloss $(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
 
 test-node: ## The real node (root): a pod reaches the host's sink, RabbitMQ and the API; nofile limits; clean teardown
 	$(CARGO) test -p hookfleet-e2e --test node -- --nocapture

@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, KeyToPath,
     NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext, PodSpec,
     PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
-    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, TopologySpreadConstraint, Volume,
-    VolumeMount,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration, TopologySpreadConstraint,
+    Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -234,6 +234,27 @@ pub fn resources(intg: &Integration) -> Option<ResourceRequirements> {
     Some(r)
 }
 
+/// How long a worker pod stays bound to a node that stopped reporting (NotReady or unreachable) before
+/// it is evicted and the Deployment replaces it on another node.
+pub const NODE_LOSS_TOLERATION_SECONDS: i64 = 30;
+
+/// Tolerations of the node-lifecycle taints for [`NODE_LOSS_TOLERATION_SECONDS`] instead of the 300 s
+/// the API server adds by default (`DefaultTolerationSeconds`): a worker keeps no state (its messages
+/// wait in the broker, which hands back what a lost worker held once its connection dies), so waiting
+/// five minutes on a lost node would only keep the fleet short.
+fn node_loss_tolerations() -> Vec<Toleration> {
+    ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"]
+        .into_iter()
+        .map(|key| Toleration {
+            key: Some(key.into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoExecute".into()),
+            toleration_seconds: Some(NODE_LOSS_TOLERATION_SECONDS),
+            value: None,
+        })
+        .collect()
+}
+
 /// The worker Deployment with `replicas` pods.
 pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) -> Result<Deployment> {
     let meta = meta(intg)?;
@@ -306,6 +327,7 @@ pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) 
             spread("kubernetes.io/hostname"),
             spread("topology.kubernetes.io/zone"),
         ]),
+        tolerations: Some(node_loss_tolerations()),
         volumes: Some(volumes),
         ..PodSpec::default()
     };
@@ -602,5 +624,33 @@ mod tests {
         assert_eq!(twice, b);
         set_excluded_nodes(&mut twice, &[]);
         assert_eq!(twice, none);
+    }
+
+    #[test]
+    fn workers_leave_a_lost_node_after_30_seconds_not_300() {
+        let pod = serde_json::to_value(&deployment_with(&[]).spec.unwrap().template.spec).unwrap();
+        let keys: Vec<(&str, &str, i64)> = pod["tolerations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                assert_eq!(
+                    (t["operator"].as_str(), t["effect"].as_str()),
+                    (Some("Exists"), Some("NoExecute"))
+                );
+                (
+                    t["key"].as_str().unwrap(),
+                    t["effect"].as_str().unwrap(),
+                    t["tolerationSeconds"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("node.kubernetes.io/not-ready", "NoExecute", 30),
+                ("node.kubernetes.io/unreachable", "NoExecute", 30)
+            ]
+        );
     }
 }
