@@ -136,7 +136,22 @@ fn deployment_renders_the_worker_contract() {
         .iter()
         .map(|t| t.topology_key.clone())
         .collect();
-    assert_eq!(keys, ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]);
+    assert_eq!(keys, ["kubernetes.io/hostname"]);
+    // Zones through a preferred anti-affinity: a zone spread constraint on nodes without zone labels would
+    // switch the scheduler's spreading off for every node.
+    let zones = pod
+        .affinity
+        .as_ref()
+        .and_then(|a| a.pod_anti_affinity.as_ref())
+        .and_then(|a| a.preferred_during_scheduling_ignored_during_execution.as_ref())
+        .unwrap();
+    assert_eq!(
+        zones
+            .iter()
+            .map(|w| (w.weight, w.pod_affinity_term.topology_key.as_str()))
+            .collect::<Vec<_>>(),
+        [(100, "topology.kubernetes.io/zone")]
+    );
     // The user's memory request is kept as written (no limit added).
     let r = c.resources.unwrap();
     let requests = r.requests.unwrap();

@@ -221,7 +221,7 @@ async fn a_node_that_fails_the_fd_limit_is_excluded_until_its_ready_condition_ch
     })
     .await?;
     wait_for(
-        "the affinity gone",
+        "the node affinity gone",
         Duration::from_secs(10),
         Duration::from_millis(100),
         || async {
@@ -230,7 +230,7 @@ async fn a_node_that_fails_the_fd_limit_is_excluded_until_its_ready_condition_ch
                 .spec
                 .as_ref()
                 .and_then(|s| s.template.spec.as_ref())
-                .is_some_and(|p| p.affinity.is_none());
+                .is_some_and(|p| p.affinity.as_ref().is_some_and(|a| a.node_affinity.is_none()));
             Ok(none.then_some(()))
         },
     )

@@ -11,10 +11,10 @@ use hookfleet_crds::contract;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, KeyToPath,
-    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
-    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration, TopologySpreadConstraint,
-    Volume, VolumeMount,
+    NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, PodAffinityTerm, PodAntiAffinity,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret,
+    SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Toleration,
+    TopologySpreadConstraint, Volume, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -255,6 +255,11 @@ fn node_loss_tolerations() -> Vec<Toleration> {
         .collect()
 }
 
+/// The node label the workers spread over.
+const HOSTNAME_KEY: &str = "kubernetes.io/hostname";
+/// The node label of zones, which the workers prefer to spread over when nodes carry it.
+const ZONE_KEY: &str = "topology.kubernetes.io/zone";
+
 /// The worker Deployment with `replicas` pods.
 pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) -> Result<Deployment> {
     let meta = meta(intg)?;
@@ -293,16 +298,36 @@ pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) 
         volume_mounts: Some(mounts),
         ..Container::default()
     };
-    let spread = |key: &str| TopologySpreadConstraint {
+    // Spread over nodes: a preference, so a single-node cluster still schedules every worker.
+    let spread = TopologySpreadConstraint {
         max_skew: 1,
-        topology_key: key.into(),
-        // A preference: a single-node or single-zone cluster still schedules every worker.
+        topology_key: HOSTNAME_KEY.into(),
         when_unsatisfiable: "ScheduleAnyway".into(),
         label_selector: Some(LabelSelector {
             match_labels: Some(selector_labels(&name)),
             ..LabelSelector::default()
         }),
         ..TopologySpreadConstraint::default()
+    };
+    // And over zones, as a preferred anti-affinity rather than a second spread constraint: the scheduler
+    // scores no node for spreading when any constraint's topology key is missing from it, so on nodes without
+    // zone labels (bare metal, kind) a zone constraint would silently turn the hostname spread off too.
+    let zones = Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: PodAffinityTerm {
+                    label_selector: Some(LabelSelector {
+                        match_labels: Some(selector_labels(&name)),
+                        ..LabelSelector::default()
+                    }),
+                    topology_key: ZONE_KEY.into(),
+                    ..PodAffinityTerm::default()
+                },
+            }]),
+            required_during_scheduling_ignored_during_execution: None,
+        }),
+        ..Affinity::default()
     };
     // A Webhooks fleet's workers watch their snapshot Secret with their own ServiceAccount
     // ([`worker_access`]); a single-destination worker talks to no API server and gets no token.
@@ -323,10 +348,8 @@ pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) 
             ..PodSecurityContext::default()
         }),
         termination_grace_period_seconds: Some(shutdown_grace_seconds(intg) + KILL_MARGIN_SECONDS),
-        topology_spread_constraints: Some(vec![
-            spread("kubernetes.io/hostname"),
-            spread("topology.kubernetes.io/zone"),
-        ]),
+        topology_spread_constraints: Some(vec![spread]),
+        affinity: Some(zones),
         tolerations: Some(node_loss_tolerations()),
         volumes: Some(volumes),
         ..PodSpec::default()
@@ -383,7 +406,7 @@ pub fn set_secrets_checksum(deployment: &mut Deployment, checksum: String) {
 
 /// Keeps the workers off `nodes` (sorted node names, `core::nodes`): a required node affinity on the pod
 /// template, `matchFields` `metadata.name` NotIn the names (node names, not hostname labels, which may
-/// differ). None when there are none, so the template is as before. The same names render the same
+/// differ), beside the zone anti-affinity. No node affinity when there are none, so the template is as before. The same names render the same
 /// template: no roll without a change.
 pub fn set_excluded_nodes(deployment: &mut Deployment, nodes: &[String]) {
     let Some(pod) = deployment.spec.as_mut().and_then(|s| s.template.spec.as_mut()) else {
@@ -392,8 +415,8 @@ pub fn set_excluded_nodes(deployment: &mut Deployment, nodes: &[String]) {
     let mut names = nodes.to_vec();
     names.sort();
     names.dedup();
-    pod.affinity = (!names.is_empty()).then(|| Affinity {
-        node_affinity: Some(NodeAffinity {
+    pod.affinity.get_or_insert_with(Affinity::default).node_affinity =
+        (!names.is_empty()).then(|| NodeAffinity {
             required_during_scheduling_ignored_during_execution: Some(NodeSelector {
                 node_selector_terms: vec![NodeSelectorTerm {
                     match_fields: Some(vec![NodeSelectorRequirement {
@@ -405,9 +428,7 @@ pub fn set_excluded_nodes(deployment: &mut Deployment, nodes: &[String]) {
                 }],
             }),
             preferred_during_scheduling_ignored_during_execution: None,
-        }),
-        ..Affinity::default()
-    });
+        });
 }
 
 /// The node names a Deployment's pod template keeps its pods off (see [`set_excluded_nodes`]).
@@ -593,16 +614,21 @@ mod tests {
         let d = deployment_with(&["n3", "n1"]);
         let pod = serde_json::to_value(&d.spec.as_ref().unwrap().template.spec).unwrap();
         assert_eq!(
-            pod["affinity"],
-            serde_json::json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            pod["affinity"]["nodeAffinity"],
+            serde_json::json!({"requiredDuringSchedulingIgnoredDuringExecution": {
                 "nodeSelectorTerms": [{"matchFields": [
                     {"key": "metadata.name", "operator": "NotIn", "values": ["n1", "n3"]}
                 ]}]
-            }}})
+            }})
         );
         assert_eq!(excluded_nodes(&d), ["n1", "n3"]);
-        // The spread constraints stay beside it.
-        assert_eq!(pod["topologySpreadConstraints"].as_array().unwrap().len(), 2);
+        // The spread over nodes and zones stays beside it.
+        assert_eq!(pod["topologySpreadConstraints"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+                ["topologyKey"],
+            "topology.kubernetes.io/zone"
+        );
     }
 
     #[test]
@@ -616,7 +642,10 @@ mod tests {
         );
         let none = deployment_with(&[]);
         let pod = serde_json::to_value(&none.spec.as_ref().unwrap().template.spec).unwrap();
-        assert!(pod.get("affinity").is_none(), "no affinity field at all: {pod}");
+        assert!(
+            pod["affinity"].get("nodeAffinity").is_none(),
+            "no node affinity at all: {pod}"
+        );
         assert!(excluded_nodes(&none).is_empty());
         // Applying it twice changes nothing.
         let mut twice = deployment_with(&["n1", "n3"]);
