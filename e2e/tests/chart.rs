@@ -118,7 +118,7 @@ fn lint_and_template_with_default_and_full_values() -> Result<()> {
     );
     assert_eq!(env["HOOKFLEET_WORKER_IMAGE_PULL_POLICY"]["value"], "IfNotPresent");
     assert!(
-        env.get("HOOKFLEET_WORKER_POD_TEMPLATE").is_none(),
+        !env.contains_key("HOOKFLEET_WORKER_POD_TEMPLATE"),
         "no default pod template"
     );
     assert_eq!(env["HOOKFLEET_LEASE_NAME"]["value"], "hookfleet-operator");

@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use hookfleet_crds::{Integration, Webhook};
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
@@ -143,9 +144,7 @@ async fn run(args: Args) -> Result<()> {
     }
 }
 
-fn cond<'a>(
-    c: Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
-) -> (&'a str, &'a str, &'a str) {
+fn cond(c: Option<&Condition>) -> (&str, &str, &str) {
     c.map(|c| (c.status.as_str(), c.reason.as_str(), c.message.as_str()))
         .unwrap_or(("Unknown", "", ""))
 }
