@@ -48,6 +48,7 @@ use crate::limits;
     printcolumn(name = "Ready-Pods", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(name = "Consumers", type_ = "integer", json_path = ".status.consumers"),
     printcolumn(name = "Backlog", type_ = "integer", json_path = ".status.backlog"),
+    printcolumn(name = "Suspend", type_ = "boolean", json_path = ".spec.suspend"),
     printcolumn(
         name = "Reason",
         type_ = "string",
@@ -90,7 +91,16 @@ pub struct IntegrationSpec {
     /// The worker fleet: replicas or autoscaling, disruption budget, file-descriptor limit, resources.
     #[serde(default)]
     pub workers: WorkersSpec,
-    /// When true the operator leaves the fleet as it is and applies no changes.
+    /// Stops delivery: when true the operator scales the workers to 0 and keeps the queues, so messages
+    /// wait in the broker (nothing is lost, nothing is dead-lettered) until `suspend` is false again and
+    /// the fleet is scaled back. Condition `Suspended` says so; a suspended Integration pages no one.
+    /// Not to be confused with `paused`.
+    #[serde(default)]
+    pub suspend: bool,
+    /// Stops reconciling, not delivery: when true the operator changes nothing it owns (Deployment,
+    /// PodDisruptionBudget, Service), so the workers keep running and delivering as they are, and no spec
+    /// change (`suspend` included) reaches them until `paused` is false again. Status is still observed and
+    /// written. To stop delivery, use `suspend`.
     #[serde(default)]
     pub paused: bool,
 }
@@ -931,7 +941,7 @@ pub struct IntegrationStatus {
     /// Label selector of the worker pods (for the scale subresource).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
-    /// `Ready`, `Progressing`, `Degraded` (and `Paused`), each with a reason and a message.
+    /// `Ready`, `Progressing`, `Degraded` (and `Paused`, `Suspended`), each with a reason and a message.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
@@ -1020,6 +1030,9 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
     /// `spec.paused` is true.
     pub const PAUSED: &str = "Paused";
+    /// `spec.suspend` is true: True while the workers are scaled to 0 for it, False when the operator cannot
+    /// apply it (`spec.paused`, or an invalid spec).
+    pub const SUSPENDED: &str = "Suspended";
 }
 
 impl Integration {

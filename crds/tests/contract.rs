@@ -83,6 +83,7 @@ const TO_WORKER: &[&str] = &[
 /// resources): prefixes of JSON paths.
 const OPERATOR_ONLY: &[&str] = &[
     "paused",
+    "suspend",
     "workers.replicas",
     "workers.autoscale.",
     "workers.disruption.",

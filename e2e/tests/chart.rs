@@ -203,9 +203,23 @@ fn lint_and_template_with_default_and_full_values() -> Result<()> {
     assert_eq!(dead["labels"]["severity"], "page", "severity from values");
     assert_eq!(dead["for"], "1m", "for: from values");
     assert!(
-        dead["expr"].as_str().unwrap().ends_with("> 0.5"),
+        dead["expr"].as_str().unwrap().contains("> 0.5 unless"),
         "threshold from values"
     );
+    // A suspended Integration (workers at 0 on purpose) pages no one: every alert about an Integration.
+    for a in alerts
+        .iter()
+        .filter(|a| !a["alert"].as_str().unwrap().starts_with("HookfleetOperator"))
+    {
+        assert!(
+            a["expr"]
+                .as_str()
+                .unwrap()
+                .contains("hookfleet_operator_integration_suspended"),
+            "{} fires for a suspended Integration",
+            a["alert"]
+        );
+    }
 
     // The dashboard: JSON in a ConfigMap with the sidecar label, with the panels on-call needs.
     let cm = find(&objects, "ConfigMap");

@@ -325,6 +325,7 @@ async fn crd_is_established_and_validates_integrations() -> anyhow::Result<()> {
         "REPLICAS",
         "CONSUMERS",
         "BACKLOG",
+        "SUSPEND",
         "REASON",
         "AGE",
         "defaults",
@@ -334,6 +335,11 @@ async fn crd_is_established_and_validates_integrations() -> anyhow::Result<()> {
             "`kubectl get integrations -o wide` lacks {column}:\n{table}"
         );
     }
+    // `spec.suspend` defaults to false in the schema, so the column says so for every Integration.
+    // (Cells of an unset status are blank: the column is found by its offset in the header line.)
+    let at = table.lines().next().unwrap_or_default().find("SUSPEND").unwrap();
+    let row = table.lines().find(|l| l.starts_with("defaults")).unwrap();
+    assert!(row.get(at..).is_some_and(|c| c.starts_with("false")), "{table}");
     let out = cp
         .kubectl()?
         .args(["scale", "intg/defaults", "--replicas=4"])

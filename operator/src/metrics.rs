@@ -73,6 +73,9 @@ pub struct IntegrationMetrics {
     pub worker_restarts: Family<IntegrationLabels, IntGauge>,
     /// 1 while the destination is gone (HTTP 410, workers scaled to 0), else 0.
     pub destination_gone: Family<IntegrationLabels, IntGauge>,
+    /// 1 while the workers are scaled to 0 for `spec.suspend` (condition `Suspended` True), else 0: the
+    /// alert rules page no one for a suspended Integration.
+    pub suspended: Family<IntegrationLabels, IntGauge>,
     pub conditions: Family<ConditionLabels, IntGauge>,
     /// Paused Webhooks per Integration and reason (`hookfleet_operator_webhooks_paused`).
     pub webhooks_paused: Family<PausedLabels, IntGauge>,
@@ -166,6 +169,7 @@ impl Metrics {
             backlog: Family::default(),
             worker_restarts: Family::default(),
             destination_gone: Family::default(),
+            suspended: Family::default(),
             conditions: Family::default(),
             webhooks_paused: Family::default(),
             paused_exported: Mutex::default(),
@@ -201,6 +205,11 @@ impl Metrics {
             "integration_destination_gone",
             "1 while the Integration's destination is gone (HTTP 410: workers scaled to 0, messages wait), else 0",
             i.destination_gone.clone(),
+        );
+        registry.register(
+            "integration_suspended",
+            "1 while the Integration is suspended (spec.suspend: workers scaled to 0, messages wait; no alert pages), else 0",
+            i.suspended.clone(),
         );
         registry.register(
             "webhooks_paused",
@@ -252,6 +261,11 @@ impl Metrics {
             &i.destination_gone,
             Some(i64::from(status.destination_gone.is_some())),
         );
+        let suspended = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == hookfleet_crds::integration::condition::SUSPENDED && c.status == "True");
+        set(&i.suspended, Some(i64::from(suspended)));
         self.integration_conditions(integration, &status.conditions);
     }
 
@@ -325,6 +339,7 @@ impl Metrics {
             &i.backlog,
             &i.worker_restarts,
             &i.destination_gone,
+            &i.suspended,
         ] {
             f.remove(&l);
         }
@@ -446,6 +461,7 @@ mod tests {
                 format!("hookfleet_operator_integration_desired_workers{l} 3"),
                 format!("hookfleet_operator_integration_destination_gone{l} 0"),
                 format!("hookfleet_operator_integration_ready_workers{l} 3"),
+                format!("hookfleet_operator_integration_suspended{l} 0"),
                 format!("hookfleet_operator_integration_worker_restarts{l} 4"),
             ]
         );
@@ -456,6 +472,38 @@ mod tests {
                 r#"hookfleet_operator_integration_condition{integration="team-a/orders",type="Ready",status="False",reason="NotConsuming"} 1"#,
             ]
         );
+    }
+
+    #[test]
+    fn suspended_is_1_only_while_the_suspend_is_applied() {
+        let m = Metrics::new();
+        let series = |m: &Metrics| lines(m, "hookfleet_operator_integration_suspended{");
+        let with = |c: Vec<Condition>| IntegrationStatus {
+            conditions: c,
+            ..IntegrationStatus::default()
+        };
+        m.integration_status(
+            "a/x",
+            &with(vec![cond("Suspended", "True", "SuspendedBySpec")]),
+            0,
+        );
+        assert_eq!(
+            series(&m),
+            [r#"hookfleet_operator_integration_suspended{integration="a/x"} 1"#]
+        );
+        // Asked for but not applied (paused): the workers run, so the alerts stay on.
+        m.integration_status("a/x", &with(vec![cond("Suspended", "False", "Paused")]), 0);
+        assert_eq!(
+            series(&m),
+            [r#"hookfleet_operator_integration_suspended{integration="a/x"} 0"#]
+        );
+        m.integration_status("a/x", &with(vec![]), 0);
+        assert_eq!(
+            series(&m),
+            [r#"hookfleet_operator_integration_suspended{integration="a/x"} 0"#]
+        );
+        m.forget_integration("a/x");
+        assert!(series(&m).is_empty());
     }
 
     #[test]

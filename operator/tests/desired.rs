@@ -202,7 +202,7 @@ fn defaults_render_and_nothing_optional_is_sent_as_null() {
     assert!(flag(&args, "header-from-env").is_empty());
     assert_eq!(c.env.unwrap().len(), 1, "only the broker URI");
     for obj in [
-        serde_json::to_string(&desired::pod_disruption_budget(&intg).unwrap()).unwrap(),
+        serde_json::to_string(&desired::pod_disruption_budget(&intg, 2).unwrap()).unwrap(),
         serde_json::to_string(&desired::metrics_service(&intg).unwrap()).unwrap(),
     ] {
         assert!(!obj.contains("null"), "{obj}");
@@ -210,8 +210,13 @@ fn defaults_render_and_nothing_optional_is_sent_as_null() {
 }
 
 #[test]
-fn pdb_min_available_defaults_to_replicas_minus_one_and_never_blocks_a_single_worker() {
-    let pdb = |f: &str| desired::pod_disruption_budget(&fixture(f)).unwrap().spec.unwrap();
+fn pdb_min_available_defaults_to_replicas_minus_one_and_never_blocks_a_single_worker_or_an_empty_fleet() {
+    let pdb = |f: &str| {
+        desired::pod_disruption_budget(&fixture(f), 3)
+            .unwrap()
+            .spec
+            .unwrap()
+    };
     let full = pdb("full.yaml");
     assert_eq!(full.min_available, Some(IntOrString::Int(2)), "from spec");
     assert_eq!(full.unhealthy_pod_eviction_policy.as_deref(), Some("AlwaysAllow"));
@@ -220,13 +225,21 @@ fn pdb_min_available_defaults_to_replicas_minus_one_and_never_blocks_a_single_wo
     let mut auto = fixture("minimal.yaml");
     auto.spec.workers.autoscale = Some(serde_yaml::from_str("{min: 4, max: 9}").unwrap());
     assert_eq!(
-        desired::pod_disruption_budget(&auto)
+        desired::pod_disruption_budget(&auto, 5)
             .unwrap()
             .spec
             .unwrap()
             .min_available,
         Some(IntOrString::Int(3))
     );
+    // No worker wanted (suspended, destination gone): the budget asks for none, from the spec or not.
+    for f in ["full.yaml", "minimal.yaml"] {
+        let zero = desired::pod_disruption_budget(&fixture(f), 0)
+            .unwrap()
+            .spec
+            .unwrap();
+        assert_eq!(zero.min_available, Some(IntOrString::Int(0)), "{f}");
+    }
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Status from observations (pure): conditions, reasons, transitions, lastTransitionTime.
 
-use hookfleet_crds::integration::condition::{DEGRADED, PAUSED, PROGRESSING, READY};
+use hookfleet_crds::integration::condition::{DEGRADED, PAUSED, PROGRESSING, READY, SUSPENDED};
 use hookfleet_operator::status::{self, DeploymentObs, Observed, PodProblemKind, SourceObs, reason};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -14,6 +14,7 @@ fn healthy() -> Observed {
     Observed {
         generation: Some(3),
         paused: false,
+        suspend: false,
         queue: "orders.erp".into(),
         desired: 3,
         single_replica: false,
@@ -64,7 +65,11 @@ fn healthy_fleet_is_ready_not_progressing_not_degraded() {
     );
     assert_eq!(get(&s.conditions, PROGRESSING).status, "False");
     assert_eq!(get(&s.conditions, DEGRADED).status, "False");
-    assert!(s.conditions.iter().all(|c| c.type_ != PAUSED));
+    assert!(
+        s.conditions
+            .iter()
+            .all(|c| c.type_ != PAUSED && c.type_ != SUSPENDED)
+    );
 }
 
 #[test]
@@ -239,6 +244,144 @@ fn single_replica_and_paused() {
     let s = status::compute(&o);
     assert_eq!(get(&s.conditions, PAUSED).status, "True");
     assert_eq!(get(&s.conditions, PROGRESSING).reason, reason::PAUSED);
+}
+
+/// The fleet of `healthy()` with `spec.suspend` applied: desired 0, the Deployment at `running` pods.
+fn suspended(running: i32, ready: i32, consumers: i32) -> Observed {
+    let mut o = healthy();
+    o.suspend = true;
+    o.desired = 0;
+    o.deployment = Some(DeploymentObs {
+        spec_replicas: 0,
+        replicas: running,
+        ready,
+        updated: running,
+        observed: true,
+    });
+    o.source = SourceObs::Queue {
+        consumers,
+        backlog: 4200,
+    };
+    o
+}
+
+#[test]
+fn suspended_is_ready_false_suspended_and_never_short_or_not_consuming() {
+    // Scaled to 0: Ready False/Suspended naming the queue and the backlog, Suspended True, not Degraded.
+    let s = status::compute(&suspended(0, 0, 0));
+    assert_eq!(s.replicas, Some(0));
+    let r = get(&s.conditions, READY);
+    assert_eq!(
+        (r.status.as_str(), r.reason.as_str()),
+        ("False", reason::SUSPENDED)
+    );
+    assert!(
+        r.message.contains("queue orders.erp") && r.message.contains("4200"),
+        "{}",
+        r.message
+    );
+    let c = get(&s.conditions, SUSPENDED);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", reason::SUSPENDED_BY_SPEC)
+    );
+    assert!(
+        c.message
+            .contains("messages wait in queue orders.erp (backlog 4200)"),
+        "{}",
+        c.message
+    );
+    let d = get(&s.conditions, DEGRADED);
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("False", reason::AS_EXPECTED)
+    );
+    assert_eq!(get(&s.conditions, PROGRESSING).reason, reason::ROLLOUT_COMPLETE);
+
+    // Scaling down: 3 pods still Ready, their consumers already cancelled. Not NotConsuming, not short.
+    let s = status::compute(&suspended(3, 3, 0));
+    assert_eq!(get(&s.conditions, DEGRADED).status, "False");
+    assert_eq!(get(&s.conditions, READY).reason, reason::SUSPENDED);
+    assert_eq!(
+        get(&s.conditions, PROGRESSING).status,
+        "True",
+        "pods still going away"
+    );
+    // A crash-looping pod on its way out is no problem of a suspended fleet either.
+    let mut o = suspended(1, 0, 0);
+    o.pod_problems = vec![status::pod_problem(&pod("pod-crashloop.yaml")).unwrap()];
+    assert_eq!(get(&status::compute(&o).conditions, DEGRADED).status, "False");
+
+    // What is wrong besides (the broker, the Secret) is still Degraded; Ready keeps the reason Suspended.
+    let mut o = suspended(0, 0, 0);
+    o.source = SourceObs::Problem {
+        reason: reason::BROKER_UNREACHABLE,
+        message: "connection refused".into(),
+    };
+    let s = status::compute(&o);
+    assert_eq!(get(&s.conditions, DEGRADED).reason, reason::BROKER_UNREACHABLE);
+    assert_eq!(get(&s.conditions, READY).reason, reason::SUSPENDED);
+    assert!(get(&s.conditions, READY).message.ends_with("queue orders.erp"));
+}
+
+#[test]
+fn suspend_not_applied_while_paused_or_invalid_says_so() {
+    let mut o = healthy();
+    o.suspend = true;
+    o.paused = true;
+    let s = status::compute(&o);
+    let c = get(&s.conditions, SUSPENDED);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", reason::PAUSED));
+    assert!(c.message.contains("keeps its 3 replicas"), "{}", c.message);
+    assert_eq!(
+        get(&s.conditions, READY).reason,
+        reason::CONSUMING,
+        "the workers deliver"
+    );
+    assert!(!status::suspended(&o));
+
+    o.paused = false;
+    o.invalid_spec = Some("spec.destination.headers: bad".into());
+    let s = status::compute(&o);
+    let c = get(&s.conditions, SUSPENDED);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", reason::INVALID_SPEC)
+    );
+    assert_eq!(get(&s.conditions, READY).reason, reason::INVALID_SPEC);
+}
+
+#[test]
+fn suspend_and_unsuspend_are_one_normal_event_each_and_no_not_ready_warning() {
+    let t = at(1_000);
+    let running = status::merge_conditions(&[], status::compute(&healthy()).conditions, &t);
+    let stopped = status::merge_conditions(&running, status::compute(&suspended(0, 0, 0)).conditions, &t);
+    let ev = status::transitions(&running, &stopped);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert!(!ev[0].warning);
+    assert_eq!(ev[0].reason, "Suspended");
+    assert!(ev[0].note.contains("queue orders.erp"), "{}", ev[0].note);
+    // Steady while suspended: nothing.
+    let still = status::merge_conditions(
+        &stopped,
+        status::compute(&suspended(0, 0, 0)).conditions,
+        &at(2_000),
+    );
+    assert!(status::transitions(&stopped, &still).is_empty());
+    // Unsuspended: the fleet scales back (not Ready yet), one Normal Event.
+    let mut back = healthy();
+    back.deployment.as_mut().unwrap().ready = 0;
+    let starting = status::merge_conditions(&still, status::compute(&back).conditions, &at(3_000));
+    assert!(starting.iter().all(|c| c.type_ != SUSPENDED));
+    let ev = status::transitions(&still, &starting);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!((ev[0].warning, ev[0].reason.as_str()), (false, "Unsuspended"));
+    let ready = status::merge_conditions(&starting, status::compute(&healthy()).conditions, &at(4_000));
+    let reasons: Vec<_> = status::transitions(&starting, &ready)
+        .into_iter()
+        .map(|t| t.reason)
+        .collect();
+    assert_eq!(reasons, [reason::CONSUMING]);
 }
 
 #[test]

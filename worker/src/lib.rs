@@ -17,5 +17,6 @@ pub mod ssrf;
 pub mod target;
 pub mod template;
 pub mod throttle;
+pub mod tracecontext;
 pub mod webhooks;
 pub mod worker;

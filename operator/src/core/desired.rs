@@ -505,8 +505,14 @@ pub fn secrets_checksum(deployment: &Deployment) -> Option<String> {
 }
 
 /// `minAvailable` of the PodDisruptionBudget: from the spec, else one less than the fleet's floor
-/// (fixed replicas or autoscale.min), so a drain can always evict one pod; never negative.
-pub fn min_available(intg: &Integration) -> i32 {
+/// (fixed replicas or autoscale.min), so a drain can always evict one pod; never negative; 0 while `replicas`
+/// (the workers wanted now) is 0.
+pub fn min_available(intg: &Integration, replicas: i32) -> i32 {
+    // At 0 (suspended, destination gone) a budget asking for more would report the fleet short forever
+    // (`kube_poddisruptionbudget_status_current_healthy` below desired) for workers nobody wants.
+    if replicas == 0 {
+        return 0;
+    }
     let w = &intg.spec.workers;
     if let Some(d) = &w.disruption {
         return d.min_available;
@@ -518,14 +524,14 @@ pub fn min_available(intg: &Integration) -> i32 {
     (floor - 1).max(0)
 }
 
-/// The PodDisruptionBudget of the workers.
-pub fn pod_disruption_budget(intg: &Integration) -> Result<PodDisruptionBudget> {
+/// The PodDisruptionBudget of the workers, `replicas` of them wanted now.
+pub fn pod_disruption_budget(intg: &Integration, replicas: i32) -> Result<PodDisruptionBudget> {
     let meta = meta(intg)?;
     let name = meta.name.clone().unwrap_or_default();
     Ok(PodDisruptionBudget {
         metadata: meta,
         spec: Some(PodDisruptionBudgetSpec {
-            min_available: Some(IntOrString::Int(min_available(intg))),
+            min_available: Some(IntOrString::Int(min_available(intg, replicas))),
             selector: Some(LabelSelector {
                 match_labels: Some(selector_labels(&name)),
                 ..LabelSelector::default()

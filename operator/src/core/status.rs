@@ -2,8 +2,9 @@
 //!
 //! `Ready` means the desired workers are Ready *and* consuming; `Degraded` names what the fleet will not
 //! repair by itself; `Progressing` is a rollout or scale under way; `Paused` is present while
-//! `spec.paused` is true. `lastTransitionTime` moves only when a condition's status flips, and Events
-//! are derived from flips, so a steady state writes nothing and says nothing.
+//! `spec.paused` is true, `Suspended` while `spec.suspend` is. `lastTransitionTime` moves only when a
+//! condition's status flips, and Events are derived from flips, so a steady state writes nothing and says
+//! nothing.
 
 use hookfleet_crds::IntegrationStatus;
 use hookfleet_crds::contract::{self, exit};
@@ -42,6 +43,10 @@ pub mod reason {
     pub const ROLLING_OUT: &str = "RollingOut";
     pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
     pub const PAUSED: &str = "Paused";
+    /// `spec.suspend` is true and applied: the workers are scaled to 0 (Ready False, Suspended True).
+    pub const SUSPENDED: &str = "Suspended";
+    /// `Suspended` True: by `spec.suspend`.
+    pub const SUSPENDED_BY_SPEC: &str = "SuspendedBySpec";
 }
 
 /// The worker Deployment as observed.
@@ -247,6 +252,8 @@ pub fn worker_restarts(pod: &Pod) -> i64 {
 pub struct Observed {
     pub generation: Option<i64>,
     pub paused: bool,
+    /// `spec.suspend`: it takes effect unless the spec is paused or invalid (nothing is applied then).
+    pub suspend: bool,
     pub queue: String,
     /// Workers wanted now (fixed or autoscaled).
     pub desired: i32,
@@ -341,7 +348,13 @@ fn cond(type_: &str, status: bool, reason: &str, message: String, generation: Op
     }
 }
 
-/// The first problem (by precedence) as `(reason, message)`.
+/// Whether the workers are scaled to 0 for `spec.suspend`: it is set, and applied (not paused, spec valid).
+pub fn suspended(o: &Observed) -> bool {
+    o.suspend && !o.paused && o.invalid_spec.is_none()
+}
+
+/// The first problem (by precedence) as `(reason, message)`. A suspended fleet has no worker problems: its
+/// workers are stopped on purpose (those still shutting down are neither short nor failing).
 fn problem(o: &Observed, ready: i32) -> Option<(&'static str, String)> {
     // First: until it is fixed, no other change reaches the workers.
     if let Some(invalid) = &o.invalid_spec {
@@ -373,6 +386,9 @@ fn problem(o: &Observed, ready: i32) -> Option<(&'static str, String)> {
     }
     if let SourceObs::Problem { reason, message } = &o.source {
         return Some((reason, message.clone()));
+    }
+    if suspended(o) {
+        return None;
     }
     for (kind, reason) in [
         (PodProblemKind::FdLimit, reason::FD_LIMIT_NOT_MET),
@@ -432,9 +448,22 @@ pub fn compute(o: &Observed) -> IntegrationStatus {
         SourceObs::Problem { .. } => (None, None),
     };
     let problem = problem(o, ready);
-    let mut conditions = Vec::with_capacity(4);
+    let suspended = suspended(o);
+    let mut conditions = Vec::with_capacity(5);
+    let backlog_note = backlog.map(|b| format!(" (backlog {b})")).unwrap_or_default();
 
     let ready_cond = match &problem {
+        // The one reason that is not a fault; a problem besides it is Degraded's.
+        _ if suspended => cond(
+            condition::READY,
+            false,
+            reason::SUSPENDED,
+            format!(
+                "spec.suspend is true: no workers deliver; messages wait in queue {}{backlog_note}",
+                o.queue
+            ),
+            g,
+        ),
         Some((r, m)) => cond(condition::READY, false, r, m.clone(), g),
         None if ready < o.desired => cond(
             condition::READY,
@@ -536,6 +565,9 @@ pub fn compute(o: &Observed) -> IntegrationStatus {
             g,
         ));
     }
+    if o.suspend {
+        conditions.push(suspended_condition(o, &dep, &backlog_note));
+    }
 
     IntegrationStatus {
         webhooks: o.webhooks.clone(),
@@ -548,6 +580,45 @@ pub fn compute(o: &Observed) -> IntegrationStatus {
         conditions,
         destination_gone: o.destination_gone.clone(),
         excluded_nodes: o.excluded_nodes.clone(),
+    }
+}
+
+/// `Suspended` while `spec.suspend` is true: True once it is applied, False (saying why) while the operator
+/// applies nothing (`spec.paused`, an invalid spec), the workers then running as the Deployment says.
+fn suspended_condition(o: &Observed, dep: &DeploymentObs, backlog_note: &str) -> Condition {
+    let g = o.generation;
+    let not_applied = |why: &str, because: &str| {
+        cond(
+            condition::SUSPENDED,
+            false,
+            why,
+            format!(
+                "spec.suspend is true but {because}, so it is not applied: the worker Deployment keeps its {} \
+                 replicas",
+                dep.spec_replicas
+            ),
+            g,
+        )
+    };
+    if o.paused {
+        not_applied(
+            reason::PAUSED,
+            "spec.paused is true (the operator changes nothing it owns)",
+        )
+    } else if o.invalid_spec.is_some() {
+        not_applied(reason::INVALID_SPEC, "the spec is invalid (see Degraded)")
+    } else {
+        cond(
+            condition::SUSPENDED,
+            true,
+            reason::SUSPENDED_BY_SPEC,
+            format!(
+                "spec.suspend is true: the workers are scaled to 0 and messages wait in queue {}{backlog_note}; \
+                 set it to false to deliver them",
+                o.queue
+            ),
+            g,
+        )
     }
 }
 
@@ -649,13 +720,34 @@ pub fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
                 reason: n.reason.clone(),
                 note: n.message.clone(),
             });
-        } else if !degraded && or.is_some_and(|o| o.status == "True") {
+        } else if !degraded && n.reason != reason::SUSPENDED && or.is_some_and(|o| o.status == "True") {
             out.push(Transition {
                 warning: true,
                 reason: "NotReady".into(),
                 note: n.message.clone(),
             });
         }
+    }
+    let suspended = |c: Option<&Condition>| c.is_some_and(|c| c.status == "True");
+    let (os, ns) = (find(old, condition::SUSPENDED), find(new, condition::SUSPENDED));
+    match (suspended(os), suspended(ns)) {
+        (false, true) => out.push(Transition {
+            warning: false,
+            reason: "Suspended".into(),
+            note: ns.map(|c| c.message.clone()).unwrap_or_default(),
+        }),
+        (true, false) => out.push(Transition {
+            warning: false,
+            reason: "Unsuspended".into(),
+            note: match ns {
+                Some(n) => n.message.clone(),
+                None => {
+                    "spec.suspend is false: the workers are scaled back and deliver the messages that waited"
+                        .into()
+                }
+            },
+        }),
+        _ => {}
     }
     let (op, np) = (find(old, condition::PAUSED), find(new, condition::PAUSED));
     match (op.is_some(), np.is_some()) {

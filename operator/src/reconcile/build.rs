@@ -127,7 +127,7 @@ pub fn excluded_nodes(
 /// step reads the broker's answer, so the probe runs while the children are applied instead of before: a
 /// first reconcile waits for one round trip fewer.
 pub async fn backlog(intg: &Integration, world: &World) -> Option<i64> {
-    if intg.spec.workers.autoscale.is_none() || intg.spec.paused {
+    if intg.spec.workers.autoscale.is_none() || intg.spec.paused || intg.spec.suspend {
         return None;
     }
     match world.source.answer().await {
@@ -164,9 +164,17 @@ pub fn build(
         wall,
         &mut memory.nodes_cleared,
     );
+    // Paused: nothing is applied, so a suspend would not be either (status says so).
+    let suspended = spec.suspend && !spec.paused;
+    if suspended {
+        // Resumed, the fleet starts from the spec's minimum, not from what the backlog asked for before.
+        memory.autoscaler = replicas::Autoscaler::default();
+    }
     let replicas = match (&spec.workers.autoscale, fixed) {
         // Nothing is lost at 0 (messages wait in the queue), and no worker hammers a gone endpoint.
         _ if gone.is_some() => 0,
+        // Stopped on purpose: the messages wait in the queue.
+        _ if suspended => 0,
         (_, Some(n)) => n,
         (Some(auto), None) if !spec.paused => {
             memory
@@ -200,7 +208,7 @@ pub fn build(
         desired::set_excluded_nodes(&mut deployment, &node_decision.names());
         Some(Children {
             deployment,
-            pdb: desired::pod_disruption_budget(intg)?,
+            pdb: desired::pod_disruption_budget(intg, replicas)?,
             service: desired::metrics_service(intg)?,
         })
     };
@@ -326,6 +334,51 @@ mod tests {
         assert_eq!(spec.replicas, Some(0));
         let fine = world(&[(0, "2026-01-01T00:00:00Z")]);
         let d = build(&i, &fine, None, &config, &mut m, Instant::now(), Timestamp::now()).unwrap();
+        assert_eq!(d.replicas, 2);
+    }
+
+    #[test]
+    fn suspend_scales_to_zero_fixed_or_autoscaled_and_back() {
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+        let (config, t0) = (Config::new("w"), Instant::now());
+        let mut m = Memory::default();
+        let mut i = intg("https://erp.example.com/h", None);
+        let mut w = world(&[]);
+        let build_at = |i: &Integration, w: &World, m: &mut Memory, backlog, t| {
+            build(i, w, backlog, &config, m, t, Timestamp::now()).unwrap()
+        };
+        i.spec.suspend = true;
+        let d = build_at(&i, &w, &mut m, None, t0);
+        assert_eq!(d.replicas, 0);
+        let c = d.children.expect("applied: the Deployment goes to 0");
+        let at_zero = c.deployment.clone();
+        assert_eq!(c.deployment.spec.unwrap().replicas, Some(0));
+        assert_eq!(c.pdb.spec.unwrap().min_available, Some(IntOrString::Int(0)));
+        i.spec.suspend = false;
+        assert_eq!(build_at(&i, &w, &mut m, None, t0).replicas, 2);
+
+        // Autoscaled on a backlog of 50 per 10: suspend wins over the backlog, and the fleet comes back from
+        // the spec's min (at most doubling per period), not from its size before (4).
+        i.spec.workers.autoscale = Some(
+            serde_json::from_value(serde_json::json!({
+                "min": 2, "max": 8, "targetBacklogPerReplica": 10, "scaleDownStabilization": "60s"
+            }))
+            .unwrap(),
+        );
+        assert_eq!(build_at(&i, &w, &mut m, Some(50), t0).replicas, 4);
+        i.spec.suspend = true;
+        assert_eq!(build_at(&i, &w, &mut m, Some(50), t0).replicas, 0);
+        w.deployment = Some(Arc::new(at_zero));
+        i.spec.suspend = false;
+        let back = build_at(&i, &w, &mut m, Some(50), t0).replicas;
+        assert_eq!(back, 2, "from the spec's min");
+
+        // Paused: nothing applied, so no suspend either; the count reported is the spec's.
+        i.spec.workers.autoscale = None;
+        i.spec.suspend = true;
+        i.spec.paused = true;
+        let d = build_at(&i, &w, &mut m, None, t0);
+        assert!(d.children.is_none());
         assert_eq!(d.replicas, 2);
     }
 

@@ -50,6 +50,7 @@ pub async fn status(
     let observed = Observed {
         generation: intg.metadata.generation,
         paused: spec.paused,
+        suspend: spec.suspend,
         queue: spec.source.queue.clone(),
         desired: desired.replicas,
         single_replica: desired.fixed == Some(1),

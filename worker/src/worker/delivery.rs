@@ -207,6 +207,9 @@ impl Worker {
             .request(method, dest.url.clone())
             .timeout(dest.timeout)
             .headers(target.headers.clone())
+            // The publisher's trace (W3C Trace Context) continues at the receiver; over a configured header
+            // of the same name, since it is this message's.
+            .headers(crate::tracecontext::headers(d.properties.headers().as_ref()))
             .header(CONTENT_TYPE, content_type)
             .header("webhook-id", id)
             .header("webhook-timestamp", ts.as_str());
