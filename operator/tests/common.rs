@@ -35,6 +35,46 @@ impl Running {
 }
 
 /// Short intervals so the suite stays quick; lease of 3 s.
+/// What most operator tests start from. Fields drop in order: the operator first, the control plane last.
+pub struct Stack {
+    pub op: Running,
+    pub conn: Connection,
+    pub rmq: hookfleet_testkit::RabbitMq,
+    pub cp: ControlPlane,
+}
+
+/// The control plane with its workload controllers and the CRDs (and a fake node for each of `nodes`), a
+/// RabbitMQ node and a connection to it, the `rabbitmq` Secret pointing at it, and one operator ("solo").
+pub async fn stack(nodes: &[&str]) -> anyhow::Result<Stack> {
+    let cp = ControlPlane::start_with_workloads().await?;
+    cp.install_crds().await?;
+    for n in nodes {
+        cp.add_fake_node(n).await?;
+    }
+    let rmq = hookfleet_testkit::RabbitMq::start().await?;
+    let conn = connect(&rmq.amqp_uri()).await?;
+    secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
+    let op = spawn(cp.client(), config("solo"));
+    Ok(Stack { op, conn, rmq, cp })
+}
+
+/// `spec.replicas` of Deployment `orders` in [`NS`].
+pub async fn replicas(cp: &ControlPlane) -> anyhow::Result<Option<i32>> {
+    let api: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(cp.client(), NS);
+    Ok(api.get("orders").await?.spec.and_then(|s| s.replicas))
+}
+
+/// Waits up to 30 s until Deployment `orders` asks for `want` replicas.
+pub async fn wait_replicas(cp: &ControlPlane, want: i32) -> anyhow::Result<()> {
+    wait_for(
+        &format!("Deployment at {want} replicas"),
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async move { Ok((replicas(cp).await? == Some(want)).then_some(())) },
+    )
+    .await
+}
+
 pub fn config(identity: &str) -> Config {
     let mut c = Config::new("ghcr.io/hookfleet/worker:test");
     c.resync = Duration::from_secs(1);

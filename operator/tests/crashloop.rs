@@ -9,7 +9,6 @@ use std::time::Duration;
 use common::*;
 use hookfleet_crds::Integration;
 use hookfleet_crds::integration::condition::{DEGRADED, READY};
-use hookfleet_testkit::ControlPlane;
 use hookfleet_testkit::process::wait_for;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -49,12 +48,12 @@ fn crash_looping(status: &serde_json::Value) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_looping_worker_degrades_quoting_the_termination_message() -> anyhow::Result<()> {
     hookfleet_testkit::init_tracing();
-    let cp = ControlPlane::start_with_workloads().await?;
-    cp.install_crds().await?;
-    let rmq = hookfleet_testkit::RabbitMq::start().await?;
-    let conn = connect(&rmq.amqp_uri()).await?;
-    secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
-    let op = spawn(cp.client(), config("solo"));
+    let Stack {
+        cp,
+        rmq: _rmq,
+        conn,
+        op,
+    } = stack(&[]).await?;
     create(
         &cp,
         serde_json::json!({"metadata": {"name": "orders"}, "spec": {

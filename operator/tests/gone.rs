@@ -14,7 +14,6 @@ use hookfleet_crds::integration::annotation::RETRY_DESTINATION;
 use hookfleet_crds::integration::condition::{DEGRADED, READY};
 use hookfleet_testkit::ControlPlane;
 use hookfleet_testkit::process::wait_for;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 
@@ -68,21 +67,6 @@ async fn worker_exits_gone(cp: &ControlPlane, finished: &str) -> anyhow::Result<
     Ok(name)
 }
 
-async fn replicas(cp: &ControlPlane) -> anyhow::Result<Option<i32>> {
-    let api: Api<Deployment> = Api::namespaced(cp.client(), NS);
-    Ok(api.get("orders").await?.spec.and_then(|s| s.replicas))
-}
-
-async fn wait_replicas(cp: &ControlPlane, want: i32) -> anyhow::Result<()> {
-    wait_for(
-        &format!("Deployment at {want} replicas"),
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-        || async move { Ok((replicas(cp).await? == Some(want)).then_some(())) },
-    )
-    .await
-}
-
 fn gone_metric(text: &str) -> Option<&str> {
     text.lines()
         .find(|l| {
@@ -94,12 +78,12 @@ fn gone_metric(text: &str) -> Option<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_gone_scales_to_zero_until_retried_or_changed() -> anyhow::Result<()> {
     hookfleet_testkit::init_tracing();
-    let cp = ControlPlane::start_with_workloads().await?;
-    cp.install_crds().await?;
-    let rmq = hookfleet_testkit::RabbitMq::start().await?;
-    let conn = connect(&rmq.amqp_uri()).await?;
-    secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
-    let op = spawn(cp.client(), config("solo"));
+    let Stack {
+        cp,
+        rmq: _rmq,
+        conn,
+        op,
+    } = stack(&[]).await?;
     create(
         &cp,
         serde_json::json!({"metadata": {"name": "orders"}, "spec": {

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use hookfleet_crds::Integration;
 use hookfleet_crds::integration::condition::{DEGRADED, READY};
-use hookfleet_testkit::ControlPlane;
 use hookfleet_testkit::process::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -37,12 +36,7 @@ fn rv<K: Resource>(o: &K) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_status_and_zero_write_steady_state() -> anyhow::Result<()> {
     hookfleet_testkit::init_tracing();
-    let cp = ControlPlane::start_with_workloads().await?;
-    cp.install_crds().await?;
-    let rmq = hookfleet_testkit::RabbitMq::start().await?;
-    let conn = connect(&rmq.amqp_uri()).await?;
-    secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
-    let op = spawn(cp.client(), config("solo"));
+    let Stack { cp, rmq, conn, op } = stack(&[]).await?;
 
     let deployments: Api<Deployment> = Api::namespaced(cp.client(), NS);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(cp.client(), NS);

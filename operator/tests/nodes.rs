@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use common::*;
 use hookfleet_crds::integration::condition::DEGRADED;
-use hookfleet_testkit::ControlPlane;
 use hookfleet_testkit::process::wait_for;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -52,14 +51,12 @@ fn not_in(d: &Deployment) -> Vec<String> {
 async fn a_node_that_fails_the_fd_limit_is_excluded_until_its_ready_condition_changes() -> anyhow::Result<()>
 {
     hookfleet_testkit::init_tracing();
-    let cp = ControlPlane::start_with_workloads().await?;
-    cp.install_crds().await?;
-    cp.add_fake_node("kwok-node-1").await?;
-    cp.add_fake_node("kwok-node-2").await?;
-    let rmq = hookfleet_testkit::RabbitMq::start().await?;
-    let conn = connect(&rmq.amqp_uri()).await?;
-    secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
-    let op = spawn(cp.client(), config("solo"));
+    let Stack {
+        cp,
+        rmq: _rmq,
+        conn,
+        op,
+    } = stack(&["kwok-node-1", "kwok-node-2"]).await?;
     create(
         &cp,
         serde_json::json!({"metadata": {"name": "orders"}, "spec": {

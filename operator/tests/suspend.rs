@@ -13,26 +13,9 @@ use common::*;
 use hookfleet_crds::Integration;
 use hookfleet_crds::integration::condition::{DEGRADED, READY, SUSPENDED};
 use hookfleet_testkit::ControlPlane;
-use hookfleet_testkit::process::wait_for;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, Patch, PatchParams};
-
-async fn replicas(cp: &ControlPlane) -> anyhow::Result<Option<i32>> {
-    let api: Api<Deployment> = Api::namespaced(cp.client(), NS);
-    Ok(api.get("orders").await?.spec.and_then(|s| s.replicas))
-}
-
-async fn wait_replicas(cp: &ControlPlane, want: i32) -> anyhow::Result<()> {
-    wait_for(
-        &format!("Deployment at {want} replicas"),
-        Duration::from_secs(30),
-        Duration::from_millis(200),
-        || async move { Ok((replicas(cp).await? == Some(want)).then_some(())) },
-    )
-    .await
-}
 
 async fn min_available(cp: &ControlPlane) -> anyhow::Result<Option<IntOrString>> {
     let api: Api<PodDisruptionBudget> = Api::namespaced(cp.client(), NS);
@@ -58,12 +41,12 @@ async fn set_suspend(api: &Api<Integration>, suspend: bool) -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspend_scales_to_zero_keeps_the_messages_and_comes_back() -> anyhow::Result<()> {
     hookfleet_testkit::init_tracing();
-    let cp = ControlPlane::start_with_workloads().await?;
-    cp.install_crds().await?;
-    let rmq = hookfleet_testkit::RabbitMq::start().await?;
-    let conn = connect(&rmq.amqp_uri()).await?;
-    secret(&cp, "rabbitmq", &rmq.amqp_uri()).await?;
-    let op = spawn(cp.client(), config("solo"));
+    let Stack {
+        cp,
+        rmq: _rmq,
+        conn,
+        op,
+    } = stack(&[]).await?;
     create(
         &cp,
         serde_json::json!({"metadata": {"name": "orders"}, "spec": {
