@@ -105,7 +105,6 @@ async fn replay_moves_exactly_the_selected_dead_letters_and_an_interrupted_one_l
     // The queues, and 300 dead letters as the worker writes them.
     let conn = Connection::connect(&uri, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let durable = QueueDeclareOptions {
         durable: true,
         ..Default::default()
@@ -113,7 +112,9 @@ async fn replay_moves_exactly_the_selected_dead_letters_and_an_interrupted_one_l
     for q in [QUEUE, DEAD] {
         ch.queue_declare(q.into(), durable, FieldTable::default()).await?;
     }
+    conn.close(200, "declared".into()).await?;
     let mut reasons = HashMap::new();
+    let mut letters = BTreeMap::new();
     for i in 0..300 {
         let id = format!("d{i:03}");
         let reason = if i < 200 {
@@ -129,20 +130,9 @@ async fn replay_moves_exactly_the_selected_dead_letters_and_an_interrupted_one_l
             h.insert("x-hookfleet-webhook".into(), text("acme"));
         }
         reasons.insert(id.clone(), reason);
-        ch.basic_publish(
-            "".into(),
-            DEAD.into(),
-            BasicPublishOptions::default(),
-            format!("{{\"id\":\"{id}\"}}").as_bytes(),
-            BasicProperties::default()
-                .with_message_id(id.as_str().into())
-                .with_delivery_mode(2)
-                .with_headers(h),
-        )
-        .await?
-        .await?;
+        letters.insert(id, h);
     }
-    conn.close(200, "published".into()).await?;
+    publish(&uri, &letters, DEAD).await?;
 
     let status = run(&cp, &["status", "-n", NS])?;
     ensure!(status.contains("team-a/orders"), "status: {status}");
@@ -208,8 +198,8 @@ async fn replay_moves_exactly_the_selected_dead_letters_and_an_interrupted_one_l
     );
     // Put them back as they were for the rest: the replayed ones stay replayed (in the work queue).
     let interrupted = work.len();
-    requeue(&uri, &work, QUEUE).await?;
-    requeue(&uri, &dead, DEAD).await?;
+    publish(&uri, &work, QUEUE).await?;
+    publish(&uri, &dead, DEAD).await?;
 
     let done = run(
         &cp,
@@ -250,8 +240,8 @@ async fn replay_moves_exactly_the_selected_dead_letters_and_an_interrupted_one_l
     Ok(())
 }
 
-/// Publishes `messages` (id → headers) back to `queue`.
-async fn requeue(uri: &str, messages: &BTreeMap<String, FieldTable>, queue: &str) -> Result<()> {
+/// Publishes `messages` (id → headers) to `queue`, confirmed.
+async fn publish(uri: &str, messages: &BTreeMap<String, FieldTable>, queue: &str) -> Result<()> {
     let conn = Connection::connect(uri, ConnectionProperties::default()).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -269,6 +259,6 @@ async fn requeue(uri: &str, messages: &BTreeMap<String, FieldTable>, queue: &str
         .await?
         .await?;
     }
-    conn.close(200, "requeued".into()).await?;
+    conn.close(200, "published".into()).await?;
     Ok(())
 }
