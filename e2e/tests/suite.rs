@@ -291,6 +291,17 @@ impl Stack {
         messages::publish(&self.rmq.amqp_uri(), queue, ids, per_second).await
     }
 
+    /// Publishes `ids` to `queue` at `per_second` in a task of its own (while the scenario does something else).
+    fn publish_in_background(
+        &self,
+        queue: &str,
+        ids: &[String],
+        per_second: u32,
+    ) -> tokio::task::JoinHandle<Result<()>> {
+        let (uri, queue, ids) = (self.rmq.amqp_uri(), queue.to_owned(), ids.to_vec());
+        tokio::spawn(async move { messages::publish(&uri, &queue, &ids, Some(per_second)).await })
+    }
+
     /// Waits until every id reached the sink or the dead-letter queue, then accounts for them and checks the
     /// signature of every delivery.
     async fn settle(&self, queue: &str, ids: &[String], secs: u64) -> Result<Account> {
@@ -491,11 +502,7 @@ async fn rotate(s: &Stack) -> Outcome {
         .collect();
 
     let ids = messages::ids("rotate", 4000);
-    let uri = s.rmq.amqp_uri();
-    let publishing = {
-        let ids = ids.clone();
-        tokio::spawn(async move { messages::publish(&uri, "e2e.rotate", &ids, Some(100)).await })
-    };
+    let publishing = s.publish_in_background("e2e.rotate", &ids, 100);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let secrets: Api<Secret> = Api::namespaced(s.client.clone(), ns);
     secrets

@@ -183,10 +183,7 @@ pub async fn incident(s: &Stack) -> Outcome {
         let st = i.status.clone().unwrap_or_default();
         if publishing.is_none() && st.consumers.unwrap_or(0) >= 1 {
             // The workers declare the queue: publish once one consumes.
-            let (uri, ids) = (s.rmq.amqp_uri(), ids.clone());
-            publishing = Some(tokio::spawn(async move {
-                messages::publish(&uri, QUEUE, &ids, Some(RATE)).await
-            }));
+            publishing = Some(s.publish_in_background(QUEUE, &ids, RATE));
             published_from = Some(seen());
         }
         if let Some(c) = i.condition("Degraded")
@@ -356,10 +353,7 @@ pub async fn drain(s: &Stack) -> Outcome {
     let min_available = 2; // the PDB's default: replicas − 1
     s.sink.set_mode(Mode::delayed(200, Duration::from_millis(20)));
     let ids = messages::ids("drain", 9000);
-    let publishing = {
-        let (uri, ids) = (s.rmq.amqp_uri(), ids.clone());
-        tokio::spawn(async move { messages::publish(&uri, QUEUE, &ids, Some(300)).await })
-    };
+    let publishing = s.publish_in_background(QUEUE, &ids, 300);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let running = s.running_pods(NS, "dr").await?;
     let victim = node_of(running.first().context("no running worker")?).to_string();
@@ -437,10 +431,7 @@ pub async fn node_loss(s: &Stack) -> Outcome {
     s.ready_with_consumers(&api, "nl", 3).await?;
     s.sink.set_mode(Mode::delayed(200, Duration::from_millis(20)));
     let ids = messages::ids("nodeloss", 150 * 120);
-    let publishing = {
-        let (uri, ids) = (s.rmq.amqp_uri(), ids.clone());
-        tokio::spawn(async move { messages::publish(&uri, QUEUE, &ids, Some(150)).await })
-    };
+    let publishing = s.publish_in_background(QUEUE, &ids, 150);
     tokio::time::sleep(Duration::from_secs(5)).await;
     let running = s.running_pods(NS, "nl").await?;
     let victim = node_of(running.first().context("no running worker")?).to_string();
