@@ -24,7 +24,7 @@ test: deps tools lint ## The whole test suite: lints, unit tests, and integratio
 lint: ## rustfmt, clippy (warnings are errors), no import cycle between modules; the generated CRD is checked by a test
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	python3 hack/modcycles.py operator/src worker/src crds/src testkit/src e2e/src
+	python3 hack/modcycles.py operator/src worker/src crds/src testkit/src e2e/src kubectl-hookfleet/src
 
 fmt: ## Format the code
 	$(CARGO) fmt --all

@@ -794,6 +794,60 @@ pub struct WorkersSpec {
     #[serde(default = "default_in_flight_bytes")]
     #[schemars(range(min = limits::IN_FLIGHT_BYTES.min, max = limits::IN_FLIGHT_BYTES.max))]
     pub in_flight_bytes: i64,
+    /// What a platform adds to the worker pods: labels and annotations, scheduling (nodeSelector,
+    /// tolerations, affinity, topology spread, priority class) and image pull Secrets. Merged over the
+    /// operator-wide defaults (the chart's `worker.podTemplate`); the operator keeps what it must own
+    /// (the container, its probes, resources and security context, the selector labels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_template: Option<WorkerPodTemplate>,
+}
+
+/// The parts of the worker pods a platform may set (`spec.workers.podTemplate`, and the operator-wide
+/// defaults). docs/operator.md, "Worker pod template", says how each merges.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerPodTemplate {
+    /// Labels and annotations added to every worker pod (the operator's own keys win).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<WorkerPodMetadata>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<WorkerPodSpec>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "(!has(self.labels) || self.labels.all(k, !k.startsWith('hookfleet.io/'))) && \
+     (!has(self.annotations) || self.annotations.all(k, !k.startsWith('hookfleet.io/')))"
+).message("keys under hookfleet.io/ are the operator's own (selector labels, the Secrets checksum)"))]
+pub struct WorkerPodMetadata {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Scheduling and pulling of the worker pods; each field as in a PodSpec.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerPodSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Added to the operator's own (not-ready/unreachable for 30 s); one with the same key and effect
+    /// replaces the operator's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<k8s_openapi::api::core::v1::Toleration>>,
+    /// Replaces the operator's zone anti-affinity part by part (nodeAffinity, podAffinity,
+    /// podAntiAffinity); nodes the operator keeps the workers off are added to every required node term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<k8s_openapi::api::core::v1::Affinity>,
+    /// Replaces the operator's spread over nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_spread_constraints: Option<Vec<k8s_openapi::api::core::v1::TopologySpreadConstraint>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secrets: Option<Vec<k8s_openapi::api::core::v1::LocalObjectReference>>,
 }
 
 impl Default for WorkersSpec {
@@ -805,6 +859,7 @@ impl Default for WorkersSpec {
             file_descriptor_limit: default_fd_limit(),
             resources: None,
             in_flight_bytes: default_in_flight_bytes(),
+            pod_template: None,
         }
     }
 }

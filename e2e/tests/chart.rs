@@ -117,6 +117,10 @@ fn lint_and_template_with_default_and_full_values() -> Result<()> {
         "ghcr.io/hookfleet/worker:0.1.0"
     );
     assert_eq!(env["HOOKFLEET_WORKER_IMAGE_PULL_POLICY"]["value"], "IfNotPresent");
+    assert!(
+        !env.contains_key("HOOKFLEET_WORKER_POD_TEMPLATE"),
+        "no default pod template"
+    );
     assert_eq!(env["HOOKFLEET_LEASE_NAME"]["value"], "hookfleet-operator");
     assert!(
         !env.contains_key("HOOKFLEET_WATCH_NAMESPACE"),
@@ -148,6 +152,17 @@ fn lint_and_template_with_default_and_full_values() -> Result<()> {
         "ghcr.io/hookfleet/operator:0.1.0-rc.1"
     );
     assert_eq!(env_of(d)["HOOKFLEET_WORKER_IMAGE_PULL_POLICY"]["value"], "Always");
+    // worker.podTemplate reaches the operator as JSON it parses into the CRD's type.
+    let template: hookfleet_crds::integration::WorkerPodTemplate = serde_json::from_str(
+        env_of(d)["HOOKFLEET_WORKER_POD_TEMPLATE"]["value"]
+            .as_str()
+            .unwrap(),
+    )?;
+    assert_eq!(template.metadata.unwrap().labels["team"], "platform");
+    assert_eq!(
+        template.spec.unwrap().priority_class_name.as_deref(),
+        Some("business-critical")
+    );
     let rule = find(&objects, "PrometheusRule");
     let alerts: Vec<&Value> = rule["spec"]["groups"]
         .as_array()

@@ -14,7 +14,7 @@
 //! (`make test-incident` runs those three) and are skipped, saying so, on one node.
 //!
 //! `HOOKFLEET_E2E_SCENARIOS=deliver,kill` runs a subset (names: deliver, fds, kill, scale, sinkdown,
-//! notconsuming, bad, pdb, rotate, webhooks, memory, incident, drain, nodeloss). The scenarios share one installation and run one after
+//! notconsuming, bad, pdb, rotate, webhooks, memory, podtemplate, incident, drain, nodeloss). The scenarios share one installation and run one after
 //! the other, each in a namespace of its own; a failed scenario does not stop the others, and the suite ends with
 //! a table of every scenario's figures.
 
@@ -41,6 +41,8 @@ use kube::{Client, ResourceExt};
 mod memory;
 #[path = "suite/nodes.rs"]
 mod nodes;
+#[path = "suite/podtemplate.rs"]
+mod podtemplate;
 #[path = "suite/webhooks.rs"]
 mod webhooks;
 
@@ -140,6 +142,8 @@ impl Stack {
                 "operator.resync=2s",
                 "operator.retry=2s",
                 "operator.logFormat=text",
+                // An operator-wide default of workers.podTemplate (scenario `podtemplate`).
+                "worker.podTemplate.metadata.labels.platform=hookfleet-e2e",
             ],
         )
         .await?;
@@ -1077,6 +1081,7 @@ async fn suite() -> Result<()> {
     scenario!("rotate", rotate);
     scenario!("webhooks", webhooks::webhooks);
     scenario!("memory", memory::memory);
+    scenario!("podtemplate", podtemplate::podtemplate);
     scenario!("incident", nodes::incident);
     scenario!("drain", nodes::drain);
     scenario!("nodeloss", nodes::node_loss);

@@ -4,12 +4,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Operator-wide settings that shape the worker pods.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct WorkerSettings {
     /// Container image of `hookfleet-worker`.
     pub image: String,
     /// `imagePullPolicy`, when set.
     pub image_pull_policy: Option<String>,
+    /// Operator-wide defaults of `spec.workers.podTemplate` (labels, scheduling, pull Secrets).
+    pub pod_template: Option<hookfleet_crds::integration::WorkerPodTemplate>,
 }
 
 /// Leader election on a `coordination.k8s.io/v1` Lease.
@@ -64,6 +66,7 @@ impl Config {
             worker: WorkerSettings {
                 image: worker_image.into(),
                 image_pull_policy: None,
+                pod_template: None,
             },
             field_manager: "hookfleet-operator".into(),
             namespace: None,

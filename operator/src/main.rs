@@ -16,6 +16,11 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     }
 }
 
+fn parse_pod_template(s: &str) -> Result<hookfleet_crds::integration::WorkerPodTemplate, String> {
+    serde_json::from_str(s)
+        .map_err(|e| format!("not a worker pod template (spec.workers.podTemplate as JSON): {e}"))
+}
+
 /// Reconciles hookfleet Integrations into worker fleets.
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -26,6 +31,10 @@ struct Args {
     /// imagePullPolicy of the worker container (Always, IfNotPresent, Never); the cluster default when unset.
     #[arg(long, env = "HOOKFLEET_WORKER_IMAGE_PULL_POLICY")]
     worker_image_pull_policy: Option<String>,
+    /// Defaults of every Integration's `spec.workers.podTemplate`, as JSON (`{"metadata": {"labels": ..},
+    /// "spec": {"tolerations": [..], "nodeSelector": {..}, ..}}`; the chart's `worker.podTemplate`).
+    #[arg(long, env = "HOOKFLEET_WORKER_POD_TEMPLATE", value_parser = parse_pod_template)]
+    worker_pod_template: Option<hookfleet_crds::integration::WorkerPodTemplate>,
     /// Watch this namespace only (default: all namespaces).
     #[arg(long, env = "HOOKFLEET_WATCH_NAMESPACE")]
     namespace: Option<String>,
@@ -89,6 +98,7 @@ async fn main() -> std::process::ExitCode {
     });
     let mut config = Config::new(args.worker_image);
     config.worker.image_pull_policy = args.worker_image_pull_policy;
+    config.worker.pod_template = args.worker_pod_template;
     config.namespace = args.namespace;
     config.concurrency = args.concurrency.max(1);
     config.resync = args.resync;

@@ -235,6 +235,7 @@ mod tests {
         let settings = crate::config::WorkerSettings {
             image: "w".into(),
             image_pull_policy: None,
+            pod_template: None,
         };
         let mut d = desired::deployment(&intg, &settings, 3).unwrap();
         desired::set_secrets_checksum(&mut d, "abc".into());

@@ -56,6 +56,7 @@ fn check(intg: &Integration) {
     let settings = WorkerSettings {
         image: "ghcr.io/hookfleet/worker:test".into(),
         image_pull_policy: None,
+        pod_template: None,
     };
     let d = desired::deployment(intg, &settings, 2).expect("pod builder");
     let pod = d.spec.unwrap().template.spec.unwrap();

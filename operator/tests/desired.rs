@@ -14,6 +14,7 @@ fn settings() -> WorkerSettings {
     WorkerSettings {
         image: "ghcr.io/hookfleet/worker:test".into(),
         image_pull_policy: None,
+        pod_template: None,
     }
 }
 

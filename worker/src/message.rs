@@ -7,26 +7,11 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use sha2::{Digest, Sha256};
 
-/// The delivery id, once derived (kept across retries so every attempt has the same `webhook-id`).
-pub const H_ID: &str = "x-hookfleet-id";
-/// Attempts made so far (failed ones, when the message sits in a retry or dead-letter queue).
-pub const H_ATTEMPTS: &str = "x-hookfleet-attempts";
-/// When the worker first saw the message (Unix milliseconds).
-pub const H_FIRST_SEEN: &str = "x-hookfleet-first-seen-ms";
-/// Delay chosen before the next attempt (milliseconds), on retries.
-pub const H_NEXT_DELAY: &str = "x-hookfleet-next-delay-ms";
-/// Why the last attempt failed: `http_status`, `timeout`, `connect`, `fd_exhausted`, `redirect`, …
-pub const H_LAST_ERROR: &str = "x-hookfleet-last-error";
-/// HTTP status of the last attempt (absent when there was no response).
-pub const H_LAST_STATUS: &str = "x-hookfleet-last-status";
-/// Why the message was dead-lettered: the last error, or `attempts_exhausted`.
-pub const H_DEAD_REASON: &str = "x-hookfleet-dead-reason";
-/// When it was dead-lettered (Unix milliseconds).
-pub const H_DEAD_AT: &str = "x-hookfleet-dead-at-ms";
-/// Exchange and routing key the message was first published with (a retry comes back through the
-/// default exchange, so they are kept for the dead-letter queue's readers).
-pub const H_EXCHANGE: &str = "x-hookfleet-exchange";
-pub const H_ROUTING_KEY: &str = "x-hookfleet-routing-key";
+/// The headers the worker reads and writes (the contract's names: `kubectl hookfleet replay` reads them too).
+pub use hookfleet_crds::contract::headers::{
+    H_ATTEMPTS, H_DEAD_AT, H_DEAD_REASON, H_EXCHANGE, H_FIRST_SEEN, H_ID, H_LAST_ERROR, H_LAST_STATUS,
+    H_NEXT_DELAY, H_ROUTING_KEY,
+};
 /// The Webhook a retry or dead-letter copy is for (the contract's name).
 pub use hookfleet_crds::contract::webhooks::H_WEBHOOK;
 

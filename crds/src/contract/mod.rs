@@ -15,6 +15,7 @@
 //! `worker/tests/contract.rs` takes the result through the worker's environment and file stage.
 
 mod args;
+pub mod headers;
 pub mod memory;
 mod parse;
 pub mod queues;

@@ -23,6 +23,8 @@ use hookfleet_e2e::messages;
 use hookfleet_e2e::prometheus::{self, Prometheus};
 use hookfleet_e2e::sink::Mode;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 
 use super::{INCIDENT_NOFILE, Outcome, Stack, cond, is_ready, live_prometheus_with, node_of};
@@ -50,26 +52,30 @@ fn secs(t: Instant, t0: Instant) -> f64 {
     t.saturating_duration_since(t0).as_secs_f64()
 }
 
-/// Whether the container of `pod` exited with `code` (now or last time).
-fn exited_with(pod: &Pod, code: i32) -> bool {
+/// When the container of `pod` exited with `code` (now or last time), the earliest such exit.
+fn exit_time(pod: &Pod, code: i32) -> Option<Time> {
     pod.status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .is_some_and(|cs| {
-            cs.iter().any(|c| {
-                let now = c.state.as_ref().and_then(|s| s.terminated.as_ref());
-                let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref());
-                [now, last].into_iter().flatten().any(|t| t.exit_code == code)
-            })
+        .as_ref()?
+        .container_statuses
+        .iter()
+        .flatten()
+        .flat_map(|c| {
+            let now = c.state.as_ref().and_then(|s| s.terminated.as_ref());
+            let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref());
+            [now, last]
         })
+        .flatten()
+        .filter(|t| t.exit_code == code)
+        .filter_map(|t| t.finished_at.clone())
+        .min_by_key(|t| t.0)
 }
 
-/// Alerts seen firing, with the first time each (name, severity) was seen.
+/// Alerts seen firing, with the first time each (name, severity) was seen (seconds after `t0`).
 #[derive(Default)]
-struct Pages(BTreeMap<(String, String), Instant>);
+struct Pages(BTreeMap<(String, String), f64>);
 
 impl Pages {
-    async fn poll(&mut self, p: &Prometheus) {
+    async fn poll(&mut self, p: &Prometheus, t0: Instant) {
         // A failed poll is retried at the next tick; the scenario's deadline bounds it.
         let Ok(alerts) = p.alerts().await else {
             return;
@@ -78,23 +84,23 @@ impl Pages {
             let severity = a.labels.get("severity").cloned().unwrap_or_default();
             self.0
                 .entry((a.name().to_string(), severity))
-                .or_insert_with(Instant::now);
+                .or_insert_with(|| t0.elapsed().as_secs_f64());
         }
     }
 
-    fn first(&self, name: &str) -> Option<Instant> {
+    fn first(&self, name: &str) -> Option<f64> {
         self.0
             .iter()
             .filter(|((n, _), _)| n == name)
             .map(|(_, t)| *t)
-            .min()
+            .reduce(f64::min)
     }
 
-    fn list(&self, t0: Instant) -> String {
+    fn list(&self) -> String {
         let mut out: Vec<String> = self
             .0
             .iter()
-            .map(|((n, sev), t)| format!("{n} ({sev}) at {:.0} s", secs(*t, t0)))
+            .map(|((n, sev), t)| format!("{n} ({sev}) at {t:.0} s"))
             .collect();
         if out.is_empty() {
             out.push("none".into());
@@ -129,7 +135,7 @@ pub async fn incident(s: &Stack) -> Outcome {
         },
     )
     .await?;
-    let t0 = Instant::now();
+    let (t0, t0_wall) = (Instant::now(), Timestamp::now());
     // 2 × 2,016 + 64 = 4,096 descriptors: nodes 1 and 2 give them (hard 4,096), node 3 (hard 1,024) cannot.
     s.integration(
         &api,
@@ -141,45 +147,59 @@ pub async fn incident(s: &Stack) -> Outcome {
         }),
     )
     .await?;
-    // The workers declare the queue: publish once one consumes.
-    s.until(&api, "devices", "a first consumer", 180, |i| {
-        i.status.as_ref().is_some_and(|st| st.consumers.unwrap_or(0) >= 1)
-    })
-    .await?;
     let ids = messages::ids("incident", RATE as usize * SECONDS);
-    let publishing = {
-        let (uri, ids) = (s.rmq.amqp_uri(), ids.clone());
-        tokio::spawn(async move { messages::publish(&uri, QUEUE, &ids, Some(RATE)).await })
-    };
-    let published_from = Instant::now();
+    let mut publishing = None;
 
+    // Times in seconds after the Integration was created: the API's own timestamps where there are
+    // (container exit, condition transition, exclusion; whole seconds), else when this loop saw it.
+    let since = |t: &Time| (t.0.as_millisecond() - t0_wall.as_millisecond()) as f64 / 1000.0;
+    let seen = || t0.elapsed().as_secs_f64();
     let pods_api: Api<Pod> = Api::namespaced(s.client.clone(), NS);
-    let (mut on_low, mut exit3, mut degraded, mut excluded, mut recovered) = (None, None, None, None, None);
+    let (mut on_low, mut exit3, mut degraded, mut excluded, mut recovered, mut published_from) =
+        (None, None, None, None, None, None);
     let mut message = String::new();
     let mut pages = Pages::default();
     let deadline = t0 + Duration::from_secs(420);
     let page_name = "HookfleetFileDescriptorLimitNotMet";
     while Instant::now() < deadline {
-        let now = Instant::now();
         let pods = pods_api
             .list(&kube::api::ListParams::default().labels("hookfleet.io/integration=devices"))
             .await?
             .items;
-        if on_low.is_none() && pods.iter().any(|p| node_of(p) == low) {
-            on_low = Some(now);
+        if on_low.is_none()
+            && let Some(p) = pods.iter().find(|p| node_of(p) == low)
+        {
+            on_low = Some(p.metadata.creation_timestamp.as_ref().map_or_else(seen, since));
         }
-        if exit3.is_none() && pods.iter().any(|p| node_of(p) == low && exited_with(p, 3)) {
-            exit3 = Some(now);
+        if exit3.is_none() {
+            exit3 = pods
+                .iter()
+                .filter(|p| node_of(p) == low)
+                .filter_map(|p| exit_time(p, 3))
+                .map(|t| since(&t))
+                .reduce(f64::min);
         }
         let i = api.get("devices").await?;
-        let (_, reason, msg) = cond(&i, "Degraded");
-        if reason == "FileDescriptorLimitNotMet" && msg.contains(&low) {
-            degraded.get_or_insert(now);
-            message = msg.to_string();
-        }
         let st = i.status.clone().unwrap_or_default();
-        if excluded.is_none() && st.excluded_nodes.iter().any(|e| e.node == low) {
-            excluded = Some(now);
+        if publishing.is_none() && st.consumers.unwrap_or(0) >= 1 {
+            // The workers declare the queue: publish once one consumes.
+            let (uri, ids) = (s.rmq.amqp_uri(), ids.clone());
+            publishing = Some(tokio::spawn(async move {
+                messages::publish(&uri, QUEUE, &ids, Some(RATE)).await
+            }));
+            published_from = Some(seen());
+        }
+        if let Some(c) = i.condition("Degraded")
+            && c.reason == "FileDescriptorLimitNotMet"
+            && c.message.contains(&low)
+        {
+            degraded.get_or_insert(since(&c.last_transition_time));
+            message = c.message.clone();
+        }
+        if excluded.is_none()
+            && let Some(e) = st.excluded_nodes.iter().find(|e| e.node == low)
+        {
+            excluded = Some(since(&e.since));
         }
         let live: Vec<&Pod> = pods
             .iter()
@@ -193,53 +213,63 @@ pub async fn incident(s: &Stack) -> Outcome {
             && live.len() == 3
             && live.iter().all(|p| is_ready(p) && node_of(p) != low)
         {
-            recovered = Some(now);
+            recovered = Some(seen());
         }
-        pages.poll(&prom).await;
+        pages.poll(&prom, t0).await;
         if recovered.is_some() && pages.first(page_name).is_some() {
             break;
         }
-        if on_low.is_none() && now > t0 + Duration::from_secs(120) {
+        if on_low.is_none() && t0.elapsed() > Duration::from_secs(120) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let published = publishing.await?;
+    let published = match publishing {
+        Some(p) => p.await?,
+        None => Err(anyhow::anyhow!("never published: no worker consumed")),
+    };
     let account = s.settle(QUEUE, &ids, 300).await?;
     published?;
     let page = pages.first(page_name);
 
-    // The timeline, from the first exit 3 on the low node (the incident's "worker died").
-    let start = exit3.unwrap_or(t0);
-    let at = |t: Option<Instant>| t.map_or("never".to_string(), |t| format!("{:>6.1} s", secs(t, start)));
+    // The timeline: seconds after the Integration was created, and after the worker on the low node exited.
+    let exit = exit3.unwrap_or(0.0);
+    let at = |t: Option<f64>| {
+        t.map_or("   never            ".to_string(), |t| {
+            format!("{t:>7.1} s ({:>+7.1} s)", t - exit)
+        })
+    };
     let mut timeline = String::new();
     writeln!(
         timeline,
-        "incident timeline on 3 real nodes (0 = the worker on {low} exits 3):"
+        "incident timeline on 3 real nodes (s after the Integration was created; in brackets, after the exit 3):"
     )?;
-    writeln!(timeline, "  {}  Integration created", at(Some(t0)))?;
     writeln!(
         timeline,
-        "  {}  a worker scheduled on {low} (nofile {}:{})",
+        "  {}  a worker pod created on {low} (nofile {}:{})",
         at(on_low),
         INCIDENT_NOFILE.0,
         INCIDENT_NOFILE.1
     )?;
-    writeln!(timeline, "  {}  publishing {RATE}/s", at(Some(published_from)))?;
     writeln!(
         timeline,
-        "  {}  that worker exits 3 (refuses to start)",
+        "  {}  that worker exits 3 (refuses to start; container finishedAt)",
         at(exit3)
     )?;
     writeln!(
         timeline,
-        "  {}  Integration Degraded/FileDescriptorLimitNotMet naming {low}",
+        "  {}  Integration Degraded/FileDescriptorLimitNotMet naming {low} (lastTransitionTime)",
         at(degraded)
     )?;
     writeln!(
         timeline,
-        "  {}  {low} in status.excludedNodes (required node affinity, the Deployment rolls)",
+        "  {}  {low} in status.excludedNodes (since; required node affinity, the Deployment rolls)",
         at(excluded)
+    )?;
+    writeln!(
+        timeline,
+        "  {}  publishing {RATE}/s from here (the first consumer)",
+        at(published_from)
     )?;
     writeln!(
         timeline,
@@ -252,7 +282,7 @@ pub async fn incident(s: &Stack) -> Outcome {
         at(page)
     )?;
     writeln!(timeline, "  condition: {message}")?;
-    writeln!(timeline, "  alerts fired: {}", pages.list(start))?;
+    writeln!(timeline, "  alerts fired: {}", pages.list())?;
     writeln!(
         timeline,
         "  the incident: a non-paging alert after 8 min, a person after 6.5 h, the crashed worker's messages lost; \
@@ -282,7 +312,7 @@ pub async fn incident(s: &Stack) -> Outcome {
     );
     let page = page.with_context(|| format!("no page\n{timeline}"))?;
     ensure!(
-        secs(page, start) <= 300.0,
+        page - exit <= 300.0,
         "the page took more than 5 minutes\n{timeline}"
     );
     ensure!(
@@ -298,14 +328,16 @@ pub async fn incident(s: &Stack) -> Outcome {
         runbook.display()
     );
     s.drop_namespace(NS).await;
+    let after = |t: Option<f64>| t.map_or("never".to_string(), |t| format!("{:.0} s", t - exit));
     Ok((
         Some(account),
         format!(
-            "exit 3 on {low}; Degraded {}, excluded {}, 3 Ready {}, page {} after it",
-            at(degraded).trim(),
-            at(excluded).trim(),
-            at(recovered).trim(),
-            at(Some(page)).trim()
+            "exit 3 on {low} {exit:.0} s after apply; then Degraded naming it {}, excluded {}, 3 Ready on the \
+             other nodes {}, page (default for:) {}",
+            after(degraded),
+            after(excluded),
+            after(recovered),
+            after(Some(page))
         ),
     ))
 }

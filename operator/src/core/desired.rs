@@ -25,6 +25,8 @@ use kube::Resource;
 
 // The settings the pod builder takes, by the path its callers know.
 pub use crate::config::WorkerSettings;
+
+use super::podtemplate;
 use crate::names::{
     CHECKSUM_ANNOTATION, CONTAINER, INTEGRATION_LABEL, MANAGED_BY, TLS_CERT_KEY, TLS_KEY_KEY,
 };
@@ -359,6 +361,21 @@ pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) 
         ("prometheus.io/port".to_string(), METRICS_PORT.to_string()),
         ("prometheus.io/path".to_string(), "/metrics".to_string()),
     ]);
+    let mut template = PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(pod_labels),
+            annotations: Some(annotations),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(pod),
+    };
+    podtemplate::apply(
+        &mut template,
+        &podtemplate::effective(
+            settings.pod_template.as_ref(),
+            intg.spec.workers.pod_template.as_ref(),
+        ),
+    );
     Ok(Deployment {
         metadata: meta,
         spec: Some(DeploymentSpec {
@@ -376,14 +393,7 @@ pub fn deployment(intg: &Integration, settings: &WorkerSettings, replicas: i32) 
                     max_unavailable: Some(IntOrString::Int(0)),
                 }),
             }),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    annotations: Some(annotations),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(pod),
-            },
+            template,
             ..DeploymentSpec::default()
         }),
         status: None,
@@ -406,8 +416,10 @@ pub fn set_secrets_checksum(deployment: &mut Deployment, checksum: String) {
 
 /// Keeps the workers off `nodes` (sorted node names, `core::nodes`): a required node affinity on the pod
 /// template, `matchFields` `metadata.name` NotIn the names (node names, not hostname labels, which may
-/// differ), beside the zone anti-affinity. No node affinity when there are none, so the template is as before. The same names render the same
-/// template: no roll without a change.
+/// differ), added to every required term a `workers.podTemplate` gives (terms are ORed, so each needs it)
+/// or as the only term. No node affinity of its own when there are none, so the template is as before. The
+/// same names render the same template: no roll without a change. A `metadata.name NotIn` requirement in a
+/// user's term is taken for the operator's and replaced.
 pub fn set_excluded_nodes(deployment: &mut Deployment, nodes: &[String]) {
     let Some(pod) = deployment.spec.as_mut().and_then(|s| s.template.spec.as_mut()) else {
         return;
@@ -415,20 +427,49 @@ pub fn set_excluded_nodes(deployment: &mut Deployment, nodes: &[String]) {
     let mut names = nodes.to_vec();
     names.sort();
     names.dedup();
-    pod.affinity.get_or_insert_with(Affinity::default).node_affinity =
-        (!names.is_empty()).then(|| NodeAffinity {
-            required_during_scheduling_ignored_during_execution: Some(NodeSelector {
-                node_selector_terms: vec![NodeSelectorTerm {
-                    match_fields: Some(vec![NodeSelectorRequirement {
-                        key: "metadata.name".into(),
-                        operator: "NotIn".into(),
-                        values: Some(names),
-                    }]),
-                    match_expressions: None,
-                }],
-            }),
-            preferred_during_scheduling_ignored_during_execution: None,
-        });
+    let affinity = pod.affinity.get_or_insert_with(Affinity::default);
+    let node = affinity.node_affinity.get_or_insert_with(NodeAffinity::default);
+    let ours = |r: &NodeSelectorRequirement| r.key == "metadata.name" && r.operator == "NotIn";
+    // What an earlier call added goes first.
+    if let Some(required) = node.required_during_scheduling_ignored_during_execution.as_mut() {
+        for term in &mut required.node_selector_terms {
+            if let Some(fields) = term.match_fields.as_mut() {
+                fields.retain(|r| !ours(r));
+                if fields.is_empty() {
+                    term.match_fields = None;
+                }
+            }
+        }
+        required
+            .node_selector_terms
+            .retain(|t| t.match_fields.is_some() || t.match_expressions.is_some());
+        if required.node_selector_terms.is_empty() {
+            node.required_during_scheduling_ignored_during_execution = None;
+        }
+    }
+    if !names.is_empty() {
+        let requirement = NodeSelectorRequirement {
+            key: "metadata.name".into(),
+            operator: "NotIn".into(),
+            values: Some(names),
+        };
+        let required = node
+            .required_during_scheduling_ignored_during_execution
+            .get_or_insert_with(|| NodeSelector {
+                node_selector_terms: vec![NodeSelectorTerm::default()],
+            });
+        for term in &mut required.node_selector_terms {
+            term.match_fields
+                .get_or_insert_with(Vec::new)
+                .push(requirement.clone());
+        }
+    }
+    if *node == NodeAffinity::default() {
+        affinity.node_affinity = None;
+    }
+    if *affinity == Affinity::default() {
+        pod.affinity = None;
+    }
 }
 
 /// The node names a Deployment's pod template keeps its pods off (see [`set_excluded_nodes`]).
@@ -441,7 +482,8 @@ pub fn excluded_nodes(deployment: &Deployment) -> Vec<String> {
         .and_then(|a| a.node_affinity.as_ref())
         .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref())
         .into_iter()
-        .flat_map(|r| &r.node_selector_terms)
+        // Every term carries the same list (see there): the first says it.
+        .flat_map(|r| r.node_selector_terms.first())
         .flat_map(|t| t.match_fields.iter().flatten())
         .filter(|r| r.key == "metadata.name" && r.operator == "NotIn")
         .flat_map(|r| r.values.iter().flatten().cloned())
@@ -609,6 +651,7 @@ mod tests {
         let settings = WorkerSettings {
             image: "w".into(),
             image_pull_policy: None,
+            pod_template: None,
         };
         let mut d = deployment(&intg, &settings, 3).unwrap();
         set_excluded_nodes(&mut d, &nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>());
@@ -659,6 +702,51 @@ mod tests {
         assert_eq!(twice, b);
         set_excluded_nodes(&mut twice, &[]);
         assert_eq!(twice, none);
+    }
+
+    #[test]
+    fn exclusions_join_every_required_node_term_of_the_pod_template_and_leave_them_when_cleared() {
+        let intg: Integration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hookfleet.io/v1alpha1", "kind": "Integration",
+            "metadata": {"name": "orders", "namespace": "a", "uid": "u1"},
+            "spec": {
+                "source": {"connectionSecretRef": {"name": "r", "key": "uri"}, "queue": "orders"},
+                "destination": {"url": "https://erp.example.com/h"},
+                "workers": {"podTemplate": {"spec": {"affinity": {"nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["hooks"]}]},
+                        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["spare"]}]}
+                    ]}
+                }}}}}
+            }
+        }))
+        .unwrap();
+        let settings = WorkerSettings {
+            image: "w".into(),
+            image_pull_policy: None,
+            pod_template: None,
+        };
+        let plain = deployment(&intg, &settings, 3).unwrap();
+        let mut d = plain.clone();
+        set_excluded_nodes(&mut d, &["n3".into()]);
+        set_excluded_nodes(&mut d, &["n3".into()]);
+        let pod = serde_json::to_value(&d.spec.as_ref().unwrap().template.spec).unwrap();
+        let terms = &pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
+        for term in terms.as_array().unwrap() {
+            assert_eq!(
+                term["matchFields"],
+                serde_json::json!([{"key": "metadata.name", "operator": "NotIn", "values": ["n3"]}]),
+                "{term}"
+            );
+            assert!(
+                term["matchExpressions"].is_array(),
+                "the user's requirement stays: {term}"
+            );
+        }
+        assert_eq!(terms.as_array().unwrap().len(), 2);
+        assert_eq!(excluded_nodes(&d), ["n3"]);
+        set_excluded_nodes(&mut d, &[]);
+        assert_eq!(d, plain, "cleared: the user's terms as given");
     }
 
     #[test]

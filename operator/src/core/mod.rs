@@ -6,6 +6,7 @@
 //! - [`status`]: conditions, the status and the Events of its transitions, from observations;
 //! - [`nodes`]: which nodes the workers are kept off (a worker there could not meet its fd limit), and when
 //!   that is cleared;
+//! - [`podtemplate`]: what a platform adds to the worker pods (`workers.podTemplate` over the defaults);
 //! - [`replicas`]: how many workers (fixed, or following the backlog);
 //! - [`pacing`]: how soon an Integration is looked at again, and when a status write may wait;
 //! - [`webhooks`]: a fleet's Webhooks snapshot, the fold of its workers' reports, each Webhook's status.
@@ -13,6 +14,7 @@
 pub mod desired;
 pub mod nodes;
 pub mod pacing;
+pub mod podtemplate;
 pub mod replicas;
 pub mod status;
 pub mod webhooks;

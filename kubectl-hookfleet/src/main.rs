@@ -1,0 +1,249 @@
+//! `kubectl hookfleet`: a kubectl plugin (any `kubectl-hookfleet` on the PATH) for day-2 work on hookfleet.
+//!
+//! - `status`: Integrations with their conditions, workers, consumers and backlog, and the Webhooks that are
+//!   not delivering, from the API server (the current kubeconfig context);
+//! - `replay NAME`: dead letters of an Integration back into its work queue (`replay` module).
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use hookfleet_crds::{Integration, Webhook};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt};
+
+mod replay;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kubectl hookfleet",
+    version,
+    about = "Day-2 commands for hookfleet Integrations and Webhooks"
+)]
+struct Args {
+    /// Namespace (default: the kubeconfig context's).
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Integrations (Ready, workers, consumers, backlog, what is wrong) and the Webhooks not delivering.
+    Status {
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// Dead letters of Integration NAME back into its work queue, attempts reset, ids kept.
+    Replay {
+        /// The Integration.
+        name: String,
+        /// Only dead letters with this reason (attempts_exhausted, too_large, http_status, delivery_limit, …).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only the copies for this Webhook.
+        #[arg(long)]
+        webhook: Option<String>,
+        /// At most this many messages per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// At most this many messages.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Count what would be replayed, move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The broker URI to use instead of the Integration's connection Secret (whose address may be
+        /// reachable from the cluster only; e.g. through `kubectl port-forward`).
+        #[arg(long, env = "HOOKFLEET_BROKER_URI", hide_env_values = true)]
+        broker_uri: Option<String>,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes client (kubeconfig)")?;
+    let ns = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    match args.command {
+        Command::Status { all_namespaces } => status(&client, (!all_namespaces).then_some(ns.as_str())).await,
+        Command::Replay {
+            name,
+            reason,
+            webhook,
+            rate,
+            limit,
+            dry_run,
+            broker_uri,
+        } => {
+            let api: Api<Integration> = Api::namespaced(client.clone(), &ns);
+            let intg = api
+                .get_opt(&name)
+                .await?
+                .with_context(|| format!("no Integration {ns}/{name}"))?;
+            let source = &intg.spec.source;
+            let dead = intg
+                .spec
+                .delivery
+                .dead_letter
+                .as_ref()
+                .map(|d| d.queue.clone())
+                .unwrap_or_else(|| hookfleet_crds::contract::queues::dead_letter(&source.queue));
+            let uri = match broker_uri {
+                Some(u) => u,
+                None => {
+                    let r = &source.connection_secret_ref;
+                    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+                    let secret = secrets.get(&r.name).await.with_context(|| {
+                        format!("Secret {ns}/{} (spec.source.connectionSecretRef)", r.name)
+                    })?;
+                    let value = secret
+                        .data
+                        .as_ref()
+                        .and_then(|d| d.get(&r.key))
+                        .with_context(|| format!("Secret {ns}/{} has no key {}", r.name, r.key))?;
+                    let text = String::from_utf8(value.0.clone()).context("the broker URI is not UTF-8")?;
+                    // A list (one URI per cluster node): the first.
+                    text.split(',').next().unwrap_or_default().trim().to_owned()
+                }
+            };
+            let options = replay::Options {
+                filter: replay::Filter { reason, webhook },
+                rate,
+                limit,
+                dry_run,
+            };
+            let r = replay::replay(&uri, &dead, &source.queue, &options).await?;
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            println!(
+                "{ns}/{name}: {} dead letters in {dead} at start, {} examined, {} matched, {verb} {} into {}",
+                r.at_start,
+                r.examined,
+                r.matched,
+                if dry_run { r.matched } else { r.replayed },
+                source.queue
+            );
+            Ok(())
+        }
+    }
+}
+
+fn cond(c: Option<&Condition>) -> (&str, &str, &str) {
+    c.map(|c| (c.status.as_str(), c.reason.as_str(), c.message.as_str()))
+        .unwrap_or(("Unknown", "", ""))
+}
+
+fn num<T: ToString>(v: Option<T>) -> String {
+    v.map_or("-".into(), |v| v.to_string())
+}
+
+async fn status(client: &Client, ns: Option<&str>) -> Result<()> {
+    let (integrations, webhooks): (Api<Integration>, Api<Webhook>) = match ns {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let list = integrations.list(&ListParams::default()).await?.items;
+    if list.is_empty() {
+        bail!(
+            "no Integrations{}",
+            ns.map(|n| format!(" in {n}")).unwrap_or_default()
+        );
+    }
+    println!(
+        "{:<32} {:<6} {:<26} {:>8} {:>10} {:>9} {:>8}",
+        "INTEGRATION", "READY", "REASON", "WORKERS", "READY-PODS", "CONSUMERS", "BACKLOG"
+    );
+    let mut problems = Vec::new();
+    for i in &list {
+        let id = format!("{}/{}", i.namespace().unwrap_or_default(), i.name_any());
+        let (ready, reason, _) = cond(i.condition("Ready"));
+        let s = i.status.clone().unwrap_or_default();
+        println!(
+            "{:<32} {:<6} {:<26} {:>8} {:>10} {:>9} {:>8}",
+            id,
+            ready,
+            reason,
+            num(s.replicas),
+            num(s.ready_replicas),
+            num(s.consumers),
+            num(s.backlog)
+        );
+        let (degraded, reason, message) = cond(i.condition("Degraded"));
+        if degraded == "True" {
+            problems.push(format!("{id}: Degraded/{reason}: {message}"));
+        }
+        for e in &s.excluded_nodes {
+            problems.push(format!(
+                "{id}: workers kept off node {} since {}",
+                e.node, e.since.0
+            ));
+        }
+    }
+    let hooks = match webhooks.list(&ListParams::default()).await {
+        Ok(l) => l.items,
+        // The Webhook CRD is optional (an Integration without webhooks needs none).
+        Err(kube::Error::Api(e)) if e.code == 404 => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let mut states: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    let mut troubled = Vec::new();
+    for w in &hooks {
+        let key = format!("{}/{}", w.namespace().unwrap_or_default(), w.spec.integration);
+        let (ready, reason, message) = cond(w.condition("Ready"));
+        let state = if ready == "True" {
+            "Ready".to_owned()
+        } else {
+            reason.to_owned()
+        };
+        *states.entry(key).or_default().entry(state).or_default() += 1;
+        if ready != "True" {
+            troubled.push(format!(
+                "  {}/{}: {reason}: {message}",
+                w.namespace().unwrap_or_default(),
+                w.name_any()
+            ));
+        }
+    }
+    if !states.is_empty() {
+        println!("\nWebhooks by Integration and state:");
+        for (intg, by) in &states {
+            let parts: Vec<String> = by.iter().map(|(s, n)| format!("{s} {n}")).collect();
+            println!("  {intg}: {}", parts.join(", "));
+        }
+    }
+    if !troubled.is_empty() {
+        println!("\nWebhooks not delivering:");
+        for t in troubled.iter().take(50) {
+            println!("{t}");
+        }
+        if troubled.len() > 50 {
+            println!("  … and {} more", troubled.len() - 50);
+        }
+    }
+    if !problems.is_empty() {
+        println!("\nProblems:");
+        for p in &problems {
+            println!("  {p}");
+        }
+    }
+    Ok(())
+}
