@@ -1030,8 +1030,8 @@ pub mod condition {
     pub const DEGRADED: &str = "Degraded";
     /// `spec.paused` is true.
     pub const PAUSED: &str = "Paused";
-    /// `spec.suspend` is true: True while the workers are scaled to 0 for it, False when the operator cannot
-    /// apply it (`spec.paused`, or an invalid spec).
+    /// `spec.suspend` is true: True while the workers are scaled to 0 for it, False while the operator applies
+    /// nothing (`spec.paused`).
     pub const SUSPENDED: &str = "Suspended";
 }
 

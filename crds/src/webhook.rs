@@ -364,6 +364,8 @@ pub mod reason {
     pub const NO_INTEGRATION: &str = "IntegrationNotFound";
     /// A Secret it references is missing or lacks the key.
     pub const SECRET_MISSING: &str = "SecretMissing";
+    /// Its Integration is suspended (`spec.suspend`): no worker delivers; its messages wait in the queue.
+    pub const FLEET_SUSPENDED: &str = "FleetSuspended";
 }
 
 impl Webhook {

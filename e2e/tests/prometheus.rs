@@ -2,7 +2,8 @@
 //! evaluates the chart's rules as `helm template` renders them, with `for:` shortened to 2s through the
 //! chart's values (the defaults are minutes). The stub first shows a worker at 90% of its fd limit and a
 //! fleet with fewer consumers than Ready workers; both alerts must fire, then resolve once the stub shows a
-//! healthy fleet.
+//! healthy fleet. A suspended Integration with the same symptoms (`spec.suspend`: its workers on their way
+//! out) fires neither.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -57,6 +58,12 @@ const SICK: &str = r#"hookfleet_open_fds{integration="team-a/orders"} 930
 hookfleet_max_fds{integration="team-a/orders"} 1024
 hookfleet_operator_integration_ready_workers{integration="team-a/orders"} 2
 hookfleet_operator_integration_consumers{integration="team-a/orders"} 1
+hookfleet_operator_integration_suspended{integration="team-a/orders"} 0
+hookfleet_open_fds{integration="team-a/held"} 930
+hookfleet_max_fds{integration="team-a/held"} 1024
+hookfleet_operator_integration_ready_workers{integration="team-a/held"} 2
+hookfleet_operator_integration_consumers{integration="team-a/held"} 0
+hookfleet_operator_integration_suspended{integration="team-a/held"} 1
 "#;
 
 const HEALTHY: &str = r#"hookfleet_open_fds{integration="team-a/orders"} 40
@@ -97,9 +104,14 @@ async fn chart_alerts_fire_and_resolve_on_a_live_prometheus() -> Result<()> {
     let fired = t0.elapsed();
     eprintln!("both alerts firing {fired:?} after Prometheus started");
     let value = prom
-        .query(r#"hookfleet_open_fds{job="stub"} / hookfleet_max_fds{job="stub"}"#)
+        .query(
+            r#"hookfleet_open_fds{job="stub",integration="team-a/orders"} / hookfleet_max_fds{job="stub"}"#,
+        )
         .await?;
     assert_eq!(value[0]["value"][1], "0.908203125");
+    // The suspended one pages no one (nor is anything pending), though its series are the same.
+    let held = prom.query(r#"ALERTS{integration="team-a/held"}"#).await?;
+    assert_eq!(held, serde_json::json!([]), "a suspended Integration alerts");
 
     stub.set(HEALTHY);
     prom.wait_not_firing("HookfleetFileDescriptorsHigh", Duration::from_secs(60))

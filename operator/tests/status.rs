@@ -325,7 +325,7 @@ fn suspended_is_ready_false_suspended_and_never_short_or_not_consuming() {
 }
 
 #[test]
-fn suspend_not_applied_while_paused_or_invalid_says_so() {
+fn suspend_not_applied_while_paused_says_so_and_applied_over_an_invalid_spec() {
     let mut o = healthy();
     o.suspend = true;
     o.paused = true;
@@ -340,15 +340,21 @@ fn suspend_not_applied_while_paused_or_invalid_says_so() {
     );
     assert!(!status::suspended(&o));
 
-    o.paused = false;
+    // An invalid spec is not applied, but its suspend is (the Deployment's scale): Suspended, and Degraded
+    // says both.
+    let mut o = suspended(0, 0, 0);
     o.invalid_spec = Some("spec.destination.headers: bad".into());
     let s = status::compute(&o);
     let c = get(&s.conditions, SUSPENDED);
     assert_eq!(
         (c.status.as_str(), c.reason.as_str()),
-        ("False", reason::INVALID_SPEC)
+        ("True", reason::SUSPENDED_BY_SPEC)
     );
-    assert_eq!(get(&s.conditions, READY).reason, reason::INVALID_SPEC);
+    assert_eq!(get(&s.conditions, READY).reason, reason::SUSPENDED);
+    let d = get(&s.conditions, DEGRADED);
+    assert_eq!(d.reason, reason::INVALID_SPEC);
+    assert!(d.message.contains("the workers are scaled to 0"), "{}", d.message);
+    assert!(!d.message.contains("keep running"), "{}", d.message);
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! messages published meanwhile wait in the queue and the status counts them, conditions `Suspended`
 //! True / Ready False `Suspended` / Degraded False, one Normal Event each way and no `NotReady` Warning,
 //! `hookfleet_operator_integration_suspended` 1 then 0. The scale subresource (`kubectl scale`) changes
-//! `spec.workers.replicas` without fighting the suspend: the fleet comes back at that count on unsuspend.
+//! `spec.workers.replicas` without fighting the suspend: the fleet comes back at that count on unsuspend. A
+//! suspend with a spec the workers would refuse still stops the fleet (through the Deployment's scale).
 
 mod common;
 
@@ -133,6 +134,28 @@ async fn suspend_scales_to_zero_keeps_the_messages_and_comes_back() -> anyhow::R
     let evs = events(&cp, "orders", Some("Unsuspended")).await?;
     assert_eq!(evs.len(), 1, "{evs:?}");
     assert_eq!(evs[0].type_.as_deref(), Some("Normal"));
+
+    // A suspend with a spec the workers would refuse (a template that does not parse): the spec is not
+    // rolled out, but the running Deployment is scaled to 0 all the same, and Degraded says both.
+    let broken = serde_json::json!({"spec": {"suspend": true,
+        "destination": {"body": {"template": "{{ data | tojson "}}}});
+    api.patch("orders", &PatchParams::default(), &Patch::Merge(broken))
+        .await?;
+    wait_replicas(&cp, 0).await?;
+    let i = until(&cp, "orders", "Suspended with an invalid spec", 30, |i| {
+        cond(i, SUSPENDED).0 == "True" && cond(i, DEGRADED).1 == "InvalidSpec"
+    })
+    .await?;
+    let (_, _, message) = cond(&i, DEGRADED);
+    eprintln!("suspended, invalid spec: Degraded InvalidSpec: {message}");
+    assert!(message.contains("the workers are scaled to 0"), "{message}");
+    assert_eq!(cond(&i, READY).1, "Suspended");
+    assert_eq!(suspended_metric(&op.metrics.encode()), Some("1"));
+    // Fixed and unsuspended: the spec's own count again.
+    let fixed = serde_json::json!({"spec": {"suspend": false, "destination": {"body": null}}});
+    api.patch("orders", &PatchParams::default(), &Patch::Merge(fixed))
+        .await?;
+    wait_replicas(&cp, 3).await?;
     drop(chans);
     op.task.abort();
     Ok(())

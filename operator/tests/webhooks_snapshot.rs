@@ -108,6 +108,30 @@ async fn the_snapshot_follows_webhooks_and_their_secrets() -> anyhow::Result<()>
             .is_some_and(|w| w.total == 3 && w.ready == 1 && w.invalid == 1)
     })
     .await?;
+
+    // The fleet suspended: its Webhooks are not delivered (Ready False, FleetSuspended) and not counted
+    // ready; their snapshot is kept for the resume; a refused one keeps its own reason. Then back.
+    let fleets: Api<hookfleet_crds::Integration> = Api::namespaced(cp.client(), NS);
+    let suspend = |on: bool| serde_json::json!({"spec": {"suspend": on}});
+    fleets
+        .patch("fleet", &PatchParams::default(), &Patch::Merge(suspend(true)))
+        .await?;
+    let m = ready_reason(&api, "acme", reason::FLEET_SUSPENDED).await?;
+    assert!(m.contains("Integration fleet is suspended"), "{m}");
+    ready_reason(&api, "bad", reason::INVALID_SPEC).await?;
+    until(&cp, "fleet", "no Webhook ready while suspended", 20, |i| {
+        i.status
+            .as_ref()
+            .and_then(|s| s.webhooks.as_ref())
+            .is_some_and(|w| w.total == 3 && w.ready == 0)
+    })
+    .await?;
+    assert_eq!(names(&snapshot(&cp, "fleet").await?.unwrap()), ["acme"]);
+    fleets
+        .patch("fleet", &PatchParams::default(), &Patch::Merge(suspend(false)))
+        .await?;
+    ready_reason(&api, "acme", reason::DELIVERING).await?;
+
     println!("status.webhooks: {:?}", intg.status.unwrap().webhooks);
     let acme_status = api.get("acme").await?.status.unwrap_or_default();
     assert_eq!(acme_status.destination_host.as_deref(), Some("acme.example.com"));

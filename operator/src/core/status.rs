@@ -252,7 +252,8 @@ pub fn worker_restarts(pod: &Pod) -> i64 {
 pub struct Observed {
     pub generation: Option<i64>,
     pub paused: bool,
-    /// `spec.suspend`: it takes effect unless the spec is paused or invalid (nothing is applied then).
+    /// `spec.suspend`: it takes effect unless the spec is paused (nothing is applied then); with an invalid
+    /// spec too, through the Deployment's scale.
     pub suspend: bool,
     pub queue: String,
     /// Workers wanted now (fixed or autoscaled).
@@ -348,9 +349,10 @@ fn cond(type_: &str, status: bool, reason: &str, message: String, generation: Op
     }
 }
 
-/// Whether the workers are scaled to 0 for `spec.suspend`: it is set, and applied (not paused, spec valid).
+/// Whether the workers are scaled to 0 for `spec.suspend`: it is set, and applied (not paused; a spec the
+/// workers would refuse is not applied, but its suspend is, through the Deployment's scale).
 pub fn suspended(o: &Observed) -> bool {
-    o.suspend && !o.paused && o.invalid_spec.is_none()
+    o.suspend && !o.paused
 }
 
 /// The first problem (by precedence) as `(reason, message)`. A suspended fleet has no worker problems: its
@@ -358,11 +360,16 @@ pub fn suspended(o: &Observed) -> bool {
 fn problem(o: &Observed, ready: i32) -> Option<(&'static str, String)> {
     // First: until it is fixed, no other change reaches the workers.
     if let Some(invalid) = &o.invalid_spec {
+        let kept = if suspended(o) {
+            " (but spec.suspend is, through the Deployment's scale: the workers are scaled to 0)"
+        } else {
+            ": they keep running the last valid one"
+        };
         return Some((
             reason::INVALID_SPEC,
             format!(
-                "{invalid}. The workers would refuse to start with this spec, so it is not applied: they keep \
-                 running the last valid one. Fix the field and apply again"
+                "{invalid}. The workers would refuse to start with this spec, so it is not applied{kept}. Fix the \
+                 field and apply again"
             ),
         ));
     }
@@ -583,30 +590,22 @@ pub fn compute(o: &Observed) -> IntegrationStatus {
     }
 }
 
-/// `Suspended` while `spec.suspend` is true: True once it is applied, False (saying why) while the operator
-/// applies nothing (`spec.paused`, an invalid spec), the workers then running as the Deployment says.
+/// `Suspended` while `spec.suspend` is true: True once it is applied, False while `spec.paused` is true
+/// (the operator applies nothing), the workers then running as the Deployment says.
 fn suspended_condition(o: &Observed, dep: &DeploymentObs, backlog_note: &str) -> Condition {
     let g = o.generation;
-    let not_applied = |why: &str, because: &str| {
+    if o.paused {
         cond(
             condition::SUSPENDED,
             false,
-            why,
+            reason::PAUSED,
             format!(
-                "spec.suspend is true but {because}, so it is not applied: the worker Deployment keeps its {} \
-                 replicas",
+                "spec.suspend is true but spec.paused is true (the operator changes nothing it owns), so it is not \
+                 applied: the worker Deployment keeps its {} replicas",
                 dep.spec_replicas
             ),
             g,
         )
-    };
-    if o.paused {
-        not_applied(
-            reason::PAUSED,
-            "spec.paused is true (the operator changes nothing it owns)",
-        )
-    } else if o.invalid_spec.is_some() {
-        not_applied(reason::INVALID_SPEC, "the spec is invalid (see Degraded)")
     } else {
         cond(
             condition::SUSPENDED,

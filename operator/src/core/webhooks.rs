@@ -241,11 +241,24 @@ impl Base {
 }
 
 /// Where the Webhook stands with its fleet: no fleet (no Integration of that name with `spec.webhooks`),
-/// or what its fleet's last compile decided (None: not compiled yet).
+/// or what its fleet's last compile decided (None: not compiled yet), the fleet delivering or suspended
+/// (`spec.suspend`: its workers at 0).
 #[derive(Clone, Copy, Debug)]
 pub enum Fleet<'a> {
     Missing,
     Compiled(Option<&'a Decided>),
+    Suspended(Option<&'a Decided>),
+}
+
+impl<'a> Fleet<'a> {
+    /// `decided` of a fleet that is `suspended` or not.
+    pub fn of(decided: Option<&'a Decided>, suspended: bool) -> Self {
+        if suspended {
+            Fleet::Suspended(decided)
+        } else {
+            Fleet::Compiled(decided)
+        }
+    }
 }
 
 /// The host of `url`, without userinfo or port; None when it has none.
@@ -395,7 +408,7 @@ pub fn ready(
     failing: bool,
     auto: Option<&AutoPaused>,
 ) -> Option<(bool, &'static str, String)> {
-    let d = match fleet {
+    let (d, suspended) = match fleet {
         Fleet::Missing => {
             return Some((
                 false,
@@ -406,8 +419,9 @@ pub fn ready(
                 ),
             ));
         }
-        Fleet::Compiled(None) => return None,
-        Fleet::Compiled(Some(d)) => d,
+        Fleet::Compiled(None) | Fleet::Suspended(None) => return None,
+        Fleet::Compiled(Some(d)) => (d, false),
+        Fleet::Suspended(Some(d)) => (d, true),
     };
     Some(match &d.verdict {
         Verdict::Invalid(m) => (
@@ -433,6 +447,16 @@ pub fn ready(
                 reason::FAILING
             },
             a.message.clone(),
+        ),
+        // Before its own failures: nothing is attempted while the fleet is stopped.
+        Verdict::Included if suspended => (
+            false,
+            reason::FLEET_SUSPENDED,
+            format!(
+                "its Integration {} is suspended (spec.suspend): no worker delivers, its messages wait in the \
+                 queue until the Integration is unsuspended",
+                webhook.spec.integration
+            ),
         ),
         Verdict::Included if failing => (
             false,
@@ -466,7 +490,7 @@ pub fn status(
     let auto = pause.auto_paused.as_ref();
     let (ok, why, message) = ready(webhook, fleet, consecutive > 0, auto)?;
     let generation = match fleet {
-        Fleet::Compiled(Some(d)) => Some(d.generation),
+        Fleet::Compiled(Some(d)) | Fleet::Suspended(Some(d)) => Some(d.generation),
         _ => webhook.metadata.generation,
     };
     let (paused, paused_reason, paused_message) = match auto {
@@ -788,6 +812,40 @@ mod tests {
         assert!(!may_write(&f, &f.clone(), None, every.0, every.1));
         let c = counts([&s, &f]);
         assert_eq!((c.total, c.ready, c.failing), (2, 1, 1));
+
+        // Its fleet suspended: not Ready, whatever its own failures; a Webhook paused by its owner stays Paused.
+        let held = status(
+            &w,
+            Fleet::of(Some(&included), true),
+            &base,
+            Some(&a),
+            &Pause::default(),
+            &f,
+            &now,
+        )
+        .unwrap();
+        let r = &held.conditions[0];
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            ("False", reason::FLEET_SUSPENDED)
+        );
+        assert!(r.message.contains("wait in the queue"), "{}", r.message);
+        assert_eq!(held.observed_generation, Some(2));
+        let mut paused = w.clone();
+        paused.spec.paused = true;
+        let p = status(
+            &paused,
+            Fleet::of(Some(&included), true),
+            &base,
+            None,
+            &Pause::default(),
+            &none,
+            &now,
+        )
+        .unwrap();
+        assert_eq!(p.conditions[0].reason, reason::PAUSED);
+        let c = counts([&s, &held]);
+        assert_eq!((c.total, c.ready, c.failing, c.paused), (2, 1, 0, 0));
     }
 
     fn failing(at: i64, kind: &str) -> Tally {

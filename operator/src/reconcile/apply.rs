@@ -46,6 +46,9 @@ pub async fn apply(
     world: &World,
 ) -> Result<(), ApplyError> {
     let Some(children) = &desired.children else {
+        if desired.stop {
+            return stop(client, config, metrics, world).await;
+        }
         return Ok(());
     };
     let to = Target {
@@ -60,6 +63,37 @@ pub async fn apply(
         apply_one(&to, &children.pdb, world.pdb.clone()),
         apply_one(&to, &children.service, world.service.clone()),
     )?;
+    Ok(())
+}
+
+/// Scales the running Deployment to 0 through its scale subresource (a suspend while the spec cannot be
+/// rendered): the one field it changes; the next apply of a valid spec owns it again.
+async fn stop(client: &Client, config: &Config, metrics: &Metrics, world: &World) -> Result<(), ApplyError> {
+    let Some(d) = world.deployment.as_deref() else {
+        return Ok(());
+    };
+    if world.current_replicas() == Some(0) {
+        return Ok(());
+    }
+    let (ns, name) = (d.namespace().unwrap_or_default(), d.name_any());
+    let api: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), &ns);
+    let params = PatchParams {
+        field_manager: Some(config.field_manager.clone()),
+        ..PatchParams::default()
+    };
+    api.patch_scale(
+        &name,
+        &params,
+        &Patch::Merge(serde_json::json!({"spec": {"replicas": 0}})),
+    )
+    .await
+    .map_err(|source| ApplyError::Apply {
+        kind: "Deployment".into(),
+        name: name.clone(),
+        source,
+    })?;
+    metrics.write("Deployment");
+    debug!(%name, "scaled to 0 (suspended, spec not applied)");
     Ok(())
 }
 

@@ -37,8 +37,11 @@ pub struct Desired {
     /// Set while the destination is gone: `replicas` is then 0.
     pub destination_gone: Option<DestinationGone>,
     /// What the worker would refuse in the spec (`hookfleet_crds::validate`), as `field: reason; …`:
-    /// nothing is applied, so the running fleet stays as it was.
+    /// nothing is applied, so the running fleet stays as it was (unless `stop`).
     pub invalid: Option<String>,
+    /// Suspended while the spec is invalid: no children are built from it, but the running Deployment is
+    /// scaled to 0 through its scale subresource, so a suspend stops delivery whatever else is wrong.
+    pub stop: bool,
     /// The nodes the workers are kept off (`core::nodes`), and those that failed but stay usable.
     pub nodes: nodes::Decision,
 }
@@ -215,6 +218,7 @@ pub fn build(
     Ok(Desired {
         replicas,
         fixed,
+        stop: suspended && children.is_none(),
         children,
         destination_gone: gone,
         invalid,
@@ -378,8 +382,23 @@ mod tests {
         i.spec.suspend = true;
         i.spec.paused = true;
         let d = build_at(&i, &w, &mut m, None, t0);
-        assert!(d.children.is_none());
+        assert!(d.children.is_none() && !d.stop);
         assert_eq!(d.replicas, 2);
+
+        // Invalid: nothing rendered from the spec, but the running Deployment is to be stopped.
+        i.spec.paused = false;
+        i.spec
+            .destination
+            .as_mut()
+            .unwrap()
+            .headers
+            .insert("X-Bad".into(), "a\r\nInjected: 1".into());
+        let d = build_at(&i, &w, &mut m, None, t0);
+        assert!(d.children.is_none() && d.invalid.is_some());
+        assert!(d.stop);
+        assert_eq!(d.replicas, 0);
+        i.spec.suspend = false;
+        assert!(!build_at(&i, &w, &mut m, None, t0).stop);
     }
 
     #[test]

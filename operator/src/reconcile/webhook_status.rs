@@ -122,15 +122,16 @@ async fn pass(
         };
         let name = w.name_any();
         let key = crate::memory::key(&ns, &w.spec.integration);
-        let (has_fleet, per_webhook) = match ctx
+        let (has_fleet, per_webhook, suspended) = match ctx
             .integrations
             .get(&ObjectRef::new(&w.spec.integration).within(&ns))
         {
-            None => (false, None),
+            None => (false, None, false),
             Some(i) => match &i.0 {
                 Ok(i) => (
                     i.spec.webhooks.is_some(),
                     i.spec.webhooks.as_ref().and_then(|s| s.per_webhook.clone()),
+                    i.spec.suspend && !i.spec.paused,
                 ),
                 // A malformed Integration has its own condition; its Webhooks wait.
                 Err(_) => continue,
@@ -138,7 +139,7 @@ async fn pass(
         };
         let decided = if has_fleet { ctx.fleets.decided(&key) } else { None };
         let fleet = if has_fleet {
-            Fleet::Compiled(decided.as_deref().and_then(|d| d.get(&name)))
+            Fleet::of(decided.as_deref().and_then(|d| d.get(&name)), suspended)
         } else {
             Fleet::Missing
         };

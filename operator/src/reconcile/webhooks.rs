@@ -153,7 +153,7 @@ pub async fn webhooks(
             let agg = ctx.fleets.aggregate(&key, &wname);
             core::status(
                 w,
-                Fleet::Compiled(decided.get(&wname)),
+                Fleet::of(decided.get(&wname), intg.spec.suspend && !intg.spec.paused),
                 &Base::of(w.status.as_ref()),
                 agg.as_ref(),
                 &core::Pause::of(old),
