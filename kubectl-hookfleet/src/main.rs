@@ -215,7 +215,8 @@ async fn status(client: &Client, ns: Option<&str>) -> Result<()> {
             reason.to_owned()
         };
         *states.entry(key).or_default().entry(state).or_default() += 1;
-        if ready != "True" {
+        // A suspended fleet's Webhooks wait by design: counted above, not listed.
+        if ready != "True" && reason != "FleetSuspended" {
             troubled.push(format!(
                 "  {}/{}: {reason}: {message}",
                 w.namespace().unwrap_or_default(),
