@@ -230,11 +230,12 @@ pub async fn run(o: &Options) -> Result<Outcome> {
     let p = published.lock().unwrap();
     println!("\n==== hookfleet chaos soak: report ====");
     println!(
-        "seed {}; {} min of load at {}/s over 3 nodes and a 3-node RabbitMQ cluster; settle {:.0?}",
+        "seed {}; load at {}/s for {} ({} asked) over 3 nodes and a 3-node RabbitMQ cluster; settled in {}",
         o.seed,
-        o.minutes,
         o.rate,
-        settle_from.elapsed()
+        mmss(load_ended),
+        mmss(end),
+        secs(settle_from.elapsed())
     );
     println!("\nfaults injected: {}", injected.len());
     let mut by_kind: BTreeMap<Kind, usize> = BTreeMap::new();

@@ -38,7 +38,12 @@ impl Stack {
     pub async fn start() -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("hookfleet-chaos-").tempdir()?;
         let t0 = Instant::now();
-        let cluster = Cluster::start(ClusterOptions::with_nodes(NODES)).await?;
+        // A soak may queue behind another engineer's e2e run for a while.
+        let cluster = Cluster::start(ClusterOptions {
+            lock_timeout: Duration::from_secs(90 * 60),
+            ..ClusterOptions::with_nodes(NODES)
+        })
+        .await?;
         say(&format!("{NODES} nodes up in {:.1?}", t0.elapsed()));
         let took = install::load_images(&cluster, &dir.path().join("images"))?;
         say(&format!("images built and imported in {took:.1?}"));
