@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 use faults::Kind;
 use pages::mmss;
@@ -121,13 +121,13 @@ pub async fn run(o: &Options) -> Result<Outcome> {
     ));
     let progress = tokio::spawn(progress(t0, published.clone(), s.sink.clone()));
 
-    let mut schedule = StdRng::seed_from_u64(o.seed);
+    say(&format!("workers on {}", s.placement().await?));
+    let mut schedule = faults::Schedule::new(StdRng::seed_from_u64(o.seed));
     let mut choices = StdRng::seed_from_u64(o.seed ^ 0x9e37_79b9_7f4a_7c15);
     let end = Duration::from_secs_f64(o.minutes * 60.0);
     let mut injected: Vec<Injected> = Vec::new();
     loop {
-        let gap = Duration::from_secs(schedule.random_range(10..=40));
-        let kind = Kind::pick(&mut schedule);
+        let (kind, gap) = schedule.next_fault();
         if t0.elapsed() + gap >= end {
             break;
         }
@@ -141,13 +141,14 @@ pub async fn run(o: &Options) -> Result<Outcome> {
         };
         let recovered = s.wait_healthy(o.recovery).await.map_err(|e| format!("{e:#}"));
         say(&format!(
-            "[{}] fault {}: {detail}; {}",
+            "[{}] fault {}: {detail}; {}; workers on {}",
             mmss(t0.elapsed()),
             kind.name(),
             match &recovered {
                 Ok(d) => format!("healthy again in {:.1?}", d),
                 Err(e) => format!("NOT healthy again: {e}"),
-            }
+            },
+            s.placement().await.unwrap_or_else(|e| format!("? ({e:#})"))
         ));
         injected.push(Injected {
             kind,
@@ -183,7 +184,7 @@ pub async fn run(o: &Options) -> Result<Outcome> {
     let want: HashSet<&String> = confirmed_ids.iter().collect();
     let mut dead: HashSet<String> = HashSet::new();
     let settle_from = Instant::now();
-    loop {
+    let settled = loop {
         if let Ok(d) = stack::drain_dead(&s.broker_uris_up()).await {
             dead.extend(d);
         }
@@ -193,20 +194,25 @@ pub async fn run(o: &Options) -> Result<Outcome> {
             .filter(|id| !delivered.contains_key(**id) && !dead.contains(**id))
             .count();
         if open == 0 || settle_from.elapsed() > o.settle {
+            let settled = settle_from.elapsed();
             say(&format!(
-                "[{}] settled in {:.1?}: {open} confirmed ids neither delivered nor dead-lettered",
+                "[{}] settled in {settled:.1?}: {open} confirmed ids neither delivered nor dead-lettered",
                 mmss(t0.elapsed()),
-                settle_from.elapsed()
             ));
-            break;
+            break settled;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-    }
+    };
     progress.abort();
     pages_stop.store(true, Ordering::SeqCst);
     // One last look at the alerts after the settle.
     let _ = tokio::time::timeout(pages::POLL * 2, watcher).await;
-    let held = s.held().unwrap_or_default();
+    let held: Vec<(String, u64)> = s
+        .held()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect();
 
     // The account, by id.
     let delivered_counts: HashMap<String, usize> = s.sink.delivered();
@@ -235,7 +241,7 @@ pub async fn run(o: &Options) -> Result<Outcome> {
         o.rate,
         mmss(load_ended),
         mmss(end),
-        secs(settle_from.elapsed())
+        secs(settled)
     );
     println!("\nfaults injected: {}", injected.len());
     let mut by_kind: BTreeMap<Kind, usize> = BTreeMap::new();

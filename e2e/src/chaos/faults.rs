@@ -11,6 +11,7 @@ use kube::api::{Api, DeleteParams};
 use nix::sys::signal::Signal;
 use rand::Rng;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 
 use super::stack::{NS, Stack};
 use crate::install::NAMESPACE as SYSTEM_NS;
@@ -53,9 +54,31 @@ impl Kind {
             Kind::OperatorLeaderKill => "operator leader kill -9",
         }
     }
+}
 
-    pub fn pick(rng: &mut StdRng) -> Self {
-        Self::ALL[rng.random_range(0..Self::ALL.len())]
+/// The order of the faults: rounds of every kind once, each round shuffled, so that even a short run meets
+/// every kind and a long one meets them evenly, at random times and in random order.
+pub struct Schedule {
+    rng: StdRng,
+    round: Vec<Kind>,
+}
+
+impl Schedule {
+    pub fn new(rng: StdRng) -> Self {
+        Self {
+            rng,
+            round: Vec::new(),
+        }
+    }
+
+    /// The next fault and the gap before it (10 to 40 s).
+    pub fn next_fault(&mut self) -> (Kind, Duration) {
+        if self.round.is_empty() {
+            self.round = Kind::ALL.to_vec();
+            self.round.shuffle(&mut self.rng);
+        }
+        let gap = Duration::from_secs(self.rng.random_range(10..=40));
+        (self.round.pop().unwrap_or(Kind::WorkerKill9), gap)
     }
 }
 

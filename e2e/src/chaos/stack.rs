@@ -212,6 +212,20 @@ impl Stack {
         Ok(pods)
     }
 
+    /// Where the running workers are: `node×count` per node.
+    pub async fn placement(&self) -> Result<String> {
+        let mut on: std::collections::BTreeMap<String, usize> = Default::default();
+        for p in self.worker_pods().await? {
+            *on.entry(p.spec.and_then(|s| s.node_name).unwrap_or_default())
+                .or_default() += 1;
+        }
+        Ok(on
+            .iter()
+            .map(|(n, c)| format!("{n}×{c}"))
+            .collect::<Vec<_>>()
+            .join(" "))
+    }
+
     /// `kubectl args…` against the cluster; its output, or an error with it.
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
         let out = self.cluster.control_plane().kubectl()?.args(args).output()?;
