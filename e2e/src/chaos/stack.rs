@@ -24,6 +24,8 @@ pub const QUEUE: &str = "chaos.soak";
 /// Workers of the Integration, and Kubernetes and broker nodes.
 pub const WORKERS: i32 = 3;
 pub const NODES: usize = 3;
+/// How long the stack must stay healthy to count as recovered.
+pub const STABLE: Duration = Duration::from_secs(10);
 
 pub struct Stack {
     pub client: Client,
@@ -168,16 +170,23 @@ impl Stack {
         Ok(None)
     }
 
-    /// Waits until [`Stack::unhealthy`] says nothing (polling every second); fails after `timeout` with the
-    /// last reason.
+    /// Waits until [`Stack::unhealthy`] has said nothing for [`STABLE`] (polling every second: a status that
+    /// has not yet seen a fault must not count as recovered) and returns when that began; fails after
+    /// `timeout` with the last reason.
     pub async fn wait_healthy(&self, timeout: Duration) -> Result<Duration> {
         let t0 = Instant::now();
         let mut last = String::new();
+        let mut since: Option<Duration> = None;
         while t0.elapsed() < timeout {
             match self.unhealthy().await {
-                Ok(None) => return Ok(t0.elapsed()),
-                Ok(Some(why)) => last = why,
-                Err(e) => last = format!("{e:#}"),
+                Ok(None) => {
+                    let from = *since.get_or_insert(t0.elapsed());
+                    if t0.elapsed() - from >= STABLE {
+                        return Ok(from);
+                    }
+                }
+                Ok(Some(why)) => (last, since) = (why, None),
+                Err(e) => (last, since) = (format!("{e:#}"), None),
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
