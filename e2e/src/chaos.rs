@@ -110,13 +110,13 @@ pub async fn run(o: &Options) -> Result<Outcome> {
         stop.clone(),
         o.settle,
     ));
-    let pages = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::new(Mutex::new(pages::Seen::default()));
     let pages_stop = Arc::new(AtomicBool::new(false));
     let watcher = tokio::spawn(pages::watch(
         prom.clone(),
         s.client.clone(),
         t0,
-        pages.clone(),
+        seen.clone(),
         pages_stop.clone(),
     ));
     let progress = tokio::spawn(progress(t0, published.clone(), s.sink.clone()));
@@ -207,6 +207,14 @@ pub async fn run(o: &Options) -> Result<Outcome> {
     pages_stop.store(true, Ordering::SeqCst);
     // One last look at the alerts after the settle.
     let _ = tokio::time::timeout(pages::POLL * 2, watcher).await;
+    let up = match pages::targets_up(&prom).await {
+        Ok(by_job) => by_job
+            .iter()
+            .map(|(job, (up, all))| format!("{job} {up}/{all}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Err(e) => format!("? ({e:#})"),
+    };
     let held: Vec<(String, u64)> = s
         .held()
         .unwrap_or_default()
@@ -302,13 +310,13 @@ pub async fn run(o: &Options) -> Result<Outcome> {
             secs(m.max)
         );
     }
-    let pages = pages.lock().unwrap().clone();
+    let seen = seen.lock().unwrap().clone();
     println!(
         "\npages fired (severity=page, chart defaults; polled every {:?}): {}",
         pages::POLL,
-        pages.len()
+        seen.pages.len()
     );
-    for pg in &pages {
+    for pg in &seen.pages {
         println!(
             "  {} {} {{{}}} active since {}, resolved {}",
             mmss(pg.fired),
@@ -318,6 +326,23 @@ pub async fn run(o: &Options) -> Result<Outcome> {
             pg.resolved.map_or("no (still firing at the end)".into(), mmss)
         );
     }
+    let pending: Vec<String> = seen
+        .pending
+        .iter()
+        .map(|(a, (first, polls))| format!("{a} (first {}, in {polls} polls)", mmss(*first)))
+        .collect();
+    println!(
+        "  page alerts seen pending: {}",
+        if pending.is_empty() {
+            "none".into()
+        } else {
+            pending.join(", ")
+        }
+    );
+    println!(
+        "  Prometheus: alert polls answered {}, failed {}; targets up at the end: {up}",
+        seen.polls.0, seen.polls.1
+    );
     drop(p);
     if lost > 0 || std::env::var_os("HOOKFLEET_CHAOS_KEEP").is_some() {
         let to = std::env::temp_dir().join(format!("hookfleet-chaos-{}", o.seed));

@@ -38,6 +38,17 @@ pub struct Page {
     pub resolved: Option<Duration>,
 }
 
+/// What the watcher saw.
+#[derive(Clone, Debug, Default)]
+pub struct Seen {
+    /// Every page that went firing.
+    pub pages: Vec<Page>,
+    /// Page alerts seen pending (by name): when first, and in how many polls.
+    pub pending: BTreeMap<String, (Duration, u32)>,
+    /// Polls of `/api/v1/alerts` answered, and failed.
+    pub polls: (u32, u32),
+}
+
 /// Starts Prometheus with the chart's rules (helm home `helm_home`), scraping the current pods.
 pub async fn start(client: &Client, helm_home: &Path) -> Result<Prometheus> {
     let rules = chart::rules_file(helm_home, helm_home, &[])?;
@@ -72,7 +83,7 @@ pub async fn watch(
     prom: Arc<Prometheus>,
     client: Client,
     t0: Instant,
-    pages: Arc<Mutex<Vec<Page>>>,
+    seen: Arc<Mutex<Seen>>,
     stop: Arc<AtomicBool>,
 ) {
     while !stop.load(Ordering::SeqCst) {
@@ -80,54 +91,82 @@ pub async fn watch(
             let _ = prom.set_targets(&operators);
             let _ = prom.set_targets(&workers);
         }
-        if let Ok(alerts) = prom.alerts().await {
-            let firing: BTreeMap<(String, String), String> = alerts
-                .iter()
-                .filter(|a| {
-                    a.state == "firing" && a.labels.get("severity").map(String::as_str) == Some("page")
-                })
-                .map(|a| {
-                    let labels = a
-                        .labels
-                        .iter()
-                        .filter(|(k, _)| *k != "alertname" && *k != "severity")
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect::<Vec<_>>()
-                        .join(",");
-                    (
-                        (a.name().to_owned(), labels),
-                        a.active_at.clone().unwrap_or_default(),
-                    )
-                })
-                .collect();
-            let now = t0.elapsed();
-            let mut pages = pages.lock().unwrap();
-            for p in pages.iter_mut().filter(|p| p.resolved.is_none()) {
-                if !firing.contains_key(&(p.alert.clone(), p.labels.clone())) {
-                    p.resolved = Some(now);
-                }
-            }
-            for ((alert, labels), active_at) in firing {
-                let open = pages
-                    .iter()
-                    .any(|p| p.resolved.is_none() && p.alert == alert && p.labels == labels);
-                if !open {
-                    println!(
-                        "chaos: [{}] PAGE {alert} {{{labels}}} firing (active since {active_at})",
-                        mmss(now)
-                    );
-                    pages.push(Page {
-                        alert,
-                        labels,
-                        active_at,
-                        fired: now,
-                        resolved: None,
-                    });
-                }
-            }
-        }
+        let alerts = prom.alerts().await;
+        let now = t0.elapsed();
+        record(&mut seen.lock().unwrap(), alerts, now);
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// Counts a poll, and notes pending pages and pages that went firing or resolved.
+fn record(seen: &mut Seen, alerts: Result<Vec<crate::prometheus::Alert>>, now: Duration) {
+    match &alerts {
+        Ok(_) => seen.polls.0 += 1,
+        Err(_) => seen.polls.1 += 1,
+    }
+    if let Ok(alerts) = alerts {
+        for a in alerts
+            .iter()
+            .filter(|a| a.state == "pending" && a.labels.get("severity").map(String::as_str) == Some("page"))
+        {
+            seen.pending.entry(a.name().to_owned()).or_insert((now, 0)).1 += 1;
+        }
+        let firing: BTreeMap<(String, String), String> = alerts
+            .iter()
+            .filter(|a| a.state == "firing" && a.labels.get("severity").map(String::as_str) == Some("page"))
+            .map(|a| {
+                let labels = a
+                    .labels
+                    .iter()
+                    .filter(|(k, _)| *k != "alertname" && *k != "severity")
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                (
+                    (a.name().to_owned(), labels),
+                    a.active_at.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        let pages = &mut seen.pages;
+        for p in pages.iter_mut().filter(|p| p.resolved.is_none()) {
+            if !firing.contains_key(&(p.alert.clone(), p.labels.clone())) {
+                p.resolved = Some(now);
+            }
+        }
+        for ((alert, labels), active_at) in firing {
+            let open = pages
+                .iter()
+                .any(|p| p.resolved.is_none() && p.alert == alert && p.labels == labels);
+            if !open {
+                println!(
+                    "chaos: [{}] PAGE {alert} {{{labels}}} firing (active since {active_at})",
+                    mmss(now)
+                );
+                pages.push(Page {
+                    alert,
+                    labels,
+                    active_at,
+                    fired: now,
+                    resolved: None,
+                });
+            }
+        }
+    }
+}
+
+/// Targets up / scraped per job, as Prometheus last saw them (`up`).
+pub async fn targets_up(prom: &Prometheus) -> Result<BTreeMap<String, (usize, usize)>> {
+    let mut by_job: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for r in prom.query("up").await?.as_array().cloned().unwrap_or_default() {
+        let job = r["metric"]["job"].as_str().unwrap_or("").to_owned();
+        let e = by_job.entry(job).or_default();
+        e.1 += 1;
+        if r["value"][1] == "1" {
+            e.0 += 1;
+        }
+    }
+    Ok(by_job)
 }
 
 /// `mm:ss`.
