@@ -40,7 +40,10 @@ crds: ## Regenerate crds/integrations.hookfleet.io.yaml and the chart's copy fro
 test-e2e: ## The e2e suite on the local real node (root): chart install, real worker pods, every scenario's account
 	$(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
 
-.PHONY: test-nodes test-e2e-nodes test-incident
+.PHONY: test-nodes test-e2e-nodes test-incident chaos
+
+chaos: ## Chaos soak (root; not in `make test`): 30 min of load on 3 nodes + 3 brokers, random faults (seed printed), per-id report; HOOKFLEET_CHAOS_MINUTES/SEED/RATE
+	$(CARGO) run -q -p hookfleet-e2e --bin hookfleet-chaos
 
 test-e2e-nodes: ## The e2e suite on 3 local real nodes (root; HOOKFLEET_E2E_NODES=3)
 	HOOKFLEET_E2E_NODES=3 $(CARGO) test -p hookfleet-e2e --test suite -- --nocapture

@@ -28,6 +28,7 @@ use anyhow::{Context, Result, bail, ensure};
 use hookfleet_crds::Integration;
 use hookfleet_e2e::install::{self, NAMESPACE as SYSTEM_NS};
 use hookfleet_e2e::messages::{self, Account};
+use hookfleet_e2e::pods::worker_pids;
 use hookfleet_e2e::process::wait_for;
 use hookfleet_e2e::sink::{Mode, Sink};
 use hookfleet_e2e::tools::{self, Tool};
@@ -388,31 +389,6 @@ fn node_of(p: &Pod) -> &str {
 
 fn phase(p: &Pod) -> &str {
     p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
-}
-
-/// Host pids of the `hookfleet-worker` processes of a pod (cgroup paths name the pod's UID, with dashes under
-/// the cgroupfs driver and underscores under systemd's).
-fn worker_pids(pod: &Pod) -> Vec<i32> {
-    let uid = pod.uid().unwrap_or_default();
-    let (dashed, underscored) = (format!("pod{uid}"), format!("pod{}", uid.replace('-', "_")));
-    let mut out = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in procs.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if !comm.trim().starts_with("hookfleet-worke") {
-            continue;
-        }
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        if cgroup.contains(&dashed) || cgroup.contains(&underscored) {
-            out.push(pid);
-        }
-    }
-    out
 }
 
 fn signal(pid: i32, sig: nix::sys::signal::Signal) -> Result<()> {

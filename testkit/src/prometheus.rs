@@ -12,6 +12,9 @@
 //!
 //! Scrapes and rule evaluations run every second by default ([`Options`]), so a rule's `for:` is what
 //! decides how soon it fires; tests shorten `for:` through the chart's values (and say so).
+//!
+//! Each job's targets are a file Prometheus watches (`file_sd`), so a harness whose targets move (pods
+//! replaced during a soak) changes them with [`Prometheus::set_targets`], without a restart.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -127,9 +130,12 @@ impl Prometheus {
             "scrape_configs": targets.iter().map(|t| serde_json::json!({
                 "job_name": t.job,
                 "metrics_path": t.metrics_path,
-                "static_configs": [{"targets": t.targets}],
+                "file_sd_configs": [{"files": [targets_file(dir.path(), &t.job)]}],
             })).collect::<Vec<_>>(),
         });
+        for t in targets {
+            write_targets(dir.path(), t)?;
+        }
         if let Some(rules) = rules {
             let copy = dir.path().join("rules.yaml");
             std::fs::copy(rules, &copy).with_context(|| format!("copying {}", rules.display()))?;
@@ -172,6 +178,12 @@ impl Prometheus {
         .await?;
         tracing::debug!(%addr, dir = %prom.dir.path().display(), "prometheus ready");
         Ok(prom)
+    }
+
+    /// Replaces the targets of job `target.job` (one given to [`Prometheus::start`]); Prometheus notices
+    /// the file change within seconds.
+    pub fn set_targets(&self, target: &Target) -> Result<()> {
+        write_targets(self.dir.path(), target)
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -251,6 +263,22 @@ impl Prometheus {
         )
         .await
     }
+}
+
+fn targets_file(dir: &Path, job: &str) -> PathBuf {
+    dir.join(format!("targets-{job}.json"))
+}
+
+/// Writes a job's `file_sd` file whole (a temporary file renamed over it, so Prometheus never reads half).
+fn write_targets(dir: &Path, target: &Target) -> Result<()> {
+    let path = targets_file(dir, &target.job);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(&serde_json::json!([{"targets": target.targets}]))?,
+    )?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }
 
 fn summary(alerts: &[Alert]) -> String {

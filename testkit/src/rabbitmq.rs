@@ -102,7 +102,13 @@ impl Node {
     }
 
     fn amqp_uri(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        self.amqp_uri_on(None)
+    }
+
+    /// The URI at `host` (loopback when `None`).
+    fn amqp_uri_on(&self, host: Option<IpAddr>) -> String {
+        let host = host.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        format!("amqp://guest:guest@{host}:{}/%2f", self.port)
     }
 
     /// Starts the VM (if stopped) and waits until it accepts AMQP connections.
@@ -278,8 +284,7 @@ impl RabbitMq {
     /// The URI for workers in pods: `amqp://guest:guest@<pod address>:<port>/%2f` (the loopback URI when
     /// started without one).
     pub fn amqp_uri_for_pods(&self) -> String {
-        let host = self.pod_addr.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        format!("amqp://guest:guest@{host}:{}/%2f", self.node.port)
+        self.node.amqp_uri_on(self.pod_addr)
     }
 
     pub fn port(&self) -> u16 {
@@ -338,12 +343,19 @@ pub struct RabbitCluster {
     nodes: Vec<Node>,
     epmd: Process,
     dir: tempfile::TempDir,
+    pod_addr: Option<IpAddr>,
 }
 
 impl RabbitCluster {
     /// Starts `n` nodes and clusters them; returns once every node accepts AMQP connections and the
     /// cluster lists all `n` as running.
     pub async fn start(n: usize) -> Result<Self> {
+        Self::start_on(n, None).await
+    }
+
+    /// Like [`RabbitCluster::start`]; with `pod_addr` every node also listens there (on its own port), as
+    /// [`RabbitMq::start_on`] does, for workers in pods ([`RabbitCluster::amqp_uris_for_pods`]).
+    pub async fn start_on(n: usize, pod_addr: Option<IpAddr>) -> Result<Self> {
         anyhow::ensure!(n >= 1, "a cluster needs a node");
         ensure_installed()?;
         let dir = tempfile::Builder::new()
@@ -353,9 +365,14 @@ impl RabbitCluster {
         let home = cookie_home(base)?;
         let (epmd, epmd_port) = start_epmd(base)?;
         let nodes = (0..n)
-            .map(|i| Node::prepare(&base.join(format!("node-{i}")), &home, epmd_port, None))
+            .map(|i| Node::prepare(&base.join(format!("node-{i}")), &home, epmd_port, pod_addr))
             .collect::<Result<Vec<_>>>()?;
-        let mut cluster = Self { nodes, epmd, dir };
+        let mut cluster = Self {
+            nodes,
+            epmd,
+            dir,
+            pod_addr,
+        };
         // One at a time: three VMs booting at once on a loaded two-core machine time out.
         for i in 0..n {
             cluster.nodes[i].start().await?;
@@ -390,6 +407,16 @@ impl RabbitCluster {
         self.nodes
             .iter()
             .map(Node::amqp_uri)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Every node's URI at the pod address, comma-separated (the loopback ones when started without one):
+    /// the connection Secret of workers in pods.
+    pub fn amqp_uris_for_pods(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.amqp_uri_on(self.pod_addr))
             .collect::<Vec<_>>()
             .join(",")
     }

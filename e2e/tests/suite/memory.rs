@@ -20,7 +20,9 @@ use kube::ResourceExt;
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Connection, ConnectionProperties};
 
-use super::{Outcome, Stack, worker_pids};
+use hookfleet_e2e::pods::worker_pids;
+
+use super::{Outcome, Stack};
 
 const NS: &str = "e2e-memory";
 const QUEUE: &str = "e2e.memory";
