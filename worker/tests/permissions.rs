@@ -4,7 +4,8 @@
 //! through which retries and dead letters are published; dead-lettering from a delay queue is the broker's). With them, messages that fail
 //! once come back through the delay and retry-ready queues and are delivered, and oversized ones are
 //! dead-lettered. Without any one of the three the worker stays unready, and its log names the refusal
-//! (ACCESS_REFUSED with the queue or exchange) instead of failing later. docs/worker.md, "Broker
+//! (ACCESS_REFUSED with the queue or exchange: declaring a delay queue, which dead-letters, checks `write`
+//! on the default exchange and `read` on the queue) instead of failing later. docs/worker.md, "Broker
 //! permissions".
 
 mod common;

@@ -25,9 +25,9 @@
 use std::time::Duration;
 
 use hookfleet_crds::integration::QueueType;
-use lapin::options::{BasicPublishOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, ErrorKind};
+use lapin::{Channel, ErrorKind};
 use tracing::debug;
 
 use super::error::SessionError;
@@ -162,34 +162,6 @@ async fn declare_queue(ch: &Channel, name: &str, t: QueueType, args: FieldTable)
         })
 }
 
-/// Retries and dead letters are published through the default exchange, which needs the `write`
-/// permission on `amq.default`. Declaring a queue that dead-letters (the delay queues, a quorum work
-/// queue) already makes the broker check it, but not every topology has one (a classic work queue with
-/// `--max-attempts 1`), and otherwise the broker checks only when a message is published. So at start the
-/// worker publishes an empty message with the routing key `""` (no queue has that name: the broker drops
-/// it) and then asks the broker something on the same channel: without the permission the broker has
-/// closed the channel with ACCESS_REFUSED by then, and the worker says so now instead of at its first retry.
-async fn check_publish(ch: &Channel, queue: &str) -> Result<(), SessionError> {
-    let what = || "publishing to the default exchange (write permission on amq.default)".to_owned();
-    ch.basic_publish(
-        "".into(),
-        "".into(),
-        BasicPublishOptions::default(),
-        &[],
-        BasicProperties::default(),
-    )
-    .await
-    .map_err(|source| SessionError::Declare { what: what(), source })?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    ch.queue_declare(queue.into(), passive, FieldTable::default())
-        .await
-        .map(|_| ())
-        .map_err(|source| SessionError::Declare { what: what(), source })
-}
-
 /// Declares the work queue and its bindings, the dead-letter queue, the retry-ready queue and the
 /// delay queues of `ladder`.
 pub async fn declare(ch: &Channel, cfg: &Config, ladder: &[Duration]) -> Result<(), SessionError> {
@@ -235,7 +207,6 @@ pub async fn declare(ch: &Channel, cfg: &Config, ladder: &[Duration]) -> Result<
         let name = hookfleet_crds::contract::webhooks::reports_queue(&cfg.queue);
         declare_queue(ch, &name, QueueType::Classic, reports_queue_args()).await?;
     }
-    check_publish(ch, &cfg.queue).await?;
     debug!(
         delay_queues = ladder.len(),
         queue_type = t.as_str(),
