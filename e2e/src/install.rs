@@ -56,22 +56,23 @@ pub async fn helm_install(
         String::from_utf8_lossy(&out.stderr)
     );
     // One of the operator replicas leads: its Lease names a holder.
-    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
     wait_for(
         "an operator replica to lead",
         Duration::from_secs(120),
         Duration::from_millis(500),
-        || {
-            let leases = leases.clone();
-            async move {
-                Ok(leases
-                    .list(&ListParams::default())
-                    .await?
-                    .items
-                    .into_iter()
-                    .find_map(|l| l.spec.and_then(|s| s.holder_identity)))
-            }
-        },
+        || leader(client),
     )
     .await
+}
+
+/// The operator replica holding the leader Lease in the release namespace (its identity: the pod name), if
+/// one does.
+pub async fn leader(client: &Client) -> Result<Option<String>> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    Ok(leases
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .find_map(|l| l.spec.and_then(|s| s.holder_identity)))
 }

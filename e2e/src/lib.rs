@@ -21,5 +21,5 @@ pub mod pods;
 pub use cluster::{Cluster, ClusterOptions};
 pub use hookfleet_testkit::{
     ControlPlane, RabbitCluster, RabbitMq, control_plane, init_tracing, messages, pki, process, prometheus,
-    rabbitmq, sink, token, tools,
+    rabbitmq, sink, stats, token, tools,
 };

@@ -1,8 +1,24 @@
 //! A pod's processes as the host sees them (real nodes only: the harness shares their pid namespace):
 //! found by the pod's UID in `/proc/PID/cgroup`, to kill one with a signal the kubelet never sent.
 
+use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
+use nix::sys::signal::Signal;
+
+/// The node `pod` was scheduled to ("" before it was).
+pub fn node_of(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .unwrap_or("")
+}
+
+/// Sends `sig` to host pid `pid` (one of [`worker_pids`] or [`operator_pids`]).
+pub fn signal(pid: i32, sig: Signal) -> Result<()> {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
+        .with_context(|| format!("{sig} to pid {pid}"))
+}
 
 /// Host pids of the `hookfleet-worker` processes of a pod.
 pub fn worker_pids(pod: &Pod) -> Vec<i32> {

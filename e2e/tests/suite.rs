@@ -28,7 +28,7 @@ use anyhow::{Context, Result, bail, ensure};
 use hookfleet_crds::Integration;
 use hookfleet_e2e::install::{self, NAMESPACE as SYSTEM_NS};
 use hookfleet_e2e::messages::{self, Account};
-use hookfleet_e2e::pods::worker_pids;
+use hookfleet_e2e::pods::{signal, worker_pids};
 use hookfleet_e2e::process::wait_for;
 use hookfleet_e2e::sink::{Mode, Sink};
 use hookfleet_e2e::tools::{self, Tool};
@@ -383,17 +383,8 @@ fn is_ready(p: &Pod) -> bool {
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
-fn node_of(p: &Pod) -> &str {
-    p.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or("")
-}
-
 fn phase(p: &Pod) -> &str {
     p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
-}
-
-fn signal(pid: i32, sig: nix::sys::signal::Signal) -> Result<()> {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig)
-        .with_context(|| format!("{sig} to pid {pid}"))
 }
 
 /// One row of the closing table.

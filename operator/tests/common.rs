@@ -58,6 +58,20 @@ pub async fn stack(nodes: &[&str]) -> anyhow::Result<Stack> {
     Ok(Stack { op, conn, rmq, cp })
 }
 
+/// Creates Integration `orders` (queue `orders`, the `rabbitmq` Secret) delivering to `url` with `replicas`
+/// workers.
+pub async fn create_orders(cp: &ControlPlane, url: &str, replicas: i32) -> anyhow::Result<Integration> {
+    create(
+        cp,
+        serde_json::json!({"metadata": {"name": "orders"}, "spec": {
+            "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "orders"},
+            "destination": {"url": url},
+            "workers": {"replicas": replicas}
+        }}),
+    )
+    .await
+}
+
 /// `spec.replicas` of Deployment `orders` in [`NS`].
 pub async fn replicas(cp: &ControlPlane) -> anyhow::Result<Option<i32>> {
     let api: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(cp.client(), NS);

@@ -54,15 +54,7 @@ async fn crash_looping_worker_degrades_quoting_the_termination_message() -> anyh
         conn,
         op,
     } = stack(&[]).await?;
-    create(
-        &cp,
-        serde_json::json!({"metadata": {"name": "orders"}, "spec": {
-            "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "orders"},
-            "destination": {"url": "https://erp.example.com/hooks"},
-            "workers": {"replicas": 2}
-        }}),
-    )
-    .await?;
+    create_orders(&cp, "https://erp.example.com/hooks", 2).await?;
     let _chans = consumers(&conn, "orders", 2).await?;
     until(&cp, "orders", "Ready", 90, |i| cond(i, READY).0 == "True").await?;
 

@@ -84,15 +84,7 @@ async fn destination_gone_scales_to_zero_until_retried_or_changed() -> anyhow::R
         conn,
         op,
     } = stack(&[]).await?;
-    create(
-        &cp,
-        serde_json::json!({"metadata": {"name": "orders"}, "spec": {
-            "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "orders"},
-            "destination": {"url": "https://erp:s3cret@erp.example.com/hooks/orders"},
-            "workers": {"replicas": 2}
-        }}),
-    )
-    .await?;
+    create_orders(&cp, "https://erp:s3cret@erp.example.com/hooks/orders", 2).await?;
     let chans = consumers(&conn, "orders", 2).await?;
     until(&cp, "orders", "Ready", 90, |i| cond(i, READY).0 == "True").await?;
     assert_eq!(gone_metric(&op.metrics.encode()), Some("0"));

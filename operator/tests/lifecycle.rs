@@ -45,15 +45,7 @@ async fn lifecycle_status_and_zero_write_steady_state() -> anyhow::Result<()> {
 
     // Create → children with the expected fields, owned by the Integration.
     let t0 = Instant::now();
-    let intg = create(
-        &cp,
-        serde_json::json!({"metadata": {"name": "orders"}, "spec": {
-            "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "orders"},
-            "destination": {"url": "https://erp.example.com/hooks"},
-            "workers": {"replicas": 2}
-        }}),
-    )
-    .await?;
+    let intg = create_orders(&cp, "https://erp.example.com/hooks", 2).await?;
     let uid = intg.metadata.uid.clone().unwrap();
     let d = wait_exists(&deployments, "orders").await?;
     // The children are applied one after the other: wait for each, not just the first.

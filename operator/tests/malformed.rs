@@ -74,15 +74,7 @@ async fn a_malformed_integration_does_not_wedge_the_controller() -> anyhow::Resu
     );
 
     let op = spawn(cp.client(), config("solo"));
-    create(
-        &cp,
-        serde_json::json!({"metadata": {"name": "orders"}, "spec": {
-            "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "orders"},
-            "destination": {"url": "https://erp.example.com/hooks"},
-            "workers": {"replicas": 2}
-        }}),
-    )
-    .await?;
+    create_orders(&cp, "https://erp.example.com/hooks", 2).await?;
 
     // The good one reconciles: children and status.
     let deployments: Api<Deployment> = Api::namespaced(cp.client(), NS);

@@ -57,15 +57,7 @@ async fn a_node_that_fails_the_fd_limit_is_excluded_until_its_ready_condition_ch
         conn,
         op,
     } = stack(&["kwok-node-1", "kwok-node-2"]).await?;
-    create(
-        &cp,
-        serde_json::json!({"metadata": {"name": "orders"}, "spec": {
-            "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "orders"},
-            "destination": {"url": "https://erp.example.com/hooks"},
-            "workers": {"replicas": 3}
-        }}),
-    )
-    .await?;
+    create_orders(&cp, "https://erp.example.com/hooks", 3).await?;
     let _chans = consumers(&conn, "orders", 3).await?;
 
     let pods: Api<Pod> = Api::namespaced(cp.client(), NS);

@@ -48,15 +48,7 @@ async fn suspend_scales_to_zero_keeps_the_messages_and_comes_back() -> anyhow::R
         conn,
         op,
     } = stack(&[]).await?;
-    create(
-        &cp,
-        serde_json::json!({"metadata": {"name": "orders"}, "spec": {
-            "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "orders"},
-            "destination": {"url": "https://erp.example.com/hooks/orders"},
-            "workers": {"replicas": 2}
-        }}),
-    )
-    .await?;
+    create_orders(&cp, "https://erp.example.com/hooks/orders", 2).await?;
     let api: Api<Integration> = Api::namespaced(cp.client(), NS);
     assert!(!api.get("orders").await?.spec.suspend, "defaults to false");
     let chans = consumers(&conn, "orders", 2).await?;

@@ -20,6 +20,7 @@ pub mod process;
 pub mod prometheus;
 pub mod rabbitmq;
 pub mod sink;
+pub mod stats;
 pub mod token;
 pub mod tools;
 

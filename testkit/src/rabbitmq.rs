@@ -457,6 +457,21 @@ impl RabbitCluster {
         self.ctl(i, args)
     }
 
+    /// Every queue with its type, counts, consumers and leader (`rabbitmqctl list_queues`, through the
+    /// first node that is up): what a failed cluster test keeps as evidence.
+    pub fn list_queues(&self) -> Result<String> {
+        self.ctl_any(&[
+            "list_queues",
+            "name",
+            "type",
+            "messages",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+            "leader",
+        ])
+    }
+
     /// Kills node `i`'s VM with SIGKILL (a crash: no clean shutdown) and checks that no process of it is
     /// left.
     pub fn kill_node(&mut self, i: usize) -> Result<()> {

@@ -224,16 +224,7 @@ async fn killing_the_leader_node_mid_stream_loses_nothing() -> Result<()> {
         if Instant::now() > deadline {
             flaky.abort();
             fault_table("cluster-leader-node-kill-9", &published, &delivered, &dead_set, 0);
-            let queues = cluster.ctl_any(&[
-                "list_queues",
-                "name",
-                "type",
-                "messages",
-                "messages_ready",
-                "messages_unacknowledged",
-                "consumers",
-                "leader",
-            ]);
+            let queues = cluster.list_queues();
             let warnings = |w: &Worker| {
                 std::fs::read_to_string(w.process.log_path())
                     .unwrap_or_default()

@@ -319,11 +319,7 @@ fn first_2xx(sink: &Sink) -> HashMap<String, Instant> {
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
-    sorted[i]
+    hookfleet_testkit::stats::nearest_rank(sorted, q).unwrap_or_default()
 }
 
 fn header_text(h: &FieldTable, name: &str) -> Option<String> {

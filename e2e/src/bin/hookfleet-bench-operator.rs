@@ -1187,12 +1187,8 @@ struct WebhookFigures {
 }
 
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
     v.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
+    hookfleet_e2e::stats::nearest_rank(&v, p / 100.0).unwrap_or(0.0)
 }
 
 /// The Webhooks part, on its own control plane (API server only: the workers' pods play no part, their

@@ -91,11 +91,11 @@ pub async fn inject(s: &mut Stack, kind: Kind, rng: &mut StdRng, log: &dyn Fn(&s
             let pid = *pods::worker_pids(&pod)
                 .first()
                 .with_context(|| format!("no worker process of pod {}", pod.name_any()))?;
-            kill9(pid)?;
+            pods::signal(pid, Signal::SIGKILL)?;
             Ok(format!(
                 "SIGKILL to pid {pid}, the worker of {} on {}",
                 pod.name_any(),
-                node_of(&pod)
+                pods::node_of(&pod)
             ))
         }
         Kind::PodDelete => {
@@ -103,7 +103,11 @@ pub async fn inject(s: &mut Stack, kind: Kind, rng: &mut StdRng, log: &dyn Fn(&s
             Api::<Pod>::namespaced(s.client.clone(), NS)
                 .delete(&pod.name_any(), &DeleteParams::default())
                 .await?;
-            Ok(format!("deleted pod {} on {}", pod.name_any(), node_of(&pod)))
+            Ok(format!(
+                "deleted pod {} on {}",
+                pod.name_any(),
+                pods::node_of(&pod)
+            ))
         }
         Kind::NodeDrain => {
             let node = s.cluster.nodes()[rng.random_range(0..s.cluster.nodes().len())]
@@ -191,10 +195,10 @@ pub async fn inject(s: &mut Stack, kind: Kind, rng: &mut StdRng, log: &dyn Fn(&s
             let pid = *pods::operator_pids(&pod)
                 .first()
                 .with_context(|| format!("no operator process of pod {leader}"))?;
-            kill9(pid)?;
+            pods::signal(pid, Signal::SIGKILL)?;
             Ok(format!(
                 "SIGKILL to pid {pid}, the operator leader {leader} on {}",
-                node_of(&pod)
+                pods::node_of(&pod)
             ))
         }
     }
@@ -206,16 +210,4 @@ async fn pick_pod(s: &Stack, rng: &mut StdRng) -> Result<Pod> {
     anyhow::ensure!(!pods.is_empty(), "no running worker pod");
     let i = rng.random_range(0..pods.len());
     Ok(pods.swap_remove(i))
-}
-
-fn node_of(pod: &Pod) -> String {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .unwrap_or_default()
-}
-
-fn kill9(pid: i32) -> Result<()> {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL)
-        .with_context(|| format!("SIGKILL to pid {pid}"))
 }

@@ -46,13 +46,9 @@ pub fn per_minute(
         .collect()
 }
 
-/// The `q` quantile of sorted `values` (nearest rank).
+/// The `q` quantile of sorted `values` (nearest rank), zero for none.
 pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = (q * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+    crate::stats::nearest_rank(sorted, q).unwrap_or_default()
 }
 
 /// A duration as seconds with 2 decimals up to a minute, then `XmYYs`.

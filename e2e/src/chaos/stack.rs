@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use hookfleet_crds::Integration;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Namespace, Node as NodeObject, Pod, Secret};
 use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
@@ -195,13 +194,7 @@ impl Stack {
 
     /// The operator replica holding the leader Lease (its pod name).
     pub async fn leader(&self) -> Result<Option<String>> {
-        let leases: Api<Lease> = Api::namespaced(self.client.clone(), SYSTEM_NS);
-        Ok(leases
-            .list(&ListParams::default())
-            .await?
-            .items
-            .into_iter()
-            .find_map(|l| l.spec.and_then(|s| s.holder_identity)))
+        install::leader(&self.client).await
     }
 
     /// The Integration's worker pods that run and are not being deleted, by name.
@@ -287,16 +280,7 @@ impl Stack {
             .arg(self.rabbit.dir())
             .arg(to.join("rabbitmq"))
             .status();
-        let queues = self.rabbit.ctl_any(&[
-            "list_queues",
-            "name",
-            "type",
-            "messages",
-            "messages_ready",
-            "messages_unacknowledged",
-            "consumers",
-            "leader",
-        ]);
+        let queues = self.rabbit.list_queues();
         std::fs::write(to.join("queues.txt"), format!("{queues:?}"))?;
         for ns in [NS, SYSTEM_NS] {
             let names = self

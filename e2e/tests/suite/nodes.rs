@@ -27,7 +27,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 
-use super::{INCIDENT_NOFILE, Outcome, Stack, cond, is_ready, live_prometheus_with, node_of};
+use hookfleet_e2e::pods::node_of;
+
+use super::{INCIDENT_NOFILE, Outcome, Stack, cond, is_ready, live_prometheus_with};
 
 /// Names of the local nodes and their nofile limits, or why the scenario cannot run.
 async fn nodes(s: &Stack, at_least: usize) -> Result<std::result::Result<Vec<(String, (u64, u64))>, String>> {

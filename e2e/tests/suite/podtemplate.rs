@@ -11,7 +11,9 @@ use k8s_openapi::api::scheduling::v1::PriorityClass;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 
-use super::{Outcome, Stack, node_of};
+use hookfleet_e2e::pods::node_of;
+
+use super::{Outcome, Stack};
 
 const NS: &str = "e2e-podtemplate";
 const CLASS: &str = "hookfleet-e2e-workers";

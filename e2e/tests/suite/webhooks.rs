@@ -19,7 +19,9 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 
-use super::{Outcome, Stack, signal, worker_pids};
+use hookfleet_e2e::pods::{signal, worker_pids};
+
+use super::{Outcome, Stack};
 
 const NS: &str = "e2e-webhooks";
 const QUEUE: &str = "e2e.webhooks";

@@ -36,11 +36,7 @@ pub fn open_fds(pid: u32) -> Option<usize> {
 
 /// The `q` quantile of sorted `v` (nearest rank), NaN when empty.
 pub fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
+    hookfleet_testkit::stats::nearest_rank(sorted, q).unwrap_or(f64::NAN)
 }
 
 /// p50, p99, p99.9 of `v` (sorted here).
