@@ -4,7 +4,9 @@
 //!
 //! Pure: the clock is a parameter. The state lives in the operator's memory; after a restart or a
 //! leader change it starts from the current replica count, so a new leader never scales down before a
-//! full window has passed.
+//! full window has passed. While it has memory, it steps from its own last decision, not from the
+//! Deployment in the operator's cache: that copy can be older than the last apply (just after the
+//! Deployment was created it may be missing), and stepping from it would undo a scale-up.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -35,6 +37,8 @@ pub struct Autoscaler {
     /// Recommendations within the stabilisation window, oldest first.
     history: VecDeque<(Instant, i32)>,
     last_scale_up: Option<Instant>,
+    /// The replica count last decided (before the bounds: they are applied on every decision).
+    last: Option<i32>,
 }
 
 /// What the autoscaler decided, and why.
@@ -46,8 +50,9 @@ pub struct Decision {
 }
 
 impl Autoscaler {
-    /// The replica count for now. `current` is the Deployment's replica count (None before it exists);
-    /// `backlog` is None when the broker could not be read, which holds the fleet where it is.
+    /// The replica count for now. `current` is the Deployment's replica count as cached (None before it
+    /// exists), used only when this autoscaler has decided nothing yet; `backlog` is None when the broker
+    /// could not be read, which holds the fleet where it is.
     pub fn next(
         &mut self,
         spec: &AutoscaleSpec,
@@ -57,7 +62,21 @@ impl Autoscaler {
         scale_up_period: Duration,
     ) -> Decision {
         let window: Duration = spec.scale_down_stabilization.into();
-        let current = current.unwrap_or(spec.min);
+        let current = self.last.or(current).unwrap_or(spec.min);
+        let decision = self.decide(spec, current, backlog, now, scale_up_period, window);
+        self.last = Some(decision.replicas);
+        decision
+    }
+
+    fn decide(
+        &mut self,
+        spec: &AutoscaleSpec,
+        current: i32,
+        backlog: Option<i64>,
+        now: Instant,
+        scale_up_period: Duration,
+        window: Duration,
+    ) -> Decision {
         if self.history.is_empty() {
             // No memory (new object, restart, new leader): behave as if `current` had been recommended
             // for the whole window, so nothing shrinks before a full window of low backlog.
@@ -213,9 +232,40 @@ mod tests {
             9
         );
         // Out-of-bounds current (spec edited) is clamped immediately.
-        assert_eq!(a.next(&s, Some(30), None, t0, p).replicas, 20);
+        assert_eq!(Autoscaler::default().next(&s, Some(30), None, t0, p).replicas, 20);
+        // So is the autoscaler's own last decision (9) when the spec's max drops below it.
+        let lower = spec(2, 5, 10, 60);
+        assert_eq!(
+            a.next(&lower, Some(9), None, t0 + Duration::from_secs(91), p)
+                .replicas,
+            5
+        );
         // No Deployment yet: start at min.
         let mut b = Autoscaler::default();
         assert_eq!(b.next(&s, None, Some(0), t0, p).replicas, 2);
+    }
+
+    #[test]
+    fn a_stale_cache_never_undoes_a_scale_up() {
+        // Seen in CI: the Deployment was created at 2, the next reconcile's cache did not have it yet
+        // (then 1), and the fleet went 2 → 1 → 2.
+        let s = spec(1, 6, 10, 4);
+        let p = Duration::from_secs(1);
+        let mut a = Autoscaler::default();
+        let t0 = Instant::now();
+        assert_eq!(a.next(&s, None, Some(50), t0, p).replicas, 2);
+        let soon = t0 + Duration::from_millis(100);
+        assert_eq!(
+            a.next(&s, None, Some(50), soon, p).replicas,
+            2,
+            "Deployment not cached yet"
+        );
+        assert_eq!(
+            a.next(&s, Some(1), Some(50), soon, p).replicas,
+            2,
+            "an older copy"
+        );
+        assert_eq!(a.next(&s, Some(2), Some(50), t0 + p, p).replicas, 4);
+        assert_eq!(a.next(&s, Some(2), Some(50), t0 + 2 * p, p).replicas, 5);
     }
 }

@@ -169,8 +169,9 @@ pub fn build(
     );
     // Paused: nothing is applied, so a suspend would not be either (status says so).
     let suspended = spec.suspend && !spec.paused;
-    if suspended {
-        // Resumed, the fleet starts from the spec's minimum, not from what the backlog asked for before.
+    if suspended || gone.is_some() {
+        // Resumed (or the destination back), the fleet starts again from 0 and steps up, not at once to
+        // what the backlog asked for before.
         memory.autoscaler = replicas::Autoscaler::default();
     }
     let replicas = match (&spec.workers.autoscale, fixed) {
