@@ -6,7 +6,8 @@
 #   docker build --target operator -t ghcr.io/hookfleet/operator:0.1.0 .
 #
 # (the tag is the workspace version in Cargo.toml: the operator's default --worker-image is
-# ghcr.io/hookfleet/worker:<its version>). e2e/kind/build-images.sh runs exactly these two commands.
+# ghcr.io/hookfleet/worker:<its version>). e2e/kind/build-images.sh runs exactly these two commands;
+# .github/workflows/release.yml builds both for linux/amd64 and linux/arm64 with buildx.
 #
 # NOT BUILT IN THIS REPOSITORY'S OWN TESTS: the development machines have no Docker. There the same images are
 # written without Docker by `make images` (e2e/src/images.rs), with the same layout, kept in step by hand:
@@ -19,17 +20,43 @@
 
 ARG RUST_VERSION=1.95
 
-FROM rust:${RUST_VERSION}-bookworm AS build
+# Multi-platform (`docker buildx build --platform linux/amd64,linux/arm64`, as .github/workflows/release.yml
+# does): the build stage runs on the builder's own platform and cross-compiles for the target's, so no
+# platform is emulated; a plain `docker build` builds for the machine's own platform the same way.
+FROM --platform=$BUILDPLATFORM rust:${RUST_VERSION}-bookworm AS build
+ARG TARGETARCH
+ARG BUILDARCH
 WORKDIR /src
+# The Rust target, and for another platform than the builder's, Debian's cross linker and C library.
+RUN set -eu; \
+    case "$TARGETARCH" in \
+        amd64) triple=x86_64-unknown-linux-gnu; gnu=x86_64-linux-gnu; gcc=gcc-x86-64-linux-gnu ;; \
+        arm64) triple=aarch64-unknown-linux-gnu; gnu=aarch64-linux-gnu; gcc=gcc-aarch64-linux-gnu ;; \
+        *) echo "unsupported platform linux/$TARGETARCH" >&2; exit 1 ;; \
+    esac; \
+    echo "$triple" > /target; \
+    if [ "$TARGETARCH" != "$BUILDARCH" ]; then \
+        apt-get update -q; \
+        apt-get install -y -q --no-install-recommends "$gcc" "libc6-dev-${TARGETARCH}-cross"; \
+        rm -rf /var/lib/apt/lists/*; \
+        printf '[target.%s]\nlinker = "%s-gcc"\n' "$triple" "$gnu" >> /usr/local/cargo/config.toml; \
+        echo "CC_$(echo "$triple" | tr - _)=${gnu}-gcc" > /cross.env; \
+    else \
+        : > /cross.env; \
+    fi; \
+    rustup target add "$triple"
+# cargo auditable records the dependency tree in the binaries, where SBOM scanners (syft, trivy) read it.
+RUN cargo install cargo-auditable --locked --version 0.7.7
 COPY . .
 # Cache mounts keep the registry and the target dir between builds on one builder; --locked builds exactly
 # the dependency versions of Cargo.lock.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p hookfleet-worker -p hookfleet-operator \
+    --mount=type=cache,target=/src/target,id=hookfleet-target-$TARGETARCH \
+    set -eu; triple=$(cat /target); set -a; . /cross.env; set +a; \
+    cargo auditable build --release --locked --target "$triple" -p hookfleet-worker -p hookfleet-operator \
         --bin hookfleet-worker --bin hookfleet-operator \
     && mkdir -p /out \
-    && cp target/release/hookfleet-worker target/release/hookfleet-operator /out/
+    && cp "target/$triple/release/hookfleet-worker" "target/$triple/release/hookfleet-operator" /out/
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
 ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt

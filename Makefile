@@ -21,10 +21,11 @@ demo: deps tools ## hookfleet at work: real node, chart install, sample Integrat
 test: deps tools lint ## The whole test suite: lints, unit tests, and integration tests on the real stack (benches: bench-*)
 	$(CARGO) test --workspace --lib --bins --tests
 
-lint: ## rustfmt, clippy (warnings are errors), no import cycle between modules; the generated CRD is checked by a test
+lint: ## rustfmt, clippy (warnings are errors), no import cycle between modules, actionlint on the workflows; the generated CRD is checked by a test
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	python3 hack/modcycles.py operator/src worker/src crds/src testkit/src e2e/src kubectl-hookfleet/src
+	"$$(hack/build-tools.sh --print-dir actionlint)/actionlint" .github/workflows/*.yml
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
@@ -40,7 +41,12 @@ crds: ## Regenerate crds/integrations.hookfleet.io.yaml and the chart's copy fro
 test-e2e: ## The e2e suite on the local real node (root): chart install, real worker pods, every scenario's account
 	$(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
 
-.PHONY: test-nodes test-e2e-nodes test-incident chaos
+.PHONY: test-nodes test-e2e-nodes test-incident chaos release-local
+
+release-local: deps tools ## The release workflow against a local registry (root): multi-arch images, SBOMs, provenance, cosign signatures, chart as OCI, then helm install from the registry on the real node, which pulls the images
+	HOOKFLEET_DEPS_RELEASE=1 hack/deps.sh
+	hack/build-tools.sh registry crane cosign syft >/dev/null
+	$(CARGO) run -q -p hookfleet-e2e --bin hookfleet-release -- local
 
 chaos: ## Chaos soak (root; not in `make test`): 30 min of load on 3 nodes + 3 brokers, random faults (seed printed), per-id report; HOOKFLEET_CHAOS_MINUTES/SEED/RATE
 	$(CARGO) run -q -p hookfleet-e2e --bin hookfleet-chaos

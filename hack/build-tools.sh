@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds the pinned binaries of the local control plane (etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubectl, kwok, helm) and of the local node (kubelet, kube-proxy) from the Go module proxy into a cache outside the repository, keyed by
-# version. Idempotent: with everything cached it only rewrites tools.env and prints, in well under a second.
+# version; and, only when named, the release tools (registry, crane, cosign, syft, actionlint: `make release-local`). Idempotent: with everything cached it only rewrites tools.env and prints, in well under a second.
 #
-#   hack/build-tools.sh                  build every tool that is missing; the last stdout line is
+#   hack/build-tools.sh                  build every tool (not the release tools) that is missing; the last stdout line is
 #                                        `export HOOKFLEET_ETCD=… HOOKFLEET_KUBE_APISERVER=… …` (eval-able)
 #   hack/build-tools.sh etcd kubectl     build only those (same output, for the named tools)
 #   hack/build-tools.sh --print-dir NAME print the directory holding NAME (built first if missing)
@@ -27,9 +27,15 @@ KUBE_VERSION="${HOOKFLEET_KUBE_VERSION:-v1.34.4}"   # kube-apiserver, -controlle
 ETCD_VERSION="${HOOKFLEET_ETCD_VERSION:-v3.6.16}"   # go.etcd.io/etcd/server/v3
 KWOK_VERSION="${HOOKFLEET_KWOK_VERSION:-v0.8.0}"    # sigs.k8s.io/kwok (its supported_releases.txt lists 1.34)
 HELM_VERSION="${HOOKFLEET_HELM_VERSION:-v3.19.5}"   # helm.sh/helm/v3 (built against k8s.io/* v0.34)
+# The release tools (`make release-local`), built only when named.
+GGCR_VERSION="${HOOKFLEET_GGCR_VERSION:-v0.22.1}"   # github.com/google/go-containerregistry: registry, crane
+COSIGN_VERSION="${HOOKFLEET_COSIGN_VERSION:-v2.6.5}" # github.com/sigstore/cosign/v2 (v2: key-pair signing offline)
+SYFT_VERSION="${HOOKFLEET_SYFT_VERSION:-v1.57.2}"   # github.com/anchore/syft
+ACTIONLINT_VERSION="${HOOKFLEET_ACTIONLINT_VERSION:-v1.7.12}" # github.com/rhysd/actionlint
 
 ROOT="${HOOKFLEET_CACHE:-${HOME:-/tmp}/.cache/hookfleet}"
 TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubelet kube-proxy)
+RELEASE_TOOLS=(registry crane cosign syft actionlint)
 # The k8s.io/kubernetes main packages built from one throwaway module.
 KUBE_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
 
@@ -53,7 +59,11 @@ version_of() {
         kube-apiserver | kube-controller-manager | kube-scheduler | kubectl | kubelet | kube-proxy) echo "$KUBE_VERSION" ;;
         kwok) echo "$KWOK_VERSION" ;;
         helm) echo "$HELM_VERSION" ;;
-        *) die "unknown tool '$1' (known: ${TOOLS[*]})" ;;
+        registry | crane) echo "$GGCR_VERSION" ;;
+        cosign) echo "$COSIGN_VERSION" ;;
+        syft) echo "$SYFT_VERSION" ;;
+        actionlint) echo "$ACTIONLINT_VERSION" ;;
+        *) die "unknown tool '$1' (known: ${TOOLS[*]} ${RELEASE_TOOLS[*]})" ;;
     esac
 }
 
@@ -178,7 +188,10 @@ smoke() {
     ver=$(version_of "$name")
     case "$name" in
         kubectl) out=$("$bin" version --client 2>&1) ;;
-        helm) out=$("$bin" version 2>&1) ;;
+        helm | crane | cosign | syft) out=$("$bin" version 2>&1) ;;
+        actionlint) out=$("$bin" -version 2>&1) ;;
+        # The registry has no version flag: its help is the check that it runs.
+        registry) out=$("$bin" --help 2>&1) && out="$out ${ver#v}" ;;
         *) out=$("$bin" --version 2>&1) ;;
     esac || die "$bin does not run: $out"
     [[ "$out" == *"${ver#v}"* ]] || die "$bin reports the wrong version (want $ver): $out"
@@ -212,6 +225,23 @@ build() {
             dir=$(prepare_module helm.sh/helm/v3 "$HELM_VERSION" "" helm.sh/helm/v3/cmd/helm)
             pkg=helm.sh/helm/v3/cmd/helm
             ldflags=$(helm_ldflags) ;;
+        registry | crane)
+            dir=$(prepare_module github.com/google/go-containerregistry "$GGCR_VERSION" "" \
+                github.com/google/go-containerregistry/cmd/registry github.com/google/go-containerregistry/cmd/crane)
+            pkg="github.com/google/go-containerregistry/cmd/$name"
+            ldflags="-X github.com/google/go-containerregistry/cmd/crane/cmd.Version=$GGCR_VERSION" ;;
+        cosign)
+            dir=$(prepare_module github.com/sigstore/cosign/v2 "$COSIGN_VERSION" "" github.com/sigstore/cosign/v2/cmd/cosign)
+            pkg=github.com/sigstore/cosign/v2/cmd/cosign
+            ldflags="-X sigs.k8s.io/release-utils/version.gitVersion=$COSIGN_VERSION -X sigs.k8s.io/release-utils/version.gitTreeState=clean" ;;
+        syft)
+            dir=$(prepare_module github.com/anchore/syft "$SYFT_VERSION" "" github.com/anchore/syft/cmd/syft)
+            pkg=github.com/anchore/syft/cmd/syft
+            ldflags="-X main.version=${SYFT_VERSION#v}" ;;
+        actionlint)
+            dir=$(prepare_module github.com/rhysd/actionlint "$ACTIONLINT_VERSION" "" github.com/rhysd/actionlint/cmd/actionlint)
+            pkg=github.com/rhysd/actionlint/cmd/actionlint
+            ldflags="-X github.com/rhysd/actionlint.version=$ACTIONLINT_VERSION" ;;
     esac
     mkdir -p "$(dirname "$dst")"
     tmp="$dst.tmp.$$"
@@ -231,7 +261,7 @@ write_env() {
     tmp=$(mktemp "$ROOT/bin/.tools.env.XXXXXX")
     {
         echo "# Written by hack/build-tools.sh: the pinned tools present in this cache."
-        for name in "${TOOLS[@]}"; do
+        for name in "${TOOLS[@]}" "${RELEASE_TOOLS[@]}"; do
             p=$(cached_path "$name")
             if [[ -x "$p" ]]; then echo "$(env_var_of "$name")=$p"; fi
         done

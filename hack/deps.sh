@@ -6,6 +6,10 @@
 #   prometheus        promtool, for the chart's alert-rule tests
 #   containerd runc containernetworking-plugins iptables busybox-static
 #                     the real node (e2e/src/node.rs), which only runs as root anyway
+# With HOOKFLEET_DEPS_RELEASE=1 (make release-local) also, for the arm64 images:
+#   gcc-aarch64-linux-gnu   the cross linker and arm64 C library (libc6-arm64-cross, copied into the image)
+#   binutils                readelf, which names an arm64 binary's shared libraries
+# and the Rust target aarch64-unknown-linux-gnu (rustup) and cargo-auditable (cargo install, crates.io).
 # As a user without password-less sudo, missing node packages are reported, not installed: the rootless stack
 # (control plane, kwok, RabbitMQ) does not need them, and its tests still run.
 set -euo pipefail
@@ -24,6 +28,13 @@ done
 # The static build: it has the ssl_client applet busybox's wget needs for https.
 { [ -x /bin/busybox ] && /bin/busybox --list | grep -qx ssl_client; } || node+=(busybox-static)
 [ -f /etc/ssl/certs/ca-certificates.crt ] || core+=(ca-certificates)
+if [ -n "${HOOKFLEET_DEPS_RELEASE:-}" ]; then
+    have aarch64-linux-gnu-gcc || core+=(gcc-aarch64-linux-gnu)
+    have readelf || core+=(binutils)
+    rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu \
+        || rustup target add aarch64-unknown-linux-gnu >&2
+    cargo auditable --version >/dev/null 2>&1 || cargo install cargo-auditable --locked --version 0.7.7 >&2
+fi
 
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then

@@ -221,6 +221,11 @@ impl Cluster {
     }
 
     /// An admin client.
+    /// Lets every node pull from the plain-HTTP registry at `host` (`address:port`): [`Node::trust_registry`].
+    pub fn trust_registry(&self, host: &str) -> Result<()> {
+        self.nodes.iter().try_for_each(|n| n.trust_registry(host))
+    }
+
     pub fn client(&self) -> Client {
         self.control_plane.client()
     }

@@ -68,34 +68,74 @@ pub fn release_binaries() -> Result<Binaries> {
             operator: o.into(),
         });
     }
+    release_binaries_for(Arch::host()?, false)
+}
+
+/// `cargo build --release` of the worker and operator for `arch` (cross-compiled, with the Debian cross
+/// toolchain as linker, when it is not this machine's), with `cargo auditable` when `auditable` (the
+/// binaries then carry their dependency list, which an SBOM scanner reads).
+pub fn release_binaries_for(arch: Arch, auditable: bool) -> Result<Binaries> {
     // Inside `cargo test`, CARGO names the cargo that runs us: the same toolchain builds the binaries.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let root = crate::tools::repo_root();
     eprintln!(
-        "hookfleet-e2e: cargo build --release of hookfleet-worker and hookfleet-operator (no-op when fresh)"
+        "hookfleet-e2e: cargo {}build --release{} of hookfleet-worker and hookfleet-operator (no-op when fresh)",
+        if auditable { "auditable " } else { "" },
+        if arch.is_host() {
+            String::new()
+        } else {
+            format!(" --target {}", arch.triple)
+        },
     );
-    let out = Command::new(&cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--message-format=json-render-diagnostics",
-            "-p",
-            "hookfleet-worker",
-            "-p",
-            "hookfleet-operator",
-            "--bin",
-            "hookfleet-worker",
-            "--bin",
-            "hookfleet-operator",
-        ])
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(&root);
+    if auditable {
+        cmd.arg("auditable");
+    }
+    cmd.args([
+        "build",
+        "--release",
+        "--locked",
+        "--message-format=json-render-diagnostics",
+        "-p",
+        "hookfleet-worker",
+        "-p",
+        "hookfleet-operator",
+        "--bin",
+        "hookfleet-worker",
+        "--bin",
+        "hookfleet-operator",
+    ]);
+    if !arch.is_host() {
+        let cc = format!("{}-gcc", arch.gnu);
+        if which(&cc).is_none() {
+            bail!(
+                "cross-compiling for {}: {cc} not found (Debian: apt-get install gcc-{}; and rustup target add {})",
+                arch.oci,
+                arch.gnu,
+                arch.triple
+            );
+        }
+        cmd.args(["--target", arch.triple]);
+        let triple_env = arch.triple.replace('-', "_");
+        let linker = format!("CARGO_TARGET_{}_LINKER", triple_env.to_uppercase());
+        if std::env::var_os(&linker).is_none() {
+            cmd.env(&linker, &cc);
+        }
+        let cc_var = format!("CC_{triple_env}");
+        if std::env::var_os(&cc_var).is_none() {
+            cmd.env(&cc_var, &cc);
+        }
+    }
+    let out = cmd
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
         .with_context(|| format!("running {} build in {}", cargo.to_string_lossy(), root.display()))?;
     if !out.status.success() {
         bail!(
-            "cargo build --release of the worker and operator failed ({}); its errors are above",
+            "cargo build --release of the worker and operator for {} failed ({}); its errors are above",
+            arch.oci,
             out.status
         );
     }
@@ -110,6 +150,93 @@ pub fn release_binaries() -> Result<Binaries> {
     })
 }
 
+/// A Linux platform the release images are built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Arch {
+    /// The OCI architecture (`amd64`).
+    pub oci: &'static str,
+    /// The Rust target (`x86_64-unknown-linux-gnu`).
+    pub triple: &'static str,
+    /// The GNU triple of Debian's multiarch paths and cross toolchain (`x86_64-linux-gnu`).
+    pub gnu: &'static str,
+}
+
+impl Arch {
+    pub const AMD64: Arch = Arch {
+        oci: "amd64",
+        triple: "x86_64-unknown-linux-gnu",
+        gnu: "x86_64-linux-gnu",
+    };
+    pub const ARM64: Arch = Arch {
+        oci: "arm64",
+        triple: "aarch64-unknown-linux-gnu",
+        gnu: "aarch64-linux-gnu",
+    };
+    /// The platforms of a release.
+    pub const RELEASE: [Arch; 2] = [Arch::AMD64, Arch::ARM64];
+
+    /// `amd64` or `arm64` (also `linux/amd64`).
+    pub fn parse(s: &str) -> Result<Arch> {
+        let a = s.strip_prefix("linux/").unwrap_or(s);
+        Self::RELEASE
+            .into_iter()
+            .find(|r| r.oci == a)
+            .with_context(|| format!("platform {s:?}: one of linux/amd64, linux/arm64"))
+    }
+
+    /// This machine's.
+    pub fn host() -> Result<Arch> {
+        Self::parse(crate::oci::platform().1)
+    }
+
+    pub fn is_host(&self) -> bool {
+        crate::oci::platform().1 == self.oci
+    }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+/// The worker and operator images for every platform of `binaries`, each written as one multi-platform OCI
+/// image layout (`out_dir/worker`, `out_dir/operator`) named `<registry>/worker:<version>` and
+/// `<registry>/operator:<version>` (`registry` like `ghcr.io/hookfleet`).
+pub fn multi_platform(
+    out_dir: &Path,
+    registry: &str,
+    binaries: &[(Arch, Binaries)],
+) -> Result<Vec<crate::oci::Layout>> {
+    let version = env!("CARGO_PKG_VERSION");
+    let mut layouts = Vec::new();
+    for (component, bin_name, description) in [
+        ("worker", "hookfleet-worker", WORKER_DESCRIPTION),
+        ("operator", "hookfleet-operator", OPERATOR_DESCRIPTION),
+    ] {
+        let name = format!("{registry}/{component}:{version}");
+        let images = binaries
+            .iter()
+            .map(|(arch, bins)| {
+                let binary = if component == "worker" {
+                    &bins.worker
+                } else {
+                    &bins.operator
+                };
+                service_image_for(*arch, &name, bin_name, binary, description)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let dir = out_dir.join(component);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+        layouts.push(crate::oci::write_layout(&dir, &name, &images)?);
+    }
+    Ok(layouts)
+}
+
 /// The `executable` of the last `compiler-artifact` message for bin target `name`.
 fn executable_from_messages(stdout: &str, name: &str) -> Option<PathBuf> {
     stdout
@@ -122,38 +249,52 @@ fn executable_from_messages(stdout: &str, name: &str) -> Option<PathBuf> {
 
 /// The worker image from `binary`, written to `out_dir/worker.tar`.
 pub fn worker(out_dir: &Path, binary: &Path) -> Result<ImageArchive> {
-    let image = service_image(
-        WORKER_IMAGE,
-        "hookfleet-worker",
-        binary,
-        "Consumes a RabbitMQ queue and delivers each message as a webhook",
-    )?;
+    let image = service_image(WORKER_IMAGE, "hookfleet-worker", binary, WORKER_DESCRIPTION)?;
     image.write_archive(&out_dir.join("worker.tar"))
 }
 
 /// The operator image from `binary`, written to `out_dir/operator.tar`.
 pub fn operator(out_dir: &Path, binary: &Path) -> Result<ImageArchive> {
-    let image = service_image(
-        OPERATOR_IMAGE,
-        "hookfleet-operator",
-        binary,
-        "Reconciles hookfleet Integrations into worker fleets",
-    )?;
+    let image = service_image(OPERATOR_IMAGE, "hookfleet-operator", binary, OPERATOR_DESCRIPTION)?;
     image.write_archive(&out_dir.join("operator.tar"))
 }
+
+const WORKER_DESCRIPTION: &str = "Consumes a RabbitMQ queue and delivers each message as a webhook";
+const OPERATOR_DESCRIPTION: &str = "Reconciles hookfleet Integrations into worker fleets";
 
 /// A distroless-like image: `/usr/local/bin/<bin_name>` as entrypoint, its shared libraries, a CA bundle, a
 /// `nonroot` user 65532 and a writable `/tmp`.
 pub fn service_image(name: &str, bin_name: &str, binary: &Path, description: &str) -> Result<Image> {
+    service_image_for(Arch::host()?, name, bin_name, binary, description)
+}
+
+/// [`service_image`] for a binary built for `arch`: the shared libraries of another platform come from
+/// Debian's cross toolchain (`/usr/<gnu triple>/lib`, package `libc6-<arch>-cross`) and go where that
+/// platform's Debian has them (`/lib/<gnu triple>/`).
+pub fn service_image_for(
+    arch: Arch,
+    name: &str,
+    bin_name: &str,
+    binary: &Path,
+    description: &str,
+) -> Result<Image> {
     if !binary.is_file() {
         bail!("{bin_name}: binary {} does not exist", binary.display());
     }
     let install = format!("/usr/local/bin/{bin_name}");
     let mut image = Image::new(name);
+    image.platform = ("linux", arch.oci);
     image.add(Entry::host_file(&install, binary).mode(0o755));
-    for lib in shared_libraries(binary)? {
-        let path = lib.to_str().context("library path is not UTF-8")?.to_owned();
-        image.add(Entry::host_file(&path, &lib).mode(0o755));
+    let libs = if arch.is_host() {
+        shared_libraries(binary)?
+            .into_iter()
+            .map(|lib| Ok((lib.to_str().context("library path is not UTF-8")?.to_owned(), lib)))
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        foreign_libraries(binary, arch)?
+    };
+    for (path, host) in libs {
+        image.add(Entry::host_file(&path, &host).mode(0o755));
     }
     if !Path::new(CA_BUNDLE).is_file() {
         bail!(
@@ -234,6 +375,82 @@ pub fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
     parse_ldd(&stdout).with_context(|| format!("ldd {}", binary.display()))
 }
 
+/// The shared libraries of `binary`, built for `arch` (not this machine's, so `ldd` cannot run it): its
+/// `NEEDED` entries and theirs, as `readelf` reads them, found in `/usr/<gnu triple>/lib`; returned as
+/// (path in the image, file on this machine), the program interpreter at the path the binary names.
+pub fn foreign_libraries(binary: &Path, arch: Arch) -> Result<Vec<(String, PathBuf)>> {
+    let host_dir = PathBuf::from(format!("/usr/{}/lib", arch.gnu));
+    if !host_dir.is_dir() {
+        bail!(
+            "{} libraries: {} missing (Debian: apt-get install gcc-{})",
+            arch.oci,
+            host_dir.display(),
+            arch.gnu
+        );
+    }
+    let readelf = |args: &[&str], file: &Path| -> Result<String> {
+        let out = Command::new("readelf")
+            .args(args)
+            .arg(file)
+            .stdin(Stdio::null())
+            .output()
+            .context("running readelf (Debian: binutils)")?;
+        if !out.status.success() {
+            bail!(
+                "readelf {args:?} {} failed: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let mut out = BTreeSet::new();
+    let interp = parse_interpreter(&readelf(&["-W", "-l"], binary)?);
+    if let Some(interp) = &interp {
+        let file = Path::new(interp)
+            .file_name()
+            .context("interpreter without a file name")?;
+        out.insert((interp.clone(), host_dir.join(file)));
+    }
+    let mut todo = parse_needed(&readelf(&["-W", "-d"], binary)?);
+    let mut seen = BTreeSet::new();
+    while let Some(lib) = todo.pop() {
+        if !seen.insert(lib.clone()) {
+            continue;
+        }
+        let host = host_dir.join(&lib);
+        if !host.is_file() {
+            bail!(
+                "{}: shared library {lib} of {} not found in {}",
+                arch.oci,
+                binary.display(),
+                host_dir.display()
+            );
+        }
+        if interp.as_deref().and_then(|i| Path::new(i).file_name()) != Some(std::ffi::OsStr::new(&lib)) {
+            out.insert((format!("/lib/{}/{lib}", arch.gnu), host.clone()));
+        }
+        todo.extend(parse_needed(&readelf(&["-W", "-d"], &host)?));
+    }
+    Ok(out.into_iter().collect())
+}
+
+/// `libc.so.6` from `readelf -d` lines like ` 0x… (NEEDED)  Shared library: [libc.so.6]`.
+fn parse_needed(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| Some(l.split_once('[')?.1.split_once(']')?.0.to_owned()))
+        .collect()
+}
+
+/// The path of `[Requesting program interpreter: /lib/ld-linux-aarch64.so.1]` in `readelf -l`.
+fn parse_interpreter(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.split_once("program interpreter: "))
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(p, _)| p.trim().to_owned())
+}
+
 /// Paths from `ldd` output: `libc.so.6 => /lib/…/libc.so.6 (0x…)` and the loader's `/lib64/ld-….so.2 (0x…)`;
 /// the vDSO has no file and is skipped.
 fn parse_ldd(stdout: &str) -> Result<Vec<PathBuf>> {
@@ -294,7 +511,12 @@ pub fn pause(out_dir: &Path) -> Result<ImageArchive> {
 /// The tools image: every busybox applet at its usual path (`busybox --list-full`), `/bin/sh` as command,
 /// a writable `/tmp`, root and nonroot users.
 pub fn tools(out_dir: &Path) -> Result<ImageArchive> {
-    let (mut image, busybox) = busybox_image(TOOLS_IMAGE)?;
+    tools_image(TOOLS_IMAGE)?.write_archive(&out_dir.join("tools.tar"))
+}
+
+/// The [`tools`] image named `name`, not yet written.
+pub fn tools_image(name: &str) -> Result<Image> {
+    let (mut image, busybox) = busybox_image(name)?;
     let out = Command::new(&busybox)
         .arg("--list-full")
         .stdin(Stdio::null())
@@ -313,7 +535,7 @@ pub fn tools(out_dir: &Path) -> Result<ImageArchive> {
     add_users(&mut image);
     image.add(Entry::dir("/tmp").mode(0o1777));
     image.config.cmd = vec!["/bin/sh".into()];
-    image.write_archive(&out_dir.join("tools.tar"))
+    Ok(image)
 }
 
 /// Imports `archives` into the `k8s.io` namespace of the containerd at `address` (its socket) with `ctr`,
@@ -350,6 +572,20 @@ pub fn import_archive(address: &Path, archive: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readelf_output_gives_needed_libraries_and_the_interpreter() {
+        let dynamic = " 0x0000000000000001 (NEEDED)             Shared library: [libgcc_s.so.1]\n                        0x0000000000000001 (NEEDED)             Shared library: [libc.so.6]\n                        0x000000000000000c (INIT)               0x4a000\n";
+        assert_eq!(parse_needed(dynamic), ["libgcc_s.so.1", "libc.so.6"]);
+        let headers = "  INTERP         0x0002a8 0x00000000000002a8 0x00000000000002a8 0x00001b 0x00001b R   0x1\n                             [Requesting program interpreter: /lib/ld-linux-aarch64.so.1]\n";
+        assert_eq!(
+            parse_interpreter(headers).as_deref(),
+            Some("/lib/ld-linux-aarch64.so.1")
+        );
+        assert_eq!(parse_interpreter("no such line"), None);
+        assert_eq!(Arch::parse("linux/arm64").unwrap(), Arch::ARM64);
+        assert!(Arch::parse("s390x").is_err());
+    }
 
     #[test]
     fn ldd_output_gives_libraries_and_loader_without_vdso() {

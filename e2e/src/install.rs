@@ -4,14 +4,16 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
+use hookfleet_crds::Integration;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
 use kube::Client;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 
 use crate::cluster::Cluster;
 use crate::process::wait_for;
-use crate::{chart, images};
+use crate::{chart, images, tools};
 
 /// Release name and namespace of the installation.
 pub const RELEASE: &str = "hookfleet";
@@ -34,17 +36,26 @@ pub async fn helm_install(
     helm_home: &Path,
     set: &[&str],
 ) -> Result<String> {
+    let chart = chart::dir().display().to_string();
+    let mut all = vec!["image.pullPolicy=Never", "worker.image.pullPolicy=Never"];
+    all.extend_from_slice(set);
+    helm_install_chart(client, kubeconfig, helm_home, &[chart.as_str()], &all).await
+}
+
+/// `helm install` of `chart` (the chart's arguments: a directory, or `oci://…` with `--version` and the
+/// like) into [`NAMESPACE`] with `set`, then as [`helm_install`].
+pub async fn helm_install_chart(
+    client: &Client,
+    kubeconfig: &Path,
+    helm_home: &Path,
+    chart: &[&str],
+    set: &[&str],
+) -> Result<String> {
     let mut cmd = chart::helm(helm_home)?;
     cmd.env("KUBECONFIG", kubeconfig)
         .args(["install", RELEASE])
-        .arg(chart::dir())
-        .args(["-n", NAMESPACE, "--create-namespace", "--wait", "--timeout", "5m"])
-        .args([
-            "--set",
-            "image.pullPolicy=Never",
-            "--set",
-            "worker.image.pullPolicy=Never",
-        ]);
+        .args(chart)
+        .args(["-n", NAMESPACE, "--create-namespace", "--wait", "--timeout", "5m"]);
     for s in set {
         cmd.args(["--set", s]);
     }
@@ -63,6 +74,56 @@ pub async fn helm_install(
         || leader(client),
     )
     .await
+}
+
+/// The sample Integration (`crds/examples/minimal.yaml`) in `default`, consuming the RabbitMQ at
+/// `amqp_uri_for_pods` (its Secret `rabbitmq`, created here) and delivering to `destination` (a private
+/// address, allowed explicitly); returns its name and queue once it is Ready with 2 consumers.
+pub async fn apply_sample(
+    client: &Client,
+    amqp_uri_for_pods: &str,
+    destination: &str,
+) -> Result<(String, String)> {
+    let ssa = PatchParams::apply("hookfleet-e2e").force();
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "rabbitmq", "namespace": "default"},
+        "stringData": {"uri": amqp_uri_for_pods}
+    }))?;
+    Api::<Secret>::namespaced(client.clone(), "default")
+        .patch("rabbitmq", &ssa, &Patch::Apply(&secret))
+        .await?;
+    let sample_path = tools::repo_root().join("crds/examples/minimal.yaml");
+    let mut sample: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(&sample_path)?)?;
+    sample["spec"]["destination"]["url"] = destination.into();
+    sample["spec"]["destination"]["allowPrivateNetworks"] = true.into();
+    let name = sample["metadata"]["name"]
+        .as_str()
+        .context("the sample has a name")?
+        .to_string();
+    let queue = sample["spec"]["source"]["queue"]
+        .as_str()
+        .context("the sample has a queue")?
+        .to_string();
+    let intgs = Api::<Integration>::namespaced(client.clone(), "default");
+    intgs.patch(&name, &ssa, &Patch::Apply(&sample)).await?;
+    wait_for(
+        "the sample Ready with 2 consumers",
+        Duration::from_secs(300),
+        Duration::from_secs(1),
+        || {
+            let intgs = intgs.clone();
+            let name = name.clone();
+            async move {
+                let i = intgs.get(&name).await?;
+                let ok = i.condition("Ready").is_some_and(|c| c.status == "True")
+                    && i.status.as_ref().is_some_and(|s| s.consumers == Some(2));
+                Ok(ok.then_some(()))
+            }
+        },
+    )
+    .await?;
+    Ok((name, queue))
 }
 
 /// The operator replica holding the leader Lease in the release namespace (its identity: the pod name), if

@@ -17,6 +17,7 @@ pub mod install;
 pub mod node;
 pub mod oci;
 pub mod pods;
+pub mod release;
 
 pub use cluster::{Cluster, ClusterOptions};
 pub use hookfleet_testkit::{

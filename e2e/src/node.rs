@@ -50,6 +50,8 @@ const CONTAINER_LOG_LINKS: &str = "/var/log/containers";
 const DEVICE_PLUGINS: &str = "/var/lib/kubelet/device-plugins";
 /// The node's name in the API.
 pub const NODE_NAME: &str = "hookfleet-node";
+/// containerd's registry host configuration, under the node's directory.
+const REGISTRY_HOSTS: &str = "containerd/certs.d";
 
 /// What the node runs with.
 #[derive(Clone, Debug)]
@@ -338,6 +340,21 @@ impl Node {
     /// Imports archives written by [`crate::images`] (e.g. `images::build`'s worker and operator images).
     pub fn import(&self, archives: &[crate::oci::ImageArchive]) -> Result<()> {
         crate::images::import(&self.socket, archives)
+    }
+
+    /// Lets this node's containerd pull from the plain-HTTP registry at `host` (`address:port`), as an image
+    /// reference names it: a `hosts.toml` for that host, which containerd reads at every pull.
+    pub fn trust_registry(&self, host: &str) -> Result<()> {
+        let dir = self.dir.join(REGISTRY_HOSTS).join(host);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(
+            dir.join("hosts.toml"),
+            format!(
+                "# Written by hookfleet-e2e: a local registry over plain HTTP.\nserver = \"http://{host}\"\n\n\
+                 [host.\"http://{host}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ),
+        )
+        .with_context(|| format!("writing {}/hosts.toml", dir.display()))
     }
 
     /// A `ctr` command bound to the node's containerd, in the CRI's namespace (`k8s.io`).
@@ -691,11 +708,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     bin_dir = "/usr/lib/cni"
     conf_dir = "{cni_conf}"
     max_conf_num = 1
+  # One directory per registry host (`<host:port>/hosts.toml`), read at each pull: see Node::trust_registry.
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{registry_hosts}"
 "#,
         root = d("containerd/root"),
         state = d("containerd/state"),
         opt = d("containerd/opt"),
         runc = d("runc"),
+        registry_hosts = d(REGISTRY_HOSTS),
         socket = socket.display(),
         cni_conf = cni_conf.display(),
         base_spec = base_spec.display(),

@@ -135,6 +135,9 @@ pub struct Image {
     /// pod spec uses after normalisation, so a short name (`worker:1`) would never match.
     pub name: String,
     pub config: RuntimeConfig,
+    /// The OCI platform `(os, architecture)` its binaries are built for: this machine's by default
+    /// ([`platform`]).
+    pub platform: (&'static str, &'static str),
     entries: Vec<Entry>,
 }
 
@@ -159,6 +162,7 @@ impl Image {
         Self {
             name: name.to_owned(),
             config: RuntimeConfig::default(),
+            platform: platform(),
             entries: Vec::new(),
         }
     }
@@ -191,23 +195,15 @@ impl Image {
         Ok((diff_id, digest, size))
     }
 
-    /// Writes the image as an OCI image layout in a tar archive at `path` (a temporary file next to it holds
-    /// the layer while it is built).
-    pub fn write_archive(&self, path: &Path) -> Result<ImageArchive> {
-        check_reference(&self.name)?;
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut layer = tempfile::tempfile_in(dir)
-            .with_context(|| format!("creating a temporary layer file in {}", dir.display()))?;
+    /// The layer (in a temporary file in `tmp_dir`), config and manifest of the image.
+    fn blobs(&self, tmp_dir: &Path) -> Result<Blobs> {
+        let mut layer = tempfile::tempfile_in(tmp_dir)
+            .with_context(|| format!("creating a temporary layer file in {}", tmp_dir.display()))?;
         let (diff_id, layer_digest, layer_size) = self
             .write_layer(BufWriter::new(&mut layer))
             .with_context(|| format!("writing the layer of {}", self.name))?;
         layer.rewind()?;
-
-        let (os, architecture) = platform();
+        let (os, architecture) = self.platform;
         let config = serde_json::to_vec(&ConfigJson {
             architecture,
             os,
@@ -225,17 +221,47 @@ impl Image {
             layers: vec![Descriptor::new(MEDIA_TYPE_LAYER_GZIP, &layer_digest, layer_size)],
         })?;
         let manifest_digest = sha256(&manifest);
-        let tag = self.name.rsplit_once(':').map(|(_, t)| t).unwrap_or("latest");
+        Ok(Blobs {
+            layer,
+            layer_size,
+            layer_digest,
+            diff_id,
+            config,
+            config_digest,
+            manifest,
+            manifest_digest,
+        })
+    }
+
+    /// The descriptor of this image's manifest in an index.
+    fn manifest_descriptor(&self, blobs: &Blobs) -> Descriptor {
+        let (os, architecture) = self.platform;
+        Descriptor {
+            platform: Some(Platform { architecture, os }),
+            ..Descriptor::new(
+                MEDIA_TYPE_MANIFEST,
+                &blobs.manifest_digest,
+                blobs.manifest.len() as u64,
+            )
+        }
+    }
+
+    /// Writes the image as an OCI image layout in a tar archive at `path` (a temporary file next to it holds
+    /// the layer while it is built).
+    pub fn write_archive(&self, path: &Path) -> Result<ImageArchive> {
+        check_reference(&self.name)?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut b = self.blobs(dir)?;
         let index = serde_json::to_vec(&Index {
             schema_version: 2,
             media_type: MEDIA_TYPE_INDEX,
             manifests: vec![Descriptor {
-                annotations: BTreeMap::from([
-                    (ANNOTATION_CONTAINERD_NAME, self.name.clone()),
-                    (ANNOTATION_REF_NAME, tag.to_owned()),
-                ]),
-                platform: Some(Platform { architecture, os }),
-                ..Descriptor::new(MEDIA_TYPE_MANIFEST, &manifest_digest, manifest.len() as u64)
+                annotations: name_annotations(&self.name),
+                ..self.manifest_descriptor(&b)
             }],
         })?;
 
@@ -245,9 +271,9 @@ impl Image {
         append_dir(&mut tar, "blobs/")?;
         append_dir(&mut tar, "blobs/sha256/")?;
         let mut blobs: Vec<(&str, Blob)> = vec![
-            (&config_digest, Blob::Bytes(&config)),
-            (&manifest_digest, Blob::Bytes(&manifest)),
-            (&layer_digest, Blob::File(&mut layer, layer_size)),
+            (&b.config_digest, Blob::Bytes(&b.config)),
+            (&b.manifest_digest, Blob::Bytes(&b.manifest)),
+            (&b.layer_digest, Blob::File(&mut b.layer, b.layer_size)),
         ];
         blobs.sort_by(|a, b| a.0.cmp(b.0));
         for (digest, blob) in blobs {
@@ -261,7 +287,7 @@ impl Image {
             }
         }
         append_bytes(&mut tar, "index.json", &index)?;
-        append_bytes(&mut tar, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        append_bytes(&mut tar, "oci-layout", OCI_LAYOUT)?;
         tar.into_inner()
             .and_then(|w| w.into_inner().map_err(io::IntoInnerError::into_error))
             .and_then(|f| f.sync_all())
@@ -270,12 +296,111 @@ impl Image {
         Ok(ImageArchive {
             name: self.name.clone(),
             path: path.to_owned(),
-            manifest_digest,
-            config_digest,
-            diff_id,
-            layer_digest,
+            manifest_digest: b.manifest_digest,
+            config_digest: b.config_digest,
+            diff_id: b.diff_id,
+            layer_digest: b.layer_digest,
         })
     }
+}
+
+/// The contents of `oci-layout`.
+const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+
+/// The annotations that name an image in an index: containerd's full reference and OCI's tag.
+fn name_annotations(name: &str) -> BTreeMap<&'static str, String> {
+    let tag = name.rsplit_once(':').map(|(_, t)| t).unwrap_or("latest");
+    BTreeMap::from([
+        (ANNOTATION_CONTAINERD_NAME, name.to_owned()),
+        (ANNOTATION_REF_NAME, tag.to_owned()),
+    ])
+}
+
+/// One image's blobs, before they are written.
+struct Blobs {
+    layer: File,
+    layer_size: u64,
+    layer_digest: String,
+    diff_id: String,
+    config: Vec<u8>,
+    config_digest: String,
+    manifest: Vec<u8>,
+    manifest_digest: String,
+}
+
+/// A multi-platform image written by [`write_layout`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// The reference the index is annotated with (`registry/repository:tag`).
+    pub name: String,
+    /// The OCI image layout directory.
+    pub dir: PathBuf,
+    /// `sha256:…` of the image index: what a registry serves for the tag, and what a pull resolves to.
+    pub index_digest: String,
+    /// `("linux/amd64", "sha256:…")`: each platform's manifest digest, in the order given.
+    pub manifests: Vec<(String, String)>,
+}
+
+/// Writes `images` (one per platform, all of one name) as one multi-platform image: an OCI image layout
+/// directory `dir` whose `index.json` names one image index, which lists each platform's manifest. `crane
+/// push DIR REF` pushes it as a multi-platform image; `ctr images import` takes a tar of it. Reproducible like
+/// [`Image::write_archive`].
+pub fn write_layout(dir: &Path, name: &str, images: &[Image]) -> Result<Layout> {
+    check_reference(name)?;
+    if images.is_empty() {
+        bail!("{name}: a multi-platform image needs at least one platform");
+    }
+    let mut platforms = std::collections::BTreeSet::new();
+    for i in images {
+        if !platforms.insert(i.platform) {
+            bail!("{name}: platform {}/{} given twice", i.platform.0, i.platform.1);
+        }
+    }
+    let blob_dir = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blob_dir).with_context(|| format!("creating {}", blob_dir.display()))?;
+    let write_blob = |digest: &str, bytes: &[u8]| -> Result<()> {
+        let path = blob_dir.join(digest.trim_start_matches("sha256:"));
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
+    };
+    let mut descriptors = Vec::new();
+    let mut manifests = Vec::new();
+    for image in images {
+        let mut b = image.blobs(dir)?;
+        let path = blob_dir.join(b.layer_digest.trim_start_matches("sha256:"));
+        let mut out = File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        io::copy(&mut b.layer, &mut out).with_context(|| format!("writing {}", path.display()))?;
+        out.sync_all()?;
+        write_blob(&b.config_digest, &b.config)?;
+        write_blob(&b.manifest_digest, &b.manifest)?;
+        descriptors.push(image.manifest_descriptor(&b));
+        manifests.push((
+            format!("{}/{}", image.platform.0, image.platform.1),
+            b.manifest_digest,
+        ));
+    }
+    let index = serde_json::to_vec(&Index {
+        schema_version: 2,
+        media_type: MEDIA_TYPE_INDEX,
+        manifests: descriptors,
+    })?;
+    let index_digest = sha256(&index);
+    write_blob(&index_digest, &index)?;
+    let top = serde_json::to_vec(&Index {
+        schema_version: 2,
+        media_type: MEDIA_TYPE_INDEX,
+        manifests: vec![Descriptor {
+            annotations: name_annotations(name),
+            ..Descriptor::new(MEDIA_TYPE_INDEX, &index_digest, index.len() as u64)
+        }],
+    })?;
+    std::fs::write(dir.join("index.json"), top)?;
+    std::fs::write(dir.join("oci-layout"), OCI_LAYOUT)?;
+    Ok(Layout {
+        name: name.to_owned(),
+        dir: dir.to_owned(),
+        index_digest,
+        manifests,
+    })
 }
 
 enum Blob<'a> {
@@ -632,6 +757,70 @@ mod tests {
         );
         assert!(config["config"].get("Cmd").is_none(), "empty Cmd is left out");
         assert_eq!(config["os"], "linux");
+    }
+
+    #[test]
+    fn a_layout_names_one_index_listing_each_platform_and_every_blob_matches_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let amd = sample(dir.path());
+        let mut arm = sample(dir.path());
+        arm.platform = ("linux", "arm64");
+        arm.config.env.push("ARCH=arm64".into());
+        let out_dir = dir.path().join("layout");
+        let name = "localhost:5000/hookfleet/test:1.2.3";
+        let layout = write_layout(&out_dir, name, &[amd.clone(), arm.clone()]).unwrap();
+        let read = |d: &str| {
+            let p = out_dir
+                .join("blobs/sha256")
+                .join(d.strip_prefix("sha256:").unwrap());
+            std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        };
+        for e in std::fs::read_dir(out_dir.join("blobs/sha256")).unwrap() {
+            let e = e.unwrap();
+            let bytes = std::fs::read(e.path()).unwrap();
+            assert_eq!(
+                sha256(&bytes),
+                format!("sha256:{}", e.file_name().to_string_lossy())
+            );
+        }
+        let top: Value = serde_json::from_slice(&std::fs::read(out_dir.join("index.json")).unwrap()).unwrap();
+        assert_eq!(top["manifests"].as_array().unwrap().len(), 1);
+        let d = &top["manifests"][0];
+        assert_eq!(d["mediaType"], MEDIA_TYPE_INDEX);
+        assert_eq!(d["digest"], layout.index_digest.as_str());
+        assert_eq!(d["annotations"][ANNOTATION_CONTAINERD_NAME], name);
+        assert_eq!(d["annotations"][ANNOTATION_REF_NAME], "1.2.3");
+        let index: Value = serde_json::from_slice(&read(&layout.index_digest)).unwrap();
+        let platforms: Vec<String> = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}/{}",
+                    m["platform"]["os"].as_str().unwrap(),
+                    m["platform"]["architecture"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
+        assert_eq!(layout.manifests.len(), 2);
+        for (i, (platform, digest)) in layout.manifests.iter().enumerate() {
+            assert_eq!(&platforms[i], platform);
+            assert_eq!(index["manifests"][i]["digest"], digest.as_str());
+            let manifest: Value = serde_json::from_slice(&read(digest)).unwrap();
+            let config: Value =
+                serde_json::from_slice(&read(manifest["config"]["digest"].as_str().unwrap())).unwrap();
+            assert_eq!(
+                format!("linux/{}", config["architecture"].as_str().unwrap()),
+                *platform
+            );
+        }
+        // The same inputs give the same index; a platform twice is refused.
+        let again = write_layout(&dir.path().join("again"), name, &[amd.clone(), arm]).unwrap();
+        assert_eq!(again.index_digest, layout.index_digest);
+        let err = write_layout(&dir.path().join("twice"), name, &[amd.clone(), amd]).unwrap_err();
+        assert!(err.to_string().contains("given twice"), "{err}");
     }
 
     #[test]

@@ -203,6 +203,71 @@ fn busybox_images_import_and_run_in_containerd() -> Result<()> {
     Ok(())
 }
 
+/// The registry path of a release, without Docker and without the signing tools (`make release-local` adds
+/// those): a multi-platform image written as an OCI layout, pushed with `crane` to a local registry, listed
+/// there with both platforms under the layout's index digest, then pulled by containerd over plain HTTP and
+/// run; the chart pushed as an OCI artifact and read back with `helm show chart oci://…`.
+#[tokio::test]
+async fn a_multi_platform_image_pushed_to_a_local_registry_is_pulled_by_containerd() -> Result<()> {
+    use hookfleet_e2e::release;
+    if !is_root() {
+        eprintln!("skipped: containerd needs root");
+        return Ok(());
+    }
+    let out = tempfile::tempdir()?;
+    let registry =
+        release::Registry::start(std::net::Ipv4Addr::LOCALHOST, &out.path().join("registry.log")).await?;
+    let name = format!("{}/hookfleet/tools:busybox", registry.host);
+    let amd64 = images::tools_image(&name)?;
+    // The arm64 entry holds the same (amd64) busybox: this test is about the index and the platform a pull
+    // selects, not about running arm64 code (`make release-local` cross-compiles the real arm64 images).
+    let mut arm64 = amd64.clone();
+    arm64.platform = ("linux", "arm64");
+    arm64
+        .config
+        .labels
+        .insert("test.hookfleet.io/platform".into(), "arm64".into());
+    let layout = hookfleet_e2e::oci::write_layout(&out.path().join("layout"), &name, &[amd64, arm64])?;
+    let digest = release::push_image(&layout, &name)?;
+    assert_eq!(digest, layout.index_digest);
+    let listed = release::platforms(&name)?;
+    assert_eq!(
+        listed, layout.manifests,
+        "the registry's index lists both platforms"
+    );
+
+    let ctd = Containerd::start()?;
+    ctd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--platform",
+        "linux/amd64",
+        &name,
+    ])?;
+    let ls = ctd.ctr(&["images", "ls", &format!("name=={name}")])?;
+    assert!(ls.contains(&digest), "containerd holds the index digest: {ls}");
+    let said = ctd.run(&name, "pulled", &["/bin/sh", "-c", "echo pulled"])?;
+    assert_eq!(said.trim(), "pulled");
+
+    let helm_home = out.path().join("helm");
+    let archive = release::package_chart(&helm_home, out.path())?;
+    let chart_digest = release::push_chart(&helm_home, &archive, &registry.host)?;
+    assert!(chart_digest.starts_with("sha256:"), "{chart_digest}");
+    let version = env!("CARGO_PKG_VERSION");
+    let shown = hookfleet_e2e::chart::run(
+        hookfleet_e2e::chart::helm(&helm_home)?
+            .args(["show", "chart", "--plain-http", "--version", version])
+            .arg(format!("oci://{}/charts/hookfleet", registry.host)),
+    )?;
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("name: hookfleet") && shown.contains(&format!("version: {version}")),
+        "{shown}"
+    );
+    Ok(())
+}
+
 /// Unpacks the image's layer (from the archive, found through the manifest) into `root`.
 fn unpack(archive: &ImageArchive, root: &Path) -> Result<()> {
     let mut outer = tar::Archive::new(std::fs::File::open(&archive.path)?);

@@ -25,6 +25,13 @@ pub enum Tool {
     Kubelet,
     /// Service IPs on the node, in iptables mode (root only).
     KubeProxy,
+    /// The release tools (`make release-local`): go-containerregistry's OCI registry and `crane`, `cosign`,
+    /// `syft`, `actionlint`.
+    Registry,
+    Crane,
+    Cosign,
+    Syft,
+    Actionlint,
 }
 
 impl Tool {
@@ -40,6 +47,11 @@ impl Tool {
             Tool::Helm => "helm",
             Tool::Kubelet => "kubelet",
             Tool::KubeProxy => "kube-proxy",
+            Tool::Registry => "registry",
+            Tool::Crane => "crane",
+            Tool::Cosign => "cosign",
+            Tool::Syft => "syft",
+            Tool::Actionlint => "actionlint",
         }
     }
 

@@ -200,7 +200,6 @@ async fn run() -> Result<()> {
 
 /// `make demo`: webhooks delivered by a fleet the operator runs on a real node.
 async fn demo() -> Result<()> {
-    use hookfleet_e2e::process::wait_for;
     use hookfleet_e2e::sink::Sink;
     use hookfleet_e2e::{install, messages};
     use std::time::{Duration, Instant};
@@ -241,50 +240,14 @@ async fn demo() -> Result<()> {
     .await?;
     say(&format!("operator running (2 replicas, {leader} leads)"));
 
-    let ssa = PatchParams::apply("hookfleet-demo").force();
-    let secret: Secret = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "rabbitmq", "namespace": "default"},
-        "stringData": {"uri": rmq.amqp_uri_for_pods()}
-    }))?;
-    Api::<Secret>::namespaced(cp.client(), "default")
-        .patch("rabbitmq", &ssa, &Patch::Apply(&secret))
-        .await?;
-    // The sample, delivering to the sink on the host (a private address: allowed explicitly).
-    let sample_path = hookfleet_e2e::tools::repo_root().join("crds/examples/minimal.yaml");
-    let mut sample: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(&sample_path)?)?;
-    sample["spec"]["destination"]["url"] = format!("{}/devices", sink.url()).into();
-    sample["spec"]["destination"]["allowPrivateNetworks"] = true.into();
-    let name = sample["metadata"]["name"]
-        .as_str()
-        .context("the sample has a name")?
-        .to_string();
-    let queue = sample["spec"]["source"]["queue"]
-        .as_str()
-        .context("the sample has a queue")?
-        .to_string();
-    let intgs = Api::<Integration>::namespaced(cp.client(), "default");
-    intgs.patch(&name, &ssa, &Patch::Apply(&sample)).await?;
-    say(&format!(
-        "applied {} (destination: the sink); waiting for its workers",
-        sample_path.display()
-    ));
-    wait_for(
-        "the sample Ready with 2 consumers",
-        Duration::from_secs(300),
-        Duration::from_secs(1),
-        || {
-            let intgs = intgs.clone();
-            let name = name.clone();
-            async move {
-                let i = intgs.get(&name).await?;
-                let ok = i.condition("Ready").is_some_and(|c| c.status == "True")
-                    && i.status.as_ref().is_some_and(|s| s.consumers == Some(2));
-                Ok(ok.then_some(()))
-            }
-        },
+    say("applying crds/examples/minimal.yaml (destination: the sink); waiting for its workers");
+    let (name, queue) = install::apply_sample(
+        &cp.client(),
+        &rmq.amqp_uri_for_pods(),
+        &format!("{}/devices", sink.url()),
     )
     .await?;
+    let intgs = Api::<Integration>::namespaced(cp.client(), "default");
     let table = cp
         .kubectl()?
         .args(["get", "integrations", "-o", "wide"])
