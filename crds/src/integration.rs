@@ -184,6 +184,17 @@ pub struct SourceSpec {
     #[serde(default = "default_delivery_limit")]
     #[schemars(range(min = limits::DELIVERY_LIMIT.min, max = limits::DELIVERY_LIMIT.max))]
     pub delivery_limit: u32,
+    /// Who declares the queues. `managed` (the default): the workers declare the work queue, its retry
+    /// and dead-letter queues with the arguments hookfleet needs (the broker user needs `configure` on
+    /// them). `external`: someone else does (the producers, the messaging-topology operator's `Queue`
+    /// objects); the workers declare nothing, check at start that every queue they use exists (the
+    /// Integration turns `Degraded/QueueMissing` naming the missing ones) and consume the work queue as
+    /// it was declared, with read and write permissions only. The poison-message limit is then the
+    /// worker's own: a message the broker has redelivered `deliveryLimit` times (its `x-delivery-count`,
+    /// which quorum queues keep) is dead-lettered with reason `delivery_limit`; a classic queue counts
+    /// nothing, so there is no limit. The queues to declare: docs/worker.md, "Queues declared elsewhere".
+    #[serde(default)]
+    pub topology: Topology,
     /// Largest message body a worker delivers, in bytes (default 1 MiB, at most 128 MiB). A larger
     /// message is not attempted: it goes to the dead-letter queue with reason `too_large`. With
     /// `workers.inFlightBytes` it bounds the memory a worker needs (docs/worker.md, "Memory").
@@ -225,6 +236,27 @@ impl QueueType {
         match self {
             QueueType::Classic => "classic",
             QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+/// Who declares an Integration's queues.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Topology {
+    #[default]
+    Managed,
+    External,
+}
+
+impl Topology {
+    /// Every variant, in the order error messages list them.
+    pub const ALL: [Self; 2] = [Topology::Managed, Topology::External];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Topology::Managed => "managed",
+            Topology::External => "external",
         }
     }
 }

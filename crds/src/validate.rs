@@ -278,6 +278,20 @@ destination:
     }
 
     #[test]
+    fn external_topology_refuses_bindings() {
+        let mut s = spec();
+        s.source.topology = crate::integration::Topology::External;
+        assert!(validate(&s).is_ok());
+        s.source.bindings = vec![crate::integration::Binding {
+            exchange: "events".into(),
+            routing_key: "orders.#".into(),
+        }];
+        let (field, reason) = refused(&s);
+        assert_eq!(field, "spec.source.bindings");
+        assert!(reason.contains("external declares nothing"), "{reason}");
+    }
+
+    #[test]
     fn rules_the_schema_also_says() {
         let mut s = spec();
         s.source.queue = "  ".into();

@@ -28,6 +28,7 @@ const TO_WORKER: &[&str] = &[
     "source.bindings[].routingKey",
     "source.prefetch",
     "source.queueType",
+    "source.topology",
     "source.deliveryLimit",
     "destination.url",
     "destination.method",
@@ -159,6 +160,7 @@ fn check(intg: &Integration, rt: &RoundTrip) {
     assert_eq!(checked.bindings, bindings, "bindings");
     assert_eq!(u32::from(a.prefetch), spec.source.prefetch);
     assert_eq!(a.queue_type, spec.source.queue_type);
+    assert_eq!(a.topology, spec.source.topology);
     assert_eq!(a.delivery_limit, spec.source.delivery_limit);
 
     // destination

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hookfleet_crds::contract::{self, Checked, Invalid, WorkerArgs, setting};
-use hookfleet_crds::integration::{HttpMethod, QueueType, RateLimitScope, Unmatched};
+use hookfleet_crds::integration::{HttpMethod, QueueType, RateLimitScope, Topology, Unmatched};
 use reqwest::Url;
 use reqwest::header::{HeaderName, HeaderValue};
 
@@ -95,7 +95,11 @@ pub struct Config {
     pub bindings: Vec<(String, String)>,
     pub prefetch: u16,
     pub queue_type: QueueType,
-    /// `x-delivery-limit` of a quorum work queue.
+    /// Managed: the worker declares the queues; external: it checks that they exist, and enforces
+    /// `delivery_limit` itself from `x-delivery-count`.
+    pub topology: Topology,
+    /// `x-delivery-limit` of a quorum work queue (managed), or the redeliveries after which the worker
+    /// dead-letters a message unattempted (external).
     pub delivery_limit: u32,
     /// The one destination (`--destination-url`); `None` with `--webhooks-secret`, where each
     /// Webhook of the snapshot has its own, built by the same [`Destination::build`].
@@ -140,6 +144,7 @@ impl fmt::Debug for Config {
             .field("bindings", &self.bindings)
             .field("prefetch", &self.prefetch)
             .field("queue_type", &self.queue_type)
+            .field("topology", &self.topology)
             .field("delivery_limit", &self.delivery_limit)
             .field("destination", &self.destination)
             .field("webhooks", &self.webhooks)
@@ -360,6 +365,7 @@ impl Config {
             bindings: Vec::new(),
             prefetch: 64,
             queue_type: QueueType::Quorum,
+            topology: Topology::Managed,
             delivery_limit: 20,
             destination,
             webhooks,
@@ -431,6 +437,7 @@ impl Config {
             bindings: checked.bindings,
             prefetch: args.prefetch,
             queue_type: args.queue_type,
+            topology: args.topology,
             delivery_limit: args.delivery_limit,
             destination,
             webhooks,

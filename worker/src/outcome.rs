@@ -35,6 +35,9 @@ pub enum Outcome {
     Unrenderable { error: String },
     /// Not attempted: the body is larger than `--max-message-bytes` (`size` > `max`), and always will be.
     TooLarge { size: usize, max: usize },
+    /// Not attempted: with `--topology external` the broker has already redelivered it `count` times
+    /// (`x-delivery-count`), at least the delivery limit: the worker's own poison-message limit.
+    DeliveryLimit { count: u64, limit: u32 },
     /// Its handling panicked (a bug): whatever was done, it is not settled.
     Panicked,
 }

@@ -14,7 +14,7 @@ use clap::{Parser, ValueEnum, value_parser};
 use super::parse::{Choice, at_least, duration, duration_in, float_within, socket_addr, within};
 use super::{env, flag};
 use crate::integration::{
-    CircuitBreakerSpec, DeliverySpec, HttpMethod, Jitter, QueueType, RateLimitScope, Unmatched,
+    CircuitBreakerSpec, DeliverySpec, HttpMethod, Jitter, QueueType, RateLimitScope, Topology, Unmatched,
     default_delivery_limit,
 };
 use crate::limits;
@@ -62,6 +62,7 @@ macro_rules! named_by_as_str {
 
 named_by_as_str!(
     QueueType,
+    Topology,
     HttpMethod,
     Jitter,
     RateLimitScope,
@@ -109,6 +110,15 @@ pub struct WorkerArgs {
         value_parser = Choice::<QueueType>::blank_is_default()
     )]
     pub queue_type: QueueType,
+    /// managed: declare the queues; external: declare none, check that each exists, and dead-letter a
+    /// message redelivered --delivery-limit times (its x-delivery-count) without attempting it.
+    #[arg(
+        long = flag::TOPOLOGY,
+        env = env::TOPOLOGY,
+        default_value_t,
+        value_parser = Choice::<Topology>::blank_is_default()
+    )]
+    pub topology: Topology,
     /// Quorum queues: deliveries of one message before the broker dead-letters it.
     #[arg(
         long = flag::DELIVERY_LIMIT,
@@ -392,6 +402,10 @@ impl WorkerArgs {
         }
         put(flag::PREFETCH, self.prefetch.to_string());
         put(flag::QUEUE_TYPE, self.queue_type.to_string());
+        // Only when not the default, so that managed fleets render the arguments they always had.
+        if self.topology != Topology::Managed {
+            put(flag::TOPOLOGY, self.topology.to_string());
+        }
         put(flag::DELIVERY_LIMIT, self.delivery_limit.to_string());
         if let Some(u) = &self.destination_url {
             put(flag::DESTINATION_URL, u.clone());

@@ -50,6 +50,7 @@ pub mod flag {
     pub const BINDING: &str = "binding";
     pub const PREFETCH: &str = "prefetch";
     pub const QUEUE_TYPE: &str = "queue-type";
+    pub const TOPOLOGY: &str = "topology";
     pub const DELIVERY_LIMIT: &str = "delivery-limit";
     pub const DESTINATION_URL: &str = "destination-url";
     pub const WEBHOOKS_SECRET: &str = "webhooks-secret";
@@ -103,6 +104,7 @@ pub mod env {
     pub const BINDINGS: &str = "HOOKFLEET_BINDINGS";
     pub const PREFETCH: &str = "HOOKFLEET_PREFETCH";
     pub const QUEUE_TYPE: &str = "HOOKFLEET_QUEUE_TYPE";
+    pub const TOPOLOGY: &str = "HOOKFLEET_TOPOLOGY";
     pub const DELIVERY_LIMIT: &str = "HOOKFLEET_DELIVERY_LIMIT";
     pub const DESTINATION_URL: &str = "HOOKFLEET_DESTINATION_URL";
     pub const WEBHOOKS_SECRET: &str = "HOOKFLEET_WEBHOOKS_SECRET";
@@ -194,6 +196,9 @@ pub mod exit {
     /// The destination answered HTTP 410 Gone: the worker handed the message back (requeued, nothing
     /// lost), drained, and stopped. The operator reports `DestinationGone` and scales the workers to 0.
     pub const DESTINATION_GONE: i32 = 5;
+    /// `--topology external`: a queue the worker uses does not exist (the worker declares none there).
+    /// The termination message names every missing queue.
+    pub const QUEUES_MISSING: i32 = 6;
 }
 
 #[cfg(test)]

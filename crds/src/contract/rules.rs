@@ -219,6 +219,15 @@ impl WorkerArgs {
     fn rules(&self, no: &mut Refusals) -> Option<Checked> {
         let queue = no.take(QUEUE, queue(self.queue.as_deref()));
         let bindings = no.take(BINDING, bindings(&self.bindings));
+        if self.topology == crate::integration::Topology::External && !self.bindings.is_empty() {
+            no.push(
+                BINDING,
+                format!(
+                    "--{} external declares nothing, bindings included: they are the queue owner's",
+                    flag::TOPOLOGY
+                ),
+            );
+        }
         let webhooks_secret = self
             .webhooks_secret
             .as_deref()

@@ -136,6 +136,7 @@ impl WorkerSetup {
             // The CRD bounds it to `limits::PREFETCH`, which fits (a test says so).
             prefetch: u16::try_from(source.prefetch).unwrap_or(u16::MAX),
             queue_type: source.queue_type,
+            topology: source.topology,
             delivery_limit: source.delivery_limit,
             destination_url: spec.destination.as_ref().map(|d| d.url.clone()),
             webhooks_secret: spec.webhooks.as_ref().map(|_| {

@@ -23,6 +23,7 @@ use crate::message::{self, Meta};
 use crate::outcome::{Outcome, classify_error, classify_status};
 use crate::target::Target;
 use crate::template::Extras;
+use hookfleet_crds::integration::Topology;
 
 impl Worker {
     /// One message, start to settled. A panic anywhere in its handling is an outcome too
@@ -42,6 +43,20 @@ impl Worker {
             info_span!("delivery", id = %meta.id, attempt = meta.attempts + 1, redelivered = d.redelivered);
         let handled = AssertUnwindSafe(
             async {
+                // External topology: the queue may have no delivery limit of its own, so the worker
+                // keeps it, from the broker's count of redeliveries (quorum queues keep one).
+                if self.cfg.topology == Topology::External
+                    && let Some(count) = delivery_count(&d)
+                    && count >= u64::from(self.cfg.delivery_limit)
+                {
+                    let limit = self.cfg.delivery_limit;
+                    warn!(
+                        count,
+                        limit, "redelivered as often as the delivery limit; dead-lettering it unattempted"
+                    );
+                    let outcome = Outcome::DeliveryLimit { count, limit };
+                    return self.settle(broker, &d, &body, &meta, outcome, &mut acct).await;
+                }
                 // Too large for this worker's memory bound: dead-lettered unread, before the mode
                 // split (no HTTP request, no Webhook matched).
                 if body.len() > self.cfg.max_message_bytes {
@@ -279,6 +294,22 @@ const HEAD: usize = 1024;
 
 /// The routing key the message was published with (a retry comes back through the default exchange
 /// with the queue's name as its key; the original is kept in a header).
+/// The broker's count of earlier deliveries of this message (`x-delivery-count`, which quorum queues
+/// set on a redelivery), if it has one.
+pub(super) fn delivery_count(d: &Delivery) -> Option<u64> {
+    let headers = d.properties.headers().as_ref()?;
+    match headers.inner().get("x-delivery-count")? {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u64::from(*n)),
+        AMQPValue::ShortShortInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::ShortShortUInt(n) => Some(u64::from(*n)),
+        _ => None,
+    }
+}
+
 pub(super) fn original_routing_key(d: &Delivery) -> &str {
     match d
         .properties

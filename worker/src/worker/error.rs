@@ -41,6 +41,16 @@ pub enum SessionError {
         argument: String,
         detail: String,
     },
+    /// `--topology external` and queues the worker uses do not exist. Not retried: someone has to
+    /// declare them.
+    #[error(
+        "{} of the {of} queues this worker uses do not exist, and with --topology external \
+         (spec.source.topology) it declares none: {}; declare them as docs/worker.md (\"Queues declared \
+         elsewhere\") says, or use topology managed",
+        missing.len(),
+        missing.join(", ")
+    )]
+    QueuesMissing { missing: Vec<String>, of: usize },
     #[error("starting the consumer: {0}")]
     Consume(#[source] lapin::Error),
     #[error("consumer failed: {0}")]
@@ -66,6 +76,10 @@ impl SessionError {
         match self {
             SessionError::QueueMismatch { .. } => Some(Fatal {
                 code: exit::QUEUE_MISMATCH,
+                message: self.to_string(),
+            }),
+            SessionError::QueuesMissing { .. } => Some(Fatal {
+                code: exit::QUEUES_MISSING,
                 message: self.to_string(),
             }),
             _ => None,

@@ -121,6 +121,18 @@ pub fn decide(outcome: Outcome, attempt: u32, limits: Limits<'_>, rng: &mut impl
                 "the body of {size} bytes is larger than maxMessageBytes ({max})"
             )),
         }),
+        // Redelivered too often (crashed or stopped workers each time): a poison message.
+        Outcome::DeliveryLimit { count, limit } => Fate::Store(Store::DeadLetter {
+            reason: "delivery_limit",
+            failure: Failure {
+                reason: "delivery_limit",
+                status: None,
+            },
+            attempts: attempt,
+            detail: Some(format!(
+                "redelivered {count} times by the broker (x-delivery-count), the delivery limit is {limit}"
+            )),
+        }),
         Outcome::Gone => Fate::Stop,
         // Left unacked: the session ends (the worker stops) and the broker requeues it.
         Outcome::Stopped => Fate::HandBack {

@@ -24,7 +24,7 @@ use super::topology;
 use crate::backoff::Backoff;
 use crate::config::redact_uri;
 use crate::metrics::Metrics;
-use hookfleet_crds::integration::Jitter;
+use hookfleet_crds::integration::{Jitter, Topology};
 
 /// How often the consume loop looks at whether the broker blocked the connection (flow control).
 const BLOCKED_POLL: Duration = Duration::from_millis(250);
@@ -230,12 +230,15 @@ impl Worker {
     ) -> Result<Channel, SessionError> {
         let cfg = &self.cfg;
         let ch = conn.create_channel().await.map_err(SessionError::Channel)?;
-        topology::declare(&ch, cfg, &self.ladder).await?;
+        match cfg.topology {
+            Topology::Managed => topology::declare(&ch, cfg, &self.ladder).await?,
+            Topology::External => topology::check(conn, cfg, &self.ladder).await?,
+        }
         let publisher = Publisher::open(conn, cfg.confirm_timeout).await?;
         let tag = format!("hookfleet-{}", std::process::id());
         let mut consumer = self.consumer(&ch, &cfg.queue, &tag).await?;
         self.metrics.consuming.set(1);
-        info!(queue = %cfg.queue, queue_type = cfg.queue_type.as_str(), prefetch = cfg.lane_prefetch(),
+        info!(queue = %cfg.queue, queue_type = cfg.queue_type.as_str(), topology = cfg.topology.as_str(), prefetch = cfg.lane_prefetch(),
               max_message_bytes = cfg.max_message_bytes, in_flight_bytes = cfg.in_flight_bytes, concurrency = cfg.concurrency, "consuming");
         let session = Arc::new(Session {
             publisher,

@@ -15,6 +15,10 @@
 //! matching); delay queues carry a TTL and dead-letter to the retry-ready queue, which RabbitMQ does
 //! without confirms for classic queues: that hop is at-most-once.
 //!
+//! External (`--topology external`): the queues belong to someone else. The worker declares nothing
+//! ([`check`] only asks, passively, that each queue it uses exists) and consumes the work queue with
+//! whatever arguments it was declared with; `run` enforces the delivery limit itself.
+//!
 //! Quorum (the default): every queue is a quorum queue (replicated, fsynced before the confirm).
 //! The work queue and the retry-ready queue get the broker's delivery limit, dead-lettering to the
 //! dead-letter queue; delay queues and the consumed queues dead-letter with
@@ -27,7 +31,7 @@ use std::time::Duration;
 use hookfleet_crds::integration::QueueType;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, ErrorKind};
+use lapin::{Channel, Connection, ErrorKind};
 use tracing::debug;
 
 use super::error::SessionError;
@@ -35,6 +39,8 @@ use crate::config::Config;
 
 /// AMQP reply code of `PRECONDITION_FAILED`: a queue exists with other arguments.
 const PRECONDITION_FAILED: u16 = 406;
+/// AMQP reply code of `NOT_FOUND`: a passive declaration of a queue that does not exist.
+const NOT_FOUND: u16 = 404;
 
 /// Name of the delay queue of `ttl`, and of the retry-ready queue (where retries land when their delay
 /// is over, consumed in the retry lane): the contract's names, which the operator shares.
@@ -213,6 +219,70 @@ pub async fn declare(ch: &Channel, cfg: &Config, ladder: &[Duration]) -> Result<
         "topology declared"
     );
     Ok(())
+}
+
+/// Every queue the worker uses, in the order [`declare`] declares them: the work queue, the
+/// dead-letter queue, the retry-ready queue, the delay queues of `ladder`, and with Webhooks the
+/// reports queue.
+pub fn queues(cfg: &Config, ladder: &[Duration]) -> Vec<String> {
+    let mut out = vec![
+        cfg.queue.clone(),
+        cfg.dead_letter_queue.clone(),
+        retry_ready_queue(&cfg.queue),
+    ];
+    out.extend(ladder.iter().map(|ttl| delay_queue(&cfg.queue, *ttl)));
+    if cfg.webhooks.is_some() {
+        out.push(hookfleet_crds::contract::webhooks::reports_queue(&cfg.queue));
+    }
+    out
+}
+
+/// `--topology external`: asks the broker, with a passive declaration on a channel of its own, whether
+/// each queue of [`queues`] exists, and declares nothing. Fails with every missing queue named.
+pub async fn check(conn: &Connection, cfg: &Config, ladder: &[Duration]) -> Result<(), SessionError> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let open = || async { conn.create_channel().await.map_err(SessionError::Channel) };
+    let mut ch = open().await?;
+    let mut missing = Vec::new();
+    let wanted = queues(cfg, ladder);
+    for name in &wanted {
+        match ch
+            .queue_declare(name.as_str().into(), passive, FieldTable::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if reply_code(&e) == Some(NOT_FOUND) => {
+                missing.push(name.clone());
+                // The broker closed that channel.
+                ch = open().await?;
+            }
+            Err(source) => {
+                return Err(SessionError::Declare {
+                    what: format!("queue {name} (passive: checking that it exists)"),
+                    source,
+                });
+            }
+        }
+    }
+    let _ = ch.close(200, "topology checked".into()).await;
+    if !missing.is_empty() {
+        return Err(SessionError::QueuesMissing {
+            missing,
+            of: wanted.len(),
+        });
+    }
+    debug!(queues = wanted.len(), "external topology: every queue exists");
+    Ok(())
+}
+
+fn reply_code(err: &lapin::Error) -> Option<u16> {
+    match err.kind() {
+        ErrorKind::ProtocolError(e) => Some(e.get_id()),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
