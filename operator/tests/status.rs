@@ -182,6 +182,35 @@ fn queue_mismatch_is_its_own_reason_naming_queue_and_argument() {
 }
 
 #[test]
+fn queues_missing_with_external_topology_is_its_own_reason_naming_the_queues() {
+    let mut p = pod("pod-queue-mismatch.yaml");
+    let cs = &mut p.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0];
+    cs.last_state = Some(
+        serde_json::from_value(serde_json::json!({"terminated": {
+            "exitCode": hookfleet_crds::contract::exit::QUEUES_MISSING,
+            "reason": "Error",
+            "message": "2 of the 17 queues this worker uses do not exist, and with --topology external \
+                (spec.source.topology) it declares none: orders.erp.dead, orders.erp.retries; declare them as \
+                docs/worker.md (\"Queues declared elsewhere\") says, or use topology managed\n"
+        }}))
+        .unwrap(),
+    );
+    let missing = status::pod_problem(&p).unwrap();
+    assert_eq!(missing.kind, PodProblemKind::QueuesMissing);
+    let mut o = healthy();
+    o.pod_problems = vec![status::pod_problem(&pod("pod-crashloop.yaml")).unwrap(), missing];
+    let s = status::compute(&o);
+    let d = get(&s.conditions, DEGRADED);
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("True", reason::QUEUES_MISSING)
+    );
+    for part in ["orders.erp.dead", "orders.erp.retries", "topology external"] {
+        assert!(d.message.contains(part), "{part} missing: {}", d.message);
+    }
+}
+
+#[test]
 fn a_healthy_pod_is_no_problem() {
     let mut p = pod("pod-crashloop.yaml");
     let cs = &mut p.status.as_mut().unwrap().container_statuses.as_mut().unwrap()[0];

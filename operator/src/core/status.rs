@@ -26,6 +26,8 @@ pub mod reason {
     pub const FD_LIMIT_NOT_MET: &str = "FileDescriptorLimitNotMet";
     /// A queue exists on the broker with other arguments than the workers declare (worker exit 4).
     pub const QUEUE_MISMATCH: &str = "QueueMismatch";
+    /// `spec.source.topology: external` and queues the workers use do not exist (worker exit 6).
+    pub const QUEUES_MISSING: &str = "QueuesMissing";
     pub const CONTAINER_NOT_STARTING: &str = "ContainerNotStarting";
     /// The destination answered HTTP 410 Gone (worker exit 5): the workers are scaled to 0.
     pub const DESTINATION_GONE: &str = "DestinationGone";
@@ -93,6 +95,7 @@ pub enum SourceObs {
 pub enum PodProblemKind {
     FdLimit,
     QueueMismatch,
+    QueuesMissing,
     CrashLoop,
     NotStarting,
 }
@@ -170,13 +173,20 @@ fn problem_of(cs: &ContainerStatus) -> Option<(PodProblemKind, String)> {
             msg.lines().last().unwrap_or(msg).to_string()
         }
     });
-    // docs/worker.md: exit code 3 is "fd limit cannot be met", 4 "a queue exists with other arguments".
+    // docs/worker.md: exit code 3 is "fd limit cannot be met", 4 "a queue exists with other arguments",
+    // 6 "queues missing" (external topology).
     let fd_exit = last.is_some_and(|t| t.exit_code == exit::FD_LIMIT);
     if let (Some(t), Some(term)) = (last, &termination)
         && t.exit_code == exit::QUEUE_MISMATCH
         && !cs.ready
     {
         return Some((PodProblemKind::QueueMismatch, term.clone()));
+    }
+    if let (Some(t), Some(term)) = (last, &termination)
+        && t.exit_code == exit::QUEUES_MISSING
+        && !cs.ready
+    {
+        return Some((PodProblemKind::QueuesMissing, term.clone()));
     }
     if let Some(t) = &termination
         && (fd_exit || is_fd_message(t))
@@ -400,6 +410,7 @@ fn problem(o: &Observed, ready: i32) -> Option<(&'static str, String)> {
     for (kind, reason) in [
         (PodProblemKind::FdLimit, reason::FD_LIMIT_NOT_MET),
         (PodProblemKind::QueueMismatch, reason::QUEUE_MISMATCH),
+        (PodProblemKind::QueuesMissing, reason::QUEUES_MISSING),
         (PodProblemKind::CrashLoop, reason::CRASH_LOOPING),
         (PodProblemKind::NotStarting, reason::CONTAINER_NOT_STARTING),
     ] {

@@ -30,8 +30,9 @@ pub enum SessionError {
     #[error(
         "queue {queue} exists on the broker with other arguments than the {wanted} queue this worker \
          declares (differs at least in {argument}): {detail}; set --queue-type/--delivery-limit \
-         (spec.source.queueType/deliveryLimit) to match the queue, or drain and delete it so the \
-         worker can declare it"
+         (spec.source.queueType/deliveryLimit) to match the queue, drain and delete it so the \
+         worker can declare it, or consume it as declared with --topology external \
+         (spec.source.topology)"
     )]
     QueueMismatch {
         queue: String,
