@@ -9,6 +9,7 @@
 # With HOOKFLEET_DEPS_RELEASE=1 (make release-local) also, for the arm64 images:
 #   gcc-aarch64-linux-gnu   the cross linker and arm64 C library (libc6-arm64-cross, copied into the image)
 #   binutils                readelf, which names an arm64 binary's shared libraries
+#   qemu-user               runs the arm64 binaries from their image's own root (a check, not the build)
 # and the Rust target aarch64-unknown-linux-gnu (rustup) and cargo-auditable (cargo install, crates.io).
 # As a user without password-less sudo, missing node packages are reported, not installed: the rootless stack
 # (control plane, kwok, RabbitMQ) does not need them, and its tests still run.
@@ -31,6 +32,7 @@ done
 if [ -n "${HOOKFLEET_DEPS_RELEASE:-}" ]; then
     have aarch64-linux-gnu-gcc || core+=(gcc-aarch64-linux-gnu)
     have readelf || core+=(binutils)
+    have qemu-aarch64 || core+=(qemu-user)
     rustup target list --installed 2>/dev/null | grep -qx aarch64-unknown-linux-gnu \
         || rustup target add aarch64-unknown-linux-gnu >&2
     cargo auditable --version >/dev/null 2>&1 || cargo install cargo-auditable --locked --version 0.7.7 >&2

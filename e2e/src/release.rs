@@ -69,6 +69,53 @@ async fn api_answers(host: &str) -> bool {
         && &head[9..12] == b"200"
 }
 
+/// Unpacks the layer of `platform`'s image (`linux/arm64`) in `layout` into `root`.
+pub fn unpack_platform(layout: &Layout, platform: &str, root: &Path) -> Result<()> {
+    let blob = |digest: &str| {
+        layout
+            .dir
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let (_, manifest) = layout
+        .manifests
+        .iter()
+        .find(|(p, _)| p == platform)
+        .with_context(|| format!("{}: no {platform} image", layout.name))?;
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(manifest))?)?;
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .context("manifest without a layer")?;
+    let gz = std::fs::File::open(blob(layer))?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(gz));
+    tar.set_preserve_permissions(true);
+    tar.unpack(root)
+        .with_context(|| format!("unpacking {layer} into {}", root.display()))
+}
+
+/// `qemu-<arch> -L <root> <root><program> args…`: a binary of another platform run from its image's own
+/// root (its loader and libraries from there, none from this machine). `None` when qemu-user is missing.
+pub fn run_foreign(arch: &str, root: &Path, program: &str, args: &[&str]) -> Result<Option<String>> {
+    let qemu = format!("qemu-{arch}");
+    let Some(qemu_path) = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(&qemu))
+            .find(|p| p.is_file())
+    }) else {
+        return Ok(None);
+    };
+    let out = run(
+        &qemu,
+        Command::new(qemu_path)
+            .arg("-L")
+            .arg(root)
+            .arg(root.join(program.trim_start_matches('/')))
+            .args(args)
+            .env_clear(),
+    )?;
+    Ok(Some(String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+}
+
 /// Runs `cmd`, failing with its output unless it succeeds.
 pub fn run(what: &str, cmd: &mut Command) -> Result<Output> {
     let out = cmd
@@ -281,18 +328,20 @@ pub struct Sbom {
     pub crates: usize,
 }
 
-/// `syft scan registry:<reference> --platform <platform> -o spdx-json=<out>` (plain HTTP): the SBOM of one
-/// platform's image as the registry serves it.
-pub fn sbom(reference: &str, platform: &str, out: &Path) -> Result<Sbom> {
+/// `syft scan registry:<reference> -o spdx-json=<out>` (plain HTTP): the SBOM of the image as the registry
+/// serves it; `platform` picks one from a multi-platform index (a platform's own manifest needs none).
+pub fn sbom(reference: &str, platform: Option<&str>, out: &Path) -> Result<Sbom> {
+    let mut cmd = tool(Tool::Syft)?;
+    cmd.env("SYFT_CHECK_FOR_APP_UPDATE", "false")
+        .env("SYFT_REGISTRY_INSECURE_USE_HTTP", "true")
+        .arg("scan")
+        .arg(format!("registry:{reference}"));
+    if let Some(p) = platform {
+        cmd.args(["--platform", p]);
+    }
     run(
         "syft scan",
-        tool(Tool::Syft)?
-            .env("SYFT_CHECK_FOR_APP_UPDATE", "false")
-            .env("SYFT_REGISTRY_INSECURE_USE_HTTP", "true")
-            .arg("scan")
-            .arg(format!("registry:{reference}"))
-            .args(["--platform", platform, "-q", "-o"])
-            .arg(format!("spdx-json={}", out.display())),
+        cmd.args(["-q", "-o"]).arg(format!("spdx-json={}", out.display())),
     )?;
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(out)?)?;
     let packages = doc["packages"].as_array().map(Vec::as_slice).unwrap_or_default();
