@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 
 use crate::oci::Layout;
 use crate::process::{Process, free_port, wait_for};
@@ -104,33 +104,18 @@ pub fn run_foreign(arch: &str, root: &Path, program: &str, args: &[&str]) -> Res
     }) else {
         return Ok(None);
     };
-    let out = run(
-        &qemu,
-        Command::new(qemu_path)
-            .arg("-L")
-            .arg(root)
-            .arg(root.join(program.trim_start_matches('/')))
-            .args(args)
-            .env_clear(),
-    )?;
+    let out = run(Command::new(qemu_path)
+        .arg("-L")
+        .arg(root)
+        .arg(root.join(program.trim_start_matches('/')))
+        .args(args)
+        .env_clear())?;
     Ok(Some(String::from_utf8_lossy(&out.stdout).trim().to_owned()))
 }
 
-/// Runs `cmd`, failing with its output unless it succeeds.
-pub fn run(what: &str, cmd: &mut Command) -> Result<Output> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("{what}: running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed ({}): {cmd:?}\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(out)
+/// Runs `cmd` (stdin closed), failing with its output unless it succeeds.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    crate::chart::run(cmd.stdin(Stdio::null()))
 }
 
 fn tool(t: Tool) -> Result<Command> {
@@ -141,13 +126,10 @@ fn tool(t: Tool) -> Result<Command> {
 /// under that tag (`--index` would push the layout's own `index.json` around it instead). Returns
 /// the digest the registry serves for it, which must be the layout's index digest.
 pub fn push_image(layout: &Layout, reference: &str) -> Result<String> {
-    run(
-        "crane push",
-        tool(Tool::Crane)?
-            .args(["push", "--insecure"])
-            .arg(&layout.dir)
-            .arg(reference),
-    )?;
+    run(tool(Tool::Crane)?
+        .args(["push", "--insecure"])
+        .arg(&layout.dir)
+        .arg(reference))?;
     let digest = image_digest(reference)?;
     ensure!(
         digest == layout.index_digest,
@@ -159,19 +141,13 @@ pub fn push_image(layout: &Layout, reference: &str) -> Result<String> {
 
 /// `crane digest <reference>`.
 pub fn image_digest(reference: &str) -> Result<String> {
-    let out = run(
-        "crane digest",
-        tool(Tool::Crane)?.args(["digest", "--insecure", reference]),
-    )?;
+    let out = run(tool(Tool::Crane)?.args(["digest", "--insecure", reference]))?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// The platforms (`linux/amd64`) and their manifest digests the registry lists for a multi-platform image.
 pub fn platforms(reference: &str) -> Result<Vec<(String, String)>> {
-    let out = run(
-        "crane manifest",
-        tool(Tool::Crane)?.args(["manifest", "--insecure", reference]),
-    )?;
+    let out = run(tool(Tool::Crane)?.args(["manifest", "--insecure", reference]))?;
     let index: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     Ok(index["manifests"]
         .as_array()
@@ -202,13 +178,10 @@ impl Signer {
     pub fn generate(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let password = format!("{:032x}", rand::random::<u128>());
-        run(
-            "cosign generate-key-pair",
-            tool(Tool::Cosign)?
-                .current_dir(dir)
-                .env("COSIGN_PASSWORD", &password)
-                .arg("generate-key-pair"),
-        )?;
+        run(tool(Tool::Cosign)?
+            .current_dir(dir)
+            .env("COSIGN_PASSWORD", &password)
+            .arg("generate-key-pair"))?;
         Ok(Self {
             key: dir.join("cosign.key"),
             public_key: dir.join("cosign.pub"),
@@ -240,29 +213,27 @@ impl Signer {
         if recursive {
             cmd.arg("--recursive");
         }
-        run("cosign sign", cmd.arg(reference_at_digest))?;
+        run(cmd.arg(reference_at_digest))?;
         Ok(())
     }
 
     /// `cosign attest --type <kind> --predicate <file>`: a signed in-toto attestation attached to the image.
     pub fn attest(&self, reference_at_digest: &str, kind: &str, predicate: &Path) -> Result<()> {
-        run(
-            "cosign attest",
-            self.cosign()?
-                .args([
-                    "attest",
-                    "--yes",
-                    "--tlog-upload=false",
-                    "--allow-http-registry",
-                    "--type",
-                    kind,
-                ])
-                .arg("--predicate")
-                .arg(predicate)
-                .arg("--key")
-                .arg(&self.key)
-                .arg(reference_at_digest),
-        )?;
+        run(self
+            .cosign()?
+            .args([
+                "attest",
+                "--yes",
+                "--tlog-upload=false",
+                "--allow-http-registry",
+                "--type",
+                kind,
+            ])
+            .arg("--predicate")
+            .arg(predicate)
+            .arg("--key")
+            .arg(&self.key)
+            .arg(reference_at_digest))?;
         Ok(())
     }
 }
@@ -270,18 +241,15 @@ impl Signer {
 /// `cosign verify --key <public_key>` of `reference_at_digest`, no transparency log: `Ok(())` when a
 /// signature by that key is attached, else the error cosign printed.
 pub fn verify(public_key: &Path, reference_at_digest: &str) -> Result<()> {
-    run(
-        "cosign verify",
-        tool(Tool::Cosign)?
-            .args([
-                "verify",
-                "--insecure-ignore-tlog=true",
-                "--allow-http-registry",
-                "--key",
-            ])
-            .arg(public_key)
-            .arg(reference_at_digest),
-    )?;
+    run(tool(Tool::Cosign)?
+        .args([
+            "verify",
+            "--insecure-ignore-tlog=true",
+            "--allow-http-registry",
+            "--key",
+        ])
+        .arg(public_key)
+        .arg(reference_at_digest))?;
     Ok(())
 }
 
@@ -291,20 +259,17 @@ pub fn verify_attestation(
     reference_at_digest: &str,
     kind: &str,
 ) -> Result<serde_json::Value> {
-    let out = run(
-        "cosign verify-attestation",
-        tool(Tool::Cosign)?
-            .args([
-                "verify-attestation",
-                "--insecure-ignore-tlog=true",
-                "--allow-http-registry",
-                "--type",
-                kind,
-                "--key",
-            ])
-            .arg(public_key)
-            .arg(reference_at_digest),
-    )?;
+    let out = run(tool(Tool::Cosign)?
+        .args([
+            "verify-attestation",
+            "--insecure-ignore-tlog=true",
+            "--allow-http-registry",
+            "--type",
+            kind,
+            "--key",
+        ])
+        .arg(public_key)
+        .arg(reference_at_digest))?;
     // One JSON envelope per line; the payload is the base64 in-toto statement.
     let line = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -339,10 +304,7 @@ pub fn sbom(reference: &str, platform: Option<&str>, out: &Path) -> Result<Sbom>
     if let Some(p) = platform {
         cmd.args(["--platform", p]);
     }
-    run(
-        "syft scan",
-        cmd.args(["-q", "-o"]).arg(format!("spdx-json={}", out.display())),
-    )?;
+    run(cmd.args(["-q", "-o"]).arg(format!("spdx-json={}", out.display())))?;
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(out)?)?;
     let packages = doc["packages"].as_array().map(Vec::as_slice).unwrap_or_default();
     let crates = packages
@@ -393,14 +355,11 @@ pub fn provenance(
 
 /// `helm package` of the chart into `out_dir`; returns the archive.
 pub fn package_chart(helm_home: &Path, out_dir: &Path) -> Result<PathBuf> {
-    let out = run(
-        "helm package",
-        crate::chart::helm(helm_home)?
-            .arg("package")
-            .arg(crate::chart::dir())
-            .arg("--destination")
-            .arg(out_dir),
-    )?;
+    let out = run(crate::chart::helm(helm_home)?
+        .arg("package")
+        .arg(crate::chart::dir())
+        .arg("--destination")
+        .arg(out_dir))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let path = text
         .rsplit_once(": ")
@@ -412,14 +371,11 @@ pub fn package_chart(helm_home: &Path, out_dir: &Path) -> Result<PathBuf> {
 
 /// `helm push <archive> oci://<host>/charts --plain-http`; returns the chart's digest.
 pub fn push_chart(helm_home: &Path, archive: &Path, host: &str) -> Result<String> {
-    let out = run(
-        "helm push",
-        crate::chart::helm(helm_home)?
-            .arg("push")
-            .arg(archive)
-            .arg(format!("oci://{host}/charts"))
-            .arg("--plain-http"),
-    )?;
+    let out = run(crate::chart::helm(helm_home)?
+        .arg("push")
+        .arg(archive)
+        .arg(format!("oci://{host}/charts"))
+        .arg("--plain-http"))?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -433,11 +389,8 @@ pub fn push_chart(helm_home: &Path, archive: &Path, host: &str) -> Result<String
 
 /// The section of `CHANGELOG.md` for `version` (`hack/release-notes.sh`): a release's notes.
 pub fn release_notes(version: &str) -> Result<String> {
-    let out = run(
-        "hack/release-notes.sh",
-        Command::new("bash")
-            .arg(tools::repo_root().join("hack/release-notes.sh"))
-            .arg(version),
-    )?;
+    let out = run(Command::new("bash")
+        .arg(tools::repo_root().join("hack/release-notes.sh"))
+        .arg(version))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -30,6 +30,17 @@ use lapin::{Connection, ConnectionProperties};
 const QUEUE: &str = "ext.orders";
 const WRITE: &str = r"^amq\.default$";
 const READ: &str = r"^ext\.orders(\..*)?$";
+/// The worker's flags besides the broker, queue and sink: external, a delivery limit of 2, short backoff.
+const EXTERNAL: [&str; 8] = [
+    "--topology",
+    "external",
+    "--delivery-limit",
+    "2",
+    "--backoff-initial",
+    "200ms",
+    "--backoff-max",
+    "1s",
+];
 
 fn durable() -> QueueDeclareOptions {
     QueueDeclareOptions {
@@ -97,18 +108,7 @@ async fn external_topology_checks_consumes_as_declared_and_keeps_the_delivery_li
     let url = format!("{}/hooks", sink.url().trim_end_matches('/'));
     let port = hookfleet_testkit::process::free_port()?;
     let mut args = base_args_uri(&uri, QUEUE, &url, port, dir.path());
-    for a in [
-        "--topology",
-        "external",
-        "--delivery-limit",
-        "2",
-        "--backoff-initial",
-        "200ms",
-        "--backoff-max",
-        "1s",
-    ] {
-        args.push(a.into());
-    }
+    args.extend(EXTERNAL.iter().map(|a| a.to_string()));
     let out = tokio::process::Command::new(worker_bin())
         .args(&args)
         .output()
@@ -162,25 +162,7 @@ async fn external_topology_checks_consumes_as_declared_and_keeps_the_delivery_li
 
     // Every other request fails once: retries take the owner's delay and retry-ready queues.
     sink.set_mode(Mode::flaky(503, 1, Duration::ZERO));
-    let w = start_worker_uri(
-        &uri,
-        QUEUE,
-        &url,
-        &[
-            "--topology",
-            "external",
-            "--delivery-limit",
-            "2",
-            "--backoff-initial",
-            "200ms",
-            "--backoff-max",
-            "1s",
-        ],
-        &[],
-        dir.path(),
-        "external",
-    )
-    .await?;
+    let w = start_worker_uri(&uri, QUEUE, &url, &EXTERNAL, &[], dir.path(), "external").await?;
     let want: HashSet<String> = ids.iter().cloned().collect();
     if let Err(e) = sink.wait_delivered(&want, Duration::from_secs(60)).await {
         anyhow::bail!("{e:#}\nworker log:\n{}", w.process.log_tail(40));

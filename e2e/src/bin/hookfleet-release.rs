@@ -194,10 +194,7 @@ async fn run() -> Result<()> {
         signer.public_key.display()
     ));
     let git = |a: &[&str]| -> Result<String> {
-        let o = release::run(
-            "git",
-            std::process::Command::new("git").current_dir(&root).args(a),
-        )?;
+        let o = release::run(std::process::Command::new("git").current_dir(&root).args(a))?;
         Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned())
     };
     let commit = git(&["rev-parse", "HEAD"])?;
@@ -313,7 +310,6 @@ async fn run() -> Result<()> {
     );
     let copy = format!("{}/unsigned/worker@{digest}", registry.host);
     release::run(
-        "crane copy",
         std::process::Command::new(tools::path(tools::Tool::Crane)?).args([
             "copy",
             "--insecure",
