@@ -45,7 +45,7 @@ test-e2e: ## The e2e suite on the local real node (root): chart install, real wo
 
 release-local: deps tools ## The release workflow against a local registry (root): multi-arch images, SBOMs, provenance, cosign signatures, chart as OCI, then helm install from the registry on the real node, which pulls the images
 	HOOKFLEET_DEPS_RELEASE=1 hack/deps.sh
-	hack/build-tools.sh registry crane cosign syft >/dev/null
+	hack/build-tools.sh crane cosign syft >/dev/null
 	$(CARGO) run -q -p hookfleet-e2e --bin hookfleet-release -- local
 
 chaos: ## Chaos soak (root; not in `make test`): 30 min of load on 3 nodes + 3 brokers, random faults (seed printed), per-id report; HOOKFLEET_CHAOS_MINUTES/SEED/RATE

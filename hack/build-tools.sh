@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the pinned binaries of the local control plane (etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubectl, kwok, helm) and of the local node (kubelet, kube-proxy) from the Go module proxy into a cache outside the repository, keyed by
-# version; and, only when named, the release tools (registry, crane, cosign, syft, actionlint: `make release-local`). Idempotent: with everything cached it only rewrites tools.env and prints, in well under a second.
+# version; and, only when named, the release tools (crane, cosign, syft, actionlint: `make release-local`). Idempotent: with everything cached it only rewrites tools.env and prints, in well under a second.
 #
 #   hack/build-tools.sh                  build every tool (not the release tools) that is missing; the last stdout line is
 #                                        `export HOOKFLEET_ETCD=… HOOKFLEET_KUBE_APISERVER=… …` (eval-able)
@@ -28,14 +28,14 @@ ETCD_VERSION="${HOOKFLEET_ETCD_VERSION:-v3.6.16}"   # go.etcd.io/etcd/server/v3
 KWOK_VERSION="${HOOKFLEET_KWOK_VERSION:-v0.8.0}"    # sigs.k8s.io/kwok (its supported_releases.txt lists 1.34)
 HELM_VERSION="${HOOKFLEET_HELM_VERSION:-v3.19.5}"   # helm.sh/helm/v3 (built against k8s.io/* v0.34)
 # The release tools (`make release-local`), built only when named.
-GGCR_VERSION="${HOOKFLEET_GGCR_VERSION:-v0.22.1}"   # github.com/google/go-containerregistry: registry, crane
+GGCR_VERSION="${HOOKFLEET_GGCR_VERSION:-v0.22.1}"   # github.com/google/go-containerregistry: crane (also `crane registry serve`)
 COSIGN_VERSION="${HOOKFLEET_COSIGN_VERSION:-v2.6.5}" # github.com/sigstore/cosign/v2 (v2: key-pair signing offline)
 SYFT_VERSION="${HOOKFLEET_SYFT_VERSION:-v1.57.2}"   # github.com/anchore/syft
 ACTIONLINT_VERSION="${HOOKFLEET_ACTIONLINT_VERSION:-v1.7.12}" # github.com/rhysd/actionlint
 
 ROOT="${HOOKFLEET_CACHE:-${HOME:-/tmp}/.cache/hookfleet}"
 TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubelet kube-proxy)
-RELEASE_TOOLS=(registry crane cosign syft actionlint)
+RELEASE_TOOLS=(crane cosign syft actionlint)
 # The k8s.io/kubernetes main packages built from one throwaway module.
 KUBE_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
 
@@ -59,7 +59,7 @@ version_of() {
         kube-apiserver | kube-controller-manager | kube-scheduler | kubectl | kubelet | kube-proxy) echo "$KUBE_VERSION" ;;
         kwok) echo "$KWOK_VERSION" ;;
         helm) echo "$HELM_VERSION" ;;
-        registry | crane) echo "$GGCR_VERSION" ;;
+        crane) echo "$GGCR_VERSION" ;;
         cosign) echo "$COSIGN_VERSION" ;;
         syft) echo "$SYFT_VERSION" ;;
         actionlint) echo "$ACTIONLINT_VERSION" ;;
@@ -190,8 +190,6 @@ smoke() {
         kubectl) out=$("$bin" version --client 2>&1) ;;
         helm | crane | cosign | syft) out=$("$bin" version 2>&1) ;;
         actionlint) out=$("$bin" -version 2>&1) ;;
-        # The registry has no version flag: its help is the check that it runs.
-        registry) out=$("$bin" --help 2>&1) && out="$out ${ver#v}" ;;
         *) out=$("$bin" --version 2>&1) ;;
     esac || die "$bin does not run: $out"
     [[ "$out" == *"${ver#v}"* ]] || die "$bin reports the wrong version (want $ver): $out"
@@ -225,10 +223,10 @@ build() {
             dir=$(prepare_module helm.sh/helm/v3 "$HELM_VERSION" "" helm.sh/helm/v3/cmd/helm)
             pkg=helm.sh/helm/v3/cmd/helm
             ldflags=$(helm_ldflags) ;;
-        registry | crane)
+        crane)
             dir=$(prepare_module github.com/google/go-containerregistry "$GGCR_VERSION" "" \
-                github.com/google/go-containerregistry/cmd/registry github.com/google/go-containerregistry/cmd/crane)
-            pkg="github.com/google/go-containerregistry/cmd/$name"
+                github.com/google/go-containerregistry/cmd/crane)
+            pkg=github.com/google/go-containerregistry/cmd/crane
             ldflags="-X github.com/google/go-containerregistry/cmd/crane/cmd.Version=$GGCR_VERSION" ;;
         cosign)
             dir=$(prepare_module github.com/sigstore/cosign/v2 "$COSIGN_VERSION" "" github.com/sigstore/cosign/v2/cmd/cosign)

@@ -1,6 +1,6 @@
 //! The release steps of `.github/workflows/release.yml`, run on this machine against a local OCI registry
 //! (`make release-local`): the tools are the pinned ones of `hack/build-tools.sh` (go-containerregistry's
-//! `registry` and `crane`, `cosign`, `syft`, `helm`), signing uses a key pair (keyless signing needs the
+//! `crane`, which also serves the registry, `cosign`, `syft`, `helm`), signing uses a key pair (keyless signing needs the
 //! public Sigstore services), and the registry speaks plain HTTP on the pod network's gateway.
 //!
 //! Each step is a function that runs one tool and returns what it printed that matters (a digest, a count),
@@ -17,7 +17,7 @@ use crate::oci::Layout;
 use crate::process::{Process, free_port, wait_for};
 use crate::tools::{self, Tool};
 
-/// go-containerregistry's registry (blobs in memory), listening on every address at a free port.
+/// go-containerregistry's registry (`crane registry serve`, blobs in memory) on `address` at a free port.
 pub struct Registry {
     _process: Process,
     /// `address:port` as image references name it.
@@ -30,8 +30,13 @@ impl Registry {
         let port = free_port()?;
         let process = Process::spawn(
             "registry",
-            &tools::path(Tool::Registry)?,
-            &["-port".to_owned(), port.to_string()],
+            &tools::path(Tool::Crane)?,
+            &[
+                "registry".to_owned(),
+                "serve".to_owned(),
+                "--address".to_owned(),
+                format!("{address}:{port}"),
+            ],
             &[],
             log,
         )?;

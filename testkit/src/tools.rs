@@ -25,9 +25,8 @@ pub enum Tool {
     Kubelet,
     /// Service IPs on the node, in iptables mode (root only).
     KubeProxy,
-    /// The release tools (`make release-local`): go-containerregistry's OCI registry and `crane`, `cosign`,
-    /// `syft`, `actionlint`.
-    Registry,
+    /// The release tools (`make release-local`): go-containerregistry's `crane` (which also serves a
+    /// registry), `cosign`, `syft`, `actionlint`.
     Crane,
     Cosign,
     Syft,
@@ -47,7 +46,6 @@ impl Tool {
             Tool::Helm => "helm",
             Tool::Kubelet => "kubelet",
             Tool::KubeProxy => "kube-proxy",
-            Tool::Registry => "registry",
             Tool::Crane => "crane",
             Tool::Cosign => "cosign",
             Tool::Syft => "syft",
