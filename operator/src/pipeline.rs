@@ -33,9 +33,9 @@ pub(crate) async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Ac
                     Ok(finalize::finalize(&ctx, &memory, intg).await?)
                 }
                 Err(_) => {
-                    finalize::release_malformed(&ctx, obj.meta(), &obj.object_ref(&())).await?;
+                    let next = finalize::release_malformed(&ctx, obj.meta(), &obj.object_ref(&())).await?;
                     ctx.forget(&ns, &name);
-                    Ok(Action::await_change())
+                    Ok(next)
                 }
             };
         }

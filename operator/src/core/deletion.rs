@@ -30,6 +30,9 @@ pub mod event {
     pub const QUEUES_LEFT_BEHIND: &str = "QueuesLeftBehind";
     /// Normal: the policy became `Retain` while the Integration was being deleted: the queues stay.
     pub const QUEUES_RETAINED: &str = "QueuesRetained";
+    /// Warning: a malformed Integration the API server refuses to update: its finalizer cannot be removed
+    /// until its spec is fixed.
+    pub const FINALIZER_NOT_REMOVED: &str = "FinalizerNotRemoved";
 }
 
 /// What the operator remembers of one Integration's queue deletion between passes (in its memory: after a

@@ -15,7 +15,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::context::Context;
 use crate::core::deletion::{self, Attempt, FinalizerChange, Verdict, event};
@@ -34,14 +34,19 @@ pub enum FinalizeError {
     Status(#[source] kube::Error),
 }
 
+/// How soon a pass whose finalizer patch met a newer object (409) runs again, on the newer object.
+const CONFLICT_RETRY: Duration = Duration::from_secs(1);
+
 /// Sets the finalizers of the object `meta` describes to its own with ours added or removed, guarded by its
-/// `resourceVersion` (a merge patch replaces the whole list: a conflict fails, and the next reconcile sees
-/// the newer list). Through the metadata endpoint, so a malformed object can be released too.
+/// `resourceVersion` (a merge patch replaces the whole list, so it must not race another writer's). False when
+/// the object changed since the cache saw it (409: the cache lags, e.g. behind this operator's own status
+/// write): nothing was changed, and the next pass decides again on the newer object.
+/// Through the metadata endpoint, so a malformed object can be released too.
 async fn change_finalizer(
     ctx: &Context,
     meta: &ObjectMeta,
     change: FinalizerChange,
-) -> Result<(), FinalizeError> {
+) -> Result<bool, FinalizeError> {
     let ns = meta.namespace.clone().unwrap_or_default();
     let name = meta.name.clone().unwrap_or_default();
     let finalizers = deletion::with_change(meta.finalizers.as_deref().unwrap_or_default(), change);
@@ -57,11 +62,18 @@ async fn change_finalizer(
     match api.patch_metadata(&name, &pp, &Patch::Merge(&body)).await {
         Ok(_) => {}
         // Already gone: nothing holds it any more.
-        Err(kube::Error::Api(s)) if s.code == 404 && change == FinalizerChange::Remove => {}
+        Err(kube::Error::Api(s)) if s.code == 404 && change == FinalizerChange::Remove => return Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            debug!(
+                ?change,
+                "the Integration changed since the cache saw it; deciding again"
+            );
+            return Ok(false);
+        }
         Err(e) => return Err(FinalizeError::Finalizers(e)),
     }
     ctx.metrics.write("IntegrationFinalizers");
-    Ok(())
+    Ok(true)
 }
 
 /// Adds the finalizer to a live Integration whose policy is `Delete`, removes it from one whose policy is
@@ -70,7 +82,10 @@ pub async fn ensure(ctx: &Context, intg: &Integration) -> Result<(), FinalizeErr
     let Some(change) = deletion::finalizer_change(intg.spec.source.deletion_policy, intg.finalizers()) else {
         return Ok(());
     };
-    change_finalizer(ctx, &intg.metadata, change).await?;
+    if !change_finalizer(ctx, &intg.metadata, change).await? {
+        // The reconcile goes on; its next pass (requeue or the newer object's event) tries again.
+        return Ok(());
+    }
     info!(
         ?change,
         policy = intg.spec.source.deletion_policy.as_str(),
@@ -85,14 +100,34 @@ pub async fn release_malformed(
     ctx: &Context,
     meta: &ObjectMeta,
     regarding: &ObjectReference,
-) -> Result<(), FinalizeError> {
-    change_finalizer(ctx, meta, FinalizerChange::Remove).await?;
+) -> Result<Action, FinalizeError> {
+    match change_finalizer(ctx, meta, FinalizerChange::Remove).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(Action::requeue(CONFLICT_RETRY)),
+        Err(FinalizeError::Finalizers(kube::Error::Api(s))) if s.code == 422 => {
+            // The API server validates every update of the object, a metadata patch too, and refuses it
+            // for what is wrong in the spec (e.g. a scale subresource path of the wrong type): only fixing
+            // the spec (or the CRD) lets anyone remove the finalizer. Retried with the error policy's backoff;
+            // the Event recorder folds the repeated Warning into one series.
+            let note = format!(
+                "the Integration does not fit the types and the API server refuses any update to it, so the \
+                 finalizer {} cannot be removed until the spec is fixed: {}",
+                hookfleet_crds::integration::finalizer::QUEUES,
+                s.message
+            );
+            warn!(%note, "finalizer not removed");
+            ctx.event(regarding, true, event::FINALIZER_NOT_REMOVED, note)
+                .await;
+            return Err(FinalizeError::Finalizers(kube::Error::Api(s)));
+        }
+        Err(e) => return Err(e),
+    }
     let note = "the Integration does not fit the types (see Degraded): its queues cannot be named, so none is \
                 deleted; the finalizer is removed";
     warn!(note, "queues left behind");
     ctx.event(regarding, true, event::QUEUES_LEFT_BEHIND, note.into())
         .await;
-    Ok(())
+    Ok(Action::await_change())
 }
 
 /// The connection Secret's value, or why it cannot be had.
@@ -196,7 +231,9 @@ pub async fn finalize(ctx: &Context, memory: &Entry, intg: &Integration) -> Resu
     let uid = intg.metadata.uid.clone().unwrap_or_default();
     let regarding = intg.object_ref(&());
     if intg.spec.source.deletion_policy == DeletionPolicy::Retain {
-        change_finalizer(ctx, &intg.metadata, FinalizerChange::Remove).await?;
+        if !change_finalizer(ctx, &intg.metadata, FinalizerChange::Remove).await? {
+            return Ok(Action::requeue(CONFLICT_RETRY));
+        }
         info!("deletionPolicy is Retain: the queues stay; finalizer removed");
         ctx.event(
             &regarding,
@@ -250,25 +287,31 @@ pub async fn finalize(ctx: &Context, memory: &Entry, intg: &Integration) -> Resu
         d.attempts = d.attempts.saturating_add(1);
         (d.gone.clone(), d.deleted.clone(), d.attempts)
     });
-    let verdict = deletion::verdict(&attempt, &mine, &gone, expired);
-    if !matches!(verdict, Verdict::Retry { .. })
-        && let Some(note) = deletion::deleted_note(&deleted)
-    {
-        info!(%note, "queues deleted");
-        ctx.event(&regarding, false, event::QUEUES_DELETED, note).await;
-    }
-    match verdict {
+    // Once the finalizer is removed (the Events of an object that is gone are still listed in its namespace).
+    let deleted_event = async {
+        if let Some(note) = deletion::deleted_note(&deleted) {
+            info!(%note, "queues deleted");
+            ctx.event(&regarding, false, event::QUEUES_DELETED, note).await;
+        }
+    };
+    match deletion::verdict(&attempt, &mine, &gone, expired) {
         Verdict::Done => {
-            change_finalizer(ctx, &intg.metadata, FinalizerChange::Remove).await?;
+            if !change_finalizer(ctx, &intg.metadata, FinalizerChange::Remove).await? {
+                return Ok(Action::requeue(CONFLICT_RETRY));
+            }
             info!(queues = mine.len(), "queues gone; finalizer removed");
+            deleted_event.await;
             ctx.forget(&ns, &name);
             Ok(Action::await_change())
         }
         Verdict::GiveUp { left, why } => {
+            if !change_finalizer(ctx, &intg.metadata, FinalizerChange::Remove).await? {
+                return Ok(Action::requeue(CONFLICT_RETRY));
+            }
+            deleted_event.await;
             let note = deletion::left_behind_note(&left, &why, timeout);
             warn!(%note, "queues left behind");
             ctx.event(&regarding, true, event::QUEUES_LEFT_BEHIND, note).await;
-            change_finalizer(ctx, &intg.metadata, FinalizerChange::Remove).await?;
             ctx.forget(&ns, &name);
             Ok(Action::await_change())
         }
