@@ -201,6 +201,35 @@ pub struct SourceSpec {
     #[serde(default = "default_max_message_bytes")]
     #[schemars(range(min = limits::MAX_MESSAGE_BYTES.min, max = limits::MAX_MESSAGE_BYTES.max))]
     pub max_message_bytes: u32,
+    /// What happens to the queues the workers declare (the work queue, `<queue>.retries`, the delay
+    /// queues `<queue>.delay.<ms>ms`, the dead-letter queue, a Webhooks fleet's reports queue) when the
+    /// Integration is deleted. `Retain` (the default) leaves them, and the messages in them, on the broker.
+    /// `Delete` stops the workers, then deletes those queues with the messages they hold, through the
+    /// finalizer `hookfleet.io/queues`; a queue another Integration also declares is kept. If the broker
+    /// cannot be reached, the finalizer is removed after the operator's `--queue-deletion-timeout` (5m by
+    /// default) anyway, leaving the queues (a Warning Event names them). docs/operator.md, "Deleting an
+    /// Integration: deletionPolicy".
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// What deleting an Integration does to its queues (`spec.source.deletionPolicy`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeletionPolicy {
+    /// The queues and their messages stay on the broker.
+    #[default]
+    Retain,
+    /// The queues are deleted with the messages they hold (finalizer `hookfleet.io/queues`).
+    Delete,
+}
+
+impl DeletionPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeletionPolicy::Retain => "Retain",
+            DeletionPolicy::Delete => "Delete",
+        }
+    }
 }
 
 /// 1 MiB: nginx's default `client_max_body_size`, so a larger webhook is refused (413) by many
@@ -1051,6 +1080,13 @@ pub mod annotation {
     pub const RETRY_NODES: &str = "hookfleet.io/retry-nodes";
 }
 
+/// Finalizers the operator sets on an Integration.
+pub mod finalizer {
+    /// Set while `spec.source.deletionPolicy` is `Delete`: the operator deletes the Integration's queues
+    /// before the Integration goes (or gives up after its `--queue-deletion-timeout`).
+    pub const QUEUES: &str = "hookfleet.io/queues";
+}
+
 /// Condition types set on an Integration.
 pub mod condition {
     /// Workers are delivering: desired replicas ready and consuming.
@@ -1065,6 +1101,9 @@ pub mod condition {
     /// `spec.suspend` is true: True while the workers are scaled to 0 for it, False while the operator applies
     /// nothing (`spec.paused`).
     pub const SUSPENDED: &str = "Suspended";
+    /// Only on an Integration being deleted with `deletionPolicy: Delete`: False while its queues are
+    /// not deleted yet, with the reason (workers still stopping, broker unreachable, a queue in use).
+    pub const QUEUES_DELETED: &str = "QueuesDeleted";
 }
 
 impl Integration {

@@ -85,6 +85,8 @@ const TO_WORKER: &[&str] = &[
 const OPERATOR_ONLY: &[&str] = &[
     "paused",
     "suspend",
+    // The operator's queue finalizer (`deletionPolicy: Delete`); the worker only declares the queues.
+    "source.deletionPolicy",
     "workers.replicas",
     "workers.autoscale.",
     "workers.disruption.",

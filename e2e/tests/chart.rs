@@ -526,7 +526,9 @@ async fn reconciles_as(
         "apiVersion": "hookfleet.io/v1alpha1", "kind": "Integration",
         "metadata": {"name": "orders"},
         "spec": {
-            "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "orders"},
+            // Delete: the queue finalizer is added and, on deletion, removed after the (shortened) timeout.
+            "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "orders",
+                       "deletionPolicy": "Delete"},
             "destination": {"url": "https://erp.example.com/hooks"},
             "workers": {"replicas": 2}
         }
@@ -539,6 +541,7 @@ async fn reconciles_as(
     config.namespace = watch.map(str::to_owned);
     config.resync = Duration::from_secs(2);
     config.retry = Duration::from_secs(2);
+    config.queue_deletion_timeout = Duration::from_secs(3);
     config.instance = identity.clone();
     config.leader_election = Some(LeaderElection {
         lease_name: sa.into(),
@@ -637,6 +640,31 @@ async fn reconciles_as(
         text.contains(&format!(
             "hookfleet_operator_integration_desired_workers{{integration=\"{intg_ns}/orders\"}} 2"
         )),
+        "{text}"
+    );
+    // deletionPolicy Delete with the broker unreachable: the finalizer (patch on integrations), the workers
+    // scaled to 0 (patch on deployments), QueuesDeleted (integrations/status), then the finalizer removed
+    // after the timeout: the Integration goes, with no permission error on the way.
+    let finalizers = integrations.get("orders").await?.metadata.finalizers;
+    assert_eq!(finalizers, Some(vec!["hookfleet.io/queues".to_owned()]));
+    integrations.delete("orders", &Default::default()).await?;
+    wait_for(
+        "the Integration deleted after the queue deletion timeout",
+        Duration::from_secs(60),
+        Duration::from_millis(300),
+        || {
+            let integrations = integrations.clone();
+            async move { Ok(integrations.get_opt("orders").await?.is_none().then_some(())) }
+        },
+    )
+    .await?;
+    let text = metrics.encode();
+    assert!(
+        !text.contains("hookfleet_operator_reconcile_errors_total{"),
+        "reconcile errors as {sa} while deleting:\n{text}"
+    );
+    assert!(
+        text.contains(r#"hookfleet_operator_writes_total{kind="IntegrationFinalizers"} 2"#),
         "{text}"
     );
     drop(task);

@@ -33,7 +33,7 @@ use tokio::sync::{Mutex, Semaphore};
 use crate::core::status::{SourceObs, reason};
 
 /// Longest the operator waits on the broker for a connect, and for one probe.
-const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a failed connect answers for a broker before the next probe tries again.
 const FAILURE_HOLD: Duration = Duration::from_secs(2);
 /// Probes of one broker at the same time (each on its own channel).
@@ -80,7 +80,7 @@ struct Lane {
     open: Option<(Arc<Generation>, Channel)>,
 }
 
-type Problem = (&'static str, String);
+pub(crate) type Problem = (&'static str, String);
 
 /// Checks that `uri` is an AMQP URI; the message never repeats the URI (it may hold a password).
 pub fn parse_uri(uri: &str) -> Result<AMQPUri, String> {
@@ -121,7 +121,7 @@ fn redact(msg: &str, uri: &str) -> String {
     }
 }
 
-fn classify(e: &lapin::Error, uri: &str) -> Problem {
+pub(crate) fn classify(e: &lapin::Error, uri: &str) -> Problem {
     let text = redact(&e.to_string(), uri);
     let lower = text.to_ascii_lowercase();
     if lower.contains("access_refused")

@@ -58,6 +58,10 @@ pub struct Config {
     /// A node the workers are kept off (fd limit not met) is tried again after this, unless cleared
     /// sooner (its `Ready` condition changed, or the `hookfleet.io/retry-nodes` annotation).
     pub node_exclusion_ttl: Duration,
+    /// How long after its deletion the operator keeps trying to delete the queues of an Integration with
+    /// `deletionPolicy: Delete` (workers still stopping, broker unreachable, a queue in use); then it removes
+    /// its finalizer anyway, with a Warning Event naming the queues left behind.
+    pub queue_deletion_timeout: Duration,
 }
 
 impl Config {
@@ -81,6 +85,7 @@ impl Config {
             webhook_status_every: Duration::from_secs(10),
             webhook_counts_every: Duration::from_secs(60),
             node_exclusion_ttl: Duration::from_secs(3600),
+            queue_deletion_timeout: Duration::from_secs(300),
         }
     }
 }

@@ -22,6 +22,8 @@ pub enum Error {
     Apply(#[from] crate::reconcile::apply::ApplyError),
     #[error(transparent)]
     Status(#[from] crate::reconcile::status::StatusError),
+    #[error(transparent)]
+    Finalize(#[from] crate::reconcile::finalize::FinalizeError),
     #[error(
         "the Integration CRD (integrations.hookfleet.io) is not installed in this cluster; install it with \
          `kubectl apply -f crds/integrations.hookfleet.io.yaml` (or `helm install hookfleet charts/hookfleet`) \
@@ -53,6 +55,7 @@ impl Error {
             Error::Build(_) => "invalid_object",
             Error::Apply(_) => "apply",
             Error::Status(_) => "write_status",
+            Error::Finalize(_) => "finalizer",
             Error::CrdNotInstalled => "crd_not_installed",
             Error::Kube(_) => "kube",
             Error::LeaderElection(_) => "leader_election",

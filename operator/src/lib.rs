@@ -8,7 +8,8 @@
 //!
 //! 1. [`names`], [`config`]: the names every module shares, and the operator's settings;
 //! 2. [`core`]: pure decisions (desired objects, status and conditions, replicas, pacing);
-//! 3. adapters: [`broker`] (the queue as RabbitMQ sees it), [`secrets`] (the referenced Secrets),
+//! 3. adapters: [`broker`] (the queue as RabbitMQ sees it), [`queues`] (deleting an Integration's queues on
+//!    RabbitMQ), [`secrets`] (the referenced Secrets),
 //!    [`memory`] (what this leader remembers per Integration), [`fleets`] (per Webhooks fleet: its last
 //!    compile and its workers' reports, consumed from the broker), [`slim`] (what the watches keep and
 //!    pass on), [`metrics`];
@@ -32,6 +33,7 @@ pub mod memory;
 pub mod metrics;
 pub mod names;
 pub mod pipeline;
+pub mod queues;
 pub mod reconcile;
 pub mod secrets;
 pub mod slim;

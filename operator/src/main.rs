@@ -54,6 +54,11 @@ struct Args {
     /// Ready condition changed or the Integration's hookfleet.io/retry-nodes annotation was changed first.
     #[arg(long, env = "HOOKFLEET_NODE_EXCLUSION_TTL", default_value = "1h", value_parser = parse_secs)]
     node_exclusion_ttl: Duration,
+    /// How long after an Integration with deletionPolicy Delete is deleted the operator keeps trying to
+    /// delete its queues (workers stopping, broker unreachable); then it removes the finalizer anyway, and a
+    /// Warning Event names the queues left behind.
+    #[arg(long, env = "HOOKFLEET_QUEUE_DELETION_TIMEOUT", default_value = "5m", value_parser = parse_secs)]
+    queue_deletion_timeout: Duration,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "HOOKFLEET_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
@@ -105,6 +110,7 @@ async fn main() -> std::process::ExitCode {
     config.retry = args.retry;
     config.scale_up_period = args.scale_up_period;
     config.node_exclusion_ttl = args.node_exclusion_ttl;
+    config.queue_deletion_timeout = args.queue_deletion_timeout;
     config.http_addr = Some(args.http_addr);
     config.instance = identity.clone();
     if !args.no_leader_election {

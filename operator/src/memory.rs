@@ -47,6 +47,8 @@ pub struct Memory {
     /// The referenced Secrets as last read, reused while the Secret watch shows them unchanged
     /// (`crate::secrets::dereference`). Holds the broker URI: in memory only, never logged.
     pub secrets: Option<crate::secrets::Dereferenced>,
+    /// Queue deletion under way (`deletionPolicy: Delete`: the reconcile's finalize step).
+    pub deletion: crate::core::deletion::Progress,
 }
 
 /// What [`Memory::applied`] holds of the object the API server returned: changes with every spec change of

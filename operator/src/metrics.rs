@@ -358,6 +358,7 @@ impl Metrics {
             "PodDisruptionBudget",
             "Service",
             "IntegrationStatus",
+            "IntegrationFinalizers",
             "Event",
             "Secret",
             "ServiceAccount",

@@ -4,13 +4,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use hookfleet_crds::integration::finalizer;
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::instrument;
 
 use crate::context::{Context, Watched};
 use crate::error::{Error, Result};
-use crate::reconcile::{apply, build, dereference, malformed, status, webhooks};
+use crate::reconcile::{apply, build, dereference, finalize, malformed, status, webhooks};
 
 #[instrument(skip_all, fields(integration = %format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())))]
 pub(crate) async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Action> {
@@ -21,7 +22,23 @@ pub(crate) async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Ac
         .namespace()
         .ok_or(Error::InvalidObject("metadata.namespace is missing"))?;
     let name = obj.name_any();
+    let queue_finalizer = obj.finalizers().iter().any(|f| f == finalizer::QUEUES);
     if obj.meta().deletion_timestamp.is_some() {
+        if queue_finalizer {
+            // `deletionPolicy: Delete`: the queues go first (bounded by the queue deletion timeout).
+            let uid = obj.meta().uid.clone().unwrap_or_default();
+            return match &obj.0 {
+                Ok(intg) => {
+                    let memory = ctx.memory.entry(&ns, &name, &uid);
+                    Ok(finalize::finalize(&ctx, &memory, intg).await?)
+                }
+                Err(_) => {
+                    let next = finalize::release_malformed(&ctx, obj.meta(), &obj.object_ref(&())).await?;
+                    ctx.forget(&ns, &name);
+                    Ok(next)
+                }
+            };
+        }
         // The garbage collector removes the children through their owner references.
         ctx.forget(&ns, &name);
         return Ok(Action::await_change());
@@ -30,6 +47,8 @@ pub(crate) async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Ac
         Ok(intg) => intg,
         Err(invalid) => return Err(malformed::malformed(invalid, &ctx, &ns, &name).await.into()),
     };
+    // The queue finalizer as `spec.source.deletionPolicy` says (paused or not: it applies nothing to the fleet).
+    finalize::ensure(&ctx, intg).await?;
     let uid = intg.metadata.uid.clone().unwrap_or_default();
     let memory = ctx.memory.entry(&ns, &name, &uid);
     let world = dereference::dereference(intg, &ctx.client, &ctx.caches, &ctx.broker, &memory).await?;

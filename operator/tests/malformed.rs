@@ -1,6 +1,7 @@
 //! A stored Integration that does not fit the Rust types (created under a looser CRD; stored objects are not
 //! re-validated when the CRD tightens) does not wedge the controller: the others reconcile, the bad one gets
-//! a Warning Event and a condition naming the field, and it is not retried until it changes.
+//! a Warning Event and a condition naming the field, and it is not retried until it changes. Deleted while it
+//! holds the queue finalizer, it is released at once (its queues cannot be named) with a Warning.
 
 mod common;
 
@@ -66,6 +67,15 @@ async fn a_malformed_integration_does_not_wedge_the_controller() -> anyhow::Resu
         }))?;
         raw.create(&PostParams::default(), &obj).await?;
     }
+    // One that holds the queue finalizer (deletionPolicy Delete) too: its deletion must not wait.
+    let held: DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "hookfleet.io/v1alpha1", "kind": "Integration",
+        "metadata": {"name": "held", "finalizers": [hookfleet_crds::integration::finalizer::QUEUES]},
+        "spec": {"source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "held",
+                            "prefetch": "many"},
+                 "destination": destination}
+    }))?;
+    raw.create(&PostParams::default(), &held).await?;
     cp.install_crds().await?;
     let typed: Api<Integration> = Api::namespaced(cp.client(), NS);
     assert!(
@@ -174,6 +184,24 @@ async fn a_malformed_integration_does_not_wedge_the_controller() -> anyhow::Resu
     })
     .await?;
     eprintln!("three fixed: Degraded {:?}", cond(&i, DEGRADED));
+
+    // Deleted while malformed, with the queue finalizer: its queues cannot be named, so the finalizer is
+    // removed at once with a Warning, and the object goes.
+    raw.delete("held", &Default::default()).await?;
+    wait_for(
+        "held deleted",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let raw = raw.clone();
+            async move { Ok(raw.get_opt("held").await?.is_none().then_some(())) }
+        },
+    )
+    .await?;
+    let evs = events(&cp, "held", Some("QueuesLeftBehind")).await?;
+    eprintln!("held: {evs:?}");
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0].type_.as_deref(), Some("Warning"));
     op.task.abort();
     Ok(())
 }

@@ -11,10 +11,9 @@ use std::time::{Duration, SystemTime};
 use hookfleet_crds::integration::Jitter;
 use rand::Rng;
 
-/// The shortest delay queue; full jitter may draw less, which is rounded up to it.
-pub const MIN_DELAY: Duration = Duration::from_millis(100);
-/// Rungs per doubling of the ladder.
-const RUNGS_PER_DOUBLING: f64 = 4.0;
+/// The shortest delay queue; full jitter may draw less, which is rounded up to it (the contract's, which
+/// the operator shares to name the delay queues it deletes).
+pub use hookfleet_crds::contract::queues::MIN_DELAY;
 
 /// Exponential backoff between attempts.
 #[derive(Clone, Debug, PartialEq)]
@@ -60,18 +59,7 @@ impl Backoff {
 
     /// The delay queues' TTLs: the ladder from [`MIN_DELAY`] up to `max` (which is the last rung).
     pub fn ladder(&self) -> Vec<Duration> {
-        let mut rungs = Vec::new();
-        let mut k = 0;
-        loop {
-            let d = rung(k);
-            if d >= self.max {
-                break;
-            }
-            rungs.push(d);
-            k += 1;
-        }
-        rungs.push(self.max.max(MIN_DELAY));
-        rungs
+        hookfleet_crds::contract::queues::delay_ttls(self.max)
     }
 
     /// The rung of [`Backoff::ladder`] nearest to `d` (in ratio).
@@ -87,12 +75,6 @@ impl Backoff {
             })
             .unwrap_or(MIN_DELAY)
     }
-}
-
-/// `MIN_DELAY × 2^(k/4)`, whole milliseconds.
-fn rung(k: u32) -> Duration {
-    let ms = MIN_DELAY.as_millis() as f64 * 2f64.powf(k as f64 / RUNGS_PER_DOUBLING);
-    Duration::from_millis(ms.round() as u64)
 }
 
 /// A `Retry-After` value: delay-seconds or an HTTP-date (relative to `now`; a past date is zero).

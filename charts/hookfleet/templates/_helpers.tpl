@@ -72,9 +72,11 @@ app.kubernetes.io/component: operator
   workers get no rules at all: their pods mount no service-account token.
 */}}
 {{- define "hookfleet.operatorRules" -}}
+# patch: the queue finalizer (hookfleet.io/queues) of Integrations with deletionPolicy Delete, added and removed
+# through a merge patch of metadata.finalizers guarded by resourceVersion.
 - apiGroups: [hookfleet.io]
   resources: [integrations]
-  verbs: [get, list, watch]
+  verbs: [get, list, watch, patch]
 - apiGroups: [hookfleet.io]
   resources: [integrations/status]
   verbs: [get, patch]

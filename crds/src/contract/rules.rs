@@ -209,6 +209,34 @@ impl WorkerArgs {
         }
     }
 
+    /// Every queue a worker started with these arguments declares, in the order it declares them: the
+    /// work queue, the dead-letter queue, the retry-ready queue, the delay queues of the `--backoff-max`
+    /// ladder ([`queues::delay_ttls`]) and, with `--webhooks-secret`, the reports queue. Empty when the
+    /// worker would not start for want of a queue; without the dead-letter queue when it would refuse
+    /// that one (the worker declares nothing then). The operator deletes these for
+    /// `deletionPolicy: Delete`; `worker/src/worker/topology.rs` declares them.
+    pub fn declared_queues(&self) -> Vec<String> {
+        let Ok(queue) = queue(self.queue.as_deref()) else {
+            return Vec::new();
+        };
+        let mut out = vec![queue.clone()];
+        if let Ok(dlq) = dead_letter_queue(&queue, self.dead_letter_queue.as_deref()) {
+            out.push(dlq);
+        }
+        out.push(queues::retry_ready(&queue));
+        for ttl in queues::delay_ttls(self.backoff_max) {
+            out.push(queues::delay(&queue, ttl));
+        }
+        if self
+            .webhooks_secret
+            .as_deref()
+            .is_some_and(|w| !w.trim().is_empty())
+        {
+            out.push(super::webhooks::reports_queue(&queue));
+        }
+        out
+    }
+
     /// Like [`WorkerArgs::check`], with the refusals named by the spec field they come from.
     pub(crate) fn check_fields(&self) -> Vec<Invalid> {
         let mut no = Refusals::default();

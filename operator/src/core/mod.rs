@@ -9,8 +9,11 @@
 //! - [`podtemplate`]: what a platform adds to the worker pods (`workers.podTemplate` over the defaults);
 //! - [`replicas`]: how many workers (fixed, or following the backlog);
 //! - [`pacing`]: how soon an Integration is looked at again, and when a status write may wait;
-//! - [`webhooks`]: a fleet's Webhooks snapshot, the fold of its workers' reports, each Webhook's status.
+//! - [`webhooks`]: a fleet's Webhooks snapshot, the fold of its workers' reports, each Webhook's status;
+//! - [`deletion`]: `deletionPolicy: Delete`: the finalizer, which queues are the Integration's own, and
+//!   what an attempt to delete them means (done, retry, give up at the timeout).
 
+pub mod deletion;
 pub mod desired;
 pub mod nodes;
 pub mod pacing;

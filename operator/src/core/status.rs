@@ -49,6 +49,14 @@ pub mod reason {
     pub const SUSPENDED: &str = "Suspended";
     /// `Suspended` True: by `spec.suspend`.
     pub const SUSPENDED_BY_SPEC: &str = "SuspendedBySpec";
+    /// `QueuesDeleted` False: the connection Secret could not be read (an API error, not its absence).
+    pub const SECRET_UNREADABLE: &str = "SecretUnreadable";
+    /// `QueuesDeleted` False: worker pods are still stopping (see `core::deletion`).
+    pub const WAITING_FOR_WORKERS: &str = "WaitingForWorkers";
+    /// `QueuesDeleted` False: consumers are still attached to a queue.
+    pub const QUEUES_IN_USE: &str = "QueuesInUse";
+    /// `QueuesDeleted` False: the broker refused to delete a queue (e.g. no `configure` permission).
+    pub const QUEUE_DELETE_REFUSED: &str = "QueueDeleteRefused";
 }
 
 /// The worker Deployment as observed.

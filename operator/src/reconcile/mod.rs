@@ -13,10 +13,15 @@
 //! Steps 3 and 4 run at the same time, so a first reconcile waits for one round trip, not two: the status
 //! reads what step 1 observed and step 2 decided, not what the apply returns. An Integration the types
 //! cannot read gets [`malformed`] instead.
+//!
+//! Before step 1, [`finalize::ensure`] keeps the queue finalizer as `deletionPolicy` says; an Integration
+//! being deleted that holds it gets [`finalize::finalize`] instead of the steps (stop the workers, delete
+//! its queues, remove the finalizer).
 
 pub mod apply;
 pub mod build;
 pub mod dereference;
+pub mod finalize;
 pub mod malformed;
 pub mod status;
 pub mod webhook_status;

@@ -223,7 +223,7 @@ pub async fn declare(ch: &Channel, cfg: &Config, ladder: &[Duration]) -> Result<
 
 /// Every queue the worker uses, in the order [`declare`] declares them: the work queue, the
 /// dead-letter queue, the retry-ready queue, the delay queues of `ladder`, and with Webhooks the
-/// reports queue.
+/// reports queue; the contract's `WorkerArgs::declared_queues` for the same arguments (a test says so).
 pub fn queues(cfg: &Config, ladder: &[Duration]) -> Vec<String> {
     let mut out = vec![
         cfg.queue.clone(),
@@ -291,6 +291,32 @@ mod tests {
 
     fn keys(t: &FieldTable) -> Vec<&str> {
         t.inner().keys().map(|k| k.as_str()).collect()
+    }
+
+    #[test]
+    fn the_queues_checked_with_external_topology_are_the_contracts() {
+        use clap::Parser;
+        use hookfleet_crds::contract::WorkerArgs;
+        for extra in [
+            &["--backoff-max", "3s"][..],
+            &["--dead-letter-queue", "parked", "--topology", "external"][..],
+            &["--max-attempts", "1"][..],
+        ] {
+            let mut argv = vec![
+                "hookfleet-worker",
+                "--amqp-uri",
+                "amqp://u:p@127.0.0.1:5672/%2f",
+                "--queue",
+                "orders",
+                "--destination-url",
+                "https://erp.example.com/hook",
+            ];
+            argv.extend_from_slice(extra);
+            let args = WorkerArgs::try_parse_from(&argv).unwrap();
+            let contract = args.declared_queues();
+            let cfg = Config::from_args(args, &|_| None).unwrap();
+            assert_eq!(queues(&cfg, &cfg.backoff.ladder()), contract, "{extra:?}");
+        }
     }
 
     #[test]
