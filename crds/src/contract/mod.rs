@@ -21,6 +21,7 @@ mod parse;
 pub mod queues;
 mod rules;
 mod setup;
+pub mod test_delivery;
 pub mod webhooks;
 
 pub use args::{LogFormat, WorkerArgs};
