@@ -61,8 +61,8 @@ pub struct TestDeliveryArgs {
     pub headers: Vec<(String, String)>,
 }
 
-/// `NAME=VALUE`.
-fn header(s: &str) -> Result<(String, String), String> {
+/// `NAME=VALUE` (of `--header`; the plugin's too).
+pub fn header(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
         _ => Err(format!("{s:?} is not NAME=VALUE")),
