@@ -35,7 +35,16 @@ fn marked(s: &Stack) -> Vec<Hit> {
 
 /// Runs the plugin with `args`: (exit code, stdout, stderr).
 async fn plugin(s: &Stack, args: &[&str]) -> anyhow::Result<(Option<i32>, String, String)> {
+    // Built once (later calls: cargo's no-op), before any timing.
     let bin = hookfleet_e2e::images::plugin_binary()?;
+    plugin_with(s, bin, args).await
+}
+
+async fn plugin_with(
+    s: &Stack,
+    bin: std::path::PathBuf,
+    args: &[&str],
+) -> anyhow::Result<(Option<i32>, String, String)> {
     let (kubeconfig, args) = (
         s.kubeconfig.clone(),
         args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
@@ -83,8 +92,8 @@ pub async fn testdelivery(s: &Stack) -> Outcome {
 }
 
 async fn run(s: &Stack) -> Outcome {
+    let bin = hookfleet_e2e::images::plugin_binary()?;
     let before = marked(s).len();
-    let t0 = std::time::Instant::now();
     let args = [
         "test-delivery",
         "td",
@@ -97,7 +106,8 @@ async fn run(s: &Stack) -> Outcome {
         "--timeout",
         "120s",
     ];
-    let (code, stdout, stderr) = plugin(s, &args).await?;
+    let t0 = std::time::Instant::now();
+    let (code, stdout, stderr) = plugin_with(s, bin.clone(), &args).await?;
     let took = t0.elapsed();
     println!("kubectl hookfleet test-delivery (exit {code:?}, {took:.1?}):\n{stdout}{stderr}");
     ensure!(code == Some(exit::DELIVERED), "exit {code:?}\n{stdout}{stderr}");
@@ -142,7 +152,7 @@ async fn run(s: &Stack) -> Outcome {
 
     // The sink answering 503: exit 6, the worker would retry; still one request.
     s.sink.set_mode(Mode::status(503));
-    let (code, stdout, stderr) = plugin(s, &args).await?;
+    let (code, stdout, stderr) = plugin_with(s, bin.clone(), &args).await?;
     s.sink.set_mode(Mode::ok());
     ensure!(code == Some(exit::RETRY), "503: exit {code:?}\n{stdout}{stderr}");
     ensure!(
@@ -163,11 +173,142 @@ async fn run(s: &Stack) -> Outcome {
         "{code:?} {stderr}"
     );
     ensure!(left(pods.clone()).await? == 0, "a pod left behind");
+    let fleet = webhooks(s, &bin).await?;
     Ok((
         None,
         format!(
             "1 signed, rendered, marked request ({id}) from a pod of the worker's template; printed and exit 0 in \
-             {took:.1?}; 503 → exit 6; pods deleted; bad Webhook/Integration refused before a pod"
+             {took:.1?} (the pod created, run, read and deleted); 503 → exit 6; pods deleted; bad \
+             Webhook/Integration refused before a pod; {fleet}"
         ),
+    ))
+}
+
+/// An Integration with Webhooks: the one-shot reads the fleet's snapshot with the workers' ServiceAccount and
+/// sends to the one Webhook the event matches, signed with that Webhook's key, `webhook-id` `<id>:<webhook>`.
+async fn webhooks(s: &Stack, bin: &std::path::Path) -> anyhow::Result<String> {
+    use hookfleet_crds::Webhook;
+    use hookfleet_crds::contract::webhooks::{SNAPSHOT_KEY, Snapshot};
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::PostParams;
+
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), NS);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "hook-keys"}, "stringData": {"acme": "acme-key", "beta": "beta-key"}
+            }))?,
+        )
+        .await?;
+    let base = s.sink.url().trim_end_matches("/hook").to_owned();
+    let hooks: Api<Webhook> = Api::namespaced(s.client.clone(), NS);
+    for (name, event) in [("acme", "temp"), ("beta", "door")] {
+        hooks
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(serde_json::json!({
+                    "apiVersion": "hookfleet.io/v1alpha1", "kind": "Webhook",
+                    "metadata": {"name": name},
+                    "spec": {
+                        "integration": "tdfleet",
+                        "events": [event],
+                        "destination": {
+                            "url": format!("{base}/td/{name}"),
+                            "signing": {"secretRef": {"name": "hook-keys", "key": name}},
+                        },
+                    },
+                }))?,
+            )
+            .await?;
+    }
+    let api: Api<hookfleet_crds::Integration> = Api::namespaced(s.client.clone(), NS);
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(serde_json::json!({
+            "apiVersion": "hookfleet.io/v1alpha1", "kind": "Integration",
+            "metadata": {"name": "tdfleet"},
+            "spec": {
+                "source": {"connectionSecretRef": {"name": "rabbitmq", "key": "uri"}, "queue": "e2e.testdelivery.fleet"},
+                "webhooks": {"eventNameHeader": "x-event", "allowPrivateNetworks": true},
+                "workers": {"replicas": 2, "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}},
+            },
+        }))?,
+    )
+    .await?;
+    // The operator compiled both into the fleet's snapshot, and made the Deployment.
+    wait_for(
+        "the fleet's snapshot with both Webhooks, and its Deployment",
+        Duration::from_secs(90),
+        Duration::from_millis(500),
+        || {
+            let (secrets, deploy) = (
+                secrets.clone(),
+                Api::<Deployment>::namespaced(s.client.clone(), NS),
+            );
+            async move {
+                let Some(secret) = secrets.get_opt("tdfleet-webhooks").await? else {
+                    return Ok(None);
+                };
+                let snap = secret
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(SNAPSHOT_KEY))
+                    .and_then(|b| Snapshot::decode(&b.0).ok());
+                let both = snap.is_some_and(|s| s.webhooks.len() == 2);
+                Ok((both && deploy.get_opt("tdfleet").await?.is_some()).then_some(()))
+            }
+        },
+    )
+    .await?;
+    let before = marked(s).len();
+    let args = [
+        "test-delivery",
+        "tdfleet",
+        "-n",
+        NS,
+        "--event",
+        "temperature/basement",
+        "--body",
+        r#"{"t": 21}"#,
+        "--timeout",
+        "120s",
+    ];
+    let t0 = std::time::Instant::now();
+    let (code, stdout, stderr) = plugin_with(s, bin.to_path_buf(), &args).await?;
+    let took = t0.elapsed();
+    println!("kubectl hookfleet test-delivery with Webhooks (exit {code:?}, {took:.1?}):\n{stdout}{stderr}");
+    ensure!(code == Some(exit::DELIVERED), "exit {code:?}\n{stdout}{stderr}");
+    let hits = marked(s);
+    ensure!(
+        hits.len() == before + 1,
+        "{} requests, want one",
+        hits.len() - before
+    );
+    let hit = hits.last().context("the test delivery")?;
+    ensure!(
+        hit.path == "/td/acme",
+        "sent to {}, not Webhook acme's path",
+        hit.path
+    );
+    messages::verify_signature(hit, "acme-key")?;
+    let id = hit.id.clone().context("no webhook-id")?;
+    ensure!(
+        id.starts_with("test_") && id.ends_with(":acme"),
+        "webhook-id {id}"
+    );
+    ensure!(
+        stdout.contains("test delivery to Webhook acme of Integration"),
+        "{stdout}"
+    );
+    // A Webhook that does not exist is refused before any pod.
+    let missing = ["test-delivery", "tdfleet", "-n", NS, "--webhook", "nope"];
+    let (code, _, stderr) = plugin_with(s, bin.to_path_buf(), &missing).await?;
+    ensure!(
+        code == Some(1) && stderr.contains(&format!("no Webhook {NS}/nope")),
+        "{code:?} {stderr}"
+    );
+    Ok(format!(
+        "with Webhooks: event temperature/basement → Webhook acme only ({id}, signed with its key), exit 0 in {took:.1?}"
     ))
 }
