@@ -72,6 +72,13 @@ use crate::limits;
 ).message("delivery.deadLetter.queue must differ from source.queue and from its retry-ready queue \
            (<queue>.retries)")
     .field_path(".delivery.deadLetter.queue"))]
+// hookfleet deletes only queues it declares (`SourceSpec::queues_deleted`).
+#[x_kube(validation = kube::core::Rule::new(
+    "!(has(self.source.topology) && self.source.topology == 'external' \
+     && has(self.source.deletionPolicy) && self.source.deletionPolicy == 'Delete')"
+).message("source.deletionPolicy Delete needs source.topology managed: the queues of an external topology \
+           are their owner's to delete")
+    .field_path(".source.deletionPolicy"))]
 #[x_kube(validation = kube::core::Rule::new("has(self.destination) != has(self.webhooks)")
     .message("set exactly one of destination (one endpoint for every message) and webhooks (the fleet \
               delivers the Webhooks that name this Integration)"))]
@@ -209,8 +216,27 @@ pub struct SourceSpec {
     /// cannot be reached, the finalizer is removed after the operator's `--queue-deletion-timeout` (5m by
     /// default) anyway, leaving the queues (a Warning Event names them). docs/operator.md, "Deleting an
     /// Integration: deletionPolicy".
+    /// Only with `topology: managed`: the queues of an external topology are their owner's.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+}
+
+impl SourceSpec {
+    /// Whether deleting the Integration deletes its queues: `deletionPolicy: Delete` on a managed topology
+    /// (the API server refuses `Delete` with `external`; a stored object from before that rule still keeps
+    /// its queues).
+    pub fn queues_deleted(&self) -> bool {
+        self.deletion_policy == DeletionPolicy::Delete && self.topology == Topology::Managed
+    }
+
+    /// The policy carried out: `Retain` for an external topology, whatever the spec says.
+    pub fn effective_deletion_policy(&self) -> DeletionPolicy {
+        if self.queues_deleted() {
+            DeletionPolicy::Delete
+        } else {
+            DeletionPolicy::Retain
+        }
+    }
 }
 
 /// What deleting an Integration does to its queues (`spec.source.deletionPolicy`).

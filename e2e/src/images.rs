@@ -237,6 +237,37 @@ pub fn multi_platform(
     Ok(layouts)
 }
 
+/// The `kubectl-hookfleet` plugin for the host (the suite runs it as a user would): `HOOKFLEET_PLUGIN_BIN` when
+/// set, else `cargo build` of it (dev profile) into the current target dir, located from cargo's messages.
+pub fn plugin_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("HOOKFLEET_PLUGIN_BIN") {
+        return Ok(p.into());
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(&cargo)
+        .current_dir(crate::tools::repo_root())
+        .args([
+            "build",
+            "--message-format=json-render-diagnostics",
+            "-p",
+            "kubectl-hookfleet",
+            "--bin",
+            "kubectl-hookfleet",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {} build", cargo.to_string_lossy()))?;
+    if !out.status.success() {
+        bail!(
+            "cargo build of kubectl-hookfleet failed ({}); its errors are above",
+            out.status
+        );
+    }
+    executable_from_messages(&String::from_utf8_lossy(&out.stdout), "kubectl-hookfleet")
+        .context("cargo built kubectl-hookfleet but named no executable for it in its messages")
+}
+
 /// The `executable` of the last `compiler-artifact` message for bin target `name`.
 fn executable_from_messages(stdout: &str, name: &str) -> Option<PathBuf> {
     stdout

@@ -173,6 +173,14 @@ async fn crd_is_established_and_validates_integrations() -> anyhow::Result<()> {
             "spec.destination.method",
         ),
         (
+            "delete-the-queues-of-an-external-topology",
+            format!(
+                "  source: {{connectionSecretRef: {{name: r, key: k}}, queue: q, topology: external, \
+                 deletionPolicy: Delete}}\n{dst}"
+            ),
+            "spec.source.deletionPolicy",
+        ),
+        (
             "fd-limit-too-low",
             format!("{src}{dst}  workers: {{fileDescriptorLimit: 256}}\n"),
             "spec.workers.fileDescriptorLimit",

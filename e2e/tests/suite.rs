@@ -14,7 +14,8 @@
 //! (`make test-incident` runs those three) and are skipped, saying so, on one node.
 //!
 //! `HOOKFLEET_E2E_SCENARIOS=deliver,kill` runs a subset (names: deliver, fds, kill, scale, sinkdown,
-//! notconsuming, bad, pdb, rotate, webhooks, memory, podtemplate, incident, drain, nodeloss). The scenarios share one installation and run one after
+//! notconsuming, bad, pdb, rotate, webhooks, memory, podtemplate, testdelivery, incident, drain,
+//! nodeloss). The scenarios share one installation and run one after
 //! the other, each in a namespace of its own; a failed scenario does not stop the others, and the suite ends with
 //! a table of every scenario's figures.
 
@@ -44,6 +45,8 @@ mod memory;
 mod nodes;
 #[path = "suite/podtemplate.rs"]
 mod podtemplate;
+#[path = "suite/testdelivery.rs"]
+mod testdelivery;
 #[path = "suite/webhooks.rs"]
 mod webhooks;
 
@@ -1056,6 +1059,7 @@ async fn suite() -> Result<()> {
     scenario!("webhooks", webhooks::webhooks);
     scenario!("memory", memory::memory);
     scenario!("podtemplate", podtemplate::podtemplate);
+    scenario!("testdelivery", testdelivery::testdelivery);
     scenario!("incident", nodes::incident);
     scenario!("drain", nodes::drain);
     scenario!("nodeloss", nodes::node_loss);

@@ -2,7 +2,9 @@
 //!
 //! - `status`: Integrations with their conditions, workers, consumers and backlog, and the Webhooks that are
 //!   not delivering, from the API server (the current kubeconfig context);
-//! - `replay NAME`: dead letters of an Integration back into its work queue (`replay` module).
+//! - `replay NAME`: dead letters of an Integration back into its work queue (`replay` module);
+//! - `test-delivery NAME`: one request sent from a pod made from the worker Deployment, the way the workers
+//!   send it (`test_delivery` module).
 
 use std::collections::BTreeMap;
 
@@ -15,6 +17,7 @@ use kube::api::{Api, ListParams};
 use kube::{Client, ResourceExt};
 
 mod replay;
+mod test_delivery;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -62,18 +65,49 @@ enum Command {
         #[arg(long, env = "HOOKFLEET_BROKER_URI", hide_env_values = true)]
         broker_uri: Option<String>,
     },
+    /// One request to Integration NAME's destination (or one of its Webhooks), sent from a pod made from its
+    /// worker Deployment the way the workers send it; prints request, answer and what a worker would do.
+    /// Exit code: 0 delivered (2xx), 6 retry, 7 dead-letter, 5 gone (410), 2 invalid worker configuration,
+    /// 1 nothing sent.
+    TestDelivery {
+        /// The Integration.
+        name: String,
+        /// The Webhook to deliver to (an Integration with Webhooks; else the one --event matches).
+        #[arg(long)]
+        webhook: Option<String>,
+        /// Event name: the test message's routing key (and the event-name header, when one is configured).
+        #[arg(long)]
+        event: Option<String>,
+        /// The test message's body (default `{}`).
+        #[arg(long)]
+        body: Option<String>,
+        /// A file holding the body.
+        #[arg(long, conflicts_with = "body")]
+        body_file: Option<std::path::PathBuf>,
+        /// NAME=VALUE: a header of the test message, as a publisher sets it (Webhook header matches, the
+        /// event-name header, traceparent); repeatable. The request's HTTP headers are the destination's.
+        #[arg(long = "header", value_parser = hookfleet_crds::contract::test_delivery::header)]
+        headers: Vec<(String, String)>,
+        /// How long to wait for the pod to run and the answer (Go duration).
+        #[arg(long, default_value = "60s", value_parser = hookfleet_crds::duration::parse)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = Args::parse();
-    if let Err(e) = run(args).await {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match run(args).await {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }
 
-async fn run(args: Args) -> Result<()> {
+/// The exit code.
+async fn run(args: Args) -> Result<i32> {
     let client = Client::try_default()
         .await
         .context("no Kubernetes client (kubeconfig)")?;
@@ -82,7 +116,31 @@ async fn run(args: Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| client.default_namespace().to_owned());
     match args.command {
-        Command::Status { all_namespaces } => status(&client, (!all_namespaces).then_some(ns.as_str())).await,
+        Command::Status { all_namespaces } => {
+            status(&client, (!all_namespaces).then_some(ns.as_str())).await?;
+            Ok(0)
+        }
+        Command::TestDelivery {
+            name,
+            webhook,
+            event,
+            body,
+            body_file,
+            headers,
+            timeout,
+        } => {
+            let options = test_delivery::Options {
+                integration: name,
+                test: hookfleet_crds::contract::test_delivery::TestDeliveryArgs {
+                    webhook,
+                    event,
+                    body: test_delivery::body(body, body_file.as_deref())?,
+                    headers,
+                },
+                timeout,
+            };
+            test_delivery::run(&client, &ns, &options).await
+        }
         Command::Replay {
             name,
             reason,
@@ -139,7 +197,7 @@ async fn run(args: Args) -> Result<()> {
                 if dry_run { r.matched } else { r.replayed },
                 source.queue
             );
-            Ok(())
+            Ok(0)
         }
     }
 }
@@ -247,4 +305,92 @@ async fn status(client: &Client, ns: Option<&str>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("kubectl-hookfleet").chain(argv.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_is_well_formed() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn test_delivery_arguments() {
+        let a = parse(&[
+            "test-delivery",
+            "orders",
+            "-n",
+            "team-a",
+            "--webhook",
+            "acme",
+            "--event",
+            "temp/basement",
+            "--body",
+            r#"{"t": 21}"#,
+            "--header",
+            "device=d-1",
+            "--header",
+            "x=a=b",
+            "--timeout",
+            "30s",
+        ])
+        .unwrap();
+        assert_eq!(a.namespace.as_deref(), Some("team-a"));
+        let Command::TestDelivery {
+            name,
+            webhook,
+            event,
+            body,
+            body_file,
+            headers,
+            timeout,
+        } = a.command
+        else {
+            panic!("not test-delivery: {:?}", a.command);
+        };
+        assert_eq!(
+            (
+                name.as_str(),
+                webhook.as_deref(),
+                event.as_deref(),
+                body.as_deref(),
+                body_file
+            ),
+            (
+                "orders",
+                Some("acme"),
+                Some("temp/basement"),
+                Some(r#"{"t": 21}"#),
+                None
+            )
+        );
+        assert_eq!(
+            headers,
+            [("device".into(), "d-1".into()), ("x".into(), "a=b".into())]
+        );
+        assert_eq!(timeout, std::time::Duration::from_secs(30));
+        // Defaults: a minute, no body (the worker sends `{}`).
+        let Command::TestDelivery { timeout, body, .. } =
+            parse(&["test-delivery", "orders"]).unwrap().command
+        else {
+            panic!()
+        };
+        assert_eq!((timeout, body), (std::time::Duration::from_secs(60), None));
+        for bad in [
+            &["test-delivery", "orders", "--body", "{}", "--body-file", "b.json"][..],
+            &["test-delivery", "orders", "--header", "no-equals"],
+            &["test-delivery", "orders", "--timeout", "soon"],
+            &["test-delivery"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
 }

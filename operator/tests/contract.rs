@@ -7,12 +7,15 @@
 //!
 //! That each spec field arrives with its value, and that no spec field goes unchecked, is
 //! `crds/tests/contract.rs`; what the worker makes of its environment and files, `worker/tests/contract.rs`.
+//! The same container with `kubectl hookfleet test-delivery`'s arguments in front parses to the same worker
+//! arguments.
 
 use std::path::Path;
 use std::time::Duration;
 
 use clap::Parser;
 use hookfleet_crds::Integration;
+use hookfleet_crds::contract::test_delivery::{self, TestDeliveryArgs};
 use hookfleet_crds::contract::{self, Pod, WorkerArgs, WorkerSetup};
 use hookfleet_crds::testing;
 use hookfleet_operator::desired::{self, WorkerSettings};
@@ -92,6 +95,28 @@ fn check(intg: &Integration) {
     let mut rendered = want.args.clone();
     rendered.amqp_uri = Some(testing::secret_value(conn, conn));
     assert_eq!(parsed, rendered, "the worker parses what was rendered");
+
+    // `kubectl hookfleet test-delivery` runs this container with the one-shot's arguments in front: the
+    // worker's part still parses to what was rendered.
+    let test = TestDeliveryArgs {
+        event: Some("orders.created".into()),
+        body: Some(r#"{"data": {"n": 1}}"#.into()),
+        ..TestDeliveryArgs::default()
+    };
+    let one_shot = testing::kubelet(
+        &test.to_argv(container.args.as_deref().unwrap_or_default()),
+        container.env.as_deref().unwrap_or_default(),
+        conn,
+    );
+    let (mine, theirs) = test_delivery::split(&one_shot.argv[1..]).expect("the subcommand first");
+    let mine = TestDeliveryArgs::try_parse_from(std::iter::once("t".to_owned()).chain(mine));
+    assert_eq!(mine.expect("the one-shot's flags"), test);
+    let theirs = WorkerArgs::try_parse_from(std::iter::once("hookfleet-worker".to_owned()).chain(theirs));
+    assert_eq!(
+        theirs.expect("the worker's flags"),
+        rendered,
+        "the one-shot reads the worker's configuration"
+    );
 
     // Each file the TLS flags name is mounted from the Secret key the contract says.
     for f in &want.secret_files {

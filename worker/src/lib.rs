@@ -10,6 +10,7 @@ pub mod config;
 pub mod fdlimit;
 pub mod message;
 pub mod metrics;
+pub mod oneshot;
 pub mod outcome;
 pub mod ratelimit;
 pub mod signing;

@@ -1,4 +1,5 @@
-//! Entry point: flags → config → fd limit → metrics server → delivery loop until SIGTERM/SIGINT.
+//! Entry point: flags → config → fd limit → metrics server → delivery loop until SIGTERM/SIGINT; or, with
+//! `test-delivery` as the first argument, one test delivery (`hookfleet_worker::oneshot`).
 //!
 //! Exit codes: 0 after a clean shutdown; 2 for invalid configuration; 3 when the file-descriptor limit
 //! cannot be met; 4 when a queue exists on the broker with other arguments (PRECONDITION_FAILED);
@@ -27,6 +28,14 @@ use tracing::{error, info, warn};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // `hookfleet-worker test-delivery …`: one test delivery, then exit (`oneshot`).
+    let raw: Vec<String> = std::env::args_os()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    if hookfleet_worker::oneshot::requested(&raw) {
+        return hookfleet_worker::oneshot::main(&raw, &|k| std::env::var(k).ok());
+    }
     let args = match WorkerArgs::try_parse() {
         Ok(a) => a,
         Err(e) if !e.use_stderr() => {

@@ -8,6 +8,9 @@
 //!   ([`crate::limits`], shared with the CRD schema), the queue names ([`queues`]);
 //! - the metrics port, the exit codes the operator reads from a crashed worker, and the line the
 //!   worker writes when the fd limit cannot be met.
+//! - the one-shot `hookfleet-worker test-delivery` that `kubectl hookfleet test-delivery` runs in a pod made from
+//!   the worker Deployment: its arguments, put in front of the worker's own, its marker header and exit codes
+//!   ([`test_delivery`]).
 //!
 //! Both binaries use these; no flag or variable name is spelled out anywhere else. `crds/tests/contract.rs`
 //! renders every example and operator fixture through [`WorkerSetup`] and parses it back with
@@ -21,6 +24,7 @@ mod parse;
 pub mod queues;
 mod rules;
 mod setup;
+pub mod test_delivery;
 pub mod webhooks;
 
 pub use args::{LogFormat, WorkerArgs};

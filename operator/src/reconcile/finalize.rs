@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use hookfleet_crds::integration::{DeletionPolicy, condition};
+use hookfleet_crds::integration::condition;
 use hookfleet_crds::{Integration, IntegrationStatus};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -79,7 +79,9 @@ async fn change_finalizer(
 /// Adds the finalizer to a live Integration whose policy is `Delete`, removes it from one whose policy is
 /// `Retain` (a switch from `Delete`); no request otherwise.
 pub async fn ensure(ctx: &Context, intg: &Integration) -> Result<(), FinalizeError> {
-    let Some(change) = deletion::finalizer_change(intg.spec.source.deletion_policy, intg.finalizers()) else {
+    let Some(change) =
+        deletion::finalizer_change(intg.spec.source.effective_deletion_policy(), intg.finalizers())
+    else {
         return Ok(());
     };
     if !change_finalizer(ctx, &intg.metadata, change).await? {
@@ -88,7 +90,7 @@ pub async fn ensure(ctx: &Context, intg: &Integration) -> Result<(), FinalizeErr
     }
     info!(
         ?change,
-        policy = intg.spec.source.deletion_policy.as_str(),
+        policy = intg.spec.source.effective_deletion_policy().as_str(),
         "queue finalizer updated"
     );
     Ok(())
@@ -210,10 +212,7 @@ fn shared_queues(ctx: &Context, uid: &str, ours: &[String]) -> std::collections:
         .iter()
         .filter_map(|w| w.0.as_ref().ok())
         .filter(|i| i.metadata.uid.as_deref() != Some(uid))
-        .filter(|i| {
-            !(i.metadata.deletion_timestamp.is_some()
-                && i.spec.source.deletion_policy == DeletionPolicy::Delete)
-        })
+        .filter(|i| !(i.metadata.deletion_timestamp.is_some() && i.spec.source.queues_deleted()))
         .map(|i| {
             (
                 crate::memory::key(&i.namespace().unwrap_or_default(), &i.name_any()),
@@ -230,7 +229,7 @@ pub async fn finalize(ctx: &Context, memory: &Entry, intg: &Integration) -> Resu
     let name = intg.name_any();
     let uid = intg.metadata.uid.clone().unwrap_or_default();
     let regarding = intg.object_ref(&());
-    if intg.spec.source.deletion_policy == DeletionPolicy::Retain {
+    if !intg.spec.source.queues_deleted() {
         if !change_finalizer(ctx, &intg.metadata, FinalizerChange::Remove).await? {
             return Ok(Action::requeue(CONFLICT_RETRY));
         }

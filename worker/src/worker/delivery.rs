@@ -204,6 +204,58 @@ impl Worker {
                 .rate_limited_seconds
                 .inc_by(waited.elapsed().as_secs_f64());
         }
+        let req = Self::request(target, d, id, body);
+        let started = Instant::now();
+        let result = crate::auth::send(&target.http, target.tokens.as_ref(), req).await;
+        let outcome = match result {
+            Ok(mut resp) => {
+                let outcome = answered(&resp);
+                let failed = !resp.status().is_success();
+                // Read (a bounded part of) the body so the connection can be reused.
+                let mut read = 0usize;
+                while read < 64 * 1024 {
+                    match resp.chunk().await {
+                        Ok(Some(c)) => {
+                            if let Some(h) = head.as_deref_mut().filter(|h| failed && h.len() < HEAD) {
+                                h.extend_from_slice(&c[..c.len().min(HEAD - h.len())]);
+                            }
+                            read += c.len();
+                        }
+                        _ => break,
+                    }
+                }
+                outcome
+            }
+            Err(SendError::Token(e)) => {
+                warn!(error = %e, "no OAuth2 token; the message is retried later");
+                NO_TOKEN
+            }
+            Err(SendError::Http(e)) => {
+                let o = classify_error(&e);
+                if let Outcome::Retry { reason: "tls", .. } = o {
+                    warn!(error = %crate::outcome::error_chain(&e), "TLS with the destination failed");
+                }
+                if matches!(
+                    o,
+                    Outcome::Retry {
+                        reason: "fd_exhausted",
+                        ..
+                    }
+                ) {
+                    self.metrics.fd_exhausted.inc();
+                }
+                debug!(error = %e, "request failed");
+                o
+            }
+        };
+        self.metrics.latency.observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    /// The request of one attempt to `target` with `body` as `webhook-id` `id`: the destination's method,
+    /// URL, timeout and headers, the message's trace context and content type, the Standard Webhooks
+    /// headers and signature (timestamped now). Every attempt is built here, a test delivery's too.
+    pub(super) fn request(target: &Target, d: &Delivery, id: &str, body: Bytes) -> reqwest::RequestBuilder {
         let ts = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -231,61 +283,25 @@ impl Worker {
         if let Some(signer) = &target.signer {
             req = req.header("webhook-signature", signer.sign(id, &ts, &body));
         }
-        let started = Instant::now();
-        let result = crate::auth::send(&target.http, target.tokens.as_ref(), req.body(body)).await;
-        let outcome = match result {
-            Ok(mut resp) => {
-                let status = resp.status().as_u16();
-                let retry_after = resp
-                    .headers()
-                    .get(RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| crate::backoff::parse_retry_after(v, SystemTime::now()));
-                let failed = !resp.status().is_success();
-                // Read (a bounded part of) the body so the connection can be reused.
-                let mut read = 0usize;
-                while read < 64 * 1024 {
-                    match resp.chunk().await {
-                        Ok(Some(c)) => {
-                            if let Some(h) = head.as_deref_mut().filter(|h| failed && h.len() < HEAD) {
-                                h.extend_from_slice(&c[..c.len().min(HEAD - h.len())]);
-                            }
-                            read += c.len();
-                        }
-                        _ => break,
-                    }
-                }
-                classify_status(status, retry_after)
-            }
-            Err(SendError::Token(e)) => {
-                warn!(error = %e, "no OAuth2 token; the message is retried later");
-                Outcome::Retry {
-                    reason: "oauth2_token",
-                    status: None,
-                    retry_after: None,
-                }
-            }
-            Err(SendError::Http(e)) => {
-                let o = classify_error(&e);
-                if let Outcome::Retry { reason: "tls", .. } = o {
-                    warn!(error = %crate::outcome::error_chain(&e), "TLS with the destination failed");
-                }
-                if matches!(
-                    o,
-                    Outcome::Retry {
-                        reason: "fd_exhausted",
-                        ..
-                    }
-                ) {
-                    self.metrics.fd_exhausted.inc();
-                }
-                debug!(error = %e, "request failed");
-                o
-            }
-        };
-        self.metrics.latency.observe(started.elapsed().as_secs_f64());
-        outcome
+        req.body(body)
     }
+}
+
+/// The outcome of an attempt that got no OAuth2 token: retried (the token endpoint may recover).
+pub(super) const NO_TOKEN: Outcome = Outcome::Retry {
+    reason: "oauth2_token",
+    status: None,
+    retry_after: None,
+};
+
+/// What an answer means: its status classified, with its `Retry-After`.
+pub(super) fn answered(resp: &reqwest::Response) -> Outcome {
+    let retry_after = resp
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| crate::backoff::parse_retry_after(v, SystemTime::now()));
+    classify_status(resp.status().as_u16(), retry_after)
 }
 
 /// Bytes of a failed answer's body kept for the Webhook's status excerpt (which keeps fewer, once

@@ -7,6 +7,8 @@
 //! - [`consume`]: the consume loop, one for both lanes (the work queue's and the retry lane's);
 //! - `fanout`: with Webhooks, one message to every matching Webhook (or a copy to its own), each
 //!   copy's fate, and the original settled once every copy is;
+//! - [`probe`]: a test delivery (`hookfleet-worker test-delivery`): one message that never came from the
+//!   broker, rendered, sent and judged as `delivery` would, with nothing acked or published;
 //! - [`delivery`]: one message from received to settled: its [`Outcome`](crate::outcome::Outcome)
 //!   (template, circuit breaker, rate limit, the HTTP attempt), then its fate, carried out;
 //! - [`fleet`]: this worker's share of a fleet-wide rate limit;
@@ -45,6 +47,7 @@ mod gone;
 mod lanes;
 #[cfg(test)]
 mod memory;
+pub mod probe;
 mod report;
 mod session;
 mod settle;
