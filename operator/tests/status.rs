@@ -37,6 +37,7 @@ fn healthy() -> Observed {
         webhooks_problem: None,
         excluded_nodes: vec![],
         kept_nodes: vec![],
+        poison_limit: None,
     }
 }
 
@@ -208,6 +209,32 @@ fn queues_missing_with_external_topology_is_its_own_reason_naming_the_queues() {
     for part in ["orders.erp.dead", "orders.erp.retries", "topology external"] {
         assert!(d.message.contains(part), "{part} missing: {}", d.message);
     }
+}
+
+#[test]
+fn an_external_topology_says_where_the_poison_message_limit_comes_from() {
+    use hookfleet_crds::integration::{QueueType, Topology};
+    let mut spec = hookfleet_crds::testing::integrations()
+        .into_iter()
+        .find(|(p, _)| p.ends_with("existing-queue.yaml"))
+        .expect("crds/examples/existing-queue.yaml")
+        .1
+        .spec
+        .source;
+    assert_eq!(spec.topology, Topology::External);
+    let mut o = healthy();
+    o.poison_limit = status::poison_limit_note(&spec);
+    let ready = get(&status::compute(&o).conditions, READY).clone();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", reason::CONSUMING));
+    assert!(
+        ready.message.contains("x-delivery-count (deliveryLimit 10)"),
+        "{}",
+        ready.message
+    );
+    spec.queue_type = QueueType::Classic;
+    assert!(status::poison_limit_note(&spec).unwrap().contains("no poison-message limit"));
+    spec.topology = Topology::Managed;
+    assert_eq!(status::poison_limit_note(&spec), None, "managed: the queue's arguments say it");
 }
 
 #[test]

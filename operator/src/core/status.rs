@@ -294,6 +294,28 @@ pub struct Observed {
     pub excluded_nodes: Vec<ExcludedNode>,
     /// Nodes that failed the fd limit but stay usable: excluding them would leave no schedulable node.
     pub kept_nodes: Vec<String>,
+    /// Where the poison-message limit comes from when the queue's own arguments do not give it
+    /// (`source.topology: external`, [`poison_limit_note`]); appended to Ready's message.
+    pub poison_limit: Option<String>,
+}
+
+/// What keeps a message that crashes every worker from being redelivered forever, for a source whose queues
+/// hookfleet does not declare (`None`: a managed topology, whose queue arguments say it).
+pub fn poison_limit_note(source: &hookfleet_crds::integration::SourceSpec) -> Option<String> {
+    use hookfleet_crds::integration::{QueueType, Topology};
+    match (source.topology, source.queue_type) {
+        (Topology::Managed, _) => None,
+        (Topology::External, QueueType::Quorum) => Some(format!(
+            "topology external: the poison-message limit is the workers' own, from the broker's \
+             x-delivery-count (deliveryLimit {}), unless a policy gives the queue one",
+            source.delivery_limit
+        )),
+        (Topology::External, QueueType::Classic) => Some(
+            "topology external on a classic queue: no poison-message limit (classic queues count no \
+             redeliveries)"
+                .into(),
+        ),
+    }
 }
 
 /// "RLIMIT_NOFILE hard limit H, workers need N" from the worker's fd line (docs/worker.md), or the line.
@@ -506,6 +528,10 @@ pub fn compute(o: &Observed) -> IntegrationStatus {
                 o.queue,
                 backlog.map(|b| b.to_string()).unwrap_or_else(|| "unknown".into())
             );
+            let summary = match &o.poison_limit {
+                Some(note) => format!("{summary}; {note}"),
+                None => summary,
+            };
             if o.single_replica {
                 cond(
                     condition::READY,

@@ -64,6 +64,7 @@ pub async fn status(
         webhooks_problem: fleet.and_then(|f| f.problem.clone()),
         excluded_nodes: desired.nodes.excluded.clone(),
         kept_nodes: desired.nodes.kept.clone(),
+        poison_limit: status::poison_limit_note(&spec.source),
     };
     let cached_status = intg.status.clone().unwrap_or_default();
     let (written, since_last_write) = memory.with(|m| (m.written.clone(), m.written_at.map(|t| t.elapsed())));
