@@ -219,7 +219,7 @@ async fn run() -> Result<()> {
             .unwrap_or_default();
         let at = format!("{repo_ref}@{digest}");
         show(format!(
-            "crane push --index {} {reference} → {digest}",
+            "crane push {} {reference} → {digest}",
             layout.dir.display()
         ));
         for (platform, d) in release::platforms(&reference)? {
