@@ -20,8 +20,6 @@
 //!
 //! [`WorkerArgs::check`]: crate::contract::WorkerArgs::check
 
-use std::time::Duration;
-
 use crate::contract::{Invalid, Pod, WorkerSetup};
 use crate::integration::IntegrationSpec;
 use crate::webhook::WebhookSpec;
@@ -30,15 +28,7 @@ use crate::webhook::WebhookSpec;
 /// Pure: the operator may call it before it touches the Deployment and report an `InvalidSpec`
 /// condition naming the field, leaving the running fleet as it was.
 pub fn validate(spec: &IntegrationSpec) -> Result<(), Vec<Invalid>> {
-    // What the operator decides about the pod is never refused: any values do.
-    let pod = Pod {
-        integration: String::new(),
-        shutdown_grace: Duration::ZERO,
-        tls_ca_file: String::new(),
-        tls_client_cert_file: String::new(),
-        tls_client_key_file: String::new(),
-    };
-    let refused = WorkerSetup::from_spec(spec, &pod).args.check_fields();
+    let refused = WorkerSetup::from_spec(spec, &Pod::any()).args.check_fields();
     if refused.is_empty() { Ok(()) } else { Err(refused) }
 }
 
@@ -91,6 +81,8 @@ pub fn validate_webhook(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::integration::{DeadLetterSpec, HeaderFromSecret, SecretKeyRef};
 

@@ -21,6 +21,6 @@ pub mod release;
 
 pub use cluster::{Cluster, ClusterOptions};
 pub use hookfleet_testkit::{
-    ControlPlane, RabbitCluster, RabbitMq, control_plane, init_tracing, messages, pki, process, prometheus,
-    rabbitmq, sink, stats, token, tools,
+    ControlPlane, RabbitCluster, RabbitMq, control_plane, init_tracing, merge_json, messages, pki, process,
+    prometheus, rabbitmq, sink, stats, token, tools,
 };

@@ -227,7 +227,7 @@ impl Stack {
             "delivery": {"concurrency": 32, "backoff": {"initial": "200ms", "max": "2s"}},
             "workers": {"replicas": 2, "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}},
         });
-        merge(&mut spec, extra);
+        hookfleet_e2e::merge_json(&mut spec, extra);
         let intg: Integration = serde_json::from_value(serde_json::json!({
             "apiVersion": "hookfleet.io/v1alpha1", "kind": "Integration",
             "metadata": {"name": name}, "spec": spec,
@@ -357,17 +357,6 @@ impl Stack {
             .into_iter()
             .filter(|(id, _)| ids.contains(id))
             .collect()
-    }
-}
-
-fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
-    match (a, b) {
-        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
-            for (k, v) in b {
-                merge(a.entry(k).or_insert(serde_json::Value::Null), v);
-            }
-        }
-        (a, b) => *a = b,
     }
 }
 

@@ -52,19 +52,8 @@ fn integration(name: &str, queue: &str, secret: &str, extra: serde_json::Value) 
         "delivery": {"backoff": {"initial": "100ms", "max": "200ms"}},
         "workers": {"replicas": 2},
     }});
-    merge(&mut body, extra);
+    hookfleet_testkit::merge_json(&mut body, extra);
     body
-}
-
-fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
-    match (a, b) {
-        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
-            for (k, v) in b {
-                merge(a.entry(k).or_insert(serde_json::Value::Null), v);
-            }
-        }
-        (a, b) => *a = b,
-    }
 }
 
 async fn declare(conn: &Connection, queue: &str) -> anyhow::Result<()> {
@@ -201,7 +190,7 @@ async fn deletion_policy_deletes_or_keeps_the_queues_and_never_blocks_for_ever()
     // Delete: two Integrations share a dead-letter queue; `orders` is deleted.
     let shared_dlq = serde_json::json!({"spec": {"delivery": {"deadLetter": {"queue": "common.dead"}}}});
     let mut orders_extra = policy("Delete");
-    merge(&mut orders_extra, shared_dlq.clone());
+    hookfleet_testkit::merge_json(&mut orders_extra, shared_dlq.clone());
     create(&cp, integration("orders", "orders", "rabbitmq", orders_extra)).await?;
     create(&cp, integration("refunds", "refunds", "rabbitmq", shared_dlq)).await?;
     until_finalizer(&api, "orders", true).await?;

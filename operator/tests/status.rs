@@ -225,16 +225,27 @@ fn an_external_topology_says_where_the_poison_message_limit_comes_from() {
     let mut o = healthy();
     o.poison_limit = status::poison_limit_note(&spec);
     let ready = get(&status::compute(&o).conditions, READY).clone();
-    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", reason::CONSUMING));
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", reason::CONSUMING)
+    );
     assert!(
         ready.message.contains("x-delivery-count (deliveryLimit 10)"),
         "{}",
         ready.message
     );
     spec.queue_type = QueueType::Classic;
-    assert!(status::poison_limit_note(&spec).unwrap().contains("no poison-message limit"));
+    assert!(
+        status::poison_limit_note(&spec)
+            .unwrap()
+            .contains("no poison-message limit")
+    );
     spec.topology = Topology::Managed;
-    assert_eq!(status::poison_limit_note(&spec), None, "managed: the queue's arguments say it");
+    assert_eq!(
+        status::poison_limit_note(&spec),
+        None,
+        "managed: the queue's arguments say it"
+    );
 }
 
 #[test]

@@ -39,3 +39,16 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// Deep-merges JSON `b` into `a`: objects key by key, anything else replaced (a test's overrides of a
+/// manifest or spec).
+pub fn merge_json(a: &mut serde_json::Value, b: serde_json::Value) {
+    match (a, b) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, v) in b {
+                merge_json(a.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}

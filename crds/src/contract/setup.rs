@@ -30,6 +30,20 @@ pub struct Pod {
     pub tls_client_key_file: String,
 }
 
+impl Pod {
+    /// No pod in particular: what the worker's arguments for a spec are, whatever pod runs them (the
+    /// pod's settings never make a spec invalid and name no queue).
+    pub fn any() -> Self {
+        Pod {
+            integration: String::new(),
+            shutdown_grace: Duration::ZERO,
+            tls_ca_file: String::new(),
+            tls_client_cert_file: String::new(),
+            tls_client_key_file: String::new(),
+        }
+    }
+}
+
 /// A variable or a file whose content the kubelet takes from a Secret key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FromSecret {

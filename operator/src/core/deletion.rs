@@ -83,14 +83,7 @@ pub fn with_change(finalizers: &[String], change: FinalizerChange) -> Vec<String
 /// The queues the workers of `spec` declare: the contract's `WorkerArgs::declared_queues` on the arguments
 /// the operator renders for it (the pod's settings name no queue).
 pub fn declared_queues(spec: &IntegrationSpec) -> Vec<String> {
-    let pod = Pod {
-        integration: String::new(),
-        shutdown_grace: Duration::ZERO,
-        tls_ca_file: String::new(),
-        tls_client_cert_file: String::new(),
-        tls_client_key_file: String::new(),
-    };
-    WorkerSetup::from_spec(spec, &pod).args.declared_queues()
+    WorkerSetup::from_spec(spec, &Pod::any()).args.declared_queues()
 }
 
 /// Which of `ours` another Integration also declares: queue → that Integration (`namespace/name`, the first
