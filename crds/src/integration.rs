@@ -72,9 +72,10 @@ use crate::limits;
 ).message("delivery.deadLetter.queue must differ from source.queue and from its retry-ready queue \
            (<queue>.retries)")
     .field_path(".delivery.deadLetter.queue"))]
-// hookfleet deletes only queues it declares (`SourceSpec::queues_deleted`).
+// hookfleet deletes only queues it declares (`SourceSpec::queues_deleted`). `has(self.source)` first: a
+// stored object without it (malformed) must still take its status update, which this rule also checks.
 #[x_kube(validation = kube::core::Rule::new(
-    "!(has(self.source.topology) && self.source.topology == 'external' \
+    "!(has(self.source) && has(self.source.topology) && self.source.topology == 'external' \
      && has(self.source.deletionPolicy) && self.source.deletionPolicy == 'Delete')"
 ).message("source.deletionPolicy Delete needs source.topology managed: the queues of an external topology \
            are their owner's to delete")

@@ -127,12 +127,21 @@ async fn a_malformed_integration_does_not_wedge_the_controller() -> anyhow::Resu
         eprintln!("{name}: Event {note}");
         assert_eq!(evs[0].type_.as_deref(), Some("Warning"));
         assert!(note.contains(needle), "{name}: {note}");
-        let o = raw.get(name).await?;
-        let degraded = o.data["status"]["conditions"]
-            .as_array()
-            .and_then(|cs| cs.iter().find(|c| c["type"] == "Degraded"))
-            .cloned()
-            .unwrap_or_default();
+        // The Event is published before the status is written: wait for the condition, do not race it.
+        let raw_api = &raw;
+        let degraded = wait_for(
+            &format!("Degraded/InvalidSpec on {name}"),
+            Duration::from_secs(30),
+            Duration::from_millis(200),
+            || async move {
+                let o = raw_api.get(name).await?;
+                Ok(o.data["status"]["conditions"]
+                    .as_array()
+                    .and_then(|cs| cs.iter().find(|c| c["type"] == "Degraded"))
+                    .cloned())
+            },
+        )
+        .await?;
         assert_eq!(
             (degraded["status"].as_str(), degraded["reason"].as_str()),
             (Some("True"), Some("InvalidSpec")),
