@@ -194,7 +194,8 @@ impl Arch {
     }
 }
 
-fn which(program: &str) -> Option<PathBuf> {
+/// `program` as the shell would find it on `PATH`.
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|d| d.join(program))

@@ -102,11 +102,7 @@ pub fn unpack_platform(layout: &Layout, platform: &str, root: &Path) -> Result<(
 /// root (its loader and libraries from there, none from this machine). `None` when qemu-user is missing.
 pub fn run_foreign(arch: &str, root: &Path, program: &str, args: &[&str]) -> Result<Option<String>> {
     let qemu = format!("qemu-{arch}");
-    let Some(qemu_path) = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(&qemu))
-            .find(|p| p.is_file())
-    }) else {
+    let Some(qemu_path) = crate::images::which(&qemu) else {
         return Ok(None);
     };
     let out = run(Command::new(qemu_path)

@@ -674,7 +674,7 @@ fn parse_amqp_uris(setting: &str, value: &str) -> Result<Vec<String>, ConfigErro
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use clap::Parser;
     use hookfleet_crds::integration::{DeliverySpec, Jitter};
 
@@ -686,7 +686,8 @@ mod tests {
         parse_env(extra, &|_| None)
     }
 
-    fn parse_env(extra: &[&str], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    /// The arguments every test configuration starts from, then `extra`.
+    pub(crate) fn argv<'a>(extra: &[&'a str]) -> Vec<&'a str> {
         let mut argv = vec![
             "hookfleet-worker",
             "--amqp-uri",
@@ -697,6 +698,11 @@ mod tests {
             "https://erp.example.com/hook",
         ];
         argv.extend_from_slice(extra);
+        argv
+    }
+
+    fn parse_env(extra: &[&str], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let argv = argv(extra);
         // A value the contract's parser refuses is a configuration error like the others.
         let args = Args::try_parse_from(argv)
             .map_err(|e| ConfigError::from_clap(&e).unwrap_or_else(|line| panic!("flags parse: {line}")))?;

@@ -302,17 +302,7 @@ mod tests {
             &["--dead-letter-queue", "parked", "--topology", "external"][..],
             &["--max-attempts", "1"][..],
         ] {
-            let mut argv = vec![
-                "hookfleet-worker",
-                "--amqp-uri",
-                "amqp://u:p@127.0.0.1:5672/%2f",
-                "--queue",
-                "orders",
-                "--destination-url",
-                "https://erp.example.com/hook",
-            ];
-            argv.extend_from_slice(extra);
-            let args = WorkerArgs::try_parse_from(&argv).unwrap();
+            let args = WorkerArgs::try_parse_from(crate::config::tests::argv(extra)).unwrap();
             let contract = args.declared_queues();
             let cfg = Config::from_args(args, &|_| None).unwrap();
             assert_eq!(queues(&cfg, &cfg.backoff.ladder()), contract, "{extra:?}");
