@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the pinned binaries of the local control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok, helm) and of the local node (kubelet, kube-proxy) from the Go module proxy into a cache outside the repository, keyed by
+# kube-scheduler, kubectl, kwok, helm), of the local node (kubelet, kube-proxy) and nats-server (JetStream) from the Go module proxy into a cache outside the repository, keyed by
 # version; and, only when named, the release tools (crane, cosign, syft, actionlint: `make release-local`). Idempotent: with everything cached it only rewrites tools.env and prints, in well under a second.
 #
 #   hack/build-tools.sh                  build every tool (not the release tools) that is missing; the last stdout line is
@@ -27,6 +27,7 @@ KUBE_VERSION="${HOOKFLEET_KUBE_VERSION:-v1.34.4}"   # kube-apiserver, -controlle
 ETCD_VERSION="${HOOKFLEET_ETCD_VERSION:-v3.6.16}"   # go.etcd.io/etcd/server/v3
 KWOK_VERSION="${HOOKFLEET_KWOK_VERSION:-v0.8.0}"    # sigs.k8s.io/kwok (its supported_releases.txt lists 1.34)
 HELM_VERSION="${HOOKFLEET_HELM_VERSION:-v3.19.5}"   # helm.sh/helm/v3 (built against k8s.io/* v0.34)
+NATS_VERSION="${HOOKFLEET_NATS_SERVER_VERSION:-v2.15.3}" # github.com/nats-io/nats-server/v2 (JetStream: the NATS source's tests)
 # The release tools (`make release-local`), built only when named.
 GGCR_VERSION="${HOOKFLEET_GGCR_VERSION:-v0.22.1}"   # github.com/google/go-containerregistry: crane (also `crane registry serve`)
 COSIGN_VERSION="${HOOKFLEET_COSIGN_VERSION:-v2.6.5}" # github.com/sigstore/cosign/v2 (v2: key-pair signing offline)
@@ -34,7 +35,7 @@ SYFT_VERSION="${HOOKFLEET_SYFT_VERSION:-v1.57.2}"   # github.com/anchore/syft
 ACTIONLINT_VERSION="${HOOKFLEET_ACTIONLINT_VERSION:-v1.7.12}" # github.com/rhysd/actionlint
 
 ROOT="${HOOKFLEET_CACHE:-${HOME:-/tmp}/.cache/hookfleet}"
-TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubelet kube-proxy)
+TOOLS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok helm kubelet kube-proxy nats-server)
 RELEASE_TOOLS=(crane cosign syft actionlint)
 # The k8s.io/kubernetes main packages built from one throwaway module.
 KUBE_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
@@ -59,6 +60,7 @@ version_of() {
         kube-apiserver | kube-controller-manager | kube-scheduler | kubectl | kubelet | kube-proxy) echo "$KUBE_VERSION" ;;
         kwok) echo "$KWOK_VERSION" ;;
         helm) echo "$HELM_VERSION" ;;
+        nats-server) echo "$NATS_VERSION" ;;
         crane) echo "$GGCR_VERSION" ;;
         cosign) echo "$COSIGN_VERSION" ;;
         syft) echo "$SYFT_VERSION" ;;
@@ -223,6 +225,10 @@ build() {
             dir=$(prepare_module helm.sh/helm/v3 "$HELM_VERSION" "" helm.sh/helm/v3/cmd/helm)
             pkg=helm.sh/helm/v3/cmd/helm
             ldflags=$(helm_ldflags) ;;
+        nats-server)
+            dir=$(prepare_module github.com/nats-io/nats-server/v2 "$NATS_VERSION" "" github.com/nats-io/nats-server/v2)
+            pkg=github.com/nats-io/nats-server/v2
+            ldflags="" ;;
         crane)
             dir=$(prepare_module github.com/google/go-containerregistry "$GGCR_VERSION" "" \
                 github.com/google/go-containerregistry/cmd/crane)

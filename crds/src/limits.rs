@@ -123,6 +123,8 @@ pub const AUTO_PAUSE_FAILURES: Range<u32> = Range::new(1, 1_000_000);
 pub const AUTO_PAUSE_AFTER: DurationRange = DurationRange::new("0s", "720h");
 /// `--confirm-timeout` (worker only).
 pub const CONFIRM_TIMEOUT: DurationRange = DurationRange::new("100ms", "10m");
+/// `--nats-ack-wait` (worker only): JetStream's AckWait of the durable consumer.
+pub const NATS_ACK_WAIT: DurationRange = DurationRange::new("1s", "12h");
 
 #[cfg(test)]
 mod tests {
@@ -137,6 +139,7 @@ mod tests {
             ADAPTIVE_THROTTLE_WINDOW,
             SCALE_DOWN_STABILIZATION,
             CONFIRM_TIMEOUT,
+            NATS_ACK_WAIT,
             AUTO_PAUSE_AFTER,
         ] {
             assert!(r.min() <= r.max(), "{r:?}");

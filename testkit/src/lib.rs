@@ -1,5 +1,5 @@
 //! The test kit of hookfleet: what the worker's and the operator's tests and the benches run against, on
-//! real parts. A throwaway RabbitMQ node or cluster ([`rabbitmq`]); a local Kubernetes control plane built
+//! real parts. A throwaway RabbitMQ node or cluster ([`rabbitmq`]) and NATS server or JetStream cluster ([`nats`]); a local Kubernetes control plane built
 //! from the Go module proxy ([`control_plane`]: etcd and kube-apiserver, and on request
 //! kube-controller-manager, kube-scheduler and kwok with a fake node; the binaries from [`tools`]); HTTP and
 //! HTTPS webhook receivers ([`sink`]) and an OAuth2 token endpoint ([`token`]) with a test CA ([`pki`]);
@@ -15,6 +15,7 @@
 
 pub mod control_plane;
 pub mod messages;
+pub mod nats;
 pub mod pki;
 pub mod process;
 pub mod prometheus;
@@ -25,6 +26,7 @@ pub mod token;
 pub mod tools;
 
 pub use control_plane::ControlPlane;
+pub use nats::NatsServer;
 pub use rabbitmq::{RabbitCluster, RabbitMq};
 
 /// Logs from the harness to the test's output, once per process (`RUST_LOG` filters; default `info`, without kube's

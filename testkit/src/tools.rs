@@ -25,6 +25,8 @@ pub enum Tool {
     Kubelet,
     /// Service IPs on the node, in iptables mode (root only).
     KubeProxy,
+    /// NATS with JetStream: the NATS source's tests (nats.rs).
+    NatsServer,
     /// The release tools (`make release-local`): go-containerregistry's `crane` (which also serves a
     /// registry), `cosign`, `syft`, `actionlint`.
     Crane,
@@ -46,6 +48,7 @@ impl Tool {
             Tool::Helm => "helm",
             Tool::Kubelet => "kubelet",
             Tool::KubeProxy => "kube-proxy",
+            Tool::NatsServer => "nats-server",
             Tool::Crane => "crane",
             Tool::Cosign => "cosign",
             Tool::Syft => "syft",

@@ -130,6 +130,40 @@ pub struct Config {
     /// Bytes of messages held at a time (both lanes): lowers each lane's prefetch
     /// (`contract::memory::effective_prefetch`).
     pub in_flight_bytes: u64,
+    /// A NATS JetStream source instead of RabbitMQ (`amqp_uris` is then empty, `queue` names the
+    /// durable consumer and `dead_letter_queue` the dead-letter subject).
+    pub nats: Option<NatsSource>,
+}
+
+/// A NATS JetStream source: where, as whom, which stream and consumer.
+#[derive(Clone)]
+pub struct NatsSource {
+    /// The servers (carry credentials: never logged, see [`redact_uri`]).
+    pub urls: Vec<String>,
+    pub stream: String,
+    /// The durable consumer's subject filters (none: the whole stream).
+    pub subjects: Vec<String>,
+    /// A credentials file (user JWT and NKey seed).
+    pub creds_file: Option<PathBuf>,
+    /// A token (`HOOKFLEET_NATS_TOKEN`).
+    pub token: Option<String>,
+    pub ack_wait: Duration,
+}
+
+impl fmt::Debug for NatsSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsSource")
+            .field(
+                "urls",
+                &self.urls.iter().map(|u| redact_uri(u)).collect::<Vec<_>>(),
+            )
+            .field("stream", &self.stream)
+            .field("subjects", &self.subjects)
+            .field("creds_file", &self.creds_file)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("ack_wait", &self.ack_wait)
+            .finish()
+    }
 }
 
 impl fmt::Debug for Config {
@@ -163,6 +197,7 @@ impl fmt::Debug for Config {
             .field("shutdown_grace", &self.shutdown_grace)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("in_flight_bytes", &self.in_flight_bytes)
+            .field("nats", &self.nats)
             .finish_non_exhaustive()
     }
 }
@@ -391,6 +426,7 @@ impl Config {
             log_format: LogFormat::Text,
             max_message_bytes: 1 << 20,
             in_flight_bytes: 128 << 20,
+            nats: None,
         }
     }
 }
@@ -400,8 +436,11 @@ impl Config {
     /// URI, the signing secrets, credentials, --header-from-env targets) and files.
     pub fn from_args(args: WorkerArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         use contract::{env as var, flag};
-        let amqp_uris = amqp_uris(&args)?;
         let mut checked: Checked = args.check().map_err(|mut e| ConfigError::from(e.remove(0)))?;
+        let (amqp_uris, nats) = match checked.nats.take() {
+            None => (amqp_uris(&args)?, None),
+            Some(n) => (Vec::new(), Some(nats_source(&args, n, env)?)),
+        };
         let (destination, webhooks) = match checked.webhooks_secret.clone() {
             None => (Some(Destination::build(&args, &mut checked, env, &disk)?), None),
             Some(secret) => {
@@ -463,7 +502,21 @@ impl Config {
             log_format: args.log_format,
             max_message_bytes: args.max_message_bytes as usize,
             in_flight_bytes: args.in_flight_bytes,
+            nats,
         })
+    }
+
+    /// The redeliveries after which the worker dead-letters a message without attempting it
+    /// (`delivery_limit` reason), when the worker keeps that limit itself: with an external RabbitMQ
+    /// topology, `--delivery-limit` (from `x-delivery-count`); with NATS, `--max-attempts`, since
+    /// JetStream counts every delivery, retries included (its `MaxDeliver` is one more, see
+    /// `worker::jetstream`). `None`: the broker keeps it (a managed quorum queue).
+    pub fn worker_delivery_limit(&self) -> Option<u32> {
+        match (&self.nats, self.topology) {
+            (Some(_), _) => Some(self.max_attempts),
+            (None, Topology::External) => Some(self.delivery_limit),
+            (None, Topology::Managed) => None,
+        }
     }
 
     /// Each lane's prefetch: `prefetch` lowered so that both lanes hold at most `in_flight_bytes` of
@@ -513,6 +566,85 @@ fn amqp_uris(args: &WorkerArgs) -> Result<Vec<String>, ConfigError> {
         }
     };
     parse_amqp_uris(&setting, &value)
+}
+
+/// The NATS source: the server URLs from `--nats-url` or the file `--nats-url-file` names (exactly
+/// one), each `nats://`, `tls://`, `ws://` or `wss://`; the token from the environment; the stream and
+/// filters `checked`.
+fn nats_source(
+    args: &WorkerArgs,
+    checked: contract::NatsChecked,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<NatsSource, ConfigError> {
+    use contract::{env as var, flag};
+    let (url_setting, value) = match (&args.nats_url, &args.nats_url_file) {
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                &format!("--{}/--{}", flag::NATS_URL, flag::NATS_URL_FILE),
+                format!(
+                    "set one of {} and {}, not both",
+                    var::NATS_URL,
+                    var::NATS_URL_FILE
+                ),
+            ));
+        }
+        (Some(u), None) => (setting(flag::NATS_URL, var::NATS_URL), u.clone()),
+        (None, Some(path)) => {
+            let file = setting(flag::NATS_URL_FILE, var::NATS_URL_FILE);
+            let value =
+                std::fs::read_to_string(path).map_err(|e| bad(&file, format!("{}: {e}", path.display())))?;
+            (file, value)
+        }
+        (None, None) => {
+            return Err(bad(
+                &setting(flag::NATS_URL, var::NATS_URL),
+                format!("missing: set {} or {}", var::NATS_URL, var::NATS_URL_FILE),
+            ));
+        }
+    };
+    let urls: Vec<String> = hookfleet_crds::broker::split_uris(&value)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    if urls.is_empty() {
+        return Err(bad(&url_setting, "empty: set a nats:// or tls:// URL"));
+    }
+    let n = urls.len();
+    for (i, u) in urls.iter().enumerate() {
+        let entry = if n == 1 {
+            String::new()
+        } else {
+            format!("entry {} of {n}: ", i + 1)
+        };
+        if !["nats://", "tls://", "ws://", "wss://"]
+            .iter()
+            .any(|p| u.starts_with(p))
+        {
+            return Err(bad(
+                &url_setting,
+                format!("{entry}must start with nats://, tls://, ws:// or wss://"),
+            ));
+        }
+        if let Err(e) = Url::parse(u) {
+            return Err(bad(&url_setting, format!("{entry}not a valid URL: {e}")));
+        }
+    }
+    if let Some(path) = &args.nats_creds_file
+        && let Err(e) = std::fs::metadata(path)
+    {
+        return Err(bad(
+            &setting(flag::NATS_CREDS_FILE, var::NATS_CREDS_FILE),
+            format!("{}: {e}", path.display()),
+        ));
+    }
+    Ok(NatsSource {
+        urls,
+        stream: checked.stream,
+        subjects: checked.subjects,
+        creds_file: args.nats_creds_file.clone(),
+        token: env(var::NATS_TOKEN).filter(|t| !t.trim().is_empty()),
+        ack_wait: args.nats_ack_wait,
+    })
 }
 
 /// A header as the HTTP client holds it (the contract checked both already).

@@ -317,6 +317,12 @@ async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: the broker blocks the connection (flow control)\n",
         )
+    } else if m.consuming.get() == 1 && m.broker_connected.get() == 0 {
+        // NATS: the client lost its server and reconnects by itself while the session goes on.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the connection to the broker is lost; reconnecting\n",
+        )
     } else if m.consuming.get() == 1 {
         (StatusCode::OK, "consuming\n")
     } else {

@@ -366,6 +366,33 @@ pub struct WorkerArgs {
         value_parser = value_parser!(u64).try_map(at_least(limits::IN_FLIGHT_BYTES.min as u64))
     )]
     pub in_flight_bytes: u64,
+    /// NATS server URLs (nats:// or tls://, user:password@ in them if any), comma- or
+    /// whitespace-separated: the source is then a JetStream stream, not a RabbitMQ queue, and --queue
+    /// names its durable pull consumer. Prefer --nats-url-file or the variable: flags show in `ps`.
+    #[arg(long = flag::NATS_URL, env = env::NATS_URL, hide_env_values = true)]
+    pub nats_url: Option<String>,
+    /// File holding the NATS server URLs (a mounted Secret key).
+    #[arg(long = flag::NATS_URL_FILE, env = env::NATS_URL_FILE)]
+    pub nats_url_file: Option<PathBuf>,
+    /// The JetStream stream the durable consumer reads (with --nats-url).
+    #[arg(long = flag::NATS_STREAM, env = env::NATS_STREAM)]
+    pub nats_stream: Option<String>,
+    /// Subject filter of the durable consumer; repeatable (variable: comma-separated). None: the whole
+    /// stream.
+    #[arg(long = flag::NATS_SUBJECT, env = env::NATS_SUBJECTS, value_delimiter = ',')]
+    pub nats_subjects: Vec<String>,
+    /// NATS credentials file (a user JWT and its NKey seed; a mounted Secret key).
+    #[arg(long = flag::NATS_CREDS_FILE, env = env::NATS_CREDS_FILE)]
+    pub nats_creds_file: Option<PathBuf>,
+    /// How long JetStream waits for an ack before redelivering; a send that takes longer is kept
+    /// with in-progress acks.
+    #[arg(
+        long = flag::NATS_ACK_WAIT,
+        env = env::NATS_ACK_WAIT,
+        default_value = "30s",
+        value_parser = duration_in(limits::NATS_ACK_WAIT)
+    )]
+    pub nats_ack_wait: Duration,
 }
 
 /// `--fd-limit`: at least the worker's reserve.
@@ -485,6 +512,20 @@ impl WorkerArgs {
         put(flag::LOG_FORMAT, self.log_format.to_string());
         put(flag::MAX_MESSAGE_BYTES, self.max_message_bytes.to_string());
         put(flag::IN_FLIGHT_BYTES, self.in_flight_bytes.to_string());
+        // A NATS source only: RabbitMQ fleets render the arguments they always had.
+        if let Some(path) = &self.nats_url_file {
+            put(flag::NATS_URL_FILE, path.display().to_string());
+        }
+        if let Some(s) = &self.nats_stream {
+            put(flag::NATS_STREAM, s.clone());
+            for f in &self.nats_subjects {
+                put(flag::NATS_SUBJECT, f.clone());
+            }
+            if let Some(path) = &self.nats_creds_file {
+                put(flag::NATS_CREDS_FILE, path.display().to_string());
+            }
+            put(flag::NATS_ACK_WAIT, go(self.nats_ack_wait));
+        }
         if self.allow_private_networks {
             args.push(format!("--{}", flag::ALLOW_PRIVATE_NETWORKS));
         }

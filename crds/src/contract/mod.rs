@@ -29,7 +29,7 @@ pub mod webhooks;
 
 pub use args::{LogFormat, WorkerArgs};
 pub use parse::{Refused, refusal};
-pub use rules::{AUTHORIZATION_TWICE, Checked, Invalid};
+pub use rules::{AUTHORIZATION_TWICE, Checked, Invalid, NatsChecked};
 pub use setup::{FromSecret, Pod, WorkerSetup};
 
 /// Port of the worker's `/metrics`, `/healthz` and `/readyz`.
@@ -95,6 +95,12 @@ pub mod flag {
     pub const TLS_CLIENT_KEY_FILE: &str = "tls-client-key-file";
     pub const MAX_MESSAGE_BYTES: &str = "max-message-bytes";
     pub const IN_FLIGHT_BYTES: &str = "in-flight-bytes";
+    pub const NATS_URL: &str = "nats-url";
+    pub const NATS_URL_FILE: &str = "nats-url-file";
+    pub const NATS_STREAM: &str = "nats-stream";
+    pub const NATS_SUBJECT: &str = "nats-subject";
+    pub const NATS_CREDS_FILE: &str = "nats-creds-file";
+    pub const NATS_ACK_WAIT: &str = "nats-ack-wait";
 }
 
 /// Environment variables of the worker: one per flag (the flag wins), plus those only the environment
@@ -103,6 +109,17 @@ pub mod env {
     pub const INTEGRATION: &str = "HOOKFLEET_INTEGRATION";
     pub const AMQP_URI: &str = "HOOKFLEET_AMQP_URI";
     pub const AMQP_URI_FILE: &str = "HOOKFLEET_AMQP_URI_FILE";
+    /// The NATS server URLs (`nats://` or `tls://`, user and password in them if any), comma- or
+    /// whitespace-separated: only the environment or a file carries them.
+    pub const NATS_URL: &str = "HOOKFLEET_NATS_URL";
+    pub const NATS_URL_FILE: &str = "HOOKFLEET_NATS_URL_FILE";
+    /// A NATS token (from a Secret): only the environment carries it.
+    pub const NATS_TOKEN: &str = "HOOKFLEET_NATS_TOKEN";
+    pub const NATS_STREAM: &str = "HOOKFLEET_NATS_STREAM";
+    /// Comma-separated.
+    pub const NATS_SUBJECTS: &str = "HOOKFLEET_NATS_SUBJECTS";
+    pub const NATS_CREDS_FILE: &str = "HOOKFLEET_NATS_CREDS_FILE";
+    pub const NATS_ACK_WAIT: &str = "HOOKFLEET_NATS_ACK_WAIT";
     pub const QUEUE: &str = "HOOKFLEET_QUEUE";
     /// Comma-separated.
     pub const BINDINGS: &str = "HOOKFLEET_BINDINGS";

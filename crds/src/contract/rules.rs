@@ -97,6 +97,16 @@ const ADAPTIVE_THROTTLE_WINDOW: Setting = Setting {
     env: env::ADAPTIVE_THROTTLE_WINDOW,
     field: "spec.delivery.adaptiveThrottle.window",
 };
+const NATS_STREAM: Setting = Setting {
+    flag: flag::NATS_STREAM,
+    env: env::NATS_STREAM,
+    field: "spec.source.nats.stream",
+};
+const NATS_SUBJECT: Setting = Setting {
+    flag: flag::NATS_SUBJECT,
+    env: env::NATS_SUBJECTS,
+    field: "spec.source.nats.subjects",
+};
 const DEAD_LETTER_QUEUE: Setting = Setting {
     flag: flag::DEAD_LETTER_QUEUE,
     env: env::DEAD_LETTER_QUEUE,
@@ -133,6 +143,17 @@ pub struct Checked {
     pub rate_limit: Option<(u32, u32)>,
     /// (minimum in flight, window) when `--adaptive-throttle` (defaults: the CRD's).
     pub adaptive_throttle: Option<(u32, Duration)>,
+    /// With a NATS source (`--nats-url`, `--nats-url-file` or `--nats-stream`): the stream and the
+    /// consumer's subject filters. `queue` is then the durable consumer's name and
+    /// `dead_letter_queue` the subject dead letters are published to.
+    pub nats: Option<NatsChecked>,
+}
+
+/// The NATS source's stream and subject filters, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatsChecked {
+    pub stream: String,
+    pub subjects: Vec<String>,
 }
 
 impl Checked {
@@ -216,6 +237,10 @@ impl WorkerArgs {
     /// that one (the worker declares nothing then). The operator deletes these for
     /// `deletionPolicy: Delete`; `worker/src/worker/topology.rs` declares them.
     pub fn declared_queues(&self) -> Vec<String> {
+        if self.is_nats() {
+            // A NATS source declares no RabbitMQ queue.
+            return Vec::new();
+        }
         let Ok(queue) = queue(self.queue.as_deref()) else {
             return Vec::new();
         };
@@ -318,10 +343,14 @@ impl WorkerArgs {
         if let Err((s, reason)) = &adaptive_throttle {
             no.push(*s, reason.clone());
         }
+        let nats = self.is_nats().then(|| self.nats_rules(no, queue.as_deref()));
         let dead_letter_queue = queue.as_deref().and_then(|q| {
             no.take(
                 DEAD_LETTER_QUEUE,
-                dead_letter_queue(q, self.dead_letter_queue.as_deref()),
+                match &nats {
+                    Some(_) => nats_dead_letter_subject(q, self.dead_letter_queue.as_deref()),
+                    None => dead_letter_queue(q, self.dead_letter_queue.as_deref()),
+                },
             )
         });
         Some(Checked {
@@ -336,6 +365,78 @@ impl WorkerArgs {
             dead_letter_queue: dead_letter_queue?,
             rate_limit: self.rate_limit.map(|r| (r, self.rate_limit_burst.unwrap_or(r))),
             adaptive_throttle: adaptive_throttle.ok()?,
+            nats: match nats {
+                Some(n) => Some(n?),
+                None => None,
+            },
+        })
+    }
+
+    /// Whether the source is a NATS JetStream stream rather than a RabbitMQ queue.
+    pub fn is_nats(&self) -> bool {
+        self.nats_url.is_some() || self.nats_url_file.is_some() || self.nats_stream.is_some()
+    }
+
+    /// The rules of a NATS source: a stream, NATS names for the stream and the consumer (`--queue`),
+    /// valid subject filters, and none of what only RabbitMQ has.
+    fn nats_rules(&self, no: &mut Refusals, consumer: Option<&str>) -> Option<NatsChecked> {
+        if self.amqp_uri.is_some() || self.amqp_uri_file.is_some() {
+            no.push(
+                NATS_STREAM,
+                format!(
+                    "a source is either RabbitMQ (--{}) or NATS (--{}), not both",
+                    flag::AMQP_URI,
+                    flag::NATS_URL
+                ),
+            );
+        }
+        if let Some(c) = consumer
+            && let Err(e) = nats_name(c)
+        {
+            no.push(QUEUE, format!("the durable consumer's name {c:?} {e}"));
+        }
+        if !self.bindings.is_empty() {
+            no.push(
+                BINDING,
+                "a NATS stream has no bindings: its subjects say what it holds",
+            );
+        }
+        if self
+            .webhooks_secret
+            .as_deref()
+            .is_some_and(|w| !w.trim().is_empty())
+        {
+            no.push(
+                NATS_STREAM,
+                format!(
+                    "--{} with a NATS source is not supported yet: use --{}",
+                    flag::WEBHOOKS_SECRET,
+                    flag::DESTINATION_URL
+                ),
+            );
+        }
+        let stream = match self.nats_stream.as_deref().map(str::trim) {
+            None | Some("") => {
+                no.push(NATS_STREAM, "missing: name the JetStream stream to consume");
+                None
+            }
+            Some(s) => no.take(NATS_STREAM, nats_name(s).map(|()| s.to_owned())),
+        };
+        let mut subjects = Vec::new();
+        for f in self
+            .nats_subjects
+            .iter()
+            .map(|f| f.trim())
+            .filter(|f| !f.is_empty())
+        {
+            match nats_subject(f, true) {
+                Ok(()) => subjects.push(f.to_owned()),
+                Err(e) => no.push(NATS_SUBJECT, format!("{f:?} {e}")),
+            }
+        }
+        Some(NatsChecked {
+            stream: stream?,
+            subjects,
         })
     }
 
@@ -367,6 +468,48 @@ impl WorkerArgs {
             .adaptive_throttle_window
             .unwrap_or_else(|| AdaptiveThrottleSpec::default().window.into());
         Ok(Some((min, window)))
+    }
+}
+
+/// A stream's or consumer's name as JetStream takes it: no whitespace, `.`, `*`, `>`, `/` or `\\`.
+fn nats_name(n: &str) -> Result<(), String> {
+    if n.chars()
+        .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
+    {
+        return Err("may not hold whitespace, '.', '*', '>', '/' or '\\' (JetStream's names)".into());
+    }
+    Ok(())
+}
+
+/// A NATS subject: tokens separated by `.`, none empty; with `wildcards`, `*` as a whole token and `>`
+/// as the whole last one.
+fn nats_subject(s: &str, wildcards: bool) -> Result<(), String> {
+    if s.chars().any(char::is_whitespace) {
+        return Err("may not hold whitespace".into());
+    }
+    let tokens: Vec<&str> = s.split('.').collect();
+    for (i, t) in tokens.iter().enumerate() {
+        if t.is_empty() {
+            return Err("has an empty token".into());
+        }
+        let wild = t.contains('*') || t.contains('>');
+        if wild && !wildcards {
+            return Err("may not hold wildcards ('*', '>')".into());
+        }
+        if wild && !(*t == "*" || (*t == ">" && i == tokens.len() - 1)) {
+            return Err("uses '*' only as a whole token and '>' only as the whole last one".into());
+        }
+    }
+    Ok(())
+}
+
+/// The subject dead letters of a NATS source are published to: `--dead-letter-queue`, or
+/// `hookfleet.dead.<consumer>` (a subject no work stream is likely to capture: a dead letter the work
+/// stream captured would come back to the consumer).
+fn nats_dead_letter_subject(consumer: &str, dlq: Option<&str>) -> Result<String, String> {
+    match dlq.map(str::trim).filter(|d| !d.is_empty()) {
+        None => Ok(format!("hookfleet.dead.{consumer}")),
+        Some(d) => nats_subject(d, false).map(|()| d.to_owned()),
     }
 }
 

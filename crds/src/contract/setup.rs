@@ -202,6 +202,13 @@ impl WorkerSetup {
             max_message_bytes: source.max_message_bytes,
             // The CRD bounds it to `limits::IN_FLIGHT_BYTES`: never negative.
             in_flight_bytes: u64::try_from(spec.workers.in_flight_bytes).unwrap_or_default(),
+            // The CRD has no NATS source yet: the worker takes one from its flags (docs/worker.md).
+            nats_url: None,
+            nats_url_file: None,
+            nats_stream: None,
+            nats_subjects: Vec::new(),
+            nats_creds_file: None,
+            nats_ack_wait: std::time::Duration::from_secs(30),
         };
         Self {
             args,

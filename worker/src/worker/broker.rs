@@ -154,4 +154,8 @@ impl Settle for LapinSettle {
     fn publish_failed(&self) {
         self.session.publish_failed.notify_one();
     }
+
+    fn received(&self, tag: u64) {
+        self.acks.received(tag);
+    }
 }

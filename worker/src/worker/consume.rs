@@ -9,7 +9,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
+use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
@@ -21,6 +22,7 @@ use super::acks::Acks;
 use super::broker::{LapinSettle, Session};
 use super::error::SessionError;
 use super::lanes::Lane;
+use super::settle::Settle;
 use super::settlement::Accounted;
 use super::shared::Worker;
 use super::topology;
@@ -68,11 +70,11 @@ impl Worker {
     /// registered with the ack ledger before its task starts. Backpressure: no new task until a slot
     /// is free; a message waiting for one is still unacked, so when the session ends it goes back to
     /// the queue with the channel (and its `Accounted`, dropped, counts it as handed back).
-    pub(super) async fn consume_lane(
+    pub(super) async fn consume_lane<S: Settle + 'static>(
         self: &Arc<Self>,
-        consumer: &mut Consumer,
+        consumer: &mut (impl Stream<Item = Result<Delivery, SessionError>> + Unpin),
         lane: &mut Lane,
-        settle: &Arc<LapinSettle>,
+        settle: &Arc<S>,
         interrupts: &mut impl Interrupts,
     ) -> Result<(), SessionError> {
         loop {
@@ -81,12 +83,12 @@ impl Worker {
                 r = interrupts.interrupted(true) => return r,
                 next = consumer.next() => match next {
                     Some(Ok(d)) => d,
-                    Some(Err(e)) => return Err(SessionError::Consumer(e)),
+                    Some(Err(e)) => return Err(e),
                     None => return Err(SessionError::ConsumerEnded),
                 },
             };
             let acct = Accounted::new(self.metrics.clone());
-            settle.acks.received(delivery.delivery_tag);
+            settle.received(delivery.delivery_tag);
             let permit = tokio::select! {
                 biased;
                 r = interrupts.interrupted(false) => return r,
@@ -123,13 +125,20 @@ impl Worker {
             });
             let mut lane = Lane::Retries;
             worker
-                .consume_lane(&mut consumer, &mut lane, &settle, &mut shutdown)
+                .consume_lane(&mut deliveries(&mut consumer), &mut lane, &settle, &mut shutdown)
                 .await?;
             cancel(&ch, &tag, "the retry-lane consumer").await;
             Ok(())
         });
         Ok(RetryLane { task: Some(task) })
     }
+}
+
+/// A lapin consumer's deliveries as [`Worker::consume_lane`] takes them.
+pub(super) fn deliveries(
+    consumer: &mut Consumer,
+) -> impl Stream<Item = Result<Delivery, SessionError>> + Unpin + '_ {
+    consumer.map(|r| r.map_err(SessionError::Consumer))
 }
 
 /// Cancels the consumer `tag` on `ch` (`what` names it in the warning when that fails).

@@ -23,7 +23,6 @@ use crate::message::{self, Meta};
 use crate::outcome::{Outcome, classify_error, classify_status};
 use crate::target::Target;
 use crate::template::Extras;
-use hookfleet_crds::integration::Topology;
 
 impl Worker {
     /// One message, start to settled. A panic anywhere in its handling is an outcome too
@@ -44,12 +43,12 @@ impl Worker {
         let handled = AssertUnwindSafe(
             async {
                 // External topology: the queue may have no delivery limit of its own, so the worker
-                // keeps it, from the broker's count of redeliveries (quorum queues keep one).
-                if self.cfg.topology == Topology::External
+                // keeps it, from the broker's count of redeliveries (quorum queues keep one). NATS:
+                // JetStream's count of deliveries (`worker::jetstream` writes it as x-delivery-count).
+                if let Some(limit) = self.cfg.worker_delivery_limit()
                     && let Some(count) = delivery_count(&d)
-                    && count >= u64::from(self.cfg.delivery_limit)
+                    && count >= u64::from(limit)
                 {
-                    let limit = self.cfg.delivery_limit;
                     warn!(
                         count,
                         limit, "redelivered as often as the delivery limit; dead-lettering it unattempted"
@@ -308,8 +307,6 @@ pub(super) fn answered(resp: &reqwest::Response) -> Outcome {
 /// secrets are scrubbed).
 const HEAD: usize = 1024;
 
-/// The routing key the message was published with (a retry comes back through the default exchange
-/// with the queue's name as its key; the original is kept in a header).
 /// The broker's count of earlier deliveries of this message (`x-delivery-count`, which quorum queues
 /// set on a redelivery), if it has one.
 pub(super) fn delivery_count(d: &Delivery) -> Option<u64> {
@@ -326,6 +323,8 @@ pub(super) fn delivery_count(d: &Delivery) -> Option<u64> {
     }
 }
 
+/// The routing key the message was published with (a retry comes back through the default exchange
+/// with the queue's name as its key; the original is kept in a header).
 pub(super) fn original_routing_key(d: &Delivery) -> &str {
     match d
         .properties

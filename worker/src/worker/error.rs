@@ -62,6 +62,21 @@ pub enum SessionError {
         "a retry or dead-letter copy was not stored (refused, returned or unconfirmed); re-declaring the topology"
     )]
     PublishFailed,
+    /// The NATS source: connecting, the JetStream API, the pull consumer.
+    #[error("NATS: {0}")]
+    Nats(String),
+    /// The NATS source's stream, consumer or dead-letter stream is missing (the stream always needs
+    /// someone else; the consumer and the dead-letter stream with `--topology external`). Not retried.
+    #[error(
+        "JetStream has no {}; create {} (docs/worker.md, \"A NATS JetStream source\"){}",
+        missing.join(", and no "),
+        if missing.len() == 1 { "it" } else { "them" },
+        if missing.iter().any(|m| !m.starts_with("stream ") || m.contains("dead-letter")) { ", or use topology managed" } else { "" }
+    )]
+    NatsMissing { missing: Vec<String> },
+    /// The NATS source's consumer or subjects cannot work as they are. Not retried.
+    #[error("{0}")]
+    NatsMismatch(String),
 }
 
 /// An error that stops the worker: its exit code and the line for the termination message.
@@ -79,7 +94,11 @@ impl SessionError {
                 code: exit::QUEUE_MISMATCH,
                 message: self.to_string(),
             }),
-            SessionError::QueuesMissing { .. } => Some(Fatal {
+            SessionError::NatsMismatch(_) => Some(Fatal {
+                code: exit::QUEUE_MISMATCH,
+                message: self.to_string(),
+            }),
+            SessionError::QueuesMissing { .. } | SessionError::NatsMissing { .. } => Some(Fatal {
                 code: exit::QUEUES_MISSING,
                 message: self.to_string(),
             }),

@@ -130,7 +130,7 @@ pub fn decide(outcome: Outcome, attempt: u32, limits: Limits<'_>, rng: &mut impl
             },
             attempts: attempt,
             detail: Some(format!(
-                "redelivered {count} times by the broker (x-delivery-count), the delivery limit is {limit}"
+                "redelivered {count} times by the broker (x-delivery-count, or JetStream's delivery count), the delivery limit is {limit}"
             )),
         }),
         Outcome::Gone => Fate::Stop,

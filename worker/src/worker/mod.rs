@@ -4,6 +4,8 @@
 //! - [`session`]: one broker connection at a time (connect, declare, consume the work queue),
 //!   reconnecting with jittered backoff, draining in-flight deliveries before a connection is
 //!   closed; the exit after a 410;
+//! - `jetstream`: the same for a NATS JetStream source (a durable pull consumer), settling through
+//!   its own [`Settle`](settle::Settle): ack, nak with delay for a retry, dead letter with `PubAck`;
 //! - [`consume`]: the consume loop, one for both lanes (the work queue's and the retry lane's);
 //! - `fanout`: with Webhooks, one message to every matching Webhook (or a copy to its own), each
 //!   copy's fate, and the original settled once every copy is;
@@ -44,6 +46,7 @@ mod fanout;
 mod fate;
 mod fleet;
 mod gone;
+mod jetstream;
 mod lanes;
 #[cfg(test)]
 mod memory;

@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use super::acks::Acks;
 use super::broker::{LapinSettle, Publisher, Session};
-use super::consume::{Interrupts, RetryLane, cancel};
+use super::consume::{Interrupts, RetryLane, cancel, deliveries};
 use super::error::{CONNECT_TIMEOUT, Fatal, SessionError};
 use super::lanes::{FreshWait, Lane};
 use super::shared::Worker;
@@ -97,7 +97,12 @@ impl Worker {
         let mut first = rand::rng().random_range(0..self.cfg.amqp_uris.len().max(1));
         loop {
             let started = Instant::now();
-            match self.clone().session(shutdown.clone(), &mut first).await {
+            let session = if self.cfg.nats.is_some() {
+                self.clone().jetstream_session(shutdown.clone()).await
+            } else {
+                self.clone().session(shutdown.clone(), &mut first).await
+            };
+            match session {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     self.metrics.consuming.set(0);
@@ -264,8 +269,13 @@ impl Worker {
             conn,
             metrics: &self.metrics,
         };
-        self.consume_lane(&mut consumer, &mut lane, &settle, &mut interrupts)
-            .await?;
+        self.consume_lane(
+            &mut deliveries(&mut consumer),
+            &mut lane,
+            &settle,
+            &mut interrupts,
+        )
+        .await?;
         info!("shutdown: cancelling the consumer");
         self.metrics.consuming.set(0);
         cancel(&ch, &tag, "the consumer").await;
@@ -274,7 +284,7 @@ impl Worker {
     }
 
     /// Waits up to the grace period for in-flight deliveries to finish and settle.
-    async fn drain(&self) {
+    pub(super) async fn drain(&self) {
         let grace = self.cfg.shutdown_grace;
         let in_flight = self.lanes.in_flight();
         if in_flight == 0 {

@@ -1,11 +1,16 @@
 //! The broker operations settling a message needs ([`Settle`]), so that the settle site
-//! (`settlement`) runs on lapin (`broker`) and in memory for the unit tests (`memory`) alike.
+//! (`settlement`) and the consume loop run on lapin (`broker`), on NATS JetStream (`jetstream`) and in
+//! memory for the unit tests (`memory`) alike. Every source hands the pipeline a lapin [`Delivery`]:
+//! RabbitMQ's own, or one `jetstream` builds from a JetStream message (its subject as the routing key,
+//! its headers as the properties' headers).
 
 use std::future::Future;
 use std::time::Duration;
 
 use lapin::BasicProperties;
 use lapin::message::Delivery;
+
+use super::fate::Store;
 
 /// The broker operations settling a message needs, on the channel it came from.
 pub trait Settle: Send + Sync {
@@ -28,6 +33,28 @@ pub trait Settle: Send + Sync {
     /// A copy was not stored: the session ends, and the reconnect re-declares the topology, with
     /// backoff, instead of looping.
     fn publish_failed(&self);
+
+    /// The consumer yielded the message `tag`, before its delivery task starts (the ack ledger
+    /// registers it).
+    fn received(&self, _tag: u64) {}
+
+    /// Settles `tag` by storing its fate durably: `body` and `props` are the copy `settlement` built for
+    /// `queue` (the delay queue of a retry, or the dead-letter queue). RabbitMQ: publish the copy
+    /// (confirmed), then ack the original. `Ok(acked)` once the copy is stored (the original acked or
+    /// not); `Err` when it was not (the original is left unsettled).
+    fn store(
+        &self,
+        tag: u64,
+        _store: &Store,
+        queue: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> impl Future<Output = Result<bool, PublishError>> + Send {
+        async move {
+            self.publish(queue, body, props).await?;
+            Ok(self.ack(tag).await)
+        }
+    }
 }
 
 /// Why a copy was not stored.
@@ -41,6 +68,9 @@ pub enum PublishError {
     Timeout(Duration),
     #[error("{0}")]
     Channel(#[source] lapin::Error),
+    /// JetStream's answer to a publish, or the NATS client's error.
+    #[error("{0}")]
+    Nats(String),
     #[error("the session is closing")]
     Closed,
 }

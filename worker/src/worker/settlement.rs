@@ -135,21 +135,23 @@ impl Settler<'_> {
             }
             Fate::Store(store) => {
                 let (queue, props) = self.copy(d, meta, &store);
-                if let Err(e) = broker.publish(&queue, body, props).await {
-                    // The original stays unacked: the session ends and closing its connection hands
-                    // it back. Nacking it here instead would redeliver it at once on a session that
-                    // cannot publish: a requeue loop.
-                    if matches!(e, PublishError::Closed) {
-                        debug!(queue = &*queue, "session closing; copy not stored");
-                    } else {
-                        error!(queue = &*queue, error = %e, "copy not stored; handing the message back");
+                let acked = match broker.store(d.delivery_tag, &store, &queue, body, props).await {
+                    Ok(acked) => acked,
+                    Err(e) => {
+                        // The original stays unacked: the session ends and closing its connection hands
+                        // it back. Nacking it here instead would redeliver it at once on a session that
+                        // cannot publish: a requeue loop.
+                        if matches!(e, PublishError::Closed) {
+                            debug!(queue = &*queue, "session closing; copy not stored");
+                        } else {
+                            error!(queue = &*queue, error = %e, "copy not stored; handing the message back");
+                        }
+                        self.metrics.publish_failures.inc();
+                        broker.publish_failed();
+                        acct.record(settled::HANDED_BACK, "handed_back", e.reason());
+                        return;
                     }
-                    self.metrics.publish_failures.inc();
-                    broker.publish_failed();
-                    acct.record(settled::HANDED_BACK, "handed_back", e.reason());
-                    return;
-                }
-                let acked = broker.ack(d.delivery_tag).await;
+                };
                 self.stored(store, acked, acct);
             }
         }

@@ -226,26 +226,37 @@ pub fn base_args(rmq: &RabbitMq, queue: &str, url: &str, metrics_port: u16, dir:
 
 /// [`base_args`] with the broker given as its `--amqp-uri` value (one URI or several).
 pub fn base_args_uri(amqp_uri: &str, queue: &str, url: &str, metrics_port: u16, dir: &Path) -> Vec<String> {
-    [
-        "--amqp-uri",
-        amqp_uri,
-        "--queue",
-        queue,
-        "--destination-url",
-        url,
-        "--allow-private-networks",
-        "--log-format",
-        "text",
-        "--metrics-addr",
-        &format!("127.0.0.1:{metrics_port}"),
-        "--termination-log",
-        &dir.join("termination-log").display().to_string(),
-        "--integration",
-        "test/worker",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    base_args_source(&["--amqp-uri", amqp_uri], queue, url, metrics_port, dir)
+}
+
+/// [`base_args`] with the source given as its flags (`--amqp-uri …`, or `--nats-url … --nats-stream …`).
+pub fn base_args_source(
+    source: &[&str],
+    queue: &str,
+    url: &str,
+    metrics_port: u16,
+    dir: &Path,
+) -> Vec<String> {
+    source
+        .iter()
+        .copied()
+        .chain([
+            "--queue",
+            queue,
+            "--destination-url",
+            url,
+            "--allow-private-networks",
+            "--log-format",
+            "text",
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+            "--termination-log",
+            &dir.join("termination-log").display().to_string(),
+            "--integration",
+            "test/worker",
+        ])
+        .map(|s| s.to_string())
+        .collect()
 }
 
 /// Starts the worker binary (optionally under `prlimit`) and waits until it is ready (consuming).
@@ -271,8 +282,21 @@ pub async fn start_worker_uri(
     dir: &Path,
     log_name: &str,
 ) -> Result<Worker> {
+    start_worker_source(&["--amqp-uri", amqp_uri], queue, url, extra, envs, dir, log_name).await
+}
+
+/// [`start_worker`] with the source given as its flags ([`base_args_source`]).
+pub async fn start_worker_source(
+    source: &[&str],
+    queue: &str,
+    url: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+    dir: &Path,
+    log_name: &str,
+) -> Result<Worker> {
     let port = free_port()?;
-    let mut args = base_args_uri(amqp_uri, queue, url, port, dir);
+    let mut args = base_args_source(source, queue, url, port, dir);
     args.extend(extra.iter().map(|s| s.to_string()));
     let envs: Vec<(String, String)> = envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let process = Process::spawn(

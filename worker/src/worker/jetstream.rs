@@ -1,0 +1,817 @@
+//! The NATS JetStream source: a durable pull consumer on a stream, shared by the fleet, feeding the same
+//! consume loop (`consume`), delivery pipeline (`delivery`) and settle site (`settlement`) as RabbitMQ,
+//! through [`Settle`]:
+//!
+//! - a JetStream message becomes a lapin [`Delivery`] ([`delivery`]): the subject is the routing key
+//!   (the event name a template or a Webhook sees), the NATS headers are the properties' headers,
+//!   `Nats-Msg-Id` (else `<stream>-<sequence>`) is the message id, and JetStream's count of deliveries
+//!   is both the attempts before this one and `x-delivery-count`;
+//! - ack after a 2xx: `+ACK`, confirmed by the server (double ack);
+//! - a retry is JetStream's own: `-NAK` with the backoff's delay; the message stays in the stream and
+//!   comes back after it (no delay queues);
+//! - a dead letter is published to the dead-letter subject and confirmed by JetStream (its `PubAck`:
+//!   a stream stored it) before the original is terminated (`+TERM`);
+//! - a delivery that takes longer than a third of AckWait is kept with in-progress acks (`+WPI`), so
+//!   JetStream does not hand it to another worker meanwhile;
+//! - the delivery limit: the consumer's `MaxDeliver` is `--max-attempts` + 1. Every delivery counts as
+//!   an attempt; a message whose last attempt never settled (the worker died during it) gets one more
+//!   delivery, on which it is dead-lettered unattempted (`delivery_limit`) rather than dropped by
+//!   JetStream;
+//! - a shutdown stops pulling, lets in-flight deliveries finish within the grace period, and naks
+//!   what is left, so another worker takes it at once instead of after AckWait.
+//!
+//! With `--topology managed` the worker creates the durable consumer (and a stream for the dead-letter
+//! subject, `<consumer>-dead`, when no stream captures it) and updates the consumer's settings to its
+//! own; with `external` it checks that they exist (exit `QUEUES_MISSING` naming what is missing). The
+//! work stream is never the worker's: it must exist. A dead-letter subject the work stream captures is
+//! refused (`QUEUE_MISMATCH`): dead letters would come back to the consumer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
+use async_nats::jetstream::context::{
+    ConsumerInfoErrorKind, GetStreamByNameErrorKind, GetStreamErrorKind, PublishErrorKind,
+};
+use async_nats::jetstream::message::{AckKind, Acker};
+use async_nats::jetstream::{self, ErrorCode};
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use futures::StreamExt;
+use lapin::BasicProperties;
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use tokio::sync::{Notify, watch};
+use tracing::{info, warn};
+
+use super::consume::Interrupts;
+use super::error::{CONNECT_TIMEOUT, SessionError};
+use super::fate::Store;
+use super::lanes::{FreshWait, Lane};
+use super::settle::{PublishError, Settle};
+use super::shared::Worker;
+use crate::config::{Config, NatsSource, redact_uri};
+use crate::message::{H_ATTEMPTS, H_FIRST_SEEN};
+use crate::metrics::Metrics;
+use hookfleet_crds::integration::Topology;
+
+/// The header JetStream's count of earlier deliveries is written to (the name the external RabbitMQ
+/// topology's check reads, `delivery::delivery_count`).
+const DELIVERY_COUNT: &str = "x-delivery-count";
+
+impl Worker {
+    /// One NATS connection: find (or create) the consumer, consume until shutdown (Ok) or until the
+    /// session fails (Err), then drain and hand back what is left.
+    pub(super) async fn jetstream_session(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), SessionError> {
+        let nats = self.cfg.nats.as_ref().expect("a NATS source");
+        let client = tokio::select! {
+            c = connect(&self.cfg, nats, self.metrics.clone()) => c?,
+            _ = shutdown.wait_for(|s| *s) => {
+                self.drain().await;
+                return Ok(());
+            }
+        };
+        self.metrics.broker_connected.set(1);
+        let js = jetstream::new(client.clone());
+        let settle = Arc::new(JetStreamSettle::new(js.clone(), self.cfg.confirm_timeout));
+        let result = self.jetstream_consume(&js, nats, &settle, &mut shutdown).await;
+        self.metrics.consuming.set(0);
+        if result.is_err() {
+            self.metrics.broker_connected.set(0);
+        }
+        // Shutdown or failure alike: in-flight deliveries finish and settle (those that still can),
+        // then whatever is still held goes back now. The pull request is gone with its subscription;
+        // the flush makes sure the server saw that before the naks, so that it does not hand them
+        // straight back to this worker's dead request.
+        self.drain().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
+        let handed_back = settle.nak_all().await;
+        if handed_back > 0 {
+            // The naks are written before the connection closes.
+            let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
+            info!(handed_back, "handed the unsettled messages back to JetStream");
+        }
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(5), client.drain()).await {
+            warn!(error = %e, "closing the NATS connection timed out");
+        }
+        self.metrics.broker_connected.set(0);
+        if result.is_ok() {
+            info!("closed the NATS connection");
+        }
+        result
+    }
+
+    async fn jetstream_consume(
+        self: &Arc<Self>,
+        js: &jetstream::Context,
+        nats: &NatsSource,
+        settle: &Arc<JetStreamSettle>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), SessionError> {
+        let consumer = prepare(js, &self.cfg, nats).await?;
+        let progress = settle.keep_in_progress(nats.ack_wait / 3);
+        let batch = usize::from(self.cfg.lane_prefetch());
+        let stopping = Arc::new(AtomicBool::new(false));
+        let held = settle.clone();
+        let mut deliveries = Box::pin(pulls(consumer, batch, stopping.clone()).then(move |m| {
+            let held = held.clone();
+            async move {
+                match m {
+                    Ok(m) => delivery(m, &held).await.map_err(SessionError::Nats),
+                    Err(e) => Err(SessionError::Nats(format!("pulling messages: {e}"))),
+                }
+            }
+        }));
+        self.metrics.consuming.set(1);
+        info!(stream = %nats.stream, consumer = %self.cfg.queue, subjects = ?nats.subjects,
+              dead_letter_subject = %self.cfg.dead_letter_queue, batch, ack_wait = ?nats.ack_wait,
+              max_attempts = self.cfg.max_attempts, concurrency = self.cfg.concurrency, "consuming");
+        let mut lane = Lane::Fresh(FreshWait::default());
+        let mut interrupts = JetStreamLane {
+            shutdown,
+            publish_failed: &settle.publish_failed,
+        };
+        let result = self
+            .consume_lane(&mut deliveries, &mut lane, settle, &mut interrupts)
+            .await;
+        progress.abort();
+        if result.is_ok() {
+            // The rest of the current pull request (no new one is made): converting holds each message,
+            // so that the hand-back naks it instead of leaving it to AckWait.
+            stopping.store(true, Ordering::Relaxed);
+            let mut rest = 0;
+            while let Ok(Some(Ok(_))) =
+                tokio::time::timeout(Duration::from_millis(200), deliveries.next()).await
+            {
+                rest += 1;
+            }
+            info!(rest_of_the_pull = rest, "shutdown: stopped pulling");
+        }
+        result
+    }
+}
+
+/// How long one pull request waits for messages before the server ends it (408). No idle heartbeats:
+/// async-nats 0.52's batch stream returns `Pending` on a heartbeat without waiting for the next
+/// message, so a message after a heartbeat would sit unread until the request's client-side timer
+/// (seen: a nak'd retry came 8 s late). A dead connection shows as the client's failed pings and the
+/// next pull request failing.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// The consumer's messages, one pull request of `batch` at a time: the next request is made only once
+/// the loop took every message of the last one, so a worker never holds more than `batch` messages
+/// besides those in delivery; once `stopping`, no new request is made.
+fn pulls(
+    consumer: PullConsumer,
+    batch: usize,
+    stopping: Arc<AtomicBool>,
+) -> impl futures::Stream<Item = Result<jetstream::Message, String>> + Send {
+    futures::stream::unfold((consumer, None::<pull::Batch>), move |(consumer, mut current)| {
+        let stopping = stopping.clone();
+        async move {
+            loop {
+                if let Some(b) = current.as_mut() {
+                    match b.next().await {
+                        Some(m) => return Some((m.map_err(|e| e.to_string()), (consumer, current))),
+                        None => current = None,
+                    }
+                }
+                if stopping.load(Ordering::Relaxed) {
+                    return None;
+                }
+                match consumer
+                    .batch()
+                    .max_messages(batch)
+                    .expires(PULL_EXPIRES)
+                    .messages()
+                    .await
+                {
+                    Ok(b) => current = Some(b),
+                    Err(e) => return Some((Err(e.to_string()), (consumer, None))),
+                }
+            }
+        }
+    })
+}
+
+/// Connects to the first server that answers (the client tries them in turn, and reconnects on its
+/// own with the worker's jittered backoff; `broker_connected` follows its events).
+async fn connect(
+    cfg: &Config,
+    nats: &NatsSource,
+    metrics: Arc<Metrics>,
+) -> Result<async_nats::Client, SessionError> {
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(format!(
+            "hookfleet-worker {} {}",
+            cfg.integration,
+            std::process::id()
+        ))
+        .connection_timeout(CONNECT_TIMEOUT)
+        .ping_interval(Duration::from_secs(10))
+        .reconnect_delay_callback(|attempts| super::reconnect_delay(attempts.max(1) as u32, &mut rand::rng()))
+        .event_callback(move |event| {
+            let metrics = metrics.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        info!("NATS connection (re)established");
+                        metrics.broker_connected.set(1);
+                    }
+                    async_nats::Event::Disconnected => {
+                        warn!("NATS connection lost; the client reconnects");
+                        metrics.broker_connected.set(0);
+                    }
+                    other => info!(event = %other, "NATS connection event"),
+                }
+            }
+        });
+    if let Some(path) = &nats.creds_file {
+        opts = opts.credentials_file(path).await.map_err(|e| {
+            SessionError::Nats(format!("reading the credentials file {}: {e}", path.display()))
+        })?;
+    }
+    if let Some(token) = &nats.token {
+        opts = opts.token(token.clone());
+    }
+    let shown: Vec<String> = nats.urls.iter().map(|u| redact_uri(u)).collect();
+    info!(servers = ?shown, "connecting to NATS");
+    let addrs: Vec<async_nats::ServerAddr> = nats
+        .urls
+        .iter()
+        .map(|u| u.parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| SessionError::Nats(format!("a server URL: {e}")))?;
+    let client = opts
+        .connect(addrs)
+        .await
+        .map_err(|e| SessionError::Nats(format!("connecting to NATS ({}): {e}", shown.join(", "))))?;
+    info!(servers = ?shown, "connected to NATS");
+    Ok(client)
+}
+
+/// The durable consumer, after checking the stream, the dead-letter subject's stream and the
+/// consumer's settings (managed: created or updated to the worker's; external: they must exist).
+async fn prepare(
+    js: &jetstream::Context,
+    cfg: &Config,
+    nats: &NatsSource,
+) -> Result<PullConsumer, SessionError> {
+    let managed = cfg.topology == Topology::Managed;
+    let mut missing = Vec::new();
+    let mut stream = match js.get_stream(&nats.stream).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return Err(SessionError::NatsMissing {
+                missing: vec![format!("stream {}", nats.stream)],
+            });
+        }
+        Err(e) => {
+            return Err(SessionError::Nats(format!(
+                "looking up stream {}: {e}",
+                nats.stream
+            )));
+        }
+    };
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| SessionError::Nats(format!("reading stream {}: {e}", nats.stream)))?
+        .clone();
+    let dead = &cfg.dead_letter_queue;
+    if let Some(pattern) = info.config.subjects.iter().find(|p| subject_matches(p, dead)) {
+        return Err(SessionError::NatsMismatch(format!(
+            "the dead-letter subject {dead} is captured by the work stream {} (its subject {pattern}): dead \
+             letters would come back to the consumer; set --dead-letter-queue (spec.delivery.deadLetter.queue) \
+             to a subject the work stream does not hold",
+            nats.stream
+        )));
+    }
+    match js.stream_by_subject(dead.clone()).await {
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), GetStreamByNameErrorKind::NotFound) => {
+            if managed {
+                let name = format!("{}-dead", cfg.queue);
+                js.create_stream(jetstream::stream::Config {
+                    name: name.clone(),
+                    subjects: vec![dead.clone()],
+                    num_replicas: info.config.num_replicas,
+                    storage: info.config.storage,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| {
+                    SessionError::Nats(format!("creating the dead-letter stream {name} for {dead}: {e}"))
+                })?;
+                info!(stream = %name, subject = %dead, replicas = info.config.num_replicas, "created the dead-letter stream");
+            } else {
+                missing.push(format!("stream capturing the dead-letter subject {dead}"));
+            }
+        }
+        Err(e) => {
+            return Err(SessionError::Nats(format!(
+                "looking up the stream of {dead}: {e}"
+            )));
+        }
+    }
+    let wanted = consumer_config(cfg, nats);
+    let have = match stream.consumer_info(&cfg.queue).await {
+        Ok(i) => Some(i.config),
+        Err(e)
+            if matches!(e.kind(), ConsumerInfoErrorKind::NotFound)
+                || matches!(e.kind(), ConsumerInfoErrorKind::JetStream(j) if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND) =>
+        {
+            None
+        }
+        Err(e) => {
+            return Err(SessionError::Nats(format!(
+                "looking up consumer {}: {e}",
+                cfg.queue
+            )));
+        }
+    };
+    if !missing.is_empty() || (have.is_none() && !managed) {
+        if have.is_none() {
+            missing.insert(
+                0,
+                format!("durable consumer {} on stream {}", cfg.queue, nats.stream),
+            );
+        }
+        return Err(SessionError::NatsMissing { missing });
+    }
+    let consumer = match have {
+        None => {
+            let c = stream
+                .create_consumer(wanted)
+                .await
+                .map_err(|e| SessionError::Nats(format!("creating consumer {}: {e}", cfg.queue)))?;
+            info!(consumer = %cfg.queue, stream = %nats.stream, max_deliver = cfg.max_attempts + 1, "created the durable consumer");
+            c
+        }
+        Some(have) => {
+            if have.ack_policy != AckPolicy::Explicit {
+                return Err(SessionError::NatsMismatch(format!(
+                    "consumer {} acks {:?}, not explicitly: the worker acks each message after its send",
+                    cfg.queue, have.ack_policy
+                )));
+            }
+            let theirs = Settings::of(
+                have.ack_wait,
+                have.max_deliver,
+                &have.filter_subject,
+                &have.filter_subjects,
+            );
+            if managed
+                && theirs
+                    != Settings::of(
+                        wanted.ack_wait,
+                        wanted.max_deliver,
+                        &wanted.filter_subject,
+                        &wanted.filter_subjects,
+                    )
+            {
+                let c = stream
+                    .update_consumer(wanted)
+                    .await
+                    .map_err(|e| SessionError::Nats(format!("updating consumer {}: {e}", cfg.queue)))?;
+                info!(consumer = %cfg.queue, was = ?theirs, "updated the durable consumer's settings to the worker's");
+                c
+            } else {
+                if !managed && have.max_deliver > 0 && have.max_deliver <= i64::from(cfg.max_attempts) {
+                    return Err(SessionError::NatsMismatch(format!(
+                        "consumer {} has MaxDeliver {} ≤ --max-attempts {}: JetStream would drop a message \
+                         before the worker dead-letters it; set its MaxDeliver to at least {}, or -1",
+                        cfg.queue,
+                        have.max_deliver,
+                        cfg.max_attempts,
+                        cfg.max_attempts + 1
+                    )));
+                }
+                stream
+                    .get_consumer::<pull::Config>(&cfg.queue)
+                    .await
+                    .map_err(|e| SessionError::Nats(format!("opening consumer {}: {e}", cfg.queue)))?
+            }
+        }
+    };
+    Ok(consumer)
+}
+
+/// The durable consumer a managed topology wants: explicit acks, AckWait, MaxDeliver one more than the
+/// attempts, the subject filters.
+fn consumer_config(cfg: &Config, nats: &NatsSource) -> pull::Config {
+    let mut c = pull::Config {
+        durable_name: Some(cfg.queue.clone()),
+        description: Some(format!("hookfleet workers of {}", cfg.integration)),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: nats.ack_wait,
+        max_deliver: i64::from(cfg.max_attempts) + 1,
+        ..Default::default()
+    };
+    match nats.subjects.as_slice() {
+        [] => {}
+        [one] => c.filter_subject = one.clone(),
+        many => c.filter_subjects = many.to_vec(),
+    }
+    c
+}
+
+/// What the worker sets on a managed consumer, to compare an existing one's with.
+#[derive(Debug, PartialEq, Eq)]
+struct Settings {
+    ack_wait: Duration,
+    max_deliver: i64,
+    filters: Vec<String>,
+}
+
+impl Settings {
+    fn of(ack_wait: Duration, max_deliver: i64, filter: &str, filters: &[String]) -> Self {
+        let mut f = filters.to_vec();
+        if !filter.is_empty() {
+            f.push(filter.to_owned());
+        }
+        f.sort();
+        Self {
+            ack_wait,
+            max_deliver,
+            filters: f,
+        }
+    }
+}
+
+/// Whether the subject `s` matches the pattern `p` (`*` one token, `>` the rest).
+pub(crate) fn subject_matches(p: &str, s: &str) -> bool {
+    let mut pt = p.split('.');
+    let mut st = s.split('.');
+    loop {
+        match (pt.next(), st.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// What ends the NATS consume loop besides its message stream: a shutdown, or a dead letter that was
+/// not stored.
+struct JetStreamLane<'a> {
+    shutdown: &'a mut watch::Receiver<bool>,
+    publish_failed: &'a Notify,
+}
+
+impl Interrupts for JetStreamLane<'_> {
+    async fn interrupted(&mut self, _idle: bool) -> Result<(), SessionError> {
+        tokio::select! {
+            biased;
+            _ = self.shutdown.wait_for(|s| *s) => Ok(()),
+            _ = self.publish_failed.notified() => Err(SessionError::PublishFailed),
+        }
+    }
+}
+
+/// Settling on JetStream: each message the consumer yielded is held (its reply subject, under a local
+/// tag) until it is acked, nak'd or terminated.
+///
+/// In-progress acks and naks are written under the lock of the held messages: an in-progress ack
+/// written after a nak with a delay would restart the message's AckWait and undo the delay.
+pub(super) struct JetStreamSettle {
+    js: jetstream::Context,
+    held: tokio::sync::Mutex<HashMap<u64, Subject>>,
+    next_tag: AtomicU64,
+    timeout: Duration,
+    publish_failed: Notify,
+}
+
+impl JetStreamSettle {
+    fn new(js: jetstream::Context, timeout: Duration) -> Self {
+        Self {
+            js,
+            held: tokio::sync::Mutex::new(HashMap::new()),
+            next_tag: AtomicU64::new(1),
+            timeout,
+            publish_failed: Notify::new(),
+        }
+    }
+
+    async fn hold(&self, reply: Subject) -> u64 {
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        self.held.lock().await.insert(tag, reply);
+        tag
+    }
+
+    /// Sends `kind` (an ack or a term) for `tag` and waits for the server to confirm it (bounded by
+    /// the confirm timeout).
+    async fn settle_with(&self, tag: u64, kind: AckKind) -> bool {
+        let Some(reply) = self.held.lock().await.remove(&tag) else {
+            return false;
+        };
+        let acker = Acker::new(self.js.clone(), Some(reply));
+        match tokio::time::timeout(self.timeout, acker.double_ack_with(kind)).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                warn!(error = %e, ?kind, "JetStream did not confirm the ack; it redelivers the message after AckWait");
+                false
+            }
+            Err(_) => {
+                warn!(?kind, timeout = ?self.timeout, "no ack confirmation in time; JetStream redelivers the message after AckWait");
+                false
+            }
+        }
+    }
+
+    /// Naks `tag` (JetStream redelivers it after `delay`, or now): written under the lock, so that no
+    /// in-progress ack follows it. Not confirmed: a nak that is lost only means the redelivery comes
+    /// after AckWait instead.
+    async fn nak(&self, tag: u64, delay: Option<Duration>) -> bool {
+        let mut held = self.held.lock().await;
+        let Some(reply) = held.remove(&tag) else {
+            return false;
+        };
+        Acker::new(self.js.clone(), Some(reply))
+            .ack_with(AckKind::Nak(delay))
+            .await
+            .is_ok()
+    }
+
+    /// Naks every message still held (the session is ending): JetStream hands them to another worker
+    /// now. Returns how many.
+    async fn nak_all(&self) -> usize {
+        let mut held = self.held.lock().await;
+        let mut n = 0;
+        for (_, reply) in held.drain() {
+            if Acker::new(self.js.clone(), Some(reply))
+                .ack_with(AckKind::Nak(None))
+                .await
+                .is_ok()
+            {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Every `every`, an in-progress ack for each message held, so that a long send (or a wait for a
+    /// slot) does not outlast AckWait and get the message delivered to another worker meanwhile.
+    fn keep_in_progress(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let me = Arc::downgrade(self);
+        let every = every.max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(me) = me.upgrade() else { return };
+                let held = me.held.lock().await;
+                for reply in held.values() {
+                    let acker = Acker::new(me.js.clone(), Some(reply.clone()));
+                    if let Err(e) = acker.ack_with(AckKind::Progress).await {
+                        warn!(error = %e, "in-progress ack not sent");
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl Settle for JetStreamSettle {
+    async fn ack(&self, tag: u64) -> bool {
+        self.settle_with(tag, AckKind::Ack).await
+    }
+
+    async fn requeue(&self, d: &Delivery) -> bool {
+        self.nak(d.delivery_tag, None).await
+    }
+
+    /// Publishes to `subject` and waits for JetStream's `PubAck` (a stream stored it).
+    async fn publish(&self, subject: &str, body: &[u8], props: BasicProperties) -> Result<(), PublishError> {
+        let headers = nats_headers(&props);
+        let payload = Bytes::copy_from_slice(body);
+        let stored = async {
+            let ack = self
+                .js
+                .publish_with_headers(subject.to_owned(), headers, payload)
+                .await
+                .map_err(publish_error)?;
+            ack.await.map_err(publish_error)
+        };
+        match tokio::time::timeout(self.timeout, stored).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(PublishError::Timeout(self.timeout)),
+        }
+    }
+
+    fn publish_failed(&self) {
+        self.publish_failed.notify_one();
+    }
+
+    /// A retry (or a deferral) is JetStream's own: the original is nak'd with the delay and stays in
+    /// the stream. A dead letter is published (PubAck) and the original then terminated.
+    async fn store(
+        &self,
+        tag: u64,
+        store: &Store,
+        queue: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<bool, PublishError> {
+        match store {
+            Store::Retry { next_in, .. } | Store::Defer { next_in, .. } => {
+                Ok(self.nak(tag, Some(*next_in)).await)
+            }
+            Store::DeadLetter { .. } => {
+                self.publish(queue, body, props).await?;
+                Ok(self.settle_with(tag, AckKind::Term).await)
+            }
+        }
+    }
+}
+
+fn publish_error(e: async_nats::jetstream::context::PublishError) -> PublishError {
+    match e.kind() {
+        // No stream captures the subject.
+        PublishErrorKind::StreamNotFound => PublishError::Returned,
+        _ => PublishError::Nats(e.to_string()),
+    }
+}
+
+/// A JetStream message as the pipeline takes it (see the module's docs), held in `settle` under the
+/// delivery's tag.
+async fn delivery(m: jetstream::Message, settle: &JetStreamSettle) -> Result<Delivery, String> {
+    let info = m
+        .info()
+        .map_err(|e| format!("a message without JetStream metadata: {e}"))?;
+    let delivered = u64::try_from(info.delivered).unwrap_or(1).max(1);
+    let stream = info.stream.to_owned();
+    let seq = info.stream_sequence;
+    let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
+    let (msg, _) = (m.message, ());
+    let reply = msg.reply.clone().ok_or("a message without a reply subject")?;
+    let mut headers = FieldTable::default();
+    let mut message_id = None;
+    let mut content_type = None;
+    if let Some(h) = &msg.headers {
+        for (name, values) in h.iter() {
+            let Some(v) = values.last() else { continue };
+            let (name, v) = (name.to_string(), v.as_str());
+            if name.eq_ignore_ascii_case("Nats-Msg-Id") {
+                message_id = Some(v.to_owned());
+            } else if name.eq_ignore_ascii_case("Content-Type") {
+                content_type = Some(v.to_owned());
+            } else {
+                headers.insert(
+                    ShortString::from(name),
+                    AMQPValue::LongString(LongString::from(v.as_bytes().to_vec())),
+                );
+            }
+        }
+    }
+    if !headers.contains_key(H_ATTEMPTS) {
+        headers.insert(
+            ShortString::from(H_ATTEMPTS),
+            AMQPValue::LongLongInt((delivered - 1) as i64),
+        );
+    }
+    if !headers.contains_key(H_FIRST_SEEN) {
+        headers.insert(
+            ShortString::from(H_FIRST_SEEN),
+            AMQPValue::LongLongInt(published_ms),
+        );
+    }
+    headers.insert(
+        ShortString::from(DELIVERY_COUNT),
+        AMQPValue::LongLongInt((delivered - 1) as i64),
+    );
+    let mut props = BasicProperties::default()
+        .with_message_id(ShortString::from(
+            message_id.unwrap_or_else(|| format!("{stream}-{seq}")),
+        ))
+        .with_timestamp((published_ms / 1000).max(0) as u64)
+        .with_headers(headers);
+    if let Some(ct) = content_type {
+        props = props.with_content_type(ShortString::from(ct));
+    }
+    let tag = settle.hold(reply).await;
+    let mut d = Delivery::mock(
+        tag,
+        ShortString::from(""),
+        ShortString::from(msg.subject.as_str()),
+        delivered > 1,
+        msg.payload.to_vec(),
+    );
+    d.properties = props;
+    Ok(d)
+}
+
+/// The headers of a copy (a dead letter) as NATS headers: each AMQP value as text.
+fn nats_headers(props: &BasicProperties) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    if let Some(ct) = props.content_type() {
+        out.insert("Content-Type", ct.as_str());
+    }
+    let Some(h) = props.headers() else { return out };
+    for (k, v) in h.inner() {
+        let text = match v {
+            AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            AMQPValue::ShortString(s) => s.as_str().to_owned(),
+            AMQPValue::Boolean(b) => b.to_string(),
+            AMQPValue::ShortShortInt(n) => n.to_string(),
+            AMQPValue::ShortShortUInt(n) => n.to_string(),
+            AMQPValue::ShortInt(n) => n.to_string(),
+            AMQPValue::ShortUInt(n) => n.to_string(),
+            AMQPValue::LongInt(n) => n.to_string(),
+            AMQPValue::LongUInt(n) => n.to_string(),
+            AMQPValue::LongLongInt(n) => n.to_string(),
+            AMQPValue::Timestamp(n) => n.to_string(),
+            _ => continue,
+        };
+        // The delivery count is the original's, not the dead letter's.
+        if k.as_str() == DELIVERY_COUNT {
+            continue;
+        }
+        out.insert(k.as_str(), text.as_str());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_match_patterns_token_by_token() {
+        for (p, s, want) in [
+            ("orders.>", "orders.created", true),
+            ("orders.>", "orders.created.eu", true),
+            ("orders.>", "orders", false),
+            ("orders.*", "orders.created", true),
+            ("orders.*", "orders.created.eu", false),
+            ("*.created", "orders.created", true),
+            (">", "hookfleet.dead.orders", true),
+            ("hookfleet.dead.orders", "hookfleet.dead.orders", true),
+            ("hookfleet.dead.orders", "hookfleet.dead.order", false),
+            ("orders", "orders.created", false),
+        ] {
+            assert_eq!(subject_matches(p, s), want, "{p} vs {s}");
+        }
+    }
+
+    #[test]
+    fn a_dead_letter_copy_carries_its_headers_as_text_and_not_the_delivery_count() {
+        let mut h = FieldTable::default();
+        h.insert(
+            ShortString::from("x-hookfleet-attempts"),
+            AMQPValue::LongLongInt(3),
+        );
+        h.insert(
+            ShortString::from("x-hookfleet-dead-reason"),
+            AMQPValue::LongString(LongString::from(b"http_status".to_vec())),
+        );
+        h.insert(ShortString::from(DELIVERY_COUNT), AMQPValue::LongLongInt(2));
+        let props = BasicProperties::default()
+            .with_content_type(ShortString::from("application/json"))
+            .with_headers(h);
+        let out = nats_headers(&props);
+        assert_eq!(out.get("x-hookfleet-attempts").map(|v| v.as_str()), Some("3"));
+        assert_eq!(
+            out.get("x-hookfleet-dead-reason").map(|v| v.as_str()),
+            Some("http_status")
+        );
+        assert_eq!(
+            out.get("Content-Type").map(|v| v.as_str()),
+            Some("application/json")
+        );
+        assert!(out.get(DELIVERY_COUNT).is_none());
+    }
+
+    #[test]
+    fn the_managed_consumer_acks_explicitly_with_one_delivery_more_than_the_attempts() {
+        let mut cfg = Config::for_tests(None, None);
+        cfg.max_attempts = 5;
+        let nats = NatsSource {
+            urls: vec!["nats://127.0.0.1:4222".into()],
+            stream: "EVENTS".into(),
+            subjects: vec!["orders.>".into()],
+            creds_file: None,
+            token: None,
+            ack_wait: Duration::from_secs(30),
+        };
+        let c = consumer_config(&cfg, &nats);
+        assert_eq!(c.durable_name.as_deref(), Some("orders"));
+        assert_eq!(c.ack_policy, AckPolicy::Explicit);
+        assert_eq!(c.max_deliver, 6);
+        assert_eq!(c.filter_subject, "orders.>");
+        let ours = Settings::of(c.ack_wait, c.max_deliver, &c.filter_subject, &c.filter_subjects);
+        // One filter given as the list, not the single field: the same settings.
+        assert_eq!(ours, Settings::of(c.ack_wait, 6, "", &["orders.>".to_owned()]));
+        assert_ne!(ours, Settings::of(c.ack_wait, -1, "orders.>", &[]));
+    }
+}

@@ -1,0 +1,712 @@
+//! The NATS JetStream source (`--nats-url`), on a real `nats-server` with JetStream (one server, or a
+//! 3-node JetStream cluster): what the worker does with the stream and the durable consumer, and the
+//! fault table of the RabbitMQ source (`faults.rs`) replayed on NATS: kill -9, SIGTERM, a server
+//! restart, a cluster node loss, a sink outage, a poison message, fd pressure. Each counts ids: every
+//! published id reaches the sink at least once or sits in the dead-letter stream; duplicates are
+//! counted (`fault-table:` lines).
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use async_nats::jetstream::{self, consumer, stream};
+use common::*;
+use futures::StreamExt;
+use hookfleet_crds::contract::exit;
+use hookfleet_crds::contract::headers::{H_ATTEMPTS, H_DEAD_REASON, H_ID, H_LAST_ERROR};
+use hookfleet_testkit::NatsServer;
+use hookfleet_testkit::process::{Process, free_port, wait_for};
+use hookfleet_testkit::sink::{Mode, Sink};
+
+const SUBJECT: &str = "orders.created";
+
+async fn connect(nats: &NatsServer) -> Result<jetstream::Context> {
+    let servers: Vec<async_nats::ServerAddr> = (0..nats.len())
+        .map(|i| nats.url(i).parse())
+        .collect::<Result<_, _>>()?;
+    let client = async_nats::connect(servers).await?;
+    Ok(jetstream::new(client))
+}
+
+/// The work stream `EVENTS` on `orders.>`, with `replicas`.
+async fn work_stream(js: &jetstream::Context, replicas: usize) -> Result<()> {
+    js.create_stream(stream::Config {
+        name: "EVENTS".into(),
+        subjects: vec!["orders.>".into()],
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}
+
+/// Publishes one message per id to `SUBJECT` (`Nats-Msg-Id` = the id), each confirmed by JetStream.
+async fn publish(js: &jetstream::Context, ids: &[String]) -> Result<()> {
+    for chunk in ids.chunks(500) {
+        let mut acks = Vec::new();
+        for id in chunk {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Msg-Id", id.as_str());
+            h.insert("Content-Type", "application/json");
+            let body = format!(r#"{{"id":"{id}"}}"#);
+            acks.push(js.publish_with_headers(SUBJECT, h, body.into()).await?);
+        }
+        for a in acks {
+            a.await?;
+        }
+    }
+    Ok(())
+}
+
+/// Every message of the dead-letter stream: (its `x-hookfleet-id`, its headers).
+async fn dead_letters(js: &jetstream::Context, stream: &str) -> Result<Vec<(String, async_nats::HeaderMap)>> {
+    let mut s = match js.get_stream(stream).await {
+        Ok(s) => s,
+        Err(_) => return Ok(Vec::new()),
+    };
+    let n = s.info().await?.state.messages;
+    let mut out = Vec::new();
+    if n == 0 {
+        return Ok(out);
+    }
+    let c = s
+        .create_consumer(consumer::pull::Config {
+            ack_policy: consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await?;
+    let mut batch = c
+        .fetch()
+        .max_messages(n as usize)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await?;
+    while let Some(m) = batch.next().await {
+        let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let h = m.headers.clone().unwrap_or_default();
+        let id = h.get(H_ID).map(|v| v.as_str().to_owned()).unwrap_or_default();
+        out.push((id, h));
+    }
+    Ok(out)
+}
+
+fn dead_ids(dead: &[(String, async_nats::HeaderMap)]) -> HashSet<String> {
+    dead.iter().map(|(id, _)| id.clone()).collect()
+}
+
+/// (messages not yet delivered, delivered and not acked) of the durable consumer.
+async fn backlog(js: &jetstream::Context, consumer: &str) -> Result<(u64, usize)> {
+    let s = js.get_stream("EVENTS").await?;
+    let i = s.consumer_info(consumer).await?;
+    Ok((i.num_pending, i.num_ack_pending))
+}
+
+/// Waits until the durable consumer has nothing pending or unacked.
+async fn wait_settled(js: &jetstream::Context, consumer: &str, timeout: Duration) -> Result<()> {
+    wait_for(
+        "the consumer settled",
+        timeout,
+        Duration::from_millis(100),
+        || async move { Ok((backlog(js, consumer).await? == (0, 0)).then_some(())) },
+    )
+    .await
+}
+
+fn source(nats: &NatsServer) -> Vec<String> {
+    [
+        "--nats-url".to_owned(),
+        nats.urls(),
+        "--nats-stream".into(),
+        "EVENTS".into(),
+    ]
+    .to_vec()
+}
+
+async fn start(nats: &NatsServer, sink: &Sink, extra: &[&str], dir: &Path, log: &str) -> Result<Worker> {
+    let src = source(nats);
+    let src: Vec<&str> = src.iter().map(String::as_str).collect();
+    start_worker_source(&src, "hooks", &sink.url(), extra, &[], dir, log).await
+}
+
+async fn wait_count(sink: &Sink, n: usize, timeout: Duration) -> Result<()> {
+    wait_for("deliveries", timeout, Duration::from_millis(20), || {
+        let got = sink.delivered().len();
+        async move { Ok((got >= n).then_some(())) }
+    })
+    .await
+}
+
+/// Ack after a 2xx, retries as JetStream naks with the backoff's delay, a message that never succeeds
+/// dead-lettered (confirmed by JetStream) and terminated; the consumer the worker created; the
+/// accounting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_retries_by_nak_and_dead_letters_with_a_pub_ack() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    let nats = NatsServer::start().await?;
+    let js = connect(&nats).await?;
+    work_stream(&js, 1).await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    // Every other request fails: about half the messages are retried at least once.
+    sink.set_mode(Mode::Flaky {
+        status: 503,
+        failures: 1,
+        delay: Duration::ZERO,
+    });
+    let published = ids("n1", 200);
+    let poison = published[7].clone();
+    sink.set_poison(Some(&poison));
+    publish(&js, &published).await?;
+    // 20 attempts: an id the alternating sink fails 20 times in a row is a one-in-a-million event; the
+    // poison message, never answered, times out on each.
+    let args = [
+        "--max-attempts",
+        "20",
+        "--backoff-initial",
+        "200ms",
+        "--backoff-max",
+        "200ms",
+        "--backoff-jitter",
+        "none",
+        "--timeout",
+        "300ms",
+        "--circuit-breaker-threshold",
+        "0",
+    ];
+    let t0 = Instant::now();
+    let w = start(&nats, &sink, &args, dir.path(), "worker").await?;
+    let want: HashSet<String> = published.iter().filter(|id| **id != poison).cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(60)).await?;
+    wait_settled(&js, "hooks", Duration::from_secs(30)).await?;
+    let took = t0.elapsed();
+
+    // The poison message: 20 attempts, then one dead letter naming why, and the original terminated.
+    let dead = dead_letters(&js, "hooks-dead").await?;
+    ensure!(dead.len() == 1, "dead letters: {:?}", dead_ids(&dead));
+    let (id, h) = &dead[0];
+    assert_eq!(id, &poison);
+    assert_eq!(h.get(H_ATTEMPTS).map(|v| v.as_str()), Some("20"));
+    assert_eq!(
+        h.get(H_DEAD_REASON).map(|v| v.as_str()),
+        Some("attempts_exhausted")
+    );
+    assert_eq!(sink.poison_arrivals(), 20, "one request per attempt");
+
+    // Retried by nak with the delay: the second attempt of a retried id came at least the backoff's
+    // 200 ms (no jitter) after the first.
+    let attempts = sink.attempts();
+    let retried: Vec<Duration> = attempts
+        .iter()
+        .filter(|(id, a)| **id != poison && a.len() >= 2)
+        .map(|(_, a)| a[1] - a[0])
+        .collect();
+    ensure!(retried.len() > 50, "only {} ids retried", retried.len());
+    let fastest = retried.iter().min().copied().unwrap_or_default();
+    assert!(fastest >= Duration::from_millis(190), "a retry after {fastest:?}");
+
+    let consumer = js.get_stream("EVENTS").await?.consumer_info("hooks").await?;
+    assert_eq!(consumer.config.ack_policy, consumer::AckPolicy::Explicit);
+    assert_eq!(consumer.config.max_deliver, 21, "--max-attempts + 1");
+    let a = settled_accounting(&w).await?;
+    assert_eq!(a.dead_lettered, 1.0);
+    assert_eq!(a.delivered, 199.0);
+    let dups = account(&published, &sink.delivered(), &dead_ids(&dead))?;
+    eprintln!(
+        "nats: 200 published, 199 delivered, {} retried at least once (fastest second attempt {fastest:?}), \
+         poison dead-lettered after 20 attempts, {dups} duplicates, in {took:?}; accounting {a:?}",
+        retried.len()
+    );
+    Ok(())
+}
+
+/// What is missing or wrong is named, and the worker exits instead of retrying: no stream (exit 6), a
+/// dead-letter subject the work stream captures (exit 4), `--topology external` without the consumer
+/// (exit 6); a bad flag is refused at start (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_stream_or_consumer_and_a_looping_dead_letter_subject_are_refused() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    let nats = NatsServer::start().await?;
+    let js = connect(&nats).await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    let run = |extra: Vec<String>| {
+        let mut args = base_args_source(
+            &["--nats-url", &nats.urls(), "--nats-stream", "EVENTS"],
+            "hooks",
+            &sink.url(),
+            0,
+            dir.path(),
+        );
+        args.extend(extra);
+        let out = std::process::Command::new(worker_bin()).args(&args).output();
+        let term = std::fs::read_to_string(dir.path().join("termination-log")).unwrap_or_default();
+        out.map(|o| {
+            (
+                o.status.code(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+                term,
+            )
+        })
+    };
+    let (code, _, term) = run(vec![])?;
+    assert_eq!(code, Some(exit::QUEUES_MISSING), "{term}");
+    assert!(term.contains("stream EVENTS"), "{term}");
+    eprintln!("no stream: exit {code:?}: {term}");
+
+    work_stream(&js, 1).await?;
+    let (code, _, term) = run(vec!["--dead-letter-queue".into(), "orders.dead".into()])?;
+    assert_eq!(code, Some(exit::QUEUE_MISMATCH), "{term}");
+    assert!(term.contains("captured by the work stream EVENTS"), "{term}");
+    eprintln!("looping dead letters: exit {code:?}: {term}");
+
+    let (code, _, term) = run(vec!["--topology".into(), "external".into()])?;
+    assert_eq!(code, Some(exit::QUEUES_MISSING), "{term}");
+    assert!(term.contains("durable consumer hooks on stream EVENTS"), "{term}");
+    assert!(
+        term.contains("dead-letter subject hookfleet.dead.hooks"),
+        "{term}"
+    );
+    eprintln!("external, nothing there: exit {code:?}: {term}");
+
+    let (code, stderr, _) = run(vec!["--binding".into(), "ex=rk".into()])?;
+    assert_eq!(code, Some(exit::INVALID_CONFIG), "{stderr}");
+    assert!(stderr.contains("no bindings"), "{stderr}");
+    Ok(())
+}
+
+/// kill -9 of a worker mid-stream, then another: every id delivered; duplicates (the killed worker's
+/// in-flight messages, redelivered after AckWait) counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_kill_9_mid_stream_loses_nothing() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 2000;
+    let nats = NatsServer::start().await?;
+    let js = connect(&nats).await?;
+    work_stream(&js, 1).await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    sink.set_mode(Mode::delayed(200, Duration::from_millis(5)));
+    let published = ids("nk", N);
+    publish(&js, &published).await?;
+    let args = ["--concurrency", "32", "--prefetch", "64", "--nats-ack-wait", "3s"];
+    let mut w = start(&nats, &sink, &args, dir.path(), "worker-1").await?;
+    wait_count(&sink, N / 4, Duration::from_secs(60)).await?;
+    w.process.kill();
+    let at_kill = sink.delivered().len();
+    assert!(at_kill < N, "the kill came too late to be mid-stream");
+    let t = Instant::now();
+    let w2 = start(&nats, &sink, &args, dir.path(), "worker-2").await?;
+    let want: HashSet<String> = published.iter().cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(120)).await?;
+    wait_settled(&js, "hooks", Duration::from_secs(30)).await?;
+    let dead = dead_letters(&js, "hooks-dead").await?;
+    let row = fault_table(
+        "nats-kill-9-worker",
+        &published,
+        &sink.delivered(),
+        &dead_ids(&dead),
+        0,
+    );
+    assert_eq!(row.lost, 0);
+    assert!(dead.is_empty());
+    settled_accounting(&w2).await?;
+    eprintln!(
+        "nats kill -9: {at_kill} delivered at the kill, the rest {:?} after the restart",
+        t.elapsed()
+    );
+    Ok(())
+}
+
+/// SIGTERM under load: in-flight deliveries finish and are acked, the rest are nak'd back at once, the
+/// worker exits 0; a second worker delivers the rest without a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_sigterm_drains_and_hands_back() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 400;
+    let nats = NatsServer::start().await?;
+    let js = connect(&nats).await?;
+    work_stream(&js, 1).await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    sink.set_mode(Mode::delayed(200, Duration::from_millis(300)));
+    let published = ids("nt", N);
+    publish(&js, &published).await?;
+    // AckWait 60 s: a message not handed back at shutdown would wait a minute for the second worker.
+    let args = [
+        "--concurrency",
+        "16",
+        "--prefetch",
+        "32",
+        "--nats-ack-wait",
+        "60s",
+        "--shutdown-grace",
+        "10s",
+    ];
+    let w = start(&nats, &sink, &args, dir.path(), "worker-1").await?;
+    wait_count(&sink, 40, Duration::from_secs(30)).await?;
+    let t = Instant::now();
+    w.process.signal(nix::sys::signal::Signal::SIGTERM)?;
+    let exited = wait_for(
+        "worker exit",
+        Duration::from_secs(15),
+        Duration::from_millis(20),
+        || {
+            let done = w.process.exited();
+            async move { Ok(done.then_some(())) }
+        },
+    )
+    .await;
+    exited?;
+    let drain_took = t.elapsed();
+    let log = std::fs::read_to_string(dir.path().join("worker-1.log"))?;
+    ensure!(
+        log.contains("handed the unsettled messages back") || log.contains("in-flight deliveries finished"),
+        "{log}"
+    );
+    sink.set_mode(Mode::ok());
+    let t2 = Instant::now();
+    let w2 = start(&nats, &sink, &args, dir.path(), "worker-2").await?;
+    let want: HashSet<String> = published.iter().cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(30)).await?;
+    let rest = t2.elapsed();
+    wait_settled(&js, "hooks", Duration::from_secs(30)).await?;
+    let row = fault_table(
+        "nats-sigterm-under-load",
+        &published,
+        &sink.delivered(),
+        &HashSet::new(),
+        0,
+    );
+    assert_eq!(row.lost, 0);
+    assert_eq!(
+        row.duplicates, 0,
+        "every in-flight delivery was acked before the exit"
+    );
+    assert!(
+        rest < Duration::from_secs(30),
+        "the rest waited for AckWait: {rest:?}"
+    );
+    settled_accounting(&w2).await?;
+    eprintln!("nats SIGTERM: exited in {drain_took:?}; the second worker delivered the rest in {rest:?}");
+    Ok(())
+}
+
+/// The server stopped and started again mid-stream (same store): the worker reconnects and delivers
+/// everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_server_restart_mid_stream() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 1000;
+    let mut nats = NatsServer::start().await?;
+    let js = connect(&nats).await?;
+    work_stream(&js, 1).await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    sink.set_mode(Mode::delayed(200, Duration::from_millis(5)));
+    let published = ids("nr", N);
+    publish(&js, &published).await?;
+    let args = ["--concurrency", "16", "--nats-ack-wait", "5s"];
+    let w = start(&nats, &sink, &args, dir.path(), "worker").await?;
+    wait_count(&sink, N / 4, Duration::from_secs(60)).await?;
+    nats.stop_node(0);
+    let down = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    w.wait_ready(false, Duration::from_secs(10)).await?;
+    nats.start_node(0).await?;
+    w.wait_ready(true, Duration::from_secs(60)).await?;
+    let back = down.elapsed();
+    let want: HashSet<String> = published.iter().cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(120)).await?;
+    let js = connect(&nats).await?;
+    wait_settled(&js, "hooks", Duration::from_secs(30)).await?;
+    let dead = dead_letters(&js, "hooks-dead").await?;
+    let row = fault_table(
+        "nats-server-restart",
+        &published,
+        &sink.delivered(),
+        &dead_ids(&dead),
+        0,
+    );
+    assert_eq!(row.lost, 0);
+    w.process.check_running()?;
+    settled_accounting(&w).await?;
+    eprintln!("nats server restart: ready again {back:?} after the stop");
+    Ok(())
+}
+
+/// A 3-node JetStream cluster, the stream and the consumer replicated 3 times: kill -9 of the stream's
+/// leader under load; two workers deliver everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_cluster_node_loss() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 2000;
+    let mut nats = NatsServer::start_cluster(3).await?;
+    let js = connect(&nats).await?;
+    work_stream(&js, 3).await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    sink.set_mode(Mode::delayed(200, Duration::from_millis(5)));
+    let published = ids("nc", N);
+    publish(&js, &published).await?;
+    let args = ["--concurrency", "16", "--nats-ack-wait", "5s"];
+    let w1 = start(&nats, &sink, &args, dir.path(), "worker-1").await?;
+    let w2 = start(&nats, &sink, &args, dir.path(), "worker-2").await?;
+    wait_count(&sink, N / 4, Duration::from_secs(60)).await?;
+    let leader = js
+        .get_stream("EVENTS")
+        .await?
+        .info()
+        .await?
+        .cluster
+        .clone()
+        .and_then(|c| c.leader)
+        .context("the stream has a leader")?;
+    let i: usize = leader.trim_start_matches("hookfleet-n").parse::<usize>()? - 1;
+    nats.kill_node(i);
+    let killed = Instant::now();
+    let want: HashSet<String> = published.iter().cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(180)).await?;
+    let all_in = killed.elapsed();
+    let other = (i + 1) % 3;
+    let js = jetstream::new(async_nats::connect(nats.url(other)).await?);
+    wait_settled(&js, "hooks", Duration::from_secs(60)).await?;
+    let dead = dead_letters(&js, "hooks-dead").await?;
+    let row = fault_table(
+        "nats-cluster-leader-kill-9",
+        &published,
+        &sink.delivered(),
+        &dead_ids(&dead),
+        0,
+    );
+    assert_eq!(row.lost, 0);
+    w1.process.check_running()?;
+    w2.process.check_running()?;
+    nats.start_node(i).await?;
+    eprintln!(
+        "nats cluster: killed the stream leader {leader}; every id delivered {all_in:?} after the kill"
+    );
+    Ok(())
+}
+
+/// The sink down (503) for 4 s, then back: everything delivered after retries, nothing dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_sink_outage() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 500;
+    let nats = NatsServer::start().await?;
+    let js = connect(&nats).await?;
+    work_stream(&js, 1).await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    sink.set_mode(Mode::status(503));
+    let published = ids("no", N);
+    publish(&js, &published).await?;
+    let args = [
+        "--max-attempts",
+        "50",
+        "--backoff-initial",
+        "200ms",
+        "--backoff-max",
+        "1s",
+    ];
+    let w = start(&nats, &sink, &args, dir.path(), "worker").await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during = sink.requests();
+    sink.set_mode(Mode::ok());
+    let want: HashSet<String> = published.iter().cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(60)).await?;
+    wait_settled(&js, "hooks", Duration::from_secs(30)).await?;
+    let dead = dead_letters(&js, "hooks-dead").await?;
+    let row = fault_table(
+        "nats-sink-outage-4s",
+        &published,
+        &sink.delivered(),
+        &dead_ids(&dead),
+        0,
+    );
+    assert_eq!(row.lost, 0);
+    assert!(dead.is_empty());
+    let a = settled_accounting(&w).await?;
+    assert!(a.retried > 0.0, "{a:?}");
+    eprintln!("nats sink outage: {during} requests refused during the 4 s outage; accounting {a:?}");
+    Ok(())
+}
+
+/// Under a 256 descriptor limit with a sink that stalls every connection: the worker keeps its
+/// descriptors under the limit, does not crash, and delivers everything once the sink recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_stalling_sink_under_a_low_fd_limit() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 500;
+    let nats = NatsServer::start().await?;
+    let js = connect(&nats).await?;
+    work_stream(&js, 1).await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    sink.set_mode(Mode::Stall);
+    let published = ids("nf", N);
+    publish(&js, &published).await?;
+    let port = free_port()?;
+    let mut args = vec![
+        "--nofile=256:256".to_owned(),
+        "--".into(),
+        worker_bin().display().to_string(),
+    ];
+    let src = source(&nats);
+    let src: Vec<&str> = src.iter().map(String::as_str).collect();
+    args.extend(base_args_source(&src, "hooks", &sink.url(), port, dir.path()));
+    args.extend(
+        [
+            "--concurrency",
+            "96",
+            "--prefetch",
+            "200",
+            "--timeout",
+            "1s",
+            "--backoff-initial",
+            "200ms",
+            "--backoff-max",
+            "1s",
+            "--max-attempts",
+            "100",
+            "--circuit-breaker-threshold",
+            "0",
+        ]
+        .map(String::from),
+    );
+    let process = Process::spawn(
+        "worker",
+        Path::new("/usr/bin/prlimit"),
+        &args,
+        &[],
+        &dir.path().join("worker.log"),
+    )?;
+    let w = Worker {
+        process,
+        metrics_port: port,
+        dir: dir.path().to_owned(),
+    };
+    w.wait_ready(true, Duration::from_secs(30)).await?;
+    let mut peak = 0;
+    let stall_until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < stall_until {
+        peak = peak.max(w.open_fds().context("worker gone")?);
+        w.process.check_running()?;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(peak < 256, "open descriptors reached {peak} of 256");
+    sink.set_mode(Mode::ok());
+    let want: HashSet<String> = published.iter().cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(60)).await?;
+    wait_settled(&js, "hooks", Duration::from_secs(30)).await?;
+    let dead = dead_letters(&js, "hooks-dead").await?;
+    let row = fault_table(
+        "nats-stalling-sink-fd-limit-256",
+        &published,
+        &sink.delivered(),
+        &dead_ids(&dead),
+        0,
+    );
+    assert_eq!(row.lost, 0);
+    assert!(dead.is_empty());
+    w.process.check_running()?;
+    settled_accounting(&w).await?;
+    eprintln!("nats fd pressure: peak open fds {peak} (limit 256)");
+    Ok(())
+}
+
+/// A message the sink never answers (poison): dead-lettered after --max-attempts, with the delivery
+/// count; a worker killed during its last attempt does not make JetStream drop it: the spare delivery
+/// (MaxDeliver = attempts + 1) dead-letters it unattempted (`delivery_limit`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_poison_message_is_dead_lettered_even_when_its_last_attempt_kills_the_worker() -> Result<()> {
+    init();
+    let _serial = SERIAL.lock().await;
+    let nats = NatsServer::start().await?;
+    let js = connect(&nats).await?;
+    work_stream(&js, 1).await?;
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    let published = ids("np", 20);
+    let poison = published[3].clone();
+    sink.set_poison(Some(&poison));
+    publish(&js, &published).await?;
+    // 3 attempts of 2 s each against a sink that never answers it; AckWait 3 s.
+    let args = [
+        "--max-attempts",
+        "3",
+        "--timeout",
+        "2s",
+        "--backoff-initial",
+        "100ms",
+        "--backoff-max",
+        "100ms",
+        "--nats-ack-wait",
+        "3s",
+    ];
+    let mut w = start(&nats, &sink, &args, dir.path(), "worker-1").await?;
+    // Kill the worker during the third (last) attempt.
+    wait_for(
+        "the third attempt",
+        Duration::from_secs(30),
+        Duration::from_millis(20),
+        || {
+            let n = sink.poison_arrivals();
+            async move { Ok((n >= 3).then_some(())) }
+        },
+    )
+    .await?;
+    w.process.kill();
+    let w2 = start(&nats, &sink, &args, dir.path(), "worker-2").await?;
+    let dead = wait_for(
+        "the dead letter",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let js = js.clone();
+            async move {
+                let d = dead_letters(&js, "hooks-dead").await?;
+                Ok((!d.is_empty()).then_some(d))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(dead.len(), 1);
+    let (id, h) = &dead[0];
+    assert_eq!(id, &poison);
+    assert_eq!(
+        h.get(H_LAST_ERROR).map(|v| v.as_str()),
+        Some("delivery_limit"),
+        "{h:?}"
+    );
+    let why = h
+        .get(H_DEAD_REASON)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    assert!(why.contains("redelivered 3 times"), "{why}");
+    assert_eq!(sink.poison_arrivals(), 3, "the spare delivery is not attempted");
+    let want: HashSet<String> = published.iter().filter(|id| **id != poison).cloned().collect();
+    sink.wait_delivered(&want, Duration::from_secs(30)).await?;
+    wait_settled(&js, "hooks", Duration::from_secs(30)).await?;
+    let row = fault_table(
+        "nats-poison-message",
+        &published,
+        &sink.delivered(),
+        &dead_ids(&dead),
+        0,
+    );
+    assert_eq!(row.lost, 0);
+    settled_accounting(&w2).await?;
+    Ok(())
+}
