@@ -36,7 +36,7 @@ images: ## Worker and operator images as OCI archives in target/images (cargo bu
 crds: ## Regenerate crds/integrations.hookfleet.io.yaml and the chart's copy from the Rust types
 	$(CARGO) run -q -p hookfleet-crds --bin crdgen -- --write
 
-.PHONY: test-worker-faults test-broker-cluster bench bench-worker bench-webhooks bench-operator test-node test-e2e
+.PHONY: test-worker-faults test-worker-nats test-broker-cluster bench bench-worker bench-nats bench-webhooks bench-operator test-node test-e2e
 
 test-e2e: ## The e2e suite on the local real node (root): chart install, real worker pods, every scenario's account
 	$(CARGO) test -p hookfleet-e2e --test suite -- --nocapture
@@ -66,6 +66,9 @@ test-nodes: ## 3 real nodes (root): own nofile limits, node 1 → Service → no
 test-worker-faults: ## Worker fault scenarios: kill -9, broker restart, fd limit, SIGTERM, deleted queue, poison message, full queue, memory alarm (real RabbitMQ)
 	$(CARGO) test -p hookfleet-worker --test faults -- --nocapture
 
+test-worker-nats: ## The NATS JetStream source on a real nats-server: ack, nak retries, dead letters with PubAck; kill -9, SIGTERM, server restart, 3-node cluster leader loss, sink outage, fd pressure, poison message
+	$(CARGO) test -p hookfleet-worker --test nats -- --nocapture
+
 test-broker-cluster: ## 3-node RabbitMQ cluster: kill -9 of the work queue's leader node under load (10,000 msgs, two workers, flaky sink), 0 lost, node rejoins
 	$(CARGO) test -p hookfleet-worker --test cluster -- --nocapture
 
@@ -79,6 +82,9 @@ bench-operator: ## Operator at scale: 100 and 1,000 Integrations beside a bare c
 
 bench-worker: ## Only the suite's throughput section: B, H, L and hookfleet end to end (classic/quorum, 200 B/8 KiB, plain/signed+template)
 	HOOKFLEET_BENCH_SECTIONS=throughput $(CARGO) bench -p hookfleet-worker --bench suite
+
+bench-nats: ## Only the suite's nats section and, beside it, RabbitMQ's classic 200 B row: a bare JetStream consumer (B), the bare client (H), L, hookfleet on NATS
+	HOOKFLEET_BENCH_SECTIONS=throughput,nats HOOKFLEET_BENCH_QUEUE_TYPES=classic HOOKFLEET_BENCH_SIZES=200 $(CARGO) bench -p hookfleet-worker --bench suite
 
 bench-webhooks: ## Only the suite's webhooks section: 10,000 Webhooks on one worker (matching cost, drain and fan-out rates, RSS, propagation) beside one destination
 	HOOKFLEET_BENCH_SECTIONS=webhooks $(CARGO) bench -p hookfleet-worker --bench suite

@@ -436,10 +436,12 @@ impl Config {
     /// URI, the signing secrets, credentials, --header-from-env targets) and files.
     pub fn from_args(args: WorkerArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         use contract::{env as var, flag};
+        // The broker first, as it always was: a worker with nothing set names the URI.
+        let amqp_uris = if args.is_nats() { Vec::new() } else { amqp_uris(&args)? };
         let mut checked: Checked = args.check().map_err(|mut e| ConfigError::from(e.remove(0)))?;
-        let (amqp_uris, nats) = match checked.nats.take() {
-            None => (amqp_uris(&args)?, None),
-            Some(n) => (Vec::new(), Some(nats_source(&args, n, env)?)),
+        let nats = match checked.nats.take() {
+            None => None,
+            Some(n) => Some(nats_source(&args, n, env)?),
         };
         let (destination, webhooks) = match checked.webhooks_secret.clone() {
             None => (Some(Destination::build(&args, &mut checked, env, &disk)?), None),
@@ -839,6 +841,62 @@ pub(crate) mod tests {
         let args = Args::try_parse_from(argv)
             .map_err(|e| ConfigError::from_clap(&e).unwrap_or_else(|line| panic!("flags parse: {line}")))?;
         Config::from_args(args, env)
+    }
+
+    /// A NATS source: `extra` after the queue, stream and destination.
+    fn parse_nats(extra: &[&str], env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut argv = vec![
+            "hookfleet-worker",
+            "--queue",
+            "hooks",
+            "--nats-stream",
+            "EVENTS",
+            "--destination-url",
+            "https://erp.example.com/hook",
+        ];
+        argv.extend_from_slice(extra);
+        Config::from_args(Args::try_parse_from(argv).expect("flags parse"), env)
+    }
+
+    #[test]
+    fn a_nats_source_takes_its_urls_and_token_and_never_shows_them() {
+        let token = |k: &str| (k == "HOOKFLEET_NATS_TOKEN").then(|| "s3cret-token".to_owned());
+        let c = parse_nats(&["--nats-url", "nats://u:pw@n1:4222, tls://u:pw@n2:4222"], &token).unwrap();
+        let n = c.nats.as_ref().expect("a NATS source");
+        assert_eq!(n.urls, ["nats://u:pw@n1:4222", "tls://u:pw@n2:4222"]);
+        assert_eq!(n.token.as_deref(), Some("s3cret-token"));
+        assert!(c.amqp_uris.is_empty());
+        assert_eq!(c.dead_letter_queue, "hookfleet.dead.hooks");
+        assert_eq!(
+            c.worker_delivery_limit(),
+            Some(c.max_attempts),
+            "every delivery is an attempt"
+        );
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("pw@") && !shown.contains("s3cret"), "{shown}");
+        let e = parse_nats(&["--nats-url", "http://n1:4222"], &|_| None).unwrap_err();
+        assert!(e.to_string().contains("must start with nats://"), "{e}");
+        let e = parse_nats(&[], &|_| None).unwrap_err();
+        assert!(e.to_string().contains("HOOKFLEET_NATS_URL"), "{e}");
+        let e = parse_nats(
+            &[
+                "--nats-url",
+                "nats://n1",
+                "--nats-creds-file",
+                "/nonexistent/creds",
+            ],
+            &|_| None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("--nats-creds-file"), "{e}");
+        // RabbitMQ keeps its own limit only with an external topology.
+        assert_eq!(parse(&[]).unwrap().worker_delivery_limit(), None);
+        assert_eq!(
+            parse(&["--topology", "external"])
+                .unwrap()
+                .worker_delivery_limit(),
+            Some(20)
+        );
     }
 
     #[test]

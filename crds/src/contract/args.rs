@@ -693,4 +693,128 @@ mod tests {
         let back = WorkerArgs::try_parse_from(std::iter::once("w".to_owned()).chain(argv)).unwrap();
         assert_eq!(back, a);
     }
+
+    #[test]
+    fn a_nats_source_reads_back_and_a_rabbitmq_one_renders_no_nats_flag() {
+        let a = parse(&[
+            "--queue",
+            "hooks",
+            "--nats-url-file",
+            "/nats",
+            "--nats-stream",
+            "EVENTS",
+            "--nats-subject",
+            "orders.>",
+            "--nats-subject",
+            "invoices.*",
+            "--nats-creds-file",
+            "/creds",
+            "--nats-ack-wait",
+            "45s",
+        ])
+        .unwrap();
+        let argv = a.to_argv();
+        let back = WorkerArgs::try_parse_from(std::iter::once("w".to_owned()).chain(argv)).unwrap();
+        assert_eq!(back, a);
+        let amqp = parse(&["--queue", "q", "--amqp-uri-file", "/uri"])
+            .unwrap()
+            .to_argv();
+        assert!(!amqp.iter().any(|f| f.starts_with("--nats")), "{amqp:?}");
+    }
+
+    #[test]
+    fn a_nats_source_is_checked() {
+        let ok = |extra: &[&str]| {
+            let mut argv = vec![
+                "--queue",
+                "hooks",
+                "--nats-url",
+                "nats://h:4222",
+                "--nats-stream",
+                "EVENTS",
+            ];
+            argv.extend_from_slice(extra);
+            argv.extend_from_slice(&["--destination-url", "https://x.example.com/h"]);
+            parse(&argv).unwrap().check()
+        };
+        let c = ok(&["--nats-subject", "orders.>"]).unwrap();
+        let n = c.nats.expect("a NATS source");
+        assert_eq!(
+            (n.stream.as_str(), n.subjects.as_slice()),
+            ("EVENTS", &["orders.>".to_owned()][..])
+        );
+        assert_eq!(c.dead_letter_queue, "hookfleet.dead.hooks");
+        assert_eq!(
+            ok(&["--dead-letter-queue", "dead.hooks"])
+                .unwrap()
+                .dead_letter_queue,
+            "dead.hooks"
+        );
+        let refused = |extra: &[&str]| -> String {
+            let e = ok(extra).unwrap_err();
+            format!("{}: {}", e[0].field, e[0].reason)
+        };
+        for (extra, want) in [
+            (&["--amqp-uri", "amqp://h/"][..], "not both"),
+            (&["--binding", "ex=k"][..], "no bindings"),
+            (
+                &["--nats-subject", "orders.>.x"][..],
+                "'>' only as the whole last one",
+            ),
+            (&["--nats-subject", "orders..x"][..], "empty token"),
+            (&["--dead-letter-queue", "dead.*"][..], "may not hold wildcards"),
+        ] {
+            let got = refused(extra);
+            assert!(got.contains(want), "{extra:?}: {got}");
+        }
+        let e = parse(&[
+            "--queue",
+            "a.b",
+            "--nats-url",
+            "nats://h",
+            "--nats-stream",
+            "S",
+            "--destination-url",
+            "https://x.example.com/h",
+        ])
+        .unwrap()
+        .check()
+        .unwrap_err();
+        assert!(e[0].reason.contains("JetStream's names"), "{e:?}");
+        let e = parse(&[
+            "--queue",
+            "q",
+            "--nats-url",
+            "nats://h",
+            "--destination-url",
+            "https://x.example.com/h",
+        ])
+        .unwrap()
+        .check()
+        .unwrap_err();
+        assert!(
+            e.iter()
+                .any(|i| i.field.contains("nats-stream") && i.reason.contains("missing")),
+            "{e:?}"
+        );
+        let e = parse(&[
+            "--queue",
+            "q",
+            "--nats-url",
+            "nats://h",
+            "--nats-stream",
+            "S",
+            "--webhooks-secret",
+            "w",
+        ])
+        .unwrap()
+        .check()
+        .unwrap_err();
+        assert!(e.iter().any(|i| i.reason.contains("not supported yet")), "{e:?}");
+        let nats = parse(&["--queue", "q", "--nats-url", "nats://h", "--nats-stream", "S"]).unwrap();
+        assert!(
+            nats.declared_queues().is_empty(),
+            "a NATS source declares no RabbitMQ queue"
+        );
+    }
 }

@@ -12,6 +12,8 @@
 //! - `memory`: worker RSS idle and over a soak.
 //! - `fd`: soft and hard limit 256, a sink that stalls every connection for a while.
 //! - `load`: 5× a stated base rate over two workers, with the per-message account.
+//! - `nats`: the NATS JetStream source: a bare JetStream pull consumer that only acks (B), the bare
+//!   client (H), L = 1/(1/B + 1/H), and hookfleet on NATS end to end, beside the RabbitMQ rows.
 //! - `webhooks`: many Webhooks (10,000) on one worker: matching cost per message beside one Webhook's,
 //!   drain rate beside the single-destination worker's, fan-out to 10, RSS, and a change's propagation.
 //!
@@ -20,6 +22,7 @@
 
 mod load;
 mod measure;
+mod nats;
 mod report;
 mod roles;
 mod webhooks;
@@ -104,7 +107,7 @@ impl Cfg {
             quick: q,
             sections: list(
                 "HOOKFLEET_BENCH_SECTIONS",
-                "throughput,latency,memory,fd,load,webhooks",
+                "throughput,latency,memory,fd,load,nats,webhooks",
             )
             .into_iter()
             .collect(),
@@ -209,20 +212,33 @@ struct Opts {
     nofile: Option<u64>,
     /// Many Webhooks instead of the one destination (the `url` is then not passed).
     webhooks: Option<webhooks::Mode>,
+    /// A NATS JetStream source instead of RabbitMQ: (server URLs, stream); the queue names the
+    /// durable consumer.
+    nats: Option<(String, String)>,
 }
 
 impl Worker {
     async fn start(cfg: &Cfg, uri: &str, queue: &str, url: &str, o: &Opts) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
-        let mut args: Vec<String> = vec![
-            "--amqp-uri".into(),
-            uri.into(),
+        let mut args: Vec<String> = match &o.nats {
+            None => vec![
+                "--amqp-uri".into(),
+                uri.into(),
+                "--queue-type".into(),
+                qt_name(o.queue_type.unwrap_or(QueueType::Classic)).into(),
+            ],
+            Some((urls, stream)) => vec![
+                "--nats-url".into(),
+                urls.clone(),
+                "--nats-stream".into(),
+                stream.clone(),
+            ],
+        };
+        args.extend([
             "--queue".into(),
             queue.into(),
             "--allow-private-networks".into(),
-            "--queue-type".into(),
-            qt_name(o.queue_type.unwrap_or(QueueType::Classic)).into(),
             "--concurrency".into(),
             o.concurrency.unwrap_or(cfg.concurrency).to_string(),
             "--prefetch".into(),
@@ -233,7 +249,7 @@ impl Worker {
             dir.path().join("termination-log").display().to_string(),
             "--integration".into(),
             "bench/worker".into(),
-        ];
+        ]);
         let mut envs = vec![("HOOKFLEET_LOG".to_owned(), "warn".to_owned())];
         match &o.webhooks {
             None => args.extend(["--destination-url".into(), url.into()]),
@@ -364,9 +380,15 @@ async fn hookfleet_drain(
         ..o.clone()
     };
     let w = Worker::start(cfg, &rmq.amqp_uri(), &queue, &sink.url(), &o).await?;
-    w.first_delivery(&sink, Duration::from_secs(30)).await?;
+    measure_drain(cfg, &w, &sink, &o).await
+}
+
+/// The drain of `cfg.n` prefilled messages by the started worker `w` into `sink`: the rate from the
+/// first arrival to the last, the worker's CPU-µs per message, its peak RSS, the duplicates.
+async fn measure_drain(cfg: &Cfg, w: &Worker, sink: &Sink, o: &Opts) -> Result<Drain> {
+    w.first_delivery(sink, Duration::from_secs(30)).await?;
     let c0 = w.cpu();
-    wait_requests(&sink, cfg.n, Duration::from_secs(600)).await?;
+    wait_requests(sink, cfg.n, Duration::from_secs(600)).await?;
     let c1 = w.cpu();
     let hits = sink.hits();
     let first = hits.iter().map(|h| h.at).min().context("no hits")?;
@@ -1273,6 +1295,12 @@ async fn run() -> Result<()> {
     }
     if cfg.on("load") {
         sections.push(or_failed("5× load", five_x(&cfg, &rmq).await));
+    }
+    if cfg.on("nats") {
+        sections.push(or_failed(
+            "NATS JetStream source",
+            nats::section(&cfg, &found).await,
+        ));
     }
     if cfg.on("webhooks") {
         match webhooks::sections(&cfg, &rmq).await {

@@ -3,7 +3,9 @@
 //! publisher in the parent:
 //! - `consumer` (B): a bare lapin consumer that only acks, each ack from its own task as the worker
 //!   does, same queue, prefetch and persistence;
-//! - `client` (H): a bare reqwest loop at the worker's concurrency against the same sink.
+//! - `client` (H): a bare reqwest loop at the worker's concurrency against the same sink;
+//! - `nats-consumer` (B of the `nats` section): a bare JetStream pull consumer that only acks, as the
+//!   worker pulls and acks (`nats.rs`).
 //!
 //! A child writes `ready` into `HF_BENCH_READY` once consuming and one line of figures into
 //! `HF_BENCH_RESULT` when done.
@@ -42,7 +44,7 @@ pub struct Figures {
     pub lat_ms: [f64; 3],
 }
 
-fn env(name: &str) -> Result<String> {
+pub fn env(name: &str) -> Result<String> {
     std::env::var(name).with_context(|| format!("{name} unset"))
 }
 
@@ -60,6 +62,7 @@ pub async fn child(role: &str) -> Result<()> {
     let f = match role {
         "consumer" => consumer().await?,
         "client" => client().await?,
+        "nats-consumer" => crate::nats::bare_consumer().await?,
         "sink" => return sink().await,
         other => anyhow::bail!("unknown {ROLE} {other}"),
     };

@@ -175,12 +175,12 @@ fn pulls(
         let stopping = stopping.clone();
         async move {
             loop {
-                if let Some(b) = current.as_mut() {
-                    match b.next().await {
-                        Some(m) => return Some((m.map_err(|e| e.to_string()), (consumer, current))),
-                        None => current = None,
-                    }
+                if let Some(b) = current.as_mut()
+                    && let Some(m) = b.next().await
+                {
+                    return Some((m.map_err(|e| e.to_string()), (consumer, current)));
                 }
+                // The last request is over (or there was none): a new one, unless stopping.
                 if stopping.load(Ordering::Relaxed) {
                     return None;
                 }
