@@ -437,7 +437,11 @@ impl Config {
     pub fn from_args(args: WorkerArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         use contract::{env as var, flag};
         // The broker first, as it always was: a worker with nothing set names the URI.
-        let amqp_uris = if args.is_nats() { Vec::new() } else { amqp_uris(&args)? };
+        let amqp_uris = if args.is_nats() {
+            Vec::new()
+        } else {
+            amqp_uris(&args)?
+        };
         let mut checked: Checked = args.check().map_err(|mut e| ConfigError::from(e.remove(0)))?;
         let nats = match checked.nats.take() {
             None => None,
@@ -542,68 +546,56 @@ impl Config {
 /// The broker URIs, from `--amqp-uri` or the file `--amqp-uri-file` names (exactly one of them).
 fn amqp_uris(args: &WorkerArgs) -> Result<Vec<String>, ConfigError> {
     use contract::{env as var, flag};
-    let (setting, value) = match (&args.amqp_uri, &args.amqp_uri_file) {
-        (Some(_), Some(_)) => {
-            return Err(bad(
-                &format!("--{}/--{}", flag::AMQP_URI, flag::AMQP_URI_FILE),
-                format!(
-                    "set one of {} and {}, not both",
-                    var::AMQP_URI,
-                    var::AMQP_URI_FILE
-                ),
-            ));
-        }
-        (Some(uri), None) => (setting(flag::AMQP_URI, var::AMQP_URI), uri.clone()),
-        (None, Some(path)) => {
-            let setting = setting(flag::AMQP_URI_FILE, var::AMQP_URI_FILE);
-            let value = std::fs::read_to_string(path)
-                .map_err(|e| bad(&setting, format!("{}: {e}", path.display())))?;
-            (setting, value)
-        }
-        (None, None) => {
-            return Err(bad(
-                &setting(flag::AMQP_URI, var::AMQP_URI),
-                format!("missing: set {} or {}", var::AMQP_URI, var::AMQP_URI_FILE),
-            ));
-        }
-    };
+    let (setting, value) = value_or_file(
+        args.amqp_uri.as_ref(),
+        args.amqp_uri_file.as_ref(),
+        (flag::AMQP_URI, var::AMQP_URI),
+        (flag::AMQP_URI_FILE, var::AMQP_URI_FILE),
+    )?;
     parse_amqp_uris(&setting, &value)
 }
 
+/// A value given either inline (`value`, the setting `inline`) or in a file (`file`, the setting
+/// `in_file`), exactly one of them: the setting it came from (for messages) and the value.
+fn value_or_file(
+    value: Option<&String>,
+    file: Option<&PathBuf>,
+    inline: (&str, &str),
+    in_file: (&str, &str),
+) -> Result<(String, String), ConfigError> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(bad(
+            &format!("--{}/--{}", inline.0, in_file.0),
+            format!("set one of {} and {}, not both", inline.1, in_file.1),
+        )),
+        (Some(v), None) => Ok((setting(inline.0, inline.1), v.clone())),
+        (None, Some(path)) => {
+            let from = setting(in_file.0, in_file.1);
+            let value =
+                std::fs::read_to_string(path).map_err(|e| bad(&from, format!("{}: {e}", path.display())))?;
+            Ok((from, value))
+        }
+        (None, None) => Err(bad(
+            &setting(inline.0, inline.1),
+            format!("missing: set {} or {}", inline.1, in_file.1),
+        )),
+    }
+}
+
 /// The NATS source: the server URLs from `--nats-url` or the file `--nats-url-file` names (exactly
-/// one), each `nats://`, `tls://`, `ws://` or `wss://`; the token from the environment; the stream and
-/// filters `checked`.
+/// one), each `nats://` or `tls://`; the token from the environment; the stream and filters `checked`.
 fn nats_source(
     args: &WorkerArgs,
     checked: contract::NatsChecked,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<NatsSource, ConfigError> {
     use contract::{env as var, flag};
-    let (url_setting, value) = match (&args.nats_url, &args.nats_url_file) {
-        (Some(_), Some(_)) => {
-            return Err(bad(
-                &format!("--{}/--{}", flag::NATS_URL, flag::NATS_URL_FILE),
-                format!(
-                    "set one of {} and {}, not both",
-                    var::NATS_URL,
-                    var::NATS_URL_FILE
-                ),
-            ));
-        }
-        (Some(u), None) => (setting(flag::NATS_URL, var::NATS_URL), u.clone()),
-        (None, Some(path)) => {
-            let file = setting(flag::NATS_URL_FILE, var::NATS_URL_FILE);
-            let value =
-                std::fs::read_to_string(path).map_err(|e| bad(&file, format!("{}: {e}", path.display())))?;
-            (file, value)
-        }
-        (None, None) => {
-            return Err(bad(
-                &setting(flag::NATS_URL, var::NATS_URL),
-                format!("missing: set {} or {}", var::NATS_URL, var::NATS_URL_FILE),
-            ));
-        }
-    };
+    let (url_setting, value) = value_or_file(
+        args.nats_url.as_ref(),
+        args.nats_url_file.as_ref(),
+        (flag::NATS_URL, var::NATS_URL),
+        (flag::NATS_URL_FILE, var::NATS_URL_FILE),
+    )?;
     let urls: Vec<String> = hookfleet_crds::broker::split_uris(&value)
         .into_iter()
         .map(str::to_owned)
@@ -618,13 +610,10 @@ fn nats_source(
         } else {
             format!("entry {} of {n}: ", i + 1)
         };
-        if !["nats://", "tls://", "ws://", "wss://"]
-            .iter()
-            .any(|p| u.starts_with(p))
-        {
+        if !["nats://", "tls://"].iter().any(|p| u.starts_with(p)) {
             return Err(bad(
                 &url_setting,
-                format!("{entry}must start with nats://, tls://, ws:// or wss://"),
+                format!("{entry}must start with nats:// or tls://"),
             ));
         }
         if let Err(e) = Url::parse(u) {

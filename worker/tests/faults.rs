@@ -142,8 +142,7 @@ async fn s6_stalling_endpoint_under_a_low_fd_limit() -> Result<()> {
     publish(&rmq, "s6.q", &published).await?;
 
     let port = free_port()?;
-    let mut args = vec!["--nofile=256:256".to_owned(), "--".into(), WORKER.into()];
-    args.extend(base_args(&rmq, "s6.q", &sink.url(), port, dir.path()));
+    let mut args = base_args(&rmq, "s6.q", &sink.url(), port, dir.path());
     args.extend(
         [
             "--concurrency",
@@ -164,19 +163,7 @@ async fn s6_stalling_endpoint_under_a_low_fd_limit() -> Result<()> {
         ]
         .map(String::from),
     );
-    let process = Process::spawn(
-        "worker",
-        Path::new("/usr/bin/prlimit"),
-        &args,
-        &[],
-        &dir.path().join("worker.log"),
-    )?;
-    let w = Worker {
-        process,
-        metrics_port: port,
-        dir: dir.path().to_owned(),
-    };
-    w.wait_ready(true, Duration::from_secs(30)).await?;
+    let w = start_worker_limited(256, args, port, dir.path()).await?;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", w.pid()))?;
     assert!(
         limits

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use hookfleet_crds::contract::exit;
 use hookfleet_crds::contract::headers::{H_ATTEMPTS, H_DEAD_REASON, H_ID, H_LAST_ERROR};
 use hookfleet_testkit::NatsServer;
-use hookfleet_testkit::process::{Process, free_port, wait_for};
+use hookfleet_testkit::process::{free_port, wait_for};
 use hookfleet_testkit::sink::{Mode, Sink};
 
 const SUBJECT: &str = "orders.created";
@@ -115,6 +115,45 @@ async fn wait_settled(js: &jetstream::Context, consumer: &str, timeout: Duration
     .await
 }
 
+/// What every scenario starts from: a server (or a JetStream cluster of `nodes`, the stream replicated
+/// on each), the work stream, a sink answering `mode`, and `n` ids `<prefix>-i` published.
+struct Scene {
+    nats: NatsServer,
+    js: jetstream::Context,
+    dir: tempfile::TempDir,
+    sink: Sink,
+    published: Vec<String>,
+}
+
+async fn scene(nodes: usize, prefix: &str, n: usize, mode: Mode) -> Result<Scene> {
+    let nats = NatsServer::start_cluster(nodes).await?;
+    let js = connect(&nats).await?;
+    work_stream(&js, nodes).await?;
+    let sink = Sink::start().await?;
+    sink.set_mode(mode);
+    let published = ids(prefix, n);
+    publish(&js, &published).await?;
+    Ok(Scene {
+        nats,
+        js,
+        dir: tempfile::tempdir()?,
+        sink,
+        published,
+    })
+}
+
+/// Every id delivered (2xx at the sink), then the consumer settled: the scenario's `fault-table:` row,
+/// with none lost.
+async fn all_delivered(sc: &Scene, scenario: &str, timeout: Duration) -> Result<FaultRow> {
+    let want: HashSet<String> = sc.published.iter().cloned().collect();
+    sc.sink.wait_delivered(&want, timeout).await?;
+    wait_settled(&sc.js, "hooks", Duration::from_secs(60)).await?;
+    let dead = dead_letters(&sc.js, "hooks-dead").await?;
+    let row = fault_table(scenario, &sc.published, &sc.sink.delivered(), &dead_ids(&dead), 0);
+    assert_eq!(row.lost, 0);
+    Ok(row)
+}
+
 fn source(nats: &NatsServer) -> Vec<String> {
     [
         "--nats-url".to_owned(),
@@ -146,21 +185,21 @@ async fn wait_count(sink: &Sink, n: usize, timeout: Duration) -> Result<()> {
 async fn delivers_retries_by_nak_and_dead_letters_with_a_pub_ack() -> Result<()> {
     init();
     let _serial = SERIAL.lock().await;
-    let nats = NatsServer::start().await?;
-    let js = connect(&nats).await?;
-    work_stream(&js, 1).await?;
-    let dir = tempfile::tempdir()?;
-    let sink = Sink::start().await?;
     // Every other request fails: about half the messages are retried at least once.
-    sink.set_mode(Mode::Flaky {
+    let flaky = Mode::Flaky {
         status: 503,
         failures: 1,
         delay: Duration::ZERO,
-    });
-    let published = ids("n1", 200);
+    };
+    let Scene {
+        nats,
+        js,
+        dir,
+        sink,
+        published,
+    } = scene(1, "n1", 200, flaky).await?;
     let poison = published[7].clone();
     sink.set_poison(Some(&poison));
-    publish(&js, &published).await?;
     // 20 attempts: an id the alternating sink fails 20 times in a row is a one-in-a-million event; the
     // poison message, never answered, times out on each.
     let args = [
@@ -286,35 +325,16 @@ async fn fault_kill_9_mid_stream_loses_nothing() -> Result<()> {
     init();
     let _serial = SERIAL.lock().await;
     const N: usize = 2000;
-    let nats = NatsServer::start().await?;
-    let js = connect(&nats).await?;
-    work_stream(&js, 1).await?;
-    let dir = tempfile::tempdir()?;
-    let sink = Sink::start().await?;
-    sink.set_mode(Mode::delayed(200, Duration::from_millis(5)));
-    let published = ids("nk", N);
-    publish(&js, &published).await?;
+    let sc = scene(1, "nk", N, Mode::delayed(200, Duration::from_millis(5))).await?;
     let args = ["--concurrency", "32", "--prefetch", "64", "--nats-ack-wait", "3s"];
-    let mut w = start(&nats, &sink, &args, dir.path(), "worker-1").await?;
-    wait_count(&sink, N / 4, Duration::from_secs(60)).await?;
+    let mut w = start(&sc.nats, &sc.sink, &args, sc.dir.path(), "worker-1").await?;
+    wait_count(&sc.sink, N / 4, Duration::from_secs(60)).await?;
     w.process.kill();
-    let at_kill = sink.delivered().len();
+    let at_kill = sc.sink.delivered().len();
     assert!(at_kill < N, "the kill came too late to be mid-stream");
     let t = Instant::now();
-    let w2 = start(&nats, &sink, &args, dir.path(), "worker-2").await?;
-    let want: HashSet<String> = published.iter().cloned().collect();
-    sink.wait_delivered(&want, Duration::from_secs(120)).await?;
-    wait_settled(&js, "hooks", Duration::from_secs(30)).await?;
-    let dead = dead_letters(&js, "hooks-dead").await?;
-    let row = fault_table(
-        "nats-kill-9-worker",
-        &published,
-        &sink.delivered(),
-        &dead_ids(&dead),
-        0,
-    );
-    assert_eq!(row.lost, 0);
-    assert!(dead.is_empty());
+    let w2 = start(&sc.nats, &sc.sink, &args, sc.dir.path(), "worker-2").await?;
+    all_delivered(&sc, "nats-kill-9-worker", Duration::from_secs(120)).await?;
     settled_accounting(&w2).await?;
     eprintln!(
         "nats kill -9: {at_kill} delivered at the kill, the rest {:?} after the restart",
@@ -329,15 +349,7 @@ async fn fault_kill_9_mid_stream_loses_nothing() -> Result<()> {
 async fn fault_sigterm_drains_and_hands_back() -> Result<()> {
     init();
     let _serial = SERIAL.lock().await;
-    const N: usize = 400;
-    let nats = NatsServer::start().await?;
-    let js = connect(&nats).await?;
-    work_stream(&js, 1).await?;
-    let dir = tempfile::tempdir()?;
-    let sink = Sink::start().await?;
-    sink.set_mode(Mode::delayed(200, Duration::from_millis(300)));
-    let published = ids("nt", N);
-    publish(&js, &published).await?;
+    let sc = scene(1, "nt", 400, Mode::delayed(200, Duration::from_millis(300))).await?;
     // AckWait 60 s: a message not handed back at shutdown would wait a minute for the second worker.
     let args = [
         "--concurrency",
@@ -349,11 +361,11 @@ async fn fault_sigterm_drains_and_hands_back() -> Result<()> {
         "--shutdown-grace",
         "10s",
     ];
-    let w = start(&nats, &sink, &args, dir.path(), "worker-1").await?;
-    wait_count(&sink, 40, Duration::from_secs(30)).await?;
+    let w = start(&sc.nats, &sc.sink, &args, sc.dir.path(), "worker-1").await?;
+    wait_count(&sc.sink, 40, Duration::from_secs(30)).await?;
     let t = Instant::now();
     w.process.signal(nix::sys::signal::Signal::SIGTERM)?;
-    let exited = wait_for(
+    wait_for(
         "worker exit",
         Duration::from_secs(15),
         Duration::from_millis(20),
@@ -362,29 +374,18 @@ async fn fault_sigterm_drains_and_hands_back() -> Result<()> {
             async move { Ok(done.then_some(())) }
         },
     )
-    .await;
-    exited?;
+    .await?;
     let drain_took = t.elapsed();
-    let log = std::fs::read_to_string(dir.path().join("worker-1.log"))?;
+    let log = std::fs::read_to_string(sc.dir.path().join("worker-1.log"))?;
     ensure!(
-        log.contains("handed the unsettled messages back") || log.contains("in-flight deliveries finished"),
+        log.contains("handed the unsettled messages back to JetStream"),
         "{log}"
     );
-    sink.set_mode(Mode::ok());
+    sc.sink.set_mode(Mode::ok());
     let t2 = Instant::now();
-    let w2 = start(&nats, &sink, &args, dir.path(), "worker-2").await?;
-    let want: HashSet<String> = published.iter().cloned().collect();
-    sink.wait_delivered(&want, Duration::from_secs(30)).await?;
+    let w2 = start(&sc.nats, &sc.sink, &args, sc.dir.path(), "worker-2").await?;
+    let row = all_delivered(&sc, "nats-sigterm-under-load", Duration::from_secs(30)).await?;
     let rest = t2.elapsed();
-    wait_settled(&js, "hooks", Duration::from_secs(30)).await?;
-    let row = fault_table(
-        "nats-sigterm-under-load",
-        &published,
-        &sink.delivered(),
-        &HashSet::new(),
-        0,
-    );
-    assert_eq!(row.lost, 0);
     assert_eq!(
         row.duplicates, 0,
         "every in-flight delivery was acked before the exit"
@@ -398,44 +399,26 @@ async fn fault_sigterm_drains_and_hands_back() -> Result<()> {
     Ok(())
 }
 
-/// The server stopped and started again mid-stream (same store): the worker reconnects and delivers
-/// everything.
+/// The server stopped and started again mid-stream (same store): the worker turns not ready,
+/// reconnects and delivers everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_server_restart_mid_stream() -> Result<()> {
     init();
     let _serial = SERIAL.lock().await;
     const N: usize = 1000;
-    let mut nats = NatsServer::start().await?;
-    let js = connect(&nats).await?;
-    work_stream(&js, 1).await?;
-    let dir = tempfile::tempdir()?;
-    let sink = Sink::start().await?;
-    sink.set_mode(Mode::delayed(200, Duration::from_millis(5)));
-    let published = ids("nr", N);
-    publish(&js, &published).await?;
+    let mut sc = scene(1, "nr", N, Mode::delayed(200, Duration::from_millis(5))).await?;
     let args = ["--concurrency", "16", "--nats-ack-wait", "5s"];
-    let w = start(&nats, &sink, &args, dir.path(), "worker").await?;
-    wait_count(&sink, N / 4, Duration::from_secs(60)).await?;
-    nats.stop_node(0);
+    let w = start(&sc.nats, &sc.sink, &args, sc.dir.path(), "worker").await?;
+    wait_count(&sc.sink, N / 4, Duration::from_secs(60)).await?;
+    sc.nats.stop_node(0);
     let down = Instant::now();
-    tokio::time::sleep(Duration::from_secs(2)).await;
     w.wait_ready(false, Duration::from_secs(10)).await?;
-    nats.start_node(0).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sc.nats.start_node(0).await?;
     w.wait_ready(true, Duration::from_secs(60)).await?;
     let back = down.elapsed();
-    let want: HashSet<String> = published.iter().cloned().collect();
-    sink.wait_delivered(&want, Duration::from_secs(120)).await?;
-    let js = connect(&nats).await?;
-    wait_settled(&js, "hooks", Duration::from_secs(30)).await?;
-    let dead = dead_letters(&js, "hooks-dead").await?;
-    let row = fault_table(
-        "nats-server-restart",
-        &published,
-        &sink.delivered(),
-        &dead_ids(&dead),
-        0,
-    );
-    assert_eq!(row.lost, 0);
+    sc.js = connect(&sc.nats).await?;
+    all_delivered(&sc, "nats-server-restart", Duration::from_secs(120)).await?;
     w.process.check_running()?;
     settled_accounting(&w).await?;
     eprintln!("nats server restart: ready again {back:?} after the stop");
@@ -449,19 +432,13 @@ async fn fault_cluster_node_loss() -> Result<()> {
     init();
     let _serial = SERIAL.lock().await;
     const N: usize = 2000;
-    let mut nats = NatsServer::start_cluster(3).await?;
-    let js = connect(&nats).await?;
-    work_stream(&js, 3).await?;
-    let dir = tempfile::tempdir()?;
-    let sink = Sink::start().await?;
-    sink.set_mode(Mode::delayed(200, Duration::from_millis(5)));
-    let published = ids("nc", N);
-    publish(&js, &published).await?;
+    let mut sc = scene(3, "nc", N, Mode::delayed(200, Duration::from_millis(5))).await?;
     let args = ["--concurrency", "16", "--nats-ack-wait", "5s"];
-    let w1 = start(&nats, &sink, &args, dir.path(), "worker-1").await?;
-    let w2 = start(&nats, &sink, &args, dir.path(), "worker-2").await?;
-    wait_count(&sink, N / 4, Duration::from_secs(60)).await?;
-    let leader = js
+    let w1 = start(&sc.nats, &sc.sink, &args, sc.dir.path(), "worker-1").await?;
+    let w2 = start(&sc.nats, &sc.sink, &args, sc.dir.path(), "worker-2").await?;
+    wait_count(&sc.sink, N / 4, Duration::from_secs(60)).await?;
+    let leader = sc
+        .js
         .get_stream("EVENTS")
         .await?
         .info()
@@ -471,28 +448,17 @@ async fn fault_cluster_node_loss() -> Result<()> {
         .and_then(|c| c.leader)
         .context("the stream has a leader")?;
     let i: usize = leader.trim_start_matches("hookfleet-n").parse::<usize>()? - 1;
-    nats.kill_node(i);
+    sc.nats.kill_node(i);
     let killed = Instant::now();
-    let want: HashSet<String> = published.iter().cloned().collect();
-    sink.wait_delivered(&want, Duration::from_secs(180)).await?;
+    // The test's own client moves to a node that is up.
+    sc.js = jetstream::new(async_nats::connect(sc.nats.url((i + 1) % 3)).await?);
+    all_delivered(&sc, "nats-cluster-leader-kill-9", Duration::from_secs(180)).await?;
     let all_in = killed.elapsed();
-    let other = (i + 1) % 3;
-    let js = jetstream::new(async_nats::connect(nats.url(other)).await?);
-    wait_settled(&js, "hooks", Duration::from_secs(60)).await?;
-    let dead = dead_letters(&js, "hooks-dead").await?;
-    let row = fault_table(
-        "nats-cluster-leader-kill-9",
-        &published,
-        &sink.delivered(),
-        &dead_ids(&dead),
-        0,
-    );
-    assert_eq!(row.lost, 0);
     w1.process.check_running()?;
     w2.process.check_running()?;
-    nats.start_node(i).await?;
+    sc.nats.start_node(i).await?;
     eprintln!(
-        "nats cluster: killed the stream leader {leader}; every id delivered {all_in:?} after the kill"
+        "nats cluster: killed the stream leader {leader}; every id delivered and settled {all_in:?} after the kill"
     );
     Ok(())
 }
@@ -502,15 +468,7 @@ async fn fault_cluster_node_loss() -> Result<()> {
 async fn fault_sink_outage() -> Result<()> {
     init();
     let _serial = SERIAL.lock().await;
-    const N: usize = 500;
-    let nats = NatsServer::start().await?;
-    let js = connect(&nats).await?;
-    work_stream(&js, 1).await?;
-    let dir = tempfile::tempdir()?;
-    let sink = Sink::start().await?;
-    sink.set_mode(Mode::status(503));
-    let published = ids("no", N);
-    publish(&js, &published).await?;
+    let sc = scene(1, "no", 500, Mode::status(503)).await?;
     let args = [
         "--max-attempts",
         "50",
@@ -519,23 +477,12 @@ async fn fault_sink_outage() -> Result<()> {
         "--backoff-max",
         "1s",
     ];
-    let w = start(&nats, &sink, &args, dir.path(), "worker").await?;
+    let w = start(&sc.nats, &sc.sink, &args, sc.dir.path(), "worker").await?;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let during = sink.requests();
-    sink.set_mode(Mode::ok());
-    let want: HashSet<String> = published.iter().cloned().collect();
-    sink.wait_delivered(&want, Duration::from_secs(60)).await?;
-    wait_settled(&js, "hooks", Duration::from_secs(30)).await?;
-    let dead = dead_letters(&js, "hooks-dead").await?;
-    let row = fault_table(
-        "nats-sink-outage-4s",
-        &published,
-        &sink.delivered(),
-        &dead_ids(&dead),
-        0,
-    );
-    assert_eq!(row.lost, 0);
-    assert!(dead.is_empty());
+    let during = sc.sink.requests();
+    sc.sink.set_mode(Mode::ok());
+    let row = all_delivered(&sc, "nats-sink-outage-4s", Duration::from_secs(60)).await?;
+    assert_eq!(row.dead_lettered, 0);
     let a = settled_accounting(&w).await?;
     assert!(a.retried > 0.0, "{a:?}");
     eprintln!("nats sink outage: {during} requests refused during the 4 s outage; accounting {a:?}");
@@ -548,24 +495,11 @@ async fn fault_sink_outage() -> Result<()> {
 async fn fault_stalling_sink_under_a_low_fd_limit() -> Result<()> {
     init();
     let _serial = SERIAL.lock().await;
-    const N: usize = 500;
-    let nats = NatsServer::start().await?;
-    let js = connect(&nats).await?;
-    work_stream(&js, 1).await?;
-    let dir = tempfile::tempdir()?;
-    let sink = Sink::start().await?;
-    sink.set_mode(Mode::Stall);
-    let published = ids("nf", N);
-    publish(&js, &published).await?;
+    let sc = scene(1, "nf", 500, Mode::Stall).await?;
     let port = free_port()?;
-    let mut args = vec![
-        "--nofile=256:256".to_owned(),
-        "--".into(),
-        worker_bin().display().to_string(),
-    ];
-    let src = source(&nats);
+    let src = source(&sc.nats);
     let src: Vec<&str> = src.iter().map(String::as_str).collect();
-    args.extend(base_args_source(&src, "hooks", &sink.url(), port, dir.path()));
+    let mut args = base_args_source(&src, "hooks", &sc.sink.url(), port, sc.dir.path());
     args.extend(
         [
             "--concurrency",
@@ -585,19 +519,7 @@ async fn fault_stalling_sink_under_a_low_fd_limit() -> Result<()> {
         ]
         .map(String::from),
     );
-    let process = Process::spawn(
-        "worker",
-        Path::new("/usr/bin/prlimit"),
-        &args,
-        &[],
-        &dir.path().join("worker.log"),
-    )?;
-    let w = Worker {
-        process,
-        metrics_port: port,
-        dir: dir.path().to_owned(),
-    };
-    w.wait_ready(true, Duration::from_secs(30)).await?;
+    let w = start_worker_limited(256, args, port, sc.dir.path()).await?;
     let mut peak = 0;
     let stall_until = Instant::now() + Duration::from_secs(6);
     while Instant::now() < stall_until {
@@ -606,20 +528,9 @@ async fn fault_stalling_sink_under_a_low_fd_limit() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(peak < 256, "open descriptors reached {peak} of 256");
-    sink.set_mode(Mode::ok());
-    let want: HashSet<String> = published.iter().cloned().collect();
-    sink.wait_delivered(&want, Duration::from_secs(60)).await?;
-    wait_settled(&js, "hooks", Duration::from_secs(30)).await?;
-    let dead = dead_letters(&js, "hooks-dead").await?;
-    let row = fault_table(
-        "nats-stalling-sink-fd-limit-256",
-        &published,
-        &sink.delivered(),
-        &dead_ids(&dead),
-        0,
-    );
-    assert_eq!(row.lost, 0);
-    assert!(dead.is_empty());
+    sc.sink.set_mode(Mode::ok());
+    let row = all_delivered(&sc, "nats-stalling-sink-fd-limit-256", Duration::from_secs(60)).await?;
+    assert_eq!(row.dead_lettered, 0);
     w.process.check_running()?;
     settled_accounting(&w).await?;
     eprintln!("nats fd pressure: peak open fds {peak} (limit 256)");
@@ -633,15 +544,15 @@ async fn fault_stalling_sink_under_a_low_fd_limit() -> Result<()> {
 async fn fault_poison_message_is_dead_lettered_even_when_its_last_attempt_kills_the_worker() -> Result<()> {
     init();
     let _serial = SERIAL.lock().await;
-    let nats = NatsServer::start().await?;
-    let js = connect(&nats).await?;
-    work_stream(&js, 1).await?;
-    let dir = tempfile::tempdir()?;
-    let sink = Sink::start().await?;
-    let published = ids("np", 20);
+    let Scene {
+        nats,
+        js,
+        dir,
+        sink,
+        published,
+    } = scene(1, "np", 20, Mode::ok()).await?;
     let poison = published[3].clone();
     sink.set_poison(Some(&poison));
-    publish(&js, &published).await?;
     // 3 attempts of 2 s each against a sink that never answers it; AckWait 3 s.
     let args = [
         "--max-attempts",

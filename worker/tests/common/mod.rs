@@ -315,6 +315,36 @@ pub async fn start_worker_source(
     Ok(w)
 }
 
+/// Starts the worker with `args` under `prlimit --nofile=<nofile>:<nofile>` (soft and hard limit), its
+/// metrics on `metrics_port` (which `args` name), and waits until it is ready.
+pub async fn start_worker_limited(
+    nofile: u64,
+    args: Vec<String>,
+    metrics_port: u16,
+    dir: &Path,
+) -> Result<Worker> {
+    let mut argv = vec![
+        format!("--nofile={nofile}:{nofile}"),
+        "--".into(),
+        worker_bin().display().to_string(),
+    ];
+    argv.extend(args);
+    let process = Process::spawn(
+        "worker",
+        Path::new("/usr/bin/prlimit"),
+        &argv,
+        &[],
+        &dir.join("worker.log"),
+    )?;
+    let w = Worker {
+        process,
+        metrics_port,
+        dir: dir.to_owned(),
+    };
+    w.wait_ready(true, Duration::from_secs(30)).await?;
+    Ok(w)
+}
+
 /// How to start a worker with Webhooks ([`spawn_webhooks_worker`]).
 pub struct WebhooksWorker<'a> {
     /// Where the worker reads its snapshot Secret (the API server's).
