@@ -143,26 +143,7 @@ async fn s6_stalling_endpoint_under_a_low_fd_limit() -> Result<()> {
 
     let port = free_port()?;
     let mut args = base_args(&rmq, "s6.q", &sink.url(), port, dir.path());
-    args.extend(
-        [
-            "--concurrency",
-            "96",
-            "--prefetch",
-            "200",
-            "--timeout",
-            "1s",
-            "--backoff-initial",
-            "200ms",
-            "--backoff-max",
-            "1s",
-            "--max-attempts",
-            "100",
-            // Every attempt should really hit the stalling sink: that is the descriptor stress.
-            "--circuit-breaker-threshold",
-            "0",
-        ]
-        .map(String::from),
-    );
+    args.extend(STALLING_SINK_FLAGS.map(String::from));
     let w = start_worker_limited(256, args, port, dir.path()).await?;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", w.pid()))?;
     assert!(

@@ -500,25 +500,7 @@ async fn fault_stalling_sink_under_a_low_fd_limit() -> Result<()> {
     let src = source(&sc.nats);
     let src: Vec<&str> = src.iter().map(String::as_str).collect();
     let mut args = base_args_source(&src, "hooks", &sc.sink.url(), port, sc.dir.path());
-    args.extend(
-        [
-            "--concurrency",
-            "96",
-            "--prefetch",
-            "200",
-            "--timeout",
-            "1s",
-            "--backoff-initial",
-            "200ms",
-            "--backoff-max",
-            "1s",
-            "--max-attempts",
-            "100",
-            "--circuit-breaker-threshold",
-            "0",
-        ]
-        .map(String::from),
-    );
+    args.extend(STALLING_SINK_FLAGS.map(String::from));
     let w = start_worker_limited(256, args, port, sc.dir.path()).await?;
     let mut peak = 0;
     let stall_until = Instant::now() + Duration::from_secs(6);

@@ -315,6 +315,26 @@ pub async fn start_worker_source(
     Ok(w)
 }
 
+/// The flags of the stalling-sink descriptor scenario (RabbitMQ's and NATS's): concurrency 96, a prefetch
+/// beyond it, attempts of 1 s retried every 200 ms–1 s, and no circuit breaker, so that every attempt
+/// really hits the stalling sink: that is the descriptor stress.
+pub const STALLING_SINK_FLAGS: [&str; 14] = [
+    "--concurrency",
+    "96",
+    "--prefetch",
+    "200",
+    "--timeout",
+    "1s",
+    "--backoff-initial",
+    "200ms",
+    "--backoff-max",
+    "1s",
+    "--max-attempts",
+    "100",
+    "--circuit-breaker-threshold",
+    "0",
+];
+
 /// Starts the worker with `args` under `prlimit --nofile=<nofile>:<nofile>` (soft and hard limit), its
 /// metrics on `metrics_port` (which `args` name), and waits until it is ready.
 pub async fn start_worker_limited(
