@@ -653,8 +653,8 @@ async fn delivery(m: jetstream::Message, settle: &JetStreamSettle) -> Result<Del
     let stream = info.stream.to_owned();
     let seq = info.stream_sequence;
     let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
-    let (msg, _) = (m.message, ());
-    let reply = msg.reply.clone().ok_or("a message without a reply subject")?;
+    let mut msg = m.message;
+    let reply = msg.reply.take().ok_or("a message without a reply subject")?;
     let mut headers = FieldTable::default();
     let mut message_id = None;
     let mut content_type = None;
