@@ -32,8 +32,8 @@ use crate::limits;
     derive = "PartialEq",
     shortname = "intg",
     category = "hookfleet",
-    doc = "An Integration delivers the messages of one RabbitMQ queue to one HTTP webhook destination, or \
-           to the Webhooks that name it, acknowledging each message only after its delivery succeeded.",
+    doc = "An Integration delivers the messages of one RabbitMQ queue (or NATS JetStream stream) to one HTTP \
+           webhook destination, or to the Webhooks that name it, acknowledging each message only after its delivery succeeded.",
     scale(
         spec_replicas_path = ".spec.workers.replicas",
         status_replicas_path = ".status.replicas",
@@ -80,11 +80,31 @@ use crate::limits;
 ).message("source.deletionPolicy Delete needs source.topology managed: the queues of an external topology \
            are their owner's to delete")
     .field_path(".source.deletionPolicy"))]
+// A NATS source: what only RabbitMQ has is refused by the schema, so `kubectl apply` says it at once.
+#[x_kube(validation = kube::core::Rule::new(
+    "!(has(self.source) && has(self.source.nats) && has(self.source.bindings) && size(self.source.bindings) > 0)"
+).message("source.bindings are RabbitMQ's: a NATS stream's subjects say what it holds (source.nats.subjects \
+           filter them)")
+    .field_path(".source.bindings"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!(has(self.source) && has(self.source.nats) && has(self.source.deletionPolicy) \
+     && self.source.deletionPolicy == 'Delete')"
+).message("source.deletionPolicy Delete deletes RabbitMQ queues: with source.nats the stream and its consumer \
+           are kept")
+    .field_path(".source.deletionPolicy"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!(has(self.source) && has(self.source.nats)) || !(self.source.queue.contains('.') \
+     || self.source.queue.contains('*') || self.source.queue.contains('>') || self.source.queue.contains(' '))"
+).message("with source.nats, source.queue names the durable consumer: no '.', '*', '>' or whitespace")
+    .field_path(".source.queue"))]
+#[x_kube(validation = kube::core::Rule::new("!(has(self.source) && has(self.source.nats) && has(self.webhooks))")
+    .message("webhooks with source.nats are not supported yet: use destination")
+    .field_path(".webhooks"))]
 #[x_kube(validation = kube::core::Rule::new("has(self.destination) != has(self.webhooks)")
     .message("set exactly one of destination (one endpoint for every message) and webhooks (the fleet \
               delivers the Webhooks that name this Integration)"))]
 pub struct IntegrationSpec {
-    /// The RabbitMQ queue to consume.
+    /// The RabbitMQ queue to consume, or a NATS JetStream stream (`source.nats`).
     pub source: SourceSpec,
     /// The HTTP endpoint each message is delivered to. Exactly one of `destination` and `webhooks`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -220,6 +240,49 @@ pub struct SourceSpec {
     /// Only with `topology: managed`: the queues of an external topology are their owner's.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// Read a NATS JetStream stream instead of a RabbitMQ queue. With it, `connectionSecretRef` holds
+    /// the NATS server URLs (`nats://` or `tls://`, `user:password@` in them if any; several separated by
+    /// commas or whitespace), `queue` names the durable pull consumer the fleet shares (created by the
+    /// workers with `topology: managed`), `delivery.deadLetter.queue` the dead-letter subject (default
+    /// `hookfleet.dead.<queue>`), and `delivery.maxAttempts` + 1 is the consumer's `MaxDeliver`;
+    /// `bindings`, `queueType` and `deliveryLimit` are RabbitMQ's and do not apply. docs/worker.md,
+    /// "A NATS JetStream source".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats: Option<NatsSourceSpec>,
+}
+
+/// A NATS JetStream source (`spec.source.nats`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!(has(self.credentialsSecretRef) && has(self.tokenSecretRef))")
+    .message("set at most one of credentialsSecretRef and tokenSecretRef (a user and password go in the URLs)"))]
+pub struct NatsSourceSpec {
+    /// The JetStream stream to read; it must exist (the workers do not create it).
+    #[schemars(length(min = 1, max = 255))]
+    pub stream: String,
+    /// Subject filters of the durable consumer (`orders.>`, `orders.*.created`); none: the whole stream.
+    /// The subject is the event name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub subjects: Vec<String>,
+    /// How long JetStream waits for a worker's ack before it redelivers a message (the consumer's
+    /// `AckWait`, Go duration, 1s to 12h). Workers send an in-progress ack every third of it while a
+    /// delivery runs, so a long send is not redelivered; a worker that died is redelivered after it.
+    #[serde(default = "default_nats_ack_wait")]
+    #[x_kube(validation = kube::core::Rule::new(limits::NATS_ACK_WAIT.cel()).message(limits::NATS_ACK_WAIT.message().as_str()))]
+    #[schemars(regex(pattern = crate::duration::PATTERN))]
+    pub ack_wait: Duration,
+    /// Secret key holding a NATS credentials file (a user JWT and its NKey seed), mounted into the worker
+    /// pods as a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretKeyRef>,
+    /// Secret key holding a NATS token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
+}
+
+pub fn default_nats_ack_wait() -> Duration {
+    std::time::Duration::from_secs(30).into()
 }
 
 impl SourceSpec {
@@ -227,7 +290,9 @@ impl SourceSpec {
     /// (the API server refuses `Delete` with `external`; a stored object from before that rule still keeps
     /// its queues).
     pub fn queues_deleted(&self) -> bool {
-        self.deletion_policy == DeletionPolicy::Delete && self.topology == Topology::Managed
+        self.deletion_policy == DeletionPolicy::Delete
+            && self.topology == Topology::Managed
+            && self.nats.is_none()
     }
 
     /// The policy carried out: `Retain` for an external topology, whatever the spec says.

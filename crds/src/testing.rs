@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::EnvVar;
 
 use crate::Integration;
 use crate::contract::WorkerArgs;
-use crate::integration::SecretKeyRef;
+use crate::integration::{SecretKeyRef, SourceSpec};
 
 /// Every Integration of `crds/examples/` and of the operator's fixtures (`operator/tests/fixtures/`),
 /// with what the API server would fill in (namespace, uid).
@@ -60,11 +60,14 @@ pub fn integration_name(intg: &Integration) -> String {
     format!("{ns}/{}", intg.metadata.name.as_deref().unwrap_or_default())
 }
 
-/// What the kubelet would put in a variable filled from `r`: distinct per reference; a broker URI for
-/// the connection Secret.
-pub fn secret_value(r: &SecretKeyRef, connection: &SecretKeyRef) -> String {
-    if r == connection {
-        format!("amqp://user:pw@rabbitmq-{}.example:5672/%2f", r.key)
+/// What the kubelet would put in a variable filled from `r`: distinct per reference; for the connection
+/// Secret of `source`, a broker URI (or with `source.nats`, a NATS server URL).
+pub fn secret_value(r: &SecretKeyRef, source: &SourceSpec) -> String {
+    if *r == source.connection_secret_ref {
+        match source.nats {
+            Some(_) => format!("nats://user:pw@nats-{}.example:4222", r.key),
+            None => format!("amqp://user:pw@rabbitmq-{}.example:5672/%2f", r.key),
+        }
     } else {
         format!("value-of-{}-{}", r.name, r.key)
     }
@@ -83,7 +86,7 @@ pub struct Started {
 /// What the kubelet does with a container's `args` and `env`: each variable gets its value (a literal,
 /// or [`secret_value`] of its `secretKeyRef`). Panics on what a worker container must not hold: a
 /// variable that is also a flag, a variable twice, a source other than a Secret key.
-pub fn kubelet(args: &[String], env: &[EnvVar], connection: &SecretKeyRef) -> Started {
+pub fn kubelet(args: &[String], env: &[EnvVar], source: &SourceSpec) -> Started {
     let cmd = WorkerArgs::command();
     let mut argv = vec!["hookfleet-worker".to_string()];
     argv.extend(args.iter().cloned());
@@ -100,7 +103,7 @@ pub fn kubelet(args: &[String], env: &[EnvVar], connection: &SecretKeyRef) -> St
                     name: s.name.clone(),
                     key: s.key.clone(),
                 };
-                secret_value(&r, connection)
+                secret_value(&r, source)
             }
             other => panic!("{}: value and valueFrom {other:?}", e.name),
         };

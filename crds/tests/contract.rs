@@ -15,7 +15,7 @@ use std::time::Duration;
 use clap::Parser;
 use hookfleet_crds::Integration;
 use hookfleet_crds::contract::{self, FromSecret, Pod, WorkerArgs, WorkerSetup, env, queues};
-use hookfleet_crds::integration::SecretKeyRef;
+use hookfleet_crds::integration::{SecretKeyRef, SourceSpec};
 use hookfleet_crds::testing::{self, Started};
 
 /// Spec fields (JSON paths, `[]` for any index, `{}` for any map key) the worker receives, each checked
@@ -30,6 +30,13 @@ const TO_WORKER: &[&str] = &[
     "source.queueType",
     "source.topology",
     "source.deliveryLimit",
+    "source.nats.stream",
+    "source.nats.subjects[]",
+    "source.nats.ackWait",
+    "source.nats.credentialsSecretRef.name",
+    "source.nats.credentialsSecretRef.key",
+    "source.nats.tokenSecretRef.name",
+    "source.nats.tokenSecretRef.key",
     "destination.url",
     "destination.method",
     "destination.headers.{}",
@@ -101,6 +108,7 @@ fn pod(intg: &Integration) -> Pod {
         tls_ca_file: "/etc/tls/ca/ca.crt".into(),
         tls_client_cert_file: "/etc/tls/client/tls.crt".into(),
         tls_client_key_file: "/etc/tls/client/tls.key".into(),
+        nats_creds_file: "/etc/nats/user.creds".into(),
     }
 }
 
@@ -116,7 +124,7 @@ fn round_trip(intg: &Integration) -> RoundTrip {
     let pod = pod(intg);
     let setup = WorkerSetup::from_spec(&intg.spec, &pod);
     let (args, env) = setup.render();
-    let started = testing::kubelet(&args, &env, &intg.spec.source.connection_secret_ref);
+    let started = testing::kubelet(&args, &env, &intg.spec.source);
     let parsed = WorkerArgs::try_parse_from(&started.argv)
         .unwrap_or_else(|e| panic!("the worker's flags: {e}\n{:?}", started.argv));
     RoundTrip {
@@ -128,7 +136,7 @@ fn round_trip(intg: &Integration) -> RoundTrip {
 }
 
 /// The variable `var` of the started container is filled from `secret`.
-fn from_secret(rt: &RoundTrip, conn: &SecretKeyRef, var: &str, secret: &SecretKeyRef) {
+fn from_secret(rt: &RoundTrip, conn: &SourceSpec, var: &str, secret: &SecretKeyRef) {
     assert_eq!(
         rt.started.env.get(var),
         Some(&testing::secret_value(secret, conn)),
@@ -143,15 +151,45 @@ fn check(intg: &Integration, rt: &RoundTrip) {
     let checked = a
         .check()
         .unwrap_or_else(|e| panic!("the worker refuses what the operator renders: {e:?}"));
-    let conn = &spec.source.connection_secret_ref;
+    let conn = &spec.source;
     assert_eq!(a.integration, testing::integration_name(intg));
 
     // source
-    assert_eq!(
-        a.amqp_uri,
-        Some(testing::secret_value(conn, conn)),
-        "connectionSecretRef"
-    );
+    let connection = Some(testing::secret_value(&conn.connection_secret_ref, conn));
+    let mut files = Vec::new();
+    match &spec.source.nats {
+        None => {
+            assert_eq!(a.amqp_uri, connection, "connectionSecretRef");
+            assert!(checked.nats.is_none());
+        }
+        Some(n) => {
+            assert_eq!(
+                (&a.amqp_uri, &a.nats_url),
+                (&None, &connection),
+                "connectionSecretRef: the NATS URLs"
+            );
+            let got = checked.nats.as_ref().expect("a NATS source arrives");
+            assert_eq!(got.stream, n.stream, "nats.stream");
+            assert_eq!(got.subjects, n.subjects, "nats.subjects");
+            assert_eq!(a.nats_ack_wait, Duration::from(n.ack_wait), "nats.ackWait");
+            if let Some(t) = &n.token_secret_ref {
+                from_secret(rt, conn, env::NATS_TOKEN, t);
+            }
+            assert_eq!(
+                a.nats_creds_file.as_ref().map(|p| p.display().to_string()),
+                n.credentials_secret_ref
+                    .as_ref()
+                    .map(|_| rt.pod.nats_creds_file.clone()),
+                "nats.credentialsSecretRef"
+            );
+            if let Some(c) = &n.credentials_secret_ref {
+                files.push(FromSecret {
+                    name: rt.pod.nats_creds_file.clone(),
+                    secret: c.clone(),
+                });
+            }
+        }
+    }
     assert_eq!(a.queue.as_deref(), Some(spec.source.queue.as_str()));
     let bindings: Vec<(String, String)> = spec
         .source
@@ -217,7 +255,6 @@ fn check(intg: &Integration, rt: &RoundTrip) {
         }
     }
     let tls = dst.tls.as_ref();
-    let mut files = Vec::new();
     let ca = tls.and_then(|t| t.ca_from.as_ref());
     assert_eq!(
         a.tls_ca_file.as_ref().map(|p| p.display().to_string()),
@@ -256,7 +293,10 @@ fn check(intg: &Integration, rt: &RoundTrip) {
             });
         }
     }
-    assert_eq!(rt.setup.secret_files, files, "the files the TLS flags name");
+    assert_eq!(
+        rt.setup.secret_files, files,
+        "the files the TLS and NATS credentials flags name"
+    );
     assert_eq!(a.timeout, Duration::from(dst.timeout), "timeout");
     assert_eq!(
         a.body_template,
@@ -313,11 +353,11 @@ fn check(intg: &Integration, rt: &RoundTrip) {
             .map(|t| (t.min_concurrency, Duration::from(t.window))),
         "adaptiveThrottle"
     );
-    let dlq = d
-        .dead_letter
-        .as_ref()
-        .map(|dl| dl.queue.clone())
-        .unwrap_or_else(|| queues::dead_letter(&spec.source.queue));
+    let dlq = match (&d.dead_letter, &spec.source.nats) {
+        (Some(dl), _) => dl.queue.clone(),
+        (None, Some(_)) => queues::nats_dead_letter(&spec.source.queue),
+        (None, None) => queues::dead_letter(&spec.source.queue),
+    };
     assert_eq!(checked.dead_letter_queue, dlq);
 
     // workers
@@ -339,6 +379,7 @@ fn check(intg: &Integration, rt: &RoundTrip) {
         env::BEARER_TOKEN,
         env::OAUTH2_CLIENT_ID,
         env::OAUTH2_CLIENT_SECRET,
+        env::NATS_TOKEN,
     ]
     .into();
     read.extend(checked.headers_from_env.iter().map(|(_, var)| var.as_str()));
@@ -362,10 +403,12 @@ fn every_example_and_fixture_arrives_at_the_worker() {
         let rt = round_trip(&intg);
         let mut rendered = rt.setup.args.clone();
         // The one value the kubelet fills in from a Secret that is also a flag's variable.
-        rendered.amqp_uri = Some(testing::secret_value(
-            &intg.spec.source.connection_secret_ref,
-            &intg.spec.source.connection_secret_ref,
-        ));
+        let source = &intg.spec.source;
+        let connection = Some(testing::secret_value(&source.connection_secret_ref, source));
+        match source.nats {
+            Some(_) => rendered.nats_url = connection,
+            None => rendered.amqp_uri = connection,
+        }
         assert_eq!(
             rt.parsed,
             rendered,

@@ -248,6 +248,48 @@ async fn crd_is_established_and_validates_integrations() -> anyhow::Result<()> {
             "spec.destination.headers",
         ),
         (
+            "nats-with-bindings",
+            format!(
+                "  source: {{connectionSecretRef: {{name: n, key: urls}}, queue: c, nats: {{stream: S}}, \
+                 bindings: [{{exchange: e, routingKey: k}}]}}\n{dst}"
+            ),
+            "spec.source.bindings",
+        ),
+        (
+            "nats-deleting-queues",
+            format!(
+                "  source: {{connectionSecretRef: {{name: n, key: urls}}, queue: c, nats: {{stream: S}}, \
+                 deletionPolicy: Delete}}\n{dst}"
+            ),
+            "spec.source.deletionPolicy",
+        ),
+        (
+            "nats-consumer-with-a-dot",
+            format!("  source: {{connectionSecretRef: {{name: n, key: urls}}, queue: a.b, nats: {{stream: S}}}}\n{dst}"),
+            "spec.source.queue",
+        ),
+        (
+            "nats-with-webhooks",
+            "  source: {connectionSecretRef: {name: n, key: urls}, queue: c, nats: {stream: S}}\n  webhooks: {}\n"
+                .to_string(),
+            "spec.webhooks",
+        ),
+        (
+            "nats-credentials-and-token",
+            format!(
+                "  source: {{connectionSecretRef: {{name: n, key: urls}}, queue: c, nats: {{stream: S, \
+                 credentialsSecretRef: {{name: n, key: creds}}, tokenSecretRef: {{name: n, key: t}}}}}}\n{dst}"
+            ),
+            "spec.source.nats",
+        ),
+        (
+            "nats-ack-wait-too-long",
+            format!(
+                "  source: {{connectionSecretRef: {{name: n, key: urls}}, queue: c, nats: {{stream: S, ackWait: 13h}}}}\n{dst}"
+            ),
+            "spec.source.nats.ackWait",
+        ),
+        (
             "zero-prefetch",
             format!("  source: {{connectionSecretRef: {{name: r, key: uri}}, queue: q, prefetch: 0}}\n{dst}"),
             "spec.source.prefetch",

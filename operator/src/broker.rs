@@ -49,6 +49,8 @@ pub struct Broker {
     /// For a Secret value with several URIs: the index of the node that answered last.
     preferred: SyncMutex<HashMap<String, usize>>,
     generations: AtomicU64,
+    /// The JetStream consumers of Integrations with `source.nats`.
+    pub nats: crate::nats::Nats,
 }
 
 /// One broker URI: its current connection and its probe lanes.

@@ -32,6 +32,7 @@ pub mod http;
 pub mod memory;
 pub mod metrics;
 pub mod names;
+pub mod nats;
 pub mod pipeline;
 pub mod queues;
 pub mod reconcile;

@@ -49,12 +49,23 @@ fn key_ref(r: &SecretKeyRef, field: impl Into<String>) -> KeyRef {
     }
 }
 
+const NATS_CREDENTIALS_FIELD: &str = "spec.source.nats.credentialsSecretRef";
+const NATS_TOKEN_FIELD: &str = "spec.source.nats.tokenSecretRef";
+
 /// Every Secret key the workers read, the broker URI first.
 pub fn referenced_keys(spec: &IntegrationSpec) -> Vec<KeyRef> {
     let mut refs = vec![key_ref(
         &spec.source.connection_secret_ref,
         "spec.source.connectionSecretRef",
     )];
+    if let Some(n) = &spec.source.nats {
+        if let Some(r) = &n.credentials_secret_ref {
+            refs.push(key_ref(r, NATS_CREDENTIALS_FIELD));
+        }
+        if let Some(r) = &n.token_secret_ref {
+            refs.push(key_ref(r, NATS_TOKEN_FIELD));
+        }
+    }
     if let Some(d) = &spec.destination {
         refs.extend(destination_keys(d, "spec.destination"));
     }
@@ -130,8 +141,12 @@ pub fn referenced_names(spec: &IntegrationSpec) -> BTreeSet<String> {
 /// reconcile can reuse it while none of those changed ([`dereference`]).
 #[derive(Clone)]
 pub struct Dereferenced {
-    /// The value of `spec.source.connectionSecretRef`.
+    /// The value of `spec.source.connectionSecretRef` (the broker URIs, or the NATS server URLs).
     pub amqp_uri: Vec<u8>,
+    /// The value of `spec.source.nats.credentialsSecretRef` (a NATS credentials file).
+    pub nats_credentials: Option<Vec<u8>>,
+    /// The value of `spec.source.nats.tokenSecretRef`.
+    pub nats_token: Option<Vec<u8>>,
     pub checksum: String,
     refs: Vec<KeyRef>,
     versions: BTreeMap<String, (String, String)>,
@@ -322,7 +337,7 @@ pub async fn dereference(
     }
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let mut read: BTreeMap<String, Arc<Secret>> = BTreeMap::new();
-    let mut amqp_uri = None;
+    let (mut amqp_uri, mut nats_credentials, mut nats_token) = (None, None, None);
     for r in &refs {
         if !read.contains_key(&r.name) {
             let secret = match reads.current(ns, &r.name, versions) {
@@ -350,10 +365,18 @@ pub async fn dereference(
                 message: format!("Secret {:?} ({}) has no key {:?}", r.name, r.field, r.key),
             }));
         };
-        amqp_uri.get_or_insert(v);
+        match r.field.as_str() {
+            NATS_CREDENTIALS_FIELD => nats_credentials = Some(v),
+            NATS_TOKEN_FIELD => nats_token = Some(v),
+            _ => {
+                amqp_uri.get_or_insert(v);
+            }
+        }
     }
     Ok(Ok(Dereferenced {
         amqp_uri: amqp_uri.unwrap_or_default(),
+        nats_credentials,
+        nats_token,
         checksum: checksum(read.values().map(|s| s.as_ref())),
         versions: read
             .iter()

@@ -69,8 +69,8 @@ fn check(intg: &Integration) {
         container.args.clone().unwrap_or_default(),
         container.env.clone().unwrap_or_default(),
     );
-    let conn = &intg.spec.source.connection_secret_ref;
-    let started = testing::kubelet(&args, &env, conn);
+    let source = &intg.spec.source;
+    let started = testing::kubelet(&args, &env, source);
     let parsed = WorkerArgs::try_parse_from(&started.argv)
         .unwrap_or_else(|e| panic!("the worker's flags: {e}\n{:?}", started.argv));
 
@@ -85,6 +85,7 @@ fn check(intg: &Integration) {
             tls_ca_file: path(&parsed.tls_ca_file),
             tls_client_cert_file: path(&parsed.tls_client_cert_file),
             tls_client_key_file: path(&parsed.tls_client_key_file),
+            nats_creds_file: path(&parsed.nats_creds_file),
         },
     );
     assert_eq!(
@@ -93,7 +94,11 @@ fn check(intg: &Integration) {
         "the container is the contract's rendering"
     );
     let mut rendered = want.args.clone();
-    rendered.amqp_uri = Some(testing::secret_value(conn, conn));
+    let connection = Some(testing::secret_value(&source.connection_secret_ref, source));
+    match source.nats {
+        Some(_) => rendered.nats_url = connection,
+        None => rendered.amqp_uri = connection,
+    }
     assert_eq!(parsed, rendered, "the worker parses what was rendered");
 
     // `kubectl hookfleet test-delivery` runs this container with the one-shot's arguments in front: the
@@ -106,7 +111,7 @@ fn check(intg: &Integration) {
     let one_shot = testing::kubelet(
         &test.to_argv(container.args.as_deref().unwrap_or_default()),
         container.env.as_deref().unwrap_or_default(),
-        conn,
+        source,
     );
     let (mine, theirs) = test_delivery::split(&one_shot.argv[1..]).expect("the subcommand first");
     let mine = TestDeliveryArgs::try_parse_from(std::iter::once("t".to_owned()).chain(mine));

@@ -15,7 +15,7 @@ fn healthy() -> Observed {
         generation: Some(3),
         paused: false,
         suspend: false,
-        queue: "orders.erp".into(),
+        queue: "queue orders.erp".into(),
         desired: 3,
         single_replica: false,
         deployment: Some(DeploymentObs {
@@ -97,6 +97,72 @@ fn ready_pods_that_do_not_consume_degrade_with_the_counts() {
     o.source = SourceObs::QueueMissing;
     let d = status::compute(&o);
     assert!(get(&d.conditions, DEGRADED).message.contains("does not exist"));
+}
+
+#[test]
+fn a_jetstream_consumer_is_judged_by_its_waiting_pulls_when_idle_and_by_its_deliveries_when_busy() {
+    let mut o = healthy();
+    o.queue = "JetStream consumer hooks of stream ORDERS".into();
+    // Idle: each live worker keeps a pull request open; 3 Ready, 3 waiting.
+    o.source = SourceObs::Stream {
+        pulling: Some(3),
+        backlog: 0,
+        stalled_secs: None,
+    };
+    let s = status::compute(&o);
+    assert_eq!((s.consumers, s.backlog), (Some(3), Some(0)));
+    assert_eq!(get(&s.conditions, DEGRADED).status, "False");
+    assert!(
+        get(&s.conditions, READY)
+            .message
+            .contains("3 consumers on JetStream consumer hooks of stream ORDERS"),
+        "{}",
+        get(&s.conditions, READY).message
+    );
+    // Idle, and one Ready worker keeps no request open: the 1-of-N failure.
+    o.source = SourceObs::Stream {
+        pulling: Some(2),
+        backlog: 0,
+        stalled_secs: None,
+    };
+    let s = status::compute(&o);
+    let d = get(&s.conditions, DEGRADED);
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("True", reason::NOT_CONSUMING)
+    );
+    assert!(d.message.contains("only 2 pull requests wait"), "{}", d.message);
+    assert_eq!(
+        s.consumers,
+        Some(2),
+        "the alert compares this with the Ready workers"
+    );
+    // Busy and delivering: the count is unknown (absent, not 0), and nothing is wrong.
+    o.source = SourceObs::Stream {
+        pulling: None,
+        backlog: 900,
+        stalled_secs: None,
+    };
+    let s = status::compute(&o);
+    assert_eq!((s.consumers, s.backlog), (None, Some(900)));
+    assert_eq!(get(&s.conditions, DEGRADED).status, "False");
+    assert_eq!(get(&s.conditions, READY).status, "True");
+    // A backlog nobody pulls although the workers have room.
+    o.source = SourceObs::Stream {
+        pulling: Some(0),
+        backlog: 900,
+        stalled_secs: Some(45),
+    };
+    let s = status::compute(&o);
+    let d = get(&s.conditions, DEGRADED);
+    assert_eq!(d.reason, reason::NOT_CONSUMING);
+    assert!(
+        d.message
+            .contains("delivered no message for 45s with 900 pending"),
+        "{}",
+        d.message
+    );
+    assert_eq!(s.consumers, Some(0));
 }
 
 #[test]

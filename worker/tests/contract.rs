@@ -39,6 +39,7 @@ fn start(intg: &Integration) -> Parsed {
         tls_ca_file: at("ca.crt"),
         tls_client_cert_file: at("tls.crt"),
         tls_client_key_file: at("tls.key"),
+        nats_creds_file: at("user.creds"),
     };
     let setup = WorkerSetup::from_spec(&intg.spec, &pod);
     // What the kubelet mounts: PEM from a test CA, at the paths the TLS flags name.
@@ -50,13 +51,15 @@ fn start(intg: &Integration) -> Parsed {
             p if p == pod.tls_ca_file => ca.ca_pem.clone(),
             p if p == pod.tls_client_cert_file => cert.clone(),
             p if p == pod.tls_client_key_file => key.clone(),
+            // Its content is read when the worker connects (worker/tests/nats.rs), not at start.
+            p if p == pod.nats_creds_file => "-----BEGIN NATS USER JWT-----\n".to_owned(),
             other => panic!("{other}: a file the pod does not mount"),
         };
         std::fs::write(&f.name, &pem).unwrap();
         files.insert((f.secret.name.clone(), f.secret.key.clone()), pem.into_bytes());
     }
     let (args, env) = setup.render();
-    let started = testing::kubelet(&args, &env, &intg.spec.source.connection_secret_ref);
+    let started = testing::kubelet(&args, &env, &intg.spec.source);
     let read = RefCell::new(BTreeSet::new());
     let lookup = |k: &str| {
         read.borrow_mut().insert(k.to_owned());
@@ -85,8 +88,39 @@ fn check(intg: &Integration, p: &Parsed) {
     let spec = &intg.spec;
     let c = &p.config;
     let conn = &spec.source.connection_secret_ref;
-    let value = |r: &SecretKeyRef| testing::secret_value(r, conn);
-    assert_eq!(c.amqp_uris, [value(conn)], "connectionSecretRef");
+    let value = |r: &SecretKeyRef| testing::secret_value(r, &spec.source);
+    match (&spec.source.nats, &c.nats) {
+        (None, None) => assert_eq!(c.amqp_uris, [value(conn)], "connectionSecretRef"),
+        (Some(n), Some(got)) => {
+            assert!(c.amqp_uris.is_empty(), "a NATS source has no broker URI");
+            assert_eq!(got.urls, [value(conn)], "connectionSecretRef: the NATS URLs");
+            assert_eq!(got.stream, n.stream, "nats.stream");
+            assert_eq!(got.subjects, n.subjects, "nats.subjects");
+            assert_eq!(
+                got.ack_wait,
+                std::time::Duration::from(n.ack_wait),
+                "nats.ackWait"
+            );
+            assert_eq!(
+                got.token,
+                n.token_secret_ref.as_ref().map(value),
+                "nats.tokenSecretRef"
+            );
+            let creds = n.credentials_secret_ref.as_ref().map(|r| {
+                let file = got.creds_file.as_ref().expect("the credentials file arrives");
+                (
+                    std::fs::read(file).unwrap(),
+                    p.files[&(r.name.clone(), r.key.clone())].clone(),
+                )
+            });
+            if let Some((read, mounted)) = creds {
+                assert_eq!(read, mounted, "nats.credentialsSecretRef: the mounted file");
+            } else {
+                assert!(got.creds_file.is_none());
+            }
+        }
+        (want, got) => panic!("source.nats {want:?}, the worker's {got:?}"),
+    }
 
     // Webhooks: no destination here; the snapshot's Secret, how events are named and matched, and
     // private networks for all of them (each Webhook's destination is built from the snapshot, by

@@ -4,6 +4,11 @@
 
 use std::time::Duration;
 
+/// A NATS source's default dead-letter subject for the durable consumer `consumer`.
+pub fn nats_dead_letter(consumer: &str) -> String {
+    format!("hookfleet.dead.{consumer}")
+}
+
 /// Where messages that cannot be delivered go when `spec.delivery.deadLetter` is not set:
 /// `<queue>.dead`.
 pub fn dead_letter(queue: &str) -> String {

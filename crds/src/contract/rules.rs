@@ -508,7 +508,7 @@ fn nats_subject(s: &str, wildcards: bool) -> Result<(), String> {
 /// stream captured would come back to the consumer).
 fn nats_dead_letter_subject(consumer: &str, dlq: Option<&str>) -> Result<String, String> {
     match dlq.map(str::trim).filter(|d| !d.is_empty()) {
-        None => Ok(format!("hookfleet.dead.{consumer}")),
+        None => Ok(super::queues::nats_dead_letter(consumer)),
         Some(d) => nats_subject(d, false).map(|()| d.to_owned()),
     }
 }

@@ -28,6 +28,8 @@ pub struct Pod {
     /// Where the pod mounts the certificate and the key of `destination.tls.clientCertSecret`.
     pub tls_client_cert_file: String,
     pub tls_client_key_file: String,
+    /// Where the pod mounts `source.nats.credentialsSecretRef`.
+    pub nats_creds_file: String,
 }
 
 impl Pod {
@@ -40,6 +42,7 @@ impl Pod {
             tls_ca_file: String::new(),
             tls_client_cert_file: String::new(),
             tls_client_key_file: String::new(),
+            nats_creds_file: String::new(),
         }
     }
 }
@@ -78,7 +81,17 @@ impl WorkerSetup {
             spec.destination.as_ref().unwrap_or(&none),
             &spec.delivery,
         );
-        let mut secret_env = vec![secret(env::AMQP_URI.into(), &source.connection_secret_ref)];
+        // The connection Secret holds the broker URIs, or with `source.nats` the NATS server URLs.
+        let nats = source.nats.as_ref();
+        let url_var = if nats.is_some() {
+            env::NATS_URL
+        } else {
+            env::AMQP_URI
+        };
+        let mut secret_env = vec![secret(url_var.into(), &source.connection_secret_ref)];
+        if let Some(token) = nats.and_then(|n| n.token_secret_ref.as_ref()) {
+            secret_env.push(secret(env::NATS_TOKEN.into(), token));
+        }
         let mut header_from_env = Vec::new();
         for (i, h) in dst.headers_from.iter().enumerate() {
             let var = env::header(i);
@@ -110,6 +123,10 @@ impl WorkerSetup {
             secret_env.push(secret(env::OAUTH2_CLIENT_SECRET.into(), &o.client_secret_from));
         }
         let mut secret_files = Vec::new();
+        let nats_creds_file = nats.and_then(|n| n.credentials_secret_ref.as_ref()).map(|c| {
+            secret_files.push(secret(pod.nats_creds_file.clone(), c));
+            PathBuf::from(&pod.nats_creds_file)
+        });
         let tls = dst.tls.as_ref();
         let tls_ca_file = tls.and_then(|t| t.ca_from.as_ref()).map(|ca| {
             secret_files.push(secret(pod.tls_ca_file.clone(), ca));
@@ -185,9 +202,10 @@ impl WorkerSetup {
             adaptive_throttle_min: throttle.map(|t| t.min_concurrency),
             adaptive_throttle_window: throttle.map(|t| t.window.into()),
             confirm_timeout: super::args::default_confirm_timeout(),
-            dead_letter_queue: Some(match &d.dead_letter {
-                Some(dl) => dl.queue.clone(),
-                None => super::queues::dead_letter(&source.queue),
+            dead_letter_queue: Some(match (&d.dead_letter, nats) {
+                (Some(dl), _) => dl.queue.clone(),
+                (None, Some(_)) => super::queues::nats_dead_letter(&source.queue),
+                (None, None) => super::queues::dead_letter(&source.queue),
             }),
             // The CRD bounds it to `limits::FILE_DESCRIPTOR_LIMIT`: never negative.
             fd_limit: u64::try_from(spec.workers.file_descriptor_limit).unwrap_or_default(),
@@ -202,13 +220,16 @@ impl WorkerSetup {
             max_message_bytes: source.max_message_bytes,
             // The CRD bounds it to `limits::IN_FLIGHT_BYTES`: never negative.
             in_flight_bytes: u64::try_from(spec.workers.in_flight_bytes).unwrap_or_default(),
-            // The CRD has no NATS source yet: the worker takes one from its flags (docs/worker.md).
+            // The URLs come from the connection Secret, in the environment (`secret_env`).
             nats_url: None,
             nats_url_file: None,
-            nats_stream: None,
-            nats_subjects: Vec::new(),
-            nats_creds_file: None,
-            nats_ack_wait: std::time::Duration::from_secs(30),
+            nats_stream: nats.map(|n| n.stream.clone()),
+            nats_subjects: nats.map(|n| n.subjects.clone()).unwrap_or_default(),
+            nats_creds_file,
+            nats_ack_wait: nats
+                .map(|n| n.ack_wait)
+                .unwrap_or_else(crate::integration::default_nats_ack_wait)
+                .into(),
         };
         Self {
             args,
@@ -236,6 +257,7 @@ impl WorkerSetup {
             tls_ca_file: super::webhooks::TLS_CA_FILE.into(),
             tls_client_cert_file: super::webhooks::TLS_CLIENT_CERT_FILE.into(),
             tls_client_key_file: super::webhooks::TLS_CLIENT_KEY_FILE.into(),
+            nats_creds_file: String::new(),
         };
         let mut setup = Self::from_spec(&spec, &pod);
         setup.secret_env.retain(|e| e.name != env::AMQP_URI);

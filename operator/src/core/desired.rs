@@ -39,6 +39,10 @@ pub const APP_NAME: &str = "hookfleet-worker";
 pub const TLS_CA_DIR: &str = "/etc/hookfleet/tls/ca";
 /// Where the client certificate Secret of `destination.tls.clientCertSecret` is mounted.
 pub const TLS_CLIENT_DIR: &str = "/etc/hookfleet/tls/client";
+/// Where the credentials file of `source.nats.credentialsSecretRef` is mounted.
+pub const NATS_CREDS_DIR: &str = "/etc/hookfleet/nats";
+/// The file name of the mounted NATS credentials.
+const NATS_CREDS_FILE: &str = "user.creds";
 /// Time a worker gets after its delivery timeout to hand back in-flight work and close cleanly.
 const DRAIN_SECONDS: i64 = 15;
 /// Margin between the worker's own shutdown deadline and the kubelet's SIGKILL.
@@ -126,6 +130,7 @@ pub fn worker_args_env(intg: &Integration) -> Result<(Vec<String>, Vec<EnvVar>)>
         tls_ca_file: format!("{TLS_CA_DIR}/ca.crt"),
         tls_client_cert_file: format!("{TLS_CLIENT_DIR}/{}", crate::names::TLS_CERT_KEY),
         tls_client_key_file: format!("{TLS_CLIENT_DIR}/{}", crate::names::TLS_KEY_KEY),
+        nats_creds_file: format!("{NATS_CREDS_DIR}/{NATS_CREDS_FILE}"),
     };
     Ok(contract::WorkerSetup::from_spec(&intg.spec, &pod).render())
 }
@@ -188,6 +193,20 @@ fn volumes(intg: &Integration) -> (Vec<Volume>, Vec<VolumeMount>) {
             ..VolumeMount::default()
         });
     };
+    if let Some(creds) = intg
+        .spec
+        .source
+        .nats
+        .as_ref()
+        .and_then(|n| n.credentials_secret_ref.as_ref())
+    {
+        secret_volume(
+            "nats-creds",
+            NATS_CREDS_DIR,
+            &creds.name,
+            vec![(creds.key.clone(), NATS_CREDS_FILE.into())],
+        );
+    }
     if let Some(tls) = intg.spec.destination.as_ref().and_then(|d| d.tls.as_ref()) {
         if let Some(ca) = &tls.ca_from {
             secret_volume(

@@ -90,8 +90,22 @@ pub enum SourceObs {
         consumers: i32,
         backlog: i64,
     },
-    /// The queue does not exist yet (workers declare it when they start).
+    /// The queue does not exist yet (workers declare it when they start), or with `source.nats` the
+    /// durable consumer (workers create it with `topology: managed`).
     QueueMissing,
+    /// A NATS JetStream consumer (`source.nats`). JetStream counts no attached pull consumers, so
+    /// `pulling` stands in for them: the pull requests waiting on the consumer, read only while no worker
+    /// can be busy (nothing pending, fewer messages awaiting acks than one worker holds: every live worker
+    /// then keeps one request open); `Some(0)` when messages are pending and none was delivered for
+    /// [`crate::nats::STALLED_AFTER`] although workers have room; `None` (unknown) while the workers are
+    /// busy and delivering.
+    Stream {
+        pulling: Option<i32>,
+        /// Messages in the stream not yet delivered to a worker (`num_pending`).
+        backlog: i64,
+        /// Seconds since the consumer last delivered a message, when it is stalled.
+        stalled_secs: Option<u64>,
+    },
     /// A Secret, URI or broker problem; `reason` is one of the [`reason`] constants.
     Problem {
         reason: &'static str,
@@ -273,6 +287,7 @@ pub struct Observed {
     /// `spec.suspend`: it takes effect unless the spec is paused (nothing is applied then); with an invalid
     /// spec too, through the Deployment's scale.
     pub suspend: bool,
+    /// What the workers consume, for messages: `queue <name>`, or `JetStream consumer <name> of stream <S>`.
     pub queue: String,
     /// Workers wanted now (fixed or autoscaled).
     pub desired: i32,
@@ -299,10 +314,22 @@ pub struct Observed {
     pub poison_limit: Option<String>,
 }
 
+/// What the workers of `source` consume, as status messages name it.
+pub fn source_name(source: &hookfleet_crds::integration::SourceSpec) -> String {
+    match &source.nats {
+        Some(n) => format!("JetStream consumer {} of stream {}", source.queue, n.stream),
+        None => format!("queue {}", source.queue),
+    }
+}
+
 /// What keeps a message that crashes every worker from being redelivered forever, for a source whose queues
 /// hookfleet does not declare (`None`: a managed topology, whose queue arguments say it).
 pub fn poison_limit_note(source: &hookfleet_crds::integration::SourceSpec) -> Option<String> {
     use hookfleet_crds::integration::{QueueType, Topology};
+    if source.nats.is_some() {
+        // The consumer's MaxDeliver (delivery.maxAttempts + 1), checked by the workers when external.
+        return None;
+    }
     match (source.topology, source.queue_type) {
         (Topology::Managed, _) => None,
         (Topology::External, QueueType::Quorum) => Some(format!(
@@ -423,7 +450,7 @@ fn problem(o: &Observed, ready: i32) -> Option<(&'static str, String)> {
             reason::DESTINATION_GONE,
             format!(
                 "the destination {} answered HTTP 410 Gone at {}; the workers are scaled to 0 and messages \
-                 wait in queue {}. Change spec.destination.url, or set the annotation {} to a new value to retry",
+                 wait in {}. Change spec.destination.url, or set the annotation {} to a new value to retry",
                 g.url,
                 g.since.0,
                 o.queue,
@@ -466,8 +493,36 @@ fn problem(o: &Observed, ready: i32) -> Option<(&'static str, String)> {
     let consumers = match o.source {
         SourceObs::Queue { consumers, .. } => consumers,
         SourceObs::QueueMissing => 0,
+        SourceObs::Stream {
+            pulling: Some(0),
+            backlog,
+            stalled_secs: Some(secs),
+        } if ready > 0 => {
+            return Some((
+                reason::NOT_CONSUMING,
+                format!(
+                    "{ready} worker pods are Ready but {} has delivered no message for {secs}s with {backlog} \
+                     pending and room in the workers: no worker is pulling",
+                    o.queue
+                ),
+            ));
+        }
+        SourceObs::Stream { pulling: Some(p), .. } => p,
+        SourceObs::Stream { pulling: None, .. } => return None,
         SourceObs::Problem { .. } => unreachable!("handled above"),
     };
+    if let SourceObs::Stream { .. } = o.source
+        && ready > consumers
+    {
+        return Some((
+            reason::NOT_CONSUMING,
+            format!(
+                "{ready} worker pods are Ready but only {consumers} pull requests wait on {} while it is \
+                 idle (each live worker keeps one open): at least one worker is not pulling",
+                o.queue
+            ),
+        ));
+    }
     if ready > consumers {
         let queue_note = if o.source == SourceObs::QueueMissing {
             " (the queue does not exist on the broker)"
@@ -477,7 +532,7 @@ fn problem(o: &Observed, ready: i32) -> Option<(&'static str, String)> {
         return Some((
             reason::NOT_CONSUMING,
             format!(
-                "{ready} worker pods are Ready but only {consumers} consumers are attached to queue {}{queue_note}",
+                "{ready} worker pods are Ready but only {consumers} consumers are attached to {}{queue_note}",
                 o.queue
             ),
         ));
@@ -492,6 +547,7 @@ pub fn compute(o: &Observed) -> IntegrationStatus {
     let ready = dep.ready;
     let (consumers, backlog) = match o.source {
         SourceObs::Queue { consumers, backlog } => (Some(consumers), Some(backlog)),
+        SourceObs::Stream { pulling, backlog, .. } => (pulling, Some(backlog)),
         SourceObs::QueueMissing => (Some(0), None),
         SourceObs::Problem { .. } => (None, None),
     };
@@ -507,7 +563,7 @@ pub fn compute(o: &Observed) -> IntegrationStatus {
             false,
             reason::SUSPENDED,
             format!(
-                "spec.suspend is true: no workers deliver; messages wait in queue {}{backlog_note}",
+                "spec.suspend is true: no workers deliver; messages wait in {}{backlog_note}",
                 o.queue
             ),
             g,
@@ -522,9 +578,9 @@ pub fn compute(o: &Observed) -> IntegrationStatus {
         ),
         None => {
             let summary = format!(
-                "{ready} of {} workers Ready, {} consumers on queue {}, backlog {}",
+                "{ready} of {} workers Ready, {} consumers on {}, backlog {}",
                 o.desired,
-                consumers.unwrap_or(0),
+                consumers.map_or_else(|| "unknown (busy)".into(), |c| c.to_string()),
                 o.queue,
                 backlog.map(|b| b.to_string()).unwrap_or_else(|| "unknown".into())
             );
@@ -657,7 +713,7 @@ fn suspended_condition(o: &Observed, dep: &DeploymentObs, backlog_note: &str) ->
             true,
             reason::SUSPENDED_BY_SPEC,
             format!(
-                "spec.suspend is true: the workers are scaled to 0 and messages wait in queue {}{backlog_note}; \
+                "spec.suspend is true: the workers are scaled to 0 and messages wait in {}{backlog_note}; \
                  set it to false to deliver them",
                 o.queue
             ),

@@ -134,7 +134,7 @@ pub async fn backlog(intg: &Integration, world: &World) -> Option<i64> {
         return None;
     }
     match world.source.answer().await {
-        SourceObs::Queue { backlog, .. } => Some(backlog),
+        SourceObs::Queue { backlog, .. } | SourceObs::Stream { backlog, .. } => Some(backlog),
         SourceObs::QueueMissing => Some(0),
         SourceObs::Problem { .. } => None,
     }

@@ -68,6 +68,14 @@ impl Probe {
         )
     }
 
+    fn ask_nats(broker: Arc<Broker>, question: crate::nats::Question) -> Self {
+        Probe(
+            async move { broker.nats.observe(&question).await }
+                .boxed()
+                .shared(),
+        )
+    }
+
     /// The broker's answer (asked now, unless a step asked already).
     pub async fn answer(&self) -> SourceObs {
         self.0.clone().await
@@ -165,15 +173,37 @@ async fn observe_secrets(
         Err(problem) => return Ok((Probe::known(problem), None)),
     };
     let checksum = Some(secrets.checksum);
-    let Ok(uri) = String::from_utf8(secrets.amqp_uri) else {
-        return Ok((
+    let not_utf8 = |field: &str| {
+        Ok((
             Probe::known(SourceObs::Problem {
                 reason: reason::INVALID_BROKER_URI,
-                message: "the broker URI in spec.source.connectionSecretRef is not UTF-8".into(),
+                message: format!("the value of {field} is not UTF-8"),
             }),
-            checksum,
-        ));
+            checksum.clone(),
+        ))
     };
-    let probe = Probe::ask(broker.clone(), uri, spec.source.queue.clone());
+    let Ok(uri) = String::from_utf8(secrets.amqp_uri) else {
+        return not_utf8("spec.source.connectionSecretRef");
+    };
+    let Some(nats) = &spec.source.nats else {
+        let probe = Probe::ask(broker.clone(), uri, spec.source.queue.clone());
+        return Ok((probe, checksum));
+    };
+    let Ok(credentials) = secrets.nats_credentials.map(String::from_utf8).transpose() else {
+        return not_utf8("spec.source.nats.credentialsSecretRef");
+    };
+    let Ok(token) = secrets.nats_token.map(String::from_utf8).transpose() else {
+        return not_utf8("spec.source.nats.tokenSecretRef");
+    };
+    let question = crate::nats::Question {
+        urls: uri,
+        credentials,
+        token,
+        stream: nats.stream.clone(),
+        consumer: spec.source.queue.clone(),
+        // The CRD bounds both; a worker stops pulling once it holds this many messages.
+        worker_holds: spec.source.prefetch.min(spec.delivery.concurrency).max(1),
+    };
+    let probe = Probe::ask_nats(broker.clone(), question);
     Ok((probe, checksum))
 }

@@ -51,7 +51,7 @@ pub async fn status(
         generation: intg.metadata.generation,
         paused: spec.paused,
         suspend: spec.suspend,
-        queue: spec.source.queue.clone(),
+        queue: status::source_name(&spec.source),
         desired: desired.replicas,
         single_replica: desired.fixed == Some(1),
         deployment: world.deployment.as_deref().map(DeploymentObs::from_deployment),
