@@ -156,6 +156,21 @@ async fn run(args: Args) -> Result<i32> {
                 .await?
                 .with_context(|| format!("no Integration {ns}/{name}"))?;
             let source = &intg.spec.source;
+            if let Some(n) = &source.nats {
+                bail!(
+                    "{ns}/{name} reads NATS JetStream stream {}: replay moves RabbitMQ dead letters only; its dead \
+                     letters are in the stream that captures {} (created by the workers as {}-dead) and can be \
+                     republished to the work stream's subjects with the nats CLI",
+                    n.stream,
+                    intg.spec
+                        .delivery
+                        .dead_letter
+                        .as_ref()
+                        .map(|d| d.queue.clone())
+                        .unwrap_or_else(|| hookfleet_crds::contract::queues::nats_dead_letter(&source.queue)),
+                    source.queue
+                );
+            }
             let dead = intg
                 .spec
                 .delivery

@@ -201,8 +201,16 @@ async fn observe_secrets(
         token,
         stream: nats.stream.clone(),
         consumer: spec.source.queue.clone(),
-        // The CRD bounds both; a worker stops pulling once it holds this many messages.
-        worker_holds: spec.source.prefetch.min(spec.delivery.concurrency).max(1),
+        // A worker pulls batches of its effective prefetch (the in-flight bytes budget lowers it) and stops
+        // pulling once its deliveries fill `concurrency`: below the smaller of the two it always pulls.
+        worker_holds: u32::from(hookfleet_crds::contract::memory::effective_prefetch(
+            // The CRD bounds both to what fits (`limits::PREFETCH`, `limits::IN_FLIGHT_BYTES`).
+            u16::try_from(spec.source.prefetch).unwrap_or(u16::MAX),
+            spec.source.max_message_bytes,
+            u64::try_from(spec.workers.in_flight_bytes).unwrap_or_default(),
+        ))
+        .min(spec.delivery.concurrency)
+        .max(1),
     };
     let probe = Probe::ask_nats(broker.clone(), question);
     Ok((probe, checksum))
