@@ -14,7 +14,8 @@
 //!
 //! One client per server list and credentials (kept in memory only, never logged), connected by one probe at
 //! a time; a failed connect answers for [`FAILURE_HOLD`] so a burst of reconciles shares one attempt. The
-//! client reconnects by itself; a probe while it is away times out after [`PROBE_TIMEOUT`].
+//! client reconnects by itself; a probe while it is away times out after [`PROBE_TIMEOUT`]. A client no
+//! probe used for [`IDLE_DROP`] is dropped.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex as SyncMutex};
@@ -34,6 +35,9 @@ const FAILURE_HOLD: Duration = Duration::from_secs(2);
 /// A consumer with messages pending and room in its workers that delivered nothing for this long has no
 /// worker pulling. Well above a pull request's 5 s expiry and a worker's reconnect.
 pub const STALLED_AFTER: Duration = Duration::from_secs(30);
+/// A client no probe used for this long is dropped (its connection closed): the Integration went, or its
+/// Secret changed.
+const IDLE_DROP: Duration = Duration::from_secs(600);
 /// The second read of an idle consumer's waiting requests.
 const REREAD_AFTER: Duration = Duration::from_millis(50);
 
@@ -74,10 +78,11 @@ impl Default for Nats {
     }
 }
 
-#[derive(Default)]
 struct Endpoint {
     client: Option<async_nats::Client>,
     failed: Option<(Instant, &'static str, String)>,
+    /// When a probe last asked for this endpoint.
+    used: Instant,
 }
 
 impl Nats {
@@ -133,14 +138,23 @@ impl Nats {
 
     /// The client for `q`'s servers and credentials: the one kept, or a new one (one connect at a time).
     async fn client(&self, q: &Question) -> Result<async_nats::Client, (&'static str, String)> {
-        let endpoint = self
-            .endpoints
-            .lock()
-            .expect("endpoints")
-            .entry(q.key())
-            .or_default()
-            .clone();
+        let endpoint = {
+            let mut map = self.endpoints.lock().expect("endpoints");
+            // Drop the clients no probe asked for lately (one a probe holds now is kept; a probe that took
+            // an entry just before the sweep dropped it still uses its client, and the next connects anew).
+            map.retain(|_, e| e.try_lock().map_or(true, |e| e.used.elapsed() < IDLE_DROP));
+            map.entry(q.key())
+                .or_insert_with(|| {
+                    Arc::new(Mutex::new(Endpoint {
+                        client: None,
+                        failed: None,
+                        used: Instant::now(),
+                    }))
+                })
+                .clone()
+        };
         let mut e = endpoint.lock().await;
+        e.used = Instant::now();
         if let Some(c) = &e.client {
             return Ok(c.clone());
         }
