@@ -14,7 +14,7 @@
 //! (`make test-incident` runs those three) and are skipped, saying so, on one node.
 //!
 //! `HOOKFLEET_E2E_SCENARIOS=deliver,kill` runs a subset (names: deliver, fds, kill, scale, sinkdown,
-//! notconsuming, bad, pdb, rotate, webhooks, memory, podtemplate, testdelivery, incident, drain,
+//! notconsuming, bad, pdb, rotate, webhooks, memory, podtemplate, testdelivery, nats, incident, drain,
 //! nodeloss). The scenarios share one installation and run one after
 //! the other, each in a namespace of its own; a failed scenario does not stop the others, and the suite ends with
 //! a table of every scenario's figures.
@@ -41,6 +41,8 @@ use kube::{Client, ResourceExt};
 
 #[path = "suite/memory.rs"]
 mod memory;
+#[path = "suite/nats.rs"]
+mod nats;
 #[path = "suite/nodes.rs"]
 mod nodes;
 #[path = "suite/podtemplate.rs"]
@@ -1049,6 +1051,7 @@ async fn suite() -> Result<()> {
     scenario!("memory", memory::memory);
     scenario!("podtemplate", podtemplate::podtemplate);
     scenario!("testdelivery", testdelivery::testdelivery);
+    scenario!("nats", nats::nats);
     scenario!("incident", nodes::incident);
     scenario!("drain", nodes::drain);
     scenario!("nodeloss", nodes::node_loss);

@@ -1,11 +1,13 @@
 //! A throwaway NATS server with JetStream (`nats-server`, built from the Go module proxy by
 //! `hack/build-tools.sh`), or several joined into one JetStream cluster, on free loopback ports with
-//! their stores in a temporary directory, stopped on drop.
+//! their stores in a temporary directory, stopped on drop. [`NatsServer::start_on`] listens on another
+//! address instead (a node's bridge gateway, so that workers and the operator in pods reach it).
 //!
 //! A node can be killed (`kill -9`), stopped and started again on the same ports and store
 //! ([`NatsServer::kill_node`], [`NatsServer::stop_node`], [`NatsServer::start_node`]): streams and their
 //! messages survive that, as they would in production.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -29,6 +31,8 @@ struct Node {
 pub struct NatsServer {
     nodes: Vec<Node>,
     bin: PathBuf,
+    /// The address every node listens on (clients and monitoring; a cluster's routes stay on loopback).
+    host: IpAddr,
     _dir: tempfile::TempDir,
 }
 
@@ -41,6 +45,16 @@ impl NatsServer {
     /// `n` servers joined into one JetStream cluster (`n` = 1: a single server, no cluster), each ready
     /// (its health endpoint says JetStream is up: in a cluster, once the meta leader is elected).
     pub async fn start_cluster(n: usize) -> Result<Self> {
+        Self::start_cluster_on(n, IpAddr::V4(Ipv4Addr::LOCALHOST)).await
+    }
+
+    /// One server with JetStream listening on `ip` (clients and monitoring), not on loopback: with
+    /// hookfleet-e2e's `Cluster::host_addr`, pods reach it, and [`NatsServer::url`] names that address.
+    pub async fn start_on(ip: IpAddr) -> Result<Self> {
+        Self::start_cluster_on(1, ip).await
+    }
+
+    async fn start_cluster_on(n: usize, host: IpAddr) -> Result<Self> {
         let bin = tools::path(Tool::NatsServer)?;
         let dir = tempfile::Builder::new().prefix("hookfleet-nats-").tempdir()?;
         let mut ports = Vec::new();
@@ -58,7 +72,7 @@ impl NatsServer {
             std::fs::create_dir_all(&store)?;
             let mut args: Vec<String> = [
                 "-a",
-                "127.0.0.1",
+                &host.to_string(),
                 "-p",
                 &port.to_string(),
                 "-m",
@@ -96,6 +110,7 @@ impl NatsServer {
         let mut me = Self {
             nodes,
             bin,
+            host,
             _dir: dir,
         };
         for i in 0..n {
@@ -126,7 +141,7 @@ impl NatsServer {
     /// JetStream current (in a cluster, with a meta leader).
     async fn wait_healthy(&self, i: usize) -> Result<()> {
         let node = &self.nodes[i];
-        let port = node.monitor_port;
+        let (host, port) = (self.host, node.monitor_port);
         wait_for(
             &format!("nats-server {} healthy", i + 1),
             Duration::from_secs(60),
@@ -135,7 +150,7 @@ impl NatsServer {
                 if let Some(p) = &node.process {
                     p.check_running()?;
                 }
-                Ok(healthz(port).await.ok().filter(|&ok| ok))
+                Ok(healthz(host, port).await.ok().filter(|&ok| ok))
             },
         )
         .await
@@ -152,9 +167,9 @@ impl NatsServer {
         self.nodes.is_empty()
     }
 
-    /// `nats://127.0.0.1:<port>` of node `i`.
+    /// `nats://<address>:<port>` of node `i` (`127.0.0.1` unless started with [`NatsServer::start_on`]).
     pub fn url(&self, i: usize) -> String {
-        format!("nats://127.0.0.1:{}", self.nodes[i].port)
+        format!("nats://{}:{}", self.host, self.nodes[i].port)
     }
 
     /// Every node's URL, comma-separated (what a worker's `--nats-url` takes).
@@ -204,10 +219,10 @@ impl NatsServer {
     }
 }
 
-/// Whether the monitoring endpoint on `port` says the server and its JetStream are healthy.
-async fn healthz(port: u16) -> Result<bool> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+/// Whether the monitoring endpoint on `host`:`port` says the server and its JetStream are healthy.
+async fn healthz(host: IpAddr, port: u16) -> Result<bool> {
+    let mut s = tokio::net::TcpStream::connect((host, port)).await?;
+    s.write_all(format!("GET /healthz HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
         .await?;
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await??;
