@@ -97,7 +97,7 @@ pub enum SourceObs {
     /// `pulling` stands in for them: the pull requests waiting on the consumer, read only while no worker
     /// can be busy (nothing pending, fewer messages awaiting acks than one worker holds: every live worker
     /// then keeps one request open); `Some(0)` when messages are pending and none was delivered for
-    /// [`crate::nats::STALLED_AFTER`] although workers have room; `None` (unknown) while the workers are
+    /// 30 s (the prober's `STALLED_AFTER`) although workers have room; `None` (unknown) while the workers are
     /// busy and delivering.
     Stream {
         pulling: Option<i32>,
