@@ -362,6 +362,29 @@ impl Stack {
     }
 }
 
+/// Waits (60 s at most) until a container of pod `name` has restarted: the kubelet restarting a killed worker
+/// in place.
+async fn until_restarted(api: &Api<Pod>, name: &str) -> Result<()> {
+    wait_for(
+        "the killed worker's container to restart",
+        Duration::from_secs(60),
+        Duration::from_millis(250),
+        || {
+            let (api, name) = (api.clone(), name.to_owned());
+            async move {
+                let statuses = api
+                    .get(&name)
+                    .await?
+                    .status
+                    .and_then(|s| s.container_statuses)
+                    .unwrap_or_default();
+                Ok(statuses.iter().any(|c| c.restart_count > 0).then_some(()))
+            }
+        },
+    )
+    .await
+}
+
 fn cond<'a>(i: &'a Integration, t: &str) -> (&'a str, &'a str, &'a str) {
     i.condition(t)
         .map(|c| (c.status.as_str(), c.reason.as_str(), c.message.as_str()))
@@ -625,25 +648,7 @@ async fn kill(s: &Stack) -> Outcome {
             signal(pid, nix::sys::signal::Signal::SIGKILL)?;
             note.push_str(&format!(", SIGKILL to the worker of {}", pods[1].name_any()));
             // The kubelet restarts the killed container in place.
-            let name = pods[1].name_any();
-            wait_for(
-                "the killed worker's container to restart",
-                Duration::from_secs(60),
-                Duration::from_millis(500),
-                || {
-                    let (api, name) = (api.clone(), name.clone());
-                    async move {
-                        let statuses = api
-                            .get(&name)
-                            .await?
-                            .status
-                            .and_then(|s| s.container_statuses)
-                            .unwrap_or_default();
-                        Ok(statuses.iter().any(|c| c.restart_count > 0).then_some(()))
-                    }
-                },
-            )
-            .await?;
+            until_restarted(&api, &pods[1].name_any()).await?;
             note.push_str(" (its container restarted)");
         }
         anyhow::Ok(note)

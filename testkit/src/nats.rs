@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::process::{Process, free_port, wait_for};
@@ -227,4 +228,38 @@ async fn healthz(host: IpAddr, port: u16) -> Result<bool> {
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await??;
     Ok(out.starts_with(b"HTTP/1.0 200") || out.starts_with(b"HTTP/1.1 200"))
+}
+
+/// The headers of every message in `stream` (a dead-letter stream, say), read without consuming them:
+/// empty when the stream does not exist yet.
+pub async fn stream_headers(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> Result<Vec<async_nats::HeaderMap>> {
+    use async_nats::jetstream::consumer;
+    let Ok(mut s) = js.get_stream(stream).await else {
+        return Ok(Vec::new());
+    };
+    let n = s.info().await?.state.messages;
+    let mut out = Vec::new();
+    if n == 0 {
+        return Ok(out);
+    }
+    let c = s
+        .create_consumer(consumer::pull::Config {
+            ack_policy: consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await?;
+    let mut batch = c
+        .fetch()
+        .max_messages(n as usize)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await?;
+    while let Some(m) = batch.next().await {
+        let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+        out.push(m.headers.clone().unwrap_or_default());
+    }
+    Ok(out)
 }

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use async_nats::jetstream::{self, consumer, stream};
 use common::*;
-use futures::StreamExt;
 use hookfleet_crds::contract::exit;
 use hookfleet_crds::contract::headers::{H_ATTEMPTS, H_DEAD_REASON, H_ID, H_LAST_ERROR};
 use hookfleet_testkit::NatsServer;
@@ -63,34 +62,14 @@ async fn publish(js: &jetstream::Context, ids: &[String]) -> Result<()> {
 
 /// Every message of the dead-letter stream: (its `x-hookfleet-id`, its headers).
 async fn dead_letters(js: &jetstream::Context, stream: &str) -> Result<Vec<(String, async_nats::HeaderMap)>> {
-    let mut s = match js.get_stream(stream).await {
-        Ok(s) => s,
-        Err(_) => return Ok(Vec::new()),
-    };
-    let n = s.info().await?.state.messages;
-    let mut out = Vec::new();
-    if n == 0 {
-        return Ok(out);
-    }
-    let c = s
-        .create_consumer(consumer::pull::Config {
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
+    Ok(hookfleet_testkit::nats::stream_headers(js, stream)
+        .await?
+        .into_iter()
+        .map(|h| {
+            let id = h.get(H_ID).map(|v| v.as_str().to_owned()).unwrap_or_default();
+            (id, h)
         })
-        .await?;
-    let mut batch = c
-        .fetch()
-        .max_messages(n as usize)
-        .expires(Duration::from_secs(2))
-        .messages()
-        .await?;
-    while let Some(m) = batch.next().await {
-        let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
-        let h = m.headers.clone().unwrap_or_default();
-        let id = h.get(H_ID).map(|v| v.as_str().to_owned()).unwrap_or_default();
-        out.push((id, h));
-    }
-    Ok(out)
+        .collect())
 }
 
 fn dead_ids(dead: &[(String, async_nats::HeaderMap)]) -> HashSet<String> {

@@ -12,8 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use async_nats::jetstream::{self, consumer, stream};
-use futures::StreamExt;
+use async_nats::jetstream::{self, stream};
 use hookfleet_crds::contract::headers::H_ID;
 use hookfleet_e2e::messages::{self, Account};
 use hookfleet_e2e::pods::{signal, worker_pids};
@@ -203,24 +202,7 @@ async fn kill_one(s: &Stack) -> Result<(String, Instant)> {
         .context("no worker process for the pod")?;
     signal(pid, nix::sys::signal::Signal::SIGKILL)?;
     let at = Instant::now();
-    wait_for(
-        "the killed worker's container to restart",
-        Duration::from_secs(60),
-        Duration::from_millis(250),
-        || {
-            let (api, name) = (api.clone(), name.clone());
-            async move {
-                let statuses = api
-                    .get(&name)
-                    .await?
-                    .status
-                    .and_then(|s| s.container_statuses)
-                    .unwrap_or_default();
-                Ok(statuses.iter().any(|c| c.restart_count > 0).then_some(()))
-            }
-        },
-    )
-    .await?;
+    super::until_restarted(&api, &name).await?;
     Ok((
         format!(
             "SIGKILL to the worker of {name} 1.5 s into the stream (its container restarted after {:.1?})",
@@ -292,31 +274,9 @@ async fn settle(
 
 /// The `x-hookfleet-id` of every message in the dead-letter stream (none when it does not exist yet).
 async fn dead_letters(js: &jetstream::Context) -> Result<HashSet<String>> {
-    let mut out = HashSet::new();
-    let Ok(mut s) = js.get_stream(DEAD_STREAM).await else {
-        return Ok(out);
-    };
-    let n = s.info().await?.state.messages;
-    if n == 0 {
-        return Ok(out);
-    }
-    let c = s
-        .create_consumer(consumer::pull::Config {
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await?;
-    let mut batch = c
-        .fetch()
-        .max_messages(n as usize)
-        .expires(Duration::from_secs(2))
-        .messages()
-        .await?;
-    while let Some(m) = batch.next().await {
-        let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
-        if let Some(id) = m.headers.as_ref().and_then(|h| h.get(H_ID)) {
-            out.insert(id.as_str().to_owned());
-        }
-    }
-    Ok(out)
+    Ok(hookfleet_testkit::nats::stream_headers(js, DEAD_STREAM)
+        .await?
+        .iter()
+        .filter_map(|h| h.get(H_ID).map(|v| v.as_str().to_owned()))
+        .collect())
 }
