@@ -42,7 +42,7 @@ const IDLE_DROP: Duration = Duration::from_secs(600);
 const REREAD_AFTER: Duration = Duration::from_millis(50);
 
 /// What a probe asks about: where, as whom, which consumer, and how many messages one worker may hold
-/// before it stops pulling (`min(source.prefetch, delivery.concurrency)`).
+/// before it stops pulling (its effective prefetch, at most `delivery.concurrency`).
 #[derive(Clone)]
 pub struct Question {
     /// The connection Secret's value: server URLs separated by commas or whitespace.
