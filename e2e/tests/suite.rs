@@ -312,6 +312,12 @@ impl Stack {
     /// signature of every delivery.
     async fn settle(&self, queue: &str, ids: &[String], secs: u64) -> Result<Account> {
         let account = self.account_for(queue, ids, secs).await?;
+        self.verify_signatures(ids)?;
+        Ok(account)
+    }
+
+    /// Checks the signature of every request the sink got for one of `ids`.
+    fn verify_signatures(&self, ids: &[String]) -> Result<()> {
         let want: HashSet<&String> = ids.iter().collect();
         for hit in self
             .sink
@@ -321,7 +327,7 @@ impl Stack {
         {
             messages::verify_signature(hit, SIGNING_SECRET)?;
         }
-        Ok(account)
+        Ok(())
     }
 
     /// Waits until every id reached the sink or the dead-letter queue (at most `secs`), then accounts for them.

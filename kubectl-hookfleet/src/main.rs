@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use hookfleet_crds::contract::{Pod, WorkerSetup};
 use hookfleet_crds::{Integration, Webhook};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
@@ -156,28 +157,20 @@ async fn run(args: Args) -> Result<i32> {
                 .await?
                 .with_context(|| format!("no Integration {ns}/{name}"))?;
             let source = &intg.spec.source;
+            // The dead-letter queue (or subject) as the operator renders it for the workers.
+            let dead = WorkerSetup::from_spec(&intg.spec, &Pod::any())
+                .args
+                .dead_letter_queue
+                .context("the worker contract names no dead-letter queue")?;
             if let Some(n) = &source.nats {
                 bail!(
                     "{ns}/{name} reads NATS JetStream stream {}: replay moves RabbitMQ dead letters only; its dead \
-                     letters are in the stream that captures {} (created by the workers as {}-dead) and can be \
+                     letters are in the stream that captures {dead} (created by the workers as {}-dead) and can be \
                      republished to the work stream's subjects with the nats CLI",
                     n.stream,
-                    intg.spec
-                        .delivery
-                        .dead_letter
-                        .as_ref()
-                        .map(|d| d.queue.clone())
-                        .unwrap_or_else(|| hookfleet_crds::contract::queues::nats_dead_letter(&source.queue)),
                     source.queue
                 );
             }
-            let dead = intg
-                .spec
-                .delivery
-                .dead_letter
-                .as_ref()
-                .map(|d| d.queue.clone())
-                .unwrap_or_else(|| hookfleet_crds::contract::queues::dead_letter(&source.queue));
             let uri = match broker_uri {
                 Some(u) => u,
                 None => {

@@ -115,7 +115,7 @@ pub fn parse_uris(value: &str) -> Result<Vec<&str>, String> {
 }
 
 /// Removes any occurrence of the URI (and so its password) from an error message.
-fn redact(msg: &str, uri: &str) -> String {
+pub(crate) fn redact(msg: &str, uri: &str) -> String {
     if uri.is_empty() {
         msg.into()
     } else {

@@ -219,23 +219,14 @@ async fn read(js: &jetstream::Context, q: &Question) -> Result<Info, SourceObs> 
 }
 
 async fn connect(q: &Question) -> Result<async_nats::Client, (&'static str, String)> {
-    let invalid = |m: String| (reason::INVALID_BROKER_URI, m);
-    let urls = hookfleet_crds::broker::split_uris(&q.urls);
-    if urls.is_empty() {
-        return Err(invalid("the NATS server URLs are empty".into()));
-    }
+    let invalid = |m: String| (reason::INVALID_BROKER_URI, format!("the NATS server URLs: {m}"));
+    // Checked as the worker checks them; the messages name the entry, never the URL.
+    let urls = hookfleet_crds::broker::nats_urls(&q.urls).map_err(invalid)?;
     let mut addrs = Vec::with_capacity(urls.len());
     for (i, u) in urls.iter().enumerate() {
-        if !["nats://", "tls://"].iter().any(|p| u.starts_with(p)) {
-            return Err(invalid(format!(
-                "entry {} of the NATS server URLs must start with nats:// or tls://",
-                i + 1
-            )));
-        }
-        // The parse error never repeats the URL (it may hold a password).
         let addr: async_nats::ServerAddr = u
             .parse()
-            .map_err(|_| invalid(format!("entry {} of the NATS server URLs does not parse", i + 1)))?;
+            .map_err(|_| invalid(format!("entry {} does not parse", i + 1)))?;
         addrs.push(addr);
     }
     let mut opts = async_nats::ConnectOptions::new()
@@ -255,7 +246,9 @@ async fn connect(q: &Question) -> Result<async_nats::Client, (&'static str, Stri
     match tokio::time::timeout(PROBE_TIMEOUT, opts.connect(addrs)).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => {
-            let text = redact(&e.to_string(), &urls);
+            let text = urls
+                .iter()
+                .fold(e.to_string(), |m, u| crate::broker::redact(&m, u));
             let auth = matches!(
                 e.kind(),
                 async_nats::ConnectErrorKind::AuthorizationViolation
@@ -278,13 +271,6 @@ async fn connect(q: &Question) -> Result<async_nats::Client, (&'static str, Stri
             format!("no answer from the NATS servers within {PROBE_TIMEOUT:?}"),
         )),
     }
-}
-
-/// `msg` without any of the URLs (they may hold a password).
-fn redact(msg: &str, urls: &[&str]) -> String {
-    urls.iter()
-        .filter(|u| !u.is_empty())
-        .fold(msg.to_owned(), |m, u| m.replace(u, "<url>"))
 }
 
 #[cfg(test)]

@@ -237,10 +237,11 @@ pub async fn stream_headers(
     stream: &str,
 ) -> Result<Vec<async_nats::HeaderMap>> {
     use async_nats::jetstream::consumer;
-    let Ok(mut s) = js.get_stream(stream).await else {
+    // One request: the stream's info comes with it.
+    let Ok(s) = js.get_stream(stream).await else {
         return Ok(Vec::new());
     };
-    let n = s.info().await?.state.messages;
+    let n = s.cached_info().state.messages;
     let mut out = Vec::new();
     if n == 0 {
         return Ok(out);

@@ -596,30 +596,11 @@ fn nats_source(
         (flag::NATS_URL, var::NATS_URL),
         (flag::NATS_URL_FILE, var::NATS_URL_FILE),
     )?;
-    let urls: Vec<String> = hookfleet_crds::broker::split_uris(&value)
+    let urls: Vec<String> = hookfleet_crds::broker::nats_urls(&value)
+        .map_err(|e| bad(&url_setting, e))?
         .into_iter()
         .map(str::to_owned)
         .collect();
-    if urls.is_empty() {
-        return Err(bad(&url_setting, "empty: set a nats:// or tls:// URL"));
-    }
-    let n = urls.len();
-    for (i, u) in urls.iter().enumerate() {
-        let entry = if n == 1 {
-            String::new()
-        } else {
-            format!("entry {} of {n}: ", i + 1)
-        };
-        if !["nats://", "tls://"].iter().any(|p| u.starts_with(p)) {
-            return Err(bad(
-                &url_setting,
-                format!("{entry}must start with nats:// or tls://"),
-            ));
-        }
-        if let Err(e) = Url::parse(u) {
-            return Err(bad(&url_setting, format!("{entry}not a valid URL: {e}")));
-        }
-    }
     if let Some(path) = &args.nats_creds_file
         && let Err(e) = std::fs::metadata(path)
     {

@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, PostParams};
 
-use super::{Outcome, SIGNING_SECRET, Stack, cond};
+use super::{Outcome, Stack, cond};
 
 const NS: &str = "e2e-nats";
 const NAME: &str = "js";
@@ -252,14 +252,7 @@ async fn settle(
     .await?;
     let dead = dead_letters(js).await?;
     let account = messages::account(ids, &s.delivered(&want), &dead)?;
-    for hit in s
-        .sink
-        .hits()
-        .iter()
-        .filter(|h| h.id.as_ref().is_some_and(|id| want.contains(id)))
-    {
-        messages::verify_signature(hit, SIGNING_SECRET)?;
-    }
+    s.verify_signatures(ids)?;
     if account.lost > 0 {
         let delivered = s.delivered(&want);
         let missing: BTreeSet<&String> = ids

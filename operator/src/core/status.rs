@@ -493,51 +493,40 @@ fn problem(o: &Observed, ready: i32) -> Option<(&'static str, String)> {
     let consumers = match o.source {
         SourceObs::Queue { consumers, .. } => consumers,
         SourceObs::QueueMissing => 0,
-        SourceObs::Stream {
-            pulling: Some(0),
-            backlog,
-            stalled_secs: Some(secs),
-        } if ready > 0 => {
-            return Some((
-                reason::NOT_CONSUMING,
-                format!(
-                    "{ready} worker pods are Ready but {} has delivered no message for {secs}s with {backlog} \
-                     pending and room in the workers: no worker is pulling",
-                    o.queue
-                ),
-            ));
-        }
         SourceObs::Stream { pulling: Some(p), .. } => p,
+        // A busy JetStream consumer: how many workers pull cannot be told, and it is delivering.
         SourceObs::Stream { pulling: None, .. } => return None,
         SourceObs::Problem { .. } => unreachable!("handled above"),
     };
-    if let SourceObs::Stream { .. } = o.source
-        && ready > consumers
-    {
-        return Some((
-            reason::NOT_CONSUMING,
-            format!(
-                "{ready} worker pods are Ready but only {consumers} pull requests wait on {} while it is \
-                 idle (each live worker keeps one open): at least one worker is not pulling",
-                o.queue
-            ),
-        ));
+    if ready <= consumers {
+        return None;
     }
-    if ready > consumers {
-        let queue_note = if o.source == SourceObs::QueueMissing {
-            " (the queue does not exist on the broker)"
-        } else {
-            ""
-        };
-        return Some((
-            reason::NOT_CONSUMING,
-            format!(
-                "{ready} worker pods are Ready but only {consumers} consumers are attached to {}{queue_note}",
-                o.queue
-            ),
-        ));
-    }
-    None
+    let message = match o.source {
+        SourceObs::Stream {
+            backlog,
+            stalled_secs: Some(secs),
+            ..
+        } => format!(
+            "{ready} worker pods are Ready but {} has delivered no message for {secs}s with {backlog} \
+             pending and room in the workers: no worker is pulling",
+            o.queue
+        ),
+        SourceObs::Stream { .. } => format!(
+            "{ready} worker pods are Ready but only {consumers} pull requests wait on {} while it is \
+             idle (each live worker keeps one open): at least one worker is not pulling",
+            o.queue
+        ),
+        SourceObs::QueueMissing => format!(
+            "{ready} worker pods are Ready but only {consumers} consumers are attached to {} (the queue does \
+             not exist on the broker)",
+            o.queue
+        ),
+        _ => format!(
+            "{ready} worker pods are Ready but only {consumers} consumers are attached to {}",
+            o.queue
+        ),
+    };
+    Some((reason::NOT_CONSUMING, message))
 }
 
 /// The status the observations describe, with conditions not yet merged (see [`merge_conditions`]).

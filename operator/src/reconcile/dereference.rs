@@ -60,20 +60,9 @@ impl Probe {
         Probe(futures::future::ready(obs).boxed().shared())
     }
 
-    fn ask(broker: Arc<Broker>, uri: String, queue: String) -> Self {
-        Probe(
-            async move { broker.observe(uri.trim(), &queue).await }
-                .boxed()
-                .shared(),
-        )
-    }
-
-    fn ask_nats(broker: Arc<Broker>, question: crate::nats::Question) -> Self {
-        Probe(
-            async move { broker.nats.observe(&question).await }
-                .boxed()
-                .shared(),
-        )
+    /// The question `ask`, asked once when a step first awaits the answer.
+    fn ask(ask: impl Future<Output = SourceObs> + Send + 'static) -> Self {
+        Probe(ask.boxed().shared())
     }
 
     /// The broker's answer (asked now, unless a step asked already).
@@ -186,7 +175,8 @@ async fn observe_secrets(
         return not_utf8("spec.source.connectionSecretRef");
     };
     let Some(nats) = &spec.source.nats else {
-        let probe = Probe::ask(broker.clone(), uri, spec.source.queue.clone());
+        let (broker, queue) = (broker.clone(), spec.source.queue.clone());
+        let probe = Probe::ask(async move { broker.observe(uri.trim(), &queue).await });
         return Ok((probe, checksum));
     };
     let Ok(credentials) = secrets.nats_credentials.map(String::from_utf8).transpose() else {
@@ -212,6 +202,7 @@ async fn observe_secrets(
         .min(spec.delivery.concurrency)
         .max(1),
     };
-    let probe = Probe::ask_nats(broker.clone(), question);
+    let broker = broker.clone();
+    let probe = Probe::ask(async move { broker.nats.observe(&question).await });
     Ok((probe, checksum))
 }
