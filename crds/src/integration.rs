@@ -97,9 +97,6 @@ use crate::limits;
      || self.source.queue.contains('*') || self.source.queue.contains('>') || self.source.queue.contains(' '))"
 ).message("with source.nats, source.queue names the durable consumer: no '.', '*', '>' or whitespace")
     .field_path(".source.queue"))]
-#[x_kube(validation = kube::core::Rule::new("!(has(self.source) && has(self.source.nats) && has(self.webhooks))")
-    .message("webhooks with source.nats are not supported yet: use destination")
-    .field_path(".webhooks"))]
 #[x_kube(validation = kube::core::Rule::new("has(self.destination) != has(self.webhooks)")
     .message("set exactly one of destination (one endpoint for every message) and webhooks (the fleet \
               delivers the Webhooks that name this Integration)"))]

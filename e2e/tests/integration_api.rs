@@ -265,14 +265,10 @@ async fn crd_is_established_and_validates_integrations() -> anyhow::Result<()> {
         ),
         (
             "nats-consumer-with-a-dot",
-            format!("  source: {{connectionSecretRef: {{name: n, key: urls}}, queue: a.b, nats: {{stream: S}}}}\n{dst}"),
+            format!(
+                "  source: {{connectionSecretRef: {{name: n, key: urls}}, queue: a.b, nats: {{stream: S}}}}\n{dst}"
+            ),
             "spec.source.queue",
-        ),
-        (
-            "nats-with-webhooks",
-            "  source: {connectionSecretRef: {name: n, key: urls}, queue: c, nats: {stream: S}}\n  webhooks: {}\n"
-                .to_string(),
-            "spec.webhooks",
         ),
         (
             "nats-credentials-and-token",

@@ -219,9 +219,28 @@ async fn read(js: &jetstream::Context, q: &Question) -> Result<Info, SourceObs> 
 }
 
 async fn connect(q: &Question) -> Result<async_nats::Client, (&'static str, String)> {
+    connect_to(
+        &q.urls,
+        q.credentials.as_deref(),
+        q.token.as_deref(),
+        "hookfleet-operator",
+    )
+    .await
+}
+
+/// A client of the NATS servers of `urls` (a connection Secret's value), logged in with `credentials` (a
+/// credentials file's content) or `token` when given, under connection name `name`: what the probe and the
+/// Webhook reports consumer ([`crate::fleets`]) both connect with. The error is a status reason and a
+/// message that never shows a URL (it may hold a password) nor the credentials.
+pub(crate) async fn connect_to(
+    urls: &str,
+    credentials: Option<&str>,
+    token: Option<&str>,
+    name: &str,
+) -> Result<async_nats::Client, (&'static str, String)> {
     let invalid = |m: String| (reason::INVALID_BROKER_URI, format!("the NATS server URLs: {m}"));
     // Checked as the worker checks them; the messages name the entry, never the URL.
-    let urls = hookfleet_crds::broker::nats_urls(&q.urls).map_err(invalid)?;
+    let urls = hookfleet_crds::broker::nats_urls(urls).map_err(invalid)?;
     let mut addrs = Vec::with_capacity(urls.len());
     for (i, u) in urls.iter().enumerate() {
         let addr: async_nats::ServerAddr = u
@@ -230,9 +249,9 @@ async fn connect(q: &Question) -> Result<async_nats::Client, (&'static str, Stri
         addrs.push(addr);
     }
     let mut opts = async_nats::ConnectOptions::new()
-        .name("hookfleet-operator")
+        .name(name)
         .connection_timeout(PROBE_TIMEOUT);
-    if let Some(creds) = &q.credentials {
+    if let Some(creds) = credentials {
         opts = opts.credentials(creds).map_err(|e| {
             (
                 reason::BROKER_AUTH_FAILED,
@@ -240,7 +259,7 @@ async fn connect(q: &Question) -> Result<async_nats::Client, (&'static str, Stri
             )
         })?;
     }
-    if let Some(token) = &q.token {
+    if let Some(token) = token {
         opts = opts.token(token.trim().to_owned());
     }
     match tokio::time::timeout(PROBE_TIMEOUT, opts.connect(addrs)).await {

@@ -2,14 +2,22 @@
 //! attached" when JetStream counts none. Idle: the pull requests waiting, one per live puller. Busy: unknown.
 //! A backlog nobody pulls: stalled, 0. And the problems: a missing consumer, a missing stream, servers that
 //! do not answer (never showing the URL's password).
+//!
+//! Also a Webhooks fleet's report consumer on a NATS source: it folds the reports published to the fleet's
+//! JetStream reports stream, acks them (work-queue retention: the stream empties), and stops.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use futures::StreamExt;
+use hookfleet_crds::contract::webhooks::nats::{REPORTS_CONSUMER, reports_stream, reports_subject};
+use hookfleet_crds::contract::webhooks::{Report, Tally};
+use hookfleet_operator::fleets::{Fleets, ReportsFrom, nats_reports_stream_config};
 use hookfleet_operator::nats::{Nats, Question};
 use hookfleet_operator::status::{SourceObs, reason};
 use hookfleet_testkit::NatsServer;
+use hookfleet_testkit::process::wait_for;
 
 fn question(urls: &str, stream: &str, consumer: &str) -> Question {
     Question {
@@ -196,5 +204,111 @@ async fn a_jetstream_consumer_is_observed_as_the_status_needs_it() -> anyhow::Re
         }
         other => panic!("an amqp URL: {other:?}"),
     }
+    Ok(())
+}
+
+/// A report of worker `worker`: `delivered` deliveries to Webhook `acme`, and `failed` failures in a row.
+fn report(worker: &str, delivered: u64, failed: u64) -> Report {
+    Report {
+        worker: worker.into(),
+        at_ms: 1,
+        webhooks: BTreeMap::from([(
+            "acme".into(),
+            Tally {
+                generation: 1,
+                delivered,
+                failed,
+                consecutive_failures: failed,
+                ..Tally::default()
+            },
+        )]),
+    }
+}
+
+/// The reports waiting on `stream` (not acked yet: work-queue retention removes a report once acked).
+async fn waiting(js: &jetstream::Context, stream: &str) -> anyhow::Result<u64> {
+    Ok(js.get_stream(stream).await?.get_info().await?.state.messages)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_consumer_folds_and_acks_the_reports_of_a_jetstream_fleet() -> anyhow::Result<()> {
+    hookfleet_testkit::init_tracing();
+    let server = NatsServer::start().await?;
+    let url = server.url(0);
+    let fleets = Fleets::default();
+    let from = ReportsFrom::Nats {
+        urls: url.clone(),
+        credentials: None,
+        token: None,
+        consumer: "hooks".into(),
+    };
+    fleets.consume_from("ns/fleet", from.clone());
+
+    // The workers create the reports stream as the operator does: whichever comes first creates it, the
+    // other reads it (the same config twice is no conflict).
+    let js = jetstream::new(async_nats::connect(&url).await?);
+    js.get_or_create_stream(nats_reports_stream_config("hooks"))
+        .await?;
+    let name = reports_stream("hooks");
+    let subject = reports_subject("hooks");
+    for (worker, delivered, failed) in [("w1", 2, 0), ("w2", 3, 1)] {
+        let body = serde_json::to_vec(&report(worker, delivered, failed))?;
+        js.publish(subject.clone(), body.into()).await?.await?;
+    }
+    let f = &fleets;
+    let agg = wait_for(
+        "the reports folded",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async move { Ok(f.aggregate("ns/fleet", "acme").filter(|a| a.delivered == 5)) },
+    )
+    .await?;
+    assert_eq!((agg.failed, agg.generation), (1, 1), "{agg:?}");
+    assert_eq!(agg.consecutive_failures(), 1, "w2's trailing failures");
+    let (j, n) = (&js, name.as_str());
+    wait_for(
+        "the reports acked",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async move { Ok((waiting(j, n).await? == 0).then_some(())) },
+    )
+    .await?;
+    // The operator's durable consumer, reading the reports subject with explicit acks.
+    let info = js
+        .get_stream(&name)
+        .await?
+        .consumer_info(REPORTS_CONSUMER)
+        .await?;
+    assert_eq!(info.config.filter_subject, subject);
+    assert_eq!(info.config.ack_policy, jetstream::consumer::AckPolicy::Explicit);
+    // The stream as both sides create it: a work queue of at most REPORTS_MAX_LENGTH reports.
+    let config = js.get_stream(&name).await?.get_info().await?.config;
+    assert_eq!(config.retention, stream::RetentionPolicy::WorkQueue);
+    assert_eq!(
+        config.max_messages,
+        nats_reports_stream_config("hooks").max_messages
+    );
+
+    // The same source again changes nothing. A report that does not read is acked and dropped.
+    fleets.consume_from("ns/fleet", from);
+    js.publish(subject.clone(), "not a report".into()).await?.await?;
+    wait_for(
+        "the unreadable report acked",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async move { Ok((waiting(j, n).await? == 0).then_some(())) },
+    )
+    .await?;
+    assert_eq!(fleets.aggregate("ns/fleet", "acme").map(|a| a.delivered), Some(5));
+
+    // Stopped: the fleet is forgotten, and a report published afterwards stays on the stream, unacked, for
+    // the next leader.
+    fleets.stop("ns/fleet");
+    assert!(fleets.aggregate("ns/fleet", "acme").is_none(), "forgotten");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let body = serde_json::to_vec(&report("w1", 1, 0))?;
+    js.publish(subject.clone(), body.into()).await?.await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(waiting(&js, &name).await?, 1, "nobody consumes after stop");
     Ok(())
 }

@@ -582,3 +582,244 @@ async fn fault_poison_message_is_dead_lettered_even_when_its_last_attempt_kills_
     settled_accounting(&w2).await?;
     Ok(())
 }
+
+/// Webhooks on a NATS source (the snapshot Secret on a real API server): each message goes to every
+/// Webhook matching its subject; a Webhook's failed copy is retried alone, as a JetStream message
+/// schedule on the retry stream fired to the retry lane at its due time, so that another Webhook never
+/// sees the message twice; a Webhook that never answers 2xx gets its copies dead-lettered after its
+/// attempts, naming it; scheduled copies outlive a kill -9 of the worker; the reports reach the
+/// reports stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_retry_each_copy_alone_through_schedules_and_report() -> Result<()> {
+    use hookfleet_crds::contract::webhooks::{Entry, H_WEBHOOK, Report, Snapshot};
+    use hookfleet_testkit::control_plane::ControlPlane;
+    use k8s_openapi::api::core::v1::Secret;
+    use std::collections::{BTreeMap, HashMap};
+
+    init();
+    let t0 = Instant::now();
+    let nats = NatsServer::start().await?;
+    let js = connect(&nats).await?;
+    work_stream(&js, 1).await?;
+    let cp = ControlPlane::start().await?;
+    cp.create_namespace("fleet-ns").await?;
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(cp.client(), "fleet-ns");
+    let kubeconfig = cp.kubeconfig().display().to_string();
+    // `ok` answers at once; `flaky` fails every other request; `down` never answers 2xx.
+    let mut sinks = HashMap::new();
+    for (name, mode) in [
+        ("ok", Mode::ok()),
+        ("flaky", Mode::flaky(503, 1, Duration::ZERO)),
+        ("down", Mode::status(503)),
+    ] {
+        let sink = Sink::start().await?;
+        sink.set_mode(mode);
+        sinks.insert(name, sink);
+    }
+    let snapshot = Snapshot {
+        webhooks: ["ok", "flaky", "down"]
+            .into_iter()
+            .map(|name| Entry {
+                name: name.into(),
+                generation: 1,
+                events: vec!["orders.".into()],
+                match_headers: BTreeMap::new(),
+                paused: false,
+                destination: serde_json::from_value(serde_json::json!({"url": sinks[name].url()})).unwrap(),
+                secrets: BTreeMap::new(),
+                max_in_flight: None,
+                rate_limit: None,
+            })
+            .collect(),
+    };
+    put_snapshot(&secrets, "fleet-webhooks", &snapshot).await?;
+    let published = ids("wh", 60);
+    publish(&js, &published).await?;
+    // What each Webhook's sink sees: the webhook-id of (message, Webhook).
+    let want_of =
+        |hook: &str| -> HashSet<String> { published.iter().map(|id| format!("{id}:{hook}")).collect() };
+    let dir = tempfile::tempdir()?;
+    let w = WebhooksWorker {
+        kubeconfig: &kubeconfig,
+        integration: "fleet-ns/fleet",
+        queue: "hooks",
+        secret: "fleet-webhooks",
+        unmatched: "ack",
+        concurrency: 16,
+        nofile: None,
+    };
+    // AckWait 3 s: what the kill -9 left unacked comes back soon.
+    let extra = [
+        "--max-attempts",
+        "6",
+        "--circuit-breaker-threshold",
+        "0",
+        "--nats-ack-wait",
+        "3s",
+    ];
+    let worker = spawn_webhooks_worker_source(&source(&nats), &w, dir.path(), "worker-a", &extra)?;
+    worker.wait_ready(true, Duration::from_secs(30)).await?;
+    eprintln!(
+        "nats webhooks: server, API server and worker up in {:?}",
+        t0.elapsed()
+    );
+
+    // Every `ok` copy delivered while the other two Webhooks' retries wait on the retry stream.
+    sinks["ok"]
+        .wait_delivered(&want_of("ok"), Duration::from_secs(30))
+        .await?;
+    let retry = js.get_stream("hooks-retry").await?;
+    ensure!(
+        retry.cached_info().config.allow_message_schedules,
+        "the worker created the retry stream with message schedules"
+    );
+    // kill -9 with copies scheduled: they are the server's, not the worker's.
+    let mut worker = worker;
+    worker.process.kill();
+    let scheduled = js.get_stream("hooks-retry").await?.info().await?.state.messages;
+    // Dead letters from here on are the next worker's (its reports count them).
+    let dead_at_kill = dead_letters(&js, "hooks-dead").await?.len() as u64;
+    let worker = spawn_webhooks_worker_source(&source(&nats), &w, dir.path(), "worker-b", &extra)?;
+    worker.wait_ready(true, Duration::from_secs(30)).await?;
+    // Every `down` copy dead-lettered after its attempts; every `flaky` copy delivered, or (when it
+    // met 6 failures in a row, which its sink's pattern allows) dead-lettered too.
+    let flaky_want = want_of("flaky");
+    wait_for(
+        "every copy settled",
+        Duration::from_secs(90),
+        Duration::from_millis(200),
+        || {
+            let js = js.clone();
+            let flaky = sinks["flaky"].delivered();
+            let flaky_want = &flaky_want;
+            async move {
+                let dead = dead_letters(&js, "hooks-dead").await.unwrap_or_default();
+                let of = |hook: &str| -> HashSet<String> {
+                    dead.iter()
+                        .filter(|(_, h)| h.get(H_WEBHOOK).map(|v| v.as_str()) == Some(hook))
+                        .map(|(id, _)| format!("{id}:{hook}"))
+                        .collect()
+                };
+                let flaky_done = flaky_want
+                    .iter()
+                    .all(|i| flaky.contains_key(i) || of("flaky").contains(i));
+                Ok((of("down").len() == 60 && flaky_done).then_some(()))
+            }
+        },
+    )
+    .await?;
+    wait_settled(&js, "hooks", Duration::from_secs(30)).await?;
+    wait_for(
+        "the retry stream drained",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let js = js.clone();
+            async move {
+                let s = js.get_stream("hooks-retry").await?;
+                let i = s.consumer_info("hooks-retry").await?;
+                let n = s.cached_info().state.messages;
+                Ok((n == 0 && i.num_pending == 0 && i.num_ack_pending == 0).then_some(()))
+            }
+        },
+    )
+    .await?;
+    // Every copy settled: the dead letters are all made.
+    let dead = dead_letters(&js, "hooks-dead").await?;
+
+    // Isolation: the retries of `flaky` and `down` never brought a message back to `ok`, except what
+    // the kill -9 handed back (an original unacked at the kill goes to every Webhook again).
+    let ok = sinks["ok"].delivered();
+    let ok_dups: usize = ok.values().map(|n| n - 1).sum();
+    ensure!(
+        ok.keys().cloned().collect::<HashSet<_>>() == want_of("ok"),
+        "ok got exactly the published ids"
+    );
+    ensure!(
+        ok_dups <= 16,
+        "{ok_dups} duplicates at ok: more than the originals in flight at the kill"
+    );
+    // Every dead letter is a Webhook's copy after its 6 attempts: each of `down`'s, and `flaky`'s only if
+    // it was not delivered.
+    let flaky = sinks["flaky"].delivered();
+    let mut pairs = HashSet::new();
+    for (id, h) in &dead {
+        ensure!(h.get(H_ATTEMPTS).map(|v| v.as_str()) == Some("6"), "{id}: {h:?}");
+        let hook = h
+            .get(H_WEBHOOK)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        ensure!(
+            hook == "down" || hook == "flaky",
+            "{id}: a dead letter for {hook:?}"
+        );
+        if hook == "flaky" {
+            ensure!(
+                !flaky.contains_key(&format!("{id}:flaky")),
+                "{id}: delivered and dead-lettered"
+            );
+        }
+        pairs.insert(format!("{id}:{hook}"));
+    }
+    let flaky_dead = pairs.iter().filter(|p| p.ends_with(":flaky")).count();
+    // A copy twice in the dead letters: its original was unacked at the kill, fanned out again.
+    let dead_dups = dead.len() - pairs.len();
+    ensure!(
+        dead_dups <= 16,
+        "{dead_dups} duplicate dead letters: more than the originals in flight at the kill"
+    );
+    ensure!(
+        sinks["down"].requests() as usize <= 6 * 60 + 16,
+        "at most 6 attempts per copy (and the kill's)"
+    );
+
+    // The reports: what the second worker saw of each Webhook, on the reports stream (no operator reads
+    // it here; the first worker's tallies died with it), add up to the dead letters it made.
+    let made = dead.len() as u64 - dead_at_kill;
+    let totals = wait_for(
+        "the reports",
+        Duration::from_secs(20),
+        Duration::from_millis(250),
+        || {
+            let js = js.clone();
+            async move {
+                let mut s = js.get_stream("hooks-reports").await?;
+                let n = s.info().await?.state.last_sequence;
+                let mut totals: HashMap<String, (u64, u64)> = HashMap::new();
+                for seq in 1..=n {
+                    let Ok(m) = s.get_raw_message(seq).await else {
+                        continue;
+                    };
+                    let r: Report = serde_json::from_slice(&m.payload)?;
+                    if r.worker != "worker-b" {
+                        continue;
+                    }
+                    for (name, t) in r.webhooks {
+                        let e = totals.entry(name).or_default();
+                        e.0 += t.delivered;
+                        e.1 += t.dead_lettered;
+                    }
+                }
+                let dead: u64 = totals.values().map(|t| t.1).sum();
+                Ok((dead == made && totals.contains_key("flaky")).then_some(totals))
+            }
+        },
+    )
+    .await?;
+    let m = worker.metrics().await?;
+    eprintln!(
+        "nats webhooks: 60 messages × 3 Webhooks; {scheduled} copies scheduled at the kill -9; ok {} delivered ({ok_dups} duplicates), flaky {} delivered and {flaky_dead} dead-lettered after {} requests, down {} dead-lettered after {} requests ({dead_dups} duplicate dead letters); reports {totals:?}; in {:?}",
+        ok.len(),
+        flaky.len(),
+        sinks["flaky"].requests(),
+        pairs.len() - flaky_dead,
+        sinks["down"].requests(),
+        t0.elapsed()
+    );
+    ensure!(
+        m.lines()
+            .any(|l| l.starts_with("hookfleet_webhook_reports_total") && l.contains("result=\"ok\"")),
+        "{m}"
+    );
+    Ok(())
+}

@@ -401,20 +401,6 @@ impl WorkerArgs {
                 "a NATS stream has no bindings: its subjects say what it holds",
             );
         }
-        if self
-            .webhooks_secret
-            .as_deref()
-            .is_some_and(|w| !w.trim().is_empty())
-        {
-            no.push(
-                NATS_STREAM,
-                format!(
-                    "--{} with a NATS source is not supported yet: use --{}",
-                    flag::WEBHOOKS_SECRET,
-                    flag::DESTINATION_URL
-                ),
-            );
-        }
         let stream = match self.nats_stream.as_deref().map(str::trim) {
             None | Some("") => {
                 no.push(NATS_STREAM, "missing: name the JetStream stream to consume");

@@ -1,8 +1,8 @@
 //! Webhooks between the operator and the worker: the **snapshot** the operator compiles for a fleet
 //! (every valid Webhook naming the Integration, with the values of the Secret keys it references) and
 //! writes to one Secret the workers of that Integration alone may read ([`snapshot_secret`],
-//! [`SNAPSHOT_KEY`]); and the **reports** the workers publish on the broker ([`reports_queue`]) from
-//! which the operator writes each Webhook's status.
+//! [`SNAPSHOT_KEY`]); and the **reports** the workers publish on the broker ([`reports_queue`]; on a NATS
+//! source a JetStream stream, [`nats`]) from which the operator writes each Webhook's status.
 //!
 //! Also what both sides name the same way: the header that ties a retry or dead-letter copy to its
 //! Webhook ([`H_WEBHOOK`]), and the `webhook-id` of a (message, Webhook) pair ([`webhook_id`]).
@@ -101,6 +101,62 @@ impl Snapshot {
 /// The queue the workers of `queue`'s fleet publish their reports to: `<queue>.webhook-reports`.
 pub fn reports_queue(queue: &str) -> String {
     format!("{queue}.webhook-reports")
+}
+
+/// On a NATS source, the JetStream names of a fleet with Webhooks (durable consumer `consumer`), and the
+/// reports stream both sides create alike ([`nats::reports_stream_config`]), like the RabbitMQ reports
+/// queue.
+pub mod nats {
+    /// The stream the workers publish their reports to: `<consumer>-reports`.
+    pub fn reports_stream(consumer: &str) -> String {
+        format!("{consumer}-reports")
+    }
+
+    /// The subject of the reports: `hookfleet.reports.<consumer>`.
+    pub fn reports_subject(consumer: &str) -> String {
+        format!("hookfleet.reports.{consumer}")
+    }
+
+    /// The reports stream as JetStream's API takes it (`$JS.API.STREAM.CREATE`), for the worker and the
+    /// operator alike to read into their client's type: work-queue retention (a report is gone once the
+    /// operator acked it), the newest [`REPORTS_MAX_LENGTH`] reports of at most [`REPORTS_TTL_MS`] age,
+    /// file storage.
+    ///
+    /// [`REPORTS_MAX_LENGTH`]: super::REPORTS_MAX_LENGTH
+    /// [`REPORTS_TTL_MS`]: super::REPORTS_TTL_MS
+    pub fn reports_stream_config(consumer: &str) -> serde_json::Value {
+        serde_json::json!({
+            "name": reports_stream(consumer),
+            "subjects": [reports_subject(consumer)],
+            "retention": "workqueue",
+            "max_msgs": super::REPORTS_MAX_LENGTH,
+            "max_age": super::REPORTS_TTL_MS * 1_000_000,
+            "discard": "old",
+            "storage": "file",
+            "num_replicas": 1,
+        })
+    }
+
+    /// The operator's durable consumer on the reports stream.
+    pub const REPORTS_CONSUMER: &str = "hookfleet-operator";
+
+    /// The stream holding a fleet's Webhook retry copies: `<consumer>-retry` (also the name of the
+    /// workers' durable consumer on it). A copy is published as a message schedule on a subject of its
+    /// own under [`schedule_prefix`] and fired, at its due time, to [`retry_subject`].
+    pub fn retry_stream(consumer: &str) -> String {
+        format!("{consumer}-retry")
+    }
+
+    /// The subjects under which Webhook copies wait for their due time: `hookfleet.sched.<consumer>`.
+    pub fn schedule_prefix(consumer: &str) -> String {
+        format!("hookfleet.sched.{consumer}")
+    }
+
+    /// The subject due Webhook copies are fired to, consumed in the workers' retry lane:
+    /// `hookfleet.retry.<consumer>`.
+    pub fn retry_subject(consumer: &str) -> String {
+        format!("hookfleet.retry.{consumer}")
+    }
 }
 
 /// `x-max-length` and `x-message-ttl` (ms) of the reports queue (both sides declare it alike): reports

@@ -6,6 +6,12 @@
 //! each with `Nats-Msg-Id` = its id (the worker's `webhook-id`), one worker SIGKILLed (on the local node; its
 //! pod deleted without grace elsewhere) while they flow; every id delivered and signed, none lost, duplicates
 //! counted (what the killed worker held comes back after `ackWait`); Ready with 2 consumers again after.
+//!
+//! Then Webhooks on the same stream: a second Integration `js-hooks` with `spec.webhooks` (its own durable
+//! consumer on `e2e.hooks.>`), Webhook `good` on the sink and Webhook `bad` on a closed port. Expected: every
+//! message reaches `good` once (the retries of `bad`, scheduled on JetStream, never bring a message back to
+//! `good`), signed with its key; every `bad` copy dead-lettered after its 3 attempts, naming it; and the
+//! Webhooks' statuses, which the operator folds from the reports stream, count both.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
@@ -140,6 +146,10 @@ pub async fn nats(s: &Stack) -> Outcome {
          pending or unacked {quiet:.1?} after it; Ready with 2 consumers again {ready_again:.1?} later; \
          status meanwhile: {transitions}"
     );
+    // The first Integration goes (its consumer on `e2e.>` would take the second part's messages too).
+    api.delete(NAME, &DeleteParams::default()).await?;
+    let hooks_note = webhooks_on_nats(s, &api, &js).await?;
+    let note = format!("{note}. Webhooks on NATS: {hooks_note}");
     s.drop_namespace(NS).await;
     // The test's client goes before the server does (else it keeps reconnecting to nothing).
     drop(js);
@@ -272,4 +282,160 @@ async fn dead_letters(js: &jetstream::Context) -> Result<HashSet<String>> {
         .iter()
         .filter_map(|h| h.get(H_ID).map(|v| v.as_str().to_owned()))
         .collect())
+}
+
+const HOOKS: &str = "js-hooks";
+const HOOKS_CONSUMER: &str = "e2e-nats-hooks";
+const HOOKS_MESSAGES: usize = 200;
+
+/// Webhooks on the NATS source (the module's second part): returns the scenario note's part.
+async fn webhooks_on_nats(
+    s: &Stack,
+    api: &Api<hookfleet_crds::Integration>,
+    js: &jetstream::Context,
+) -> Result<String> {
+    use hookfleet_crds::Webhook;
+    use hookfleet_crds::contract::webhooks::H_WEBHOOK;
+
+    let secrets: Api<Secret> = Api::namespaced(s.client.clone(), NS);
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(
+                serde_json::json!({"metadata": {"name": "keys"}, "stringData": {"good": "key-of-good", "bad": "key-of-bad"}}),
+            )?,
+        )
+        .await?;
+    let hooks: Api<Webhook> = Api::namespaced(s.client.clone(), NS);
+    let sink = s.sink.url();
+    let sink = sink.trim_end_matches("/hook");
+    // Nothing listens on port 1 of the host: every attempt is refused at once.
+    let closed = format!("http://{}:1", s.host);
+    for (name, base) in [("good", sink), ("bad", closed.as_str())] {
+        let w: Webhook = serde_json::from_value(serde_json::json!({
+            "apiVersion": "hookfleet.io/v1alpha1", "kind": "Webhook",
+            "metadata": {"name": name},
+            "spec": {
+                "integration": HOOKS,
+                "events": ["e2e.hooks."],
+                "destination": {
+                    "url": format!("{base}/wh/{name}"),
+                    "signing": {"secretRef": {"name": "keys", "key": name}},
+                },
+            },
+        }))?;
+        hooks.create(&PostParams::default(), &w).await?;
+    }
+    let t0 = Instant::now();
+    let intg: hookfleet_crds::Integration = serde_json::from_value(serde_json::json!({
+        "apiVersion": "hookfleet.io/v1alpha1", "kind": "Integration",
+        "metadata": {"name": HOOKS},
+        "spec": {
+            "source": {
+                "connectionSecretRef": {"name": "nats", "key": "urls"}, "queue": HOOKS_CONSUMER,
+                "nats": {"stream": STREAM, "subjects": ["e2e.hooks.>"], "ackWait": "5s"},
+            },
+            "webhooks": {"allowPrivateNetworks": true},
+            "delivery": {"maxAttempts": 3, "backoff": {"initial": "200ms", "max": "1s"},
+                         "circuitBreaker": {"failureThreshold": 0}},
+            "workers": {"replicas": 2, "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}},
+        },
+    }))?;
+    api.create(&PostParams::default(), &intg).await?;
+    s.ready_with_consumers(api, HOOKS, 2).await?;
+    let ready_after = t0.elapsed();
+
+    s.sink.set_mode(Mode::ok());
+    let ids = messages::ids("nats-hooks", HOOKS_MESSAGES);
+    let t_publish = Instant::now();
+    for chunk in ids.chunks(100) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for id in chunk {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Msg-Id", id.as_str());
+            h.insert("Content-Type", "application/json");
+            acks.push(
+                js.publish_with_headers("e2e.hooks.orders", h, messages::body(id).into())
+                    .await?,
+            );
+        }
+        for a in acks {
+            a.await?;
+        }
+    }
+    let good: HashSet<String> = ids.iter().map(|id| format!("{id}:good")).collect();
+    let dead_stream = format!("{HOOKS_CONSUMER}-dead");
+    let dead = wait_for(
+        "every good copy delivered and every bad copy dead-lettered",
+        Duration::from_secs(120),
+        Duration::from_millis(250),
+        || async {
+            let delivered = s.delivered(&good);
+            let dead = hookfleet_testkit::nats::stream_headers(js, &dead_stream).await?;
+            let bad: HashSet<String> = dead
+                .iter()
+                .filter(|h| h.get(H_WEBHOOK).map(|v| v.as_str()) == Some("bad"))
+                .filter_map(|h| h.get(H_ID).map(|v| v.as_str().to_owned()))
+                .collect();
+            Ok((delivered.len() == good.len() && bad.len() == HOOKS_MESSAGES).then_some(dead))
+        },
+    )
+    .await?;
+    let settled_in = t_publish.elapsed();
+    let delivered = s.delivered(&good);
+    let dups: usize = delivered.values().map(|n| n - 1).sum();
+    ensure!(
+        dups == 0,
+        "{dups} duplicates at good: another Webhook's retry brought a message back to it"
+    );
+    for hit in s.sink.hits().iter().filter(|h| h.path == "/wh/good") {
+        messages::verify_signature(hit, "key-of-good")?;
+    }
+    for h in &dead {
+        ensure!(
+            h.get(H_WEBHOOK).map(|v| v.as_str()) == Some("bad"),
+            "a dead letter not for bad: {h:?}"
+        );
+        ensure!(
+            h.get(hookfleet_crds::contract::headers::H_ATTEMPTS)
+                .map(|v| v.as_str())
+                == Some("3"),
+            "a bad copy dead-lettered after other than 3 attempts: {h:?}"
+        );
+    }
+    // The statuses, from the reports the workers publish on the reports stream and the operator folds.
+    let n = HOOKS_MESSAGES as i64;
+    let (g, b) = wait_for(
+        "the Webhooks' statuses to count the deliveries and the dead letters",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || {
+            let hooks = hooks.clone();
+            async move {
+                let g = hooks.get("good").await?.status.unwrap_or_default();
+                let b = hooks.get("bad").await?.status.unwrap_or_default();
+                Ok((g.delivered == n && b.dead_lettered == n).then_some((g, b)))
+            }
+        },
+    )
+    .await?;
+    ensure!(b.delivered == 0 && b.failed >= n, "bad: {b:?}");
+    let retry = js
+        .get_stream(format!("{HOOKS_CONSUMER}-retry"))
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
+    Ok(format!(
+        "Ready with 2 consumers {ready_after:.1?} after apply; {HOOKS_MESSAGES} messages: good got each once \
+         (0 duplicates, signed), bad's {} copies dead-lettered after 3 attempts each, all within \
+         {settled_in:.1?} of the publish; statuses good delivered {}, bad failed {} and dead-lettered {} \
+         ({} copies left on the retry stream)",
+        dead.len(),
+        g.delivered,
+        b.failed,
+        b.dead_lettered,
+        retry
+    ))
 }

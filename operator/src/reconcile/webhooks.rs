@@ -29,6 +29,7 @@ use super::apply::{server_side_apply, unchanged};
 use crate::context::Context;
 use crate::core::desired;
 use crate::core::webhooks::{self as core, Base, Fleet, SNAPSHOT_MAX_BYTES};
+use crate::fleets::ReportsFrom;
 use crate::memory::{Entry, fingerprint};
 use crate::secrets;
 
@@ -166,12 +167,32 @@ pub async fn webhooks(
     ctx.fleets.set_decided(&key, decided);
 
     // The reports consumer, on the broker the fleet consumes from (known once its Secret was read).
-    let uri = memory.with(|m| m.secrets.as_ref().map(|s| s.amqp_uri.clone()));
-    if let Some(Ok(uri)) = uri.map(String::from_utf8) {
-        ctx.fleets
-            .consume(&key, uri.trim(), &reports_queue(&intg.spec.source.queue));
+    let from = memory.with(|m| m.secrets.as_ref().and_then(|s| reports_from(intg, s)));
+    if let Some(from) = from {
+        ctx.fleets.consume_from(&key, from);
     }
     Ok(Some(Outcome { counts, problem }))
+}
+
+/// Where the reports of `intg`'s fleet are consumed from, with the values of its source's Secrets: the
+/// RabbitMQ reports queue, or on a NATS source the JetStream reports stream of its durable consumer.
+/// None while a value is not UTF-8 (the dereference step tells that in the status).
+fn reports_from(intg: &Integration, found: &secrets::Dereferenced) -> Option<ReportsFrom> {
+    let source = &intg.spec.source;
+    let text = |v: &[u8]| String::from_utf8(v.to_vec());
+    let uri = text(&found.amqp_uri).ok()?;
+    if source.nats.is_none() {
+        return Some(ReportsFrom::Amqp {
+            uris: uri.trim().to_owned(),
+            queue: reports_queue(&source.queue),
+        });
+    }
+    Some(ReportsFrom::Nats {
+        urls: uri.trim().to_owned(),
+        credentials: found.nats_credentials.as_deref().map(text).transpose().ok()?,
+        token: found.nats_token.as_deref().map(text).transpose().ok()?,
+        consumer: source.queue.clone(),
+    })
 }
 
 /// Deletes the snapshot Secret of an Integration that no longer has `spec.webhooks` (it holds its former

@@ -50,12 +50,17 @@ use super::consume::Interrupts;
 use super::error::{CONNECT_TIMEOUT, SessionError};
 use super::fate::Store;
 use super::lanes::{FreshWait, Lane};
+
 use super::settle::{PublishError, Settle};
-use super::shared::Worker;
+use super::shared::{ReportSink, Worker};
 use crate::config::{Config, NatsSource, redact_uri};
-use crate::message::{H_ATTEMPTS, H_FIRST_SEEN};
+use crate::message::{H_ATTEMPTS, H_DEAD_AT, H_FIRST_SEEN, H_LAST_STATUS, H_NEXT_DELAY};
 use crate::metrics::Metrics;
+use hookfleet_crds::contract::webhooks::nats as webhooks_nats;
 use hookfleet_crds::integration::Topology;
+
+/// The worker's headers that hold numbers (a copy's, read back from text).
+const INT_HEADERS: [&str; 5] = [H_ATTEMPTS, H_FIRST_SEEN, H_LAST_STATUS, H_NEXT_DELAY, H_DEAD_AT];
 
 /// The header JetStream's count of earlier deliveries is written to (the name the external RabbitMQ
 /// topology's check reads, `delivery::delivery_count`).
@@ -78,17 +83,31 @@ impl Worker {
         };
         self.metrics.broker_connected.set(1);
         let js = jetstream::new(client.clone());
-        let settle = Arc::new(JetStreamSettle::new(js.clone(), self.cfg.confirm_timeout));
+        let schedules = self.cfg.webhooks.is_some().then(|| Schedules {
+            prefix: webhooks_nats::schedule_prefix(&self.cfg.queue),
+            target: webhooks_nats::retry_subject(&self.cfg.queue),
+        });
+        let settle = Arc::new(JetStreamSettle::new(
+            js.clone(),
+            self.cfg.confirm_timeout,
+            schedules,
+        ));
         let result = self.jetstream_consume(&js, nats, &settle, &mut shutdown).await;
         self.metrics.consuming.set(0);
         if result.is_err() {
             self.metrics.broker_connected.set(0);
+            self.set_report_session(None);
         }
         // Shutdown or failure alike: in-flight deliveries finish and settle (those that still can),
         // then whatever is still held goes back now. The pull request is gone with its subscription;
         // the flush makes sure the server saw that before the naks, so that it does not hand them
         // straight back to this worker's dead request.
         self.drain().await;
+        if result.is_ok() {
+            // The last report, through the connection still open.
+            self.report().await;
+            self.set_report_session(None);
+        }
         let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
         let handed_back = settle.nak_all().await;
         if handed_back > 0 {
@@ -114,7 +133,60 @@ impl Worker {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), SessionError> {
         let consumer = prepare(js, &self.cfg, nats).await?;
+        let retries = match self.cfg.webhooks {
+            Some(_) => {
+                let c = prepare_webhooks(js, &self.cfg, nats).await?;
+                self.set_report_session(Some(ReportSink::Nats(Box::new(js.clone()))));
+                Some(c)
+            }
+            None => None,
+        };
         let progress = settle.keep_in_progress(nats.ack_wait / 3);
+        let batch = usize::from(self.cfg.lane_prefetch());
+        self.metrics.consuming.set(1);
+        info!(stream = %nats.stream, consumer = %self.cfg.queue, subjects = ?nats.subjects,
+              dead_letter_subject = %self.cfg.dead_letter_queue, batch, ack_wait = ?nats.ack_wait,
+              max_attempts = self.cfg.max_attempts, concurrency = self.cfg.concurrency, "consuming");
+        let interrupts = || JetStreamLane {
+            shutdown: shutdown.clone(),
+            publish_failed: &settle.publish_failed,
+        };
+        let fresh = self.jetstream_lane(consumer, Lane::Fresh(FreshWait::default()), settle, interrupts());
+        let result = match retries {
+            None => fresh.await,
+            Some(retries) => {
+                info!(consumer = %webhooks_nats::retry_stream(&self.cfg.queue),
+                      subject = %webhooks_nats::retry_subject(&self.cfg.queue),
+                      shared_slots = self.lanes.shared(), "retry lane consuming");
+                let retries = self.jetstream_lane(retries, Lane::Retries, settle, interrupts());
+                tokio::pin!(fresh, retries);
+                // A lane that ends Ok saw the shutdown, and so does the other; one that fails ends both.
+                tokio::select! {
+                    r = &mut fresh => match r {
+                        Ok(()) => retries.await,
+                        Err(e) => Err(e),
+                    },
+                    r = &mut retries => match r {
+                        Ok(()) => fresh.await,
+                        Err(e) => Err(e),
+                    },
+                }
+            }
+        };
+        progress.abort();
+        result
+    }
+
+    /// One lane's consume loop on `consumer` (the work stream's, or with Webhooks the retry stream's),
+    /// until a shutdown (then the rest of the current pull request is taken and held, so that the
+    /// hand-back naks it instead of leaving it to AckWait) or a failure.
+    async fn jetstream_lane(
+        self: &Arc<Self>,
+        consumer: PullConsumer,
+        mut lane: Lane,
+        settle: &Arc<JetStreamSettle>,
+        mut interrupts: JetStreamLane<'_>,
+    ) -> Result<(), SessionError> {
         let batch = usize::from(self.cfg.lane_prefetch());
         let stopping = Arc::new(AtomicBool::new(false));
         let held = settle.clone();
@@ -127,22 +199,10 @@ impl Worker {
                 }
             }
         }));
-        self.metrics.consuming.set(1);
-        info!(stream = %nats.stream, consumer = %self.cfg.queue, subjects = ?nats.subjects,
-              dead_letter_subject = %self.cfg.dead_letter_queue, batch, ack_wait = ?nats.ack_wait,
-              max_attempts = self.cfg.max_attempts, concurrency = self.cfg.concurrency, "consuming");
-        let mut lane = Lane::Fresh(FreshWait::default());
-        let mut interrupts = JetStreamLane {
-            shutdown,
-            publish_failed: &settle.publish_failed,
-        };
         let result = self
             .consume_lane(&mut deliveries, &mut lane, settle, &mut interrupts)
             .await;
-        progress.abort();
         if result.is_ok() {
-            // The rest of the current pull request (no new one is made): converting holds each message,
-            // so that the hand-back naks it instead of leaving it to AckWait.
             stopping.store(true, Ordering::Relaxed);
             let mut rest = 0;
             while let Ok(Some(Ok(_))) =
@@ -150,7 +210,11 @@ impl Worker {
             {
                 rest += 1;
             }
-            info!(rest_of_the_pull = rest, "shutdown: stopped pulling");
+            let lane = match lane {
+                Lane::Fresh(_) => "fresh",
+                Lane::Retries => "retries",
+            };
+            info!(lane, rest_of_the_pull = rest, "shutdown: stopped pulling");
         }
         result
     }
@@ -403,6 +467,117 @@ async fn prepare(
     Ok(consumer)
 }
 
+/// With Webhooks: the retry stream and the retry lane's durable consumer on it (managed: created when
+/// missing; external: they must exist), and the reports stream (created when missing, as the operator
+/// does; a worker that cannot create it keeps its reports until it can publish them).
+async fn prepare_webhooks(
+    js: &jetstream::Context,
+    cfg: &Config,
+    nats: &NatsSource,
+) -> Result<PullConsumer, SessionError> {
+    let managed = cfg.topology == Topology::Managed;
+    let name = webhooks_nats::retry_stream(&cfg.queue);
+    let target = webhooks_nats::retry_subject(&cfg.queue);
+    let work = js
+        .get_stream(&nats.stream)
+        .await
+        .map_err(|e| SessionError::Nats(format!("looking up stream {}: {e}", nats.stream)))?
+        .cached_info()
+        .config
+        .clone();
+    let mut stream = match js.get_stream(&name).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            if !managed {
+                return Err(SessionError::NatsMissing {
+                    missing: vec![format!("stream {name} (the Webhooks' retry copies)")],
+                });
+            }
+            let s = js
+                .create_stream(retry_stream_config(&cfg.queue, &work))
+                .await
+                .map_err(|e| SessionError::Nats(format!("creating the retry stream {name}: {e}")))?;
+            info!(stream = %name, replicas = work.num_replicas, "created the Webhooks' retry stream");
+            s
+        }
+        Err(e) => {
+            return Err(SessionError::Nats(format!("looking up stream {name}: {e}")));
+        }
+    };
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| SessionError::Nats(format!("reading stream {name}: {e}")))?;
+    if !info.config.allow_message_schedules {
+        return Err(SessionError::NatsMismatch(format!(
+            "stream {name} does not allow message schedules: a Webhook's retry copy waits for its due time as \
+             one; it needs nats-server 2.12 or later and the stream's allow_msg_schedules"
+        )));
+    }
+    let wanted = pull::Config {
+        durable_name: Some(name.clone()),
+        description: Some(format!(
+            "hookfleet workers of {}: Webhook retries",
+            cfg.integration
+        )),
+        filter_subject: target.clone(),
+        ..consumer_config(cfg, nats)
+    };
+    let consumer = match stream.consumer_info(&name).await {
+        Ok(_) => stream
+            .get_consumer::<pull::Config>(&name)
+            .await
+            .map_err(|e| SessionError::Nats(format!("opening consumer {name}: {e}")))?,
+        Err(e)
+            if matches!(e.kind(), ConsumerInfoErrorKind::NotFound)
+                || matches!(e.kind(), ConsumerInfoErrorKind::JetStream(j) if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND) =>
+        {
+            if !managed {
+                return Err(SessionError::NatsMissing {
+                    missing: vec![format!("durable consumer {name} on stream {name}")],
+                });
+            }
+            let c = stream
+                .create_consumer(wanted)
+                .await
+                .map_err(|e| SessionError::Nats(format!("creating consumer {name}: {e}")))?;
+            info!(consumer = %name, subject = %target, "created the retry lane's durable consumer");
+            c
+        }
+        Err(e) => return Err(SessionError::Nats(format!("looking up consumer {name}: {e}"))),
+    };
+    let reports = webhooks_nats::reports_stream(&cfg.queue);
+    if let Err(e) = js.get_or_create_stream(reports_stream_config(&cfg.queue)).await {
+        warn!(stream = %reports, error = %e, "cannot find or create the reports stream; reports wait until they can be published");
+    }
+    Ok(consumer)
+}
+
+/// The retry stream: the schedules and the copies they fire, work-queue retention (a copy is gone once
+/// acked), replicas and storage of the work stream.
+fn retry_stream_config(consumer: &str, work: &jetstream::stream::Config) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: webhooks_nats::retry_stream(consumer),
+        description: Some("hookfleet: Webhook retry copies, scheduled".into()),
+        subjects: vec![
+            format!("{}.>", webhooks_nats::schedule_prefix(consumer)),
+            webhooks_nats::retry_subject(consumer),
+        ],
+        retention: jetstream::stream::RetentionPolicy::WorkQueue,
+        allow_message_schedules: true,
+        num_replicas: work.num_replicas,
+        storage: work.storage,
+        ..Default::default()
+    }
+}
+
+/// The reports stream, as the operator creates it too (the contract's).
+fn reports_stream_config(consumer: &str) -> jetstream::stream::Config {
+    serde_json::from_value(webhooks_nats::reports_stream_config(consumer))
+        .expect("the contract's reports stream reads as a stream config")
+}
+
 /// The durable consumer a managed topology wants: explicit acks, AckWait, MaxDeliver one more than the
 /// attempts, the subject filters.
 fn consumer_config(cfg: &Config, nats: &NatsSource) -> pull::Config {
@@ -460,10 +635,10 @@ pub(crate) fn subject_matches(p: &str, s: &str) -> bool {
     }
 }
 
-/// What ends the NATS consume loop besides its message stream: a shutdown, or a dead letter that was
-/// not stored.
+/// What ends a NATS consume loop besides its message stream: a shutdown, or a copy (a dead letter, or
+/// with Webhooks any copy) that was not stored.
 struct JetStreamLane<'a> {
-    shutdown: &'a mut watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     publish_failed: &'a Notify,
 }
 
@@ -488,16 +663,68 @@ pub(super) struct JetStreamSettle {
     next_tag: AtomicU64,
     timeout: Duration,
     publish_failed: Notify,
+    /// With Webhooks: where a Webhook's retry copy waits for its due time.
+    schedules: Option<Schedules>,
+}
+
+/// A Webhook's retry copy is a JetStream message schedule (nats-server 2.12+): published on a subject
+/// of its own under `prefix` with `Nats-Schedule: @at <due time>`, it is fired to `target` (the retry
+/// lane's subject) when due, and the schedule is purged. The original's nak cannot carry one Webhook's
+/// retry: it would bring the message back to every Webhook.
+struct Schedules {
+    prefix: String,
+    target: String,
+}
+
+impl Schedules {
+    /// The subject and the headers that schedule `props`'s copy to be fired `after` from now.
+    fn schedule(&self, props: &BasicProperties, after: Duration) -> (String, HeaderMap) {
+        let mut headers = nats_headers(props);
+        let due = time::OffsetDateTime::now_utc() + after;
+        let due = due
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("a time after now formats as RFC 3339");
+        headers.insert("Nats-Schedule", format!("@at {due}").as_str());
+        headers.insert("Nats-Schedule-Target", self.target.as_str());
+        // One schedule per subject: a subject of its own for each copy.
+        let id: u128 = rand::random();
+        (format!("{}.{id:032x}", self.prefix), headers)
+    }
 }
 
 impl JetStreamSettle {
-    fn new(js: jetstream::Context, timeout: Duration) -> Self {
+    fn new(js: jetstream::Context, timeout: Duration, schedules: Option<Schedules>) -> Self {
         Self {
             js,
             held: tokio::sync::Mutex::new(HashMap::new()),
             next_tag: AtomicU64::new(1),
             timeout,
             publish_failed: Notify::new(),
+            schedules,
+        }
+    }
+
+    /// Publishes to `subject` and waits for JetStream's `PubAck` (a stream stored it), within the
+    /// confirm timeout.
+    async fn publish_stored(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        body: &[u8],
+    ) -> Result<(), PublishError> {
+        let payload = Bytes::copy_from_slice(body);
+        let stored = async {
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, payload)
+                .await
+                .map_err(publish_error)?;
+            ack.await.map_err(publish_error)
+        };
+        match tokio::time::timeout(self.timeout, stored).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(PublishError::Timeout(self.timeout)),
         }
     }
 
@@ -592,20 +819,25 @@ impl Settle for JetStreamSettle {
 
     /// Publishes to `subject` and waits for JetStream's `PubAck` (a stream stored it).
     async fn publish(&self, subject: &str, body: &[u8], props: BasicProperties) -> Result<(), PublishError> {
-        let headers = nats_headers(&props);
-        let payload = Bytes::copy_from_slice(body);
-        let stored = async {
-            let ack = self
-                .js
-                .publish_with_headers(subject.to_owned(), headers, payload)
-                .await
-                .map_err(publish_error)?;
-            ack.await.map_err(publish_error)
-        };
-        match tokio::time::timeout(self.timeout, stored).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(PublishError::Timeout(self.timeout)),
+        self.publish_stored(subject.to_owned(), nats_headers(&props), body)
+            .await
+    }
+
+    /// A Webhook's retry (or deferral) is scheduled on the retry stream ([`Schedules`]); its dead
+    /// letter goes to the dead-letter subject. Both confirmed by JetStream.
+    async fn publish_copy(
+        &self,
+        store: &Store,
+        queue: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), PublishError> {
+        match (store, &self.schedules) {
+            (Store::Retry { next_in, .. } | Store::Defer { next_in, .. }, Some(schedules)) => {
+                let (subject, headers) = schedules.schedule(&props, *next_in);
+                self.publish_stored(subject, headers, body).await
+            }
+            _ => self.publish(queue, body, props).await,
         }
     }
 
@@ -666,6 +898,15 @@ async fn delivery(m: jetstream::Message, settle: &JetStreamSettle) -> Result<Del
                 message_id = Some(v.to_owned());
             } else if name.eq_ignore_ascii_case("Content-Type") {
                 content_type = Some(v.to_owned());
+            } else if name.len() > 5 && name[..5].eq_ignore_ascii_case("Nats-") {
+                // The server's own (a fired schedule's `Nats-Scheduler`, a publisher's expectations):
+                // never carried onto a copy, where they would mean something else or refuse it.
+                continue;
+            } else if INT_HEADERS.contains(&name.as_str())
+                && let Ok(n) = v.parse::<i64>()
+            {
+                // Our counts come back as text from a copy (NATS headers are text).
+                headers.insert(ShortString::from(name), AMQPValue::LongLongInt(n));
             } else {
                 headers.insert(
                     ShortString::from(name),
@@ -790,6 +1031,65 @@ mod tests {
             Some("application/json")
         );
         assert!(out.get(DELIVERY_COUNT).is_none());
+    }
+
+    #[test]
+    fn the_reports_stream_is_a_bounded_work_queue() {
+        let c = reports_stream_config("hooks");
+        assert_eq!(c.name, "hooks-reports");
+        assert_eq!(c.subjects, ["hookfleet.reports.hooks"]);
+        assert_eq!(c.retention, jetstream::stream::RetentionPolicy::WorkQueue);
+        assert_eq!(c.max_messages, 10_000);
+        assert_eq!(c.max_age, Duration::from_secs(600));
+        assert_eq!(c.discard, jetstream::stream::DiscardPolicy::Old);
+        assert_eq!(c.storage, jetstream::stream::StorageType::File);
+    }
+
+    #[test]
+    fn the_retry_stream_holds_the_schedules_and_the_due_copies() {
+        let work = jetstream::stream::Config {
+            num_replicas: 3,
+            ..Default::default()
+        };
+        let c = retry_stream_config("hooks", &work);
+        assert_eq!(c.name, "hooks-retry");
+        assert_eq!(c.subjects, ["hookfleet.sched.hooks.>", "hookfleet.retry.hooks"]);
+        assert_eq!(c.retention, jetstream::stream::RetentionPolicy::WorkQueue);
+        assert!(c.allow_message_schedules);
+        assert_eq!(c.num_replicas, 3, "replicated like the work stream");
+    }
+
+    #[test]
+    fn a_scheduled_copy_has_a_subject_of_its_own_and_its_due_time() {
+        let s = Schedules {
+            prefix: "hookfleet.sched.hooks".into(),
+            target: "hookfleet.retry.hooks".into(),
+        };
+        let props = BasicProperties::default().with_headers({
+            let mut h = FieldTable::default();
+            h.insert(ShortString::from(H_ATTEMPTS), AMQPValue::LongLongInt(2));
+            h
+        });
+        let before = time::OffsetDateTime::now_utc();
+        let (a, h) = s.schedule(&props, Duration::from_millis(1500));
+        let (b, _) = s.schedule(&props, Duration::from_millis(1500));
+        assert!(a.starts_with("hookfleet.sched.hooks.") && a != b, "{a} {b}");
+        assert_eq!(a.split('.').count(), 4, "one token after the prefix: {a}");
+        assert_eq!(
+            h.get("Nats-Schedule-Target").map(|v| v.as_str()),
+            Some("hookfleet.retry.hooks")
+        );
+        assert_eq!(h.get(H_ATTEMPTS).map(|v| v.as_str()), Some("2"));
+        let at = h
+            .get("Nats-Schedule")
+            .unwrap()
+            .as_str()
+            .strip_prefix("@at ")
+            .unwrap()
+            .to_owned();
+        let at = time::OffsetDateTime::parse(&at, &time::format_description::well_known::Rfc3339).unwrap();
+        let after = (at - before).whole_milliseconds();
+        assert!((1500..2500).contains(&after), "due {after} ms after");
     }
 
     #[test]

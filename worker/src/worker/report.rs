@@ -1,24 +1,23 @@
 //! With Webhooks: publishing what this worker saw of each Webhook ([`Report`]) to the fleet's reports
-//! queue, every [`EVERY`] and once more at shutdown, through the session's confirm-mode publisher.
+//! queue, every [`EVERY`] and once more at shutdown, through the session's confirm-mode publisher (on a
+//! NATS source: to the reports stream, each report confirmed by JetStream's `PubAck`).
 //! A report not confirmed goes back into the tallies and rides with the next one; it never holds up
 //! a delivery. At the same pace, the bounded per-Webhook metric series ([`series`]).
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use hookfleet_crds::contract::webhooks::reports_queue;
+use hookfleet_crds::contract::webhooks::{nats, reports_queue};
 use lapin::BasicProperties;
 use tracing::{debug, warn};
 
-use super::broker::Session;
-use super::shared::Worker;
+use super::shared::{ReportSink, Worker};
 use crate::webhooks::series::{self, STATES, Standing, replace};
 
 /// How often a worker reports.
 pub const EVERY: Duration = Duration::from_secs(5);
 
 impl Worker {
-    pub(super) fn set_report_session(&self, session: Option<Arc<Session>>) {
+    pub(super) fn set_report_session(&self, session: Option<ReportSink>) {
         if let Some(h) = &self.hooks {
             *h.session.lock().unwrap_or_else(|e| e.into_inner()) = session;
         }
@@ -80,21 +79,40 @@ impl Worker {
             return;
         };
         let body = serde_json::to_vec(&report).expect("a report serializes");
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
-        let queue = reports_queue(&self.cfg.queue);
-        match session.publisher.publish(&queue, &body, props).await {
+        let (to, published) = match session {
+            ReportSink::Amqp(session) => {
+                let props = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into());
+                let queue = reports_queue(&self.cfg.queue);
+                let r = session.publisher.publish(&queue, &body, props).await;
+                (queue, r.map_err(|e| e.to_string()))
+            }
+            ReportSink::Nats(js) => {
+                let subject = nats::reports_subject(&self.cfg.queue);
+                let r = tokio::time::timeout(self.cfg.confirm_timeout, async {
+                    js.publish(subject.clone(), body.into())
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|_| Err(format!("no PubAck within {:?}", self.cfg.confirm_timeout)));
+                (subject, r.map(|_| ()))
+            }
+        };
+        match published {
             Ok(()) => {
                 self.metrics.reports.get_or_create(&vec![("result", "ok")]).inc();
-                debug!(webhooks = report.webhooks.len(), queue = %queue, "report published");
+                debug!(webhooks = report.webhooks.len(), to = %to, "report published");
             }
             Err(e) => {
                 self.metrics
                     .reports
                     .get_or_create(&vec![("result", "failed")])
                     .inc();
-                warn!(error = %e, queue = %queue, "report not published; it goes with the next");
+                warn!(error = %e, to = %to, "report not published; it goes with the next");
                 hooks.tallies.merge_back(report);
             }
         }

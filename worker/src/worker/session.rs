@@ -250,7 +250,7 @@ impl Worker {
             publish_failed: tokio::sync::Notify::new(),
         });
         *session_out = Some(session.clone());
-        self.set_report_session(Some(session.clone()));
+        self.set_report_session(Some(super::shared::ReportSink::Amqp(session.clone())));
         let mut retry_lane = self
             .start_retry_lane(conn, shutdown.clone(), session.clone())
             .await?;

@@ -30,6 +30,19 @@ pub trait Settle: Send + Sync {
         props: BasicProperties,
     ) -> impl Future<Output = Result<(), PublishError>> + Send;
 
+    /// With Webhooks: stores one Webhook's copy of a message for `store` (the original is acked by the
+    /// caller once every copy is). RabbitMQ: publishes it to `queue` (the delay queue of a retry, or the
+    /// dead-letter queue), confirmed. `Ok` only once it is stored.
+    fn publish_copy(
+        &self,
+        _store: &Store,
+        queue: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send {
+        self.publish(queue, body, props)
+    }
+
     /// A copy was not stored: the session ends, and the reconnect re-declares the topology, with
     /// backoff, instead of looping.
     fn publish_failed(&self);

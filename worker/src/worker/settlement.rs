@@ -191,7 +191,7 @@ impl Settler<'_> {
         let published = futures::future::join_all(
             stores
                 .iter()
-                .map(|(_, _, queue, props)| broker.publish(queue, body, props.clone())),
+                .map(|(_, store, queue, props)| broker.publish_copy(store, queue, body, props.clone())),
         )
         .await;
         let mut failed = None;

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use super::broker::Session;
 use super::gone::GoneLatch;
 use super::lanes::Lanes;
 use crate::breaker::Breaker;
@@ -42,6 +41,15 @@ pub struct Worker {
     pub(super) throttle: Option<Throttle>,
 }
 
+/// Where the reports go while a session is up.
+#[derive(Clone)]
+pub enum ReportSink {
+    /// The RabbitMQ session's confirm-mode publisher, to the reports queue.
+    Amqp(Arc<super::broker::Session>),
+    /// The NATS session's JetStream context, to the reports stream's subject.
+    Nats(Box<async_nats::jetstream::Context>),
+}
+
 /// What a worker with Webhooks keeps besides the common state.
 pub struct Hooks {
     pub(super) mode: WebhooksMode,
@@ -59,7 +67,7 @@ pub struct Hooks {
     /// This worker's name in its reports.
     pub(super) worker_name: String,
     /// The session the reports are published through, while there is one.
-    pub(super) session: Mutex<Option<Arc<Session>>>,
+    pub(super) session: Mutex<Option<ReportSink>>,
 }
 
 impl Worker {

@@ -383,6 +383,17 @@ pub struct WebhooksWorker<'a> {
 /// Spawns the worker binary with Webhooks (event names in header `event`, backoff 200 ms to 1 s) as
 /// `name` (its `HOSTNAME`, as in a pod), without waiting: it consumes once its snapshot is loaded.
 pub fn spawn_webhooks_worker(rmq: &RabbitMq, w: &WebhooksWorker, dir: &Path, name: &str) -> Result<Worker> {
+    spawn_webhooks_worker_source(&["--amqp-uri".into(), rmq.amqp_uri()], w, dir, name, &[])
+}
+
+/// [`spawn_webhooks_worker`] with the source given as its flags, and `extra` flags after the others.
+pub fn spawn_webhooks_worker_source(
+    source: &[String],
+    w: &WebhooksWorker,
+    dir: &Path,
+    name: &str,
+    extra: &[&str],
+) -> Result<Worker> {
     let port = free_port()?;
     let (program, mut args) = match w.nofile {
         Some(n) => (
@@ -395,10 +406,9 @@ pub fn spawn_webhooks_worker(rmq: &RabbitMq, w: &WebhooksWorker, dir: &Path, nam
         ),
         None => (worker_bin(), Vec::new()),
     };
+    args.extend(source.iter().cloned());
     args.extend(
         [
-            "--amqp-uri",
-            &rmq.amqp_uri(),
             "--queue",
             w.queue,
             "--webhooks-secret",
@@ -425,6 +435,7 @@ pub fn spawn_webhooks_worker(rmq: &RabbitMq, w: &WebhooksWorker, dir: &Path, nam
         ]
         .map(String::from),
     );
+    args.extend(extra.iter().map(|s| s.to_string()));
     let envs = vec![
         ("KUBECONFIG".to_owned(), w.kubeconfig.to_owned()),
         ("HOSTNAME".to_owned(), name.to_owned()),
