@@ -597,6 +597,7 @@ async fn webhooks_retry_each_copy_alone_through_schedules_and_report() -> Result
     use std::collections::{BTreeMap, HashMap};
 
     init();
+    let _serial = SERIAL.lock().await;
     let t0 = Instant::now();
     let nats = NatsServer::start().await?;
     let js = connect(&nats).await?;
@@ -821,5 +822,32 @@ async fn webhooks_retry_each_copy_alone_through_schedules_and_report() -> Result
             .any(|l| l.starts_with("hookfleet_webhook_reports_total") && l.contains("result=\"ok\"")),
         "{m}"
     );
+
+    // A retry stream without message schedules (made by hand, or by a server older than 2.12) is refused:
+    // the worker exits instead of retrying a Webhook's copy some other way.
+    js.create_stream(stream::Config {
+        name: "plain-retry".into(),
+        subjects: vec!["hookfleet.sched.plain.>".into(), "hookfleet.retry.plain".into()],
+        ..Default::default()
+    })
+    .await?;
+    let plain = WebhooksWorker { queue: "plain", ..w };
+    let refused = spawn_webhooks_worker_source(&source(&nats), &plain, dir.path(), "worker-plain", &extra)?;
+    wait_for(
+        "the worker to exit",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let exited = refused.process.exited();
+            async move { Ok(exited.then_some(())) }
+        },
+    )
+    .await?;
+    let term = std::fs::read_to_string(dir.path().join("worker-plain.termination-log"))?;
+    ensure!(
+        term.contains("stream plain-retry does not allow message schedules"),
+        "{term}"
+    );
+    eprintln!("nats webhooks: a retry stream without schedules: {term}");
     Ok(())
 }

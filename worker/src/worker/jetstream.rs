@@ -20,6 +20,13 @@
 //! - a shutdown stops pulling, lets in-flight deliveries finish within the grace period, and naks
 //!   what is left, so another worker takes it at once instead of after AckWait.
 //!
+//! With Webhooks (`--webhooks-secret`) a Webhook's retry cannot be a nak of the original (that would bring the
+//! message back to every Webhook): each copy to retry is published as a JetStream message schedule
+//! ([`Schedules`], nats-server 2.12+) in the stream `<consumer>-retry`, fired at its due time to
+//! `hookfleet.retry.<consumer>`, which the retry lane consumes through a second durable consumer (also
+//! `<consumer>-retry`) beside the work stream's, in the shared slots (`lanes`). The original is acked once
+//! every copy is stored (`settlement::settle_copies`). The reports go to the stream `<consumer>-reports`.
+//!
 //! With `--topology managed` the worker creates the durable consumer (and a stream for the dead-letter
 //! subject, `<consumer>-dead`, when no stream captures it) and updates the consumer's settings to its
 //! own; with `external` it checks that they exist (exit `QUEUES_MISSING` naming what is missing). The
@@ -50,7 +57,6 @@ use super::consume::Interrupts;
 use super::error::{CONNECT_TIMEOUT, SessionError};
 use super::fate::Store;
 use super::lanes::{FreshWait, Lane};
-
 use super::settle::{PublishError, Settle};
 use super::shared::{ReportSink, Worker};
 use crate::config::{Config, NatsSource, redact_uri};
@@ -203,6 +209,7 @@ impl Worker {
             .consume_lane(&mut deliveries, &mut lane, settle, &mut interrupts)
             .await;
         if result.is_ok() {
+            // The rest of the current pull request (no new one is made): converting holds each message.
             stopping.store(true, Ordering::Relaxed);
             let mut rest = 0;
             while let Ok(Some(Ok(_))) =
@@ -525,10 +532,31 @@ async fn prepare_webhooks(
         ..consumer_config(cfg, nats)
     };
     let consumer = match stream.consumer_info(&name).await {
-        Ok(_) => stream
-            .get_consumer::<pull::Config>(&name)
-            .await
-            .map_err(|e| SessionError::Nats(format!("opening consumer {name}: {e}")))?,
+        Ok(have) => {
+            let settings = |c: &pull::Config| {
+                Settings::of(c.ack_wait, c.max_deliver, &c.filter_subject, &c.filter_subjects)
+            };
+            let have = &have.config;
+            let theirs = Settings::of(
+                have.ack_wait,
+                have.max_deliver,
+                &have.filter_subject,
+                &have.filter_subjects,
+            );
+            if managed && theirs != settings(&wanted) {
+                let c = stream
+                    .update_consumer(wanted)
+                    .await
+                    .map_err(|e| SessionError::Nats(format!("updating consumer {name}: {e}")))?;
+                info!(consumer = %name, was = ?theirs, "updated the retry lane's consumer settings to the worker's");
+                c
+            } else {
+                stream
+                    .get_consumer::<pull::Config>(&name)
+                    .await
+                    .map_err(|e| SessionError::Nats(format!("opening consumer {name}: {e}")))?
+            }
+        }
         Err(e)
             if matches!(e.kind(), ConsumerInfoErrorKind::NotFound)
                 || matches!(e.kind(), ConsumerInfoErrorKind::JetStream(j) if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND) =>
