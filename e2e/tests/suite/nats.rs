@@ -111,7 +111,7 @@ pub async fn nats(s: &Stack) -> Outcome {
     s.sink.set_mode(Mode::delayed(200, Duration::from_millis(50)));
     let ids = messages::ids("nats", MESSAGES);
     let t_publish = Instant::now();
-    let publisher = publish(&js, &ids, PER_SECOND);
+    let publisher = publish(&js, "e2e.orders", &ids, PER_SECOND);
     let chaos = async {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         kill_one(s).await
@@ -167,9 +167,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Publishes one message per id to `e2e.orders` at `per_second` (batches every 100 ms), each with
+/// Publishes one message per id to `subject` at `per_second` (batches every 100 ms), each with
 /// `Nats-Msg-Id` = its id and a JSON body naming it, each confirmed by JetStream.
-async fn publish(js: &jetstream::Context, ids: &[String], per_second: usize) -> Result<()> {
+async fn publish(js: &jetstream::Context, subject: &str, ids: &[String], per_second: usize) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     for chunk in ids.chunks((per_second / 10).max(1)) {
         tick.tick().await;
@@ -179,7 +179,7 @@ async fn publish(js: &jetstream::Context, ids: &[String], per_second: usize) -> 
             h.insert("Nats-Msg-Id", id.as_str());
             h.insert("Content-Type", "application/json");
             acks.push(
-                js.publish_with_headers("e2e.orders", h, messages::body(id).into())
+                js.publish_with_headers(subject.to_owned(), h, messages::body(id).into())
                     .await?,
             );
         }
@@ -348,21 +348,7 @@ async fn webhooks_on_nats(
     s.sink.set_mode(Mode::ok());
     let ids = messages::ids("nats-hooks", HOOKS_MESSAGES);
     let t_publish = Instant::now();
-    for chunk in ids.chunks(100) {
-        let mut acks = Vec::with_capacity(chunk.len());
-        for id in chunk {
-            let mut h = async_nats::HeaderMap::new();
-            h.insert("Nats-Msg-Id", id.as_str());
-            h.insert("Content-Type", "application/json");
-            acks.push(
-                js.publish_with_headers("e2e.hooks.orders", h, messages::body(id).into())
-                    .await?,
-            );
-        }
-        for a in acks {
-            a.await?;
-        }
-    }
+    publish(js, "e2e.hooks.orders", &ids, 2000).await?;
     let good: HashSet<String> = ids.iter().map(|id| format!("{id}:good")).collect();
     let dead_stream = format!("{HOOKS_CONSUMER}-dead");
     let dead = wait_for(
