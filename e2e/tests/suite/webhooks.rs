@@ -177,14 +177,25 @@ pub async fn webhooks(s: &Stack) -> Outcome {
         },
     )
     .await?;
-    let paused = hooks.get(&format!("w{PAUSED}")).await?;
-    ensure!(
-        paused
-            .condition("Ready")
-            .is_some_and(|c| c.status == "False" && c.reason == "Paused"),
-        "w{PAUSED} is paused: {:?}",
-        paused.status
-    );
+    // Its status may trail w0's: a Webhook's state is written at most once per 10 s, and a pass writes a
+    // bounded number of statuses (`reconcile/webhook_status.rs`), so one written before the Integration existed
+    // (`IntegrationNotFound`) can still show that when w0 turns Ready.
+    wait_for(
+        &format!("w{PAUSED} Ready=False reason Paused"),
+        Duration::from_secs(30),
+        Duration::from_millis(250),
+        || {
+            let hooks = hooks.clone();
+            async move {
+                let paused = hooks.get(&format!("w{PAUSED}")).await?;
+                Ok(paused
+                    .condition("Ready")
+                    .is_some_and(|c| c.status == "False" && c.reason == "Paused")
+                    .then_some(()))
+            }
+        },
+    )
+    .await?;
     let table = s.kubectl(&["get", "webhooks", "-n", NS])?;
     let header = table.lines().next().unwrap_or_default().to_owned();
     let row = table
