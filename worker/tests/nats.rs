@@ -649,7 +649,8 @@ async fn webhooks_retry_each_copy_alone_through_schedules_and_report() -> Result
         concurrency: 16,
         nofile: None,
     };
-    // AckWait 3 s: what the kill -9 left unacked comes back soon.
+    // AckWait 3 s: what the kill -9 left unacked comes back soon. Two subject filters on the work
+    // consumer: the retry lane's consumer filters its own subject alone all the same.
     let extra = [
         "--max-attempts",
         "6",
@@ -657,6 +658,10 @@ async fn webhooks_retry_each_copy_alone_through_schedules_and_report() -> Result
         "0",
         "--nats-ack-wait",
         "3s",
+        "--nats-subject",
+        SUBJECT,
+        "--nats-subject",
+        "orders.cancelled",
     ];
     let worker = spawn_webhooks_worker_source(&source(&nats), &w, dir.path(), "worker-a", &extra)?;
     worker.wait_ready(true, Duration::from_secs(30)).await?;

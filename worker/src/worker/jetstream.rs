@@ -391,22 +391,7 @@ async fn prepare(
             )));
         }
     }
-    let wanted = consumer_config(cfg, nats);
-    let have = match stream.consumer_info(&cfg.queue).await {
-        Ok(i) => Some(i.config),
-        Err(e)
-            if matches!(e.kind(), ConsumerInfoErrorKind::NotFound)
-                || matches!(e.kind(), ConsumerInfoErrorKind::JetStream(j) if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND) =>
-        {
-            None
-        }
-        Err(e) => {
-            return Err(SessionError::Nats(format!(
-                "looking up consumer {}: {e}",
-                cfg.queue
-            )));
-        }
-    };
+    let have = existing_consumer(&stream, &cfg.queue).await?;
     if !missing.is_empty() || (have.is_none() && !managed) {
         if have.is_none() {
             missing.insert(
@@ -416,62 +401,7 @@ async fn prepare(
         }
         return Err(SessionError::NatsMissing { missing });
     }
-    let consumer = match have {
-        None => {
-            let c = stream
-                .create_consumer(wanted)
-                .await
-                .map_err(|e| SessionError::Nats(format!("creating consumer {}: {e}", cfg.queue)))?;
-            info!(consumer = %cfg.queue, stream = %nats.stream, max_deliver = cfg.max_attempts + 1, "created the durable consumer");
-            c
-        }
-        Some(have) => {
-            if have.ack_policy != AckPolicy::Explicit {
-                return Err(SessionError::NatsMismatch(format!(
-                    "consumer {} acks {:?}, not explicitly: the worker acks each message after its send",
-                    cfg.queue, have.ack_policy
-                )));
-            }
-            let theirs = Settings::of(
-                have.ack_wait,
-                have.max_deliver,
-                &have.filter_subject,
-                &have.filter_subjects,
-            );
-            if managed
-                && theirs
-                    != Settings::of(
-                        wanted.ack_wait,
-                        wanted.max_deliver,
-                        &wanted.filter_subject,
-                        &wanted.filter_subjects,
-                    )
-            {
-                let c = stream
-                    .update_consumer(wanted)
-                    .await
-                    .map_err(|e| SessionError::Nats(format!("updating consumer {}: {e}", cfg.queue)))?;
-                info!(consumer = %cfg.queue, was = ?theirs, "updated the durable consumer's settings to the worker's");
-                c
-            } else {
-                if !managed && have.max_deliver > 0 && have.max_deliver <= i64::from(cfg.max_attempts) {
-                    return Err(SessionError::NatsMismatch(format!(
-                        "consumer {} has MaxDeliver {} ≤ --max-attempts {}: JetStream would drop a message \
-                         before the worker dead-letters it; set its MaxDeliver to at least {}, or -1",
-                        cfg.queue,
-                        have.max_deliver,
-                        cfg.max_attempts,
-                        cfg.max_attempts + 1
-                    )));
-                }
-                stream
-                    .get_consumer::<pull::Config>(&cfg.queue)
-                    .await
-                    .map_err(|e| SessionError::Nats(format!("opening consumer {}: {e}", cfg.queue)))?
-            }
-        }
-    };
-    Ok(consumer)
+    open_durable(&stream, have, consumer_config(cfg, nats), cfg).await
 }
 
 /// With Webhooks: the retry stream and the retry lane's durable consumer on it (managed: created when
@@ -484,7 +414,6 @@ async fn prepare_webhooks(
 ) -> Result<PullConsumer, SessionError> {
     let managed = cfg.topology == Topology::Managed;
     let name = webhooks_nats::retry_stream(&cfg.queue);
-    let target = webhooks_nats::retry_subject(&cfg.queue);
     let work = js
         .get_stream(&nats.stream)
         .await
@@ -522,59 +451,13 @@ async fn prepare_webhooks(
              one; it needs nats-server 2.12 or later and the stream's allow_msg_schedules"
         )));
     }
-    let wanted = pull::Config {
-        durable_name: Some(name.clone()),
-        description: Some(format!(
-            "hookfleet workers of {}: Webhook retries",
-            cfg.integration
-        )),
-        filter_subject: target.clone(),
-        ..consumer_config(cfg, nats)
-    };
-    let consumer = match stream.consumer_info(&name).await {
-        Ok(have) => {
-            let settings = |c: &pull::Config| {
-                Settings::of(c.ack_wait, c.max_deliver, &c.filter_subject, &c.filter_subjects)
-            };
-            let have = &have.config;
-            let theirs = Settings::of(
-                have.ack_wait,
-                have.max_deliver,
-                &have.filter_subject,
-                &have.filter_subjects,
-            );
-            if managed && theirs != settings(&wanted) {
-                let c = stream
-                    .update_consumer(wanted)
-                    .await
-                    .map_err(|e| SessionError::Nats(format!("updating consumer {name}: {e}")))?;
-                info!(consumer = %name, was = ?theirs, "updated the retry lane's consumer settings to the worker's");
-                c
-            } else {
-                stream
-                    .get_consumer::<pull::Config>(&name)
-                    .await
-                    .map_err(|e| SessionError::Nats(format!("opening consumer {name}: {e}")))?
-            }
-        }
-        Err(e)
-            if matches!(e.kind(), ConsumerInfoErrorKind::NotFound)
-                || matches!(e.kind(), ConsumerInfoErrorKind::JetStream(j) if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND) =>
-        {
-            if !managed {
-                return Err(SessionError::NatsMissing {
-                    missing: vec![format!("durable consumer {name} on stream {name}")],
-                });
-            }
-            let c = stream
-                .create_consumer(wanted)
-                .await
-                .map_err(|e| SessionError::Nats(format!("creating consumer {name}: {e}")))?;
-            info!(consumer = %name, subject = %target, "created the retry lane's durable consumer");
-            c
-        }
-        Err(e) => return Err(SessionError::Nats(format!("looking up consumer {name}: {e}"))),
-    };
+    let have = existing_consumer(&stream, &name).await?;
+    if have.is_none() && !managed {
+        return Err(SessionError::NatsMissing {
+            missing: vec![format!("durable consumer {name} on stream {name}")],
+        });
+    }
+    let consumer = open_durable(&stream, have, retry_consumer_config(cfg, nats), cfg).await?;
     let reports = webhooks_nats::reports_stream(&cfg.queue);
     if let Err(e) = js.get_or_create_stream(reports_stream_config(&cfg.queue)).await {
         warn!(stream = %reports, error = %e, "cannot find or create the reports stream; reports wait until they can be published");
@@ -625,6 +508,89 @@ fn consumer_config(cfg: &Config, nats: &NatsSource) -> pull::Config {
     c
 }
 
+/// With Webhooks, the retry lane's durable consumer: the work consumer's acks, AckWait and MaxDeliver,
+/// filtered on the retry stream's target subject alone (never the work subjects).
+fn retry_consumer_config(cfg: &Config, nats: &NatsSource) -> pull::Config {
+    pull::Config {
+        durable_name: Some(webhooks_nats::retry_stream(&cfg.queue)),
+        description: Some(format!(
+            "hookfleet workers of {}: Webhook retries",
+            cfg.integration
+        )),
+        filter_subject: webhooks_nats::retry_subject(&cfg.queue),
+        filter_subjects: Vec::new(),
+        ..consumer_config(cfg, nats)
+    }
+}
+
+/// The durable consumer `name`'s settings on `stream`, or `None` when there is no such consumer.
+async fn existing_consumer(
+    stream: &jetstream::stream::Stream,
+    name: &str,
+) -> Result<Option<jetstream::consumer::Config>, SessionError> {
+    match stream.consumer_info(name).await {
+        Ok(i) => Ok(Some(i.config.clone())),
+        Err(e)
+            if matches!(e.kind(), ConsumerInfoErrorKind::NotFound)
+                || matches!(e.kind(), ConsumerInfoErrorKind::JetStream(j) if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(SessionError::Nats(format!("looking up consumer {name}: {e}"))),
+    }
+}
+
+/// Opens the durable consumer `wanted` names on `stream`, whose settings are `have` (`None`: it does not
+/// exist, and is created; the caller refuses that with `--topology external`). It must ack explicitly;
+/// managed, its settings are updated to `wanted`'s; external, its MaxDeliver must leave the worker room to
+/// dead-letter a message first.
+async fn open_durable(
+    stream: &jetstream::stream::Stream,
+    have: Option<jetstream::consumer::Config>,
+    wanted: pull::Config,
+    cfg: &Config,
+) -> Result<PullConsumer, SessionError> {
+    let name = wanted.durable_name.clone().unwrap_or_default();
+    let Some(have) = have else {
+        let max_deliver = wanted.max_deliver;
+        let c = stream
+            .create_consumer(wanted)
+            .await
+            .map_err(|e| SessionError::Nats(format!("creating consumer {name}: {e}")))?;
+        info!(consumer = %name, stream = %stream.cached_info().config.name, max_deliver, "created the durable consumer");
+        return Ok(c);
+    };
+    if have.ack_policy != AckPolicy::Explicit {
+        return Err(SessionError::NatsMismatch(format!(
+            "consumer {name} acks {:?}, not explicitly: the worker acks each message after its send",
+            have.ack_policy
+        )));
+    }
+    let theirs = Settings::existing(&have);
+    if cfg.topology == Topology::Managed {
+        if theirs != Settings::of(&wanted) {
+            let c = stream
+                .update_consumer(wanted)
+                .await
+                .map_err(|e| SessionError::Nats(format!("updating consumer {name}: {e}")))?;
+            info!(consumer = %name, was = ?theirs, "updated the durable consumer's settings to the worker's");
+            return Ok(c);
+        }
+    } else if have.max_deliver > 0 && have.max_deliver <= i64::from(cfg.max_attempts) {
+        return Err(SessionError::NatsMismatch(format!(
+            "consumer {name} has MaxDeliver {} ≤ --max-attempts {}: JetStream would drop a message before the \
+             worker dead-letters it; set its MaxDeliver to at least {}, or -1",
+            have.max_deliver,
+            cfg.max_attempts,
+            cfg.max_attempts + 1
+        )));
+    }
+    stream
+        .get_consumer::<pull::Config>(&name)
+        .await
+        .map_err(|e| SessionError::Nats(format!("opening consumer {name}: {e}")))
+}
+
 /// What the worker sets on a managed consumer, to compare an existing one's with.
 #[derive(Debug, PartialEq, Eq)]
 struct Settings {
@@ -634,16 +600,26 @@ struct Settings {
 }
 
 impl Settings {
-    fn of(ack_wait: Duration, max_deliver: i64, filter: &str, filters: &[String]) -> Self {
-        let mut f = filters.to_vec();
+    /// What `c` would set.
+    fn of(c: &pull::Config) -> Self {
+        Self::new(c.ack_wait, c.max_deliver, &c.filter_subject, &c.filter_subjects)
+    }
+
+    /// What an existing consumer has.
+    fn existing(c: &jetstream::consumer::Config) -> Self {
+        Self::new(c.ack_wait, c.max_deliver, &c.filter_subject, &c.filter_subjects)
+    }
+
+    fn new(ack_wait: Duration, max_deliver: i64, filter: &str, filters: &[String]) -> Self {
+        let mut filters = filters.to_vec();
         if !filter.is_empty() {
-            f.push(filter.to_owned());
+            filters.push(filter.to_owned());
         }
-        f.sort();
+        filters.sort();
         Self {
             ack_wait,
             max_deliver,
-            filters: f,
+            filters,
         }
     }
 }
@@ -1137,9 +1113,40 @@ mod tests {
         assert_eq!(c.ack_policy, AckPolicy::Explicit);
         assert_eq!(c.max_deliver, 6);
         assert_eq!(c.filter_subject, "orders.>");
-        let ours = Settings::of(c.ack_wait, c.max_deliver, &c.filter_subject, &c.filter_subjects);
+        let ours = Settings::of(&c);
         // One filter given as the list, not the single field: the same settings.
-        assert_eq!(ours, Settings::of(c.ack_wait, 6, "", &["orders.>".to_owned()]));
-        assert_ne!(ours, Settings::of(c.ack_wait, -1, "orders.>", &[]));
+        let listed = pull::Config {
+            filter_subject: String::new(),
+            filter_subjects: vec!["orders.>".to_owned()],
+            ..c.clone()
+        };
+        assert_eq!(ours, Settings::of(&listed));
+        let unlimited = pull::Config {
+            max_deliver: -1,
+            ..c.clone()
+        };
+        assert_ne!(ours, Settings::of(&unlimited));
+    }
+
+    #[test]
+    fn the_retry_lanes_consumer_filters_the_retry_subject_alone_whatever_the_work_subjects() {
+        let mut cfg = Config::for_tests(None, None);
+        cfg.queue = "hooks".into();
+        cfg.max_attempts = 5;
+        let nats = NatsSource {
+            urls: vec!["nats://127.0.0.1:4222".into()],
+            stream: "EVENTS".into(),
+            subjects: vec!["orders.>".into(), "invoices.>".into()],
+            creds_file: None,
+            token: None,
+            ack_wait: Duration::from_secs(30),
+        };
+        let c = retry_consumer_config(&cfg, &nats);
+        assert_eq!(c.durable_name.as_deref(), Some("hooks-retry"));
+        assert_eq!(c.ack_policy, AckPolicy::Explicit);
+        assert_eq!((c.ack_wait, c.max_deliver), (Duration::from_secs(30), 6));
+        assert_eq!(c.filter_subject, "hookfleet.retry.hooks");
+        assert!(c.filter_subjects.is_empty(), "{:?}", c.filter_subjects);
+        assert_eq!(Settings::of(&c).filters, ["hookfleet.retry.hooks"]);
     }
 }
