@@ -679,6 +679,17 @@ async fn webhooks_retry_each_copy_alone_through_schedules_and_report() -> Result
         retry.cached_info().config.allow_message_schedules,
         "the worker created the retry stream with message schedules"
     );
+    ensure!(
+        retry
+            .cached_info()
+            .config
+            .metadata
+            .get("hookfleet.io/work-stream")
+            .map(String::as_str)
+            == Some("EVENTS"),
+        "the retry stream names its work stream: {:?}",
+        retry.cached_info().config.metadata
+    );
     // kill -9 with copies scheduled: they are the server's, not the worker's.
     let mut worker = worker;
     worker.process.kill();
@@ -854,5 +865,39 @@ async fn webhooks_retry_each_copy_alone_through_schedules_and_report() -> Result
         "{term}"
     );
     eprintln!("nats webhooks: a retry stream without schedules: {term}");
+
+    // Another Integration's consumer of the same name on another work stream: its retry stream (named after
+    // the consumer, as streams are the account's) is refused rather than shared.
+    js.create_stream(stream::Config {
+        name: "twin-retry".into(),
+        subjects: vec!["hookfleet.sched.twin.>".into(), "hookfleet.retry.twin".into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        allow_message_schedules: true,
+        metadata: [("hookfleet.io/work-stream".to_owned(), "INVOICES".to_owned())].into(),
+        ..Default::default()
+    })
+    .await?;
+    let twin = WebhooksWorker { queue: "twin", ..w };
+    let refused = spawn_webhooks_worker_source(&source(&nats), &twin, dir.path(), "worker-twin", &extra)?;
+    wait_for(
+        "the worker to exit",
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || {
+            let exited = refused.process.exited();
+            async move { Ok(exited.then_some(())) }
+        },
+    )
+    .await?;
+    let term = std::fs::read_to_string(dir.path().join("worker-twin.termination-log"))?;
+    ensure!(
+        term.contains("stream twin-retry holds the Webhook retries of consumer twin on the work stream INVOICES, not on EVENTS"),
+        "{term}"
+    );
+    ensure!(
+        js.get_stream("twin-retry").await?.info().await?.state.messages == 0,
+        "nothing was scheduled on the other Integration's retry stream"
+    );
+    eprintln!("nats webhooks: another work stream's retry stream: {term}");
     Ok(())
 }

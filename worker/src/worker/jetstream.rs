@@ -68,6 +68,11 @@ use hookfleet_crds::integration::Topology;
 /// The worker's headers that hold numbers (a copy's, read back from text).
 const INT_HEADERS: [&str; 5] = [H_ATTEMPTS, H_FIRST_SEEN, H_LAST_STATUS, H_NEXT_DELAY, H_DEAD_AT];
 
+/// The retry stream's metadata key naming the work stream whose consumer it serves: a retry stream of
+/// the same name serving another work stream (another Integration with the same consumer name on the same
+/// NATS account) is refused rather than shared.
+const WORK_STREAM_KEY: &str = "hookfleet.io/work-stream";
+
 /// The header JetStream's count of earlier deliveries is written to (the name the external RabbitMQ
 /// topology's check reads, `delivery::delivery_count`).
 const DELIVERY_COUNT: &str = "x-delivery-count";
@@ -445,6 +450,17 @@ async fn prepare_webhooks(
         .info()
         .await
         .map_err(|e| SessionError::Nats(format!("reading stream {name}: {e}")))?;
+    if let Some(owner) = info.config.metadata.get(WORK_STREAM_KEY)
+        && owner != &nats.stream
+    {
+        return Err(SessionError::NatsMismatch(format!(
+            "stream {name} holds the Webhook retries of consumer {queue} on the work stream {owner}, not on {work}: \
+             the streams named after the consumer ({name}, {queue}-reports, {queue}-dead) are the NATS account's, so \
+             two Integrations on one account need different consumer names (spec.source.queue)",
+            queue = cfg.queue,
+            work = nats.stream,
+        )));
+    }
     if !info.config.allow_message_schedules {
         return Err(SessionError::NatsMismatch(format!(
             "stream {name} does not allow message schedules: a Webhook's retry copy waits for its due time as \
@@ -477,6 +493,7 @@ fn retry_stream_config(consumer: &str, work: &jetstream::stream::Config) -> jets
         ],
         retention: jetstream::stream::RetentionPolicy::WorkQueue,
         allow_message_schedules: true,
+        metadata: [(WORK_STREAM_KEY.to_owned(), work.name.clone())].into(),
         num_replicas: work.num_replicas,
         storage: work.storage,
         ..Default::default()
@@ -1052,6 +1069,7 @@ mod tests {
     #[test]
     fn the_retry_stream_holds_the_schedules_and_the_due_copies() {
         let work = jetstream::stream::Config {
+            name: "EVENTS".into(),
             num_replicas: 3,
             ..Default::default()
         };
@@ -1061,6 +1079,11 @@ mod tests {
         assert_eq!(c.retention, jetstream::stream::RetentionPolicy::WorkQueue);
         assert!(c.allow_message_schedules);
         assert_eq!(c.num_replicas, 3, "replicated like the work stream");
+        assert_eq!(
+            c.metadata.get(WORK_STREAM_KEY),
+            Some(&work.name),
+            "it names its work stream"
+        );
     }
 
     #[test]
