@@ -839,65 +839,66 @@ async fn webhooks_retry_each_copy_alone_through_schedules_and_report() -> Result
         "{m}"
     );
 
-    // A retry stream without message schedules (made by hand, or by a server older than 2.12) is refused:
-    // the worker exits instead of retrying a Webhook's copy some other way.
-    js.create_stream(stream::Config {
+    // Retry streams the worker refuses at start rather than retry a Webhook's copy some other way: one
+    // without message schedules (made by hand, or by a server older than 2.12), and another Integration's
+    // (the same consumer name on another work stream: stream names are the account's, so it would be shared).
+    let plain = stream::Config {
         name: "plain-retry".into(),
         subjects: vec!["hookfleet.sched.plain.>".into(), "hookfleet.retry.plain".into()],
         ..Default::default()
-    })
-    .await?;
-    let plain = WebhooksWorker { queue: "plain", ..w };
-    let refused = spawn_webhooks_worker_source(&source(&nats), &plain, dir.path(), "worker-plain", &extra)?;
-    wait_for(
-        "the worker to exit",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || {
-            let exited = refused.process.exited();
-            async move { Ok(exited.then_some(())) }
-        },
-    )
-    .await?;
-    let term = std::fs::read_to_string(dir.path().join("worker-plain.termination-log"))?;
-    ensure!(
-        term.contains("stream plain-retry does not allow message schedules"),
-        "{term}"
-    );
-    eprintln!("nats webhooks: a retry stream without schedules: {term}");
-
-    // Another Integration's consumer of the same name on another work stream: its retry stream (named after
-    // the consumer, as streams are the account's) is refused rather than shared.
-    js.create_stream(stream::Config {
+    };
+    let twin = stream::Config {
         name: "twin-retry".into(),
         subjects: vec!["hookfleet.sched.twin.>".into(), "hookfleet.retry.twin".into()],
         retention: stream::RetentionPolicy::WorkQueue,
         allow_message_schedules: true,
         metadata: [("hookfleet.io/work-stream".to_owned(), "INVOICES".to_owned())].into(),
         ..Default::default()
-    })
-    .await?;
-    let twin = WebhooksWorker { queue: "twin", ..w };
-    let refused = spawn_webhooks_worker_source(&source(&nats), &twin, dir.path(), "worker-twin", &extra)?;
-    wait_for(
-        "the worker to exit",
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        || {
-            let exited = refused.process.exited();
-            async move { Ok(exited.then_some(())) }
-        },
-    )
-    .await?;
-    let term = std::fs::read_to_string(dir.path().join("worker-twin.termination-log"))?;
-    ensure!(
-        term.contains("stream twin-retry holds the Webhook retries of consumer twin on the work stream INVOICES, not on EVENTS"),
-        "{term}"
-    );
-    ensure!(
-        js.get_stream("twin-retry").await?.info().await?.state.messages == 0,
-        "nothing was scheduled on the other Integration's retry stream"
-    );
-    eprintln!("nats webhooks: another work stream's retry stream: {term}");
+    };
+    for (queue, retry, refusal) in [
+        (
+            "plain",
+            plain,
+            "stream plain-retry does not allow message schedules",
+        ),
+        (
+            "twin",
+            twin,
+            "stream twin-retry holds the Webhook retries of consumer twin on the work stream INVOICES, not on EVENTS",
+        ),
+    ] {
+        js.create_stream(retry).await?;
+        let log = format!("worker-{queue}");
+        let refused = spawn_webhooks_worker_source(
+            &source(&nats),
+            &WebhooksWorker { queue, ..w },
+            dir.path(),
+            &log,
+            &extra,
+        )?;
+        wait_for(
+            "the worker to exit",
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || {
+                let exited = refused.process.exited();
+                async move { Ok(exited.then_some(())) }
+            },
+        )
+        .await?;
+        let term = std::fs::read_to_string(dir.path().join(format!("{log}.termination-log")))?;
+        ensure!(term.contains(refusal), "{term}");
+        ensure!(
+            js.get_stream(format!("{queue}-retry"))
+                .await?
+                .info()
+                .await?
+                .state
+                .messages
+                == 0,
+            "nothing was scheduled on the refused retry stream {queue}-retry"
+        );
+        eprintln!("nats webhooks: retry stream {queue}-retry refused: {term}");
+    }
     Ok(())
 }
