@@ -143,10 +143,10 @@ impl Worker {
         settle: &Arc<JetStreamSettle>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), SessionError> {
-        let consumer = prepare(js, &self.cfg, nats).await?;
+        let (consumer, work) = prepare(js, &self.cfg, nats).await?;
         let retries = match self.cfg.webhooks {
             Some(_) => {
-                let c = prepare_webhooks(js, &self.cfg, nats).await?;
+                let c = prepare_webhooks(js, &self.cfg, nats, &work).await?;
                 self.set_report_session(Some(ReportSink::Nats(Box::new(js.clone()))));
                 Some(c)
             }
@@ -331,16 +331,17 @@ async fn connect(
     Ok(client)
 }
 
-/// The durable consumer, after checking the stream, the dead-letter subject's stream and the
-/// consumer's settings (managed: created or updated to the worker's; external: they must exist).
+/// The durable consumer and the work stream's config, after checking the stream, the dead-letter
+/// subject's stream and the consumer's settings (managed: created or updated to the worker's; external:
+/// they must exist).
 async fn prepare(
     js: &jetstream::Context,
     cfg: &Config,
     nats: &NatsSource,
-) -> Result<PullConsumer, SessionError> {
+) -> Result<(PullConsumer, jetstream::stream::Config), SessionError> {
     let managed = cfg.topology == Topology::Managed;
     let mut missing = Vec::new();
-    let mut stream = match js.get_stream(&nats.stream).await {
+    let stream = match js.get_stream(&nats.stream).await {
         Ok(s) => s,
         Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
         {
@@ -355,11 +356,8 @@ async fn prepare(
             )));
         }
     };
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| SessionError::Nats(format!("reading stream {}: {e}", nats.stream)))?
-        .clone();
+    // `get_stream` read the stream's info: no second request.
+    let info = stream.cached_info().clone();
     let dead = &cfg.dead_letter_queue;
     if let Some(pattern) = info.config.subjects.iter().find(|p| subject_matches(p, dead)) {
         return Err(SessionError::NatsMismatch(format!(
@@ -406,7 +404,8 @@ async fn prepare(
         }
         return Err(SessionError::NatsMissing { missing });
     }
-    open_durable(&stream, have, consumer_config(cfg, nats), cfg).await
+    let consumer = open_durable(&stream, have, consumer_config(cfg, nats), cfg).await?;
+    Ok((consumer, info.config))
 }
 
 /// With Webhooks: the retry stream and the retry lane's durable consumer on it (managed: created when
@@ -416,17 +415,11 @@ async fn prepare_webhooks(
     js: &jetstream::Context,
     cfg: &Config,
     nats: &NatsSource,
+    work: &jetstream::stream::Config,
 ) -> Result<PullConsumer, SessionError> {
     let managed = cfg.topology == Topology::Managed;
     let name = webhooks_nats::retry_stream(&cfg.queue);
-    let work = js
-        .get_stream(&nats.stream)
-        .await
-        .map_err(|e| SessionError::Nats(format!("looking up stream {}: {e}", nats.stream)))?
-        .cached_info()
-        .config
-        .clone();
-    let mut stream = match js.get_stream(&name).await {
+    let stream = match js.get_stream(&name).await {
         Ok(s) => s,
         Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
         {
@@ -436,7 +429,7 @@ async fn prepare_webhooks(
                 });
             }
             let s = js
-                .create_stream(retry_stream_config(&cfg.queue, &work))
+                .create_stream(retry_stream_config(&cfg.queue, work))
                 .await
                 .map_err(|e| SessionError::Nats(format!("creating the retry stream {name}: {e}")))?;
             info!(stream = %name, replicas = work.num_replicas, "created the Webhooks' retry stream");
@@ -446,10 +439,7 @@ async fn prepare_webhooks(
             return Err(SessionError::Nats(format!("looking up stream {name}: {e}")));
         }
     };
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| SessionError::Nats(format!("reading stream {name}: {e}")))?;
+    let info = stream.cached_info();
     if let Some(owner) = info.config.metadata.get(WORK_STREAM_KEY)
         && owner != &nats.stream
     {
