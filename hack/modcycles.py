@@ -23,7 +23,7 @@ GROUP = re.compile(r"\b(crate|super|self)((?:::[A-Za-z_][A-Za-z0-9_]*)*)::\{")
 
 def strip_comments(text):
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)  # strings can hold `crate::` in messages
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text, flags=re.S)  # strings can hold `crate::` in messages (re.S: a backslash-newline continues one)
     # Doc comments (`///`, `//!`) stay: their paths are rustdoc links, references as real as a `use`.
     return "\n".join(
         line if line.lstrip().startswith(("///", "//!")) else line.split("//", 1)[0] for line in text.splitlines()

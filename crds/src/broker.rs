@@ -37,6 +37,15 @@ pub fn nats_urls(value: &str) -> Result<Vec<&str>, String> {
     Ok(urls)
 }
 
+/// Removes any occurrence of the URI (and so its password) from an error message.
+pub fn redact(msg: &str, uri: &str) -> String {
+    if uri.is_empty() {
+        msg.into()
+    } else {
+        msg.replace(uri, "<uri>")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -150,7 +150,7 @@ pub struct WebhooksSpec {
     /// Every Webhook's isolation (in-flight cap, rate limit) and auto-pause, as defaults and ceilings: a
     /// Webhook's own `limits` may only be lower.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub per_webhook: Option<crate::webhook::WebhookLimits>,
+    pub per_webhook: Option<WebhookLimits>,
 }
 
 /// What becomes of a message no Webhook matches.
@@ -1199,5 +1199,193 @@ impl Integration {
     /// The condition of type `type_`, if set.
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
         self.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+    }
+}
+
+/// What one Webhook may take of its fleet, and when it is paused for failing (`docs/webhooks.md`,
+/// "Isolation"): on an Integration (`webhooks.perWebhook`) the defaults and ceilings of its Webhooks; on
+/// a Webhook (`limits`) its own, lower values.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookLimits {
+    /// Requests of this Webhook in flight at once in one worker (never more than half the worker's
+    /// `delivery.concurrency`). A copy that finds the Webhook at its cap is set aside on its retry
+    /// path without spending an attempt (reason `throttled`), and the worker goes on with the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = limits::CONCURRENCY.min, max = limits::CONCURRENCY.max))]
+    pub max_in_flight: Option<u32>,
+    /// Requests per second to this Webhook (a token bucket in each worker), per worker or for the whole
+    /// fleet (`scope`). A copy that finds no token is set aside without spending an attempt (reason
+    /// `rate_limited`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<WebhookRateLimit>,
+    /// When the operator pauses a Webhook that keeps failing (`Paused=True`, reason `Failing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_pause: Option<AutoPauseSpec>,
+}
+
+/// A Webhook's request rate.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookRateLimit {
+    /// Sustained requests per second (per worker, or for the fleet: `scope`).
+    #[schemars(range(min = limits::RATE_LIMIT.min, max = limits::RATE_LIMIT.max))]
+    pub per_second: u32,
+    /// Requests allowed in a burst; defaults to `perSecond`. Divided like `perSecond` when
+    /// `scope: fleet`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = limits::RATE_LIMIT.min, max = limits::RATE_LIMIT.max))]
+    pub burst: Option<u32>,
+    /// `worker` (the default, as for `delivery.rateLimit`): each worker sends up to `perSecond` to this
+    /// Webhook, a fleet of N workers up to N × perSecond. `fleet`: the whole fleet sends up to
+    /// `perSecond`; each worker takes `perSecond / consumers` (the consumers attached to the work
+    /// queue, re-read every 5 s). On a Webhook, unset means its Integration's `perWebhook` scope; a
+    /// Webhook may not widen a `fleet` scope to `worker`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<RateLimitScope>,
+}
+
+impl WebhookRateLimit {
+    pub fn burst(&self) -> u32 {
+        self.burst.unwrap_or(self.per_second)
+    }
+
+    /// `worker` unless set.
+    pub fn scope(&self) -> RateLimitScope {
+        self.scope.unwrap_or_default()
+    }
+}
+
+/// Auto-pause: after `consecutiveFailures` failed attempts in a row (over every worker) whose run spans
+/// at least `after`, the Webhook is paused (reason `Failing`); its messages are kept on its retry path
+/// and delivered after it resumes (annotation `hookfleet.io/resume`, or `spec.paused` set and cleared).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoPauseSpec {
+    #[schemars(range(min = limits::AUTO_PAUSE_FAILURES.min, max = limits::AUTO_PAUSE_FAILURES.max))]
+    pub consecutive_failures: u32,
+    /// The least time from the run's first failure to its last (Go duration, e.g. `30m`).
+    #[x_kube(validation = kube::core::Rule::new(limits::AUTO_PAUSE_AFTER.cel()).message(limits::AUTO_PAUSE_AFTER.message().as_str()))]
+    #[schemars(regex(pattern = crate::duration::PATTERN))]
+    pub after: kube::core::Duration,
+}
+
+impl Default for AutoPauseSpec {
+    /// 50 failures in a row over at least 30 minutes.
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 50,
+            after: std::time::Duration::from_secs(30 * 60).into(),
+        }
+    }
+}
+
+/// A Webhook's limits as its fleet applies them: its own values where it set them, else its
+/// Integration's `perWebhook` (auto-pause: [`AutoPauseSpec::default`] when neither says).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Effective {
+    pub max_in_flight: Option<u32>,
+    pub rate_limit: Option<WebhookRateLimit>,
+    pub auto_pause: AutoPauseSpec,
+}
+
+impl WebhookLimits {
+    /// The limits of a Webhook with `own` in a fleet with `fleet` (a value above the fleet's is clamped
+    /// to it here; `validate_webhook` refuses it first).
+    pub fn effective(fleet: Option<&WebhookLimits>, own: Option<&WebhookLimits>) -> Effective {
+        let fleet = fleet.cloned().unwrap_or_default();
+        let own = own.cloned().unwrap_or_default();
+        let min = |a: Option<u32>, b: Option<u32>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let rate_limit = match (fleet.rate_limit, own.rate_limit) {
+            (Some(f), Some(o)) => Some(WebhookRateLimit {
+                per_second: f.per_second.min(o.per_second),
+                burst: Some(f.burst().min(o.burst())),
+                // The narrower of the two: a fleet-wide limit is never widened to each worker's.
+                scope: Some(if f.scope() == RateLimitScope::Fleet {
+                    RateLimitScope::Fleet
+                } else {
+                    o.scope.unwrap_or(f.scope())
+                }),
+            }),
+            (f, o) => f.or(o).map(|r| WebhookRateLimit {
+                scope: Some(r.scope()),
+                ..r
+            }),
+        };
+        let fa = fleet.auto_pause.unwrap_or_default();
+        let auto_pause = match own.auto_pause {
+            Some(o) => AutoPauseSpec {
+                consecutive_failures: o.consecutive_failures.min(fa.consecutive_failures),
+                after: std::time::Duration::from(o.after)
+                    .min(std::time::Duration::from(fa.after))
+                    .into(),
+            },
+            None => fa,
+        };
+        Effective {
+            max_in_flight: min(fleet.max_in_flight, own.max_in_flight),
+            rate_limit,
+            auto_pause,
+        }
+    }
+
+    /// `(field, reason)` of each of `own`'s values above `fleet`'s: a Webhook may only lower them.
+    pub fn above(fleet: Option<&WebhookLimits>, own: &WebhookLimits) -> Vec<(String, String)> {
+        let fleet = fleet.cloned().unwrap_or_default();
+        let mut out = Vec::new();
+        let mut over = |field: &str, own: String, fleet: String| {
+            out.push((
+                format!("spec.limits.{field}"),
+                format!(
+                    "{own} is above the Integration's webhooks.perWebhook.{field} ({fleet}): a Webhook may \
+                     only lower its limits"
+                ),
+            ))
+        };
+        if let (Some(o), Some(f)) = (own.max_in_flight, fleet.max_in_flight)
+            && o > f
+        {
+            over("maxInFlight", o.to_string(), f.to_string());
+        }
+        if let (Some(o), Some(f)) = (own.rate_limit, fleet.rate_limit) {
+            if o.per_second > f.per_second {
+                over(
+                    "rateLimit.perSecond",
+                    o.per_second.to_string(),
+                    f.per_second.to_string(),
+                );
+            }
+            if o.burst() > f.burst() {
+                over("rateLimit.burst", o.burst().to_string(), f.burst().to_string());
+            }
+            if f.scope() == RateLimitScope::Fleet && o.scope == Some(RateLimitScope::Worker) {
+                over("rateLimit.scope", "worker".into(), "fleet".into());
+            }
+        }
+        if let Some(o) = &own.auto_pause {
+            let f = fleet.auto_pause.unwrap_or_default();
+            if o.consecutive_failures > f.consecutive_failures {
+                over(
+                    "autoPause.consecutiveFailures",
+                    o.consecutive_failures.to_string(),
+                    f.consecutive_failures.to_string(),
+                );
+            }
+            let (od, fd) = (
+                std::time::Duration::from(o.after),
+                std::time::Duration::from(f.after),
+            );
+            if od > fd {
+                over(
+                    "autoPause.after",
+                    crate::duration::render(od),
+                    crate::duration::render(fd),
+                );
+            }
+        }
+        out
     }
 }

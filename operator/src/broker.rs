@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::{Duration, Instant};
 
+use hookfleet_crds::broker::redact;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
@@ -49,8 +50,6 @@ pub struct Broker {
     /// For a Secret value with several URIs: the index of the node that answered last.
     preferred: SyncMutex<HashMap<String, usize>>,
     generations: AtomicU64,
-    /// The JetStream consumers of Integrations with `source.nats`.
-    pub nats: crate::nats::Nats,
 }
 
 /// One broker URI: its current connection and its probe lanes.
@@ -112,15 +111,6 @@ pub fn parse_uris(value: &str) -> Result<Vec<&str>, String> {
         })?;
     }
     Ok(uris)
-}
-
-/// Removes any occurrence of the URI (and so its password) from an error message.
-pub(crate) fn redact(msg: &str, uri: &str) -> String {
-    if uri.is_empty() {
-        msg.into()
-    } else {
-        msg.replace(uri, "<uri>")
-    }
 }
 
 pub(crate) fn classify(e: &lapin::Error, uri: &str) -> Problem {

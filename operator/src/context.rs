@@ -22,6 +22,7 @@ use crate::core::pacing::Pacer;
 use crate::fleets::Fleets;
 use crate::memory::Memories;
 use crate::metrics::Metrics;
+use crate::nats::Nats;
 use crate::secrets;
 
 /// Integrations are watched through a [`DeserializeGuard`]: one stored object that does not fit the Rust
@@ -36,6 +37,8 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub broker: Arc<Broker>,
+    /// The JetStream consumers of Integrations with `source.nats`.
+    pub nats: Arc<Nats>,
     pub(crate) caches: Caches,
     /// The Integrations as the controller's cache holds them.
     pub(crate) integrations: Store<Watched>,

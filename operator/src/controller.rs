@@ -27,6 +27,7 @@ use crate::fleets::Fleets;
 use crate::memory::Memories;
 use crate::metrics::Metrics;
 use crate::names::{INTEGRATION_LABEL, MANAGED_BY};
+use crate::nats::Nats;
 use crate::pipeline::reconcile;
 use crate::secrets;
 use crate::slim;
@@ -388,6 +389,7 @@ pub async fn run(
         recorder,
         metrics: metrics.clone(),
         broker: Arc::new(Broker::default()),
+        nats: Arc::new(Nats::default()),
         caches: Caches {
             deployments: deployments.clone(),
             pdbs: pdbs.clone(),

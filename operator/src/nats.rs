@@ -230,7 +230,7 @@ async fn connect(q: &Question) -> Result<async_nats::Client, (&'static str, Stri
 
 /// A client of the NATS servers of `urls` (a connection Secret's value), logged in with `credentials` (a
 /// credentials file's content) or `token` when given, under connection name `name`: what the probe and the
-/// Webhook reports consumer ([`crate::fleets`]) both connect with. The error is a status reason and a
+/// Webhook reports consumer (`fleets`) both connect with. The error is a status reason and a
 /// message that never shows a URL (it may hold a password) nor the credentials.
 pub(crate) async fn connect_to(
     urls: &str,
@@ -267,7 +267,7 @@ pub(crate) async fn connect_to(
         Ok(Err(e)) => {
             let text = urls
                 .iter()
-                .fold(e.to_string(), |m, u| crate::broker::redact(&m, u));
+                .fold(e.to_string(), |m, u| hookfleet_crds::broker::redact(&m, u));
             let auth = matches!(
                 e.kind(),
                 async_nats::ConnectErrorKind::AuthorizationViolation

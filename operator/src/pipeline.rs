@@ -51,7 +51,8 @@ pub(crate) async fn reconcile(obj: Arc<Watched>, ctx: Arc<Context>) -> Result<Ac
     finalize::ensure(&ctx, intg).await?;
     let uid = intg.metadata.uid.clone().unwrap_or_default();
     let memory = ctx.memory.entry(&ns, &name, &uid);
-    let world = dereference::dereference(intg, &ctx.client, &ctx.caches, &ctx.broker, &memory).await?;
+    let world =
+        dereference::dereference(intg, &ctx.client, &ctx.caches, &ctx.broker, &ctx.nats, &memory).await?;
     // Before the children: a Webhook's change reaches the snapshot without waiting for the broker probe.
     let fleet = webhooks::webhooks(&ctx, &memory, intg).await?;
     let backlog = build::backlog(intg, &world).await;

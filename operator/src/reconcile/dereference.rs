@@ -19,6 +19,7 @@ use crate::core::nodes::{self, NodeObs};
 use crate::core::status::{SourceObs, reason};
 use crate::memory::Entry;
 use crate::names::INTEGRATION_LABEL;
+use crate::nats::{Nats, Question};
 use crate::secrets;
 
 /// The world as it is, for one Integration.
@@ -86,18 +87,19 @@ pub type DereferenceError = secrets::ReadError;
 
 /// Reads what the Integration refers to and what its children and pods look like, from the API server
 /// (`client`, for the Secrets the caches do not hold at their current version), the operator's `caches`,
-/// and the Secrets this Integration's `memory` holds; the broker is asked through the returned
-/// [`World::source`].
+/// and the Secrets this Integration's `memory` holds; the broker (RabbitMQ's `broker`, or `nats` for a NATS
+/// JetStream source) is asked through the returned [`World::source`].
 pub async fn dereference(
     intg: &Integration,
     client: &Client,
     caches: &Caches,
     broker: &Arc<Broker>,
+    nats: &Arc<Nats>,
     memory: &Entry,
 ) -> Result<World, DereferenceError> {
     let ns = intg.namespace().unwrap_or_default();
     let name = intg.name_any();
-    let (source, secrets_checksum) = observe_secrets(intg, client, caches, broker, memory).await?;
+    let (source, secrets_checksum) = observe_secrets(intg, client, caches, broker, nats, memory).await?;
     let pods: Vec<Arc<Pod>> = caches
         .pods
         .state()
@@ -142,6 +144,7 @@ async fn observe_secrets(
     client: &Client,
     caches: &Caches,
     broker: &Arc<Broker>,
+    nats: &Arc<Nats>,
     memory: &Entry,
 ) -> Result<(Probe, Option<String>), DereferenceError> {
     let spec = &intg.spec;
@@ -174,7 +177,7 @@ async fn observe_secrets(
     let Ok(uri) = String::from_utf8(secrets.amqp_uri) else {
         return not_utf8("spec.source.connectionSecretRef");
     };
-    let Some(nats) = &spec.source.nats else {
+    let Some(jetstream) = &spec.source.nats else {
         let (broker, queue) = (broker.clone(), spec.source.queue.clone());
         let probe = Probe::ask(async move { broker.observe(uri.trim(), &queue).await });
         return Ok((probe, checksum));
@@ -185,11 +188,11 @@ async fn observe_secrets(
     let Ok(token) = secrets.nats_token.map(String::from_utf8).transpose() else {
         return not_utf8("spec.source.nats.tokenSecretRef");
     };
-    let question = crate::nats::Question {
+    let question = Question {
         urls: uri,
         credentials,
         token,
-        stream: nats.stream.clone(),
+        stream: jetstream.stream.clone(),
         consumer: spec.source.queue.clone(),
         // A worker pulls batches of its effective prefetch (the in-flight bytes budget lowers it) and stops
         // pulling once its deliveries fill `concurrency`: below the smaller of the two it always pulls.
@@ -202,7 +205,7 @@ async fn observe_secrets(
         .min(spec.delivery.concurrency)
         .max(1),
     };
-    let broker = broker.clone();
-    let probe = Probe::ask(async move { broker.nats.observe(&question).await });
+    let nats = nats.clone();
+    let probe = Probe::ask(async move { nats.observe(&question).await });
     Ok((probe, checksum))
 }

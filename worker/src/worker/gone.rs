@@ -48,7 +48,7 @@ impl Gone {
 }
 
 /// The first 410 of this worker's destination, once it came: set once, never cleared (the worker
-/// exits), watched by [`Worker::serve`](super::Worker::serve) to stop consuming.
+/// exits), watched by `Worker::serve` to stop consuming.
 pub struct GoneLatch {
     /// `None` with Webhooks: a 410 dead-letters that Webhook's copy, it never stops the fleet.
     destination: Option<Url>,
