@@ -39,13 +39,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
-use async_nats::jetstream::context::{
-    ConsumerInfoErrorKind, GetStreamByNameErrorKind, GetStreamErrorKind, PublishErrorKind,
-};
+use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamByNameErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{HeaderMap, Subject};
-use bytes::Bytes;
 use futures::StreamExt;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
@@ -57,6 +54,7 @@ use super::consume::Interrupts;
 use super::error::{CONNECT_TIMEOUT, SessionError};
 use super::fate::Store;
 use super::lanes::{FreshWait, Lane};
+use super::pubacks::publish_confirmed;
 use super::settle::{PublishError, Settle};
 use super::shared::{ReportSink, Worker};
 use crate::config::{Config, NatsSource, redact_uri};
@@ -715,28 +713,15 @@ impl JetStreamSettle {
         }
     }
 
-    /// Publishes to `subject` and waits for JetStream's `PubAck` (a stream stored it), within the
-    /// confirm timeout.
+    /// Publishes to `subject` and waits for JetStream's `PubAck`, within the confirm timeout
+    /// ([`publish_confirmed`]).
     async fn publish_stored(
         &self,
         subject: String,
         headers: HeaderMap,
         body: &[u8],
     ) -> Result<(), PublishError> {
-        let payload = Bytes::copy_from_slice(body);
-        let stored = async {
-            let ack = self
-                .js
-                .publish_with_headers(subject, headers, payload)
-                .await
-                .map_err(publish_error)?;
-            ack.await.map_err(publish_error)
-        };
-        match tokio::time::timeout(self.timeout, stored).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(PublishError::Timeout(self.timeout)),
-        }
+        publish_confirmed(&self.js, subject, headers, body, self.timeout).await
     }
 
     async fn hold(&self, reply: Subject) -> u64 {
@@ -875,14 +860,6 @@ impl Settle for JetStreamSettle {
                 Ok(self.settle_with(tag, AckKind::Term).await)
             }
         }
-    }
-}
-
-fn publish_error(e: async_nats::jetstream::context::PublishError) -> PublishError {
-    match e.kind() {
-        // No stream captures the subject.
-        PublishErrorKind::StreamNotFound => PublishError::Returned,
-        _ => PublishError::Nats(e.to_string()),
     }
 }
 

@@ -51,6 +51,7 @@ mod lanes;
 #[cfg(test)]
 mod memory;
 pub mod probe;
+mod pubacks;
 mod report;
 mod session;
 mod settle;

@@ -10,6 +10,7 @@ use hookfleet_crds::contract::webhooks::{nats, reports_queue};
 use lapin::BasicProperties;
 use tracing::{debug, warn};
 
+use super::pubacks::publish_confirmed;
 use super::shared::{ReportSink, Worker};
 use crate::webhooks::series::{self, STATES, Standing, replace};
 
@@ -90,16 +91,11 @@ impl Worker {
             }
             ReportSink::Nats(js) => {
                 let subject = nats::reports_subject(&self.cfg.queue);
-                let r = tokio::time::timeout(self.cfg.confirm_timeout, async {
-                    js.publish(subject.clone(), body.into())
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .await
-                        .map_err(|e| e.to_string())
-                })
-                .await
-                .unwrap_or_else(|_| Err(format!("no PubAck within {:?}", self.cfg.confirm_timeout)));
-                (subject, r.map(|_| ()))
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Content-Type", "application/json");
+                let r =
+                    publish_confirmed(&js, subject.clone(), headers, &body, self.cfg.confirm_timeout).await;
+                (subject, r.map_err(|e| e.to_string()))
             }
         };
         match published {
